@@ -1,0 +1,308 @@
+"""The only module that imports ppq.
+
+PPQ 0.6.6 (2023, the last release) imports ``onnx.mapping`` (removed in onnx 1.19) and a
+caffe protobuf module generated for protobuf <= 3.20. Neither is used for ONNX quantization,
+so before the first ``import ppq`` we register two stand-ins in ``sys.modules``:
+
+* ``onnx.mapping`` with the two tables ppq reads (for Cast), built from ``onnx.helper``;
+* ``ppq.parser.caffe.ppl_caffe_pb2`` whose attributes are dummy classes (Caffe I/O is never used).
+
+This keeps the rest of the stack current (onnx 1.2x, protobuf 5+) instead of pinning 2023
+versions. Everything PPQ-specific (graphs, configs, passes, exceptions) stays in here; the rest
+of maptools sees :func:`quantize_graph` and the small :class:`QuantizedGraph` interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import types
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.helper
+import torch
+
+from maptools.errors import ModelError, QuantizationFailed
+from maptools.quantinfo import WEIGHTED_OP_TYPES, QuantConfig, param_key
+from maptools.settings import QuantSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version"]
+
+
+def _install_shims() -> None:
+    if "onnx.mapping" not in sys.modules:
+        mapping = types.ModuleType("onnx.mapping")
+        table: dict[int, np.dtype] = {}
+        for code in onnx.TensorProto.DataType.values():
+            try:
+                table[code] = onnx.helper.tensor_dtype_to_np_dtype(code)
+            except (KeyError, ValueError, TypeError):
+                continue
+        mapping.TENSOR_TYPE_TO_NP_TYPE = table  # type: ignore[attr-defined]
+        mapping.NP_TYPE_TO_TENSOR_TYPE = {v: k for k, v in table.items()}  # type: ignore[attr-defined]
+        sys.modules["onnx.mapping"] = mapping
+        onnx.mapping = mapping  # type: ignore[attr-defined]
+
+    class _CaffeStandIn(types.ModuleType):
+        def __getattr__(self, name: str) -> type:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {})
+
+    sys.modules.setdefault("ppq.parser.caffe.ppl_caffe_pb2", _CaffeStandIn("ppq.parser.caffe.ppl_caffe_pb2"))
+
+
+_install_shims()
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU hosts
+with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
+    import ppq
+    from ppq import QuantableOperation, QuantizationSettingFactory, TargetPlatform, TorchExecutor
+    from ppq.api import dispatch_graph, export_ppq_graph, load_onnx_graph
+    from ppq.core import QuantizationPolicy, QuantizationProperty, QuantizationStates
+    from ppq.quantization.analyse import graphwise_error_analyse
+    from ppq.quantization.quantizer import TensorRTQuantizer
+
+_APPLIED = {QuantizationStates.ACTIVATED, QuantizationStates.PASSIVE, QuantizationStates.BAKED,
+            QuantizationStates.PASSIVE_BAKED}
+#: Operators that keep values on the grid of their input (no requantization needed).
+_GRID_PRESERVING = {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                    "GlobalMaxPool", "Identity", "Slice"}
+
+
+def ppq_version() -> str:
+    return str(getattr(ppq, "__version__", "0.6.6"))
+
+
+class _MaptoolsQuantizer(TensorRTQuantizer):
+    """TensorRT's symmetric scheme with our bit widths and per-channel choice."""
+
+    def __init__(self, graph: Any, settings: QuantSettings) -> None:
+        super().__init__(graph=graph)
+        self._settings = settings
+        bits = settings.activation_bits
+        self._num_of_bits, self._quant_min, self._quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def init_quantize_config(self, operation: Any) -> Any:
+        oqc = super().init_quantize_config(operation)
+        if operation.type in WEIGHTED_OP_TYPES and operation.inputs[1].is_parameter:
+            cfg = oqc.input_quantization_config[1]
+            bits = self._settings.weight_bits
+            cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            if operation.type == "Gemm" and not operation.attributes.get("transB", 0):
+                cfg.channel_axis = 1  # weight is [in, out]: output channels on axis 1
+            if not self._settings.per_channel:
+                cfg.policy = QuantizationPolicy(
+                    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
+                )
+                cfg.channel_axis = None
+        return oqc
+
+
+def _setting(settings: QuantSettings) -> Any:
+    setting = QuantizationSettingFactory.trt_setting()
+    setting.quantize_activation_setting.calib_algorithm = settings.algorithm.value
+    # Without this, ResNet's stem output reaches layer1.0.conv1 unquantized (see docs/ppq notes).
+    setting.fusion_setting.force_alignment_overlap = False
+    return setting
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Send PPQ's prints to the debug log instead of the user's terminal."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        text = (out.getvalue() + err.getvalue()).strip()
+        if text:
+            log.debug("ppq: %s", text)
+
+
+def _scale_of(cfg: Any) -> float | None:
+    """Scale a tensor config puts on its tensor, or None when the tensor stays float."""
+    root = cfg.dominated_by
+    if root.state not in _APPLIED or root.scale is None:
+        return None
+    return float(root.scale.reshape(-1)[0].item())
+
+
+class QuantizedGraph:
+    """A PPQ graph after quantization, seen through what maptools needs of it."""
+
+    def __init__(self, graph: Any, device: str, settings: QuantSettings) -> None:
+        self._graph = graph
+        self._device = device
+        self._settings = settings
+        self._executor: Any = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._graph.inputs.keys())
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._graph.outputs.keys())
+
+    def _quantized_ops(self) -> list[Any]:
+        return [op for op in self._graph.topological_sort()
+                if isinstance(op, QuantableOperation) and op.platform != TargetPlatform.FP32]
+
+    def quantinfo(self) -> dict[str, QuantConfig]:
+        """One :class:`QuantConfig` per quantized operator, in topological order."""
+        info: dict[str, QuantConfig] = {}
+        for op in self._quantized_ops():
+            acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if not var.is_parameter]
+            outs = op.output_quant_config
+            first = acts[0][0] if acts else outs[0]
+            weight: dict[str, Any] = {}
+            if op.type in WEIGHTED_OP_TYPES and op.inputs[1].is_parameter:
+                wcfg = op.input_quant_config[1]
+                weight = dict(
+                    weight_bits=int(wcfg.num_of_bits), weight_min=int(wcfg.quant_min), weight_max=int(wcfg.quant_max),
+                    weight_scale=wcfg.scale.detach().cpu().reshape(-1).numpy().astype(np.float32),
+                )
+            input_scales = tuple(_scale_of(cfg) for cfg, _ in acts)
+            info[op.name] = QuantConfig(
+                op_type=op.type, io_bits=int(first.num_of_bits), io_min=int(first.quant_min),
+                io_max=int(first.quant_max), input_scale=input_scales[0] if input_scales else None,
+                output_scale=_scale_of(outs[0]) if outs else None, input_scales=input_scales, **weight,
+            )
+        return info
+
+    def unquantized_conv_inputs(self) -> list[str]:
+        """Names of Conv/Gemm operators whose input does not arrive on a quantization grid."""
+
+        def on_grid(var: Any, consumer_cfg: Any) -> bool:
+            if consumer_cfg is not None and consumer_cfg.state in _APPLIED:
+                return True
+            src = var.source_op
+            if src is None or not isinstance(src, QuantableOperation):
+                return False
+            if src.output_quant_config[src.outputs.index(var)].state in _APPLIED:
+                return True
+            if src.type in _GRID_PRESERVING:
+                return on_grid(src.inputs[0], src.input_quant_config[0])
+            return False
+
+        return [op.name for op in self._quantized_ops()
+                if op.type in WEIGHTED_OP_TYPES and not on_grid(op.inputs[0], op.input_quant_config[0])]
+
+    def quantparams(self, quantinfo: Mapping[str, QuantConfig]) -> dict[str, np.ndarray | None]:
+        """Integer weights (int8 storage) and int32 biases at scale input_scale x weight_scale."""
+        params: dict[str, np.ndarray | None] = {}
+        for op in self._quantized_ops():
+            cfg = quantinfo.get(op.name)
+            if cfg is None or not cfg.has_weights:
+                continue
+            wcfg = op.input_quant_config[1]
+            weight = op.inputs[1].value.detach().cpu().double().numpy()
+            axis = wcfg.channel_axis if cfg.weight_scale.size > 1 else None
+            scale = cfg.weight_scale.astype(np.float64)
+            shape = [1] * weight.ndim
+            if axis is not None:
+                shape[axis] = -1
+            w_int = np.clip(np.rint(weight / scale.reshape(shape)), cfg.weight_min, cfg.weight_max)
+            params[param_key(op.name, op.type, "weight")] = w_int.astype(np.int8)
+            bias = None
+            if len(op.inputs) > 2 and op.inputs[2].value is not None:
+                if cfg.input_scale is None:
+                    raise QuantizationFailed(f"operator {op.name} has a float input, so its bias has no int32 scale.",
+                                             "report this model to the maptools maintainers.")
+                b = op.inputs[2].value.detach().cpu().double().numpy().reshape(-1)
+                b_scale = cfg.input_scale * scale if scale.size > 1 else cfg.input_scale * np.full(b.shape, scale[0])
+                bias = np.clip(np.rint(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            params[param_key(op.name, op.type, "bias")] = bias
+        return params
+
+    def _get_executor(self) -> Any:
+        if self._executor is None:
+            self._executor = TorchExecutor(graph=self._graph, device=self._device)
+        return self._executor
+
+    def run(self, inputs: Mapping[str, torch.Tensor], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run PPQ's simulation of the quantized graph; returns the named (default: graph) outputs."""
+        names = output_names or self.output_names
+        feed = {k: v.to(self._device) for k, v in inputs.items()}
+        with torch.no_grad(), _quiet():
+            outs = self._get_executor().forward(inputs=feed, output_names=names)
+        return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
+
+    def export_onnx(self, path: Path) -> None:
+        """Write the QDQ model onnxruntime runs (8-bit ranges; sub-8-bit saturates to int8)."""
+        with _quiet():
+            export_ppq_graph(self._graph, TargetPlatform.ONNXRUNTIME, str(path), quantized_param=False)
+
+    def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8) -> dict[str, float]:
+        """PPQ's graphwise SNR (noise power / signal power, lower is better) per Conv/Gemm."""
+        data = list(_take(samples, steps))
+        with _quiet():
+            report = graphwise_error_analyse(
+                self._graph, running_device=self._device, dataloader=data,
+                collate_fn=lambda b: {k: v.to(self._device) for k, v in b.items()},
+                method="snr", steps=len(data), verbose=False,
+            )
+        return {name: float(v) for name, v in report.items()}
+
+
+def _take(samples: Iterable[Any], n: int) -> Iterable[Any]:
+    for i, s in enumerate(samples):
+        if i >= n:
+            return
+        yield s
+
+
+def quantize_graph(
+    model_path: Path,
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    calib_steps: int,
+    trace_inputs: Mapping[str, torch.Tensor],
+    settings: QuantSettings,
+    device: str,
+) -> QuantizedGraph:
+    """Quantize an ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``."""
+    try:
+        with _quiet():
+            graph = load_onnx_graph(onnx_import_file=str(model_path))
+    except Exception as e:  # ppq raises bare exceptions for unsupported content
+        raise ModelError(f"PPQ cannot parse {model_path}: {e}",
+                         "simplify the model with onnxsim and export it with opset 11-17.") from e
+    setting = _setting(settings)
+    with _quiet():
+        graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8,
+                               dispatcher=setting.dispatcher, dispatching_table=setting.dispatching_table)
+    quantizer = _MaptoolsQuantizer(graph, settings)
+    quantizer._verbose = False
+    executor = TorchExecutor(graph=quantizer._graph, device=device)
+    dummy = {k: v.to(device) for k, v in trace_inputs.items()}
+    try:
+        executor.tracing_operation_meta(inputs=dummy)
+    except Exception as e:
+        raise ModelError(_unsupported_message(graph, e), "replace or remove that operator, or simplify the model "
+                         "with onnxsim so it folds away.") from e
+    torch.manual_seed(settings.seed)
+    with _quiet():
+        quantizer.quantize(
+            inputs=dummy, calib_dataloader=calibration, executor=executor, setting=setting,
+            calib_steps=calib_steps, collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
+        )
+    result = QuantizedGraph(quantizer._graph, device, settings)
+    result._executor = executor
+    return result
+
+
+def _unsupported_message(graph: Any, error: Exception) -> str:
+    from ppq.executor.op.torch.default import DEFAULT_BACKEND_TABLE
+
+    unknown = sorted({op.type for op in graph.operations.values() if op.type not in DEFAULT_BACKEND_TABLE})
+    if unknown:
+        return f"PPQ cannot run operator type(s) {', '.join(unknown)} in this model ({error})."
+    return f"PPQ failed to run the model: {error}."

@@ -1,0 +1,65 @@
+"""One error hierarchy for maptools.
+
+Every error says what is wrong and how to fix it. Each class also inherits the
+builtin it refines, so ``except ValueError`` in user code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MaptoolsError",
+    "ModelError",
+    "InputShapeError",
+    "CalibrationError",
+    "SettingsError",
+    "DeviceError",
+    "MapnameError",
+    "ArtifactError",
+    "UnsafePickleError",
+    "QuantizationFailed",
+]
+
+
+class MaptoolsError(Exception):
+    """Base class: ``problem`` says what went wrong, ``fix`` how to put it right."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if not fix else f"{problem} Fix: {fix}")
+
+
+class ModelError(MaptoolsError, ValueError):
+    """The ONNX model is missing, unreadable, or uses something PPQ cannot quantize."""
+
+
+class InputShapeError(MaptoolsError, ValueError):
+    """``input_shapes`` does not match the model's graph inputs."""
+
+
+class CalibrationError(MaptoolsError, ValueError):
+    """Calibration data is missing, malformed, or does not match the model."""
+
+
+class SettingsError(MaptoolsError, ValueError):
+    """A quantization setting is out of range or unknown."""
+
+
+class DeviceError(MaptoolsError, RuntimeError):
+    """The requested device is unknown or not available on this machine."""
+
+
+class MapnameError(MaptoolsError, ValueError):
+    """``mapname`` is empty or would write outside the output folder."""
+
+
+class ArtifactError(MaptoolsError, FileNotFoundError):
+    """Artifacts are missing, incomplete, or do not match their manifest."""
+
+
+class UnsafePickleError(MaptoolsError, TypeError):
+    """A pickle names a class outside the allow-list of the safe readers."""
+
+
+class QuantizationFailed(MaptoolsError, RuntimeError):
+    """PPQ failed on a valid input (a transient or internal fault, not bad input)."""

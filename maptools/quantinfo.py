@@ -1,0 +1,90 @@
+"""Per-operator quantization configs: the contract with conversion, mapping and simulation.
+
+``quantinfo.pkl`` maps operator name -> :class:`QuantConfig`; ``quantparams.pkl`` maps
+``<op>_conv_weight`` / ``<op>_conv_bias`` (``_gemm_`` for Gemm) -> integer arrays.
+Both have JSON/NPZ twins that need no pickle at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["QuantConfig", "WEIGHTED_OP_TYPES", "param_key", "quantinfo_to_json", "quantinfo_from_json"]
+
+#: Operator types whose weights are quantized and stored in quantparams.
+WEIGHTED_OP_TYPES = {"Conv": "conv", "Gemm": "gemm"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization of one operator. Symmetric: every offset is zero, so none is stored.
+
+    A real value ``x`` is stored as the integer ``clip(round(x / scale), min, max)``.
+
+    Attributes:
+        op_type: ONNX operator type (``Conv``, ``Relu``, ``Add`` ...).
+        io_bits: bits of the operator's activation inputs and outputs.
+        io_min, io_max: integer range of activations (e.g. -128, 127 for 8 bits).
+        input_scale: scale of the first activation input (None if it stays float).
+        output_scale: scale of the output (None if it stays float). For a Conv fused with
+            the activation after it, this is the activation's output scale.
+        weight_bits, weight_min, weight_max: Conv/Gemm weight bits and integer range.
+        weight_scale: Conv/Gemm weight scales, one per output channel
+            (a single value when quantized per tensor), float32.
+        input_scales: scales of every activation input in order (Add, Concat have several).
+    """
+
+    op_type: str
+    io_bits: int
+    io_min: int
+    io_max: int
+    input_scale: float | None
+    output_scale: float | None
+    weight_bits: int | None = None
+    weight_min: int | None = None
+    weight_max: int | None = None
+    weight_scale: np.ndarray | None = None
+    input_scales: tuple[float | None, ...] = field(default=())
+
+    @property
+    def has_weights(self) -> bool:
+        return self.weight_scale is not None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["weight_scale"] = None if self.weight_scale is None else self.weight_scale.astype(float).tolist()
+        data["input_scales"] = list(self.input_scales)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QuantConfig:
+        values = dict(data)
+        if values.get("weight_scale") is not None:
+            values["weight_scale"] = np.asarray(values["weight_scale"], dtype=np.float32)
+        values["input_scales"] = tuple(values.get("input_scales", ()))
+        return cls(**values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantConfig):
+            return NotImplemented
+        mine, theirs = self.to_json(), other.to_json()
+        return mine == theirs
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def param_key(op_name: str, op_type: str, kind: str) -> str:
+    """Key of a quantparams entry: ``<op>_conv_weight``, ``<op>_gemm_bias`` ..."""
+    return f"{op_name}_{WEIGHTED_OP_TYPES[op_type]}_{kind}"
+
+
+def quantinfo_to_json(quantinfo: dict[str, QuantConfig]) -> dict[str, Any]:
+    return {name: cfg.to_json() for name, cfg in quantinfo.items()}
+
+
+def quantinfo_from_json(data: dict[str, Any]) -> dict[str, QuantConfig]:
+    return {name: QuantConfig.from_json(cfg) for name, cfg in data.items()}

@@ -1,0 +1,213 @@
+"""The documented entry point: ``quantize(input_shapes, device, onnx_path, mapname=..., calibset=..., calib_steps=...)``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maptools import __version__
+from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
+                                QUANTPARAMS_NPZ, QUANTPARAMS_PKL, map_dir, sha256_file, staged_map, validate_mapname,
+                                write_json, write_pickle)
+from maptools.calibration import MIN_SAMPLES, ValidatedCalibration, resolve_calibration
+from maptools.device import resolve_device
+from maptools.errors import CalibrationError, QuantizationFailed
+from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.quantinfo import QuantConfig, quantinfo_to_json
+from maptools.settings import CalibrationAlgorithm, QuantSettings
+from maptools.versions import package_versions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize", "QuantizationResult", "ErrorSummary"]
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """PPQ's graphwise SNR (noise power / signal power; lower is better) per Conv/Gemm."""
+
+    per_layer: dict[str, float]
+
+    @property
+    def worst_layer(self) -> str | None:
+        return max(self.per_layer, key=self.per_layer.__getitem__) if self.per_layer else None
+
+    @property
+    def worst(self) -> float:
+        return max(self.per_layer.values(), default=0.0)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(list(self.per_layer.values()))) if self.per_layer else 0.0
+
+
+@dataclass(frozen=True)
+class QuantizationResult:
+    """What ``quantize`` produced: where, from what, with which settings, and how accurate.
+
+    Holds paths, hashes and numbers only (no graphs or tensors), so it pickles and
+    serialises to JSON cheaply.
+    """
+
+    mapname: str
+    map_dir: Path
+    artifacts: dict[str, Path]
+    sha256: dict[str, str]
+    model_sha256: str
+    settings: QuantSettings
+    device: str
+    calibration: dict[str, Any]
+    errors: ErrorSummary
+    seconds: dict[str, float]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def quantinfo_path(self) -> Path:
+        return self.artifacts[QUANTINFO_PKL]
+
+    @property
+    def quantparams_path(self) -> Path:
+        return self.artifacts[QUANTPARAMS_PKL]
+
+    @property
+    def quant_model_path(self) -> Path:
+        return self.artifacts[QUANT_MODEL]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mapname": self.mapname, "map_dir": str(self.map_dir),
+            "artifacts": {k: str(v) for k, v in self.artifacts.items()}, "sha256": self.sha256,
+            "model_sha256": self.model_sha256, "settings": self.settings.to_dict(), "device": self.device,
+            "calibration": self.calibration, "error_report": self.errors.per_layer, "seconds": self.seconds,
+            "notes": list(self.notes),
+        }
+
+
+def quantize(
+    input_shapes: Mapping[str, Sequence[int]],
+    device: str,
+    onnx_path: str | Path,
+    mapname: str | None = None,
+    calibset: Any = None,
+    calib_steps: int = 32,
+    *,
+    seed: int = 0,
+    bit_width: int = 8,
+    weight_bits: int | None = None,
+    activation_bits: int | None = None,
+    per_channel: bool = True,
+    algorithm: str | CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE,
+    output_root: str | Path | None = None,
+    error_steps: int = 8,
+) -> QuantizationResult:
+    """Quantize an (onnx-simplified) model with PPQ and write its artifacts to ``mapsave/<mapname>/``.
+
+    Args:
+        input_shapes: ``{input name: shape}`` for every graph input, e.g. ``{'input': [1, 3, 224, 224]}``.
+        device: ``'cpu'``, ``'cuda'`` (``'cuda:N'``) or ``'auto'`` (CUDA when available).
+        onnx_path: the ONNX model file.
+        mapname: folder name under ``mapsave/``; defaults to the model file's stem.
+        calibset: ``None`` for seeded random data, or a list (any sized re-iterable) of
+            ``{input name: tensor}`` dicts shaped like ``input_shapes``.
+        calib_steps: calibration batches, 8..512. With fewer samples than steps every sample is
+            used once (logged and recorded in the manifest).
+        seed: seed of random calibration data; the same seed gives identical artifacts.
+        bit_width: weight and activation bits (2..8); ``weight_bits``/``activation_bits`` override it.
+        per_channel: one weight scale per output channel (default) or per tensor.
+        algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
+        output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
+        error_steps: calibration samples used for the per-layer error report.
+
+    Returns:
+        A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
+
+    Raises:
+        maptools.errors.MaptoolsError: a subclass naming the problem and the fix, raised before
+            the map folder is touched; a previous map of the same name stays as it was.
+    """
+    started = time.perf_counter()
+    settings = QuantSettings(
+        weight_bits=bit_width if weight_bits is None else weight_bits,
+        activation_bits=bit_width if activation_bits is None else activation_bits,
+        per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
+    )
+    onnx_path = Path(onnx_path)
+    mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
+    target = map_dir(mapname, output_root)
+    ppq_device = resolve_device(device)
+    model = load_model(onnx_path)
+    shapes = check_input_shapes(model, input_shapes)
+    inputs = model_inputs(model)
+
+    source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed)
+    notes: list[str] = []
+    if len(source) < MIN_SAMPLES:
+        raise CalibrationError(f"calibset holds {len(source)} samples; PPQ needs at least {MIN_SAMPLES}.",
+                               f"provide {MIN_SAMPLES} or more samples, or calibset=None for random data.")
+    steps = min(settings.calib_steps, len(source))
+    if steps < settings.calib_steps:
+        notes.append(f"calib_steps={settings.calib_steps} but calibset holds {len(source)} samples: "
+                     f"calibrated on all {steps} samples once.")
+        log.warning(notes[-1])
+    calibration = ValidatedCalibration(source, inputs, shapes, limit=steps)
+    first = next(iter(calibration))  # fail fast on a malformed first sample, before PPQ starts
+    model_sha = sha256_file(onnx_path)
+    calib_desc = {**calibration.describe(), "sha256": calibration.content_hash()}
+    seconds = {"validate": time.perf_counter() - started}
+
+    from maptools import _ppq  # heavy import, only once the inputs are known to be good
+
+    t = time.perf_counter()
+    graph = _ppq.quantize_graph(onnx_path, calibration, steps, first, settings, ppq_device)
+    seconds["calibrate"] = time.perf_counter() - t
+    quantinfo = graph.quantinfo()
+    unquantized = graph.unquantized_conv_inputs()
+    if unquantized:
+        raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
+                                 "report this model to the maptools maintainers; a CIM crossbar needs "
+                                 "every Conv/Gemm input on a quantization grid.")
+    quantparams = graph.quantparams(quantinfo)
+    t = time.perf_counter()
+    errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)))
+    seconds["error_report"] = time.perf_counter() - t
+    if not settings.exact_onnx_export:
+        notes.append(f"quant_model.onnx stores int8 QDQ ranges, not the W{settings.weight_bits}"
+                     f"A{settings.activation_bits} ranges: it does not reproduce PPQ's simulation. "
+                     "quantinfo and quantparams are exact.")
+        log.warning(notes[-1])
+
+    with staged_map(target) as stage:
+        write_pickle(stage / QUANTINFO_PKL, quantinfo)
+        write_json(stage / QUANTINFO_JSON, quantinfo_to_json(quantinfo))
+        write_pickle(stage / QUANTPARAMS_PKL, quantparams)
+        np.savez(stage / QUANTPARAMS_NPZ, **{k: v for k, v in quantparams.items() if v is not None})
+        graph.export_onnx(stage / QUANT_MODEL)
+        write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
+                                          "samples": min(error_steps, steps), "per_layer": errors.per_layer})
+        hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
+        seconds["total"] = time.perf_counter() - started
+        write_json(stage / MANIFEST, {
+            "maptools_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "mapname": mapname,
+            "model": {"path": str(onnx_path.resolve()), "sha256": model_sha,
+                      "input_shapes": {k: list(v) for k, v in shapes.items()}},
+            "settings": settings.to_dict(), "device": ppq_device, "calib_steps_used": steps,
+            "calibration": calib_desc, "onnx_export_exact": settings.exact_onnx_export,
+            "artifacts": hashes, "versions": package_versions(), "notes": notes,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        })
+    log.info("quantized %s -> %s in %.1f s", onnx_path, target, seconds["total"])
+    return QuantizationResult(
+        mapname=mapname, map_dir=target, artifacts={n: target / n for n in (*ARTIFACT_FILES, MANIFEST)},
+        sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
+        errors=errors, seconds=seconds, notes=tuple(notes),
+    )
+

@@ -1,0 +1,156 @@
+"""The artifacts' contents: configs, integer weights, int32 biases, the QDQ model, the manifest."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from maptools import read_manifest, read_quantinfo, read_quantparams
+from maptools.artifacts import safe_load_pickle, sha256_file, verify_map
+from maptools.errors import UnsafePickleError
+from maptools.quantinfo import QuantConfig, quantinfo_from_json
+from tests.conftest import initializers
+
+RESULTS = ["small_result", "resnet_result"]
+
+
+@pytest.fixture(params=RESULTS)
+def result(request: pytest.FixtureRequest):
+    return request.getfixturevalue(request.param)
+
+
+def test_one_config_per_quantized_operator(result) -> None:
+    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    types = {c.op_type for c in info.values()}
+    assert {"Conv", "Relu", "Add", "MaxPool", "Gemm"} <= types
+    assert "GlobalAveragePool" in types or "ReduceMean" in types
+    for name, cfg in info.items():
+        assert isinstance(cfg, QuantConfig)
+        assert cfg.io_bits == 8 and (cfg.io_min, cfg.io_max) == (-128, 127)
+        assert cfg.output_scale is not None and cfg.output_scale > 0, name
+        assert cfg.input_scale is not None and cfg.input_scale > 0, name
+        assert all(s is not None and s > 0 for s in cfg.input_scales), name
+        if cfg.op_type in {"Conv", "Gemm"}:
+            assert cfg.weight_bits == 8 and (cfg.weight_min, cfg.weight_max) == (-128, 127)
+            assert cfg.weight_scale.dtype == np.float32 and np.all(cfg.weight_scale > 0)
+
+
+def test_every_conv_has_per_channel_scales_and_quantized_input(resnet_result, resnet18) -> None:
+    info = read_quantinfo("resnet18", resnet_result.map_dir.parent.parent)
+    nodes = initializers(resnet18)
+    convs = [n for n, (node, _) in nodes.items() if node.op_type == "Conv"]
+    assert len(convs) == 20 and set(convs) <= set(info)
+    for name in convs:
+        out_channels = nodes[name][1][1].shape[0]
+        assert info[name].weight_scale.shape == (out_channels,)
+    # the ResNet trap: the stem's MaxPool output must reach layer1.0.conv1 quantized
+    assert info["/layer1/layer1.0/conv1/Conv"].input_scale == pytest.approx(info["/maxpool/MaxPool"].output_scale)
+
+
+def test_integer_weights_and_int32_biases(result, request) -> None:
+    model = request.getfixturevalue("small_cnn" if result.mapname == "small" else "resnet18")
+    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    params = read_quantparams(result.mapname, result.map_dir.parent.parent)
+    nodes = initializers(model)
+    weighted = [n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}]
+    assert len(params) == 2 * len(weighted)
+    for name in weighted:
+        cfg = info[name]
+        kind = cfg.op_type.lower()
+        w_int, b_int = params[f"{name}_{kind}_weight"], params[f"{name}_{kind}_bias"]
+        _, (_, w_float, b_float) = nodes[name]
+        assert w_int.shape == w_float.shape and np.issubdtype(w_int.dtype, np.integer)
+        assert w_int.min() >= cfg.weight_min and w_int.max() <= cfg.weight_max
+        scale = cfg.weight_scale.astype(np.float64).reshape([-1] + [1] * (w_float.ndim - 1))
+        assert np.all(np.abs(w_int * scale - w_float) <= scale / 2 + 1e-6)
+        assert b_int.dtype == np.int32
+        expected = np.rint(b_float.astype(np.float64) / (cfg.input_scale * cfg.weight_scale.astype(np.float64)))
+        np.testing.assert_array_equal(b_int, expected.astype(np.int32))
+
+
+def test_json_and_npz_twins_match_pickles(small_result) -> None:
+    root = small_result.map_dir.parent.parent
+    info = read_quantinfo("small", root)
+    assert quantinfo_from_json(json.loads((small_result.map_dir / "quantinfo.json").read_text())) == info
+    params = read_quantparams("small", root)
+    with np.load(small_result.map_dir / "quantparams.npz") as npz:
+        assert set(npz.files) == {k for k, v in params.items() if v is not None}
+        for key in npz.files:
+            np.testing.assert_array_equal(npz[key], params[key])
+
+
+def test_manifest_hashes_every_artifact(small_result, small_cnn) -> None:
+    manifest = read_manifest("small", small_result.map_dir.parent.parent)
+    assert manifest["model"]["sha256"] == sha256_file(small_cnn) == small_result.model_sha256
+    assert verify_map(small_result.map_dir) == manifest
+    assert manifest["settings"]["weight_bits"] == 8 and manifest["calibration"]["kind"] == "random"
+    assert {"ppq", "torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    for name, digest in manifest["artifacts"].items():
+        assert sha256_file(small_result.map_dir / name) == digest == small_result.sha256[name]
+
+
+def test_error_report_covers_every_conv_and_gemm(result) -> None:
+    report = json.loads((result.map_dir / "error_report.json").read_text())["per_layer"]
+    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    assert set(report) == {n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}}
+    assert all(0 <= v < 0.1 for v in report.values())
+    assert result.errors.per_layer == report
+
+
+def test_onnxruntime_matches_ppq_simulation(small_cnn) -> None:
+    """Rebuild PPQ's graph with the same settings and compare its simulation with onnxruntime."""
+    from maptools import _ppq
+    from maptools.calibration import RandomCalibration
+    from maptools.settings import QuantSettings
+
+    settings = QuantSettings(calib_steps=16)
+    calib = RandomCalibration({"input": (1, 3, 32, 32)}, 16)
+    graph = _ppq.quantize_graph(small_cnn, calib, 16, next(iter(calib)), settings, "cpu")
+    path = small_cnn.with_name("qdq.onnx")
+    graph.export_onnx(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(123)
+    for _ in range(8):
+        x = torch.randn(1, 3, 32, 32, generator=gen)
+        ppq_out = graph.run({"input": x})["output"].ravel()
+        ort_out = session.run(None, {"input": x.numpy()})[0].ravel()
+        cosine = float(np.dot(ppq_out, ort_out) / (np.linalg.norm(ppq_out) * np.linalg.norm(ort_out)))
+        assert cosine >= 0.999
+
+
+def test_quant_model_runs_in_onnxruntime(resnet_result) -> None:
+    session = ort.InferenceSession(str(resnet_result.quant_model_path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)})[0]
+    assert out.shape == (1, 1000) and np.all(np.isfinite(out))
+
+
+def test_same_seed_gives_identical_artifacts(small_cnn, small_result, tmp_path) -> None:
+    from maptools import quantize
+
+    again = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="small", calib_steps=16,
+                     output_root=tmp_path)
+    assert read_quantinfo("small", tmp_path) == read_quantinfo("small", small_result.map_dir.parent.parent)
+    for name in ("quantinfo.pkl", "quantparams.pkl", "quantparams.npz"):
+        assert again.sha256[name] == small_result.sha256[name]
+    other = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="other", calib_steps=16, seed=1,
+                     output_root=tmp_path)
+    assert other.sha256["quantinfo.pkl"] != small_result.sha256["quantinfo.pkl"]
+
+
+def test_unpickler_refuses_foreign_classes(tmp_path) -> None:
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"conv": Evil()}))
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        safe_load_pickle(path)
+    path.write_bytes(pickle.dumps({"x": np.arange(3), "c": QuantConfig("Relu", 8, -128, 127, 0.1, 0.1)}))
+    assert safe_load_pickle(path)["c"].op_type == "Relu"

@@ -1,0 +1,116 @@
+"""Bad input: a project error naming the problem and the fix, raised before any artifact is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from maptools import quantize
+from maptools.artifacts import sha256_file
+from maptools.errors import (CalibrationError, DeviceError, InputShapeError, MapnameError, MaptoolsError, ModelError,
+                             SettingsError)
+
+SHAPES = {"input": [1, 3, 32, 32]}
+
+
+def samples(n: int, **override: object) -> list[dict[str, object]]:
+    gen = torch.Generator().manual_seed(0)
+    data: list[dict[str, object]] = [{"input": torch.randn(1, 3, 32, 32, generator=gen)} for _ in range(n)]
+    for index, value in override.items():
+        data[int(index.lstrip("_"))] = value  # type: ignore[assignment]
+    return data
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"calib_steps": 7}, SettingsError, "8 to 512"),
+        ({"calib_steps": 513}, SettingsError, "8 to 512"),
+        ({"bit_width": 9}, SettingsError, "2 to 8"),
+        ({"algorithm": "isotone"}, SettingsError, "percentile"),
+        ({"mapname": ""}, MapnameError, "plain folder name"),
+        ({"mapname": "../x"}, MapnameError, "plain folder name"),
+        ({"mapname": "/abs/path"}, MapnameError, "plain folder name"),
+        ({"device": "tpu"}, DeviceError, "'cpu', 'cuda' or 'auto'"),
+        ({"calibset": samples(5)}, CalibrationError, "at least 8"),
+        ({"calibset": iter(samples(8))}, CalibrationError, "one-shot"),
+        ({"calibset": samples(8, _0={"image": torch.zeros(1, 3, 32, 32)})}, CalibrationError, "sample 0 has keys"),
+        ({"calibset": samples(8, _0={"input": torch.zeros(1, 3, 16, 16)})}, CalibrationError, "sample 0.*shape"),
+        ({"calibset": samples(8, _0={"input": torch.zeros(1, 3, 32, 32, dtype=torch.float64)})},
+         CalibrationError, "dtype torch.float64"),
+        ({"input_shapes": {"image": [1, 3, 32, 32]}}, InputShapeError, "missing"),
+        ({"input_shapes": {"input": [3, 32, 32]}}, InputShapeError, "rank 4"),
+        ({"input_shapes": {"input": [1, 3, 32, "32"]}}, InputShapeError, "positive integers"),
+    ],
+)
+def test_bad_input_raises_clear_error(small_cnn, tmp_path, kwargs, error, words) -> None:
+    args = {"input_shapes": SHAPES, "device": "cpu", "onnx_path": small_cnn, "mapname": "m", "calib_steps": 8,
+            "output_root": tmp_path, **kwargs}
+    with pytest.raises(error, match=words) as info:
+        quantize(**args)
+    assert isinstance(info.value, MaptoolsError) and info.value.fix
+    assert not (tmp_path / "mapsave" / "m").exists()
+
+
+def test_cuda_without_gpu_names_the_alternatives(small_cnn, tmp_path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="device='cpu'.*device='auto'"):
+        quantize(SHAPES, "cuda", small_cnn, mapname="m", output_root=tmp_path)
+
+
+def test_missing_and_corrupt_models(tmp_path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        quantize(SHAPES, "cpu", tmp_path / "nope.onnx", mapname="m", output_root=tmp_path)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf")
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        quantize(SHAPES, "cpu", bad, mapname="m", output_root=tmp_path)
+
+
+def test_unsupported_operator_is_named(tmp_path) -> None:
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32) * 0.1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+         helper.make_node("Softsign", ["c"], ["output"], name="odd")],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 6, 6])], [weight])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(ModelError, match="Softsign"):
+        quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="m", output_root=tmp_path)
+
+
+def test_nan_late_in_the_data_keeps_previous_map(small_cnn, tmp_path) -> None:
+    quantize(SHAPES, "cpu", small_cnn, mapname="m", calib_steps=8, output_root=tmp_path)
+    folder = tmp_path / "mapsave" / "m"
+    before = snapshot(folder)
+    bad = torch.randn(1, 3, 32, 32)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="calibration sample 6.*NaN"):
+        quantize(SHAPES, "cpu", small_cnn, mapname="m", calibset=samples(8, _6={"input": bad}), calib_steps=8,
+                 output_root=tmp_path)
+    assert snapshot(folder) == before
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".m.") and p.is_dir()] == []
+
+
+def test_more_steps_than_samples_uses_every_sample(small_cnn, tmp_path) -> None:
+    result = quantize(SHAPES, "cpu", small_cnn, mapname="m", calibset=samples(10), calib_steps=64,
+                      output_root=tmp_path)
+    assert result.calibration["used"] == 10
+    assert any("all 10 samples" in note for note in result.notes)
+
+
+def test_maptools_home_sets_the_output_root(small_cnn, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MAPTOOLS_HOME", str(tmp_path / "home"))
+    result = quantize(SHAPES, "cpu", small_cnn, mapname="h", calib_steps=8)
+    assert result.map_dir == tmp_path / "home" / "mapsave" / "h" and result.quantinfo_path.is_file()
