@@ -4,15 +4,15 @@ PYTHON ?= python3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[flows,test]'
 	touch $@
 
 .PHONY: install example test
 install: $(VENV)/.installed
 
+# Runs the quantize-model Prefect flow on ResNet18 (Prefect starts a temporary local server).
 example: $(VENV)/.installed
-	$(VENV)/bin/maptools example
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/maptools flow example
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

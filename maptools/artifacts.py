@@ -6,6 +6,7 @@ Layout of ``<root>/mapsave/<mapname>/``::
     quantparams.pkl quantparams.npz   integer Conv/Gemm weights, int32 biases
     quant_model.onnx                  QDQ model for onnxruntime
     error_report.json                 PPQ graphwise SNR per Conv/Gemm
+    model.onnx                        the float model that was quantized (conversion reads it)
     manifest.json                     sha256 of the input model and every artifact, settings, versions
 
 A run writes everything into a staging folder beside the destination and swaps it in at the
@@ -34,14 +35,15 @@ from maptools.errors import ArtifactError, MapnameError, UnsafePickleError
 from maptools.quantinfo import QuantConfig
 
 __all__ = [
-    "ARTIFACT_FILES", "MANIFEST", "map_dir", "output_root", "validate_mapname", "sha256_file", "staged_map",
+    "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "validate_mapname", "sha256_file", "staged_map",
     "read_quantinfo", "read_quantparams", "read_manifest", "verify_map", "safe_load_pickle", "write_json",
 ]
 
 QUANTINFO_PKL, QUANTINFO_JSON = "quantinfo.pkl", "quantinfo.json"
 QUANTPARAMS_PKL, QUANTPARAMS_NPZ = "quantparams.pkl", "quantparams.npz"
 QUANT_MODEL, ERROR_REPORT, MANIFEST = "quant_model.onnx", "error_report.json", "manifest.json"
-ARTIFACT_FILES = (QUANTINFO_PKL, QUANTINFO_JSON, QUANTPARAMS_PKL, QUANTPARAMS_NPZ, QUANT_MODEL, ERROR_REPORT)
+MODEL = "model.onnx"
+ARTIFACT_FILES = (QUANTINFO_PKL, QUANTINFO_JSON, QUANTPARAMS_PKL, QUANTPARAMS_NPZ, QUANT_MODEL, ERROR_REPORT, MODEL)
 
 _MAPNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -78,7 +80,15 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write JSON atomically: a temp file in the same folder, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.incomplete-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

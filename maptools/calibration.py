@@ -3,24 +3,43 @@
 A calibration set yields ``{input_name: tensor}`` dicts, one per calibration batch, and can be
 iterated more than once (PPQ's histogram observers take two passes). Nothing here keeps a list
 of all tensors: samples are produced or loaded when iterated and dropped after use.
+
+Sources :func:`resolve_calibration` accepts (what ``quantize(calibset=...)`` takes):
+
+* ``None``: seeded random data (:class:`RandomCalibration`);
+* a list, a torch ``DataLoader`` or any re-iterable of dicts (:class:`SampleCalibration`);
+* a folder path: images in class subfolders (:class:`ImageFolderCalibration`) or ``.npy``/``.npz``
+  files (:class:`ArrayFolderCalibration`);
+* ``(source, transform_fn)``: any of the above, or any re-iterable, with ``transform_fn`` turning
+  each item into a dict (:class:`TransformCalibration`, NNCF's ``Dataset`` shape);
+* a :class:`CalibrationSet` built by hand, e.g. ``ImageFolderCalibration(root, transform=...)``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import os
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
 
 import numpy as np
 import torch
 
-from maptools.errors import CalibrationError
+from maptools.errors import CalibrationError, MaptoolsError
 from maptools.onnx_model import ModelInput
 
-__all__ = ["CalibrationSet", "RandomCalibration", "SampleCalibration", "ValidatedCalibration",
-           "resolve_calibration", "MIN_SAMPLES"]
+__all__ = ["CalibrationSet", "RandomCalibration", "SampleCalibration", "TransformCalibration",
+           "FolderCalibration", "ImageFolderCalibration", "ArrayFolderCalibration", "ValidatedCalibration",
+           "ProgressCalibration", "resolve_calibration", "MIN_SAMPLES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 MIN_SAMPLES = 8
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARRAY_SUFFIXES = (".npy", ".npz")
+_CHUNK = 1 << 20
 
 
 class CalibrationSet:
@@ -38,12 +57,14 @@ class CalibrationSet:
         """Small JSON-able description (kind, count, and what identifies the content)."""
         return {"kind": self.kind, "count": len(self)}
 
-    def content_hash(self) -> str:
-        """sha256 over every sample's names, shapes, dtypes and bytes (one streamed pass)."""
+    def content_hash(self, limit: int | None = None) -> str:
+        """sha256 over the first ``limit`` (default all) samples' names, shapes, dtypes and bytes, streamed."""
         digest = hashlib.sha256()
-        for sample in self:
+        for index, sample in enumerate(self):
+            if limit is not None and index >= limit:
+                break
             for name in sorted(sample):
-                t = sample[name].detach().cpu().contiguous()
+                t = torch.as_tensor(sample[name]).detach().cpu().contiguous()
                 digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
                 digest.update(t.numpy().tobytes())
         return digest.hexdigest()
@@ -70,31 +91,233 @@ class RandomCalibration(CalibrationSet):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "seed": self.seed, "shapes": {k: list(v) for k, v in self.shapes.items()}}
 
-    def content_hash(self) -> str:
-        return hashlib.sha256(repr(sorted(self.describe().items())).encode()).hexdigest()
+    def content_hash(self, limit: int | None = None) -> str:
+        desc = {**self.describe(), "count": self.count if limit is None else min(limit, self.count)}
+        return hashlib.sha256(repr(sorted(desc.items())).encode()).hexdigest()
 
 
 class SampleCalibration(CalibrationSet):
-    """A user's sized, re-iterable collection of ``{input_name: tensor | ndarray}`` dicts."""
+    """A user's re-iterable of ``{input_name: tensor | ndarray}`` dicts: a list, a torch DataLoader or Dataset...
+
+    Each ``iter()`` must start over. Without ``__len__`` the items are counted in one streamed
+    pass the first time ``len()`` is asked (give the object ``__len__`` to skip that pass).
+    """
 
     kind = "samples"
 
-    def __init__(self, samples: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, samples: Iterable[Any] | Sequence[Any]) -> None:
+        if isinstance(samples, Iterator):
+            raise CalibrationError("calibset is a one-shot iterator (e.g. a generator); PPQ reads the data more than "
+                                   "once.", "pass a list, or a re-iterable object such as a torch DataLoader.")
         self.samples = samples
+        self._count: int | None = None
 
     def __len__(self) -> int:
-        return len(self.samples)
+        if self._count is None:
+            try:
+                self._count = len(self.samples)  # type: ignore[arg-type]
+            except TypeError:  # no __len__ (or a DataLoader over an IterableDataset): count, streamed
+                self._count = sum(1 for _ in self.samples)
+        return self._count
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for sample in self.samples:
-            yield sample  # type: ignore[misc]  # checked by ValidatedCalibration
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.samples  # checked by ValidatedCalibration
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "type": type(self.samples).__name__}
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)[:200]
+
+
+class TransformCalibration(CalibrationSet):
+    """``transform(item)`` for each item of ``source``; it must return ``{input_name: tensor}``.
+
+    NNCF's ``Dataset(data_source, transform_func)`` in maptools' terms, e.g. for a DataLoader
+    of ``(image, label)`` batches: ``(loader, lambda batch: {'input': batch[0]})``.
+    """
+
+    kind = "transformed"
+
+    def __init__(self, source: CalibrationSet, transform: Callable[[Any], Mapping[str, Any]]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, item in enumerate(self.source):
+            try:
+                yield self.transform(item)
+            except MaptoolsError:
+                raise
+            except Exception as e:
+                raise CalibrationError(f"transform_fn {_callable_name(self.transform)} raised on calibration sample "
+                                       f"{index}: {type(e).__name__}: {e}",
+                                       "make it return a dict like {'input': tensor} for every item.") from e
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "transform": _callable_name(self.transform), "source": self.source.describe()}
+
+
+class FolderCalibration(CalibrationSet):
+    """Files in a folder, one sample each, loaded only when iterated.
+
+    ``content_hash`` covers the files' relative paths, sizes and bytes (streamed), so a changed,
+    added or renamed file changes it; the folder's location does not.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], input_name: str | None = None) -> None:
+        self.root = Path(root)
+        self.input_name = input_name
+
+    @property
+    def files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def bind(self, shapes: Mapping[str, tuple[int, ...]]) -> Self:
+        """A copy that feeds the model's single input (``input_name`` unless already set)."""
+        if len(shapes) != 1:
+            raise CalibrationError(f"{self.root} gives one tensor per sample, but the model has inputs "
+                                   f"{sorted(shapes)}.",
+                                   "save .npz files keyed by input name, or pass a (source, transform_fn) pair.")
+        bound = copy.copy(self)
+        bound.input_name = self.input_name or next(iter(shapes))
+        return bound
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "root": str(self.root)}
+
+    def _hash_extra(self) -> str:
+        return ""
+
+    def content_hash(self, limit: int | None = None) -> str:
+        digest = hashlib.sha256(f"{self.kind}|{self._hash_extra()}|".encode())
+        for path in self.files[:limit]:
+            digest.update(f"{path.relative_to(self.root).as_posix()}|{path.stat().st_size}|".encode())
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+
+class ImageFolderCalibration(FolderCalibration):
+    """Images in class subfolders (``root/<class>/<image>``, torchvision's ``ImageFolder``), batch 1.
+
+    ``transform`` turns a PIL image into a ``[C, H, W]`` tensor; the default is Resize to the
+    model input's height and width (224x224 for ResNet18), ToTensor, ImageNet Normalize.
+    """
+
+    kind = "image_folder"
+
+    def __init__(self, root: str | os.PathLike[str], transform: Callable[[Any], torch.Tensor] | None = None,
+                 input_name: str | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        super().__init__(root, input_name)
+        self.transform = transform
+        self.size: tuple[int, int] | None = None
+        try:
+            self._dataset = ImageFolder(str(self.root))
+        except OSError as e:
+            raise CalibrationError(f"no images found under {str(self.root)!r} ({e}).",
+                                   "put images in class subfolders (root/<class>/<image>.png; one folder is "
+                                   "enough), or .npy/.npz files directly in root.") from e
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(p) for p, _ in self._dataset.samples]
+
+    def bind(self, shapes: Mapping[str, tuple[int, ...]]) -> Self:
+        bound = super().bind(shapes)
+        shape = shapes[bound.input_name or ""]
+        if len(shape) != 4 or shape[0] != 1:
+            raise CalibrationError(f"an image folder gives [1, C, H, W] samples, but input {bound.input_name!r} has "
+                                   f"shape {list(shape)}.", "use batch 1 in input_shapes, or pass a DataLoader.")
+        bound.size = (shape[2], shape[3])
+        return bound
+
+    def _transform(self) -> Callable[[Any], torch.Tensor]:
+        if self.transform is not None:
+            return self.transform
+        if self.size is None:
+            raise CalibrationError(f"{type(self).__name__}({str(self.root)!r}) without a transform does not know the "
+                                   "input size.", "pass it to quantize(), which sets it, or pass transform=...")
+        from torchvision import transforms
+
+        return transforms.Compose([transforms.Resize(list(self.size)), transforms.ToTensor(),
+                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        transform = self._transform()
+        for index, (path, _) in enumerate(self._dataset.samples):
+            try:
+                x = transform(self._dataset.loader(path))
+            except Exception as e:
+                raise CalibrationError(f"calibration sample {index}: cannot read or transform image {path} "
+                                       f"({type(e).__name__}: {e}).", "replace or remove that file, or fix the "
+                                       "transform.") from e
+            yield {self.input_name or "": x.unsqueeze(0) if isinstance(x, torch.Tensor) else x}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "classes": len(self._dataset.classes), "transform": self._transform_name()}
+
+    def _transform_name(self) -> str:
+        if self.transform is None:
+            size = "x".join(map(str, self.size)) if self.size else "input size"
+            return f"default: Resize {size}, ToTensor, ImageNet Normalize"
+        return repr(self.transform)[:500]
+
+    def _hash_extra(self) -> str:
+        return self._transform_name()
+
+
+class ArrayFolderCalibration(FolderCalibration):
+    """``.npy`` (one array for the single input) or ``.npz`` (arrays keyed by input name) files in ``root``.
+
+    Files are read in name order; arrays must match ``input_shapes`` exactly, batch axis included.
+    """
+
+    kind = "array_folder"
+
+    def __init__(self, root: str | os.PathLike[str], input_name: str | None = None) -> None:
+        super().__init__(root, input_name)
+        self._files = sorted(p for p in self.root.iterdir() if p.suffix in ARRAY_SUFFIXES and p.is_file())
+        if not self._files:
+            raise CalibrationError(f"no .npy or .npz files in {str(self.root)!r}.",
+                                   "save one sample per file with numpy.save or numpy.savez.")
+
+    @property
+    def files(self) -> list[Path]:
+        return self._files
+
+    def bind(self, shapes: Mapping[str, tuple[int, ...]]) -> Self:
+        return self if all(p.suffix == ".npz" for p in self._files) else super().bind(shapes)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for index, path in enumerate(self._files):
+            try:
+                if path.suffix == ".npy":
+                    sample = {self.input_name or "": np.load(path, allow_pickle=False)}
+                else:
+                    with np.load(path, allow_pickle=False) as data:
+                        sample = {k: data[k] for k in data.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise CalibrationError(f"calibration sample {index}: cannot read {path} ({e}).",
+                                       "save it with numpy.save/numpy.savez (no pickled objects).") from e
+            yield sample
 
 
 class ValidatedCalibration(CalibrationSet):
     """Checks every sample of ``source`` against the model inputs as it streams past.
 
     Names, shapes, dtype and finiteness are checked; the error names the sample index.
-    At most ``limit`` samples are yielded.
+    At most ``limit`` samples are yielded, and every pass must yield that many.
     """
 
     def __init__(self, source: CalibrationSet, inputs: Sequence[ModelInput],
@@ -109,19 +332,33 @@ class ValidatedCalibration(CalibrationSet):
         return self.limit
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        count = 0
         for index, sample in enumerate(self.source):
             if index >= self.limit:
                 return
             yield self._check(index, sample)
+            count += 1
+        if count < self.limit:
+            raise CalibrationError(f"the calibration source yielded {count} samples on this pass but reported "
+                                   f"{len(self.source)}.", "make each iter() start over (PPQ reads the data more than "
+                                   "once) and make len() match what it yields.")
 
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "used": self.limit}
+
+    def content_hash(self, limit: int | None = None) -> str:
+        """The source's own hash where it needs no decoding (files, seeds), else the validated tensors'."""
+        n = self.limit if limit is None else min(limit, self.limit)
+        if isinstance(self.source, (FolderCalibration, RandomCalibration)):
+            return self.source.content_hash(n)
+        return super().content_hash(n)
 
     def _check(self, index: int, sample: Any) -> dict[str, torch.Tensor]:
         where = f"calibration sample {index}"
         if not isinstance(sample, Mapping):
             raise CalibrationError(f"{where} is a {type(sample).__name__}, not a dict of input name -> tensor.",
-                                   f"yield dicts like {{{next(iter(self.inputs))!r}: tensor}}.")
+                                   f"yield dicts like {{{next(iter(self.inputs))!r}: tensor}}, or pass "
+                                   "(source, transform_fn) with a transform_fn that returns one.")
         if set(sample) != set(self.inputs):
             raise CalibrationError(f"{where} has keys {sorted(sample)} but the model's inputs are "
                                    f"{sorted(self.inputs)}.", "key each tensor by its model input name.")
@@ -147,17 +384,50 @@ class ValidatedCalibration(CalibrationSet):
         return out
 
 
+class ProgressCalibration(CalibrationSet):
+    """Calls ``report(done, total)`` as each sample is handed out (``done`` counts across passes)."""
+
+    def __init__(self, source: CalibrationSet, total: int, report: Callable[[int, int], None]) -> None:
+        self.source = source
+        self.total = total
+        self.report = report
+        self.done = 0
+        self.kind = source.kind
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for sample in self.source:
+            self.done += 1
+            self.report(self.done, self.total)
+            yield sample
+
+
 def resolve_calibration(calibset: Any, shapes: Mapping[str, tuple[int, ...]], calib_steps: int,
                         seed: int) -> CalibrationSet:
     """Turn what the user passed as ``calibset`` into a CalibrationSet (not yet validated)."""
     if calibset is None:
         return RandomCalibration(shapes, calib_steps, seed)
+    if isinstance(calibset, FolderCalibration):
+        return calibset.bind(shapes)
     if isinstance(calibset, CalibrationSet):
         return calibset
-    if isinstance(calibset, Sequence) and not isinstance(calibset, (str, bytes)):
-        return SampleCalibration(calibset)
-    if isinstance(calibset, Iterable) and iter(calibset) is calibset:
-        raise CalibrationError("calibset is a one-shot iterator (e.g. a generator); PPQ reads the data more than once.",
-                               "pass a list, or a re-iterable object such as a torch DataLoader.")
+    if isinstance(calibset, (str, os.PathLike)):
+        root = Path(calibset)
+        if not root.is_dir():
+            raise CalibrationError(f"calibration folder {str(root)!r} does not exist or is not a folder.",
+                                   "pass a folder of images in class subfolders or of .npy/.npz files.")
+        has_arrays = any(p.suffix in ARRAY_SUFFIXES for p in root.iterdir())
+        folder = ArrayFolderCalibration(root) if has_arrays else ImageFolderCalibration(root)
+        return folder.bind(shapes)
+    if isinstance(calibset, Mapping):
+        raise CalibrationError("calibset is a single dict; calibration needs a collection of samples.",
+                               "pass a list of such dicts (at least 8).")
+    if isinstance(calibset, tuple) and len(calibset) == 2 and callable(calibset[1]):
+        return TransformCalibration(resolve_calibration(calibset[0], shapes, calib_steps, seed), calibset[1])
+    if isinstance(calibset, (Iterable, Sequence)) or hasattr(calibset, "__getitem__") and hasattr(calibset, "__len__"):
+        return SampleCalibration(calibset)  # also a map-style torch Dataset (read by index)
     raise CalibrationError(f"calibset of type {type(calibset).__name__} is not supported.",
-                           "pass None (seeded random data) or a list of {input_name: tensor} dicts.")
+                           "pass None (seeded random data), a list or DataLoader of {input_name: tensor} dicts, "
+                           "a folder path, or a (source, transform_fn) pair.")

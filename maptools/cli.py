@@ -1,45 +1,200 @@
-"""The ``maptools`` command line."""
+"""The ``maptools`` command line: ``quantize``, ``inspect``, ``example``.
+
+Bad input, whether a maptools error or a usage error (a wrong option, a bad value), ends with one
+line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from maptools.errors import MaptoolsError
+from maptools.errors import InputShapeError, MaptoolsError
+from maptools.settings import MAX_CALIB_STEPS, MIN_CALIB_STEPS, CalibrationAlgorithm
 
 if TYPE_CHECKING:
     from maptools.quantization import QuantizationResult
 
-app = typer.Typer(help="Quantize ONNX CNNs with PPQ for compute-in-memory accelerators.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 
 
+def _error_line(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _fail(error: MaptoolsError) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    _error_line(str(error))
     raise typer.Exit(2)
 
 
+class _OneLineErrors(TyperGroup):
+    """Turns usage errors and maptools errors into one line on stderr and exit code 2."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # click's usage errors, as typer vendors click
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                ctx = getattr(e, "ctx", None)
+                _error_line(e.format_message().rstrip(".") + (f" (see '{ctx.command_path} --help')" if ctx else ""))
+            sys.exit(e.exit_code)
+        except MaptoolsError as e:
+            _error_line(str(e))
+            sys.exit(2)
+        except typer.Abort:
+            _error_line("aborted.")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(help="Quantize ONNX CNNs with PPQ for compute-in-memory accelerators.\n\n"
+                       "Start with [bold]maptools quantize --help[/]; [bold]maptools inspect MODEL.onnx[/] shows a "
+                       "model's inputs.", cls=_OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+
+
 def _print_result(result: QuantizationResult) -> None:
-    table = Table(title=f"mapsave/{result.mapname}", show_lines=False)
-    table.add_column("artifact")
-    table.add_column("sha256 (first 12)")
-    for name, digest in result.sha256.items():
-        table.add_row(str(result.artifacts[name]), digest[:12])
-    console.print(table)
     s = result.settings
-    console.print(f"W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
-                  f"{s.algorithm.value}, {result.calibration.get('used')} samples on {result.device}; "
-                  f"per-layer SNR median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
-                  f"({result.errors.worst_layer}); {result.seconds['total']:.1f} s")
+    errors = result.errors
+    calib = result.calibration
+    source = f" ({calib.get('root') or calib['type']})" if "root" in calib or "type" in calib else ""
+    table = Table(title=f"quantized -> {result.map_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("settings", f"W{s.weight_bits}A{s.activation_bits}, "
+                  f"{'per-channel' if s.per_channel else 'per-tensor'} weights, {s.algorithm.value} activations")
+    table.add_row("calibration", f"{calib['kind']}{source}: {calib.get('used')} of {calib.get('count')} samples, "
+                  f"seed {s.seed}")
+    table.add_row("device", result.device)
+    table.add_row("error (SNR)", f"median {errors.median:.2e}, worst {errors.worst:.2e} ({errors.worst_layer})")
+    table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    table.add_row("artifacts", ", ".join(result.artifacts))
+    console.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or min(shape) <= 0 or name in shapes:
+            raise typer.BadParameter(f"{spec!r} is not NAME=D0,D1,... with positive integers "
+                                     "(one per input, e.g. input=1,3,224,224).", param_hint="'--input-shape'")
+        shapes[name] = shape
+    return shapes
+
+
+def _model_shapes(model: Path) -> dict[str, list[int]]:
+    """The input shapes fixed in the model itself; InputShapeError where a dimension is dynamic."""
+    from maptools.onnx_model import load_model, model_inputs
+
+    shapes: dict[str, list[int]] = {}
+    for i in model_inputs(load_model(model)):
+        if any(d is None or d <= 0 for d in i.dims):
+            raise InputShapeError(f"input {i.name!r} of {model} has dynamic dimensions {list(i.dims)}.",
+                                  f"pass --input-shape {i.name}=1,3,224,224 (your sizes, batch first).")
+        shapes[i.name] = [int(d) for d in i.dims if d is not None]
+    return shapes
+
+
+class _CalibrationBar(Progress):
+    """A progress bar that appears with the first calibration sample (not for inputs refused earlier)."""
+
+    def __init__(self) -> None:
+        super().__init__(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=console)
+
+    def __enter__(self) -> _CalibrationBar:
+        return self  # started by the first report()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tasks:
+            self.stop()
+
+    def report(self, done: int, total: int) -> None:
+        if not self.tasks:
+            self.start()
+            self.add_task("calibrating", total=total)
+        self.update(self.tasks[0].id, completed=done)
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to quantize (onnxsim-simplified works best).",
+                                          show_default=False, metavar="MODEL.onnx")],
+    input_shape: Annotated[list[str] | None, typer.Option(
+        "--input-shape", "-s", show_default=False, metavar="NAME=D0,D1,...",
+        help="NAME=D0,D1,... for a model input, batch first, e.g. input=1,3,224,224; repeat it for each input. "
+             "Default: the shapes fixed in the model (see 'maptools inspect').")] = None,
+    mapname: Annotated[str | None, typer.Option(
+        help="Name of the output folder mapsave/NAME/.  [default: the model file's name without .onnx]",
+        show_default=False)] = None,
+    calib: Annotated[str, typer.Option(
+        help="Calibration data: 'random' (seeded noise; fine for trying things, not for accuracy) or a folder "
+             "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized) "
+             "or of .npy/.npz files (one sample each, shaped like the input).")] = "random",
+    calib_steps: Annotated[int, typer.Option(
+        min=MIN_CALIB_STEPS, max=MAX_CALIB_STEPS,
+        help="Calibration samples PPQ reads; a folder with fewer is used once in full.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (CUDA when present).")] = "auto",
+    bits: Annotated[int, typer.Option(min=2, max=8, help="Bits of weights and activations.")] = 8,
+    weight_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
+                                                    help="Weight bits, overriding --bits.")] = None,
+    activation_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
+                                                        help="Activation bits, overriding --bits.")] = None,
+    per_channel: Annotated[bool, typer.Option(
+        "--per-channel/--per-tensor", help="One weight scale per output channel, or one per weight tensor.")] = True,
+    algorithm: Annotated[CalibrationAlgorithm, typer.Option(
+        case_sensitive=False, help="How activation ranges are set from the data: percentile clips outliers, "
+                                   "minmax keeps them (fastest), kl and mse search for the least loss.")
+    ] = CalibrationAlgorithm.PERCENTILE,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of random calibration data; same seed, same result.")] = 0,
+    output_root: Annotated[Path | None, typer.Option(
+        help="Folder that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        show_default=False)] = None,
+) -> None:
+    """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
+
+    Symmetric quantization with zero offsets, as a compute-in-memory crossbar needs. Examples:
+
+    maptools quantize resnet18.onnx --input-shape input=1,3,224,224 --calib calib_images/ --calib-steps 128
+
+    maptools quantize resnet18.onnx --calib random --bits 4 --algorithm minmax --mapname resnet18-w4
+    """
+    from maptools.quantization import quantize as run_quantize
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        shapes = _parse_shapes(input_shape) if input_shape else _model_shapes(model)
+        with _CalibrationBar() as bar:
+            result = run_quantize(
+                shapes, device, model, mapname=mapname, calibset=None if calib == "random" else calib,
+                calib_steps=calib_steps, seed=seed, bit_width=bits, weight_bits=weight_bits,
+                activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
+                output_root=output_root, progress=bar.report,
+            )
+    except MaptoolsError as e:
+        _fail(e)
+    _print_result(result)
 
 
 @app.command()
@@ -64,7 +219,7 @@ def example(
 
 
 @app.command()
-def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> None:
+def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL.onnx")]) -> None:
     """List a model's inputs, outputs and operator counts."""
     from maptools.onnx_model import load_model, model_inputs
 
@@ -72,11 +227,15 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> 
         proto = load_model(model)
     except MaptoolsError as e:
         _fail(e)
+    inputs = model_inputs(proto)
     table = Table(title=str(model))
+    if all(d is not None and d > 0 for i in inputs for d in i.dims):
+        table.caption = f"maptools quantize {model} " + " ".join(
+            f"--input-shape {i.name}={','.join(map(str, i.dims))}" for i in inputs)
     table.add_column("kind")
     table.add_column("name")
     table.add_column("detail")
-    for i in model_inputs(proto):
+    for i in inputs:
         table.add_row("input", i.name, f"{i.dtype} {['?' if d is None else d for d in i.dims]}")
     for o in proto.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else "?" for d in o.type.tensor_type.shape.dim]
@@ -84,6 +243,61 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> 
     for op, n in sorted(Counter(node.op_type for node in proto.graph.node).items()):
         table.add_row("operator", op, str(n))
     console.print(table)
+
+
+@app.command()
+def convert(
+    mapname: Annotated[str, typer.Option(help="The quantized map mapsave/NAME/ to convert.", show_default=False)],
+    model: Annotated[Path | None, typer.Option(
+        help="The ONNX model that was quantized.  [default: the model recorded in the map's manifest]",
+        show_default=False, metavar="MODEL.onnx")] = None,
+    output_root: Annotated[Path | None, typer.Option(
+        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        show_default=False)] = None,
+) -> None:
+    """Build the operator graph of a quantized map (quantinfo attached) and write mapsave/NAME/operator_graph.json."""
+    from maptools.conversion import convert as run_convert
+
+    try:
+        result = run_convert(mapname, model, output_root=output_root)
+    except MaptoolsError as e:
+        _fail(e)
+    console.print(f"{result.graph_path}: {result.nodes} operators ({result.device_ops} device, {result.host_ops} "
+                  f"host), {result.edges} edges, from {result.model_path}; {result.seconds:.2f} s")
+
+
+@app.command()
+def simulate(
+    mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
+    input: Annotated[str, typer.Option(
+        "--input", help="'random' (seeded normal noise), an .npy file (one model input) or an .npz file "
+                        "(one array per input name); batch first.")] = "random",
+    requant: Annotated[str, typer.Option(help="Requantization: float (float64 multiplier) or fixed (31-bit "
+                                              "multiplier and shift, as hardware).")] = "float",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of --input random.")] = 0,
+    save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
+    output_root: Annotated[Path | None, typer.Option(
+        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        show_default=False)] = None,
+) -> None:
+    """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo)."""
+    import numpy as np
+
+    from maptools.simulate import simulate as run_simulate
+
+    try:
+        result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed)
+    except MaptoolsError as e:
+        _fail(e)
+    for name, value in result.outputs.items():
+        flat = value.reshape(value.shape[0], -1)
+        top = np.argsort(-flat[0], kind="stable")[:5]
+        console.print(f"{name} {list(value.shape)}: sample 0 top-5 " + ", ".join(f"{i} ({flat[0, i]:.4g})" for i in top))
+    console.print(f"{result.batch} sample(s) in {result.seconds:.2f} s ({result.seconds_per_sample:.3f} s each, "
+                  f"requant {result.requant.value})")
+    if save is not None:
+        np.savez(save, **result.outputs)
+        console.print(f"outputs written to {save}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ __all__ = [
     "ArtifactError",
     "UnsafePickleError",
     "QuantizationFailed",
+    "ConversionError",
 ]
 
 
@@ -63,3 +64,7 @@ class UnsafePickleError(MaptoolsError, TypeError):
 
 class QuantizationFailed(MaptoolsError, RuntimeError):
     """PPQ failed on a valid input (a transient or internal fault, not bad input)."""
+
+
+class ConversionError(MaptoolsError, ValueError):
+    """The model uses operators the conversion does not support, or lacks required quant configs."""

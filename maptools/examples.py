@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from maptools.errors import ModelError
 from maptools.onnx_model import simplify_model
 
-__all__ = ["SmallCNN", "export_onnx", "resnet18_onnx", "small_cnn_onnx", "RESNET18_SHAPES", "SMALL_CNN_SHAPES"]
+__all__ = ["SmallCNN", "export_onnx", "resnet18_onnx", "small_cnn_onnx", "example_model", "EXAMPLES",
+           "EXAMPLE_PREFIX", "RESNET18_SHAPES", "SMALL_CNN_SHAPES"]
 
 RESNET18_SHAPES = {"input": [1, 3, 224, 224]}
 SMALL_CNN_SHAPES = {"input": [1, 3, 32, 32]}
@@ -63,3 +66,23 @@ def small_cnn_onnx(path: str | Path, seed: int = 0, model: nn.Module | None = No
     """:class:`SmallCNN` (seeded random weights unless ``model`` is given), exported to ``path``."""
     torch.manual_seed(seed)
     return export_onnx(model or SmallCNN(), Path(path), SMALL_CNN_SHAPES, simplify)
+
+
+#: Built-in example models, addressable as ``example:<name>`` wherever a model path is taken.
+EXAMPLES = {"resnet18": (resnet18_onnx, RESNET18_SHAPES), "small_cnn": (small_cnn_onnx, SMALL_CNN_SHAPES)}
+EXAMPLE_PREFIX = "example:"
+
+
+def example_model(spec: str, folder: str | Path) -> Path:
+    """Path of built-in example ``example:<name>`` under ``folder``, exported there once (seed 0, unsimplified)."""
+    name = spec.removeprefix(EXAMPLE_PREFIX)
+    if name not in EXAMPLES:
+        raise ModelError(f"unknown example model {spec!r}.",
+                         f"use one of: {', '.join(EXAMPLE_PREFIX + n for n in EXAMPLES)}, or a path to an ONNX file.")
+    target = Path(folder) / f"{name}.onnx"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = EXAMPLES[name][0](Path(tmp) / target.name, simplify=False)
+            os.replace(built, target)
+    return target

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from maptools import __version__
-from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
+from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
                                 QUANTPARAMS_NPZ, QUANTPARAMS_PKL, map_dir, sha256_file, staged_map, validate_mapname,
                                 write_json, write_pickle)
-from maptools.calibration import MIN_SAMPLES, ValidatedCalibration, resolve_calibration
+from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCalibration,
+                                  resolve_calibration)
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
@@ -106,6 +108,7 @@ def quantize(
     algorithm: str | CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE,
     output_root: str | Path | None = None,
     error_steps: int = 8,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuantizationResult:
     """Quantize an (onnx-simplified) model with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -114,8 +117,11 @@ def quantize(
         device: ``'cpu'``, ``'cuda'`` (``'cuda:N'``) or ``'auto'`` (CUDA when available).
         onnx_path: the ONNX model file.
         mapname: folder name under ``mapsave/``; defaults to the model file's stem.
-        calibset: ``None`` for seeded random data, or a list (any sized re-iterable) of
-            ``{input name: tensor}`` dicts shaped like ``input_shapes``.
+        calibset: ``None`` for seeded random data; a list, torch ``DataLoader`` or other re-iterable
+            of ``{input name: tensor}`` dicts shaped like ``input_shapes`` (batch axis included); a
+            folder of images (in class subfolders) or of ``.npy``/``.npz`` files; a
+            ``(source, transform_fn)`` pair; or a :class:`maptools.calibration.CalibrationSet`.
+            Streamed and validated sample by sample (see :mod:`maptools.calibration`).
         calib_steps: calibration batches, 8..512. With fewer samples than steps every sample is
             used once (logged and recorded in the manifest).
         seed: seed of random calibration data; the same seed gives identical artifacts.
@@ -124,6 +130,8 @@ def quantize(
         algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
         error_steps: calibration samples used for the per-layer error report.
+        progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
+            (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -165,7 +173,9 @@ def quantize(
     from maptools import _ppq  # heavy import, only once the inputs are known to be good
 
     t = time.perf_counter()
-    graph = _ppq.quantize_graph(onnx_path, calibration, steps, first, settings, ppq_device)
+    data = calibration if progress is None else ProgressCalibration(
+        calibration, steps * settings.algorithm.passes, progress)
+    graph = _ppq.quantize_graph(onnx_path, data, steps, first, settings, ppq_device)
     seconds["calibrate"] = time.perf_counter() - t
     quantinfo = graph.quantinfo()
     unquantized = graph.unquantized_conv_inputs()
@@ -189,6 +199,7 @@ def quantize(
         write_pickle(stage / QUANTPARAMS_PKL, quantparams)
         np.savez(stage / QUANTPARAMS_NPZ, **{k: v for k, v in quantparams.items() if v is not None})
         graph.export_onnx(stage / QUANT_MODEL)
+        shutil.copyfile(onnx_path, stage / MODEL)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer})
         hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}

@@ -23,6 +23,11 @@ class CalibrationAlgorithm(str, Enum):
     KL = "kl"
     MSE = "mse"
 
+    @property
+    def passes(self) -> int:
+        """How many times PPQ reads the calibration data: its kl (histogram) and mse observers read it twice."""
+        return 2 if self in (CalibrationAlgorithm.KL, CalibrationAlgorithm.MSE) else 1
+
 
 @dataclass(frozen=True)
 class QuantSettings:

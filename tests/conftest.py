@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
-from maptools.examples import RESNET18_SHAPES, SMALL_CNN_SHAPES, resnet18_onnx, small_cnn_onnx
+from maptools.examples import RESNET18_SHAPES, SMALL_CNN_SHAPES, export_onnx, resnet18_onnx, small_cnn_onnx
 from maptools.quantization import QuantizationResult, quantize
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +43,67 @@ def initializers(model_path: Path) -> dict[str, object]:
     model = onnx.load(str(model_path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     return {n.name: (n, [inits.get(x) for x in n.input]) for n in model.graph.node}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API server (SQLite, loopback) for the whole test session."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+class Branchy(torch.nn.Module):
+    """Three branches (1x1 conv, 3x3 conv + ReLU6, avg-pool + conv + LeakyReLU) joined by a Concat,
+    a sigmoid gate (Mul, a host operator), max/global pooling and a linear head; 3x32x32 in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6())
+        self.b3 = nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(8, 8, 1), nn.LeakyReLU(0.1))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.b1(x), self.b2(x), self.b3(x)], 1)
+        return self.head(self.pool(y * torch.sigmoid(y)))
+
+
+@pytest.fixture(scope="session")
+def branchy_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return export_onnx(Branchy(), tmp_path_factory.mktemp("models") / "branchy.onnx", SMALL_CNN_SHAPES)
+
+
+@pytest.fixture(scope="session")
+def branchy_result(branchy_cnn: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizationResult:
+    return quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="branchy", calib_steps=16,
+                    output_root=tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="session")
+def trained_cnn() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """SmallCNN trained a few seconds on scikit-learn's digits: ``(model, test_images, test_labels)``."""
+    from tests.trained_cnn import train_small_cnn
+
+    return train_small_cnn(seed=0)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """A 2-worker ``distributed.LocalCluster`` (one thread, own process each) on 127.0.0.1; yields its address."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()

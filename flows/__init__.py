@@ -1,0 +1,1 @@
+"""Prefect tasks and flows over the maptools library."""

@@ -1,0 +1,166 @@
+"""The full ``maptools`` command: the library's commands plus the Prefect flows (``maptools flow ...``).
+
+The library (``maptools.cli``) never imports Prefect; this module adds the orchestrated commands
+to the same Typer app, and the ``maptools`` console script points here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools.cli import app
+from maptools.errors import MaptoolsError
+
+flow_app = typer.Typer(help="Run the quantize-model Prefect flow (a temporary local Prefect server starts "
+                            "when PREFECT_API_URL is not set).", no_args_is_help=True)
+app.add_typer(flow_app, name="flow")
+console = Console()
+
+
+def _show(result: QuantizeModelResult) -> None:
+    q = result.quantization
+    table = Table(title=f"quantize-model: {result.mapname} ({'cached' if result.quantization_cached else 'computed'})")
+    table.add_column("artifact")
+    table.add_column("sha256 (first 12)")
+    for name, digest in q.sha256.items():
+        table.add_row(str(q.artifacts[name]), digest[:12])
+    if result.conversion is not None:
+        table.add_row(str(result.conversion.graph_path), "(operator graph)")
+    console.print(table)
+    console.print(f"per-layer SNR median {q.errors.median:.2e}, worst {q.errors.worst:.2e} ({q.errors.worst_layer}); "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))
+
+
+@flow_app.command()
+def example(
+    workdir: Annotated[Path, typer.Option(help="Folder for onnx_models/ and mapsave/.")] = Path("."),
+    calib_steps: Annotated[int, typer.Option(help="Random calibration samples (8-512).")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Build ResNet18 (random weights, in code) and run the whole flow on it."""
+    from maptools.examples import RESNET18_SHAPES
+
+    try:
+        result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
+                                device=device, output_root=str(workdir.resolve()))
+    except MaptoolsError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    _show(result)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep config, YAML or TOML (see examples/sweep.yaml).")],
+    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler, e.g. tcp://host:8786 "
+                                                          "(default: a local cluster).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Workers of the local cluster (default: the "
+                                                            "config's, else 2).")] = None,
+    output_root: Annotated[Path | None, typer.Option(help="Where mapsave/ and sweeps/ go (overrides the "
+                                                          "config).")] = None,
+) -> None:
+    """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
+    from flows.sweep import load_config, run_sweep
+
+    try:
+        cfg = load_config(config, dask_address=dask_address, workers=workers,
+                          output_root=None if output_root is None else str(output_root.resolve()))
+        result = run_sweep(cfg)
+    except MaptoolsError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    rows = result.rows
+    columns = {"model": "model", "bits": "bits", "per_channel": "w", "algorithm": "algorithm", "calib_samples": "n",
+               "status": "status", "cached": "cached", "rel_l2": "rel_l2", "top1_agreement": "top1",
+               "accuracy": "acc", "worst_snr": "worst snr", "seconds": "s"}
+    if len({r["model"] for r in rows}) == 1:
+        del columns["model"]
+    if all(r["accuracy"] is None for r in rows):
+        del columns["accuracy"]
+    table = Table(title=f"design sweep {result.name}: {len(rows) - len(result.failed)}/{len(rows)} points completed "
+                        f"in {result.seconds:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for header in columns.values():
+        table.add_column(header, no_wrap=True)
+    for row in rows:
+        table.add_row(*(_cell(column, row[column]) for column in columns))
+    console.print(table)
+    console.print(f"per-layer SNR median {q.errors.median:.2e}, worst {q.errors.worst:.2e} ({q.errors.worst_layer}); "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))
+
+
+@flow_app.command()
+def example(
+    workdir: Annotated[Path, typer.Option(help="Folder for onnx_models/ and mapsave/.")] = Path("."),
+    calib_steps: Annotated[int, typer.Option(help="Random calibration samples (8-512).")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Build ResNet18 (random weights, in code) and run the whole flow on it."""
+    from maptools.examples import RESNET18_SHAPES
+
+    try:
+        result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
+                                device=device, output_root=str(workdir.resolve()))
+    except MaptoolsError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    _show(result)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep config, YAML or TOML (see examples/sweep.yaml).")],
+    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler, e.g. tcp://host:8786 "
+                                                          "(default: a local cluster).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Workers of the local cluster (default: the "
+                                                            "config's, else 2).")] = None,
+    output_root: Annotated[Path | None, typer.Option(help="Where mapsave/ and sweeps/ go (overrides the "
+                                                          "config).")] = None,
+) -> None:
+    """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
+    from flows.sweep import load_config, run_sweep
+
+    try:
+        cfg = load_config(config, dask_address=dask_address, workers=workers,
+                          output_root=None if output_root is None else str(output_root.resolve()))
+        result = run_sweep(cfg)
+    except MaptoolsError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    shown = {"model": "model", "bits": "bits", "per_channel": "pc", "algorithm": "algorithm", "calib_samples": "n",
+             "status": "status", "cached": "cached", "rel_l2": "rel_l2", "top1_agreement": "top1",
+             "accuracy": "acc", "worst_snr": "worst snr", "weight_bytes": "weight B", "seconds": "s"}
+    table = Table(title=f"design sweep {result.name}: {len(result.rows) - len(result.failed)}/{len(result.rows)} "
+                        f"points completed in {result.seconds:.1f} s")
+    for header in shown.values():
+        table.add_column(header)
+    for row in result.rows:
+        table.add_row(*("" if row[c] is None else f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
+                        for c in shown))
+    console.print(table)
+    for row in result.failed:
+        console.print(f"[yellow]failed[/] {row['mapname']}: {row['error']}", highlight=False, soft_wrap=True)
+    console.print(f"table: {result.csv_path} and {result.json_path.name}; plot: {result.plot_path}", highlight=False,
+                  soft_wrap=True)
+
+
+def _cell(column: str, value: object) -> str:
+    if value is None:
+        return ""
+    if column == "per_channel":
+        return "pc" if value else "pt"
+    if column == "cached":
+        return "yes" if value else ""
+    if column == "status":
+        return "ok" if value == "completed" else "FAILED"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    app()

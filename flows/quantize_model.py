@@ -1,0 +1,112 @@
+"""The ``quantize-model`` flow: simplify -> calibset -> quantize -> report -> convert."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from flows.tasks import build_calibset, convert, is_transient, publish_report, run_quantization, simplify_onnx
+from maptools.artifacts import output_root as resolve_root
+from maptools.artifacts import validate_mapname
+from maptools.conversion import ConversionResult
+from maptools.device import resolve_device
+from maptools.quantization import QuantizationResult
+from maptools.settings import QuantSettings
+from maptools.stages import CalibrationSpec, SimplifiedModel, artifacts_intact
+
+__all__ = ["quantize_model", "QuantizeModelResult"]
+
+
+@dataclass(frozen=True)
+class QuantizeModelResult:
+    """What the flow produced; another flow consumes this instead of re-deriving paths."""
+
+    mapname: str
+    model: SimplifiedModel
+    calibration: CalibrationSpec
+    quantization: QuantizationResult
+    conversion: ConversionResult | None
+    quantization_cached: bool
+    seconds: dict[str, float]
+
+    @property
+    def map_dir(self) -> str:
+        return str(self.quantization.map_dir)
+
+
+@flow(name="quantize-model", persist_result=True)
+def quantize_model(
+    onnx_path: Annotated[str, Field(description="ONNX model file (simplified here unless simplify=false), or "
+                                                "a built-in example: example:resnet18, example:small_cnn.")],
+    input_shapes: Annotated[dict[str, list[int]], Field(description="Shape of every model input, e.g. "
+                                                                    '{"input": [1, 3, 224, 224]}.')],
+    mapname: Annotated[str, Field(description="Folder name under mapsave/.")],
+    calib: Annotated[str | None, Field(description="'random' (or null) for seeded random data, or a folder "
+                                                   "of images / .npy / .npz files.")] = None,
+    calib_steps: Annotated[int, Field(ge=8, le=512, description="Calibration samples (8-512).")] = 32,
+    device: Annotated[str, Field(description="cpu, cuda or auto (auto may fall back to cpu).")] = "auto",
+    bit_width: Annotated[int, Field(ge=2, le=8, description="Weight and activation bits.")] = 8,
+    per_channel: Annotated[bool, Field(description="Per-output-channel weight scales.")] = True,
+    algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
+                         Field(description="Activation calibration algorithm.")] = "percentile",
+    seed: Annotated[int, Field(ge=0, description="Seed of random calibration data.")] = 0,
+    output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
+                                                         "working directory).")] = None,
+    simplify: Annotated[bool, Field(description="Run onnxsim first (checked against the original).")] = True,
+    refresh: Annotated[bool, Field(description="Recompute even if a cached result exists.")] = False,
+    run_conversion: Annotated[bool, Field(description="Build the operator graph after quantizing.")] = True,
+) -> QuantizeModelResult:
+    """Quantize an ONNX model with PPQ and hand its quantinfo to the conversion stage.
+
+    Quantization is cached on content (model bytes, calibration data, settings, code): a rerun
+    with the same inputs returns the previous artifacts after checking their sha256.
+    """
+    logger = get_run_logger()
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    # Bad settings fail here, once, before any work (they are never retried).
+    QuantSettings(weight_bits=bit_width, activation_bits=bit_width, per_channel=per_channel, algorithm=algorithm,
+                  calib_steps=calib_steps, seed=seed)
+    validate_mapname(mapname)
+    resolved_device = resolve_device(device)
+    root = str(resolve_root(output_root))
+
+    t = time.perf_counter()
+    model = simplify_onnx(onnx_path, input_shapes, simplify, root)
+    seconds["simplify"] = time.perf_counter() - t
+    if model.simplified:
+        logger.info("simplified %s -> %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
+                    model.path, model.max_abs_diff)
+    t = time.perf_counter()
+    calibration = build_calibset(calib, input_shapes, calib_steps, seed)
+    seconds["calibset"] = time.perf_counter() - t
+
+    args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
+                calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
+                seed=seed, output_root=root)
+    t = time.perf_counter()
+    state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
+    if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):
+        logger.warning("quantization on %s failed after retries (%s); device='auto' allows falling back to cpu",
+                       resolved_device, state.result(raise_on_failure=False))
+        state = run_quantization.with_options(refresh_cache=True)(**{**args, "device": "cpu"}, return_state=True)
+    result: QuantizationResult = state.result()
+    cached = state.name == "Cached"
+    if cached and not artifacts_intact(result.artifacts, result.sha256):
+        logger.warning("cached artifacts in %s are missing or changed; recomputing", result.map_dir)
+        result = run_quantization.with_options(refresh_cache=True)(**args)
+        cached = False
+    seconds["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    converted = convert(result) if run_conversion else None
+    seconds["convert"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    publish_report(result, seconds)
+    logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")
+    return QuantizeModelResult(mapname=mapname, model=model, calibration=calibration, quantization=result,
+                               conversion=converted, quantization_cached=cached, seconds=seconds)

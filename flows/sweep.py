@@ -1,0 +1,575 @@
+"""The ``design-sweep`` flow: bit widths x per-channel x calibration algorithms x sample counts x models.
+
+Each grid point is one ``sweep-point`` task, fanned out on Dask through ``prefect-dask``'s
+``DaskTaskRunner`` (a local cluster by default, or an existing cluster by address). A point runs
+the quantization flow's own ``run-quantization`` task under its own mapname (content-cached, so
+a rerun or a grown grid recomputes only what is new), then ``evaluate-point`` (output error of
+PPQ's simulation against the float model, also cached). Results go to a CSV and a JSON table, a
+plot, and Prefect artifacts under ``<output_root>/sweeps/<name>/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.settings import PREFECT_HOME
+from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flows.tasks import ContentKey, build_calibset, run_quantization, simplify_onnx
+from maptools.artifacts import output_root as resolve_root
+from maptools.errors import SettingsError
+from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
+from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
+from maptools.quantization import QuantizationResult
+from maptools.stages import CalibrationSpec, SimplifiedModel, artifacts_intact
+
+__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepResult", "SweepConfigError", "load_config", "design_sweep",
+           "run_sweep", "task_runner_for", "COLUMNS"]
+
+class SweepConfigError(SettingsError):
+    """A sweep configuration file that is missing, unreadable or has bad fields."""
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the sweep: an ONNX file (with its input shapes) or a built-in example."""
+
+    name: str | None = Field(None, description="Short name for mapnames and the table (default: file stem / example).")
+    path: str | None = Field(None, description="ONNX model file.")
+    example: Literal["small_cnn", "resnet18"] | None = Field(None, description="A built-in example model instead.")
+    input_shapes: dict[str, list[int]] | None = Field(None, description="Shape of every input, e.g. "
+                                                      "{input: [1, 3, 224, 224]}; default for examples.")
+    calib: str | None = Field(None, description="'random' (default) or a folder of images / .npy / .npz files.")
+    eval_set: str | None = Field(None, description="Labelled evaluation set: .npz with 'labels' and one array per "
+                                                   "input; default: seeded random inputs.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.example is None):
+            raise ValueError("give exactly one of 'path' (an ONNX file) or 'example' (small_cnn or resnet18)")
+        if self.path is not None and self.input_shapes is None:
+            raise ValueError("'input_shapes' is required with 'path', e.g. {input: [1, 3, 224, 224]}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
+            raise ValueError(f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.example or Path(str(self.path)).stem
+
+    def shapes(self) -> dict[str, list[int]]:
+        if self.input_shapes is not None:
+            return self.input_shapes
+        return {k: list(v) for k, v in EXAMPLES[str(self.example)][1].items()}
+
+
+class Grid(_Strict):
+    """The design space. Values are checked per point (a bad one fails only its points, with maptools' message)."""
+
+    bits: list[int] = Field(min_length=1, description="Weight and activation bits (2..8).")
+    per_channel: list[bool] = Field([True], min_length=1, description="Per-channel (true) / per-tensor (false).")
+    algorithms: list[str] = Field(["percentile"], min_length=1, description="percentile, minmax, kl, mse.")
+    calib_samples: list[int] = Field([32], min_length=1, description="Calibration samples (8..512).")
+
+
+class SweepConfig(_Strict):
+    """A design-space sweep: models x grid, where it runs and what it writes."""
+
+    name: str = Field("sweep", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+                      description="Sweep name: folder sweeps/<name>/ and artifact keys (lowercase, digits, dashes).")
+    models: list[ModelSpec] = Field(min_length=1)
+    grid: Grid
+    device: str = Field("cpu", description="cpu, cuda or auto; with cuda one point runs per GPU at a time.")
+    seed: int = Field(0, ge=0, description="Seed of random calibration data.")
+    eval_samples: int = Field(32, ge=1, le=10000, description="Evaluation samples (random inputs, or the first N "
+                                                              "of a labelled set).")
+    eval_seed: int = Field(EVAL_SEED, ge=0, description="Seed of random evaluation inputs (held out from calibration).")
+    simplify: bool = Field(True, description="onnxsim each model first.")
+    output_root: str | None = Field(None, description="Where mapsave/ and sweeps/ go (default $MAPTOOLS_HOME or the "
+                                                      "working directory).")
+    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address).")
+    dask_address: str | None = Field(None, description="An existing Dask scheduler, e.g. tcp://host:8786.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value.strip().lower()):
+            raise ValueError("use cpu, cuda, cuda:N or auto")
+        return value.strip().lower()
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> SweepConfig:
+        labels = [m.label for m in self.models]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)} (set 'name')")
+        return self
+
+    def points(self) -> list[SweepPoint]:
+        g = self.grid
+        return [SweepPoint(m.label, b, pc, a, n) for m in self.models
+                for b, pc, a, n in itertools.product(g.bits, g.per_channel, g.algorithms, g.calib_samples)]
+
+
+def _summarise(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path, **overrides: Any) -> SweepConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) sweep config; relative paths in it are relative to the file.
+
+    Raises:
+        SweepConfigError: a missing file, a syntax error, or bad fields (all of them, in one line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"sweep config {path} does not exist.", "pass a .yaml or .toml file (see "
+                                                                       "examples/sweep.yaml).")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SweepConfigError(f"{path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: "
+                               f"{' '.join(str(e).split())}", "fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise SweepConfigError(f"{path} holds {type(data).__name__}, not a mapping of settings.",
+                               "start from examples/sweep.yaml.")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise SweepConfigError(f"{path}: {_summarise(e)}.", "see examples/sweep.yaml for the fields.") from None
+    return config.model_copy(update={"models": [_resolve_paths(m, path.parent) for m in config.models],
+                                     "output_root": _relative_to(config.output_root, path.parent)})
+
+
+def _relative_to(value: str | None, base: Path) -> str | None:
+    if value is None or value == "random":
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
+    return model.model_copy(update={k: _relative_to(getattr(model, k), base) for k in ("path", "calib", "eval_set")})
+
+
+# --- points and results ------------------------------------------------------------------------------
+
+COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "mapname", "status", "cached", "rel_l2",
+           "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
+           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "reproduced", "worker", "map_dir", "error"]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    model: str
+    bits: int
+    per_channel: bool
+    algorithm: str
+    calib_samples: int
+
+    @property
+    def mapname(self) -> str:
+        algorithm = re.sub(r"[^A-Za-z0-9]+", "_", str(self.algorithm)) or "_"
+        return f"{self.model}-w{self.bits}-{'pc' if self.per_channel else 'pt'}-{algorithm}-n{self.calib_samples}"
+
+    def row(self, **values: Any) -> dict[str, Any]:
+        base = {c: None for c in COLUMNS}
+        base.update(model=self.model, bits=self.bits, per_channel=self.per_channel, algorithm=self.algorithm,
+                    calib_samples=self.calib_samples, mapname=self.mapname)
+        base.update(values)
+        return base
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What a point is evaluated on: a labelled .npz (by path and sha256) or seeded random inputs."""
+
+    eval_set: str | None
+    sha256: str | None
+    samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The comparison table (one dict per point, ``COLUMNS``) and where it was written."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    csv_path: Path
+    json_path: Path
+    plot_path: Path | None
+    seconds: float
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "completed"]
+
+
+_LOCKS = FileSystemLockManager(lock_files_directory=Path(PREFECT_HOME.value()) / "maptools-locks")
+_EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=_LOCKS)
+
+
+@task(name="evaluate-point", cache_policy=_EVAL_CACHE, persist_result=True)
+def evaluate_point(result: QuantizationResult, calibration: CalibrationSpec, evaluation: EvaluationSpec,
+                   device: str) -> OutputError:
+    """Output error of the point's map (PPQ's simulation) against its float model; cached on the map's content."""
+    root = result.map_dir.parent.parent
+    data = None
+    if evaluation.eval_set is not None:
+        from maptools.onnx_model import check_input_shapes, load_model
+
+        model = load_model(result.artifacts["model.onnx"])
+        shapes = check_input_shapes(model, _manifest_shapes(result))
+        data = load_evaluation_set(evaluation.eval_set, shapes, limit=evaluation.samples)
+    return evaluate_map(result.mapname, output_root=root, calibset=calibration.calibset(), evaluation=data,
+                        samples=evaluation.samples, seed=evaluation.seed, device=device)
+
+
+def _manifest_shapes(result: QuantizationResult) -> dict[str, list[int]]:
+    return json.loads(result.artifacts["manifest.json"].read_text())["model"]["input_shapes"]
+
+
+def _use_worker_gpu(device: str) -> None:
+    """On a local multi-GPU cluster, worker k computes on GPU k (the device string, and so the cache key, stays)."""
+    if device not in ("cuda", "auto") or os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return
+    import torch
+
+    if isinstance(name, int) and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(name % torch.cuda.device_count())
+
+
+def _worker() -> str | None:
+    """Address of the Dask worker running this point (None outside Dask)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None
+
+
+def _failure(state: Any) -> str:
+    error = state.result(raise_on_failure=False)
+    return " ".join(str(error).split()) if isinstance(error, BaseException) else str(state.message)
+
+
+@task(name="sweep-point", task_run_name="point-{mapname}")
+def sweep_point(point: SweepPoint, mapname: str, model: SimplifiedModel, calibration: CalibrationSpec,
+                input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
+                evaluation: EvaluationSpec) -> dict[str, Any]:
+    """One grid point: run-quantization (cached on content) then evaluate-point; a failure becomes a table row."""
+    started = time.perf_counter()
+    _use_worker_gpu(device)
+    args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
+                calib_steps=point.calib_samples, bit_width=point.bits, per_channel=point.per_channel,
+                algorithm=point.algorithm, seed=seed, output_root=output_root)
+    where = _worker()
+    state = run_quantization(**args, return_state=True)
+    if not state.is_completed():
+        return point.row(status="failed", cached=False, error=_failure(state), worker=where,
+                         seconds=round(time.perf_counter() - started, 3))
+    result: QuantizationResult = state.result()
+    cached = state.name == "Cached"
+    if cached and not artifacts_intact(result.artifacts, result.sha256):
+        state = run_quantization.with_options(refresh_cache=True)(**args, return_state=True)
+        if not state.is_completed():
+            return point.row(status="failed", cached=False, error=_failure(state), worker=where,
+                             seconds=round(time.perf_counter() - started, 3))
+        result, cached = state.result(), False
+    estate = evaluate_point(result, calibration, evaluation, device, return_state=True)
+    common = dict(
+        cached=cached and estate.name == "Cached", worst_snr=result.errors.worst, worst_layer=result.errors.worst_layer,
+        median_snr=result.errors.median, quantize_seconds=round(result.seconds.get("total", 0.0), 3),
+        weight_bytes=weight_memory_bytes(result.mapname, result.map_dir.parent.parent),
+        artifact_bytes=sum(p.stat().st_size for p in result.artifacts.values() if p.is_file()),
+        map_dir=str(result.map_dir), worker=where,
+    )
+    if not estate.is_completed():
+        return point.row(status="failed", error=f"evaluation: {_failure(estate)}",
+                         seconds=round(time.perf_counter() - started, 3), **common)
+    ev: OutputError = estate.result()
+    return point.row(status="completed", rel_l2=ev.rel_l2, cosine=ev.cosine, top1_agreement=ev.top1_agreement,
+                     accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, reproduced=ev.reproduced,
+                     seconds=round(time.perf_counter() - started, 3), **common)
+
+
+# --- the flow ------------------------------------------------------------------------------------------
+
+def _model_file(spec: ModelSpec) -> str:
+    """The model path, or ``example:<name>`` (simplify-onnx exports it once under ``<root>/onnx_models/``)."""
+    return spec.path if spec.path is not None else f"{EXAMPLE_PREFIX}{spec.example}"
+
+
+def _sha256(path: str | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _uses_gpu(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+@flow(name="design-sweep", task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                                                                     "processes": True, "host": "127.0.0.1",
+                                                                     "dashboard_address": None}))
+def design_sweep(config: SweepConfig) -> SweepResult:
+    """Quantize every model at every grid point in parallel on Dask and compare the results.
+
+    Points already computed (same model bytes, calibration data, settings and code) come from the
+    cache. A point with a bad setting is a ``failed`` row carrying maptools' message.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    root = resolve_root(config.output_root)
+    gpu = _uses_gpu(config.device)
+    if gpu:
+        _require_gpu_workers()
+    points = config.points()
+    logger.info("design sweep %r: %d points over %d model(s)", config.name, len(points), len(config.models))
+    rows: dict[int, dict[str, Any]] = {}
+    futures: list[tuple[int, SweepPoint, Any]] = []
+    for spec in config.models:
+        mine = [(i, p) for i, p in enumerate(points) if p.model == spec.label]
+        shapes = spec.shapes()
+        try:
+            model = simplify_onnx(_model_file(spec), shapes, config.simplify, str(root))
+        except Exception as e:  # the model itself is unusable: every point of it fails with the reason
+            for i, p in mine:
+                rows[i] = p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")
+            continue
+        evaluation = EvaluationSpec(spec.eval_set, _sha256(spec.eval_set), config.eval_samples, config.eval_seed)
+        calibrations: dict[int, Any] = {}
+        for i, p in mine:
+            if p.calib_samples not in calibrations:
+                calibrations[p.calib_samples] = build_calibset(spec.calib, shapes, p.calib_samples, config.seed,
+                                                               return_state=True)
+            cstate = calibrations[p.calib_samples]
+            if not cstate.is_completed():
+                rows[i] = p.row(status="failed", cached=False, error=f"calibration: {_failure(cstate)}")
+                continue
+            annotation = {"resources": {"GPU": 1}} if gpu else {}
+            with _annotate(annotation):
+                future = sweep_point.submit(p, p.mapname, model, cstate.result(), shapes, config.device, config.seed,
+                                            str(root), evaluation)
+            futures.append((i, p, future))
+    for i, p, future in futures:
+        try:
+            rows[i] = future.result()
+        except Exception as e:  # the worker died or the task crashed outside the point's own error handling
+            rows[i] = p.row(status="failed", cached=False, error=" ".join(str(e).split()) or type(e).__name__)
+    table = [rows[i] for i in range(len(points))]
+    result = _publish(config, root, table, time.perf_counter() - started)
+    done = sum(r["status"] == "completed" for r in table)
+    logger.info("design sweep %r: %d/%d points completed (%d from cache) in %.1f s; table %s", config.name, done,
+                len(table), sum(bool(r["cached"]) for r in table), result.seconds, result.csv_path)
+    return result
+
+
+def _require_gpu_workers() -> None:
+    """A GPU sweep's points ask for a ``GPU`` resource: fail now if no worker has one (they would wait forever)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None)
+    if not isinstance(runner, DaskTaskRunner):
+        return
+    workers = runner.client.scheduler_info(n_workers=-1).get("workers", {})
+    if not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+        raise SweepConfigError(f"device is a GPU but none of the {len(workers)} Dask worker(s) at "
+                               f"{runner.client.scheduler.address} has a GPU resource.",
+                               "start each worker with --resources GPU=1 (one worker per GPU), or use device: cpu.")
+
+
+@contextlib.contextmanager
+def _annotate(annotation: dict[str, Any]) -> Any:
+    if not annotation:
+        yield
+        return
+    import dask
+
+    with dask.annotate(**annotation):
+        yield
+
+
+def _publish(config: SweepConfig, root: Path, table: list[dict[str, Any]], seconds: float) -> SweepResult:
+    folder = root / "sweeps" / config.name
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = folder / "results.csv", folder / "results.json"
+    tmp = csv_path.with_suffix(".csv.incomplete")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_suffix(".json.incomplete")
+    tmp.write_text(json.dumps({"name": config.name, "config": config.model_dump(), "seconds": round(seconds, 3),
+                               "rows": table}, indent=2, default=str))
+    os.replace(tmp, json_path)
+    plot_path = plot_sweep(table, folder / "plot.png", title=f"design sweep {config.name}")
+
+    key = f"sweep-{config.name}"
+    shown = ["model", "bits", "per_channel", "algorithm", "calib_samples", "status", "cached", "rel_l2",
+             "top1_agreement", "accuracy", "worst_snr", "weight_bytes", "seconds", "error"]
+    create_table_artifact([{c: _cell(r[c]) for c in shown} for r in table], key=key,
+                          description=f"Design sweep {config.name}: one row per grid point ({csv_path})")
+    if plot_path is not None:
+        png = base64.b64encode(plot_path.read_bytes()).decode()
+        create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-plot",
+                              description=f"Output error against bit width ({plot_path})")
+    failed = [r for r in table if r["status"] != "completed"]
+    lines = [f"# Design sweep `{config.name}`", "",
+             f"{len(table) - len(failed)}/{len(table)} points completed, "
+             f"{sum(bool(r['cached']) for r in table)} from the cache, in {seconds:.1f} s.", "",
+             f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
+    lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
+    create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"Design sweep {config.name}")
+    return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else value
+
+
+def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design sweep") -> Path | None:
+    """Error (and accuracy, when measured) against bit width, one line per model / algorithm / granularity / samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None]
+    if not done:
+        return None
+    has_accuracy = any(r["accuracy"] is not None for r in done)
+    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
+    vary = {k: len({r[k] for r in done}) > 1 for k in ("per_channel", "calib_samples")}
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in done:
+        label = f"{r['model']} / {r['algorithm']}"
+        if vary["per_channel"]:
+            label += " / " + ("per-channel" if r["per_channel"] else "per-tensor")
+        if vary["calib_samples"]:
+            label += f" / n={r['calib_samples']}"
+        lines.setdefault(label, []).append(r)
+    bits = sorted({r["bits"] for r in done})
+    for label, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r["bits"])
+        axes[0][0].plot([r["bits"] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=label)
+        if has_accuracy:
+            acc = [r for r in rs if r["accuracy"] is not None]
+            axes[0][1].plot([r["bits"] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=label)
+    ax = axes[0][0]
+    ax.set(xlabel="bit width (weights and activations)", ylabel="output error vs float, ||q - f|| / ||f|| (%)",
+           title=title, yscale="log", xticks=bits)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_accuracy:
+        axes[0][1].set(xlabel="bit width", ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
+                       xticks=bits)
+        axes[0][1].grid(True, alpha=0.3)
+        axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".incomplete.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def task_runner_for(config: SweepConfig) -> DaskTaskRunner:
+    """A DaskTaskRunner on ``config.dask_address``, or a loopback LocalCluster of ``config.workers`` workers.
+
+    With a GPU device the local cluster gets one worker per GPU (at most ``workers``), each
+    holding a ``GPU`` resource that a point takes, so one point runs per GPU at a time. Workers of
+    an existing cluster must be started with ``--resources GPU=1`` for a GPU sweep.
+    """
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    kwargs: dict[str, Any] = {"n_workers": config.workers, "threads_per_worker": 1, "processes": True,
+                              "host": "127.0.0.1", "dashboard_address": None}
+    if _uses_gpu(config.device):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < 1:
+            raise SweepConfigError(f"device={config.device!r} but no GPU is visible here.", "use device: cpu.")
+        kwargs.update(n_workers=min(config.workers, gpus), resources={"GPU": 1})
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run :func:`design_sweep` on the task runner the config asks for.
+
+    Without ``PREFECT_API_URL`` the temporary local Prefect server is started here, before the
+    cluster, and its address handed to the flow's settings, so Dask workers (other processes)
+    report to the same server instead of each starting their own. A cluster on other machines
+    needs a real server: set ``PREFECT_API_URL`` to one they can reach.
+    """
+    runner = design_sweep.with_options(task_runner=task_runner_for(config))
+    with _shared_api():
+        return runner(config)
+
+
+@contextlib.contextmanager
+def _shared_api() -> Any:
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process-wide temporary server Prefect would start itself
+    server.start(timeout=180)  # startup takes 15-20 s on a fresh PREFECT_HOME, longer on a busy machine
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+

@@ -1,0 +1,143 @@
+"""Thin Prefect tasks over maptools functions, with content-keyed caching and transient-only retries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.settings import PREFECT_HOME
+from prefect.tasks import exponential_backoff
+
+import maptools
+from maptools import conversion, stages
+from maptools.artifacts import read_quantinfo
+from maptools.errors import MaptoolsError
+from maptools.quantization import QuantizationResult, quantize
+from maptools.versions import package_versions
+
+__all__ = ["simplify_onnx", "build_calibset", "run_quantization", "publish_report", "convert",
+           "ContentKey", "is_transient", "code_fingerprint"]
+
+
+@cache
+def code_fingerprint() -> str:
+    """sha256 of maptools' source files and the versions of the packages that shape a result."""
+    digest = hashlib.sha256()
+    package = Path(maptools.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions[k] for k in ("ppq", "torch", "onnx", "onnxsim")}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class ContentKey(CachePolicy):
+    """Cache key from content: the model's and calibration data's sha256, every setting, and the code.
+
+    Paths of inputs do not enter the key (a copied model hits); where the output goes
+    (``mapname``, ``output_root``) does, since the cached result names those files.
+    """
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        parts: dict[str, Any] = {"task": task_ctx.task.name, "code": code_fingerprint()}
+        for name, value in sorted(inputs.items()):
+            if isinstance(value, stages.SimplifiedModel):
+                parts[name] = value.sha256
+            elif isinstance(value, stages.CalibrationSpec):
+                parts[name] = value.sha256
+            elif isinstance(value, QuantizationResult):
+                parts[name] = value.sha256
+            elif isinstance(value, Path):
+                parts[name] = str(value)
+            else:
+                parts[name] = value
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O errors and CUDA faults; never the deterministic bad-input errors of maptools."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, MaptoolsError):
+        return False
+    if isinstance(error, (OSError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "cuda" in str(error).lower()
+
+
+_LOCKS = FileSystemLockManager(lock_files_directory=Path(PREFECT_HOME.value()) / "maptools-locks")
+_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=_LOCKS)
+_RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+              retry_condition_fn=is_transient)
+
+
+@task(name="simplify-onnx", **_RETRY)
+def simplify_onnx(onnx_path: str, input_shapes: dict[str, list[int]], enabled: bool,
+                  output_root: str) -> stages.SimplifiedModel:
+    """onnxsim the model into a content-addressed file and check it computes the same function."""
+    return stages.simplify_onnx(onnx_path, input_shapes, enabled=enabled, root=output_root)
+
+
+@task(name="build-calibset", **_RETRY)
+def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_steps: int,
+                   seed: int) -> stages.CalibrationSpec:
+    """Describe the calibration data (kind, source, count, content hash); no tensors leave this task."""
+    return stages.describe_calibration(calib, input_shapes, calib_steps, seed)
+
+
+@task(name="run-quantization", cache_policy=_CACHE, persist_result=True, **_RETRY)
+def run_quantization(model: stages.SimplifiedModel, calibration: stages.CalibrationSpec,
+                     input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
+                     bit_width: int, per_channel: bool, algorithm: str, seed: int,
+                     output_root: str) -> QuantizationResult:
+    """PPQ on the simplified model; artifacts are written atomically into mapsave/<mapname>/."""
+    return quantize(input_shapes, device, model.path, mapname=mapname, calibset=calibration.calibset(),
+                    calib_steps=calib_steps, seed=seed, bit_width=bit_width, per_channel=per_channel,
+                    algorithm=algorithm, output_root=output_root)
+
+
+def _artifact_key(mapname: str) -> str:
+    return "quant-" + (re.sub(r"[^a-z0-9-]+", "-", mapname.lower()).strip("-") or "map")
+
+
+@task(name="publish-report")
+def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str:
+    """Prefect artifacts: per-layer SNR and scales as a table, a markdown summary of paths and settings."""
+    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    rows = []
+    for name, snr in result.errors.per_layer.items():
+        cfg = info[name]
+        rows.append({"layer": name, "type": cfg.op_type, "snr": f"{snr:.3e}", "input_scale": f"{cfg.input_scale:.4g}",
+                     "output_scale": f"{cfg.output_scale:.4g}",
+                     "weight_scale_min": f"{float(cfg.weight_scale.min()):.3g}",
+                     "weight_scale_max": f"{float(cfg.weight_scale.max()):.3g}"})
+    key = _artifact_key(result.mapname)
+    create_table_artifact(rows, key=f"{key}-layers", description=f"Per-layer SNR and scales of {result.mapname}")
+    s = result.settings
+    lines = [f"# Quantized `{result.mapname}`", "",
+             f"W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
+             f"{s.algorithm.value}, {result.calibration.get('used')} {result.calibration.get('kind')} samples "
+             f"(seed {s.seed}) on `{result.device}`.", "",
+             f"Per-layer SNR: median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
+             f"(`{result.errors.worst_layer}`).", "", "| artifact | sha256 |", "|---|---|"]
+    lines += [f"| `{result.artifacts[n]}` | `{d[:16]}` |" for n, d in result.sha256.items()]
+    lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in seconds.items()]
+    lines += [f"\n> note: {n}" for n in result.notes]
+    return str(create_markdown_artifact("\n".join(lines), key=key, description=f"Quantization of {result.mapname}"))
+
+
+@task(name="convert", **_RETRY)
+def convert(result: QuantizationResult) -> conversion.ConversionResult:
+    """Downstream conversion: the operator graph with quantinfo attached, written beside the artifacts."""
+    return conversion.convert(result.mapname, output_root=result.map_dir.parent.parent)

@@ -1,0 +1,476 @@
+"""ONNX conversion: the operator graph that mapping and simulation work on.
+
+``convert(mapname)`` parses the map's (simplified) ONNX model into an :class:`OperatorGraph`, one
+node per operator, edges in data order, shapes from ONNX shape inference and attributes
+normalised; attaches each operator's :class:`~maptools.quantinfo.QuantConfig` from
+``quantinfo.pkl``; marks each operator as device or host work (:func:`placement`); and writes the
+graph to ``mapsave/<mapname>/operator_graph.json``, from where :func:`read_graph` loads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.shape_inference
+
+from maptools.artifacts import (QUANTINFO_PKL, QUANTPARAMS_PKL, map_dir, read_quantinfo, sha256_file,
+                                validate_mapname, verify_map)
+from maptools.errors import ArtifactError, ConversionError, ModelError
+from maptools.onnx_model import load_model
+from maptools.quantinfo import WEIGHTED_OP_TYPES, QuantConfig
+
+__all__ = [
+    "OperatorGraph", "ConversionResult", "convert", "read_graph", "build_graph", "placement",
+    "SUPPORTED_OP_TYPES", "DEVICE_OP_TYPES", "GRID_PRESERVING_OP_TYPES", "GRAPH_FILE", "DEVICE", "HOST",
+]
+
+GRAPH_FILE = "operator_graph.json"
+GRAPH_FORMAT = "maptools.operator_graph/1"
+DEVICE, HOST = "device", "host"
+
+#: Activations that run elementwise (on a tile: a lookup over the integer codes).
+ACTIVATION_OP_TYPES = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh"})
+#: Operators the conversion understands; anything else is reported as unsupported.
+SUPPORTED_OP_TYPES = frozenset({
+    "Conv", "Gemm", "MatMul", *ACTIVATION_OP_TYPES, "Add", "Mul", "Concat", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Softmax", "Identity",
+})
+#: THE placement rule: crossbar work (Conv/Gemm) and the activations, adds, concats and pools
+#: that run beside it on a tile go to the device; everything else (MatMul between activations,
+#: Mul, Reshape, Transpose, Softmax, ...) stays on the host. Edit this set to move an operator type.
+DEVICE_OP_TYPES = frozenset({
+    "Conv", "Gemm", *ACTIVATION_OP_TYPES, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Flatten",
+})
+#: Operators whose output stays on the grid (scale) of their input: they need no quant config.
+GRID_PRESERVING_OP_TYPES = frozenset({"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Identity"})
+#: Largest float constant (elements) kept inline in the graph for a non-weighted operator.
+MAX_INLINE_CONSTANT = 4096
+
+
+def placement(op_type: str) -> str:
+    """``'device'`` or ``'host'`` for an operator type (see :data:`DEVICE_OP_TYPES`)."""
+    return DEVICE if op_type in DEVICE_OP_TYPES else HOST
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert`` wrote: the graph file, its size and split, and where it came from."""
+
+    mapname: str
+    graph_path: Path
+    model_path: Path
+    model_sha256: str
+    nodes: int
+    edges: int
+    device_ops: int
+    host_ops: int
+    quantized: bool
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mapname": self.mapname, "graph_path": str(self.graph_path), "model_path": str(self.model_path),
+                "model_sha256": self.model_sha256, "nodes": self.nodes, "edges": self.edges,
+                "device_ops": self.device_ops, "host_ops": self.host_ops, "quantized": self.quantized,
+                "seconds": self.seconds}
+
+
+class OperatorGraph:
+    """An operator graph on a ``networkx.MultiDiGraph``.
+
+    Nodes are operator names (ONNX order, which is topological) with attributes ``op_type``,
+    ``inputs``/``outputs`` (activation tensor names), ``input_shapes``/``output_shapes``,
+    ``params`` (Conv/Gemm weight and bias, {name: shape}), ``constants`` (other operators' small
+    constants, {input index: value}), ``attrs`` (normalised), ``part`` (``'device'``/``'host'``)
+    and ``quant`` (a QuantConfig or None). An edge
+    producer -> consumer carries ``tensor``, ``index`` (the consumer's input position, also the
+    edge key) and ``shape``. ``graph.graph`` holds ``inputs``/``outputs`` ({name: shape}) and
+    ``meta`` (where the graph came from).
+    """
+
+    def __init__(self, graph: nx.MultiDiGraph) -> None:
+        self.graph = graph
+
+    # --- views ---------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> dict[str, list[int]]:
+        return self.graph.graph["inputs"]
+
+    @property
+    def outputs(self) -> dict[str, list[int]]:
+        return self.graph.graph["outputs"]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.graph.graph["meta"]
+
+    def node(self, name: str) -> dict[str, Any]:
+        return self.graph.nodes[name]
+
+    def operators(self) -> list[str]:
+        """Operator names in execution order: topological, ties broken by ONNX order."""
+        order = {name: i for i, name in enumerate(self.graph.nodes)}
+        return list(nx.lexicographical_topological_sort(self.graph, key=order.__getitem__))
+
+    def part(self, which: str) -> OperatorGraph:
+        """The device or host part as its own graph (a copy)."""
+        names = [n for n, d in self.graph.nodes(data=True) if d["part"] == which]
+        return OperatorGraph(self.graph.subgraph(names).copy())
+
+    def device_part(self) -> OperatorGraph:
+        return self.part(DEVICE)
+
+    def host_part(self) -> OperatorGraph:
+        return self.part(HOST)
+
+    # --- quantinfo ------------------------------------------------------------------------------
+    def attach_quantinfo(self, quantinfo: Mapping[str, QuantConfig]) -> None:
+        """Attach each operator's QuantConfig by name; raise ConversionError listing what is wrong.
+
+        Every device operator that changes the scale (Conv, Gemm, Add, pools, activations other
+        than Relu, Concat) needs a config; configs must name operators of this graph and agree on
+        the operator type.
+        """
+        foreign = sorted(set(quantinfo) - set(self.graph.nodes))
+        if foreign:
+            raise ConversionError(
+                f"quantinfo has configs for {len(foreign)} operator(s) this model does not have: {_listing(foreign)}.",
+                "the quantinfo comes from another model: re-run quantize on this model.")
+        wrong = [f"{n} ({c.op_type} in quantinfo, {self.node(n)['op_type']} in the model)"
+                 for n, c in quantinfo.items() if c.op_type != self.node(n)["op_type"]]
+        if wrong:
+            raise ConversionError(f"operator types disagree: {_listing(wrong)}.", "re-run quantize on this model.")
+        missing = [n for n, d in self.graph.nodes(data=True)
+                   if d["part"] == DEVICE and d["op_type"] not in GRID_PRESERVING_OP_TYPES
+                   and (n not in quantinfo or quantinfo[n].output_scale is None
+                        or (d["op_type"] in WEIGHTED_OP_TYPES and not quantinfo[n].has_weights))]
+        if missing:
+            raise ConversionError(
+                f"{len(missing)} device operator(s) have no quantization config: {_listing(missing)}.",
+                "quantize the model with maptools.quantize (PPQ must quantize every Conv/Gemm and the "
+                "operators beside them), or convert without quantization.")
+        for name in self.graph.nodes:
+            self.graph.nodes[name]["quant"] = quantinfo.get(name)
+        self.meta["quantized"] = True
+
+    # --- JSON -------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        nodes = []
+        for name, d in self.graph.nodes(data=True):
+            nodes.append({"name": name, **{k: d[k] for k in _NODE_KEYS if k != "quant"},
+                          "quant": None if d["quant"] is None else d["quant"].to_json()})
+        edges = [{"src": u, "dst": v, "tensor": d["tensor"], "index": d["index"], "shape": d["shape"]}
+                 for u, v, d in self.graph.edges(data=True)]
+        return {"format": GRAPH_FORMAT, "meta": self.meta, "inputs": self.inputs, "outputs": self.outputs,
+                "nodes": nodes, "edges": edges}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OperatorGraph:
+        if data.get("format") != GRAPH_FORMAT:
+            raise ArtifactError(f"operator graph format {data.get('format')!r} is not {GRAPH_FORMAT!r}.",
+                                "re-run `maptools convert` for this map.")
+        g = nx.MultiDiGraph(inputs=dict(data["inputs"]), outputs=dict(data["outputs"]), meta=dict(data["meta"]))
+        for node in data["nodes"]:
+            attrs = {k: node[k] for k in _NODE_KEYS if k != "quant"}
+            attrs["quant"] = None if node["quant"] is None else QuantConfig.from_json(node["quant"])
+            g.add_node(node["name"], **attrs)
+        for e in data["edges"]:
+            g.add_edge(e["src"], e["dst"], key=e["index"], tensor=e["tensor"], index=e["index"], shape=e["shape"])
+        return cls(g)
+
+    def save(self, path: Path) -> Path:
+        """Write the graph as JSON, atomically (temp file in the same folder, then rename)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(_dumps(self.to_json()))
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> OperatorGraph:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{path} does not exist.", "run `maptools convert --mapname M` first.") from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run `maptools convert` for this map.") from e
+        return cls.from_json(data)
+
+
+_NODE_KEYS = ("op_type", "inputs", "outputs", "input_shapes", "output_shapes", "params", "constants", "attrs",
+              "part", "quant")
+
+
+_SCALAR = r"(?:-?[0-9.eE+-]+|null|true|false)"
+_SCALAR_LIST = re.compile(rf"\[\s*({_SCALAR}(?:,\s*{_SCALAR})*)\s*\]")
+
+
+def _dumps(data: Any) -> str:
+    """Indented JSON with lists of numbers kept on one line (shapes, pads, scales)."""
+    text = json.dumps(data, indent=1)
+    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+def _shape(vi: onnx.ValueInfoProto) -> list[int] | None:
+    dims = vi.type.tensor_type.shape.dim
+    if not vi.type.tensor_type.HasField("shape") or not all(d.HasField("dim_value") for d in dims):
+        return None
+    return [int(d.dim_value) for d in dims]
+
+
+def _plain(value: Any) -> Any:
+    """An ONNX attribute value as JSON (lists, not tuples; str, not bytes)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(value).tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+def _window_attrs(raw: dict[str, Any], kernel: list[int], in_shape: list[int]) -> dict[str, Any]:
+    """kernel, strides, dilations, pads ([begin..., end...]) made explicit, auto_pad resolved."""
+    rank = len(kernel)
+    strides = list(raw.get("strides", [1] * rank))
+    dilations = list(raw.get("dilations", [1] * rank))
+    pads = list(raw.get("pads", [0] * 2 * rank))
+    auto_pad = raw.get("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        pads = [0] * 2 * rank
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 2 * rank
+        for i, size in enumerate(in_shape[2:]):
+            out = -(-size // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + rank] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    return {"kernel": list(kernel), "strides": strides, "dilations": dilations, "pads": pads}
+
+
+def _normalise(op_type: str, raw: dict[str, Any], in_shapes: list[list[int] | None],
+               params: dict[str, np.ndarray], inputs: list[str]) -> dict[str, Any]:
+    """Explicit, defaulted attributes per operator type."""
+    if op_type == "Conv":
+        weight = params[inputs[1]]
+        attrs = _window_attrs(raw, list(weight.shape[2:]), in_shapes[0])
+        group = int(raw.get("group", 1))
+        return {**attrs, "groups": group, "in_channels": int(weight.shape[1]) * group,
+                "out_channels": int(weight.shape[0]), "bias": len(inputs) > 2 and bool(inputs[2])}
+    if op_type in ("MaxPool", "AveragePool"):
+        attrs = _window_attrs(raw, list(raw["kernel_shape"]), in_shapes[0])
+        attrs["ceil_mode"] = int(raw.get("ceil_mode", 0))
+        if op_type == "AveragePool":
+            attrs["count_include_pad"] = int(raw.get("count_include_pad", 0))
+        return attrs
+    if op_type == "Gemm":
+        weight = params[inputs[1]]
+        trans_b = int(raw.get("transB", 0))
+        return {"alpha": float(raw.get("alpha", 1.0)), "beta": float(raw.get("beta", 1.0)),
+                "transA": int(raw.get("transA", 0)), "transB": trans_b,
+                "in_features": int(weight.shape[1 if trans_b else 0]),
+                "out_features": int(weight.shape[0 if trans_b else 1]), "bias": len(inputs) > 2 and bool(inputs[2])}
+    if op_type in ("Flatten", "Concat", "Softmax"):
+        return {"axis": int(raw.get("axis", 1 if op_type != "Softmax" else -1))}
+    if op_type == "Clip":
+        bounds = [params[t].item() if t in params else None for t in (inputs + ["", ""])[1:3]]
+        low, high = raw.get("min", bounds[0]), raw.get("max", bounds[1])  # attributes before opset 11
+        return {"min": None if low is None else float(low), "max": None if high is None else float(high)}
+    if op_type == "LeakyRelu":
+        return {"alpha": float(raw.get("alpha", 0.01))}
+    if op_type == "HardSigmoid":
+        return {"alpha": float(raw.get("alpha", 0.2)), "beta": float(raw.get("beta", 0.5))}
+    if op_type == "Transpose":
+        return {"perm": list(raw.get("perm", list(range(len(in_shapes[0] or []))[::-1])))}
+    return {}
+
+
+def _constant_nodes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Outputs of ``Constant`` nodes: constants like initializers, not operators."""
+    values = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attribute[0]
+            value = onnx.helper.get_attribute_value(attr)
+            values[node.output[0]] = (onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto)
+                                      else np.asarray(_plain(value)))
+    return values
+
+
+def _check_supported(model: onnx.ModelProto, params: Mapping[str, np.ndarray]) -> None:
+    problems = []
+    for node in model.graph.node:
+        where = f"{node.name or node.output[0]} ({node.op_type})"
+        if node.output[0] in params:
+            continue  # a Constant node
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{where}: domain {node.domain!r}")
+        elif node.op_type not in SUPPORTED_OP_TYPES:
+            problems.append(where)
+        elif node.op_type in WEIGHTED_OP_TYPES and (len(node.input) < 2 or node.input[1] not in params):
+            problems.append(f"{where}: weight is not a constant")
+        elif node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            problems.append(f"{where}: transA=1")
+        elif node.op_type in ("Add", "Mul") and len(node.input) != 2:
+            problems.append(f"{where}: {len(node.input)} inputs")
+        elif node.op_type in ("Add", "Concat") and any(i in params for i in node.input):
+            problems.append(f"{where}: constant input")
+        elif node.op_type not in WEIGHTED_OP_TYPES and any(
+                params[i].size > MAX_INLINE_CONSTANT for i in node.input if i in params):
+            problems.append(f"{where}: float constant over {MAX_INLINE_CONSTANT} elements")
+    if problems:
+        raise ConversionError(
+            f"the conversion does not support {len(problems)} operator(s): {_listing(problems)}.",
+            f"supported operator types: {', '.join(sorted(SUPPORTED_OP_TYPES))}. Replace the others, or "
+            "simplify the model with onnxsim so they fold away.")
+
+
+def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
+    """Parse a simplified ONNX model into an :class:`OperatorGraph` (not yet quantized)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    params = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    params.update(_constant_nodes(model))
+    _check_supported(model, params)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:
+        raise ModelError(f"ONNX shape inference failed: {e}", "simplify the model with onnxsim and fixed "
+                         "input shapes.") from e
+    shapes: dict[str, list[int] | None] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shapes[vi.name] = _shape(vi)
+    graph_inputs = {vi.name: shapes[vi.name] for vi in model.graph.input if vi.name not in params}
+    unknown = [t for n in model.graph.node for t in [*n.input, *n.output]
+               if t and t not in params and shapes.get(t) is None]
+    if unknown:
+        raise ModelError(f"shape inference left tensors without a static shape: {_listing(sorted(set(unknown)))}.",
+                         "simplify the model with onnxsim and fixed input shapes (overwrite_input_shapes).")
+
+    g = nx.MultiDiGraph(inputs=graph_inputs, outputs={o.name: shapes[o.name] for o in model.graph.output},
+                        meta={"quantized": False})
+    producer: dict[str, str] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.output[0] in params:
+            continue  # a Constant node, folded into params
+        name = node.name or f"{node.op_type}_{i}"
+        if name in g:
+            raise ConversionError(f"two operators are named {name!r}.", "give every ONNX node a unique name.")
+        raw = {a.name: _plain(onnx.helper.get_attribute_value(a)) for a in node.attribute}
+        inputs = list(node.input)
+        acts = [t for t in inputs if t and t not in params]
+        weighted = node.op_type in WEIGHTED_OP_TYPES
+        g.add_node(
+            name, op_type=node.op_type, inputs=acts, outputs=list(node.output),
+            input_shapes=[shapes[t] for t in acts], output_shapes=[shapes[t] for t in node.output],
+            params={t: list(params[t].shape) for t in inputs[1:3] if t in params} if weighted else {},
+            constants={} if weighted else {str(k): params[t].tolist() for k, t in enumerate(inputs) if t in params},
+            attrs=_normalise(node.op_type, raw, [shapes.get(t) for t in inputs], params, inputs),
+            part=placement(node.op_type), quant=None,
+        )
+        for index, tensor in enumerate(acts):
+            if tensor in producer:
+                g.add_edge(producer[tensor], name, key=index, tensor=tensor, index=index, shape=shapes[tensor])
+        for tensor in node.output:
+            producer[tensor] = name
+    return OperatorGraph(g)
+
+
+# --- the conversion step ------------------------------------------------------------------------------
+
+def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) -> str:
+    if not model_path.is_file():
+        raise ModelError(f"model {model_path} (from the manifest of map {mapname!r}) does not exist.",
+                         "pass model_path= (--model) pointing at the model this map was quantized from.")
+    digest = sha256_file(model_path)
+    if digest != manifest["model"]["sha256"]:
+        raise ModelError(f"model {model_path} is not the model map {mapname!r} was quantized from (sha256 "
+                         f"{digest[:12]}, manifest {manifest['model']['sha256'][:12]}).",
+                         "pass the model that was quantized, or re-run quantize on this model.")
+    return digest
+
+
+def convert(mapname: str, model_path: str | Path | None = None, *, output_root: str | Path | None = None,
+            quantized: bool = True) -> ConversionResult:
+    """Build the operator graph of a quantized map and write it to ``mapsave/<mapname>/operator_graph.json``.
+
+    Args:
+        mapname: the map written by ``quantize``.
+        model_path: the ONNX model that was quantized; default the manifest's ``model.path``.
+            Its sha256 must equal the manifest's.
+        output_root: where ``mapsave/`` is; default ``$MAPTOOLS_HOME`` or the current directory.
+        quantized: attach quantinfo (default). ``False`` writes the float graph only.
+
+    Raises:
+        ArtifactError: the map is missing or its artifacts do not match the manifest.
+        ModelError: the model is missing or is not the one the map was quantized from.
+        ConversionError: unsupported operators, or operators without a required quant config.
+    """
+    started = time.perf_counter()
+    folder = map_dir(validate_mapname(mapname), output_root)
+    manifest = verify_map(folder)
+    path = Path(model_path if model_path is not None else manifest["model"]["path"])
+    digest = _check_model(path, manifest, mapname)
+    graph = build_graph(path)
+    graph.meta.update({"mapname": mapname, "model_path": str(path.resolve()), "model_sha256": digest,
+                       "quantinfo_sha256": manifest["artifacts"][QUANTINFO_PKL],
+                       "quantparams_sha256": manifest["artifacts"][QUANTPARAMS_PKL]})
+    if quantized:
+        graph.attach_quantinfo(read_quantinfo(mapname, output_root))
+    target = graph.save(folder / GRAPH_FILE)
+    parts = [d["part"] for _, d in graph.graph.nodes(data=True)]
+    return ConversionResult(
+        mapname=mapname, graph_path=target, model_path=path.resolve(), model_sha256=digest,
+        nodes=graph.graph.number_of_nodes(), edges=graph.graph.number_of_edges(), device_ops=parts.count(DEVICE),
+        host_ops=parts.count(HOST), quantized=quantized, seconds=time.perf_counter() - started)
+
+
+def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: bool = True) -> OperatorGraph:
+    """Load ``operator_graph.json`` of a map; with ``verify``, check it still matches the map's artifacts."""
+    folder = map_dir(validate_mapname(mapname), output_root)
+    manifest = verify_map(folder) if verify else None
+    path = folder / GRAPH_FILE
+    if not path.is_file():
+        raise ArtifactError(f"map {mapname!r} has no operator graph ({path} does not exist).",
+                            f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
+    graph = OperatorGraph.load(path)
+    if manifest is not None:
+        for key, want in (("model_sha256", manifest["model"]["sha256"]),
+                          ("quantinfo_sha256", manifest["artifacts"][QUANTINFO_PKL]),
+                          ("quantparams_sha256", manifest["artifacts"][QUANTPARAMS_PKL])):
+            if graph.meta.get(key) != want:
+                raise ArtifactError(f"{path} was converted from other artifacts than map {mapname!r} now holds "
+                                    f"({key} differs).", f"re-run `maptools convert --mapname {mapname}`.")
+    return graph

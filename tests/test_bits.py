@@ -1,0 +1,104 @@
+"""Bit widths and calibration algorithms, end to end: integer value sets, ranges, output error, scales."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
+from maptools.calibration import RandomCalibration
+
+SHAPES = {"input": (1, 3, 32, 32)}
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def graph_for(small_cnn: Path) -> Callable[..., object]:
+    """PPQ's quantized graph of small_cnn for (bits, algorithm), built once per module."""
+    from maptools import _ppq
+    from maptools.settings import QuantSettings
+
+    cache: dict[tuple[int, str], object] = {}
+    calib = RandomCalibration(SHAPES, STEPS)
+
+    def build(bits: int, algorithm: str = "percentile") -> object:
+        if (bits, algorithm) not in cache:
+            settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=STEPS, algorithm=algorithm)
+            cache[bits, algorithm] = _ppq.quantize_graph(small_cnn, calib, STEPS, next(iter(calib)), settings, "cpu")
+        return cache[bits, algorithm]
+
+    return build
+
+
+def output_error(graph, model: Path) -> float:
+    """||quantized - float|| / ||float|| over 8 seeded inputs: PPQ's simulation vs onnxruntime's float model."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(123)
+    xs = [torch.randn(*SHAPES["input"], generator=gen) for _ in range(8)]
+    q = np.concatenate([graph.run({"input": x})["output"].ravel() for x in xs])
+    f = np.concatenate([session.run(None, {"input": x.numpy()})[0].ravel() for x in xs])
+    return float(np.linalg.norm(q - f) / np.linalg.norm(f))
+
+
+def test_fewer_bits_give_coarser_integers_and_larger_error(graph_for, small_cnn) -> None:
+    errors, distinct = {}, {}
+    for bits in (8, 6, 4):
+        graph = graph_for(bits)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        info = graph.quantinfo()
+        assert all((c.io_bits, c.io_min, c.io_max) == (bits, lo, hi) for c in info.values())
+        weights = [v for k, v in graph.quantparams(info).items() if k.endswith("_weight")]
+        values = np.unique(np.concatenate([w.ravel() for w in weights]))
+        assert values.min() >= lo and values.max() <= hi
+        assert len(values) > (hi - lo + 1) // 2, f"{bits} bits use only {len(values)} weight values"
+        distinct[bits] = len(values)
+        # the simulated model output sits on its own activation grid: at most 2**bits levels
+        gemm = next(c for c in info.values() if c.op_type == "Gemm")
+        gen = torch.Generator().manual_seed(5)
+        out = np.concatenate([graph.run({"input": torch.randn(*SHAPES["input"], generator=gen)})["output"].ravel()
+                              for _ in range(4)]) / gemm.output_scale
+        np.testing.assert_allclose(out, np.rint(out), atol=1e-3)
+        assert np.rint(out).min() >= lo and np.rint(out).max() <= hi
+        errors[bits] = output_error(graph, small_cnn)
+    assert distinct[8] > distinct[6] > distinct[4]
+    assert errors[8] < errors[6] < errors[4], errors
+    assert errors[8] < 0.05, errors
+
+
+def test_four_bit_artifacts_and_manifest(small_cnn, tmp_path) -> None:
+    result = quantize(SHAPES, "cpu", small_cnn, mapname="w4", calib_steps=STEPS, bit_width=4, algorithm="minmax",
+                      output_root=tmp_path)
+    info = read_quantinfo("w4", tmp_path)
+    params = read_quantparams("w4", tmp_path)
+    assert all((c.io_bits, c.io_min, c.io_max) == (4, -8, 7) for c in info.values())
+    for name, cfg in info.items():
+        if cfg.has_weights:
+            w = params[f"{name}_{cfg.op_type.lower()}_weight"]
+            assert (cfg.weight_bits, cfg.weight_min, cfg.weight_max) == (4, -8, 7)
+            assert w.min() >= -8 and w.max() <= 7 and len(np.unique(w)) > 8
+    manifest = read_manifest("w4", tmp_path)
+    assert manifest["onnx_export_exact"] is False and manifest["settings"]["weight_bits"] == 4
+    assert any("W4A4" in n and "quantinfo and quantparams are exact" in n for n in manifest["notes"])
+    assert manifest["notes"] == list(result.notes)
+
+
+def test_separate_weight_and_activation_bits(small_cnn, tmp_path) -> None:
+    quantize(SHAPES, "cpu", small_cnn, mapname="w6a8", calib_steps=STEPS, weight_bits=6, algorithm="minmax",
+             output_root=tmp_path)
+    info = read_quantinfo("w6a8", tmp_path)
+    assert all((c.io_min, c.io_max) == (-128, 127) for c in info.values())
+    assert {(c.weight_min, c.weight_max) for c in info.values() if c.has_weights} == {(-32, 31)}
+
+
+def test_algorithm_choice_changes_the_scales(graph_for) -> None:
+    scales = {alg: {n: c.output_scale for n, c in graph_for(8, alg).quantinfo().items()}
+              for alg in ("percentile", "minmax", "kl", "mse")}
+    assert len({tuple(s.values()) for s in scales.values()}) >= 3, scales
+    # percentile clips the outliers that minmax keeps
+    assert all(scales["percentile"][n] <= scales["minmax"][n] * (1 + 1e-6) for n in scales["minmax"])
+    assert scales["percentile"] != scales["minmax"] != scales["kl"]

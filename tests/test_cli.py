@@ -1,0 +1,98 @@
+"""The ``maptools`` command line: quantize from an image folder, inspect, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from maptools.cli import app
+from tests.test_calibration import on_small_cnn, readme_block, write_pngs
+
+runner = CliRunner()
+
+
+def test_quantize_from_an_image_folder(small_cnn, tmp_path) -> None:
+    calib = write_pngs(tmp_path / "calib", 10)
+    result = runner.invoke(app, ["quantize", str(small_cnn), "--input-shape", "input=1,3,32,32", "--mapname", "cnn",
+                                 "--calib", str(calib), "--calib-steps", "8", "--device", "cpu", "--bits", "8",
+                                 "--algorithm", "kl", "--output-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "W8A8, per-channel weights, kl activations" in result.stdout
+    assert "8 of 10 samples" in result.stdout and "16/16" in result.stdout  # summary table; kl reads twice
+    manifest = json.loads((tmp_path / "mapsave" / "cnn" / "manifest.json").read_text())
+    assert manifest["calibration"]["kind"] == "image_folder" and manifest["calib_steps_used"] == 8
+    assert manifest["settings"]["algorithm"] == "kl"
+
+
+def test_readme_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_pngs(tmp_path / "calib_images", 9)
+    lines = on_small_cnn(readme_block("Command line", "bash"), small_cnn).strip().splitlines()
+    for line in lines:
+        args = shlex.split(line, comments=True)
+        assert args[0] == "maptools"
+        result = runner.invoke(app, args[1:])
+        assert result.exit_code == 0, (line, result.output)
+    assert json.loads((tmp_path / "mapsave" / "resnet18" / "manifest.json").read_text())["calib_steps_used"] == 9
+    assert not json.loads((tmp_path / "mapsave" / "resnet18-w4" / "manifest.json").read_text())["onnx_export_exact"]
+
+
+def test_help_explains_the_options() -> None:
+    result = runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for words in ("--input-shape", "input=1,3,224,224", "--calib", "random", "class subfolders", "--bits",
+                  "--algorithm", "percentile", "--per-tensor", "Examples"):
+        assert words in result.stdout, words
+
+
+def dynamic_model(path: Path) -> Path:
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--bits", "9"], "--bits"),
+    (["--calib-steps", "7"], "--calib-steps"),
+    (["--input-shape", "input=1,3,x"], "NAME=D0,D1"),
+    (["--input-shape", "image=1,3,32,32"], "missing: ['input']"),
+    (["--input-shape", "input=1,3,32"], "rank 4"),
+    (["--algorithm", "isotone"], "percentile"),
+    (["--calib", "no/such/folder"], "does not exist"),
+    (["--device", "tpu"], "'cpu', 'cuda' or 'auto'"),
+    (["--mapname", "../up"], "plain folder name"),
+    (["--frobnicate"], "No such option"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(small_cnn, tmp_path, args, words) -> None:
+    result = runner.invoke(app, ["quantize", str(small_cnn), "--output-root", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "mapsave").exists()
+
+
+def test_missing_model_and_dynamic_shapes(tmp_path) -> None:
+    result = runner.invoke(app, ["quantize", str(tmp_path / "nope.onnx")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    result = runner.invoke(app, ["quantize", str(dynamic_model(tmp_path / "dyn.onnx"))])
+    assert result.exit_code == 2 and "--input-shape x=" in result.stderr
+    result = runner.invoke(app, ["quantise"])
+    assert result.exit_code == 2 and "Did you mean 'quantize'" in result.stderr
+
+
+def test_inspect_lists_inputs_outputs_and_operators(small_cnn) -> None:
+    result = runner.invoke(app, ["inspect", str(small_cnn)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "float32 [1, 3, 32, 32]" in result.stdout and "[1, 10]" in result.stdout
+    assert re.search(r"operator\s*│\s*Conv\s*│\s*4\s", result.stdout)
+    assert "--input-shape input=1,3,32,32" in result.stdout

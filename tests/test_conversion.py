@@ -1,0 +1,162 @@
+"""The operator graph: parsing, shapes and attributes, quantinfo attached and checked, split, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import networkx as nx
+import onnx
+import onnx.helper as oh
+import pytest
+
+from maptools import read_quantinfo
+from maptools.artifacts import verify_map
+from maptools.conversion import (DEVICE, GRAPH_FILE, HOST, OperatorGraph, build_graph, convert, placement,
+                                 read_graph)
+from maptools.errors import ArtifactError, ConversionError, ModelError
+
+
+def _root(result) -> Path:
+    return result.map_dir.parent.parent
+
+
+def _in_edges(graph: OperatorGraph, name: str) -> list[tuple[str, str, int]]:
+    """(producer, tensor, index) of an operator's incoming edges, in input order."""
+    edges = sorted(graph.graph.in_edges(name, data=True), key=lambda e: e[2]["index"])
+    return [(u, d["tensor"], d["index"]) for u, _, d in edges]
+
+
+def test_resnet18_graph(resnet18) -> None:
+    g = build_graph(resnet18)
+    types = Counter(d["op_type"] for _, d in g.graph.nodes(data=True))
+    assert types == {"Conv": 20, "Relu": 17, "Add": 8, "MaxPool": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    assert g.graph.number_of_nodes() == 49 and g.graph.number_of_edges() == 56  # 48 chain edges + 8 residuals
+    assert g.inputs == {"input": [1, 3, 224, 224]} and g.outputs == {"output": [1, 1000]}
+    order = g.operators()
+    assert order[0] == "/conv1/Conv" and order[-1] == "/fc/Gemm" and nx.is_directed_acyclic_graph(g.graph)
+    stem = g.node("/conv1/Conv")
+    assert stem["attrs"] == {"kernel": [7, 7], "strides": [2, 2], "dilations": [1, 1], "pads": [3, 3, 3, 3],
+                             "groups": 1, "in_channels": 3, "out_channels": 64, "bias": True}
+    assert stem["output_shapes"] == [[1, 64, 112, 112]] and list(stem["params"].values()) == [[64, 3, 7, 7], [64]]
+    pool = g.node("/maxpool/MaxPool")
+    assert pool["attrs"] == {"kernel": [3, 3], "strides": [2, 2], "dilations": [1, 1], "pads": [1, 1, 1, 1],
+                             "ceil_mode": 0}
+    assert pool["output_shapes"] == [[1, 64, 56, 56]]
+    assert g.node("/layer4/layer4.1/relu_1/Relu")["output_shapes"] == [[1, 512, 7, 7]]
+    assert g.node("/fc/Gemm")["attrs"]["in_features"] == 512 and g.node("/Flatten")["output_shapes"] == [[1, 512]]
+    # residual Add: the block's conv2 first, the shortcut second, as in the ONNX node
+    assert _in_edges(g, "/layer1/layer1.0/Add") == [
+        ("/layer1/layer1.0/conv2/Conv", "/layer1/layer1.0/conv2/Conv_output_0", 0),
+        ("/maxpool/MaxPool", "/maxpool/MaxPool_output_0", 1)]
+    for u, v, d in g.graph.edges(data=True):
+        assert d["shape"] == g.node(u)["output_shapes"][0] == g.node(v)["input_shapes"][d["index"]]
+    assert {d["part"] for _, d in g.graph.nodes(data=True)} == {DEVICE}
+
+
+def test_branchy_graph_with_concat(branchy_cnn) -> None:
+    g = build_graph(branchy_cnn)
+    assert g.graph.number_of_nodes() == 16  # the two Constant nodes of Clip are folded into constants
+    assert g.graph.number_of_edges() == 18
+    concat = next(n for n, d in g.graph.nodes(data=True) if d["op_type"] == "Concat")
+    assert [u for u, _, _ in _in_edges(g, concat)] == ["/b1/b1.1/Relu", "/b2/b2.1/Clip", "/b3/b3.2/LeakyRelu"]
+    assert g.node(concat)["input_shapes"] == [[1, 8, 32, 32]] * 3
+    assert g.node(concat)["output_shapes"] == [[1, 24, 32, 32]] and g.node(concat)["attrs"] == {"axis": 1}
+    assert g.node("/b2/b2.1/Clip")["attrs"] == {"min": 0.0, "max": 6.0}
+    assert g.node("/b3/b3.0/AveragePool")["attrs"]["count_include_pad"] == 1
+    assert g.node("/b3/b3.2/LeakyRelu")["attrs"] == {"alpha": pytest.approx(0.1)}
+    stem_out = "/stem/stem.2/Relu"
+    assert sorted(g.graph.successors(stem_out)) == ["/b1/b1.0/Conv", "/b2/b2.0/Conv", "/b3/b3.0/AveragePool"]
+    mul = g.node("/Mul")
+    assert mul["part"] == HOST and _in_edges(g, "/Mul") == [
+        ("/Concat", "/Concat_output_0", 0), ("/Sigmoid", "/Sigmoid_output_0", 1)]
+    assert list(g.host_part().graph.nodes) == ["/Mul"]
+    device = g.device_part()
+    assert device.graph.number_of_nodes() == 15 and "/Mul" not in device.graph
+    assert not device.graph.has_node("/Mul") and device.graph.has_edge("/Concat", "/Sigmoid")
+
+
+def test_placement_rule() -> None:
+    for op in ("Conv", "Gemm", "Relu", "Clip", "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"):
+        assert placement(op) == DEVICE
+    for op in ("MatMul", "Mul", "Reshape", "Transpose", "Softmax"):
+        assert placement(op) == HOST
+
+
+def test_convert_attaches_quantinfo_and_round_trips(resnet_result) -> None:
+    root = _root(resnet_result)
+    result = convert("resnet18", output_root=root)
+    assert (result.nodes, result.edges, result.device_ops, result.host_ops) == (49, 56, 49, 0)
+    assert result.graph_path == resnet_result.map_dir / GRAPH_FILE and result.quantized
+    assert verify_map(resnet_result.map_dir)  # the graph file beside the artifacts breaks nothing
+    info = read_quantinfo("resnet18", root)
+    graph = read_graph("resnet18", root)
+    for name, data in graph.graph.nodes(data=True):
+        assert data["quant"] == info[name]
+        if data["op_type"] == "Conv":
+            assert data["quant"].weight_scale.shape == (data["attrs"]["out_channels"],)
+    # JSON round trip: the file reloads to an identical graph and re-serialises to the same text
+    text = result.graph_path.read_text()
+    again = OperatorGraph.from_json(json.loads(text))
+    assert again.to_json() == graph.to_json() == json.loads(text)
+    assert nx.utils.graphs_equal(again.graph, graph.graph) and list(again.graph.edges(keys=True)) == list(
+        graph.graph.edges(keys=True))
+    assert not list(resnet_result.map_dir.glob("*.incomplete"))
+
+
+def test_attach_reports_missing_and_foreign_configs(small_cnn, small_result) -> None:
+    info = read_quantinfo("small", _root(small_result))
+    conv = "/block/block.0/Conv"
+    missing = {k: v for k, v in info.items() if k not in (conv, "/head/head.2/Gemm", "/Add")}
+    with pytest.raises(ConversionError, match="3 device operator") as e:
+        build_graph(small_cnn).attach_quantinfo(missing)
+    assert all(name in str(e.value) for name in (conv, "/head/head.2/Gemm", "/Add"))
+    # Relu, MaxPool and Flatten keep their input's grid: no config needed
+    build_graph(small_cnn).attach_quantinfo({k: v for k, v in info.items() if "Relu" not in k})
+    with pytest.raises(ConversionError, match="does not have: /other/Conv.*another model"):
+        build_graph(small_cnn).attach_quantinfo({**info, "/other/Conv": info[conv]})
+    with pytest.raises(ConversionError, match="disagree"):
+        build_graph(small_cnn).attach_quantinfo({**info, conv: dataclasses.replace(info[conv], op_type="Gemm")})
+
+
+def test_unsupported_operators_are_listed(tmp_path) -> None:
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+    nodes = [oh.make_node("Relu", ["x"], ["a"], name="relu"), oh.make_node("LRN", ["a"], ["b"], name="lrn", size=3),
+             oh.make_node("Erf", ["b"], ["y"], name="erf")]
+    model = oh.make_model(oh.make_graph(nodes, "g", [x], [y]), opset_imports=[oh.make_opsetid("", 13)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ConversionError, match=r"2 operator\(s\): lrn \(LRN\), erf \(Erf\).*supported operator types"):
+        build_graph(path)
+
+
+def _copy_map(result, root: Path) -> Path:
+    shutil.copytree(result.map_dir, root / "mapsave" / result.mapname)
+    return root / "mapsave" / result.mapname
+
+
+def test_convert_checks_model_and_artifacts(small_result, resnet_result, resnet18, tmp_path) -> None:
+    with pytest.raises(ModelError, match="not the model map 'small' was quantized from"):
+        convert("small", resnet18, output_root=_root(small_result))
+    with pytest.raises(ModelError, match="does not exist"):
+        convert("small", tmp_path / "gone.onnx", output_root=_root(small_result))
+    with pytest.raises(ArtifactError, match="manifest.json does not exist"):
+        convert("nothing-here", output_root=tmp_path)
+    folder = _copy_map(small_result, tmp_path)
+    (folder / "quantparams.pkl").write_bytes(b"changed")
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        convert("small", output_root=tmp_path)
+
+
+def test_read_graph_refuses_a_graph_of_other_artifacts(small_result, resnet_result, tmp_path) -> None:
+    convert("resnet18", output_root=_root(resnet_result))
+    folder = _copy_map(small_result, tmp_path)
+    with pytest.raises(ArtifactError, match="convert --mapname small"):
+        read_graph("small", tmp_path)
+    shutil.copy(resnet_result.map_dir / GRAPH_FILE, folder / GRAPH_FILE)
+    with pytest.raises(ArtifactError, match="other artifacts than map 'small'.*model_sha256"):
+        read_graph("small", tmp_path)

@@ -1,0 +1,168 @@
+"""The quantize-model flow on a real (temporary) Prefect server: caching, retries, concurrency, chaining."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from prefect import flow
+from prefect.artifacts import Artifact
+
+import flows.tasks
+from flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools import read_quantinfo
+from maptools.errors import CalibrationError
+from maptools.examples import small_cnn_onnx
+
+SHAPES = {"input": [1, 3, 32, 32]}
+
+
+@pytest.fixture(scope="module")
+def raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small CNN exported without onnxsim, so the flow's simplify step has work to do."""
+    return small_cnn_onnx(tmp_path_factory.mktemp("flowmodels") / "small_raw.onnx", simplify=False)
+
+
+@pytest.fixture
+def quantize_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """Record every real call of maptools' quantize made by the flow's task."""
+    calls: list[dict[str, Any]] = []
+    real = flows.tasks.quantize
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows.tasks, "quantize", counting)
+    yield calls
+
+
+def run(model: Path, root: Path, mapname: str = "small", **kwargs: Any) -> QuantizeModelResult:
+    return quantize_model(str(model), SHAPES, mapname, calib_steps=8, device="cpu", output_root=str(root), **kwargs)
+
+
+def test_flow_runs_the_chain_and_publishes_a_report(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    result = run(raw_model, tmp_path)
+    assert len(quantize_calls) == 1 and not result.quantization_cached
+    assert result.model.simplified and result.model.path.parent == tmp_path / "mapsave" / ".models"
+    assert result.quantization.map_dir == tmp_path / "mapsave" / "small"
+    assert result.conversion is not None and result.conversion.graph_path.is_file()
+    assert result.calibration.kind == "random" and result.calibration.count == 8
+    artifact = Artifact.get("quant-small")
+    assert artifact is not None and "mapsave/small/quantinfo.pkl" in str(artifact.data)
+    table = Artifact.get("quant-small-layers")
+    assert table is not None and "/stem/stem.0/Conv" in str(table.data)
+
+
+def test_rerun_is_cached_and_does_not_call_ppq(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    first = run(raw_model, tmp_path)
+    second = run(raw_model, tmp_path)
+    assert len(quantize_calls) == 1
+    assert second.quantization_cached and second.quantization.seconds == first.quantization.seconds
+    copy = tmp_path / "elsewhere" / "copy.onnx"
+    copy.parent.mkdir()
+    shutil.copy(raw_model, copy)
+    assert run(copy, tmp_path).quantization_cached and len(quantize_calls) == 1
+
+
+def test_changed_byte_setting_or_refresh_misses(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    run(raw_model, tmp_path)
+    model = onnx.load(str(raw_model))
+    weight = model.graph.initializer[0]
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] += 1e-3
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    changed = tmp_path / "changed.onnx"
+    onnx.save(model, str(changed))
+    assert not run(changed, tmp_path).quantization_cached
+    assert not run(raw_model, tmp_path, algorithm="minmax").quantization_cached
+    assert not run(raw_model, tmp_path, refresh=True).quantization_cached
+    assert len(quantize_calls) == 4
+
+
+def test_changed_calibration_file_misses(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(folder / f"{i}.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    assert not run(raw_model, tmp_path, calib=str(folder)).quantization_cached
+    assert run(raw_model, tmp_path, calib=str(folder)).quantization_cached
+    np.save(folder / "3.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    result = run(raw_model, tmp_path, calib=str(folder))
+    assert not result.quantization_cached and result.calibration.kind != "random"
+    assert len(quantize_calls) == 2
+
+
+def test_deleted_or_edited_artifact_is_recomputed(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    first = run(raw_model, tmp_path)
+    first.quantization.artifacts["quantparams.npz"].unlink()
+    again = run(raw_model, tmp_path)
+    assert not again.quantization_cached and again.quantization.artifacts["quantparams.npz"].is_file()
+    with open(again.quantization.artifacts["quantinfo.json"], "a") as f:
+        f.write(" ")
+    assert not run(raw_model, tmp_path).quantization_cached
+    assert len(quantize_calls) == 3
+
+
+def fail_first(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) -> list[int]:
+    attempts: list[int] = []
+    real = flows.tasks.quantize
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows.tasks, "quantize", flaky)
+    return attempts
+
+
+def test_transient_fault_is_retried(prefect_server, raw_model, tmp_path, monkeypatch) -> None:
+    attempts = fail_first(monkeypatch, lambda: OSError(5, "Input/output error (injected)"))
+    result = run(raw_model, tmp_path, mapname="retried")
+    assert len(attempts) == 2 and result.quantization.quantinfo_path.is_file()
+
+
+def test_bad_input_fails_once_without_retry(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    for i in range(8):
+        np.save(folder / f"{i}.npy", np.full((1, 3, 32, 32), np.nan if i == 5 else 0.5, np.float32))
+    with pytest.raises(CalibrationError, match="sample 5"):
+        run(raw_model, tmp_path, mapname="bad", calib=str(folder))
+    assert len(quantize_calls) == 1
+    assert not (tmp_path / "mapsave" / "bad").exists()
+
+
+def test_concurrent_runs_of_one_key_compute_once(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    results: list[QuantizeModelResult] = []
+    threads = [threading.Thread(target=lambda: results.append(run(raw_model, tmp_path, mapname="twice")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 2 and len(quantize_calls) == 1
+    assert sorted(r.quantization_cached for r in results) == [False, True]
+    assert results[0].quantization.sha256 == results[1].quantization.sha256
+
+
+def test_result_is_consumed_by_another_flow(prefect_server, raw_model, tmp_path) -> None:
+    @flow
+    def downstream(result: QuantizeModelResult) -> int:
+        info = read_quantinfo(result.mapname, result.quantization.map_dir.parent.parent)
+        return sum(cfg.op_type == "Conv" for cfg in info.values())
+
+    @flow
+    def pipeline() -> int:
+        return downstream(run(raw_model, tmp_path))
+
+    assert pipeline() == 4

@@ -1,0 +1,167 @@
+"""The design-sweep flow on a 2-worker Dask LocalCluster (loopback) and a real Prefect server.
+
+Grid points run in the Dask workers' processes, so they are told apart by their task states
+(``cached``: run-quantization and evaluate-point both came from the cache), not by counting calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prefect.artifacts import Artifact
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.sweep import (COLUMNS, Grid, ModelSpec, SweepConfig, SweepConfigError, SweepPoint, load_config, plot_sweep,
+                         run_sweep)
+from maptools.evaluation import evaluate_map, float_outputs, load_evaluation_set, random_evaluation_set
+
+SHAPES = {"input": [1, 3, 32, 32]}
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sweep.yaml"
+runner = CliRunner()
+
+
+def config(model: Path, root: Path, address: str, name: str = "t", **grid: Any) -> SweepConfig:
+    return SweepConfig(name=name, models=[ModelSpec(name="cnn", path=str(model), input_shapes=SHAPES)],
+                       grid=Grid(calib_samples=[8], **grid), device="cpu", eval_samples=8, simplify=False,
+                       output_root=str(root), dask_address=address)
+
+
+def by_point(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    return {(r["bits"], r["algorithm"]): r for r in rows}
+
+
+def assert_monotonic(rows: list[dict[str, Any]]) -> None:
+    """Fewer bits never give a lower error for the same model and algorithm (5% slack for noise)."""
+    done = [r for r in rows if r["status"] == "completed"]
+    for algorithm in {r["algorithm"] for r in done}:
+        errors = sorted((r["bits"], r["rel_l2"]) for r in done if r["algorithm"] == algorithm)
+        for (_, low_bits_error), (_, high_bits_error) in zip(errors, errors[1:]):
+            assert low_bits_error >= 0.95 * high_bits_error, (algorithm, errors)
+
+
+def test_sweep_is_parallel_incremental_and_survives_bad_points(prefect_server, dask_cluster, small_cnn,
+                                                               tmp_path) -> None:
+    first = run_sweep(config(small_cnn, tmp_path, dask_cluster, bits=[4, 8], algorithms=["percentile", "minmax"]))
+    assert len(first.rows) == 4 and all(set(r) == set(COLUMNS) for r in first.rows)
+    assert all(r["status"] == "completed" and not r["cached"] and r["reproduced"] for r in first.rows), first.rows
+    assert len({r["worker"] for r in first.rows}) == 2  # both workers took points
+    points = by_point(first.rows)
+    assert set(points) == {(4, "percentile"), (4, "minmax"), (8, "percentile"), (8, "minmax")}
+    for algorithm in ("percentile", "minmax"):
+        w4, w8 = points[4, algorithm], points[8, algorithm]
+        assert w8["rel_l2"] < 0.05 < w4["rel_l2"] and w4["worst_snr"] > w8["worst_snr"]
+        assert w4["weight_bytes"] < w8["weight_bytes"] and w8["cosine"] > 0.99
+        assert w4["mapname"] == f"cnn-w4-pc-{algorithm}-n8"
+        assert (tmp_path / "mapsave" / w4["mapname"] / "quantinfo.pkl").is_file()
+    assert_monotonic(first.rows)
+
+    # the written table, plot and artifacts
+    with first.csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and list(table[0]) == COLUMNS
+    assert len(json.loads(first.json_path.read_text())["rows"]) == 4
+    assert first.plot_path is not None and first.plot_path.read_bytes()[:4] == b"\x89PNG"
+    artifact = Artifact.get("sweep-t")
+    assert artifact is not None and "cnn" in str(artifact.data) and "minmax" in str(artifact.data)
+    image = Artifact.get("sweep-t-plot")
+    assert image is not None and str(image.data).startswith("data:image/png;base64,")
+
+    # a rerun recomputes nothing
+    again = run_sweep(config(small_cnn, tmp_path, dask_cluster, bits=[4, 8], algorithms=["percentile", "minmax"]))
+    assert all(r["status"] == "completed" and r["cached"] for r in again.rows), again.rows
+    assert [r["rel_l2"] for r in again.rows] == [r["rel_l2"] for r in first.rows]
+
+    # a grown grid computes only the new points; bad settings fail their own points only
+    grown = run_sweep(config(small_cnn, tmp_path, dask_cluster, bits=[4, 6, 8, 9],
+                             algorithms=["percentile", "minmax", "bogus"]))
+    assert len(grown.rows) == 12
+    rows = by_point(grown.rows)
+    for bits in (4, 6, 8):
+        for algorithm in ("percentile", "minmax"):
+            row = rows[bits, algorithm]
+            assert row["status"] == "completed" and row["cached"] == (bits != 6), row
+        bogus = rows[bits, "bogus"]
+        assert bogus["status"] == "failed" and "unknown calibration algorithm 'bogus'" in bogus["error"], bogus
+    for algorithm in ("percentile", "minmax", "bogus"):
+        row = rows[9, algorithm]
+        assert row["status"] == "failed" and "weight_bits=9 is not supported" in row["error"], row
+    assert_monotonic(grown.rows)
+    assert len(grown.failed) == 6
+    summary = Artifact.get("sweep-t-summary")
+    assert summary is not None and "6/12 points completed" in str(summary.data)
+
+
+def test_config_errors_are_one_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - path: m.onnx\ngrid:\n  bits: [8, four]\nworkers: 0\ncolour: red\n")
+    with pytest.raises(SweepConfigError) as info:
+        load_config(bad)
+    message = str(info.value)
+    for part in ("models.0: 'input_shapes' is required", "grid.bits.1: Input should be a valid integer", "workers: Input should "
+                 "be greater than or equal to 1", "colour: Extra inputs are not permitted"):
+        assert part in message, message
+    (tmp_path / "syntax.toml").write_text("grid = [")
+    for path, expected in ((bad, "grid.bits.1"), (tmp_path / "syntax.toml", "is not valid TOML"),
+                           (tmp_path / "missing.yaml", "does not exist")):
+        result = runner.invoke(app, ["sweep", str(path)])
+        assert result.exit_code == 2, result.output
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_example_config_is_valid() -> None:
+    example = load_config(EXAMPLE)
+    assert len(example.points()) == 12 and example.models[0].example == "small_cnn"
+
+
+def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
+    (tmp_path / "cfg").mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cfg" / "eval.npz", labels=rng.integers(0, 10, 5),
+             input=rng.standard_normal((5, 3, 32, 32)).astype(np.float32))
+    (tmp_path / "cfg" / "sweep.toml").write_text(
+        f'name = "cli"\neval_samples = 4\nsimplify = false\noutput_root = "../out"\n'
+        f'[[models]]\nname = "cnn"\npath = "{small_cnn}"\ninput_shapes = {{input = [1, 3, 32, 32]}}\n'
+        f'eval_set = "eval.npz"\n'
+        f'[grid]\nbits = [8]\nalgorithms = ["minmax"]\ncalib_samples = [8, 4]\n')
+    result = runner.invoke(app, ["sweep", str(tmp_path / "cfg" / "sweep.toml"), "--dask-address", dask_cluster])
+    assert result.exit_code == 0, result.output
+    assert "1/2 points completed" in result.stdout and "calib_steps=4" in result.stdout
+    rows = json.loads((tmp_path / "out" / "sweeps" / "cli" / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["completed", "failed"]
+    assert 0 <= rows[0]["accuracy"] <= 1 and rows[0]["float_accuracy"] is not None
+    assert (tmp_path / "out" / "sweeps" / "cli" / "plot.png").is_file()
+
+
+def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
+    """evaluate_map reproduces the map exactly and scores a labelled .npz (labels = the float model's classes)."""
+    root = small_result.map_dir.parent.parent
+    data = random_evaluation_set(SHAPES, 6, seed=7)
+    labels = np.array([int(np.argmax(o[0])) for o in float_outputs(small_result.artifacts["model.onnx"],
+                                                                     data.samples)])
+    np.savez(tmp_path / "eval.npz", labels=labels, inputs=np.concatenate([s["input"] for s in data.samples]))
+    labelled = load_evaluation_set(tmp_path / "eval.npz", SHAPES)
+    result = evaluate_map(small_result.mapname, output_root=root, evaluation=labelled)
+    assert result.reproduced and result.samples == 6 and result.float_accuracy == 1.0
+    assert result.accuracy == result.top1_agreement and 0 < result.rel_l2 < 0.05 and result.cosine > 0.99
+
+
+def test_plot_has_an_accuracy_panel(tmp_path) -> None:
+    rows = [SweepPoint("cnn", b, True, a, 8).row(status="completed", rel_l2=0.5 / b ** 2, accuracy=1 - 1 / b)
+            for b in (4, 6, 8) for a in ("percentile", "minmax")]
+    rows.append(SweepPoint("cnn", 9, True, "minmax", 8).row(status="failed", error="weight_bits=9"))
+    path = plot_sweep(rows, tmp_path / "plot.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_sweep(rows[-1:], tmp_path / "none.png") is None
+
+
+def test_gpu_sweep_needs_gpu_workers(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
+    """Points of a cuda sweep take a GPU resource; a cluster without one fails at once instead of hanging."""
+    gpu = config(small_cnn, tmp_path, dask_cluster, bits=[8]).model_copy(update={"device": "cuda"})
+    with pytest.raises(SweepConfigError, match="has a GPU resource"):
+        run_sweep(gpu)
