@@ -12,7 +12,8 @@ install: $(VENV)/.installed
 
 # Runs the quantize-model Prefect flow on ResNet18 (Prefect starts a temporary local server).
 example: $(VENV)/.installed
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/maptools flow example
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 \
+		$(VENV)/bin/maptools flow example
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

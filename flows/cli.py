@@ -91,59 +91,6 @@ def sweep(
     for row in rows:
         table.add_row(*(_cell(column, row[column]) for column in columns))
     console.print(table)
-    console.print(f"per-layer SNR median {q.errors.median:.2e}, worst {q.errors.worst:.2e} ({q.errors.worst_layer}); "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))
-
-
-@flow_app.command()
-def example(
-    workdir: Annotated[Path, typer.Option(help="Folder for onnx_models/ and mapsave/.")] = Path("."),
-    calib_steps: Annotated[int, typer.Option(help="Random calibration samples (8-512).")] = 32,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-) -> None:
-    """Build ResNet18 (random weights, in code) and run the whole flow on it."""
-    from maptools.examples import RESNET18_SHAPES
-
-    try:
-        result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
-                                device=device, output_root=str(workdir.resolve()))
-    except MaptoolsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    _show(result)
-
-
-@app.command()
-def sweep(
-    config: Annotated[Path, typer.Argument(help="Sweep config, YAML or TOML (see examples/sweep.yaml).")],
-    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler, e.g. tcp://host:8786 "
-                                                          "(default: a local cluster).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Workers of the local cluster (default: the "
-                                                            "config's, else 2).")] = None,
-    output_root: Annotated[Path | None, typer.Option(help="Where mapsave/ and sweeps/ go (overrides the "
-                                                          "config).")] = None,
-) -> None:
-    """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
-    from flows.sweep import load_config, run_sweep
-
-    try:
-        cfg = load_config(config, dask_address=dask_address, workers=workers,
-                          output_root=None if output_root is None else str(output_root.resolve()))
-        result = run_sweep(cfg)
-    except MaptoolsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    shown = {"model": "model", "bits": "bits", "per_channel": "pc", "algorithm": "algorithm", "calib_samples": "n",
-             "status": "status", "cached": "cached", "rel_l2": "rel_l2", "top1_agreement": "top1",
-             "accuracy": "acc", "worst_snr": "worst snr", "weight_bytes": "weight B", "seconds": "s"}
-    table = Table(title=f"design sweep {result.name}: {len(result.rows) - len(result.failed)}/{len(result.rows)} "
-                        f"points completed in {result.seconds:.1f} s")
-    for header in shown.values():
-        table.add_column(header)
-    for row in result.rows:
-        table.add_row(*("" if row[c] is None else f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
-                        for c in shown))
-    console.print(table)
     for row in result.failed:
         console.print(f"[yellow]failed[/] {row['mapname']}: {row['error']}", highlight=False, soft_wrap=True)
     console.print(f"table: {result.csv_path} and {result.json_path.name}; plot: {result.plot_path}", highlight=False,

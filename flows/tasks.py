@@ -66,10 +66,14 @@ class ContentKey(CachePolicy):
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: OSErrors that a retry cannot fix (a missing file stays missing).
+_DETERMINISTIC_OS_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry I/O errors and CUDA faults; never the deterministic bad-input errors of maptools."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, MaptoolsError):
+    if isinstance(error, (MaptoolsError, *_DETERMINISTIC_OS_ERRORS)):
         return False
     if isinstance(error, (OSError, torch.cuda.OutOfMemoryError)):
         return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from maptools.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
+from maptools.conversion import convert, read_graph  # noqa: E402
 from maptools.errors import MaptoolsError  # noqa: E402
 from maptools.quantinfo import QuantConfig  # noqa: E402
 from maptools.quantization import QuantizationResult, quantize  # noqa: E402
@@ -12,5 +13,5 @@ from maptools.settings import CalibrationAlgorithm, QuantSettings  # noqa: E402
 
 __all__ = [
     "__version__", "quantize", "QuantizationResult", "QuantConfig", "QuantSettings", "CalibrationAlgorithm",
-    "read_quantinfo", "read_quantparams", "read_manifest", "MaptoolsError",
+    "read_quantinfo", "read_quantparams", "read_manifest", "MaptoolsError", "convert", "read_graph",
 ]

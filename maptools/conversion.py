@@ -25,7 +25,7 @@ import onnx
 import onnx.numpy_helper
 import onnx.shape_inference
 
-from maptools.artifacts import (QUANTINFO_PKL, QUANTPARAMS_PKL, map_dir, read_quantinfo, sha256_file,
+from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, map_dir, read_quantinfo, sha256_file,
                                 validate_mapname, verify_map)
 from maptools.errors import ArtifactError, ConversionError, ModelError
 from maptools.onnx_model import load_model
@@ -412,7 +412,7 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
 
 def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) -> str:
     if not model_path.is_file():
-        raise ModelError(f"model {model_path} (from the manifest of map {mapname!r}) does not exist.",
+        raise ModelError(f"model {model_path} (for map {mapname!r}) does not exist.",
                          "pass model_path= (--model) pointing at the model this map was quantized from.")
     digest = sha256_file(model_path)
     if digest != manifest["model"]["sha256"]:
@@ -428,8 +428,8 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
 
     Args:
         mapname: the map written by ``quantize``.
-        model_path: the ONNX model that was quantized; default the manifest's ``model.path``.
-            Its sha256 must equal the manifest's.
+        model_path: the ONNX model that was quantized; default the copy in the map folder
+            (``model.onnx``). Its sha256 must equal the manifest's.
         output_root: where ``mapsave/`` is; default ``$MAPTOOLS_HOME`` or the current directory.
         quantized: attach quantinfo (default). ``False`` writes the float graph only.
 
@@ -441,7 +441,7 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
     started = time.perf_counter()
     folder = map_dir(validate_mapname(mapname), output_root)
     manifest = verify_map(folder)
-    path = Path(model_path if model_path is not None else manifest["model"]["path"])
+    path = Path(model_path) if model_path is not None else folder / MODEL
     digest = _check_model(path, manifest, mapname)
     graph = build_graph(path)
     graph.meta.update({"mapname": mapname, "model_path": str(path.resolve()), "model_sha256": digest,
