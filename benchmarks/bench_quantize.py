@@ -289,11 +289,11 @@ def bench_samples(args: argparse.Namespace, n: int, report: dict[str, Any], root
     row["maptools"]["error"] = output_error(float_ref, ort_outputs(str(result.quant_model_path), held))
 
     # The flow takes a folder, so the flow and the core are compared on the same .npy folder.
-    npy = write_npy_folder(root / f"npy{n}", samples)
-    result = timed("maptools_npy", lambda: run_ours(model, str(npy), device, root, f"oursnpy{n}"))
     if flow is None:
         row["flow_cold"] = row["flow_cached"] = "n/a (flow not available)"
     else:
+        npy = write_npy_folder(root / f"npy{n}", samples)
+        timed("maptools_npy", lambda: run_ours(model, str(npy), device, root, f"oursnpy{n}", steps=n))
         try:
             timed("flow_cold", lambda: call_flow(flow, model, npy, n, device, root, f"flow{n}", refresh=True))
             cached = timed("flow_cached", lambda: call_flow(flow, model, npy, n, device, root, f"flow{n}",
@@ -330,7 +330,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "held_out_inputs": HELD_OUT, "runs": {},
     }
     flow = None if args.skip_flow else flow_runner()
-    with prefect_harness(flow is not None):
+    with prefect_harness(flow is not None and bool(args.samples)):
         for n in args.samples:
             bench_samples(args, n, report, root, model, torch_model, held, float_ref, flow)
 
@@ -404,7 +404,7 @@ def summarise(report: dict[str, Any]) -> None:
         }
     if "peak_rss" in report:
         counts = sorted(report["peak_rss"], key=int)
-        report["ratios"]["peak_rss"] = {
+        report.setdefault("ratios", {})["peak_rss"] = {
             f"peak RSS {counts[-1]} / {counts[0]} images (target <= 1.2)": ratio(
                 report["peak_rss"][counts[-1]]["peak_rss_mib"], report["peak_rss"][counts[0]]["peak_rss_mib"])}
 
@@ -454,6 +454,42 @@ def print_tables(report: dict[str, Any]) -> None:
         console.print(m)
 
 
+ROWS = [("floor_onnxruntime", "float forward, onnxruntime"), ("floor_torch", "float forward, torch eager"),
+        ("raw_ppq", "raw PPQ `quantize_onnx_model` (TRT_INT8)"), ("maptools", "maptools `quantize` (total)"),
+        ("maptools_cal", "  of which calibration"), ("maptools_npy", "maptools `quantize`, .npy folder"),
+        ("flow_cold", "flow, cold (same folder)"), ("flow_cached", "flow, cached"),
+        ("onnxruntime_quantize_static", "onnxruntime `quantize_static`"), ("nncf", "NNCF `nncf.quantize`")]
+
+
+def markdown(reports: list[dict[str, Any]]) -> str:
+    """One markdown table (time, x float floor, error per sample count) for the README."""
+    runs = [(n, row) for r in reports for n, row in r.get("runs", {}).items()]
+    head = "| step | " + " | ".join(f"{n} samples: s | x floor | rel. L2 % | cosine" for n, _ in runs) + " |"
+    lines = [head, "|---|" + "---|---|---|---|" * len(runs)]
+    for key, label in ROWS:
+        cells = []
+        for _, row in runs:
+            floor = secs(row, "floor_onnxruntime")
+            if key == "maptools_cal":
+                s, err = row["maptools"]["calibrate_seconds"], {}
+            elif isinstance(row.get(key), dict):
+                s, err = row[key]["seconds"], row[key].get("error", {})
+            else:
+                cells.append(f"{row.get(key, 'n/a')} | | |")
+                continue
+            cells.append(f"{s:.2f} | {s / floor:.2f} | " + (f"{err['rel_l2_pct']:.2f} | {err['cosine']:.4f}" if err
+                                                              else " | "))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for r in reports:
+        for n, ratios in r.get("ratios", {}).items():
+            for k, v in ratios.items():
+                lines.append(f"| ratio ({n}): {k} | {'n/a' if v is None else v} |" + " |" * (4 * len(runs) - 1))
+        for v in r.get("peak_rss", {}).values():
+            lines.append(f"| peak RSS, {v['images']} images ({v['used']} used) | {v['peak_rss_mib']:.0f} MiB |"
+                         + " |" * (4 * len(runs) - 1))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="32 samples, 1 repeat, RSS with 32 vs 256 images")
@@ -469,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (and the benchmark's own onnxruntime sessions); 0 = library defaults. "
                         "On a crowded machine, 1 avoids thread-pool oversubscription.")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench-<device>.json)")
+    p.add_argument("--markdown", type=Path, nargs="+", help="print a markdown table of these result JSONs and exit")
     p.add_argument("--rss-child", nargs=2, metavar=("FOLDER", "COUNT"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown([json.loads(f.read_text()) for f in args.markdown]))
+        return 0
     global THREADS
     THREADS = args.threads
     if THREADS:

@@ -106,12 +106,11 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
             if operation.type == "Gemm" and not operation.attributes.get("transB", 0):
                 cfg.channel_axis = 1  # weight is [in, out]: output channels on axis 1
             if not self._settings.per_channel:
+                cfg.channel_axis = None  # PPQ allows changing the axis only while the policy is per-channel
                 cfg.policy = QuantizationPolicy(
                     QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
                 )
-                cfg.channel_axis = None
         return oqc
-
 
     def build_quant_pipeline(self, setting: Any) -> Any:
         """PPQ's pipeline with two changes that leave every result the same, only faster.
@@ -329,6 +328,7 @@ class QuantizedGraph:
         self._settings = settings
         self._executor: Any = None
         self._batch = batch  # samples per forward the graph is known to accept (see _batch_size)
+        self.source: Path | None = None  # the ONNX model quantized, for the export's input/output order
 
     @property
     def input_names(self) -> list[str]:
@@ -423,9 +423,26 @@ class QuantizedGraph:
         return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
 
     def export_onnx(self, path: Path) -> None:
-        """Write the QDQ model onnxruntime runs (8-bit ranges; sub-8-bit saturates to int8)."""
+        """Write the QDQ model onnxruntime runs (8-bit ranges; sub-8-bit saturates to int8).
+
+        PPQ's exporter lists graph inputs and outputs in its own variable order; they are put back
+        in the source model's order, so positional use of the exported model stays correct.
+        """
         with _quiet():
             export_ppq_graph(self._graph, TargetPlatform.ONNXRUNTIME, str(path), quantized_param=False)
+        if self.source is None:
+            return
+        source = onnx.load(str(self.source), load_external_data=False).graph
+        exported = onnx.load(str(path))
+        for field_name in ("input", "output"):
+            rank = {v.name: i for i, v in enumerate(getattr(source, field_name))}
+            values = getattr(exported.graph, field_name)
+            ordered = sorted(values, key=lambda v: rank.get(v.name, len(rank)))
+            if [v.name for v in ordered] != [v.name for v in values]:
+                copies = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in ordered]
+                del values[:]
+                values.extend(copies)
+        onnx.save(exported, str(path))
 
     def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8) -> dict[str, float]:
         """PPQ's graphwise SNR (noise power / signal power, lower is better) per Conv/Gemm."""
@@ -503,6 +520,7 @@ def quantize_graph(
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
     result = QuantizedGraph(quantizer._graph, device, settings, batch=batch)
+    result.source = Path(model_path)
     result._executor = executor
     return result
 

@@ -12,6 +12,7 @@ import torch
 
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.calibration import RandomCalibration
+from tests.conftest import initializers
 
 SHAPES = {"input": (1, 3, 32, 32)}
 STEPS = 8
@@ -102,3 +103,19 @@ def test_algorithm_choice_changes_the_scales(graph_for) -> None:
     # percentile clips the outliers that minmax keeps
     assert all(scales["percentile"][n] <= scales["minmax"][n] * (1 + 1e-6) for n in scales["minmax"])
     assert scales["percentile"] != scales["minmax"] != scales["kl"]
+
+
+def test_per_tensor_weights_have_one_scale(small_cnn, tmp_path) -> None:
+    quantize(SHAPES, "cpu", small_cnn, mapname="pt", calib_steps=8, per_channel=False, output_root=tmp_path)
+    info, params = read_quantinfo("pt", tmp_path), read_quantparams("pt", tmp_path)
+    nodes = initializers(small_cnn)
+    weighted = [n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}]
+    assert weighted
+    for name in weighted:
+        cfg = info[name]
+        assert cfg.weight_scale.shape == (1,)
+        w_int = params[f"{name}_{cfg.op_type.lower()}_weight"]
+        w_float = nodes[name][1][1]
+        assert w_int.min() >= cfg.weight_min and w_int.max() <= cfg.weight_max
+        assert np.abs(w_int).max() == cfg.weight_max or np.abs(w_int).max() == -cfg.weight_min
+        assert np.all(np.abs(w_int * float(cfg.weight_scale[0]) - w_float) <= cfg.weight_scale[0] / 2 + 1e-6)

@@ -244,9 +244,10 @@ def test_two_input_two_output_model_from_npz_folder(tmp_path) -> None:
     assert len(convs) == 3 and all(c.input_scale and c.output_scale for c in convs)
     session = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
     feed = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    logits, features = session.run(["logits", "features"], feed)  # by name: PPQ's export may reorder them
+    logits, features = session.run(None, feed)  # positional: the export keeps the model's output order
     assert logits.shape == (1, 4) and features.shape == (1, 8, 8, 8)
-    assert {i.name for i in session.get_inputs()} == set(shapes)
+    assert [i.name for i in session.get_inputs()] == list(shapes)
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
 
 
 MEMORY_PROBE = """
