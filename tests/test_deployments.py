@@ -147,6 +147,16 @@ def test_deployment_run_caches_and_triggers_downstream(prefect_env) -> None:
     assert result["mapname"] == "e2e" and result["simulation"]["outputs"]["output"]["shape"] == [4, 10]
 
 
+def test_example_deployment_is_scheduled_but_paused(prefect_env) -> None:
+    with _client(prefect_env) as client:
+        example = client.read_deployment_by_name("quantize-model/resnet18-example")
+        downstream = client.read_deployment_by_name("simulate-quantized-run/simulate-on-quantized")
+    assert [s.schedule.cron for s in example.schedules] == ["0 2 * * *"]
+    assert not any(s.active for s in example.schedules)
+    assert example.parameters["onnx_path"] == "example:resnet18"
+    assert example.work_pool_name == downstream.work_pool_name == "maptools"
+
+
 def test_bad_parameter_fails_the_run_with_the_core_message(prefect_env) -> None:
     run = _prefect(prefect_env, "deployment", "run", "quantize-model/quantize", *PARAMS, "-p", "mapname=../escape",
                    "--watch", "--watch-interval", "1", "--watch-timeout", "300", check=False)
