@@ -104,6 +104,8 @@ def quantize_model(
 
     t = time.perf_counter()
     converted = convert(result) if run_conversion else None
+    if converted is not None and not converted.graph_path.is_file():
+        converted = convert.with_options(refresh_cache=True)(result)
     seconds["convert"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     publish_report(result, seconds)

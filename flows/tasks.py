@@ -58,7 +58,7 @@ class ContentKey(CachePolicy):
             elif isinstance(value, stages.CalibrationSpec):
                 parts[name] = value.sha256
             elif isinstance(value, QuantizationResult):
-                parts[name] = value.sha256
+                parts[name] = {"sha256": value.sha256, "map_dir": str(value.map_dir)}
             elif isinstance(value, Path):
                 parts[name] = str(value)
             else:
@@ -141,7 +141,10 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"Quantization of {result.mapname}"))
 
 
-@task(name="convert", **_RETRY)
+@task(name="convert", cache_policy=_CACHE, persist_result=True, **_RETRY)
 def convert(result: QuantizationResult) -> conversion.ConversionResult:
-    """Downstream conversion: the operator graph with quantinfo attached, written beside the artifacts."""
+    """Downstream conversion: the operator graph with quantinfo attached, written beside the artifacts.
+
+    Cached on the artifacts' sha256 and the map folder.
+    """
     return conversion.convert(result.mapname, output_root=result.map_dir.parent.parent)

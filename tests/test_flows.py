@@ -166,3 +166,11 @@ def test_result_is_consumed_by_another_flow(prefect_server, raw_model, tmp_path)
         return downstream(run(raw_model, tmp_path))
 
     assert pipeline() == 4
+
+
+def test_conversion_is_cached_with_the_quantization(prefect_server, raw_model, tmp_path) -> None:
+    first = run(raw_model, tmp_path, mapname="conv")
+    graph = first.conversion.graph_path
+    graph.unlink()
+    again = run(raw_model, tmp_path, mapname="conv")
+    assert again.quantization_cached and again.conversion.graph_path == graph and graph.is_file()
