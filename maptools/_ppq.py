@@ -328,7 +328,6 @@ class QuantizedGraph:
         self._settings = settings
         self._executor: Any = None
         self._batch = batch  # samples per forward the graph is known to accept (see _batch_size)
-        self.source: Path | None = None  # the ONNX model quantized, for the export's input/output order
 
     @property
     def input_names(self) -> list[str]:
@@ -426,22 +425,20 @@ class QuantizedGraph:
         """Write the QDQ model onnxruntime runs (8-bit ranges; sub-8-bit saturates to int8).
 
         PPQ's exporter lists graph inputs and outputs in its own variable order; they are put back
-        in the source model's order, so positional use of the exported model stays correct.
+        in the model's order (which PPQ's graph keeps), so positional use of the export stays correct.
         """
         with _quiet():
             export_ppq_graph(self._graph, TargetPlatform.ONNXRUNTIME, str(path), quantized_param=False)
-        if self.source is None:
+        if len(self.input_names) == 1 and len(self.output_names) == 1:
             return
-        source = onnx.load(str(self.source), load_external_data=False).graph
         exported = onnx.load(str(path))
-        for field_name in ("input", "output"):
-            rank = {v.name: i for i, v in enumerate(getattr(source, field_name))}
+        for field_name, names in (("input", self.input_names), ("output", self.output_names)):
+            rank = {name: i for i, name in enumerate(names)}
             values = getattr(exported.graph, field_name)
-            ordered = sorted(values, key=lambda v: rank.get(v.name, len(rank)))
-            if [v.name for v in ordered] != [v.name for v in values]:
-                copies = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in ordered]
-                del values[:]
-                values.extend(copies)
+            ordered = [onnx.ValueInfoProto.FromString(v.SerializeToString())
+                       for v in sorted(values, key=lambda v: rank.get(v.name, len(rank)))]
+            del values[:]
+            values.extend(ordered)
         onnx.save(exported, str(path))
 
     def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8) -> dict[str, float]:
@@ -520,7 +517,6 @@ def quantize_graph(
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
     result = QuantizedGraph(quantizer._graph, device, settings, batch=batch)
-    result.source = Path(model_path)
     result._executor = executor
     return result
 
