@@ -63,7 +63,6 @@ def _install_shims() -> None:
 
 
 _install_shims()
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU hosts
 with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
     import ppq
     from ppq import QuantableOperation, QuantizationSettingFactory, TargetPlatform, TorchExecutor
