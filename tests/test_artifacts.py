@@ -154,3 +154,25 @@ def test_unpickler_refuses_foreign_classes(tmp_path) -> None:
         safe_load_pickle(path)
     path.write_bytes(pickle.dumps({"x": np.arange(3), "c": QuantConfig("Relu", 8, -128, 127, 0.1, 0.1)}))
     assert safe_load_pickle(path)["c"].op_type == "Relu"
+
+
+def test_concurrent_writers_of_one_map_never_interleave(small_cnn, tmp_path) -> None:
+    import threading
+
+    from maptools import quantize
+
+    results = {}
+
+    def write(seed: int) -> None:
+        results[seed] = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="shared", calib_steps=8,
+                                 seed=seed, output_root=tmp_path)
+
+    threads = [threading.Thread(target=write, args=(seed,)) for seed in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == [0, 1, 2]
+    manifest = verify_map(tmp_path / "mapsave" / "shared")  # every file from the same run
+    assert manifest["artifacts"] == results[manifest["settings"]["seed"]].sha256
+    assert [p.name for p in (tmp_path / "mapsave").iterdir() if p.is_dir()] == ["shared"]
