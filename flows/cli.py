@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.quantize_model import QuantizeModelResult, quantize_model
-from maptools.cli import app
+from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
 
 flow_app = typer.Typer(help="Run the quantize-model Prefect flow (a temporary local Prefect server starts "
@@ -51,8 +51,7 @@ def example(
         result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
                                 device=device, output_root=str(workdir.resolve()))
     except MaptoolsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(e)
     _show(result)
 
 
@@ -74,8 +73,7 @@ def sweep(
                           output_root=None if output_root is None else str(output_root.resolve()))
         result = run_sweep(cfg)
     except MaptoolsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(e)
     rows = result.rows
     columns = {"model": "model", "bits": "bits", "per_channel": "w", "algorithm": "algorithm", "calib_samples": "n",
                "status": "status", "cached": "cached", "rel_l2": "rel_l2", "top1_agreement": "top1",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
-import hashlib
 import itertools
 import json
 import os
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flows.tasks import ContentKey, build_calibset, run_quantization, simplify_onnx
 from maptools.artifacts import output_root as resolve_root
+from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
@@ -336,12 +336,6 @@ def _model_file(spec: ModelSpec) -> str:
     return spec.path if spec.path is not None else f"{EXAMPLE_PREFIX}{spec.example}"
 
 
-def _sha256(path: str | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _uses_gpu(device: str) -> bool:
     if device.startswith("cuda"):
         return True
@@ -380,7 +374,8 @@ def design_sweep(config: SweepConfig) -> SweepResult:
             for i, p in mine:
                 rows[i] = p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")
             continue
-        evaluation = EvaluationSpec(spec.eval_set, _sha256(spec.eval_set), config.eval_samples, config.eval_seed)
+        eval_sha = sha256_file(spec.eval_set) if spec.eval_set and Path(spec.eval_set).is_file() else None
+        evaluation = EvaluationSpec(spec.eval_set, eval_sha, config.eval_samples, config.eval_seed)
         calibrations: dict[int, Any] = {}
         for i, p in mine:
             if p.calib_samples not in calibrations:

@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, NoReturn, Any
 
 import typer
 from rich.console import Console
@@ -33,7 +33,8 @@ def _error_line(message: str) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _fail(error: MaptoolsError) -> None:
+def fail(error: MaptoolsError) -> NoReturn:
+    """Print ``error`` as one line on stderr and exit with code 2 (bad input)."""
     _error_line(str(error))
     raise typer.Exit(2)
 
@@ -193,7 +194,7 @@ def quantize(
                 output_root=output_root, progress=bar.report,
             )
     except MaptoolsError as e:
-        _fail(e)
+        fail(e)
     _print_result(result)
 
 
@@ -214,7 +215,7 @@ def example(
         result = quantize(RESNET18_SHAPES, device, model, mapname="resnet18", calibset=None,
                           calib_steps=calib_steps, output_root=workdir.resolve())
     except MaptoolsError as e:
-        _fail(e)
+        fail(e)
     _print_result(result)
 
 
@@ -226,7 +227,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.", metav
     try:
         proto = load_model(model)
     except MaptoolsError as e:
-        _fail(e)
+        fail(e)
     inputs = model_inputs(proto)
     table = Table(title=str(model))
     if all(d is not None and d > 0 for i in inputs for d in i.dims):
@@ -261,7 +262,7 @@ def convert(
     try:
         result = run_convert(mapname, model, output_root=output_root)
     except MaptoolsError as e:
-        _fail(e)
+        fail(e)
     console.print(f"{result.graph_path}: {result.nodes} operators ({result.device_ops} device, {result.host_ops} "
                   f"host), {result.edges} edges, from {result.model_path}; {result.seconds:.2f} s")
 
@@ -288,7 +289,7 @@ def simulate(
     try:
         result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed)
     except MaptoolsError as e:
-        _fail(e)
+        fail(e)
     for name, value in result.outputs.items():
         flat = value.reshape(value.shape[0], -1)
         top = np.argsort(-flat[0], kind="stable")[:5]

@@ -441,8 +441,11 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
     started = time.perf_counter()
     folder = map_dir(validate_mapname(mapname), output_root)
     manifest = verify_map(folder)
-    path = Path(model_path) if model_path is not None else folder / MODEL
-    digest = _check_model(path, manifest, mapname)
+    if model_path is None:  # the map's own copy, already checked by verify_map
+        path, digest = folder / MODEL, manifest["model"]["sha256"]
+    else:
+        path = Path(model_path)
+        digest = _check_model(path, manifest, mapname)
     graph = build_graph(path)
     graph.meta.update({"mapname": mapname, "model_path": str(path.resolve()), "model_sha256": digest,
                        "quantinfo_sha256": manifest["artifacts"][QUANTINFO_PKL],

@@ -22,7 +22,7 @@ from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCal
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
-from maptools.quantinfo import QuantConfig, quantinfo_to_json
+from maptools.quantinfo import quantinfo_to_json
 from maptools.settings import CalibrationAlgorithm, QuantSettings
 from maptools.versions import package_versions
 
