@@ -1,4 +1,4 @@
-"""The ``quantize-model`` flow: simplify -> calibset -> quantize -> report -> convert."""
+"""The ``quantize-model`` flow: prepare -> calibset -> quantize -> report -> convert."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from flows.tasks import build_calibset, convert, is_transient, publish_report, run_quantization, simplify_onnx
+from flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
 from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import validate_mapname
 from maptools.conversion import ConversionResult
 from maptools.device import resolve_device
 from maptools.quantization import QuantizationResult
 from maptools.settings import QuantSettings
-from maptools.stages import CalibrationSpec, SimplifiedModel, artifacts_intact
+from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
 
 __all__ = ["quantize_model", "QuantizeModelResult"]
 
@@ -26,7 +26,7 @@ class QuantizeModelResult:
     """What the flow produced; another flow consumes this instead of re-deriving paths."""
 
     mapname: str
-    model: SimplifiedModel
+    model: PreparedOnnx
     calibration: CalibrationSpec
     quantization: QuantizationResult
     conversion: ConversionResult | None
@@ -40,7 +40,8 @@ class QuantizeModelResult:
 
 @flow(name="quantize-model", persist_result=True)
 def quantize_model(
-    onnx_path: Annotated[str, Field(description="ONNX model file (simplified here unless simplify=false), or "
+    onnx_path: Annotated[str, Field(description="ONNX model file as exported (prepared here: fixed dims, opset "
+                                                "13, onnxsim unless simplify=false), or "
                                                 "a built-in example: example:resnet18, example:small_cnn.")],
     input_shapes: Annotated[dict[str, list[int]], Field(description="Shape of every model input, e.g. "
                                                                     '{"input": [1, 3, 224, 224]}.')],
@@ -56,7 +57,8 @@ def quantize_model(
     seed: Annotated[int, Field(ge=0, description="Seed of random calibration data.")] = 0,
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
-    simplify: Annotated[bool, Field(description="Run onnxsim first (checked against the original).")] = True,
+    simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
+                        ] = True,
     refresh: Annotated[bool, Field(description="Recompute even if a cached result exists.")] = False,
     run_conversion: Annotated[bool, Field(description="Build the operator graph after quantizing.")] = True,
 ) -> QuantizeModelResult:
@@ -76,11 +78,13 @@ def quantize_model(
     root = str(resolve_root(output_root))
 
     t = time.perf_counter()
-    model = simplify_onnx(onnx_path, input_shapes, simplify, root)
-    seconds["simplify"] = time.perf_counter() - t
-    if model.simplified:
-        logger.info("simplified %s -> %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
-                    model.path, model.max_abs_diff)
+    model = prepare_model(onnx_path, input_shapes, simplify, root)
+    seconds["prepare"] = time.perf_counter() - t
+    logger.info("prepared %s -> %s: %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
+                model.path, "; ".join(model.steps) or "nothing to change", model.max_abs_diff)
+    if calib is None or calib == "random":
+        logger.warning("calibrating on seeded random data: fine for trying the pipeline, not for accuracy; "
+                       "pass calib=<folder of real samples>")
     t = time.perf_counter()
     calibration = build_calibset(calib, input_shapes, calib_steps, seed)
     seconds["calibset"] = time.perf_counter() - t

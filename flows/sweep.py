@@ -31,14 +31,14 @@ from prefect.settings import PREFECT_HOME
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.tasks import ContentKey, build_calibset, run_quantization, simplify_onnx
+from flows.tasks import ContentKey, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
 from maptools.quantization import QuantizationResult
-from maptools.stages import CalibrationSpec, SimplifiedModel, artifacts_intact
+from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
 
 __all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepResult", "SweepConfigError", "load_config", "design_sweep",
            "run_sweep", "task_runner_for", "COLUMNS"]
@@ -106,7 +106,7 @@ class SweepConfig(_Strict):
     eval_samples: int = Field(32, ge=1, le=10000, description="Evaluation samples (random inputs, or the first N "
                                                               "of a labelled set).")
     eval_seed: int = Field(EVAL_SEED, ge=0, description="Seed of random evaluation inputs (held out from calibration).")
-    simplify: bool = Field(True, description="onnxsim each model first.")
+    simplify: bool = Field(True, description="onnxsim each model while preparing it.")
     output_root: str | None = Field(None, description="Where mapsave/ and sweeps/ go (default $MAPTOOLS_HOME or the "
                                                       "working directory).")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address).")
@@ -290,7 +290,7 @@ def _failure(state: Any) -> str:
 
 
 @task(name="sweep-point", task_run_name="point-{mapname}")
-def sweep_point(point: SweepPoint, mapname: str, model: SimplifiedModel, calibration: CalibrationSpec,
+def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibration: CalibrationSpec,
                 input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
                 evaluation: EvaluationSpec) -> dict[str, Any]:
     """One grid point: run-quantization (cached on content) then evaluate-point; a failure becomes a table row."""
@@ -332,7 +332,7 @@ def sweep_point(point: SweepPoint, mapname: str, model: SimplifiedModel, calibra
 # --- the flow ------------------------------------------------------------------------------------------
 
 def _model_file(spec: ModelSpec) -> str:
-    """The model path, or ``example:<name>`` (simplify-onnx exports it once under ``<root>/onnx_models/``)."""
+    """The model path, or ``example:<name>`` (prepare-model exports it once under ``<root>/onnx_models/``)."""
     return spec.path if spec.path is not None else f"{EXAMPLE_PREFIX}{spec.example}"
 
 
@@ -369,7 +369,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
         mine = [(i, p) for i, p in enumerate(points) if p.model == spec.label]
         shapes = spec.shapes()
         try:
-            model = simplify_onnx(_model_file(spec), shapes, config.simplify, str(root))
+            model = prepare_model(_model_file(spec), shapes, config.simplify, str(root))
         except Exception as e:  # the model itself is unusable: every point of it fails with the reason
             for i, p in mine:
                 rows[i] = p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")

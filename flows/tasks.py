@@ -25,7 +25,7 @@ from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize
 from maptools.versions import package_versions
 
-__all__ = ["simplify_onnx", "build_calibset", "run_quantization", "publish_report", "convert",
+__all__ = ["prepare_model", "build_calibset", "run_quantization", "publish_report", "convert",
            "ContentKey", "is_transient", "code_fingerprint"]
 
 
@@ -53,7 +53,7 @@ class ContentKey(CachePolicy):
                     **kwargs: Any) -> str | None:
         parts: dict[str, Any] = {"task": task_ctx.task.name, "code": code_fingerprint()}
         for name, value in sorted(inputs.items()):
-            if isinstance(value, stages.SimplifiedModel):
+            if isinstance(value, stages.PreparedOnnx):
                 parts[name] = value.sha256
             elif isinstance(value, stages.CalibrationSpec):
                 parts[name] = value.sha256
@@ -86,11 +86,12 @@ _RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=
               retry_condition_fn=is_transient)
 
 
-@task(name="simplify-onnx", **_RETRY)
-def simplify_onnx(onnx_path: str, input_shapes: dict[str, list[int]], enabled: bool,
-                  output_root: str) -> stages.SimplifiedModel:
-    """onnxsim the model into a content-addressed file and check it computes the same function."""
-    return stages.simplify_onnx(onnx_path, input_shapes, enabled=enabled, root=output_root)
+@task(name="prepare-model", **_RETRY)
+def prepare_model(onnx_path: str, input_shapes: dict[str, list[int]], simplify: bool,
+                  output_root: str) -> stages.PreparedOnnx:
+    """Fix dims, opset 13, onnxsim and PPQ-ready rewrites into a content-addressed file, checked against the
+    original in onnxruntime (keyed on the model's bytes, the shapes and the options)."""
+    return stages.prepare_onnx(onnx_path, input_shapes, simplify=simplify, root=output_root)
 
 
 @task(name="build-calibset", **_RETRY)
@@ -101,14 +102,18 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
 
 
 @task(name="run-quantization", cache_policy=_CACHE, persist_result=True, **_RETRY)
-def run_quantization(model: stages.SimplifiedModel, calibration: stages.CalibrationSpec,
+def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
                      input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
                      bit_width: int, per_channel: bool, algorithm: str, seed: int,
                      output_root: str) -> QuantizationResult:
-    """PPQ on the simplified model; artifacts are written atomically into mapsave/<mapname>/."""
+    """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, model.path, mapname=mapname, calibset=calibration.calibset(),
                     calib_steps=calib_steps, seed=seed, bit_width=bit_width, per_channel=per_channel,
                     algorithm=algorithm, output_root=output_root)
+
+
+def _scale(value: float | None) -> str:
+    return "float" if value is None else f"{value:.4g}"
 
 
 def _artifact_key(mapname: str) -> str:
@@ -122,8 +127,8 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
     rows = []
     for name, snr in result.errors.per_layer.items():
         cfg = info[name]
-        rows.append({"layer": name, "type": cfg.op_type, "snr": f"{snr:.3e}", "input_scale": f"{cfg.input_scale:.4g}",
-                     "output_scale": f"{cfg.output_scale:.4g}",
+        rows.append({"layer": name, "type": cfg.op_type, "snr": f"{snr:.3e}", "input_scale": _scale(cfg.input_scale),
+                     "output_scale": _scale(cfg.output_scale),
                      "weight_scale_min": f"{float(cfg.weight_scale.min()):.3g}",
                      "weight_scale_max": f"{float(cfg.weight_scale.max()):.3g}"})
     key = _artifact_key(result.mapname)

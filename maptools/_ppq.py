@@ -30,8 +30,10 @@ import onnx
 import onnx.helper
 import torch
 
-from maptools.errors import ModelError, QuantizationFailed
-from maptools.quantinfo import WEIGHTED_OP_TYPES, QuantConfig, param_key
+from maptools.errors import MaptoolsError, ModelError, QuantizationFailed
+from maptools.node_runner import NodeRunner
+from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, FUSABLE_ACTIVATIONS, Placement, Role, place
+from maptools.quantinfo import QuantConfig, param_key
 from maptools.settings import QuantSettings
 
 log = logging.getLogger(__name__)
@@ -66,45 +68,131 @@ _install_shims()
 with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
     import ppq
     from ppq import QuantableOperation, QuantizationSettingFactory, TargetPlatform, TorchExecutor
-    from ppq.api import dispatch_graph, export_ppq_graph, load_onnx_graph
+    from ppq.api import export_ppq_graph, load_graph
     import ppq.core.defs as _ppq_defs
-    from ppq.core import DataType, QuantizationPolicy, QuantizationProperty, QuantizationStates
+    from ppq.core import DataType, NetworkFramework, QuantizationPolicy, QuantizationProperty, QuantizationStates
+    from ppq.executor.base import OPERATION_FORWARD_TABLE
+    from ppq.IR import GraphCommand, GraphCommandType, GraphFormatter
     from ppq.quantization.analyse import graphwise_error_analyse
     from ppq.quantization.observer import OBSERVER_TABLE
     from ppq.quantization.observer.range import TorchPercentileObserver
-    from ppq.quantization.optim import (ParameterBakingPass, ParameterQuantizePass, QuantizationOptimizationPipeline,
-                                        RuntimeCalibrationPass)
+    from ppq.quantization.optim import (ParameterBakingPass, ParameterQuantizePass, QuantAlignmentPass,
+                                        QuantizationOptimizationPipeline, QuantizeFusionPass, RuntimeCalibrationPass)
+    from ppq.quantization.optim.base import QuantizationOptimizationPass
     from ppq.quantization.quantizer import TensorRTQuantizer
 
 _APPLIED = {QuantizationStates.ACTIVATED, QuantizationStates.PASSIVE, QuantizationStates.BAKED,
             QuantizationStates.PASSIVE_BAKED}
-#: Operators that keep values on the grid of their input (no requantization needed).
-_GRID_PRESERVING = {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
-                    "GlobalMaxPool", "Identity", "Slice"}
 
 
 def ppq_version() -> str:
     return str(getattr(ppq, "__version__", "0.6.6"))
 
 
-class _MaptoolsQuantizer(TensorRTQuantizer):
-    """TensorRT's symmetric scheme with our bit widths and per-channel choice."""
+# --- operators: onnxruntime where PPQ has no kernel, or a kernel that differs from ONNX ------------
 
-    def __init__(self, graph: Any, settings: QuantSettings) -> None:
+_probe = threading.local()  # .active: the first trace may switch a failing PPQ kernel to onnxruntime
+
+
+def _to_numpy(value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _run_ort(op: Any, values: list[Any], ctx: Any) -> list[torch.Tensor | None]:
+    runner: NodeRunner = op._maptools_runner
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)),
+                  getattr(ctx, "executing_device", "cpu") if ctx is not None else "cpu")
+    results = iter(runner.run([_to_numpy(v) for v in values]))
+    return [torch.from_numpy(np.array(next(results))).to(device) if name else None for name in runner.node.output]
+
+
+def _prelu(op: Any, values: list[torch.Tensor], ctx: Any = None, **kwargs: Any) -> torch.Tensor:
+    """ONNX PRelu with its broadcasting (PPQ calls F.prelu, which rejects ONNX's [C, 1, 1] slope)."""
+    x, slope = values
+    return torch.where(x >= 0, x, x * slope.to(x.dtype))
+
+
+def _dispatcher(kernels: dict[str, Any]) -> Any:
+    """A forward for one PPQ platform table: PPQ's kernel, or onnxruntime for the operator's ONNX node."""
+
+    def forward(op: Any, values: list[Any], ctx: Any = None, **kwargs: Any) -> Any:
+        kernel = kernels.get(op.type)
+        has_node = getattr(op, "_maptools_runner", None) is not None
+        if has_node and (kernel is None or getattr(op, "_maptools_ort", False)):
+            return _run_ort(op, values, ctx)
+        if kernel is None:
+            raise NotImplementedError(f"PPQ has no kernel for {op.name} ({op.type}).")
+        if not (has_node and getattr(_probe, "active", False)):
+            return kernel(op, values, ctx, **kwargs)
+        try:
+            return kernel(op, values, ctx, **kwargs)
+        except Exception as e:  # noqa: BLE001  (PPQ's kernel cannot take this node: use onnxruntime's)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.debug("PPQ's %s kernel failed on %s (%s); running it in onnxruntime", op.type, op.name, e)
+            op._maptools_ort = True
+            return _run_ort(op, values, ctx)
+
+    return forward
+
+
+def _install_forwards() -> None:
+    """Route every standard ONNX operator on the two platforms maptools uses through :func:`_dispatcher`."""
+    import onnx.defs
+
+    every = {s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx")}
+    for platform in (TargetPlatform.TRT_INT8, TargetPlatform.FP32):
+        table = OPERATION_FORWARD_TABLE[platform]
+        kernels = {**table, "PRelu": _prelu}
+        forward = _dispatcher(kernels)
+        for op_type in every | set(table):
+            table[op_type] = forward
+
+
+_install_forwards()
+
+
+class _MaptoolsQuantizer(TensorRTQuantizer):
+    """TensorRT's symmetric scheme on maptools' placement, with our bit widths and per-channel choice.
+
+    Device operators are quantized (every op type, not only PPQ's list); parameters of operators
+    other than the crossbar ones (PRelu slopes, the constant of an Add) stay float, as do the
+    tensors the placement keeps float (inside a gated activation, crossbar outputs read only by
+    the host).
+    """
+
+    def __init__(self, graph: Any, settings: QuantSettings, placement: Placement) -> None:
         super().__init__(graph=graph)
         self._settings = settings
+        self._placement = placement
         bits = settings.activation_bits
         self._num_of_bits, self._quant_min, self._quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
+    @property
+    def activation_fusion_types(self) -> set:
+        return set(FUSABLE_ACTIVATIONS)
+
     def init_quantize_config(self, operation: Any) -> Any:
         oqc = super().init_quantize_config(operation)
-        if operation.type in WEIGHTED_OP_TYPES and operation.inputs[1].is_parameter:
+        crossbar = self._placement.roles.get(operation.name) is Role.CROSSBAR
+        for cfg, var in zip(oqc.input_quantization_config, operation.inputs):
+            if var.name in self._placement.float_outputs or not var.name or (var.is_parameter and not crossbar):
+                cfg.state = QuantizationStates.FP32
+        for cfg, var in zip(oqc.output_quantization_config, operation.outputs):
+            if var.name in self._placement.float_outputs:
+                cfg.state = QuantizationStates.FP32
+        if crossbar:
             cfg = oqc.input_quantization_config[1]
             bits = self._settings.weight_bits
             cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
             if operation.type == "Gemm" and not operation.attributes.get("transB", 0):
                 cfg.channel_axis = 1  # weight is [in, out]: output channels on axis 1
-            if not self._settings.per_channel:
+            grouped_transpose = operation.type == "ConvTranspose" and operation.attributes.get("group", 1) != 1
+            if not self._settings.per_channel or grouped_transpose:  # PPQ's axis 1 is out/group there
                 cfg.channel_axis = None  # PPQ allows changing the axis only while the policy is per-channel
                 cfg.policy = QuantizationPolicy(
                     QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
@@ -112,8 +200,12 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         return oqc
 
     def build_quant_pipeline(self, setting: Any) -> Any:
-        """PPQ's pipeline with two changes that leave every result the same, only faster.
+        """PPQ's pipeline with maptools' fusion and alignment, and two changes that only make it faster.
 
+        * Fusion: a crossbar operator's output goes straight to the grid of a Relu/Clip after it,
+          and operators that move codes keep their input's grid (PPQ's own list misses Slice,
+          Resize, GlobalMaxPool, DepthToSpace, and fuses non-linear activations like Sigmoid).
+        * Alignment skips operators with a float constant operand (a lookup table, not an adder).
         * Weights are baked right after they are quantized: PPQ would otherwise re-fake-quantize
           every weight on every calibration forward (baking stores exactly those values; the
           final baking pass then skips them).
@@ -123,10 +215,77 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         for step in super().build_quant_pipeline(setting):
             if type(step) is RuntimeCalibrationPass:
                 step = _OnePassCalibration(method=step._method)
+            elif type(step) is QuantizeFusionPass:
+                step = _Fusion(self._placement)
+            elif type(step) is QuantAlignmentPass:
+                step = _Alignment(self._placement, elementwise_alignment=step.elementwise_alignment,
+                                  concat_alignment=step.concat_alignment, pooling_alignment=step.pooling_alignment,
+                                  resize_alignment=step.resize_alignment, force_overlap=step.force_overlap)
             passes.append(step)
             if isinstance(step, ParameterQuantizePass):
                 passes.append(ParameterBakingPass())
         return QuantizationOptimizationPipeline(passes=passes)
+
+
+class _Fusion(QuantizationOptimizationPass):
+    """Crossbar -> Relu/Clip fusion and grid-keeping operators, by maptools' placement."""
+
+    def __init__(self, placement: Placement) -> None:
+        super().__init__(name="maptools fusion")
+        self._placement = placement
+
+    def optimize(self, graph: Any, **kwargs: Any) -> None:
+        for op in graph.topological_sort():
+            if not isinstance(op, QuantableOperation):
+                continue
+            role = self._placement.roles.get(op.name)
+            if role is Role.CROSSBAR:
+                after = graph.get_downstream_operations(op)
+                out = op.config.output_quantization_config[0]
+                if (len(after) == 1 and after[0].type in FUSABLE_ACTIVATIONS and isinstance(after[0], QuantableOperation)
+                        and len(graph.get_upstream_operations(after[0])) == 1
+                        and out.state != QuantizationStates.FP32):
+                    act = after[0].config.output_quantization_config[0]
+                    out.dominated_by = act
+                    after[0].config.input_quantization_config[0].dominated_by = act
+            elif role is Role.MOVE:
+                source = op.config.input_quantization_config[0]
+                for cfg in op.config.output_quantization_config:
+                    cfg.dominated_by = source
+
+
+class _Alignment(QuantAlignmentPass):
+    """PPQ's alignment (Add inputs to the larger range, Concat inputs to its output) on the adders
+    and concatenations of maptools' placement only: not on lookup tables with a float constant
+    operand (PPQ would put the constant on the activation's grid) nor on code-moving operators
+    (their output keeps the input's grid)."""
+
+    def __init__(self, placement: Placement, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._placement = placement
+
+    def optimize(self, graph: Any, **kwargs: Any) -> None:
+        for op in graph.operations.values():
+            role = self._placement.roles.get(op.name)
+            if not isinstance(op, QuantableOperation) or role not in (Role.ADD, Role.CONCAT):
+                continue
+            if role is Role.ADD and self.elementwise_alignment != "None":
+                master = (self.align_to_large(op) if self.elementwise_alignment == "Align to Large"
+                          else self.align_to_output(op))
+            elif role is Role.CONCAT and self.concat_alignment != "None":
+                master = (self.align_to_large(op) if self.concat_alignment == "Align to Large"
+                          else self.align_to_output(op))
+            else:
+                continue
+            for up in graph.get_upstream_operations(op):  # as PPQ: a single-consumer producer writes that grid
+                if not isinstance(up, QuantableOperation) or (
+                        len(graph.get_downstream_operations(up)) != 1 and not self.force_overlap):
+                    continue
+                for cfg, var in up.config_with_variable:
+                    # only a config that is its own group: merging a group (a code mover's output is
+                    # grouped with its input) would move the grid of every tensor in it
+                    if op in var.dest_ops and cfg.dominated_by is cfg:
+                        cfg.dominated_by = master
 
 
 # --- speed: batched calibration, a faster exact percentile observer, no gc between passes ---------
@@ -253,8 +412,10 @@ _BATCH_BYTES = 256 << 20
 
 
 def _float_shapes(graph: Any) -> dict[str, list[Any]]:
+    """Shapes of the float activations (an empty optional input has no name and no shape)."""
     return {name: list(var.shape) for name, var in graph.variables.items()
-            if not var.is_parameter and var.dtype in (DataType.FP32, DataType.FP16, DataType.FP64)}
+            if name and not var.is_parameter and var.shape is not None
+            and var.dtype in (DataType.FP32, DataType.FP16, DataType.FP64)}
 
 
 def _doubled_batch_shapes(executor: Any, graph: Any, trace_inputs: Mapping[str, torch.Tensor]) -> dict | None:
@@ -310,6 +471,21 @@ def _quiet() -> Any:
             log.debug("ppq: %s", text)
 
 
+@contextlib.contextmanager
+def _ppq_step(what: str) -> Any:
+    """PPQ's and onnx's raw exceptions as QuantizationFailed naming the step (CUDA faults pass unchanged,
+    so callers can retry them)."""
+    try:
+        yield
+    except (MaptoolsError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if "cuda" in str(e).lower():
+            raise
+        raise QuantizationFailed(f"PPQ failed while {what}: {type(e).__name__}: {str(e).strip()[:400]}",
+                                 "report this model to the maptools maintainers (the operator is named above).") from e
+
+
 def _scale_of(cfg: Any) -> float | None:
     """Scale a tensor config puts on its tensor, or None when the tensor stays float."""
     root = cfg.dominated_by
@@ -321,8 +497,9 @@ def _scale_of(cfg: Any) -> float | None:
 class QuantizedGraph:
     """A PPQ graph after quantization, seen through what maptools needs of it."""
 
-    def __init__(self, graph: Any, device: str, settings: QuantSettings, batch: int = 1) -> None:
+    def __init__(self, graph: Any, device: str, settings: QuantSettings, placement: Placement, batch: int = 1) -> None:
         self._graph = graph
+        self._placement = placement
         self._device = device
         self._settings = settings
         self._executor: Any = None
@@ -341,14 +518,14 @@ class QuantizedGraph:
                 if isinstance(op, QuantableOperation) and op.platform != TargetPlatform.FP32]
 
     def quantinfo(self) -> dict[str, QuantConfig]:
-        """One :class:`QuantConfig` per quantized operator, in topological order."""
+        """One :class:`QuantConfig` per device (quantized) operator, in topological order."""
         info: dict[str, QuantConfig] = {}
         for op in self._quantized_ops():
-            acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if not var.is_parameter]
+            acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if var.name and not var.is_parameter]
             outs = op.output_quant_config
             first = acts[0][0] if acts else outs[0]
             weight: dict[str, Any] = {}
-            if op.type in WEIGHTED_OP_TYPES and op.inputs[1].is_parameter:
+            if op.type in CROSSBAR_OP_TYPES and op.inputs[1].is_parameter:
                 wcfg = op.input_quant_config[1]
                 weight = dict(
                     weight_bits=int(wcfg.num_of_bits), weight_min=int(wcfg.quant_min), weight_max=int(wcfg.quant_max),
@@ -363,7 +540,7 @@ class QuantizedGraph:
         return info
 
     def unquantized_conv_inputs(self) -> list[str]:
-        """Names of Conv/Gemm operators whose input does not arrive on a quantization grid."""
+        """Names of crossbar operators whose input does not arrive on a quantization grid."""
 
         def on_grid(var: Any, consumer_cfg: Any) -> bool:
             if consumer_cfg is not None and consumer_cfg.state in _APPLIED:
@@ -373,12 +550,15 @@ class QuantizedGraph:
                 return False
             if src.output_quant_config[src.outputs.index(var)].state in _APPLIED:
                 return True
-            if src.type in _GRID_PRESERVING:
+            role = self._placement.roles.get(src.name)
+            if role is Role.MOVE or src.type == "Relu":
                 return on_grid(src.inputs[0], src.input_quant_config[0])
+            if role is Role.CONCAT:  # its inputs are quantized onto one grid
+                return all(on_grid(v, c) for v, c in zip(src.inputs, src.input_quant_config))
             return False
 
         return [op.name for op in self._quantized_ops()
-                if op.type in WEIGHTED_OP_TYPES and not on_grid(op.inputs[0], op.input_quant_config[0])]
+                if op.type in CROSSBAR_OP_TYPES and not on_grid(op.inputs[0], op.input_quant_config[0])]
 
     def quantparams(self, quantinfo: Mapping[str, QuantConfig]) -> dict[str, np.ndarray | None]:
         """Integer weights (int8 storage) and int32 biases at scale input_scale x weight_scale."""
@@ -387,7 +567,7 @@ class QuantizedGraph:
             cfg = quantinfo.get(op.name)
             if cfg is None or not cfg.has_weights:
                 continue
-            wcfg = op.input_quant_config[1]
+            wcfg = op.input_quant_config[1]  # per output channel: axis 0 (Conv), 1 (ConvTranspose, Gemm [in, out])
             weight = op.inputs[1].value.detach().cpu().double().numpy()
             axis = wcfg.channel_axis if cfg.weight_scale.size > 1 else None
             scale = cfg.weight_scale.astype(np.float64)
@@ -426,7 +606,7 @@ class QuantizedGraph:
         PPQ's exporter lists graph inputs and outputs in its own variable order; they are put back
         in the model's order (which PPQ's graph keeps), so positional use of the export stays correct.
         """
-        with _quiet():
+        with _quiet(), _ppq_step("exporting the QDQ model"):
             export_ppq_graph(self._graph, TargetPlatform.ONNXRUNTIME, str(path), quantized_param=False)
         if len(self.input_names) == 1 and len(self.output_names) == 1:
             return
@@ -444,7 +624,7 @@ class QuantizedGraph:
         """PPQ's graphwise SNR (noise power / signal power, lower is better) per Conv/Gemm."""
         # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
         data = list(_Batches(samples, steps, self._batch))
-        with _quiet(), _no_gc_between_passes():
+        with _quiet(), _no_gc_between_passes(), _ppq_step("measuring the per-layer error"):
             report = graphwise_error_analyse(
                 self._graph, running_device=self._device, dataloader=data,
                 collate_fn=lambda b: {k: v.to(self._device) for k, v in b.items()},
@@ -452,8 +632,8 @@ class QuantizedGraph:
             )
         return {name: float(v) for name, v in report.items()}
 
-    def op_outputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Each operator's first output as it leaves the operator, keyed by operator name.
+    def tensor_values(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Every operator output as it leaves its operator, keyed by tensor name.
 
         That is after the operator's own output quantization and before any consumer's input
         quantization (``run(output_names=...)`` returns the last consumer's quantized input instead).
@@ -464,7 +644,9 @@ class QuantizedGraph:
 
         class _Capture(RuntimeHook):
             def post_forward_hook(self, outputs: list, **kwargs: Any) -> list:
-                captured[self._hook_to.name] = outputs[0].detach().cpu().numpy()
+                for var, value in zip(self._hook_to.outputs, outputs):
+                    if var.name and isinstance(value, torch.Tensor):
+                        captured[var.name] = value.detach().cpu().numpy()
                 return outputs
 
         hooks = {op.name: _Capture(op) for op in self._graph.operations.values()}
@@ -472,6 +654,82 @@ class QuantizedGraph:
         with torch.no_grad(), _quiet():
             self._get_executor().forward(inputs=feed, hooks=hooks)
         return captured
+
+
+def _load(model_path: Path, model: onnx.ModelProto) -> Any:
+    """PPQ's graph of a prepared model, operator for operator.
+
+    PPQ's own loader also fuses BatchNorm and bias Adds and drops Identity nodes inside its graph;
+    ``maptools.prepare`` does that in the ONNX model instead, so only the format conversions run
+    here and every PPQ operation is an ONNX node of the same name (quantinfo, the operator graph
+    and the simulation key on it).
+    """
+    try:
+        with _quiet():
+            graph = load_graph(str(model_path), from_framework=NetworkFramework.ONNX)
+            formatter = GraphFormatter(graph)
+            for command in (GraphCommandType.CONVERT_TO_TENSOR, GraphCommandType.FORMAT_PARAMETERS,
+                            GraphCommandType.FORMAT_CAST, GraphCommandType.FORMAT_SLICE, GraphCommandType.FORMAT_CLIP,
+                            GraphCommandType.FORMAT_PAD, GraphCommandType.FORMAT_RESIZE):
+                formatter(GraphCommand(command))
+    except Exception as e:  # ppq raises bare exceptions for unsupported content
+        raise ModelError(f"PPQ cannot parse {model_path}: {type(e).__name__}: {str(e)[:300]}",
+                         "prepare the model with maptools.prepare.prepare_model (quantize does it by default).") from e
+    nodes = {n.name: n for n in model.graph.node}
+    missing = sorted(set(nodes) ^ set(graph.operations))
+    if missing:
+        raise QuantizationFailed(f"PPQ's graph and the model disagree on operators: {', '.join(missing[:10])}.",
+                                 "quantize the model through maptools.quantize, which prepares it first.")
+    opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 13)
+    for name, op in graph.operations.items():
+        op._maptools_runner = NodeRunner(nodes[name], opset)
+    return graph
+
+
+def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, feed: Mapping[str, torch.Tensor],
+                 rounds: int = 3) -> list[str]:
+    """Run PPQ's float graph and onnxruntime on one sample and switch every operator whose PPQ
+    kernel computes something else than ONNX (given the same inputs) to onnxruntime.
+
+    Returns the names of the switched operators; raises QuantizationFailed if they still differ.
+    """
+    import onnxruntime as ort
+
+    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
+             and v.dtype in (DataType.FP32, DataType.FP16, DataType.FP64)]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {vi.name for vi in probe.graph.output}
+    types = {vi.name: vi for vi in probe.graph.value_info}
+    probe.graph.output.extend(types[n] for n in names if n in types and n not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [n for n in names if n in types or n in known]
+    reference = dict(zip(names, session.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
+    switched: list[str] = []
+    for _ in range(rounds):
+        with torch.no_grad(), _quiet():
+            values = executor.forward(inputs=dict(feed), output_names=names)
+        bad = set()
+        for name, value in zip(names, values):
+            ref, got = reference[name], value.detach().cpu().numpy()
+            peak = float(np.abs(ref).max(initial=0.0))
+            if ref.shape != got.shape or not np.all(np.abs(got - ref) <= 1e-4 * peak + 1e-3 * np.abs(ref) + 1e-6):
+                bad.add(name)
+        if not bad:
+            return switched
+        culprits = [op for op in graph.topological_sort()
+                    if any(v.name in bad for v in op.outputs) and not any(v.name in bad for v in op.inputs)]
+        fixable = [op for op in culprits if not getattr(op, "_maptools_ort", False)]
+        if not fixable:
+            break
+        for op in fixable:
+            op._maptools_ort = True
+            switched.append(op.name)
+    raise QuantizationFailed(
+        f"PPQ's float execution differs from onnxruntime's at: "
+        f"{', '.join(f'{op.name} ({op.type})' for op in culprits[:8])}.",
+        "report this model to the maptools maintainers.")
 
 
 def quantize_graph(
@@ -482,48 +740,44 @@ def quantize_graph(
     settings: QuantSettings,
     device: str,
 ) -> QuantizedGraph:
-    """Quantize an ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``."""
-    try:
-        with _quiet():
-            graph = load_onnx_graph(onnx_import_file=str(model_path))
-    except Exception as e:  # ppq raises bare exceptions for unsupported content
-        raise ModelError(f"PPQ cannot parse {model_path}: {e}",
-                         "simplify the model with onnxsim and export it with opset 11-17.") from e
-    setting = _setting(settings)
-    with _quiet():
-        graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8,
-                               dispatcher=setting.dispatcher, dispatching_table=setting.dispatching_table)
-    quantizer = _MaptoolsQuantizer(graph, settings)
+    """Quantize a prepared ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``.
+
+    Raises MaptoolsError subclasses for bad input; CUDA faults (out of memory, launch failures)
+    propagate unchanged so callers can retry them.
+    """
+    model = onnx.load(str(model_path))
+    placement = place(model)
+    graph = _load(model_path, model)
+    for op in graph.operations.values():
+        op.platform = TargetPlatform.TRT_INT8 if placement.part(op.name) == DEVICE else TargetPlatform.FP32
+    quantizer = _MaptoolsQuantizer(graph, settings, placement)
     quantizer._verbose = False
     executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
     with _no_gc_between_passes():
-        doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
-        try:
-            with _quiet():
+        with _ppq_step("tracing the model"), _quiet():
+            _probe.active = True
+            try:
                 executor.tracing_operation_meta(inputs=dummy)
-        except Exception as e:
-            raise ModelError(_unsupported_message(graph, e), "replace or remove that operator, or simplify the model "
-                             "with onnxsim so it folds away.") from e
+            finally:
+                _probe.active = False
+        with _ppq_step("checking PPQ's float execution against onnxruntime"):
+            switched = _float_check(executor, quantizer._graph, model, dummy)
+        if switched:
+            log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
+        with _ppq_step("tracing a batch of two"), _quiet():
+            doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
+            executor.tracing_operation_meta(inputs=dummy)
         batch = _batch_size(_float_shapes(quantizer._graph), doubled, calib_steps, device)
         log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
         torch.manual_seed(settings.seed)
-        with _quiet():
+        with _ppq_step("calibrating"), _quiet():
             # quantize() traces `dummy` again (batch 1), so exported shapes are the model's own.
             quantizer.quantize(
                 inputs=dummy, calib_dataloader=_Batches(calibration, calib_steps, batch), executor=executor,
-                setting=setting, calib_steps=max(calib_steps, 8),
+                setting=_setting(settings), calib_steps=max(calib_steps, 8),
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
-    result = QuantizedGraph(quantizer._graph, device, settings, batch=batch)
+    result = QuantizedGraph(quantizer._graph, device, settings, placement, batch=batch)
     result._executor = executor
     return result
-
-
-def _unsupported_message(graph: Any, error: Exception) -> str:
-    from ppq.executor.op.torch.default import DEFAULT_BACKEND_TABLE
-
-    unknown = sorted({op.type for op in graph.operations.values() if op.type not in DEFAULT_BACKEND_TABLE})
-    if unknown:
-        return f"PPQ cannot run operator type(s) {', '.join(unknown)} in this model ({error})."
-    return f"PPQ failed to run the model: {error}."

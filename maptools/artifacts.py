@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from maptools.quantinfo import QuantConfig
 __all__ = [
     "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "validate_mapname", "sha256_file", "staged_map",
     "read_quantinfo", "read_quantparams", "read_manifest", "verify_map", "safe_load_pickle", "write_json",
+    "atomic_write",
 ]
 
 QUANTINFO_PKL, QUANTINFO_JSON = "quantinfo.pkl", "quantinfo.json"
@@ -79,16 +81,31 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temp file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.incomplete-", dir=path.parent)
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
+
+    The temp file is created with mode 0o666 so the process umask applies as for any new file
+    (the umask is never read or changed: it is process-global and writers run in threads).
+    A failure leaves ``path`` as it was and no temp file behind.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
+    payload = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (see :func:`atomic_write`)."""
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -110,9 +110,13 @@ def _model_shapes(model: Path) -> dict[str, list[int]]:
 
     shapes: dict[str, list[int]] = {}
     for i in model_inputs(load_model(model)):
-        if any(d is None or d <= 0 for d in i.dims):
-            raise InputShapeError(f"input {i.name!r} of {model} has dynamic dimensions {list(i.dims)}.",
-                                  f"pass --input-shape {i.name}=1,3,224,224 (your sizes, batch first).")
+        if any(d is None for d in i.dims):
+            example = ",".join(str(d) if d is not None else "1" if axis == 0 else f"<D{axis}>"
+                               for axis, d in enumerate(i.dims))
+            raise InputShapeError(f"input {i.name!r} of {model} has dynamic dimensions "
+                                  f"{['?' if d is None else d for d in i.dims]}.",
+                                  f"pass --input-shape {i.name}={example} with your sizes (batch first); "
+                                  f"'maptools inspect {model}' shows the model's axes.")
         shapes[i.name] = [int(d) for d in i.dims if d is not None]
     return shapes
 
@@ -219,31 +223,96 @@ def example(
     _print_result(result)
 
 
+def _dims(value_info: Any) -> list[int | str]:
+    """Dims as written: a size, a symbolic name, or '?' (unset, or <= 0 as older exporters write)."""
+    out: list[int | str] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(int(d.dim_value))
+        else:
+            out.append(d.dim_param or "?")
+    return out
+
+
 @app.command()
-def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL.onnx")]) -> None:
-    """List a model's inputs, outputs and operator counts."""
+def inspect(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL.onnx")],
+    input_shape: Annotated[list[str] | None, typer.Option(
+        "--input-shape", "-s", show_default=False, metavar="NAME=D0,D1,...",
+        help="Concrete shape of a dynamic input (repeat per input), to preview preparation and placement.")] = None,
+) -> None:
+    """Show a model's opset, inputs (dynamic axes marked), outputs and operators, and what quantizing it involves.
+
+    With fixed shapes (in the model, or --input-shape), the model is also prepared in memory (as
+    'maptools quantize' does) and its operators are split into device and host work.
+    """
     from maptools.onnx_model import load_model, model_inputs
+    from maptools.placement import place
+    from maptools.prepare import TARGET_OPSET, opset_of, opset_report, prepare
 
     try:
         proto = load_model(model)
+        given = _parse_shapes(input_shape) if input_shape else {}
     except MaptoolsError as e:
         fail(e)
     inputs = model_inputs(proto)
-    table = Table(title=str(model))
-    if all(d is not None and d > 0 for i in inputs for d in i.dims):
-        table.caption = f"maptools quantize {model} " + " ".join(
-            f"--input-shape {i.name}={','.join(map(str, i.dims))}" for i in inputs)
+    initializers = {i.name for i in proto.graph.initializer}
+    opset = opset_of(proto)
+    table = Table(title=f"{model}  (opset {opset}, {len(proto.graph.node)} nodes)")
     table.add_column("kind")
     table.add_column("name")
     table.add_column("detail")
-    for i in inputs:
-        table.add_row("input", i.name, f"{i.dtype} {['?' if d is None else d for d in i.dims]}")
+    dynamic = []
+    for vi in proto.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = _dims(vi)
+        if any(isinstance(d, str) for d in dims):
+            dynamic.append(vi.name)
+        spec = next(i for i in inputs if i.name == vi.name)
+        table.add_row("input", vi.name, f"{spec.dtype} {dims}")
     for o in proto.graph.output:
-        dims = [d.dim_value if d.HasField("dim_value") else "?" for d in o.type.tensor_type.shape.dim]
-        table.add_row("output", o.name, str(dims))
+        table.add_row("output", o.name, str(_dims(o)))
     for op, n in sorted(Counter(node.op_type for node in proto.graph.node).items()):
         table.add_row("operator", op, str(n))
     console.print(table)
+
+    notes, warnings = [], []
+    missing = [name for name in dynamic if name not in given]
+    if missing:
+        warnings.append(f"dynamic axes in {', '.join(missing)}: pass --input-shape NAME=D0,D1,... (to quantize, "
+                        "and here to preview the preparation)")
+    if opset < TARGET_OPSET:
+        notes.append(f"opset {opset}: maptools converts it to {TARGET_OPSET} (PPQ's) with onnx's version converter")
+    elif opset > TARGET_OPSET:
+        rewrites, problems = opset_report(proto)
+        notes.append(f"opset {opset}: maptools brings it to {TARGET_OPSET} (PPQ's)"
+                     + (", rewriting " + ", ".join(f"{k} x{v}" for k, v in rewrites.items()) if rewrites else ""))
+        if problems:
+            warnings.append("no opset-13 form (quantize will refuse): " + "; ".join(problems[:8]))
+    foreign = sorted({f"{n.op_type} ({n.domain})" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        warnings.append(f"operators outside the standard ONNX domain (quantize will refuse): {', '.join(foreign)}")
+    if not missing and not foreign:
+        shapes = {i.name: given.get(i.name) or [int(d) for d in i.dims] for i in inputs}
+        try:
+            prepared, steps = prepare(proto, shapes)
+        except MaptoolsError as e:
+            warnings.append(f"preparing with {shapes} fails: {e}")
+        else:
+            roles = place(prepared).roles
+            device = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "device")
+            host = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "host")
+            notes.append(f"prepared with {shapes}: {'; '.join(steps) or 'nothing to change'}")
+            notes.append(f"device ({sum(device.values())}): " + ", ".join(f"{k} {v}" for k, v in device.most_common()))
+            notes.append(f"host ({sum(host.values())}): " + (", ".join(f"{k} {v}" for k, v in host.most_common())
+                                                              or "none"))
+            console.print(f"maptools quantize {model} " + " ".join(
+                f"--input-shape {k}={','.join(map(str, v))}" for k, v in shapes.items()), highlight=False)
+    for note in notes:
+        console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()

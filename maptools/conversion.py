@@ -10,9 +10,7 @@ graph to ``mapsave/<mapname>/operator_graph.json``, from where :func:`read_graph
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,47 +20,23 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import onnx
+import onnx.defs
 import onnx.numpy_helper
 import onnx.shape_inference
 
-from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, map_dir, read_quantinfo, sha256_file,
-                                validate_mapname, verify_map)
+from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, atomic_write, map_dir, read_quantinfo,
+                                sha256_file, validate_mapname, verify_map)
 from maptools.errors import ArtifactError, ConversionError, ModelError
 from maptools.onnx_model import load_model
-from maptools.quantinfo import WEIGHTED_OP_TYPES, QuantConfig
+from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
+from maptools.quantinfo import QuantConfig
 
-__all__ = [
-    "OperatorGraph", "ConversionResult", "convert", "read_graph", "build_graph", "placement",
-    "SUPPORTED_OP_TYPES", "DEVICE_OP_TYPES", "GRID_PRESERVING_OP_TYPES", "GRAPH_FILE", "DEVICE", "HOST",
-]
+__all__ = ["OperatorGraph", "ConversionResult", "convert", "read_graph", "build_graph", "GRAPH_FILE", "DEVICE", "HOST"]
 
 GRAPH_FILE = "operator_graph.json"
-GRAPH_FORMAT = "maptools.operator_graph/1"
-DEVICE, HOST = "device", "host"
-
-#: Activations that run elementwise (on a tile: a lookup over the integer codes).
-ACTIVATION_OP_TYPES = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh"})
-#: Operators the conversion understands; anything else is reported as unsupported.
-SUPPORTED_OP_TYPES = frozenset({
-    "Conv", "Gemm", "MatMul", *ACTIVATION_OP_TYPES, "Add", "Mul", "Concat", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Softmax", "Identity",
-})
-#: THE placement rule: crossbar work (Conv/Gemm) and the activations, adds, concats and pools
-#: that run beside it on a tile go to the device; everything else (MatMul between activations,
-#: Mul, Reshape, Transpose, Softmax, ...) stays on the host. Edit this set to move an operator type.
-DEVICE_OP_TYPES = frozenset({
-    "Conv", "Gemm", *ACTIVATION_OP_TYPES, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
-    "Flatten",
-})
-#: Operators whose output stays on the grid (scale) of their input: they need no quant config.
-GRID_PRESERVING_OP_TYPES = frozenset({"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Identity"})
-#: Largest float constant (elements) kept inline in the graph for a non-weighted operator.
+GRAPH_FORMAT = "maptools.operator_graph/2"
+#: Largest constant (elements) kept inline in the graph for an operator other than Conv/Gemm.
 MAX_INLINE_CONSTANT = 4096
-
-
-def placement(op_type: str) -> str:
-    """``'device'`` or ``'host'`` for an operator type (see :data:`DEVICE_OP_TYPES`)."""
-    return DEVICE if op_type in DEVICE_OP_TYPES else HOST
 
 
 @dataclass(frozen=True)
@@ -92,16 +66,18 @@ class OperatorGraph:
 
     Nodes are operator names (ONNX order, which is topological) with attributes ``op_type``,
     ``inputs``/``outputs`` (activation tensor names), ``input_shapes``/``output_shapes``,
-    ``params`` (Conv/Gemm weight and bias, {name: shape}), ``constants`` (other operators' small
-    constants, {input index: value}), ``attrs`` (normalised), ``part`` (``'device'``/``'host'``)
-    and ``quant`` (a QuantConfig or None). An edge
+    ``params`` (constant inputs, {name: shape}: the weight and bias of Conv/ConvTranspose/Gemm,
+    anything else's constants), ``constants`` (small constants of operators other than those,
+    {input index: value}), ``attrs`` (normalised), ``part`` (``'device'``/``'host'``), ``role``
+    (see :class:`maptools.placement.Role`) and ``quant`` (a QuantConfig or None). An edge
     producer -> consumer carries ``tensor``, ``index`` (the consumer's input position, also the
     edge key) and ``shape``. ``graph.graph`` holds ``inputs``/``outputs`` ({name: shape}) and
     ``meta`` (where the graph came from).
     """
 
-    def __init__(self, graph: nx.MultiDiGraph) -> None:
+    def __init__(self, graph: nx.MultiDiGraph, folder: Path | None = None) -> None:
         self.graph = graph
+        self.folder = folder  # the map folder it was read from (where model.onnx is), if any
 
     # --- views ---------------------------------------------------------------------------------
     @property
@@ -127,7 +103,7 @@ class OperatorGraph:
     def part(self, which: str) -> OperatorGraph:
         """The device or host part as its own graph (a copy)."""
         names = [n for n, d in self.graph.nodes(data=True) if d["part"] == which]
-        return OperatorGraph(self.graph.subgraph(names).copy())
+        return OperatorGraph(self.graph.subgraph(names).copy(), self.folder)
 
     def device_part(self) -> OperatorGraph:
         return self.part(DEVICE)
@@ -137,11 +113,11 @@ class OperatorGraph:
 
     # --- quantinfo ------------------------------------------------------------------------------
     def attach_quantinfo(self, quantinfo: Mapping[str, QuantConfig]) -> None:
-        """Attach each operator's QuantConfig by name; raise ConversionError listing what is wrong.
+        """Attach each device operator's QuantConfig by name; raise ConversionError listing what is wrong.
 
-        Every device operator that changes the scale (Conv, Gemm, Add, pools, activations other
-        than Relu, Concat) needs a config; configs must name operators of this graph and agree on
-        the operator type.
+        quantinfo holds a config for exactly the device operators of :func:`maptools.placement.place`
+        (PPQ quantized those and left the host ones in float); Conv/ConvTranspose/Gemm configs carry
+        weight scales.
         """
         foreign = sorted(set(quantinfo) - set(self.graph.nodes))
         if foreign:
@@ -152,15 +128,17 @@ class OperatorGraph:
                  for n, c in quantinfo.items() if c.op_type != self.node(n)["op_type"]]
         if wrong:
             raise ConversionError(f"operator types disagree: {_listing(wrong)}.", "re-run quantize on this model.")
-        missing = [n for n, d in self.graph.nodes(data=True)
-                   if d["part"] == DEVICE and d["op_type"] not in GRID_PRESERVING_OP_TYPES
-                   and (n not in quantinfo or quantinfo[n].output_scale is None
-                        or (d["op_type"] in WEIGHTED_OP_TYPES and not quantinfo[n].has_weights))]
+        missing = [n for n, d in self.graph.nodes(data=True) if d["part"] == DEVICE and (
+            n not in quantinfo or (d["op_type"] in CROSSBAR_OP_TYPES and not quantinfo[n].has_weights))]
         if missing:
             raise ConversionError(
                 f"{len(missing)} device operator(s) have no quantization config: {_listing(missing)}.",
-                "quantize the model with maptools.quantize (PPQ must quantize every Conv/Gemm and the "
-                "operators beside them), or convert without quantization.")
+                "quantize the model with maptools.quantize (it quantizes every device operator), or convert "
+                "without quantization.")
+        extra = sorted(n for n in quantinfo if self.node(n)["part"] != DEVICE)
+        if extra:
+            raise ConversionError(f"quantinfo quantizes {len(extra)} operator(s) this version of maptools runs on "
+                                  f"the host: {_listing(extra)}.", "re-run quantize on this model.")
         for name in self.graph.nodes:
             self.graph.nodes[name]["quant"] = quantinfo.get(name)
         self.meta["quantized"] = True
@@ -177,7 +155,7 @@ class OperatorGraph:
                 "nodes": nodes, "edges": edges}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> OperatorGraph:
+    def from_json(cls, data: Mapping[str, Any], folder: Path | None = None) -> OperatorGraph:
         if data.get("format") != GRAPH_FORMAT:
             raise ArtifactError(f"operator graph format {data.get('format')!r} is not {GRAPH_FORMAT!r}.",
                                 "re-run `maptools convert` for this map.")
@@ -188,20 +166,11 @@ class OperatorGraph:
             g.add_node(node["name"], **attrs)
         for e in data["edges"]:
             g.add_edge(e["src"], e["dst"], key=e["index"], tensor=e["tensor"], index=e["index"], shape=e["shape"])
-        return cls(g)
+        return cls(g, folder)
 
     def save(self, path: Path) -> Path:
         """Write the graph as JSON, atomically (temp file in the same folder, then rename)."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(_dumps(self.to_json()))
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, _dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: Path) -> OperatorGraph:
@@ -211,11 +180,21 @@ class OperatorGraph:
             raise ArtifactError(f"{path} does not exist.", "run `maptools convert --mapname M` first.") from None
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run `maptools convert` for this map.") from e
-        return cls.from_json(data)
+        return cls.from_json(data, Path(path).parent)
+
+    def model(self) -> onnx.ModelProto:
+        """The ONNX model this graph was built from (the map's ``model.onnx``), checked by sha256."""
+        candidates = ([self.folder / MODEL] if self.folder is not None else []) + [Path(self.meta["model_path"])]
+        for path in candidates:
+            if path.is_file() and sha256_file(path) == self.meta["model_sha256"]:
+                return load_model(path)
+        raise ArtifactError(f"the model of this operator graph ({self.meta.get('model_path')}, sha256 "
+                            f"{str(self.meta.get('model_sha256'))[:12]}) is missing or changed.",
+                            "re-run quantize and convert for this map.")
 
 
 _NODE_KEYS = ("op_type", "inputs", "outputs", "input_shapes", "output_shapes", "params", "constants", "attrs",
-              "part", "quant")
+              "part", "role", "quant")
 
 
 _SCALAR = r"(?:-?[0-9.eE+-]+|null|true|false)"
@@ -226,12 +205,6 @@ def _dumps(data: Any) -> str:
     """Indented JSON with lists of numbers kept on one line (shapes, pads, scales)."""
     text = json.dumps(data, indent=1)
     return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -283,19 +256,29 @@ def _window_attrs(raw: dict[str, Any], kernel: list[int], in_shape: list[int]) -
 def _normalise(op_type: str, raw: dict[str, Any], in_shapes: list[list[int] | None],
                params: dict[str, np.ndarray], inputs: list[str]) -> dict[str, Any]:
     """Explicit, defaulted attributes per operator type."""
-    if op_type == "Conv":
+    if op_type == "Conv" and inputs[1] in params:
         weight = params[inputs[1]]
         attrs = _window_attrs(raw, list(weight.shape[2:]), in_shapes[0])
         group = int(raw.get("group", 1))
         return {**attrs, "groups": group, "in_channels": int(weight.shape[1]) * group,
                 "out_channels": int(weight.shape[0]), "bias": len(inputs) > 2 and bool(inputs[2])}
+    if op_type == "ConvTranspose" and inputs[1] in params:
+        weight = params[inputs[1]]
+        rank = weight.ndim - 2
+        group = int(raw.get("group", 1))
+        return {"kernel": list(weight.shape[2:]), "strides": list(raw.get("strides", [1] * rank)),
+                "dilations": list(raw.get("dilations", [1] * rank)), "pads": list(raw.get("pads", [0] * 2 * rank)),
+                "output_padding": list(raw.get("output_padding", [0] * rank)), "groups": group,
+                "in_channels": int(weight.shape[0]), "out_channels": int(weight.shape[1]) * group,
+                "auto_pad": raw.get("auto_pad", "NOTSET"), "output_shape": raw.get("output_shape"),
+                "bias": len(inputs) > 2 and bool(inputs[2])}
     if op_type in ("MaxPool", "AveragePool"):
         attrs = _window_attrs(raw, list(raw["kernel_shape"]), in_shapes[0])
         attrs["ceil_mode"] = int(raw.get("ceil_mode", 0))
         if op_type == "AveragePool":
             attrs["count_include_pad"] = int(raw.get("count_include_pad", 0))
         return attrs
-    if op_type == "Gemm":
+    if op_type == "Gemm" and inputs[1] in params:
         weight = params[inputs[1]]
         trans_b = int(raw.get("transB", 0))
         return {"alpha": float(raw.get("alpha", 1.0)), "beta": float(raw.get("beta", 1.0)),
@@ -314,7 +297,7 @@ def _normalise(op_type: str, raw: dict[str, Any], in_shapes: list[list[int] | No
         return {"alpha": float(raw.get("alpha", 0.2)), "beta": float(raw.get("beta", 0.5))}
     if op_type == "Transpose":
         return {"perm": list(raw.get("perm", list(range(len(in_shapes[0] or []))[::-1])))}
-    return {}
+    return {k: v for k, v in raw.items() if not isinstance(v, (dict,))}  # anything else: as exported
 
 
 def _constant_nodes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -329,46 +312,35 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _check_supported(model: onnx.ModelProto, params: Mapping[str, np.ndarray]) -> None:
+def _check_supported(model: onnx.ModelProto) -> None:
     problems = []
+    opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 13)
     for node in model.graph.node:
-        where = f"{node.name or node.output[0]} ({node.op_type})"
-        if node.output[0] in params:
-            continue  # a Constant node
         if node.domain not in ("", "ai.onnx"):
-            problems.append(f"{where}: domain {node.domain!r}")
-        elif node.op_type not in SUPPORTED_OP_TYPES:
-            problems.append(where)
-        elif node.op_type in WEIGHTED_OP_TYPES and (len(node.input) < 2 or node.input[1] not in params):
-            problems.append(f"{where}: weight is not a constant")
-        elif node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
-            problems.append(f"{where}: transA=1")
-        elif node.op_type in ("Add", "Mul") and len(node.input) != 2:
-            problems.append(f"{where}: {len(node.input)} inputs")
-        elif node.op_type in ("Add", "Concat") and any(i in params for i in node.input):
-            problems.append(f"{where}: constant input")
-        elif node.op_type not in WEIGHTED_OP_TYPES and any(
-                params[i].size > MAX_INLINE_CONSTANT for i in node.input if i in params):
-            problems.append(f"{where}: float constant over {MAX_INLINE_CONSTANT} elements")
+            problems.append(f"{node.name or node.output[0]} ({node.op_type}): domain {node.domain!r}")
+        elif not onnx.defs.has(node.op_type, opset):
+            problems.append(f"{node.name or node.output[0]} ({node.op_type}): not an ONNX operator at opset {opset}")
     if problems:
         raise ConversionError(
             f"the conversion does not support {len(problems)} operator(s): {_listing(problems)}.",
-            f"supported operator types: {', '.join(sorted(SUPPORTED_OP_TYPES))}. Replace the others, or "
-            "simplify the model with onnxsim so they fold away.")
+            "re-export the model with standard ONNX operators (any of them runs on the host).")
 
 
 def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
-    """Parse a simplified ONNX model into an :class:`OperatorGraph` (not yet quantized)."""
+    """Parse a prepared ONNX model into an :class:`OperatorGraph` (not yet quantized).
+
+    Device and host parts follow :func:`maptools.placement.place`, as in quantization.
+    """
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     params = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     params.update(_constant_nodes(model))
-    _check_supported(model, params)
+    _check_supported(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as e:
-        raise ModelError(f"ONNX shape inference failed: {e}", "simplify the model with onnxsim and fixed "
-                         "input shapes.") from e
+        raise ModelError(f"ONNX shape inference failed: {e}", "prepare the model with fixed input shapes "
+                         "(maptools.prepare.prepare_model; quantize does it).") from e
     shapes: dict[str, list[int] | None] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         shapes[vi.name] = _shape(vi)
@@ -377,40 +349,55 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
                if t and t not in params and shapes.get(t) is None]
     if unknown:
         raise ModelError(f"shape inference left tensors without a static shape: {_listing(sorted(set(unknown)))}.",
-                         "simplify the model with onnxsim and fixed input shapes (overwrite_input_shapes).")
+                         "prepare the model with fixed input shapes (maptools.prepare.prepare_model).")
+    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph.node)]
+    if len(set(names)) != len(names):
+        raise ConversionError("two operators share a name.", "give every ONNX node a unique name "
+                              "(maptools.prepare.prepare_model does).")
+    roles = place(_named(model, names)).roles
 
     g = nx.MultiDiGraph(inputs=graph_inputs, outputs={o.name: shapes[o.name] for o in model.graph.output},
                         meta={"quantized": False})
     producer: dict[str, str] = {}
-    for i, node in enumerate(model.graph.node):
+    for name, node in zip(names, model.graph.node):
         if node.output[0] in params:
             continue  # a Constant node, folded into params
-        name = node.name or f"{node.op_type}_{i}"
-        if name in g:
-            raise ConversionError(f"two operators are named {name!r}.", "give every ONNX node a unique name.")
         raw = {a.name: _plain(onnx.helper.get_attribute_value(a)) for a in node.attribute}
         inputs = list(node.input)
         acts = [t for t in inputs if t and t not in params]
-        weighted = node.op_type in WEIGHTED_OP_TYPES
+        role = roles[name]
+        crossbar = role is Role.CROSSBAR
+        consts = {str(k): t for k, t in enumerate(inputs) if t in params}
         g.add_node(
-            name, op_type=node.op_type, inputs=acts, outputs=list(node.output),
-            input_shapes=[shapes[t] for t in acts], output_shapes=[shapes[t] for t in node.output],
-            params={t: list(params[t].shape) for t in inputs[1:3] if t in params} if weighted else {},
-            constants={} if weighted else {str(k): params[t].tolist() for k, t in enumerate(inputs) if t in params},
+            name, op_type=node.op_type, inputs=acts, outputs=[t for t in node.output if t],
+            input_shapes=[shapes[t] for t in acts], output_shapes=[shapes[t] for t in node.output if t],
+            params={t: list(params[t].shape) for t in consts.values()},
+            constants={} if crossbar else {k: params[t].tolist() for k, t in consts.items()
+                                           if params[t].size <= MAX_INLINE_CONSTANT},
             attrs=_normalise(node.op_type, raw, [shapes.get(t) for t in inputs], params, inputs),
-            part=placement(node.op_type), quant=None,
+            part=role.part, role=role.value, quant=None,
         )
         for index, tensor in enumerate(acts):
             if tensor in producer:
                 g.add_edge(producer[tensor], name, key=index, tensor=tensor, index=index, shape=shapes[tensor])
         for tensor in node.output:
-            producer[tensor] = name
+            if tensor:
+                producer[tensor] = name
     return OperatorGraph(g)
+
+
+def _named(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    if all(n.name == name for n, name in zip(model.graph.node, names)):
+        return model
+    named = onnx.ModelProto.FromString(model.SerializeToString())
+    for node, name in zip(named.graph.node, names):
+        node.name = name
+    return named
 
 
 # --- the conversion step ------------------------------------------------------------------------------
 
-def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) -> str:
+def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) -> None:
     if not model_path.is_file():
         raise ModelError(f"model {model_path} (for map {mapname!r}) does not exist.",
                          "pass model_path= (--model) pointing at the model this map was quantized from.")
@@ -419,17 +406,19 @@ def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) ->
         raise ModelError(f"model {model_path} is not the model map {mapname!r} was quantized from (sha256 "
                          f"{digest[:12]}, manifest {manifest['model']['sha256'][:12]}).",
                          "pass the model that was quantized, or re-run quantize on this model.")
-    return digest
 
 
 def convert(mapname: str, model_path: str | Path | None = None, *, output_root: str | Path | None = None,
             quantized: bool = True) -> ConversionResult:
     """Build the operator graph of a quantized map and write it to ``mapsave/<mapname>/operator_graph.json``.
 
+    The graph is built from the map's ``model.onnx``: the model as quantize prepared it (fixed
+    dims, opset 13, folded BatchNorm), so its operators are exactly those quantinfo describes.
+
     Args:
         mapname: the map written by ``quantize``.
-        model_path: the ONNX model that was quantized; default the copy in the map folder
-            (``model.onnx``). Its sha256 must equal the manifest's.
+        model_path: optionally, the model that was quantized as the user gave it; it is checked
+            against the manifest's sha256 (the graph still comes from the map's prepared copy).
         output_root: where ``mapsave/`` is; default ``$MAPTOOLS_HOME`` or the current directory.
         quantized: attach quantinfo (default). ``False`` writes the float graph only.
 
@@ -441,13 +430,13 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
     started = time.perf_counter()
     folder = map_dir(validate_mapname(mapname), output_root)
     manifest = verify_map(folder)
-    if model_path is None:  # the map's own copy, already checked by verify_map
-        path, digest = folder / MODEL, manifest["model"]["sha256"]
-    else:
-        path = Path(model_path)
-        digest = _check_model(path, manifest, mapname)
+    if model_path is not None:
+        _check_model(Path(model_path), manifest, mapname)
+    path, digest = folder / MODEL, manifest["artifacts"][MODEL]  # checked by verify_map
     graph = build_graph(path)
+    graph.folder = folder
     graph.meta.update({"mapname": mapname, "model_path": str(path.resolve()), "model_sha256": digest,
+                       "source_sha256": manifest["model"]["sha256"],
                        "quantinfo_sha256": manifest["artifacts"][QUANTINFO_PKL],
                        "quantparams_sha256": manifest["artifacts"][QUANTPARAMS_PKL]})
     if quantized:
@@ -470,7 +459,7 @@ def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: b
                             f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
     graph = OperatorGraph.load(path)
     if manifest is not None:
-        for key, want in (("model_sha256", manifest["model"]["sha256"]),
+        for key, want in (("model_sha256", manifest["artifacts"][MODEL]),
                           ("quantinfo_sha256", manifest["artifacts"][QUANTINFO_PKL]),
                           ("quantparams_sha256", manifest["artifacts"][QUANTPARAMS_PKL])):
             if graph.meta.get(key) != want:

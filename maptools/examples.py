@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from maptools.errors import ModelError
-from maptools.onnx_model import simplify_model
 
 __all__ = ["SmallCNN", "export_onnx", "resnet18_onnx", "small_cnn_onnx", "example_model", "EXAMPLES",
            "EXAMPLE_PREFIX", "RESNET18_SHAPES", "SMALL_CNN_SHAPES"]
@@ -38,7 +37,10 @@ class SmallCNN(nn.Module):
 
 
 def export_onnx(module: nn.Module, path: Path, shapes: dict[str, list[int]], simplify: bool = True) -> Path:
-    """Export ``module`` (eval mode) to ONNX opset 13 with the TorchScript exporter, optionally onnxsim'd."""
+    """Export ``module`` (eval mode) to ONNX opset 13 with the TorchScript exporter, optionally prepared
+    (:func:`maptools.prepare.prepare_model`: onnxsim, BatchNorm folded, nodes named)."""
+    from maptools.prepare import prepare_model
+
     module = module.eval()
     args = tuple(torch.zeros(s) for s in shapes.values())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,7 @@ def export_onnx(module: nn.Module, path: Path, shapes: dict[str, list[int]], sim
             torch.onnx.export(module, args, str(raw), input_names=list(shapes), output_names=["output"],
                               opset_version=13, dynamo=False)
         if simplify:
-            simplify_model(raw, path, shapes)
+            prepare_model(raw, path, shapes)
         else:
             path.write_bytes(raw.read_bytes())
     return path

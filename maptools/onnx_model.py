@@ -1,4 +1,4 @@
-"""Reading ONNX models: loading with clear errors, graph inputs, shape checks, simplification."""
+"""Reading ONNX models: loading with clear errors, graph inputs, shape checks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import onnx
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "simplify_model", "SimplifyResult"]
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes"]
 
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A graph input: name, numpy dtype and dims (None where dynamic)."""
+    """A graph input: name, numpy dtype and dims (None where dynamic: symbolic, unset, or <= 0)."""
 
     name: str
     dtype: np.dtype
@@ -48,7 +48,8 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
         if vi.name in initializers:
             continue
         tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        # a dim_param, an absent value, or a value <= 0 (older exporters write -1) is dynamic
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         result.append(ModelInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return result
 
@@ -85,50 +86,3 @@ def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
                                       f"gives {got}.", f"use {list(d if d is not None else g for d, g in zip(spec.dims, shape))}.")
         shapes[name] = tuple(int(d) for d in shape)
     return shapes
-
-
-@dataclass(frozen=True)
-class SimplifyResult:
-    """Where the simplified model went and how far its outputs are from the original's."""
-
-    path: Path
-    max_abs_diff: float
-    nodes_before: int
-    nodes_after: int
-
-
-def simplify_model(src: Path, dst: Path, input_shapes: Mapping[str, Sequence[int]], checks: int = 3,
-                   seed: int = 0, rtol: float = 1e-4, atol: float = 1e-4) -> SimplifyResult:
-    """Simplify ``src`` with onnxsim into ``dst``, checking it computes the same function.
-
-    The check runs both models in onnxruntime on ``checks`` seeded random inputs and raises
-    ModelError when any output differs beyond ``atol + rtol * |reference|``.
-    """
-    import onnxruntime as ort
-    from onnxsim import simplify
-
-    model = load_model(src)
-    shapes = check_input_shapes(model, input_shapes)
-    try:
-        simplified, ok = simplify(model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()})
-    except Exception as e:
-        raise ModelError(f"onnxsim could not simplify {src}: {e}", "pass the model unsimplified "
-                         "(simplify=False) or re-export it with a supported opset.") from e
-    if not ok:
-        raise ModelError(f"onnxsim's own check failed on {src}.", "quantize the original model (simplify=False).")
-    rng = np.random.default_rng(seed)
-    dtypes = {i.name: i.dtype for i in model_inputs(model)}
-    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    after = ort.InferenceSession(simplified.SerializeToString(), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for _ in range(checks):
-        feed = {k: rng.standard_normal(v).astype(dtypes[k]) for k, v in shapes.items()}
-        for ref, out in zip(before.run(None, feed), after.run(None, feed)):
-            diff = np.abs(ref.astype(np.float64) - out)
-            worst = max(worst, float(diff.max(initial=0.0)))
-            if not np.all(diff <= atol + rtol * np.abs(ref)):
-                raise ModelError(f"the simplified model's outputs differ from the original's by up to {worst:.3g}.",
-                                 "quantize the original model (simplify=False) and report the model to onnxsim.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(simplified, str(dst))
-    return SimplifyResult(dst, worst, len(model.graph.node), len(simplified.graph.node))

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QuantConfig", "WEIGHTED_OP_TYPES", "param_key", "quantinfo_to_json", "quantinfo_from_json"]
+from maptools.placement import WEIGHTED_OP_TYPES
 
-#: Operator types whose weights are quantized and stored in quantparams.
-WEIGHTED_OP_TYPES = {"Conv": "conv", "Gemm": "gemm"}
+__all__ = ["QuantConfig", "WEIGHTED_OP_TYPES", "param_key", "quantinfo_to_json", "quantinfo_from_json"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class QuantConfig:
 
 
 def param_key(op_name: str, op_type: str, kind: str) -> str:
-    """Key of a quantparams entry: ``<op>_conv_weight``, ``<op>_gemm_bias`` ..."""
+    """Key of a quantparams entry: ``<op>_conv_weight``, ``<op>_gemm_bias``, ``<op>_convtranspose_weight`` ..."""
     return f"{op_name}_{WEIGHTED_OP_TYPES[op_type]}_{kind}"
 
 

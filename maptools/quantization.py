@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCal
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.prepare import prepare_model
 from maptools.quantinfo import quantinfo_to_json
 from maptools.settings import CalibrationAlgorithm, QuantSettings
 from maptools.versions import package_versions
@@ -69,6 +70,7 @@ class QuantizationResult:
     errors: ErrorSummary
     seconds: dict[str, float]
     notes: tuple[str, ...] = field(default=())
+    prepared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quantinfo_path(self) -> Path:
@@ -109,8 +111,13 @@ def quantize(
     output_root: str | Path | None = None,
     error_steps: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    simplify: bool = True,
 ) -> QuantizationResult:
-    """Quantize an (onnx-simplified) model with PPQ and write its artifacts to ``mapsave/<mapname>/``.
+    """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
+
+    The model is first prepared (:mod:`maptools.prepare`): dims fixed to ``input_shapes``, opset
+    13, constants folded, onnxsim, BatchNorm/bias folding; the prepared model is checked against
+    the original in onnxruntime and stored in the map as ``model.onnx``.
 
     Args:
         input_shapes: ``{input name: shape}`` for every graph input, e.g. ``{'input': [1, 3, 224, 224]}``.
@@ -132,6 +139,7 @@ def quantize(
         error_steps: calibration samples used for the per-layer error report.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
             (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
+        simplify: run onnxsim while preparing (default); the other preparation steps always run.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -156,6 +164,10 @@ def quantize(
 
     source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed)
     notes: list[str] = []
+    if calibset is None:
+        notes.append("calibrated on seeded random data: fine for trying the pipeline, not for accuracy "
+                     "(ranges of real inputs differ); pass calibset= with real samples.")
+        log.warning(notes[-1])
     if len(source) < MIN_SAMPLES:
         raise CalibrationError(f"calibset holds {len(source)} samples; PPQ needs at least {MIN_SAMPLES}.",
                                f"provide {MIN_SAMPLES} or more samples, or calibset=None for random data.")
@@ -172,11 +184,18 @@ def quantize(
 
     from maptools import _ppq  # heavy import, only once the inputs are known to be good
 
-    t = time.perf_counter()
-    data = calibration if progress is None else ProgressCalibration(
-        calibration, steps * settings.algorithm.passes, progress)
-    graph = _ppq.quantize_graph(onnx_path, data, steps, first, settings, ppq_device)
-    seconds["calibrate"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
+        t = time.perf_counter()
+        prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify)
+        prepared_bytes = prepared.path.read_bytes()
+        seconds["prepare"] = time.perf_counter() - t
+        log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
+                 "nothing to change", prepared.max_abs_diff)
+        t = time.perf_counter()
+        data = calibration if progress is None else ProgressCalibration(
+            calibration, steps * settings.algorithm.passes, progress)
+        graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
+        seconds["calibrate"] = time.perf_counter() - t
     quantinfo = graph.quantinfo()
     unquantized = graph.unquantized_conv_inputs()
     if unquantized:
@@ -199,7 +218,7 @@ def quantize(
         write_pickle(stage / QUANTPARAMS_PKL, quantparams)
         np.savez(stage / QUANTPARAMS_NPZ, **{k: v for k, v in quantparams.items() if v is not None})
         graph.export_onnx(stage / QUANT_MODEL)
-        shutil.copyfile(onnx_path, stage / MODEL)
+        (stage / MODEL).write_bytes(prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer})
         hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
@@ -209,7 +228,7 @@ def quantize(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "mapname": mapname,
             "model": {"path": str(onnx_path.resolve()), "sha256": model_sha,
-                      "input_shapes": {k: list(v) for k, v in shapes.items()}},
+                      "input_shapes": {k: list(v) for k, v in shapes.items()}, "prepared": prepared.to_json()},
             "settings": settings.to_dict(), "device": ppq_device, "calib_steps_used": steps,
             "calibration": calib_desc, "onnx_export_exact": settings.exact_onnx_export,
             "artifacts": hashes, "versions": package_versions(), "notes": notes,
@@ -219,6 +238,6 @@ def quantize(
     return QuantizationResult(
         mapname=mapname, map_dir=target, artifacts={n: target / n for n in (*ARTIFACT_FILES, MANIFEST)},
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
-        errors=errors, seconds=seconds, notes=tuple(notes),
+        errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
     )
 

@@ -1,15 +1,22 @@
 """Integer re-simulation of a quantized map: the reference a hardware simulator must match.
 
 :class:`IntegerSimulator` runs an :class:`~maptools.conversion.OperatorGraph` with its attached
-quantinfo and the integer weights of ``quantparams.pkl`` only (no PPQ):
+quantinfo, the integer weights of ``quantparams.pkl`` and the map's model (for operator
+attributes and constants), without PPQ. By role (:mod:`maptools.placement`):
 
-* device operators compute on integer codes in the io range: Conv/Gemm accumulate integer
-  weights times codes into int32 with the int32 bias, then requantize to their output scale
-  (:mod:`maptools.requant`); Add sums codes on a common scale; MaxPool, Relu and Flatten keep the
-  grid; average pools sum codes and requantize by ``1/count``; other activations are a lookup
-  table over the codes; a tensor is requantized whenever its consumer's input scale differs from
-  its producer's output scale;
-* host operators compute in float32, quantizing inputs and outputs where quantinfo says so.
+* crossbar (Conv, ConvTranspose, Gemm): integer weights times integer codes accumulate into int32
+  with the int32 bias, then requantize to the output scale (:mod:`maptools.requant`); an output
+  the placement keeps float is the accumulator times ``s_in * s_w``;
+* Add of two activations: codes summed on a common scale; Concat: codes on the output scale;
+  average pools: integer window sums requantized by ``1/count``;
+* code movers (reshapes, slices, max pools, nearest resize): the codes move unchanged;
+* lookup tables (activations, an Add/Mul/Div by a constant, gated activations ``x * f(x)``): the
+  operator's function of the dequantized codes, quantized to the output scale: exactly a table
+  indexed by the input codes;
+* a tensor is requantized whenever its consumer's input scale differs from its producer's output
+  scale;
+* host operators run in float32 through onnxruntime, one node at a time
+  (:class:`~maptools.node_runner.NodeRunner`), so every standard ONNX operator runs there.
 
 :func:`simulate` is the step a user calls: it reads the map's verified artifacts and runs inputs.
 """
@@ -24,12 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.shape_inference
 import torch
 import torch.nn.functional as F
 
 from maptools.artifacts import read_quantparams
 from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError
+from maptools.node_runner import NodeRunner
+from maptools.placement import Role
+from maptools.prepare import opset_of
 from maptools.quantinfo import QuantConfig, param_key
 from maptools.requant import RequantMode, quantize, requantize
 
@@ -61,11 +74,6 @@ class SimulationRun:
     scales: dict[str, float] = field(default_factory=dict)
 
 
-def _spatial(node: Mapping[str, Any]) -> tuple[list[int], list[int], list[int], list[int]]:
-    a = node["attrs"]
-    return a["kernel"], a["strides"], a["dilations"], a["pads"]
-
-
 def _padding(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
     """Symmetric pads go to the op; asymmetric ones are applied as zero codes (a real 0) first."""
     rank = len(pads) // 2
@@ -76,21 +84,56 @@ def _padding(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[i
     return F.pad(codes, flat), [0] * rank
 
 
+def _float(value: Value) -> torch.Tensor:
+    return value.dequantize() if isinstance(value, QTensor) else value
+
+
+def _batch_major(model: onnx.ModelProto) -> bool:
+    """True when every tensor's leading axis follows the inputs' batch (shape inference at batch 2x)."""
+    def shapes(m: onnx.ModelProto) -> dict[str, list[int]] | None:
+        try:
+            g = onnx.shape_inference.infer_shapes(m, strict_mode=True).graph
+        except Exception:  # noqa: BLE001  (does not infer at another batch: not batch-major)
+            return None
+        out = {}
+        for vi in [*g.value_info, *g.output]:
+            dims = vi.type.tensor_type.shape.dim
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+        return out
+
+    inits = {i.name for i in model.graph.initializer}
+    doubled = onnx.ModelProto.FromString(model.SerializeToString())
+    del doubled.graph.value_info[:]
+    for vi in doubled.graph.output:
+        for d in vi.type.tensor_type.shape.dim:
+            d.Clear()
+    for vi in doubled.graph.input:
+        if vi.name not in inits:
+            d = vi.type.tensor_type.shape.dim[0]
+            d.dim_value = 2 * d.dim_value
+    one, two = shapes(model), shapes(doubled)
+    if one is None or two is None:
+        return False
+    return all(name in two and len(two[name]) == len(s) and s and two[name][0] == 2 * s[0] and two[name][1:] == s[1:]
+               for name, s in one.items())
+
+
 class IntegerSimulator:
-    """Runs a quantized operator graph in integer arithmetic from quantinfo and quantparams alone.
+    """Runs a quantized operator graph in integer arithmetic from quantinfo and quantparams.
 
     Args:
         graph: an operator graph with quantinfo attached (``convert(...)`` / ``read_graph``).
         quantparams: ``read_quantparams(mapname)``: integer weights and int32 biases.
         requant: ``'float'`` (float64 multiplier) or ``'fixed'`` (31-bit multiplier and shift).
+        model: the graph's ONNX model; default the map's ``model.onnx`` (checked by sha256).
 
     Raises:
-        ArtifactError: quantparams lack a weight, or its shape differs from the model's.
-        ConversionError: the graph is not quantized, or a device operator has no integer kernel.
+        ArtifactError: quantparams lack a weight, its shape differs from the model's, or the model is gone.
+        ConversionError: the graph is not quantized, or an operator cannot run where it is placed.
     """
 
     def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
-                 requant: RequantMode | str = RequantMode.FLOAT) -> None:
+                 requant: RequantMode | str = RequantMode.FLOAT, model: onnx.ModelProto | None = None) -> None:
         if not graph.meta.get("quantized"):
             raise ConversionError("the operator graph has no quantinfo attached.",
                                   "convert the map with quantization (convert(mapname), the default).")
@@ -100,23 +143,34 @@ class IntegerSimulator:
         except ValueError:
             raise SettingsError(f"requant={requant!r} is not a requantization mode.",
                                 "use 'float' or 'fixed'.") from None
+        model = model if model is not None else graph.model()
         self.order = graph.operators()
+        nodes = {n.name: n for n in model.graph.node}
+        missing = [n for n in self.order if n not in nodes]
+        if missing:
+            raise ArtifactError(f"the model lacks operators of the graph: {', '.join(missing[:5])}.",
+                                "re-run convert for this map.")
+        opset = opset_of(model)
+        self.constants = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy())
+                          for i in model.graph.initializer}
+        self.nodes = {name: nodes[name] for name in self.order}
+        self.runners = {name: NodeRunner(nodes[name], opset) for name in self.order}
+        self.batch = max(1, next(iter(graph.inputs.values()))[0]) if graph.inputs else 1
+        self.batch_major = _batch_major(model)
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         problems = []
         for name in self.order:
             node = graph.node(name)
-            kernels = _DEVICE_KERNELS if node["part"] == DEVICE else _HOST_OPS
-            if node["op_type"] not in kernels:
-                problems.append(f"{name} ({node['op_type']} on the {node['part']})")
-            elif node["op_type"] == "Gemm" and node["attrs"]["bias"] and node["attrs"]["beta"] != 1.0:
-                problems.append(f"{name} (Gemm with beta={node['attrs']['beta']})")
-            if node["op_type"] in ("Conv", "Gemm"):
+            if node["role"] == Role.CROSSBAR.value:
+                if node["op_type"] == "Gemm" and node["attrs"]["bias"] and node["attrs"]["beta"] != 1.0:
+                    problems.append(f"{name} (Gemm with beta={node['attrs']['beta']})")
+                if node["op_type"] == "ConvTranspose" and (node["attrs"]["output_shape"] or
+                                                           node["attrs"]["auto_pad"] not in ("NOTSET", "VALID")):
+                    problems.append(f"{name} (ConvTranspose with output_shape/auto_pad)")
                 self.weights[name] = self._load_weights(name, node, quantparams)
         if problems:
-            raise ConversionError(f"maptools cannot simulate these operators where they are placed: "
-                                  f"{', '.join(problems)}.",
-                                  "change the placement rule (maptools.conversion.DEVICE_OP_TYPES) so these "
-                                  "operators run where maptools can simulate them.")
+            raise ConversionError(f"maptools cannot simulate these operators: {', '.join(problems)}.",
+                                  "re-export the model with explicit pads and a Gemm bias scale of 1.")
 
     @staticmethod
     def _load_weights(name: str, node: Mapping[str, Any], params: Mapping[str, np.ndarray | None]
@@ -138,29 +192,88 @@ class IntegerSimulator:
 
     # --- running ---------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray | torch.Tensor], *, keep: bool = False) -> SimulationRun:
-        """Simulate a batch; ``keep`` also returns every quantized tensor's codes (int32) and scale."""
-        env: dict[str, Value] = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in inputs.items()}
+        """Simulate a batch; ``keep`` also returns every quantized tensor's codes (int32) and scale.
+
+        A model whose shapes do not follow the batch (a Reshape to a constant batch) runs in
+        chunks of the batch it was prepared for.
+        """
+        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+                  for k, v in inputs.items()}
+        total = next(iter(arrays.values())).shape[0]
+        if self.batch_major or total == self.batch:
+            return self._run(arrays, keep)
+        if total % self.batch:
+            raise InputShapeError(f"this model runs in batches of {self.batch} (its shapes do not follow the batch), "
+                                  f"but {total} samples were given.", f"pass a multiple of {self.batch} samples.")
+        runs = [self._run({k: v[i:i + self.batch] for k, v in arrays.items()}, keep)
+                for i in range(0, total, self.batch)]
+        return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self._batch_axis(k))
+                              for k in runs[0].outputs},
+                             {k: np.concatenate([r.codes[k] for r in runs]) for k in runs[0].codes},
+                             runs[0].scales)
+
+    def _batch_axis(self, output: str) -> int:
+        """The axis of a graph output that carries the batch: the first of the prepared batch's size
+        (a recogniser's [T, N, classes] output has it second)."""
+        shape = self.graph.outputs[output]
+        return next((axis for axis, size in enumerate(shape) if size == self.batch), 0)
+
+    def _run(self, inputs: Mapping[str, np.ndarray], keep: bool) -> SimulationRun:
+        env: dict[str, Value] = {k: torch.from_numpy(v) for k, v in inputs.items()}
         codes: dict[str, np.ndarray] = {}
         scales: dict[str, float] = {}
         with torch.no_grad():
             for name in self.order:
                 node = self.graph.node(name)
-                out = self.step(name, [env[t] for t in node["inputs"]])
-                env[node["outputs"][0]] = out
-                if keep and isinstance(out, QTensor):
-                    codes[node["outputs"][0]] = out.codes.to(torch.int32).numpy()
-                    scales[node["outputs"][0]] = out.scale
-        outputs = {o: (env[o].dequantize() if isinstance(env[o], QTensor) else env[o]).numpy()
-                   for o in self.graph.outputs}
+                outs = self.step(name, [env[t] for t in node["inputs"]])
+                for tensor, out in zip(node["outputs"], outs):
+                    env[tensor] = out
+                    if keep and isinstance(out, QTensor):
+                        codes[tensor] = out.codes.to(torch.int32).numpy()
+                        scales[tensor] = out.scale
+        outputs = {o: _float(env[o]).numpy() for o in self.graph.outputs}
         return SimulationRun(outputs, codes, scales)
 
-    def step(self, name: str, values: list[Value]) -> Value:
-        """Run one operator on its input values (codes on a scale, or float tensors)."""
+    def step(self, name: str, values: list[Value]) -> list[Value]:
+        """Run one operator on its activation inputs (codes on a scale, or float tensors); returns its outputs."""
         node = self.graph.node(name)
-        if node["part"] == DEVICE:
-            return _DEVICE_KERNELS[node["op_type"]](self, name, node, node["quant"], values)
-        return self._host(node, values)
+        if node["part"] != DEVICE:
+            return self._generic(name, [_float(v) for v in values])
+        cfg: QuantConfig = node["quant"]
+        kernel = _KERNELS.get(node["op_type"]) if node["role"] in _INTEGER_ROLES else None
+        if kernel is not None:
+            return [kernel(self, name, node, cfg, values)]
+        if node["role"] == Role.MOVE.value:
+            return self._move(name, cfg, values)
+        return self._lookup(name, cfg, values)
 
+    # --- generic operators ---------------------------------------------------------------------------
+    def _generic(self, name: str, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The operator's ONNX semantics in onnxruntime, its constants from the model."""
+        acts = iter(values)
+        feed = [None if not t else self.constants[t].numpy() if t in self.constants else next(acts).numpy()
+                for t in self.nodes[name].input]
+        return [torch.from_numpy(np.array(out)) for out in self.runners[name].run(feed)]
+
+    def _move(self, name: str, cfg: QuantConfig, values: list[Value]) -> list[QTensor]:
+        """Codes moved unchanged (run the operator on the codes themselves), then the output grid."""
+        (x,) = self._inputs(cfg, values)
+        outs = self._generic(name, [x.codes.to(torch.float32)])
+        return [self._finish(QTensor(o.to(torch.float64), x.scale), cfg) for o in outs]
+
+    def _lookup(self, name: str, cfg: QuantConfig, values: list[Value]) -> list[Value]:
+        """A table over the input codes: the function of the dequantized inputs, on the output grid."""
+        scales = list(cfg.input_scales)
+        floats = []
+        for i, v in enumerate(values):
+            scale = scales[i] if i < len(scales) else None
+            floats.append(_float(self._on_scale(v, scale, cfg)) if scale is not None else _float(v))
+        outs = self._generic(name, floats)
+        if cfg.output_scale is None:  # inside a gated activation: stays float
+            return outs
+        return [QTensor(quantize(outs[0], cfg.output_scale, cfg.io_min, cfg.io_max), cfg.output_scale)]
+
+    # --- helpers -------------------------------------------------------------------------------------
     def _requant(self, acc: torch.Tensor, multiplier: torch.Tensor | float, cfg: QuantConfig) -> torch.Tensor:
         return requantize(acc, multiplier, cfg.io_min, cfg.io_max, self.mode)
 
@@ -185,19 +298,11 @@ class IntegerSimulator:
             return x
         return QTensor(self._requant(x.codes, x.scale / cfg.output_scale, cfg), cfg.output_scale)
 
-    def _host(self, node: Mapping[str, Any], values: list[Value]) -> Value:
-        cfg: QuantConfig | None = node["quant"]
-        scales = list(cfg.input_scales) if cfg is not None else []
-        floats = []
-        for i, v in enumerate(values):
-            x = v.dequantize() if isinstance(v, QTensor) else v
-            if i < len(scales) and scales[i] is not None:
-                x = QTensor(quantize(x, scales[i], cfg.io_min, cfg.io_max), scales[i]).dequantize()
-            floats.append(x)
-        y = _HOST_OPS[node["op_type"]](node, _operands(node, floats))
-        if cfg is not None and cfg.output_scale is not None:
-            return QTensor(quantize(y, cfg.output_scale, cfg.io_min, cfg.io_max), cfg.output_scale)
-        return y
+    def _output(self, acc: torch.Tensor, in_scale: torch.Tensor | float, cfg: QuantConfig) -> Value:
+        """An accumulator on the grid ``in_scale`` requantized to the output scale (or float when it has none)."""
+        if cfg.output_scale is None:
+            return (acc * in_scale).to(torch.float32)
+        return QTensor(self._requant(acc, in_scale / cfg.output_scale, cfg), cfg.output_scale)
 
     # --- integer kernels ---------------------------------------------------------------------------
     def _accumulate(self, name: str, acc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -208,24 +313,38 @@ class IntegerSimulator:
                                   "use fewer weight/activation bits or a smaller reduction.")
         return acc
 
-    def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
+    def _weight_scale(self, cfg: QuantConfig, dims: int) -> torch.Tensor:
+        return torch.from_numpy(cfg.weight_scale.astype(np.float64)).reshape([1, -1] + [1] * (dims - 2))
+
+    def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
         (x,) = self._inputs(cfg, values)
         weight, bias = self.weights[name]
-        _, strides, dilations, pads = _spatial(node)
-        codes, padding = _padding(x.codes, pads)
-        conv = getattr(F, f"conv{len(strides)}d")
-        acc = conv(codes, weight, None, strides, padding, dilations, node["attrs"]["groups"])
-        acc = self._accumulate(name, acc, bias)
-        w_scale = torch.from_numpy(cfg.weight_scale.astype(np.float64)).reshape([1, -1] + [1] * (acc.dim() - 2))
-        return QTensor(self._requant(acc, x.scale * w_scale / cfg.output_scale, cfg), cfg.output_scale)
+        a = node["attrs"]
+        codes, padding = _padding(x.codes, a["pads"])
+        conv = getattr(F, f"conv{len(a['strides'])}d")
+        acc = self._accumulate(name, conv(codes, weight, None, a["strides"], padding, a["dilations"], a["groups"]),
+                               bias)
+        return self._output(acc, x.scale * self._weight_scale(cfg, acc.dim()), cfg)
 
-    def _gemm(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
+    def _conv_transpose(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
+        (x,) = self._inputs(cfg, values)
+        weight, bias = self.weights[name]
+        a = node["attrs"]
+        rank = len(a["strides"])
+        deconv = getattr(F, f"conv_transpose{rank}d")
+        acc = deconv(x.codes, weight, None, a["strides"], 0, a["output_padding"], a["groups"], a["dilations"])
+        begin, end = a["pads"][:rank], a["pads"][rank:]
+        acc = acc[(slice(None), slice(None), *(slice(b, acc.shape[2 + i] - e) for i, (b, e) in
+                                               enumerate(zip(begin, end))))]
+        acc = self._accumulate(name, acc, bias)
+        return self._output(acc, x.scale * self._weight_scale(cfg, acc.dim()), cfg)
+
+    def _gemm(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
         (x,) = self._inputs(cfg, values)
         weight, bias = self.weights[name]  # [out, in]
         acc = self._accumulate(name, x.codes @ weight.T, bias)
-        alpha = node["attrs"]["alpha"]
         w_scale = torch.from_numpy(cfg.weight_scale.astype(np.float64)).reshape(1, -1)
-        return QTensor(self._requant(acc, alpha * x.scale * w_scale / cfg.output_scale, cfg), cfg.output_scale)
+        return self._output(acc, node["attrs"]["alpha"] * x.scale * w_scale, cfg)
 
     def _add(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         a, b = self._inputs(cfg, values)
@@ -236,33 +355,30 @@ class IntegerSimulator:
         parts = [self._on_scale(x, cfg.output_scale, cfg).codes for x in self._inputs(cfg, values)]
         return QTensor(torch.cat(parts, dim=node["attrs"]["axis"]), cfg.output_scale)
 
-    def _relu(self, name: str, node: Mapping[str, Any], cfg: QuantConfig | None, values: list[Value]) -> QTensor:
+    def _relu(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
         return self._finish(QTensor(torch.clamp(x.codes, min=0), x.scale), cfg)
 
-    def _lookup(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
+    def _maxpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
-        table = torch.arange(cfg.io_min, cfg.io_max + 1, dtype=torch.float64)
-        real = _HOST_OPS[node["op_type"]](node, [QTensor(table, x.scale).dequantize()])
-        lut = quantize(real, cfg.output_scale, cfg.io_min, cfg.io_max)
-        return QTensor(lut[(x.codes - cfg.io_min).long()], cfg.output_scale)
-
-    def _maxpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig | None, values: list[Value]) -> QTensor:
-        (x,) = self._inputs(cfg, values)
-        kernel, strides, dilations, pads = _spatial(node)
-        codes, padding = _padding(x.codes, pads)
-        pool = getattr(F, f"max_pool{len(kernel)}d")
-        out = pool(codes, kernel, strides, padding, dilations, ceil_mode=bool(node["attrs"]["ceil_mode"]))
+        a = node["attrs"]
+        codes, padding = _padding(x.codes, a["pads"])
+        if any(p > k // 2 for p, k in zip(padding, a["kernel"])):  # torch's limit; pad with the lowest code
+            flat = [p for i in reversed(range(len(padding))) for p in (padding[i], padding[i])]
+            codes, padding = F.pad(codes, flat, value=float(cfg.io_min)), [0] * len(padding)
+        pool = getattr(F, f"max_pool{len(a['kernel'])}d")
+        out = pool(codes, a["kernel"], a["strides"], padding, a["dilations"], ceil_mode=bool(a["ceil_mode"]))
         return self._finish(QTensor(out, x.scale), cfg)
 
     def _avgpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
-        kernel, strides, dilations, pads = _spatial(node)
+        a = node["attrs"]
+        kernel, strides, dilations, pads = a["kernel"], a["strides"], a["dilations"], a["pads"]
         if len(kernel) != 2 or any(d != 1 for d in dilations) or pads[:2] != pads[2:]:
             raise ConversionError(f"{name}: only 2-D AveragePool without dilation and with symmetric pads is "
                                   "supported.", "re-export the model with a plain 2-D average pool.")
-        args = dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(node["attrs"]["ceil_mode"]),
-                    count_include_pad=bool(node["attrs"]["count_include_pad"]))
+        args = dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(a["ceil_mode"]),
+                    count_include_pad=bool(a["count_include_pad"]))
         sums = F.avg_pool2d(x.codes, divisor_override=1, **args)
         ones = torch.ones_like(x.codes[:1, :1])
         counts = torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
@@ -274,71 +390,17 @@ class IntegerSimulator:
         count = math.prod(x.codes.shape[2:])
         return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg), cfg.output_scale)
 
-    def _flatten(self, name: str, node: Mapping[str, Any], cfg: QuantConfig | None, values: list[Value]) -> QTensor:
-        (x,) = self._inputs(cfg, values)
-        return self._finish(QTensor(_flatten_2d(x.codes, node["attrs"]["axis"]), x.scale), cfg)
 
-
-Kernel = Callable[[IntegerSimulator, str, Mapping[str, Any], Any, list[Value]], QTensor]
-_DEVICE_KERNELS: dict[str, Kernel] = {
-    "Conv": IntegerSimulator._conv, "Gemm": IntegerSimulator._gemm, "Add": IntegerSimulator._add,
-    "Concat": IntegerSimulator._concat, "Relu": IntegerSimulator._relu, "MaxPool": IntegerSimulator._maxpool,
+Kernel = Callable[[IntegerSimulator, str, Mapping[str, Any], QuantConfig, list[Value]], Value]
+#: Integer kernels by operator type, for the roles computed in integer arithmetic.
+_KERNELS: dict[str, Kernel] = {
+    "Conv": IntegerSimulator._conv, "ConvTranspose": IntegerSimulator._conv_transpose, "Gemm": IntegerSimulator._gemm,
+    "Add": IntegerSimulator._add, "Concat": IntegerSimulator._concat, "MaxPool": IntegerSimulator._maxpool,
     "AveragePool": IntegerSimulator._avgpool, "GlobalAveragePool": IntegerSimulator._global_avgpool,
-    "Flatten": IntegerSimulator._flatten,
-    **{op: IntegerSimulator._lookup for op in ("LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh")},
+    "Relu": IntegerSimulator._relu,
 }
-
-
-# --- float operators (the host part, and the functions behind activation lookup tables) ------------
-
-def _operands(node: Mapping[str, Any], values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Activation inputs and inline constants back in ONNX input order."""
-    constants = node["constants"]
-    acts = iter(values)
-    return [torch.tensor(constants[str(i)], dtype=torch.float32) if str(i) in constants else next(acts)
-            for i in range(len(values) + len(constants))]
-
-
-def _flatten_2d(x: torch.Tensor, axis: int) -> torch.Tensor:
-    axis = axis if axis >= 0 else axis + x.dim()
-    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
-
-
-def _reshape(node: Mapping[str, Any], ops: list[torch.Tensor]) -> torch.Tensor:
-    x, shape = ops[0], [int(s) for s in ops[1].tolist()]
-    return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
-
-
-def _window(node: Mapping[str, Any], ops: list[torch.Tensor], kind: str) -> torch.Tensor:
-    kernel, strides, dilations, pads = _spatial(node)
-    x, padding = _padding(ops[0], pads)
-    if kind == "max":
-        return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=bool(node["attrs"]["ceil_mode"]))
-    return F.avg_pool2d(x, kernel, strides, padding, ceil_mode=bool(node["attrs"]["ceil_mode"]),
-                        count_include_pad=bool(node["attrs"]["count_include_pad"]))
-
-
-FloatOp = Callable[[Mapping[str, Any], list[torch.Tensor]], torch.Tensor]
-_HOST_OPS: dict[str, FloatOp] = {
-    "Relu": lambda n, o: torch.relu(o[0]),
-    "LeakyRelu": lambda n, o: F.leaky_relu(o[0], n["attrs"]["alpha"]),
-    "Clip": lambda n, o: torch.clamp(o[0], n["attrs"]["min"], n["attrs"]["max"]),
-    "Sigmoid": lambda n, o: torch.sigmoid(o[0]),
-    "HardSigmoid": lambda n, o: torch.clamp(n["attrs"]["alpha"] * o[0] + n["attrs"]["beta"], 0, 1),
-    "Tanh": lambda n, o: torch.tanh(o[0]),
-    "Add": lambda n, o: o[0] + o[1],
-    "Mul": lambda n, o: o[0] * o[1],
-    "MatMul": lambda n, o: o[0] @ o[1],
-    "Concat": lambda n, o: torch.cat(o, dim=n["attrs"]["axis"]),
-    "MaxPool": lambda n, o: _window(n, o, "max"),
-    "AveragePool": lambda n, o: _window(n, o, "avg"),
-    "GlobalAveragePool": lambda n, o: o[0].mean(dim=tuple(range(2, o[0].dim())), keepdim=True),
-    "Flatten": lambda n, o: _flatten_2d(o[0], n["attrs"]["axis"]),
-    "Reshape": _reshape,
-    "Transpose": lambda n, o: o[0].permute(n["attrs"]["perm"]),
-    "Softmax": lambda n, o: torch.softmax(o[0], dim=n["attrs"]["axis"]),
-    "Identity": lambda n, o: o[0],
-}
+_INTEGER_ROLES = {Role.CROSSBAR.value, Role.ADD.value, Role.CONCAT.value, Role.AVGPOOL.value, Role.MOVE.value,
+                  Role.LUT.value}
 
 
 # --- the simulation step ------------------------------------------------------------------------------

@@ -6,67 +6,78 @@ flows in ``flows/``) can cache on content and never moves tensors between steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maptools import prepare
 from maptools.artifacts import output_root, sha256_file, write_json
 from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError
 from maptools.examples import EXAMPLE_PREFIX, example_model
-from maptools.onnx_model import check_input_shapes, load_model, simplify_model
+from maptools.onnx_model import check_input_shapes, load_model
+from maptools.versions import package_versions
 
-__all__ = ["SimplifiedModel", "CalibrationSpec", "simplify_onnx", "describe_calibration", "artifacts_intact"]
+__all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "artifacts_intact"]
 
 
 @dataclass(frozen=True)
-class SimplifiedModel:
-    """A model ready to quantize: its path, the sha256 of its bytes, and the simplification check."""
+class PreparedOnnx:
+    """A model ready to quantize: its path, the sha256 of its bytes, and how it was prepared."""
 
     path: Path
     sha256: str
     source_sha256: str
+    input_shapes: dict[str, list[int]]
     simplified: bool
     max_abs_diff: float = 0.0
+    steps: tuple[str, ...] = ()
 
 
-def simplify_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]], *, enabled: bool = True,
-                  root: str | Path | None = None) -> SimplifiedModel:
-    """onnxsim ``onnx_path`` into ``<root>/mapsave/.models/<sha256>.onnx``, checking it computes the same.
+def _prepare_fingerprint() -> str:
+    """What besides the model and the options decides the prepared bytes: the code and the converters."""
+    digest = hashlib.sha256(Path(prepare.__file__).read_bytes())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions.get(k) for k in ("onnx", "onnxsim")}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]], *, simplify: bool = True,
+                 root: str | Path | None = None) -> PreparedOnnx:
+    """Prepare ``onnx_path`` (:func:`maptools.prepare.prepare_model`) into ``<root>/mapsave/.models/``.
 
     ``onnx_path`` may name a built-in model, ``example:resnet18`` or ``example:small_cnn``
     (exported once to ``<root>/onnx_models/``).
 
-    The output is content-addressed by the source model's sha256, so a second call is a file
-    lookup. With ``enabled=False`` the model is only checked and its own path is returned.
+    The output is content-addressed by everything that decides it: the source model's sha256,
+    the input shapes, ``simplify``, and the preparation code and converter versions; a second
+    call is a lookup, checked against the sha256 recorded beside the file (a changed or truncated
+    file is prepared again).
     """
     if str(onnx_path).startswith(EXAMPLE_PREFIX):
         onnx_path = example_model(str(onnx_path), output_root(root) / "onnx_models")
     source = Path(onnx_path)
-    model = load_model(source)
-    check_input_shapes(model, input_shapes)
+    shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(load_model(source), input_shapes).items()}
     source_sha = sha256_file(source)
-    if not enabled:
-        return SimplifiedModel(source.resolve(), source_sha, source_sha, simplified=False)
+    key = hashlib.sha256(json.dumps({"source": source_sha, "shapes": shapes, "simplify": simplify,
+                                     "code": _prepare_fingerprint()}, sort_keys=True).encode()).hexdigest()
     folder = output_root(root) / "mapsave" / ".models"
     folder.mkdir(parents=True, exist_ok=True)
-    target, check_file = folder / f"{source_sha}.onnx", folder / f"{source_sha}.check.json"
-    if target.is_file() and check_file.is_file():
-        diff = float(json.loads(check_file.read_text())["max_abs_diff"])
-        return SimplifiedModel(target, sha256_file(target), source_sha, simplified=True, max_abs_diff=diff)
-    fd, tmp = tempfile.mkstemp(prefix=".incomplete-", suffix=".onnx", dir=folder)
-    os.close(fd)
+    target, record = folder / f"{key}.onnx", folder / f"{key}.json"
     try:
-        check = simplify_model(source, Path(tmp), input_shapes)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    write_json(check_file, {"source_sha256": source_sha, "max_abs_diff": check.max_abs_diff})
-    return SimplifiedModel(target, sha256_file(target), source_sha, simplified=True, max_abs_diff=check.max_abs_diff)
+        known = json.loads(record.read_text())
+        if sha256_file(target) == known["sha256"]:
+            return PreparedOnnx(target, known["sha256"], source_sha, shapes, simplify, float(known["max_abs_diff"]),
+                                tuple(known["steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not prepared yet, or the cached copy is damaged: prepare again
+    done = prepare.prepare_model(source, target, shapes, simplify=simplify)
+    write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
+                        "steps": list(done.steps)})
+    return PreparedOnnx(target, done.sha256, source_sha, shapes, simplify, done.max_abs_diff, done.steps)
 
 
 @dataclass(frozen=True)

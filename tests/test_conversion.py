@@ -15,8 +15,7 @@ import pytest
 
 from maptools import read_quantinfo
 from maptools.artifacts import verify_map
-from maptools.conversion import (DEVICE, GRAPH_FILE, HOST, OperatorGraph, build_graph, convert, placement,
-                                 read_graph)
+from maptools.conversion import DEVICE, GRAPH_FILE, OperatorGraph, build_graph, convert, read_graph
 from maptools.errors import ArtifactError, ConversionError, ModelError
 
 
@@ -70,20 +69,12 @@ def test_branchy_graph_with_concat(branchy_cnn) -> None:
     assert g.node("/b3/b3.2/LeakyRelu")["attrs"] == {"alpha": pytest.approx(0.1)}
     stem_out = "/stem/stem.2/Relu"
     assert sorted(g.graph.successors(stem_out)) == ["/b1/b1.0/Conv", "/b2/b2.0/Conv", "/b3/b3.0/AveragePool"]
+    # y * sigmoid(y) is a gated activation: one lookup table over y's codes, on the device
     mul = g.node("/Mul")
-    assert mul["part"] == HOST and _in_edges(g, "/Mul") == [
-        ("/Concat", "/Concat_output_0", 0), ("/Sigmoid", "/Sigmoid_output_0", 1)]
-    assert list(g.host_part().graph.nodes) == ["/Mul"]
-    device = g.device_part()
-    assert device.graph.number_of_nodes() == 15 and "/Mul" not in device.graph
-    assert not device.graph.has_node("/Mul") and device.graph.has_edge("/Concat", "/Sigmoid")
-
-
-def test_placement_rule() -> None:
-    for op in ("Conv", "Gemm", "Relu", "Clip", "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"):
-        assert placement(op) == DEVICE
-    for op in ("MatMul", "Mul", "Reshape", "Transpose", "Softmax"):
-        assert placement(op) == HOST
+    assert (mul["part"], mul["role"], g.node("/Sigmoid")["role"]) == (DEVICE, "lut", "gate")
+    assert _in_edges(g, "/Mul") == [("/Concat", "/Concat_output_0", 0), ("/Sigmoid", "/Sigmoid_output_0", 1)]
+    assert g.node("/Concat")["role"] == "concat" and g.node("/b1/b1.0/Conv")["role"] == "crossbar"
+    assert not g.host_part().graph.nodes and g.device_part().graph.number_of_nodes() == 16
 
 
 def test_convert_attaches_quantinfo_and_round_trips(resnet_result) -> None:
@@ -114,8 +105,8 @@ def test_attach_reports_missing_and_foreign_configs(small_cnn, small_result) -> 
     with pytest.raises(ConversionError, match="3 device operator") as e:
         build_graph(small_cnn).attach_quantinfo(missing)
     assert all(name in str(e.value) for name in (conv, "/head/head.2/Gemm", "/Add"))
-    # Relu, MaxPool and Flatten keep their input's grid: no config needed
-    build_graph(small_cnn).attach_quantinfo({k: v for k, v in info.items() if "Relu" not in k})
+    with pytest.raises(ConversionError, match="no quantization config: /block/block.0/Conv"):
+        build_graph(small_cnn).attach_quantinfo({**info, conv: dataclasses.replace(info[conv], weight_scale=None)})
     with pytest.raises(ConversionError, match="does not have: /other/Conv.*another model"):
         build_graph(small_cnn).attach_quantinfo({**info, "/other/Conv": info[conv]})
     with pytest.raises(ConversionError, match="disagree"):
@@ -123,15 +114,21 @@ def test_attach_reports_missing_and_foreign_configs(small_cnn, small_result) -> 
 
 
 def test_unsupported_operators_are_listed(tmp_path) -> None:
+    """Any standard ONNX operator converts (it runs on the host); others are listed in one error."""
     x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
-    nodes = [oh.make_node("Relu", ["x"], ["a"], name="relu"), oh.make_node("LRN", ["a"], ["b"], name="lrn", size=3),
-             oh.make_node("Erf", ["b"], ["y"], name="erf")]
-    model = oh.make_model(oh.make_graph(nodes, "g", [x], [y]), opset_imports=[oh.make_opsetid("", 13)])
-    path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
-    with pytest.raises(ConversionError, match=r"2 operator\(s\): lrn \(LRN\), erf \(Erf\).*supported operator types"):
-        build_graph(path)
+    standard = [oh.make_node("Relu", ["x"], ["a"], name="relu"), oh.make_node("LRN", ["a"], ["b"], name="lrn", size=3),
+                oh.make_node("Erf", ["b"], ["y"], name="erf")]
+    model = oh.make_model(oh.make_graph(standard, "g", [x], [y]), opset_imports=[oh.make_opsetid("", 13)])
+    g = build_graph(model)
+    assert [g.node(n)["part"] for n in ("relu", "lrn", "erf")] == ["host"] * 3  # no crossbar work before them
+    odd = [oh.make_node("Relu", ["x"], ["a"], name="relu"), oh.make_node("Frobnicate", ["a"], ["b"], name="frob"),
+           oh.make_node("Gelu", ["b"], ["y"], name="gelu", domain="com.microsoft")]
+    model = oh.make_model(oh.make_graph(odd, "g", [x], [y]), opset_imports=[
+        oh.make_opsetid("", 13), oh.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(ConversionError, match=r"2 operator\(s\): frob \(Frobnicate\): not an ONNX operator at opset "
+                                              r"13, gelu \(Gelu\): domain 'com.microsoft'.*standard ONNX"):
+        build_graph(model)
 
 
 def _copy_map(result, root: Path) -> Path:
@@ -155,6 +152,7 @@ def test_convert_checks_model_and_artifacts(small_result, resnet_result, resnet1
 def test_read_graph_refuses_a_graph_of_other_artifacts(small_result, resnet_result, tmp_path) -> None:
     convert("resnet18", output_root=_root(resnet_result))
     folder = _copy_map(small_result, tmp_path)
+    (folder / GRAPH_FILE).unlink(missing_ok=True)
     with pytest.raises(ArtifactError, match="convert --mapname small"):
         read_graph("small", tmp_path)
     shutil.copy(resnet_result.map_dir / GRAPH_FILE, folder / GRAPH_FILE)

@@ -1,0 +1,87 @@
+"""Run one ONNX operator in onnxruntime: the reference semantics for any standard operator.
+
+PPQ's own kernels cover a few dozen operators, some only at some opsets; the integer simulation's
+host part must run every standard operator. :class:`NodeRunner` wraps one ``NodeProto`` as a
+one-node model (inputs without fixed shapes) and runs it in an onnxruntime session built once per
+input signature, single-threaded so it never competes with the caller's thread pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.shape_inference
+
+from maptools.errors import ModelError
+
+__all__ = ["NodeRunner"]
+
+
+class NodeRunner:
+    """One ONNX operator, executable on numpy arrays.
+
+    Args:
+        node: the operator (its inputs may name initializers: pass their values to :meth:`run`).
+        opset: the model's default-domain opset.
+    """
+
+    def __init__(self, node: onnx.NodeProto, opset: int) -> None:
+        self.node = onnx.NodeProto.FromString(node.SerializeToString())
+        self.opset = opset
+        self._sessions: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
+    def _session(self, feed: dict[str, np.ndarray]) -> object:
+        key = tuple((name, value.dtype.str, value.ndim) for name, value in feed.items())
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = self._build(feed)
+            return session
+
+    def _build(self, feed: dict[str, np.ndarray]) -> object:
+        import onnxruntime as ort
+
+        inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                     [None] * v.ndim) for name, v in feed.items()]
+        outputs = [onnx.ValueInfoProto(name=o) for o in self.node.output if o]
+        graph = onnx.helper.make_graph([self.node], "node", inputs, outputs)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
+        model.ir_version = min(model.ir_version, 10)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+            for out in model.graph.output:
+                if out.name in types and types[out.name].tensor_type.elem_type:
+                    out.type.CopyFrom(types[out.name])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnx and onnxruntime raise many types for unsupported content
+            raise ModelError(f"onnxruntime cannot run operator {self.name} ({self.node.op_type}) at opset "
+                             f"{self.opset}: {str(e).strip()[:300]}",
+                             "re-export the model with standard ONNX operators (opset 11-17).") from e
+
+    def run(self, values: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """Outputs for input ``values`` in the node's input order (``None`` for an empty optional input)."""
+        feed: dict[str, np.ndarray] = {}
+        for name, value in zip(self.node.input, values):
+            if name and value is not None:
+                feed[name] = np.asarray(value, order="C")  # (ascontiguousarray makes scalars 1-D)
+        session = self._session(feed)
+        try:
+            return session.run(None, feed)  # type: ignore[attr-defined]
+        except Exception as e:
+            shapes = {k: list(v.shape) for k, v in feed.items()}
+            raise ModelError(f"onnxruntime failed on operator {self.name} ({self.node.op_type}) with inputs {shapes}: "
+                             f"{str(e).strip()[:300]}", "check the model runs in onnxruntime with these input "
+                             "shapes.") from e

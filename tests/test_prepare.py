@@ -1,0 +1,121 @@
+"""Preparing models as shipped: fixed dims, opset 13 both ways, PPQ-ready rewrites, checked in onnxruntime."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from maptools.errors import InputShapeError, ModelError
+from maptools.prepare import opset_report, prepare_model
+from maptools.stages import prepare_onnx
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: dict[str, list], outputs: dict[str, list], opset: int,
+           inits: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def _types(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_operators_newer_than_13_are_rewritten_and_checked(tmp_path) -> None:
+    """Opset 18: HardSwish, LayerNormalization, Reduce* with axes as an input, Split by num_outputs, Shape slices."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("HardSwish", ["x"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-5),
+        helper.make_node("ReduceMean", ["n", "axes"], ["m"], keepdims=1),
+        helper.make_node("Split", ["n"], ["a", "b"], axis=3, num_outputs=2),
+        helper.make_node("Mul", ["a", "b"], ["ab"]),
+        helper.make_node("Add", ["ab", "m"], ["y"]),
+        helper.make_node("Shape", ["y"], ["s"], start=1, end=3),
+    ]
+    model = _model(nodes, {"x": ["batch", 2, 4, 8]}, {"y": ["batch", 2, 4, 4]}, 18,
+                   {"gamma": rng.standard_normal(8).astype(np.float32), "beta": rng.standard_normal(8).astype(np.float32),
+                    "axes": np.asarray([2, 3], dtype=np.int64)})
+    model.graph.output.append(helper.make_tensor_value_info("s", TensorProto.INT64, [2]))
+    source = _save(model, tmp_path / "new.onnx")
+    assert opset_report(model) == ({"HardSwish": 1, "LayerNormalization": 1, "ReduceMean": 1, "Split": 1, "Shape": 1},
+                                   [])
+    done = prepare_model(source, tmp_path / "prepared.onnx", {"x": [3, 2, 4, 8]}, simplify=False)
+    prepared = onnx.load(str(done.path))
+    assert (done.source_opset, done.opset) == (18, 13) and prepared.opset_import[0].version == 13
+    types = _types(done.path)
+    assert "HardSwish" not in types and "LayerNormalization" not in types
+    assert types["HardSigmoid"] == 1 and types["Sqrt"] == 1 and types["Slice"] == 1
+    assert done.max_rel_diff < 1e-5  # checked against the original in onnxruntime
+    assert any("opset 18 -> 13" in s and "HardSwish x1" in s for s in done.steps)
+    assert all(n.name for n in prepared.graph.node) and len({n.name for n in prepared.graph.node}) == len(
+        prepared.graph.node)
+
+
+def test_old_opsets_are_upgraded_and_dims_fixed(tmp_path) -> None:
+    nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[1]), helper.make_node("Relu", ["u"], ["y"])]
+    model = _model(nodes, {"x": [-1, 4]}, {"y": [-1, 1, 4]}, 11)
+    done = prepare_model(_save(model, tmp_path / "old.onnx"), tmp_path / "p.onnx", {"x": [2, 4]})
+    assert done.opset == 13 and "input dims fixed to x=[2, 4]" in done.steps
+    dims = onnx.load(str(done.path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 4]
+    with pytest.raises(InputShapeError, match="axis 1 is fixed to 4"):
+        prepare_model(tmp_path / "old.onnx", tmp_path / "p.onnx", {"x": [2, 5]})
+
+
+def test_batchnorm_bias_and_identity_become_what_ppq_expects(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    c = 4
+    bn = {f"{k}{i}": v for i in (1, 2) for k, v in (("g", rng.uniform(0.5, 2, c)), ("b", rng.standard_normal(c)),
+                                                   ("m", rng.standard_normal(c)), ("v", rng.uniform(0.5, 2, c)))}
+    inits = {k: v.astype(np.float32) for k, v in bn.items()}
+    inits["w"] = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    inits["bias"] = rng.standard_normal((1, c, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g1", "b1", "m1", "v1"], ["bn1"]),  # folds into the Conv
+        helper.make_node("Add", ["bn1", "bias"], ["biased"]),  # folds into the Conv's bias
+        helper.make_node("Relu", ["biased"], ["r"]),
+        helper.make_node("Identity", ["r"], ["i"]),
+        helper.make_node("BatchNormalization", ["i", "g2", "b2", "m2", "v2"], ["y"]),  # alone: Mul + Add
+    ]
+    model = _model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, c, 8, 8]}, 13, inits)
+    done = prepare_model(_save(model, tmp_path / "bn.onnx"), tmp_path / "p.onnx", {"x": [1, 3, 8, 8]},
+                         simplify=False)
+    assert _types(done.path) == {"Conv": 1, "Relu": 1, "Mul": 1, "Add": 1}
+    assert "1 BatchNormalization folded into Conv/Gemm" in done.steps
+    assert "1 BatchNormalization replaced by a per-channel Mul + Add" in done.steps
+    assert done.max_rel_diff < 1e-5
+
+
+def test_prepared_cache_is_keyed_on_shapes_and_checked(tmp_path) -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    source = _save(_model(nodes, {"x": ["n", 4]}, {"y": ["n", 4]}, 13), tmp_path / "dyn.onnx")
+    one = prepare_onnx(source, {"x": [1, 4]}, root=tmp_path)
+    two = prepare_onnx(source, {"x": [2, 4]}, root=tmp_path)
+    assert one.path != two.path and one.sha256 != two.sha256 and one.source_sha256 == two.source_sha256
+    assert prepare_onnx(source, {"x": [2, 4]}, root=tmp_path) == two  # a lookup
+    two.path.write_bytes(two.path.read_bytes()[:-3])  # a damaged cache entry is prepared again
+    again = prepare_onnx(source, {"x": [2, 4]}, root=tmp_path)
+    assert again.sha256 == two.sha256 and again.path.read_bytes() != b""
+    assert [d.dim_value for d in onnx.load(str(again.path)).graph.input[0].type.tensor_type.shape.dim] == [2, 4]
+
+
+def test_foreign_and_control_flow_models_are_refused(tmp_path) -> None:
+    odd = _model([helper.make_node("Frob", ["x"], ["y"], domain="com.example")], {"x": [1, 4]}, {"y": [1, 4]}, 13)
+    odd.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(ModelError, match=r"Frob \(com.example\)"):
+        prepare_model(_save(odd, tmp_path / "odd.onnx"), tmp_path / "p.onnx", {"x": [1, 4]})
+    assert not (tmp_path / "p.onnx").exists()
