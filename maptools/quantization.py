@@ -166,7 +166,8 @@ def quantize(
     notes: list[str] = []
     if calibset is None:
         notes.append("calibrated on seeded random data: fine for trying the pipeline, not for accuracy "
-                     "(ranges of real inputs differ); pass calibset= with real samples.")
+                     "(ranges of real inputs differ); pass real samples (calibset= in Python, --calib FOLDER "
+                     "on the command line, calib= in the flow).")
         log.warning(notes[-1])
     if len(source) < MIN_SAMPLES:
         raise CalibrationError(f"calibset holds {len(source)} samples; PPQ needs at least {MIN_SAMPLES}.",

@@ -96,3 +96,20 @@ def test_inspect_lists_inputs_outputs_and_operators(small_cnn) -> None:
     assert "float32 [1, 3, 32, 32]" in result.stdout and "[1, 10]" in result.stdout
     assert re.search(r"operator\s*│\s*Conv\s*│\s*4\s", result.stdout)
     assert "--input-shape input=1,3,32,32" in result.stdout
+
+
+def test_inspect_shows_opset_dynamic_axes_and_placement(tmp_path) -> None:
+    from maptools.zoo import export_zoo_model
+
+    model = export_zoo_model("mobilenet_v3_small", tmp_path / "mnv3.onnx", opset=17)
+    result = runner.invoke(app, ["inspect", str(model)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "(opset 17," in out and "['batch', 3, 64, 64]" in out
+    assert "maptools brings it to 13 (PPQ's), rewriting HardSwish x19" in out
+    assert "warning: dynamic axes in input: pass --input-shape" in out
+    shaped = runner.invoke(app, ["inspect", str(model), "-s", "input=1,3,64,64"], env={"COLUMNS": "200"})
+    out = " ".join(shaped.stdout.split())
+    assert shaped.exit_code == 0 and "dynamic axes" not in out
+    assert re.search(r"note: device \(123\): Conv 52, .*note: host \(18\): HardSigmoid 9, Mul 9", out)
+    assert f"maptools quantize {model} --input-shape input=1,3,64,64" in out

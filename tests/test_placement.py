@@ -1,0 +1,78 @@
+"""Where operators run: roles by type, gated activations, and the two region rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from maptools.placement import Role, place
+
+
+def _graph(nodes: list[onnx.NodeProto], outputs: list[str], **consts: np.ndarray) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((4, 4, 1, 1)).astype(np.float32), **consts}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _conv(src: str, dst: str) -> onnx.NodeProto:
+    return helper.make_node("Conv", [src, "w"], [dst], name=dst)
+
+
+def test_gated_activations_are_one_table_on_the_device() -> None:
+    """SiLU (x * Sigmoid(x)) and HardSwish (x * Clip(x + 3, 0, 6), then / 6): the chain stays float inside."""
+    nodes = [_conv("x", "a"), helper.make_node("Sigmoid", ["a"], ["s"], name="s"),
+             helper.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
+             helper.make_node("Add", ["silu", "three"], ["p"], name="p"),
+             helper.make_node("Clip", ["p", "zero", "six"], ["c"], name="c"),
+             helper.make_node("Mul", ["silu", "c"], ["hs"], name="hs"),
+             helper.make_node("Div", ["hs", "six"], ["d"], name="d"), _conv("d", "y")]
+    f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+    placed = place(_graph(nodes, ["y"], three=f32(3), zero=f32(0), six=f32(6)))
+    r = placed.roles
+    assert (r["a"], r["s"], r["silu"], r["p"], r["c"], r["hs"], r["d"], r["y"]) == (
+        Role.CROSSBAR, Role.GATE, Role.LUT, Role.GATE, Role.GATE, Role.LUT, Role.LUT, Role.CROSSBAR)
+    assert placed.float_outputs == {"s", "p", "c", "y"}  # the gates' insides, and the head read by no device op
+
+
+def test_squeeze_excitation_gate_runs_on_the_host() -> None:
+    """x * HardSigmoid(conv(pool(x))) multiplies two activations: host; what only feeds it follows."""
+    nodes = [_conv("x", "a"), helper.make_node("GlobalAveragePool", ["a"], ["g"], name="g"), _conv("g", "e"),
+             helper.make_node("HardSigmoid", ["e"], ["h"], name="h"),
+             helper.make_node("Mul", ["a", "h"], ["m"], name="m"), _conv("m", "y")]
+    placed = place(_graph(nodes, ["y"]))
+    r = placed.roles
+    assert (r["g"], r["e"], r["h"], r["m"], r["y"]) == (Role.AVGPOOL, Role.CROSSBAR, Role.HOST, Role.HOST,
+                                                       Role.CROSSBAR)
+    assert "e" in placed.float_outputs and "a" not in placed.float_outputs
+
+
+def test_region_rules_keep_mixed_ranges_off_one_grid() -> None:
+    """A head whose outputs only the host combines: the Sigmoid and the Concat go to the host."""
+    nodes = [_conv("x", "box"), _conv("x", "cls"), helper.make_node("Sigmoid", ["cls"], ["p"], name="p"),
+             helper.make_node("Mul", ["box", "stride"], ["b"], name="b"),
+             helper.make_node("Concat", ["b", "p"], ["y"], name="y", axis=1),
+             helper.make_node("Add", ["box", "cls"], ["both"], name="both"), _conv("both", "z")]
+    placed = place(_graph(nodes, ["y", "z"], stride=np.asarray(8, np.float32)))
+    r = placed.roles
+    assert (r["p"], r["b"], r["y"]) == (Role.HOST, Role.HOST, Role.HOST)
+    assert r["both"] is Role.ADD and r["box"] is Role.CROSSBAR
+    assert "box" not in placed.float_outputs and "z" in placed.float_outputs
+
+
+def test_roles_by_type_and_constants() -> None:
+    nodes = [_conv("x", "a"),
+             helper.make_node("Resize", ["a", "", "scales"], ["n"], name="n", mode="nearest"),
+             helper.make_node("Resize", ["a", "", "scales"], ["l"], name="l", mode="linear"),
+             helper.make_node("Add", ["n", "bias"], ["k"], name="k"),  # per-channel constant: a table
+             helper.make_node("Add", ["n", "plane"], ["q"], name="q"),  # a constant per pixel: host
+             helper.make_node("Concat", ["k", "q", "l"], ["cat"], name="cat", axis=1), _conv("k", "y1"),
+             helper.make_node("Conv", ["q", "w"], ["y2"], name="y2")]
+    placed = place(_graph(nodes, ["cat", "y1", "y2"], scales=np.asarray([1, 1, 2, 2], np.float32),
+                          bias=np.ones((1, 4, 1, 1), np.float32), plane=np.ones((1, 1, 16, 16), np.float32)))
+    r = placed.roles
+    assert (r["n"], r["l"], r["k"], r["q"], r["cat"]) == (Role.MOVE, Role.HOST, Role.LUT, Role.HOST, Role.HOST)
