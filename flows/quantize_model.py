@@ -55,6 +55,10 @@ def quantize_model(
     algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
                          Field(description="Activation calibration algorithm.")] = "percentile",
     seed: Annotated[int, Field(ge=0, description="Seed of random calibration data.")] = 0,
+    activation_sign: Annotated[Literal["signed", "auto"], Field(
+        description="signed everywhere, or auto: unsigned where the producer cannot be negative.")] = "auto",
+    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq"], Field(
+        description="A PPQ correction pass (bias-correction and lsq need real calibration data).")] = "none",
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
@@ -72,7 +76,7 @@ def quantize_model(
     started = time.perf_counter()
     # Bad settings fail here, once, before any work (they are never retried).
     QuantSettings(weight_bits=bit_width, activation_bits=bit_width, per_channel=per_channel, algorithm=algorithm,
-                  calib_steps=calib_steps, seed=seed)
+                  calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization)
     validate_mapname(mapname)
     resolved_device = resolve_device(device)
     root = str(resolve_root(output_root))
@@ -91,7 +95,7 @@ def quantize_model(
 
     args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
                 calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
-                seed=seed, output_root=root)
+                seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization)
     t = time.perf_counter()
     state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
     if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -21,7 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from maptools.errors import InputShapeError, MaptoolsError
-from maptools.settings import MAX_CALIB_STEPS, MIN_CALIB_STEPS, CalibrationAlgorithm
+from maptools.settings import MAX_CALIB_STEPS, MIN_CALIB_STEPS, ActivationSign, CalibrationAlgorithm, Optimization
 
 if TYPE_CHECKING:
     from maptools.quantization import QuantizationResult
@@ -77,7 +77,9 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("settings", f"W{s.weight_bits}A{s.activation_bits}, "
-                  f"{'per-channel' if s.per_channel else 'per-tensor'} weights, {s.algorithm.value} activations")
+                  f"{'per-channel' if s.per_channel else 'per-tensor'} weights, {s.algorithm.value} activations "
+                  f"({'unsigned where non-negative' if s.unsigned_activations else 'signed'}), "
+                  f"optimization {s.optimization.value}")
     table.add_row("calibration", f"{calib['kind']}{source}: {calib.get('used')} of {calib.get('count')} samples, "
                   f"seed {s.seed}")
     table.add_row("device", result.device)
@@ -144,7 +146,7 @@ class _CalibrationBar(Progress):
 
 @app.command()
 def quantize(
-    model: Annotated[Path, typer.Argument(help="The ONNX model to quantize (onnxsim-simplified works best).",
+    model: Annotated[Path, typer.Argument(help="The ONNX model to quantize, as exported (it is prepared first).",
                                           show_default=False, metavar="MODEL.onnx")],
     input_shape: Annotated[list[str] | None, typer.Option(
         "--input-shape", "-s", show_default=False, metavar="NAME=D0,D1,...",
@@ -173,6 +175,14 @@ def quantize(
                                    "minmax keeps them (fastest), kl and mse search for the least loss.")
     ] = CalibrationAlgorithm.PERCENTILE,
     seed: Annotated[int, typer.Option(min=0, help="Seed of random calibration data; same seed, same result.")] = 0,
+    activation_sign: Annotated[ActivationSign, typer.Option(
+        case_sensitive=False, help="signed ranges everywhere, or auto: unsigned [0, 2^b-1] where the producer "
+                                   "cannot be negative (after Relu, Sigmoid, ...); zero offsets either way.")
+    ] = ActivationSign.AUTO,
+    optimize: Annotated[Optimization, typer.Option(
+        case_sensitive=False, help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
+                                   "(real data only), equalization rescales consecutive layers.")
+    ] = Optimization.NONE,
     output_root: Annotated[Path | None, typer.Option(
         help="Folder that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
@@ -195,7 +205,8 @@ def quantize(
                 shapes, device, model, mapname=mapname, calibset=None if calib == "random" else calib,
                 calib_steps=calib_steps, seed=seed, bit_width=bits, weight_bits=weight_bits,
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
-                output_root=output_root, progress=bar.report,
+                activation_sign=activation_sign, optimization=optimize, output_root=output_root,
+                progress=bar.report,
             )
     except MaptoolsError as e:
         fail(e)

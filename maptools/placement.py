@@ -23,7 +23,7 @@ simulation all use its result.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-__all__ = ["Role", "Placement", "place", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
+__all__ = ["Role", "Placement", "place", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
            "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS", "DEVICE", "HOST"]
 
 DEVICE, HOST = "device", "host"
@@ -223,9 +223,32 @@ def place(model: onnx.ModelProto) -> Placement:
     return Placement(roles=roles, float_outputs=frozenset(float_outputs))
 
 
-def op_types(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
-    """Operator type counts, most frequent first."""
-    counts: dict[str, int] = {}
-    for n in nodes:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+#: Operators whose output cannot be negative, whatever their input.
+NONNEGATIVE_OP_TYPES = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus"})
+
+
+def nonnegative_tensors(model: onnx.ModelProto, placement: Placement) -> frozenset[str]:
+    """Device tensors that cannot be negative: outputs of Relu, Sigmoid, HardSigmoid, Softplus and
+    Clip with a minimum >= 0, and what code movers, pools, concatenations and adds make of only such
+    tensors. With unsigned activations they are quantized on ``[0, 2^b - 1]`` (zero offset)."""
+    consts = _constants(model)
+    found: set[str] = set()
+    for node in model.graph.node:  # topological
+        role = placement.roles.get(node.name, Role.HOST)
+        if role in (Role.HOST, Role.CROSSBAR, Role.GATE) or not node.output:
+            continue
+        acts = [t for t in node.input if t and t not in consts]
+        if node.op_type == "Clip":
+            low = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
+            yes = low is not None and float(np.asarray(low).reshape(-1)[0]) >= 0
+        elif node.op_type in NONNEGATIVE_OP_TYPES:
+            yes = True
+        elif role in (Role.MOVE, Role.CONCAT, Role.AVGPOOL, Role.ADD):
+            yes = bool(acts) and all(t in found for t in acts)
+        else:
+            yes = False
+        if yes:
+            found.update(t for t in node.output if t)
+    return frozenset(found)
+
+

@@ -27,7 +27,8 @@ class QuantConfig:
     Attributes:
         op_type: ONNX operator type (``Conv``, ``Relu``, ``Add`` ...).
         io_bits: bits of the operator's activation inputs and outputs.
-        io_min, io_max: integer range of activations (e.g. -128, 127 for 8 bits).
+        io_min, io_max: integer range of its first activation input (e.g. -128, 127 for 8 bits; 0, 255
+            for an unsigned one); see ``output_range`` and ``input_ranges`` for each tensor.
         input_scale: scale of the first activation input (None if it stays float).
         output_scale: scale of the output (None if it stays float). For a Conv fused with
             the activation after it, this is the activation's output scale.
@@ -35,6 +36,9 @@ class QuantConfig:
         weight_scale: Conv/Gemm weight scales, one per output channel
             (a single value when quantized per tensor), float32.
         input_scales: scales of every activation input in order (Add, Concat have several).
+        output_range: integer range of the output (``None``: ``(io_min, io_max)``, as in maps
+            written before unsigned activations).
+        input_ranges: integer range of every activation input in order (empty: ``io_min, io_max``).
     """
 
     op_type: str
@@ -48,6 +52,17 @@ class QuantConfig:
     weight_max: int | None = None
     weight_scale: np.ndarray | None = None
     input_scales: tuple[float | None, ...] = field(default=())
+    output_range: tuple[int, int] | None = None
+    input_ranges: tuple[tuple[int, int], ...] = field(default=())
+
+    @property
+    def out_range(self) -> tuple[int, int]:
+        """``(lo, hi)`` of the output codes."""
+        return tuple(self.output_range) if self.output_range is not None else (self.io_min, self.io_max)
+
+    def in_range(self, index: int) -> tuple[int, int]:
+        """``(lo, hi)`` of activation input ``index``'s codes."""
+        return tuple(self.input_ranges[index]) if index < len(self.input_ranges) else (self.io_min, self.io_max)
 
     @property
     def has_weights(self) -> bool:
@@ -57,6 +72,8 @@ class QuantConfig:
         data = dataclasses.asdict(self)
         data["weight_scale"] = None if self.weight_scale is None else self.weight_scale.astype(float).tolist()
         data["input_scales"] = list(self.input_scales)
+        data["output_range"] = None if self.output_range is None else list(self.output_range)
+        data["input_ranges"] = [list(r) for r in self.input_ranges]
         return data
 
     @classmethod
@@ -65,6 +82,9 @@ class QuantConfig:
         if values.get("weight_scale") is not None:
             values["weight_scale"] = np.asarray(values["weight_scale"], dtype=np.float32)
         values["input_scales"] = tuple(values.get("input_scales", ()))
+        if values.get("output_range") is not None:
+            values["output_range"] = tuple(values["output_range"])
+        values["input_ranges"] = tuple(tuple(r) for r in values.get("input_ranges", ()))
         return cls(**values)
 
     def __eq__(self, other: object) -> bool:

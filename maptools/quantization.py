@@ -24,7 +24,7 @@ from maptools.errors import CalibrationError, QuantizationFailed
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.prepare import prepare_model
 from maptools.quantinfo import quantinfo_to_json
-from maptools.settings import CalibrationAlgorithm, QuantSettings
+from maptools.settings import ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings
 from maptools.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def quantize(
     error_steps: int = 8,
     progress: Callable[[int, int], None] | None = None,
     simplify: bool = True,
+    activation_sign: str | ActivationSign = ActivationSign.AUTO,
+    optimization: str | Optimization = Optimization.NONE,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -140,6 +142,11 @@ def quantize(
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
             (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
         simplify: run onnxsim while preparing (default); the other preparation steps always run.
+        activation_sign: ``'auto'`` (default): unsigned codes ``[0, 2^b - 1]`` for tensors that cannot be
+            negative (after Relu, Sigmoid, ...), still with zero offsets; ``'signed'``: signed codes
+            everywhere (maps written before 0.2 used these).
+        optimization: ``'none'`` (default), ``'bias-correction'``, ``'equalization'`` or ``'lsq'``
+            (see :class:`maptools.settings.Optimization`); the data-fitted ones refuse random data.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -153,6 +160,7 @@ def quantize(
         weight_bits=bit_width if weight_bits is None else weight_bits,
         activation_bits=bit_width if activation_bits is None else activation_bits,
         per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
+        activation_sign=activation_sign, optimization=optimization,
     )
     onnx_path = Path(onnx_path)
     mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
@@ -162,6 +170,10 @@ def quantize(
     shapes = check_input_shapes(model, input_shapes)
     inputs = model_inputs(model)
 
+    if calibset is None and settings.optimization.needs_real_data:
+        raise CalibrationError(f"optimization={settings.optimization.value!r} fits the quantized model to the "
+                               "calibration data, and calibset=None is random noise.",
+                               "pass real samples as calibset (or optimization='none'/'equalization').")
     source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed)
     notes: list[str] = []
     if calibset is None:
@@ -198,6 +210,14 @@ def quantize(
         graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
         seconds["calibrate"] = time.perf_counter() - t
     quantinfo = graph.quantinfo()
+    if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:
+        notes.append(f"activation_sign='auto' with algorithm='{settings.algorithm.value}': PPQ's kl observer "
+                     "handles signed ranges only, so every activation stays signed.")
+        log.warning(notes[-1])
+    elif settings.unsigned_activations and not any(c.out_range[0] == 0 for c in quantinfo.values()):
+        notes.append("activation_sign='auto': no tensor of this model is provably non-negative (no Relu, "
+                     "Sigmoid, ... on the device), so every activation stays signed.")
+        log.info(notes[-1])
     unquantized = graph.unquantized_conv_inputs()
     if unquantized:
         raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
@@ -207,11 +227,6 @@ def quantize(
     t = time.perf_counter()
     errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)))
     seconds["error_report"] = time.perf_counter() - t
-    if not settings.exact_onnx_export:
-        notes.append(f"quant_model.onnx stores int8 QDQ ranges, not the W{settings.weight_bits}"
-                     f"A{settings.activation_bits} ranges: it does not reproduce PPQ's simulation. "
-                     "quantinfo and quantparams are exact.")
-        log.warning(notes[-1])
 
     with staged_map(target) as stage:
         write_pickle(stage / QUANTINFO_PKL, quantinfo)
@@ -231,7 +246,7 @@ def quantize(
             "model": {"path": str(onnx_path.resolve()), "sha256": model_sha,
                       "input_shapes": {k: list(v) for k, v in shapes.items()}, "prepared": prepared.to_json()},
             "settings": settings.to_dict(), "device": ppq_device, "calib_steps_used": steps,
-            "calibration": calib_desc, "onnx_export_exact": settings.exact_onnx_export,
+            "calibration": calib_desc, "onnx_export_exact": True,
             "artifacts": hashes, "versions": package_versions(), "notes": notes,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         })

@@ -9,7 +9,8 @@ from typing import Any
 
 from maptools.errors import SettingsError
 
-__all__ = ["CalibrationAlgorithm", "QuantSettings", "MIN_CALIB_STEPS", "MAX_CALIB_STEPS"]
+__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "QuantSettings", "MIN_CALIB_STEPS",
+           "MAX_CALIB_STEPS"]
 
 MIN_CALIB_STEPS = 8
 MAX_CALIB_STEPS = 512
@@ -29,6 +30,27 @@ class CalibrationAlgorithm(str, Enum):
         return 2 if self in (CalibrationAlgorithm.KL, CalibrationAlgorithm.MSE) else 1
 
 
+class ActivationSign(str, Enum):
+    """Integer range of activations: always signed, or unsigned where the producer cannot be negative."""
+
+    SIGNED = "signed"  # [-2^(b-1), 2^(b-1) - 1] everywhere
+    AUTO = "auto"  # [0, 2^b - 1] after Relu, Clip(min >= 0), Sigmoid, HardSigmoid and what only moves those
+
+
+class Optimization(str, Enum):
+    """A PPQ correction or reconstruction pass run after calibration (or, for equalization, before)."""
+
+    NONE = "none"
+    BIAS_CORRECTION = "bias-correction"  # per output channel: the mean output error of each layer, block by block
+    EQUALIZATION = "equalization"  # cross-layer weight equalization between consecutive crossbar layers
+    LSQ = "lsq"  # learned step size: scales (and weights' rounding) trained block by block against float outputs
+
+    @property
+    def needs_real_data(self) -> bool:
+        """Whether the pass fits its result to the calibration data (then random data would mislead it)."""
+        return self in (Optimization.BIAS_CORRECTION, Optimization.LSQ)
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """Everything besides model and data that decides the quantized result.
@@ -42,6 +64,9 @@ class QuantSettings:
         algorithm: activation calibration algorithm.
         calib_steps: calibration batches PPQ reads, 8..512.
         seed: seed of random calibration data and of torch during calibration.
+        activation_sign: ``auto`` (unsigned where the producer cannot be negative; the default, which
+            measured more accurate) or ``signed`` ranges everywhere; zero offsets either way.
+        optimization: a PPQ correction pass (see :class:`Optimization`).
     """
 
     weight_bits: int = 8
@@ -50,6 +75,8 @@ class QuantSettings:
     algorithm: CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE
     calib_steps: int = 32
     seed: int = 0
+    activation_sign: ActivationSign = ActivationSign.AUTO
+    optimization: Optimization = Optimization.NONE
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -70,17 +97,24 @@ class QuantSettings:
         except ValueError:
             choices = ", ".join(a.value for a in CalibrationAlgorithm)
             raise SettingsError(f"unknown calibration algorithm {self.algorithm!r}.", f"use one of: {choices}.") from None
+        for name, kind in (("activation_sign", ActivationSign), ("optimization", Optimization)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(k.value for k in kind)
+                raise SettingsError(f"unknown {name} {getattr(self, name)!r}.", f"use one of: {choices}.") from None
         if not isinstance(self.per_channel, bool):
             raise SettingsError(f"per_channel={self.per_channel!r} is not a bool.", "pass True or False.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise SettingsError(f"seed={self.seed!r} is not a non-negative integer.", "pass e.g. seed=0.")
 
     @property
-    def exact_onnx_export(self) -> bool:
-        """Whether ``quant_model.onnx`` can represent these ranges exactly (int8 QDQ only)."""
-        return self.weight_bits == 8 and self.activation_bits == 8
+    def unsigned_activations(self) -> bool:
+        """Whether unsigned ranges apply: ``auto``, and an observer that handles them (PPQ's kl is signed only)."""
+        return self.activation_sign is ActivationSign.AUTO and self.algorithm is not CalibrationAlgorithm.KL
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["algorithm"] = self.algorithm.value
+        for name in ("algorithm", "activation_sign", "optimization"):
+            data[name] = getattr(self, name).value
         return data

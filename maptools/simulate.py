@@ -267,42 +267,43 @@ class IntegerSimulator:
         floats = []
         for i, v in enumerate(values):
             scale = scales[i] if i < len(scales) else None
-            floats.append(_float(self._on_scale(v, scale, cfg)) if scale is not None else _float(v))
+            floats.append(_float(self._on_scale(v, scale, cfg.in_range(i))) if scale is not None else _float(v))
         outs = self._generic(name, floats)
         if cfg.output_scale is None:  # inside a gated activation: stays float
             return outs
-        return [QTensor(quantize(outs[0], cfg.output_scale, cfg.io_min, cfg.io_max), cfg.output_scale)]
+        return [QTensor(quantize(outs[0], cfg.output_scale, *cfg.out_range), cfg.output_scale)]
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _requant(self, acc: torch.Tensor, multiplier: torch.Tensor | float, cfg: QuantConfig) -> torch.Tensor:
-        return requantize(acc, multiplier, cfg.io_min, cfg.io_max, self.mode)
+    def _requant(self, acc: torch.Tensor, multiplier: torch.Tensor | float, bounds: tuple[int, int]) -> torch.Tensor:
+        return requantize(acc, multiplier, bounds[0], bounds[1], self.mode)
 
-    def _on_scale(self, value: Value, scale: float | None, cfg: QuantConfig | None) -> QTensor:
-        """``value`` as codes on ``scale`` (requantizing codes, or quantizing a float tensor)."""
+    def _on_scale(self, value: Value, scale: float | None, bounds: tuple[int, int]) -> QTensor:
+        """``value`` as codes on ``scale`` within ``bounds`` (requantizing codes, or quantizing a float tensor)."""
         if isinstance(value, QTensor):
             if scale is None or value.scale == scale:
                 return value
-            return QTensor(self._requant(value.codes, value.scale / scale, cfg), scale)
-        if scale is None or cfg is None:
+            return QTensor(self._requant(value.codes, value.scale / scale, bounds), scale)
+        if scale is None:
             raise ConversionError("a device operator receives a float tensor and has no input scale.",
                                   "quantize the model so every device operator's inputs are quantized.")
-        return QTensor(quantize(value, scale, cfg.io_min, cfg.io_max), scale)
+        return QTensor(quantize(value, scale, *bounds), scale)
 
-    def _inputs(self, cfg: QuantConfig | None, values: list[Value]) -> list[QTensor]:
-        scales = list(cfg.input_scales) if cfg is not None else []
-        return [self._on_scale(v, scales[i] if i < len(scales) else None, cfg) for i, v in enumerate(values)]
+    def _inputs(self, cfg: QuantConfig, values: list[Value]) -> list[QTensor]:
+        scales = list(cfg.input_scales)
+        return [self._on_scale(v, scales[i] if i < len(scales) else None, cfg.in_range(i))
+                for i, v in enumerate(values)]
 
-    def _finish(self, x: QTensor, cfg: QuantConfig | None) -> QTensor:
+    def _finish(self, x: QTensor, cfg: QuantConfig) -> QTensor:
         """Requantize to the operator's output scale where it differs from the input's."""
-        if cfg is None or cfg.output_scale is None or cfg.output_scale == x.scale:
+        if cfg.output_scale is None or cfg.output_scale == x.scale:
             return x
-        return QTensor(self._requant(x.codes, x.scale / cfg.output_scale, cfg), cfg.output_scale)
+        return QTensor(self._requant(x.codes, x.scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
 
     def _output(self, acc: torch.Tensor, in_scale: torch.Tensor | float, cfg: QuantConfig) -> Value:
         """An accumulator on the grid ``in_scale`` requantized to the output scale (or float when it has none)."""
         if cfg.output_scale is None:
             return (acc * in_scale).to(torch.float32)
-        return QTensor(self._requant(acc, in_scale / cfg.output_scale, cfg), cfg.output_scale)
+        return QTensor(self._requant(acc, in_scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
 
     # --- integer kernels ---------------------------------------------------------------------------
     def _accumulate(self, name: str, acc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -348,11 +349,11 @@ class IntegerSimulator:
 
     def _add(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         a, b = self._inputs(cfg, values)
-        b = self._on_scale(b, a.scale, cfg)  # PPQ aligns Add inputs; this only acts if quantinfo does not
-        return QTensor(self._requant(a.codes + b.codes, a.scale / cfg.output_scale, cfg), cfg.output_scale)
+        b = self._on_scale(b, a.scale, cfg.in_range(0))  # PPQ aligns Add inputs; this only acts if quantinfo does not
+        return QTensor(self._requant(a.codes + b.codes, a.scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
 
     def _concat(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
-        parts = [self._on_scale(x, cfg.output_scale, cfg).codes for x in self._inputs(cfg, values)]
+        parts = [self._on_scale(x, cfg.output_scale, cfg.out_range).codes for x in self._inputs(cfg, values)]
         return QTensor(torch.cat(parts, dim=node["attrs"]["axis"]), cfg.output_scale)
 
     def _relu(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
@@ -365,7 +366,7 @@ class IntegerSimulator:
         codes, padding = _padding(x.codes, a["pads"])
         if any(p > k // 2 for p, k in zip(padding, a["kernel"])):  # torch's limit; pad with the lowest code
             flat = [p for i in reversed(range(len(padding))) for p in (padding[i], padding[i])]
-            codes, padding = F.pad(codes, flat, value=float(cfg.io_min)), [0] * len(padding)
+            codes, padding = F.pad(codes, flat, value=float(cfg.in_range(0)[0])), [0] * len(padding)
         pool = getattr(F, f"max_pool{len(a['kernel'])}d")
         out = pool(codes, a["kernel"], a["strides"], padding, a["dilations"], ceil_mode=bool(a["ceil_mode"]))
         return self._finish(QTensor(out, x.scale), cfg)
@@ -382,13 +383,13 @@ class IntegerSimulator:
         sums = F.avg_pool2d(x.codes, divisor_override=1, **args)
         ones = torch.ones_like(x.codes[:1, :1])
         counts = torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
-        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * counts), cfg), cfg.output_scale)
+        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * counts), cfg.out_range), cfg.output_scale)
 
     def _global_avgpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
         sums = x.codes.sum(dim=tuple(range(2, x.codes.dim())), keepdim=True)
         count = math.prod(x.codes.shape[2:])
-        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg), cfg.output_scale)
+        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg.out_range), cfg.output_scale)
 
 
 Kernel = Callable[[IntegerSimulator, str, Mapping[str, Any], QuantConfig, list[Value]], Value]

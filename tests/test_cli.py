@@ -25,7 +25,7 @@ def test_quantize_from_an_image_folder(small_cnn, tmp_path) -> None:
                                  "--calib", str(calib), "--calib-steps", "8", "--device", "cpu", "--bits", "8",
                                  "--algorithm", "kl", "--output-root", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "W8A8, per-channel weights, kl activations" in result.stdout
+    assert "W8A8, per-channel weights, kl activations (signed)" in " ".join(result.stdout.split())
     assert "8 of 10 samples" in result.stdout and "16/16" in result.stdout  # summary table; kl reads twice
     manifest = json.loads((tmp_path / "mapsave" / "cnn" / "manifest.json").read_text())
     assert manifest["calibration"]["kind"] == "image_folder" and manifest["calib_steps_used"] == 8
@@ -42,14 +42,15 @@ def test_readme_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
         result = runner.invoke(app, args[1:])
         assert result.exit_code == 0, (line, result.output)
     assert json.loads((tmp_path / "mapsave" / "resnet18" / "manifest.json").read_text())["calib_steps_used"] == 9
-    assert not json.loads((tmp_path / "mapsave" / "resnet18-w4" / "manifest.json").read_text())["onnx_export_exact"]
+    assert json.loads((tmp_path / "mapsave" / "resnet18-w4" / "manifest.json").read_text())["onnx_export_exact"]
 
 
 def test_help_explains_the_options() -> None:
     result = runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for words in ("--input-shape", "input=1,3,224,224", "--calib", "random", "class subfolders", "--bits",
-                  "--algorithm", "percentile", "--per-tensor", "Examples"):
+    for words in ("--input-shape", "input=1,3,224,224", "--calib", "random", "subfolders", "--bits",
+                  "--algorithm", "percentile", "--per-tensor", "--activation-sign", "--optimize", "bias-correction",
+                  "Examples"):
         assert words in result.stdout, words
 
 

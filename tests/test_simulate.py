@@ -129,13 +129,13 @@ def compare_with_ppq(sim: IntegerSimulator, ppq_graph, batches: list[np.ndarray]
         ours = sim.run({"input": x}, keep=True)
         for tensor, codes in ours.codes.items():
             cfg = out_cfg[tensor]
-            _count(agreement.chained, tensor, codes, _codes(ppq[tensor], ours.scales[tensor], cfg.io_min, cfg.io_max))
+            _count(agreement.chained, tensor, codes, _codes(ppq[tensor], ours.scales[tensor], *cfg.out_range))
 
         def ppq_input(t: str) -> torch.Tensor | QTensor:
             cfg = out_cfg.get(t)
             if cfg is None or cfg.output_scale is None or t not in ours.codes:  # an input or a float tensor
                 return torch.from_numpy(ppq[t])
-            codes = _codes(ppq[t], cfg.output_scale, cfg.io_min, cfg.io_max)
+            codes = _codes(ppq[t], cfg.output_scale, *cfg.out_range)
             return QTensor(torch.from_numpy(codes).double(), cfg.output_scale)
 
         for name in sim.order:  # each operator on PPQ's input codes
@@ -143,7 +143,7 @@ def compare_with_ppq(sim: IntegerSimulator, ppq_graph, batches: list[np.ndarray]
             for tensor, out in zip(node["outputs"], sim.step(name, [ppq_input(t) for t in node["inputs"]])):
                 if isinstance(out, QTensor):
                     cfg = node["quant"]
-                    theirs = _codes(ppq[tensor], out.scale, cfg.io_min, cfg.io_max)
+                    theirs = _codes(ppq[tensor], out.scale, *cfg.out_range)
                     _count(agreement.local, tensor, out.codes.numpy(), theirs)
         agreement.samples += len(x)
         agreement.top1_same += int((ours.outputs[out_name].argmax(1) == ppq[out_name].argmax(1)).sum())

@@ -1,0 +1,118 @@
+"""Accuracy options end to end: unsigned activations, PPQ's correction passes, exact low-bit export.
+
+Every mode keeps the artifacts' contract (integer weights in range, int32 biases at ``s_in * s_w``,
+zero offsets), the integer simulation's agreement with PPQ, and an export that onnxruntime runs
+to PPQ's result at every width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from maptools import quantize, read_quantinfo, read_quantparams
+from maptools.conversion import convert, read_graph
+from maptools.errors import CalibrationError, SettingsError
+from maptools.examples import SMALL_CNN_SHAPES
+from maptools.settings import QuantSettings
+from maptools.simulate import IntegerSimulator
+from tests.agreement import layer_agreement
+
+CALIB = 32
+
+
+@pytest.fixture(scope="module")
+def digits_setup(trained_cnn, tmp_path_factory: pytest.TempPathFactory):
+    from maptools.examples import export_onnx
+    from tests.trained_cnn import digits
+
+    model, test_x, test_y = trained_cnn
+    path = export_onnx(model, tmp_path_factory.mktemp("digits") / "digits.onnx", SMALL_CNN_SHAPES)
+    train_x = digits(seed=0)[0]
+    calib = [{"input": train_x[i:i + 1].contiguous()} for i in range(CALIB)]
+    return path, calib, test_x[:128].numpy(), test_y[:128].numpy()
+
+
+def _ppq(map_dir, calib, settings):
+    from maptools import _ppq
+
+    return _ppq.quantize_graph(map_dir / "model.onnx", calib, CALIB, calib[0], settings, "cpu")
+
+
+@pytest.mark.parametrize(("bits", "sign", "optimization"), [
+    (8, "auto", "none"), (4, "auto", "none"), (6, "signed", "bias-correction"), (4, "auto", "equalization"),
+    (4, "auto", "lsq"),
+])
+def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_setup, tmp_path) -> None:
+    path, calib, test_x, test_y = digits_setup
+    name = f"m{bits}{sign}{optimization}"
+    result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=CALIB,
+                      bit_width=bits, activation_sign=sign, optimization=optimization, output_root=tmp_path)
+    assert result.settings.activation_sign.value == sign and result.settings.optimization.value == optimization
+    info, params = read_quantinfo(name, tmp_path), read_quantparams(name, tmp_path)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ranges = {c.out_range for c in info.values() if c.output_scale is not None}
+    assert ranges == ({(lo, hi), (0, 2 ** bits - 1)} if sign == "auto" else {(lo, hi)})
+    for op, cfg in info.items():
+        if cfg.has_weights:
+            w = params[f"{op}_{cfg.op_type.lower()}_weight"]
+            assert w.min() >= cfg.weight_min and w.max() <= cfg.weight_max
+            if params[f"{op}_{cfg.op_type.lower()}_bias"] is not None:
+                assert params[f"{op}_{cfg.op_type.lower()}_bias"].dtype == np.int32
+    if sign == "auto":  # every input of a crossbar layer after a Relu is unsigned
+        assert info["/block/block.0/Conv"].in_range(0) == (0, 2 ** bits - 1)
+    settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB, activation_sign=sign,
+                             optimization=optimization)
+    ppq = _ppq(result.map_dir, calib, settings)
+    assert ppq.quantinfo() == info  # the run is reproducible from the map's model and data
+    convert(name, output_root=tmp_path)
+    sim = IntegerSimulator(read_graph(name, tmp_path), params)
+    agreement = layer_agreement(sim, read_graph(name, tmp_path), ppq, test_x[:8])
+    assert min(agreement.values()) >= 0.999, agreement  # each layer within one step of PPQ's
+    ours = np.concatenate([sim.run({"input": b}).outputs["output"] for b in np.array_split(test_x, 4)])
+    theirs = np.concatenate([ppq.run({"input": torch.from_numpy(x[None])})["output"] for x in test_x])
+    # one-step differences compound end to end; at 4 bits a step is 1/16 of a range
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= (0.99 if bits == 8 else 0.93)
+    # the export reproduces PPQ's simulation at every width (onnxruntime without its int8 kernel fusion)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(result.quant_model_path), options, providers=["CPUExecutionProvider"])
+    exported = np.concatenate([session.run(None, {"input": x[None]})[0] for x in test_x])
+    assert (exported.argmax(1) == theirs.argmax(1)).mean() >= 0.99
+    assert np.abs(exported - theirs).max() <= 0.05 * np.abs(theirs).max()
+    assert (ours.argmax(1) == test_y).mean() > 0.8
+
+
+def test_bad_accuracy_options_are_refused(small_cnn, tmp_path) -> None:
+    with pytest.raises(CalibrationError, match="optimization='lsq' fits .* random noise"):
+        quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", optimization="lsq", output_root=tmp_path)
+    with pytest.raises(SettingsError, match="unknown optimization 'adaround'.*bias-correction"):
+        quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", optimization="adaround", output_root=tmp_path)
+    with pytest.raises(SettingsError, match="unknown activation_sign 'unsigned'"):
+        quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", activation_sign="unsigned", output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "x").exists()
+    kl = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="kl", algorithm="kl", calib_steps=8, output_root=tmp_path)
+    assert any("kl observer handles signed ranges only" in n for n in kl.notes)
+    assert all(c.out_range[0] < 0 for c in read_quantinfo("kl", tmp_path).values() if c.output_scale)
+
+
+def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+         helper.make_node("Tanh", ["a"], ["t"], name="t"),
+         helper.make_node("Conv", ["t", "w2"], ["output"], name="c2", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")])
+    path = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="t", calib_steps=8, output_root=tmp_path)
+    assert any("no tensor of this model is provably non-negative" in n for n in result.notes)
+    assert all(c.out_range == (-128, 127) for c in read_quantinfo("t", tmp_path).values() if c.output_scale)
