@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from maptools import read_manifest, read_quantinfo, read_quantparams
+from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.artifacts import safe_load_pickle, sha256_file, verify_map
 from maptools.errors import UnsafePickleError
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
@@ -182,3 +182,13 @@ def test_concurrent_writers_of_one_map_never_interleave(small_cnn, tmp_path) -> 
     manifest = verify_map(tmp_path / "mapsave" / "shared")  # every file from the same run
     assert manifest["artifacts"] == results[manifest["settings"]["seed"]].sha256
     assert [p.name for p in (tmp_path / "mapsave").iterdir() if p.is_dir()] == ["shared"]
+
+
+def test_same_inputs_give_byte_identical_artifacts(small_cnn, resnet_result, tmp_path) -> None:
+    """PPQ names the tensors its exporter adds from a process-wide counter; the export renames them in
+    order of use, so a second run (the counter moved on) writes the same bytes."""
+    from maptools.examples import SMALL_CNN_SHAPES
+
+    first = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="a", calib_steps=8, output_root=tmp_path)
+    second = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="b", calib_steps=8, output_root=tmp_path)
+    assert first.sha256 == second.sha256
