@@ -11,7 +11,7 @@ import onnx
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes"]
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,15 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.input:
         raise ModelError(f"{str(p)!r} has no graph inputs.", "export the model with its input tensors.")
     return model
+
+
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """An ONNX node's attribute as a Python value (str for bytes), or ``default`` when absent."""
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
 
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:

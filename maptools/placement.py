@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from maptools.onnx_model import node_attr
+
 __all__ = ["Role", "Placement", "place", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
            "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS", "DEVICE", "HOST"]
 
@@ -107,14 +109,6 @@ def _channel_constant(value: np.ndarray) -> bool:
     return len(shape) >= 1 and all(d == 1 for d in shape[1:])
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            value = onnx.helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
 def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> Role:
     """The role an operator can take on the device, judged on its own (HOST if none)."""
     op = node.op_type
@@ -123,7 +117,7 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> Role:
     acts = [t for t in node.input if t and t not in consts]
     if op in CROSSBAR_OP_TYPES:
         if len(node.input) > 1 and node.input[1] in consts and len(acts) == 1 and node.input[0] == acts[0]:
-            if op == "Gemm" and _attr(node, "transA", 0):
+            if op == "Gemm" and node_attr(node, "transA", 0):
                 return Role.HOST
             return Role.CROSSBAR
         return Role.HOST
@@ -134,7 +128,7 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> Role:
     if op == "Concat":
         return Role.CONCAT if acts and len(acts) == len(node.input) else Role.HOST
     if op == "Resize":
-        return Role.MOVE if _attr(node, "mode", "nearest") == "nearest" and len(acts) == 1 else Role.HOST
+        return Role.MOVE if node_attr(node, "mode", "nearest") == "nearest" and len(acts) == 1 else Role.HOST
     if op in MOVE_OP_TYPES:
         return Role.MOVE if len(acts) == 1 and node.input[0] == acts[0] else Role.HOST
     if op in LUT_UNARY_OP_TYPES:
@@ -239,7 +233,7 @@ def nonnegative_tensors(model: onnx.ModelProto, placement: Placement) -> frozens
             continue
         acts = [t for t in node.input if t and t not in consts]
         if node.op_type == "Clip":
-            low = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
+            low = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "min")
             yes = low is not None and float(np.asarray(low).reshape(-1)[0]) >= 0
         elif node.op_type in NONNEGATIVE_OP_TYPES:
             yes = True

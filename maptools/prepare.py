@@ -38,7 +38,7 @@ import onnx.numpy_helper
 import onnx.shape_inference
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
-from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.onnx_model import check_input_shapes, load_model, model_inputs, node_attr
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "TARGET_OPSET", "opset_of"]
 
@@ -141,14 +141,6 @@ class _Context:
         return name
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            value = onnx.helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
 def _drop_attrs(node: onnx.NodeProto, names: set[str]) -> None:
     kept = [a for a in node.attribute if a.name not in names]
     del node.attribute[:]
@@ -237,9 +229,9 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     shape = ctx.shape(node.input[0])
     if shape is None:
         raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
-    axis = int(_attr(node, "axis", -1)) % len(shape)
+    axis = int(node_attr(node, "axis", -1)) % len(shape)
     axes = list(range(axis, len(shape)))
-    eps = float(_attr(node, "epsilon", 1e-5))
+    eps = float(node_attr(node, "epsilon", 1e-5))
     x, out, name = node.input[0], node.output[0], node.name or node.output[0]
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "scaled")}
     ctx.add_initializer(t["eps"], np.asarray(eps, dtype=np.float32))
@@ -265,7 +257,7 @@ def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("c", "half", "one", "a", "b", "e", "p")}
     ctx.add_initializer(t["half"], np.asarray(0.5, dtype=np.float32))
     ctx.add_initializer(t["one"], np.asarray(1.0, dtype=np.float32))
-    if _attr(node, "approximate", "none") == "tanh":
+    if node_attr(node, "approximate", "none") == "tanh":
         raise ModelError(f"{_where(node)} uses the tanh approximation, which maptools does not rewrite.",
                          "re-export the model with opset 13 or with the exact GELU.")
     ctx.add_initializer(t["c"], np.asarray(math.sqrt(2.0), dtype=np.float32))
@@ -285,7 +277,7 @@ def _mish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
 
 
 def _shape_slice(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
-    start, end = _attr(node, "start"), _attr(node, "end")
+    start, end = node_attr(node, "start"), node_attr(node, "end")
     if start is None and end is None:
         return [node]
     full = ctx.fresh(f"{node.output[0]}_full")
@@ -329,11 +321,11 @@ def _reduce_axes(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
 
 
 def _split(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
-    parts = _attr(node, "num_outputs")
+    parts = node_attr(node, "num_outputs")
     if parts is None:
         return [node]
     shape = ctx.shape(node.input[0])
-    axis = int(_attr(node, "axis", 0))
+    axis = int(node_attr(node, "axis", 0))
     if shape is None or shape[axis] < 0:
         raise ModelError(f"the split axis of {_where(node)} has no static size.", "give input_shapes for every input.")
     size = shape[axis]
@@ -348,7 +340,7 @@ def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> R
 
     def rewrite(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
         for name, default in defaults.items():
-            value = _attr(node, name, default)
+            value = node_attr(node, name, default)
             if value != default:
                 raise ModelError(f"{_where(node)} sets {name}={value!r}, which opset 13 cannot express.",
                                  "re-export the model with opset 13.")
@@ -534,7 +526,7 @@ def _bn_affine(bn: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> tuple[np.
         gamma, beta, mean, var = (inits[t].astype(np.float64) for t in bn.input[1:5])
     except KeyError:
         return None
-    scale = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+    scale = gamma / np.sqrt(var + float(node_attr(bn, "epsilon", 1e-5)))
     return scale, beta - mean * scale
 
 
@@ -570,28 +562,25 @@ def _fold_batchnorm(ctx: _Context) -> tuple[int, int]:
                     and not (len(src.input) > 2 and src.input[2] and (src.input[2] not in inits
                                                                       or len(consumers[src.input[2]]) != 1)))
         if foldable and src.op_type == "Gemm":
-            foldable = not _attr(src, "transA", 0) and float(_attr(src, "alpha", 1.0)) == 1.0 and \
-                float(_attr(src, "beta", 1.0)) == 1.0
+            foldable = not node_attr(src, "transA", 0) and float(node_attr(src, "alpha", 1.0)) == 1.0 and \
+                float(node_attr(src, "beta", 1.0)) == 1.0
         if foldable:
             w = weight.astype(np.float64)
             if src.op_type == "Conv":
                 w = w * scale.reshape([-1] + [1] * (w.ndim - 1))
             elif src.op_type == "ConvTranspose":
-                groups = int(_attr(src, "group", 1))
+                groups = int(node_attr(src, "group", 1))
                 w = (w.reshape(groups, -1, *w.shape[1:]) * scale.reshape(groups, 1, -1, *[1] * (w.ndim - 2))
                      ).reshape(w.shape)
             else:
-                w = w * (scale[:, None] if _attr(src, "transB", 0) else scale[None, :])
+                w = w * (scale[:, None] if node_attr(src, "transB", 0) else scale[None, :])
             bias = inits[src.input[2]].astype(np.float64) if len(src.input) > 2 and src.input[2] else 0.0
             new_w = ctx.fresh(f"{src.input[1]}_bnfold")
             set_init(new_w, w)
             src.input[1] = new_w
             new_b = ctx.fresh(f"{src.output[0]}_bias")
             set_init(new_b, np.asarray(bias * scale + shift).reshape(-1))
-            if len(src.input) > 2:
-                src.input[2] = new_b
-            else:
-                src.input.append(new_b)
+            _set_bias(src, new_b)
             src.output[0] = bn.output[0]
             ctx.graph.node.remove(bn)
             folded += 1
@@ -614,6 +603,13 @@ def _fold_batchnorm(ctx: _Context) -> tuple[int, int]:
     return folded, replaced
 
 
+def _set_bias(node: onnx.NodeProto, name: str) -> None:
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
+
+
 def _fold_bias_add(ctx: _Context) -> int:
     """``Conv -> Add(per-channel constant)`` (the Conv read only by the Add) into the Conv's bias."""
     fused = 0
@@ -633,7 +629,7 @@ def _fold_bias_add(ctx: _Context) -> int:
         if weight is None:
             continue
         value = inits[consts[0]]
-        channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(_attr(conv, "group", 1))
+        channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(node_attr(conv, "group", 1))
         if not _per_channel(value, channels, weight.ndim):
             continue
         if len(conv.input) > 2 and conv.input[2] and (conv.input[2] not in inits or len(consumers[conv.input[2]]) != 1):
@@ -643,10 +639,7 @@ def _fold_bias_add(ctx: _Context) -> int:
         name = ctx.fresh(f"{add.output[0]}_bias")
         ctx.add_initializer(name, (bias + np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,))
                                    ).astype(np.float32))
-        if len(conv.input) > 2:
-            conv.input[2] = name
-        else:
-            conv.input.append(name)
+        _set_bias(conv, name)
         conv.output[0] = add.output[0]
         ctx.graph.node.remove(add)
         fused += 1
