@@ -52,7 +52,7 @@ def quantize_and_simulate(
     result: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
                                                  calib_steps=calib_steps, device=device, bit_width=bit_width,
                                                  output_root=output_root)
-    root = str(result.quantization.map_dir.parent.parent)
+    root = str(result.quantization.output_root)
     return {"mapname": result.mapname, "map_dir": result.map_dir,
             "simulation": simulate_map(result.mapname, root, samples)}
 
@@ -79,6 +79,6 @@ def simulate_quantized_run(
     """Event-triggered downstream stage: simulate the map a completed quantize-model run produced."""
     result = _upstream_result(upstream_run)
     get_run_logger().info("upstream run %s quantized map %s", upstream_run, result.mapname)
-    root = str(result.quantization.map_dir.parent.parent)
+    root = str(result.quantization.output_root)
     summary = simulate_map(result.mapname, root, samples)
     return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import io
 import itertools
 import json
 import os
@@ -26,13 +27,12 @@ from typing import Any, Literal
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-from prefect.locking.filesystem import FileSystemLockManager
-from prefect.settings import PREFECT_HOME
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.locks import LOCKS
 from flows.tasks import ContentKey, build_calibset, prepare_model, run_quantization
-from maptools.artifacts import output_root as resolve_root
+from maptools.artifacts import atomic_write, output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
@@ -234,15 +234,14 @@ class SweepResult:
         return [r for r in self.rows if r["status"] != "completed"]
 
 
-_LOCKS = FileSystemLockManager(lock_files_directory=Path(PREFECT_HOME.value()) / "maptools-locks")
-_EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=_LOCKS)
+_EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
 
 
 @task(name="evaluate-point", cache_policy=_EVAL_CACHE, persist_result=True)
 def evaluate_point(result: QuantizationResult, calibration: CalibrationSpec, evaluation: EvaluationSpec,
                    device: str) -> OutputError:
     """Output error of the point's map (PPQ's simulation) against its float model; cached on the map's content."""
-    root = result.map_dir.parent.parent
+    root = result.output_root
     data = None
     if evaluation.eval_set is not None:
         from maptools.onnx_model import check_input_shapes, load_model
@@ -316,7 +315,7 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
     common = dict(
         cached=cached and estate.name == "Cached", worst_snr=result.errors.worst, worst_layer=result.errors.worst_layer,
         median_snr=result.errors.median, quantize_seconds=round(result.seconds.get("total", 0.0), 3),
-        weight_bytes=weight_memory_bytes(result.mapname, result.map_dir.parent.parent),
+        weight_bytes=weight_memory_bytes(result.mapname, result.output_root),
         artifact_bytes=sum(p.stat().st_size for p in result.artifacts.values() if p.is_file()),
         map_dir=str(result.map_dir), worker=where,
     )
@@ -433,16 +432,13 @@ def _publish(config: SweepConfig, root: Path, table: list[dict[str, Any]], secon
     folder = root / "sweeps" / config.name
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = folder / "results.csv", folder / "results.json"
-    tmp = csv_path.with_suffix(".csv.incomplete")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    os.replace(tmp, csv_path)
-    tmp = json_path.with_suffix(".json.incomplete")
-    tmp.write_text(json.dumps({"name": config.name, "config": config.model_dump(), "seconds": round(seconds, 3),
-                               "rows": table}, indent=2, default=str))
-    os.replace(tmp, json_path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write(csv_path, text.getvalue())
+    atomic_write(json_path, json.dumps({"name": config.name, "config": config.model_dump(),
+                                        "seconds": round(seconds, 3), "rows": table}, indent=2, default=str))
     plot_path = plot_sweep(table, folder / "plot.png", title=f"design sweep {config.name}")
 
     key = f"sweep-{config.name}"
@@ -513,11 +509,10 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
         axes[0][1].grid(True, alpha=0.3)
         axes[0][1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".incomplete.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, png.getvalue())
 
 
 def task_runner_for(config: SweepConfig) -> DaskTaskRunner:

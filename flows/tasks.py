@@ -14,10 +14,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
-from prefect.settings import PREFECT_HOME
 from prefect.tasks import exponential_backoff
 
+from flows.locks import LOCKS
 import maptools
 from maptools import conversion, stages
 from maptools.artifacts import read_quantinfo
@@ -80,8 +79,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(error, RuntimeError) and "cuda" in str(error).lower()
 
 
-_LOCKS = FileSystemLockManager(lock_files_directory=Path(PREFECT_HOME.value()) / "maptools-locks")
-_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=_LOCKS)
+_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
 _RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
               retry_condition_fn=is_transient)
 
@@ -125,7 +123,7 @@ def _artifact_key(mapname: str) -> str:
 @task(name="publish-report")
 def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str:
     """Prefect artifacts: per-layer SNR and scales as a table, a markdown summary of paths and settings."""
-    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    info = read_quantinfo(result.mapname, result.output_root)
     rows = []
     for name, snr in result.errors.per_layer.items():
         cfg = info[name]
@@ -154,4 +152,4 @@ def convert(result: QuantizationResult) -> conversion.ConversionResult:
 
     Cached on the artifacts' sha256 and the map folder.
     """
-    return conversion.convert(result.mapname, output_root=result.map_dir.parent.parent)
+    return conversion.convert(result.mapname, output_root=result.output_root)

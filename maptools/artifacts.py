@@ -1,54 +1,44 @@
-"""The map folder: where artifacts live, how they are written atomically, read safely, and checked.
+"""Map artifacts: their names, safe readers, and the functions every stage uses to reach a map.
 
-Layout of ``<root>/mapsave/<mapname>/``::
+Layout of a map (``<root>/mapsave/<mapname>``, see :mod:`maptools.mapfolder` for how it is written,
+versioned and recovered)::
 
     quantinfo.pkl  quantinfo.json     per-operator QuantConfig
     quantparams.pkl quantparams.npz   integer Conv/Gemm weights, int32 biases
     quant_model.onnx                  QDQ model for onnxruntime
     error_report.json                 PPQ graphwise SNR per Conv/Gemm
-    model.onnx                        the float model that was quantized (conversion reads it)
+    model.onnx                        the prepared float model that was quantized
+    operator_graph.json               written by convert (registered in the manifest)
     manifest.json                     sha256 of the input model and every artifact, settings, versions
-
-A run writes everything into a staging folder beside the destination and swaps it in at the
-end, so a failed or killed run leaves the previous map exactly as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import io
 import json
 import os
 import pickle
-import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, MapnameError, UnsafePickleError
+from maptools.errors import ArtifactError, UnsafePickleError
+from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
 from maptools.quantinfo import QuantConfig
 
 __all__ = [
-    "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "validate_mapname", "sha256_file", "staged_map",
+    "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "validate_mapname", "sha256_file",
     "read_quantinfo", "read_quantparams", "read_manifest", "verify_map", "safe_load_pickle", "write_json",
-    "atomic_write",
+    "atomic_write", "MapFolder", "load_quantinfo",
 ]
 
 QUANTINFO_PKL, QUANTINFO_JSON = "quantinfo.pkl", "quantinfo.json"
 QUANTPARAMS_PKL, QUANTPARAMS_NPZ = "quantparams.pkl", "quantparams.npz"
-QUANT_MODEL, ERROR_REPORT, MANIFEST = "quant_model.onnx", "error_report.json", "manifest.json"
+QUANT_MODEL, ERROR_REPORT = "quant_model.onnx", "error_report.json"
 MODEL = "model.onnx"
 ARTIFACT_FILES = (QUANTINFO_PKL, QUANTINFO_JSON, QUANTPARAMS_PKL, QUANTPARAMS_NPZ, QUANT_MODEL, ERROR_REPORT, MODEL)
-
-_MAPNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
 
 def output_root(root: str | Path | None = None) -> Path:
     """``root`` if given, else ``$MAPTOOLS_HOME``, else the current directory."""
@@ -56,93 +46,17 @@ def output_root(root: str | Path | None = None) -> Path:
 
 
 def validate_mapname(mapname: str) -> str:
-    if not isinstance(mapname, str) or not _MAPNAME.match(mapname) or mapname in {".", ".."}:
-        raise MapnameError(
-            f"mapname {mapname!r} is not a plain folder name (empty, a path, or unusual characters).",
-            "use letters, digits, '.', '_' or '-', starting with a letter or digit, e.g. 'resnet18'.",
-        )
-    return mapname
+    return MapFolder.validate(mapname)
 
 
 def map_dir(mapname: str, root: str | Path | None = None) -> Path:
-    """``<root>/mapsave/<mapname>``, restoring a previous map if a swap was interrupted."""
-    folder = output_root(root) / "mapsave" / validate_mapname(mapname)
-    backup = folder.with_name(f".{mapname}.previous")
-    if not folder.exists() and backup.is_dir():
-        os.replace(backup, folder)
-    return folder
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
-
-    The temp file is created with mode 0o666 so the process umask applies as for any new file
-    (the umask is never read or changed: it is process-global and writers run in threads).
-    A failure leaves ``path`` as it was and no temp file behind.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
-    payload = data.encode() if isinstance(data, str) else data
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``<root>/mapsave/<mapname>``: the path readers see (a link to the map's current version)."""
+    return MapFolder(mapname, root).path
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (see :func:`atomic_write`)."""
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _map_lock(folder: Path) -> Iterator[None]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def staged_map(folder: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces ``folder`` as a whole.
-
-    On any exception the staging folder is removed and ``folder`` is untouched. Concurrent
-    writers of the same map are serialised by a lock file, so their files never interleave.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.incomplete-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; a map folder is an ordinary folder
-    try:
-        yield stage
-        backup = folder.with_name(f".{folder.name}.previous")
-        with _map_lock(folder):
-            if backup.exists():
-                shutil.rmtree(backup)
-            if folder.exists():
-                os.replace(folder, backup)
-            os.replace(stage, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 # --- safe reading -------------------------------------------------------------------------------
@@ -154,11 +68,15 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
+#: numpy's dtype classes (``numpy.dtypes.Float32DType`` ...), by exact module and name.
+_DTYPE_MODULES = {"numpy", "numpy.dtypes"}
 
 
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED and not (module.startswith("numpy") and name.endswith("DType")):
+        allowed = (module, name) in _ALLOWED or (
+            module in _DTYPE_MODULES and name.endswith("DType") and name.isidentifier())
+        if not allowed:
             raise UnsafePickleError(
                 f"the pickle refers to {module}.{name}, which is not a maptools config type or a numpy array.",
                 "only load pickles maptools wrote; read the .json/.npz twin instead if in doubt.",
@@ -173,20 +91,24 @@ def safe_load_pickle(path: str | Path) -> Any:
 
 
 def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
-    path = map_dir(mapname, root) / name
+    path = MapFolder(mapname, root).open().file(name)
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={mapname!r}) first, or check "
                             "output_root / MAPTOOLS_HOME.")
     return path
 
 
+def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
+    """A ``quantinfo.pkl`` file, with the allow-list unpickler."""
+    data = safe_load_pickle(path)
+    if not isinstance(data, dict) or not all(isinstance(v, QuantConfig) for v in data.values()):
+        raise ArtifactError(f"{path} does not hold {{name: QuantConfig}}.", "re-run quantize for this map.")
+    return data
+
+
 def read_quantinfo(mapname: str, root: str | Path | None = None) -> dict[str, QuantConfig]:
     """Load ``quantinfo.pkl`` of a map with the allow-list unpickler."""
-    data = safe_load_pickle(_existing(mapname, QUANTINFO_PKL, root))
-    if not isinstance(data, dict) or not all(isinstance(v, QuantConfig) for v in data.values()):
-        raise ArtifactError(f"quantinfo.pkl of map {mapname!r} does not hold {{name: QuantConfig}}.",
-                            "re-run quantize for this map.")
-    return data
+    return load_quantinfo(_existing(mapname, QUANTINFO_PKL, root))
 
 
 def read_quantparams(mapname: str, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
@@ -198,28 +120,17 @@ def read_quantparams(mapname: str, root: str | Path | None = None) -> dict[str, 
 
 
 def read_manifest(mapname: str, root: str | Path | None = None) -> dict[str, Any]:
-    return json.loads(_existing(mapname, MANIFEST, root).read_text())
+    return MapFolder(mapname, root).open().manifest()
 
 
 def verify_map(folder: Path) -> dict[str, Any]:
-    """Check every artifact of a map folder against its manifest; return the manifest.
+    """Check every artifact of the map at ``folder`` (``<root>/mapsave/<mapname>``) against its manifest.
 
+    Reads one version of the map (a concurrent rewrite never mixes two); returns its manifest.
     Raises ArtifactError naming the first missing or changed file.
     """
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path} does not exist.", "re-run quantization for this map.")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest["artifacts"].items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"artifact {path} is missing.", "re-run quantization for this map.")
-        if sha256_file(path) != digest:
-            raise ArtifactError(f"artifact {path} does not match the sha256 in its manifest.",
-                                "re-run quantization for this map; do not edit artifacts by hand.")
-    return manifest
+    return MapFolder.at(folder).open().verify()
 
 
 def write_pickle(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(dict(data), f, protocol=pickle.HIGHEST_PROTOCOL)
+    atomic_write(path, pickle.dumps(dict(data), protocol=pickle.HIGHEST_PROTOCOL))

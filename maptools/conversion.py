@@ -24,8 +24,8 @@ import onnx.defs
 import onnx.numpy_helper
 import onnx.shape_inference
 
-from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, atomic_write, map_dir, read_quantinfo,
-                                sha256_file, validate_mapname, verify_map)
+from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder, atomic_write, load_quantinfo,
+                                sha256_file)
 from maptools.errors import ArtifactError, ConversionError, ModelError
 from maptools.onnx_model import load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
@@ -428,35 +428,37 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
         ConversionError: unsupported operators, or operators without a required quant config.
     """
     started = time.perf_counter()
-    folder = map_dir(validate_mapname(mapname), output_root)
-    manifest = verify_map(folder)
+    maps = MapFolder(mapname, output_root)
+    version = maps.open()
+    manifest = version.verify(skip=frozenset({GRAPH_FILE}))  # a graph being rebuilt may be gone or stale
     if model_path is not None:
         _check_model(Path(model_path), manifest, mapname)
-    path, digest = folder / MODEL, manifest["artifacts"][MODEL]  # checked by verify_map
+    path, digest = version.file(MODEL), manifest["artifacts"][MODEL]  # checked by verify()
     graph = build_graph(path)
-    graph.folder = folder
-    graph.meta.update({"mapname": mapname, "model_path": str(path.resolve()), "model_sha256": digest,
+    graph.meta.update({"mapname": mapname, "model_path": str(maps.path / MODEL), "model_sha256": digest,
                        "source_sha256": manifest["model"]["sha256"],
                        "quantinfo_sha256": manifest["artifacts"][QUANTINFO_PKL],
                        "quantparams_sha256": manifest["artifacts"][QUANTPARAMS_PKL]})
     if quantized:
-        graph.attach_quantinfo(read_quantinfo(mapname, output_root))
-    target = graph.save(folder / GRAPH_FILE)
+        graph.attach_quantinfo(load_quantinfo(version.file(QUANTINFO_PKL)))
+    based_on = {k: manifest["artifacts"][k] for k in (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL)}
+    maps.update({GRAPH_FILE: _dumps(graph.to_json()).encode()}, {}, based_on=based_on)
     parts = [d["part"] for _, d in graph.graph.nodes(data=True)]
     return ConversionResult(
-        mapname=mapname, graph_path=target, model_path=path.resolve(), model_sha256=digest,
+        mapname=mapname, graph_path=maps.path / GRAPH_FILE, model_path=maps.path / MODEL, model_sha256=digest,
         nodes=graph.graph.number_of_nodes(), edges=graph.graph.number_of_edges(), device_ops=parts.count(DEVICE),
         host_ops=parts.count(HOST), quantized=quantized, seconds=time.perf_counter() - started)
 
 
 def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: bool = True) -> OperatorGraph:
-    """Load ``operator_graph.json`` of a map; with ``verify``, check it still matches the map's artifacts."""
-    folder = map_dir(validate_mapname(mapname), output_root)
-    manifest = verify_map(folder) if verify else None
-    path = folder / GRAPH_FILE
+    """Load ``operator_graph.json`` of a map; with ``verify``, check it and the artifacts it came from
+    against the manifest (the graph is registered there, so an edited graph is refused)."""
+    version = MapFolder(mapname, output_root).open()
+    path = version.file(GRAPH_FILE)
     if not path.is_file():
-        raise ArtifactError(f"map {mapname!r} has no operator graph ({path} does not exist).",
+        raise ArtifactError(f"map {mapname!r} has no operator graph ({path.name} does not exist).",
                             f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
+    manifest = version.verify() if verify else None
     graph = OperatorGraph.load(path)
     if manifest is not None:
         for key, want in (("model_sha256", manifest["artifacts"][MODEL]),

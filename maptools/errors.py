@@ -18,6 +18,7 @@ __all__ = [
     "UnsafePickleError",
     "QuantizationFailed",
     "ConversionError",
+    "StorageError",
 ]
 
 
@@ -68,3 +69,7 @@ class QuantizationFailed(MaptoolsError, RuntimeError):
 
 class ConversionError(MaptoolsError, ValueError):
     """The model uses operators the conversion does not support, or lacks required quant configs."""
+
+
+class StorageError(MaptoolsError, OSError):
+    """The output folder cannot take the map (disk full, read-only, no permission, a file in the way)."""

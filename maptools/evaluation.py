@@ -198,7 +198,8 @@ def evaluate_map(mapname: str, *, output_root: str | Path | None = None, calibse
     model_path = folder / MODEL
     if not model_path.is_file() or sha256_file(model_path) != manifest["artifacts"].get(MODEL):
         raise ArtifactError(f"{model_path} is missing or differs from the manifest.", "re-run quantize for this map.")
-    settings = QuantSettings(**manifest["settings"])
+    # maps written before 0.2 have no activation_sign/optimization: they were signed, without a pass
+    settings = QuantSettings(**{"activation_sign": "signed", "optimization": "none", **manifest["settings"]})
     model = load_model(model_path)
     shapes = check_input_shapes(model, manifest["model"]["input_shapes"])
     steps = int(manifest["calib_steps_used"])
@@ -207,7 +208,7 @@ def evaluate_map(mapname: str, *, output_root: str | Path | None = None, calibse
     calibration = ValidatedCalibration(source, model_inputs(model), shapes, limit=steps)
     ppq_device = resolve_device(device)
     graph = _ppq.quantize_graph(model_path, calibration, steps, next(iter(calibration)), settings, ppq_device)
-    reproduced = _same_quantization(graph, mapname, folder.parent.parent)
+    reproduced = _same_quantization(graph, mapname, output_root)
 
     data = evaluation or random_evaluation_set(shapes, samples, seed)
     reference = float_outputs(model_path, data.samples)

@@ -23,8 +23,6 @@ and the fix, raised before anything is written.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import onnx.numpy_helper
 import onnx.shape_inference
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
+from maptools.mapfolder import atomic_write, sha256_file, storage_errors
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs, node_attr
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "TARGET_OPSET", "opset_of"]
@@ -862,7 +861,6 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
         ModelError: a step failed (the message names the operator and the fix); nothing is written.
         InputShapeError: ``input_shapes`` do not fit the model's inputs.
     """
-    from maptools.artifacts import sha256_file
 
     src = Path(src)
     model = load_model(src)
@@ -877,14 +875,9 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                          "if both accept it.") from e
     worst_abs, worst_rel = check_equivalent(src.read_bytes(), prepared, shapes, checks=checks, seed=seed)
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".incomplete", dir=dst.parent)
-    os.close(fd)
-    try:
-        onnx.save(prepared, tmp)
-        os.replace(tmp, dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with storage_errors(f"create {dst.parent}"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, prepared.SerializeToString())
     return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes={k: list(v) for k, v in shapes.items()},
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),

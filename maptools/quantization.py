@@ -15,12 +15,12 @@ import numpy as np
 
 from maptools import __version__
 from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
-                                QUANTPARAMS_NPZ, QUANTPARAMS_PKL, map_dir, sha256_file, staged_map, validate_mapname,
-                                write_json, write_pickle)
+                                QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, sha256_file, validate_mapname, write_json,
+                                write_pickle)
 from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCalibration,
                                   resolve_calibration)
 from maptools.device import resolve_device
-from maptools.errors import CalibrationError, QuantizationFailed
+from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.prepare import prepare_model
 from maptools.quantinfo import quantinfo_to_json
@@ -71,6 +71,11 @@ class QuantizationResult:
     seconds: dict[str, float]
     notes: tuple[str, ...] = field(default=())
     prepared: dict[str, Any] = field(default_factory=dict)
+    #: the immutable folder of this run's files (``map_dir`` links to the map's current version, which a
+    #: later run of the same mapname replaces; this one is kept until the write after that)
+    version_dir: Path | None = None
+    #: where ``mapsave/`` is (the ``output_root`` the run resolved)
+    output_root: Path | None = None
 
     @property
     def quantinfo_path(self) -> Path:
@@ -138,7 +143,7 @@ def quantize(
         per_channel: one weight scale per output channel (default) or per tensor.
         algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
-        error_steps: calibration samples used for the per-layer error report.
+        error_steps: calibration samples used for the per-layer error report; 0 skips the report.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
             (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
         simplify: run onnxsim while preparing (default); the other preparation steps always run.
@@ -164,7 +169,11 @@ def quantize(
     )
     onnx_path = Path(onnx_path)
     mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
-    target = map_dir(mapname, output_root)
+    if isinstance(error_steps, bool) or not isinstance(error_steps, int) or error_steps < 0:
+        raise SettingsError(f"error_steps={error_steps!r} is not a count of samples.",
+                            "pass 0 (no per-layer error report) or a positive number, e.g. 8.")
+    folder = MapFolder(mapname, output_root)
+    target = folder.path
     ppq_device = resolve_device(device)
     model = load_model(onnx_path)
     shapes = check_input_shapes(model, input_shapes)
@@ -195,6 +204,7 @@ def quantize(
     calib_desc = {**calibration.describe(), "sha256": calibration.content_hash()}
     seconds = {"validate": time.perf_counter() - started}
 
+    folder.check_writable()  # a folder that is not a map, or storage we cannot write: before any work
     from maptools import _ppq  # heavy import, only once the inputs are known to be good
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
@@ -225,10 +235,10 @@ def quantize(
                                  "every Conv/Gemm input on a quantization grid.")
     quantparams = graph.quantparams(quantinfo)
     t = time.perf_counter()
-    errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)))
+    errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)) if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
 
-    with staged_map(target) as stage:
+    with folder.write() as stage:
         write_pickle(stage / QUANTINFO_PKL, quantinfo)
         write_json(stage / QUANTINFO_JSON, quantinfo_to_json(quantinfo))
         write_pickle(stage / QUANTPARAMS_PKL, quantparams)
@@ -236,7 +246,8 @@ def quantize(
         graph.export_onnx(stage / QUANT_MODEL)
         (stage / MODEL).write_bytes(prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
-                                          "samples": min(error_steps, steps), "per_layer": errors.per_layer})
+                                          "samples": min(error_steps, steps), "per_layer": errors.per_layer,
+                                          "skipped": error_steps == 0})
         hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
         seconds["total"] = time.perf_counter() - started
         write_json(stage / MANIFEST, {
@@ -255,5 +266,6 @@ def quantize(
         mapname=mapname, map_dir=target, artifacts={n: target / n for n in (*ARTIFACT_FILES, MANIFEST)},
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
         errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
+        version_dir=folder.published, output_root=folder.root,
     )
 

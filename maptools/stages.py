@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from maptools import prepare
-from maptools.artifacts import output_root, sha256_file, write_json
+from maptools.artifacts import MapFolder, output_root, sha256_file, write_json
 from maptools.calibration import resolve_calibration
-from maptools.errors import CalibrationError
+from maptools.errors import CalibrationError, MaptoolsError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.versions import package_versions
@@ -114,9 +114,12 @@ def describe_calibration(calib: str | Path | None, input_shapes: Mapping[str, Se
 
 
 def artifacts_intact(artifacts: Mapping[str, Path], sha256: Mapping[str, str]) -> bool:
-    """True when every artifact exists and still has the recorded sha256."""
+    """True when every artifact still has the recorded sha256 and the map's manifest (readable, whole)
+    registers exactly those: the map on disk is still this run's."""
     try:
-        return all(sha256_file(artifacts[name]) == digest for name, digest in sha256.items())
-    except (OSError, KeyError):
+        manifest = MapFolder.at(next(iter(artifacts.values())).parent).open().manifest()
+        return all(manifest["artifacts"].get(name) == digest and sha256_file(artifacts[name]) == digest
+                   for name, digest in sha256.items())
+    except (OSError, KeyError, StopIteration, MaptoolsError):
         return False
 

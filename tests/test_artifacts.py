@@ -181,7 +181,15 @@ def test_concurrent_writers_of_one_map_never_interleave(small_cnn, tmp_path) -> 
     assert sorted(results) == [0, 1, 2]
     manifest = verify_map(tmp_path / "mapsave" / "shared")  # every file from the same run
     assert manifest["artifacts"] == results[manifest["settings"]["seed"]].sha256
-    assert [p.name for p in (tmp_path / "mapsave").iterdir() if p.is_dir()] == ["shared"]
+    entries = sorted(p.name for p in (tmp_path / "mapsave").iterdir())
+    versions = [e for e in entries if e.startswith(".shared.v-")]
+    assert "shared" in entries and len(versions) == 2  # the current version and the one before
+    assert not [e for e in entries if "incomplete" in e or ".link-" in e]
+    # each run's own version, while kept, holds exactly that run's files
+    kept = [r for r in results.values() if r.version_dir.is_dir()]
+    assert len(kept) == 2
+    for r in kept:
+        assert {n: sha256_file(r.version_dir / n) for n in r.sha256} == r.sha256
 
 
 def test_same_inputs_give_byte_identical_artifacts(small_cnn, resnet_result, tmp_path) -> None:

@@ -174,3 +174,16 @@ def test_conversion_is_cached_with_the_quantization(prefect_server, raw_model, t
     graph.unlink()
     again = run(raw_model, tmp_path, mapname="conv")
     assert again.quantization_cached and again.conversion.graph_path == graph and graph.is_file()
+
+
+def test_a_cache_hit_with_a_broken_manifest_is_recomputed(prefect_server, raw_model, tmp_path) -> None:
+    from maptools.artifacts import verify_map
+
+    first = run(raw_model, tmp_path, mapname="broken")
+    manifest = first.quantization.map_dir / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # truncated
+    again = run(raw_model, tmp_path, mapname="broken")
+    assert not again.quantization_cached and verify_map(again.quantization.map_dir)
+    manifest.unlink()
+    third = run(raw_model, tmp_path, mapname="broken")
+    assert not third.quantization_cached and verify_map(third.quantization.map_dir)
