@@ -184,7 +184,7 @@ def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
 
 COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "mapname", "status", "cached", "rel_l2",
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
-           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "reproduced", "worker", "map_dir", "error"]
+           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error"]
 
 
 @dataclass(frozen=True)
@@ -238,9 +238,9 @@ _EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manage
 
 
 @task(name="evaluate-point", cache_policy=_EVAL_CACHE, persist_result=True)
-def evaluate_point(result: QuantizationResult, calibration: CalibrationSpec, evaluation: EvaluationSpec,
-                   device: str) -> OutputError:
-    """Output error of the point's map (PPQ's simulation) against its float model; cached on the map's content."""
+def evaluate_point(result: QuantizationResult, evaluation: EvaluationSpec) -> OutputError:
+    """Output error of the point's map (its quant_model.onnx, exact at every width) against its float model;
+    cached on the map's content. Nothing is calibrated again."""
     root = result.output_root
     data = None
     if evaluation.eval_set is not None:
@@ -249,8 +249,8 @@ def evaluate_point(result: QuantizationResult, calibration: CalibrationSpec, eva
         model = load_model(result.artifacts["model.onnx"])
         shapes = check_input_shapes(model, _manifest_shapes(result))
         data = load_evaluation_set(evaluation.eval_set, shapes, limit=evaluation.samples)
-    return evaluate_map(result.mapname, output_root=root, calibset=calibration.calibset(), evaluation=data,
-                        samples=evaluation.samples, seed=evaluation.seed, device=device)
+    return evaluate_map(result.mapname, output_root=root, evaluation=data, samples=evaluation.samples,
+                        seed=evaluation.seed)
 
 
 def _manifest_shapes(result: QuantizationResult) -> dict[str, list[int]]:
@@ -311,7 +311,7 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
             return point.row(status="failed", cached=False, error=_failure(state), worker=where,
                              seconds=round(time.perf_counter() - started, 3))
         result, cached = state.result(), False
-    estate = evaluate_point(result, calibration, evaluation, device, return_state=True)
+    estate = evaluate_point(result, evaluation, return_state=True)
     common = dict(
         cached=cached and estate.name == "Cached", worst_snr=result.errors.worst, worst_layer=result.errors.worst_layer,
         median_snr=result.errors.median, quantize_seconds=round(result.seconds.get("total", 0.0), 3),
@@ -324,7 +324,7 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
                          seconds=round(time.perf_counter() - started, 3), **common)
     ev: OutputError = estate.result()
     return point.row(status="completed", rel_l2=ev.rel_l2, cosine=ev.cosine, top1_agreement=ev.top1_agreement,
-                     accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, reproduced=ev.reproduced,
+                     accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, verified=ev.verified,
                      seconds=round(time.perf_counter() - started, 3), **common)
 
 

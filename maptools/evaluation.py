@@ -1,13 +1,9 @@
-"""Output error of a quantized map against its float model, at any bit width.
+"""Output error of a quantized map against its float model, at any bit width, from its artifacts.
 
-``quant_model.onnx`` cannot be used for this under 8 bits (onnxruntime's QDQ operators are int8,
-so it saturates to int8 ranges), and the integer re-simulation (:mod:`maptools.simulate`) rounds
-its requantization differently from PPQ (off by one output LSB here and there). So
-:func:`evaluate_map` re-runs PPQ's quantization of the map's own float model (``model.onnx`` in the
-map folder) with the map's settings and calibration data, checks that it reproduces the map's
-``quantparams`` and scales exactly (``reproduced``), and compares PPQ's simulation against
-onnxruntime's float model on held-out inputs: seeded random inputs (a seed other than the
-calibration's) or a labelled evaluation set.
+:func:`evaluate_map` runs the map's ``quant_model.onnx`` (exact at every width: each activation's
+range is clipped as PPQ's simulation does) and its float ``model.onnx`` in onnxruntime on held-out
+inputs (seeded random inputs, a seed other than the calibration's, or a labelled evaluation set),
+after checking both against the map's manifest. Nothing is quantized again: data flows one way.
 """
 
 from __future__ import annotations
@@ -19,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from maptools.artifacts import MODEL, map_dir, read_manifest, read_quantinfo, read_quantparams, sha256_file
-from maptools.calibration import ValidatedCalibration, resolve_calibration
-from maptools.device import resolve_device
-from maptools.errors import ArtifactError, InputShapeError
-from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.artifacts import MODEL, QUANT_MODEL, MapFolder, read_quantinfo, read_quantparams
+from maptools.errors import InputShapeError
+from maptools.onnx_model import check_input_shapes, load_model
 from maptools.quantinfo import param_key
-from maptools.settings import QuantSettings
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
            "compare_outputs", "float_outputs", "weight_memory_bytes"]
@@ -46,7 +38,7 @@ class EvaluationSet:
 
 @dataclass(frozen=True)
 class OutputError:
-    """How far PPQ's simulation of a map is from the float model on the evaluation set.
+    """How far a map's quantized model is from its float model on the evaluation set.
 
     Attributes:
         samples: evaluation samples used.
@@ -54,8 +46,7 @@ class OutputError:
         cosine: cosine similarity of the same vectors.
         top1_agreement: share of samples whose top-1 class (first output) equals the float model's.
         accuracy, float_accuracy: top-1 accuracy of the quantized and float models (labelled set only).
-        reproduced: the re-quantization gave exactly the map's quantparams and scales, so the error
-            is the map's own.
+        verified: the evaluated files matched the map's manifest.
         source: what the evaluation inputs were.
         seconds: time spent.
     """
@@ -66,7 +57,7 @@ class OutputError:
     top1_agreement: float
     accuracy: float | None
     float_accuracy: float | None
-    reproduced: bool
+    verified: bool
     source: str
     seconds: float
 
@@ -145,80 +136,28 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     return result
 
 
-def _calibration_source(manifest: Mapping[str, Any]) -> str | None:
-    calib = manifest.get("calibration", {})
-    if calib.get("kind") == "random":
-        return None
-    root = calib.get("root")
-    if not root:
-        raise ArtifactError(f"the manifest does not say where the {calib.get('kind')!r} calibration data is.",
-                            "pass calibset= to evaluate_map.")
-    return str(root)
-
-
-def _same_quantization(graph: Any, mapname: str, root: Path) -> bool:
-    """Whether a re-quantized graph has exactly the map's integer parameters and scales."""
-    info, stored_info = graph.quantinfo(), read_quantinfo(mapname, root)
-    if info.keys() != stored_info.keys():
-        return False
-    for name, cfg in info.items():
-        old = stored_info[name]
-        if (cfg.input_scales, cfg.output_scale) != (old.input_scales, old.output_scale):
-            return False
-        if cfg.has_weights and not np.array_equal(cfg.weight_scale, old.weight_scale):
-            return False
-    params, stored = graph.quantparams(info), read_quantparams(mapname, root)
-    if params.keys() != stored.keys():
-        return False
-    return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-               for a, b in ((params[k], stored[k]) for k in params))
-
-
-def evaluate_map(mapname: str, *, output_root: str | Path | None = None, calibset: Any = None,
-                 evaluation: EvaluationSet | None = None, samples: int = 32, seed: int = EVAL_SEED,
-                 device: str = "cpu") -> OutputError:
-    """Output error of map ``mapname`` (PPQ's simulation) against its float model.
+def evaluate_map(mapname: str, *, output_root: str | Path | None = None, evaluation: EvaluationSet | None = None,
+                 samples: int = 32, seed: int = EVAL_SEED) -> OutputError:
+    """Output error of map ``mapname`` (its ``quant_model.onnx``) against its float model.
 
     Args:
         mapname: a map written by :func:`maptools.quantize`.
         output_root: where ``mapsave/`` is (default ``$MAPTOOLS_HOME`` or the current directory).
-        calibset: the calibration data the map was made with; default: what its manifest records
-            (seeded random data, or the folder it names).
         evaluation: the evaluation set; default ``samples`` seeded random inputs (``seed``).
-        device: where PPQ runs (``cpu``, ``cuda[:N]`` or ``auto``).
 
     Raises:
-        ArtifactError: the map is missing or incomplete.
+        ArtifactError: the map is missing, incomplete, or its files differ from its manifest.
     """
-    from maptools import _ppq  # heavy import
-
     started = time.perf_counter()
-    folder = map_dir(mapname, output_root)
-    manifest = read_manifest(mapname, output_root)
-    model_path = folder / MODEL
-    if not model_path.is_file() or sha256_file(model_path) != manifest["artifacts"].get(MODEL):
-        raise ArtifactError(f"{model_path} is missing or differs from the manifest.", "re-run quantize for this map.")
-    # maps written before 0.2 have no activation_sign/optimization: they were signed, without a pass
-    settings = QuantSettings(**{"activation_sign": "signed", "optimization": "none", **manifest["settings"]})
-    model = load_model(model_path)
+    version = MapFolder(mapname, output_root).open()
+    manifest = version.verify()
+    model = load_model(version.file(MODEL))
     shapes = check_input_shapes(model, manifest["model"]["input_shapes"])
-    steps = int(manifest["calib_steps_used"])
-    source = resolve_calibration(_calibration_source(manifest) if calibset is None else calibset, shapes,
-                                 settings.calib_steps, settings.seed)
-    calibration = ValidatedCalibration(source, model_inputs(model), shapes, limit=steps)
-    ppq_device = resolve_device(device)
-    graph = _ppq.quantize_graph(model_path, calibration, steps, next(iter(calibration)), settings, ppq_device)
-    reproduced = _same_quantization(graph, mapname, output_root)
-
     data = evaluation or random_evaluation_set(shapes, samples, seed)
-    reference = float_outputs(model_path, data.samples)
-    names = graph.output_names
-    quantized = []
-    for sample in data.samples:
-        out = graph.run({k: torch.from_numpy(v) for k, v in sample.items()})
-        quantized.append([out[n] for n in names])
+    reference = float_outputs(version.file(MODEL), data.samples)
+    quantized = float_outputs(version.file(QUANT_MODEL), data.samples)
     metrics = compare_outputs(quantized, reference, data.labels)
-    return OutputError(samples=len(data.samples), reproduced=reproduced, source=data.description,
+    return OutputError(samples=len(data.samples), verified=True, source=data.description,
                        seconds=time.perf_counter() - started, **metrics)  # type: ignore[arg-type]
 
 

@@ -49,7 +49,7 @@ def test_sweep_is_parallel_incremental_and_survives_bad_points(prefect_server, d
                                                                tmp_path) -> None:
     first = run_sweep(config(small_cnn, tmp_path, dask_cluster, bits=[4, 8], algorithms=["percentile", "minmax"]))
     assert len(first.rows) == 4 and all(set(r) == set(COLUMNS) for r in first.rows)
-    assert all(r["status"] == "completed" and not r["cached"] and r["reproduced"] for r in first.rows), first.rows
+    assert all(r["status"] == "completed" and not r["cached"] and r["verified"] for r in first.rows), first.rows
     assert len({r["worker"] for r in first.rows}) == 2  # both workers took points
     points = by_point(first.rows)
     assert set(points) == {(4, "percentile"), (4, "minmax"), (8, "percentile"), (8, "minmax")}
@@ -147,7 +147,7 @@ def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
     np.savez(tmp_path / "eval.npz", labels=labels, inputs=np.concatenate([s["input"] for s in data.samples]))
     labelled = load_evaluation_set(tmp_path / "eval.npz", SHAPES)
     result = evaluate_map(small_result.mapname, output_root=root, evaluation=labelled)
-    assert result.reproduced and result.samples == 6 and result.float_accuracy == 1.0
+    assert result.verified and result.samples == 6 and result.float_accuracy == 1.0
     assert result.accuracy == result.top1_agreement and 0 < result.rel_l2 < 0.05 and result.cosine > 0.99
 
 
