@@ -22,6 +22,7 @@ and the fix, raised before anything is written.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.mapfolder import atomic_write, sha256_file, storage_errors
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs, node_attr
 
-__all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "TARGET_OPSET", "opset_of"]
+__all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
+           "PREPARED_KEY"]
 
 #: The opset PPQ 0.6.6 dispatches and exports (its ONNX Runtime exporter writes ai.onnx 13).
 TARGET_OPSET = 13
@@ -853,18 +855,62 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     return ctx.model, ctx.steps
 
 
+#: metadata_props key of a prepared model: what it was prepared for and how (JSON).
+PREPARED_KEY = "maptools.prepared"
+
+
+def fingerprint() -> str:
+    """What besides the model and the options decides the prepared bytes: this code and the converters."""
+    import hashlib
+
+    from maptools.versions import package_versions
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions.get(k) for k in ("onnx", "onnxsim")}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], simplify: bool
+                      ) -> dict[str, Any] | None:
+    """The record of a model this code prepared for the same shapes and options, or None."""
+    for prop in model.metadata_props:
+        if prop.key == PREPARED_KEY:
+            try:
+                record = json.loads(prop.value)
+            except ValueError:
+                return None
+            wanted = {"input_shapes": {k: [int(d) for d in v] for k, v in shapes.items()}, "simplify": simplify,
+                      "code": fingerprint()}
+            return record if all(record.get(k) == v for k, v in wanted.items()) else None
+    return None
+
+
 def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
                   simplify: bool = True, checks: int = 3, seed: int = 0) -> PreparedModel:
     """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
+
+    The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
+    a model this code already prepared for the same shapes and options is copied as it is (the flow
+    prepares in its own task, then quantizes the prepared file).
 
     Raises:
         ModelError: a step failed (the message names the operator and the fix); nothing is written.
         InputShapeError: ``input_shapes`` do not fit the model's inputs.
     """
-
     src = Path(src)
     model = load_model(src)
     shapes = check_input_shapes(model, input_shapes)
+    dst = Path(dst)
+    with storage_errors(f"create {dst.parent}"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    record = _already_prepared(model, shapes, simplify)
+    if record is not None:
+        atomic_write(dst, src.read_bytes())
+        return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
+                             source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
+                             max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
+                             nodes_before=record["nodes_before"], nodes_after=len(model.graph.node))
     try:
         prepared, steps = prepare(model, shapes, simplify_model=simplify)
     except MaptoolsError:
@@ -874,11 +920,13 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                          "check the model with onnx.checker and onnxruntime; report it to the maptools maintainers "
                          "if both accept it.") from e
     worst_abs, worst_rel = check_equivalent(src.read_bytes(), prepared, shapes, checks=checks, seed=seed)
-    dst = Path(dst)
-    with storage_errors(f"create {dst.parent}"):
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
+              "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
+              "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node)}
+    onnx.helper.set_model_props(prepared, {**{p.key: p.value for p in prepared.metadata_props
+                                              if p.key != PREPARED_KEY}, PREPARED_KEY: json.dumps(record)})
     atomic_write(dst, prepared.SerializeToString())
-    return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes={k: list(v) for k, v in shapes.items()},
+    return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
                          nodes_after=len(prepared.graph.node))

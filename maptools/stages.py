@@ -19,7 +19,6 @@ from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model
-from maptools.versions import package_versions
 
 __all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "artifacts_intact"]
 
@@ -35,14 +34,6 @@ class PreparedOnnx:
     simplified: bool
     max_abs_diff: float = 0.0
     steps: tuple[str, ...] = ()
-
-
-def _prepare_fingerprint() -> str:
-    """What besides the model and the options decides the prepared bytes: the code and the converters."""
-    digest = hashlib.sha256(Path(prepare.__file__).read_bytes())
-    versions = package_versions()
-    digest.update(json.dumps({k: versions.get(k) for k in ("onnx", "onnxsim")}, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]], *, simplify: bool = True,
@@ -63,7 +54,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(load_model(source), input_shapes).items()}
     source_sha = sha256_file(source)
     key = hashlib.sha256(json.dumps({"source": source_sha, "shapes": shapes, "simplify": simplify,
-                                     "code": _prepare_fingerprint()}, sort_keys=True).encode()).hexdigest()
+                                     "code": prepare.fingerprint()}, sort_keys=True).encode()).hexdigest()
     folder = output_root(root) / "mapsave" / ".models"
     folder.mkdir(parents=True, exist_ok=True)
     target, record = folder / f"{key}.onnx", folder / f"{key}.json"

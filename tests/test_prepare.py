@@ -119,3 +119,19 @@ def test_foreign_and_control_flow_models_are_refused(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"Frob \(com.example\)"):
         prepare_model(_save(odd, tmp_path / "odd.onnx"), tmp_path / "p.onnx", {"x": [1, 4]})
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_prepared_model_is_not_prepared_again(tmp_path) -> None:
+    """The flow prepares in its own task, then quantize gets the prepared file: it is copied as it is."""
+    import onnx as onnx_
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    source = _save(_model(nodes, {"x": ["n", 4]}, {"y": ["n", 4]}, 17), tmp_path / "src.onnx")
+    first = prepare_model(source, tmp_path / "once.onnx", {"x": [2, 4]})
+    again = prepare_model(first.path, tmp_path / "twice.onnx", {"x": [2, 4]})
+    assert again.path.read_bytes() == first.path.read_bytes()
+    assert (again.steps, again.source_opset) == (first.steps, 17)
+    record = {p.key: p.value for p in onnx_.load(str(first.path)).metadata_props}
+    assert "maptools.prepared" in record
+    other = prepare_model(first.path, tmp_path / "other.onnx", {"x": [2, 4]}, simplify=False)  # other options
+    assert other.path.read_bytes() != first.path.read_bytes() and other.source_opset == 13
