@@ -347,6 +347,57 @@ def convert(
                   f"host), {result.edges} edges, from {result.model_path}; {result.seconds:.2f} s")
 
 
+def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None) -> Any:
+    from maptools.mapping import CrossbarSpec
+
+    rows, sep, cols = xbar.lower().partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit():
+        raise typer.BadParameter(f"{xbar!r} is not ROWSxCOLS, e.g. 256x256.", param_hint="'--xbar'")
+    return CrossbarSpec(rows=int(rows), cols=int(cols), cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
+                        encoding=encoding, max_arrays=max_arrays)  # type: ignore[arg-type]
+
+
+_XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS (powers of two).")]
+_CELL = Annotated[int, typer.Option(help="Bits per cell.")]
+_ADC = Annotated[int, typer.Option(help="ADC bits per column (partial sums above 2^bits - 1 saturate).")]
+_DAC = Annotated[int, typer.Option(help="Input bits applied per cycle.")]
+_ENC = Annotated[str, typer.Option(help="Signed weights as a differential column pair or with an offset.")]
+
+
+@app.command(name="map")
+def map_command(
+    mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
+    xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
+    encoding: _ENC = "differential",
+    max_arrays: Annotated[int | None, typer.Option(help="Refuse a network needing more arrays.",
+                                                   show_default=False)] = None,
+    input: Annotated[str, typer.Option("--input", help="Inputs for the observed partial sums: 'random', or an "
+                                                       ".npy/.npz file of real samples (batch first).")] = "random",
+    samples: Annotated[int, typer.Option(min=1, help="Random inputs for the observed partial sums.")] = 2,
+    output_root: Annotated[Path | None, typer.Option(
+        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        show_default=False)] = None,
+) -> None:
+    """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
+    from maptools.mapping import map_crossbars
+
+    try:
+        result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays),
+                               output_root=output_root, inputs=input, samples=samples)
+    except MaptoolsError as e:
+        fail(e)
+    table = Table(title=f"{mapname} on {xbar} arrays, {cell_bits}-bit cells, {adc_bits}-bit ADC, {encoding}")
+    for column in ("layer", "arrays", "util", "cycles", "psum worst", "psum seen", "ADC bits (worst / seen)"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in result.layers:
+        table.add_row(layer.name, str(layer.arrays), f"{layer.utilization:.0%}", str(layer.cycles),
+                      str(layer.psum_worst), str(layer.psum_observed), f"{layer.adc_bits_needed} / "
+                      f"{layer.adc_bits_observed}")
+    table.caption = (f"{result.arrays} arrays, {result.utilization:.1%} of their cells used, {result.cycles} cycles "
+                     f"per inference; written to mapsave/{mapname}/crossbar_map.json")
+    console.print(table)
+
+
 @app.command()
 def simulate(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
@@ -356,26 +407,38 @@ def simulate(
     requant: Annotated[str, typer.Option(help="Requantization: float (float64 multiplier) or fixed (31-bit "
                                               "multiplier and shift, as hardware).")] = "float",
     seed: Annotated[int, typer.Option(min=0, help="Seed of --input random.")] = 0,
+    crossbar: Annotated[bool, typer.Option("--crossbar", help="Compute every Conv/Gemm through crossbar arrays "
+                                                              "(--xbar, --cell-bits, --adc-bits, ...).")] = False,
+    xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
+    encoding: _ENC = "differential",
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
     output_root: Annotated[Path | None, typer.Option(
         help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
 ) -> None:
-    """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo)."""
+    """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo),
+    or with --crossbar the crossbar-level simulation (and its difference from the integer one)."""
     import numpy as np
 
     from maptools.simulate import simulate as run_simulate
 
     try:
-        result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed)
+        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None) if crossbar else None
+        result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed, crossbar=spec)
+        reference = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed) \
+            if crossbar else None
     except MaptoolsError as e:
         fail(e)
     for name, value in result.outputs.items():
         flat = value.reshape(value.shape[0], -1)
         top = np.argsort(-flat[0], kind="stable")[:5]
         console.print(f"{name} {list(value.shape)}: sample 0 top-5 " + ", ".join(f"{i} ({flat[0, i]:.4g})" for i in top))
+        if reference is not None:
+            ref = reference.outputs[name]
+            console.print(f"  crossbar vs integer simulation: relative L2 difference "
+                          f"{np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-12):.4%}")
     console.print(f"{result.batch} sample(s) in {result.seconds:.2f} s ({result.seconds_per_sample:.3f} s each, "
-                  f"requant {result.requant.value})")
+                  f"requant {result.requant.value}{', crossbar ' + xbar if crossbar else ''})")
     if save is not None:
         np.savez(save, **result.outputs)
         console.print(f"outputs written to {save}")

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -45,6 +45,9 @@ from maptools.placement import Role
 from maptools.prepare import opset_of
 from maptools.quantinfo import QuantConfig, param_key
 from maptools.requant import RequantMode, quantize, requantize
+
+if TYPE_CHECKING:
+    from maptools.mapping import CrossbarSpec
 
 __all__ = ["QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs"]
 
@@ -242,7 +245,7 @@ class IntegerSimulator:
         cfg: QuantConfig = node["quant"]
         kernel = _KERNELS.get(node["op_type"]) if node["role"] in _INTEGER_ROLES else None
         if kernel is not None:
-            return [kernel(self, name, node, cfg, values)]
+            return [getattr(self, kernel)(name, node, cfg, values)]
         if node["role"] == Role.MOVE.value:
             return self._move(name, cfg, values)
         return self._lookup(name, cfg, values)
@@ -392,13 +395,11 @@ class IntegerSimulator:
         return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg.out_range), cfg.output_scale)
 
 
-Kernel = Callable[[IntegerSimulator, str, Mapping[str, Any], QuantConfig, list[Value]], Value]
-#: Integer kernels by operator type, for the roles computed in integer arithmetic.
-_KERNELS: dict[str, Kernel] = {
-    "Conv": IntegerSimulator._conv, "ConvTranspose": IntegerSimulator._conv_transpose, "Gemm": IntegerSimulator._gemm,
-    "Add": IntegerSimulator._add, "Concat": IntegerSimulator._concat, "MaxPool": IntegerSimulator._maxpool,
-    "AveragePool": IntegerSimulator._avgpool, "GlobalAveragePool": IntegerSimulator._global_avgpool,
-    "Relu": IntegerSimulator._relu,
+#: Integer kernels (method names) by operator type, for the roles computed in integer arithmetic;
+#: methods, so a subclass (the crossbar simulation) can replace one.
+_KERNELS: dict[str, str] = {
+    "Conv": "_conv", "ConvTranspose": "_conv_transpose", "Gemm": "_gemm", "Add": "_add", "Concat": "_concat",
+    "MaxPool": "_maxpool", "AveragePool": "_avgpool", "GlobalAveragePool": "_global_avgpool", "Relu": "_relu",
 }
 _INTEGER_ROLES = {Role.CROSSBAR.value, Role.ADD.value, Role.CONCAT.value, Role.AVGPOOL.value, Role.MOVE.value,
                   Role.LUT.value}
@@ -469,18 +470,25 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
 
 def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "random", *,
              output_root: str | Path | None = None, requant: RequantMode | str = RequantMode.FLOAT,
-             seed: int = 0, batch: int | None = None) -> SimulationResult:
+             seed: int = 0, batch: int | None = None, crossbar: CrossbarSpec | None = None) -> SimulationResult:
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).
 
     Reads ``operator_graph.json`` (written by ``convert``) and ``quantparams.pkl``, both checked
-    against the map's manifest.
+    against the map's manifest. With ``crossbar`` (a :class:`maptools.mapping.CrossbarSpec`), every
+    crossbar operator computes through its arrays (:class:`maptools.mapping.CrossbarSimulator`).
 
     Raises:
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.
         InputShapeError: inputs that do not fit the model.
     """
     graph = read_graph(mapname, output_root)
-    simulator = IntegerSimulator(graph, read_quantparams(mapname, output_root), requant=requant)
+    params = read_quantparams(mapname, output_root)
+    if crossbar is None:
+        simulator = IntegerSimulator(graph, params, requant=requant)
+    else:
+        from maptools.mapping import CrossbarSimulator
+
+        simulator = CrossbarSimulator(graph, params, crossbar, requant=requant)
     feed = load_inputs(graph, inputs, seed=seed, batch=batch)
     started = time.perf_counter()
     run = simulator.run(feed)
