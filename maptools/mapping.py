@@ -294,8 +294,9 @@ class CrossbarSimulator(IntegerSimulator):
 
         Per row block (one array's rows), input chunk and cell slice, every column's partial sum is
         read by its ADC (``adc_bits``, saturating), then shifted and added; row blocks add digitally.
-        A block whose worst-case partial sum fits the ADC cannot saturate: unless partial sums are
-        being collected, it is computed as the plain integer product (the same numbers).
+        A position none of whose partial sums can exceed the ADC (bounded by its input bits times
+        each row's largest cell) cannot saturate: unless partial sums are being collected, it is
+        computed as the plain integer product (the same numbers), and only the others bit by bit.
         """
         spec, matrices = self.spec, self._matrices[name]  # [groups, rows, cols]
         wbits = int(cfg.weight_bits or 8)
@@ -310,28 +311,47 @@ class CrossbarSimulator(IntegerSimulator):
         for r0 in range(0, rows, spec.rows):
             block = slice(r0, min(rows, r0 + spec.rows))
             worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
-            if worst <= limit and not self.collect_psums:
-                acc += torch.matmul(x[..., block].to(torch.float64), matrices[:, block].to(torch.float64))
-                continue
+            detailed = self.collect_psums or worst > limit
+            cells = [(sign, _slices(matrix[:, block], wbits, spec.cell_bits)) for sign, matrix in parts]
+            weights = sum(sign * matrix[:, block] for sign, matrix in parts).to(torch.float64)  # as stored
             for n0 in range(0, x.shape[1], _POSITIONS):  # bounded memory: a slab of positions at a time
                 xs = x[:, n0:n0 + _POSITIONS, block]
-                chunks = _chunks(xs, ibits, lo < 0, spec.dac_bits)
-                n = xs.shape[1]
-                # every (chunk, position) row against every (slice, column): one product per group
-                xb = torch.stack([c for _, c in chunks], dim=1).reshape(groups, -1, xs.shape[2]).to(torch.float32)
-                tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)
-                for sign, matrix in parts:
-                    sliced = _slices(matrix[:, block], wbits, spec.cell_bits)
-                    cells = torch.cat([c for _, c in sliced], dim=2).to(torch.float32)  # [g, rb, K*cols]
-                    kw = torch.tensor([w for w, _ in sliced], dtype=torch.float64)
-                    psum = torch.bmm(xb, cells).view(groups, len(chunks), n, len(sliced), cols)  # exact in float32
-                    if self.collect_psums and psum.numel():
-                        self.observed[name] = max(self.observed.get(name, 0), int(psum.max()))
-                    read = psum.clamp(max=limit).to(torch.float64)
-                    acc[:, n0:n0 + n] += sign * torch.einsum("gtnkc,t,k->gnc", read, tw, kw)
+                out = torch.matmul(xs.to(torch.float64), weights)
+                risky = self._risky(xs, cells, ibits, lo < 0, limit) if detailed else []
+                if len(risky):
+                    out[:, risky] = self._read(name, xs[:, risky], cells, ibits, lo < 0, limit)
+                acc[:, n0:n0 + _POSITIONS] += out
         if offset:
             acc -= offset * x.to(torch.float64).sum(dim=-1, keepdim=True)
         return acc
+
+    def _risky(self, x: torch.Tensor, cells: list[tuple[int, list[tuple[int, torch.Tensor]]]], ibits: int,
+               signed: bool, limit: int) -> torch.Tensor:
+        """Positions of ``x [groups, N, rows]`` whose partial sums might exceed ``limit`` (all when collecting)."""
+        if self.collect_psums:
+            return torch.arange(x.shape[1])
+        chunks = torch.stack([c for _, c in _chunks(x, ibits, signed, self.spec.dac_bits)], dim=1)  # [g, T, N, rows]
+        peaks = torch.stack([c.amax(dim=2) for _, sliced in cells for _, c in sliced], dim=2)  # [g, rows, K]
+        bound = torch.matmul(chunks.float(), peaks.float()[:, None]).amax(dim=(1, 3))  # [g, N]
+        return torch.nonzero((bound > limit).any(dim=0)).flatten()
+
+    def _read(self, name: str, xs: torch.Tensor, cells: list[tuple[int, list[tuple[int, torch.Tensor]]]],
+              ibits: int, signed: bool, limit: int) -> torch.Tensor:
+        """The bit-serial, sliced, ADC-read product of ``xs [groups, n, rows]`` with one row block."""
+        groups, n, _ = xs.shape
+        chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
+        # every (chunk, position) row against every (slice, column): one product per group
+        xb = torch.stack([c for _, c in chunks], dim=1).reshape(groups, -1, xs.shape[2]).to(torch.float32)
+        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)
+        out = 0
+        for sign, sliced in cells:
+            flat = torch.cat([c for _, c in sliced], dim=2).to(torch.float32)  # [g, rb, K*cols]
+            kw = torch.tensor([w for w, _ in sliced], dtype=torch.float64)
+            psum = torch.bmm(xb, flat).view(groups, len(chunks), n, len(sliced), -1)  # exact in float32
+            if self.collect_psums and psum.numel():
+                self.observed[name] = max(self.observed.get(name, 0), int(psum.max()))
+            out = out + sign * torch.einsum("gtnkc,t,k->gnc", psum.clamp(max=limit).to(torch.float64), tw, kw)
+        return out
 
     def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
         (x,) = self._inputs(cfg, values)
