@@ -1,28 +1,40 @@
-"""Chaining quantization into the downstream stages (conversion, integer re-simulation).
+"""Chaining quantization into the downstream stages (conversion, integer re-simulation, crossbars).
 
-Two ways, as users chain flows:
-
-* ``quantize-and-simulate``: one flow running ``quantize-model`` as a subflow and passing its typed
-  result to the simulation task;
+* ``map-and-simulate``: a converted map onto crossbars (``map-crossbars``) and the crossbar-level
+  simulation (``simulate-crossbar``), both cached on content, with table and plot artifacts;
+* ``quantize-map-simulate``: the whole pipeline, ``quantize-model`` and ``map-and-simulate`` as
+  subflows passing typed results;
+* ``quantize-and-simulate``: ``quantize-model`` as a subflow, then the integer re-simulation;
 * ``simulate-quantized-run``: a flow deployed with an event trigger on ``prefect.flow-run.Completed``
-  of a quantization deployment; it receives the upstream run's id and reads that run's result.
+  of a quantization deployment; it receives the upstream run's id, reads that run's result, and
+  simulates, maps and simulates on crossbars the map it produced.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
+from flows.crossbar import (MapContent, convert_map, crossbar_file_current, map_crossbars_task,
+                            publish_crossbar_report, simulate_crossbar)
 from flows.quantize_model import QuantizeModelResult, quantize_model
+from flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
-from maptools.artifacts import map_dir
+from maptools.artifacts import map_dir, sha256_file
+from maptools.artifacts import output_root as resolve_root
 from maptools.conversion import GRAPH_FILE, convert
+from maptools.crossbar_error import CrossbarError
+from maptools.evaluation import EVAL_SEED
+from maptools.mapping import CrossbarMap, CrossbarSpec
 
-__all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map"]
+__all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
+           "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
 
 
 @task(name="simulate-map")
@@ -34,6 +46,112 @@ def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0
     summary = run.to_json()
     get_run_logger().info("simulated %s on %d inputs in %.2f s", mapname, run.batch, run.seconds)
     return summary
+
+
+@dataclass(frozen=True)
+class MapAndSimulateResult:
+    """The map on crossbars (``crossbar_map.json``'s content) and what the crossbar simulation lost."""
+
+    mapname: str
+    content: MapContent
+    crossbars: CrossbarMap
+    error: CrossbarError
+    cached: bool
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly totals and errors."""
+        return {"mapname": self.mapname, **self.crossbars.to_json()["totals"], "error": self.error.to_dict(),
+                "cached": self.cached}
+
+
+@flow(name="map-and-simulate", persist_result=True)
+def map_and_simulate(
+    mapname: Annotated[str, Field(description="A quantized map under mapsave/ (converted here if needed).")],
+    output_root: Annotated[str | None, Field(description="Where mapsave/ is (default $MAPTOOLS_HOME or the "
+                                                         "working directory).")] = None,
+    xbar: Annotated[str, Field(description="Crossbar size ROWSxCOLS, powers of two.")] = "256x256",
+    cell_bits: Annotated[int, Field(ge=1, le=8, description="Bits per cell.")] = 2,
+    adc_bits: Annotated[int, Field(ge=1, le=32, description="ADC bits per column (saturating).")] = 8,
+    dac_bits: Annotated[int, Field(ge=1, le=8, description="Input bits per cycle.")] = 1,
+    encoding: Annotated[Literal["differential", "offset"], Field(description="Signed weights as a column pair "
+                                                                             "or with an offset.")] = "differential",
+    max_arrays: Annotated[int | None, Field(ge=1, description="Array budget for the network.")] = None,
+    samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
+                                                              "eval_set).")] = 32,
+    eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
+    eval_seed: Annotated[int, Field(ge=0, description="Seed of random evaluation inputs.")] = EVAL_SEED,
+    psum_samples: Annotated[int, Field(ge=1, le=256, description="Seeded inputs for the observed partial "
+                                                                 "sums.")] = 2,
+    refresh: Annotated[bool, Field(description="Recompute even if cached.")] = False,
+) -> MapAndSimulateResult:
+    """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits)
+    and loss (output error against the float model and the lossless integer simulation)."""
+    logger = get_run_logger()
+    started, seconds = time.perf_counter(), {}
+    spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
+                                  encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried
+    root = str(resolve_root(output_root))
+    content = convert_map(mapname, root)
+    seconds["convert"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    state = map_crossbars_task.with_options(refresh_cache=refresh)(content, spec, psum_samples, 0, return_state=True)
+    mapped: CrossbarMap = state.result()
+    cached = state.name == "Cached"
+    if cached and not crossbar_file_current(content, mapped):
+        logger.warning("the cached crossbar map of %s is no longer in the map; mapping again", mapname)
+        mapped, cached = map_crossbars_task.with_options(refresh_cache=True)(content, spec, psum_samples, 0), False
+    seconds["map"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evaluation = EvaluationSpec(eval_set, sha256_file(eval_set) if eval_set else None, samples, eval_seed)
+    estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
+    error: CrossbarError = estate.result()
+    seconds["simulate"] = time.perf_counter() - t
+    publish_crossbar_report(mapname, mapped, error)
+    seconds["total"] = time.perf_counter() - started
+    logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
+                "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
+                error.rel_l2, error.integer_rel_l2)
+    return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Every stage's typed result: quantization (and conversion), then crossbars."""
+
+    quantization: QuantizeModelResult
+    crossbars: MapAndSimulateResult
+
+
+@flow(name="quantize-map-simulate", persist_result=True)
+def quantize_map_simulate(
+    onnx_path: str,
+    input_shapes: dict[str, list[int]],
+    mapname: str,
+    calib: str | None = None,
+    calib_steps: Annotated[int, Field(ge=8, le=512)] = 32,
+    device: str = "auto",
+    bit_width: Annotated[int, Field(ge=2, le=8)] = 8,
+    output_root: str | None = None,
+    xbar: str = "256x256",
+    cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
+    adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
+    dac_bits: Annotated[int, Field(ge=1, le=8)] = 1,
+    encoding: Literal["differential", "offset"] = "differential",
+    samples: Annotated[int, Field(ge=1, le=10000)] = 32,
+    eval_set: str | None = None,
+) -> PipelineResult:
+    """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
+    CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding)
+    quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
+                                                    calib_steps=calib_steps, device=device, bit_width=bit_width,
+                                                    output_root=output_root)
+    crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
+                                 cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
+                                 samples=samples, eval_set=eval_set)
+    return PipelineResult(quantized, crossbars)
 
 
 @flow(name="quantize-and-simulate", persist_result=True)
@@ -75,10 +193,17 @@ def simulate_quantized_run(
     upstream_run: Annotated[str, Field(description="Flow run id of a completed quantize-model run "
                                                    "(the trigger passes {{ event.resource.id }}).")],
     samples: Annotated[int, Field(ge=1, le=256)] = 4,
+    xbar: str = "256x256",
+    cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
+    adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
 ) -> dict[str, Any]:
-    """Event-triggered downstream stage: simulate the map a completed quantize-model run produced."""
+    """Event-triggered downstream stage: simulate the map a completed quantize-model run produced, then map
+    it onto crossbars and simulate it there (``map-and-simulate`` as a subflow)."""
     result = _upstream_result(upstream_run)
     get_run_logger().info("upstream run %s quantized map %s", upstream_run, result.mapname)
     root = str(result.quantization.output_root)
     summary = simulate_map(result.mapname, root, samples)
-    return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary}
+    crossbars = map_and_simulate(result.mapname, root, xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits,
+                                 samples=samples)
+    return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary,
+            "crossbars": crossbars.summary()}

@@ -31,7 +31,7 @@ from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.locks import LOCKS
-from flows.tasks import ContentKey, build_calibset, prepare_model, run_quantization
+from flows.tasks import ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
@@ -206,16 +206,6 @@ class SweepPoint:
                     calib_samples=self.calib_samples, mapname=self.mapname)
         base.update(values)
         return base
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """What a point is evaluated on: a labelled .npz (by path and sha256) or seeded random inputs."""
-
-    eval_set: str | None
-    sha256: str | None
-    samples: int
-    seed: int
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,18 @@ from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize
 from maptools.versions import package_versions
 
-__all__ = ["prepare_model", "build_calibset", "run_quantization", "publish_report", "convert",
+__all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantization", "publish_report", "convert",
            "ContentKey", "is_transient", "code_fingerprint"]
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What a map is evaluated on: a labelled .npz (by path and sha256) or seeded random inputs."""
+
+    eval_set: str | None
+    sha256: str | None
+    samples: int
+    seed: int
 
 
 @cache
@@ -60,6 +71,8 @@ class ContentKey(CachePolicy):
                 parts[name] = {"sha256": value.sha256, "map_dir": str(value.map_dir)}
             elif isinstance(value, Path):
                 parts[name] = str(value)
+            elif is_dataclass(value) and not isinstance(value, type):
+                parts[name] = {"type": type(value).__name__, **asdict(value)}
             else:
                 parts[name] = value
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -350,11 +350,8 @@ def convert(
 def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None) -> Any:
     from maptools.mapping import CrossbarSpec
 
-    rows, sep, cols = xbar.lower().partition("x")
-    if not sep or not rows.isdigit() or not cols.isdigit():
-        raise typer.BadParameter(f"{xbar!r} is not ROWSxCOLS, e.g. 256x256.", param_hint="'--xbar'")
-    return CrossbarSpec(rows=int(rows), cols=int(cols), cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
-                        encoding=encoding, max_arrays=max_arrays)  # type: ignore[arg-type]
+    return CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
+                                  encoding=encoding, max_arrays=max_arrays)  # type: ignore[arg-type]
 
 
 _XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS (powers of two).")]

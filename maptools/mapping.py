@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maptools.artifacts import MapFolder, read_quantparams
-from maptools.conversion import OperatorGraph, read_graph
+from maptools.artifacts import QUANTPARAMS_PKL, MapFolder, read_quantparams
+from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
@@ -87,6 +87,18 @@ class CrossbarSpec:
             raise SettingsError(f"encoding={self.encoding!r} is unknown.", "use 'differential' or 'offset'.")
         if self.max_arrays is not None and (not isinstance(self.max_arrays, int) or self.max_arrays < 1):
             raise SettingsError(f"max_arrays={self.max_arrays!r} is not a positive count.", "pass e.g. 64, or None.")
+
+    @classmethod
+    def from_xbar(cls, xbar: str, **kwargs: Any) -> CrossbarSpec:
+        """A spec from ``'ROWSxCOLS'`` (e.g. ``'256x256'``) and the other fields."""
+        rows, sep, cols = str(xbar).strip().lower().partition("x")
+        if not sep or not rows.isdigit() or not cols.isdigit():
+            raise SettingsError(f"crossbar size {xbar!r} is not ROWSxCOLS.", "write it like 256x256.")
+        return cls(rows=int(rows), cols=int(cols), **kwargs)
+
+    @property
+    def xbar(self) -> str:
+        return f"{self.rows}x{self.cols}"
 
     @property
     def cell_max(self) -> int:
@@ -151,6 +163,10 @@ class CrossbarMap:
     @property
     def cycles(self) -> int:
         return sum(layer.cycles for layer in self.layers)
+
+    def to_bytes(self) -> bytes:
+        """The content of ``crossbar_map.json``."""
+        return (json.dumps(self.to_json(), indent=1) + "\n").encode()
 
     def to_json(self) -> dict[str, Any]:
         return {"format": "maptools.crossbar_map/1", "spec": asdict(self.spec),
@@ -397,7 +413,6 @@ def observed_psums(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | 
     return dict(sim.observed)
 
 
-
 def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
                   inputs: str | Path | Mapping[str, Any] | None = "random", samples: int = 2,
                   seed: int = 0) -> CrossbarMap:
@@ -411,9 +426,10 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
         ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.
         SettingsError: the spec cannot hold the network (budget, cell bits above weight bits).
     """
-
+    folder = MapFolder(mapname, output_root)
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
+    read = {k: v for k, v in folder.open().manifest()["artifacts"].items() if k in (GRAPH_FILE, QUANTPARAMS_PKL)}
     too_fine = [n for n in graph.operators() if graph.node(n)["role"] == Role.CROSSBAR.value
                 and graph.node(n)["quant"] is not None and spec.cell_bits > int(graph.node(n)["quant"].weight_bits)]
     if too_fine:
@@ -421,6 +437,5 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
                             "use cell_bits <= the weight bits (e.g. 2 or 4 for 8-bit weights).")
     feed = load_inputs(graph, inputs, seed=seed, batch=samples)
     result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed))
-    MapFolder(mapname, output_root).update({CROSSBAR_FILE: (json.dumps(result.to_json(), indent=1) + "\n").encode()},
-                                           {})
+    folder.update({CROSSBAR_FILE: result.to_bytes()}, {}, based_on=read)
     return result

@@ -1,0 +1,145 @@
+"""Thin Prefect tasks of the map stage: convert-map, map-crossbars, simulate-crossbar and their report.
+
+``map-crossbars`` and ``simulate-crossbar`` are cached on content: the hashes of the map's
+artifacts they read (:class:`MapContent`), the crossbar spec, the evaluation data and the code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from flows.tasks import _CACHE, _RETRY, EvaluationSpec, _artifact_key
+from maptools import conversion
+from maptools.artifacts import MapFolder
+from maptools.crossbar_error import CrossbarError, evaluate_crossbar
+from maptools.errors import ArtifactError
+from maptools.evaluation import load_evaluation_set
+from maptools.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
+
+__all__ = ["MapContent", "convert_map", "map_crossbars_task", "simulate_crossbar", "publish_crossbar_report",
+           "crossbar_file_current", "plot_crossbar_map"]
+
+
+@dataclass(frozen=True)
+class MapContent:
+    """A converted map by content: its folder and the sha256 of every artifact the map stage reads."""
+
+    mapname: str
+    output_root: str
+    sha256: dict[str, str]
+
+
+@task(name="convert-map", **_RETRY)
+def convert_map(mapname: str, output_root: str) -> MapContent:
+    """The map's operator graph (built now unless a verified one is registered) and the map's content."""
+    version = MapFolder(mapname, output_root).open()
+    manifest = version.verify()
+    if conversion.GRAPH_FILE not in manifest["artifacts"]:
+        conversion.convert(mapname, output_root=output_root)
+        manifest = MapFolder(mapname, output_root).open().verify()
+    hashes = {k: v for k, v in manifest["artifacts"].items() if k != CROSSBAR_FILE}
+    return MapContent(mapname, output_root, dict(sorted(hashes.items())))
+
+
+@task(name="map-crossbars", cache_policy=_CACHE, persist_result=True, **_RETRY)
+def map_crossbars_task(content: MapContent, spec: CrossbarSpec, psum_samples: int, seed: int) -> CrossbarMap:
+    """Tile, slice and count the map on ``spec``; observed partial sums on ``psum_samples`` seeded inputs;
+    ``crossbar_map.json`` registered in the map."""
+    return map_crossbars(content.mapname, spec, output_root=content.output_root, samples=psum_samples, seed=seed)
+
+
+def crossbar_file_current(content: MapContent, mapped: CrossbarMap) -> bool:
+    """True when the map registers exactly this ``crossbar_map.json`` (a cached result still describes the map)."""
+    try:
+        manifest = MapFolder(content.mapname, content.output_root).open().manifest()
+    except ArtifactError:
+        return False
+    return manifest["artifacts"].get(CROSSBAR_FILE) == hashlib.sha256(mapped.to_bytes()).hexdigest()
+
+
+@task(name="simulate-crossbar", cache_policy=_CACHE, persist_result=True, **_RETRY)
+def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: EvaluationSpec) -> CrossbarError:
+    """The crossbar-level simulation against the float model and the integer simulation (cached on content)."""
+    data = None
+    if evaluation.eval_set is not None:
+        from maptools.conversion import read_graph
+
+        graph = read_graph(content.mapname, content.output_root)
+        data = load_evaluation_set(evaluation.eval_set, graph.inputs, limit=evaluation.samples)
+    return evaluate_crossbar(content.mapname, spec, output_root=content.output_root, evaluation=data,
+                             samples=evaluation.samples, seed=evaluation.seed)
+
+
+def plot_crossbar_map(mapped: CrossbarMap, path: Path | None = None) -> bytes:
+    """PNG: utilization and ADC bits (worst case and observed) per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = mapped.layers
+    x = list(range(len(layers)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
+    top.bar(x, [100 * lay.utilization for lay in layers], color="tab:blue")
+    top.set(ylabel="utilization (%)", ylim=(0, 100),
+            title=f"{mapped.spec.rows}x{mapped.spec.cols}, {mapped.spec.cell_bits}-bit cells: {mapped.arrays} arrays, "
+                  f"{100 * mapped.utilization:.1f}% of cells used")
+    top.grid(True, axis="y", alpha=0.3)
+    bottom.step(x, [lay.adc_bits_needed for lay in layers], where="mid", label="lossless, worst case")
+    observed = [lay.adc_bits_observed for lay in layers]
+    if any(v is not None for v in observed):
+        bottom.plot(x, [v if v is not None else float("nan") for v in observed], "o", label="lossless, observed")
+    bottom.axhline(mapped.spec.adc_bits, color="tab:red", linestyle="--", label=f"ADC ({mapped.spec.adc_bits} bits)")
+    bottom.set(ylabel="ADC bits", xlabel="layer")
+    bottom.set_xticks(x, [lay.name for lay in layers], rotation=90, fontsize=7)
+    bottom.grid(True, axis="y", alpha=0.3)
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
+    plt.close(fig)
+    return png.getvalue()
+
+
+@task(name="publish-crossbar-report")
+def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarError) -> str:
+    """Prefect artifacts: per-layer table, a utilization / ADC-bits plot, and a summary of cost and error."""
+    key = _artifact_key(mapname).replace("quant-", "xbar-", 1)
+    create_table_artifact([{"layer": lay.name, "type": lay.op_type, "groups": lay.groups, "rows": lay.rows,
+                            "cols": lay.cols, "arrays": lay.arrays, "utilization": f"{lay.utilization:.3f}",
+                            "cycles": lay.cycles, "psum_worst": lay.psum_worst, "psum_observed": lay.psum_observed,
+                            "adc_bits_needed": lay.adc_bits_needed, "adc_bits_observed": lay.adc_bits_observed}
+                           for lay in mapped.layers], key=f"{key}-layers",
+                          description=f"{mapname} on crossbars: per layer")
+    png = base64.b64encode(plot_crossbar_map(mapped)).decode()
+    create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-plot",
+                          description=f"{mapname}: utilization and ADC bits per layer")
+    s = mapped.spec
+    lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
+             f"{s.cell_bits}-bit cells ({s.encoding}), {s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC.", "",
+             "| arrays | cells used | utilization | cycles / inference | ADC bits for lossless readout |",
+             "|---|---|---|---|---|",
+             f"| {mapped.arrays} | {mapped.cells_used} | {100 * mapped.utilization:.1f}% | {mapped.cycles} | "
+             f"{max((lay.adc_bits_needed for lay in mapped.layers), default=0)} |", "",
+             f"Crossbar simulation on {error.samples} samples ({error.source}): output error vs float "
+             f"{error.rel_l2:.4g} (top-1 agreement {error.top1_agreement:.3f}); vs the lossless integer "
+             f"simulation {error.integer_rel_l2:.4g} (agreement {error.integer_agreement:.3f})."
+             + (f" Accuracy {error.accuracy:.3f} (integer {error.integer_accuracy:.3f}, float "
+                f"{error.float_accuracy:.3f})." if error.accuracy is not None else ""),
+             f"\n{error.seconds_per_sample:.3f} s per sample (integer simulation "
+             f"{error.integer_seconds_per_sample:.3f} s)."]
+    return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on crossbars"))
+
+
+def spec_summary(mapped: CrossbarMap, error: CrossbarError) -> dict[str, Any]:
+    """The figures a downstream consumer reads (JSON-friendly)."""
+    totals = mapped.to_json()["totals"]
+    return {"spec": error.spec, **totals, "error": error.to_dict()}

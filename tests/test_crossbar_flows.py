@@ -1,0 +1,88 @@
+"""The map stage in Prefect (real temporary server): the pipeline flow, its cache, its artifacts; and
+evaluate_crossbar against the integer simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.artifacts import Artifact
+
+import flows.crossbar
+from flows.pipeline import PipelineResult, map_and_simulate, quantize_map_simulate
+from maptools.artifacts import MapFolder
+from maptools.crossbar_error import evaluate_crossbar
+from maptools.errors import SettingsError
+from maptools.examples import small_cnn_onnx
+from maptools.mapping import CROSSBAR_FILE, CrossbarSpec
+
+SHAPES = {"input": [1, 3, 32, 32]}
+
+
+@pytest.fixture(scope="module")
+def pipeline(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    model = small_cnn_onnx(root / "small.onnx")
+    result = quantize_map_simulate(str(model), SHAPES, "pipe", calib_steps=8, device="cpu", output_root=str(root),
+                                   xbar="64x64", cell_bits=2, adc_bits=12, samples=8)
+    return result, root
+
+
+def test_pipeline_quantizes_maps_and_simulates(pipeline) -> None:
+    result, root = pipeline
+    crossbars = result.crossbars
+    assert result.quantization.conversion is not None and crossbars.mapname == "pipe"
+    manifest = MapFolder("pipe", root).open().verify()
+    written = json.loads((root / "mapsave" / "pipe" / CROSSBAR_FILE).read_text())
+    assert manifest["artifacts"][CROSSBAR_FILE] and written["totals"]["arrays"] == crossbars.crossbars.arrays > 0
+    # a 12-bit ADC reads every partial sum of 64-row arrays (worst 64 * 3 = 192 < 4096): nothing lost
+    assert crossbars.error.integer_rel_l2 == 0.0 and crossbars.error.integer_agreement == 1.0
+    assert crossbars.error.samples == 8 and crossbars.error.rel_l2 > 0
+    table = Artifact.get("xbar-pipe-layers")
+    assert table is not None and "adc_bits_needed" in str(table.data)
+    plot = Artifact.get("xbar-pipe-plot")
+    assert plot is not None and str(plot.data).startswith("data:image/png;base64,")
+    summary = Artifact.get("xbar-pipe")
+    assert summary is not None and "64x64" in str(summary.data)
+
+
+def test_map_and_simulate_is_cached_and_remaps_a_lost_file(pipeline, monkeypatch) -> None:
+    _, root = pipeline
+    calls: list[Any] = []
+    real = flows.crossbar.map_crossbars
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows.crossbar, "map_crossbars", counting)
+    again = map_and_simulate("pipe", str(root), xbar="64x64", cell_bits=2, adc_bits=12, samples=8)
+    assert again.cached and calls == []
+    # another spec is another key; the lossy ADC loses something against the integer simulation
+    lossy = map_and_simulate("pipe", str(root), xbar="64x64", cell_bits=2, adc_bits=4, samples=8)
+    assert not lossy.cached and len(calls) == 1 and lossy.error.integer_rel_l2 > 0
+    # the map now registers the 4-bit map: the cached 12-bit result no longer describes it, so it is redone
+    back = map_and_simulate("pipe", str(root), xbar="64x64", cell_bits=2, adc_bits=12, samples=8)
+    assert len(calls) == 2 and not back.cached
+    assert json.loads(MapFolder("pipe", root).open().file(CROSSBAR_FILE).read_text())["spec"]["adc_bits"] == 12
+
+
+def test_bad_crossbar_specs_fail_before_any_work(pipeline) -> None:
+    _, root = pipeline
+    for bad in (dict(xbar="100x64"), dict(xbar="64"), dict(cell_bits=9)):
+        with pytest.raises(Exception, match="power of two|ROWSxCOLS|cell_bits"):
+            map_and_simulate("pipe", str(root), **bad)
+    with pytest.raises(SettingsError, match="budget"):
+        map_and_simulate("pipe", str(root), xbar="64x64", max_arrays=1)
+
+
+def test_evaluate_crossbar_is_lossless_with_enough_adc_bits(pipeline) -> None:
+    _, root = pipeline
+    exact = evaluate_crossbar("pipe", CrossbarSpec(rows=32, cols=32, cell_bits=4, adc_bits=12, encoding="offset"),
+                              output_root=root, samples=4)
+    assert exact.integer_rel_l2 == 0.0 and exact.arrays > 0 and exact.adc_bits_needed <= 12
+    coarse = evaluate_crossbar("pipe", CrossbarSpec(rows=32, cols=32, cell_bits=4, adc_bits=3, encoding="offset"),
+                               output_root=root, samples=4)
+    assert coarse.integer_rel_l2 > 0.01 and coarse.rel_l2 > exact.rel_l2
