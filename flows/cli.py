@@ -82,6 +82,9 @@ def sweep(
         del columns["model"]
     if all(r["accuracy"] is None for r in rows):
         del columns["accuracy"]
+    if any(r["adc_bits"] is not None for r in rows):  # crossbar rows: the point on an array, then its ADC
+        columns = {**{k: v for k, v in columns.items() if k != "seconds"}, "xbar": "xbar", "cell_bits": "cell",
+                   "adc_bits": "adc", "arrays": "arrays", "integer_agreement": "vs int", "seconds": "s"}
     table = Table(title=f"design sweep {result.name}: {len(rows) - len(result.failed)}/{len(rows)} points completed "
                         f"in {result.seconds:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for header in columns.values():

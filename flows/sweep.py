@@ -4,8 +4,10 @@ Each grid point is one ``sweep-point`` task, fanned out on Dask through ``prefec
 ``DaskTaskRunner`` (a local cluster by default, or an existing cluster by address). A point runs
 the quantization flow's own ``run-quantization`` task under its own mapname (content-cached, so
 a rerun or a grown grid recomputes only what is new), then ``evaluate-point`` (output error of
-PPQ's simulation against the float model, also cached). Results go to a CSV and a JSON table, a
-plot, and Prefect artifacts under ``<output_root>/sweeps/<name>/``.
+PPQ's simulation against the float model, also cached). With crossbar axes (``xbar``, ``cell_bits``,
+``adc_bits``), each quantized point is then converted and simulated on every crossbar
+(``simulate-crossbar``, cached on the map's content and the spec): one more row each. Results go
+to a CSV and a JSON table, plots, and Prefect artifacts under ``<output_root>/sweeps/<name>/``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.crossbar import convert_map, simulate_crossbar
 from flows.locks import LOCKS
 from flows.tasks import ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
+from maptools.crossbar_error import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
+from maptools.mapping import CrossbarSpec
 from maptools.quantization import QuantizationResult
 from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
 
@@ -92,6 +97,20 @@ class Grid(_Strict):
     per_channel: list[bool] = Field([True], min_length=1, description="Per-channel (true) / per-tensor (false).")
     algorithms: list[str] = Field(["percentile"], min_length=1, description="percentile, minmax, kl, mse.")
     calib_samples: list[int] = Field([32], min_length=1, description="Calibration samples (8..512).")
+    xbar: list[str] = Field([], description="Crossbar sizes ROWSxCOLS; with adc_bits, every quantized point is "
+                                            "also mapped and simulated on each crossbar.")
+    cell_bits: list[int] = Field([2], min_length=1, description="Bits per cell of the crossbar points.")
+    adc_bits: list[int] = Field([], description="ADC bits of the crossbar points (e.g. [4, 5, 6, 7, 8]).")
+
+    @model_validator(mode="after")
+    def _crossbar_axes(self) -> Grid:
+        if bool(self.xbar) != bool(self.adc_bits):
+            raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
+        return self
+
+    def crossbars(self) -> list[tuple[str, int, int]]:
+        """(xbar, cell_bits, adc_bits) of every crossbar point (checked when it runs)."""
+        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits))
 
 
 class SweepConfig(_Strict):
@@ -184,7 +203,8 @@ def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
 
 COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "mapname", "status", "cached", "rel_l2",
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
-           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error"]
+           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
+           "xbar", "cell_bits", "adc_bits", "arrays", "utilization", "integer_rel_l2", "integer_agreement"]
 
 
 @dataclass(frozen=True)
@@ -281,8 +301,9 @@ def _failure(state: Any) -> str:
 @task(name="sweep-point", task_run_name="point-{mapname}")
 def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibration: CalibrationSpec,
                 input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
-                evaluation: EvaluationSpec) -> dict[str, Any]:
-    """One grid point: run-quantization (cached on content) then evaluate-point; a failure becomes a table row."""
+                evaluation: EvaluationSpec, crossbars: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """One grid point: run-quantization (cached on content) then evaluate-point, then simulate-crossbar for
+    each crossbar point; rows, the quantized point's first. A failure becomes a row."""
     started = time.perf_counter()
     _use_worker_gpu(device)
     args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
@@ -291,15 +312,15 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
     where = _worker()
     state = run_quantization(**args, return_state=True)
     if not state.is_completed():
-        return point.row(status="failed", cached=False, error=_failure(state), worker=where,
-                         seconds=round(time.perf_counter() - started, 3))
+        return [point.row(status="failed", cached=False, error=_failure(state), worker=where,
+                          seconds=round(time.perf_counter() - started, 3))]
     result: QuantizationResult = state.result()
     cached = state.name == "Cached"
     if cached and not artifacts_intact(result.artifacts, result.sha256):
         state = run_quantization.with_options(refresh_cache=True)(**args, return_state=True)
         if not state.is_completed():
-            return point.row(status="failed", cached=False, error=_failure(state), worker=where,
-                             seconds=round(time.perf_counter() - started, 3))
+            return [point.row(status="failed", cached=False, error=_failure(state), worker=where,
+                              seconds=round(time.perf_counter() - started, 3))]
         result, cached = state.result(), False
     estate = evaluate_point(result, evaluation, return_state=True)
     common = dict(
@@ -310,12 +331,45 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
         map_dir=str(result.map_dir), worker=where,
     )
     if not estate.is_completed():
-        return point.row(status="failed", error=f"evaluation: {_failure(estate)}",
-                         seconds=round(time.perf_counter() - started, 3), **common)
+        return [point.row(status="failed", error=f"evaluation: {_failure(estate)}",
+                          seconds=round(time.perf_counter() - started, 3), **common)]
     ev: OutputError = estate.result()
-    return point.row(status="completed", rel_l2=ev.rel_l2, cosine=ev.cosine, top1_agreement=ev.top1_agreement,
-                     accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, verified=ev.verified,
-                     seconds=round(time.perf_counter() - started, 3), **common)
+    rows = [point.row(status="completed", rel_l2=ev.rel_l2, cosine=ev.cosine, top1_agreement=ev.top1_agreement,
+                      accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, verified=ev.verified,
+                      seconds=round(time.perf_counter() - started, 3), **common)]
+    if crossbars:
+        rows += _crossbar_rows(point, result, evaluation, crossbars, {**common, "cached": None})
+    return rows
+
+
+def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: EvaluationSpec,
+                   crossbars: list[tuple[str, int, int]], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quantized point on each crossbar (simulate-crossbar, cached on the map's content and the spec)."""
+    rows = []
+    cstate = convert_map(result.mapname, str(result.output_root), return_state=True)
+    for xbar, cell_bits, adc_bits in crossbars:
+        started = time.perf_counter()
+        axes = dict(xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits)
+        if not cstate.is_completed():
+            rows.append(point.row(status="failed", error=f"conversion: {_failure(cstate)}", **common, **axes))
+            continue
+        try:
+            spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits)
+        except SettingsError as e:
+            rows.append(point.row(status="failed", error=" ".join(str(e).split()), **common, **axes))
+            continue
+        state = simulate_crossbar(cstate.result(), spec, evaluation, return_state=True)
+        if not state.is_completed():
+            rows.append(point.row(status="failed", error=f"crossbar: {_failure(state)}", **common, **axes))
+            continue
+        xe: CrossbarError = state.result()
+        rows.append(point.row(status="completed", rel_l2=xe.rel_l2, cosine=xe.cosine, top1_agreement=xe.top1_agreement,
+                              accuracy=xe.accuracy, float_accuracy=xe.float_accuracy, verified=True,
+                              arrays=xe.arrays, utilization=xe.utilization, integer_rel_l2=xe.integer_rel_l2,
+                              integer_agreement=xe.integer_agreement,
+                              seconds=round(time.perf_counter() - started, 3),
+                              **{**common, "cached": state.name == "Cached"}, **axes))
+    return rows
 
 
 # --- the flow ------------------------------------------------------------------------------------------
@@ -352,7 +406,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
         _require_gpu_workers()
     points = config.points()
     logger.info("design sweep %r: %d points over %d model(s)", config.name, len(points), len(config.models))
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[int, list[dict[str, Any]]] = {}
     futures: list[tuple[int, SweepPoint, Any]] = []
     for spec in config.models:
         mine = [(i, p) for i, p in enumerate(points) if p.model == spec.label]
@@ -361,7 +415,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
             model = prepare_model(_model_file(spec), shapes, config.simplify, str(root))
         except Exception as e:  # the model itself is unusable: every point of it fails with the reason
             for i, p in mine:
-                rows[i] = p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")
+                rows[i] = [p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")]
             continue
         eval_sha = sha256_file(spec.eval_set) if spec.eval_set and Path(spec.eval_set).is_file() else None
         evaluation = EvaluationSpec(spec.eval_set, eval_sha, config.eval_samples, config.eval_seed)
@@ -372,19 +426,19 @@ def design_sweep(config: SweepConfig) -> SweepResult:
                                                                return_state=True)
             cstate = calibrations[p.calib_samples]
             if not cstate.is_completed():
-                rows[i] = p.row(status="failed", cached=False, error=f"calibration: {_failure(cstate)}")
+                rows[i] = [p.row(status="failed", cached=False, error=f"calibration: {_failure(cstate)}")]
                 continue
             annotation = {"resources": {"GPU": 1}} if gpu else {}
             with _annotate(annotation):
                 future = sweep_point.submit(p, p.mapname, model, cstate.result(), shapes, config.device, config.seed,
-                                            str(root), evaluation)
+                                            str(root), evaluation, config.grid.crossbars())
             futures.append((i, p, future))
     for i, p, future in futures:
         try:
             rows[i] = future.result()
         except Exception as e:  # the worker died or the task crashed outside the point's own error handling
-            rows[i] = p.row(status="failed", cached=False, error=" ".join(str(e).split()) or type(e).__name__)
-    table = [rows[i] for i in range(len(points))]
+            rows[i] = [p.row(status="failed", cached=False, error=" ".join(str(e).split()) or type(e).__name__)]
+    table = [row for i in range(len(points)) for row in rows[i]]
     result = _publish(config, root, table, time.perf_counter() - started)
     done = sum(r["status"] == "completed" for r in table)
     logger.info("design sweep %r: %d/%d points completed (%d from cache) in %.1f s; table %s", config.name, done,
@@ -434,17 +488,22 @@ def _publish(config: SweepConfig, root: Path, table: list[dict[str, Any]], secon
     key = f"sweep-{config.name}"
     shown = ["model", "bits", "per_channel", "algorithm", "calib_samples", "status", "cached", "rel_l2",
              "top1_agreement", "accuracy", "worst_snr", "weight_bytes", "seconds", "error"]
+    if any(r["adc_bits"] is not None for r in table):
+        shown[5:5] = ["xbar", "cell_bits", "adc_bits", "arrays", "integer_agreement"]
     create_table_artifact([{c: _cell(r[c]) for c in shown} for r in table], key=key,
                           description=f"Design sweep {config.name}: one row per grid point ({csv_path})")
-    if plot_path is not None:
-        png = base64.b64encode(plot_path.read_bytes()).decode()
-        create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-plot",
-                              description=f"Output error against bit width ({plot_path})")
+    crossbar_plot = plot_crossbar_sweep(table, folder / "crossbar.png", title=f"crossbar sweep {config.name}")
+    for image, suffix, what in ((plot_path, "plot", "Output error against bit width"),
+                                (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits")):
+        if image is not None:
+            png = base64.b64encode(image.read_bytes()).decode()
+            create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-{suffix}", description=f"{what} ({image})")
     failed = [r for r in table if r["status"] != "completed"]
     lines = [f"# Design sweep `{config.name}`", "",
              f"{len(table) - len(failed)}/{len(table)} points completed, "
              f"{sum(bool(r['cached']) for r in table)} from the cache, in {seconds:.1f} s.", "",
              f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
+    lines += [f"- crossbar plot: `{crossbar_plot}`"] if crossbar_plot else []
     lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
     create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"Design sweep {config.name}")
     return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
@@ -464,7 +523,7 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None]
+    done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None and r["adc_bits"] is None]
     if not done:
         return None
     has_accuracy = any(r["accuracy"] is not None for r in done)
@@ -498,6 +557,43 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
                        xticks=bits)
         axes[0][1].grid(True, alpha=0.3)
         axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
+    plt.close(fig)
+    return atomic_write(path, png.getvalue())
+
+
+def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
+    """Error against float (and accuracy, when measured) against ADC bits, one line per model / bits / crossbar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None]
+    if not done:
+        return None
+    has_accuracy = any(r["accuracy"] is not None for r in done)
+    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in done:
+        label = f"{r['model']} W{r['bits']}A{r['bits']} / {r['xbar']} / {r['cell_bits']}-bit cells"
+        lines.setdefault(label, []).append(r)
+    adc = sorted({r["adc_bits"] for r in done})
+    for label, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r["adc_bits"])
+        axes[0][0].plot([r["adc_bits"] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=label)
+        if has_accuracy:
+            axes[0][1].plot([r["adc_bits"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=label)
+    axes[0][0].set(xlabel="ADC bits", ylabel="output error vs float, ||x - f|| / ||f|| (%)", title=title,
+                   yscale="log", xticks=adc)
+    if has_accuracy:
+        axes[0][1].set(xlabel="ADC bits", ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
+                       xticks=adc)
+    for ax in axes[0]:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, dpi=110, format="png")

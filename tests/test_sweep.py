@@ -165,3 +165,23 @@ def test_gpu_sweep_needs_gpu_workers(prefect_server, dask_cluster, small_cnn, tm
     gpu = config(small_cnn, tmp_path, dask_cluster, bits=[8]).model_copy(update={"device": "cuda"})
     with pytest.raises(SweepConfigError, match="has a GPU resource"):
         run_sweep(gpu)
+
+
+def test_crossbar_axes_add_a_row_per_crossbar(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
+    cfg = config(small_cnn, tmp_path, dask_cluster, name="xb", bits=[8], algorithms=["minmax"], xbar=["64x64"],
+                 cell_bits=[2], adc_bits=[4, 12, 99])
+    first = run_sweep(cfg)
+    assert [r["adc_bits"] for r in first.rows] == [None, 4, 12, 99], first.rows
+    quantized, coarse, lossless, bad = first.rows
+    assert quantized["status"] == coarse["status"] == lossless["status"] == "completed", first.rows
+    assert all(r["mapname"] == quantized["mapname"] and r["xbar"] == "64x64" for r in first.rows[1:])
+    # 12 bits read every partial sum of a 64-row array of 2-bit cells (64 * 3): exactly the integer simulation
+    assert lossless["integer_rel_l2"] == 0.0 and lossless["integer_agreement"] == 1.0
+    assert coarse["integer_rel_l2"] > 0 and coarse["rel_l2"] > lossless["rel_l2"] and coarse["arrays"] > 0
+    assert bad["status"] == "failed" and "adc_bits=99 is out of range" in bad["error"]
+    assert (tmp_path / "sweeps" / "xb" / "crossbar.png").read_bytes()[:4] == b"\x89PNG"
+    assert Artifact.get("sweep-xb-crossbar-plot") is not None
+    again = run_sweep(cfg)
+    assert [r["cached"] for r in again.rows[:3]] == [True, True, True], again.rows
+    with pytest.raises(ValueError, match="give both 'xbar' and 'adc_bits'"):
+        Grid(bits=[8], xbar=["64x64"])
