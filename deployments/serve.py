@@ -16,7 +16,8 @@ from prefect.schedules import Cron
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.pipeline import quantize_and_simulate, simulate_quantized_run  # noqa: E402
+from flows.pipeline import (map_and_simulate, quantize_and_simulate, quantize_map_simulate,  # noqa: E402
+                            simulate_quantized_run)
 from flows.quantize_model import quantize_model  # noqa: E402
 
 UPSTREAM = ["resnet18-example", "quantize"]
@@ -42,6 +43,8 @@ def deployments() -> list:
             )],
         ),
         quantize_and_simulate.to_deployment(name="quantize-and-simulate", tags=["maptools"]),
+        map_and_simulate.to_deployment(name="map-and-simulate", tags=["maptools"]),
+        quantize_map_simulate.to_deployment(name="quantize-map-simulate", tags=["maptools"]),
     ]
 
 

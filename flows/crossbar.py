@@ -16,6 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.quantize_model import QuantizeModelResult
 from flows.tasks import _CACHE, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
 from maptools.artifacts import MapFolder
@@ -24,7 +25,7 @@ from maptools.errors import ArtifactError
 from maptools.evaluation import load_evaluation_set
 from maptools.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
-__all__ = ["MapContent", "convert_map", "map_crossbars_task", "simulate_crossbar", "publish_crossbar_report",
+__all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task", "simulate_crossbar", "publish_crossbar_report",
            "crossbar_file_current", "plot_crossbar_map"]
 
 
@@ -139,7 +140,29 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on crossbars"))
 
 
-def spec_summary(mapped: CrossbarMap, error: CrossbarError) -> dict[str, Any]:
-    """The figures a downstream consumer reads (JSON-friendly)."""
-    totals = mapped.to_json()["totals"]
-    return {"spec": error.spec, **totals, "error": error.to_dict()}
+# Results of the flows (defined here, in an importable module, so a result read back in another process
+# unpickles whatever file a worker loaded the flow from).
+
+@dataclass(frozen=True)
+class MapAndSimulateResult:
+    """The map on crossbars (``crossbar_map.json``'s content) and what the crossbar simulation lost."""
+
+    mapname: str
+    content: MapContent
+    crossbars: CrossbarMap
+    error: CrossbarError
+    cached: bool
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly totals and errors."""
+        return {"mapname": self.mapname, **self.crossbars.to_json()["totals"], "error": self.error.to_dict(),
+                "cached": self.cached}
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Every stage's typed result: quantization (and conversion), then crossbars."""
+
+    quantization: QuantizeModelResult
+    crossbars: MapAndSimulateResult

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -21,8 +20,8 @@ from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
-from flows.crossbar import (MapContent, convert_map, crossbar_file_current, map_crossbars_task,
-                            publish_crossbar_report, simulate_crossbar)
+from flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
+                            map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from flows.quantize_model import QuantizeModelResult, quantize_model
 from flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
@@ -46,23 +45,6 @@ def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0
     summary = run.to_json()
     get_run_logger().info("simulated %s on %d inputs in %.2f s", mapname, run.batch, run.seconds)
     return summary
-
-
-@dataclass(frozen=True)
-class MapAndSimulateResult:
-    """The map on crossbars (``crossbar_map.json``'s content) and what the crossbar simulation lost."""
-
-    mapname: str
-    content: MapContent
-    crossbars: CrossbarMap
-    error: CrossbarError
-    cached: bool
-    seconds: dict[str, float]
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-friendly totals and errors."""
-        return {"mapname": self.mapname, **self.crossbars.to_json()["totals"], "error": self.error.to_dict(),
-                "cached": self.cached}
 
 
 @flow(name="map-and-simulate", persist_result=True)
@@ -115,14 +97,6 @@ def map_and_simulate(
                 "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
                 error.rel_l2, error.integer_rel_l2)
     return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
-
-
-@dataclass(frozen=True)
-class PipelineResult:
-    """Every stage's typed result: quantization (and conversion), then crossbars."""
-
-    quantization: QuantizeModelResult
-    crossbars: MapAndSimulateResult
 
 
 @flow(name="quantize-map-simulate", persist_result=True)

@@ -145,12 +145,31 @@ def test_deployment_run_caches_and_triggers_downstream(prefect_env) -> None:
     with _client(prefect_env) as client:
         result = client.read_flow_run(downstream[0].id).state.result()
     assert result["mapname"] == "e2e" and result["simulation"]["outputs"]["output"]["shape"] == [4, 10]
+    # the downstream stage also mapped the map onto crossbars and simulated it there (256x256, 8-bit ADC)
+    assert result["crossbars"]["arrays"] > 0 and result["crossbars"]["error"]["samples"] == 4
+    assert "crossbar_map.json" in verify_map(maps / "e2e")["artifacts"]
+
+
+def test_pipeline_deployment_quantizes_maps_and_simulates(prefect_env) -> None:
+    run = _prefect(prefect_env, "deployment", "run", "quantize-map-simulate/quantize-map-simulate", *PARAMS,
+                   "-p", "mapname=pipe", "-p", "xbar=64x64", "-p", "adc_bits=12", "-p", "samples=4",
+                   "--watch", "--watch-interval", "1", "--watch-timeout", "300")
+    assert "Completed" in run.stdout
+    manifest = verify_map(Path(prefect_env["MAPTOOLS_HOME"]) / "mapsave" / "pipe")
+    assert {"quantinfo.pkl", "operator_graph.json", "crossbar_map.json"} <= set(manifest["artifacts"])
+    (flow_run,) = _flow_runs(prefect_env, "quantize-map-simulate")
+    with _client(prefect_env) as client:
+        result = client.read_flow_run(flow_run.id).state.result()
+    assert result.crossbars.crossbars.spec.rows == 64 and result.crossbars.error.integer_rel_l2 == 0.0
+    assert result.quantization.mapname == "pipe" and result.crossbars.error.samples == 4
 
 
 def test_example_deployment_is_scheduled_but_paused(prefect_env) -> None:
     with _client(prefect_env) as client:
         example = client.read_deployment_by_name("quantize-model/resnet18-example")
         downstream = client.read_deployment_by_name("simulate-quantized-run/simulate-on-quantized")
+        pipeline = client.read_deployment_by_name("quantize-map-simulate/quantize-map-simulate")
+    assert pipeline.parameters["xbar"] == "256x256" and downstream.parameters["adc_bits"] == 8
     assert [s.schedule.cron for s in example.schedules] == ["0 2 * * *"]
     assert not any(s.active for s in example.schedules)
     assert example.parameters["onnx_path"] == "example:resnet18"
