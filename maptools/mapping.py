@@ -260,7 +260,7 @@ def _chunks(codes: torch.Tensor, bits: int, signed: bool, dac_bits: int) -> list
     Unsigned codes: ``dac_bits`` at a time. Signed (two's complement): the low ``bits - 1`` bits
     that way, and the sign bit as its own cycle with weight ``-2^(bits-1)``.
     """
-    u = codes.to(torch.int64)
+    u = codes.to(torch.int16 if bits < 15 else torch.int64)  # less memory to stream than int64
     if signed:
         u = torch.where(u < 0, u + (1 << bits), u)
     body = bits - 1 if signed else bits
@@ -281,6 +281,19 @@ def _slices(matrix: torch.Tensor, bits: int, cell_bits: int) -> list[tuple[int, 
     return [(1 << start, (matrix >> start) & ((1 << cell_bits) - 1)) for start in range(0, bits, cell_bits)]
 
 
+class _Cells:
+    """One row block of a layer as cells: per part (sign), the slices side by side; each row's largest cell."""
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], block: slice, wbits: int, cell_bits: int,
+                 worst: int) -> None:
+        sliced = [(sign, _slices(matrix[:, block], wbits, cell_bits)) for sign, matrix in parts]
+        self.shifts = torch.tensor([w for w, _ in sliced[0][1]], dtype=torch.float64)  # 2^(cell_bits * k)
+        self.parts = [(sign, torch.cat([c for _, c in cs], dim=2).to(torch.float32)) for sign, cs in sliced]
+        self.peaks = torch.stack([c.amax(dim=2) for _, cs in sliced for _, c in cs], dim=2).amax(dim=2).float()
+        # the clipped excess summed over slices is below worst * sum(shifts): float32 is exact under 2^24
+        self.dtype = torch.float32 if worst * float(self.shifts.sum()) < 2 ** 24 else torch.float64
+
+
 class CrossbarSimulator(IntegerSimulator):
     """The integer simulation with every crossbar operator computed through its arrays.
 
@@ -298,6 +311,7 @@ class CrossbarSimulator(IntegerSimulator):
         self.collect_psums = collect_psums
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
         self._matrices = {}
+        self._blocks: dict[tuple[str, int], tuple[torch.Tensor, _Cells]] = {}  # per row block, built on first use
         for name, (weight, _) in self.weights.items():
             node = graph.node(name)
             stored = weight.numpy()
@@ -310,9 +324,11 @@ class CrossbarSimulator(IntegerSimulator):
 
         Per row block (one array's rows), input chunk and cell slice, every column's partial sum is
         read by its ADC (``adc_bits``, saturating), then shifted and added; row blocks add digitally.
-        A position none of whose partial sums can exceed the ADC (bounded by its input bits times
-        each row's largest cell) cannot saturate: unless partial sums are being collected, it is
-        computed as the plain integer product (the same numbers), and only the others bit by bit.
+        That equals the plain integer product minus, for every partial sum above the ADC's limit,
+        its excess (shifted like the sum). Only (input chunk, position) pairs whose partial sums
+        might exceed the limit (bounded by the chunk's bits times each row's largest cell) are
+        computed slice by slice, and only for that correction; unless partial sums are being
+        collected, every other pair is exact in the plain product.
         """
         spec, matrices = self.spec, self._matrices[name]  # [groups, rows, cols]
         wbits = int(cfg.weight_bits or 8)
@@ -327,47 +343,51 @@ class CrossbarSimulator(IntegerSimulator):
         for r0 in range(0, rows, spec.rows):
             block = slice(r0, min(rows, r0 + spec.rows))
             worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
-            detailed = self.collect_psums or worst > limit
-            cells = [(sign, _slices(matrix[:, block], wbits, spec.cell_bits)) for sign, matrix in parts]
-            weights = sum(sign * matrix[:, block] for sign, matrix in parts).to(torch.float64)  # as stored
+            if (name, r0) not in self._blocks:
+                weights = sum(sign * matrix[:, block] for sign, matrix in parts)  # as stored
+                # float32 products are exact while every sum stays below 2^24
+                peak = int(weights.abs().max()) if weights.numel() else 0
+                big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
+                weights = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
+                self._blocks[name, r0] = weights, _Cells(parts, block, wbits, spec.cell_bits, worst)
+            weights, cells = self._blocks[name, r0]
+            if not self.collect_psums and worst <= limit:
+                cells = None  # no partial sum can exceed the ADC
             for n0 in range(0, x.shape[1], _POSITIONS):  # bounded memory: a slab of positions at a time
                 xs = x[:, n0:n0 + _POSITIONS, block]
-                out = torch.matmul(xs.to(torch.float64), weights)
-                risky = self._risky(xs, cells, ibits, lo < 0, limit) if detailed else []
-                if len(risky):
-                    out[:, risky] = self._read(name, xs[:, risky], cells, ibits, lo < 0, limit)
+                out = torch.matmul(xs.to(weights.dtype), weights).to(torch.float64)
+                if cells is not None:
+                    self._saturate(name, out, xs, cells, ibits, lo < 0, limit)
                 acc[:, n0:n0 + _POSITIONS] += out
         if offset:
             acc -= offset * x.to(torch.float64).sum(dim=-1, keepdim=True)
         return acc
 
-    def _risky(self, x: torch.Tensor, cells: list[tuple[int, list[tuple[int, torch.Tensor]]]], ibits: int,
-               signed: bool, limit: int) -> torch.Tensor:
-        """Positions of ``x [groups, N, rows]`` whose partial sums might exceed ``limit`` (all when collecting)."""
-        if self.collect_psums:
-            return torch.arange(x.shape[1])
-        chunks = torch.stack([c for _, c in _chunks(x, ibits, signed, self.spec.dac_bits)], dim=1)  # [g, T, N, rows]
-        peaks = torch.stack([c.amax(dim=2) for _, sliced in cells for _, c in sliced], dim=2)  # [g, rows, K]
-        bound = torch.matmul(chunks.float(), peaks.float()[:, None]).amax(dim=(1, 3))  # [g, N]
-        return torch.nonzero((bound > limit).any(dim=0)).flatten()
-
-    def _read(self, name: str, xs: torch.Tensor, cells: list[tuple[int, list[tuple[int, torch.Tensor]]]],
-              ibits: int, signed: bool, limit: int) -> torch.Tensor:
-        """The bit-serial, sliced, ADC-read product of ``xs [groups, n, rows]`` with one row block."""
-        groups, n, _ = xs.shape
+    def _saturate(self, name: str, out: torch.Tensor, xs: torch.Tensor, cells: _Cells, ibits: int, signed: bool,
+                  limit: int) -> None:
+        """Subtract from ``out [groups, n, cols]`` what the ADC clips off the partial sums of ``xs [groups, n, rows]``."""
+        groups, n, rows = xs.shape
         chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
-        # every (chunk, position) row against every (slice, column): one product per group
-        xb = torch.stack([c for _, c in chunks], dim=1).reshape(groups, -1, xs.shape[2]).to(torch.float32)
-        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)
-        out = 0
-        for sign, sliced in cells:
-            flat = torch.cat([c for _, c in sliced], dim=2).to(torch.float32)  # [g, rb, K*cols]
-            kw = torch.tensor([w for w, _ in sliced], dtype=torch.float64)
-            psum = torch.bmm(xb, flat).view(groups, len(chunks), n, len(sliced), -1)  # exact in float32
+        bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact
+        if self.collect_psums:
+            t_idx, n_idx = (i.flatten() for i in torch.meshgrid(torch.arange(len(chunks)), torch.arange(n),
+                                                                 indexing="ij"))
+        else:
+            # no partial sum of a (chunk, position) exceeds the chunk's bits times each row's largest cell
+            bound = torch.bmm(bits.view(groups, -1, rows), cells.peaks[:, :, None]).view(groups, -1, n)  # [g, T, n]
+            t_idx, n_idx = torch.nonzero((bound > limit).any(dim=0), as_tuple=True)
+        if not len(t_idx):
+            return
+        picked = bits[:, t_idx, n_idx]  # [g, R, rows]
+        excess = 0
+        for sign, flat in cells.parts:
+            psum = torch.bmm(picked, flat).view(groups, len(t_idx), len(cells.shifts), -1)  # [g, R, K, cols]
             if self.collect_psums and psum.numel():
                 self.observed[name] = max(self.observed.get(name, 0), int(psum.max()))
-            out = out + sign * torch.einsum("gtnkc,t,k->gnc", psum.clamp(max=limit).to(torch.float64), tw, kw)
-        return out
+            clipped = (psum - limit).clamp_(min=0).to(cells.dtype)
+            excess = excess + sign * torch.einsum("grkc,k->grc", clipped, cells.shifts.to(cells.dtype))
+        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)[t_idx]
+        out.index_add_(1, n_idx, -(tw[None, :, None] * excess.to(torch.float64)))
 
     def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
         (x,) = self._inputs(cfg, values)
