@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, UnsafePickleError
+from maptools.errors import ArtifactError, MissingArtifactError, UnsafePickleError
 from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
 from maptools.quantinfo import QuantConfig
 
@@ -93,7 +93,7 @@ def safe_load_pickle(path: str | Path) -> Any:
 def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
     path = MapFolder(mapname, root).open().file(name)
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={mapname!r}) first, or check "
+        raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={mapname!r}) first, or check "
                             "output_root / MAPTOOLS_HOME.")
     return path
 

@@ -26,7 +26,7 @@ import onnx.shape_inference
 
 from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder, atomic_write, load_quantinfo,
                                 sha256_file)
-from maptools.errors import ArtifactError, ConversionError, ModelError
+from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.onnx_model import load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
@@ -177,7 +177,7 @@ class OperatorGraph:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ArtifactError(f"{path} does not exist.", "run `maptools convert --mapname M` first.") from None
+            raise MissingArtifactError(f"{path} does not exist.", "run `maptools convert --mapname M` first.") from None
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run `maptools convert` for this map.") from e
         return cls.from_json(data, Path(path).parent)
@@ -456,7 +456,7 @@ def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: b
     version = MapFolder(mapname, output_root).open()
     path = version.file(GRAPH_FILE)
     if not path.is_file():
-        raise ArtifactError(f"map {mapname!r} has no operator graph ({path.name} does not exist).",
+        raise MissingArtifactError(f"map {mapname!r} has no operator graph ({path.name} does not exist).",
                             f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
     manifest = version.verify() if verify else None
     graph = OperatorGraph.load(path)

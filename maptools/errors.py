@@ -15,6 +15,7 @@ __all__ = [
     "DeviceError",
     "MapnameError",
     "ArtifactError",
+    "MissingArtifactError",
     "UnsafePickleError",
     "QuantizationFailed",
     "ConversionError",
@@ -55,8 +56,12 @@ class MapnameError(MaptoolsError, ValueError):
     """``mapname`` is empty or would write outside the output folder."""
 
 
-class ArtifactError(MaptoolsError, FileNotFoundError):
-    """Artifacts are missing, incomplete, or do not match their manifest."""
+class ArtifactError(MaptoolsError, ValueError):
+    """Artifacts are incomplete, unreadable, from another model, or do not match their manifest."""
+
+
+class MissingArtifactError(ArtifactError, FileNotFoundError):
+    """An artifact (or the whole map) does not exist."""
 
 
 class UnsafePickleError(MaptoolsError, TypeError):

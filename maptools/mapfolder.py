@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from maptools.errors import ArtifactError, MapnameError, StorageError
+from maptools.errors import ArtifactError, MapnameError, MissingArtifactError, StorageError
 
 __all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
 
@@ -128,7 +128,7 @@ class MapVersion:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ArtifactError(f"{path} does not exist.", "re-run quantization for this map.") from None
+            raise MissingArtifactError(f"{path} does not exist.", "re-run quantization for this map.") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run quantization for this map.") from e
         if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
@@ -143,7 +143,7 @@ class MapVersion:
                 continue
             path = self.file(name)
             if not path.is_file():
-                raise ArtifactError(f"artifact {path} is missing.", "re-run quantization for this map.")
+                raise MissingArtifactError(f"artifact {path} is missing.", "re-run quantization for this map.")
             if sha256_file(path) != digest:
                 raise ArtifactError(f"artifact {path} does not match the sha256 in its manifest.",
                                     "re-run quantization for this map; do not edit artifacts by hand.")
@@ -209,7 +209,7 @@ class MapFolder:
         """Resolve the map once, for a consistent read of its files."""
         folder = self.current()
         if folder is None or not (folder / MANIFEST).is_file():
-            raise ArtifactError(f"{self.path / MANIFEST} does not exist.",
+            raise MissingArtifactError(f"{self.path / MANIFEST} does not exist.",
                                 f"run quantize(..., mapname={self.mapname!r}) first, or check output_root / "
                                 "MAPTOOLS_HOME.")
         return MapVersion(self.mapname, folder)

@@ -151,3 +151,15 @@ def test_maps_of_the_previous_release_are_read_and_replaced(small_cnn, tmp_path)
     again = _quantize(small_cnn, tmp_path / "old", seed=1)
     assert legacy.is_symlink() and verify_map(legacy)["artifacts"] == again.sha256
     assert len([e for e in _entries(tmp_path / "old") if e.startswith(".m.v-")]) == 2
+
+
+def test_a_changed_artifact_is_not_a_missing_file(small_cnn, tmp_path) -> None:
+    """A hash mismatch is an ArtifactError (a ValueError); only a file that does not exist is a FileNotFoundError."""
+    result = _quantize(small_cnn, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_quantinfo("never-written", tmp_path)
+    params = result.version_dir / "quantparams.pkl"
+    params.write_bytes(params.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ArtifactError, match="does not match the sha256") as info:
+        verify_map(result.map_dir)
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, OSError)
