@@ -25,8 +25,8 @@ from maptools.errors import ArtifactError
 from maptools.evaluation import load_evaluation_set
 from maptools.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
-__all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task", "simulate_crossbar", "publish_crossbar_report",
-           "crossbar_file_current", "plot_crossbar_map"]
+__all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
+           "simulate_crossbar", "publish_crossbar_report", "crossbar_file_current", "plot_crossbar_map"]
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,11 @@ class MapContent:
 @task(name="convert-map", **_RETRY)
 def convert_map(mapname: str, output_root: str) -> MapContent:
     """The map's operator graph (built now unless a verified one is registered) and the map's content."""
-    version = MapFolder(mapname, output_root).open()
-    manifest = version.verify()
-    if conversion.GRAPH_FILE not in manifest["artifacts"]:
+    manifest = MapFolder(mapname, output_root).open().verified()
+    if conversion.GRAPH_FILE not in manifest.artifacts:
         conversion.convert(mapname, output_root=output_root)
-        manifest = MapFolder(mapname, output_root).open().verify()
-    hashes = {k: v for k, v in manifest["artifacts"].items() if k != CROSSBAR_FILE}
+        manifest = MapFolder(mapname, output_root).open().verified()
+    hashes = {k: v for k, v in manifest.artifacts.items() if k != CROSSBAR_FILE}
     return MapContent(mapname, output_root, dict(sorted(hashes.items())))
 
 
@@ -60,10 +59,10 @@ def map_crossbars_task(content: MapContent, spec: CrossbarSpec, psum_samples: in
 def crossbar_file_current(content: MapContent, mapped: CrossbarMap) -> bool:
     """True when the map registers exactly this ``crossbar_map.json`` (a cached result still describes the map)."""
     try:
-        manifest = MapFolder(content.mapname, content.output_root).open().manifest()
+        manifest = MapFolder(content.mapname, content.output_root).open().record()
     except ArtifactError:
         return False
-    return manifest["artifacts"].get(CROSSBAR_FILE) == hashlib.sha256(mapped.to_bytes()).hexdigest()
+    return manifest.artifacts.get(CROSSBAR_FILE) == hashlib.sha256(mapped.to_bytes()).hexdigest()
 
 
 @task(name="simulate-crossbar", cache_policy=_CACHE, persist_result=True, **_RETRY)

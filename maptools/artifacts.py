@@ -94,7 +94,7 @@ def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
     path = MapFolder(mapname, root).open().file(name)
     if not path.is_file():
         raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={mapname!r}) first, or check "
-                            "output_root / MAPTOOLS_HOME.")
+                                   "output_root / MAPTOOLS_HOME.")
     return path
 
 

@@ -27,6 +27,7 @@ import onnx.shape_inference
 from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder, atomic_write, load_quantinfo,
                                 sha256_file)
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
+from maptools.manifest import Manifest
 from maptools.onnx_model import load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
@@ -397,14 +398,14 @@ def _named(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 # --- the conversion step ------------------------------------------------------------------------------
 
-def _check_model(model_path: Path, manifest: Mapping[str, Any], mapname: str) -> None:
+def _check_model(model_path: Path, manifest: Manifest, mapname: str) -> None:
     if not model_path.is_file():
         raise ModelError(f"model {model_path} (for map {mapname!r}) does not exist.",
                          "pass model_path= (--model) pointing at the model this map was quantized from.")
     digest = sha256_file(model_path)
-    if digest != manifest["model"]["sha256"]:
+    if digest != manifest.model.sha256:
         raise ModelError(f"model {model_path} is not the model map {mapname!r} was quantized from (sha256 "
-                         f"{digest[:12]}, manifest {manifest['model']['sha256'][:12]}).",
+                         f"{digest[:12]}, manifest {manifest.model.sha256[:12]}).",
                          "pass the model that was quantized, or re-run quantize on this model.")
 
 
@@ -430,18 +431,18 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
     started = time.perf_counter()
     maps = MapFolder(mapname, output_root)
     version = maps.open()
-    manifest = version.verify(skip=frozenset({GRAPH_FILE}))  # a graph being rebuilt may be gone or stale
+    manifest = version.verified(skip=frozenset({GRAPH_FILE}))  # a graph being rebuilt may be gone or stale
     if model_path is not None:
         _check_model(Path(model_path), manifest, mapname)
-    path, digest = version.file(MODEL), manifest["artifacts"][MODEL]  # checked by verify()
+    path, digest = version.file(MODEL), manifest.artifacts[MODEL]  # checked by verified()
     graph = build_graph(path)
     graph.meta.update({"mapname": mapname, "model_path": str(maps.path / MODEL), "model_sha256": digest,
-                       "source_sha256": manifest["model"]["sha256"],
-                       "quantinfo_sha256": manifest["artifacts"][QUANTINFO_PKL],
-                       "quantparams_sha256": manifest["artifacts"][QUANTPARAMS_PKL]})
+                       "source_sha256": manifest.model.sha256,
+                       "quantinfo_sha256": manifest.artifacts[QUANTINFO_PKL],
+                       "quantparams_sha256": manifest.artifacts[QUANTPARAMS_PKL]})
     if quantized:
         graph.attach_quantinfo(load_quantinfo(version.file(QUANTINFO_PKL)))
-    based_on = {k: manifest["artifacts"][k] for k in (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL)}
+    based_on = {k: manifest.artifacts[k] for k in (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL)}
     maps.update({GRAPH_FILE: _dumps(graph.to_json()).encode()}, {}, based_on=based_on)
     parts = [d["part"] for _, d in graph.graph.nodes(data=True)]
     return ConversionResult(
@@ -457,13 +458,13 @@ def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: b
     path = version.file(GRAPH_FILE)
     if not path.is_file():
         raise MissingArtifactError(f"map {mapname!r} has no operator graph ({path.name} does not exist).",
-                            f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
-    manifest = version.verify() if verify else None
+                                   f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")
+    manifest = version.verified() if verify else None
     graph = OperatorGraph.load(path)
     if manifest is not None:
-        for key, want in (("model_sha256", manifest["artifacts"][MODEL]),
-                          ("quantinfo_sha256", manifest["artifacts"][QUANTINFO_PKL]),
-                          ("quantparams_sha256", manifest["artifacts"][QUANTPARAMS_PKL])):
+        for key, want in (("model_sha256", manifest.artifacts[MODEL]),
+                          ("quantinfo_sha256", manifest.artifacts[QUANTINFO_PKL]),
+                          ("quantparams_sha256", manifest.artifacts[QUANTPARAMS_PKL])):
             if graph.meta.get(key) != want:
                 raise ArtifactError(f"{path} was converted from other artifacts than map {mapname!r} now holds "
                                     f"({key} differs).", f"re-run `maptools convert --mapname {mapname}`.")

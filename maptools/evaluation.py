@@ -150,9 +150,9 @@ def evaluate_map(mapname: str, *, output_root: str | Path | None = None, evaluat
     """
     started = time.perf_counter()
     version = MapFolder(mapname, output_root).open()
-    manifest = version.verify()
+    manifest = version.verified()
     model = load_model(version.file(MODEL))
-    shapes = check_input_shapes(model, manifest["model"]["input_shapes"])
+    shapes = check_input_shapes(model, manifest.model.input_shapes)
     data = evaluation or random_evaluation_set(shapes, samples, seed)
     reference = float_outputs(version.file(MODEL), data.samples)
     quantized = float_outputs(version.file(QUANT_MODEL), data.samples)

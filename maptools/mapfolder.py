@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from maptools.errors import ArtifactError, MapnameError, MissingArtifactError, StorageError
+from maptools.manifest import Manifest, parse_manifest
 
 __all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
 
@@ -133,7 +134,16 @@ class MapVersion:
             raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run quantization for this map.") from e
         if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
             raise ArtifactError(f"{path} has no artifact registry.", "re-run quantization for this map.")
+        parse_manifest(data, str(path))
         return data
+
+    def record(self) -> Manifest:
+        """The manifest, typed (not verified: see :meth:`verified`)."""
+        return parse_manifest(self.manifest(), str(self.path / MANIFEST))
+
+    def verified(self, skip: frozenset[str] = frozenset()) -> Manifest:
+        """:meth:`verify`, typed."""
+        return parse_manifest(self.verify(skip), str(self.path / MANIFEST))
 
     def verify(self, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Check every registered artifact (but ``skip``) against the manifest's sha256; return the manifest."""
@@ -210,8 +220,8 @@ class MapFolder:
         folder = self.current()
         if folder is None or not (folder / MANIFEST).is_file():
             raise MissingArtifactError(f"{self.path / MANIFEST} does not exist.",
-                                f"run quantize(..., mapname={self.mapname!r}) first, or check output_root / "
-                                "MAPTOOLS_HOME.")
+                                       f"run quantize(..., mapname={self.mapname!r}) first, or check output_root / "
+                                       "MAPTOOLS_HOME.")
         return MapVersion(self.mapname, folder)
 
     def exists(self) -> bool:
@@ -311,6 +321,7 @@ class MapFolder:
                 manifest = {**manifest, **manifest_changes}
                 manifest["artifacts"] = {**manifest["artifacts"],
                                          **{name: sha256_file(stage / name) for name in files}}
+                parse_manifest(manifest, f"the new manifest of {self.mapname!r}")
                 atomic_write(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
                 version = self._publish(stage, locked=True)
         return MapVersion(self.mapname, version)

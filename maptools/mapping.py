@@ -365,7 +365,8 @@ class CrossbarSimulator(IntegerSimulator):
 
     def _saturate(self, name: str, out: torch.Tensor, xs: torch.Tensor, cells: _Cells, ibits: int, signed: bool,
                   limit: int) -> None:
-        """Subtract from ``out [groups, n, cols]`` what the ADC clips off the partial sums of ``xs [groups, n, rows]``."""
+        """Subtract from ``out [groups, n, cols]`` what the ADC clips off the partial sums of ``xs``
+        (``[groups, n, rows]``)."""
         groups, n, rows = xs.shape
         chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
         bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact

@@ -21,6 +21,7 @@ from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCal
                                   resolve_calibration)
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
+from maptools.manifest import Manifest, ModelRecord
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.prepare import prepare_model
 from maptools.quantinfo import quantinfo_to_json
@@ -250,17 +251,17 @@ def quantize(
                                           "skipped": error_steps == 0})
         hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
         seconds["total"] = time.perf_counter() - started
-        write_json(stage / MANIFEST, {
-            "maptools_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "mapname": mapname,
-            "model": {"path": str(onnx_path.resolve()), "sha256": model_sha,
-                      "input_shapes": {k: list(v) for k, v in shapes.items()}, "prepared": prepared.to_json()},
-            "settings": settings.to_dict(), "device": ppq_device, "calib_steps_used": steps,
-            "calibration": calib_desc, "onnx_export_exact": True,
-            "artifacts": hashes, "versions": package_versions(), "notes": notes,
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        })
+        write_json(stage / MANIFEST, Manifest(
+            maptools_version=__version__,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            mapname=mapname,
+            model=ModelRecord(path=str(onnx_path.resolve()), sha256=model_sha,
+                              input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
+            settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
+            calibration=calib_desc, onnx_export_exact=True,
+            artifacts=hashes, versions=package_versions(), notes=notes,
+            seconds={k: round(v, 3) for k, v in seconds.items()},
+        ).to_json())
     log.info("quantized %s -> %s in %.1f s", onnx_path, target, seconds["total"])
     return QuantizationResult(
         mapname=mapname, map_dir=target, artifacts={n: target / n for n in (*ARTIFACT_FILES, MANIFEST)},

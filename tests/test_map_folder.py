@@ -163,3 +163,16 @@ def test_a_changed_artifact_is_not_a_missing_file(small_cnn, tmp_path) -> None:
     with pytest.raises(ArtifactError, match="does not match the sha256") as info:
         verify_map(result.map_dir)
     assert isinstance(info.value, ValueError) and not isinstance(info.value, OSError)
+
+
+def test_the_manifest_is_typed_and_checked(small_cnn, tmp_path) -> None:
+    result = _quantize(small_cnn, tmp_path)
+    record = MapFolder("m", tmp_path).open().verified()
+    assert record.mapname == "m" and record.artifacts == result.sha256 and record.settings["seed"] == 0
+    assert record.model.input_shapes == {k: list(v) for k, v in SMALL_CNN_SHAPES.items()}
+    path = result.version_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    data["artifacts"]["quantinfo.pkl"] = "not a sha256"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"not a maptools manifest \(artifacts.quantinfo.pkl: String should match"):
+        read_manifest("m", tmp_path)
