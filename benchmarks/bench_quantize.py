@@ -208,7 +208,7 @@ def run_nncf(model: Path, samples: list) -> Any:
 
 def flow_runner() -> Callable[..., Any] | None:
     try:
-        from flows.quantize_model import quantize_model  # type: ignore[import-not-found]
+        from maptools_flows.quantize_model import quantize_model  # type: ignore[import-not-found]
     except Exception:
         return None
     return quantize_model

@@ -73,7 +73,7 @@ def speed(name: str, root: Path, x: np.ndarray, adc_lossy: int) -> dict[str, Any
 
 def accuracy_sweep(work: Path, model: torch.nn.Module, quick: bool) -> list[dict[str, Any]]:
     """The design-sweep flow over crossbar axes on the digits CNN, on its labelled test set."""
-    from flows.sweep import Grid, ModelSpec, SweepConfig, run_sweep
+    from maptools_flows.sweep import Grid, ModelSpec, SweepConfig, run_sweep
 
     train_x, _, test_x, test_y = digits()
     onnx_path = small_cnn_onnx(work / "digits.onnx", model=model)

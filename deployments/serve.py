@@ -7,18 +7,13 @@ Same deployments as prefect.yaml (the nightly example schedule starts paused), r
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flows.pipeline import (map_and_simulate, quantize_and_simulate, quantize_map_simulate,  # noqa: E402
-                            simulate_quantized_run)
-from flows.quantize_model import quantize_model  # noqa: E402
+from maptools_flows.pipeline import (map_and_simulate, quantize_and_simulate, quantize_map_simulate,
+                                     simulate_quantized_run)
+from maptools_flows.quantize_model import quantize_model
 
 UPSTREAM = ["resnet18-example", "quantize"]
 

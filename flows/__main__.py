@@ -1,5 +1,5 @@
-"""``python -m flows`` is the ``maptools`` command."""
+"""``python -m maptools_flows`` is the ``maptools`` command."""
 
-from flows.cli import app
+from maptools_flows.cli import app
 
 app()

@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
 
@@ -66,7 +66,7 @@ def sweep(
                                                           "config).")] = None,
 ) -> None:
     """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
-    from flows.sweep import load_config, run_sweep
+    from maptools_flows.sweep import load_config, run_sweep
 
     try:
         cfg = load_config(config, dask_address=dask_address, workers=workers,

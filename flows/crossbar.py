@@ -16,8 +16,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.quantize_model import QuantizeModelResult
-from flows.tasks import _CACHE, _RETRY, EvaluationSpec, _artifact_key
+from maptools_flows.quantize_model import QuantizeModelResult
+from maptools_flows.tasks import _CACHE, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
 from maptools.artifacts import MapFolder
 from maptools.crossbar_error import CrossbarError, evaluate_crossbar

@@ -20,10 +20,10 @@ from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
-from flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
-                            map_crossbars_task, publish_crossbar_report, simulate_crossbar)
-from flows.quantize_model import QuantizeModelResult, quantize_model
-from flows.tasks import EvaluationSpec
+from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
+                                     map_crossbars_task, publish_crossbar_report, simulate_crossbar)
+from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools_flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
 from maptools.artifacts import map_dir, sha256_file
 from maptools.artifacts import output_root as resolve_root

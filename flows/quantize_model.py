@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
+from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
 from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import validate_mapname
 from maptools.conversion import ConversionResult

@@ -32,9 +32,9 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.crossbar import convert_map, simulate_crossbar
-from flows.locks import LOCKS
-from flows.tasks import ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
+from maptools_flows.crossbar import convert_map, simulate_crossbar
+from maptools_flows.locks import LOCKS
+from maptools_flows.tasks import ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError

@@ -17,7 +17,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from flows.locks import LOCKS
+from maptools_flows.locks import LOCKS
 import maptools
 from maptools import conversion, stages
 from maptools.artifacts import read_quantinfo

@@ -42,7 +42,7 @@ from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
-from maptools.simulate import IntegerSimulator, Value, load_inputs
+from maptools.simulate import IntegerSimulator, Value, _padding, load_inputs
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
            "observed_psums", "CROSSBAR_FILE"]
@@ -396,7 +396,7 @@ class CrossbarSimulator(IntegerSimulator):
         a = node["attrs"]
         if len(a["strides"]) != 2:
             return super()._conv(name, node, cfg, values)
-        codes, padding = _pad_asym(x.codes, a["pads"])
+        codes, padding = _padding(x.codes, a["pads"])
         n, c, h, w = codes.shape
         k = a["kernel"]
         cols = F.unfold(codes, k, dilation=a["dilations"], padding=padding, stride=a["strides"])  # [N, c*kh*kw, L]
@@ -415,15 +415,6 @@ class CrossbarSimulator(IntegerSimulator):
         acc = self._accumulate(name, self._mvm(name, x.codes[None], cfg)[0], bias)
         w_scale = torch.from_numpy(cfg.weight_scale.astype(np.float64)).reshape(1, -1)
         return self._output(acc, node["attrs"]["alpha"] * x.scale * w_scale, cfg)
-
-
-def _pad_asym(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
-    rank = len(pads) // 2
-    begin, end = pads[:rank], pads[rank:]
-    if begin == end:
-        return codes, begin
-    flat = [p for i in reversed(range(rank)) for p in (begin[i], end[i])]
-    return F.pad(codes, flat), [0] * rank
 
 
 def observed_psums(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,

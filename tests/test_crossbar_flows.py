@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from prefect.artifacts import Artifact
 
-import flows.crossbar
-from flows.pipeline import PipelineResult, map_and_simulate, quantize_map_simulate
+import maptools_flows.crossbar
+from maptools_flows.pipeline import PipelineResult, map_and_simulate, quantize_map_simulate
 from maptools.artifacts import MapFolder
 from maptools.crossbar_error import evaluate_crossbar
 from maptools.errors import SettingsError
@@ -51,13 +51,13 @@ def test_pipeline_quantizes_maps_and_simulates(pipeline) -> None:
 def test_map_and_simulate_is_cached_and_remaps_a_lost_file(pipeline, monkeypatch) -> None:
     _, root = pipeline
     calls: list[Any] = []
-    real = flows.crossbar.map_crossbars
+    real = maptools_flows.crossbar.map_crossbars
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flows.crossbar, "map_crossbars", counting)
+    monkeypatch.setattr(maptools_flows.crossbar, "map_crossbars", counting)
     again = map_and_simulate("pipe", str(root), xbar="64x64", cell_bits=2, adc_bits=12, samples=8)
     assert again.cached and calls == []
     # another spec is another key; the lossy ADC loses something against the integer simulation

@@ -14,8 +14,8 @@ import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
 
-import flows.tasks
-from flows.quantize_model import QuantizeModelResult, quantize_model
+import maptools_flows.tasks
+from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools import read_quantinfo
 from maptools.errors import CalibrationError
 from maptools.examples import small_cnn_onnx
@@ -33,13 +33,13 @@ def raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def quantize_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Record every real call of maptools' quantize made by the flow's task."""
     calls: list[dict[str, Any]] = []
-    real = flows.tasks.quantize
+    real = maptools_flows.tasks.quantize
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flows.tasks, "quantize", counting)
+    monkeypatch.setattr(maptools_flows.tasks, "quantize", counting)
     yield calls
 
 
@@ -113,7 +113,7 @@ def test_deleted_or_edited_artifact_is_recomputed(prefect_server, raw_model, tmp
 
 def fail_first(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) -> list[int]:
     attempts: list[int] = []
-    real = flows.tasks.quantize
+    real = maptools_flows.tasks.quantize
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
         attempts.append(1)
@@ -121,7 +121,7 @@ def fail_first(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) 
             raise error()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flows.tasks, "quantize", flaky)
+    monkeypatch.setattr(maptools_flows.tasks, "quantize", flaky)
     return attempts
 
 

@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from flows.locks import LiveLockManager
+from maptools_flows.locks import LiveLockManager
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_killed_holders_lock_is_taken_over_and_a_live_one_is_not(tmp_path) -> None:
-    code = ("import sys, time\nfrom pathlib import Path\nfrom flows.locks import LiveLockManager\n"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom maptools_flows.locks import LiveLockManager\n"
             "manager = LiveLockManager(Path(sys.argv[1]))\nassert manager.acquire_lock('key', 'child')\n"
             "Path(sys.argv[1], 'held').touch()\ntime.sleep(600)\n")
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT)
@@ -33,3 +33,40 @@ def test_a_killed_holders_lock_is_taken_over_and_a_live_one_is_not(tmp_path) -> 
     assert not other.acquire_lock("key", "other", acquire_timeout=0.5)
     manager.release_lock("key", "parent")
     assert other.acquire_lock("key", "other", acquire_timeout=5)
+
+
+def test_a_flow_killed_holding_its_cache_lock_does_not_block_the_next_run(prefect_server, small_cnn, tmp_path) -> None:
+    """kill -9 a quantize-model flow while run-quantization holds its cache lock (paused in the map write);
+    the same run again takes the dead holder's lock over and completes."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+
+    from maptools.artifacts import verify_map
+    from maptools_flows.locks import LOCKS
+    from maptools_flows.quantize_model import quantize_model
+
+    args = (str(small_cnn), {"input": [1, 3, 32, 32]}, "killed")
+    kwargs = dict(calib_steps=8, device="cpu", output_root=str(tmp_path / "out"))
+    code = ("import sys\nfrom maptools_flows.quantize_model import quantize_model\n"
+            f"quantize_model(*{args!r}, **{kwargs!r})\n")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "PREFECT_HOME": str(LOCKS.lock_files_directory.parent),
+           "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
+           "MAPTOOLS_TEST_PAUSE_AT": "staged", "MAPTOOLS_TEST_PAUSE_DIR": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "staged.reached").exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the child flow never reached the write"
+            time.sleep(0.2)
+        held = [p for p in LOCKS.lock_files_directory.glob("*.lock")
+                if f'"pid": {child.pid}' in p.read_text()]
+        assert held, "the child holds no cache lock"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    started = time.monotonic()
+    result = quantize_model(*args, **kwargs)
+    assert not result.quantization_cached and verify_map(result.quantization.map_dir)["mapname"] == "killed"
+    assert time.monotonic() - started < 120

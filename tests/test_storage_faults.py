@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from maptools_flows.cli import app
 from maptools import quantize
 from maptools.artifacts import verify_map
 from maptools.conversion import convert

@@ -16,9 +16,9 @@ import pytest
 from prefect.artifacts import Artifact
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.sweep import (COLUMNS, Grid, ModelSpec, SweepConfig, SweepConfigError, SweepPoint, load_config, plot_sweep,
-                         run_sweep)
+from maptools_flows.cli import app
+from maptools_flows.sweep import (COLUMNS, Grid, ModelSpec, SweepConfig, SweepConfigError, SweepPoint, load_config,
+                                  plot_sweep, run_sweep)
 from maptools.evaluation import evaluate_map, float_outputs, load_evaluation_set, random_evaluation_set
 
 SHAPES = {"input": [1, 3, 32, 32]}
