@@ -17,7 +17,7 @@ from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from maptools_flows.quantize_model import QuantizeModelResult
-from maptools_flows.tasks import _CACHE, _RETRY, EvaluationSpec, _artifact_key
+from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
 from maptools.artifacts import MapFolder
 from maptools.crossbar_error import CrossbarError, evaluate_crossbar
@@ -49,7 +49,7 @@ def convert_map(mapname: str, output_root: str) -> MapContent:
     return MapContent(mapname, output_root, dict(sorted(hashes.items())))
 
 
-@task(name="map-crossbars", cache_policy=_CACHE, persist_result=True, **_RETRY)
+@task(name="map-crossbars", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def map_crossbars_task(content: MapContent, spec: CrossbarSpec, psum_samples: int, seed: int) -> CrossbarMap:
     """Tile, slice and count the map on ``spec``; observed partial sums on ``psum_samples`` seeded inputs;
     ``crossbar_map.json`` registered in the map."""
@@ -65,7 +65,7 @@ def crossbar_file_current(content: MapContent, mapped: CrossbarMap) -> bool:
     return manifest.artifacts.get(CROSSBAR_FILE) == hashlib.sha256(mapped.to_bytes()).hexdigest()
 
 
-@task(name="simulate-crossbar", cache_policy=_CACHE, persist_result=True, **_RETRY)
+@task(name="simulate-crossbar", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: EvaluationSpec) -> CrossbarError:
     """The crossbar-level simulation against the float model and the integer simulation (cached on content)."""
     data = None

@@ -23,6 +23,7 @@ from pydantic import Field
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools_flows.results import ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
 from maptools.artifacts import map_dir, sha256_file
@@ -70,6 +71,7 @@ def map_and_simulate(
     """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits)
     and loss (output error against the float model and the lossless integer simulation)."""
     logger = get_run_logger()
+    ensure_result_storage()
     started, seconds = time.perf_counter(), {}
     spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
                                   encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from maptools_flows.results import ensure_result_storage
 from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
 from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import validate_mapname
@@ -72,6 +73,7 @@ def quantize_model(
     with the same inputs returns the previous artifacts after checking their sha256.
     """
     logger = get_run_logger()
+    ensure_result_storage()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     # Bad settings fail here, once, before any work (they are never retried).

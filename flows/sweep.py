@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from maptools_flows.crossbar import convert_map, simulate_crossbar
 from maptools_flows.locks import LOCKS
-from maptools_flows.tasks import ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
+from maptools_flows.results import ensure_result_storage
+from maptools_flows.tasks import _PERSIST, ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, output_root as resolve_root
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
@@ -247,7 +248,7 @@ class SweepResult:
 _EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
 
 
-@task(name="evaluate-point", cache_policy=_EVAL_CACHE, persist_result=True)
+@task(name="evaluate-point", cache_policy=_EVAL_CACHE, **_PERSIST)
 def evaluate_point(result: QuantizationResult, evaluation: EvaluationSpec) -> OutputError:
     """Output error of the point's map (its quant_model.onnx, exact at every width) against its float model;
     cached on the map's content. Nothing is calibrated again."""
@@ -399,6 +400,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
     cache. A point with a bad setting is a ``failed`` row carrying maptools' message.
     """
     logger = get_run_logger()
+    ensure_result_storage()
     started = time.perf_counter()
     root = resolve_root(config.output_root)
     gpu = _uses_gpu(config.device)

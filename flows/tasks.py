@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from maptools_flows.locks import LOCKS
+from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
 from maptools.artifacts import read_quantinfo
@@ -93,6 +94,8 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 _CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
+#: Cached results are JSON in storage that refuses anything else (see maptools_flows.results).
+_PERSIST = dict(persist_result=True, result_serializer=SERIALIZER, result_storage=RESULT_STORAGE)
 _RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
               retry_condition_fn=is_transient)
 
@@ -112,7 +115,7 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
     return stages.describe_calibration(calib, input_shapes, calib_steps, seed)
 
 
-@task(name="run-quantization", cache_policy=_CACHE, persist_result=True, **_RETRY)
+@task(name="run-quantization", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
                      input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
                      bit_width: int, per_channel: bool, algorithm: str, seed: int,
@@ -159,7 +162,7 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"Quantization of {result.mapname}"))
 
 
-@task(name="convert", cache_policy=_CACHE, persist_result=True, **_RETRY)
+@task(name="convert", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def convert(result: QuantizationResult) -> conversion.ConversionResult:
     """Downstream conversion: the operator graph with quantinfo attached, written beside the artifacts.
 

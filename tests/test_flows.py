@@ -187,3 +187,39 @@ def test_a_cache_hit_with_a_broken_manifest_is_recomputed(prefect_server, raw_mo
     manifest.unlink()
     third = run(raw_model, tmp_path, mapname="broken")
     assert not third.quantization_cached and verify_map(third.quantization.map_dir)
+
+
+def test_a_poisoned_result_file_cannot_run_code(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
+    """Cached results are maptools' JSON; a record rewritten as a pickle (or naming a foreign type) that
+    would run code when loaded is refused, never loaded, and the task recomputes."""
+    import base64
+    import json
+    import pickle
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from maptools_flows.results import SERIALIZER, UnsafeResultError, decode
+
+    run(raw_model, tmp_path, mapname="poison")
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    records = [p for p in storage.iterdir() if p.is_file() and '"maptools_flows.results.decode"' in p.read_text()
+               and "QuantizationResult" in p.read_text()]
+    assert records, "run-quantization persisted no JSON record"
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (marker,))
+
+    for record in records:  # the attacker's record: a pickle serializer and a payload that runs code
+        data = json.loads(record.read_text())
+        data["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}
+        data["result"] = base64.b64encode(pickle.dumps(Exploit())).decode()
+        record.write_text(json.dumps(data))
+    quantize_calls.clear()
+    again = run(raw_model, tmp_path, mapname="poison")
+    assert not marker.exists() and not again.quantization_cached and len(quantize_calls) == 1
+    # and the JSON decoder rebuilds maptools' own types only: a foreign type is refused, never imported
+    with pytest.raises(UnsafeResultError, match="subprocess.Popen"):
+        SERIALIZER.loads(json.dumps({"__class__": "subprocess.Popen", "data": ["touch", str(marker)]}).encode())
+    assert decode({"plain": 1}) == {"plain": 1} and not marker.exists()
