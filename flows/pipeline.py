@@ -23,7 +23,7 @@ from pydantic import Field
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
-from maptools_flows.results import ensure_result_storage
+from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
 from maptools.artifacts import map_dir, sha256_file
@@ -48,7 +48,7 @@ def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0
     return summary
 
 
-@flow(name="map-and-simulate", persist_result=True)
+@flow(name="map-and-simulate", persist_result=True, result_serializer=SERIALIZER)
 def map_and_simulate(
     mapname: Annotated[str, Field(description="A quantized map under mapsave/ (converted here if needed).")],
     output_root: Annotated[str | None, Field(description="Where mapsave/ is (default $MAPTOOLS_HOME or the "
@@ -101,7 +101,7 @@ def map_and_simulate(
     return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
 
 
-@flow(name="quantize-map-simulate", persist_result=True)
+@flow(name="quantize-map-simulate", persist_result=True, result_serializer=SERIALIZER)
 def quantize_map_simulate(
     onnx_path: str,
     input_shapes: dict[str, list[int]],
@@ -130,7 +130,7 @@ def quantize_map_simulate(
     return PipelineResult(quantized, crossbars)
 
 
-@flow(name="quantize-and-simulate", persist_result=True)
+@flow(name="quantize-and-simulate", persist_result=True, result_serializer=SERIALIZER)
 def quantize_and_simulate(
     onnx_path: str,
     input_shapes: dict[str, list[int]],
@@ -164,7 +164,7 @@ def _upstream_result(upstream_run: str) -> QuantizeModelResult:
     return result
 
 
-@flow(name="simulate-quantized-run", persist_result=True)
+@flow(name="simulate-quantized-run", persist_result=True, result_serializer=SERIALIZER)
 def simulate_quantized_run(
     upstream_run: Annotated[str, Field(description="Flow run id of a completed quantize-model run "
                                                    "(the trigger passes {{ event.resource.id }}).")],

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from maptools_flows.results import ensure_result_storage
+from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
 from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import validate_mapname
@@ -39,7 +39,7 @@ class QuantizeModelResult:
         return str(self.quantization.map_dir)
 
 
-@flow(name="quantize-model", persist_result=True)
+@flow(name="quantize-model", persist_result=True, result_serializer=SERIALIZER)
 def quantize_model(
     onnx_path: Annotated[str, Field(description="ONNX model file as exported (prepared here: fixed dims, opset "
                                                 "13, onnxsim unless simplify=false), or "
