@@ -223,3 +223,22 @@ def test_a_poisoned_result_file_cannot_run_code(prefect_server, raw_model, tmp_p
     with pytest.raises(UnsafeResultError, match="subprocess.Popen"):
         SERIALIZER.loads(json.dumps({"__class__": "subprocess.Popen", "data": ["touch", str(marker)]}).encode())
     assert decode({"plain": 1}) == {"plain": 1} and not marker.exists()
+
+
+def test_a_model_that_cannot_be_prepared_fails_with_a_maptools_error(prefect_server, tmp_path) -> None:
+    """Garbage bytes, and a model onnxruntime cannot run, fail the flow once with ModelError (never retried)."""
+    from onnx import TensorProto, helper
+
+    from maptools.errors import ModelError
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not an onnx model")
+    unknown = tmp_path / "unknown.onnx"
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["input"], ["output"], name="n")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 32, 32])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(unknown))
+    for model in (garbage, unknown):
+        with pytest.raises(ModelError) as info:
+            run(model, tmp_path, mapname="bad")
+        assert info.value.fix and not (tmp_path / "mapsave" / "bad").exists()
