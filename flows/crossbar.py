@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
+from maptools_flows.plots import png_bytes, pyplot
 from maptools_flows.quantize_model import QuantizeModelResult
 from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
@@ -78,16 +77,11 @@ def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: Evalu
                              samples=evaluation.samples, seed=evaluation.seed)
 
 
-def plot_crossbar_map(mapped: CrossbarMap, path: Path | None = None) -> bytes:
+def plot_crossbar_map(mapped: CrossbarMap) -> bytes:
     """PNG: utilization and ADC bits (worst case and observed) per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers = mapped.layers
     x = list(range(len(layers)))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
+    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
     top.bar(x, [100 * lay.utilization for lay in layers], color="tab:blue")
     top.set(ylabel="utilization (%)", ylim=(0, 100),
             title=f"{mapped.spec.rows}x{mapped.spec.cols}, {mapped.spec.cell_bits}-bit cells: {mapped.arrays} arrays, "
@@ -102,11 +96,7 @@ def plot_crossbar_map(mapped: CrossbarMap, path: Path | None = None) -> bytes:
     bottom.set_xticks(x, [lay.name for lay in layers], rotation=90, fontsize=7)
     bottom.grid(True, axis="y", alpha=0.3)
     bottom.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=100, format="png")
-    plt.close(fig)
-    return png.getvalue()
+    return png_bytes(fig, dpi=100)
 
 
 @task(name="publish-crossbar-report")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from maptools_flows.crossbar import convert_map, simulate_crossbar
 from maptools_flows.locks import LOCKS
+from maptools_flows.plots import error_and_accuracy
 from maptools_flows.results import ensure_result_storage
 from maptools_flows.tasks import _PERSIST, ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, output_root as resolve_root
@@ -519,88 +520,28 @@ def _cell(value: Any) -> Any:
 
 def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design sweep") -> Path | None:
     """Error (and accuracy, when measured) against bit width, one line per model / algorithm / granularity / samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
     done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None and r["adc_bits"] is None]
     if not done:
         return None
-    has_accuracy = any(r["accuracy"] is not None for r in done)
-    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
     vary = {k: len({r[k] for r in done}) > 1 for k in ("per_channel", "calib_samples")}
-    lines: dict[str, list[dict[str, Any]]] = {}
-    for r in done:
-        label = f"{r['model']} / {r['algorithm']}"
+
+    def label(r: dict[str, Any]) -> str:
+        text = f"{r['model']} / {r['algorithm']}"
         if vary["per_channel"]:
-            label += " / " + ("per-channel" if r["per_channel"] else "per-tensor")
-        if vary["calib_samples"]:
-            label += f" / n={r['calib_samples']}"
-        lines.setdefault(label, []).append(r)
-    bits = sorted({r["bits"] for r in done})
-    for label, rs in sorted(lines.items()):
-        rs = sorted(rs, key=lambda r: r["bits"])
-        axes[0][0].plot([r["bits"] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=label)
-        if has_accuracy:
-            acc = [r for r in rs if r["accuracy"] is not None]
-            axes[0][1].plot([r["bits"] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=label)
-    ax = axes[0][0]
-    ax.set(xlabel="bit width (weights and activations)", ylabel="output error vs float, ||q - f|| / ||f|| (%)",
-           title=title, yscale="log", xticks=bits)
-    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    if has_accuracy:
-        axes[0][1].set(xlabel="bit width", ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
-                       xticks=bits)
-        axes[0][1].grid(True, alpha=0.3)
-        axes[0][1].legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=110, format="png")
-    plt.close(fig)
-    return atomic_write(path, png.getvalue())
+            text += " / " + ("per-channel" if r["per_channel"] else "per-tensor")
+        return text + (f" / n={r['calib_samples']}" if vary["calib_samples"] else "")
+
+    return atomic_write(path, error_and_accuracy(done, "bits", label, "bit width (weights and activations)", title))
 
 
 def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
     """Error against float (and accuracy, when measured) against ADC bits, one line per model / bits / crossbar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None]
     if not done:
         return None
-    has_accuracy = any(r["accuracy"] is not None for r in done)
-    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
-    lines: dict[str, list[dict[str, Any]]] = {}
-    for r in done:
-        label = f"{r['model']} W{r['bits']}A{r['bits']} / {r['xbar']} / {r['cell_bits']}-bit cells"
-        lines.setdefault(label, []).append(r)
-    adc = sorted({r["adc_bits"] for r in done})
-    for label, rs in sorted(lines.items()):
-        rs = sorted(rs, key=lambda r: r["adc_bits"])
-        axes[0][0].plot([r["adc_bits"] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=label)
-        if has_accuracy:
-            axes[0][1].plot([r["adc_bits"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=label)
-    axes[0][0].set(xlabel="ADC bits", ylabel="output error vs float, ||x - f|| / ||f|| (%)", title=title,
-                   yscale="log", xticks=adc)
-    if has_accuracy:
-        axes[0][1].set(xlabel="ADC bits", ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
-                       xticks=adc)
-    for ax in axes[0]:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=110, format="png")
-    plt.close(fig)
-    return atomic_write(path, png.getvalue())
+    return atomic_write(path, error_and_accuracy(
+        done, "adc_bits", lambda r: f"{r['model']} W{r['bits']}A{r['bits']} / {r['xbar']} / {r['cell_bits']}-bit cells",
+        "ADC bits", title))
 
 
 def task_runner_for(config: SweepConfig) -> DaskTaskRunner:

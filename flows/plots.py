@@ -1,0 +1,61 @@
+"""Plots the flows publish (PNG bytes for files and Prefect image artifacts)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["pyplot", "png_bytes", "error_and_accuracy"]
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """``fig`` as PNG; the figure is closed."""
+    png = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(png, dpi=dpi, format="png")
+    pyplot().close(fig)
+    return png.getvalue()
+
+
+def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict[str, Any]], str], x_label: str,
+                       title: str) -> bytes:
+    """Output error against float (log scale) and, where measured, accuracy, against ``x``: one line per label."""
+    from matplotlib import ticker
+
+    has_accuracy = any(r["accuracy"] is not None for r in rows)
+    fig, axes = pyplot().subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5),
+                                  squeeze=False)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        lines.setdefault(label(r), []).append(r)
+    ticks = sorted({r[x] for r in rows})
+    for name, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r[x])
+        axes[0][0].plot([r[x] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=name)
+        if has_accuracy:
+            acc = [r for r in rs if r["accuracy"] is not None]
+            axes[0][1].plot([r[x] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=name)
+    ax = axes[0][0]
+    ax.set(xlabel=x_label, ylabel="output error vs float, ||q - f|| / ||f|| (%)", title=title, yscale="log",
+           xticks=ticks)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    if has_accuracy:
+        axes[0][1].set(xlabel=x_label, ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
+                       xticks=ticks)
+    for ax in axes[0]:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return png_bytes(fig)
