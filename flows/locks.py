@@ -20,6 +20,8 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 from prefect.types._datetime import now
 
+from maptools.mapfolder import atomic_write
+
 __all__ = ["LiveLockManager", "LOCKS", "LEASE_SECONDS"]
 
 #: How long a lock holds without its holder renewing it, when the caller gives no hold timeout.
@@ -47,9 +49,7 @@ class LiveLockManager(FileSystemLockManager):
         path = self._lock_path_for_key(key)
         record = {"holder": holder, "expiration": str(now("UTC") + timedelta(seconds=lease)),
                   "host": socket.gethostname(), "pid": os.getpid()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(record))
         return True
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:

@@ -76,7 +76,7 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
         chunk = samples[i:i + _CHUNK]
         feed = {k: np.concatenate([s[k] for s in chunk]) for k in chunk[0]}
         outputs = simulator.run(feed).outputs
-        out += _per_sample(outputs, {k: simulator._batch_axis(k) for k in outputs}, len(chunk))
+        out += _per_sample(outputs, {k: simulator.batch_axis(k) for k in outputs}, len(chunk))
     return out, time.perf_counter() - started
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from maptools.errors import ModelError
+from maptools.mapfolder import atomic_write
 
 __all__ = ["SmallCNN", "export_onnx", "resnet18_onnx", "small_cnn_onnx", "example_model", "EXAMPLES",
            "EXAMPLE_PREFIX", "RESNET18_SHAPES", "SMALL_CNN_SHAPES"]
@@ -86,5 +86,5 @@ def example_model(spec: str, folder: str | Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = EXAMPLES[name][0](Path(tmp) / target.name, simplify=False)
-            os.replace(built, target)
+            atomic_write(target, built.read_bytes())
     return target

@@ -124,7 +124,8 @@ class MapVersion:
                                 "the manifest was edited: re-run quantize for this map.")
         return self.path / name
 
-    def manifest(self) -> dict[str, Any]:
+    def _load(self) -> tuple[dict[str, Any], Manifest]:
+        """The manifest as read (a dict) and typed, checked once."""
         path = self.path / MANIFEST
         try:
             data = json.loads(path.read_text())
@@ -134,21 +135,27 @@ class MapVersion:
             raise ArtifactError(f"{path} is not valid JSON ({e}).", "re-run quantization for this map.") from e
         if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
             raise ArtifactError(f"{path} has no artifact registry.", "re-run quantization for this map.")
-        parse_manifest(data, str(path))
-        return data
+        return data, parse_manifest(data, str(path))
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest (checked against :class:`Manifest`, not verified: see :meth:`verify`)."""
+        return self._load()[0]
 
     def record(self) -> Manifest:
         """The manifest, typed (not verified: see :meth:`verified`)."""
-        return parse_manifest(self.manifest(), str(self.path / MANIFEST))
-
-    def verified(self, skip: frozenset[str] = frozenset()) -> Manifest:
-        """:meth:`verify`, typed."""
-        return parse_manifest(self.verify(skip), str(self.path / MANIFEST))
+        return self._load()[1]
 
     def verify(self, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Check every registered artifact (but ``skip``) against the manifest's sha256; return the manifest."""
-        manifest = self.manifest()
-        for name, digest in manifest["artifacts"].items():
+        return self._verified(skip)[0]
+
+    def verified(self, skip: frozenset[str] = frozenset()) -> Manifest:
+        """:meth:`verify`, typed."""
+        return self._verified(skip)[1]
+
+    def _verified(self, skip: frozenset[str]) -> tuple[dict[str, Any], Manifest]:
+        data, record = self._load()
+        for name, digest in record.artifacts.items():
             if name in skip:
                 continue
             path = self.file(name)
@@ -157,7 +164,7 @@ class MapVersion:
             if sha256_file(path) != digest:
                 raise ArtifactError(f"artifact {path} does not match the sha256 in its manifest.",
                                     "re-run quantization for this map; do not edit artifacts by hand.")
-        return manifest
+        return data, record
 
 
 class MapFolder:

@@ -42,7 +42,7 @@ from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
-from maptools.simulate import IntegerSimulator, Value, _padding, load_inputs
+from maptools.simulate import IntegerSimulator, Value, load_inputs, pad_codes
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
            "observed_psums", "CROSSBAR_FILE"]
@@ -311,7 +311,9 @@ class CrossbarSimulator(IntegerSimulator):
         self.collect_psums = collect_psums
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
         self._matrices = {}
-        self._blocks: dict[tuple[str, int], tuple[torch.Tensor, _Cells]] = {}  # per row block, built on first use
+        # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
+        self._weights: dict[tuple[str, int], torch.Tensor] = {}
+        self._cells: dict[tuple[str, int], _Cells] = {}
         for name, (weight, _) in self.weights.items():
             node = graph.node(name)
             stored = weight.numpy()
@@ -343,16 +345,17 @@ class CrossbarSimulator(IntegerSimulator):
         for r0 in range(0, rows, spec.rows):
             block = slice(r0, min(rows, r0 + spec.rows))
             worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
-            if (name, r0) not in self._blocks:
+            if (name, r0) not in self._weights:
                 weights = sum(sign * matrix[:, block] for sign, matrix in parts)  # as stored
                 # float32 products are exact while every sum stays below 2^24
                 peak = int(weights.abs().max()) if weights.numel() else 0
                 big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
-                weights = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
-                self._blocks[name, r0] = weights, _Cells(parts, block, wbits, spec.cell_bits, worst)
-            weights, cells = self._blocks[name, r0]
-            if not self.collect_psums and worst <= limit:
-                cells = None  # no partial sum can exceed the ADC
+                self._weights[name, r0] = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
+            weights, cells = self._weights[name, r0], None
+            if self.collect_psums or worst > limit:  # else no partial sum can exceed the ADC
+                if (name, r0) not in self._cells:
+                    self._cells[name, r0] = _Cells(parts, block, wbits, spec.cell_bits, worst)
+                cells = self._cells[name, r0]
             for n0 in range(0, x.shape[1], _POSITIONS):  # bounded memory: a slab of positions at a time
                 xs = x[:, n0:n0 + _POSITIONS, block]
                 out = torch.matmul(xs.to(weights.dtype), weights).to(torch.float64)
@@ -396,7 +399,7 @@ class CrossbarSimulator(IntegerSimulator):
         a = node["attrs"]
         if len(a["strides"]) != 2:
             return super()._conv(name, node, cfg, values)
-        codes, padding = _padding(x.codes, a["pads"])
+        codes, padding = pad_codes(x.codes, a["pads"])
         n, c, h, w = codes.shape
         k = a["kernel"]
         cols = F.unfold(codes, k, dilation=a["dilations"], padding=padding, stride=a["strides"])  # [N, c*kh*kw, L]
@@ -439,9 +442,10 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
         SettingsError: the spec cannot hold the network (budget, cell bits above weight bits).
     """
     folder = MapFolder(mapname, output_root)
+    # the hashes this map is derived from, read first: a rewrite after this point is caught by update()
+    read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_PKL)}
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
-    read = {k: v for k, v in folder.open().manifest()["artifacts"].items() if k in (GRAPH_FILE, QUANTPARAMS_PKL)}
     too_fine = [n for n in graph.operators() if graph.node(n)["role"] == Role.CROSSBAR.value
                 and graph.node(n)["quant"] is not None and spec.cell_bits > int(graph.node(n)["quant"].weight_bits)]
     if too_fine:

@@ -77,7 +77,7 @@ class SimulationRun:
     scales: dict[str, float] = field(default_factory=dict)
 
 
-def _padding(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
+def pad_codes(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
     """Symmetric pads go to the op; asymmetric ones are applied as zero codes (a real 0) first."""
     rank = len(pads) // 2
     begin, end = pads[:rank], pads[rank:]
@@ -210,12 +210,12 @@ class IntegerSimulator:
                                   f"but {total} samples were given.", f"pass a multiple of {self.batch} samples.")
         runs = [self._run({k: v[i:i + self.batch] for k, v in arrays.items()}, keep)
                 for i in range(0, total, self.batch)]
-        return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self._batch_axis(k))
+        return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self.batch_axis(k))
                               for k in runs[0].outputs},
                              {k: np.concatenate([r.codes[k] for r in runs]) for k in runs[0].codes},
                              runs[0].scales)
 
-    def _batch_axis(self, output: str) -> int:
+    def batch_axis(self, output: str) -> int:
         """The axis of a graph output that carries the batch: the first of the prepared batch's size
         (a recogniser's [T, N, classes] output has it second)."""
         shape = self.graph.outputs[output]
@@ -324,7 +324,7 @@ class IntegerSimulator:
         (x,) = self._inputs(cfg, values)
         weight, bias = self.weights[name]
         a = node["attrs"]
-        codes, padding = _padding(x.codes, a["pads"])
+        codes, padding = pad_codes(x.codes, a["pads"])
         conv = getattr(F, f"conv{len(a['strides'])}d")
         acc = self._accumulate(name, conv(codes, weight, None, a["strides"], padding, a["dilations"], a["groups"]),
                                bias)
@@ -366,7 +366,7 @@ class IntegerSimulator:
     def _maxpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
         a = node["attrs"]
-        codes, padding = _padding(x.codes, a["pads"])
+        codes, padding = pad_codes(x.codes, a["pads"])
         if any(p > k // 2 for p, k in zip(padding, a["kernel"])):  # torch's limit; pad with the lowest code
             flat = [p for i in reversed(range(len(padding))) for p in (padding[i], padding[i])]
             codes, padding = F.pad(codes, flat, value=float(cfg.in_range(0)[0])), [0] * len(padding)
