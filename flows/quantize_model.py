@@ -60,6 +60,11 @@ def quantize_model(
         description="signed everywhere, or auto: unsigned where the producer cannot be negative.")] = "auto",
     optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq"], Field(
         description="A PPQ correction pass (bias-correction and lsq need real calibration data).")] = "none",
+    scale_policy: Annotated[Literal["float", "pow2"], Field(
+        description="float scales, or pow2: every scale a power of two (requantization is a shift).")] = "float",
+    shared_scales: Annotated[bool, Field(
+        description="One scale on all inputs of each Add and Concat (no requantization before the adder).")
+    ] = False,
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
@@ -78,7 +83,8 @@ def quantize_model(
     started = time.perf_counter()
     # Bad settings fail here, once, before any work (they are never retried).
     QuantSettings(weight_bits=bit_width, activation_bits=bit_width, per_channel=per_channel, algorithm=algorithm,
-                  calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization)
+                  calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
+                  scale_policy=scale_policy, shared_scales=shared_scales)
     validate_mapname(mapname)
     resolved_device = resolve_device(device)
     root = str(resolve_root(output_root))
@@ -97,7 +103,8 @@ def quantize_model(
 
     args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
                 calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
-                seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization)
+                seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
+                scale_policy=scale_policy, shared_scales=shared_scales)
     t = time.perf_counter()
     state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
     if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -119,13 +119,13 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
 def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
                      input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
                      bit_width: int, per_channel: bool, algorithm: str, seed: int,
-                     output_root: str, activation_sign: str = "auto", optimization: str = "none"
-                     ) -> QuantizationResult:
+                     output_root: str, activation_sign: str = "auto", optimization: str = "none",
+                     scale_policy: str = "float", shared_scales: bool = False) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, model.path, mapname=mapname, calibset=calibration.calibset(),
                     calib_steps=calib_steps, seed=seed, bit_width=bit_width, per_channel=per_channel,
                     algorithm=algorithm, output_root=output_root, activation_sign=activation_sign,
-                    optimization=optimization)
+                    optimization=optimization, scale_policy=scale_policy, shared_scales=shared_scales)
 
 
 def _scale(value: float | None) -> str:

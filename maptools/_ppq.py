@@ -37,7 +37,7 @@ from maptools.node_runner import NodeRunner
 from maptools.placement import (CROSSBAR_OP_TYPES, DEVICE, FUSABLE_ACTIVATIONS, Placement, Role, nonnegative_tensors,
                                  place)
 from maptools.quantinfo import QuantConfig, param_key
-from maptools.settings import Optimization, QuantSettings
+from maptools.settings import Optimization, QuantSettings, ScalePolicy
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,14 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         for cfg, var in zip(oqc.output_quantization_config, operation.outputs):
             if var.name in self._placement.float_outputs:
                 cfg.state = QuantizationStates.FP32
+        # activation widths: an operator's output has its own; an input has its producer's (so the two merge)
+        for cfg, var in [*zip(oqc.input_quantization_config, operation.inputs),
+                         *zip(oqc.output_quantization_config, operation.outputs)]:
+            if not var.is_parameter:
+                src = var.source_op if var in operation.inputs else operation
+                on_device = src is not None and self._placement.part(src.name) == DEVICE
+                bits = self._settings.bits_of(src.name if on_device else operation.name)[1]
+                cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         role = self._placement.roles.get(operation.name)
         acts = [v.name for v in operation.inputs if v.name and not v.is_parameter]
         # an adder or concatenation aligns its inputs on one grid: unsigned only when all of them are
@@ -200,10 +208,10 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
                 # zero offset: the observed minimum of a tensor that cannot be negative is clipped to 0
                 cfg.policy = QuantizationPolicy(
                     QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
-                cfg.quant_min, cfg.quant_max = 0, 2 ** self._settings.activation_bits - 1
+                cfg.quant_min, cfg.quant_max = 0, 2 ** cfg.num_of_bits - 1
         if crossbar:
             cfg = oqc.input_quantization_config[1]
-            bits = self._settings.weight_bits
+            bits = self._settings.bits_of(operation.name)[0]
             cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
             if operation.type == "Gemm" and not operation.attributes.get("transB", 0):
                 cfg.channel_axis = 1  # weight is [in, out]: output channels on axis 1
@@ -213,6 +221,10 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
                 cfg.policy = QuantizationPolicy(
                     QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
                 )
+        if self._settings.scale_policy is ScalePolicy.POW2:  # PPQ's observers round such scales up to 2^k
+            for cfg in [*oqc.input_quantization_config, *oqc.output_quantization_config]:
+                if cfg.state != QuantizationStates.FP32:
+                    cfg.policy = QuantizationPolicy(cfg.policy._policy | QuantizationProperty.POWER_OF_2)
         return oqc
 
     def build_quant_pipeline(self, setting: Any) -> Any:
@@ -234,7 +246,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
             elif type(step) is QuantizeFusionPass:
                 step = _Fusion(self._placement)
             elif type(step) is QuantAlignmentPass:
-                step = _Alignment(self._placement, elementwise_alignment=step.elementwise_alignment,
+                step = _Alignment(self._placement, self._settings.shared_scales, elementwise_alignment=step.elementwise_alignment,
                                   concat_alignment=step.concat_alignment, pooling_alignment=step.pooling_alignment,
                                   resize_alignment=step.resize_alignment, force_overlap=step.force_overlap)
             passes.append(step)
@@ -274,11 +286,17 @@ class _Alignment(QuantAlignmentPass):
     """PPQ's alignment (Add inputs to the larger range, Concat inputs to its output) on the adders
     and concatenations of maptools' placement only: not on lookup tables with a float constant
     operand (PPQ would put the constant on the activation's grid) nor on code-moving operators
-    (their output keeps the input's grid)."""
+    (their output keeps the input's grid).
 
-    def __init__(self, placement: Placement, **kwargs: Any) -> None:
+    With ``shared`` every producer of an input is put on the aligned grid, also one read by other
+    operators or grouped with other tensors (the whole group moves): the adder's inputs then arrive
+    on one scale and neither is requantized before it.
+    """
+
+    def __init__(self, placement: Placement, shared: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._placement = placement
+        self._shared = shared
 
     def optimize(self, graph: Any, **kwargs: Any) -> None:
         for op in graph.operations.values():
@@ -294,14 +312,27 @@ class _Alignment(QuantAlignmentPass):
             else:
                 continue
             for up in graph.get_upstream_operations(op):  # as PPQ: a single-consumer producer writes that grid
-                if not isinstance(up, QuantableOperation) or (
-                        len(graph.get_downstream_operations(up)) != 1 and not self.force_overlap):
+                if not isinstance(up, QuantableOperation):
                     continue
+                single = len(graph.get_downstream_operations(up)) == 1 or self.force_overlap
                 for cfg, var in up.config_with_variable:
-                    # only a config that is its own group: merging a group (a code mover's output is
-                    # grouped with its input) would move the grid of every tensor in it
-                    if op in var.dest_ops and cfg.dominated_by is cfg:
+                    if op not in var.dest_ops or var.is_parameter:
+                        continue
+                    if single and cfg.dominated_by is cfg:
+                        # only a config that is its own group: merging a group (a code mover's output is
+                        # grouped with its input) would move the grid of every tensor in it
                         cfg.dominated_by = master
+                    elif self._shared and cfg.dominated_by is not master.dominated_by:
+                        _share_grid(cfg.dominated_by, master)
+
+
+def _share_grid(root: Any, master: Any) -> None:
+    """Put the group of ``root`` (a producer's output and what moves its codes) on ``master``'s grid:
+    same scale and integer range, still quantized where it is produced."""
+    if root.state not in _APPLIED or master.scale is None:
+        return
+    root.scale, root.offset = master.scale.clone(), torch.zeros_like(master.offset)
+    root.quant_min, root.quant_max = master.quant_min, master.quant_max
 
 
 # --- speed: batched calibration, a faster exact percentile observer, no gc between passes ---------
@@ -534,8 +565,10 @@ def _scale_of(cfg: Any) -> float | None:
 class QuantizedGraph:
     """A PPQ graph after quantization, seen through what maptools needs of it."""
 
-    def __init__(self, graph: Any, device: str, settings: QuantSettings, placement: Placement, batch: int = 1) -> None:
+    def __init__(self, graph: Any, device: str, settings: QuantSettings, placement: Placement, model: onnx.ModelProto,
+                 batch: int = 1) -> None:
         self._graph = graph
+        self._model = model  # the prepared ONNX model the graph was loaded from
         self._placement = placement
         self._device = device
         self._settings = settings
@@ -555,7 +588,11 @@ class QuantizedGraph:
                 if isinstance(op, QuantableOperation) and op.platform != TargetPlatform.FP32]
 
     def quantinfo(self) -> dict[str, QuantConfig]:
-        """One :class:`QuantConfig` per device (quantized) operator, in topological order."""
+        """One :class:`QuantConfig` per device (quantized) operator, in topological order, with the
+        requantization multipliers and shifts of each (:func:`maptools.simulate.record_requant`)."""
+        from maptools.conversion import build_graph
+        from maptools.simulate import record_requant
+
         info: dict[str, QuantConfig] = {}
         for op in self._quantized_ops():
             acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if var.name and not var.is_parameter]
@@ -577,7 +614,7 @@ class QuantizedGraph:
                 output_range=_range_of(outs[0]) if outs else None,
                 input_ranges=tuple(_range_of(cfg) for cfg, _ in acts), **weight,
             )
-        return info
+        return record_requant(build_graph(self._model), info, self._settings.multiplier_bits)
 
     def unquantized_conv_inputs(self) -> list[str]:
         """Names of crossbar operators whose input does not arrive on a quantization grid."""
@@ -890,6 +927,6 @@ def quantize_graph(
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
     _check_zero_offsets(quantizer._graph)
-    result = QuantizedGraph(quantizer._graph, device, settings, placement, batch=batch)
+    result = QuantizedGraph(quantizer._graph, device, settings, placement, model, batch=batch)
     result._executor = executor
     return result

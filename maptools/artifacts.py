@@ -62,7 +62,7 @@ def write_json(path: Path, data: Any) -> None:
 # --- safe reading -------------------------------------------------------------------------------
 
 _ALLOWED = {
-    ("maptools.quantinfo", "QuantConfig"),
+    ("maptools.quantinfo", "QuantConfig"), ("maptools.quantinfo", "Requant"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),

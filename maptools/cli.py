@@ -21,7 +21,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from maptools.errors import InputShapeError, MaptoolsError
-from maptools.settings import MAX_CALIB_STEPS, MIN_CALIB_STEPS, ActivationSign, CalibrationAlgorithm, Optimization
+from maptools.settings import (MAX_CALIB_STEPS, MIN_CALIB_STEPS, MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm,
+                               Optimization, ScalePolicy)
 
 if TYPE_CHECKING:
     from maptools.quantization import QuantizationResult
@@ -79,7 +80,9 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("settings", f"W{s.weight_bits}A{s.activation_bits}, "
                   f"{'per-channel' if s.per_channel else 'per-tensor'} weights, {s.algorithm.value} activations "
                   f"({'unsigned where non-negative' if s.unsigned_activations else 'signed'}), "
-                  f"optimization {s.optimization.value}")
+                  f"optimization {s.optimization.value}, {s.scale_policy.value} scales"
+                  f"{', shared at Add/Concat' if s.shared_scales else ''}"
+                  f"{f', {len(s.layer_bits)} layers with their own widths' if s.layer_bits else ''}")
     table.add_row("calibration", f"{calib['kind']}{source}: {calib.get('used')} of {calib.get('count')} samples, "
                   f"seed {s.seed}")
     table.add_row("device", result.device)
@@ -183,6 +186,15 @@ def quantize(
         case_sensitive=False, help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
                                    "(real data only), equalization rescales consecutive layers.")
     ] = Optimization.NONE,
+    scale_policy: Annotated[ScalePolicy, typer.Option(
+        case_sensitive=False, help="float scales, or pow2: every scale a power of two, so requantization is a "
+                                   "shift.")] = ScalePolicy.FLOAT,
+    shared_scales: Annotated[bool, typer.Option(
+        "--shared-scales/--separate-scales",
+        help="One scale on all inputs of each Add and Concat, so neither is requantized before the adder.")] = False,
+    multiplier_bits: Annotated[int, typer.Option(
+        min=8, max=MULTIPLIER_BITS, help="Bits of the requantization multipliers recorded in quantinfo.")
+    ] = MULTIPLIER_BITS,
     output_root: Annotated[Path | None, typer.Option(
         help="Folder that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
@@ -206,7 +218,8 @@ def quantize(
                 calib_steps=calib_steps, seed=seed, bit_width=bits, weight_bits=weight_bits,
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
-                progress=bar.report,
+                progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
+                multiplier_bits=multiplier_bits,
             )
     except MaptoolsError as e:
         fail(e)

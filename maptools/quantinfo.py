@@ -15,7 +15,34 @@ import numpy as np
 
 from maptools.placement import WEIGHTED_OP_TYPES
 
-__all__ = ["QuantConfig", "WEIGHTED_OP_TYPES", "param_key", "quantinfo_to_json", "quantinfo_from_json"]
+__all__ = ["QuantConfig", "Requant", "WEIGHTED_OP_TYPES", "param_key", "quantinfo_to_json", "quantinfo_from_json"]
+
+
+@dataclass(frozen=True)
+class Requant:
+    """One requantization as integer hardware applies it: ``round_half_even(acc * multiplier / 2**shift)``.
+
+    One ``(multiplier, shift)`` per output channel (or a single pair). ``multiplier`` has at most
+    ``bits`` bits and no factor of two left in it (1 where the scale ratio is a power of two: a
+    pure shift); a negative ``shift`` is a left shift. ``ratio`` is the float ratio it stands for.
+    """
+
+    multiplier: tuple[int, ...]
+    shift: tuple[int, ...]
+    bits: int
+    ratio: tuple[float, ...]
+
+    @property
+    def shift_only(self) -> bool:
+        return all(m == 1 for m in self.multiplier)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"multiplier": list(self.multiplier), "shift": list(self.shift), "bits": self.bits,
+                "ratio": list(self.ratio)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Requant:
+        return cls(tuple(data["multiplier"]), tuple(data["shift"]), int(data["bits"]), tuple(data["ratio"]))
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,11 @@ class QuantConfig:
         output_range: integer range of the output (``None``: ``(io_min, io_max)``, as in maps
             written before unsigned activations).
         input_ranges: integer range of every activation input in order (empty: ``io_min, io_max``).
+        requant: every requantization the operator applies, by stage (empty in maps written before 0.4):
+            ``input<i>`` (activation input ``i`` from its producer's scale to this operator's input scale),
+            ``align1`` (an Add's second input onto the first's scale), ``concat<i>`` (a Concat input onto
+            the output scale), ``output`` (accumulator or input codes to the output scale) and
+            ``output/<count>`` (an average pool's window sums of ``count`` elements).
     """
 
     op_type: str
@@ -54,6 +86,7 @@ class QuantConfig:
     input_scales: tuple[float | None, ...] = field(default=())
     output_range: tuple[int, int] | None = None
     input_ranges: tuple[tuple[int, int], ...] = field(default=())
+    requant: dict[str, Requant] = field(default_factory=dict)
 
     @property
     def out_range(self) -> tuple[int, int]:
@@ -74,6 +107,7 @@ class QuantConfig:
         data["input_scales"] = list(self.input_scales)
         data["output_range"] = None if self.output_range is None else list(self.output_range)
         data["input_ranges"] = [list(r) for r in self.input_ranges]
+        data["requant"] = {stage: r.to_json() for stage, r in self.requant.items()}
         return data
 
     @classmethod
@@ -85,6 +119,7 @@ class QuantConfig:
         if values.get("output_range") is not None:
             values["output_range"] = tuple(values["output_range"])
         values["input_ranges"] = tuple(tuple(r) for r in values.get("input_ranges", ()))
+        values["requant"] = {stage: Requant.from_json(r) for stage, r in values.get("requant", {}).items()}
         return cls(**values)
 
     def __eq__(self, other: object) -> bool:
@@ -94,6 +129,12 @@ class QuantConfig:
         return mine == theirs
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, giving fields that older maps lack their defaults."""
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self) if f.name not in state}
+        self.__dict__.update({**defaults, **state})
 
 
 def param_key(op_name: str, op_type: str, kind: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +25,9 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.prepare import prepare_model
-from maptools.quantinfo import quantinfo_to_json
-from maptools.settings import ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings
+from maptools.quantinfo import QuantConfig, quantinfo_to_json
+from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings,
+                               ScalePolicy)
 from maptools.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,34 @@ class QuantizationResult:
         }
 
 
+def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig]) -> list[str]:
+    """Check that quantinfo honours ``scale_policy`` (else QuantizationFailed) and ``shared_scales`` (else notes)."""
+    if settings.scale_policy is ScalePolicy.POW2:
+        bad = [name for name, cfg in quantinfo.items()
+               if any(s is not None and not _is_pow2(s) for s in (cfg.output_scale, *cfg.input_scales))
+               or (cfg.weight_scale is not None and not all(_is_pow2(float(s)) for s in cfg.weight_scale))]
+        if bad:
+            raise QuantizationFailed(f"scale_policy='pow2' left scales that are not powers of two at: "
+                                     f"{', '.join(bad[:8])}.", "report this model to the maptools maintainers.")
+    if not settings.shared_scales:
+        return []
+    joins = {name: cfg for name, cfg in quantinfo.items() if cfg.op_type in ("Add", "Concat") and
+             len(cfg.input_scales) > 1}
+    if not joins:
+        return ["shared_scales=True: this model has no Add or Concat of two activations on the device, so there "
+                "was nothing to share."]
+    apart = [name for name, cfg in joins.items()
+             if any(stage.startswith(("input", "align", "concat")) for stage in cfg.requant)]
+    if apart:
+        return [f"shared_scales=True: inputs of {', '.join(apart[:8])} still arrive on different scales (a tensor "
+                "that feeds two adders can sit on one grid only); they are requantized before the adder."]
+    return []
+
+
+def _is_pow2(scale: float) -> bool:
+    return scale > 0 and math.frexp(scale)[0] == 0.5
+
+
 def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
@@ -120,6 +150,10 @@ def quantize(
     simplify: bool = True,
     activation_sign: str | ActivationSign = ActivationSign.AUTO,
     optimization: str | Optimization = Optimization.NONE,
+    scale_policy: str | ScalePolicy = ScalePolicy.FLOAT,
+    shared_scales: bool = False,
+    multiplier_bits: int = MULTIPLIER_BITS,
+    layer_bits: Mapping[str, tuple[int, int]] | None = None,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -153,6 +187,13 @@ def quantize(
             everywhere (maps written before 0.2 used these).
         optimization: ``'none'`` (default), ``'bias-correction'``, ``'equalization'`` or ``'lsq'``
             (see :class:`maptools.settings.Optimization`); the data-fitted ones refuse random data.
+        scale_policy: ``'float'`` (default) or ``'pow2'``: every scale a power of two, so requantization
+            is a shift.
+        shared_scales: one scale on all activation inputs of each device Add and Concat (no
+            requantization before the adder); a model without either gets a note.
+        multiplier_bits: bits of the requantization multipliers quantinfo records (8..31).
+        layer_bits: ``{operator: (weight_bits, activation_bits)}`` overriding the widths per operator
+            (``maptools.mixed_precision.choose_bits`` picks them under a budget).
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -166,7 +207,9 @@ def quantize(
         weight_bits=bit_width if weight_bits is None else weight_bits,
         activation_bits=bit_width if activation_bits is None else activation_bits,
         per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
-        activation_sign=activation_sign, optimization=optimization,
+        activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
+        shared_scales=shared_scales, multiplier_bits=multiplier_bits, layer_bits=tuple(
+            (name, *bits) for name, bits in (layer_bits or {}).items()),
     )
     onnx_path = Path(onnx_path)
     mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
@@ -229,6 +272,9 @@ def quantize(
         notes.append("activation_sign='auto': no tensor of this model is provably non-negative (no Relu, "
                      "Sigmoid, ... on the device), so every activation stays signed.")
         log.info(notes[-1])
+    for note in _datapath_checks(settings, quantinfo):
+        notes.append(note)
+        log.warning(note)
     unquantized = graph.unquantized_conv_inputs()
     if unquantized:
         raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",

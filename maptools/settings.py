@@ -9,11 +9,13 @@ from typing import Any
 
 from maptools.errors import SettingsError
 
-__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "QuantSettings", "MIN_CALIB_STEPS",
-           "MAX_CALIB_STEPS"]
+__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "QuantSettings",
+           "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS"]
 
 MIN_CALIB_STEPS = 8
 MAX_CALIB_STEPS = 512
+#: Bits of the requantization multipliers recorded in quantinfo (and used by the fixed-point simulation).
+MULTIPLIER_BITS = 31
 
 
 class CalibrationAlgorithm(str, Enum):
@@ -51,6 +53,13 @@ class Optimization(str, Enum):
         return self in (Optimization.BIAS_CORRECTION, Optimization.LSQ)
 
 
+class ScalePolicy(str, Enum):
+    """Which values a scale may take."""
+
+    FLOAT = "float"  # any positive float: requantization multiplies by an integer and shifts
+    POW2 = "pow2"  # powers of two only: requantization is a shift (average pools still divide by their count)
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """Everything besides model and data that decides the quantized result.
@@ -67,6 +76,12 @@ class QuantSettings:
         activation_sign: ``auto`` (unsigned where the producer cannot be negative; the default, which
             measured more accurate) or ``signed`` ranges everywhere; zero offsets either way.
         optimization: a PPQ correction pass (see :class:`Optimization`).
+        scale_policy: ``float`` (default) or ``pow2``: every weight and activation scale a power of two.
+        shared_scales: the activation inputs of every device Add and Concat arrive on one scale, so
+            neither is requantized before the adder (or concatenation).
+        multiplier_bits: bits of the requantization multipliers recorded in quantinfo (8..31).
+        layer_bits: per-operator ``{name: (weight_bits, activation_bits)}`` overriding the two widths
+            (what ``bits='auto'`` chooses); an activation width applies to the operator's output.
     """
 
     weight_bits: int = 8
@@ -77,6 +92,10 @@ class QuantSettings:
     seed: int = 0
     activation_sign: ActivationSign = ActivationSign.AUTO
     optimization: Optimization = Optimization.NONE
+    scale_policy: ScalePolicy = ScalePolicy.FLOAT
+    shared_scales: bool = False
+    multiplier_bits: int = MULTIPLIER_BITS
+    layer_bits: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -97,14 +116,37 @@ class QuantSettings:
         except ValueError:
             choices = ", ".join(a.value for a in CalibrationAlgorithm)
             raise SettingsError(f"unknown calibration algorithm {self.algorithm!r}.", f"use one of: {choices}.") from None
-        for name, kind in (("activation_sign", ActivationSign), ("optimization", Optimization)):
+        for name, kind in (("activation_sign", ActivationSign), ("optimization", Optimization),
+                           ("scale_policy", ScalePolicy)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
                 choices = ", ".join(k.value for k in kind)
                 raise SettingsError(f"unknown {name} {getattr(self, name)!r}.", f"use one of: {choices}.") from None
-        if not isinstance(self.per_channel, bool):
-            raise SettingsError(f"per_channel={self.per_channel!r} is not a bool.", "pass True or False.")
+        for name in ("per_channel", "shared_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name}={getattr(self, name)!r} is not a bool.", "pass True or False.")
+        if isinstance(self.multiplier_bits, bool) or not isinstance(self.multiplier_bits, int) or not (
+                8 <= self.multiplier_bits <= MULTIPLIER_BITS):
+            raise SettingsError(f"multiplier_bits={self.multiplier_bits!r} is not supported.",
+                                f"use an integer from 8 to {MULTIPLIER_BITS} (the default).")
+        if self.scale_policy is ScalePolicy.POW2 and self.optimization is Optimization.LSQ:
+            raise SettingsError("optimization='lsq' learns the scales, and scale_policy='pow2' fixes them to powers "
+                                "of two (PPQ then trains no scale at all).",
+                                "use optimization='bias-correction' or 'none' with pow2, or scale_policy='float'.")
+        layers = []
+        for entry in (self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits):
+            try:
+                name, wbits, abits = (entry[0], *entry[1]) if len(entry) == 2 else entry
+            except (TypeError, ValueError):
+                raise SettingsError(f"layer_bits entry {entry!r} is not (name, weight_bits, activation_bits).",
+                                    "pass {operator name: (weight_bits, activation_bits)}.") from None
+            for value in (wbits, abits):
+                if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                    raise SettingsError(f"layer_bits[{name!r}] = {(wbits, abits)!r}: bits must be integers 2..8.",
+                                        "pick widths from 2 to 8 for each operator.")
+            layers.append((str(name), wbits, abits))
+        object.__setattr__(self, "layer_bits", tuple(sorted(layers)))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise SettingsError(f"seed={self.seed!r} is not a non-negative integer.", "pass e.g. seed=0.")
 
@@ -113,8 +155,16 @@ class QuantSettings:
         """Whether unsigned ranges apply: ``auto``, and an observer that handles them (PPQ's kl is signed only)."""
         return self.activation_sign is ActivationSign.AUTO and self.algorithm is not CalibrationAlgorithm.KL
 
+    def bits_of(self, op_name: str) -> tuple[int, int]:
+        """``(weight_bits, activation_bits)`` of one operator."""
+        for name, wbits, abits in self.layer_bits:
+            if name == op_name:
+                return wbits, abits
+        return self.weight_bits, self.activation_bits
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("algorithm", "activation_sign", "optimization"):
+        for name in ("algorithm", "activation_sign", "optimization", "scale_policy"):
             data[name] = getattr(self, name).value
+        data["layer_bits"] = {name: [w, a] for name, w, a in self.layer_bits}
         return data

@@ -23,6 +23,7 @@ attributes and constants), without PPQ. By role (:mod:`maptools.placement`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -44,12 +45,13 @@ from maptools.node_runner import NodeRunner
 from maptools.placement import Role
 from maptools.prepare import opset_of
 from maptools.quantinfo import QuantConfig, param_key
-from maptools.requant import RequantMode, quantize, requantize
+from maptools.requant import RequantMode, quantize, requantize, to_hardware
 
 if TYPE_CHECKING:
     from maptools.mapping import CrossbarSpec
 
-__all__ = ["QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs"]
+__all__ = ["QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs",
+           "record_requant"]
 
 ACC_BITS = 32
 
@@ -243,7 +245,7 @@ class IntegerSimulator:
         if node["part"] != DEVICE:
             return self._generic(name, [_float(v) for v in values])
         cfg: QuantConfig = node["quant"]
-        kernel = _KERNELS.get(node["op_type"]) if node["role"] in _INTEGER_ROLES else None
+        kernel = _KERNELS.get((node["op_type"], node["role"]))
         if kernel is not None:
             return [getattr(self, kernel)(name, node, cfg, values)]
         if node["role"] == Role.MOVE.value:
@@ -270,22 +272,27 @@ class IntegerSimulator:
         floats = []
         for i, v in enumerate(values):
             scale = scales[i] if i < len(scales) else None
-            floats.append(_float(self._on_scale(v, scale, cfg.in_range(i))) if scale is not None else _float(v))
+            floats.append(_float(self._on_scale(v, scale, cfg.in_range(i), cfg, f"input{i}")) if scale is not None
+                          else _float(v))
         outs = self._generic(name, floats)
         if cfg.output_scale is None:  # inside a gated activation: stays float
             return outs
         return [QTensor(quantize(outs[0], cfg.output_scale, *cfg.out_range), cfg.output_scale)]
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _requant(self, acc: torch.Tensor, multiplier: torch.Tensor | float, bounds: tuple[int, int]) -> torch.Tensor:
-        return requantize(acc, multiplier, bounds[0], bounds[1], self.mode)
+    def _requant(self, acc: torch.Tensor, multiplier: torch.Tensor | float, bounds: tuple[int, int],
+                 cfg: QuantConfig | None = None, stage: str = "") -> torch.Tensor:
+        """Requantize; in fixed mode with quantinfo's recorded ``(m0, shift)`` for ``stage`` where the map has them."""
+        recorded = cfg.requant.get(stage) if cfg is not None else None
+        return requantize(acc, multiplier, bounds[0], bounds[1], self.mode, recorded)
 
-    def _on_scale(self, value: Value, scale: float | None, bounds: tuple[int, int]) -> QTensor:
+    def _on_scale(self, value: Value, scale: float | None, bounds: tuple[int, int], cfg: QuantConfig | None = None,
+                  stage: str = "") -> QTensor:
         """``value`` as codes on ``scale`` within ``bounds`` (requantizing codes, or quantizing a float tensor)."""
         if isinstance(value, QTensor):
             if scale is None or value.scale == scale:
                 return value
-            return QTensor(self._requant(value.codes, value.scale / scale, bounds), scale)
+            return QTensor(self._requant(value.codes, value.scale / scale, bounds, cfg, stage), scale)
         if scale is None:
             raise ConversionError("a device operator receives a float tensor and has no input scale.",
                                   "quantize the model so every device operator's inputs are quantized.")
@@ -293,20 +300,21 @@ class IntegerSimulator:
 
     def _inputs(self, cfg: QuantConfig, values: list[Value]) -> list[QTensor]:
         scales = list(cfg.input_scales)
-        return [self._on_scale(v, scales[i] if i < len(scales) else None, cfg.in_range(i))
+        return [self._on_scale(v, scales[i] if i < len(scales) else None, cfg.in_range(i), cfg, f"input{i}")
                 for i, v in enumerate(values)]
 
     def _finish(self, x: QTensor, cfg: QuantConfig) -> QTensor:
         """Requantize to the operator's output scale where it differs from the input's."""
         if cfg.output_scale is None or cfg.output_scale == x.scale:
             return x
-        return QTensor(self._requant(x.codes, x.scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
+        return QTensor(self._requant(x.codes, x.scale / cfg.output_scale, cfg.out_range, cfg, "output"),
+                       cfg.output_scale)
 
     def _output(self, acc: torch.Tensor, in_scale: torch.Tensor | float, cfg: QuantConfig) -> Value:
         """An accumulator on the grid ``in_scale`` requantized to the output scale (or float when it has none)."""
         if cfg.output_scale is None:
             return (acc * in_scale).to(torch.float32)
-        return QTensor(self._requant(acc, in_scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
+        return QTensor(self._requant(acc, in_scale / cfg.output_scale, cfg.out_range, cfg, "output"), cfg.output_scale)
 
     # --- integer kernels ---------------------------------------------------------------------------
     def _accumulate(self, name: str, acc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -352,11 +360,13 @@ class IntegerSimulator:
 
     def _add(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         a, b = self._inputs(cfg, values)
-        b = self._on_scale(b, a.scale, cfg.in_range(0))  # PPQ aligns Add inputs; this only acts if quantinfo does not
-        return QTensor(self._requant(a.codes + b.codes, a.scale / cfg.output_scale, cfg.out_range), cfg.output_scale)
+        b = self._on_scale(b, a.scale, cfg.in_range(0), cfg, "align1")  # PPQ aligns Add inputs: rarely acts
+        return QTensor(self._requant(a.codes + b.codes, a.scale / cfg.output_scale, cfg.out_range, cfg, "output"),
+                       cfg.output_scale)
 
     def _concat(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
-        parts = [self._on_scale(x, cfg.output_scale, cfg.out_range).codes for x in self._inputs(cfg, values)]
+        parts = [self._on_scale(x, cfg.output_scale, cfg.out_range, cfg, f"concat{i}").codes
+                 for i, x in enumerate(self._inputs(cfg, values))]
         return QTensor(torch.cat(parts, dim=node["attrs"]["axis"]), cfg.output_scale)
 
     def _relu(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
@@ -376,33 +386,101 @@ class IntegerSimulator:
 
     def _avgpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
-        a = node["attrs"]
-        kernel, strides, dilations, pads = a["kernel"], a["strides"], a["dilations"], a["pads"]
-        if len(kernel) != 2 or any(d != 1 for d in dilations) or pads[:2] != pads[2:]:
-            raise ConversionError(f"{name}: only 2-D AveragePool without dilation and with symmetric pads is "
-                                  "supported.", "re-export the model with a plain 2-D average pool.")
-        args = dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(a["ceil_mode"]),
-                    count_include_pad=bool(a["count_include_pad"]))
+        args = _avgpool_args(name, node["attrs"])
         sums = F.avg_pool2d(x.codes, divisor_override=1, **args)
-        ones = torch.ones_like(x.codes[:1, :1])
-        counts = torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
-        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * counts), cfg.out_range), cfg.output_scale)
+        counts = _window_counts(list(x.codes.shape[2:]), args)
+        if self.mode is RequantMode.FLOAT or not cfg.requant:
+            return QTensor(self._requant(sums, x.scale / (cfg.output_scale * counts), cfg.out_range), cfg.output_scale)
+        out = torch.empty_like(sums)
+        for count in torch.unique(counts).tolist():  # one recorded multiplier per window size
+            where = (counts == count).expand_as(sums)
+            out[where] = self._requant(sums[where], x.scale / (cfg.output_scale * count), cfg.out_range, cfg,
+                                       f"output/{int(count)}")
+        return QTensor(out, cfg.output_scale)
 
     def _global_avgpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
         sums = x.codes.sum(dim=tuple(range(2, x.codes.dim())), keepdim=True)
         count = math.prod(x.codes.shape[2:])
-        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg.out_range), cfg.output_scale)
+        return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg.out_range, cfg, "output"),
+                       cfg.output_scale)
 
 
 #: Integer kernels (method names) by operator type, for the roles computed in integer arithmetic;
 #: methods, so a subclass (the crossbar simulation) can replace one.
-_KERNELS: dict[str, str] = {
-    "Conv": "_conv", "ConvTranspose": "_conv_transpose", "Gemm": "_gemm", "Add": "_add", "Concat": "_concat",
-    "MaxPool": "_maxpool", "AveragePool": "_avgpool", "GlobalAveragePool": "_global_avgpool", "Relu": "_relu",
+_KERNELS: dict[tuple[str, str], str] = {
+    ("Conv", Role.CROSSBAR.value): "_conv", ("ConvTranspose", Role.CROSSBAR.value): "_conv_transpose",
+    ("Gemm", Role.CROSSBAR.value): "_gemm", ("Add", Role.ADD.value): "_add", ("Concat", Role.CONCAT.value): "_concat",
+    ("MaxPool", Role.MOVE.value): "_maxpool", ("AveragePool", Role.AVGPOOL.value): "_avgpool",
+    ("GlobalAveragePool", Role.AVGPOOL.value): "_global_avgpool", ("Relu", Role.LUT.value): "_relu",
 }
-_INTEGER_ROLES = {Role.CROSSBAR.value, Role.ADD.value, Role.CONCAT.value, Role.AVGPOOL.value, Role.MOVE.value,
-                  Role.LUT.value}
+
+
+def _avgpool_args(name: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch ``avg_pool2d`` arguments of an ONNX AveragePool (2-D, no dilation, symmetric pads)."""
+    kernel, strides, dilations, pads = attrs["kernel"], attrs["strides"], attrs["dilations"], attrs["pads"]
+    if len(kernel) != 2 or any(d != 1 for d in dilations) or pads[:2] != pads[2:]:
+        raise ConversionError(f"{name}: only 2-D AveragePool without dilation and with symmetric pads is "
+                              "supported.", "re-export the model with a plain 2-D average pool.")
+    return dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(attrs["ceil_mode"]),
+                count_include_pad=bool(attrs["count_include_pad"]))
+
+
+def _window_counts(spatial: list[int], args: Mapping[str, Any]) -> torch.Tensor:
+    """How many elements each average-pool window divides by, shaped ``[1, 1, *output]``."""
+    ones = torch.ones([1, 1, *spatial], dtype=torch.float64)
+    return torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
+
+
+def record_requant(graph: OperatorGraph, quantinfo: Mapping[str, QuantConfig], bits: int) -> dict[str, QuantConfig]:
+    """``quantinfo`` with every requantization the integer simulation applies recorded per stage.
+
+    ``graph`` is the operator graph of the map's model (quantinfo attached or not); the stages and
+    ratios mirror the kernels above, so the fixed-point simulation runs on exactly these numbers.
+    """
+    producer = {t: name for name in graph.operators() for t in graph.node(name)["outputs"]}
+
+    def produced_scale(name: str | None) -> float | None:  # the scale of the codes an operator hands on
+        cfg = quantinfo.get(name or "")
+        if cfg is None:
+            return None
+        if cfg.output_scale is not None:
+            return cfg.output_scale
+        node = graph.node(name)
+        moves = node["role"] == Role.MOVE.value or (node["op_type"], node["role"]) == ("Relu", Role.LUT.value)
+        return cfg.input_scales[0] if moves and cfg.input_scales else None
+
+    recorded: dict[str, QuantConfig] = {}
+    for name, cfg in quantinfo.items():
+        node = graph.node(name)
+        scales, out = list(cfg.input_scales), cfg.output_scale
+        ratios: dict[str, Any] = {}
+        for i, tensor in enumerate(node["inputs"]):
+            arriving, wanted = produced_scale(producer.get(tensor)), scales[i] if i < len(scales) else None
+            if arriving is not None and wanted is not None and arriving != wanted:
+                ratios[f"input{i}"] = [arriving / wanted]
+        kernel = _KERNELS.get((node["op_type"], node["role"]))
+        s0 = scales[0] if scales else None
+        if out is not None and s0 is not None:
+            if kernel in ("_conv", "_conv_transpose", "_gemm") and cfg.weight_scale is not None:
+                in_scale = node["attrs"]["alpha"] * s0 if kernel == "_gemm" else s0
+                ratios["output"] = in_scale * cfg.weight_scale.astype(np.float64) / out
+            elif kernel == "_add":
+                if len(scales) > 1 and scales[1] is not None and scales[1] != s0:
+                    ratios["align1"] = [scales[1] / s0]
+                ratios["output"] = [s0 / out]
+            elif kernel == "_concat":
+                ratios.update({f"concat{i}": [s / out] for i, s in enumerate(scales) if s is not None and s != out})
+            elif kernel == "_avgpool":
+                counts = _window_counts(node["input_shapes"][0][2:], _avgpool_args(name, node["attrs"]))
+                ratios.update({f"output/{int(c)}": [s0 / (out * c)] for c in torch.unique(counts).tolist()})
+            elif kernel == "_global_avgpool":
+                ratios["output"] = [s0 / (out * math.prod(node["input_shapes"][0][2:]))]
+            elif (kernel in ("_maxpool", "_relu") or node["role"] == Role.MOVE.value) and out != s0:
+                ratios["output"] = [s0 / out]
+        recorded[name] = dataclasses.replace(
+            cfg, requant={stage: to_hardware(r, bits) for stage, r in ratios.items()})
+    return recorded
 
 
 # --- the simulation step ------------------------------------------------------------------------------
