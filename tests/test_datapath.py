@@ -1,0 +1,142 @@
+"""Hardware-constrained quantization: power-of-two scales, shared Add/Concat scales, and the
+requantization multipliers and shifts quantinfo records for the hardware (and the simulation uses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maptools import quantize, read_quantinfo, read_quantparams
+from maptools.artifacts import QUANTINFO_JSON
+from maptools.calibration import RandomCalibration
+from maptools.conversion import convert, read_graph
+from maptools.errors import ArtifactError, SettingsError
+from maptools.examples import SMALL_CNN_SHAPES, export_onnx, small_cnn_onnx
+from maptools.quantinfo import quantinfo_from_json
+from maptools.settings import QuantSettings
+from maptools.simulate import IntegerSimulator
+from tests.agreement import layer_agreement
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pow2(scale: float) -> bool:
+    return scale > 0 and math.frexp(scale)[0] == 0.5
+
+
+def _digits_map(trained_cnn, root: Path, name: str, **options):
+    from tests.trained_cnn import digits
+
+    model, images, labels = trained_cnn
+    path = small_cnn_onnx(root / f"{name}.onnx", model=model)
+    calib = [{"input": x[None]} for x in digits(seed=0)[0][:32]]
+    result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=32, output_root=root,
+                      error_steps=0, **options)
+    convert(name, output_root=root)
+    return result, calib
+
+
+def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_cnn, tmp_path, one_thread) -> None:
+    from maptools import _ppq
+
+    _, images, labels = trained_cnn
+    result, calib = _digits_map(trained_cnn, tmp_path, "pow2", scale_policy="pow2", shared_scales=True)
+    info = read_quantinfo("pow2", tmp_path)
+    scales = [s for cfg in info.values() for s in (cfg.output_scale, *cfg.input_scales) if s is not None]
+    weights = [float(s) for cfg in info.values() if cfg.weight_scale is not None for s in cfg.weight_scale]
+    assert len(scales) > 20 and len(weights) > 80 and all(_pow2(s) for s in scales + weights)
+    stages = [r for cfg in info.values() for r in cfg.requant.values()]
+    assert stages and all(r.shift_only for r in stages)  # every requantization is a shift
+    add = info["/Add"]
+    assert add.input_scales[0] == add.input_scales[1]
+    assert not [s for s in add.requant if s != "output"]  # no input requantized before the adder
+    assert json.loads((result.map_dir / "manifest.json").read_text())["settings"]["scale_policy"] == "pow2"
+
+    graph = read_graph("pow2", tmp_path)
+    params = read_quantparams("pow2", tmp_path)
+    fixed = IntegerSimulator(graph, params, requant="fixed")
+    exact = IntegerSimulator(graph, params, requant="float")
+    x = images[:96].numpy().astype(np.float32)
+    ours, reference = fixed.run({"input": x}, keep=True), exact.run({"input": x}, keep=True)
+    for tensor, codes in reference.codes.items():  # shifts are exact: fixed point equals float64 code for code
+        assert np.array_equal(ours.codes[tensor], codes), tensor
+    settings = QuantSettings(calib_steps=32, scale_policy="pow2", shared_scales=True)
+    ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, 32, calib[0], settings, "cpu")
+    assert ppq_graph.quantinfo() == info
+    agreement = layer_agreement(fixed, graph, ppq_graph, x[:32])
+    assert min(agreement.values()) >= 0.999, agreement
+    accuracy = float((ours.outputs["output"].argmax(1) == labels[:96].numpy()).mean())
+    assert accuracy > 0.8
+
+
+def test_shared_scales_on_a_concat(branchy_cnn, tmp_path) -> None:
+    quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="shared", calib_steps=16, output_root=tmp_path,
+             error_steps=0, shared_scales=True, scale_policy="pow2")
+    shared = read_quantinfo("shared", tmp_path)
+    (concat,) = [n for n, c in shared.items() if c.op_type == "Concat"]
+    cfg = shared[concat]
+    assert len(set(cfg.input_scales)) == 1 and cfg.input_scales[0] == cfg.output_scale
+    assert not cfg.requant
+    # the average pool divides by 9: the one multiplier that cannot be a shift
+    (pool,) = [c for c in shared.values() if c.op_type == "AveragePool"]
+    assert list(pool.requant) == ["output/9"] and not pool.requant["output/9"].shift_only
+    assert all(r.shift_only for c in shared.values() if c.op_type != "AveragePool" for r in c.requant.values())
+
+
+def test_recorded_requantization_is_what_the_simulation_uses(small_cnn, tmp_path) -> None:
+    root = tmp_path
+    quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="m12", calib_steps=16, output_root=root, error_steps=0,
+             multiplier_bits=12)
+    info = read_quantinfo("m12", root)
+    twin = quantinfo_from_json(json.loads((root / "mapsave" / "m12" / QUANTINFO_JSON).read_text()))
+    assert twin == info
+    stages = {(name, stage): r for name, cfg in info.items() for stage, r in cfg.requant.items()}
+    assert ("/stem/stem.0/Conv", "output") in stages and ("/Add", "output") in stages
+    assert ("/Add", "input0") in stages  # separate scales: the max pool's codes are requantized before the adder
+    for r in stages.values():
+        m, shift, ratio = np.array(r.multiplier), np.array(r.shift), np.array(r.ratio)
+        assert r.bits == 12 and np.all((m < 2**12) & ((m % 2 == 1)))
+        assert np.all(np.abs(m * 2.0 ** -shift.astype(float) - ratio) <= ratio * 2.0**-12)
+
+    convert("m12", output_root=root)
+    graph, params = read_graph("m12", root), read_quantparams("m12", root)
+    x = RandomCalibration({"input": (4, 3, 32, 32)}, 1, seed=5)
+    x = next(iter(x))["input"].numpy()
+    fixed = IntegerSimulator(graph, params, requant="fixed").run({"input": x}, keep=True)
+    conv = graph.node("/stem/stem.0/Conv")
+    cfg = conv["quant"]
+    r = cfg.requant["output"]
+    changed = dataclasses.replace(r, multiplier=tuple(m + 64 for m in r.multiplier))
+    conv["quant"] = dataclasses.replace(cfg, requant={**cfg.requant, "output": changed})
+    tampered = IntegerSimulator(graph, params, requant="fixed").run({"input": x}, keep=True)
+    out = conv["outputs"][0]
+    assert not np.array_equal(tampered.codes[out], fixed.codes[out])  # the recorded multiplier is the one used
+    conv["quant"] = dataclasses.replace(cfg, requant={**cfg.requant, "output": dataclasses.replace(
+        r, ratio=tuple(v * 1.01 for v in r.ratio))})
+    with pytest.raises(ArtifactError, match="requantization parameters do not match"):
+        IntegerSimulator(graph, params, requant="fixed").run({"input": x})
+
+
+def test_pow2_with_lsq_and_shared_scales_without_joins(tmp_path) -> None:
+    with pytest.raises(SettingsError, match="lsq.*pow2|pow2.*lsq"):
+        QuantSettings(scale_policy="pow2", optimization="lsq")
+    with pytest.raises(SettingsError, match="scale_policy"):
+        QuantSettings(scale_policy="log")
+    chain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    model = export_onnx(chain.eval(), tmp_path / "chain.onnx", SMALL_CNN_SHAPES)
+    result = quantize(SMALL_CNN_SHAPES, "cpu", model, mapname="chain", calib_steps=8, output_root=tmp_path,
+                      error_steps=0, shared_scales=True)
+    assert any("no Add or Concat" in note for note in result.notes)
