@@ -6,7 +6,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["pyplot", "png_bytes", "error_and_accuracy"]
+__all__ = ["pyplot", "png_bytes", "error_and_accuracy", "layer_widths"]
 
 
 def pyplot() -> Any:
@@ -58,4 +58,27 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
     for ax in axes[0]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def layer_widths(report: dict[str, Any], title: str) -> bytes:
+    """``bit_width='auto'``: the weight and input bits chosen per layer, beside each layer's sensitivity."""
+    layers = report["layers"]
+    names = [layer["name"].strip("/").replace("/", "\n", 1) for layer in layers]
+    x = list(range(len(layers)))
+    fig, (bits, sens) = pyplot().subplots(2, 1, figsize=(max(7, 0.5 * len(layers) + 3), 7), sharex=True)
+    bits.bar([i - 0.2 for i in x], [layer["weight_bits"] for layer in layers], width=0.4, label="weight bits")
+    bits.bar([i + 0.2 for i in x], [layer["input_bits"] for layer in layers], width=0.4, label="input bits")
+    bits.set(ylabel="bits", yticks=[2, 4, 6, 8], title=f"{title}: error {100 * report['error']:.2f}% "
+             f"(uniform {100 * report['uniform_error']:.2f}%), weights {report['weight_bytes']} of "
+             f"{report['uniform_weight_bytes']} bytes")
+    for key, marker in (("weight_error", "o"), ("input_error", "s")):
+        for b in sorted({int(k) for layer in layers for k in layer[key]}):
+            sens.plot(x, [100 * layer[key].get(str(b), float("nan")) for layer in layers], marker=marker,
+                      label=f"{key.split('_')[0]} at {b} bits")
+    sens.set(ylabel="output error, that layer alone (%)", yscale="log")
+    sens.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    for ax in (bits, sens):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     return png_bytes(fig)

@@ -15,6 +15,8 @@ from maptools.artifacts import output_root as resolve_root
 from maptools.artifacts import validate_mapname
 from maptools.conversion import ConversionResult
 from maptools.device import resolve_device
+from maptools.errors import SettingsError
+from maptools.mixed_precision import Budget
 from maptools.quantization import QuantizationResult
 from maptools.settings import QuantSettings
 from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
@@ -51,7 +53,9 @@ def quantize_model(
                                                    "of images / .npy / .npz files.")] = None,
     calib_steps: Annotated[int, Field(ge=8, le=512, description="Calibration samples (8-512).")] = 32,
     device: Annotated[str, Field(description="cpu, cuda or auto (auto may fall back to cpu).")] = "auto",
-    bit_width: Annotated[int, Field(ge=2, le=8, description="Weight and activation bits.")] = 8,
+    bit_width: Annotated[Annotated[int, Field(ge=2, le=8)] | Literal["auto"], Field(
+        description="Weight and activation bits, or auto: per-layer widths under max_output_error or "
+                    "max_weight_bytes.")] = 8,
     per_channel: Annotated[bool, Field(description="Per-output-channel weight scales.")] = True,
     algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
                          Field(description="Activation calibration algorithm.")] = "percentile",
@@ -65,6 +69,10 @@ def quantize_model(
     shared_scales: Annotated[bool, Field(
         description="One scale on all inputs of each Add and Concat (no requantization before the adder).")
     ] = False,
+    max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
+                                                                       "(rel. L2 against float) allowed.")] = None,
+    max_weight_bytes: Annotated[int | None, Field(gt=0, description="bit_width=auto: the largest weight memory "
+                                                                    "(bytes) allowed.")] = None,
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
@@ -82,7 +90,15 @@ def quantize_model(
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     # Bad settings fail here, once, before any work (they are never retried).
-    QuantSettings(weight_bits=bit_width, activation_bits=bit_width, per_channel=per_channel, algorithm=algorithm,
+    budget = None
+    if bit_width == "auto" or max_output_error is not None or max_weight_bytes is not None:
+        if bit_width != "auto":
+            raise SettingsError("max_output_error / max_weight_bytes apply to bit_width='auto' only.",
+                                "pass bit_width='auto', or drop the budget.")
+        budget = Budget.of({k: v for k, v in (("output_error", max_output_error), ("weight_bytes", max_weight_bytes))
+                            if v is not None}).to_json()
+    bits = max(Budget.of(budget).weight_choices) if budget else bit_width
+    QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
                   calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
                   scale_policy=scale_policy, shared_scales=shared_scales)
     validate_mapname(mapname)
@@ -104,7 +120,7 @@ def quantize_model(
     args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
                 calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
                 seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
-                scale_policy=scale_policy, shared_scales=shared_scales)
+                scale_policy=scale_policy, shared_scales=shared_scales, budget=budget)
     t = time.perf_counter()
     state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
     if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -12,12 +13,13 @@ from typing import Any
 
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from maptools_flows.locks import LOCKS
+from maptools_flows.plots import layer_widths
 from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
@@ -118,14 +120,16 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
 @task(name="run-quantization", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
                      input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
-                     bit_width: int, per_channel: bool, algorithm: str, seed: int,
+                     bit_width: int | str, per_channel: bool, algorithm: str, seed: int,
                      output_root: str, activation_sign: str = "auto", optimization: str = "none",
-                     scale_policy: str = "float", shared_scales: bool = False) -> QuantizationResult:
+                     scale_policy: str = "float", shared_scales: bool = False,
+                     budget: dict[str, Any] | None = None) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, model.path, mapname=mapname, calibset=calibration.calibset(),
                     calib_steps=calib_steps, seed=seed, bit_width=bit_width, per_channel=per_channel,
                     algorithm=algorithm, output_root=output_root, activation_sign=activation_sign,
-                    optimization=optimization, scale_policy=scale_policy, shared_scales=shared_scales)
+                    optimization=optimization, scale_policy=scale_policy, shared_scales=shared_scales,
+                    budget=budget)
 
 
 def _scale(value: float | None) -> str:
@@ -149,13 +153,30 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
                      "weight_scale_max": f"{float(cfg.weight_scale.max()):.3g}"})
     key = _artifact_key(result.mapname)
     create_table_artifact(rows, key=f"{key}-layers", description=f"Per-layer SNR and scales of {result.mapname}")
+    mixed = result.mixed_precision
+    if mixed is not None:
+        create_table_artifact(
+            [{"layer": layer["name"], "type": layer["op_type"], "params": layer["params"],
+              "weight_bits": layer["weight_bits"], "input_bits": layer["input_bits"],
+              "error_alone_weights": f"{layer['weight_error'][str(layer['weight_bits'])]:.4f}",
+              "error_alone_input": f"{layer['input_error'][str(layer['input_bits'])]:.4f}"} for layer in mixed["layers"]],
+            key=f"{key}-bits", description=f"Widths bit_width='auto' chose for {result.mapname}")
+        png = base64.b64encode(layer_widths(mixed, result.mapname)).decode()
+        create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-bits-plot",
+                              description=f"Widths and sensitivity per layer of {result.mapname}")
     s = result.settings
     lines = [f"# Quantized `{result.mapname}`", "",
              f"W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
              f"{s.algorithm.value}, {result.calibration.get('used')} {result.calibration.get('kind')} samples "
              f"(seed {s.seed}) on `{result.device}`.", "",
              f"Per-layer SNR: median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
-             f"(`{result.errors.worst_layer}`).", "", "| artifact | sha256 |", "|---|---|"]
+             f"(`{result.errors.worst_layer}`).", ""]
+    if mixed is not None:
+        lines += [f"bit_width='auto' under {mixed['budget']}: output error {mixed['error']:.4f} (uniform "
+                  f"{mixed['uniform_error']:.4f}), {mixed['average_weight_bits']:.2f} weight bits per parameter, "
+                  f"{mixed['average_input_bits']:.2f} input bits per MAC, weights {mixed['weight_bytes']} of "
+                  f"{mixed['uniform_weight_bytes']} bytes.", ""]
+    lines += ["| artifact | sha256 |", "|---|---|"]
     lines += [f"| `{result.artifacts[n]}` | `{d[:16]}` |" for n, d in result.sha256.items()]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in seconds.items()]
     lines += [f"\n> note: {n}" for n in result.notes]

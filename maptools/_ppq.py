@@ -32,7 +32,7 @@ import onnx.helper
 import torch
 
 from maptools.artifacts import atomic_write
-from maptools.errors import MaptoolsError, ModelError, QuantizationFailed
+from maptools.errors import MaptoolsError, ModelError, QuantizationFailed, SettingsError
 from maptools.node_runner import NodeRunner
 from maptools.placement import (CROSSBAR_OP_TYPES, DEVICE, FUSABLE_ACTIVATIONS, Placement, Role, nonnegative_tensors,
                                  place)
@@ -190,14 +190,10 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         for cfg, var in zip(oqc.output_quantization_config, operation.outputs):
             if var.name in self._placement.float_outputs:
                 cfg.state = QuantizationStates.FP32
-        # activation widths: an operator's output has its own; an input has its producer's (so the two merge)
-        for cfg, var in [*zip(oqc.input_quantization_config, operation.inputs),
-                         *zip(oqc.output_quantization_config, operation.outputs)]:
-            if not var.is_parameter:
-                src = var.source_op if var in operation.inputs else operation
-                on_device = src is not None and self._placement.part(src.name) == DEVICE
-                bits = self._settings.bits_of(src.name if on_device else operation.name)[1]
-                cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if crossbar:  # the width the layer reads its input at (its own grid when it differs from the producer's)
+            bits = self._settings.bits_of(operation.name)[1]
+            cfg = oqc.input_quantization_config[0]
+            cfg.num_of_bits, cfg.quant_min, cfg.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         role = self._placement.roles.get(operation.name)
         acts = [v.name for v in operation.inputs if v.name and not v.is_parameter]
         # an adder or concatenation aligns its inputs on one grid: unsigned only when all of them are
@@ -897,6 +893,11 @@ def quantize_graph(
     graph = _load(model_path, model)
     for op in graph.operations.values():
         op.platform = TargetPlatform.TRT_INT8 if placement.part(op.name) == DEVICE else TargetPlatform.FP32
+    unknown = [name for name, _, _ in settings.layer_bits if placement.roles.get(name) is not Role.CROSSBAR]
+    if unknown:
+        raise SettingsError(f"layer_bits names operators that are not crossbar layers on the device: "
+                            f"{', '.join(unknown[:8])}.", "name Conv/ConvTranspose/Gemm nodes of the prepared model "
+                            "(see quantinfo.json or 'maptools inspect').")
     unsigned = nonnegative_tensors(model, placement) if settings.unsigned_activations else frozenset()
     quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned)
     quantizer._verbose = False

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
-from maptools.errors import InputShapeError, MaptoolsError
+from maptools.errors import InputShapeError, MaptoolsError, SettingsError
 from maptools.settings import (MAX_CALIB_STEPS, MIN_CALIB_STEPS, MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm,
                                Optimization, ScalePolicy)
 
@@ -69,6 +69,17 @@ app = typer.Typer(help="Quantize ONNX CNNs with PPQ for compute-in-memory accele
                   add_completion=False)
 
 
+def _print_widths(report: dict) -> None:
+    table = Table(title=f"bit_width=auto: error {report['error']:.4f} (uniform {report['uniform_error']:.4f}), "
+                        f"weights {report['weight_bytes']} of {report['uniform_weight_bytes']} bytes")
+    for column in ("layer", "type", "params", "weight bits", "input bits"):
+        table.add_column(column)
+    for layer in report["layers"]:
+        table.add_row(layer["name"], layer["op_type"], str(layer["params"]), str(layer["weight_bits"]),
+                      str(layer["input_bits"]))
+    console.print(table)
+
+
 def _print_result(result: QuantizationResult) -> None:
     s = result.settings
     errors = result.errors
@@ -90,6 +101,8 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     table.add_row("artifacts", ", ".join(result.artifacts))
     console.print(table)
+    if result.mixed_precision is not None:
+        _print_widths(result.mixed_precision)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
 
@@ -166,7 +179,14 @@ def quantize(
         min=MIN_CALIB_STEPS, max=MAX_CALIB_STEPS,
         help="Calibration samples PPQ reads; a folder with fewer is used once in full.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (CUDA when present).")] = "auto",
-    bits: Annotated[int, typer.Option(min=2, max=8, help="Bits of weights and activations.")] = 8,
+    bits: Annotated[str, typer.Option(
+        help="Bits of weights and activations (2-8), or auto: per-layer weight and input widths under "
+             "--max-error or --max-weight-bytes.")] = "8",
+    max_error: Annotated[float | None, typer.Option(
+        min=0.0, show_default=False, help="--bits auto: the largest output error (rel. L2 against float, on the "
+                                          "calibration samples), e.g. 0.05.")] = None,
+    max_weight_bytes: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="--bits auto: the largest weight memory in bytes.")] = None,
     weight_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
                                                     help="Weight bits, overriding --bits.")] = None,
     activation_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
@@ -211,11 +231,16 @@ def quantize(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if bits != "auto" and not (bits.isdigit() and 2 <= int(bits) <= 8):
+            raise SettingsError(f"--bits {bits} is not a width.", "pass 2 to 8, or auto with --max-error / "
+                                                                  "--max-weight-bytes.")
+        budget = {k: v for k, v in (("output_error", max_error), ("weight_bytes", max_weight_bytes)) if v is not None}
         shapes = _parse_shapes(input_shape) if input_shape else _model_shapes(model)
         with _CalibrationBar() as bar:
             result = run_quantize(
                 shapes, device, model, mapname=mapname, calibset=None if calib == "random" else calib,
-                calib_steps=calib_steps, seed=seed, bit_width=bits, weight_bits=weight_bits,
+                calib_steps=calib_steps, seed=seed, bit_width="auto" if bits == "auto" else int(bits),
+                budget=budget or None, weight_bits=weight_bits,
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,

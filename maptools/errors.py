@@ -20,6 +20,7 @@ __all__ = [
     "QuantizationFailed",
     "ConversionError",
     "StorageError",
+    "BudgetError",
 ]
 
 
@@ -46,6 +47,10 @@ class CalibrationError(MaptoolsError, ValueError):
 
 class SettingsError(MaptoolsError, ValueError):
     """A quantization setting is out of range or unknown."""
+
+
+class BudgetError(SettingsError):
+    """``bit_width='auto'``: no assignment of per-layer widths meets the budget."""
 
 
 class DeviceError(MaptoolsError, RuntimeError):

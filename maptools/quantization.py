@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCal
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
+from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
@@ -79,6 +80,8 @@ class QuantizationResult:
     version_dir: Path | None = None
     #: where ``mapsave/`` is (the ``output_root`` the run resolved)
     output_root: Path | None = None
+    #: ``bit_width='auto'``: the widths chosen per layer and the errors measured (MixedPrecisionReport JSON)
+    mixed_precision: dict[str, Any] | None = None
 
     @property
     def quantinfo_path(self) -> Path:
@@ -98,7 +101,7 @@ class QuantizationResult:
             "artifacts": {k: str(v) for k, v in self.artifacts.items()}, "sha256": self.sha256,
             "model_sha256": self.model_sha256, "settings": self.settings.to_dict(), "device": self.device,
             "calibration": self.calibration, "error_report": self.errors.per_layer, "seconds": self.seconds,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "mixed_precision": self.mixed_precision,
         }
 
 
@@ -126,6 +129,29 @@ def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfi
     return []
 
 
+def _search_widths(model_path: Path, calibration: ValidatedCalibration, data: Any, steps: int,
+                   first: Mapping[str, Any], settings: QuantSettings, device: str,
+                   budget: Budget) -> tuple[Any, QuantSettings, MixedPrecisionReport]:
+    """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.mixed_precision`)."""
+    import torch
+
+    from maptools import _ppq
+
+    model = load_model(model_path)
+    names = [o.name for o in model.graph.output]
+    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+               for sample, _ in zip(calibration, range(SENSITIVITY_SAMPLES))]
+
+    def quantize_at(candidate: QuantSettings) -> Any:
+        return _ppq.quantize_graph(model_path, data, steps, first, candidate, device)
+
+    def measure(graph: Any, reference: list[list[np.ndarray]]) -> float:
+        outputs = [graph.run({k: torch.from_numpy(v) for k, v in s.items()}, output_names=names) for s in samples]
+        return rel_l2([[o[n] for n in names] for o in outputs], reference)
+
+    return search(model, samples, settings, budget, quantize_at, measure)
+
+
 def _is_pow2(scale: float) -> bool:
     return scale > 0 and math.frexp(scale)[0] == 0.5
 
@@ -139,7 +165,7 @@ def quantize(
     calib_steps: int = 32,
     *,
     seed: int = 0,
-    bit_width: int = 8,
+    bit_width: int | Literal["auto"] = 8,
     weight_bits: int | None = None,
     activation_bits: int | None = None,
     per_channel: bool = True,
@@ -154,6 +180,7 @@ def quantize(
     shared_scales: bool = False,
     multiplier_bits: int = MULTIPLIER_BITS,
     layer_bits: Mapping[str, tuple[int, int]] | None = None,
+    budget: Budget | Mapping[str, Any] | None = None,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -175,6 +202,8 @@ def quantize(
             used once (logged and recorded in the manifest).
         seed: seed of random calibration data; the same seed gives identical artifacts.
         bit_width: weight and activation bits (2..8); ``weight_bits``/``activation_bits`` override it.
+            ``'auto'``: per-layer weight and input widths chosen under ``budget``
+            (:mod:`maptools.mixed_precision`; the choice is in ``result.mixed_precision``).
         per_channel: one weight scale per output channel (default) or per tensor.
         algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
@@ -192,8 +221,11 @@ def quantize(
         shared_scales: one scale on all activation inputs of each device Add and Concat (no
             requantization before the adder); a model without either gets a note.
         multiplier_bits: bits of the requantization multipliers quantinfo records (8..31).
-        layer_bits: ``{operator: (weight_bits, activation_bits)}`` overriding the widths per operator
-            (``maptools.mixed_precision.choose_bits`` picks them under a budget).
+        layer_bits: ``{crossbar operator: (weight_bits, input_bits)}``: per Conv/Gemm, the width of its
+            weights and the width it reads its input at (what ``bit_width='auto'`` chooses).
+        budget: for ``bit_width='auto'``: ``{'output_error': 0.05}`` (relative L2 of the outputs against
+            float, on the calibration samples) or ``{'weight_bytes': N}``; see
+            :class:`maptools.mixed_precision.Budget`.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -203,6 +235,17 @@ def quantize(
             the map folder is touched; a previous map of the same name stays as it was.
     """
     started = time.perf_counter()
+    auto = bit_width == "auto"
+    if auto:
+        budget = Budget.of(budget)
+        if weight_bits is not None or activation_bits is not None or layer_bits:
+            raise SettingsError("bit_width='auto' chooses the widths; weight_bits, activation_bits and layer_bits "
+                                "cannot be given with it.", "limit the widths with the budget's weight_choices and "
+                                "input_choices instead.")
+        bit_width = max(budget.weight_choices)
+        weight_bits, activation_bits = max(budget.weight_choices), max(budget.input_choices)
+    elif budget is not None:
+        raise SettingsError("budget= applies to bit_width='auto' only.", "pass bit_width='auto' or drop budget.")
     settings = QuantSettings(
         weight_bits=bit_width if weight_bits is None else weight_bits,
         activation_bits=bit_width if activation_bits is None else activation_bits,
@@ -261,7 +304,13 @@ def quantize(
         t = time.perf_counter()
         data = calibration if progress is None else ProgressCalibration(
             calibration, steps * settings.algorithm.passes, progress)
-        graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
+        mixed = None
+        if auto:
+            graph, settings, mixed = _search_widths(prepared.path, calibration, data, steps, first, settings,
+                                                    ppq_device, budget)
+            notes.extend(mixed.notes)
+        else:
+            graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
         seconds["calibrate"] = time.perf_counter() - t
     quantinfo = graph.quantinfo()
     if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:
@@ -305,6 +354,7 @@ def quantize(
                               input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
             settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
             calibration=calib_desc, onnx_export_exact=True,
+            **({"mixed_precision": mixed.to_json()} if mixed is not None else {}),
             artifacts=hashes, versions=package_versions(), notes=notes,
             seconds={k: round(v, 3) for k, v in seconds.items()},
         ).to_json())
@@ -314,5 +364,6 @@ def quantize(
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
         errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
         version_dir=folder.published, output_root=folder.root,
+        mixed_precision=None if mixed is None else mixed.to_json(),
     )
 

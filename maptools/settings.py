@@ -80,8 +80,9 @@ class QuantSettings:
         shared_scales: the activation inputs of every device Add and Concat arrive on one scale, so
             neither is requantized before the adder (or concatenation).
         multiplier_bits: bits of the requantization multipliers recorded in quantinfo (8..31).
-        layer_bits: per-operator ``{name: (weight_bits, activation_bits)}`` overriding the two widths
-            (what ``bits='auto'`` chooses); an activation width applies to the operator's output.
+        layer_bits: per crossbar operator (Conv, ConvTranspose, Gemm) ``{name: (weight_bits, input_bits)}``:
+            its weights' width, and the width it reads its activation input at (requantized from the
+            producer's grid where the two differ); what ``bits='auto'`` chooses.
     """
 
     weight_bits: int = 8
@@ -139,8 +140,8 @@ class QuantSettings:
             try:
                 name, wbits, abits = (entry[0], *entry[1]) if len(entry) == 2 else entry
             except (TypeError, ValueError):
-                raise SettingsError(f"layer_bits entry {entry!r} is not (name, weight_bits, activation_bits).",
-                                    "pass {operator name: (weight_bits, activation_bits)}.") from None
+                raise SettingsError(f"layer_bits entry {entry!r} is not (name, weight_bits, input_bits).",
+                                    "pass {crossbar operator name: (weight_bits, input_bits)}.") from None
             for value in (wbits, abits):
                 if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
                     raise SettingsError(f"layer_bits[{name!r}] = {(wbits, abits)!r}: bits must be integers 2..8.",
@@ -156,7 +157,7 @@ class QuantSettings:
         return self.activation_sign is ActivationSign.AUTO and self.algorithm is not CalibrationAlgorithm.KL
 
     def bits_of(self, op_name: str) -> tuple[int, int]:
-        """``(weight_bits, activation_bits)`` of one operator."""
+        """``(weight_bits, input_bits)`` of one crossbar operator."""
         for name, wbits, abits in self.layer_bits:
             if name == op_name:
                 return wbits, abits

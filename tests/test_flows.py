@@ -242,3 +242,23 @@ def test_a_model_that_cannot_be_prepared_fails_with_a_maptools_error(prefect_ser
         with pytest.raises(ModelError) as info:
             run(model, tmp_path, mapname="bad")
         assert info.value.fix and not (tmp_path / "mapsave" / "bad").exists()
+
+
+def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_model, tmp_path) -> None:
+    import math
+
+    result = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
+                 shared_scales=True)
+    report = result.quantization.mixed_precision
+    assert report is not None and report["weight_bytes"] <= 6000 < report["uniform_weight_bytes"]
+    info = read_quantinfo("auto", tmp_path)
+    assert all(math.frexp(c.output_scale)[0] == 0.5 for c in info.values() if c.output_scale is not None)
+    table = Artifact.get("quant-auto-bits")
+    assert table is not None and all(layer["name"] in str(table.data) for layer in report["layers"])
+    plot = Artifact.get("quant-auto-bits-plot")
+    assert plot is not None and str(plot.data).startswith("data:image/png;base64,")
+    again = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
+                shared_scales=True)
+    assert again.quantization_cached and again.quantization.mixed_precision == report
+    with pytest.raises(Exception, match="bit_width='auto' only"):
+        run(raw_model, tmp_path, mapname="auto", max_weight_bytes=6000)
