@@ -54,7 +54,7 @@ def quantize_model(
     calib_steps: Annotated[int, Field(ge=8, le=512, description="Calibration samples (8-512).")] = 32,
     device: Annotated[str, Field(description="cpu, cuda or auto (auto may fall back to cpu).")] = "auto",
     bit_width: Annotated[Annotated[int, Field(ge=2, le=8)] | Literal["auto"], Field(
-        description="Weight and activation bits, or auto: per-layer widths under max_output_error or "
+        description="Weight and activation bits, or auto: per-layer widths under max_output_error, max_error_ratio or "
                     "max_weight_bytes.")] = 8,
     per_channel: Annotated[bool, Field(description="Per-output-channel weight scales.")] = True,
     algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
@@ -71,6 +71,8 @@ def quantize_model(
     ] = False,
     max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
                                                                        "(rel. L2 against float) allowed.")] = None,
+    max_error_ratio: Annotated[float | None, Field(ge=1, description="bit_width=auto: the largest output error "
+                                                                     "as a multiple of the all-8-bit error.")] = None,
     max_weight_bytes: Annotated[int | None, Field(gt=0, description="bit_width=auto: the largest weight memory "
                                                                     "(bytes) allowed.")] = None,
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
@@ -91,12 +93,12 @@ def quantize_model(
     started = time.perf_counter()
     # Bad settings fail here, once, before any work (they are never retried).
     budget = None
-    if bit_width == "auto" or max_output_error is not None or max_weight_bytes is not None:
+    limits = {"output_error": max_output_error, "error_ratio": max_error_ratio, "weight_bytes": max_weight_bytes}
+    if bit_width == "auto" or any(v is not None for v in limits.values()):
         if bit_width != "auto":
-            raise SettingsError("max_output_error / max_weight_bytes apply to bit_width='auto' only.",
-                                "pass bit_width='auto', or drop the budget.")
-        budget = Budget.of({k: v for k, v in (("output_error", max_output_error), ("weight_bytes", max_weight_bytes))
-                            if v is not None}).to_json()
+            raise SettingsError("max_output_error / max_error_ratio / max_weight_bytes apply to bit_width='auto' "
+                                "only.", "pass bit_width='auto', or drop the budget.")
+        budget = Budget.of({k: v for k, v in limits.items() if v is not None}).to_json()
     bits = max(Budget.of(budget).weight_choices) if budget else bit_width
     QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
                   calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,

@@ -181,10 +181,13 @@ def quantize(
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (CUDA when present).")] = "auto",
     bits: Annotated[str, typer.Option(
         help="Bits of weights and activations (2-8), or auto: per-layer weight and input widths under "
-             "--max-error or --max-weight-bytes.")] = "8",
+             "--max-error, --max-error-ratio or --max-weight-bytes.")] = "8",
     max_error: Annotated[float | None, typer.Option(
         min=0.0, show_default=False, help="--bits auto: the largest output error (rel. L2 against float, on the "
                                           "calibration samples), e.g. 0.05.")] = None,
+    max_error_ratio: Annotated[float | None, typer.Option(
+        min=1.0, show_default=False, help="--bits auto: the largest output error as a multiple of the error with "
+                                          "every layer at 8 bits, e.g. 1.5.")] = None,
     max_weight_bytes: Annotated[int | None, typer.Option(
         min=1, show_default=False, help="--bits auto: the largest weight memory in bytes.")] = None,
     weight_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
@@ -232,9 +235,10 @@ def quantize(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if bits != "auto" and not (bits.isdigit() and 2 <= int(bits) <= 8):
-            raise SettingsError(f"--bits {bits} is not a width.", "pass 2 to 8, or auto with --max-error / "
-                                                                  "--max-weight-bytes.")
-        budget = {k: v for k, v in (("output_error", max_error), ("weight_bytes", max_weight_bytes)) if v is not None}
+            raise SettingsError(f"--bits {bits} is not a width.", "pass 2 to 8, or auto with --max-error, "
+                                                                  "--max-error-ratio or --max-weight-bytes.")
+        budget = {k: v for k, v in (("output_error", max_error), ("error_ratio", max_error_ratio),
+                                    ("weight_bytes", max_weight_bytes)) if v is not None}
         shapes = _parse_shapes(input_shape) if input_shape else _model_shapes(model)
         with _CalibrationBar() as bar:
             result = run_quantize(

@@ -56,18 +56,26 @@ class Budget:
             model, on the calibration samples (e.g. 0.05).
         weight_bytes: largest weight memory: weights packed at their widths plus int32 biases (as
             :func:`maptools.evaluation.weight_memory_bytes` counts it).
+        error_ratio: largest output error as a multiple of the error with every layer at the widest
+            choices (e.g. 1.5), for when the reachable error is not known beforehand.
         weight_choices, input_choices: the widths a layer's weights and its input may take.
     """
 
     output_error: float | None = None
     weight_bytes: int | None = None
+    error_ratio: float | None = None
     weight_choices: tuple[int, ...] = WEIGHT_CHOICES
     input_choices: tuple[int, ...] = INPUT_CHOICES
 
     def __post_init__(self) -> None:
-        if (self.output_error is None) == (self.weight_bytes is None):
-            raise SettingsError("bit_width='auto' needs exactly one budget: output_error or weight_bytes.",
-                                "pass budget={'output_error': 0.05} or budget={'weight_bytes': 200_000}.")
+        if [self.output_error, self.weight_bytes, self.error_ratio].count(None) != 2:
+            raise SettingsError("bit_width='auto' needs exactly one budget: output_error, error_ratio or "
+                                "weight_bytes.", "pass e.g. budget={'output_error': 0.05}, {'error_ratio': 1.5} "
+                                                 "or {'weight_bytes': 200_000}.")
+        if self.error_ratio is not None and not (isinstance(self.error_ratio, (int, float))
+                                                 and not isinstance(self.error_ratio, bool) and self.error_ratio >= 1):
+            raise SettingsError(f"budget error_ratio={self.error_ratio!r} is not a ratio >= 1.",
+                                "pass e.g. 1.5: at most 1.5x the error of the widest widths everywhere.")
         if self.output_error is not None and not (isinstance(self.output_error, (int, float))
                                                   and 0 < self.output_error < 10):
             raise SettingsError(f"budget output_error={self.output_error!r} is not a relative error.",
@@ -94,13 +102,17 @@ class Budget:
                                 "pass budget={'output_error': 0.05} or {'weight_bytes': 200_000}.")
         unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise SettingsError(f"budget has unknown keys {sorted(unknown)}.",
-                                "use output_error or weight_bytes (and weight_choices, input_choices).")
+            raise SettingsError(f"budget has unknown keys {sorted(unknown)}.", "use output_error, error_ratio or "
+                                "weight_bytes (and weight_choices, input_choices).")
         return cls(**{k: tuple(v) if k.endswith("choices") else v for k, v in value.items()})
+
+    def error_limit(self, uniform_error: float) -> float | None:
+        """The largest output error allowed, given the error with the widest widths everywhere."""
+        return self.output_error if self.error_ratio is None else self.error_ratio * uniform_error
 
     def to_json(self) -> dict[str, Any]:
         return {"output_error": self.output_error, "weight_bytes": self.weight_bytes,
-                "weight_choices": list(self.weight_choices), "input_choices": list(self.input_choices)}
+                "error_ratio": self.error_ratio, "weight_choices": list(self.weight_choices), "input_choices": list(self.input_choices)}
 
 
 @dataclass(frozen=True)
@@ -345,7 +357,9 @@ def predicted_error(layers: Sequence[LayerChoice], widths: Mapping[str, tuple[in
 
 def choose(layers: Sequence[LayerChoice], budget: Budget, uniform_error: float,
            target: float | None = None) -> dict[str, tuple[int, int]]:
-    """Widths per layer meeting ``target`` (default: the budget) by the greedy rule of the module docstring."""
+    """Widths per layer meeting ``target`` (default: the budget's error limit) by the greedy rule of the
+    module docstring."""
+    target = budget.error_limit(uniform_error) if target is None else target
     top = (max(budget.weight_choices), max(budget.input_choices))
     widths = {layer.name: top for layer in layers}
     total_params = max(1, sum(layer.params for layer in layers))
@@ -372,7 +386,7 @@ def choose(layers: Sequence[LayerChoice], budget: Budget, uniform_error: float,
                     saved = layer.params * (w - step[0]) / 8
                 else:
                     saved = (layer.params * (w - step[0]) / total_params + layer.macs * (a - step[1]) / total_macs)
-                    if math.sqrt(uniform_error**2 + noise + added) > (target or budget.output_error):
+                    if math.sqrt(uniform_error**2 + noise + added) > target:
                         continue
                 score = added / saved if saved > 0 else math.inf
                 if best is None or score < best[0]:
@@ -408,6 +422,7 @@ def search(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], 
     uniform = quantize_at(uniform_settings)
     uniform_error = measure(uniform, reference)
     log.info("bit_width='auto': %d layers, uniform W%dA%d error %.4f", len(layers), *top, uniform_error)
+    limit = budget.error_limit(uniform_error)
     if budget.output_error is not None and uniform_error > budget.output_error:
         worst = sorted(layers, key=lambda layer: -max(layer.weight_error[top[0]], layer.input_error[top[1]]))[:3]
         raise BudgetError(
@@ -429,7 +444,7 @@ def search(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], 
         return dataclasses.replace(uniform_settings, layer_bits=tuple(
             (name, w, a) for name, (w, a) in chosen.items() if (w, a) != top))
 
-    target = budget.output_error
+    target = limit
     rounds = 0
     while rounds < ROUNDS:
         chosen = choose(layers, budget, uniform_error, target)
@@ -439,13 +454,13 @@ def search(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], 
         mixed_settings = settings_for(chosen)
         graph = quantize_at(mixed_settings)
         error = measure(graph, reference)
-        log.info("bit_width='auto' round %d: error %.4f (budget %s)", rounds, error, budget.output_error)
-        if budget.output_error is None or error <= budget.output_error:
+        log.info("bit_width='auto' round %d: error %.4f (limit %s)", rounds, error, limit)
+        if limit is None or error <= limit:
             return graph, mixed_settings, report(chosen, error, rounds)
         # the prediction was optimistic by error / predicted: aim that much lower
-        target = predicted_error(layers, chosen, uniform_error, budget) * budget.output_error / error
+        target = predicted_error(layers, chosen, uniform_error, budget) * limit / error
     uniform_widths = {layer.name: top for layer in layers}
     notes = () if rounds == 0 else (
-        f"bit_width='auto': no narrower assignment measured within output_error <= {budget.output_error} in "
+        f"bit_width='auto': no narrower assignment measured within an output error of {limit:.4f} in "
         f"{rounds} rounds; every layer stays at W{top[0]}A{top[1]}.",)
     return uniform, uniform_settings, report(uniform_widths, uniform_error, rounds, notes)
