@@ -50,7 +50,7 @@ def test_help_explains_the_options() -> None:
     assert result.exit_code == 0
     for words in ("--input-shape", "input=1,3,224,224", "--calib", "random", "subfolders", "--bits",
                   "--algorithm", "percentile", "--per-tensor", "--activation-sign", "--optimize", "bias-correction",
-                  "Examples"):
+                  "Examples", "--scale-policy", "--shared-scales", "--max-error-ratio", "--multiplier-bits"):
         assert words in result.stdout, words
 
 
@@ -65,6 +65,9 @@ def dynamic_model(path: Path) -> Path:
 
 @pytest.mark.parametrize(("args", "words"), [
     (["--bits", "9"], "--bits"),
+    (["--bits", "auto"], "exactly one budget"),
+    (["--bits", "auto", "--max-error-ratio", "0.5"], "--max-error-ratio"),
+    (["--scale-policy", "log2"], "--scale-policy"),
     (["--calib-steps", "7"], "--calib-steps"),
     (["--input-shape", "input=1,3,x"], "NAME=D0,D1"),
     (["--input-shape", "image=1,3,32,32"], "missing: ['input']"),

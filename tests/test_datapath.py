@@ -82,18 +82,34 @@ def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_
     assert accuracy > 0.8
 
 
-def test_shared_scales_on_a_concat(branchy_cnn, tmp_path) -> None:
-    quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="shared", calib_steps=16, output_root=tmp_path,
-             error_steps=0, shared_scales=True, scale_policy="pow2")
-    shared = read_quantinfo("shared", tmp_path)
-    (concat,) = [n for n, c in shared.items() if c.op_type == "Concat"]
-    cfg = shared[concat]
+def test_shared_scales_on_a_concat(branchy_cnn, tmp_path, one_thread) -> None:
+    from maptools import _ppq
+
+    result = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="shared", calib_steps=16, output_root=tmp_path,
+                      error_steps=0, shared_scales=True)
+    info = read_quantinfo("shared", tmp_path)
+    (concat,) = [n for n, c in info.items() if c.op_type == "Concat"]
+    cfg = info[concat]
     assert len(set(cfg.input_scales)) == 1 and cfg.input_scales[0] == cfg.output_scale
-    assert not cfg.requant
+    assert not cfg.requant  # the branches' codes are concatenated as they are
+    convert("shared", output_root=tmp_path)
+    graph, params = read_graph("shared", tmp_path), read_quantparams("shared", tmp_path)
+    calib = RandomCalibration({"input": (1, 3, 32, 32)}, 16)
+    ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, 16, next(iter(calib)),
+                                    QuantSettings(calib_steps=16, shared_scales=True), "cpu")
+    assert ppq_graph.quantinfo() == info
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    for mode in ("float", "fixed"):
+        agreement = layer_agreement(IntegerSimulator(graph, params, requant=mode), graph, ppq_graph, x)
+        assert min(agreement.values()) >= 0.999, (mode, agreement)
+
+    quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="pow2", calib_steps=16, output_root=tmp_path,
+             error_steps=0, shared_scales=True, scale_policy="pow2")
+    pow2 = read_quantinfo("pow2", tmp_path)
     # the average pool divides by 9: the one multiplier that cannot be a shift
-    (pool,) = [c for c in shared.values() if c.op_type == "AveragePool"]
+    (pool,) = [c for c in pow2.values() if c.op_type == "AveragePool"]
     assert list(pool.requant) == ["output/9"] and not pool.requant["output/9"].shift_only
-    assert all(r.shift_only for c in shared.values() if c.op_type != "AveragePool" for r in c.requant.values())
+    assert all(r.shift_only for c in pow2.values() if c.op_type != "AveragePool" for r in c.requant.values())
 
 
 def test_recorded_requantization_is_what_the_simulation_uses(small_cnn, tmp_path) -> None:
