@@ -19,7 +19,7 @@ from maptools.calibration import RandomCalibration
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, SettingsError
 from maptools.examples import SMALL_CNN_SHAPES, export_onnx, small_cnn_onnx
-from maptools.quantinfo import quantinfo_from_json
+from maptools.quantinfo import QuantConfig, quantinfo_from_json
 from maptools.settings import QuantSettings
 from maptools.simulate import IntegerSimulator
 from tests.agreement import layer_agreement
@@ -156,3 +156,19 @@ def test_pow2_with_lsq_and_shared_scales_without_joins(tmp_path) -> None:
     result = quantize(SMALL_CNN_SHAPES, "cpu", model, mapname="chain", calib_steps=8, output_root=tmp_path,
                       error_steps=0, shared_scales=True)
     assert any("no Add or Concat" in note for note in result.notes)
+
+
+def test_quantinfo_pickled_before_requant_records_loads(small_result) -> None:
+    import pickle
+
+    from maptools.artifacts import safe_load_pickle
+
+    info = read_quantinfo(small_result.mapname, small_result.map_dir.parent.parent)
+    name, cfg = next(iter(info.items()))
+    old = {k: v for k, v in cfg.__dict__.items() if k != "requant"}  # a 0.3 map's QuantConfig state
+    legacy = QuantConfig.__new__(QuantConfig)
+    legacy.__setstate__(old)
+    assert legacy.requant == {} and legacy.op_type == cfg.op_type
+    path = small_result.map_dir.parent.parent / "legacy.pkl"
+    path.write_bytes(pickle.dumps({name: legacy}))
+    assert safe_load_pickle(path)[name].requant == {}
