@@ -159,7 +159,8 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
             [{"layer": layer["name"], "type": layer["op_type"], "params": layer["params"],
               "weight_bits": layer["weight_bits"], "input_bits": layer["input_bits"],
               "error_alone_weights": f"{layer['weight_error'][str(layer['weight_bits'])]:.4f}",
-              "error_alone_input": f"{layer['input_error'][str(layer['input_bits'])]:.4f}"} for layer in mixed["layers"]],
+              "error_alone_input": f"{layer['input_error'][str(layer['input_bits'])]:.4f}"}
+             for layer in mixed["layers"]],
             key=f"{key}-bits", description=f"Widths bit_width='auto' chose for {result.mapname}")
         png = base64.b64encode(layer_widths(mixed, result.mapname)).decode()
         create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-bits-plot",

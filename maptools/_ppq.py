@@ -242,7 +242,8 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
             elif type(step) is QuantizeFusionPass:
                 step = _Fusion(self._placement)
             elif type(step) is QuantAlignmentPass:
-                step = _Alignment(self._placement, self._settings.shared_scales, elementwise_alignment=step.elementwise_alignment,
+                step = _Alignment(self._placement, self._settings.shared_scales,
+                                  elementwise_alignment=step.elementwise_alignment,
                                   concat_alignment=step.concat_alignment, pooling_alignment=step.pooling_alignment,
                                   resize_alignment=step.resize_alignment, force_overlap=step.force_overlap)
             passes.append(step)

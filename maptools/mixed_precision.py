@@ -112,7 +112,8 @@ class Budget:
 
     def to_json(self) -> dict[str, Any]:
         return {"output_error": self.output_error, "weight_bytes": self.weight_bytes,
-                "error_ratio": self.error_ratio, "weight_choices": list(self.weight_choices), "input_choices": list(self.input_choices)}
+                "error_ratio": self.error_ratio, "weight_choices": list(self.weight_choices),
+                "input_choices": list(self.input_choices)}
 
 
 @dataclass(frozen=True)
