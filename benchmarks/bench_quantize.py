@@ -18,6 +18,8 @@ shared and noisy, so compare ratios, not absolute seconds across runs).
     python benchmarks/bench_quantize.py            # full run (32 and 128 samples)
     python benchmarks/bench_quantize.py --quick    # 32 samples, one repeat, small RSS check
     python benchmarks/bench_quantize.py --device cuda
+    python benchmarks/bench_quantize.py --contended    # alone vs beside a CPU-bound competitor
+    python benchmarks/bench_quantize.py --fpn          # FPN detector at 640x640 vs onnxruntime
 """
 
 from __future__ import annotations
@@ -168,11 +170,12 @@ def export_ppq(graph: Any, path: Path) -> None:
         export_ppq_graph(graph, TargetPlatform.ONNXRUNTIME, str(path), quantized_param=False)
 
 
-def run_ours(model: Path, samples: Any, device: str, root: Path, mapname: str, steps: int | None = None) -> Any:
+def run_ours(model: Path, samples: Any, device: str, root: Path, mapname: str, steps: int | None = None,
+             threads: int | None = None, shapes: dict[str, list[int]] = RESNET18_SHAPES) -> Any:
     from maptools.quantization import quantize
 
-    return quantize(RESNET18_SHAPES, device, model, mapname=mapname, calibset=samples,
-                    calib_steps=steps or min(len(samples), 512), output_root=root)
+    return quantize(shapes, device, model, mapname=mapname, calibset=samples,
+                    calib_steps=steps or min(len(samples), 512), output_root=root, threads=threads)
 
 
 def run_ort_static(model: Path, samples: list, out: Path) -> Path:
@@ -343,6 +346,75 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+@contextlib.contextmanager
+def competitor() -> Any:
+    """One CPU-bound process beside the measurement (what a busy lab machine has)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def bench_contended(args: argparse.Namespace) -> dict[str, Any]:
+    """Each quantizer alone, then beside one CPU-bound competitor: the slowdown of each, in one run."""
+    from maptools.threads import available_cores
+
+    root = Path(tempfile.mkdtemp(prefix="maptools-bench-"))
+    model = resnet18_onnx(root / "simp-resnet18.onnx", seed=0)
+    samples = random_samples(32, seed=1)
+    cores = available_cores()
+    cases: dict[str, Callable[[], Any]] = {
+        "maptools (threads: the free cores)": lambda: run_ours(model, samples, "cpu", root, "auto"),
+        f"maptools (threads={cores}: torch's default, before the thread policy)":
+            lambda: run_ours(model, samples, "cpu", root, "fixed", threads=cores),
+        "onnxruntime quantize_static": lambda: run_ort_static(model, samples, root / "ort.onnx"),
+    }
+    rows: dict[str, Any] = {}
+    for name, fn in cases.items():
+        quiet_s, quiet_runs, _ = median_time(fn, args.repeats)
+        with competitor():
+            busy_s, busy_runs, _ = median_time(fn, args.repeats)
+        rows[name] = {"alone": round(quiet_s, 2), "contended": round(busy_s, 2),
+                      "slowdown": round(busy_s / quiet_s, 2), "runs": [quiet_runs, busy_runs]}
+        print(f"  {name}: {quiet_s:.2f} s alone, {busy_s:.2f} s beside a competitor ({busy_s / quiet_s:.2f}x)",
+              flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"model": "ResNet18 224x224, 32 random samples", "cores": cores, "repeats": args.repeats, "rows": rows}
+
+
+def fpn_onnx(path: Path, size: int) -> Path:
+    from maptools.zoo import build_zoo_model
+
+    with torch.no_grad():
+        torch.onnx.export(build_zoo_model("fpn_detector"), (torch.zeros(1, 3, size, size),), str(path),
+                          input_names=["input"], output_names=["output"], opset_version=13, dynamo=False)
+    return path
+
+
+def bench_fpn(args: argparse.Namespace, size: int = 640) -> dict[str, Any]:
+    """The large-input case: an FPN detector built in code at size x size, 32 samples."""
+    root = Path(tempfile.mkdtemp(prefix="maptools-bench-"))
+    model = fpn_onnx(root / "fpn.onnx", size)
+    shapes = {"input": [1, 3, size, size]}
+    gen = torch.Generator().manual_seed(1)
+    samples = [{"input": torch.randn(1, 3, size, size, generator=gen)} for _ in range(32)]
+    rows: dict[str, Any] = {}
+    for name, fn in {"maptools": lambda: run_ours(model, samples, args.device, root, "fpn", shapes=shapes),
+                     "onnxruntime quantize_static": lambda: run_ort_static(model, samples, root / "ort.onnx")}.items():
+        med, runs, result = median_time(fn, args.repeats)
+        rows[name] = {"seconds": round(med, 2), "runs": [round(t, 2) for t in runs]}
+        if name == "maptools":
+            rows[name]["stage_seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
+        print(f"  {name}: {med:.2f} s", flush=True)
+    rows["ratio"] = round(rows["maptools"]["seconds"] / rows["onnxruntime quantize_static"]["seconds"], 2)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"model": f"FPN detector (maptools.zoo) {size}x{size}, 32 random samples", "repeats": args.repeats,
+            "rows": rows}
+
+
 def write_npy_folder(folder: Path, samples: list[dict[str, torch.Tensor]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, sample in enumerate(samples):
@@ -504,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (and the benchmark's own onnxruntime sessions); 0 = library defaults. "
                         "On a crowded machine, 1 avoids thread-pool oversubscription.")
+    p.add_argument("--contended", action="store_true",
+                   help="only: each quantizer alone and beside a CPU-bound competitor (bench-contended.json)")
+    p.add_argument("--fpn", action="store_true",
+                   help="only: the large-input case, an FPN detector at 640x640 (bench-fpn-<device>.json)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench-<device>.json)")
     p.add_argument("--markdown", type=Path, nargs="+", help="print a markdown table of these result JSONs and exit")
     p.add_argument("--rss-child", nargs=2, metavar=("FOLDER", "COUNT"), help=argparse.SUPPRESS)
@@ -518,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(THREADS)
     if args.rss_child:
         rss_child(Path(args.rss_child[0]), int(args.rss_child[1]), args.device, args.workdir)
+        return 0
+    if args.contended or args.fpn:
+        report = bench_contended(args) if args.contended else bench_fpn(args)
+        out = args.out or RESULTS / ("bench-contended.json" if args.contended else
+                                     f"bench-fpn-{args.device.split(':')[0]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["rows"], indent=2))
         return 0
     if args.quick:
         args.samples, args.repeats, args.rss_images = [32], 1, 256

@@ -75,6 +75,9 @@ def quantize_model(
                                                                      "as a multiple of the all-8-bit error.")] = None,
     max_weight_bytes: Annotated[int | None, Field(gt=0, description="bit_width=auto: the largest weight memory "
                                                                     "(bytes) allowed.")] = None,
+    threads: Annotated[int | None, Field(ge=1, description="torch threads while PPQ runs (default: the cores "
+                                                           "free when it starts); not part of the cache key.")
+    ] = None,
     output_root: Annotated[str | None, Field(description="Where mapsave/ goes (default: $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
@@ -122,7 +125,7 @@ def quantize_model(
     args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
                 calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
                 seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
-                scale_policy=scale_policy, shared_scales=shared_scales, budget=budget)
+                scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads)
     t = time.perf_counter()
     state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
     if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -55,6 +55,10 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+#: task inputs that do not change a result: left out of the cache key
+_NOT_KEYED = frozenset({"threads"})
+
+
 class ContentKey(CachePolicy):
     """Cache key from content: the model's and calibration data's sha256, every setting, and the code.
 
@@ -66,6 +70,8 @@ class ContentKey(CachePolicy):
                     **kwargs: Any) -> str | None:
         parts: dict[str, Any] = {"task": task_ctx.task.name, "code": code_fingerprint()}
         for name, value in sorted(inputs.items()):
+            if name in _NOT_KEYED:
+                continue
             if isinstance(value, stages.PreparedOnnx):
                 parts[name] = value.sha256
             elif isinstance(value, stages.CalibrationSpec):
@@ -123,13 +129,13 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
                      bit_width: int | str, per_channel: bool, algorithm: str, seed: int,
                      output_root: str, activation_sign: str = "auto", optimization: str = "none",
                      scale_policy: str = "float", shared_scales: bool = False,
-                     budget: dict[str, Any] | None = None) -> QuantizationResult:
+                     budget: dict[str, Any] | None = None, threads: int | None = None) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, model.path, mapname=mapname, calibset=calibration.calibset(),
                     calib_steps=calib_steps, seed=seed, bit_width=bit_width, per_channel=per_channel,
                     algorithm=algorithm, output_root=output_root, activation_sign=activation_sign,
                     optimization=optimization, scale_policy=scale_policy, shared_scales=shared_scales,
-                    budget=budget)
+                    budget=budget, threads=threads)
 
 
 def _scale(value: float | None) -> str:

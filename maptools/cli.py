@@ -218,6 +218,9 @@ def quantize(
     multiplier_bits: Annotated[int, typer.Option(
         min=8, max=MULTIPLIER_BITS, help="Bits of the requantization multipliers recorded in quantinfo.")
     ] = MULTIPLIER_BITS,
+    threads: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="torch threads while PPQ runs.  [default: the cores that are free when "
+                                        "the run starts]")] = None,
     output_root: Annotated[Path | None, typer.Option(
         help="Folder that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
@@ -248,7 +251,7 @@ def quantize(
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
-                multiplier_bits=multiplier_bits,
+                multiplier_bits=multiplier_bits, threads=threads,
             )
     except MaptoolsError as e:
         fail(e)

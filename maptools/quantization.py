@@ -29,6 +29,7 @@ from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings,
                                ScalePolicy)
+from maptools.threads import choose_threads, torch_threads
 from maptools.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ def quantize(
     multiplier_bits: int = MULTIPLIER_BITS,
     layer_bits: Mapping[str, tuple[int, int]] | None = None,
     budget: Budget | Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -226,6 +228,8 @@ def quantize(
         budget: for ``bit_width='auto'``: ``{'output_error': 0.05}`` (relative L2 of the outputs against
             float, on the calibration samples) or ``{'weight_bytes': N}``; see
             :class:`maptools.mixed_precision.Budget`.
+        threads: torch threads while PPQ runs; default (None) the cores this process may use that
+            are idle when the run starts, so a busy machine does not oversubscribe (:mod:`maptools.threads`).
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -292,6 +296,7 @@ def quantize(
     seconds = {"validate": time.perf_counter() - started}
 
     folder.check_writable()  # a folder that is not a map, or storage we cannot write: before any work
+    count = choose_threads(threads)
     from maptools import _ppq  # heavy import, only once the inputs are known to be good
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
@@ -305,12 +310,14 @@ def quantize(
         data = calibration if progress is None else ProgressCalibration(
             calibration, steps * settings.algorithm.passes, progress)
         mixed = None
-        if auto:
-            graph, settings, mixed = _search_widths(prepared.path, calibration, data, steps, first, settings,
-                                                    ppq_device, budget)
-            notes.extend(mixed.notes)
-        else:
-            graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
+        with torch_threads(count) as count:
+            log.info("calibrating with %d torch threads", count)
+            if auto:
+                graph, settings, mixed = _search_widths(prepared.path, calibration, data, steps, first, settings,
+                                                        ppq_device, budget)
+                notes.extend(mixed.notes)
+            else:
+                graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
         seconds["calibrate"] = time.perf_counter() - t
     quantinfo = graph.quantinfo()
     if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:
@@ -331,7 +338,8 @@ def quantize(
                                  "every Conv/Gemm input on a quantization grid.")
     quantparams = graph.quantparams(quantinfo)
     t = time.perf_counter()
-    errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)) if error_steps else {})
+    with torch_threads(count):
+        errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)) if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
 
     with folder.write() as stage:
@@ -353,7 +361,7 @@ def quantize(
             model=ModelRecord(path=str(onnx_path.resolve()), sha256=model_sha,
                               input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
             settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
-            calibration=calib_desc, onnx_export_exact=True,
+            calibration=calib_desc, onnx_export_exact=True, threads=count,
             **({"mixed_precision": mixed.to_json()} if mixed is not None else {}),
             artifacts=hashes, versions=package_versions(), notes=notes,
             seconds={k: round(v, 3) for k, v in seconds.items()},

@@ -1,0 +1,77 @@
+"""The thread policy: available cores (affinity, cgroup quota), idle cores, torch's count set and restored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maptools.errors import SettingsError
+from maptools.threads import _cgroup_quota, available_cores, choose_threads, idle_cores, torch_threads
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_quota(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_quota(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_quota(v1) is None
+    assert _cgroup_quota(tmp_path / "missing") is None
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_busy_core_is_not_counted_as_free() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.5)
+        idle = idle_cores(0.3)
+        threads = choose_threads()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert idle is not None and idle <= len(os.sched_getaffinity(0)) - 0.7
+    assert threads <= max(1, available_cores() - 1)
+
+
+def test_explicit_counts_and_bad_ones() -> None:
+    assert choose_threads(3) == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(SettingsError, match="threads="):
+            choose_threads(bad)  # type: ignore[arg-type]
+
+
+def test_torch_threads_is_per_thread_and_restored() -> None:
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker() -> None:
+        with torch_threads(1) as count:
+            seen["worker"] = count
+            inside.set()
+            release.wait(10)
+            seen["worker, later"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    with torch_threads(3) as count:  # a quantization in another thread keeps its own count
+        seen["main"] = count
+        release.set()
+        thread.join()
+    assert seen == {"worker": 1, "main": 3, "worker, later": 1}
+    assert torch.get_num_threads() == before
