@@ -375,12 +375,37 @@ def _kth(rows: torch.Tensor, k: int) -> torch.Tensor:
 OBSERVER_TABLE[_FAST_PERCENTILE] = _PercentilePerSample
 
 
+#: significant bits an activation scale keeps (see _OnePassCalibration)
+SCALE_BITS = 8
+
+
+def _round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to :data:`SCALE_BITS` significant bits (half to even)."""
+    mantissa, exponent = torch.frexp(scale.detach().to(torch.float64))
+    return torch.ldexp(torch.round(mantissa * 2.0**SCALE_BITS) / 2.0**SCALE_BITS, exponent).to(scale.dtype)
+
+
 class _OnePassCalibration(RuntimeCalibrationPass):
-    """PPQ's runtime calibration, reading the calibration batches exactly once per phase.
+    """PPQ's runtime calibration, reading the calibration batches exactly once per phase, with
+    activation scales rounded to :data:`SCALE_BITS` significant bits.
 
     PPQ loops over its data until ``calib_steps`` batches were read (at least 8); maptools
     hands it exactly the samples to use, batched, so one pass is the same data as PPQ's loop.
+    The rounding makes artifacts independent of torch's thread count: a convolution's float
+    result changes in its last bits with the number of threads, and so would a percentile or a
+    minimum taken from it; a 0.2-0.4% step absorbs such differences (and is far below the
+    calibration's own sampling noise).
     """
+
+    def optimize(self, graph: Any, *args: Any, **kwargs: Any) -> None:
+        super().optimize(graph, *args, **kwargs)
+        for op in graph.operations.values():
+            if not isinstance(op, QuantableOperation):
+                continue
+            for cfg, var in op.config_with_variable:
+                if (not var.is_parameter and cfg.dominated_by is cfg and cfg.state == QuantizationStates.ACTIVATED
+                        and isinstance(cfg.scale, torch.Tensor)):
+                    cfg.scale = _round_scale(cfg.scale)
 
     def calibrate(self, desc: str, dataloader: Iterable[Any], executor: Any, hooks: Any,
                   output_names: list[str] | None = None) -> None:
@@ -696,7 +721,7 @@ class QuantizedGraph:
         atomic_write(path, exported.SerializeToString())
 
     def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8) -> dict[str, float]:
-        """PPQ's graphwise SNR (noise power / signal power, lower is better) per Conv/Gemm."""
+        """PPQ's graphwise SNR (noise power / signal power, lower is better) per Conv/Gemm, to 4 significant digits."""
         # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
         data = list(_Batches(samples, steps, self._batch))
         with _quiet(), _no_gc_between_passes(), _ppq_step("measuring the per-layer error"):
@@ -705,7 +730,8 @@ class QuantizedGraph:
                 collate_fn=lambda b: {k: v.to(self._device) for k, v in b.items()},
                 method="snr", steps=len(data), verbose=False,
             )
-        return {name: float(v) for name, v in report.items()}
+        # 4 significant digits: the last bits of a float SNR depend on torch's thread count
+        return {name: float(f"{float(v):.4g}") for name, v in report.items()}
 
     def tensor_values(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Every operator output as it leaves its operator, keyed by tensor name.
