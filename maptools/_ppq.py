@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.numpy_helper
 import torch
 
 from maptools.artifacts import atomic_write
@@ -79,7 +80,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
     from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter
     from ppq.quantization.analyse import graphwise_error_analyse
     from ppq.quantization.observer import OBSERVER_TABLE
-    from ppq.quantization.observer.range import TorchPercentileObserver
+    from ppq.quantization.observer.range import TorchMinMaxObserver, TorchPercentileObserver
     from ppq.quantization.optim import (ParameterBakingPass, ParameterQuantizePass, QuantAlignmentPass,
                                         QuantizationOptimizationPipeline, QuantizeFusionPass, RuntimeCalibrationPass)
     from ppq.quantization.optim.base import QuantizationOptimizationPass
@@ -169,8 +170,10 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
     the host).
     """
 
-    def __init__(self, graph: Any, settings: QuantSettings, placement: Placement, unsigned: frozenset[str]) -> None:
+    def __init__(self, graph: Any, settings: QuantSettings, placement: Placement, unsigned: frozenset[str],
+                 model: onnx.ModelProto | None = None) -> None:
         super().__init__(graph=graph)
+        self._model = model  # the graph's ONNX model: CPU calibration statistics are computed there
         self._settings = settings
         self._placement = placement
         self._unsigned = unsigned  # tensors quantized on [0, 2^b - 1]
@@ -238,7 +241,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         passes: list[Any] = []
         for step in super().build_quant_pipeline(setting):
             if type(step) is RuntimeCalibrationPass:
-                step = _OnePassCalibration(method=step._method)
+                step = _OnePassCalibration(method=step._method, model=self._model)
             elif type(step) is QuantizeFusionPass:
                 step = _Fusion(self._placement)
             elif type(step) is QuantAlignmentPass:
@@ -397,7 +400,13 @@ class _OnePassCalibration(RuntimeCalibrationPass):
     calibration's own sampling noise).
     """
 
+    def __init__(self, method: str | None, model: onnx.ModelProto | None = None) -> None:
+        super().__init__(method=method)
+        self._model = model
+        self._graph: Any = None
+
     def optimize(self, graph: Any, *args: Any, **kwargs: Any) -> None:
+        self._graph = graph
         super().optimize(graph, *args, **kwargs)
         for op in graph.operations.values():
             if not isinstance(op, QuantableOperation):
@@ -409,10 +418,113 @@ class _OnePassCalibration(RuntimeCalibrationPass):
 
     def calibrate(self, desc: str, dataloader: Iterable[Any], executor: Any, hooks: Any,
                   output_names: list[str] | None = None) -> None:
+        statistics = _Statistics.build(self._model, self._graph, hooks) if self._model is not None else None
         for data in dataloader:
+            if statistics is not None:
+                statistics.observe(data)
+                continue
             if self._collate_fn is not None:
                 data = self._collate_fn(data)
             executor.forward(inputs=data, hooks=hooks, output_names=output_names)
+
+
+class _Statistics:
+    """Calibration statistics computed inside onnxruntime (CPU), as onnxruntime's own calibrator does.
+
+    While PPQ calibrates it quantizes no activation, so its forward is the float network with the
+    baked (fake-quantized) weights: this model, in which every observed tensor feeds, per sample,
+    ``ReduceMin``/``ReduceMax`` (minmax) or two ``TopK`` of its short tails (maptools' percentile
+    observer: the same order statistics). Only those small results leave onnxruntime, and they go
+    into the observers' collectors exactly as the observers would have put them. Every operator
+    whose PPQ kernel computes something else than ONNX already runs in onnxruntime (see
+    :func:`_float_check`). A calibration batch runs as one batch (formed only for batch-major
+    models; the model's batch axis is made symbolic).
+    """
+
+    def __init__(self, session: Any, outputs: list[tuple[Any, str, list[str]]]) -> None:
+        self.session = session
+        self.outputs = outputs  # (observer, kind, output names)
+        self.names = [n for _, _, names in outputs for n in names]
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, graph: Any, hooks: Mapping[str, Any]) -> _Statistics | None:
+        """None where only PPQ's forward can calibrate: another observer (kl, mse), a weight that is not
+        baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto.FromString(model.SerializeToString())
+        inits = {i.name: i for i in probe.graph.initializer}
+        produced = {t for n in probe.graph.node for t in n.output} | {i.name for i in probe.graph.input}
+        for op in graph.operations.values():
+            if not isinstance(op, QuantableOperation):
+                continue
+            for cfg, var in op.config_with_variable:
+                if cfg.state in (QuantizationStates.ACTIVATED, QuantizationStates.PASSIVE):
+                    return None
+                if var.is_parameter and cfg.state in (QuantizationStates.BAKED, QuantizationStates.PASSIVE_BAKED):
+                    init = inits.get(var.name)
+                    value = var.value.detach().cpu().numpy()
+                    if init is None or list(value.shape) != list(init.dims) or \
+                            value.dtype != onnx.helper.tensor_dtype_to_np_dtype(init.data_type):
+                        return None
+                    init.CopyFrom(onnx.numpy_helper.from_array(value, var.name))
+        nodes: list[onnx.NodeProto] = []
+        outputs: list[tuple[Any, str, list[str]]] = []
+        for hook in hooks.values():
+            for cfg, observer in hook._observer_table.items():
+                var = next(v for c, v in hook._operation.config_with_variable if c is cfg)
+                shape = var.shape
+                if var.name not in produced or not shape or not all(isinstance(d, int) for d in shape):
+                    return None
+                numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+                t = f"maptools_stat{len(outputs)}"
+                nodes.append(onnx.helper.make_node("Flatten", [var.name], [f"{t}_rows"], axis=1))
+                if type(observer) is TorchMinMaxObserver:
+                    nodes += [onnx.helper.make_node("ReduceMin", [f"{t}_rows"], [f"{t}_lo"], axes=[1], keepdims=0),
+                              onnx.helper.make_node("ReduceMax", [f"{t}_rows"], [f"{t}_hi"], axes=[1], keepdims=0)]
+                    outputs.append((observer, "minmax", [f"{t}_lo", f"{t}_hi"]))
+                elif type(observer) is _PercentilePerSample:
+                    low = max(0, int(numel * (1 - observer._percentile))) + 1  # as _PercentilePerSample.observe
+                    high = numel - min(int(numel * observer._percentile), numel - 1)  # m-th largest
+                    if max(low, high) > _TOPK_LIMIT:
+                        return None
+                    for side, m, largest in (("hi", high, 1), ("lo", low, 0)):
+                        k = onnx.numpy_helper.from_array(np.array([m], dtype=np.int64), f"{t}_{side}_k")
+                        probe.graph.initializer.append(k)
+                        nodes.append(onnx.helper.make_node("TopK", [f"{t}_rows", k.name], [f"{t}_{side}", f"{t}_{side}_i"],
+                                                           axis=1, largest=largest, sorted=1))
+                    outputs.append((observer, "percentile", [f"{t}_hi", f"{t}_lo"]))
+                else:
+                    return None
+        probe.graph.node.extend(nodes)
+        del probe.graph.value_info[:]
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for _, _, names in outputs for n in names)
+        for value in probe.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].dim_param = "batch"
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (PPQ's forward calibrates instead)
+            log.debug("calibrating in PPQ's forward: onnxruntime cannot load the statistics model (%s)", e)
+            return None
+        return cls(session, outputs)
+
+    def observe(self, data: Mapping[str, torch.Tensor]) -> None:
+        """One calibration batch: its statistics, into the observers' collectors."""
+        values = iter(self.session.run(self.names, {k: v.detach().cpu().numpy() for k, v in data.items()}))
+        for observer, kind, _ in self.outputs:
+            if kind == "minmax":
+                lo, hi = (torch.from_numpy(np.asarray(next(values))) for _ in range(2))
+                observer._min_val_collector.append(lo.min().reshape([1]))
+                observer._max_val_collector.append(hi.max().reshape([1]))
+            else:
+                hi, lo = (torch.from_numpy(np.asarray(next(values))[:, -1]) for _ in range(2))
+                observer._percentile_collector.append(torch.stack([hi, lo], dim=1).float())
 
 
 _gc_lock = threading.Lock()
@@ -926,7 +1038,8 @@ def quantize_graph(
                             f"{', '.join(unknown[:8])}.", "name Conv/ConvTranspose/Gemm nodes of the prepared model "
                             "(see quantinfo.json or 'maptools inspect').")
     unsigned = nonnegative_tensors(model, placement) if settings.unsigned_activations else frozenset()
-    quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned)
+    quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned,
+                                   None if str(device).startswith("cuda") else model)
     quantizer._verbose = False
     executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
