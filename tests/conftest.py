@@ -16,6 +16,15 @@ from maptools.quantization import QuantizationResult, quantize
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small batches run 10x faster on one thread than on a busy 2-core machine's pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_cnn_onnx(tmp_path_factory.mktemp("models") / "small_cnn.onnx")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from maptools import quantize, read_quantinfo, read_quantparams
 from maptools.conversion import convert, read_graph
@@ -23,13 +21,6 @@ from tests.agreement import layer_agreement
 
 BUDGET = 0.15  # relative L2 of the digits CNN's logits; W8A8 measures about 0.10
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

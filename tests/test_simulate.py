@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +35,6 @@ from maptools.simulate import IntegerSimulator, QTensor, simulate
 
 RESNET_SAMPLES = int(os.environ.get("MAPTOOLS_AGREEMENT_SAMPLES", "4"))
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small batches run 10x faster on one thread than on a busy 2-core machine's pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _root(result) -> Path:
