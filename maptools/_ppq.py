@@ -917,12 +917,8 @@ def _canonical_names(model: onnx.ModelProto) -> None:
     for collection in (model.graph.initializer, model.graph.value_info, model.graph.input, model.graph.output):
         for item in collection:
             item.name = renames.get(item.name, item.name)
-    inits = sorted(model.graph.initializer, key=lambda t: order.get(t.name, len(order)))
-    values = sorted(model.graph.value_info, key=lambda v: order.get(v.name, len(order)))
-    for field, items in ((model.graph.initializer, inits), (model.graph.value_info, values)):
-        copies = [type(i).FromString(i.SerializeToString()) for i in items]
-        del field[:]
-        field.extend(copies)
+    for field in (model.graph.initializer, model.graph.value_info):
+        field.sort(key=lambda item: order.get(item.name, len(order)))  # stable, in place
 
 
 def _check_zero_offsets(graph: Any) -> None:
