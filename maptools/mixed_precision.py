@@ -305,14 +305,14 @@ def measure_sensitivity(model: onnx.ModelProto, samples: Sequence[Mapping[str, n
     base = {**off, **{f"{name}/w": weights[name] for name in layers}}
     wanted = model_outputs + sorted(set(inputs_of.values()) - set(model_outputs))
 
-    def run(extra: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        return [dict(zip(wanted, session.run(wanted, {**dict(s), **base, **extra}))) for s in samples]
+    def run(extra: Mapping[str, np.ndarray], names: list[str]) -> list[dict[str, np.ndarray]]:
+        return [dict(zip(names, session.run(names, {**dict(s), **base, **extra}))) for s in samples]
 
-    reference_runs = run({})
+    reference_runs = run({}, wanted)  # the layers' inputs too, for their ranges
     reference = [[r[o] for o in model_outputs] for r in reference_runs]
 
     def error(extra: Mapping[str, np.ndarray]) -> float:
-        return rel_l2([[r[o] for o in model_outputs] for r in run(extra)], reference)
+        return rel_l2([[r[o] for o in model_outputs] for r in run(extra, model_outputs)], reference)
 
     shapes = {}
     inferred = onnx.shape_inference.infer_shapes(model)
