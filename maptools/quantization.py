@@ -310,8 +310,8 @@ def quantize(
         data = calibration if progress is None else ProgressCalibration(
             calibration, steps * settings.algorithm.passes, progress)
         mixed = None
-        with torch_threads(count) as count:
-            log.info("calibrating with %d torch threads", count)
+        with torch_threads(count) as in_force:
+            log.info("calibrating with %d torch threads", in_force)
             if auto:
                 graph, settings, mixed = _search_widths(prepared.path, calibration, data, steps, first, settings,
                                                         ppq_device, budget)
@@ -341,6 +341,7 @@ def quantize(
     with torch_threads(count):
         errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps)) if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
+    mixed_json = None if mixed is None else mixed.to_json()
 
     with folder.write() as stage:
         write_pickle(stage / QUANTINFO_PKL, quantinfo)
@@ -362,7 +363,7 @@ def quantize(
                               input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
             settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
             calibration=calib_desc, onnx_export_exact=True, threads=count,
-            **({"mixed_precision": mixed.to_json()} if mixed is not None else {}),
+            **({"mixed_precision": mixed_json} if mixed_json is not None else {}),
             artifacts=hashes, versions=package_versions(), notes=notes,
             seconds={k: round(v, 3) for k, v in seconds.items()},
         ).to_json())
@@ -372,6 +373,6 @@ def quantize(
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
         errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
         version_dir=folder.published, output_root=folder.root,
-        mixed_precision=None if mixed is None else mixed.to_json(),
+        mixed_precision=mixed_json,
     )
 
