@@ -4,7 +4,7 @@ PYTHON ?= python3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[flows,test]'
+	$(VENV)/bin/pip install --quiet -e '.[flows,store,test]'
 	touch $@
 
 .PHONY: install example test

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools.artifacts import output_location
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
 
@@ -55,6 +56,22 @@ def example(
     _show(result)
 
 
+@app.command("results-storage")
+def results_storage(
+    url: Annotated[str, typer.Argument(help="Store URL for Prefect results, e.g. s3://BUCKET/prefect-results.")],
+    name: Annotated[str, typer.Option(help="Block document name.")] = "maptools-store",
+) -> None:
+    """Save a result storage block on a store, for workers on several machines to share cached results."""
+    from maptools_flows.results import save_store_results
+
+    try:
+        slug = save_store_results(url, name)
+    except MaptoolsError as e:
+        fail(e)
+    console.print(f"saved {slug} -> {url}; on every worker (and where you run flows):", highlight=False)
+    console.print(f"export PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={slug}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep config, YAML or TOML (see examples/sweep.yaml).")],
@@ -62,15 +79,15 @@ def sweep(
                                                           "(default: a local cluster).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Workers of the local cluster (default: the "
                                                             "config's, else 2).")] = None,
-    output_root: Annotated[Path | None, typer.Option(help="Where mapsave/ and sweeps/ go (overrides the "
-                                                          "config).")] = None,
+    output_root: Annotated[str | None, typer.Option(help="Where mapsave/ and sweeps/ go, a folder or a store URL "
+                                                         "(s3://BUCKET/PREFIX); overrides the config.")] = None,
 ) -> None:
     """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
     from maptools_flows.sweep import load_config, run_sweep
 
     try:
         cfg = load_config(config, dask_address=dask_address, workers=workers,
-                          output_root=None if output_root is None else str(output_root.resolve()))
+                          output_root=None if output_root is None else str(output_location(output_root)))
         result = run_sweep(cfg)
     except MaptoolsError as e:
         fail(e)

@@ -26,12 +26,13 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
-from maptools.artifacts import map_dir, sha256_file
-from maptools.artifacts import output_root as resolve_root
+from maptools.artifacts import sha256_file
+from maptools.artifacts import output_location as resolve_root
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar_error import CrossbarError
 from maptools.evaluation import EVAL_SEED
 from maptools.mapping import CrossbarMap, CrossbarSpec
+from maptools.stages import has_artifact
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
@@ -40,7 +41,7 @@ __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "m
 @task(name="simulate-map")
 def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0) -> dict[str, Any]:
     """Integer re-simulation of a quantized map on seeded random inputs (converting it first if needed)."""
-    if not (map_dir(mapname, output_root) / GRAPH_FILE).is_file():
+    if not has_artifact(mapname, output_root, GRAPH_FILE):
         convert(mapname, output_root=output_root)
     run = integer_simulation.simulate(mapname, "random", output_root=output_root, seed=seed, batch=samples)
     summary = run.to_json()

@@ -11,15 +11,15 @@ from pydantic import Field
 
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
-from maptools.artifacts import output_root as resolve_root
+from maptools.artifacts import output_location as resolve_root
 from maptools.artifacts import validate_mapname
-from maptools.conversion import ConversionResult
+from maptools.conversion import GRAPH_FILE, ConversionResult
 from maptools.device import resolve_device
 from maptools.errors import SettingsError
 from maptools.mixed_precision import Budget
 from maptools.quantization import QuantizationResult
 from maptools.settings import QuantSettings
-from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
+from maptools.stages import CalibrationSpec, PreparedOnnx, has_artifact, located
 
 __all__ = ["quantize_model", "QuantizeModelResult"]
 
@@ -134,15 +134,18 @@ def quantize_model(
         state = run_quantization.with_options(refresh_cache=True)(**{**args, "device": "cpu"}, return_state=True)
     result: QuantizationResult = state.result()
     cached = state.name == "Cached"
-    if cached and not artifacts_intact(result.artifacts, result.sha256):
-        logger.warning("cached artifacts in %s are missing or changed; recomputing", result.map_dir)
+    here = located(result) if cached else result  # a hit may come from another machine: checked (and fetched) here
+    if here is None:
+        logger.warning("cached artifacts of %s in %s are missing or changed; recomputing", mapname, result.map_dir)
         result = run_quantization.with_options(refresh_cache=True)(**args)
         cached = False
+    else:
+        result = here
     seconds["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
     converted = convert(result) if run_conversion else None
-    if converted is not None and not converted.graph_path.is_file():
+    if converted is not None and not has_artifact(mapname, root, GRAPH_FILE):
         converted = convert.with_options(refresh_cache=True)(result)
     seconds["convert"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started

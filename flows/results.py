@@ -1,4 +1,4 @@
-"""Persisted task results that cannot run code when they are read back.
+"""Persisted task results that cannot run code when they are read back, locally or on a shared store.
 
 Prefect picks the deserializer from the record's own metadata, so a result file written with
 ``pickle`` (or a JSON serializer naming another ``object_decoder``) would run code on the next
@@ -6,6 +6,11 @@ cache hit, whatever serializer the task asks for. Here results are JSON (:data:`
 whose decoder rebuilds only maptools' own types and paths) in :class:`ResultFiles`, a local
 result storage that returns a record only when its metadata names exactly that serializer; any
 other record is refused (:class:`UnsafeResultError`) and the task recomputes.
+
+For several machines, :class:`StoreResults` is the same on an fsspec URL (``s3://bucket/prefix``):
+``maptools results-storage URL`` saves one as a block, and ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``
+naming it (on every worker) sends the flows' and the cached tasks' results there, so a cache hit
+on one machine returns what another computed (the flows then check the map's hashes on the store).
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
-from prefect.filesystems import LocalFileSystem
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.serializers import JSONSerializer, prefect_json_object_decoder
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 
-from maptools.errors import UnsafePickleError
+from maptools.errors import SettingsError, UnsafePickleError
 
-__all__ = ["SERIALIZER", "RESULT_STORAGE", "ResultFiles", "UnsafeResultError", "decode", "ensure_result_storage"]
+__all__ = ["SERIALIZER", "RESULT_STORAGE", "ResultFiles", "StoreResults", "UnsafeResultError", "decode",
+           "ensure_result_storage", "save_store_results"]
 
 #: Types a result may rebuild: maptools' and the flows' own, and paths.
 _MODULES = ("maptools.", "maptools_flows.")
@@ -80,18 +86,60 @@ class ResultFiles(LocalFileSystem):
             return _pinned(f.read(), path)
 
 
-#: The storage every cached task of maptools persists to, by its block document name (a task's storage must be
-#: a saved block; :func:`ensure_result_storage` saves it on the Prefect server a flow talks to).
+class StoreResults(RemoteFileSystem):
+    """Result storage on an fsspec URL (``basepath``, e.g. ``s3://bucket/prefect-results``) that reads back only
+    records written with :data:`SERIALIZER`. Credentials come from the environment (AWS variables, profiles,
+    roles), never from the block."""
+
+    _block_type_name = "maptools store results"
+    _block_type_slug = "maptools-store-results"
+
+    async def aread_path(self, path: str) -> bytes:
+        return _pinned(await super().aread_path(path), path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        with self.filesystem.open(self._resolve_path(path), "rb") as f:
+            return _pinned(f.read(), path)
+
+
+#: The local storage every cached task of maptools persists to, by its block document name (a task's storage
+#: must be a saved block; :func:`ensure_result_storage` saves it on the Prefect server a flow talks to).
 STORAGE_NAME = "maptools"
-RESULT_STORAGE = f"{ResultFiles.get_block_type_slug()}/{STORAGE_NAME}"
+_LOCAL = f"{ResultFiles.get_block_type_slug()}/{STORAGE_NAME}"
+#: What the cached tasks persist to: the default storage block when one is configured (a :class:`StoreResults`,
+#: shared by every worker), else the local :class:`ResultFiles`.
+RESULT_STORAGE = PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value() or _LOCAL
 _saved: set[str] = set()
 
 
 def ensure_result_storage() -> None:
-    """Save :class:`ResultFiles` (no basepath: ``PREFECT_LOCAL_STORAGE_PATH`` of the reader) on this API, once."""
+    """Check the configured result storage reads back JSON only, or save the local :class:`ResultFiles` (no
+    basepath: ``PREFECT_LOCAL_STORAGE_PATH`` of the reader) on this API; once per API."""
+    from prefect.blocks.core import Block
     from prefect.settings import PREFECT_API_URL
 
     api = str(PREFECT_API_URL.value())
-    if api not in _saved:
+    if api in _saved:
+        return
+    if RESULT_STORAGE != _LOCAL:
+        block = Block.load(RESULT_STORAGE)
+        if not isinstance(block, ResultFiles | StoreResults):
+            raise SettingsError(f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={RESULT_STORAGE} is a "
+                                f"{type(block).__name__}, which would read back pickled results (code) from storage.",
+                                "save a maptools block instead (`maptools results-storage s3://BUCKET/PREFIX "
+                                "--name NAME`) and point the setting at it.")
+    else:
         ResultFiles().save(STORAGE_NAME, overwrite=True)
-        _saved.add(api)
+    _saved.add(api)
+
+
+def save_store_results(url: str, name: str) -> str:
+    """Save a :class:`StoreResults` block on ``url`` under ``name``; returns its slug for
+    ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``."""
+    from maptools.store import Store
+
+    store = Store.of(url)
+    store.check()
+    StoreResults(basepath=store.url).save(name, overwrite=True)
+    return f"{StoreResults.get_block_type_slug()}/{name}"

@@ -37,7 +37,7 @@ from maptools_flows.locks import LOCKS
 from maptools_flows.plots import error_and_accuracy
 from maptools_flows.results import ensure_result_storage
 from maptools_flows.tasks import _PERSIST, ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
-from maptools.artifacts import atomic_write, output_root as resolve_root
+from maptools.artifacts import atomic_write, local_root, output_location
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
@@ -45,7 +45,8 @@ from maptools.crossbar_error import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
 from maptools.mapping import CrossbarSpec
 from maptools.quantization import QuantizationResult
-from maptools.stages import CalibrationSpec, PreparedOnnx, artifacts_intact
+from maptools.store import Store, is_url, store_errors
+from maptools.stages import CalibrationSpec, PreparedOnnx, located
 
 __all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepResult", "SweepConfigError", "load_config", "design_sweep",
            "run_sweep", "task_runner_for", "COLUMNS"]
@@ -191,7 +192,7 @@ def load_config(path: str | Path, **overrides: Any) -> SweepConfig:
 
 
 def _relative_to(value: str | None, base: Path) -> str | None:
-    if value is None or value == "random":
+    if value is None or value == "random" or is_url(value):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -318,7 +319,10 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
                           seconds=round(time.perf_counter() - started, 3))]
     result: QuantizationResult = state.result()
     cached = state.name == "Cached"
-    if cached and not artifacts_intact(result.artifacts, result.sha256):
+    here = located(result) if cached else result
+    if here is not None:
+        result = here
+    else:
         state = run_quantization.with_options(refresh_cache=True)(**args, return_state=True)
         if not state.is_completed():
             return [point.row(status="failed", cached=False, error=_failure(state), worker=where,
@@ -403,7 +407,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
     logger = get_run_logger()
     ensure_result_storage()
     started = time.perf_counter()
-    root = resolve_root(config.output_root)
+    root = output_location(config.output_root)
     gpu = _uses_gpu(config.device)
     if gpu:
         _require_gpu_workers()
@@ -475,8 +479,8 @@ def _annotate(annotation: dict[str, Any]) -> Any:
         yield
 
 
-def _publish(config: SweepConfig, root: Path, table: list[dict[str, Any]], seconds: float) -> SweepResult:
-    folder = root / "sweeps" / config.name
+def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], seconds: float) -> SweepResult:
+    folder = local_root(root) / "sweeps" / config.name
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = folder / "results.csv", folder / "results.json"
     text = io.StringIO(newline="")
@@ -501,6 +505,12 @@ def _publish(config: SweepConfig, root: Path, table: list[dict[str, Any]], secon
         if image is not None:
             png = base64.b64encode(image.read_bytes()).decode()
             create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-{suffix}", description=f"{what} ({image})")
+    if isinstance(root, str):  # maps on a store: the report goes there too
+        store = Store.of(root)
+        with store_errors(f"upload the report of sweep {config.name!r}", root):
+            for path in (csv_path, json_path, plot_path, crossbar_plot):
+                if path is not None:
+                    store.fs.put_file(str(path), store.join("sweeps", config.name, path.name))
     failed = [r for r in table if r["status"] != "completed"]
     lines = [f"# Design sweep `{config.name}`", "",
              f"{len(table) - len(failed)}/{len(table)} points completed, "

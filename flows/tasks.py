@@ -77,7 +77,7 @@ class ContentKey(CachePolicy):
             elif isinstance(value, stages.CalibrationSpec):
                 parts[name] = value.sha256
             elif isinstance(value, QuantizationResult):
-                parts[name] = {"sha256": value.sha256, "map_dir": str(value.map_dir)}
+                parts[name] = {"sha256": value.sha256, "mapname": value.mapname, "output_root": str(value.output_root)}
             elif isinstance(value, Path):
                 parts[name] = str(value)
             elif is_dataclass(value) and not isinstance(value, type):

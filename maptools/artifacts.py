@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, MissingArtifactError, UnsafePickleError
+from maptools.errors import ArtifactError, MissingArtifactError, StorageError, UnsafePickleError
 from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
+from maptools.store import is_url, mirror_root
 from maptools.quantinfo import QuantConfig
 
 __all__ = [
-    "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "validate_mapname", "sha256_file",
+    "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "output_location", "local_root",
+    "validate_mapname", "sha256_file",
     "read_quantinfo", "read_quantparams", "read_manifest", "verify_map", "safe_load_pickle", "write_json",
     "atomic_write", "MapFolder", "load_quantinfo",
 ]
@@ -41,8 +43,28 @@ MODEL = "model.onnx"
 ARTIFACT_FILES = (QUANTINFO_PKL, QUANTINFO_JSON, QUANTPARAMS_PKL, QUANTPARAMS_NPZ, QUANT_MODEL, ERROR_REPORT, MODEL)
 
 def output_root(root: str | Path | None = None) -> Path:
-    """``root`` if given, else ``$MAPTOOLS_HOME``, else the current directory."""
-    return Path(root or os.environ.get("MAPTOOLS_HOME") or Path.cwd()).expanduser().resolve()
+    """``root`` if given, else ``$MAPTOOLS_HOME``, else the current directory, as a local path.
+
+    A store URL (``s3://...``) is not a path: see :func:`output_location`."""
+    value = root or os.environ.get("MAPTOOLS_HOME") or Path.cwd()
+    if is_url(value):
+        raise StorageError(f"{value} is a store URL, not a local folder.", "pass a local output_root here.")
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value.removeprefix("file://")
+    return Path(value).expanduser().resolve()
+
+
+def output_location(root: str | Path | None = None) -> Path | str:
+    """Where maps go: a local path (:func:`output_root`), or a store URL (``s3://bucket/prefix``) as given."""
+    value = root or os.environ.get("MAPTOOLS_HOME")
+    return str(value).rstrip("/") if is_url(value) else output_root(value)
+
+
+def local_root(root: str | Path | None = None) -> Path:
+    """The local folder for files that stay on this machine (example models, prepared models): the output
+    root itself, or for a store URL this machine's mirror of that store."""
+    where = output_location(root)
+    return mirror_root(where) if isinstance(where, str) else where
 
 
 def validate_mapname(mapname: str) -> str:

@@ -221,8 +221,8 @@ def quantize(
     threads: Annotated[int | None, typer.Option(
         min=1, show_default=False, help="torch threads while PPQ runs.  [default: the cores that are free when "
                                         "the run starts]")] = None,
-    output_root: Annotated[Path | None, typer.Option(
-        help="Folder that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
 ) -> None:
     """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
@@ -377,8 +377,8 @@ def convert(
     model: Annotated[Path | None, typer.Option(
         help="The ONNX model that was quantized.  [default: the model recorded in the map's manifest]",
         show_default=False, metavar="MODEL.onnx")] = None,
-    output_root: Annotated[Path | None, typer.Option(
-        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
 ) -> None:
     """Build the operator graph of a quantized map (quantinfo attached) and write mapsave/NAME/operator_graph.json."""
@@ -416,8 +416,8 @@ def map_command(
     input: Annotated[str, typer.Option("--input", help="Inputs for the observed partial sums: 'random', or an "
                                                        ".npy/.npz file of real samples (batch first).")] = "random",
     samples: Annotated[int, typer.Option(min=1, help="Random inputs for the observed partial sums.")] = 2,
-    output_root: Annotated[Path | None, typer.Option(
-        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
 ) -> None:
     """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
@@ -454,8 +454,8 @@ def simulate(
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
     encoding: _ENC = "differential",
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
-    output_root: Annotated[Path | None, typer.Option(
-        help="Folder that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
         show_default=False)] = None,
 ) -> None:
     """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo),

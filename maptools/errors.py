@@ -21,6 +21,7 @@ __all__ = [
     "ConversionError",
     "StorageError",
     "BudgetError",
+    "StoreUnavailable",
 ]
 
 
@@ -83,3 +84,7 @@ class ConversionError(MaptoolsError, ValueError):
 
 class StorageError(MaptoolsError, OSError):
     """The output folder cannot take the map (disk full, read-only, no permission, a file in the way)."""
+
+
+class StoreUnavailable(StorageError):
+    """The map store did not answer (network, endpoint down): transient, worth retrying."""

@@ -168,7 +168,19 @@ class MapVersion:
 
 
 class MapFolder:
-    """``<root>/mapsave/<mapname>``: paths, the writers' lock, staging, the swap, recovery and cleanup."""
+    """``<root>/mapsave/<mapname>``: paths, the writers' lock, staging, the swap, recovery and cleanup.
+
+    A root that is a store URL (``s3://...``, see :mod:`maptools.store`) gives a
+    :class:`~maptools.store.StoreMapFolder`, which keeps this interface.
+    """
+
+    def __new__(cls, mapname: str, root: str | Path | None = None) -> MapFolder:
+        if cls is MapFolder:
+            from maptools.store import StoreMapFolder, is_url
+
+            if is_url(root if root is not None else os.environ.get("MAPTOOLS_HOME")):
+                return super().__new__(StoreMapFolder)
+        return super().__new__(cls)
 
     def __init__(self, mapname: str, root: str | Path | None = None) -> None:
         from maptools.artifacts import output_root

@@ -79,8 +79,8 @@ class QuantizationResult:
     #: the immutable folder of this run's files (``map_dir`` links to the map's current version, which a
     #: later run of the same mapname replaces; this one is kept until the write after that)
     version_dir: Path | None = None
-    #: where ``mapsave/`` is (the ``output_root`` the run resolved)
-    output_root: Path | None = None
+    #: where ``mapsave/`` is (the ``output_root`` the run resolved: a local path, or a store URL)
+    output_root: Path | str | None = None
     #: ``bit_width='auto'``: the widths chosen per layer and the errors measured (MixedPrecisionReport JSON)
     mixed_precision: dict[str, Any] | None = None
 

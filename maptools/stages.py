@@ -9,18 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from maptools import prepare
-from maptools.artifacts import MapFolder, output_root, sha256_file, write_json
+from maptools.artifacts import MapFolder, local_root, sha256_file, write_json
 from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model
+from maptools.quantization import QuantizationResult
 
-__all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "artifacts_intact"]
+__all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "located", "has_artifact"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,13 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     file is prepared again).
     """
     if str(onnx_path).startswith(EXAMPLE_PREFIX):
-        onnx_path = example_model(str(onnx_path), output_root(root) / "onnx_models")
+        onnx_path = example_model(str(onnx_path), local_root(root) / "onnx_models")
     source = Path(onnx_path)
     shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(load_model(source), input_shapes).items()}
     source_sha = sha256_file(source)
     key = hashlib.sha256(json.dumps({"source": source_sha, "shapes": shapes, "simplify": simplify,
                                      "code": prepare.fingerprint()}, sort_keys=True).encode()).hexdigest()
-    folder = output_root(root) / "mapsave" / ".models"
+    folder = local_root(root) / "mapsave" / ".models"
     folder.mkdir(parents=True, exist_ok=True)
     target, record = folder / f"{key}.onnx", folder / f"{key}.json"
     try:
@@ -104,13 +105,33 @@ def describe_calibration(calib: str | Path | None, input_shapes: Mapping[str, Se
                            sha256=data.content_hash())
 
 
-def artifacts_intact(artifacts: Mapping[str, Path], sha256: Mapping[str, str]) -> bool:
-    """True when every artifact still has the recorded sha256 and the map's manifest (readable, whole)
-    registers exactly those: the map on disk is still this run's."""
-    try:
-        manifest = MapFolder.at(next(iter(artifacts.values())).parent).open().manifest()
-        return all(manifest["artifacts"].get(name) == digest and sha256_file(artifacts[name]) == digest
-                   for name, digest in sha256.items())
-    except (OSError, KeyError, StopIteration, MaptoolsError):
-        return False
+def located(result: QuantizationResult) -> QuantizationResult | None:
+    """``result`` with its paths on this machine, if its map still holds exactly its artifacts; else None.
 
+    For a map on a store the current version is downloaded (hashes checked) into this machine's mirror,
+    and the paths are rebased there: a result computed on another machine (a cache hit) is usable here.
+    """
+    try:
+        folder = MapFolder(result.mapname, result.output_root) if result.output_root is not None \
+            else MapFolder.at(result.map_dir)
+        version = folder.open()
+        manifest = version.manifest()
+        if not all(manifest["artifacts"].get(name) == digest and sha256_file(version.file(name)) == digest
+                   for name, digest in result.sha256.items()):
+            return None
+    except (OSError, KeyError, MaptoolsError):
+        return None
+    if folder.path == result.map_dir:
+        return result
+    return replace(result, map_dir=folder.path, artifacts={n: folder.path / n for n in result.artifacts},
+                   version_dir=version.path)
+
+
+def has_artifact(mapname: str, root: str | Path | None, name: str) -> bool:
+    """Whether the map's current version holds ``name`` (e.g. its operator graph) as its manifest registers it."""
+    try:
+        version = MapFolder(mapname, root).open()
+        digest = version.record().artifacts.get(name)
+        return digest is not None and sha256_file(version.file(name)) == digest
+    except (OSError, MaptoolsError):
+        return False

@@ -116,3 +116,25 @@ def dask_cluster() -> Iterator[str]:
         yield cluster.scheduler_address
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (``moto_server``) on 127.0.0.1 for the session; yields the AWS environment a
+    client needs (endpoint, test credentials). The server is stopped at the end."""
+    from tests.s3 import start_s3_server
+
+    with start_s3_server(tmp_path_factory.mktemp("s3")) as env:
+        yield env
+
+
+@pytest.fixture
+def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This test's process talks to the session's S3 server (fresh clients: fsspec caches them by arguments)."""
+    import s3fs
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

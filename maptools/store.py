@@ -1,0 +1,380 @@
+"""Maps on shared storage: an ``output_root`` that is an fsspec URL (``s3://bucket/prefix``, ``memory://x``).
+
+One map on the store, under ``<url>/mapsave/<mapname>/``::
+
+    current.json              {"version": V, "manifest_sha256": ...}: the version readers see; written last
+    versions/V/<artifacts>    one complete map per version, never changed once current.json names it
+    versions/V/manifest.json  uploaded after the artifacts
+    .lock                     the writers' lock
+
+* A write stages the map locally (in the map's local mirror, below), then, holding the lock, uploads a
+  new version (artifacts first, then its manifest) and replaces ``current.json`` (one PUT: atomic on
+  S3). A writer killed before that leaves ``current.json`` naming the previous version, still whole;
+  its partial upload is removed by the next write (under the lock, so never an upload in progress).
+  Artifacts the previous version already holds (same sha256) are copied on the store, not uploaded.
+* A reader fetches ``current.json``, then the manifest (its sha256 must match) and every artifact
+  (each sha256 must match) into the local mirror ``$MAPTOOLS_CACHE/store/<hash of url>`` (default
+  ``~/.cache/maptools``): an ordinary local map folder, reused while it is at the store's version.
+  Nothing read from the store is loaded before its hash is checked; pickles still go through the
+  allow-list readers.
+* The lock is an object created with ``If-None-Match: *`` (S3 conditional write, fsspec's
+  ``mode="create"``): one writer wins, on any number of machines, with no Prefect server needed (the
+  library and Dask workers write maps too). It records holder, host, pid and a lease; a lock whose
+  holder died (same host) or whose lease ran out is taken over with ``If-Match`` on its ETag, so two
+  writers cannot both take it over.
+
+Credentials come from the store's own configuration (for S3: the AWS environment variables, profiles
+or instance roles; ``AWS_ENDPOINT_URL`` for an S3-compatible server); none is written into a map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, StorageError, StoreUnavailable
+from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file
+from maptools.manifest import parse_manifest
+
+__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "LEASE_SECONDS", "LOCK_WAIT_SECONDS"]
+
+log = logging.getLogger(__name__)
+
+POINTER = "current.json"
+#: how long a lock holds without its holder finishing (a map upload takes seconds)
+LEASE_SECONDS = 15 * 60
+#: how long a writer waits for another writer of the same map before giving up
+LOCK_WAIT_SECONDS = 20 * 60
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+_VERSION = re.compile(r"^v-\d+-[0-9a-f]{8}$")
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
+
+
+def is_url(root: str | Path | None) -> bool:
+    """Whether ``root`` names a store (``s3://``, ``memory://``, ...) rather than a local path (``file://`` is local)."""
+    match = _URL.match(root) if isinstance(root, str) else None
+    return match is not None and match["scheme"].lower() != "file"
+
+
+def mirror_root(url: str) -> Path:
+    """The local folder that holds this machine's copies of the maps of store ``url``."""
+    base = Path(os.environ.get("MAPTOOLS_CACHE") or Path.home() / ".cache" / "maptools").expanduser()
+    return base / "store" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def store_errors(what: str, url: str) -> Iterator[None]:
+    """Errors of the store's client as maptools errors: missing bucket, credentials, endpoint, permissions."""
+    try:
+        yield
+    except MaptoolsError:
+        raise
+    except Exception as e:
+        names = {c.__name__ for c in type(e).__mro__} | {c.__name__ for c in type(e.__cause__).__mro__}
+        if names & _NO_CREDENTIALS:
+            raise StorageError(f"cannot {what}: no credentials for {url} ({e}).",
+                               "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment "
+                               "of every process that reads or writes the store.") from e
+        if names & _UNREACHABLE or isinstance(e, ConnectionError | TimeoutError):
+            raise StoreUnavailable(f"cannot {what}: the store of {url} did not answer ({e}).",
+                                   "check the endpoint (AWS_ENDPOINT_URL for an S3-compatible server) and the "
+                                   "network; the flows retry this.") from e
+        if isinstance(e, PermissionError):
+            raise StorageError(f"cannot {what}: access to {url} denied ({e}).",
+                               "use credentials that may read and write that bucket and prefix.") from e
+        if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+            raise StorageError(f"cannot {what}: the bucket of {url} does not exist.",
+                               "create it (e.g. `aws s3 mb s3://BUCKET`) or fix output_root.") from e
+        if isinstance(e, OSError):
+            raise StorageError(f"cannot {what} on {url}: {e}.", "check output_root and the store, and run again.") from e
+        raise
+
+
+@dataclass(frozen=True)
+class Store:
+    """A store URL resolved to its fsspec file system and the root path inside it."""
+
+    url: str
+    fs: AbstractFileSystem
+    path: str
+
+    @classmethod
+    def of(cls, url: str) -> Store:
+        with store_errors("open the store", url):
+            fs, path = fsspec.core.url_to_fs(url)
+        return cls(url.rstrip("/"), fs, path.rstrip("/"))
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    @property
+    def s3(self) -> bool:
+        return "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def check(self) -> None:
+        """Fail fast on a store we cannot use: a missing bucket, no credentials, no endpoint."""
+        if not self.s3:
+            return
+        bucket = self.path.split("/")[0]
+        with store_errors("reach the store", self.url):
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise StorageError(f"the bucket {bucket!r} of {self.url} does not exist.",
+                                   f"create it (e.g. `aws s3 mb s3://{bucket}`) or fix output_root.") from None
+
+
+def _alive(host: str, pid: Any) -> bool:
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return True  # another machine's process: only its lease tells
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreMapFolder(MapFolder):
+    """A map on a store (see the module docstring); reads and writes go through a local mirror folder."""
+
+    def __init__(self, mapname: str, root: str | Path | None = None) -> None:  # root: a store URL
+        self.mapname = self.validate(mapname)
+        self.store = Store.of(str(root))
+        self.root = self.store.url  # type: ignore[assignment]
+        self.remote = self.store.join("mapsave", mapname)
+        self.url = f"{self.store.url}/mapsave/{mapname}"
+        self.mirror = MapFolder(mapname, mirror_root(self.store.url))
+        self.parent, self.path = self.mirror.parent, self.mirror.path
+        self.published = None
+
+    # --- reading ------------------------------------------------------------------------------------
+    def _pointer(self) -> dict[str, str] | None:
+        with store_errors(f"read map {self.mapname!r}", self.url):
+            try:
+                data = json.loads(self.store.fs.cat_file(f"{self.remote}/{POINTER}"))
+            except FileNotFoundError as e:
+                if "bucket" in str(e).lower():
+                    raise
+                return None
+            except ValueError:
+                data = None
+        if not isinstance(data, dict) or not _VERSION.match(str(data.get("version"))) or \
+                not re.fullmatch(r"[0-9a-f]{64}", str(data.get("manifest_sha256"))):
+            raise ArtifactError(f"{self.url}/{POINTER} is not a maptools map pointer.",
+                                "re-run quantize with this output_root; do not edit the store by hand.")
+        return data
+
+    def current(self) -> Path | None:
+        return self.open().path if self.exists() else None
+
+    def exists(self) -> bool:
+        return self._pointer() is not None
+
+    def open(self) -> MapVersion:
+        """The store's current version of the map, in the local mirror (downloaded and verified if needed)."""
+        for attempt in range(3):
+            pointer = self._pointer()
+            if pointer is None:
+                raise MissingArtifactError(f"map {self.mapname!r} does not exist on the store ({self.url}/{POINTER}).",
+                                           f"run quantize(..., mapname={self.mapname!r}, output_root="
+                                           f"{self.store.url!r}) first, or check the URL.")
+            local = self.mirror.current()
+            if local is not None and (local / MANIFEST).is_file() and \
+                    sha256_file(local / MANIFEST) == pointer["manifest_sha256"]:
+                return MapVersion(self.mapname, local)
+            try:
+                return MapVersion(self.mapname, self._download(pointer))
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                log.info("map %s changed on the store while it was read; reading it again", self.url)
+        raise AssertionError("unreachable")
+
+    def _download(self, pointer: Mapping[str, str]) -> Path:
+        source = f"{self.remote}/versions/{pointer['version']}"
+        started, size = time.perf_counter(), 0
+        with self.mirror._owned_stage() as stage:
+            with store_errors(f"download map {self.mapname!r}", self.url):
+                manifest = self.store.fs.cat_file(f"{source}/{MANIFEST}")
+            if hashlib.sha256(manifest).hexdigest() != pointer["manifest_sha256"]:
+                raise ArtifactError(f"the manifest of {self.url} does not match the sha256 in {POINTER}.",
+                                    "re-run quantize with this output_root; do not edit the store by hand.")
+            atomic_write(stage / MANIFEST, manifest)
+            version = MapVersion(self.mapname, stage)
+            for name, digest in version.record().artifacts.items():
+                target = version.file(name)
+                with store_errors(f"download {name} of map {self.mapname!r}", self.url):
+                    self.store.fs.get_file(f"{source}/{name}", str(target))
+                if sha256_file(target) != digest:
+                    raise ArtifactError(f"{self.url}/versions/{pointer['version']}/{name} does not match the sha256 "
+                                        "in its manifest.", "re-run quantize with this output_root; do not edit the "
+                                        "store by hand.")
+                size += target.stat().st_size
+            path = self.mirror._publish(stage)
+        log.info("downloaded map %s (%.1f MB) in %.2f s", self.url, size / 1e6, time.perf_counter() - started)
+        return path
+
+    # --- writing --------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        self.store.check()
+        self.mirror.check_writable()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The writers' lock of this map on the store (see the module docstring)."""
+        path, token = f"{self.remote}/.lock", uuid.uuid4().hex
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        fs = self.store.fs
+        with store_errors(f"lock map {self.mapname!r}", self.url):
+            while True:
+                record = json.dumps({"holder": token, "host": socket.gethostname(), "pid": os.getpid(),
+                                     "expires": time.time() + LEASE_SECONDS}).encode()
+                try:
+                    fs.pipe_file(path, record, mode="create")
+                    break
+                except FileExistsError:
+                    pass
+                held = self._lock_record(path)
+                if held is not None and self._take_over(path, held, record):
+                    break
+                if time.monotonic() > deadline:
+                    info = held[0] if held else {}
+                    raise StorageError(f"map {self.mapname!r} on {self.store.url} is locked by {info.get('host')} pid "
+                                       f"{info.get('pid')} for longer than {LOCK_WAIT_SECONDS} s.",
+                                       f"wait for that write to finish; if it is gone, delete {self.url}/.lock.")
+                time.sleep(0.1 + 0.3 * random.random())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                held = self._lock_record(path)
+                if held is not None and held[0].get("holder") == token:
+                    fs.rm_file(path)
+
+    def _lock_record(self, path: str) -> tuple[dict[str, Any], str | None] | None:
+        try:
+            self.store.fs.invalidate_cache(path)
+            etag = self.store.fs.info(path).get("ETag")
+            data = json.loads(self.store.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            data = {}
+        return (data if isinstance(data, dict) else {}), etag
+
+    def _take_over(self, path: str, held: tuple[dict[str, Any], str | None], record: bytes) -> bool:
+        """Replace a lock whose holder died or whose lease ran out; False while it is live or another won it."""
+        info, etag = held
+        expires = info.get("expires")
+        if isinstance(expires, int | float) and expires > time.time() and _alive(info.get("host", ""), info.get("pid")):
+            return False
+        log.warning("taking over the lock of map %s from %s pid %s (gone or expired)", self.url, info.get("host"),
+                    info.get("pid"))
+        try:
+            if self.store.s3 and etag:
+                self.store.fs.pipe_file(path, record, IfMatch=etag)  # fails if another writer replaced it first
+            else:
+                self.store.fs.rm_file(path)
+                self.store.fs.pipe_file(path, record, mode="create")
+        except (FileExistsError, FileNotFoundError, OSError):
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Path]:
+        """Yield an empty local staging folder; on success it is uploaded as the map's new version and
+        becomes the mirror's current version (``published``)."""
+        self.check_writable()
+        with self.mirror._owned_stage() as stage:
+            yield stage
+            _pause("staged")
+            with self.lock():
+                self._upload(stage)
+            self.published = self.mirror._publish(stage)
+
+    def update(self, files: Mapping[str, bytes], manifest_changes: Mapping[str, Any],
+               based_on: Mapping[str, str] | None = None) -> MapVersion:
+        """:meth:`MapFolder.update` on the store: under the store's lock, the mirror's new version is uploaded."""
+        with self.lock():
+            self.open()  # the mirror at the store's current version
+            version = self.mirror.update(files, manifest_changes, based_on)
+            self._upload(version.path)
+        return version
+
+    def _upload(self, folder: Path) -> None:
+        """Upload the map in ``folder`` as a new version and make it current (under the lock)."""
+        started, size = time.perf_counter(), 0
+        record = parse_manifest(json.loads((folder / MANIFEST).read_text()), str(folder / MANIFEST))
+        version = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        target = f"{self.remote}/versions/{version}"
+        fs = self.store.fs
+        with store_errors(f"upload map {self.mapname!r}", self.url):
+            previous = self._pointer()
+            kept = self._artifacts_of(previous)
+            for i, (name, digest) in enumerate(sorted(record.artifacts.items())):
+                if kept.get(name) == digest:
+                    fs.copy(f"{self.remote}/versions/{previous['version']}/{name}", f"{target}/{name}")  # type: ignore[index]
+                else:
+                    fs.put_file(str(folder / name), f"{target}/{name}")
+                    size += (folder / name).stat().st_size
+                if i == 0:
+                    _pause("uploading")
+            manifest = (folder / MANIFEST).read_bytes()
+            fs.pipe_file(f"{target}/{MANIFEST}", manifest)
+            _pause("uploaded")
+            fs.pipe_file(f"{self.remote}/{POINTER}", json.dumps(
+                {"version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}).encode())
+        log.info("uploaded map %s (%.1f MB new) in %.2f s", self.url, size / 1e6, time.perf_counter() - started)
+        self._clean(keep={version, previous["version"] if previous else None})
+
+    def _artifacts_of(self, pointer: Mapping[str, str] | None) -> dict[str, str]:
+        """The artifact hashes of the version ``pointer`` names (empty if unreadable: everything is uploaded)."""
+        if pointer is None:
+            return {}
+        try:
+            data = self.store.fs.cat_file(f"{self.remote}/versions/{pointer['version']}/{MANIFEST}")
+            if hashlib.sha256(data).hexdigest() != pointer["manifest_sha256"]:
+                return {}
+            return parse_manifest(json.loads(data), self.url).artifacts
+        except (OSError, ValueError, MaptoolsError):
+            return {}
+
+    def _clean(self, keep: set[str | None]) -> None:
+        """Remove versions but ``keep`` (current and previous), including uploads a killed writer left."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.store.fs.ls(f"{self.remote}/versions", detail=False, refresh=True):
+                name = entry.rstrip("/").rsplit("/", 1)[-1]
+                if _VERSION.match(name) and name not in keep:
+                    try:
+                        self.store.fs.rm(entry, recursive=True)
+                    except OSError as e:  # left for the next write
+                        log.warning("could not remove old version %s of %s: %s", name, self.url, e)
+
+    def stale_staging(self) -> list[Path]:
+        return self.mirror.stale_staging()
+
+    def versions(self) -> list[str]:
+        """The version folders on the store (current, previous, and any partial upload not yet cleaned)."""
+        with store_errors(f"list map {self.mapname!r}", self.url), contextlib.suppress(FileNotFoundError):
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1]
+                          for e in self.store.fs.ls(f"{self.remote}/versions", detail=False, refresh=True))
+        return []
