@@ -39,15 +39,20 @@ class UnsafeResultError(UnsafePickleError):
     """A persisted result that is not maptools' JSON, or names a type outside maptools."""
 
 
-def decode(value: dict[str, Any]) -> Any:
-    """``json`` object hook: Prefect's, limited to maptools' types (anything else is refused, never imported)."""
+def _checked(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (a JSON object) if the type it names, if any, is maptools' or a path; else UnsafeResultError."""
     name = value.get("__class__")
     if name is None and "__exc_type__" not in value:
         return value
     if not isinstance(name, str) or not (name.startswith(_MODULES) or name in _TYPES):
         raise UnsafeResultError(f"a persisted result names the type {name or value.get('__exc_type__')!r}.",
                                 "delete the result file (or the Prefect storage folder); the task recomputes.")
-    return prefect_json_object_decoder(value)
+    return value
+
+
+def decode(value: dict[str, Any]) -> Any:
+    """``json`` object hook: Prefect's, limited to maptools' types (anything else is refused, never imported)."""
+    return prefect_json_object_decoder(_checked(value)) if "__class__" in value else _checked(value)
 
 
 SERIALIZER = JSONSerializer(object_decoder=f"{__name__}.decode")
@@ -55,9 +60,18 @@ _EXPECTED = SERIALIZER.model_dump(mode="json")
 
 
 def _pinned(content: bytes, where: str) -> bytes:
+    """``content`` if it is a result record of :data:`SERIALIZER`, or a bare JSON value (a flow's result, whose
+    serializer Prefect keeps in the run's state) that names maptools' types only; else UnsafeResultError."""
     try:
-        serializer = json.loads(content)["metadata"]["serializer"]
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and "result" in data:
+        serializer = data["metadata"].get("serializer")
+    elif data is not None:
+        json.loads(content, object_hook=_checked)  # a bare value: every type it names must be maptools'
+        return content
+    else:
         serializer = None
     if serializer != _EXPECTED:
         raise UnsafeResultError(f"result {where} was not written by maptools' JSON serializer ({serializer!r}).",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.servers import free_port
+
 #: credentials the test server accepts; never real ones
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "maptools-test", "AWS_SECRET_ACCESS_KEY": "maptools-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -50,10 +45,12 @@ def start_s3_server(logs: Path) -> Iterator[dict[str, str]]:
             server.wait()
 
 
-def new_bucket() -> str:
-    """A fresh bucket on the server the environment points at; returns its name."""
+def new_bucket(env: dict[str, str] | None = None) -> str:
+    """A fresh bucket on the server ``env`` (else this process's environment) points at; returns its name."""
     import s3fs
 
     name = f"maps-{uuid.uuid4().hex[:10]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    options = {} if env is None else {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+                                      "endpoint_url": env["AWS_ENDPOINT_URL"]}
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(name)
     return name

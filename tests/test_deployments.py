@@ -3,13 +3,7 @@ the cache across runs, and the event-triggered downstream deployment. Every proc
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,92 +11,31 @@ from typing import Any
 import pytest
 
 from maptools.artifacts import verify_map
+from tests import servers
 
-ROOT = Path(__file__).resolve().parent.parent
-PREFECT = [sys.executable, "-m", "prefect"]
 PARAMS = ["-p", "onnx_path=example:small_cnn", "-p", 'input_shapes={"input": [1, 3, 32, 32]}',
           "-p", "calib_steps=8", "-p", "device=cpu"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group (twice: workers ignore the first), then SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A `prefect server start` on 127.0.0.1 with its own PREFECT_HOME, and a process worker."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
-               PREFECT_WORKER_PREFETCH_SECONDS="1", PREFECT_RUNNER_POLL_FREQUENCY="1",
-               PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"), MAPTOOLS_HOME=str(home / "maps"))
+    env = {**servers.prefect_env(home), "MAPTOOLS_HOME": str(home / "maps")}
     logs = home / "logs"
     logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> None:
-        procs.append(subprocess.Popen([*PREFECT, *args], env=env, cwd=ROOT, start_new_session=True,
-                                      stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT))
-
+    procs = [servers.start_prefect_server(env, logs)]
     try:
-        start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off")
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or procs[0].poll() is not None:
-                    raise RuntimeError("prefect server did not start:\n" + (logs / "server.log").read_text()[-3000:])
-                time.sleep(1)
         _prefect(env, "work-pool", "create", "maptools", "--type", "process")
         _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-        start("worker", "worker", "start", "--pool", "maptools")
+        procs.append(servers.start(env, logs / "worker.log", *servers.PREFECT, "worker", "start", "--pool", "maptools"))
         yield env
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            servers.stop(proc)
 
 
-def _prefect(env: dict[str, str], *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([*PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and done.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n"
-                             f"{done.stderr[-3000:]}")
-    return done
-
-
-def _client(env: dict[str, str]) -> Any:
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(env["PREFECT_API_URL"])
-
-
-def _flow_runs(env: dict[str, str], deployment: str) -> list[Any]:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    with _client(env) as client:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+_prefect, _client, _flow_runs = servers.prefect, servers.client, servers.flow_runs
 
 
 def _quantization_state(env: dict[str, str], flow_run_id: Any) -> str:

@@ -24,6 +24,7 @@ from maptools.mapfolder import MapFolder
 from maptools.simulate import simulate
 from maptools.store import StoreMapFolder
 from tests.s3 import new_bucket
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,8 +110,6 @@ def test_bad_stores_are_refused_before_any_work(small_cnn, s3_env, monkeypatch, 
     assert "AWS_ACCESS_KEY_ID" in info.value.fix
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, s3_env[key])
-    from tests.s3 import free_port
-
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     s3fs.S3FileSystem.clear_instance_cache()

@@ -1,0 +1,119 @@
+"""Two machines, one S3-compatible store (``moto_server`` on loopback) and one Prefect server: machine A serves
+the quantize deployment, machine B the event-triggered downstream stage. They share no local path (own working
+folder, PREFECT_HOME and map mirror each): maps and Prefect results travel through the store only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from maptools.store import StoreMapFolder
+from tests import servers
+from tests.s3 import new_bucket
+
+PARAMS = ["-p", "onnx_path=example:small_cnn", "-p", 'input_shapes={"input": [1, 3, 32, 32]}',
+          "-p", "calib_steps=8", "-p", "device=cpu", "-p", "mapname=shared"]
+SERVE = str(servers.ROOT / "deployments" / "serve.py")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str]) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("lab")
+    logs = base / "logs"
+    logs.mkdir()
+    env = {**servers.prefect_env(base / "server-home"), **s3_server}
+    procs = [servers.start_prefect_server(env, logs)]
+    try:
+        bucket = new_bucket(s3_server)
+        saved = subprocess.run([str(Path(sys.executable).with_name("maptools")), "results-storage",
+                                f"s3://{bucket}/prefect-results", "--name", "lab"], env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        slug = saved.stdout.split("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=")[1].split()[0]
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = slug
+        machines = {}
+        for name, deployment in (("a", "quantize"), ("b", "simulate-on-quantized")):
+            folder = base / f"machine-{name}"
+            folder.mkdir()
+            machine = {**servers.prefect_env(folder / "prefect-home"), **s3_server,
+                       "PREFECT_API_URL": env["PREFECT_API_URL"], "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": slug,
+                       "MAPTOOLS_CACHE": str(folder / "cache")}
+            procs.append(servers.start(machine, logs / f"{name}.log", sys.executable, SERVE, deployment, cwd=folder))
+            machines[name] = {"env": machine, "folder": folder}
+        deadline = time.monotonic() + 120
+        with servers.client(env) as client:
+            for flow_deployment in ("quantize-model/quantize", "simulate-quantized-run/simulate-on-quantized"):
+                while True:
+                    try:
+                        client.read_deployment_by_name(flow_deployment)
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{flow_deployment} was never served:\n"
+                                               + "\n".join((logs / f).read_text()[-2000:] for f in ("a.log", "b.log")))
+                        time.sleep(1)
+        yield {"env": env, "bucket": bucket, "machines": machines, "logs": logs}
+    finally:
+        for proc in reversed(procs):
+            servers.stop(proc)
+
+
+def _result(env: dict[str, str], flow_run_id: Any) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from maptools_flows.results import StoreResults
+
+    assert StoreResults.get_block_type_slug() in env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]  # its type, registered
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), servers.client(env) as client:
+        return client.read_flow_run(flow_run_id).state.result()
+
+
+def test_two_machines_share_maps_and_results_through_the_store(lab, s3_env, tmp_path, monkeypatch) -> None:
+    env, url = lab["env"], f"s3://{lab['bucket']}/maps"
+    run = servers.prefect(env, "deployment", "run", "quantize-model/quantize", *PARAMS, "-p", f"output_root={url}",
+                          "--watch", "--watch-interval", "1", "--watch-timeout", "300")
+    assert "Completed" in run.stdout, run.stdout + (lab["logs"] / "a.log").read_text()[-3000:]
+
+    deadline = time.monotonic() + 240
+    downstream: list[Any] = []
+    while time.monotonic() < deadline and not downstream:
+        downstream = [r for r in servers.flow_runs(env, "simulate-on-quantized") if r.state and r.state.is_final()]
+        time.sleep(2)
+    assert downstream, "the downstream stage never ran:\n" + (lab["logs"] / "b.log").read_text()[-3000:]
+    assert downstream[0].state.is_completed(), downstream[0].state.message + (lab["logs"] / "b.log").read_text()[-3000:]
+    result = _result(env, downstream[0].id)  # machine B's result, read back from the store
+    assert result["mapname"] == "shared" and result["simulation"]["outputs"]["output"]["shape"] == [4, 10]
+    assert result["crossbars"]["arrays"] > 0
+
+    # the map on the store is whole and holds what both machines added; a third mirror verifies it
+    monkeypatch.setenv("MAPTOOLS_CACHE", str(tmp_path / "reader"))
+    manifest = StoreMapFolder("shared", url).open().verify()
+    assert {"quantinfo.pkl", "operator_graph.json", "crossbar_map.json"} <= set(manifest["artifacts"])
+    a, b = (lab["machines"][m]["folder"] for m in "ab")
+    assert list(a.rglob("quantinfo.pkl")) and not list(a.rglob("crossbar_map.json"))  # A quantized only
+    assert list(b.rglob("crossbar_map.json"))  # B fetched the map, mapped it, and uploaded the result
+    for machine in (a, b):  # no Prefect result on a local disk: all on the store
+        assert not [p for p in (machine / "prefect-home").rglob("*") if p.is_file() and "storage" in p.parts]
+    store = StoreMapFolder("shared", url).store
+    assert store.fs.find(f"{lab['bucket']}/prefect-results")
+
+    # machine B runs the same quantization: a cache hit on what A computed, checked against the store's hashes
+    check = ("import json; from maptools_flows.quantize_model import quantize_model\n"
+             f"r = quantize_model('example:small_cnn', {{'input': [1, 3, 32, 32]}}, 'shared', calib_steps=8, "
+             f"device='cpu', output_root={url!r})\n"
+             "print('RESULT', json.dumps({'cached': r.quantization_cached, 'map_dir': r.map_dir, "
+             "'sha256': r.quantization.sha256}))")
+    done = subprocess.run([sys.executable, "-c", check], env=lab["machines"]["b"]["env"], cwd=b, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    hit = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert hit["cached"] and Path(hit["map_dir"]).is_relative_to(b)
+    assert hit["sha256"] == {k: v for k, v in manifest["artifacts"].items() if k in hit["sha256"]}
