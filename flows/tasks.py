@@ -24,7 +24,7 @@ from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
 from maptools.artifacts import read_quantinfo
-from maptools.errors import MaptoolsError
+from maptools.errors import MaptoolsError, StoreUnavailable
 from maptools.quantization import QuantizationResult, quantize
 from maptools.versions import package_versions
 
@@ -92,8 +92,11 @@ _DETERMINISTIC_OS_ERRORS = (PermissionError, FileNotFoundError, FileExistsError,
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O errors and CUDA faults; never the deterministic bad-input errors of maptools."""
+    """Retry I/O errors, an unreachable map store and CUDA faults; never the deterministic bad-input errors of
+    maptools (a missing bucket or missing credentials included)."""
     error = state.result(raise_on_failure=False)
+    if isinstance(error, StoreUnavailable):  # the map store did not answer: the network may come back
+        return True
     if isinstance(error, (MaptoolsError, *_DETERMINISTIC_OS_ERRORS)):
         return False
     if isinstance(error, (OSError, torch.cuda.OutOfMemoryError)):

@@ -17,7 +17,7 @@ from prefect.artifacts import Artifact
 import maptools_flows.tasks
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools import read_quantinfo
-from maptools.errors import CalibrationError
+from maptools.errors import CalibrationError, StorageError, StoreUnavailable
 from maptools.examples import small_cnn_onnx
 
 SHAPES = {"input": [1, 3, 32, 32]}
@@ -43,7 +43,7 @@ def quantize_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, A
     yield calls
 
 
-def run(model: Path, root: Path, mapname: str = "small", **kwargs: Any) -> QuantizeModelResult:
+def run(model: Path, root: Path | str, mapname: str = "small", **kwargs: Any) -> QuantizeModelResult:
     return quantize_model(str(model), SHAPES, mapname, calib_steps=8, device="cpu", output_root=str(root), **kwargs)
 
 
@@ -125,10 +125,19 @@ def fail_first(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) 
     return attempts
 
 
-def test_transient_fault_is_retried(prefect_server, raw_model, tmp_path, monkeypatch) -> None:
-    attempts = fail_first(monkeypatch, lambda: OSError(5, "Input/output error (injected)"))
+@pytest.mark.parametrize("fault", [lambda: OSError(5, "Input/output error (injected)"),
+                                   lambda: StoreUnavailable("the store did not answer (injected).")])
+def test_transient_fault_is_retried(fault, prefect_server, raw_model, tmp_path, monkeypatch) -> None:
+    attempts = fail_first(monkeypatch, fault)
     result = run(raw_model, tmp_path, mapname="retried")
     assert len(attempts) == 2 and result.quantization.quantinfo_path.is_file()
+
+
+def test_a_missing_bucket_fails_once_without_retry(prefect_server, raw_model, tmp_path, s3_env,
+                                                   quantize_calls) -> None:
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' .* does not exist"):
+        run(raw_model, "s3://no-such-bucket/maps")
+    assert len(quantize_calls) == 1
 
 
 def test_bad_input_fails_once_without_retry(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
