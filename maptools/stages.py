@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from maptools import prepare
-from maptools.artifacts import MapFolder, local_root, sha256_file, write_json
+from maptools.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
 from maptools.calibration import resolve_calibration
-from maptools.errors import CalibrationError, MaptoolsError
+from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.quantization import QuantizationResult
+from maptools.store import get_blob, put_blob
 
-__all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "located", "has_artifact"]
+__all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "located", "has_artifact",
+           "model_file"]
 
 
 @dataclass(frozen=True)
@@ -59,17 +61,35 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     folder = local_root(root) / "mapsave" / ".models"
     folder.mkdir(parents=True, exist_ok=True)
     target, record = folder / f"{key}.onnx", folder / f"{key}.json"
+    prepared = None
     try:
         known = json.loads(record.read_text())
         if sha256_file(target) == known["sha256"]:
-            return PreparedOnnx(target, known["sha256"], source_sha, shapes, simplify, float(known["max_abs_diff"]),
-                                tuple(known["steps"]))
+            prepared = PreparedOnnx(target, known["sha256"], source_sha, shapes, simplify,
+                                    float(known["max_abs_diff"]), tuple(known["steps"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not prepared yet, or the cached copy is damaged: prepare again
-    done = prepare.prepare_model(source, target, shapes, simplify=simplify)
-    write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
-                        "steps": list(done.steps)})
-    return PreparedOnnx(target, done.sha256, source_sha, shapes, simplify, done.max_abs_diff, done.steps)
+    if prepared is None:
+        done = prepare.prepare_model(source, target, shapes, simplify=simplify)
+        write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
+                            "steps": list(done.steps)})
+        prepared = PreparedOnnx(target, done.sha256, source_sha, shapes, simplify, done.max_abs_diff, done.steps)
+    where = output_location(root)
+    if isinstance(where, str):  # maps on a store: workers elsewhere fetch the prepared model from there
+        put_blob(where, target, prepared.sha256)
+    return prepared
+
+
+def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:
+    """The prepared model on this machine: ``model.path`` if it holds those bytes, else (an output root on a
+    store) fetched from the store by its sha256 into this machine's mirror."""
+    if model.path.is_file() and sha256_file(model.path) == model.sha256:
+        return model.path
+    where = output_location(root)
+    if isinstance(where, str):
+        return get_blob(where, model.sha256, local_root(where) / "mapsave" / ".models" / f"{model.sha256}.onnx")
+    raise ModelError(f"the prepared model {model.path} is missing or was changed.",
+                     "prepare the model again (the flows do this on their next run).")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, 
 from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file
 from maptools.manifest import parse_manifest
 
-__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "LEASE_SECONDS", "LOCK_WAIT_SECONDS"]
+__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "put_blob", "get_blob", "LEASE_SECONDS",
+           "LOCK_WAIT_SECONDS"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,43 @@ class Store:
             except FileNotFoundError:
                 raise StorageError(f"the bucket {bucket!r} of {self.url} does not exist.",
                                    f"create it (e.g. `aws s3 mb s3://{bucket}`) or fix output_root.") from None
+
+
+def put_blob(url: str, path: Path, sha256: str) -> str:
+    """Upload ``path`` as ``<url>/blobs/<sha256>`` (content-addressed: skipped when already there); returns its path.
+
+    Workers on other machines fetch it with :func:`get_blob` (e.g. the prepared model a sweep's points read)."""
+    store = Store.of(url)
+    remote = store.join("blobs", sha256)
+    with store_errors(f"upload {path.name}", url):
+        if not store.fs.exists(remote):
+            store.fs.put_file(str(path), remote)  # one PUT (or a multipart upload): visible only when whole
+    return remote
+
+
+def get_blob(url: str, sha256: str, target: Path) -> Path:
+    """``<url>/blobs/<sha256>`` as ``target`` (written atomically, its sha256 checked); reused when ``target``
+    already holds those bytes."""
+    if target.is_file() and sha256_file(target) == sha256:
+        return target
+    store = Store.of(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    try:
+        with store_errors(f"download {sha256[:12]} for {target.name}", url):
+            try:
+                store.fs.get_file(store.join("blobs", sha256), str(partial))
+            except FileNotFoundError:
+                raise MissingArtifactError(f"{url}/blobs/{sha256} does not exist on the store.",
+                                           "run the stage that uploads it (prepare-model) with this output_root "
+                                           "first.") from None
+        if sha256_file(partial) != sha256:
+            raise ArtifactError(f"{url}/blobs/{sha256} does not match its sha256.",
+                                "delete it from the store and run again; do not edit the store by hand.")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _alive(host: str, pid: Any) -> bool:

@@ -4,7 +4,9 @@ folder, PREFECT_HOME and map mirror each): maps and Prefect results travel throu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from tests.s3 import new_bucket
 PARAMS = ["-p", "onnx_path=example:small_cnn", "-p", 'input_shapes={"input": [1, 3, 32, 32]}',
           "-p", "calib_steps=8", "-p", "device=cpu", "-p", "mapname=shared"]
 SERVE = str(servers.ROOT / "deployments" / "serve.py")
+DASK = str(Path(sys.executable).with_name("dask"))
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,65 @@ def test_two_machines_share_maps_and_results_through_the_store(lab, s3_env, tmp_
     hit = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert hit["cached"] and Path(hit["map_dir"]).is_relative_to(b)
     assert hit["sha256"] == {k: v for k, v in manifest["artifacts"].items() if k in hit["sha256"]}
+
+
+@contextlib.contextmanager
+def _dask_workers(address: str, names: str, base: Path, s3: dict[str, str]) -> Iterator[dict[str, Path]]:
+    """Dask workers as separate processes, each with its own working folder and map mirror ("machines")."""
+    procs, caches = [], {}
+    try:
+        for name in names:
+            folder = base / f"worker-{name}"
+            folder.mkdir()
+            env = {**os.environ, **s3, "MAPTOOLS_CACHE": str(folder / "cache")}
+            procs.append(servers.start(env, base / f"worker-{name}.log", DASK, "worker", address, "--name", name,
+                                       "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", cwd=folder))
+            caches[name] = folder / "cache"
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(len(names), timeout=120)
+        yield caches
+    finally:
+        for proc in procs:
+            servers.stop(proc)
+
+
+def test_a_sweep_on_a_multi_worker_cluster_keeps_its_maps_on_the_store(prefect_server, small_cnn, s3_env, tmp_path,
+                                                                       monkeypatch) -> None:
+    from distributed import Client
+
+    from maptools_flows.sweep import run_sweep
+    from tests.test_sweep import config
+
+    monkeypatch.setenv("MAPTOOLS_CACHE", str(tmp_path / "flow-machine"))
+    url = f"s3://{new_bucket()}/lab"
+    port = servers.free_port()
+    scheduler = servers.start({**os.environ}, tmp_path / "scheduler.log", DASK, "scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--no-dashboard")
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        def names_of(client: Client) -> dict[str, str]:
+            return {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+        with _dask_workers(address, "ab", tmp_path, s3_env) as caches, Client(address) as client:
+            first = run_sweep(config(small_cnn, url, address, bits=[4, 8], algorithms=["percentile", "minmax"]))
+            workers = names_of(client)
+        assert all(r["status"] == "completed" and not r["cached"] for r in first.rows), first.rows
+        assert {workers[r["worker"]] for r in first.rows} == {"a", "b"}
+        for row in first.rows:  # each point's map came back to the worker that ran it, from the store
+            assert Path(row["map_dir"]).is_relative_to(caches[workers[row["worker"]]])
+
+        # new machines with empty mirrors: every point is a cache hit on what others computed, fetched from the store
+        with _dask_workers(address, "cd", tmp_path, s3_env) as caches, Client(address) as client:
+            again = run_sweep(config(small_cnn, url, address, bits=[4, 8], algorithms=["percentile", "minmax"]))
+            workers = names_of(client)
+        assert all(r["status"] == "completed" and r["cached"] for r in again.rows), again.rows
+        assert [r["rel_l2"] for r in again.rows] == [r["rel_l2"] for r in first.rows]
+        for row in again.rows:
+            assert Path(row["map_dir"]).is_relative_to(caches[workers[row["worker"]]])
+            assert StoreMapFolder(row["mapname"], url).open().verify()["artifacts"]["quantinfo.pkl"]
+    finally:
+        servers.stop(scheduler)
+    store = StoreMapFolder("any", url).store
+    assert store.fs.exists(store.join("sweeps", "t", "results.csv"))
