@@ -135,9 +135,9 @@ def test_transient_fault_is_retried(fault, prefect_server, raw_model, tmp_path, 
 
 def test_a_missing_bucket_fails_once_without_retry(prefect_server, raw_model, tmp_path, s3_env,
                                                    quantize_calls) -> None:
-    with pytest.raises(StorageError, match="bucket 'no-such-bucket' .* does not exist"):
+    with pytest.raises(StorageError, match="bucket .*no-such-bucket.* does not exist"):
         run(raw_model, "s3://no-such-bucket/maps")
-    assert len(quantize_calls) == 1
+    assert not quantize_calls  # refused while preparing the model, which would go to the store
 
 
 def test_bad_input_fails_once_without_retry(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
