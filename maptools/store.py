@@ -100,7 +100,9 @@ def store_errors(what: str, url: str) -> Iterator[None]:
         if isinstance(e, PermissionError):
             raise StorageError(f"cannot {what}: access to {url} denied ({e}).",
                                "use credentials that may read and write that bucket and prefix.") from e
-        if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+        if isinstance(e, FileNotFoundError):
+            if "bucket" not in str(e).lower():
+                raise  # a missing object: the caller decides (a version removed while it was read is read again)
             raise StorageError(f"cannot {what}: the bucket of {url} does not exist.",
                                "create it (e.g. `aws s3 mb s3://BUCKET`) or fix output_root.") from e
         if isinstance(e, OSError):
@@ -258,10 +260,14 @@ class StoreMapFolder(MapFolder):
                                     "re-run quantize with this output_root; do not edit the store by hand.")
             atomic_write(stage / MANIFEST, manifest)
             version = MapVersion(self.mapname, stage)
-            for name, digest in version.record().artifacts.items():
+            artifacts = version.record().artifacts
+            names = sorted(artifacts)
+            with store_errors(f"download map {self.mapname!r}", self.url):  # concurrently
+                self.store.fs.get([f"{source}/{n}" for n in names], [str(version.file(n)) for n in names])
+            for name, digest in artifacts.items():
                 target = version.file(name)
-                with store_errors(f"download {name} of map {self.mapname!r}", self.url):
-                    self.store.fs.get_file(f"{source}/{name}", str(target))
+                if not target.is_file():
+                    raise FileNotFoundError(f"{source}/{name}")
                 if sha256_file(target) != digest:
                     raise ArtifactError(f"{self.url}/versions/{pointer['version']}/{name} does not match the sha256 "
                                         "in its manifest.", "re-run quantize with this output_root; do not edit the "
@@ -360,7 +366,7 @@ class StoreMapFolder(MapFolder):
 
     def _upload(self, folder: Path) -> None:
         """Upload the map in ``folder`` as a new version and make it current (under the lock)."""
-        started, size = time.perf_counter(), 0
+        started = time.perf_counter()
         record = parse_manifest(json.loads((folder / MANIFEST).read_text()), str(folder / MANIFEST))
         version = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         target = f"{self.remote}/versions/{version}"
@@ -368,14 +374,17 @@ class StoreMapFolder(MapFolder):
         with store_errors(f"upload map {self.mapname!r}", self.url):
             previous = self._pointer()
             kept = self._artifacts_of(previous)
-            for i, (name, digest) in enumerate(sorted(record.artifacts.items())):
-                if kept.get(name) == digest:
-                    fs.copy(f"{self.remote}/versions/{previous['version']}/{name}", f"{target}/{name}")  # type: ignore[index]
-                else:
-                    fs.put_file(str(folder / name), f"{target}/{name}")
-                    size += (folder / name).stat().st_size
-                if i == 0:
-                    _pause("uploading")
+            same = sorted(name for name, digest in record.artifacts.items() if kept.get(name) == digest)
+            new = sorted(name for name in record.artifacts if name not in same)
+            if same:  # the store copies them itself, concurrently
+                fs.copy([f"{self.remote}/versions/{previous['version']}/{n}" for n in same],  # type: ignore[index]
+                        [f"{target}/{n}" for n in same])
+            if new:
+                fs.put_file(str(folder / new[0]), f"{target}/{new[0]}")
+                _pause("uploading")
+                if new[1:]:
+                    fs.put([str(folder / n) for n in new[1:]], [f"{target}/{n}" for n in new[1:]])  # concurrently
+            size = sum((folder / n).stat().st_size for n in new)
             manifest = (folder / MANIFEST).read_bytes()
             fs.pipe_file(f"{target}/{MANIFEST}", manifest)
             _pause("uploaded")
