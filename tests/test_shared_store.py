@@ -182,3 +182,16 @@ def test_a_sweep_on_a_multi_worker_cluster_keeps_its_maps_on_the_store(prefect_s
         servers.stop(scheduler)
     store = StoreMapFolder("any", url).store
     assert store.fs.exists(store.join("sweeps", "t", "results.csv"))
+
+
+def test_a_result_storage_block_that_reads_pickles_is_refused(lab, tmp_path) -> None:
+    env = {**lab["machines"]["a"]["env"], "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/plain"}
+    code = ("from prefect.filesystems import LocalFileSystem\n"
+            f"LocalFileSystem(basepath={str(tmp_path)!r}).save('plain', overwrite=True)\n"
+            "from maptools_flows.quantize_model import quantize_model\n"
+            "quantize_model('example:small_cnn', {'input': [1, 3, 32, 32]}, 'plain', calib_steps=8, device='cpu')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "LocalFileSystem, which would read back pickled results" in done.stderr, done.stderr[-3000:]
+    assert "maptools results-storage" in done.stderr and not (tmp_path / "mapsave").exists()

@@ -172,3 +172,23 @@ def test_concurrent_writers_of_one_map_take_turns(small_cnn, s3_env, tmp_path, m
     manifest = folder.open().verify()
     assert manifest["artifacts"] in (results[0].sha256, results[1].sha256)
     assert len(folder.versions()) == 2 and not folder.store.fs.exists(f"{folder.remote}/.lock")
+
+
+def test_the_command_line_takes_a_store_url(small_cnn, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from maptools_flows.cli import app
+
+    runner = CliRunner()
+    url = f"memory://lab-{uuid.uuid4().hex[:8]}/cim"
+    _machine(monkeypatch, tmp_path, "a")
+    done = runner.invoke(app, ["quantize", str(small_cnn), "--input-shape", "input=1,3,32,32", "--mapname", "cli",
+                               "--calib-steps", "8", "--device", "cpu", "--output-root", url])
+    assert done.exit_code == 0, done.output
+    _machine(monkeypatch, tmp_path, "b")
+    assert runner.invoke(app, ["convert", "--mapname", "cli", "--output-root", url]).exit_code == 0
+    ran = runner.invoke(app, ["simulate", "--mapname", "cli", "--output-root", url, "--input", "random"])
+    assert ran.exit_code == 0, ran.output
+    assert "operator_graph.json" in read_manifest("cli", url)["artifacts"]
+    missing = runner.invoke(app, ["convert", "--mapname", "nope", "--output-root", url])
+    assert missing.exit_code != 0 and "does not exist on the store" in " ".join(missing.output.split())
