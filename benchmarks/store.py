@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +33,12 @@ from maptools import quantize  # noqa: E402
 from maptools.examples import RESNET18_SHAPES, resnet18_onnx  # noqa: E402
 from maptools.mapfolder import MapFolder  # noqa: E402
 from maptools.store import StoreMapFolder  # noqa: E402
+from benchmarks.crossbar import _median  # noqa: E402
 from tests.s3 import new_bucket, start_s3_server  # noqa: E402
 
 
-def median_seconds(rounds: int, step: Callable[[], None]) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def median_seconds(rounds: int, step: Callable[[], Any]) -> float:
+    return _median(step, rounds)
 
 
 def main() -> None:

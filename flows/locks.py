@@ -21,21 +21,12 @@ from prefect.settings import PREFECT_HOME
 from prefect.types._datetime import now
 
 from maptools.mapfolder import atomic_write
+from maptools.store import holder_alive
 
 __all__ = ["LiveLockManager", "LOCKS", "LEASE_SECONDS"]
 
 #: How long a lock holds without its holder renewing it, when the caller gives no hold timeout.
 LEASE_SECONDS = 6 * 3600
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LiveLockManager(FileSystemLockManager):
@@ -54,8 +45,7 @@ class LiveLockManager(FileSystemLockManager):
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         info: dict[str, Any] | None = self._get_lock_info(key, use_cache=use_cache)
-        if info is not None and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
-                and not _alive(info["pid"]):
+        if info is not None and not holder_alive(info.get("host"), info.get("pid")):
             Path(info["path"]).unlink(missing_ok=True)  # its holder was killed: the lock is free
             self._locks.pop(key, None)
             return False

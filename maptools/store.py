@@ -51,7 +51,8 @@ from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, 
 from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file
 from maptools.manifest import parse_manifest
 
-__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "put_blob", "get_blob", "LEASE_SECONDS",
+__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "put_blob", "get_blob",
+           "holder_alive", "LEASE_SECONDS",
            "LOCK_WAIT_SECONDS"]
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ def get_blob(url: str, sha256: str, target: Path) -> Path:
     return target
 
 
-def _alive(host: str, pid: Any) -> bool:
+def holder_alive(host: Any, pid: Any) -> bool:
+    """Whether the process ``pid`` on ``host`` may still run: False only for a process of this host that is gone."""
     if host != socket.gethostname() or not isinstance(pid, int):
         return True  # another machine's process: only its lease tells
     try:
@@ -329,7 +331,7 @@ class StoreMapFolder(MapFolder):
         """Replace a lock whose holder died or whose lease ran out; False while it is live or another won it."""
         info, etag = held
         expires = info.get("expires")
-        if isinstance(expires, int | float) and expires > time.time() and _alive(info.get("host", ""), info.get("pid")):
+        if isinstance(expires, int | float) and expires > time.time() and holder_alive(info.get("host"), info.get("pid")):
             return False
         log.warning("taking over the lock of map %s from %s pid %s (gone or expired)", self.url, info.get("host"),
                     info.get("pid"))

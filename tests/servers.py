@@ -37,6 +37,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def kill_when_paused(code: str, point: str, folder: Path, **env: str) -> None:
+    """Run ``code`` in a child Python that stops at the write's fault-injection ``point``
+    (``MAPTOOLS_TEST_PAUSE_AT``), then SIGKILL it there."""
+    env = {**os.environ, "MAPTOOLS_TEST_PAUSE_AT": point, "MAPTOOLS_TEST_PAUSE_DIR": str(folder), **env}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    marker = folder / f"{point}.reached"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not marker.exists():
+        child.kill()
+        child.wait()
+        raise AssertionError(f"the child never reached the pause point {point!r}")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
 def prefect_env(home: Path) -> dict[str, str]:
     """The environment of a process that talks to a Prefect server on a free loopback port, with its own
     PREFECT_HOME (and no PREFECT_* setting of this process)."""

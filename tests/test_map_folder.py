@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +15,8 @@ from maptools.artifacts import safe_load_pickle, verify_map
 from maptools.errors import ArtifactError, MapnameError, MaptoolsError, SettingsError, UnsafePickleError
 from maptools.examples import SMALL_CNN_SHAPES
 from maptools.mapfolder import MapFolder
+from tests.servers import kill_when_paused
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quantize(model: Path, root: Path, seed: int = 0, **kwargs):
@@ -37,16 +33,7 @@ def test_a_killed_write_leaves_the_previous_map_and_the_next_write_cleans_up(poi
     before = _quantize(small_cnn, tmp_path, seed=0)
     code = (f"from maptools import quantize\nquantize({SMALL_CNN_SHAPES!r}, 'cpu', {str(small_cnn)!r}, mapname='m', "
             f"calib_steps=8, seed=1, output_root={str(tmp_path)!r})\n")
-    env = {**os.environ, "MAPTOOLS_TEST_PAUSE_AT": point, "MAPTOOLS_TEST_PAUSE_DIR": str(tmp_path)}
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    marker = tmp_path / f"{point}.reached"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "the child never reached the pause point"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_when_paused(code, point, tmp_path)
     # the map is the previous run's, whole
     assert verify_map(tmp_path / "mapsave" / "m")["artifacts"] == before.sha256
     assert read_manifest("m", tmp_path)["settings"]["seed"] == 0

@@ -4,12 +4,7 @@ read back on another "machine" (another local mirror) with hash checks, bad stor
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -24,9 +19,8 @@ from maptools.mapfolder import MapFolder
 from maptools.simulate import simulate
 from maptools.store import StoreMapFolder
 from tests.s3 import new_bucket
-from tests.servers import free_port
+from tests.servers import free_port, kill_when_paused
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quantize(model: Path, root: str | Path, seed: int = 0):
@@ -126,17 +120,7 @@ def test_a_write_killed_during_upload_leaves_the_previous_map_on_the_store(point
     before = _quantize(small_cnn, url, seed=0)
     code = (f"from maptools import quantize\nquantize({SMALL_CNN_SHAPES!r}, 'cpu', {str(small_cnn)!r}, mapname='m', "
             f"calib_steps=8, seed=1, output_root={url!r})\n")
-    env = {**os.environ, "MAPTOOLS_TEST_PAUSE_AT": point, "MAPTOOLS_TEST_PAUSE_DIR": str(tmp_path),
-           "MAPTOOLS_CACHE": str(tmp_path / "machine-killed")}
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    marker = tmp_path / f"{point}.reached"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "the child never reached the pause point"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_when_paused(code, point, tmp_path, MAPTOOLS_CACHE=str(tmp_path / "machine-killed"))
 
     _machine(monkeypatch, tmp_path, "b")
     folder = StoreMapFolder("m", url)
