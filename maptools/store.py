@@ -226,14 +226,17 @@ class StoreMapFolder(MapFolder):
         return data
 
     def current(self) -> Path | None:
-        return self.open().path if self.exists() else None
+        try:
+            return self.open().path
+        except MissingArtifactError:
+            return None
 
     def exists(self) -> bool:
         return self._pointer() is not None
 
     def open(self) -> MapVersion:
         """The store's current version of the map, in the local mirror (downloaded and verified if needed)."""
-        for attempt in range(3):
+        for _ in range(3):
             pointer = self._pointer()
             if pointer is None:
                 raise MissingArtifactError(f"map {self.mapname!r} does not exist on the store ({self.url}/{POINTER}).",
@@ -245,11 +248,11 @@ class StoreMapFolder(MapFolder):
                 return MapVersion(self.mapname, local)
             try:
                 return MapVersion(self.mapname, self._download(pointer))
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
+            except FileNotFoundError as e:  # the version was removed meanwhile (two newer writes): read the new one
+                missing = e
                 log.info("map %s changed on the store while it was read; reading it again", self.url)
-        raise AssertionError("unreachable")
+        raise ArtifactError(f"map {self.url} changed three times while it was read ({missing} disappeared).",
+                            "read it again once its writers are done.")
 
     def _download(self, pointer: Mapping[str, str]) -> Path:
         source = f"{self.remote}/versions/{pointer['version']}"

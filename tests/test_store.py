@@ -176,3 +176,20 @@ def test_the_command_line_takes_a_store_url(small_cnn, tmp_path, monkeypatch) ->
     assert "operator_graph.json" in read_manifest("cli", url)["artifacts"]
     missing = runner.invoke(app, ["convert", "--mapname", "nope", "--output-root", url])
     assert missing.exit_code != 0 and "does not exist on the store" in " ".join(missing.output.split())
+
+
+def test_a_reader_whose_version_is_removed_meanwhile_reads_the_new_one(small_cnn, tmp_path, monkeypatch) -> None:
+    url = f"memory://lab-{uuid.uuid4().hex[:8]}"
+    _machine(monkeypatch, tmp_path, "a")
+    _quantize(small_cnn, url, seed=0)
+    stale = StoreMapFolder("m", url)._pointer()
+    _quantize(small_cnn, url, seed=1)
+    newest = _quantize(small_cnn, url, seed=2)  # removes the seed-0 version (current and previous are kept)
+    _machine(monkeypatch, tmp_path, "b")
+    folder = StoreMapFolder("m", url)
+    assert stale["version"] not in folder.versions()
+    pointers = iter([stale])  # the reader resolved current.json just before the two writes
+    real = folder._pointer
+    monkeypatch.setattr(folder, "_pointer", lambda: next(pointers, None) or real())
+    assert folder.open().verify()["artifacts"] == newest.sha256
+    assert not folder.mirror.stale_staging()  # the failed download left nothing behind
