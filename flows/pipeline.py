@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
+from maptools_flows.credentials import credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
@@ -67,39 +68,43 @@ def map_and_simulate(
     eval_seed: Annotated[int, Field(ge=0, description="Seed of random evaluation inputs.")] = EVAL_SEED,
     psum_samples: Annotated[int, Field(ge=1, le=256, description="Seeded inputs for the observed partial "
                                                                  "sums.")] = 2,
+    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                             "output_root (default: the AWS environment).")] = None,
     refresh: Annotated[bool, Field(description="Recompute even if cached.")] = False,
 ) -> MapAndSimulateResult:
     """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits)
     and loss (output error against the float model and the lossless integer simulation)."""
-    logger = get_run_logger()
-    ensure_result_storage()
-    started, seconds = time.perf_counter(), {}
-    spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
-                                  encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried
-    root = str(resolve_root(output_root))
-    content = convert_map(mapname, root)
-    seconds["convert"] = time.perf_counter() - started
+    with credentials(aws_credentials):
+        logger = get_run_logger()
+        ensure_result_storage()
+        started, seconds = time.perf_counter(), {}
+        spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
+                                      encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried
+        root = str(resolve_root(output_root))
+        content = convert_map(mapname, root)
+        seconds["convert"] = time.perf_counter() - started
 
-    t = time.perf_counter()
-    state = map_crossbars_task.with_options(refresh_cache=refresh)(content, spec, psum_samples, 0, return_state=True)
-    mapped: CrossbarMap = state.result()
-    cached = state.name == "Cached"
-    if cached and not crossbar_file_current(content, mapped):
-        logger.warning("the cached crossbar map of %s is no longer in the map; mapping again", mapname)
-        mapped, cached = map_crossbars_task.with_options(refresh_cache=True)(content, spec, psum_samples, 0), False
-    seconds["map"] = time.perf_counter() - t
+        t = time.perf_counter()
+        state = map_crossbars_task.with_options(refresh_cache=refresh)(content, spec, psum_samples, 0,
+                                                                       return_state=True)
+        mapped: CrossbarMap = state.result()
+        cached = state.name == "Cached"
+        if cached and not crossbar_file_current(content, mapped):
+            logger.warning("the cached crossbar map of %s is no longer in the map; mapping again", mapname)
+            mapped, cached = map_crossbars_task.with_options(refresh_cache=True)(content, spec, psum_samples, 0), False
+        seconds["map"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    evaluation = EvaluationSpec(eval_set, sha256_file(eval_set) if eval_set else None, samples, eval_seed)
-    estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
-    error: CrossbarError = estate.result()
-    seconds["simulate"] = time.perf_counter() - t
-    publish_crossbar_report(mapname, mapped, error)
-    seconds["total"] = time.perf_counter() - started
-    logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
-                "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
-                error.rel_l2, error.integer_rel_l2)
-    return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
+        t = time.perf_counter()
+        evaluation = EvaluationSpec(eval_set, sha256_file(eval_set) if eval_set else None, samples, eval_seed)
+        estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
+        error: CrossbarError = estate.result()
+        seconds["simulate"] = time.perf_counter() - t
+        publish_crossbar_report(mapname, mapped, error)
+        seconds["total"] = time.perf_counter() - started
+        logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
+                    "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
+                    error.rel_l2, error.integer_rel_l2)
+        return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
 
 
 @flow(name="quantize-map-simulate", persist_result=True, result_serializer=SERIALIZER)
@@ -118,17 +123,20 @@ def quantize_map_simulate(
     dac_bits: Annotated[int, Field(ge=1, le=8)] = 1,
     encoding: Literal["differential", "offset"] = "differential",
     samples: Annotated[int, Field(ge=1, le=10000)] = 32,
+    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                             "output_root (default: the AWS environment).")] = None,
     eval_set: str | None = None,
 ) -> PipelineResult:
     """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
-    CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding)
-    quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
-                                                    calib_steps=calib_steps, device=device, bit_width=bit_width,
-                                                    output_root=output_root)
-    crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
-                                 cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
-                                 samples=samples, eval_set=eval_set)
-    return PipelineResult(quantized, crossbars)
+    with credentials(aws_credentials):
+        CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding)
+        quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
+                                                        calib_steps=calib_steps, device=device, bit_width=bit_width,
+                                                        output_root=output_root, aws_credentials=aws_credentials)
+        crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
+                                     cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
+                                     samples=samples, eval_set=eval_set, aws_credentials=aws_credentials)
+        return PipelineResult(quantized, crossbars)
 
 
 @flow(name="quantize-and-simulate", persist_result=True, result_serializer=SERIALIZER)
@@ -141,15 +149,18 @@ def quantize_and_simulate(
     device: str = "auto",
     bit_width: Annotated[int, Field(ge=2, le=8)] = 8,
     output_root: str | None = None,
+    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                             "output_root (default: the AWS environment).")] = None,
     samples: Annotated[int, Field(ge=1, le=256, description="Random inputs for the simulation.")] = 4,
 ) -> dict[str, Any]:
     """Quantize (subflow), then run the integer re-simulation on the map the subflow returned."""
-    result: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
-                                                 calib_steps=calib_steps, device=device, bit_width=bit_width,
-                                                 output_root=output_root)
-    root = str(result.quantization.output_root)
-    return {"mapname": result.mapname, "map_dir": result.map_dir,
-            "simulation": simulate_map(result.mapname, root, samples)}
+    with credentials(aws_credentials):
+        result: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
+                                                     calib_steps=calib_steps, device=device, bit_width=bit_width,
+                                                     output_root=output_root, aws_credentials=aws_credentials)
+        root = str(result.quantization.output_root)
+        return {"mapname": result.mapname, "map_dir": result.map_dir,
+                "simulation": simulate_map(result.mapname, root, samples)}
 
 
 def _upstream_result(upstream_run: str) -> QuantizeModelResult:
@@ -172,15 +183,18 @@ def simulate_quantized_run(
     samples: Annotated[int, Field(ge=1, le=256)] = 4,
     xbar: str = "256x256",
     cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
+    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                             "output_root (default: the AWS environment).")] = None,
     adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
 ) -> dict[str, Any]:
     """Event-triggered downstream stage: simulate the map a completed quantize-model run produced, then map
     it onto crossbars and simulate it there (``map-and-simulate`` as a subflow)."""
-    result = _upstream_result(upstream_run)
-    get_run_logger().info("upstream run %s quantized map %s", upstream_run, result.mapname)
-    root = str(result.quantization.output_root)
-    summary = simulate_map(result.mapname, root, samples)
-    crossbars = map_and_simulate(result.mapname, root, xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits,
-                                 samples=samples)
-    return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary,
-            "crossbars": crossbars.summary()}
+    with credentials(aws_credentials):
+        result = _upstream_result(upstream_run)
+        get_run_logger().info("upstream run %s quantized map %s", upstream_run, result.mapname)
+        root = str(result.quantization.output_root)
+        summary = simulate_map(result.mapname, root, samples)
+        crossbars = map_and_simulate(result.mapname, root, xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits,
+                                     samples=samples, aws_credentials=aws_credentials)
+        return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary,
+                "crossbars": crossbars.summary()}

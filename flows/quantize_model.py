@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from maptools_flows.credentials import credentials
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
 from maptools.artifacts import output_location as resolve_root
@@ -82,6 +83,8 @@ def quantize_model(
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
                         ] = True,
+    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                             "output_root (default: the AWS environment).")] = None,
     refresh: Annotated[bool, Field(description="Recompute even if a cached result exists.")] = False,
     run_conversion: Annotated[bool, Field(description="Build the operator graph after quantizing.")] = True,
 ) -> QuantizeModelResult:
@@ -90,66 +93,67 @@ def quantize_model(
     Quantization is cached on content (model bytes, calibration data, settings, code): a rerun
     with the same inputs returns the previous artifacts after checking their sha256.
     """
-    logger = get_run_logger()
-    ensure_result_storage()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    # Bad settings fail here, once, before any work (they are never retried).
-    budget = None
-    limits = {"output_error": max_output_error, "error_ratio": max_error_ratio, "weight_bytes": max_weight_bytes}
-    if bit_width == "auto" or any(v is not None for v in limits.values()):
-        if bit_width != "auto":
-            raise SettingsError("max_output_error / max_error_ratio / max_weight_bytes apply to bit_width='auto' "
-                                "only.", "pass bit_width='auto', or drop the budget.")
-        budget = Budget.of({k: v for k, v in limits.items() if v is not None}).to_json()
-    bits = max(Budget.of(budget).weight_choices) if budget else bit_width
-    QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
-                  calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
-                  scale_policy=scale_policy, shared_scales=shared_scales)
-    validate_mapname(mapname)
-    resolved_device = resolve_device(device)
-    root = str(resolve_root(output_root))
+    with credentials(aws_credentials):
+        logger = get_run_logger()
+        ensure_result_storage()
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        # Bad settings fail here, once, before any work (they are never retried).
+        budget = None
+        limits = {"output_error": max_output_error, "error_ratio": max_error_ratio, "weight_bytes": max_weight_bytes}
+        if bit_width == "auto" or any(v is not None for v in limits.values()):
+            if bit_width != "auto":
+                raise SettingsError("max_output_error / max_error_ratio / max_weight_bytes apply to bit_width='auto' "
+                                    "only.", "pass bit_width='auto', or drop the budget.")
+            budget = Budget.of({k: v for k, v in limits.items() if v is not None}).to_json()
+        bits = max(Budget.of(budget).weight_choices) if budget else bit_width
+        QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
+                      calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
+                      scale_policy=scale_policy, shared_scales=shared_scales)
+        validate_mapname(mapname)
+        resolved_device = resolve_device(device)
+        root = str(resolve_root(output_root))
 
-    t = time.perf_counter()
-    model = prepare_model(onnx_path, input_shapes, simplify, root)
-    seconds["prepare"] = time.perf_counter() - t
-    logger.info("prepared %s -> %s: %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
-                model.path, "; ".join(model.steps) or "nothing to change", model.max_abs_diff)
-    if calib is None or calib == "random":
-        logger.warning("calibrating on seeded random data: fine for trying the pipeline, not for accuracy; "
-                       "pass calib=<folder of real samples>")
-    t = time.perf_counter()
-    calibration = build_calibset(calib, input_shapes, calib_steps, seed)
-    seconds["calibset"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model = prepare_model(onnx_path, input_shapes, simplify, root)
+        seconds["prepare"] = time.perf_counter() - t
+        logger.info("prepared %s -> %s: %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
+                    model.path, "; ".join(model.steps) or "nothing to change", model.max_abs_diff)
+        if calib is None or calib == "random":
+            logger.warning("calibrating on seeded random data: fine for trying the pipeline, not for accuracy; "
+                           "pass calib=<folder of real samples>")
+        t = time.perf_counter()
+        calibration = build_calibset(calib, input_shapes, calib_steps, seed)
+        seconds["calibset"] = time.perf_counter() - t
 
-    args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
-                calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
-                seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
-                scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads)
-    t = time.perf_counter()
-    state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
-    if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):
-        logger.warning("quantization on %s failed after retries (%s); device='auto' allows falling back to cpu",
-                       resolved_device, state.result(raise_on_failure=False))
-        state = run_quantization.with_options(refresh_cache=True)(**{**args, "device": "cpu"}, return_state=True)
-    result: QuantizationResult = state.result()
-    cached = state.name == "Cached"
-    here = located(result) if cached else result  # a hit may come from another machine: checked (and fetched) here
-    if here is None:
-        logger.warning("cached artifacts of %s in %s are missing or changed; recomputing", mapname, result.map_dir)
-        result = run_quantization.with_options(refresh_cache=True)(**args)
-        cached = False
-    else:
-        result = here
-    seconds["quantize"] = time.perf_counter() - t
+        args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
+                    calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
+                    seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
+                    scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads)
+        t = time.perf_counter()
+        state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
+        if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):
+            logger.warning("quantization on %s failed after retries (%s); device='auto' allows falling back to cpu",
+                           resolved_device, state.result(raise_on_failure=False))
+            state = run_quantization.with_options(refresh_cache=True)(**{**args, "device": "cpu"}, return_state=True)
+        result: QuantizationResult = state.result()
+        cached = state.name == "Cached"
+        here = located(result) if cached else result  # a hit may come from another machine: checked (and fetched) here
+        if here is None:
+            logger.warning("cached artifacts of %s in %s are missing or changed; recomputing", mapname, result.map_dir)
+            result = run_quantization.with_options(refresh_cache=True)(**args)
+            cached = False
+        else:
+            result = here
+        seconds["quantize"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    converted = convert(result) if run_conversion else None
-    if converted is not None and not has_artifact(mapname, root, GRAPH_FILE):
-        converted = convert.with_options(refresh_cache=True)(result)
-    seconds["convert"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - started
-    publish_report(result, seconds)
-    logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")
-    return QuantizeModelResult(mapname=mapname, model=model, calibration=calibration, quantization=result,
-                               conversion=converted, quantization_cached=cached, seconds=seconds)
+        t = time.perf_counter()
+        converted = convert(result) if run_conversion else None
+        if converted is not None and not has_artifact(mapname, root, GRAPH_FILE):
+            converted = convert.with_options(refresh_cache=True)(result)
+        seconds["convert"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - started
+        publish_report(result, seconds)
+        logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")
+        return QuantizeModelResult(mapname=mapname, model=model, calibration=calibration, quantization=result,
+                                   conversion=converted, quantization_cached=cached, seconds=seconds)

@@ -222,7 +222,8 @@ def quantize(
         min=1, show_default=False, help="torch threads while PPQ runs.  [default: the cores that are free when "
                                         "the run starts]")] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.  [default: $MAPTOOLS_HOME, else "
+             "the current folder]",
         show_default=False)] = None,
 ) -> None:
     """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
@@ -378,7 +379,8 @@ def convert(
         help="The ONNX model that was quantized.  [default: the model recorded in the map's manifest]",
         show_default=False, metavar="MODEL.onnx")] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
+             "current folder]",
         show_default=False)] = None,
 ) -> None:
     """Build the operator graph of a quantized map (quantinfo attached) and write mapsave/NAME/operator_graph.json."""
@@ -417,7 +419,8 @@ def map_command(
                                                        ".npy/.npz file of real samples (batch first).")] = "random",
     samples: Annotated[int, typer.Option(min=1, help="Random inputs for the observed partial sums.")] = 2,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
+             "current folder]",
         show_default=False)] = None,
 ) -> None:
     """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
@@ -455,7 +458,8 @@ def simulate(
     encoding: _ENC = "differential",
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the current folder]",
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
+             "current folder]",
         show_default=False)] = None,
 ) -> None:
     """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo),

@@ -24,7 +24,8 @@ One map on the store, under ``<url>/mapsave/<mapname>/``::
   writers cannot both take it over.
 
 Credentials come from the store's own configuration (for S3: the AWS environment variables, profiles
-or instance roles; ``AWS_ENDPOINT_URL`` for an S3-compatible server); none is written into a map.
+or instance roles; ``AWS_ENDPOINT_URL`` for an S3-compatible server), or from :func:`store_options`
+for the code run inside it (the flows' ``aws_credentials`` block); none is written into a map.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,8 @@ from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, 
 from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file
 from maptools.manifest import parse_manifest
 
-__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "put_blob", "get_blob",
-           "holder_alive", "LEASE_SECONDS",
+__all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "store_options", "put_blob",
+           "get_blob", "holder_alive", "LEASE_SECONDS",
            "LOCK_WAIT_SECONDS"]
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,23 @@ _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutEr
                 "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
 
 
+_OPTIONS: ContextVar[Mapping[str, Any]] = ContextVar("maptools_store_options", default={})
+
+
+@contextlib.contextmanager
+def store_options(**options: Any) -> Iterator[None]:
+    """fsspec storage options (s3fs: ``key``, ``secret``, ``token``, ``profile``, ``endpoint_url``,
+    ``client_kwargs``) for every store opened inside this block, in this thread or task only (a context
+    variable: nothing process-wide changes). They are never written anywhere."""
+    token = _OPTIONS.set({**_OPTIONS.get(), **options})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
 def is_url(root: str | Path | None) -> bool:
-    """Whether ``root`` names a store (``s3://``, ``memory://``, ...) rather than a local path (``file://`` is local)."""
+    """Whether ``root`` names a store (``s3://``, ``memory://``, ...), not a local path (``file://`` is local)."""
     match = _URL.match(root) if isinstance(root, str) else None
     return match is not None and match["scheme"].lower() != "file"
 
@@ -107,7 +124,8 @@ def store_errors(what: str, url: str) -> Iterator[None]:
             raise StorageError(f"cannot {what}: the bucket of {url} does not exist.",
                                "create it (e.g. `aws s3 mb s3://BUCKET`) or fix output_root.") from e
         if isinstance(e, OSError):
-            raise StorageError(f"cannot {what} on {url}: {e}.", "check output_root and the store, and run again.") from e
+            raise StorageError(f"cannot {what} on {url}: {e}.",
+                               "check output_root and the store, and run again.") from e
         raise
 
 
@@ -122,7 +140,7 @@ class Store:
     @classmethod
     def of(cls, url: str) -> Store:
         with store_errors("open the store", url):
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = fsspec.core.url_to_fs(url, **_OPTIONS.get())
         return cls(url.rstrip("/"), fs, path.rstrip("/"))
 
     def join(self, *parts: str) -> str:
@@ -334,7 +352,8 @@ class StoreMapFolder(MapFolder):
         """Replace a lock whose holder died or whose lease ran out; False while it is live or another won it."""
         info, etag = held
         expires = info.get("expires")
-        if isinstance(expires, int | float) and expires > time.time() and holder_alive(info.get("host"), info.get("pid")):
+        live = isinstance(expires, int | float) and expires > time.time()
+        if live and holder_alive(info.get("host"), info.get("pid")):
             return False
         log.warning("taking over the lock of map %s from %s pid %s (gone or expired)", self.url, info.get("host"),
                     info.get("pid"))

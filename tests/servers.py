@@ -112,3 +112,10 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[Any]:
 
     with client(env) as c:
         return c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+
+
+def flow_runs_of(env: dict[str, str], flow: str) -> list[Any]:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with client(env) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])))

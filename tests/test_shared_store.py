@@ -195,3 +195,44 @@ def test_a_result_storage_block_that_reads_pickles_is_refused(lab, tmp_path) -> 
     assert done.returncode != 0
     assert "LocalFileSystem, which would read back pickled results" in done.stderr, done.stderr[-3000:]
     assert "maptools results-storage" in done.stderr and not (tmp_path / "mapsave").exists()
+
+
+def test_credentials_from_an_aws_credentials_block(lab, tmp_path, monkeypatch) -> None:
+    """A flow run whose process has no AWS credentials at all reads and writes the store with a prefect-aws
+    AwsCredentials block's; the keys appear in no map, manifest or flow parameter."""
+    s3 = {k: v for k, v in lab["env"].items() if k.startswith("AWS_")}
+    env = {k: v for k, v in lab["machines"]["a"]["env"].items()
+           if not k.startswith("AWS_") and k != "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", MAPTOOLS_CACHE=str(tmp_path / "cache"))
+    url = f"s3://{lab['bucket']}/with-block"
+    code = ("from prefect_aws import AwsCredentials\n"
+            "from prefect_aws.client_parameters import AwsClientParameters\n"
+            f"AwsCredentials(aws_access_key_id={s3['AWS_ACCESS_KEY_ID']!r}, "
+            f"aws_secret_access_key={s3['AWS_SECRET_ACCESS_KEY']!r}, region_name='us-east-1', "
+            f"aws_client_parameters=AwsClientParameters(endpoint_url={s3['AWS_ENDPOINT_URL']!r})"
+            ").save('lab-s3', overwrite=True)\n"
+            "from maptools_flows.quantize_model import quantize_model\n"
+            f"r = quantize_model('example:small_cnn', {{'input': [1, 3, 32, 32]}}, 'keyed', calib_steps=8, "
+            f"device='cpu', output_root={url!r}, aws_credentials='lab-s3')\n"
+            "print('MAPDIR', r.map_dir)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MAPTOOLS_CACHE", str(tmp_path / "reader"))
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    folder = StoreMapFolder("keyed", url)
+    manifest = folder.open().verify()
+    assert "operator_graph.json" in manifest["artifacts"]
+    secret = s3["AWS_SECRET_ACCESS_KEY"]
+    assert not [p for p in folder.path.resolve().iterdir() if secret.encode() in p.read_bytes()]
+    (run,) = [r for r in servers.flow_runs_of(env, "quantize-model") if r.parameters.get("mapname") == "keyed"]
+    assert run.parameters["aws_credentials"] == "lab-s3" and secret not in json.dumps(run.parameters)
+
+    failed = subprocess.run([sys.executable, "-c", code.replace("aws_credentials='lab-s3'", "")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "no credentials" in failed.stderr  # without the block, the store refuses
