@@ -129,12 +129,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 
 
 @pytest.fixture
-def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """This test's process talks to the session's S3 server (fresh clients: fsspec caches them by arguments)."""
+def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """This test's process talks to the session's S3 server (fresh clients: fsspec caches them by arguments),
+    with its map mirror in the test's folder (not ~/.cache)."""
     import s3fs
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MAPTOOLS_CACHE", str(tmp_path / "maptools-cache"))
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
