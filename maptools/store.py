@@ -21,7 +21,8 @@ One map on the store, under ``<url>/mapsave/<mapname>/``::
   ``mode="create"``): one writer wins, on any number of machines, with no Prefect server needed (the
   library and Dask workers write maps too). It records holder, host, pid and a lease; a lock whose
   holder died (same host) or whose lease ran out is taken over with ``If-Match`` on its ETag, so two
-  writers cannot both take it over.
+  writers cannot both take it over. The holder renews its lease while it writes, so a writer that
+  died on another machine blocks the map for one lease (:data:`LEASE_SECONDS`) at most.
 
 Credentials come from the store's own configuration (for S3: the AWS environment variables, profiles
 or instance roles; ``AWS_ENDPOINT_URL`` for an S3-compatible server), or from :func:`store_options`
@@ -38,9 +39,10 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +62,9 @@ __all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "
 log = logging.getLogger(__name__)
 
 POINTER = "current.json"
-#: how long a lock holds without its holder finishing (a map upload takes seconds)
-LEASE_SECONDS = 15 * 60
+#: how long a lock holds unless its holder renews it (it does, every third of this, while it writes): a
+#: writer that died on another machine blocks the map this long at most
+LEASE_SECONDS = 60.0
 #: how long a writer waits for another writer of the same map before giving up
 LOCK_WAIT_SECONDS = 20 * 60
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
@@ -311,17 +314,20 @@ class StoreMapFolder(MapFolder):
         path, token = f"{self.remote}/.lock", uuid.uuid4().hex
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         fs = self.store.fs
+
+        def record() -> bytes:
+            return json.dumps({"holder": token, "host": socket.gethostname(), "pid": os.getpid(),
+                               "expires": time.time() + LEASE_SECONDS}).encode()
+
         with store_errors(f"lock map {self.mapname!r}", self.url):
             while True:
-                record = json.dumps({"holder": token, "host": socket.gethostname(), "pid": os.getpid(),
-                                     "expires": time.time() + LEASE_SECONDS}).encode()
                 try:
-                    fs.pipe_file(path, record, mode="create")
+                    fs.pipe_file(path, record(), mode="create")
                     break
                 except FileExistsError:
                     pass
                 held = self._lock_record(path)
-                if held is not None and self._take_over(path, held, record):
+                if held is not None and self._take_over(path, held, record()):
                     break
                 if time.monotonic() > deadline:
                     info = held[0] if held else {}
@@ -329,13 +335,34 @@ class StoreMapFolder(MapFolder):
                                        f"{info.get('pid')} for longer than {LOCK_WAIT_SECONDS} s.",
                                        f"wait for that write to finish; if it is gone, delete {self.url}/.lock.")
                 time.sleep(0.1 + 0.3 * random.random())
+        stop = threading.Event()
+        renewal = threading.Thread(target=self._renew, args=(path, token, record, stop), daemon=True,
+                                   name=f"maptools-lock-{self.mapname}")
+        renewal.start()
         try:
             yield
         finally:
+            stop.set()
+            renewal.join()
             with contextlib.suppress(Exception):
                 held = self._lock_record(path)
                 if held is not None and held[0].get("holder") == token:
                     fs.rm_file(path)
+
+    def _renew(self, path: str, token: str, record: Callable[[], bytes], stop: threading.Event) -> None:
+        """Extend the lease of the lock ``token`` holds every third of a lease, until ``stop``."""
+        while not stop.wait(LEASE_SECONDS / 3):
+            try:
+                held = self._lock_record(path)
+                if held is None or held[0].get("holder") != token:
+                    log.warning("the lock of map %s was taken over while this write held it", self.url)
+                    return
+                if self.store.s3 and held[1]:
+                    self.store.fs.pipe_file(path, record(), IfMatch=held[1])
+                else:
+                    self.store.fs.pipe_file(path, record())
+            except Exception as e:  # the next renewal tries again; the lease covers two misses
+                log.warning("could not renew the lock of map %s: %s", self.url, e)
 
     def _lock_record(self, path: str) -> tuple[dict[str, Any], str | None] | None:
         try:

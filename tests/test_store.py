@@ -4,7 +4,9 @@ read back on another "machine" (another local mirror) with hash checks, bad stor
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -193,3 +195,32 @@ def test_a_reader_whose_version_is_removed_meanwhile_reads_the_new_one(small_cnn
     monkeypatch.setattr(folder, "_pointer", lambda: next(pointers, None) or real())
     assert folder.open().verify()["artifacts"] == newest.sha256
     assert not folder.mirror.stale_staging()  # the failed download left nothing behind
+
+
+def test_a_lock_from_another_machine_holds_for_its_lease_and_is_renewed(s3_env, monkeypatch) -> None:
+    import maptools.store as store_module
+
+    url = f"s3://{new_bucket()}/lab"
+    folder = StoreMapFolder("m", url)
+    lock = f"{folder.remote}/.lock"
+    fs = folder.store.fs
+
+    def held_elsewhere(expires: float) -> None:
+        fs.pipe_file(lock, json.dumps({"holder": "x", "host": "another-machine", "pid": 1,
+                                       "expires": expires}).encode())
+
+    monkeypatch.setattr(store_module, "LOCK_WAIT_SECONDS", 1.0)
+    held_elsewhere(time.time() + 600)  # live: only its lease tells, the pid is on another host
+    with pytest.raises(StorageError, match="locked by another-machine pid 1"):
+        with folder.lock():
+            pass
+    held_elsewhere(time.time() - 1)  # its lease ran out: the writer died there
+    with folder.lock():
+        assert json.loads(fs.cat_file(lock))["host"] != "another-machine"
+    assert not fs.exists(lock)
+
+    monkeypatch.setattr(store_module, "LEASE_SECONDS", 0.6)
+    with folder.lock():
+        time.sleep(2.0)  # three leases: renewed, never lapsed
+        record = json.loads(fs.cat_file(lock))
+        assert record["expires"] > time.time() and record["pid"] == os.getpid()
