@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from maptools.errors import SettingsError
 from maptools.store import store_options
 
-__all__ = ["aws_store_options", "credentials"]
+__all__ = ["AwsCredentialsBlock", "aws_store_options", "credentials"]
+
+#: The flows' ``aws_credentials`` parameter: the name of an AwsCredentials block document, never the keys.
+AwsCredentialsBlock = Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
+                                                              "output_root (default: the AWS environment).")]
 
 
 def aws_store_options(block: str) -> dict[str, Any]:

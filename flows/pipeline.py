@@ -20,15 +20,14 @@ from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
-from maptools_flows.credentials import credentials
+from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec
 from maptools import simulate as integer_simulation
-from maptools.artifacts import sha256_file
-from maptools.artifacts import output_location as resolve_root
+from maptools.artifacts import output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar_error import CrossbarError
 from maptools.evaluation import EVAL_SEED
@@ -68,9 +67,8 @@ def map_and_simulate(
     eval_seed: Annotated[int, Field(ge=0, description="Seed of random evaluation inputs.")] = EVAL_SEED,
     psum_samples: Annotated[int, Field(ge=1, le=256, description="Seeded inputs for the observed partial "
                                                                  "sums.")] = 2,
-    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
-                                                             "output_root (default: the AWS environment).")] = None,
     refresh: Annotated[bool, Field(description="Recompute even if cached.")] = False,
+    aws_credentials: AwsCredentialsBlock = None,
 ) -> MapAndSimulateResult:
     """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits)
     and loss (output error against the float model and the lossless integer simulation)."""
@@ -80,7 +78,7 @@ def map_and_simulate(
         started, seconds = time.perf_counter(), {}
         spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
                                       encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried
-        root = str(resolve_root(output_root))
+        root = str(output_location(output_root))
         content = convert_map(mapname, root)
         seconds["convert"] = time.perf_counter() - started
 
@@ -123,9 +121,8 @@ def quantize_map_simulate(
     dac_bits: Annotated[int, Field(ge=1, le=8)] = 1,
     encoding: Literal["differential", "offset"] = "differential",
     samples: Annotated[int, Field(ge=1, le=10000)] = 32,
-    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
-                                                             "output_root (default: the AWS environment).")] = None,
     eval_set: str | None = None,
+    aws_credentials: AwsCredentialsBlock = None,
 ) -> PipelineResult:
     """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
     with credentials(aws_credentials):
@@ -149,9 +146,8 @@ def quantize_and_simulate(
     device: str = "auto",
     bit_width: Annotated[int, Field(ge=2, le=8)] = 8,
     output_root: str | None = None,
-    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
-                                                             "output_root (default: the AWS environment).")] = None,
     samples: Annotated[int, Field(ge=1, le=256, description="Random inputs for the simulation.")] = 4,
+    aws_credentials: AwsCredentialsBlock = None,
 ) -> dict[str, Any]:
     """Quantize (subflow), then run the integer re-simulation on the map the subflow returned."""
     with credentials(aws_credentials):
@@ -183,9 +179,8 @@ def simulate_quantized_run(
     samples: Annotated[int, Field(ge=1, le=256)] = 4,
     xbar: str = "256x256",
     cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
-    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
-                                                             "output_root (default: the AWS environment).")] = None,
     adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
+    aws_credentials: AwsCredentialsBlock = None,
 ) -> dict[str, Any]:
     """Event-triggered downstream stage: simulate the map a completed quantize-model run produced, then map
     it onto crossbars and simulate it there (``map-and-simulate`` as a subflow)."""

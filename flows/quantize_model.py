@@ -9,11 +9,10 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from maptools_flows.credentials import credentials
+from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
-from maptools.artifacts import output_location as resolve_root
-from maptools.artifacts import validate_mapname
+from maptools.artifacts import output_location, validate_mapname
 from maptools.conversion import GRAPH_FILE, ConversionResult
 from maptools.device import resolve_device
 from maptools.errors import SettingsError
@@ -83,10 +82,9 @@ def quantize_model(
                                                          "working directory).")] = None,
     simplify: Annotated[bool, Field(description="Run onnxsim while preparing (checked against the original).")
                         ] = True,
-    aws_credentials: Annotated[str | None, Field(description="A prefect-aws AwsCredentials block for an s3:// "
-                                                             "output_root (default: the AWS environment).")] = None,
     refresh: Annotated[bool, Field(description="Recompute even if a cached result exists.")] = False,
     run_conversion: Annotated[bool, Field(description="Build the operator graph after quantizing.")] = True,
+    aws_credentials: AwsCredentialsBlock = None,
 ) -> QuantizeModelResult:
     """Quantize an ONNX model with PPQ and hand its quantinfo to the conversion stage.
 
@@ -112,7 +110,7 @@ def quantize_model(
                       scale_policy=scale_policy, shared_scales=shared_scales)
         validate_mapname(mapname)
         resolved_device = resolve_device(device)
-        root = str(resolve_root(output_root))
+        root = str(output_location(output_root))
 
         t = time.perf_counter()
         model = prepare_model(onnx_path, input_shapes, simplify, root)

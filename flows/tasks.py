@@ -136,10 +136,9 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
                     calibset=calibration.calibset(), calib_steps=calib_steps, seed=seed, bit_width=bit_width,
-                    per_channel=per_channel,
-                    algorithm=algorithm, output_root=output_root, activation_sign=activation_sign,
-                    optimization=optimization, scale_policy=scale_policy, shared_scales=shared_scales,
-                    budget=budget, threads=threads)
+                    per_channel=per_channel, algorithm=algorithm, output_root=output_root,
+                    activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
+                    shared_scales=shared_scales, budget=budget, threads=threads)
 
 
 def _scale(value: float | None) -> str:

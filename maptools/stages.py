@@ -81,14 +81,15 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
 
 
 def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:
-    """The prepared model on this machine: ``model.path`` if it holds those bytes, else (an output root on a
-    store) fetched from the store by its sha256 into this machine's mirror."""
-    if model.path.is_file() and sha256_file(model.path) == model.sha256:
+    """The prepared model on this machine: ``model.path`` where it exists (prepare-model checked its sha256,
+    and quantize records it again), else, for an output root on a store, fetched from the store by its
+    sha256 (checked) into this machine's mirror."""
+    if model.path.is_file():
         return model.path
     where = output_location(root)
     if isinstance(where, str):
         return get_blob(where, model.sha256, local_root(where) / "mapsave" / ".models" / f"{model.sha256}.onnx")
-    raise ModelError(f"the prepared model {model.path} is missing or was changed.",
+    raise ModelError(f"the prepared model {model.path} is missing.",
                      "prepare the model again (the flows do this on their next run).")
 
 

@@ -418,7 +418,8 @@ class StoreMapFolder(MapFolder):
     def _upload(self, folder: Path) -> None:
         """Upload the map in ``folder`` as a new version and make it current (under the lock)."""
         started = time.perf_counter()
-        record = parse_manifest(json.loads((folder / MANIFEST).read_text()), str(folder / MANIFEST))
+        manifest = (folder / MANIFEST).read_bytes()
+        record = parse_manifest(json.loads(manifest), str(folder / MANIFEST))
         version = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         target = f"{self.remote}/versions/{version}"
         fs = self.store.fs
@@ -436,7 +437,6 @@ class StoreMapFolder(MapFolder):
                 if new[1:]:
                     fs.put([str(folder / n) for n in new[1:]], [f"{target}/{n}" for n in new[1:]])  # concurrently
             size = sum((folder / n).stat().st_size for n in new)
-            manifest = (folder / MANIFEST).read_bytes()
             fs.pipe_file(f"{target}/{MANIFEST}", manifest)
             _pause("uploaded")
             fs.pipe_file(f"{self.remote}/{POINTER}", json.dumps(

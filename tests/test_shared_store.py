@@ -75,8 +75,12 @@ def _result(env: dict[str, str], flow_run_id: Any) -> Any:
 
     assert StoreResults.get_block_type_slug() in env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]  # its type, registered
 
+    from prefect.events.worker import EventsWorker
+
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), servers.client(env) as client:
-        return client.read_flow_run(flow_run_id).state.result()
+        result = client.read_flow_run(flow_run_id).state.result()
+        EventsWorker.drain_all()  # the block load's events go to this server now, not to a stopped one at exit
+    return result
 
 
 def test_two_machines_share_maps_and_results_through_the_store(lab, s3_env, tmp_path, monkeypatch) -> None:
