@@ -488,6 +488,41 @@ def _fetching_session(model: onnx.ModelProto, tensors: Mapping[str, int], what: 
     return _probe_session(model, outputs, what)
 
 
+def _chunks(numel: int, m: int) -> int | None:
+    """Chunks a row of ``numel`` values splits into for :func:`_tail`: the smallest divisor of ``numel``
+    from 8m on whose chunks hold at least 16 values; None where there is none (short rows)."""
+    divisors = {d for i in range(1, math.isqrt(numel) + 1) if numel % i == 0 for d in (i, numel // i)}
+    fitting = [d for d in divisors if d >= 8 * m and numel // d >= 16]
+    return min(fitting) if fitting else None
+
+
+def _tail(graph: onnx.GraphProto, rows: str, numel: int, m: int, largest: bool, out: str) -> list[onnx.NodeProto]:
+    """Nodes writing to ``out`` the m largest (or smallest) values of every row of ``rows`` [batch, numel],
+    sorted, so ``out[:, -1]`` is the m-th: ``TopK``, exact, over far fewer values where the row splits
+    into R >= 8m chunks. The m extreme values all lie in the m chunks with the most extreme maxima (or
+    minima), since any other chunk has m chunks above it, each holding a value above all of its own; so
+    TopK of the chunk extremes, GatherND of those chunks and TopK of their values give the same m values
+    (FPN 640: a third of the time of one TopK over the row)."""
+    k = onnx.numpy_helper.from_array(np.array([m], dtype=np.int64), f"{out}_k")
+    graph.initializer.append(k)
+    top = onnx.helper.make_node
+    count = _chunks(numel, m)
+    if count is None:
+        return [top("TopK", [rows, k.name], [out, f"{out}_i"], axis=1, largest=int(largest), sorted=1)]
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([0, count, numel // count], dtype=np.int64), f"{out}_grid"),
+        onnx.numpy_helper.from_array(np.array([0, -1, 1], dtype=np.int64), f"{out}_picks")])
+    return [
+        top("Reshape", [rows, f"{out}_grid"], [f"{out}_chunks"]),
+        top("ReduceMax" if largest else "ReduceMin", [f"{out}_chunks"], [f"{out}_ends"], axes=[2], keepdims=0),
+        top("TopK", [f"{out}_ends", k.name], [f"{out}_e", f"{out}_which"], axis=1, largest=int(largest), sorted=0),
+        top("Reshape", [f"{out}_which", f"{out}_picks"], [f"{out}_index"]),
+        top("GatherND", [f"{out}_chunks", f"{out}_index"], [f"{out}_picked"], batch_dims=1),
+        top("Flatten", [f"{out}_picked"], [f"{out}_cand"], axis=1),
+        top("TopK", [f"{out}_cand", k.name], [out, f"{out}_i"], axis=1, largest=int(largest), sorted=1),
+    ]
+
+
 class _Statistics:
     """Calibration statistics computed inside onnxruntime (CPU), as onnxruntime's own calibrator does.
 
@@ -547,10 +582,7 @@ class _Statistics:
                     if max(low, high) > _TOPK_LIMIT:
                         return None
                     for side, m, largest in (("hi", high, 1), ("lo", low, 0)):
-                        k = onnx.numpy_helper.from_array(np.array([m], dtype=np.int64), f"{t}_{side}_k")
-                        probe.graph.initializer.append(k)
-                        nodes.append(onnx.helper.make_node("TopK", [f"{t}_rows", k.name], [f"{t}_{side}", f"{t}_{side}_i"],
-                                                           axis=1, largest=largest, sorted=1))
+                        nodes += _tail(probe.graph, f"{t}_rows", numel, m, bool(largest), f"{t}_{side}")
                     outputs.append((observer, "percentile", [f"{t}_hi", f"{t}_lo"]))
                 else:
                     return None
@@ -1164,10 +1196,10 @@ def quantize_graph(
             switched = _float_check(executor, quantizer._graph, model, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
+        single = _float_shapes(quantizer._graph)
         with _ppq_step("tracing a batch of two"), _quiet():
             doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
-            executor.tracing_operation_meta(inputs=dummy)
-        batch = _batch_size(_float_shapes(quantizer._graph), doubled, calib_steps, device)
+        batch = _batch_size(single, doubled, calib_steps, device)
         log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
         torch.manual_seed(settings.seed)
         with _ppq_step("calibrating"), _quiet():

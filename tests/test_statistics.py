@@ -37,3 +37,28 @@ def test_kl_and_correction_passes_keep_ppq_forward(branchy_cnn, tmp_path, monkey
     quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="kl", calib_steps=16, output_root=tmp_path,
              algorithm="kl", error_steps=0)
     assert used and not any(used)
+
+
+@pytest.mark.parametrize("numel, m, chunked", [(16 * 80 * 80, 11, True), (3 * 1000, 3, True), (96, 1, False),
+                                               (7 * 13 * 13, 2, False), (1 << 16, 200, True),
+                                               (1 << 16, 700, False)])
+def test_tail_through_chunks_is_exact(numel, m, chunked) -> None:
+    """The m extreme values of each row, through the chunk extremes, equal a full sort's (ties included)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    x = np.random.default_rng(numel).standard_normal((3, numel)).astype(np.float32)
+    x[0, : 5 * m] = x[0].max()  # the largest value repeated across chunks
+    x[1, -5 * m:] = x[1].min()
+    x[2, ::97] = 0.5  # many ties inside the tail
+    for largest in (True, False):
+        graph = onnx.helper.make_graph([], "tail", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                          ["batch", numel])], [])
+        graph.node.extend(_ppq._tail(graph, "x", numel, m, largest, "y"))
+        graph.output.append(onnx.helper.make_empty_tensor_value_info("y"))
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        expected = np.sort(x, axis=1)[:, ::-1][:, :m] if largest else np.sort(x, axis=1)[:, :m]
+        assert np.array_equal(got, expected)
+    assert (_ppq._chunks(numel, m) is not None) == chunked
