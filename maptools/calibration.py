@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -377,11 +378,16 @@ class ValidatedCalibration(CalibrationSet):
                 raise CalibrationError(f"{where}[{name!r}] has shape {list(value.shape)}, expected "
                                        f"{list(self.shapes[name])} (from input_shapes).",
                                        "make every sample match input_shapes, batch axis included.")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and value.numel() and not _finite(value):
                 raise CalibrationError(f"{where}[{name!r}] contains NaN or inf.",
                                        "clean the data or drop that sample.")
             out[name] = value
         return out
+
+
+def _finite(value: torch.Tensor) -> bool:
+    """No NaN or inf in ``value``: its minimum and maximum (one pass; NaN propagates) are finite."""
+    return all(math.isfinite(float(v)) for v in torch.aminmax(value))
 
 
 class ProgressCalibration(CalibrationSet):

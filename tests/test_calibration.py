@@ -135,10 +135,19 @@ def test_folder_hash_follows_file_content_not_location(tmp_path) -> None:
     assert after.content_hash(limit=1) != after.content_hash(limit=2)
 
 
+def _one_bad(value: float) -> np.ndarray:
+    """Normal data with one non-finite value in the middle."""
+    a = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    a[0, 1, 17, 9] = value
+    return a
+
+
 @pytest.mark.parametrize(("make", "words"), [
     (lambda d: np.save(d / "3.npy", np.zeros((1, 3, 32, 32), np.float64)), "sample 3.*float64"),
     (lambda d: np.save(d / "3.npy", np.zeros((3, 32, 32), np.float32)), r"sample 3.*shape \[3, 32, 32\]"),
     (lambda d: np.save(d / "3.npy", np.full((1, 3, 32, 32), np.inf, np.float32)), "sample 3.*NaN or inf"),
+    (lambda d: np.save(d / "3.npy", _one_bad(np.nan)), "sample 3.*NaN or inf"),
+    (lambda d: np.save(d / "3.npy", _one_bad(-np.inf)), "sample 3.*NaN or inf"),
     (lambda d: (d / "3.npy").write_bytes(b"not numpy"), "sample 3: cannot read"),
     (lambda d: np.savez(d / "3.npz", image=np.zeros((1, 3, 32, 32), np.float32)), r"sample 3 has keys \['image'\]"),
 ])
