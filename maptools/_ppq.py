@@ -172,9 +172,9 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
     """
 
     def __init__(self, graph: Any, settings: QuantSettings, placement: Placement, unsigned: frozenset[str],
-                 model: onnx.ModelProto | None = None) -> None:
+                 model: bytes | None = None) -> None:
         super().__init__(graph=graph)
-        self._model = model  # the graph's ONNX model: CPU calibration statistics are computed there
+        self._model = model  # the graph's ONNX model, serialized: CPU calibration statistics are computed there
         self._settings = settings
         self._placement = placement
         self._unsigned = unsigned  # tensors quantized on [0, 2^b - 1]
@@ -401,7 +401,7 @@ class _OnePassCalibration(RuntimeCalibrationPass):
     calibration's own sampling noise).
     """
 
-    def __init__(self, method: str | None, model: onnx.ModelProto | None = None) -> None:
+    def __init__(self, method: str | None, model: bytes | None = None) -> None:
         super().__init__(method=method)
         self._model = model
         self._graph: Any = None
@@ -433,31 +433,6 @@ class _OnePassCalibration(RuntimeCalibrationPass):
             executor.forward(inputs=data, hooks=hooks, output_names=output_names)
 
 
-def _probe_session(probe: onnx.ModelProto, outputs: list[str], what: str) -> Any:
-    """An onnxruntime CPU session of ``probe`` (modified in place) returning only ``outputs``, its
-    inputs' first axis made symbolic (batches); None where onnxruntime cannot load it."""
-    import onnxruntime as ort
-
-    del probe.graph.value_info[:]
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-    for value in probe.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].dim_param = "batch"
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    # no QDQ-specific rewrites, so constant folding computes each weight's QuantizeLinear/DequantizeLinear
-    # once (ResNet18's QDQ forward: 0.42 -> 0.22 s for 8 samples); activations keep their nodes
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    try:
-        return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001  (the caller falls back on PPQ's forward)
-        log.debug("onnxruntime cannot load %s (%s); PPQ's forward runs instead", what, e)
-        return None
-
-
 #: PPQ's graphwise analysis compares each output at 4096 positions per sample, drawn from this seed
 _FETCHES, _FETCH_SEED = 4096, 10086
 
@@ -475,21 +450,44 @@ def _lcg_states() -> np.ndarray:
 _LCG_STATES = _lcg_states()
 
 
-def _fetching_session(model: onnx.ModelProto, tensors: Mapping[str, int], what: str) -> Any:
-    """A session of ``model`` (changed in place) returning, for each ``tensor: elements per sample``,
-    the values at PPQ's seeded positions (``batch_random_fetch``), one row per sample; None where a
-    tensor is missing or onnxruntime cannot load the model."""
-    produced = {t for n in model.graph.node for t in n.output}
+def _with_outputs(model: bytes, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
+                  outputs: list[onnx.ValueInfoProto], what: str) -> Any:
+    """An onnxruntime CPU session of the serialized ``model`` with ``nodes``, ``initializers`` and graph
+    ``outputs`` added; None where onnxruntime cannot load it.
+
+    The additions are serialized on their own and appended: protobuf merges concatenated messages
+    (repeated fields are appended), so the model (its weights) is not parsed or serialized again.
+    """
+    import onnxruntime as ort
+
+    extra = onnx.ModelProto(graph=onnx.GraphProto(node=nodes, initializer=initializers, output=outputs))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()
+    # no QDQ-specific rewrites, so constant folding computes each weight's QuantizeLinear/DequantizeLinear
+    # once (ResNet18's QDQ forward: 0.42 -> 0.22 s for 8 samples); activations keep their nodes
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    try:
+        return ort.InferenceSession(model + extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (the caller falls back on PPQ's forward)
+        log.debug("onnxruntime cannot load %s (%s); PPQ's forward runs instead", what, e)
+        return None
+
+
+def _fetching_session(model: bytes, produced: set[str], tensors: Mapping[str, int], what: str) -> Any:
+    """A session of the serialized ``model`` (whose nodes produce ``produced``) returning, for each
+    ``tensor: elements per sample``, the values at PPQ's seeded positions (``batch_random_fetch``),
+    one row per sample; None where a tensor is missing or onnxruntime cannot load the model."""
     if not set(tensors) <= produced:
         return None
-    outputs = []
+    nodes, initializers, outputs = [], [], []
     for i, (name, numel) in enumerate(tensors.items()):
         t = f"maptools_fetch{i}"
-        model.graph.initializer.append(onnx.numpy_helper.from_array(_LCG_STATES % numel, f"{t}_index"))
-        model.graph.node.extend([onnx.helper.make_node("Flatten", [name], [f"{t}_rows"], axis=1),
-                                 onnx.helper.make_node("Gather", [f"{t}_rows", f"{t}_index"], [t], axis=1)])
-        outputs.append(t)
-    return _probe_session(model, outputs, what)
+        initializers.append(onnx.numpy_helper.from_array(_LCG_STATES % numel, f"{t}_index"))
+        nodes += [onnx.helper.make_node("Flatten", [name], [f"{t}_rows"], axis=1),
+                  onnx.helper.make_node("Gather", [f"{t}_rows", f"{t}_index"], [t], axis=1)]
+        outputs.append(onnx.helper.make_empty_tensor_value_info(t))
+    return _with_outputs(model, nodes, initializers, outputs, what)
 
 
 def _chunks(numel: int, m: int) -> int | None:
@@ -532,12 +530,11 @@ class _Statistics:
 
     While PPQ calibrates it quantizes no activation, so its forward is the float network with the
     baked (fake-quantized) weights: this model, in which every observed tensor feeds, per sample,
-    ``ReduceMin``/``ReduceMax`` (minmax) or two ``TopK`` of its short tails (maptools' percentile
+    ``ReduceMin``/``ReduceMax`` (minmax) or its two short tails (:func:`_tail`; maptools' percentile
     observer: the same order statistics). Only those small results leave onnxruntime, and they go
     into the observers' collectors exactly as the observers would have put them. Every operator
     whose PPQ kernel computes something else than ONNX already runs in onnxruntime (see
-    :func:`_float_check`). A calibration batch runs as one batch (formed only for batch-major
-    models; the model's batch axis is made symbolic).
+    :func:`_float_check`). Samples run one at a time, in the model's own input shapes.
     """
 
     def __init__(self, session: Any, outputs: list[tuple[Any, str, list[str]]]) -> None:
@@ -546,10 +543,10 @@ class _Statistics:
         self.names = [n for _, _, names in outputs for n in names]
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, graph: Any, hooks: Mapping[str, Any]) -> _Statistics | None:
+    def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any]) -> _Statistics | None:
         """None where only PPQ's forward can calibrate: another observer (kl, mse), a weight that is not
         baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
-        probe = onnx.ModelProto.FromString(model.SerializeToString())
+        probe = onnx.ModelProto.FromString(model)
         inits = {i.name: i for i in probe.graph.initializer}
         produced = {t for n in probe.graph.node for t in n.output} | {i.name for i in probe.graph.input}
         for op in graph.operations.values():
@@ -591,7 +588,9 @@ class _Statistics:
                 else:
                     return None
         probe.graph.node.extend(nodes)
-        session = _probe_session(probe, [n for _, _, names in outputs for n in names], "the statistics model")
+        session = _with_outputs(probe.SerializeToString(), [], [],
+                                [onnx.helper.make_empty_tensor_value_info(n) for _, _, names in outputs for n in names],
+                                "the statistics model")
         return None if session is None else cls(session, outputs)
 
     def observe(self, data: Mapping[str, torch.Tensor]) -> None:
@@ -978,15 +977,21 @@ class QuantizedGraph:
                     seen = after[0].output[0]
             pred[seen] = numel
         with _ppq_step("measuring the per-layer error"):
-            sessions = [_fetching_session(onnx.ModelProto.FromString(self._model_bytes), real, "the float model"),
-                        _fetching_session(quantized, pred, "the QDQ model")]
+            sessions = [_fetching_session(self._model_bytes, {t for n in self._model.graph.node for t in n.output},
+                                          real, "the float model"),
+                        _fetching_session(qdq, {t for n in quantized.graph.node for t in n.output}, pred,
+                                          "the QDQ model")]
             if None in sessions:
                 return None
+            names = [f"maptools_fetch{i}" for i in range(len(ops))]
+            feeds = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+                     for _, sample in zip(range(steps), samples)]
+            # one sample per run, in the models' own input shapes (PPQ's SNR is per sample, averaged);
+            # one model after the other: alternating them per sample evicts each one's weights from the
+            # caches (ResNet18: 0.84 s against 0.45 s)
+            real, pred = ([session.run(names, feed) for feed in feeds] for session in sessions)
             total, rows = np.zeros(len(ops)), np.zeros(len(ops))
-            # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
-            for batch in _Batches(samples, steps, self._batch):
-                feed = {k: v.detach().cpu().numpy() for k, v in batch.items()}
-                real_rows, pred_rows = (s.run(None, feed) for s in sessions)
+            for real_rows, pred_rows in zip(real, pred):
                 for i, (y, x) in enumerate(zip(real_rows, pred_rows)):
                     # a row is the first axis: a sample, or a token where PPQ flattened a MatMul into a Gemm
                     y, x = y.astype(np.float64), x.astype(np.float64)
@@ -1185,7 +1190,7 @@ def quantize_graph(
                             "(see quantinfo.json or 'maptools inspect').")
     unsigned = nonnegative_tensors(model, placement) if settings.unsigned_activations else frozenset()
     quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned,
-                                   None if str(device).startswith("cuda") else model)
+                                   None if str(device).startswith("cuda") else model_bytes)
     quantizer._verbose = False
     executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
