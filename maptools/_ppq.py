@@ -1115,24 +1115,22 @@ def _load(model_path: Path, model: onnx.ModelProto) -> Any:
     return graph
 
 
-def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, feed: Mapping[str, torch.Tensor],
-                 device: str, rounds: int = 3) -> list[str]:
+def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+                 feed: Mapping[str, torch.Tensor], device: str, rounds: int = 3) -> list[str]:
     """Run PPQ's float graph and onnxruntime on one sample and switch every operator whose PPQ
     kernel computes something else than ONNX (given the same inputs) to onnxruntime.
 
     Returns the names of the switched operators; raises QuantizationFailed if they still differ.
     """
-    import onnxruntime as ort
-
     names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
              and v.dtype in (DataType.FP32, DataType.FP16, DataType.FP64)]
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    known = {vi.name for vi in probe.graph.output}
-    types = {vi.name: vi for vi in probe.graph.value_info}
-    probe.graph.output.extend(types[n] for n in names if n in types and n not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    known = {vi.name for vi in model.graph.output}
+    types = {vi.name: vi for vi in model.graph.value_info}
+    session = _with_outputs(model_bytes, [], [], [types[n] for n in names if n in types and n not in known],
+                            "the float model")
+    if session is None:
+        raise QuantizationFailed("onnxruntime cannot load the prepared model with its intermediate tensors as "
+                                 "outputs.", "report this model to the maptools maintainers.")
     names = [n for n in names if n in types or n in known]
     reference = dict(zip(names, session.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
     # CUDA convolutions and matrix products run in TF32 by default (10-bit mantissas): a kernel that
@@ -1202,7 +1200,7 @@ def quantize_graph(
             finally:
                 _probe.active = False
         with _ppq_step("checking PPQ's float execution against onnxruntime"):
-            switched = _float_check(executor, quantizer._graph, model, dummy, device)
+            switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         single = _float_shapes(quantizer._graph)
