@@ -1203,10 +1203,14 @@ def quantize_graph(
             switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
-        single = _float_shapes(quantizer._graph)
-        with _ppq_step("tracing a batch of two"), _quiet():
-            doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
-        batch = _batch_size(single, doubled, calib_steps, device)
+        if quantizer._model is not None and settings.optimization is Optimization.NONE and \
+                settings.algorithm.value in ("minmax", "percentile"):
+            batch = 1  # onnxruntime computes the statistics, one sample per run (see _Statistics)
+        else:
+            single = _float_shapes(quantizer._graph)
+            with _ppq_step("tracing a batch of two"), _quiet():
+                doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
+            batch = _batch_size(single, doubled, calib_steps, device)
         log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
         torch.manual_seed(settings.seed)
         with _ppq_step("calibrating"), _quiet():
