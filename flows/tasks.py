@@ -132,13 +132,14 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
                      bit_width: int | str, per_channel: bool, algorithm: str, seed: int,
                      output_root: str, activation_sign: str = "auto", optimization: str = "none",
                      scale_policy: str = "float", shared_scales: bool = False,
-                     budget: dict[str, Any] | None = None, threads: int | None = None) -> QuantizationResult:
+                     budget: dict[str, Any] | None = None, threads: int | None = None,
+                     strict: bool = False) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
                     calibset=calibration.calibset(), calib_steps=calib_steps, seed=seed, bit_width=bit_width,
                     per_channel=per_channel, algorithm=algorithm, output_root=output_root,
                     activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
-                    shared_scales=shared_scales, budget=budget, threads=threads)
+                    shared_scales=shared_scales, budget=budget, threads=threads, strict=strict)
 
 
 def _scale(value: float | None) -> str:
@@ -181,6 +182,13 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
              f"(seed {s.seed}) on `{result.device}`.", "",
              f"Per-layer SNR: median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
              f"(`{result.errors.worst_layer}`).", ""]
+    placement = result.placement
+    if placement is not None:
+        lines += [f"Placement: {placement.summary()}.", ""]
+        if placement.fallbacks:
+            lines += ["| kept on the host in float | why |", "|---|---|"]
+            lines += [f"| `{name}` | {why.replace('|', '/')} |" for name, why in placement.fallbacks.items()]
+            lines += [""]
     if mixed is not None:
         lines += [f"bit_width='auto' under {mixed['budget']}: output error {mixed['error']:.4f} (uniform "
                   f"{mixed['uniform_error']:.4f}), {mixed['average_weight_bits']:.2f} weight bits per parameter, "

@@ -97,6 +97,8 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("calibration", f"{calib['kind']}{source}: {calib.get('used')} of {calib.get('count')} samples, "
                   f"seed {s.seed}")
     table.add_row("device", result.device)
+    if result.placement is not None:
+        table.add_row("placement", result.placement.summary())
     table.add_row("error (SNR)", f"median {errors.median:.2e}, worst {errors.worst:.2e} ({errors.worst_layer})")
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     table.add_row("artifacts", ", ".join(result.artifacts))
@@ -225,6 +227,9 @@ def quantize(
         help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.  [default: $MAPTOOLS_HOME, else "
              "the current folder]",
         show_default=False)] = None,
+    strict: Annotated[bool, typer.Option(
+        help="Fail where PPQ fails at an operator, instead of keeping that operator on the host in float.")
+    ] = False,
 ) -> None:
     """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
 
@@ -252,7 +257,7 @@ def quantize(
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
-                multiplier_bits=multiplier_bits, threads=threads,
+                multiplier_bits=multiplier_bits, threads=threads, strict=strict,
             )
     except MaptoolsError as e:
         fail(e)

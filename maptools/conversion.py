@@ -28,7 +28,7 @@ from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder
                                 sha256_file)
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.manifest import Manifest
-from maptools.onnx_model import load_model
+from maptools.onnx_model import constant_values, load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
 
@@ -301,30 +301,29 @@ def _normalise(op_type: str, raw: dict[str, Any], in_shapes: list[list[int] | No
     return {k: v for k, v in raw.items() if not isinstance(v, (dict,))}  # anything else: as exported
 
 
-def _constant_nodes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Outputs of ``Constant`` nodes: constants like initializers, not operators."""
-    values = {}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = node.attribute[0]
-            value = onnx.helper.get_attribute_value(attr)
-            values[node.output[0]] = (onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto)
-                                      else np.asarray(_plain(value)))
-    return values
-
-
 def _check_supported(model: onnx.ModelProto) -> None:
-    problems = []
+    """Standard operators must exist at the model's opset (operators of other domains run on the host)."""
     opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 13)
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            problems.append(f"{node.name or node.output[0]} ({node.op_type}): domain {node.domain!r}")
-        elif not onnx.defs.has(node.op_type, opset):
-            problems.append(f"{node.name or node.output[0]} ({node.op_type}): not an ONNX operator at opset {opset}")
+    problems = [f"{node.name or node.output[0]} ({node.op_type}): not an ONNX operator at opset {opset}"
+                for node in model.graph.node if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, opset)]
     if problems:
         raise ConversionError(
             f"the conversion does not support {len(problems)} operator(s): {_listing(problems)}.",
             "re-export the model with standard ONNX operators (any of them runs on the host).")
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
+    """Every tensor's shape: as the prepared model records them, else from ONNX shape inference."""
+    recorded = {vi.name: _shape(vi) for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    if all(recorded.get(t) is not None for n in model.graph.node for t in n.output if t):
+        return recorded
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:
+        raise ModelError(f"ONNX shape inference failed: {e}", "prepare the model with fixed input shapes "
+                         "(maptools.prepare.prepare_model; quantize does it).") from e
+    g = inferred.graph
+    return {**recorded, **{vi.name: _shape(vi) for vi in [*g.input, *g.value_info, *g.output]}}
 
 
 def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
@@ -334,17 +333,9 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
     """
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
-    params = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    params.update(_constant_nodes(model))
+    params = constant_values(model)
     _check_supported(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    except Exception as e:
-        raise ModelError(f"ONNX shape inference failed: {e}", "prepare the model with fixed input shapes "
-                         "(maptools.prepare.prepare_model; quantize does it).") from e
-    shapes: dict[str, list[int] | None] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        shapes[vi.name] = _shape(vi)
+    shapes = _shapes(model)
     graph_inputs = {vi.name: shapes[vi.name] for vi in model.graph.input if vi.name not in params}
     unknown = [t for n in model.graph.node for t in [*n.input, *n.output]
                if t and t not in params and shapes.get(t) is None]

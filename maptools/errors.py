@@ -75,7 +75,15 @@ class UnsafePickleError(MaptoolsError, TypeError):
 
 
 class QuantizationFailed(MaptoolsError, RuntimeError):
-    """PPQ failed on a valid input (a transient or internal fault, not bad input)."""
+    """PPQ failed on a valid input (a transient or internal fault, not bad input).
+
+    ``operator`` names the device operator the fault arose at, where one is known: ``quantize`` then
+    keeps that operator on the host in float and quantizes again (unless ``strict``).
+    """
+
+    def __init__(self, problem: str, fix: str | None = None, *, operator: str | None = None) -> None:
+        super().__init__(problem, fix)
+        self.operator = operator
 
 
 class ConversionError(MaptoolsError, ValueError):

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from maptools.errors import ArtifactError
+from maptools.placement import PlacementReport
 
 __all__ = ["Manifest", "ModelRecord", "parse_manifest"]
 
@@ -45,6 +46,8 @@ class Manifest(_Record):
     calib_steps_used: int | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
     onnx_export_exact: bool = False
+    placement: PlacementReport | None = Field(default=None, description="What runs on the device and on the host "
+                                              "(and why), and the crossbars' share of the multiply-accumulates.")
     versions: dict[str, str | None] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     seconds: dict[str, float] = Field(default_factory=dict)

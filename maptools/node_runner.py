@@ -9,11 +9,12 @@ input signature, single-threaded so it never competes with the caller's thread p
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.numpy_helper
 import onnx.shape_inference
 
 from maptools.errors import ModelError
@@ -25,13 +26,17 @@ class NodeRunner:
     """One ONNX operator, executable on numpy arrays.
 
     Args:
-        node: the operator (its inputs may name initializers: pass their values to :meth:`run`).
-        opset: the model's default-domain opset.
+        node: the operator.
+        opsets: the model's opset imports, ``{domain: version}`` (:func:`maptools.onnx_model.opsets`).
+        constants: values of the node's constant inputs, built into the session (onnxruntime infers some
+            operators' shapes from them, a Resize's ``sizes`` for one); other inputs are passed to :meth:`run`.
     """
 
-    def __init__(self, node: onnx.NodeProto, opset: int) -> None:
+    def __init__(self, node: onnx.NodeProto, opsets: Mapping[str, int],
+                 constants: Mapping[str, np.ndarray] | None = None) -> None:
         self.node = onnx.NodeProto.FromString(node.SerializeToString())
-        self.opset = opset
+        self.opsets = dict(opsets)
+        self.constants = {name: np.asarray(value) for name, value in (constants or {}).items() if name in node.input}
         self._sessions: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
@@ -53,29 +58,35 @@ class NodeRunner:
         inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
                                                      [None] * v.ndim) for name, v in feed.items()]
         outputs = [onnx.ValueInfoProto(name=o) for o in self.node.output if o]
-        graph = onnx.helper.make_graph([self.node], "node", inputs, outputs)
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
+        graph = onnx.helper.make_graph([self.node], "node", inputs, outputs,
+                                       [onnx.numpy_helper.from_array(v, k) for k, v in self.constants.items()])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, version)
+                                                             for domain, version in self.opsets.items()])
         model.ir_version = min(model.ir_version, 10)
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            inferred = onnx.shape_inference.infer_shapes(model)  # output types where onnx knows them
             types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-            for out in model.graph.output:
-                if out.name in types and types[out.name].tensor_type.elem_type:
-                    out.type.CopyFrom(types[out.name])
+        except Exception:  # noqa: BLE001  (onnxruntime infers them itself)
+            types = {}
+        for out in model.graph.output:
+            if out.name in types and types[out.name].tensor_type.elem_type:
+                out.type.CopyFrom(types[out.name])
+        try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = options.inter_op_num_threads = 1
             options.log_severity_level = 3
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnx and onnxruntime raise many types for unsupported content
-            raise ModelError(f"onnxruntime cannot run operator {self.name} ({self.node.op_type}) at opset "
-                             f"{self.opset}: {str(e).strip()[:300]}",
+            raise ModelError(f"onnxruntime cannot run operator {self.name} ({self.node.op_type}) at opsets "
+                             f"{self.opsets}: {str(e).strip()[:300]}",
                              "re-export the model with standard ONNX operators (opset 11-17).") from e
 
     def run(self, values: Sequence[np.ndarray | None]) -> list[np.ndarray]:
-        """Outputs for input ``values`` in the node's input order (``None`` for an empty optional input)."""
+        """Outputs for input ``values`` in the node's input order (``None`` for an empty optional input; the
+        values of :attr:`constants` are ignored)."""
         feed: dict[str, np.ndarray] = {}
         for name, value in zip(self.node.input, values):
-            if name and value is not None:
+            if name and value is not None and name not in self.constants:
                 feed[name] = np.asarray(value, order="C")  # (ascontiguousarray makes scalars 1-D)
         session = self._session(feed)
         try:

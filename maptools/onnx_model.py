@@ -8,10 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr"]
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets"]
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,32 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                          f"{Path.cwd()}).")
     try:
         model = onnx.load(str(p))
-        onnx.checker.check_model(model)
     except Exception as e:
         raise ModelError(f"{str(p)!r} is not a valid ONNX model ({type(e).__name__}: {str(e)[:200]}).",
                          "re-export it, e.g. torch.onnx.export(..., dynamo=False), and check the file was "
                          "copied completely.") from e
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001  (exporters write models the checker refuses and onnxruntime runs)
+        _check_loads(p, model, e)
     if not model.graph.input:
         raise ModelError(f"{str(p)!r} has no graph inputs.", "export the model with its input tensors.")
     return model
+
+
+def _check_loads(path: Path, model: onnx.ModelProto, checker_error: Exception) -> None:
+    """A model onnx's checker refuses is still good input if onnxruntime loads it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelError(f"{str(path)!r} is not a valid ONNX model (onnx: {str(checker_error).strip()[:200]}; "
+                         f"onnxruntime: {str(e).strip()[:200]}).",
+                         "re-export it, e.g. torch.onnx.export(..., dynamo=False), and check the file was "
+                         "copied completely.") from e
 
 
 def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
@@ -64,7 +86,13 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 
 
 def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    """Validate ``input_shapes`` against the graph inputs; return them as tuples of ints."""
+    """Validate ``input_shapes`` against the graph inputs (names, ranks, positive sizes); return them as
+    tuples of ints.
+
+    A size that differs from a fixed dim of the model is not refused here: exporters write placeholder
+    sizes that the model's own package replaces at load. Whether the model runs at these shapes is
+    checked in onnxruntime (:func:`maptools.prepare.reference_outputs`).
+    """
     if not isinstance(input_shapes, Mapping):
         raise InputShapeError(f"input_shapes must be a dict of input name -> shape, not {type(input_shapes).__name__}.",
                               "pass e.g. {'input': [1, 3, 224, 224]}.")
@@ -89,9 +117,21 @@ def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
             raise InputShapeError(f"input {name!r} has rank {len(spec.dims)} {list(spec.dims)} in the model, but "
                                   f"input_shapes gives rank {len(shape)} {list(shape)}.",
                                   "give one dimension per model axis, batch first.")
-        for axis, (want, got) in enumerate(zip(spec.dims, shape)):
-            if want is not None and want != got:
-                raise InputShapeError(f"input {name!r} axis {axis} is fixed to {want} in the model, but input_shapes "
-                                      f"gives {got}.", f"use {list(d if d is not None else g for d, g in zip(spec.dims, shape))}.")
         shapes[name] = tuple(int(d) for d in shape)
     return shapes
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and the outputs of standard ``Constant`` nodes, by tensor name."""
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.attribute:
+            value = onnx.helper.get_attribute_value(node.attribute[0])
+            values[node.output[0]] = (onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto)
+                                      else np.asarray(value.decode() if isinstance(value, bytes) else value))
+    return values
+
+
+def opsets(model: onnx.ModelProto) -> dict[str, int]:
+    """``{domain: version}`` of the model's opset imports, the default domain as ``''``."""
+    return {("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version) for o in model.opset_import}

@@ -17,8 +17,11 @@ where only the host reads them:
 * an operator (other than the crossbar ones) whose outputs feed only host operators or graph
   outputs runs on the host; a crossbar operator in that position keeps its output in float.
 
-:func:`place` applies them to an ONNX model; PPQ's dispatching, the conversion and the integer
-simulation all use its result.
+An operator that a later part of the stack cannot take (PPQ fails on it, the integer simulation
+has no form for it) is kept on the host in float: quantization records those in the model
+(:data:`HOST_KEY`), and :func:`place` honours the record, so every stage reads the same split.
+:func:`place` applies the rules to an ONNX model; PPQ's dispatching, the conversion and the integer
+simulation all use its result, which says why each host operator is there.
 """
 
 from __future__ import annotations
@@ -27,16 +30,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+import json
+import math
+
 import numpy as np
 import onnx
-import onnx.numpy_helper
+import onnx.helper
 
-from maptools.onnx_model import node_attr
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Role", "Placement", "place", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
+from maptools.onnx_model import constant_values, node_attr
+
+__all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "macs",
+           "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
            "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS", "DEVICE", "HOST"]
 
 DEVICE, HOST = "device", "host"
+#: ``metadata_props`` key of a model: operators kept on the host in float, ``{name: why}`` (JSON).
+HOST_KEY = "maptools.host"
 
 #: Operators the crossbar computes (with a constant weight): key = their quantparams tag.
 WEIGHTED_OP_TYPES = {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm"}
@@ -78,6 +89,8 @@ class Placement:
 
     roles: dict[str, Role]
     float_outputs: frozenset[str]
+    #: why each host operator runs on the host
+    reasons: dict[str, str]
 
     def part(self, node_name: str) -> str:
         return self.roles[node_name].part
@@ -91,14 +104,6 @@ class Placement:
         return [n for n, r in self.roles.items() if r is Role.HOST]
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def _channel_constant(value: np.ndarray) -> bool:
     """A scalar, or one value per channel (axis 1 of an NC... tensor, or a [C, 1, ...] shape)."""
     if value.size == 1:
@@ -109,18 +114,29 @@ def _channel_constant(value: np.ndarray) -> bool:
     return len(shape) >= 1 and all(d == 1 for d in shape[1:])
 
 
-def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> Role:
-    """The role an operator can take on the device, judged on its own (HOST if none)."""
+def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[Role, str]:
+    """The role an operator can take on the device, judged on its own; for HOST, why."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
-        return Role.HOST
+        return Role.HOST, f"an operator of domain {node.domain!r}"
     acts = [t for t in node.input if t and t not in consts]
     if op in CROSSBAR_OP_TYPES:
-        if len(node.input) > 1 and node.input[1] in consts and len(acts) == 1 and node.input[0] == acts[0]:
-            if op == "Gemm" and node_attr(node, "transA", 0):
-                return Role.HOST
-            return Role.CROSSBAR
-        return Role.HOST
+        if not (len(node.input) > 1 and node.input[1] in consts and len(acts) == 1 and node.input[0] == acts[0]):
+            return Role.HOST, f"{op} with a computed weight"
+        if op == "Gemm" and node_attr(node, "transA", 0):
+            return Role.HOST, "Gemm with transA"
+        if op == "Gemm" and len(node.input) > 2 and node.input[2] and float(node_attr(node, "beta", 1.0)) != 1.0:
+            return Role.HOST, "Gemm with a bias scale (beta) other than 1"
+        if op == "ConvTranspose" and (node_attr(node, "output_shape") or
+                                      node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+            return Role.HOST, "ConvTranspose with output_shape or auto_pad"
+        return Role.CROSSBAR, ""
+    role = _device_role(node, consts, acts)
+    return (role, "") if role is not Role.HOST else (Role.HOST, f"{op} has no device form here")
+
+
+def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> Role:
+    op = node.op_type
     if len(node.output) != 1 and op != "Split":
         return Role.HOST
     if op in AVGPOOL_OP_TYPES:
@@ -142,6 +158,22 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> Role:
         if len(acts) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
             return Role.LUT
     return Role.HOST
+
+
+def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
+    """The operators ``model`` records as kept on the host (:data:`HOST_KEY`), ``{name: why}``."""
+    for prop in model.metadata_props:
+        if prop.key == HOST_KEY:
+            return dict(json.loads(prop.value))
+    return {}
+
+
+def record_host(model: onnx.ModelProto, host: Mapping[str, str]) -> None:
+    """Record in ``model`` (in place) that the operators of ``host`` stay on the host, and why."""
+    props = {p.key: p.value for p in model.metadata_props if p.key != HOST_KEY}
+    if host:
+        props[HOST_KEY] = json.dumps(dict(host))
+    onnx.helper.set_model_props(model, props)
 
 
 def _gates(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Mapping[str, list[onnx.NodeProto]],
@@ -169,20 +201,31 @@ def _gates(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Mappi
     return gates
 
 
-def place(model: onnx.ModelProto) -> Placement:
-    """Roles of every operator of ``model`` (nodes must have unique names; run ``prepare`` first)."""
+def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Placement:
+    """Roles of every operator of ``model`` (nodes must have unique names; run ``prepare`` first).
+
+    ``host`` (``{name: why}``) and the model's own record (:func:`recorded_host`) keep operators on
+    the host whatever they are.
+    """
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
-    consts = _constants(model)
+    consts = constant_values(model)
+    forced = {**recorded_host(model), **(host or {})}
     outputs = {o.name for o in model.graph.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         for t in node.input:
             if t:
                 consumers.setdefault(t, []).append(node)
-    roles = {n.name: _candidate(n, consts) for n in nodes}
-    gates = _gates(nodes, roles, consumers, outputs, consts)
+    roles: dict[str, Role] = {}
+    reasons: dict[str, str] = {}
+    for node in nodes:
+        roles[node.name], why = (Role.HOST, forced[node.name]) if node.name in forced else _candidate(node, consts)
+        if why:
+            reasons[node.name] = why
+    gates = {mul: chain for mul, chain in _gates(nodes, roles, consumers, outputs, consts).items() if mul not in forced}
     for mul, chain in gates.items():
         roles[mul] = Role.LUT
+        reasons.pop(mul, None)
         for name in chain:
             roles[name] = Role.GATE
     producer = {t: n for n in nodes for t in n.output}
@@ -199,11 +242,13 @@ def place(model: onnx.ModelProto) -> Placement:
             read = any(roles[c.name] is not Role.HOST for t in node.output for c in consumers.get(t, []))
             if not fed or not read:
                 roles[node.name] = Role.HOST
+                reasons[node.name] = "reads a host tensor" if not fed else "only the host reads its output"
                 changed = True
         for mul, chain in gates.items():  # a gate without its Mul, or a Mul without its gate, is no gate
             if roles[mul] is Role.HOST and any(roles[n] is Role.GATE for n in chain):
                 for name in chain:
                     roles[name] = Role.HOST
+                    reasons[name] = f"computes the gate of {mul}, which runs on the host"
                 changed = True
     roles.update({n.name: Role.HOST for n in model.graph.node if n.op_type == "Constant"})
     float_outputs = set()
@@ -214,7 +259,82 @@ def place(model: onnx.ModelProto) -> Placement:
         elif role is Role.CROSSBAR and not any(
                 roles[c.name] is not Role.HOST for t in node.output for c in consumers.get(t, [])):
             float_outputs.update(node.output)
-    return Placement(roles=roles, float_outputs=frozenset(float_outputs))
+    return Placement(roles=roles, float_outputs=frozenset(float_outputs),
+                     reasons={n: reasons[n] for n, r in roles.items() if r is Role.HOST and n in reasons})
+
+
+def _dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        shape = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape):
+            dims[vi.name] = [int(d.dim_value) for d in shape]
+    return dims
+
+
+def macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
+    LSTM, GRU, RNN), from the shapes the prepared model records; operators without known shapes count 0."""
+    dims = _dims(model)
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        op, ins = node.op_type, [dims.get(t) for t in node.input]
+        out = dims.get(node.output[0]) if node.output else None
+        if node.domain not in ("", "ai.onnx") or len(ins) < 2 or ins[0] is None or ins[1] is None:
+            continue
+        x, w = ins[0], ins[1]
+        if op == "Conv" and out is not None:
+            found[node.name] = math.prod(out) * math.prod(w[1:])
+        elif op == "ConvTranspose":
+            found[node.name] = math.prod(x) * math.prod(w[1:])
+        elif op == "Gemm" and out is not None:
+            found[node.name] = math.prod(out) * x[0 if node_attr(node, "transA", 0) else 1]
+        elif op == "MatMul" and out is not None:
+            found[node.name] = math.prod(out) * x[-1]
+        elif op in ("LSTM", "GRU", "RNN") and len(x) == 3:
+            gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+            directions, hidden = w[0], w[1] // gates
+            found[node.name] = x[0] * x[1] * directions * gates * hidden * (x[2] + hidden)
+    return found
+
+
+class PlacementReport(BaseModel):
+    """What runs where and why, and the share of the matrix work the crossbars do."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_ops: int = Field(description="operators on the CIM device (crossbars and their digital periphery)")
+    host_ops: dict[str, str] = Field(description="every operator kept on the host in float, and why")
+    fallbacks: dict[str, str] = Field(default_factory=dict, description="operators a part of the stack could not "
+                                      "take (PPQ failed at them), kept on the host in float instead")
+    device_macs: int = Field(description="multiply-accumulates the crossbars compute")
+    total_macs: int = Field(description="multiply-accumulates of the whole model (Conv, Gemm, MatMul, LSTM, ...)")
+
+    @property
+    def crossbar_coverage(self) -> float | None:
+        """Share of the model's multiply-accumulates on the crossbars (None: the model has none)."""
+        return self.device_macs / self.total_macs if self.total_macs else None
+
+    def summary(self) -> str:
+        """One line: coverage, and how many operators stay on the host (and how many fell back)."""
+        share = self.crossbar_coverage
+        text = (f"{share:.1%} of {self.total_macs:,} multiply-accumulates on the crossbars" if share is not None
+                else "no multiply-accumulates")
+        text += f"; {self.device_ops} operators on the device, {len(self.host_ops)} on the host"
+        if self.fallbacks:
+            text += f" ({len(self.fallbacks)} kept there because quantizing them failed: {', '.join(self.fallbacks)})"
+        return text
+
+
+def placement_report(model: onnx.ModelProto, placement: Placement | None = None) -> PlacementReport:
+    """The :class:`PlacementReport` of a prepared ``model`` (with its recorded fallbacks)."""
+    placement = placement or place(model)
+    work = macs(model)
+    return PlacementReport(
+        device_ops=len(placement.device_ops), host_ops={n: placement.reasons.get(n, "") for n in placement.host_ops
+                                                         if n in placement.reasons},
+        fallbacks=recorded_host(model), total_macs=sum(work.values()),
+        device_macs=sum(n for name, n in work.items() if placement.roles.get(name) is Role.CROSSBAR))
 
 
 #: Operators whose output cannot be negative, whatever their input.
@@ -225,7 +345,7 @@ def nonnegative_tensors(model: onnx.ModelProto, placement: Placement) -> frozens
     """Device tensors that cannot be negative: outputs of Relu, Sigmoid, HardSigmoid, Softplus and
     Clip with a minimum >= 0, and what code movers, pools, concatenations and adds make of only such
     tensors. With unsigned activations they are quantized on ``[0, 2^b - 1]`` (zero offset)."""
-    consts = _constants(model)
+    consts = constant_values(model)
     found: set[str] = set()
     for node in model.graph.node:  # topological
         role = placement.roles.get(node.name, Role.HOST)

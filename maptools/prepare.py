@@ -14,15 +14,20 @@ PPQ 0.6.6 does not dispatch (``Resize`` above opset 13) or whose opset-13 form d
 5. the rewrites PPQ would otherwise do inside its own graph (so operator names stay the ONNX
    ones): BatchNorm into the Conv/Gemm before it (or a per-channel Mul+Add), a bias ``Add`` into
    the Conv before it, Identity and Dropout removed, every node uniquely named;
-6. check the result against the original model in onnxruntime on seeded random inputs.
+6. record every tensor's static shape (ONNX shape inference, or one onnxruntime run where it fails);
+7. check the result against the original model in onnxruntime on seeded random inputs.
 
-Every step is recorded; any failure is a :class:`~maptools.errors.ModelError` naming the operator
-and the fix, raised before anything is written.
+Every step is recorded. A model onnxruntime runs is never refused for a step of ours: a step that
+fails is skipped (and recorded so), and a result that differs from the original is prepared again
+with fewer rewrites. Only a model onnxruntime cannot run at ``input_shapes`` is a
+:class:`~maptools.errors.ModelError` / :class:`~maptools.errors.InputShapeError`, raised before
+anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +45,10 @@ from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.mapfolder import atomic_write, sha256_file, storage_errors
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs, node_attr
 
+log = logging.getLogger(__name__)
+
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
-           "PREPARED_KEY"]
+           "PREPARED_KEY", "Reference", "reference_outputs", "check_equivalent"]
 
 #: The opset PPQ 0.6.6 dispatches and exports (its ONNX Runtime exporter writes ai.onnx 13).
 TARGET_OPSET = 13
@@ -154,8 +161,13 @@ def _where(node: onnx.NodeProto) -> str:
 
 # --- 1. dims --------------------------------------------------------------------------------------
 
-def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> bool:
-    """Set every graph input's dims to ``shapes``; drop intermediate and output shapes (re-inferred)."""
+def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                   output_shapes: Mapping[str, Sequence[int]] | None = None) -> bool:
+    """Set every graph input's dims to ``shapes`` and drop intermediate shapes (re-inferred).
+
+    Graph outputs get ``output_shapes`` where given (what onnxruntime computed: exporters write stale
+    ranks and sizes there), else keep their rank with the sizes forgotten.
+    """
     changed = False
     for vi in model.graph.input:
         if vi.name not in shapes:
@@ -168,8 +180,14 @@ def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) 
             d.dim_value = int(value)
     del model.graph.value_info[:]
     for out in model.graph.output:
+        known = (output_shapes or {}).get(out.name)
+        if known is not None:
+            out.type.tensor_type.ClearField("shape")
+            for size in known:
+                out.type.tensor_type.shape.dim.add().dim_value = int(size)
+            continue
         for d in out.type.tensor_type.shape.dim:
-            d.Clear()  # keep the rank, forget the (possibly symbolic) sizes
+            d.Clear()
     return changed
 
 
@@ -454,6 +472,12 @@ def convert_opset(ctx: _Context) -> str | None:
             raise ModelError(f"onnx's version converter cannot bring the model from opset {opset} to "
                              f"{TARGET_OPSET}: {str(e).strip()[:300]}",
                              "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).") from e
+        for node in ctx.graph.node:  # before opset 11, Upsample and Resize computed asymmetric, floor; the
+            # converter leaves Resize-11's defaults (half_pixel), which differ for linear modes
+            if opset < 11 and node.op_type == "Resize" and node_attr(node, "coordinate_transformation_mode") is None:
+                _drop_attrs(node, {"coordinate_transformation_mode", "nearest_mode"})
+                node.attribute.extend([onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
+                                       onnx.helper.make_attribute("nearest_mode", "floor")])
         ctx.invalidate()
         return f"opset {opset} -> {TARGET_OPSET} (onnx version converter)"
     rewritten = downgrade_to_13(ctx, opset)
@@ -742,42 +766,94 @@ def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rn
     return feed
 
 
-def check_equivalent(original: bytes, prepared: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
-                     checks: int = 3, seed: int = 0, rtol: float = 1e-3, atol: float = 1e-4) -> tuple[float, float]:
-    """Run both models in onnxruntime on seeded random inputs; return (max abs, max relative) output difference.
+@dataclass(frozen=True)
+class Reference:
+    """The original model's outputs on seeded random inputs, as onnxruntime computes them."""
+
+    feeds: tuple[dict[str, np.ndarray], ...]
+    names: tuple[str, ...]
+    outputs: tuple[tuple[np.ndarray, ...], ...]
+
+    @property
+    def output_shapes(self) -> dict[str, list[int]]:
+        return {name: list(value.shape) for name, value in zip(self.names, self.outputs[0] if self.outputs else ())}
+
+
+def _declared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> str:
+    """The fixed input dims ``shapes`` override, in words (empty when none)."""
+    found = [f"input {spec.name!r} axis {axis} is fixed to {want} in the model"
+             for spec in model_inputs(model) for axis, (want, got) in enumerate(zip(spec.dims, shapes[spec.name]))
+             if want is not None and want != got]
+    return "; ".join(found)
+
+
+def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int = 3,
+                      seed: int = 0) -> Reference:
+    """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load).
+
+    Raises:
+        ModelError: onnxruntime cannot load the model.
+        InputShapeError: the model does not run with ``shapes``.
+    """
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(original)
+    fix_input_dims(relaxed, shapes)
+    try:
+        session = _session(relaxed)
+    except Exception as e:
+        try:
+            _session(original)
+        except Exception:
+            raise ModelError(f"onnxruntime cannot load the model: {str(e).strip()[:300]}",
+                             "check the model file; maptools needs a model onnxruntime runs.") from e
+        raise _misfit(original, shapes, e) from e  # it loads as declared: the shapes do not fit
+    names = tuple(o.name for o in original.graph.output)
+    rng = np.random.default_rng(seed)
+    feeds = tuple(_random_feed(original, shapes, rng) for _ in range(checks))
+    outputs = []
+    for feed in feeds:
+        try:
+            outputs.append(tuple(session.run(list(names), feed)))
+        except Exception as e:
+            raise _misfit(original, shapes, e) from e
+    return Reference(feeds, names, tuple(outputs))
+
+
+def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception) -> InputShapeError:
+    declared = _declared(model, shapes)
+    return InputShapeError(
+        f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} }"
+        + (f" ({declared})" if declared else "") + f": {' '.join(str(error).split())[:300]}",
+        "give the shapes the model was exported for" + (
+            f", e.g. {_suggested(model, shapes)}" if declared else
+            " (a Reshape to a constant batch fixes the batch size, for example)") + ".")
+
+
+def _suggested(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{spec.name}={[d if d is not None else g for d, g in zip(spec.dims, shapes[spec.name])]}"
+                     for spec in model_inputs(model))
+
+
+def check_equivalent(reference: Reference, prepared: onnx.ModelProto, rtol: float = 1e-3, atol: float = 1e-4
+                     ) -> tuple[float, float]:
+    """Run ``prepared`` on the reference's inputs; return (max abs, max relative) output difference.
 
     The relative difference is per output, against the output's largest magnitude. Raises
-    ModelError when an element differs beyond ``atol * max(1, max|ref|) + rtol * |ref|``.
+    ModelError when onnxruntime cannot run it or an element differs beyond
+    ``atol * max(1, max|ref|) + rtol * |ref|``.
     """
-    source = onnx.load_from_string(original)
-    try:
-        before = _session(original)
-    except Exception as e:
-        raise ModelError(f"onnxruntime cannot load the original model: {str(e).strip()[:300]}",
-                         "check the model file; maptools needs a model onnxruntime runs.") from e
     try:
         after = _session(prepared)
+        got_all = [after.run(list(reference.names), feed) for feed in reference.feeds]
     except Exception as e:
-        raise ModelError(f"onnxruntime cannot load the prepared model: {str(e).strip()[:300]}",
-                         "report this model to the maptools maintainers; quantize it with simplify=False meanwhile."
-                         ) from e
-    names = [o.name for o in source.graph.output]
-    rng = np.random.default_rng(seed)
+        raise ModelError(f"onnxruntime cannot run the prepared model: {str(e).strip()[:300]}",
+                         "report this model to the maptools maintainers.") from e
     worst_abs = worst_rel = 0.0
-    for _ in range(checks):
-        feed = _random_feed(source, shapes, rng)
-        try:
-            ref = before.run(names, feed)
-        except Exception as e:
-            raise InputShapeError(f"the original model does not run with input_shapes "
-                                  f"{ {k: list(v) for k, v in shapes.items()} }: {str(e).strip()[:300]}",
-                                  "give the shapes the model was exported for (a Reshape to a constant batch fixes "
-                                  "the batch size, for example).") from e
-        got = after.run(names, feed)
-        for name, r, g in zip(names, ref, got):
+    for ref, got in zip(reference.outputs, got_all):
+        for name, r, g in zip(reference.names, ref, got):
             if r.shape != g.shape:
                 raise ModelError(f"output {name!r} has shape {list(g.shape)} after preparation, {list(r.shape)} before.",
-                                 "report this model to the maptools maintainers; quantize it with simplify=False.")
+                                 "report this model to the maptools maintainers.")
             if not np.issubdtype(r.dtype, np.floating):
                 if not np.array_equal(r, g):
                     raise ModelError(f"output {name!r} (integer) changed in preparation.",
@@ -790,51 +866,97 @@ def check_equivalent(original: bytes, prepared: onnx.ModelProto, shapes: Mapping
             if not np.all(diff <= atol * max(1.0, peak) + rtol * np.abs(r)):
                 raise ModelError(f"the prepared model's output {name!r} differs from the original's by up to "
                                  f"{float(diff.max()):.3g} (largest value {peak:.3g}).",
-                                 "report this model to the maptools maintainers; quantize it with simplify=False.")
+                                 "report this model to the maptools maintainers.")
     return worst_abs, worst_rel
 
 
 # --- the stage ------------------------------------------------------------------------------------------
 
-def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True
-            ) -> tuple[onnx.ModelProto, list[str]]:
-    """Steps 1-5 on a model in memory; returns the prepared model and what was done."""
-    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
-    foreign = sorted({f"{n.op_type} ({n.domain})" for n in ctx.graph.node if n.domain not in _DEFAULT_DOMAINS})
-    if foreign and not ctx.model.functions:
-        raise ModelError(f"the model uses operators outside the standard ONNX domain: {', '.join(foreign)}.",
-                         "re-export the model with standard ONNX operators only.")
-    if fix_input_dims(ctx.model, shapes):
-        ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
-    if ctx.model.functions:
-        from onnx import inliner
+#: What preparation may leave out, from the most to the least: each level runs fewer rewrites, for a
+#: model whose full preparation fails onnxruntime's check against the original.
+_LEVELS = ("full", "no onnxsim", "minimal")
 
-        ctx.model = inliner.inline_local_functions(ctx.model)
-        ctx.steps.append("local functions inlined")
-    folded = fold_constant_nodes(ctx)
-    if folded:
-        ctx.steps.append(f"{folded} Constant nodes folded into initializers")
+
+def _optional(ctx: _Context, what: str, step: Callable[[_Context], list[str]]) -> None:
+    """Run a rewrite that the model can do without: on any failure the model stays as it was before it,
+    and the step is recorded as skipped (with the reason) instead of failing the preparation."""
+    saved = onnx.ModelProto()
+    saved.CopyFrom(ctx.model)
+    try:
+        done = step(ctx)
+    except Exception as e:  # noqa: BLE001  (onnx, onnxsim and the rewrites raise many types)
+        ctx.model = saved
+        ctx.invalidate()
+        reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        ctx.steps.append(f"{what} skipped ({reason})")
+        log.warning("preparation: %s skipped: %s", what, reason)
+        return
+    ctx.steps.extend(done)
+
+
+def _counted(text: str, count: int) -> list[str]:
+    return [text.format(count)] if count else []
+
+
+def _fold_constants(ctx: _Context) -> list[str]:
+    return _counted("{} Constant nodes folded into initializers", fold_constant_nodes(ctx))
+
+
+def _inline(ctx: _Context) -> list[str]:
+    if not ctx.model.functions:
+        return []
+    from onnx import inliner
+
+    ctx.model = inliner.inline_local_functions(ctx.model)
+    ctx.invalidate()
+    return ["local functions inlined"]
+
+
+def _convert(ctx: _Context) -> list[str]:
     converted = convert_opset(ctx)
-    if converted:
-        ctx.steps.append(converted)
-    if simplify_model:
+    return [converted] if converted else []
+
+
+def _simplify(shapes: Mapping[str, Sequence[int]]) -> Callable[[_Context], list[str]]:
+    def step(ctx: _Context) -> list[str]:
         before = len(ctx.graph.node)
         simplify(ctx, shapes)
-        ctx.steps.append(f"onnxsim: {before} -> {len(ctx.graph.node)} nodes")
-        folded = fold_constant_nodes(ctx)
-        if folded:
-            ctx.steps.append(f"{folded} Constant nodes folded into initializers")
-    removed = _remove_passthrough(ctx)
-    if removed:
-        ctx.steps.append(f"{removed} Identity/Dropout removed")
+        fold_constant_nodes(ctx)
+        return [f"onnxsim: {before} -> {len(ctx.graph.node)} nodes"]
+
+    return step
+
+
+def _ppq_ready(ctx: _Context) -> list[str]:
+    done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
     folded, replaced = _fold_batchnorm(ctx)
-    if folded:
-        ctx.steps.append(f"{folded} BatchNormalization folded into Conv/Gemm")
-    if replaced:
-        ctx.steps.append(f"{replaced} BatchNormalization replaced by a per-channel Mul + Add")
-    fused = _fold_bias_add(ctx)
-    if fused:
-        ctx.steps.append(f"{fused} bias Add folded into Conv")
+    return [*done, *_counted("{} BatchNormalization folded into Conv/Gemm", folded),
+            *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
+            *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx))]
+
+
+def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,
+            level: str = "full", output_shapes: Mapping[str, Sequence[int]] | None = None
+            ) -> tuple[onnx.ModelProto, list[str]]:
+    """Steps 1-5 on a model in memory; returns the prepared model and what was done.
+
+    Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
+    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no
+    onnxsim'``, or ``'minimal'`` (dims, names and shapes only). ``output_shapes``: the graph outputs'
+    shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
+    """
+    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
+    _drop_unused_opsets(ctx.model)
+    if fix_input_dims(ctx.model, shapes, output_shapes):
+        ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
+    if level != "minimal":
+        _optional(ctx, "inlining local functions", _inline)
+        _optional(ctx, "folding Constant nodes", _fold_constants)
+        _optional(ctx, f"converting to opset {TARGET_OPSET}", _convert)
+        _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
+        if simplify_model and level == "full":
+            _optional(ctx, "onnxsim", _simplify(shapes))
+        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready)
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in ("If", "Loop", "Scan")})
     if control:
         raise ModelError(f"the model keeps control flow after simplification: {', '.join(control[:5])}.",
@@ -842,17 +964,68 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     renamed = name_nodes(ctx)
     if renamed:
         ctx.steps.append(f"{renamed} nodes named")
-    inferred = _static_shapes(ctx.model)
+    _record_shapes(ctx, shapes)
+    try:
+        onnx.checker.check_model(ctx.model)
+    except Exception as e:  # noqa: BLE001  (onnxruntime's check against the original decides)
+        log.debug("onnx's checker objects to the prepared model (%s); onnxruntime's check decides", e)
+    return ctx.model, ctx.steps
+
+
+def _drop_unused_opsets(model: onnx.ModelProto) -> None:
+    """Forget opset imports of domains no node uses (converters list every domain they know of)."""
+    used = {n.domain for n in model.graph.node} | {d for f in model.functions for d in [f.domain]
+                                                   } | set(_DEFAULT_DOMAINS)
+    kept = [o for o in model.opset_import if o.domain in used]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
+def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Write every tensor's static type and shape into ``value_info`` (and the outputs'): from ONNX shape
+    inference, or where it fails or leaves a shape open, from one onnxruntime run of the model."""
+    try:
+        inferred = _static_shapes(ctx.model)
+    except ModelError as e:
+        log.info("preparation: %s; shapes are taken from onnxruntime instead", e.problem)
+        inferred = _observed_shapes(ctx.model, shapes)
+        ctx.steps.append("shapes recorded from onnxruntime (ONNX shape inference fails on this model)")
     del ctx.graph.value_info[:]
     ctx.graph.value_info.extend(inferred.graph.value_info)
     for out, done in zip(ctx.graph.output, inferred.graph.output):
         out.type.CopyFrom(done.type)
+    ctx.invalidate()
+
+
+def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """``model`` with the type and shape of every tensor as onnxruntime computes them on one input."""
+    names = [t for n in model.graph.node for t in n.output if t]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
     try:
-        onnx.checker.check_model(ctx.model)
+        values = _session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0)))
     except Exception as e:
-        raise ModelError(f"the prepared model does not pass onnx's checker: {str(e).strip()[:300]}",
-                         "report this model to the maptools maintainers.") from e
-    return ctx.model, ctx.steps
+        raise InputShapeError(f"the model does not run in onnxruntime with input_shapes "
+                              f"{ {k: list(v) for k, v in shapes.items()} }: {str(e).strip()[:300]}",
+                              "give the shapes the model was exported for.") from e
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.value_info[:]
+    found = {}
+    for name, value in zip(names, values):
+        value = np.asarray(value)
+        found[name] = onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+    outputs = {o.name for o in model.graph.output}
+    result.graph.value_info.extend(vi for name, vi in found.items() if name not in outputs)
+    for out in result.graph.output:
+        if out.name in found:
+            out.type.CopyFrom(found[out.name].type)
+    return result
 
 
 #: metadata_props key of a prepared model: what it was prepared for and how (JSON).
@@ -894,9 +1067,13 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     a model this code already prepared for the same shapes and options is copied as it is (the flow
     prepares in its own task, then quantizes the prepared file).
 
+    A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
+    original in onnxruntime, the model is prepared again with fewer rewrites (``no onnxsim``, then
+    ``minimal``: fixed dims, node names and recorded shapes only).
+
     Raises:
-        ModelError: a step failed (the message names the operator and the fix); nothing is written.
-        InputShapeError: ``input_shapes`` do not fit the model's inputs.
+        ModelError: onnxruntime cannot run the model; nothing is written.
+        InputShapeError: ``input_shapes`` do not fit the model (onnxruntime cannot run it with them).
     """
     src = Path(src)
     model = load_model(src)
@@ -911,15 +1088,26 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node))
-    try:
-        prepared, steps = prepare(model, shapes, simplify_model=simplify)
-    except MaptoolsError:
-        raise
-    except Exception as e:  # onnx raises many types on malformed content
-        raise ModelError(f"preparing {src} failed: {type(e).__name__}: {str(e).strip()[:300]}",
-                         "check the model with onnx.checker and onnxruntime; report it to the maptools maintainers "
-                         "if both accept it.") from e
-    worst_abs, worst_rel = check_equivalent(src.read_bytes(), prepared, shapes, checks=checks, seed=seed)
+    reference = reference_outputs(model, shapes, checks=checks, seed=seed)
+    notes: list[str] = []
+    for level in _LEVELS:
+        try:
+            prepared, steps = prepare(model, shapes, simplify_model=simplify, level=level,
+                                      output_shapes=reference.output_shapes)
+            worst_abs, worst_rel = check_equivalent(reference, prepared)
+            break
+        except InputShapeError:
+            raise
+        except Exception as e:  # noqa: BLE001  (onnx raises many types on content it cannot take)
+            reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+            if level == _LEVELS[-1]:
+                raise ModelError(f"preparing {src} failed: {reason}",
+                                 "check the model with onnxruntime; report it to the maptools maintainers if it "
+                                 "runs there.") from e
+            notes.append(f"preparation ({level}) gave a model that failed the check against the original ({reason}); "
+                         "prepared again with fewer rewrites")
+            log.warning("%s", notes[-1])
+    steps = [*notes, *steps]
     record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
               "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
               "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node)}

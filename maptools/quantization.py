@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 from maptools import __version__
-from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
+from maptools.artifacts import (ARTIFACT_FILES, atomic_write, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
                                 QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, sha256_file, validate_mapname, write_json,
                                 write_pickle)
 from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCalibration,
@@ -25,6 +26,7 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.placement import PlacementReport, placement_report, record_host
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings,
@@ -83,6 +85,8 @@ class QuantizationResult:
     output_root: Path | str | None = None
     #: ``bit_width='auto'``: the widths chosen per layer and the errors measured (MixedPrecisionReport JSON)
     mixed_precision: dict[str, Any] | None = None
+    #: what runs on the device and on the host (and why), and the crossbars' share of the multiply-accumulates
+    placement: PlacementReport | None = None
 
     @property
     def quantinfo_path(self) -> Path:
@@ -103,6 +107,7 @@ class QuantizationResult:
             "model_sha256": self.model_sha256, "settings": self.settings.to_dict(), "device": self.device,
             "calibration": self.calibration, "error_report": self.errors.per_layer, "seconds": self.seconds,
             "notes": list(self.notes), "mixed_precision": self.mixed_precision,
+            "placement": None if self.placement is None else self.placement.model_dump(mode="json"),
         }
 
 
@@ -153,6 +158,83 @@ def _search_widths(model_path: Path, calibration: ValidatedCalibration, data: An
     return search(model, samples, settings, budget, quantize_at, measure)
 
 
+@dataclass(frozen=True)
+class _Quantized:
+    """What PPQ made of a prepared model, read out and exported."""
+
+    graph: Any
+    settings: QuantSettings
+    mixed: MixedPrecisionReport | None
+    quantinfo: dict[str, QuantConfig]
+    quantparams: dict[str, np.ndarray | None]
+    qdq: bytes
+    export_seconds: float
+
+
+def _quantize_prepared(model_path: Path, calibration: ValidatedCalibration, data: Any, steps: int,
+                       first: Mapping[str, Any], settings: QuantSettings, device: str, budget: Budget | None,
+                       strict: bool) -> _Quantized:
+    """PPQ on the prepared model at ``model_path``, read out and exported.
+
+    Where PPQ fails at a device operator, that operator is recorded in the model file as kept on the
+    host in float (:func:`maptools.placement.record_host`; the placement of every later stage reads
+    it) and PPQ runs again, until it succeeds; ``strict`` makes the first such failure an error.
+    """
+    from maptools import _ppq
+
+    fallbacks: dict[str, str] = {}
+    while True:
+        try:
+            mixed = None
+            if budget is not None:
+                graph, chosen, mixed = _search_widths(model_path, calibration, data, steps, first, settings, device,
+                                                      budget)
+            else:
+                graph, chosen = _ppq.quantize_graph(model_path, data, steps, first, settings, device), settings
+            quantinfo = graph.quantinfo()
+            unquantized = graph.unquantized_conv_inputs()
+            if unquantized:
+                raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
+                                         "report this model to the maptools maintainers; a CIM crossbar needs "
+                                         "every Conv/Gemm input on a quantization grid.", operator=unquantized[0])
+            quantparams = graph.quantparams(quantinfo)
+            t = time.perf_counter()
+            qdq = graph.qdq_model()
+            return _Quantized(graph, chosen, mixed, quantinfo, quantparams, qdq, time.perf_counter() - t)
+        except QuantizationFailed as e:
+            if e.operator is None or e.operator in fallbacks:
+                raise
+            if strict:
+                raise QuantizationFailed(e.problem, f"quantize without strict=True (--strict) to keep {e.operator} on "
+                                         "the host in float, or report this model to the maptools maintainers.",
+                                         operator=e.operator) from e
+            fallbacks[e.operator] = e.problem
+            log.warning("%s: %s stays on the host in float; quantizing again", e.problem, e.operator)
+            model = onnx.load(str(model_path))
+            record_host(model, fallbacks)
+            atomic_write(model_path, model.SerializeToString())
+
+
+def _error_report(graph: Any, calibration: ValidatedCalibration, steps: int, qdq: bytes, notes: list[str]
+                  ) -> dict[str, float]:
+    """The per-layer SNR; a report PPQ cannot compute is left out (with a note), not a failed run."""
+    try:
+        return graph.error_report(calibration, steps=steps, qdq=qdq)
+    except QuantizationFailed as e:
+        notes.append(f"no per-layer error report: {e.problem}")
+        log.warning(notes[-1])
+        return {}
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _share(report: PlacementReport) -> str:
+    share = report.crossbar_coverage
+    return "none" if share is None else f"{share:.1%}"
+
+
 def _is_pow2(scale: float) -> bool:
     return scale > 0 and math.frexp(scale)[0] == 0.5
 
@@ -183,6 +265,7 @@ def quantize(
     layer_bits: Mapping[str, tuple[int, int]] | None = None,
     budget: Budget | Mapping[str, Any] | None = None,
     threads: int | None = None,
+    strict: bool = False,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -230,6 +313,9 @@ def quantize(
             :class:`maptools.mixed_precision.Budget`.
         threads: torch threads while PPQ runs; default (None) the cores this process may use that
             are idle when the run starts, so a busy machine does not oversubscribe (:mod:`maptools.threads`).
+        strict: where PPQ fails at an operator, fail (``QuantizationFailed`` naming it) instead of keeping
+            that operator on the host in float and quantizing again (the default; the result's
+            ``placement`` and the manifest list such fallbacks, and the crossbars' share of the work).
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -297,29 +383,32 @@ def quantize(
 
     folder.check_writable()  # a folder that is not a map, or storage we cannot write: before any work
     count = choose_threads(threads)
-    from maptools import _ppq  # heavy import, only once the inputs are known to be good
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
         prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify)
-        prepared_bytes = prepared.path.read_bytes()
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
         t = time.perf_counter()
         data = calibration if progress is None else ProgressCalibration(
             calibration, steps * settings.algorithm.passes, progress)
-        mixed = None
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
-            if auto:
-                graph, settings, mixed = _search_widths(prepared.path, calibration, data, steps, first, settings,
-                                                        ppq_device, budget)
-                notes.extend(mixed.notes)
-            else:
-                graph = _ppq.quantize_graph(prepared.path, data, steps, first, settings, ppq_device)
-        seconds["calibrate"] = time.perf_counter() - t
-    quantinfo = graph.quantinfo()
+            done = _quantize_prepared(prepared.path, calibration, data, steps, first, settings, ppq_device,
+                                      budget if auto else None, strict)
+        seconds["calibrate"] = time.perf_counter() - t - done.export_seconds
+        seconds["export"] = done.export_seconds
+        prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
+    graph, settings, quantinfo = done.graph, done.settings, done.quantinfo
+    report = placement_report(onnx.ModelProto.FromString(prepared_bytes))
+    if report.fallbacks:
+        notes.append(f"{len(report.fallbacks)} operator(s) stay on the host in float because quantizing them failed "
+                     f"({_listing(list(report.fallbacks))}); the crossbars compute {_share(report)} of the "
+                     "multiply-accumulates. strict=True makes such a failure an error.")
+        log.warning(notes[-1])
+    if done.mixed is not None:
+        notes.extend(done.mixed.notes)
     if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:
         notes.append(f"activation_sign='auto' with algorithm='{settings.algorithm.value}': PPQ's kl observer "
                      "handles signed ranges only, so every activation stays signed.")
@@ -331,21 +420,13 @@ def quantize(
     for note in _datapath_checks(settings, quantinfo):
         notes.append(note)
         log.warning(note)
-    unquantized = graph.unquantized_conv_inputs()
-    if unquantized:
-        raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
-                                 "report this model to the maptools maintainers; a CIM crossbar needs "
-                                 "every Conv/Gemm input on a quantization grid.")
-    quantparams = graph.quantparams(quantinfo)
-    t = time.perf_counter()
-    qdq = graph.qdq_model()
-    seconds["export"] = time.perf_counter() - t
+    quantparams, qdq = done.quantparams, done.qdq
     t = time.perf_counter()
     with torch_threads(count):
-        errors = ErrorSummary(graph.error_report(calibration, steps=min(error_steps, steps), qdq=qdq)
+        errors = ErrorSummary(_error_report(graph, calibration, min(error_steps, steps), qdq, notes)
                               if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
-    mixed_json = None if mixed is None else mixed.to_json()
+    mixed_json = None if done.mixed is None else done.mixed.to_json()
 
     with folder.write() as stage:
         write_pickle(stage / QUANTINFO_PKL, quantinfo)
@@ -366,7 +447,7 @@ def quantize(
             model=ModelRecord(path=str(onnx_path.resolve()), sha256=model_sha,
                               input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
             settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
-            calibration=calib_desc, onnx_export_exact=True, threads=count,
+            calibration=calib_desc, onnx_export_exact=True, threads=count, placement=report,
             **({"mixed_precision": mixed_json} if mixed_json is not None else {}),
             artifacts=hashes, versions=package_versions(), notes=notes,
             seconds={k: round(v, 3) for k, v in seconds.items()},
@@ -377,6 +458,6 @@ def quantize(
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
         errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
         version_dir=folder.published, output_root=folder.root,
-        mixed_precision=mixed_json,
+        mixed_precision=mixed_json, placement=report,
     )
 

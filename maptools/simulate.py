@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnx.shape_inference
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError
 from maptools.node_runner import NodeRunner
 from maptools.placement import Role
-from maptools.prepare import opset_of
+from maptools.onnx_model import constant_values, opsets
 from maptools.quantinfo import QuantConfig, param_key
 from maptools.requant import RequantMode, quantize, requantize, to_hardware
 
@@ -134,7 +133,7 @@ class IntegerSimulator:
 
     Raises:
         ArtifactError: quantparams lack a weight, its shape differs from the model's, or the model is gone.
-        ConversionError: the graph is not quantized, or an operator cannot run where it is placed.
+        ConversionError: the graph is not quantized.
     """
 
     def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
@@ -155,27 +154,16 @@ class IntegerSimulator:
         if missing:
             raise ArtifactError(f"the model lacks operators of the graph: {', '.join(missing[:5])}.",
                                 "re-run convert for this map.")
-        opset = opset_of(model)
-        self.constants = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy())
-                          for i in model.graph.initializer}
+        self.constants = constant_values(model)
         self.nodes = {name: nodes[name] for name in self.order}
-        self.runners = {name: NodeRunner(nodes[name], opset) for name in self.order}
+        self.runners = {name: NodeRunner(nodes[name], opsets(model), self.constants) for name in self.order}
         self.batch = max(1, next(iter(graph.inputs.values()))[0]) if graph.inputs else 1
         self.batch_major = _batch_major(model)
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        problems = []
         for name in self.order:
             node = graph.node(name)
-            if node["role"] == Role.CROSSBAR.value:
-                if node["op_type"] == "Gemm" and node["attrs"]["bias"] and node["attrs"]["beta"] != 1.0:
-                    problems.append(f"{name} (Gemm with beta={node['attrs']['beta']})")
-                if node["op_type"] == "ConvTranspose" and (node["attrs"]["output_shape"] or
-                                                           node["attrs"]["auto_pad"] not in ("NOTSET", "VALID")):
-                    problems.append(f"{name} (ConvTranspose with output_shape/auto_pad)")
+            if node["role"] == Role.CROSSBAR.value:  # (placement keeps forms without an integer kernel on the host)
                 self.weights[name] = self._load_weights(name, node, quantparams)
-        if problems:
-            raise ConversionError(f"maptools cannot simulate these operators: {', '.join(problems)}.",
-                                  "re-export the model with explicit pads and a Gemm bias scale of 1.")
 
     @staticmethod
     def _load_weights(name: str, node: Mapping[str, Any], params: Mapping[str, np.ndarray | None]
@@ -256,8 +244,7 @@ class IntegerSimulator:
     def _generic(self, name: str, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The operator's ONNX semantics in onnxruntime, its constants from the model."""
         acts = iter(values)
-        feed = [None if not t else self.constants[t].numpy() if t in self.constants else next(acts).numpy()
-                for t in self.nodes[name].input]
+        feed = [None if not t or t in self.constants else next(acts).numpy() for t in self.nodes[name].input]
         return [torch.from_numpy(np.array(out)) for out in self.runners[name].run(feed)]
 
     def _move(self, name: str, cfg: QuantConfig, values: list[Value]) -> list[QTensor]:

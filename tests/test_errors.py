@@ -91,7 +91,8 @@ def test_unsupported_operator_is_named(tmp_path) -> None:
 
     odd = model(helper.make_node("Frobnicate", ["c"], ["output"], name="odd", domain="com.example"),
                 helper.make_opsetid("com.example", 1))
-    with pytest.raises(ModelError, match=r"outside the standard ONNX domain: Frobnicate \(com.example\)"):
+    # a model onnxruntime cannot run is bad input: the error names the operator, nothing is written
+    with pytest.raises(ModelError, match=r"onnxruntime cannot load the model.*com\.example:Frobnicate.*Fix: "):
         quantize({"input": [1, 3, 8, 8]}, "cpu", odd, mapname="m", output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "m").exists()
     # a standard operator PPQ has no kernel for (Softsign) runs (in onnxruntime): here on the host, since

@@ -135,16 +135,18 @@ def test_models_that_cannot_be_prepared_fail_cleanly(exports, tmp_path) -> None:
     onnx.save(fixed, str(path))
     with pytest.raises(MaptoolsErrorTypes, match="r|Reshape|input_shapes"):
         quantize({"input": [2, 4]}, "cpu", path, mapname="bad", output_root=tmp_path)
-    # an operator with no opset-13 form
+    assert not (tmp_path / "mapsave" / "bad").exists()
+    # an operator with no opset-13 form is no bad input: the model keeps its opset and the operator the host
     tri = helper.make_model(helper.make_graph(
         [helper.make_node("Trilu", ["input"], ["y"], name="tri")], "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])]), opset_imports=[helper.make_opsetid("", 14)])
     path = tmp_path / "trilu.onnx"
     onnx.save(tri, str(path))
-    with pytest.raises(ModelError, match=r"tri \(Trilu\): defined at opset 14, absent at opset 13.*opset_version=13"):
-        quantize({"input": [4, 4]}, "cpu", path, mapname="bad", output_root=tmp_path)
-    assert not (tmp_path / "mapsave" / "bad").exists()
+    result = quantize({"input": [4, 4]}, "cpu", path, mapname="tri", calib_steps=8, output_root=tmp_path)
+    assert any("converting to opset 13 skipped" in s and "tri (Trilu): defined at opset 14" in s
+               for s in result.prepared["steps"])
+    assert result.placement.host_ops == {"tri": "Trilu has no device form here"} and not read_quantinfo("tri", tmp_path)
 
 
 MaptoolsErrorTypes = (ModelError, InputShapeError)

@@ -1,0 +1,253 @@
+"""Small models written the way real exporters write them, built with ``onnx.helper`` (random weights).
+
+Each builder returns ``(model, input_shapes)``: the model as the exporter ships it and the shapes a
+user gives ``quantize``. They cover what differs between exporters rather than architectures:
+paddle2onnx's Clip with ``min``/``max`` inputs and decomposed hard-swish, keras2onnx's NHWC input
+behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR 3 models with
+initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNormalization with
+``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
+Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
+DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, and an
+onnxruntime contrib operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["IDIOMS", "RESIZE_MODES", "resize_model"]
+
+
+class _Builder:
+    """Nodes and initializers of one graph, with He-initialised random weights."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def const(self, value: np.ndarray | float | Sequence[float], dtype: type = np.float32, as_node: bool = False
+              ) -> str:
+        name = self.name("c")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        if as_node:
+            self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        else:
+            self.inits.append(tensor)
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], outputs: int = 1, domain: str = "", **attrs: object
+           ) -> str | list[str]:
+        names = [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.name(op_type), domain=domain,
+                                           **attrs))
+        return names[0] if outputs == 1 else names
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1, as_node: bool = False,
+             pads: bool = True) -> str:
+        w = self.rng.standard_normal([cout, cin // group, k, k]) * np.sqrt(2.0 / (cin // group * k * k))
+        b = self.rng.standard_normal(cout) * 0.1
+        p = k // 2 if pads else 0
+        return self.op("Conv", [x, self.const(w, as_node=as_node), self.const(b, as_node=as_node)],
+                       kernel_shape=[k, k], strides=[stride, stride], pads=[p, p, p, p], group=group)
+
+    def gemm(self, x: str, cin: int, cout: int) -> str:
+        w = self.rng.standard_normal([cout, cin]) * np.sqrt(2.0 / cin)
+        return self.op("Gemm", [x, self.const(w), self.const(self.rng.standard_normal(cout) * 0.1)], transB=1)
+
+    def head(self, x: str, channels: int, classes: int = 5) -> str:
+        return self.gemm(self.op("Flatten", [self.op("GlobalAveragePool", [x])], axis=1), channels, classes)
+
+    def model(self, inputs: dict[str, Sequence[int | str]], outputs: Sequence[str], opset: int,
+              ir_version: int | None = None, extra_opsets: Sequence[tuple[str, int]] = (),
+              initializers_as_inputs: bool = False) -> onnx.ModelProto:
+        graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()]
+        if initializers_as_inputs:
+            graph_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in self.inits]
+        graph = helper.make_graph(self.nodes, "exported", graph_inputs,
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                                  self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                        *(helper.make_opsetid(d, v) for d, v in extra_opsets)],
+                                  producer_name="maptools-tests")
+        model.ir_version = ir_version or min(model.ir_version, 8)
+        return model
+
+
+Built = tuple[onnx.ModelProto, dict[str, list[int]]]
+
+
+def clip_inputs() -> Built:
+    """paddle2onnx at opset 11+: ReLU6 as Clip with ``min``/``max`` as inputs (one of them absent)."""
+    b = _Builder(1)
+    x = b.op("Clip", [b.conv("x", 3, 8, stride=2), b.const(0.0), b.const(6.0)])
+    y = b.op("Clip", [b.conv(x, 8, 8), "", b.const(4.0)])  # only a maximum
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(y, 8)], 11), {"x": [1, 3, 16, 16]}
+
+
+def hard_swish_decomposed() -> Built:
+    """paddle2onnx's hard-swish ``x * Clip(x + 3, 0, 6) / 6`` and hard-sigmoid ``Clip(0.2 x + 0.5, 0, 1)``."""
+    b = _Builder(2)
+    y = b.conv("x", 3, 8, stride=2)
+    gate = b.op("Clip", [b.op("Add", [y, b.const(3.0)]), b.const(0.0), b.const(6.0)])
+    hs = b.op("Div", [b.op("Mul", [y, gate]), b.const(6.0)])
+    z = b.conv(hs, 8, 8)
+    sig = b.op("Clip", [b.op("Add", [b.op("Mul", [z, b.const(0.2)]), b.const(0.5)]), b.const(0.0), b.const(1.0)])
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.op("Mul", [z, sig]), 8)], 12), {"x": [1, 3, 16, 16]}
+
+
+def constant_weights() -> Built:
+    """Weights, biases and BatchNorm statistics in Constant nodes (older torch exports, tf2onnx)."""
+    b = _Builder(3)
+    y = b.conv("x", 3, 8, stride=2, as_node=True)
+    stats = [b.const(v, as_node=True) for v in (b.rng.uniform(0.5, 1.5, 8), b.rng.normal(0, 0.1, 8),
+                                                b.rng.normal(0, 0.1, 8), b.rng.uniform(0.5, 1.5, 8))]
+    y = b.op("Relu", [b.op("BatchNormalization", [y, *stats], epsilon=1e-5)])
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8, as_node=True), 8)], 11), {"x": [1, 3, 16, 16]}
+
+
+def ir3_opset8() -> Built:
+    """A caffe-era export: IR 3 (initializers also graph inputs), opset 8, BatchNormalization with
+    ``spatial``, Upsample with a ``scales`` attribute."""
+    b = _Builder(4)
+    y = b.conv("data", 3, 8, stride=2)
+    stats = [b.const(v) for v in (b.rng.uniform(0.5, 1.5, 8), b.rng.normal(0, 0.1, 8), b.rng.normal(0, 0.1, 8),
+                                  b.rng.uniform(0.5, 1.5, 8))]
+    y = b.op("Relu", [b.op("BatchNormalization", [y, *stats], epsilon=1e-5, spatial=1)])
+    y = b.op("Upsample", [b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])], mode="nearest",
+             scales=[1.0, 1.0, 2.0, 2.0])
+    model = b.model({"data": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=3,
+                    initializers_as_inputs=True)
+    return model, {"data": [1, 3, 16, 16]}
+
+
+def opset9_pad_upsample() -> Built:
+    """opset 9: Pad with ``pads`` as an attribute, Upsample with ``scales`` as an input (linear too)."""
+    b = _Builder(5)
+    y = b.op("Pad", [b.conv("x", 3, 8, stride=2)], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant", value=0.0)
+    y = b.conv(y, 8, 8, pads=False)
+    up = b.op("Upsample", [y, b.const([1.0, 1.0, 2.0, 2.0])], mode="nearest")
+    lin = b.op("Upsample", [y, b.const([1.0, 1.0, 2.0, 2.0])], mode="linear")
+    y = b.op("Concat", [up, lin], axis=1)
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 16, 8), 8)], 9), {"x": [1, 3, 16, 16]}
+
+
+def nhwc_keras() -> Built:
+    """keras2onnx: an NHWC input behind a Transpose, PRelu, Dense as MatMul + Add, Softmax."""
+    b = _Builder(6)
+    x = b.op("Transpose", ["input_1"], perm=[0, 3, 1, 2])
+    y = b.op("PRelu", [b.conv(x, 3, 8, stride=2), b.const(np.full([8, 1, 1], 0.25))])
+    y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Flatten", [b.op("Transpose", [b.conv(y, 8, 8)], perm=[0, 2, 3, 1])], axis=1)
+    w = b.const(b.rng.standard_normal([8 * 4 * 4, 5]) * np.sqrt(2.0 / 128))
+    logits = b.op("Add", [b.op("MatMul", [y, w]), b.const(b.rng.normal(0, 0.1, 5))])
+    return (b.model({"input_1": ["N", 16, 16, 3]}, [b.op("Softmax", [logits], axis=1)], 12),
+            {"input_1": [1, 16, 16, 3]})
+
+
+def unrolled_lstm(steps: int = 4, features: int = 8, hidden: int = 8) -> Built:
+    """An LSTM unrolled step by step into Gemm, Split, Sigmoid, Tanh, Mul and Add (tf2onnx, TorchScript)."""
+    b = _Builder(7)
+    feats = b.op("Flatten", [b.op("GlobalAveragePool", [b.conv("x", 3, features, stride=2)])], axis=1)
+    h = c = None
+    w = b.rng.standard_normal([4 * hidden, features]) * np.sqrt(1.0 / features)
+    r = b.rng.standard_normal([4 * hidden, hidden]) * np.sqrt(1.0 / hidden)
+    for _ in range(steps):
+        gates = b.op("Gemm", [feats, b.const(w), b.const(np.zeros(4 * hidden))], transB=1)
+        if h is not None:
+            gates = b.op("Add", [gates, b.op("Gemm", [h, b.const(r), b.const(np.zeros(4 * hidden))], transB=1)])
+        i, f, g, o = b.op("Split", [gates], outputs=4, axis=1)
+        i, f, o, g = (b.op("Sigmoid", [i]), b.op("Sigmoid", [f]), b.op("Sigmoid", [o]), b.op("Tanh", [g]))
+        new = b.op("Mul", [i, g])
+        c = new if c is None else b.op("Add", [b.op("Mul", [f, c]), new])
+        h = b.op("Mul", [o, b.op("Tanh", [c])])
+    return b.model({"x": ["N", 3, 16, 16]}, [b.gemm(h, hidden, 5)], 12), {"x": [1, 3, 16, 16]}
+
+
+def placeholder_input() -> Built:
+    """A declared input shape that is a placeholder ([10, 3, 32, 32]) the model's package rewrites at load."""
+    b = _Builder(8)
+    y = b.conv(b.conv("x", 3, 8, stride=2), 8, 8, stride=2)
+    return b.model({"x": [10, 3, 32, 32]}, [b.head(y, 8)], 13), {"x": [1, 3, 32, 32]}
+
+
+def stale_value_info() -> Built:
+    """``value_info`` and output shapes from before a rewrite: wrong ranks and sizes that contradict inference."""
+    b = _Builder(9)
+    y = b.conv("x", 3, 8, stride=2)
+    out = b.head(y, 8)
+    model = b.model({"x": ["N", 3, 16, 16]}, [out], 12)
+    model.graph.value_info.extend([helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 8]),
+                                   helper.make_tensor_value_info(b.nodes[-3].output[0], TensorProto.FLOAT, [7, 7, 7])])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N"]))
+    return model, {"x": [1, 3, 16, 16]}
+
+
+def unused_opsets() -> Built:
+    """Opset imports of domains no node uses (onnxruntime's quantizer and converters list every domain)."""
+    b = _Builder(10)
+    model = b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv("x", 3, 8, stride=2), 8)], 12,
+                    extra_opsets=[("com.microsoft", 1), ("ai.onnx.ml", 2), ("com.microsoft.nchwc", 1)])
+    return model, {"x": [1, 3, 16, 16]}
+
+
+def depth_to_space() -> Built:
+    """DepthToSpace in both modes (DCR, what TensorFlow writes, and CRD, torch's PixelShuffle)."""
+    b = _Builder(11)
+    y = b.op("DepthToSpace", [b.conv("x", 3, 16, stride=2)], blocksize=2, mode="DCR")
+    y = b.op("DepthToSpace", [b.conv(y, 4, 16)], blocksize=2, mode="CRD")
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 4, 8), 8)], 13), {"x": [1, 3, 16, 16]}
+
+
+def leaky_max_min() -> Built:
+    """LeakyRelu, and ReLU6 written as Max/Min with constants (tf2onnx)."""
+    b = _Builder(12)
+    y = b.op("LeakyRelu", [b.conv("x", 3, 8, stride=2)], alpha=0.1)
+    y = b.op("Min", [b.op("Max", [b.conv(y, 8, 8), b.const(0.0)]), b.const(6.0)])
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 12), {"x": [1, 3, 16, 16]}
+
+
+def contrib_operator() -> Built:
+    """An onnxruntime contrib operator (``com.microsoft.Gelu``) between convolutions: it runs on the host."""
+    b = _Builder(13)
+    y = b.op("Gelu", [b.conv("x", 3, 8, stride=2)], domain="com.microsoft")
+    return (b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 13, extra_opsets=[("com.microsoft", 1)]),
+            {"x": [1, 3, 16, 16]})
+
+
+#: Resize at opset 13 as exporters write it: (mode, coordinate_transformation_mode, nearest_mode).
+RESIZE_MODES = [
+    ("nearest", "asymmetric", "floor"), ("nearest", "half_pixel", "round_prefer_floor"),
+    ("nearest", "align_corners", "round_prefer_ceil"), ("nearest", "pytorch_half_pixel", "ceil"),
+    ("linear", "half_pixel", "round_prefer_floor"), ("linear", "align_corners", "round_prefer_floor"),
+    ("linear", "asymmetric", "round_prefer_floor"), ("linear", "pytorch_half_pixel", "round_prefer_floor"),
+    ("cubic", "half_pixel", "round_prefer_floor"),
+]
+
+
+def resize_model(mode: str, transform: str, nearest: str, by_sizes: bool = False) -> Built:
+    """Conv -> Resize (by scales, or by sizes with the other inputs left out) -> Conv."""
+    b = _Builder(14)
+    y = b.conv("x", 3, 8, stride=2)
+    target = ["", "", b.const([1, 8, 16, 16], np.int64)] if by_sizes else ["", b.const([1.0, 1.0, 2.0, 2.0])]
+    y = b.op("Resize", [y, *target], mode=mode, coordinate_transformation_mode=transform, nearest_mode=nearest)
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 13), {"x": [1, 3, 16, 16]}
+
+
+IDIOMS: dict[str, Callable[[], Built]] = {
+    "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
+    "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
+    "unrolled_lstm": unrolled_lstm, "placeholder_input": placeholder_input, "stale_value_info": stale_value_info,
+    "unused_opsets": unused_opsets, "depth_to_space": depth_to_space, "leaky_max_min": leaky_max_min,
+    "contrib_operator": contrib_operator,
+    "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
+}

@@ -1,0 +1,74 @@
+"""Exporter idioms (:mod:`tests.exporters`): every model onnxruntime runs quantizes, converts and simulates
+as shipped, and the integer simulation stays near the float model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from maptools import quantize
+from maptools.conversion import convert, read_graph
+from maptools.simulate import simulate
+from tests.exporters import IDIOMS, RESIZE_MODES, resize_model
+
+CALIB = 8
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def _reference(model: onnx.ModelProto, shapes: dict[str, list[int]], x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float model on ``x``, its declared input dims replaced by ``shapes`` (as its own package would)."""
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    for vi in relaxed.graph.input:
+        if vi.name in shapes:
+            for d, size in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
+                d.Clear()
+                d.dim_value = size
+    session = ort.InferenceSession(relaxed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, x)))
+
+
+def _pipeline(model: onnx.ModelProto, shapes: dict[str, list[int]], tmp_path: Path, name: str) -> tuple[object, float]:
+    """quantize -> convert -> simulate; returns the result and the simulation's worst rel. L2 against float."""
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    result = quantize(shapes, "cpu", path, mapname=name, calib_steps=CALIB, output_root=tmp_path, error_steps=0)
+    convert(name, output_root=tmp_path)
+    graph = read_graph(name, tmp_path)
+    assert graph.meta["quantized"]
+    x = {k: np.random.default_rng(5).standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    simulated = simulate(name, x, output_root=tmp_path).outputs
+    reference = _reference(model, shapes, x)
+    assert set(simulated) == set(reference)
+    exported = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+    qdq = dict(zip([o.name for o in exported.get_outputs()], exported.run(None, x)))
+    # the integer simulation computes what quant_model.onnx does (one-step differences compound a little)
+    assert max(_rel(simulated[k], qdq[k]) for k in qdq) < 0.05
+    return result, max(_rel(simulated[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("idiom", list(IDIOMS))
+def test_exporter_idiom_quantizes_converts_and_simulates(idiom: str, tmp_path: Path) -> None:
+    model, shapes = IDIOMS[idiom]()
+    result, error = _pipeline(model, shapes, tmp_path, idiom)
+    placement = result.placement
+    assert placement is not None and placement.device_macs > 0, placement
+    assert not placement.fallbacks, placement.fallbacks  # each idiom has a device form: nothing falls back
+    # random weights and calibration data (percentile clips tiny heads hard): a loose bound that still
+    # catches an operator computed wrongly
+    assert error < 0.3, (idiom, error, result.prepared["steps"])
+
+
+@pytest.mark.parametrize(("mode", "transform", "nearest"), RESIZE_MODES)
+def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path: Path) -> None:
+    model, shapes = resize_model(mode, transform, nearest)
+    result, error = _pipeline(model, shapes, tmp_path, f"resize-{mode}-{transform}")
+    assert error < 0.3, (mode, transform, nearest, error)
+    assert result.placement.device_macs == result.placement.total_macs  # both convolutions on the crossbars
