@@ -28,7 +28,7 @@ from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder
                                 sha256_file)
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.manifest import Manifest
-from maptools.onnx_model import constant_values, load_model
+from maptools.onnx_model import auto_pads, constant_values, load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
 
@@ -242,15 +242,8 @@ def _window_attrs(raw: dict[str, Any], kernel: list[int], in_shape: list[int]) -
     dilations = list(raw.get("dilations", [1] * rank))
     pads = list(raw.get("pads", [0] * 2 * rank))
     auto_pad = raw.get("auto_pad", "NOTSET")
-    if auto_pad == "VALID":
-        pads = [0] * 2 * rank
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * 2 * rank
-        for i, size in enumerate(in_shape[2:]):
-            out = -(-size // strides[i])
-            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + rank] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    if auto_pad != "NOTSET":
+        pads = auto_pads(auto_pad, in_shape[2:], kernel, strides, dilations)
     return {"kernel": list(kernel), "strides": strides, "dilations": dilations, "pads": pads}
 
 

@@ -13,7 +13,7 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets"]
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -135,3 +135,18 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def opsets(model: onnx.ModelProto) -> dict[str, int]:
     """``{domain: version}`` of the model's opset imports, the default domain as ``''``."""
     return {("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version) for o in model.opset_import}
+
+
+def auto_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> list[int]:
+    """Explicit ``pads`` ([begin..., end...]) of a window operator with ``auto_pad`` VALID, SAME_UPPER or
+    SAME_LOWER over input sizes ``spatial``."""
+    rank = len(kernel)
+    pads = [0] * 2 * rank
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i, size in enumerate(spatial):
+            out = -(-size // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + rank] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    return pads

@@ -43,7 +43,7 @@ import onnx.shape_inference
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.mapfolder import atomic_write, sha256_file, storage_errors
-from maptools.onnx_model import check_input_shapes, load_model, model_inputs, node_attr
+from maptools.onnx_model import auto_pads, check_input_shapes, load_model, model_inputs, node_attr
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +546,36 @@ def _remove_passthrough(ctx: _Context) -> int:
     return removed
 
 
+_WINDOW_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def _explicit_pads(ctx: _Context) -> int:
+    """``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID; keras2onnx and tf2onnx write it) as explicit ``pads`` of
+    the fixed input shape: PPQ's exporter writes both, which onnxruntime refuses."""
+    changed = 0
+    for node in ctx.graph.node:
+        mode = node_attr(node, "auto_pad", "NOTSET")
+        shape = ctx.shape(node.input[0]) if node.op_type in _WINDOW_OPS and mode != "NOTSET" else None
+        if shape is None or min(shape) < 0:
+            continue
+        if node.op_type == "Conv":
+            weight = ctx.shape(node.input[1])
+            if weight is None:
+                continue
+            kernel = list(node_attr(node, "kernel_shape", weight[2:]))
+        else:
+            kernel = list(node_attr(node, "kernel_shape"))
+        rank = len(kernel)
+        pads = auto_pads(mode, shape[2:], kernel, list(node_attr(node, "strides", [1] * rank)),
+                         list(node_attr(node, "dilations", [1] * rank)))
+        _drop_attrs(node, {"auto_pad", "pads"})
+        node.attribute.append(onnx.helper.make_attribute("pads", pads))
+        changed += 1
+    if changed:
+        ctx.invalidate()
+    return changed
+
+
 def _bn_affine(bn: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         gamma, beta, mean, var = (inits[t].astype(np.float64) for t in bn.input[1:5])
@@ -929,6 +959,7 @@ def _simplify(shapes: Mapping[str, Sequence[int]]) -> Callable[[_Context], list[
 
 def _ppq_ready(ctx: _Context) -> list[str]:
     done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
+    done += _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
     folded, replaced = _fold_batchnorm(ctx)
     return [*done, *_counted("{} BatchNormalization folded into Conv/Gemm", folded),
             *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),

