@@ -82,7 +82,10 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     exported = np.concatenate([session.run(None, {"input": x[None]})[0] for x in test_x])
     assert (exported.argmax(1) == theirs.argmax(1)).mean() >= 0.99
     assert np.abs(exported - theirs).max() <= 0.05 * np.abs(theirs).max()
-    assert (ours.argmax(1) == test_y).mean() > 0.8
+    # the quantized model still classifies, as PPQ's own simulation does (plain W4A4 loses about 18 points on this
+    # CNN: 75.8% against 93.8% at 8 bits, PPQ 75.0%; equalization 85.9%, lsq 90.6%)
+    accuracy, theirs_accuracy = (ours.argmax(1) == test_y).mean(), (theirs.argmax(1) == test_y).mean()
+    assert accuracy > 0.7 and accuracy >= theirs_accuracy - 0.03
 
 
 def test_bad_accuracy_options_are_refused(small_cnn, tmp_path) -> None:
