@@ -84,8 +84,10 @@ def quantize_model(
                         ] = True,
     refresh: Annotated[bool, Field(description="Recompute even if a cached result exists.")] = False,
     run_conversion: Annotated[bool, Field(description="Build the operator graph after quantizing.")] = True,
-    strict: Annotated[bool, Field(description="Fail where PPQ fails at an operator, instead of keeping that "
-                                              "operator on the host in float.")] = False,
+    strict: Annotated[bool, Field(description="Fail where PPQ fails at an operator (or preparation leaves a step "
+                                              "out), instead of keeping that operator on the host in float.")] = False,
+    keep_on_host: Annotated[list[str] | None, Field(description="Operators of the prepared model to keep on the "
+                                                                "host in float.")] = None,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> QuantizeModelResult:
     """Quantize an ONNX model with PPQ and hand its quantinfo to the conversion stage.
@@ -130,7 +132,7 @@ def quantize_model(
                     calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
                     seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
                     scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads,
-                    strict=strict)
+                    strict=strict, keep_on_host=keep_on_host or [])
         t = time.perf_counter()
         state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
         if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

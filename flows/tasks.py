@@ -133,13 +133,14 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
                      output_root: str, activation_sign: str = "auto", optimization: str = "none",
                      scale_policy: str = "float", shared_scales: bool = False,
                      budget: dict[str, Any] | None = None, threads: int | None = None,
-                     strict: bool = False) -> QuantizationResult:
+                     strict: bool = False, keep_on_host: list[str] | None = None) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
                     calibset=calibration.calibset(), calib_steps=calib_steps, seed=seed, bit_width=bit_width,
                     per_channel=per_channel, algorithm=algorithm, output_root=output_root,
                     activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
-                    shared_scales=shared_scales, budget=budget, threads=threads, strict=strict)
+                    shared_scales=shared_scales, budget=budget, threads=threads, strict=strict,
+                    keep_on_host=keep_on_host or ())
 
 
 def _scale(value: float | None) -> str:
@@ -186,7 +187,7 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
     if placement is not None:
         lines += [f"Placement: {placement.summary()}.", ""]
         if placement.fallbacks:
-            lines += ["| kept on the host in float | why |", "|---|---|"]
+            lines += ["| kept on the host in float, on record | why |", "|---|---|"]
             lines += [f"| `{name}` | {why.replace('|', '/')} |" for name, why in placement.fallbacks.items()]
             lines += [""]
     if mixed is not None:

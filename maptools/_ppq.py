@@ -836,12 +836,25 @@ def _ppq_step(what: str) -> Any:
     except Exception as e:
         if "cuda" in str(e).lower():
             raise
-        op = _blame(e)
+        op, cause = _blame(e), _root_cause(e)  # (PPQ wraps kernel faults in "Op Execution Error")
         at = f" at {op.name} ({op.type})" if op is not None else ""
-        raise QuantizationFailed(f"PPQ failed while {what}{at}: {type(e).__name__}: {str(e).strip()[:400]}",
+        raise QuantizationFailed(f"PPQ failed while {what}{at}: {type(cause).__name__}: {str(cause).strip()[:400]}",
                                  "report this model to the maptools maintainers (the operator is named above).",
                                  operator=op.name if op is not None and op.platform != TargetPlatform.FP32 else None
                                  ) from e
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and its causes, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    return _chain(error)[-1]
 
 
 def _blame(error: BaseException) -> Any:
@@ -849,11 +862,7 @@ def _blame(error: BaseException) -> Any:
     causes') holds, as ``op``/``operation`` or as a hook's operation; None where no frame holds one."""
     from ppq.IR import Operation
 
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    for exc in reversed(chain):  # the innermost cause first
+    for exc in reversed(_chain(error)):  # the innermost cause first
         frames = []
         tb = exc.__traceback__
         while tb is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,8 +229,11 @@ def quantize(
              "the current folder]",
         show_default=False)] = None,
     strict: Annotated[bool, typer.Option(
-        help="Fail where PPQ fails at an operator, instead of keeping that operator on the host in float.")
-    ] = False,
+        help="Fail where PPQ fails at an operator (or preparation leaves a step out), instead of keeping that "
+             "operator on the host in float.")] = False,
+    keep_on_host: Annotated[list[str] | None, typer.Option(
+        "--keep-on-host", show_default=False, metavar="NODE",
+        help="Keep this operator of the prepared model on the host in float; repeat it for several.")] = None,
 ) -> None:
     """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
 
@@ -257,7 +261,7 @@ def quantize(
                 activation_bits=activation_bits, per_channel=per_channel, algorithm=algorithm,
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
-                multiplier_bits=multiplier_bits, threads=threads, strict=strict,
+                multiplier_bits=multiplier_bits, threads=threads, strict=strict, keep_on_host=keep_on_host or (),
             )
     except MaptoolsError as e:
         fail(e)
@@ -305,12 +309,12 @@ def inspect(
 ) -> None:
     """Show a model's opset, inputs (dynamic axes marked), outputs and operators, and what quantizing it involves.
 
-    With fixed shapes (in the model, or --input-shape), the model is also prepared in memory (as
-    'maptools quantize' does) and its operators are split into device and host work.
+    With fixed shapes (in the model, or --input-shape), the model is also prepared (as 'maptools
+    quantize' does, checked in onnxruntime) and its operators are split into device and host work.
     """
     from maptools.onnx_model import load_model, model_inputs
-    from maptools.placement import place
-    from maptools.prepare import TARGET_OPSET, opset_of, opset_report, prepare
+    from maptools.placement import place, placement_report
+    from maptools.prepare import TARGET_OPSET, opset_of, opset_report, prepare_model
 
     try:
         proto = load_model(model)
@@ -351,26 +355,31 @@ def inspect(
         notes.append(f"opset {opset}: maptools brings it to {TARGET_OPSET} (PPQ's)"
                      + (", rewriting " + ", ".join(f"{k} x{v}" for k, v in rewrites.items()) if rewrites else ""))
         if problems:
-            warnings.append("no opset-13 form (quantize will refuse): " + "; ".join(problems[:8]))
+            warnings.append(f"no opset-13 form, so the model keeps opset {opset}: " + "; ".join(problems[:8]))
     foreign = sorted({f"{n.op_type} ({n.domain})" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
-        warnings.append(f"operators outside the standard ONNX domain (quantize will refuse): {', '.join(foreign)}")
-    if not missing and not foreign:
+        notes.append(f"operators outside the standard ONNX domain run on the host: {', '.join(foreign)}")
+    if not missing:
         shapes = {i.name: given.get(i.name) or [int(d) for d in i.dims] for i in inputs}
-        try:
-            prepared, steps = prepare(proto, shapes)
-        except MaptoolsError as e:
-            warnings.append(f"preparing with {shapes} fails: {e}")
-        else:
-            roles = place(prepared).roles
-            device = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "device")
-            host = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "host")
-            notes.append(f"prepared with {shapes}: {'; '.join(steps) or 'nothing to change'}")
-            notes.append(f"device ({sum(device.values())}): " + ", ".join(f"{k} {v}" for k, v in device.most_common()))
-            notes.append(f"host ({sum(host.values())}): " + (", ".join(f"{k} {v}" for k, v in host.most_common())
-                                                              or "none"))
-            console.print(f"maptools quantize {model} " + " ".join(
-                f"--input-shape {k}={','.join(map(str, v))}" for k, v in shapes.items()), highlight=False)
+        with tempfile.TemporaryDirectory(prefix="maptools-inspect-") as scratch:
+            try:
+                done = prepare_model(model, Path(scratch) / "model.onnx", shapes)
+                prepared = load_model(done.path)
+            except MaptoolsError as e:
+                warnings.append(f"preparing with {shapes} fails: {e}")
+            else:
+                placement = place(prepared)
+                roles = placement.roles
+                device = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "device")
+                host = Counter(n.op_type for n in prepared.graph.node if roles[n.name].part == "host")
+                notes.append(f"prepared with {shapes}: {'; '.join(done.steps) or 'nothing to change'}")
+                notes.append(f"device ({sum(device.values())}): " + ", ".join(f"{k} {v}" for k, v in
+                                                                               device.most_common()))
+                notes.append(f"host ({sum(host.values())}): " + (", ".join(f"{k} {v}" for k, v in host.most_common())
+                                                                  or "none"))
+                notes.append(f"placement: {placement_report(prepared, placement).summary()}")
+                console.print(f"maptools quantize {model} " + " ".join(
+                    f"--input-shape {k}={','.join(map(str, v))}" for k, v in shapes.items()), highlight=False)
     for note in notes:
         console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
     for warning in warnings:

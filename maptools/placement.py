@@ -131,33 +131,38 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[
                                       node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
             return Role.HOST, "ConvTranspose with output_shape or auto_pad"
         return Role.CROSSBAR, ""
-    role = _device_role(node, consts, acts)
-    return (role, "") if role is not Role.HOST else (Role.HOST, f"{op} has no device form here")
+    return _device_role(node, consts, acts)
 
 
-def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> Role:
+def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> tuple[Role, str]:
     op = node.op_type
     if len(node.output) != 1 and op != "Split":
-        return Role.HOST
+        return Role.HOST, f"{op} with several outputs"
     if op in AVGPOOL_OP_TYPES:
-        return Role.AVGPOOL
+        return Role.AVGPOOL, ""
     if op == "Concat":
-        return Role.CONCAT if acts and len(acts) == len(node.input) else Role.HOST
+        return (Role.CONCAT, "") if acts and len(acts) == len(node.input) else (Role.HOST, "Concat with a constant")
     if op == "Resize":
-        return Role.MOVE if node_attr(node, "mode", "nearest") == "nearest" and len(acts) == 1 else Role.HOST
+        mode = node_attr(node, "mode", "nearest")
+        if mode != "nearest":
+            return Role.HOST, f"Resize in {mode} mode"
+        return (Role.MOVE, "") if len(acts) == 1 else (Role.HOST, "Resize to a computed size")
     if op in MOVE_OP_TYPES:
-        return Role.MOVE if len(acts) == 1 and node.input[0] == acts[0] else Role.HOST
+        ok = len(acts) == 1 and node.input[0] == acts[0]
+        return (Role.MOVE, "") if ok else (Role.HOST, f"{op} with computed parameters")
     if op in LUT_UNARY_OP_TYPES:
         others = [consts.get(t) for t in node.input[1:] if t]
         if len(acts) == 1 and node.input[0] == acts[0] and all(v is not None and _channel_constant(v) for v in others):
-            return Role.LUT
-        return Role.HOST
+            return Role.LUT, ""
+        return Role.HOST, f"{op} with computed parameters"
     if op in LUT_BINARY_OP_TYPES and len(node.input) == 2:
         if op == "Add" and len(acts) == 2 and acts[0] != acts[1]:
-            return Role.ADD
+            return Role.ADD, ""
         if len(acts) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
-            return Role.LUT
-    return Role.HOST
+            return Role.LUT, ""
+        return Role.HOST, f"{op} of two activations" if len(acts) == 2 else f"{op} with a constant that is not " \
+                                                                          "per channel"
+    return Role.HOST, f"{op} has no device form"
 
 
 def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
@@ -305,8 +310,8 @@ class PlacementReport(BaseModel):
 
     device_ops: int = Field(description="operators on the CIM device (crossbars and their digital periphery)")
     host_ops: dict[str, str] = Field(description="every operator kept on the host in float, and why")
-    fallbacks: dict[str, str] = Field(default_factory=dict, description="operators a part of the stack could not "
-                                      "take (PPQ failed at them), kept on the host in float instead")
+    fallbacks: dict[str, str] = Field(default_factory=dict, description="operators recorded as kept on the host in "
+                                      "float, and why: quantizing them failed, or the user asked (keep_on_host)")
     device_macs: int = Field(description="multiply-accumulates the crossbars compute")
     total_macs: int = Field(description="multiply-accumulates of the whole model (Conv, Gemm, MatMul, LSTM, ...)")
 
@@ -322,7 +327,9 @@ class PlacementReport(BaseModel):
                 else "no multiply-accumulates")
         text += f"; {self.device_ops} operators on the device, {len(self.host_ops)} on the host"
         if self.fallbacks:
-            text += f" ({len(self.fallbacks)} kept there because quantizing them failed: {', '.join(self.fallbacks)})"
+            names = list(self.fallbacks)
+            text += (f" ({len(names)} kept there on record: {', '.join(names[:8])}"
+                     + (f" and {len(names) - 8} more" if len(names) > 8 else "") + ")")
         return text
 
 

@@ -69,12 +69,14 @@ class PreparedModel:
     max_rel_diff: float
     nodes_before: int
     nodes_after: int
+    #: what preparation left undone: steps that failed and were skipped, levels it fell back from
+    fallbacks: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "input_shapes": self.input_shapes, "source_opset": self.source_opset,
                 "opset": self.opset, "steps": list(self.steps), "max_abs_diff": self.max_abs_diff,
                 "max_rel_diff": self.max_rel_diff, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after}
+                "nodes_after": self.nodes_after, "fallbacks": list(self.fallbacks)}
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -97,6 +99,7 @@ class _Context:
 
     model: onnx.ModelProto
     steps: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     _shapes: dict[str, onnx.TypeProto] | None = None
 
     @property
@@ -919,6 +922,7 @@ def _optional(ctx: _Context, what: str, step: Callable[[_Context], list[str]]) -
         ctx.invalidate()
         reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
         ctx.steps.append(f"{what} skipped ({reason})")
+        ctx.skipped.append(ctx.steps[-1])
         log.warning("preparation: %s skipped: %s", what, reason)
         return
     ctx.steps.extend(done)
@@ -968,8 +972,8 @@ def _ppq_ready(ctx: _Context) -> list[str]:
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,
             level: str = "full", output_shapes: Mapping[str, Sequence[int]] | None = None
-            ) -> tuple[onnx.ModelProto, list[str]]:
-    """Steps 1-5 on a model in memory; returns the prepared model and what was done.
+            ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """Steps 1-5 on a model in memory; returns the prepared model, what was done and the steps skipped.
 
     Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
     every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no
@@ -1000,7 +1004,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         onnx.checker.check_model(ctx.model)
     except Exception as e:  # noqa: BLE001  (onnxruntime's check against the original decides)
         log.debug("onnx's checker objects to the prepared model (%s); onnxruntime's check decides", e)
-    return ctx.model, ctx.steps
+    return ctx.model, ctx.steps, ctx.skipped
 
 
 def _drop_unused_opsets(model: onnx.ModelProto) -> None:
@@ -1091,7 +1095,7 @@ def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 
 
 def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
-                  simplify: bool = True, checks: int = 3, seed: int = 0) -> PreparedModel:
+                  simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False) -> PreparedModel:
     """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
 
     The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
@@ -1100,10 +1104,11 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
     original in onnxruntime, the model is prepared again with fewer rewrites (``no onnxsim``, then
-    ``minimal``: fixed dims, node names and recorded shapes only).
+    ``minimal``: fixed dims, node names and recorded shapes only); ``strict`` makes either an error.
 
     Raises:
-        ModelError: onnxruntime cannot run the model; nothing is written.
+        ModelError: onnxruntime cannot run the model, or (``strict``) a step had to be left out; nothing is
+            written.
         InputShapeError: ``input_shapes`` do not fit the model (onnxruntime cannot run it with them).
     """
     src = Path(src)
@@ -1114,17 +1119,19 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
         dst.parent.mkdir(parents=True, exist_ok=True)
     record = _already_prepared(model, shapes, simplify)
     if record is not None:
+        _check_strict(strict, record.get("fallbacks", []), src)
         atomic_write(dst, src.read_bytes())
         return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
-                             nodes_before=record["nodes_before"], nodes_after=len(model.graph.node))
+                             nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
+                             fallbacks=tuple(record.get("fallbacks", [])))
     reference = reference_outputs(model, shapes, checks=checks, seed=seed)
     notes: list[str] = []
     for level in _LEVELS:
         try:
-            prepared, steps = prepare(model, shapes, simplify_model=simplify, level=level,
-                                      output_shapes=reference.output_shapes)
+            prepared, steps, skipped = prepare(model, shapes, simplify_model=simplify, level=level,
+                                               output_shapes=reference.output_shapes)
             worst_abs, worst_rel = check_equivalent(reference, prepared)
             break
         except InputShapeError:
@@ -1138,14 +1145,22 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
             notes.append(f"preparation ({level}) gave a model that failed the check against the original ({reason}); "
                          "prepared again with fewer rewrites")
             log.warning("%s", notes[-1])
-    steps = [*notes, *steps]
+    steps, fallbacks = [*notes, *steps], [*notes, *skipped]
+    _check_strict(strict, fallbacks, src)
     record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
               "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
-              "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node)}
+              "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node), "fallbacks": fallbacks}
     onnx.helper.set_model_props(prepared, {**{p.key: p.value for p in prepared.metadata_props
                                               if p.key != PREPARED_KEY}, PREPARED_KEY: json.dumps(record)})
     atomic_write(dst, prepared.SerializeToString())
     return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
-                         nodes_after=len(prepared.graph.node))
+                         nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
+
+
+def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:
+    if strict and fallbacks:
+        raise ModelError(f"preparing {src} left steps out: {'; '.join(fallbacks)}.",
+                         "prepare without strict=True (--strict) to go on without them, or re-export the model with "
+                         "opset 13.")

@@ -26,7 +26,7 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
-from maptools.placement import PlacementReport, placement_report, record_host
+from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings,
@@ -215,6 +215,19 @@ def _quantize_prepared(model_path: Path, calibration: ValidatedCalibration, data
             atomic_write(model_path, model.SerializeToString())
 
 
+def _keep_on_host(model_path: Path, names: Sequence[str]) -> None:
+    """Record ``names`` in the prepared model as kept on the host (:func:`maptools.placement.record_host`)."""
+    model = onnx.load(str(model_path))
+    known = {n.name for n in model.graph.node}
+    unknown = [n for n in names if n not in known]
+    if isinstance(names, str) or unknown:
+        raise SettingsError(f"keep_on_host names operators the prepared model does not have: "
+                            f"{_listing(unknown or [names])}.", "pass a list of node names as quantinfo.json or "
+                            "'maptools inspect MODEL --input-shape ...' show them.")
+    record_host(model, {**recorded_host(model), **{n: "kept on the host as asked (keep_on_host)" for n in names}})
+    atomic_write(model_path, model.SerializeToString())
+
+
 def _error_report(graph: Any, calibration: ValidatedCalibration, steps: int, qdq: bytes, notes: list[str]
                   ) -> dict[str, float]:
     """The per-layer SNR; a report PPQ cannot compute is left out (with a note), not a failed run."""
@@ -266,6 +279,7 @@ def quantize(
     budget: Budget | Mapping[str, Any] | None = None,
     threads: int | None = None,
     strict: bool = False,
+    keep_on_host: Sequence[str] = (),
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -315,7 +329,10 @@ def quantize(
             are idle when the run starts, so a busy machine does not oversubscribe (:mod:`maptools.threads`).
         strict: where PPQ fails at an operator, fail (``QuantizationFailed`` naming it) instead of keeping
             that operator on the host in float and quantizing again (the default; the result's
-            ``placement`` and the manifest list such fallbacks, and the crossbars' share of the work).
+            ``placement`` and the manifest list such fallbacks, and the crossbars' share of the work);
+            likewise where preparation has to leave a step out (``ModelError``).
+        keep_on_host: names of operators of the prepared model to keep on the host in float (like NNCF's
+            ignored scope), e.g. a layer the error report shows too sensitive.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -386,7 +403,9 @@ def quantize(
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
-        prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify)
+        prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict)
+        if keep_on_host:
+            _keep_on_host(prepared.path, keep_on_host)
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
@@ -402,11 +421,13 @@ def quantize(
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
     graph, settings, quantinfo = done.graph, done.settings, done.quantinfo
     report = placement_report(onnx.ModelProto.FromString(prepared_bytes))
-    if report.fallbacks:
-        notes.append(f"{len(report.fallbacks)} operator(s) stay on the host in float because quantizing them failed "
-                     f"({_listing(list(report.fallbacks))}); the crossbars compute {_share(report)} of the "
-                     "multiply-accumulates. strict=True makes such a failure an error.")
+    failed = [name for name in report.fallbacks if name not in keep_on_host]
+    if failed:
+        notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed "
+                     f"({_listing(failed)}); the crossbars compute {_share(report)} of the multiply-accumulates. "
+                     "strict=True makes such a failure an error.")
         log.warning(notes[-1])
+    notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
     if done.mixed is not None:
         notes.extend(done.mixed.notes)
     if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:

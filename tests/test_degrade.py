@@ -1,0 +1,101 @@
+"""Degrading instead of failing: operators kept on the host in float (on record, as asked or where PPQ
+fails at them), preparation steps left out, and ``strict`` turning either into the error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from maptools import quantize, read_quantinfo
+from maptools.conversion import convert, read_graph
+from maptools.errors import ModelError, QuantizationFailed, SettingsError
+from maptools.simulate import simulate
+from maptools_flows.cli import app
+from tests.exporters import IDIOMS, resize_model
+
+SHAPES = {"x": [1, 3, 16, 16]}
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def _with_trilu(tmp_path: Path) -> Path:
+    """A Conv and a Trilu (opset 14, no opset-13 form): the opset conversion has to be left out."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.full(108, 0.1, np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                               helper.make_node("Trilu", ["c"], ["y"], name="tri")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 16, 16])], [w])
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), tmp_path / "trilu.onnx")
+
+
+def test_preparation_leaves_a_step_out_unless_strict(tmp_path) -> None:
+    path = _with_trilu(tmp_path)
+    result = quantize(SHAPES, "cpu", path, mapname="tri", calib_steps=8, output_root=tmp_path, error_steps=0)
+    left = result.prepared["fallbacks"]
+    assert len(left) == 1 and left[0].startswith("converting to opset 13 skipped") and "tri (Trilu)" in left[0]
+    assert any(n.startswith("preparation left out: converting to opset 13") for n in result.notes)
+    assert set(read_quantinfo("tri", tmp_path)) == {"conv"}  # the crossbar layer still quantizes
+    with pytest.raises(ModelError, match=r"left steps out: converting to opset 13 skipped.*Trilu.*Fix: prepare "
+                                         r"without strict=True"):
+        quantize(SHAPES, "cpu", path, mapname="strict", calib_steps=8, output_root=tmp_path, strict=True)
+    assert not (tmp_path / "mapsave" / "strict").exists()
+    cli = CliRunner().invoke(app, ["quantize", str(path), "-s", "x=1,3,16,16", "--mapname", "strict", "--strict",
+                                   "--calib-steps", "8", "--output-root", str(tmp_path)])
+    assert cli.exit_code == 2 and cli.output.startswith("error: preparing") and "Traceback" not in cli.output
+
+
+def test_keep_on_host_is_recorded_and_every_stage_follows(tmp_path) -> None:
+    model, shapes = IDIOMS["leaky_max_min"]()
+    path = _save(model, tmp_path / "m.onnx")
+    full = quantize(shapes, "cpu", path, mapname="full", calib_steps=8, output_root=tmp_path, error_steps=0)
+    convs = [n for n, cfg in read_quantinfo("full", tmp_path).items() if cfg.op_type == "Conv"]
+    middle = convs[1]
+    kept = quantize(shapes, "cpu", path, mapname="kept", calib_steps=8, output_root=tmp_path, error_steps=0,
+                    keep_on_host=[middle])
+    report = kept.placement
+    assert report.fallbacks == {middle: "kept on the host as asked (keep_on_host)"}
+    assert report.host_ops[middle] == report.fallbacks[middle]
+    assert report.device_macs < full.placement.device_macs == report.total_macs == full.placement.total_macs
+    assert middle not in read_quantinfo("kept", tmp_path)
+    manifest = json.loads((kept.map_dir / "manifest.json").read_text())
+    assert manifest["placement"]["fallbacks"] == report.fallbacks
+    convert("kept", output_root=tmp_path)
+    assert read_graph("kept", tmp_path).node(middle)["part"] == "host"
+    x = {"x": np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)}
+    assert np.all(np.isfinite(simulate("kept", x, output_root=tmp_path).outputs[model.graph.output[0].name]))
+    with pytest.raises(SettingsError, match=r"keep_on_host names operators the prepared model does not have: "
+                                            r"nope"):
+        quantize(shapes, "cpu", path, mapname="bad", calib_steps=8, output_root=tmp_path, keep_on_host=["nope"])
+    assert not (tmp_path / "mapsave" / "bad").exists()
+
+
+def test_a_ppq_failure_names_the_operator_it_arose_at(tmp_path) -> None:
+    """PPQ's own Resize kernel cannot take a Resize by ``sizes`` alone (scales absent): the error names
+    that operator, which is what keeps it on the host; maptools runs it in onnxruntime instead."""
+    from maptools import _ppq
+
+    model, shapes = resize_model("nearest", "asymmetric", "floor", by_sizes=True)
+    path = _save(model, tmp_path / "resize.onnx")
+    result = quantize(shapes, "cpu", path, mapname="resize", calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert not result.placement.fallbacks  # the failing kernel was switched to onnxruntime while tracing
+    prepared = result.map_dir / "model.onnx"
+    graph = _ppq._load(prepared, onnx.load(str(prepared)))
+    resize = next(op for op in graph.operations.values() if op.type == "Resize")
+    resize.platform = _ppq.TargetPlatform.TRT_INT8
+    executor = _ppq.TorchExecutor(graph=graph, device="cpu")
+    feed = {"x": torch.zeros(shapes["x"])}
+    with pytest.raises(QuantizationFailed, match=rf"PPQ failed while running the model at {resize.name} "
+                                                 r"\(Resize\).*NoneType") as caught:
+        with _ppq._ppq_step("running the model"):
+            executor.forward(inputs=feed)  # PPQ's kernel, outside the tracing probe
+    assert caught.value.operator == resize.name
