@@ -37,12 +37,13 @@ from maptools.simulate import IntegerSimulator  # noqa: E402
 from maptools.zoo import ZOO, export_zoo_model  # noqa: E402
 from tests.trained_cnn import digits, train_small_cnn  # noqa: E402
 
+#: the extended profile's datapath options (the seed profile is signed with shared scales throughout)
 OPTIONS: list[tuple[str, dict]] = [
-    ("default", {}),
-    ("pow2", {"scale_policy": "pow2"}),
-    ("shared", {"shared_scales": True}),
-    ("pow2 + shared", {"scale_policy": "pow2", "shared_scales": True}),
-    ("auto, error <= 1.5x W8A8", {"bit_width": "auto", "budget": {"error_ratio": 1.5}}),
+    ("default", {"profile": "extended"}),
+    ("pow2", {"profile": "extended", "scale_policy": "pow2"}),
+    ("shared", {"profile": "extended", "shared_scales": True}),
+    ("pow2 + shared", {"profile": "extended", "scale_policy": "pow2", "shared_scales": True}),
+    ("auto, error <= 1.5x W8A8", {"profile": "extended", "bit_width": "auto", "budget": {"error_ratio": 1.5}}),
 ]
 
 

@@ -48,6 +48,11 @@ SIGNS = ["signed", "auto"]
 CALIB = 64
 
 
+def _profile(sign: str) -> str:
+    """signed: the seed profile (shared scales too); auto: unsigned ranges, the extended profile's."""
+    return "seed" if sign == "signed" else "extended"
+
+
 def _simulate(name: str, root: Path, x: np.ndarray) -> np.ndarray:
     convert(name, output_root=root)
     sim = IntegerSimulator(read_graph(name, root), read_quantparams(name, root))
@@ -61,7 +66,7 @@ def _ppq_agreement(result: object, name: str, root: Path, x: np.ndarray, calib: 
     from maptools.settings import QuantSettings
 
     settings = QuantSettings(weight_bits=bits[0], activation_bits=bits[1], calib_steps=len(calib),
-                             activation_sign=sign, optimization=optimization)
+                             activation_sign=sign, optimization=optimization, profile=_profile(sign))
     graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, len(calib), calib[0], settings, "cpu")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -86,7 +91,7 @@ def digits_table(root: Path, rows: list[dict]) -> None:
                 started = time.perf_counter()
                 result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=CALIB,
                                   weight_bits=bits[0], activation_bits=bits[1], activation_sign=sign,
-                                  optimization=optimization, output_root=root)
+                                  profile=_profile(sign), optimization=optimization, output_root=root)
                 seconds = time.perf_counter() - started
                 top1 = float((_simulate(name, root, x).argmax(1) == y).mean() * 100)
                 agreement = _ppq_agreement(result, name, root, x, calib, bits, sign, optimization) \
@@ -129,7 +134,7 @@ def mobilenet_table(root: Path, rows: list[dict]) -> None:
             for sign in SIGNS:
                 name = f"mnv3-w{bits[0]}a{bits[1]}-{optimization}-{sign}"
                 quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=CALIB,
-                         weight_bits=bits[0], activation_bits=bits[1], activation_sign=sign,
+                         weight_bits=bits[0], activation_bits=bits[1], activation_sign=sign, profile=_profile(sign),
                          optimization=optimization, output_root=root)
                 top1 = float((_simulate(name, root, x).argmax(1) == y).mean() * 100)
                 rows.append({"model": "MobileNetV3-small digits", "bits": f"W{bits[0]}A{bits[1]}",
@@ -171,7 +176,7 @@ def resnet_table(root: Path, rows: list[dict]) -> None:
             name = f"resnet-{optimization}-{sign}"
             started = time.perf_counter()
             quantize(RESNET18_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=32,
-                     activation_sign=sign, optimization=optimization, output_root=root)
+                     activation_sign=sign, optimization=optimization, output_root=root, profile=_profile(sign))
             seconds = time.perf_counter() - started
             rows.append({"model": "ResNet18 random", "bits": "W8A8", "optimization": optimization, "sign": sign,
                          "error_pct": round(rel(_simulate(name, root, held)), 3), "seconds": round(seconds, 2)})

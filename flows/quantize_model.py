@@ -60,15 +60,19 @@ def quantize_model(
     algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
                          Field(description="Activation calibration algorithm.")] = "percentile",
     seed: Annotated[int, Field(ge=0, description="Seed of random calibration data.")] = 0,
-    activation_sign: Annotated[Literal["signed", "auto"], Field(
-        description="signed everywhere, or auto: unsigned where the producer cannot be negative.")] = "auto",
+    activation_sign: Annotated[Literal["signed", "auto"] | None, Field(
+        description="signed everywhere, or auto: unsigned where the producer cannot be negative (extended profile "
+                    "only); null: the profile's.")] = None,
     optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq"], Field(
         description="A PPQ correction pass (bias-correction and lsq need real calibration data).")] = "none",
     scale_policy: Annotated[Literal["float", "pow2"], Field(
         description="float scales, or pow2: every scale a power of two (requantization is a shift).")] = "float",
-    shared_scales: Annotated[bool, Field(
-        description="One scale on all inputs of each Add and Concat (no requantization before the adder).")
-    ] = False,
+    shared_scales: Annotated[bool | None, Field(
+        description="One scale on all inputs of each Add and Concat (no requantization before the adder); null: "
+                    "the profile's (shared for seed).")] = None,
+    profile: Annotated[Literal["seed", "extended"], Field(
+        description="seed: pickles in the original toolchain's contract; extended: this package's semantics.")
+    ] = "seed",
     max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
                                                                        "(rel. L2 against float) allowed.")] = None,
     max_error_ratio: Annotated[float | None, Field(ge=1, description="bit_width=auto: the largest output error "
@@ -111,7 +115,7 @@ def quantize_model(
         bits = max(Budget.of(budget).weight_choices) if budget else bit_width
         QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
                       calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
-                      scale_policy=scale_policy, shared_scales=shared_scales)
+                      scale_policy=scale_policy, shared_scales=shared_scales, profile=profile)
         validate_mapname(mapname)
         resolved_device = resolve_device(device)
         root = str(output_location(output_root))
@@ -132,7 +136,7 @@ def quantize_model(
                     calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
                     seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
                     scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads,
-                    strict=strict, keep_on_host=keep_on_host or [])
+                    strict=strict, keep_on_host=keep_on_host or [], profile=profile)
         t = time.perf_counter()
         state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
         if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -130,17 +130,18 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
 def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
                      input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
                      bit_width: int | str, per_channel: bool, algorithm: str, seed: int,
-                     output_root: str, activation_sign: str = "auto", optimization: str = "none",
-                     scale_policy: str = "float", shared_scales: bool = False,
+                     output_root: str, activation_sign: str | None = None, optimization: str = "none",
+                     scale_policy: str = "float", shared_scales: bool | None = None,
                      budget: dict[str, Any] | None = None, threads: int | None = None,
-                     strict: bool = False, keep_on_host: list[str] | None = None) -> QuantizationResult:
+                     strict: bool = False, keep_on_host: list[str] | None = None,
+                     profile: str = "seed") -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
                     calibset=calibration.calibset(), calib_steps=calib_steps, seed=seed, bit_width=bit_width,
                     per_channel=per_channel, algorithm=algorithm, output_root=output_root,
                     activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
                     shared_scales=shared_scales, budget=budget, threads=threads, strict=strict,
-                    keep_on_host=keep_on_host or ())
+                    keep_on_host=keep_on_host or (), profile=profile)
 
 
 def _scale(value: float | None) -> str:
@@ -180,7 +181,7 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str
     lines = [f"# Quantized `{result.mapname}`", "",
              f"W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
              f"{s.algorithm.value}, {result.calibration.get('used')} {result.calibration.get('kind')} samples "
-             f"(seed {s.seed}) on `{result.device}`.", "",
+             f"(seed {s.seed}) on `{result.device}`; pickles in the {result.profile.value} profile.", "",
              f"Per-layer SNR: median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
              f"(`{result.errors.worst_layer}`).", ""]
     placement = result.placement

@@ -402,15 +402,73 @@ class _Alignment(QuantAlignmentPass):
                         cfg.dominated_by = master
                     elif self._shared and cfg.dominated_by is not master.dominated_by:
                         _share_grid(cfg.dominated_by, master)
+        if self._shared:
+            _unify(graph, self._placement)
+
+
+def _unify(graph: Any, placement: Placement) -> None:
+    """``shared_scales``: the tensors an adder or a concatenation reads, a concatenation's output, and the
+    tensors sharing a grid with any of them, on one grid per connected set: pairwise alignment leaves a
+    tensor that feeds two adders on the second one's grid only (a YOLO neck's upsampled map feeds two
+    Concats). The grid keeps every member's range: the largest bound over the set, signed where any
+    member is."""
+    parent: dict[int, Any] = {}  # union-find over configs, by id
+    seen: dict[int, Any] = {}
+
+    def find(cfg: Any) -> Any:
+        seen[id(cfg)] = cfg
+        root = parent.setdefault(id(cfg), cfg)
+        while root is not cfg:
+            cfg, root = root, parent.setdefault(id(root), root)
+        return root
+
+    for op in graph.operations.values():
+        role = placement.roles.get(op.name)
+        if not isinstance(op, QuantableOperation) or role not in (Role.ADD, Role.CONCAT):
+            continue
+        members = []
+        for cfg, var in zip(op.config.input_quantization_config, op.inputs):
+            if var.is_parameter or not var.name:
+                continue
+            members.append(cfg.dominated_by)
+            source = var.source_op
+            if isinstance(source, QuantableOperation):
+                members.append(source.config.output_quantization_config[source.outputs.index(var)].dominated_by)
+        if role is Role.CONCAT:
+            members += [cfg.dominated_by for cfg in op.config.output_quantization_config]
+        members = [m for m in members if m.state in _APPLIED and isinstance(m.scale, torch.Tensor)]
+        for member in members[1:]:
+            a, b = find(members[0]), find(member)
+            if a is not b:
+                parent[id(b)] = a
+    groups: dict[int, list[Any]] = {}
+    for cfg in list(seen.values()):
+        groups.setdefault(id(find(cfg)), []).append(cfg)
+    for members in groups.values():
+        template = min(members, key=lambda m: int(m.quant_min))  # a signed member, where there is one
+        members = [m for m in members if m.num_of_bits == template.num_of_bits]
+        if len(members) < 2:
+            continue
+        high = max(float(m.scale.reshape(-1)[0]) * int(m.quant_max) for m in members)
+        low = max(float(m.scale.reshape(-1)[0]) * -int(m.quant_min) for m in members)
+        scale = max(high / int(template.quant_max), low / -int(template.quant_min) if template.quant_min < 0 else 0.0)
+        value = _round_scale(torch.tensor([scale], dtype=template.scale.dtype, device=template.scale.device))
+        if template.policy.has_property(QuantizationProperty.POWER_OF_2):
+            value = torch.pow(2.0, torch.ceil(torch.log2(value)))
+        for member in members:
+            member.scale, member.offset = value.clone().reshape(member.scale.shape), torch.zeros_like(member.offset)
+            member.quant_min, member.quant_max, member.policy = template.quant_min, template.quant_max, template.policy
 
 
 def _share_grid(root: Any, master: Any) -> None:
     """Put the group of ``root`` (a producer's output and what moves its codes) on ``master``'s grid:
-    same scale and integer range, still quantized where it is produced."""
+    same scale, integer range and policy (an unsigned group joining a signed adder turns signed: PPQ's
+    exporter skips an asymmetric config with a signed range, which left that tensor without Q/DQ),
+    still quantized where it is produced."""
     if root.state not in _APPLIED or master.scale is None:
         return
     root.scale, root.offset = master.scale.clone(), torch.zeros_like(master.offset)
-    root.quant_min, root.quant_max = master.quant_min, master.quant_max
+    root.quant_min, root.quant_max, root.policy = master.quant_min, master.quant_max, master.policy
 
 
 # --- speed: batched calibration, a faster exact percentile observer, no gc between passes ---------

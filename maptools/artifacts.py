@@ -27,13 +27,13 @@ import numpy as np
 from maptools.errors import ArtifactError, MissingArtifactError, StorageError, UnsafePickleError
 from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
 from maptools.store import is_url, mirror_root
-from maptools.quantinfo import QuantConfig
+from maptools.quantinfo import QuantConfig, quantinfo_from_json
 
 __all__ = [
     "ARTIFACT_FILES", "MANIFEST", "MODEL", "map_dir", "output_root", "output_location", "local_root",
     "validate_mapname", "sha256_file",
     "read_quantinfo", "read_quantparams", "read_manifest", "verify_map", "safe_load_pickle", "write_json",
-    "atomic_write", "MapFolder", "load_quantinfo",
+    "atomic_write", "MapFolder", "load_quantinfo", "load_quantparams",
 ]
 
 QUANTINFO_PKL, QUANTINFO_JSON = "quantinfo.pkl", "quantinfo.json"
@@ -94,9 +94,18 @@ _ALLOWED = {
 _DTYPE_MODULES = {"numpy", "numpy.dtypes"}
 
 
+#: What the seed contract's pickles add (:mod:`maptools.seed`): the original's config class, and float32 torch
+#: tensors written as ``torch.Tensor([values])``.
+_SEED_ALLOWED = {("maptools.core.proto", "OperatorQuantConfig"), ("torch", "Tensor")}
+
+
 class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, seed: bool = False) -> None:
+        super().__init__(file)
+        self._seed = seed
+
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in _ALLOWED or (
+        allowed = (module, name) in _ALLOWED or (self._seed and (module, name) in _SEED_ALLOWED) or (
             module in _DTYPE_MODULES and name.endswith("DType") and name.isidentifier())
         if not allowed:
             raise UnsafePickleError(
@@ -106,10 +115,11 @@ class _AllowListUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def safe_load_pickle(path: str | Path) -> Any:
-    """Unpickle allowing only QuantConfig and numpy arrays (no arbitrary code execution)."""
+def safe_load_pickle(path: str | Path, *, seed: bool = False) -> Any:
+    """Unpickle allowing only maptools' config types and numpy arrays (no arbitrary code execution); ``seed``
+    also allows the seed contract's ``OperatorQuantConfig`` and ``torch.Tensor``."""
     data = Path(path).read_bytes()
-    return _AllowListUnpickler(io.BytesIO(data)).load()
+    return _AllowListUnpickler(io.BytesIO(data), seed=seed).load()
 
 
 def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
@@ -121,24 +131,36 @@ def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
 
 
 def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
-    """A ``quantinfo.pkl`` file, with the allow-list unpickler."""
-    data = safe_load_pickle(path)
-    if not isinstance(data, dict) or not all(isinstance(v, QuantConfig) for v in data.values()):
-        raise ArtifactError(f"{path} does not hold {{name: QuantConfig}}.", "re-run quantize for this map.")
-    return data
+    """A map's ``quantinfo.json``: ``{name: QuantConfig}`` (the complete record, whatever the map's profile;
+    ``quantinfo.pkl`` holds the same in the profile's pickle types)."""
+    try:
+        return quantinfo_from_json(json.loads(Path(path).read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ArtifactError(f"{path} does not hold {{name: QuantConfig}} ({type(e).__name__}: {e}).",
+                            "re-run quantize for this map.") from e
 
 
 def read_quantinfo(mapname: str, root: str | Path | None = None) -> dict[str, QuantConfig]:
-    """Load ``quantinfo.pkl`` of a map with the allow-list unpickler."""
-    return load_quantinfo(_existing(mapname, QUANTINFO_PKL, root))
+    """A map's quantinfo, ``{op name: QuantConfig}`` (from ``quantinfo.json``; no pickle is run)."""
+    return load_quantinfo(_existing(mapname, QUANTINFO_JSON, root))
+
+
+def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
+    """A map's ``quantparams.npz``: ``{'<op>_conv_weight': integer codes, '<op>_conv_bias': int32 codes or None}``
+    for every crossbar layer, Gemm included (``quantparams.pkl`` of a seed map holds Gemm's in float)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            params: dict[str, np.ndarray | None] = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a quantparams archive ({e}).", "re-run quantize for this map.") from e
+    for key in [k for k in params if k.endswith("_weight")]:
+        params.setdefault(key.removesuffix("_weight") + "_bias", None)
+    return params
 
 
 def read_quantparams(mapname: str, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
-    """Load ``quantparams.pkl`` of a map with the allow-list unpickler."""
-    data = safe_load_pickle(_existing(mapname, QUANTPARAMS_PKL, root))
-    if not isinstance(data, dict):
-        raise ArtifactError(f"quantparams.pkl of map {mapname!r} is not a dict.", "re-run quantize for this map.")
-    return data
+    """A map's integer weights and int32 biases (from ``quantparams.npz``; no pickle is run)."""
+    return load_quantparams(_existing(mapname, QUANTPARAMS_NPZ, root))
 
 
 def read_manifest(mapname: str, root: str | Path | None = None) -> dict[str, Any]:

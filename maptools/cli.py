@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from maptools.errors import InputShapeError, MaptoolsError, SettingsError
 from maptools.settings import (MAX_CALIB_STEPS, MIN_CALIB_STEPS, MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm,
-                               Optimization, ScalePolicy)
+                               Optimization, Profile, ScalePolicy)
 
 if TYPE_CHECKING:
     from maptools.quantization import QuantizationResult
@@ -92,7 +92,7 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("settings", f"W{s.weight_bits}A{s.activation_bits}, "
                   f"{'per-channel' if s.per_channel else 'per-tensor'} weights, {s.algorithm.value} activations "
                   f"({'unsigned where non-negative' if s.unsigned_activations else 'signed'}), "
-                  f"optimization {s.optimization.value}, {s.scale_policy.value} scales"
+                  f"optimization {s.optimization.value}, {s.scale_policy.value} scales, {result.profile.value} profile"
                   f"{', shared at Add/Concat' if s.shared_scales else ''}"
                   f"{f', {len(s.layer_bits)} layers with their own widths' if s.layer_bits else ''}")
     table.add_row("calibration", f"{calib['kind']}{source}: {calib.get('used')} of {calib.get('count')} samples, "
@@ -204,10 +204,11 @@ def quantize(
                                    "minmax keeps them (fastest), kl and mse search for the least loss.")
     ] = CalibrationAlgorithm.PERCENTILE,
     seed: Annotated[int, typer.Option(min=0, help="Seed of random calibration data; same seed, same result.")] = 0,
-    activation_sign: Annotated[ActivationSign, typer.Option(
-        case_sensitive=False, help="signed ranges everywhere, or auto: unsigned [0, 2^b-1] where the producer "
-                                   "cannot be negative (after Relu, Sigmoid, ...); zero offsets either way.")
-    ] = ActivationSign.AUTO,
+    activation_sign: Annotated[ActivationSign | None, typer.Option(
+        case_sensitive=False, show_default=False,
+        help="signed ranges everywhere, or auto: unsigned [0, 2^b-1] where the producer cannot be negative (after "
+             "Relu, Sigmoid, ...; --profile extended only); zero offsets either way.  [default: the profile's]")
+    ] = None,
     optimize: Annotated[Optimization, typer.Option(
         case_sensitive=False, help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
                                    "(real data only), equalization rescales consecutive layers.")
@@ -215,9 +216,14 @@ def quantize(
     scale_policy: Annotated[ScalePolicy, typer.Option(
         case_sensitive=False, help="float scales, or pow2: every scale a power of two, so requantization is a "
                                    "shift.")] = ScalePolicy.FLOAT,
-    shared_scales: Annotated[bool, typer.Option(
-        "--shared-scales/--separate-scales",
-        help="One scale on all inputs of each Add and Concat, so neither is requantized before the adder.")] = False,
+    shared_scales: Annotated[bool | None, typer.Option(
+        "--shared-scales/--separate-scales", show_default=False,
+        help="One scale on all inputs of each Add and Concat, so neither is requantized before the adder.  "
+             "[default: the profile's: shared for seed]")] = None,
+    profile: Annotated[Profile, typer.Option(
+        case_sensitive=False, help="seed: quantinfo.pkl/quantparams.pkl in the original toolchain's contract "
+                                   "(signed, shared scales); extended: this package's richer semantics.")
+    ] = Profile.SEED,
     multiplier_bits: Annotated[int, typer.Option(
         min=8, max=MULTIPLIER_BITS, help="Bits of the requantization multipliers recorded in quantinfo.")
     ] = MULTIPLIER_BITS,
@@ -262,6 +268,7 @@ def quantize(
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
                 multiplier_bits=multiplier_bits, threads=threads, strict=strict, keep_on_host=keep_on_host or (),
+                profile=profile,
             )
     except MaptoolsError as e:
         fail(e)
@@ -406,6 +413,34 @@ def convert(
         fail(e)
     console.print(f"{result.graph_path}: {result.nodes} operators ({result.device_ops} device, {result.host_ops} "
                   f"host), {result.edges} edges, from {result.model_path}; {result.seconds:.2f} s")
+
+
+@app.command(name="check-seed")
+def check_seed(
+    mapname: Annotated[str, typer.Argument(help="The map mapsave/NAME/ to check.", show_default=False)],
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
+             "current folder]",
+        show_default=False)] = None,
+) -> None:
+    """Check a map against the original toolchain's contract (the seed profile): its pickles' classes and types,
+    one signed range per operator, one scale along every edge and at every adder, ratios below 2^7.
+
+    Exit code 0 when the original reads the map as it is, 1 with one line per violation otherwise.
+    """
+    from maptools.seed import check_seed as run_check
+
+    try:
+        violations = run_check(mapname, output_root)
+    except MaptoolsError as e:
+        fail(e)
+    if not violations:
+        console.print(f"{mapname}: follows the seed contract; the original toolchain reads it as it is.")
+        return
+    for violation in violations:
+        console.print(escape(str(violation)), highlight=False)
+    console.print(f"{mapname}: {len(violations)} violations of the seed contract.")
+    raise typer.Exit(1)
 
 
 def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None) -> Any:

@@ -24,7 +24,7 @@ import onnx.defs
 import onnx.numpy_helper
 import onnx.shape_inference
 
-from maptools.artifacts import (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, MapFolder, atomic_write, load_quantinfo,
+from maptools.artifacts import (MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, atomic_write, load_quantinfo,
                                 sha256_file)
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.manifest import Manifest
@@ -422,11 +422,11 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
     graph = build_graph(path)
     graph.meta.update({"mapname": mapname, "model_path": str(maps.path / MODEL), "model_sha256": digest,
                        "source_sha256": manifest.model.sha256,
-                       "quantinfo_sha256": manifest.artifacts[QUANTINFO_PKL],
-                       "quantparams_sha256": manifest.artifacts[QUANTPARAMS_PKL]})
+                       "quantinfo_sha256": manifest.artifacts[QUANTINFO_JSON],
+                       "quantparams_sha256": manifest.artifacts[QUANTPARAMS_NPZ]})
     if quantized:
-        graph.attach_quantinfo(load_quantinfo(version.file(QUANTINFO_PKL)))
-    based_on = {k: manifest.artifacts[k] for k in (MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL)}
+        graph.attach_quantinfo(load_quantinfo(version.file(QUANTINFO_JSON)))
+    based_on = {k: manifest.artifacts[k] for k in (MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ)}
     maps.update({GRAPH_FILE: _dumps(graph.to_json()).encode()}, {}, based_on=based_on)
     parts = [d["part"] for _, d in graph.graph.nodes(data=True)]
     return ConversionResult(
@@ -447,8 +447,8 @@ def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: b
     graph = OperatorGraph.load(path)
     if manifest is not None:
         for key, want in (("model_sha256", manifest.artifacts[MODEL]),
-                          ("quantinfo_sha256", manifest.artifacts[QUANTINFO_PKL]),
-                          ("quantparams_sha256", manifest.artifacts[QUANTPARAMS_PKL])):
+                          ("quantinfo_sha256", manifest.artifacts[QUANTINFO_JSON]),
+                          ("quantparams_sha256", manifest.artifacts[QUANTPARAMS_NPZ])):
             if graph.meta.get(key) != want:
                 raise ArtifactError(f"{path} was converted from other artifacts than map {mapname!r} now holds "
                                     f"({key} differs).", f"re-run `maptools convert --mapname {mapname}`.")

@@ -46,6 +46,8 @@ class Manifest(_Record):
     calib_steps_used: int | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
     onnx_export_exact: bool = False
+    profile: str = Field(default="extended", description="The contract quantinfo.pkl/quantparams.pkl follow: seed "
+                         "(the original toolchain's) or extended (this package's; maps before 0.3 are).")
     placement: PlacementReport | None = Field(default=None, description="What runs on the device and on the host "
                                               "(and why), and the crossbars' share of the multiply-accumulates.")
     versions: dict[str, str | None] = Field(default_factory=dict)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maptools.artifacts import QUANTPARAMS_PKL, MapFolder, read_quantparams
+from maptools.artifacts import QUANTPARAMS_NPZ, MapFolder, read_quantparams
 from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
@@ -443,7 +443,7 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
     """
     folder = MapFolder(mapname, output_root)
     # the hashes this map is derived from, read first: a rewrite after this point is caught by update()
-    read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_PKL)}
+    read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_NPZ)}
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
     too_fine = [n for n in graph.operators() if graph.node(n)["role"] == Role.CROSSBAR.value

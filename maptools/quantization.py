@@ -27,10 +27,11 @@ from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
+from maptools import seed as contract
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
-from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, QuantSettings,
-                               ScalePolicy)
+from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
+                               QuantSettings, ScalePolicy)
 from maptools.threads import choose_threads, torch_threads
 from maptools.versions import package_versions
 
@@ -87,6 +88,9 @@ class QuantizationResult:
     mixed_precision: dict[str, Any] | None = None
     #: what runs on the device and on the host (and why), and the crossbars' share of the multiply-accumulates
     placement: PlacementReport | None = None
+    #: the contract the map's pickles follow (``settings.profile``, or ``extended`` where the seed contract
+    #: could not represent the model)
+    profile: Profile = Profile.EXTENDED
 
     @property
     def quantinfo_path(self) -> Path:
@@ -108,6 +112,7 @@ class QuantizationResult:
             "calibration": self.calibration, "error_report": self.errors.per_layer, "seconds": self.seconds,
             "notes": list(self.notes), "mixed_precision": self.mixed_precision,
             "placement": None if self.placement is None else self.placement.model_dump(mode="json"),
+            "profile": self.profile.value,
         }
 
 
@@ -215,6 +220,26 @@ def _quantize_prepared(model_path: Path, calibration: ValidatedCalibration, data
             atomic_write(model_path, model.SerializeToString())
 
 
+def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto, strict: bool,
+              notes: list[str]) -> Profile:
+    """The profile the map's pickles are written in: the seed contract where ``settings`` ask for it and the map
+    keeps it (:func:`maptools.seed.check`), else extended (a note; an error with ``strict``)."""
+    if settings.profile is not Profile.SEED:
+        return Profile.EXTENDED
+    broken = contract.check(quantinfo, model)
+    if not broken:
+        return Profile.SEED
+    problem = (f"the seed contract cannot represent this map ({len(broken)} violations: "
+               f"{'; '.join(map(str, broken[:4]))}{' ...' if len(broken) > 4 else ''})")
+    if strict:
+        raise QuantizationFailed(problem + ".", "quantize with profile='extended' (only this package's downstream "
+                                 "reads it), or without strict=True.")
+    notes.append(problem + ": quantinfo.pkl and quantparams.pkl are written in the extended profile's types, which the "
+                 "original toolchain refuses to load (`maptools check-seed` lists the violations).")
+    log.warning(notes[-1])
+    return Profile.EXTENDED
+
+
 def _keep_on_host(model_path: Path, names: Sequence[str]) -> None:
     """Record ``names`` in the prepared model as kept on the host (:func:`maptools.placement.record_host`)."""
     model = onnx.load(str(model_path))
@@ -270,16 +295,17 @@ def quantize(
     error_steps: int = 8,
     progress: Callable[[int, int], None] | None = None,
     simplify: bool = True,
-    activation_sign: str | ActivationSign = ActivationSign.AUTO,
+    activation_sign: str | ActivationSign | None = None,
     optimization: str | Optimization = Optimization.NONE,
     scale_policy: str | ScalePolicy = ScalePolicy.FLOAT,
-    shared_scales: bool = False,
+    shared_scales: bool | None = None,
     multiplier_bits: int = MULTIPLIER_BITS,
     layer_bits: Mapping[str, tuple[int, int]] | None = None,
     budget: Budget | Mapping[str, Any] | None = None,
     threads: int | None = None,
     strict: bool = False,
     keep_on_host: Sequence[str] = (),
+    profile: str | Profile = Profile.SEED,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -310,15 +336,16 @@ def quantize(
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
             (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
         simplify: run onnxsim while preparing (default); the other preparation steps always run.
-        activation_sign: ``'auto'`` (default): unsigned codes ``[0, 2^b - 1]`` for tensors that cannot be
-            negative (after Relu, Sigmoid, ...), still with zero offsets; ``'signed'``: signed codes
-            everywhere (maps written before 0.2 used these).
+        activation_sign: ``'signed'`` (the seed profile's, the only one it takes): signed codes everywhere;
+            ``'auto'`` (the extended profile's default): unsigned codes ``[0, 2^b - 1]`` for tensors that
+            cannot be negative (after Relu, Sigmoid, ...), still with zero offsets.
         optimization: ``'none'`` (default), ``'bias-correction'``, ``'equalization'`` or ``'lsq'``
             (see :class:`maptools.settings.Optimization`); the data-fitted ones refuse random data.
         scale_policy: ``'float'`` (default) or ``'pow2'``: every scale a power of two, so requantization
             is a shift.
         shared_scales: one scale on all activation inputs of each device Add and Concat (no
-            requantization before the adder); a model without either gets a note.
+            requantization before the adder); a model without either gets a note. Default: the
+            profile's (``True`` for seed, ``False`` for extended).
         multiplier_bits: bits of the requantization multipliers quantinfo records (8..31).
         layer_bits: ``{crossbar operator: (weight_bits, input_bits)}``: per Conv/Gemm, the width of its
             weights and the width it reads its input at (what ``bit_width='auto'`` chooses).
@@ -333,6 +360,10 @@ def quantize(
             likewise where preparation has to leave a step out (``ModelError``).
         keep_on_host: names of operators of the prepared model to keep on the host in float (like NNCF's
             ignored scope), e.g. a layer the error report shows too sensitive.
+        profile: ``'seed'`` (default): ``quantinfo.pkl``/``quantparams.pkl`` in the original toolchain's
+            contract (:mod:`maptools.seed`), which its downstream loads as they are; a model the contract
+            cannot represent is written ``'extended'`` (with a note; ``strict`` makes it an error).
+            ``'extended'``: this package's semantics and pickle types, which the original refuses to load.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -359,8 +390,11 @@ def quantize(
         per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
         activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
         shared_scales=shared_scales, multiplier_bits=multiplier_bits, layer_bits=tuple(
-            (name, *bits) for name, bits in (layer_bits or {}).items()),
+            (name, *bits) for name, bits in (layer_bits or {}).items()), profile=profile,
     )
+    if auto and settings.profile is Profile.SEED:
+        raise SettingsError("bit_width='auto' chooses per-layer widths, and the seed profile's downstream reads every "
+                            "activation at one width.", "pass profile='extended' with bit_width='auto'.")
     onnx_path = Path(onnx_path)
     mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
     if isinstance(error_steps, bool) or not isinstance(error_steps, int) or error_steps < 0:
@@ -442,6 +476,7 @@ def quantize(
         notes.append(note)
         log.warning(note)
     quantparams, qdq = done.quantparams, done.qdq
+    written = _contract(settings, quantinfo, onnx.ModelProto.FromString(prepared_bytes), strict, notes)
     t = time.perf_counter()
     with torch_threads(count):
         errors = ErrorSummary(_error_report(graph, calibration, min(error_steps, steps), qdq, notes)
@@ -450,15 +485,26 @@ def quantize(
     mixed_json = None if done.mixed is None else done.mixed.to_json()
 
     with folder.write() as stage:
-        write_pickle(stage / QUANTINFO_PKL, quantinfo)
+        if written is Profile.SEED:
+            atomic_write(stage / QUANTINFO_PKL, contract.dumps(contract.seed_quantinfo(quantinfo)))
+            atomic_write(stage / QUANTPARAMS_PKL, contract.dumps(contract.seed_quantparams(
+                quantparams, quantinfo, onnx.ModelProto.FromString(prepared_bytes))))
+        else:
+            write_pickle(stage / QUANTINFO_PKL, quantinfo)
+            write_pickle(stage / QUANTPARAMS_PKL, quantparams)
         write_json(stage / QUANTINFO_JSON, quantinfo_to_json(quantinfo))
-        write_pickle(stage / QUANTPARAMS_PKL, quantparams)
         np.savez(stage / QUANTPARAMS_NPZ, **{k: v for k, v in quantparams.items() if v is not None})
         (stage / QUANT_MODEL).write_bytes(qdq)
         (stage / MODEL).write_bytes(prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer,
                                           "skipped": error_steps == 0})
+        if written is Profile.SEED:
+            broken = contract.check_map(stage)
+            if broken:
+                raise QuantizationFailed(f"the seed pickles break the contract: {'; '.join(map(str, broken[:5]))}.",
+                                         "report this model to the maptools maintainers; profile='extended' "
+                                         "meanwhile.")
         hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
         seconds["total"] = time.perf_counter() - started
         write_json(stage / MANIFEST, Manifest(
@@ -468,7 +514,7 @@ def quantize(
             model=ModelRecord(path=str(onnx_path.resolve()), sha256=model_sha,
                               input_shapes={k: list(v) for k, v in shapes.items()}, prepared=prepared.to_json()),
             settings=settings.to_dict(), device=ppq_device, calib_steps_used=steps,
-            calibration=calib_desc, onnx_export_exact=True, threads=count, placement=report,
+            calibration=calib_desc, onnx_export_exact=True, threads=count, placement=report, profile=written.value,
             **({"mixed_precision": mixed_json} if mixed_json is not None else {}),
             artifacts=hashes, versions=package_versions(), notes=notes,
             seconds={k: round(v, 3) for k, v in seconds.items()},
@@ -479,6 +525,6 @@ def quantize(
         sha256=hashes, model_sha256=model_sha, settings=settings, device=ppq_device, calibration=calib_desc,
         errors=errors, seconds=seconds, notes=tuple(notes), prepared=prepared.to_json(),
         version_dir=folder.published, output_root=folder.root,
-        mixed_precision=mixed_json, placement=report,
+        mixed_precision=mixed_json, placement=report, profile=written,
     )
 

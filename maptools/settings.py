@@ -9,7 +9,7 @@ from typing import Any
 
 from maptools.errors import SettingsError
 
-__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "QuantSettings",
+__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "Profile", "QuantSettings",
            "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS"]
 
 MIN_CALIB_STEPS = 8
@@ -60,6 +60,14 @@ class ScalePolicy(str, Enum):
     POW2 = "pow2"  # powers of two only: requantization is a shift (average pools still divide by their count)
 
 
+class Profile(str, Enum):
+    """Whose contract a map follows."""
+
+    SEED = "seed"  # the original toolchain's: signed ranges, one scale along every edge and at every adder,
+    # its pickle classes (see maptools.seed)
+    EXTENDED = "extended"  # this package's: unsigned ranges where they help, per-input requantization records
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """Everything besides model and data that decides the quantized result.
@@ -73,16 +81,22 @@ class QuantSettings:
         algorithm: activation calibration algorithm.
         calib_steps: calibration batches PPQ reads, 8..512.
         seed: seed of random calibration data and of torch during calibration.
-        activation_sign: ``auto`` (unsigned where the producer cannot be negative; the default, which
-            measured more accurate) or ``signed`` ranges everywhere; zero offsets either way.
+        activation_sign: ``auto`` (unsigned where the producer cannot be negative; the ``extended``
+            profile's default, which measured more accurate) or ``signed`` ranges everywhere (the
+            ``seed`` profile's, the only one it allows); zero offsets either way.
         optimization: a PPQ correction pass (see :class:`Optimization`).
         scale_policy: ``float`` (default) or ``pow2``: every weight and activation scale a power of two.
         shared_scales: the activation inputs of every device Add and Concat arrive on one scale, so
-            neither is requantized before the adder (or concatenation).
+            neither is requantized before the adder (or concatenation); always so in the ``seed`` profile.
         multiplier_bits: bits of the requantization multipliers recorded in quantinfo (8..31).
         layer_bits: per crossbar operator (Conv, ConvTranspose, Gemm) ``{name: (weight_bits, input_bits)}``:
             its weights' width, and the width it reads its activation input at (requantized from the
-            producer's grid where the two differ); what ``bits='auto'`` chooses.
+            producer's grid where the two differ); what ``bits='auto'`` chooses (``extended`` only).
+        profile: ``seed`` (default): the map follows the original toolchain's contract
+            (:mod:`maptools.seed`), which its downstream reads as it is; ``extended``: this package's
+            richer semantics, which only this package's downstream reads. ``activation_sign`` and
+            ``shared_scales`` default to the profile's (``signed`` and ``True`` for ``seed``, ``auto``
+            and ``False`` for ``extended``).
     """
 
     weight_bits: int = 8
@@ -91,14 +105,25 @@ class QuantSettings:
     algorithm: CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE
     calib_steps: int = 32
     seed: int = 0
-    activation_sign: ActivationSign = ActivationSign.AUTO
+    activation_sign: ActivationSign | None = None
     optimization: Optimization = Optimization.NONE
     scale_policy: ScalePolicy = ScalePolicy.FLOAT
-    shared_scales: bool = False
+    shared_scales: bool | None = None
     multiplier_bits: int = MULTIPLIER_BITS
     layer_bits: tuple[tuple[str, int, int], ...] = ()
+    profile: Profile = Profile.SEED
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "profile", Profile(self.profile))
+        except ValueError:
+            raise SettingsError(f"unknown profile {self.profile!r}.", "use 'seed' (the original toolchain's "
+                                "contract, the default) or 'extended'.") from None
+        seed = self.profile is Profile.SEED
+        if self.activation_sign is None:
+            object.__setattr__(self, "activation_sign", ActivationSign.SIGNED if seed else ActivationSign.AUTO)
+        if self.shared_scales is None:
+            object.__setattr__(self, "shared_scales", seed)
         for name in ("weight_bits", "activation_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
@@ -148,8 +173,24 @@ class QuantSettings:
                                         "pick widths from 2 to 8 for each operator.")
             layers.append((str(name), wbits, abits))
         object.__setattr__(self, "layer_bits", tuple(sorted(layers)))
+        if seed:
+            self._check_seed()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise SettingsError(f"seed={self.seed!r} is not a non-negative integer.", "pass e.g. seed=0.")
+
+    def _check_seed(self) -> None:
+        """The settings the seed contract cannot express (see :mod:`maptools.seed`)."""
+        if self.activation_sign is not ActivationSign.SIGNED:
+            raise SettingsError(f"activation_sign={self.activation_sign.value!r}: the seed profile's downstream "
+                                "reads one signed range per operator.",
+                                "pass profile='extended' for unsigned ranges, or drop activation_sign.")
+        if not self.shared_scales:
+            raise SettingsError("shared_scales=False: the seed profile's downstream adds codes without "
+                                "requantizing, so every adder's inputs must share one scale.",
+                                "pass profile='extended' to requantize before adders, or drop shared_scales.")
+        if self.layer_bits:
+            raise SettingsError("layer_bits (and bit_width='auto'): the seed profile's downstream reads every "
+                                "activation at one width.", "pass profile='extended' for per-layer widths.")
 
     @property
     def unsigned_activations(self) -> bool:
@@ -165,7 +206,7 @@ class QuantSettings:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("algorithm", "activation_sign", "optimization", "scale_policy"):
+        for name in ("algorithm", "activation_sign", "optimization", "scale_policy", "profile"):
             data[name] = getattr(self, name).value
         data["layer_bits"] = {name: [w, a] for name, w, a in self.layer_bits}
         return data

@@ -48,8 +48,10 @@ def _ppq(map_dir, calib, settings):
 def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_setup, tmp_path) -> None:
     path, calib, test_x, test_y = digits_setup
     name = f"m{bits}{sign}{optimization}"
+    profile = "seed" if sign == "signed" else "extended"  # unsigned ranges are the extended profile's
     result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=CALIB,
-                      bit_width=bits, activation_sign=sign, optimization=optimization, output_root=tmp_path)
+                      bit_width=bits, activation_sign=sign, optimization=optimization, output_root=tmp_path,
+                      profile=profile)
     assert result.settings.activation_sign.value == sign and result.settings.optimization.value == optimization
     info, params = read_quantinfo(name, tmp_path), read_quantparams(name, tmp_path)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -64,7 +66,7 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     if sign == "auto":  # every input of a crossbar layer after a Relu is unsigned
         assert info["/block/block.0/Conv"].in_range(0) == (0, 2 ** bits - 1)
     settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB, activation_sign=sign,
-                             optimization=optimization)
+                             optimization=optimization, profile=profile)
     ppq = _ppq(result.map_dir, calib, settings)
     assert ppq.quantinfo() == info  # the run is reproducible from the map's model and data
     convert(name, output_root=tmp_path)
@@ -96,7 +98,13 @@ def test_bad_accuracy_options_are_refused(small_cnn, tmp_path) -> None:
     with pytest.raises(SettingsError, match="unknown activation_sign 'unsigned'"):
         quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", activation_sign="unsigned", output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "x").exists()
-    kl = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="kl", algorithm="kl", calib_steps=8, output_root=tmp_path)
+    with pytest.raises(SettingsError, match=r"activation_sign='auto': the seed profile.*Fix: pass profile='extended'"):
+        quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", activation_sign="auto", output_root=tmp_path)
+    with pytest.raises(SettingsError, match=r"shared_scales=False: the seed profile.*Fix: pass profile='extended'"):
+        quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="x", shared_scales=False, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "x").exists()
+    kl = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="kl", algorithm="kl", calib_steps=8, output_root=tmp_path,
+                  profile="extended")
     assert any("kl observer handles signed ranges only" in n for n in kl.notes)
     assert all(c.out_range[0] < 0 for c in read_quantinfo("kl", tmp_path).values() if c.output_scale)
 
@@ -116,6 +124,7 @@ def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
          numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")])
     path = tmp_path / "tanh.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="t", calib_steps=8, output_root=tmp_path)
+    result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="t", calib_steps=8, output_root=tmp_path,
+                      profile="extended")
     assert any("no tensor of this model is provably non-negative" in n for n in result.notes)
     assert all(c.out_range == (-128, 127) for c in read_quantinfo("t", tmp_path).values() if c.output_scale)

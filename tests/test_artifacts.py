@@ -33,11 +33,9 @@ def test_one_config_per_quantized_operator(result) -> None:
     assert info[head].output_scale is None  # the logits only leave the device: they stay float
     for name, cfg in info.items():
         assert isinstance(cfg, QuantConfig)
-        # unsigned (activation_sign='auto', the default) where the producer cannot be negative
-        assert cfg.io_bits == 8 and (cfg.io_min, cfg.io_max) in {(-128, 127), (0, 255)}
-        assert cfg.out_range in {(-128, 127), (0, 255)} and cfg.in_range(0) == (cfg.io_min, cfg.io_max)
-        if cfg.op_type in {"Relu", "MaxPool"}:
-            assert cfg.out_range == (0, 255), name
+        # the seed profile (the default): one signed range per operator
+        assert cfg.io_bits == 8 and (cfg.io_min, cfg.io_max) == (-128, 127)
+        assert cfg.out_range == (-128, 127) and cfg.in_range(0) == (cfg.io_min, cfg.io_max), name
         assert name == head or cfg.output_scale is not None and cfg.output_scale > 0, name
         assert cfg.input_scale is not None and cfg.input_scale > 0, name
         assert all(s is not None and s > 0 for s in cfg.input_scales), name

@@ -81,7 +81,7 @@ def test_fewer_bits_give_coarser_integers_and_larger_error(graph_for, small_cnn)
 
 def test_four_bit_artifacts_and_manifest(small_cnn, tmp_path) -> None:
     result = quantize(SHAPES, "cpu", small_cnn, mapname="w4", calib_steps=STEPS, bit_width=4, algorithm="minmax",
-                      output_root=tmp_path)
+                      output_root=tmp_path, profile="extended")
     info = read_quantinfo("w4", tmp_path)
     params = read_quantparams("w4", tmp_path)
     assert all(c.io_bits == 4 and (c.io_min, c.io_max) in {(-8, 7), (0, 15)} for c in info.values())

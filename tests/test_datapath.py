@@ -107,7 +107,7 @@ def test_shared_scales_on_a_concat(branchy_cnn, tmp_path, one_thread) -> None:
 def test_recorded_requantization_is_what_the_simulation_uses(small_cnn, tmp_path) -> None:
     root = tmp_path
     quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="m12", calib_steps=16, output_root=root, error_steps=0,
-             multiplier_bits=12)
+             multiplier_bits=12, profile="extended")
     info = read_quantinfo("m12", root)
     twin = quantinfo_from_json(json.loads((root / "mapsave" / "m12" / QUANTINFO_JSON).read_text()))
     assert twin == info

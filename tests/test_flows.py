@@ -257,7 +257,7 @@ def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_m
     import math
 
     result = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
-                 shared_scales=True)
+                 shared_scales=True, profile="extended")
     report = result.quantization.mixed_precision
     assert report is not None and report["weight_bytes"] <= 6000 < report["uniform_weight_bytes"]
     info = read_quantinfo("auto", tmp_path)
@@ -267,7 +267,7 @@ def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_m
     plot = Artifact.get("quant-auto-bits-plot")
     assert plot is not None and str(plot.data).startswith("data:image/png;base64,")
     again = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
-                shared_scales=True, threads=1)  # the thread count is not part of the cache key
+                shared_scales=True, threads=1, profile="extended")  # the thread count is not part of the cache key
     assert again.quantization_cached and again.quantization.mixed_precision == report
     with pytest.raises(Exception, match="bit_width='auto' only"):
         run(raw_model, tmp_path, mapname="auto", max_weight_bytes=6000)

@@ -36,7 +36,8 @@ def conv_maps(tmp_path_factory: pytest.TempPathFactory):
              numpy_helper.from_array(rng.standard_normal((4, cout, 1, 1)).astype(np.float32), "w2")])
         path = root / f"{name}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-        quantize({"input": [1, cin, 8, 8]}, "cpu", path, mapname=name, calib_steps=8, output_root=root)
+        quantize({"input": [1, cin, 8, 8]}, "cpu", path, mapname=name, calib_steps=8, output_root=root,
+                 profile="extended")  # the head reads an unsigned Relu output
         convert(name, output_root=root)
     return root
 

@@ -39,7 +39,8 @@ def test_auto_meets_an_error_budget_with_fewer_bits_and_every_stage_follows(digi
 
     path, calib, images, labels = digits_model
     result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="auto", calibset=calib, calib_steps=32,
-                      output_root=tmp_path, error_steps=0, bit_width="auto", budget={"output_error": BUDGET})
+                      output_root=tmp_path, error_steps=0, bit_width="auto", profile="extended",
+                 budget={"output_error": BUDGET})
     report = result.mixed_precision
     assert report["error"] <= BUDGET and report["uniform_error"] <= BUDGET
     assert report["average_weight_bits"] < 8 and report["average_input_bits"] < 8
@@ -78,7 +79,8 @@ def test_auto_meets_an_error_budget_with_fewer_bits_and_every_stage_follows(digi
 def test_auto_under_a_weight_memory_budget(digits_model, tmp_path) -> None:
     path, calib, _, _ = digits_model
     result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="small", calibset=calib, calib_steps=32,
-                      output_root=tmp_path, error_steps=0, bit_width="auto", budget={"weight_bytes": 6000})
+                      output_root=tmp_path, error_steps=0, bit_width="auto", profile="extended",
+                 budget={"weight_bytes": 6000})
     report = result.mixed_precision
     assert weight_memory_bytes("small", tmp_path) == report["weight_bytes"] <= 6000 < report["uniform_weight_bytes"]
     assert report["average_input_bits"] == 8  # a memory budget narrows weights only
@@ -88,11 +90,13 @@ def test_unreachable_budgets_say_why_and_write_nothing(digits_model, tmp_path) -
     path, calib, _, _ = digits_model
     with pytest.raises(BudgetError, match=r"output_error <= 0.001.*layers that stop it most: /") as caught:
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="tight", calibset=calib, calib_steps=32,
-                 output_root=tmp_path, error_steps=0, bit_width="auto", budget={"output_error": 0.001})
+                 output_root=tmp_path, error_steps=0, bit_width="auto", profile="extended",
+                 budget={"output_error": 0.001})
     assert "allow output_error >=" in caught.value.fix
     with pytest.raises(BudgetError, match="weight_bytes=100.*at 2 bits they take"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="tight", calibset=calib, calib_steps=32,
-                 output_root=tmp_path, error_steps=0, bit_width="auto", budget={"weight_bytes": 100})
+                 output_root=tmp_path, error_steps=0, bit_width="auto", profile="extended",
+                 budget={"weight_bytes": 100})
     assert not (tmp_path / "mapsave" / "tight").exists()
     for bad in ({}, {"output_error": 0.1, "weight_bytes": 10}, {"output_error": -1}, {"bits": 4},
                 {"weight_bytes": 10, "weight_choices": (1, 4)}):
@@ -102,4 +106,11 @@ def test_unreachable_budgets_say_why_and_write_nothing(digits_model, tmp_path) -
         quantize(SMALL_CNN_SHAPES, "cpu", path, calibset=calib, output_root=tmp_path, budget={"output_error": 0.1})
     with pytest.raises(SettingsError, match="not crossbar layers"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path,
-                 layer_bits={"/Add": (4, 4)})
+                 layer_bits={"/Add": (4, 4)}, profile="extended")
+    # the seed profile reads every activation at one width
+    with pytest.raises(SettingsError, match=r"bit_width='auto'.*Fix: pass profile='extended'"):
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path,
+                 bit_width="auto", budget={"output_error": 0.1})
+    with pytest.raises(SettingsError, match=r"layer_bits .*Fix: pass profile='extended'"):
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path,
+                 layer_bits={"/stem/stem.0/Conv": (4, 4)})
