@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.serializers import JSONSerializer, prefect_json_object_decoder
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
@@ -94,8 +93,9 @@ class ResultFiles(LocalFileSystem):
     async def aread_path(self, path: str) -> bytes:
         return _pinned(await super().aread_path(path), path)
 
-    @async_dispatch(aread_path)
-    def read_path(self, path: str) -> bytes:
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        """Read synchronously (Prefect's result store calls :meth:`aread_path` from async code, and passes
+        ``_sync=True`` here)."""
         with open(self._resolve_path(path), "rb") as f:
             return _pinned(f.read(), path)
 
@@ -111,8 +111,8 @@ class StoreResults(RemoteFileSystem):
     async def aread_path(self, path: str) -> bytes:
         return _pinned(await super().aread_path(path), path)
 
-    @async_dispatch(aread_path)
-    def read_path(self, path: str) -> bytes:
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        """Read synchronously (see :meth:`ResultFiles.read_path`)."""
         with self.filesystem.open(self._resolve_path(path), "rb") as f:
             return _pinned(f.read(), path)
 

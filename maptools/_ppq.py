@@ -33,7 +33,7 @@ import onnx.helper
 import onnx.numpy_helper
 import torch
 
-from maptools.errors import MaptoolsError, ModelError, QuantizationFailed, SettingsError
+from maptools.errors import DependencyError, MaptoolsError, ModelError, QuantizationFailed, SettingsError
 from maptools.node_runner import NodeRunner
 from maptools.onnx_model import opsets
 from maptools.placement import (CROSSBAR_OP_TYPES, DEVICE, FUSABLE_ACTIVATIONS, Placement, Role, nonnegative_tensors,
@@ -87,6 +87,12 @@ with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
                                         RuntimeCalibrationPass)
     from ppq.quantization.optim.base import QuantizationOptimizationPass
     from ppq.quantization.quantizer import TensorRTQuantizer
+
+#: The PPQ releases this adapter was written for (its shims, kernels and passes follow 0.6.6's internals).
+PPQ_VERSIONS = ("0.6.",)
+if not str(getattr(ppq, "__version__", "0.6.6")).startswith(PPQ_VERSIONS):
+    raise DependencyError(f"ppq {ppq.__version__} is installed; maptools adapts ppq 0.6.6's internals.",
+                          "pip install ppq==0.6.6 (the version pyproject.toml pins).")
 
 _APPLIED = {QuantizationStates.ACTIVATED, QuantizationStates.PASSIVE, QuantizationStates.BAKED,
             QuantizationStates.PASSIVE_BAKED}

@@ -22,6 +22,7 @@ __all__ = [
     "StorageError",
     "BudgetError",
     "StoreUnavailable",
+    "DependencyError",
 ]
 
 
@@ -96,3 +97,7 @@ class StorageError(MaptoolsError, OSError):
 
 class StoreUnavailable(StorageError):
     """The map store did not answer (network, endpoint down): transient, worth retrying."""
+
+
+class DependencyError(MaptoolsError, ImportError):
+    """An installed package is outside the versions the module that adapts it was written for."""

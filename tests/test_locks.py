@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -33,6 +34,47 @@ def test_a_killed_holders_lock_is_taken_over_and_a_live_one_is_not(tmp_path) -> 
     assert not other.acquire_lock("key", "other", acquire_timeout=0.5)
     manager.release_lock("key", "parent")
     assert other.acquire_lock("key", "other", acquire_timeout=5)
+
+
+def test_a_lock_file_is_whole_from_the_instant_it_exists(tmp_path) -> None:
+    """Kill the holder the moment its lock file appears: the file already names it, and the next run takes over."""
+    code = ("import sys, time\nfrom pathlib import Path\nfrom maptools_flows.locks import LiveLockManager\n"
+            "manager = LiveLockManager(Path(sys.argv[1]))\nassert manager.acquire_lock('key', 'child')\n"
+            "time.sleep(600)\n")
+    manager = LiveLockManager(tmp_path)
+    lock = manager._lock_path_for_key("key")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not lock.exists():
+        assert time.monotonic() < deadline and child.poll() is None
+    child.send_signal(signal.SIGKILL)
+    record = json.loads(lock.read_text())
+    child.wait()
+    assert record["pid"] == child.pid and record["holder"] == "child" and record["expiration"]
+    started = time.monotonic()
+    assert manager.acquire_lock("key", "next", acquire_timeout=30)
+    assert time.monotonic() - started < 5
+
+
+def test_a_record_without_a_holder_is_stale_after_the_grace(tmp_path, monkeypatch) -> None:
+    """Prefect's own manager writes the file in two steps: a record without a pid (or an empty file) is taken
+    over once it is older than GRACE_SECONDS, and respected before."""
+    import os
+    from datetime import datetime, timedelta, timezone
+
+    from maptools_flows import locks
+
+    manager = LiveLockManager(tmp_path)
+    lock = manager._lock_path_for_key("key")
+    lock.write_text(json.dumps({"holder": "killed", "expiration": str(datetime.now(timezone.utc) + timedelta(hours=6))}))
+    assert manager.is_locked("key") and not manager.acquire_lock("key", "next", acquire_timeout=0.3)
+    old = time.time() - locks.GRACE_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert manager.acquire_lock("key", "next", acquire_timeout=5)
+    manager.release_lock("key", "next")
+    lock.write_text("")  # killed between creating the file and writing it
+    os.utime(lock, (old, old))
+    assert manager.acquire_lock("key", "after", acquire_timeout=5)
 
 
 def test_a_flow_killed_holding_its_cache_lock_does_not_block_the_next_run(prefect_server, small_cnn, tmp_path) -> None:
