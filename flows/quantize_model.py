@@ -63,7 +63,7 @@ def quantize_model(
     activation_sign: Annotated[Literal["signed", "auto"] | None, Field(
         description="signed everywhere, or auto: unsigned where the producer cannot be negative (extended profile "
                     "only); null: the profile's.")] = None,
-    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq"], Field(
+    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq", "fast-bias-correction"], Field(
         description="A PPQ correction pass (bias-correction and lsq need real calibration data).")] = "none",
     scale_policy: Annotated[Literal["float", "pow2"], Field(
         description="float scales, or pow2: every scale a power of two (requantization is a shift).")] = "float",

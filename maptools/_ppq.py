@@ -284,7 +284,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
                                   concat_alignment=step.concat_alignment, pooling_alignment=step.pooling_alignment,
                                   resize_alignment=step.resize_alignment, force_overlap=step.force_overlap)
             passes.append(step)
-            if isinstance(step, ParameterQuantizePass) and self._settings.optimization is Optimization.NONE:
+            if isinstance(step, ParameterQuantizePass) and not self._settings.optimization.in_ppq:
                 passes.append(ParameterBakingPass())  # the correction passes work on unbaked weights
         return QuantizationOptimizationPipeline(passes=passes)
 
@@ -1375,6 +1375,52 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
     return [op.name for op in switched]
 
 
+#: Calibration samples the fast bias correction averages over.
+FBC_SAMPLES = 32
+
+
+def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+                          calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
+    """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
+    grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from
+    the float output's; that shift is added to its bias. One float forward per sample, each layer judged
+    on its own (no layer-by-layer passes)."""
+    layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
+              and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
+              and op.inputs[2].value is not None and op.config.input_quantization_config[0].state in _APPLIED]
+    if not layers:
+        return
+    types = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    inputs = {i.name for i in model.graph.input}
+    wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
+                                if t not in inputs))
+    outputs = {o.name for o in model.graph.output}
+    session = _with_outputs(model_bytes, [], [], [types[t] for t in wanted if t not in outputs and t in types],
+                            "the float model")
+    if session is None or not all(t in types for t in wanted):
+        log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
+        return
+    shift: dict[str, np.ndarray] = {}
+    count = 0
+    for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration):
+        feed = {k: v.detach().cpu().numpy() for k, v in sample.items()}
+        values = {**feed, **dict(zip(wanted, session.run(wanted, feed)))}
+        for op in layers:
+            cfg = op.config.input_quantization_config[0].dominated_by
+            scale = float(cfg.scale.reshape(-1)[0])
+            x = np.clip(np.rint(values[op.inputs[0].name] / scale), int(cfg.quant_min), int(cfg.quant_max)) * scale
+            weight, bias = (v.value.detach().cpu().numpy() for v in op.inputs[1:3])
+            quantized = op._maptools_runner.run([x.astype(np.float32), weight, bias])[0]
+            axes = tuple(i for i in range(quantized.ndim) if i != 1)  # Conv/ConvTranspose [N, C, ...], Gemm [N, C]
+            delta = (values[op.outputs[0].name].astype(np.float64) - quantized).mean(axis=axes)
+            shift[op.name] = shift.get(op.name, 0.0) + delta
+        count += 1
+    for op in layers:
+        bias = op.inputs[2]
+        bias.value = bias.value + torch.from_numpy(shift[op.name] / count).to(bias.value.dtype).to(
+            bias.value.device).reshape(bias.value.shape)
+
+
 def quantize_graph(
     model_path: Path,
     calibration: Iterable[Mapping[str, torch.Tensor]],
@@ -1416,7 +1462,7 @@ def quantize_graph(
             switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
-        if quantizer._model is not None and settings.optimization is Optimization.NONE and \
+        if quantizer._model is not None and not settings.optimization.in_ppq and \
                 settings.algorithm.value in ("minmax", "percentile"):
             batch = 1  # onnxruntime computes the statistics, one sample per run (see _Statistics)
         else:
@@ -1433,6 +1479,9 @@ def quantize_graph(
                 setting=_setting(settings, device), calib_steps=max(calib_steps, 8),
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
+    if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
+        with _ppq_step("correcting biases"):
+            _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
     _check_zero_offsets(quantizer._graph)
     result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch)
     result._executor = executor

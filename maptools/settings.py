@@ -46,11 +46,17 @@ class Optimization(str, Enum):
     BIAS_CORRECTION = "bias-correction"  # per output channel: the mean output error of each layer, block by block
     EQUALIZATION = "equalization"  # cross-layer weight equalization between consecutive crossbar layers
     LSQ = "lsq"  # learned step size: scales (and weights' rounding) trained block by block against float outputs
+    FAST_BIAS_CORRECTION = "fast-bias-correction"  # each crossbar layer's mean output shift on float inputs, once
 
     @property
     def needs_real_data(self) -> bool:
         """Whether the pass fits its result to the calibration data (then random data would mislead it)."""
-        return self in (Optimization.BIAS_CORRECTION, Optimization.LSQ)
+        return self in (Optimization.BIAS_CORRECTION, Optimization.LSQ, Optimization.FAST_BIAS_CORRECTION)
+
+    @property
+    def in_ppq(self) -> bool:
+        """Whether the pass runs inside PPQ's pipeline (the others run after it, on the quantized graph)."""
+        return self in (Optimization.BIAS_CORRECTION, Optimization.EQUALIZATION, Optimization.LSQ)
 
 
 class ScalePolicy(str, Enum):

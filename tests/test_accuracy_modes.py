@@ -43,7 +43,7 @@ def _ppq(map_dir, calib, settings):
 
 @pytest.mark.parametrize(("bits", "sign", "optimization"), [
     (8, "auto", "none"), (4, "auto", "none"), (6, "signed", "bias-correction"), (4, "auto", "equalization"),
-    (4, "auto", "lsq"),
+    (4, "auto", "lsq"), (8, "signed", "fast-bias-correction"),
 ])
 def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_setup, tmp_path) -> None:
     path, calib, test_x, test_y = digits_setup
@@ -128,3 +128,28 @@ def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
                       profile="extended")
     assert any("no tensor of this model is provably non-negative" in n for n in result.notes)
     assert all(c.out_range == (-128, 127) for c in read_quantinfo("t", tmp_path).values() if c.output_scale)
+
+
+def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None:
+    """NNCF's fast bias correction: the same scales and weights, each crossbar layer's bias moved by its mean
+    output shift on float inputs; it fits the calibration data, so random data is refused."""
+    path, calib, test_x, test_y = digits_setup
+    runs = {}
+    for optimization in ("none", "fast-bias-correction"):
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=optimization, calibset=calib, calib_steps=CALIB,
+                 optimization=optimization, output_root=tmp_path, error_steps=0)
+        convert(optimization, output_root=tmp_path)
+        params = read_quantparams(optimization, tmp_path)
+        sim = IntegerSimulator(read_graph(optimization, tmp_path), params)
+        top1 = (sim.run({"input": test_x}).outputs["output"].argmax(1) == test_y).mean()
+        runs[optimization] = (read_quantinfo(optimization, tmp_path), params, top1)
+    (info, plain, top1), (corrected_info, corrected, corrected_top1) = runs.values()
+    assert corrected_info == info
+    weights = [k for k in plain if k.endswith("_weight")]
+    assert all(np.array_equal(plain[k], corrected[k]) for k in weights)
+    biases = [k for k in plain if k.endswith("_bias") and plain[k] is not None]
+    # (a shift below half an int32 step, s_in * s_w, leaves a layer's codes as they were)
+    assert any(not np.array_equal(plain[k], corrected[k]) for k in biases)
+    assert corrected_top1 >= top1 - 0.02, (top1, corrected_top1)
+    with pytest.raises(CalibrationError, match="fast-bias-correction"):
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="x", optimization="fast-bias-correction", output_root=tmp_path)

@@ -146,7 +146,7 @@ def test_pow2_with_lsq_and_shared_scales_without_joins(tmp_path) -> None:
     chain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     model = export_onnx(chain.eval(), tmp_path / "chain.onnx", SMALL_CNN_SHAPES)
     result = quantize(SMALL_CNN_SHAPES, "cpu", model, mapname="chain", calib_steps=8, output_root=tmp_path,
-                      error_steps=0, shared_scales=True)
+                      error_steps=0, shared_scales=True, profile="extended")
     assert any("no Add or Concat" in note for note in result.notes)
 
 

@@ -59,7 +59,7 @@ def test_a_map_on_a_store_is_read_converted_and_simulated_on_another_machine(sma
 
     _machine(monkeypatch, tmp_path, "c")
     graph = read_graph("m", url)  # the graph machine b added is on the store, verified against the artifacts
-    assert graph.meta["quantinfo_sha256"] == local.sha256["quantinfo.pkl"]
+    assert graph.meta["quantinfo_sha256"] == local.sha256["quantinfo.json"]
     run = simulate("m", "random", output_root=url, batch=2)
     assert run.batch == 2
     assert len(StoreMapFolder("m", url).versions()) == 2  # quantized, then converted: current and previous
