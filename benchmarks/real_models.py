@@ -836,7 +836,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="evaluation samples per model")
     parser.add_argument("--calib", type=int, default=32, help="calibration samples (the same for every tool)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_models.json")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/wild/cache"), help="corpus archive cache")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".pytest_cache" / "d" / "maptools-corpus",
+                        help="corpus archive cache (the tests' own, by default)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and onnxruntime threads (on a busy 2-core machine more than one gets far slower)")
     parser.add_argument("--sim-budget", type=float, default=25.0,
