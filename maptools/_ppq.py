@@ -157,6 +157,9 @@ def _dispatcher(kernels: dict[str, Any]) -> Any:
 
 
 _FORWARDS: dict[Any, Any] = {}  # platform -> the forward of every operator type on it
+#: Operators always run in onnxruntime: PPQ's Gather and Slice kernels index tensors with a list of slices,
+#: which torch deprecated (it will read them as one index array).
+_ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice"})
 
 
 def _install_forwards() -> None:
@@ -166,7 +169,8 @@ def _install_forwards() -> None:
     every = {s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx")}
     for platform in (TargetPlatform.TRT_INT8, TargetPlatform.FP32):
         table = OPERATION_FORWARD_TABLE[platform]
-        kernels = {**table, "PRelu": _prelu}
+        kernels = {k: v for k, v in table.items() if k not in _ONNXRUNTIME_ONLY}
+        kernels["PRelu"] = _prelu
         forward = _FORWARDS[platform] = _dispatcher(kernels)
         for op_type in every | set(table):
             table[op_type] = forward

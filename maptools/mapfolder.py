@@ -293,7 +293,8 @@ class MapFolder:
             with storage_errors(f"create {stage}"):
                 os.mkdir(stage, 0o777)  # the umask applies, as for any new folder
             try:
-                yield stage
+                with storage_errors(f"write the map {self.mapname!r} in {self.parent}"):
+                    yield stage  # every write of a map's files goes through here: OS errors become StorageError
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
         finally:

@@ -72,3 +72,38 @@ def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path:
     result, error = _pipeline(model, shapes, tmp_path, f"resize-{mode}-{transform}")
     assert error < 0.3, (mode, transform, nearest, error)
     assert result.placement.device_macs == result.placement.total_macs  # both convolutions on the crossbars
+
+
+def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
+    """Slice with negative axes, several axes and steps (a reversal too), Gather with negative indices on a
+    negative axis: PPQ's kernels index with a list of slices (torch deprecated it) and its Gather ignores
+    a negative axis, so these run in onnxruntime; PPQ's graph computes every tensor as onnxruntime does."""
+    import torch
+
+    from maptools import _ppq
+    from tests.exporters import _Builder
+
+    b = _Builder(20)
+    y = b.conv("x", 3, 8)
+    y = b.op("Slice", [y, b.const([1, 0], np.int64), b.const([15, -1], np.int64), b.const([-1, -2], np.int64),
+                       b.const([2, 1], np.int64)])
+    y = b.op("Slice", [y, b.const([-1], np.int64), b.const([-100], np.int64), b.const([3], np.int64),
+                       b.const([-1], np.int64)])
+    y = b.op("Gather", [b.conv(y, 8, 8), b.const([-1, 0, 2], np.int64)], axis=-3)
+    model, shapes = b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 3, 8), 8)], 13), {"x": [1, 3, 16, 16]}
+    result, error = _pipeline(model, shapes, tmp_path, "gather_slice")
+    assert error < 0.3 and result.placement.device_macs == result.placement.total_macs
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    graph = _ppq._load(result.map_dir / "model.onnx", prepared)
+    for op in graph.operations.values():
+        op.platform = _ppq.TargetPlatform.FP32  # the float graph, as PPQ's tracing and float check run it
+    names = [n.output[0] for n in prepared.graph.node if n.op_type in ("Slice", "Gather")]
+    x = np.random.default_rng(2).standard_normal(shapes["x"]).astype(np.float32)
+    with torch.no_grad():
+        ours = _ppq.TorchExecutor(graph=graph, device="cpu").forward({"x": torch.from_numpy(x)}, output_names=names)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(prepared)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    reference = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(names, {"x": x})
+    for name, got, want in zip(names, ours, reference):
+        assert got.shape == want.shape and np.allclose(got.numpy(), want, atol=1e-5), name

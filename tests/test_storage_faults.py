@@ -85,3 +85,26 @@ def test_read_only_file_system_is_refused_before_any_work(tmpfs, small_cnn) -> N
                                  "--device", "cpu", "--output-root", str(tmpfs)])
     assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_at_each_write_of_a_map_is_a_storage_error(tmpfs, small_cnn) -> None:
+    """Room for the files written before one artifact and half of it: that artifact's write runs out of space
+    (each in turn, the staging folder's files and the manifest included); every run is one StorageError, the
+    previous map stays intact and nothing is left behind."""
+    first = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="m", calib_steps=8, output_root=tmpfs,
+                     error_steps=0)
+    before = verify_map(first.map_dir)
+    order = ["quantinfo.pkl", "quantparams.pkl", "quantinfo.json", "quantparams.npz", "quant_model.onnx",
+             "model.onnx", "error_report.json", "manifest.json"]
+    pages = [-(-(first.map_dir / name).stat().st_size // 4096) for name in order]
+    for index, name in enumerate(order):
+        free = (sum(pages[:index]) + pages[index] // 2) * 4096
+        _fill(tmpfs)
+        filler = tmpfs / "filler"
+        with open(filler, "r+b") as f:
+            f.truncate(max(0, filler.stat().st_size - free))
+        with pytest.raises(StorageError, match="No space left on device.*free disk space"):
+            quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="m", calib_steps=8, seed=index + 1,
+                     output_root=tmpfs, error_steps=0)
+        assert verify_map(first.map_dir) == before and _leftovers(tmpfs) == [], name
+        filler.unlink()
