@@ -293,8 +293,7 @@ class MapFolder:
             with storage_errors(f"create {stage}"):
                 os.mkdir(stage, 0o777)  # the umask applies, as for any new folder
             try:
-                with storage_errors(f"write the map {self.mapname!r} in {self.parent}"):
-                    yield stage  # every write of a map's files goes through here: OS errors become StorageError
+                yield stage
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
         finally:
@@ -310,7 +309,8 @@ class MapFolder:
         """
         self.check_writable()
         with self._owned_stage() as stage:
-            yield stage
+            with storage_errors(f"write the map {self.mapname!r} in {self.parent}"):
+                yield stage  # every file of a new map is written here: OS errors become StorageError
             _pause("staged")
             self.published = self._publish(stage)
 

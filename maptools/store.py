@@ -52,7 +52,7 @@ import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, StorageError, StoreUnavailable
-from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file
+from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file, storage_errors
 from maptools.manifest import parse_manifest
 
 __all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "store_options", "put_blob",
@@ -400,7 +400,8 @@ class StoreMapFolder(MapFolder):
         becomes the mirror's current version (``published``)."""
         self.check_writable()
         with self.mirror._owned_stage() as stage:
-            yield stage
+            with storage_errors(f"write the map {self.mapname!r}"):
+                yield stage  # as MapFolder.write: OS errors of the files' writes become StorageError
             _pause("staged")
             with self.lock():
                 self._upload(stage)
