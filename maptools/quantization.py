@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from maptools import __version__
-from maptools.artifacts import (ARTIFACT_FILES, atomic_write, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTINFO_PKL,
-                                QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, sha256_file, validate_mapname, write_json,
-                                write_pickle)
+from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON,
+                                QUANTINFO_PKL, QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, atomic_write, sha256_file,
+                                validate_mapname, write_json, write_pickle)
 from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCalibration,
                                   resolve_calibration)
 from maptools.device import resolve_device
@@ -454,7 +454,8 @@ def quantize(
         seconds["export"] = done.export_seconds
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
     graph, settings, quantinfo = done.graph, done.settings, done.quantinfo
-    report = placement_report(onnx.ModelProto.FromString(prepared_bytes))
+    prepared_model = onnx.ModelProto.FromString(prepared_bytes)
+    report = placement_report(prepared_model)
     failed = [name for name in report.fallbacks if name not in keep_on_host]
     if failed:
         notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed "
@@ -476,7 +477,7 @@ def quantize(
         notes.append(note)
         log.warning(note)
     quantparams, qdq = done.quantparams, done.qdq
-    written = _contract(settings, quantinfo, onnx.ModelProto.FromString(prepared_bytes), strict, notes)
+    written = _contract(settings, quantinfo, prepared_model, strict, notes)
     t = time.perf_counter()
     with torch_threads(count):
         errors = ErrorSummary(_error_report(graph, calibration, min(error_steps, steps), qdq, notes)
@@ -488,7 +489,7 @@ def quantize(
         if written is Profile.SEED:
             atomic_write(stage / QUANTINFO_PKL, contract.dumps(contract.seed_quantinfo(quantinfo)))
             atomic_write(stage / QUANTPARAMS_PKL, contract.dumps(contract.seed_quantparams(
-                quantparams, quantinfo, onnx.ModelProto.FromString(prepared_bytes))))
+                quantparams, quantinfo, prepared_model)))
         else:
             write_pickle(stage / QUANTINFO_PKL, quantinfo)
             write_pickle(stage / QUANTPARAMS_PKL, quantparams)
