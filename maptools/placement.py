@@ -6,7 +6,7 @@ slices, nearest upsampling) and applies elementwise functions as lookup tables o
 codes: activations (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, PRelu, LeakyRelu, Tanh, ...),
 an Add/Sub/Mul/Div with a scalar or per-channel constant, and the gated activations
 ``x * f(x)`` (SiLU = ``x * Sigmoid(x)``, HardSwish = ``x * HardSigmoid(x)``) as one table over
-``x``. Everything else (Mul of two activations, MatMul between activations, Softmax, LayerNorm
+``x``; a chain of such functions (``Add -> Clip -> Div``) is one table too. Everything else (Mul of two activations, MatMul between activations, Softmax, LayerNorm
 pieces, LSTM, shape arithmetic, box decoding) runs on the host in float.
 
 Two region rules keep the device part connected to the crossbar work and keep ranges apart
@@ -75,7 +75,7 @@ class Role(str, Enum):
     AVGPOOL = "avgpool"  # integer window sums, requantized by 1/count
     MOVE = "move"  # codes move unchanged (reshape, slice, max pool, nearest resize)
     LUT = "lut"  # a lookup table over the codes of one activation input
-    GATE = "gate"  # inside a gated LUT x * f(x): output stays float, read only by the gate
+    GATE = "gate"  # inside a lookup table's function (x * f(x), or f(g(x))): output stays float, read only by it
     HOST = "host"
 
     @property
@@ -206,6 +206,30 @@ def _gates(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Mappi
     return gates
 
 
+def _compose(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Mapping[str, list[onnx.NodeProto]],
+             outputs: set[str], consts: Mapping[str, np.ndarray], producer: Mapping[str, onnx.NodeProto]) -> None:
+    """Chains of lookup tables become one table: a LUT operator whose output only the next LUT
+    operator reads (as its one activation input) keeps that output float (role GATE), and the next
+    table maps the first one's input codes through both functions. ``Mul -> Div`` of a hard-swish,
+    ``Add -> Clip -> Div`` of a hard-sigmoid: one table and one rounding instead of two or three.
+
+    A Relu/Clip right after a crossbar operator keeps its own grid: the crossbar output is fused
+    into it.
+    """
+    for node in nodes:
+        if roles[node.name] is not Role.LUT or len(node.output) != 1 or node.output[0] in outputs:
+            continue
+        readers = consumers.get(node.output[0], [])
+        if len(readers) != 1 or roles[readers[0].name] is not Role.LUT:
+            continue
+        if [t for t in readers[0].input if t and t not in consts] != [node.output[0]]:
+            continue
+        source = producer.get(next((t for t in node.input if t and t not in consts), ""))
+        if node.op_type in FUSABLE_ACTIVATIONS and source is not None and roles[source.name] is Role.CROSSBAR:
+            continue
+        roles[node.name] = Role.GATE
+
+
 def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Placement:
     """Roles of every operator of ``model`` (nodes must have unique names; run ``prepare`` first).
 
@@ -255,6 +279,7 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
                     roles[name] = Role.HOST
                     reasons[name] = f"computes the gate of {mul}, which runs on the host"
                 changed = True
+    _compose(nodes, roles, consumers, outputs, consts, producer)
     roles.update({n.name: Role.HOST for n in model.graph.node if n.op_type == "Constant"})
     float_outputs = set()
     for node in nodes:

@@ -24,7 +24,8 @@ def _conv(src: str, dst: str) -> onnx.NodeProto:
 
 
 def test_gated_activations_are_one_table_on_the_device() -> None:
-    """SiLU (x * Sigmoid(x)) and HardSwish (x * Clip(x + 3, 0, 6), then / 6): the chain stays float inside."""
+    """SiLU (x * Sigmoid(x)) and HardSwish (x * Clip(x + 3, 0, 6), then / 6): the chain stays float inside,
+    and the Div after the hard-swish's Mul is part of its table."""
     nodes = [_conv("x", "a"), helper.make_node("Sigmoid", ["a"], ["s"], name="s"),
              helper.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
              helper.make_node("Add", ["silu", "three"], ["p"], name="p"),
@@ -35,8 +36,21 @@ def test_gated_activations_are_one_table_on_the_device() -> None:
     placed = place(_graph(nodes, ["y"], three=f32(3), zero=f32(0), six=f32(6)))
     r = placed.roles
     assert (r["a"], r["s"], r["silu"], r["p"], r["c"], r["hs"], r["d"], r["y"]) == (
-        Role.CROSSBAR, Role.GATE, Role.LUT, Role.GATE, Role.GATE, Role.LUT, Role.LUT, Role.CROSSBAR)
-    assert placed.float_outputs == {"s", "p", "c", "y"}  # the gates' insides, and the head read by no device op
+        Role.CROSSBAR, Role.GATE, Role.LUT, Role.GATE, Role.GATE, Role.GATE, Role.LUT, Role.CROSSBAR)
+    assert placed.float_outputs == {"s", "p", "c", "hs", "y"}  # the tables' insides, and the head read by no device op
+
+
+def test_chains_of_tables_are_one_table() -> None:
+    """Elementwise functions each read only by the next compose into one table; a function read by
+    two operators, and a Relu fused into its crossbar operator, keep their own grid."""
+    nodes = [_conv("x", "a"), helper.make_node("Relu", ["a"], ["r"], name="r"),
+             helper.make_node("Mul", ["r", "k"], ["m"], name="m"),
+             helper.make_node("Add", ["m", "k"], ["p"], name="p"),
+             helper.make_node("Tanh", ["p"], ["t"], name="t"), _conv("t", "y"), _conv("p", "z")]
+    placed = place(_graph(nodes, ["y", "z"], k=np.asarray(0.5, np.float32)))
+    r = placed.roles
+    assert (r["a"], r["r"], r["m"], r["p"], r["t"]) == (Role.CROSSBAR, Role.LUT, Role.GATE, Role.LUT, Role.LUT)
+    assert placed.float_outputs == {"m", "y", "z"}
 
 
 def test_squeeze_excitation_gate_runs_on_the_host() -> None:
