@@ -358,8 +358,13 @@ class MapFolder:
             os.rename(stage, version)
             _pause("renamed")
             link = self.parent / f".{self.mapname}.link-{uuid.uuid4().hex[:8]}"
-            os.symlink(version.name, link)
-            os.replace(link, self.path)
+            try:
+                os.symlink(version.name, link)
+                os.replace(link, self.path)
+            except OSError:  # the link still names the previous version: the new one is nobody's
+                link.unlink(missing_ok=True)
+                shutil.rmtree(version, ignore_errors=True)
+                raise
             self._clean(keep={version, previous})
         return version
 
