@@ -17,6 +17,11 @@ where only the host reads them:
 * an operator (other than the crossbar ones) whose outputs feed only host operators or graph
   outputs runs on the host; a crossbar operator in that position keeps its output in float.
 
+Two rules round once where functions follow each other: a LUT operator read only by the next
+LUT operator is part of that table (its output stays float, role GATE), and a crossbar operator
+read only by LUT operators other than a fused Relu/Clip hands them its accumulator in float
+(the periphery applies the function, then rounds).
+
 An operator that a later part of the stack cannot take (PPQ fails on it, the integer simulation
 has no form for it) is kept on the host in float: quantization records those in the model
 (:data:`HOST_KEY`), and :func:`place` honours the record, so every stage reads the same split.
@@ -230,6 +235,16 @@ def _compose(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Map
         roles[node.name] = Role.GATE
 
 
+def _into_function(node: onnx.NodeProto, roles: Mapping[str, Role], consumers: Mapping[str, list[onnx.NodeProto]],
+                   outputs: set[str]) -> bool:
+    """Whether crossbar operator ``node`` feeds only elementwise functions (lookup tables, gates) other than
+    a Relu/Clip: the periphery applies them to the accumulator and rounds once, after the function (a
+    hard-swish or SiLU after a convolution), as it rounds once after a fused Relu/Clip."""
+    readers = consumers.get(node.output[0], [])
+    return bool(readers) and node.output[0] not in outputs and all(
+        roles[r.name] in (Role.LUT, Role.GATE) and r.op_type not in FUSABLE_ACTIVATIONS for r in readers)
+
+
 def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Placement:
     """Roles of every operator of ``model`` (nodes must have unique names; run ``prepare`` first).
 
@@ -284,10 +299,11 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
     float_outputs = set()
     for node in nodes:
         role = roles[node.name]
+        readers = [roles[c.name] for t in node.output for c in consumers.get(t, [])]
         if role is Role.GATE:
             float_outputs.update(node.output)
-        elif role is Role.CROSSBAR and not any(
-                roles[c.name] is not Role.HOST for t in node.output for c in consumers.get(t, [])):
+        elif role is Role.CROSSBAR and (all(r is Role.HOST for r in readers) or _into_function(node, roles, consumers,
+                                                                                                  outputs)):
             float_outputs.update(node.output)
     return Placement(roles=roles, float_outputs=frozenset(float_outputs),
                      reasons={n: reasons[n] for n, r in roles.items() if r is Role.HOST and n in reasons})

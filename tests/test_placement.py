@@ -25,7 +25,8 @@ def _conv(src: str, dst: str) -> onnx.NodeProto:
 
 def test_gated_activations_are_one_table_on_the_device() -> None:
     """SiLU (x * Sigmoid(x)) and HardSwish (x * Clip(x + 3, 0, 6), then / 6): the chain stays float inside,
-    and the Div after the hard-swish's Mul is part of its table."""
+    the Div after the hard-swish's Mul is part of its table, and the convolution's accumulator goes into
+    the SiLU unrounded."""
     nodes = [_conv("x", "a"), helper.make_node("Sigmoid", ["a"], ["s"], name="s"),
              helper.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
              helper.make_node("Add", ["silu", "three"], ["p"], name="p"),
@@ -37,20 +38,25 @@ def test_gated_activations_are_one_table_on_the_device() -> None:
     r = placed.roles
     assert (r["a"], r["s"], r["silu"], r["p"], r["c"], r["hs"], r["d"], r["y"]) == (
         Role.CROSSBAR, Role.GATE, Role.LUT, Role.GATE, Role.GATE, Role.GATE, Role.LUT, Role.CROSSBAR)
-    assert placed.float_outputs == {"s", "p", "c", "hs", "y"}  # the tables' insides, and the head read by no device op
+    # the tables' insides, the accumulator read only by functions, and the head read by no device op
+    assert placed.float_outputs == {"a", "s", "p", "c", "hs", "y"}
 
 
 def test_chains_of_tables_are_one_table() -> None:
     """Elementwise functions each read only by the next compose into one table; a function read by
-    two operators, and a Relu fused into its crossbar operator, keep their own grid."""
+    two operators, a Relu fused into its crossbar operator, and a crossbar output that an adder reads
+    too keep their own grid."""
     nodes = [_conv("x", "a"), helper.make_node("Relu", ["a"], ["r"], name="r"),
              helper.make_node("Mul", ["r", "k"], ["m"], name="m"),
              helper.make_node("Add", ["m", "k"], ["p"], name="p"),
-             helper.make_node("Tanh", ["p"], ["t"], name="t"), _conv("t", "y"), _conv("p", "z")]
-    placed = place(_graph(nodes, ["y", "z"], k=np.asarray(0.5, np.float32)))
+             helper.make_node("Tanh", ["p"], ["t"], name="t"), _conv("t", "y"), _conv("p", "z"),
+             _conv("x", "b"), helper.make_node("Sigmoid", ["b"], ["sb"], name="sb"),
+             helper.make_node("Add", ["b", "sb"], ["both"], name="both"), _conv("both", "w2")]
+    placed = place(_graph(nodes, ["y", "z", "w2"], k=np.asarray(0.5, np.float32)))
     r = placed.roles
     assert (r["a"], r["r"], r["m"], r["p"], r["t"]) == (Role.CROSSBAR, Role.LUT, Role.GATE, Role.LUT, Role.LUT)
-    assert placed.float_outputs == {"m", "y", "z"}
+    assert (r["b"], r["sb"], r["both"]) == (Role.CROSSBAR, Role.LUT, Role.ADD)
+    assert placed.float_outputs == {"m", "y", "z", "w2"}
 
 
 def test_squeeze_excitation_gate_runs_on_the_host() -> None:
