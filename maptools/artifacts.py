@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from maptools.errors import ArtifactError, MissingArtifactError, StorageError, UnsafePickleError
 from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
-from maptools.store import is_url, mirror_root
+from maptools.roots import local_root, output_location, output_root
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
 
 __all__ = [
@@ -41,31 +40,6 @@ QUANTPARAMS_PKL, QUANTPARAMS_NPZ = "quantparams.pkl", "quantparams.npz"
 QUANT_MODEL, ERROR_REPORT = "quant_model.onnx", "error_report.json"
 MODEL = "model.onnx"
 ARTIFACT_FILES = (QUANTINFO_PKL, QUANTINFO_JSON, QUANTPARAMS_PKL, QUANTPARAMS_NPZ, QUANT_MODEL, ERROR_REPORT, MODEL)
-
-def output_root(root: str | Path | None = None) -> Path:
-    """``root`` if given, else ``$MAPTOOLS_HOME``, else the current directory, as a local path.
-
-    A store URL (``s3://...``) is not a path: see :func:`output_location`."""
-    value = root or os.environ.get("MAPTOOLS_HOME") or Path.cwd()
-    if is_url(value):
-        raise StorageError(f"{value} is a store URL, not a local folder.", "pass a local output_root here.")
-    if isinstance(value, str) and value.startswith("file://"):
-        value = value.removeprefix("file://")
-    return Path(value).expanduser().resolve()
-
-
-def output_location(root: str | Path | None = None) -> Path | str:
-    """Where maps go: a local path (:func:`output_root`), or a store URL (``s3://bucket/prefix``) as given."""
-    value = root or os.environ.get("MAPTOOLS_HOME")
-    return str(value).rstrip("/") if is_url(value) else output_root(value)
-
-
-def local_root(root: str | Path | None = None) -> Path:
-    """The local folder for files that stay on this machine (example models, prepared models): the output
-    root itself, or for a store URL this machine's mirror of that store."""
-    where = output_location(root)
-    return mirror_root(where) if isinstance(where, str) else where
-
 
 def validate_mapname(mapname: str) -> str:
     return MapFolder.validate(mapname)

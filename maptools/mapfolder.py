@@ -40,10 +40,11 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from maptools.errors import ArtifactError, MapnameError, MissingArtifactError, StorageError
 from maptools.manifest import Manifest, parse_manifest
+from maptools.roots import home, is_url, output_root
 
 __all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
 
@@ -171,20 +172,19 @@ class MapFolder:
     """``<root>/mapsave/<mapname>``: paths, the writers' lock, staging, the swap, recovery and cleanup.
 
     A root that is a store URL (``s3://...``, see :mod:`maptools.store`) gives a
-    :class:`~maptools.store.StoreMapFolder`, which keeps this interface.
+    :class:`~maptools.store.StoreMapFolder`, which keeps this interface (``maptools.store`` registers
+    it as :attr:`store_class`; importing any ``maptools`` module imports it).
     """
 
-    def __new__(cls, mapname: str, root: str | Path | None = None) -> MapFolder:
-        if cls is MapFolder:
-            from maptools.store import StoreMapFolder, is_url
+    #: the class of a map folder in a store (set by :mod:`maptools.store`)
+    store_class: ClassVar[type[MapFolder] | None] = None
 
-            if is_url(root if root is not None else os.environ.get("MAPTOOLS_HOME")):
-                return super().__new__(StoreMapFolder)
+    def __new__(cls, mapname: str, root: str | Path | None = None) -> MapFolder:
+        if cls is MapFolder and MapFolder.store_class is not None and is_url(home(root)):
+            return super().__new__(MapFolder.store_class)
         return super().__new__(cls)
 
     def __init__(self, mapname: str, root: str | Path | None = None) -> None:
-        from maptools.artifacts import output_root
-
         self.mapname = self.validate(mapname)
         self.root = output_root(root)
         self.parent = self.root / "mapsave"

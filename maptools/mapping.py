@@ -42,6 +42,7 @@ from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
+from maptools.requant import RequantMode
 from maptools.simulate import IntegerSimulator, Value, load_inputs, pad_codes
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
@@ -87,6 +88,11 @@ class CrossbarSpec:
             raise SettingsError(f"encoding={self.encoding!r} is unknown.", "use 'differential' or 'offset'.")
         if self.max_arrays is not None and (not isinstance(self.max_arrays, int) or self.max_arrays < 1):
             raise SettingsError(f"max_arrays={self.max_arrays!r} is not a positive count.", "pass e.g. 64, or None.")
+
+    def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
+                  requant: RequantMode | str = RequantMode.FLOAT) -> CrossbarSimulator:
+        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec."""
+        return CrossbarSimulator(graph, quantparams, self, requant=requant)
 
     @classmethod
     def from_xbar(cls, xbar: str, **kwargs: Any) -> CrossbarSpec:

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from maptools import __version__
 from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON,
                                 QUANTINFO_PKL, QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, atomic_write, sha256_file,
                                 validate_mapname, write_json, write_pickle)
@@ -27,13 +26,13 @@ from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
-from maptools import seed as contract
+import maptools.seed as contract
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy)
 from maptools.threads import choose_threads, torch_threads
-from maptools.versions import package_versions
+from maptools.versions import __version__, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def _search_widths(model_path: Path, calibration: ValidatedCalibration, data: An
     """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.mixed_precision`)."""
     import torch
 
-    from maptools import _ppq
+    import maptools._ppq as _ppq
 
     model = load_model(model_path)
     names = [o.name for o in model.graph.output]
@@ -185,7 +184,7 @@ def _quantize_prepared(model_path: Path, calibration: ValidatedCalibration, data
     host in float (:func:`maptools.placement.record_host`; the placement of every later stage reads
     it) and PPQ runs again, until it succeeds; ``strict`` makes the first such failure an error.
     """
-    from maptools import _ppq
+    import maptools._ppq as _ppq
 
     fallbacks: dict[str, str] = {}
     while True:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -46,10 +46,15 @@ from maptools.onnx_model import constant_values, opsets
 from maptools.quantinfo import QuantConfig, param_key
 from maptools.requant import RequantMode, quantize, requantize, to_hardware
 
-if TYPE_CHECKING:
-    from maptools.mapping import CrossbarSpec
 
-__all__ = ["QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs",
+class ArraySpec(Protocol):
+    """What :func:`simulate` takes as ``crossbar``: a spec that builds its simulator
+    (:class:`maptools.mapping.CrossbarSpec`)."""
+
+    def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
+                  requant: RequantMode | str = ...) -> IntegerSimulator: ...
+
+__all__ = ["ArraySpec", "QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs",
            "record_requant"]
 
 ACC_BITS = 32
@@ -535,7 +540,7 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
 
 def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "random", *,
              output_root: str | Path | None = None, requant: RequantMode | str = RequantMode.FLOAT,
-             seed: int = 0, batch: int | None = None, crossbar: CrossbarSpec | None = None) -> SimulationResult:
+             seed: int = 0, batch: int | None = None, crossbar: ArraySpec | None = None) -> SimulationResult:
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).
 
     Reads ``operator_graph.json`` (written by ``convert``) and ``quantparams.pkl``, both checked
@@ -548,12 +553,8 @@ def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "rand
     """
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
-    if crossbar is None:
-        simulator = IntegerSimulator(graph, params, requant=requant)
-    else:
-        from maptools.mapping import CrossbarSimulator
-
-        simulator = CrossbarSimulator(graph, params, crossbar, requant=requant)
+    simulator = IntegerSimulator(graph, params, requant=requant) if crossbar is None else \
+        crossbar.simulator(graph, params, requant=requant)
     feed = load_inputs(graph, inputs, seed=seed, batch=batch)
     started = time.perf_counter()
     run = simulator.run(feed)

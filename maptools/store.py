@@ -54,6 +54,7 @@ from fsspec.spec import AbstractFileSystem
 from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, StorageError, StoreUnavailable
 from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file, storage_errors
 from maptools.manifest import parse_manifest
+from maptools.roots import is_url, mirror_root
 
 __all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "store_options", "put_blob",
            "get_blob", "holder_alive", "LEASE_SECONDS",
@@ -67,7 +68,6 @@ POINTER = "current.json"
 LEASE_SECONDS = 60.0
 #: how long a writer waits for another writer of the same map before giving up
 LOCK_WAIT_SECONDS = 20 * 60
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 _VERSION = re.compile(r"^v-\d+-[0-9a-f]{8}$")
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -87,18 +87,6 @@ def store_options(**options: Any) -> Iterator[None]:
         yield
     finally:
         _OPTIONS.reset(token)
-
-
-def is_url(root: str | Path | None) -> bool:
-    """Whether ``root`` names a store (``s3://``, ``memory://``, ...), not a local path (``file://`` is local)."""
-    match = _URL.match(root) if isinstance(root, str) else None
-    return match is not None and match["scheme"].lower() != "file"
-
-
-def mirror_root(url: str) -> Path:
-    """The local folder that holds this machine's copies of the maps of store ``url``."""
-    base = Path(os.environ.get("MAPTOOLS_CACHE") or Path.home() / ".cache" / "maptools").expanduser()
-    return base / "store" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -477,3 +465,6 @@ class StoreMapFolder(MapFolder):
             return sorted(e.rstrip("/").rsplit("/", 1)[-1]
                           for e in self.store.fs.ls(f"{self.remote}/versions", detail=False, refresh=True))
         return []
+
+
+MapFolder.store_class = StoreMapFolder

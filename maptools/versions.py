@@ -5,7 +5,9 @@ from __future__ import annotations
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["package_versions"]
+__all__ = ["__version__", "package_versions"]
+
+__version__ = "0.2.0"
 
 _PACKAGES = ("maptools", "ppq", "torch", "onnx", "onnxruntime", "onnxsim", "numpy", "protobuf")
 
