@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from maptools.errors import SettingsError
+from maptools.errors import DependencyError, SettingsError
 from maptools.store import store_options
 
 __all__ = ["AwsCredentialsBlock", "aws_store_options", "credentials"]
@@ -28,9 +28,9 @@ def aws_store_options(block: str) -> dict[str, Any]:
     try:
         from prefect_aws import AwsCredentials
     except ImportError:
-        raise SettingsError("aws_credentials names a prefect-aws block, and prefect-aws is not installed.",
-                            "pip install 'maptools[store]' (or prefect-aws), or drop aws_credentials and set the "
-                            "AWS environment variables.") from None
+        raise DependencyError("aws_credentials names a prefect-aws block, and prefect-aws is not installed.",
+                              "pip install 'maptools[store]' (or prefect-aws), or drop aws_credentials and set the "
+                              "AWS environment variables.") from None
     try:
         creds = AwsCredentials.load(block)
     except ValueError as e:

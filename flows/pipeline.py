@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
+from maptools.errors import SettingsError
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
@@ -164,7 +165,8 @@ def _upstream_result(upstream_run: str) -> QuantizeModelResult:
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(run_id)
     if flow_run.state is None or not flow_run.state.is_completed():
-        raise ValueError(f"upstream flow run {run_id} is not Completed ({flow_run.state}).")
+        raise SettingsError(f"upstream flow run {run_id} is not Completed ({flow_run.state}).",
+                            "pass the id of a quantize-model run that completed.")
     result = flow_run.state.result()
     # Workers load flows from their files, so the class object may differ from ours: check the shape.
     if type(result).__name__ != QuantizeModelResult.__name__ or not hasattr(result, "quantization"):

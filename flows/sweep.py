@@ -39,7 +39,7 @@ from maptools_flows.results import ensure_result_storage
 from maptools_flows.tasks import _PERSIST, ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
 from maptools.artifacts import atomic_write, local_root, output_location
 from maptools.artifacts import sha256_file
-from maptools.errors import SettingsError
+from maptools.errors import SettingsError, SweepConfigError
 from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
 from maptools.crossbar_error import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
@@ -50,10 +50,6 @@ from maptools.stages import CalibrationSpec, PreparedOnnx, located
 
 __all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepResult", "SweepConfigError", "load_config", "design_sweep",
            "run_sweep", "task_runner_for", "COLUMNS"]
-
-class SweepConfigError(SettingsError):
-    """A sweep configuration file that is missing, unreadable or has bad fields."""
-
 
 # --- configuration -------------------------------------------------------------------------------
 

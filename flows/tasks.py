@@ -24,7 +24,7 @@ from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
 from maptools.artifacts import read_quantinfo
-from maptools.errors import MaptoolsError, StoreUnavailable
+from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize
 from maptools.versions import package_versions
 
@@ -91,17 +91,20 @@ class ContentKey(CachePolicy):
 _DETERMINISTIC_OS_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
 
+#: CUDA (and other accelerator) runtime faults: torch >= 2.8 raises AcceleratorError for them
+_ACCELERATOR_FAULTS = tuple(t for t in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if t)
+
+
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O errors, an unreachable map store and CUDA faults; never the deterministic bad-input errors of
-    maptools (a missing bucket or missing credentials included)."""
+    """Retry what its error class says may pass (an unreachable map store, a map replaced meanwhile), other I/O
+    errors and accelerator faults; never the deterministic bad-input errors (a missing bucket or missing
+    credentials included)."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, StoreUnavailable):  # the map store did not answer: the network may come back
-        return True
-    if isinstance(error, (MaptoolsError, *_DETERMINISTIC_OS_ERRORS)):
+    if isinstance(error, MaptoolsError):
+        return error.transient
+    if isinstance(error, _DETERMINISTIC_OS_ERRORS):
         return False
-    if isinstance(error, (OSError, torch.cuda.OutOfMemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and "cuda" in str(error).lower()
+    return isinstance(error, (OSError, *_ACCELERATOR_FAULTS))
 
 
 _CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)

@@ -1,10 +1,13 @@
 """One error hierarchy for maptools.
 
 Every error says what is wrong and how to fix it. Each class also inherits the
-builtin it refines, so ``except ValueError`` in user code keeps working.
+builtin it refines, so ``except ValueError`` in user code keeps working, and says whether running
+the same step again may succeed (:attr:`MaptoolsError.transient`; the flows retry only those).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 __all__ = [
     "MaptoolsError",
@@ -16,9 +19,13 @@ __all__ = [
     "MapnameError",
     "ArtifactError",
     "MissingArtifactError",
+    "IntegrityError",
+    "ConcurrentUpdateError",
     "UnsafePickleError",
     "QuantizationFailed",
     "ConversionError",
+    "SimulationError",
+    "SweepConfigError",
     "StorageError",
     "BudgetError",
     "StoreUnavailable",
@@ -28,6 +35,10 @@ __all__ = [
 
 class MaptoolsError(Exception):
     """Base class: ``problem`` says what went wrong, ``fix`` how to put it right."""
+
+    #: whether the same step, run again on the same input, may succeed (a store that did not answer, a
+    #: map another writer replaced meanwhile); bad input never is
+    transient: ClassVar[bool] = False
 
     def __init__(self, problem: str, fix: str | None = None) -> None:
         self.problem = problem
@@ -71,6 +82,16 @@ class MissingArtifactError(ArtifactError, FileNotFoundError):
     """An artifact (or the whole map) does not exist."""
 
 
+class IntegrityError(ArtifactError):
+    """An artifact's bytes do not match the sha256 its manifest (or the store's pointer) records."""
+
+
+class ConcurrentUpdateError(MaptoolsError, RuntimeError):
+    """Another writer replaced the map while this step read it: run the step again on the new map."""
+
+    transient = True
+
+
 class UnsafePickleError(MaptoolsError, TypeError):
     """A pickle names a class outside the allow-list of the safe readers."""
 
@@ -91,6 +112,11 @@ class ConversionError(MaptoolsError, ValueError):
     """The model uses operators the conversion does not support, or lacks required quant configs."""
 
 
+class SimulationError(MaptoolsError, RuntimeError):
+    """The integer simulation cannot compute a value as the hardware would (an accumulator overflows, a device
+    operator is handed a float tensor)."""
+
+
 class StorageError(MaptoolsError, OSError):
     """The output folder cannot take the map (disk full, read-only, no permission, a file in the way)."""
 
@@ -98,6 +124,12 @@ class StorageError(MaptoolsError, OSError):
 class StoreUnavailable(StorageError):
     """The map store did not answer (network, endpoint down): transient, worth retrying."""
 
+    transient = True
+
+
+class SweepConfigError(SettingsError):
+    """A sweep configuration file that is missing, unreadable or has bad fields."""
+
 
 class DependencyError(MaptoolsError, ImportError):
-    """An installed package is outside the versions the module that adapts it was written for."""
+    """A package is missing, or installed outside the versions the module that adapts it was written for."""

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from maptools.errors import ArtifactError, MapnameError, MissingArtifactError, StorageError
+from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MapnameError, MissingArtifactError,
+                             StorageError)
 from maptools.manifest import Manifest, parse_manifest
 from maptools.roots import home, is_url, output_root
 
@@ -163,7 +164,7 @@ class MapVersion:
             if not path.is_file():
                 raise MissingArtifactError(f"artifact {path} is missing.", "re-run quantization for this map.")
             if sha256_file(path) != digest:
-                raise ArtifactError(f"artifact {path} does not match the sha256 in its manifest.",
+                raise IntegrityError(f"artifact {path} does not match the sha256 in its manifest.",
                                     "re-run quantization for this map; do not edit artifacts by hand.")
         return data, record
 
@@ -326,8 +327,8 @@ class MapFolder:
             current = self.open()
             manifest = current.verify(skip=frozenset(files))  # the files being replaced may be gone
             if based_on is not None and any(manifest["artifacts"].get(k) != v for k, v in based_on.items()):
-                raise ArtifactError(f"map {self.mapname!r} was rewritten while this step read it.",
-                                    "run the step again on the new map.")
+                raise ConcurrentUpdateError(f"map {self.mapname!r} was rewritten while this step read it.",
+                                            "run the step again on the new map.")
             with self._owned_stage() as stage:
                 with storage_errors(f"write {stage}"):
                     for entry in current.path.iterdir():

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from maptools.artifacts import read_quantparams
 from maptools.conversion import DEVICE, OperatorGraph, read_graph
-from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError
+from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError, SimulationError
 from maptools.node_runner import NodeRunner
 from maptools.placement import Role
 from maptools.onnx_model import constant_values, opsets
@@ -286,7 +286,7 @@ class IntegerSimulator:
                 return value
             return QTensor(self._requant(value.codes, value.scale / scale, bounds, cfg, stage), scale)
         if scale is None:
-            raise ConversionError("a device operator receives a float tensor and has no input scale.",
+            raise SimulationError("a device operator receives a float tensor and has no input scale.",
                                   "quantize the model so every device operator's inputs are quantized.")
         return QTensor(quantize(value, scale, *bounds), scale)
 
@@ -313,7 +313,7 @@ class IntegerSimulator:
         if bias is not None:
             acc = acc + bias.reshape([1, -1] + [1] * (acc.dim() - 2))
         if acc.numel() and float(acc.abs().max()) >= 2 ** (ACC_BITS - 1):
-            raise ConversionError(f"{name}: the accumulator overflows int{ACC_BITS}.",
+            raise SimulationError(f"{name}: the accumulator overflows int{ACC_BITS}.",
                                   "use fewer weight/activation bits or a smaller reduction.")
         return acc
 

@@ -51,7 +51,8 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from maptools.errors import ArtifactError, MaptoolsError, MissingArtifactError, StorageError, StoreUnavailable
+from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MaptoolsError, MissingArtifactError,
+                             StorageError, StoreUnavailable)
 from maptools.mapfolder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file, storage_errors
 from maptools.manifest import parse_manifest
 from maptools.roots import is_url, mirror_root
@@ -183,7 +184,7 @@ def get_blob(url: str, sha256: str, target: Path) -> Path:
                                            "run the stage that uploads it (prepare-model) with this output_root "
                                            "first.") from None
         if sha256_file(partial) != sha256:
-            raise ArtifactError(f"{url}/blobs/{sha256} does not match its sha256.",
+            raise IntegrityError(f"{url}/blobs/{sha256} does not match its sha256.",
                                 "delete it from the store and run again; do not edit the store by hand.")
         os.replace(partial, target)
     finally:
@@ -260,7 +261,7 @@ class StoreMapFolder(MapFolder):
             except FileNotFoundError as e:  # the version was removed meanwhile (two newer writes): read the new one
                 missing = e
                 log.info("map %s changed on the store while it was read; reading it again", self.url)
-        raise ArtifactError(f"map {self.url} changed three times while it was read ({missing} disappeared).",
+        raise ConcurrentUpdateError(f"map {self.url} changed three times while it was read ({missing} disappeared).",
                             "read it again once its writers are done.")
 
     def _download(self, pointer: Mapping[str, str]) -> Path:
@@ -270,7 +271,7 @@ class StoreMapFolder(MapFolder):
             with store_errors(f"download map {self.mapname!r}", self.url):
                 manifest = self.store.fs.cat_file(f"{source}/{MANIFEST}")
             if hashlib.sha256(manifest).hexdigest() != pointer["manifest_sha256"]:
-                raise ArtifactError(f"the manifest of {self.url} does not match the sha256 in {POINTER}.",
+                raise IntegrityError(f"the manifest of {self.url} does not match the sha256 in {POINTER}.",
                                     "re-run quantize with this output_root; do not edit the store by hand.")
             atomic_write(stage / MANIFEST, manifest)
             version = MapVersion(self.mapname, stage)
@@ -283,7 +284,7 @@ class StoreMapFolder(MapFolder):
                 if not target.is_file():
                     raise FileNotFoundError(f"{source}/{name}")
                 if sha256_file(target) != digest:
-                    raise ArtifactError(f"{self.url}/versions/{pointer['version']}/{name} does not match the sha256 "
+                    raise IntegrityError(f"{self.url}/versions/{pointer['version']}/{name} does not match the sha256 "
                                         "in its manifest.", "re-run quantize with this output_root; do not edit the "
                                         "store by hand.")
                 size += target.stat().st_size

@@ -9,12 +9,16 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from prefect.states import Failed
 
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.artifacts import safe_load_pickle, verify_map
-from maptools.errors import ArtifactError, MapnameError, MaptoolsError, SettingsError, UnsafePickleError
+from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MapnameError, MaptoolsError,
+                             SettingsError, StorageError, StoreUnavailable, UnsafePickleError)
 from maptools.examples import SMALL_CNN_SHAPES
 from maptools.mapfolder import MapFolder
+from maptools_flows.tasks import is_transient
 from tests.servers import kill_when_paused
 
 
@@ -147,9 +151,36 @@ def test_a_changed_artifact_is_not_a_missing_file(small_cnn, tmp_path) -> None:
         read_quantinfo("never-written", tmp_path)
     params = result.version_dir / "quantparams.pkl"
     params.write_bytes(params.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(ArtifactError, match="does not match the sha256") as info:
+    with pytest.raises(IntegrityError, match="does not match the sha256") as info:
         verify_map(result.map_dir)
-    assert isinstance(info.value, ValueError) and not isinstance(info.value, OSError)
+    assert isinstance(info.value, ArtifactError | ValueError) and not isinstance(info.value, OSError)
+    assert not info.value.transient  # the same bytes fail again
+
+
+def test_a_map_rewritten_meanwhile_is_a_transient_conflict(small_cnn, tmp_path) -> None:
+    """A step that derived its files from one version of a map finds another there when it registers them:
+    ConcurrentUpdateError (a RuntimeError, not bad input), which the flows retry."""
+    first = _quantize(small_cnn, tmp_path)
+    based_on = {"quantinfo.json": read_manifest("m", tmp_path)["artifacts"]["quantinfo.json"]}
+    _quantize(small_cnn, tmp_path, seed=1)
+    with pytest.raises(ConcurrentUpdateError, match="rewritten while this step read it") as info:
+        MapFolder("m", tmp_path).update({"extra.json": b"{}"}, {}, based_on=based_on)
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, ValueError) and info.value.transient
+    assert is_transient(None, None, Failed(data=info.value))
+    assert not (first.map_dir / "extra.json").exists()
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (StoreUnavailable("the store did not answer."), True),
+    (StorageError("disk full.", "free space."), False),
+    (SettingsError("bad.", "good."), False),
+    (PermissionError(13, "denied"), False),
+    (ConnectionResetError(104, "reset"), True),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), True),
+    (RuntimeError("CUDA-looking message, no CUDA error class"), False),
+])
+def test_the_retry_policy_reads_the_error_class(error, retried) -> None:
+    assert is_transient(None, None, Failed(data=error)) is retried
 
 
 def test_the_manifest_is_typed_and_checked(small_cnn, tmp_path) -> None:
