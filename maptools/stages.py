@@ -15,6 +15,7 @@ from typing import Any
 
 from maptools import prepare
 from maptools.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
+from maptools.mapfolder import storage_errors
 from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
@@ -59,7 +60,8 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     key = hashlib.sha256(json.dumps({"source": source_sha, "shapes": shapes, "simplify": simplify,
                                      "code": prepare.fingerprint()}, sort_keys=True).encode()).hexdigest()
     folder = local_root(root) / "mapsave" / ".models"
-    folder.mkdir(parents=True, exist_ok=True)
+    with storage_errors(f"create {folder}"):
+        folder.mkdir(parents=True, exist_ok=True)
     target, record = folder / f"{key}.onnx", folder / f"{key}.json"
     prepared = None
     try:

@@ -1,12 +1,14 @@
 """A full disk and a read-only file system, for real: a small tmpfs mounted for the test (root only;
 skipped, saying why, where mounting is not allowed); and ENOSPC, EROFS, EACCES and EIO at each write of
-each map stage, injected where the call is made (:mod:`tests.faults`). Each is a StorageError naming the fix (one line
+each map stage (and of the flows' prepared-model cache), injected where the call is made
+(:mod:`tests.faults`). Each is a StorageError naming the fix (one line
 and exit code 2 on the CLI), the previous map stays intact, and nothing is left behind."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from maptools.conversion import convert
 from maptools.errors import StorageError
 from maptools.examples import SMALL_CNN_SHAPES
 from maptools.mapping import CrossbarSpec, map_crossbars
+from maptools.stages import prepare_onnx
 from tests.faults import inject_at, record_writes
 
 runner = CliRunner()
@@ -116,16 +119,23 @@ def test_a_full_disk_at_each_write_of_a_map_is_a_storage_error(tmpfs, small_cnn)
 
 _FAULTS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO)
 def _tolerated(write: str) -> bool:
-    """Writes a fault may hit without failing the run: creating a folder that exists (pathlib checks it is a
-    folder and goes on), the first open of the npz (zipfile opens it again in another mode), and the hard link
-    of an unchanged file into a new version (copied instead where linking fails)."""
-    return (write == "os.mkdir mapsave" or write.startswith("os.link ")
+    """Writes a fault may hit without failing the run: creating a folder that exists (``mkdir(exist_ok=True)``
+    checks it is a folder and goes on), the first open of the npz (zipfile opens it again in another mode),
+    and the hard link of an unchanged file into a new version (copied instead where linking fails)."""
+    return (write.startswith("os.mkdir ") or write.startswith("os.link ")
             or write.startswith("open ") and write.endswith("/quantparams.npz"))
+
+
+def _prepare_again(root: Path) -> object:
+    """The flows' prepare-model step with an empty prepared-model cache (so that it writes)."""
+    shutil.rmtree(root / "mapsave" / ".models", ignore_errors=True)
+    return prepare_onnx(root / "model.onnx", SMALL_CNN_SHAPES, root=root)
 
 
 def _stage_runs(root: Path) -> dict[str, Callable[[int], object]]:
     """Each map stage as the API runs it, and as the CLI does (returning its result)."""
     return {
+        "prepare": lambda seed: _prepare_again(root),
         "quantize": lambda seed: quantize(SMALL_CNN_SHAPES, "cpu", root / "model.onnx", mapname="m", calib_steps=8,
                                           seed=seed, output_root=root, error_steps=0),
         "convert": lambda seed: convert("m", output_root=root),
@@ -144,14 +154,17 @@ _CLI = {
 
 
 def _tidy(root: Path) -> list[str]:
-    """What a map folder holds besides the link, its lock and at most two versions (current, previous)."""
-    names = sorted(p.name for p in (root / "mapsave").iterdir())
+    """What a map folder holds besides the link, its lock, at most two versions (current, previous) and the
+    prepared-model cache, and any partial file in that cache."""
+    names = sorted(p.name for p in (root / "mapsave").iterdir()) if (root / "mapsave").is_dir() else []
     versions = [n for n in names if n.startswith(".m.v-")]
-    extra = [n for n in names if n not in ("m", ".m.lock") and not n.startswith(".m.v-")]
-    return extra + (versions if len(versions) > 2 else [])
+    extra = [n for n in names if n not in ("m", ".m.lock", ".models") and not n.startswith(".m.v-")]
+    partial = [p.name for p in (root / "mapsave" / ".models").glob("*") if ".incomplete" in p.name] \
+        if (root / "mapsave" / ".models").is_dir() else []
+    return extra + partial + (versions if len(versions) > 2 else [])
 
 
-@pytest.mark.parametrize("stage", ["quantize", "convert", "map"])
+@pytest.mark.parametrize("stage", ["prepare", "quantize", "convert", "map"])
 def test_an_os_error_at_each_write_of_a_stage_is_a_storage_error(tmp_path, small_cnn, stage) -> None:
     """ENOSPC, EROFS, EACCES and EIO injected at every file-system write of the stage in turn (file creations,
     folder creations, renames, links under the output root): the API raises one StorageError naming the errno
@@ -159,25 +172,28 @@ def test_an_os_error_at_each_write_of_a_stage_is_a_storage_error(tmp_path, small
     ``error:`` line and exits 2; the previous map stays intact and nothing is left behind."""
     (tmp_path / "model.onnx").write_bytes(small_cnn.read_bytes())
     runs = _stage_runs(tmp_path)
-    for name in ("quantize", "convert", "map")[:("quantize", "convert", "map").index(stage)]:
+    for name in ("quantize", "convert", "map")[:("prepare", "quantize", "convert", "map").index(stage)]:
         runs[name](0)
     runs[stage](0)
     with record_writes(tmp_path) as writes:
         runs[stage](0)
-    assert len(writes) >= 8, writes
+    assert len(writes) >= 4, writes
     for index in range(len(writes)):
         for number in _FAULTS:
-            before = verify_map(tmp_path / "mapsave" / "m")
+            before = verify_map(tmp_path / "mapsave" / "m") if stage != "prepare" else None
             with inject_at(tmp_path, index, number) as seen:
                 try:
                     runs[stage](index + 1)
                 except StorageError as e:
                     assert os.strerror(number) in str(e) and "Fix: " in str(e), (seen[index], e)
-                    assert verify_map(tmp_path / "mapsave" / "m") == before, seen[index]
+                    assert before is None or verify_map(tmp_path / "mapsave" / "m") == before, seen[index]
                 else:
                     assert _tolerated(seen[index]), f"{seen[index]}: no error"
-                    verify_map(tmp_path / "mapsave" / "m")
+                    if before is not None:
+                        verify_map(tmp_path / "mapsave" / "m")
             assert _tidy(tmp_path) == [], (seen[index], errno.errorcode[number])
+        if stage not in _CLI:
+            continue
         number = _FAULTS[index % len(_FAULTS)]
         with inject_at(tmp_path, index, number) as seen:
             done = runner.invoke(app, _CLI[stage](tmp_path, index + 100))
