@@ -35,7 +35,7 @@ import torch
 
 from maptools.errors import DependencyError, MaptoolsError, ModelError, QuantizationFailed, SettingsError
 from maptools.node_runner import NodeRunner
-from maptools.onnx_model import opsets
+from maptools.onnx_model import OUTER_INPUTS, explicit_outer_inputs, implicit_outer_inputs, node_attr, opsets
 from maptools.placement import (CROSSBAR_OP_TYPES, DEVICE, FUSABLE_ACTIVATIONS, Placement, Role, nonnegative_tensors,
                                  place)
 from maptools.quantinfo import QuantConfig, param_key
@@ -122,7 +122,7 @@ def _run_ort(op: Any, values: list[Any], ctx: Any) -> list[torch.Tensor | None]:
     device = next((v.device for v in values if isinstance(v, torch.Tensor)),
                   getattr(ctx, "executing_device", "cpu") if ctx is not None else "cpu")
     held = {var.name: value for var, value in zip(op.inputs, values)}
-    results = iter(runner.run([_to_numpy(held.get(name)) for name in runner.node.input]))
+    results = iter(runner.run([_to_numpy(held.get(name)) for name in runner.inputs]))
     return [torch.from_numpy(np.array(next(results))).to(device) if name else None for name in runner.node.output]
 
 
@@ -1097,6 +1097,7 @@ class QuantizedGraph:
             values.extend(ordered)
         _canonical_names(exported)
         _restore_domains(exported, self._model)
+        implicit_outer_inputs(exported)
         return exported.SerializeToString()
 
     def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8,
@@ -1287,8 +1288,12 @@ def _load(model_path: Path, model: onnx.ModelProto) -> Any:
     here and every PPQ operation is an ONNX node of the same name (quantinfo, the operator graph
     and the simulation key on it).
     """
+    model = explicit_outer_inputs(model)  # PPQ follows edges: a subgraph's outer reads become inputs
     try:
-        with _quiet():
+        with _quiet(), tempfile.TemporaryDirectory(prefix="maptools-load-") as scratch:
+            if any(node_attr(n, OUTER_INPUTS) is not None for n in model.graph.node):
+                model_path = Path(scratch) / model_path.name
+                onnx.save(model, str(model_path))
             graph = load_graph(str(model_path), from_framework=NetworkFramework.ONNX)
             formatter = GraphFormatter(graph)
             for command in (GraphCommandType.CONVERT_TO_TENSOR, GraphCommandType.FORMAT_PARAMETERS,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, MissingArtifactError, StorageError, UnsafePickleError
+from maptools.errors import ArtifactError, MissingArtifactError, UnsafePickleError
 from maptools.mapfolder import MANIFEST, MapFolder, atomic_write, sha256_file
 from maptools.roots import local_root, output_location, output_root
 from maptools.quantinfo import QuantConfig, quantinfo_from_json

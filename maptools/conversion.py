@@ -28,7 +28,7 @@ from maptools.artifacts import (MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolde
                                 sha256_file)
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.manifest import Manifest
-from maptools.onnx_model import auto_pads, constant_values, load_model
+from maptools.onnx_model import auto_pads, constant_values, explicit_outer_inputs, load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
 
@@ -230,6 +230,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, onnx.TensorProto):
         return onnx.numpy_helper.to_array(value).tolist()
+    if isinstance(value, onnx.GraphProto):  # a control-flow body: it runs in onnxruntime, from the model
+        return {"subgraph": value.name, "operators": len(value.node)}
     if isinstance(value, (np.generic,)):
         return value.item()
     return value
@@ -326,6 +328,7 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
     """
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
+    model = explicit_outer_inputs(model)  # what a subgraph reads from the graph is an edge to it
     params = constant_values(model)
     _check_supported(model)
     shapes = _shapes(model)

@@ -18,6 +18,7 @@ import onnx.numpy_helper
 import onnx.shape_inference
 
 from maptools.errors import ModelError
+from maptools.onnx_model import implicit_node
 
 __all__ = ["NodeRunner"]
 
@@ -26,7 +27,8 @@ class NodeRunner:
     """One ONNX operator, executable on numpy arrays.
 
     Args:
-        node: the operator.
+        node: the operator; a control-flow node may list its subgraphs' outer-scope reads after its own
+            inputs (:func:`maptools.onnx_model.explicit_outer_inputs`), and :meth:`run` then takes them too.
         opsets: the model's opset imports, ``{domain: version}`` (:func:`maptools.onnx_model.opsets`).
         constants: values of the node's constant inputs, built into the session (onnxruntime infers some
             operators' shapes from them, a Resize's ``sizes`` for one); other inputs are passed to :meth:`run`.
@@ -34,9 +36,10 @@ class NodeRunner:
 
     def __init__(self, node: onnx.NodeProto, opsets: Mapping[str, int],
                  constants: Mapping[str, np.ndarray] | None = None) -> None:
-        self.node = onnx.NodeProto.FromString(node.SerializeToString())
+        self.node, outer = implicit_node(node)
+        self.inputs = [*self.node.input, *outer]  # a control-flow node's outer-scope reads come last
         self.opsets = dict(opsets)
-        self.constants = {name: np.asarray(value) for name, value in (constants or {}).items() if name in node.input}
+        self.constants = {name: np.asarray(value) for name, value in (constants or {}).items() if name in self.inputs}
         self._sessions: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
@@ -85,7 +88,7 @@ class NodeRunner:
         """Outputs for input ``values`` in the node's input order (``None`` for an empty optional input; the
         values of :attr:`constants` are ignored)."""
         feed: dict[str, np.ndarray] = {}
-        for name, value in zip(self.node.input, values):
+        for name, value in zip(self.inputs, values):
             if name and value is not None and name not in self.constants:
                 feed[name] = np.asarray(value, order="C")  # (ascontiguousarray makes scalars 1-D)
         session = self._session(feed)

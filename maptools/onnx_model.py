@@ -13,7 +13,9 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads"]
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads",
+           "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
+           "implicit_node"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -150,3 +152,97 @@ def auto_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int], stri
             small, large = total // 2, total - total // 2
             pads[i], pads[i + rank] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
     return pads
+
+
+# --- control flow: the tensors a subgraph reads from the graph around it --------------------------
+
+#: Operators with subgraphs (run on the host, in onnxruntime).
+CONTROL_FLOW_OP_TYPES = frozenset({"If", "Loop", "Scan"})
+#: Attribute of a control-flow node in the explicit form: how many of its inputs are outer-scope reads.
+OUTER_INPUTS = "maptools_outer_inputs"
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                                                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+
+
+def _reads(graph: onnx.GraphProto) -> list[str]:
+    """Names ``graph`` reads from its enclosing scope, in order of first use."""
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    found: list[str] = []
+    for node in graph.node:
+        inner = [t for g in _subgraphs(node) for t in _reads(g)]
+        for name in [*node.input, *inner]:
+            if name and name not in local and name not in found:
+                found.append(name)
+        local.update(node.output)
+    found += [o.name for o in graph.output if o.name not in local and o.name not in found]
+    return found
+
+
+def outer_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors a control-flow node's subgraphs read from the graph around it (not its own inputs)."""
+    found: list[str] = []
+    for name in (t for g in _subgraphs(node) for t in _reads(g)):
+        if name not in node.input and name not in found:
+            found.append(name)
+    return found
+
+
+def _rename_reads(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
+    """Point the outer-scope reads of ``graph`` (and of its nested subgraphs) at new names."""
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in names and name not in local:
+                node.input[k] = names[name]
+        for g in _subgraphs(node):
+            _rename_reads(g, {old: new for old, new in names.items() if old not in local})
+        local.update(node.output)
+    for out in graph.output:
+        if out.name in names and out.name not in local:
+            out.name = names[out.name]
+
+
+def explicit_outer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which each control-flow node lists the tensors its subgraphs read as extra inputs (counted
+    in its :data:`OUTER_INPUTS` attribute): graph tools that follow edges (PPQ, the operator graph) then order
+    and feed it correctly. Not valid ONNX until :func:`implicit_outer_inputs` undoes it."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in out.graph.node:
+        if node.op_type in CONTROL_FLOW_OP_TYPES and node.domain in ("", "ai.onnx"):
+            reads = outer_inputs(node)
+            node.input.extend(reads)
+            node.attribute.append(onnx.helper.make_attribute(OUTER_INPUTS, len(reads)))
+    return out
+
+
+def implicit_node(node: onnx.NodeProto) -> tuple[onnx.NodeProto, list[str]]:
+    """``node`` back in ONNX's form and the names it was given for its outer-scope reads (its subgraphs read
+    those names: an extra input renamed since, by a tool that rewired it, is renamed inside them too)."""
+    count = node_attr(node, OUTER_INPUTS)
+    if count is None:
+        return onnx.NodeProto.FromString(node.SerializeToString()), []
+    plain = _without_outer(node, int(count))
+    given = list(node.input[len(node.input) - int(count):])
+    renamed = {old: new for old, new in zip(outer_inputs(plain), given) if old != new}
+    for g in _subgraphs(plain):
+        _rename_reads(g, renamed)
+    return plain, given
+
+
+def _without_outer(node: onnx.NodeProto, count: int) -> onnx.NodeProto:
+    plain = onnx.NodeProto.FromString(node.SerializeToString())
+    del plain.input[len(plain.input) - count:]
+    keep = [a for a in plain.attribute if a.name != OUTER_INPUTS]
+    del plain.attribute[:]
+    plain.attribute.extend(keep)
+    return plain
+
+
+def implicit_outer_inputs(model: onnx.ModelProto) -> None:
+    """Undo :func:`explicit_outer_inputs` in place (the subgraphs read the extra inputs' current names)."""
+    for k, node in enumerate(model.graph.node):
+        if node_attr(node, OUTER_INPUTS) is not None:
+            model.graph.node[k].CopyFrom(implicit_node(node)[0])

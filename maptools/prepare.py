@@ -43,7 +43,7 @@ import onnx.shape_inference
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.mapfolder import atomic_write, sha256_file, storage_errors
-from maptools.onnx_model import auto_pads, check_input_shapes, load_model, model_inputs, node_attr
+from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, auto_pads, check_input_shapes, load_model, model_inputs, node_attr
 
 log = logging.getLogger(__name__)
 
@@ -992,10 +992,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         if simplify_model and level == "full":
             _optional(ctx, "onnxsim", _simplify(shapes))
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready)
-    control = sorted({_where(n) for n in ctx.graph.node if n.op_type in ("If", "Loop", "Scan")})
-    if control:
-        raise ModelError(f"the model keeps control flow after simplification: {', '.join(control[:5])}.",
-                         "export the model without data-dependent control flow (trace it with fixed shapes).")
+    control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
+    if control:  # data-dependent: it runs on the host, in onnxruntime
+        ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")
     renamed = name_nodes(ctx)
     if renamed:
         ctx.steps.append(f"{renamed} nodes named")

@@ -42,7 +42,7 @@ from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError, SimulationError
 from maptools.node_runner import NodeRunner
 from maptools.placement import Role
-from maptools.onnx_model import constant_values, opsets
+from maptools.onnx_model import constant_values, explicit_outer_inputs, opsets
 from maptools.quantinfo import QuantConfig, param_key
 from maptools.requant import RequantMode, quantize, requantize, to_hardware
 
@@ -152,7 +152,7 @@ class IntegerSimulator:
         except ValueError:
             raise SettingsError(f"requant={requant!r} is not a requantization mode.",
                                 "use 'float' or 'fixed'.") from None
-        model = model if model is not None else graph.model()
+        model = explicit_outer_inputs(model if model is not None else graph.model())
         self.order = graph.operators()
         nodes = {n.name: n for n in model.graph.node}
         missing = [n for n in self.order if n not in nodes]

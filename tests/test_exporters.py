@@ -107,3 +107,50 @@ def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
     reference = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(names, {"x": x})
     for name, got, want in zip(names, ours, reference):
         assert got.shape == want.shape and np.allclose(got.numpy(), want, atol=1e-5), name
+
+
+def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """A data-dependent If whose branches read a convolution's output from the graph around them, and a Loop
+    that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 1, 1)), ("w3", (4, 8, 1, 1)))]
+    inits += [numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in
+              (("zero", 0.0, np.float32), ("half", 0.5, np.float32), ("trips", 3, np.int64), ("go", True, np.bool_))]
+    out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
+    then = helper.make_graph([helper.make_node("Relu", ["a"], ["t"])], "then", [], [out("t")])
+    other = helper.make_graph([helper.make_node("Mul", ["a", "half"], ["e"])], "else", [], [out("e")])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go_in"], ["go_out"]), helper.make_node("Mul", ["c", "half"], ["step"]),
+         helper.make_node("Add", ["acc_in", "step"], ["acc_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info(
+            "go_in", TensorProto.BOOL, []), out("acc_in")], [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+                                                             out("acc_out")])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
+             helper.make_node("Loop", ["trips", "go", "c"], ["d"], name="repeat", body=body),
+             helper.make_node("Conv", ["d", "w3"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "control_flow", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      ["N", 3, 8, 8])],
+                              [out("y")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), {"x": [1, 3, 8, 8]}
+
+
+def test_control_flow_runs_on_the_host(tmp_path: Path) -> None:
+    """If and Loop with subgraphs reading tensors of the graph around them (a model onnxruntime runs): they
+    stay on the host in float, everything else is quantized, and quant_model.onnx and the integer simulation
+    feed each body the tensor it reads."""
+    model, shapes = _control_flow_model()
+    result, error = _pipeline(model, shapes, tmp_path, "control_flow")
+    assert error < 0.3, error
+    assert {"branch", "repeat"} <= set(result.placement.host_ops), result.placement.host_ops
+    assert result.placement.device_macs == result.placement.total_macs > 0
+    assert any(step.startswith("control flow kept on the host") for step in result.prepared["steps"])
+    exported = onnx.load(str(result.quant_model_path))
+    branch = next(n for n in exported.graph.node if n.op_type == "If")
+    assert list(branch.input) == ["cond"] and not [a for a in branch.attribute if a.name.startswith("maptools")]

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import sysconfig
-import textwrap
 from pathlib import Path
 
 import numpy as np
