@@ -72,14 +72,21 @@ class CalibrationSet:
 
 
 class RandomCalibration(CalibrationSet):
-    """Seeded standard-normal samples; sample ``i`` depends only on ``(seed, i)``."""
+    """Seeded random samples in each input's dtype; sample ``i`` depends only on ``(seed, i)``.
+
+    Float inputs (float32 unless ``dtypes`` says otherwise) get standard-normal values; integer inputs
+    (an image as uint8 bytes, say) uniform codes in ``[0, 255]`` (``[-128, 127]`` for int8); boolean
+    inputs fair coin flips.
+    """
 
     kind = "random"
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], count: int, seed: int = 0) -> None:
+    def __init__(self, shapes: Mapping[str, Sequence[int]], count: int, seed: int = 0,
+                 dtypes: Mapping[str, np.dtype] | None = None) -> None:
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.count = count
         self.seed = seed
+        self.dtypes = {k: np.dtype((dtypes or {}).get(k, np.float32)) for k in self.shapes}
 
     def __len__(self) -> int:
         return self.count
@@ -87,10 +94,23 @@ class RandomCalibration(CalibrationSet):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(self.count):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            yield {name: torch.randn(shape, generator=gen) for name, shape in self.shapes.items()}
+            yield {name: _random(shape, self.dtypes[name], gen) for name, shape in self.shapes.items()}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "seed": self.seed, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        described = {**super().describe(), "seed": self.seed, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        if any(d != np.float32 for d in self.dtypes.values()):
+            described["dtypes"] = {k: d.name for k, d in self.dtypes.items()}
+        return described
+
+
+def _random(shape: Sequence[int], dtype: np.dtype, gen: torch.Generator) -> torch.Tensor:
+    want = torch.from_numpy(np.zeros(0, dtype)).dtype
+    if dtype.kind == "f":
+        return torch.randn(tuple(shape), generator=gen).to(want)
+    if dtype.kind == "b":
+        return torch.randint(0, 2, tuple(shape), generator=gen).to(want)
+    low, high = (-128, 128) if dtype == np.int8 else (0, 256)
+    return torch.randint(low, high, tuple(shape), generator=gen).to(want)
 
     def content_hash(self, limit: int | None = None) -> str:
         desc = {**self.describe(), "count": self.count if limit is None else min(limit, self.count)}
@@ -411,10 +431,11 @@ class ProgressCalibration(CalibrationSet):
 
 
 def resolve_calibration(calibset: Any, shapes: Mapping[str, tuple[int, ...]], calib_steps: int,
-                        seed: int) -> CalibrationSet:
-    """Turn what the user passed as ``calibset`` into a CalibrationSet (not yet validated)."""
+                        seed: int, dtypes: Mapping[str, np.dtype] | None = None) -> CalibrationSet:
+    """Turn what the user passed as ``calibset`` into a CalibrationSet (not yet validated); random data
+    (``calibset=None``) comes in the inputs' ``dtypes``."""
     if calibset is None:
-        return RandomCalibration(shapes, calib_steps, seed)
+        return RandomCalibration(shapes, calib_steps, seed, dtypes)
     if isinstance(calibset, FolderCalibration):
         return calibset.bind(shapes)
     if isinstance(calibset, CalibrationSet):

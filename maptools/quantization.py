@@ -410,7 +410,8 @@ def quantize(
         raise CalibrationError(f"optimization={settings.optimization.value!r} fits the quantized model to the "
                                "calibration data, and calibset=None is random noise.",
                                "pass real samples as calibset (or optimization='none'/'equalization').")
-    source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed)
+    source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed,
+                                 {i.name: i.dtype for i in inputs})
     notes: list[str] = []
     if calibset is None:
         notes.append("calibrated on seeded random data: fine for trying the pipeline, not for accuracy "

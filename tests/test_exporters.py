@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from maptools import quantize
+from maptools import quantize, read_manifest
 from maptools.conversion import convert, read_graph
 from maptools.simulate import simulate
 from tests.exporters import IDIOMS, RESIZE_MODES, resize_model
@@ -154,3 +154,29 @@ def test_control_flow_runs_on_the_host(tmp_path: Path) -> None:
     exported = onnx.load(str(result.quant_model_path))
     branch = next(n for n in exported.graph.node if n.op_type == "If")
     assert list(branch.input) == ["cond"] and not [a for a in branch.attribute if a.name.startswith("maptools")]
+
+
+def test_an_image_input_as_bytes_calibrates_on_random_bytes(tmp_path: Path) -> None:
+    """A model that takes uint8 pixels (Cast and scale inside, as TF exports do): quantize's default random
+    calibration comes in the input's dtype (codes 0-255), and the pipeline runs as shipped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Div", ["xf", "scale"], ["xn"], name="scale"),
+             helper.make_node("Conv", ["xn", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"], name="head")]
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(255.0, np.float32), "scale")]
+    graph = helper.make_graph(nodes, "bytes", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "bytes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="bytes", calib_steps=CALIB, output_root=tmp_path)
+    assert read_manifest("bytes", tmp_path)["calibration"]["dtypes"] == {"x": "uint8"}
+    convert("bytes", output_root=tmp_path)
+    x = rng.integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)
+    simulated = simulate("bytes", {"x": x}, output_root=tmp_path).outputs["y"]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert _rel(simulated, reference) < 0.1
