@@ -173,7 +173,7 @@ def test_an_image_input_as_bytes_calibrates_on_random_bytes(tmp_path: Path) -> N
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     path = tmp_path / "bytes.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="bytes", calib_steps=CALIB, output_root=tmp_path)
+    quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="bytes", calib_steps=CALIB, output_root=tmp_path)
     assert read_manifest("bytes", tmp_path)["calibration"]["dtypes"] == {"x": "uint8"}
     convert("bytes", output_root=tmp_path)
     x = rng.integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)
