@@ -430,6 +430,26 @@ class ProgressCalibration(CalibrationSet):
             yield sample
 
 
+class CastCalibration(CalibrationSet):
+    """Samples with each input converted to the dtype the prepared model takes (a float16 input of the
+    original is float32 after preparation)."""
+
+    def __init__(self, source: CalibrationSet, dtypes: Mapping[str, torch.dtype]) -> None:
+        self.source = source
+        self.dtypes = dict(dtypes)
+        self.kind = source.kind
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def cast(self, sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in sample.items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for sample in self.source:
+            yield self.cast(sample)
+
+
 def resolve_calibration(calibset: Any, shapes: Mapping[str, tuple[int, ...]], calib_steps: int,
                         seed: int, dtypes: Mapping[str, np.dtype] | None = None) -> CalibrationSet:
     """Turn what the user passed as ``calibset`` into a CalibrationSet (not yet validated); random data

@@ -877,7 +877,9 @@ def check_equivalent(reference: Reference, prepared: onnx.ModelProto, rtol: floa
     """
     try:
         after = _session(prepared)
-        got_all = [after.run(list(reference.names), feed) for feed in reference.feeds]
+        wants = {i.name: i.type for i in after.get_inputs()}  # a float16 input is float32 after preparation
+        got_all = [after.run(list(reference.names), {k: v.astype(np.float32) if wants.get(k) == "tensor(float)" else v
+                                                     for k, v in feed.items()}) for feed in reference.feeds]
     except Exception as e:
         raise ModelError(f"onnxruntime cannot run the prepared model: {str(e).strip()[:300]}",
                          "report this model to the maptools maintainers.") from e
@@ -894,6 +896,8 @@ def check_equivalent(reference: Reference, prepared: onnx.ModelProto, rtol: floa
                 continue
             diff = np.abs(r.astype(np.float64) - g)
             peak = float(np.abs(r).max(initial=0.0))
+            if r.dtype == np.float16:  # the original rounds every tensor to 11 bits: compare at that precision
+                rtol, atol = max(rtol, 2e-2), max(atol, 2e-2)
             worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
             worst_rel = max(worst_rel, float(diff.max(initial=0.0)) / max(peak, 1e-12))
             if not np.all(diff <= atol * max(1.0, peak) + rtol * np.abs(r)):
@@ -934,6 +938,44 @@ def _counted(text: str, count: int) -> list[str]:
 
 def _fold_constants(ctx: _Context) -> list[str]:
     return _counted("{} Constant nodes folded into initializers", fold_constant_nodes(ctx))
+
+
+def _float32(ctx: _Context) -> list[str]:
+    """float16 weights, constants, casts and tensors (a half-precision export) as float32: PPQ, the
+    crossbar weights and the simulation compute in float32 (the prepared model then takes float32 inputs)."""
+    half = onnx.TensorProto.FLOAT16
+
+    def widen(tensor: onnx.TensorProto) -> bool:
+        if tensor.data_type != half:
+            return False
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float32),
+                                                     tensor.name))
+        return True
+
+    def graph(g: onnx.GraphProto) -> int:
+        count = sum(widen(t) for t in g.initializer)
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.tensor_type.elem_type == half:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+                count += 1
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    count += widen(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    count += graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    count += sum(graph(sub) for sub in attr.graphs)
+                elif node.op_type in ("Cast", "CastLike", "EyeLike", "RandomNormal", "RandomUniform") and \
+                        attr.name in ("to", "dtype") and attr.i == half:
+                    attr.i = onnx.TensorProto.FLOAT
+                    count += 1
+        return count
+
+    changed = graph(ctx.model.graph)
+    if changed:
+        ctx.invalidate()
+    return _counted("float16 made float32 ({} tensors and casts)", changed)
 
 
 def _inline(ctx: _Context) -> list[str]:
@@ -984,6 +1026,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     _drop_unused_opsets(ctx.model)
     if fix_input_dims(ctx.model, shapes, output_shapes):
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
+    _optional(ctx, "float16 to float32", _float32)
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
         _optional(ctx, "folding Constant nodes", _fold_constants)

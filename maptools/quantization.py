@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import torch
 
 from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON,
                                 QUANTINFO_PKL, QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, atomic_write, sha256_file,
                                 validate_mapname, write_json, write_pickle)
-from maptools.calibration import (MIN_SAMPLES, ProgressCalibration, ValidatedCalibration,
-                                  resolve_calibration)
+from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
+                                  ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
@@ -444,11 +445,17 @@ def quantize(
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
         t = time.perf_counter()
-        data = calibration if progress is None else ProgressCalibration(
-            calibration, steps * settings.algorithm.passes, progress)
+        feed: CalibrationSet = calibration
+        given = {i.name: i.dtype for i in inputs}
+        widened = {i.name: torch.float32 for i in model_inputs(load_model(prepared.path))
+                   if i.dtype == np.float32 and given.get(i.name, i.dtype) != i.dtype}
+        if widened:  # a float16 input is float32 after preparation
+            feed = CastCalibration(calibration, widened)
+            first = feed.cast(first)
+        data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
-            done = _quantize_prepared(prepared.path, calibration, data, steps, first, settings, ppq_device,
+            done = _quantize_prepared(prepared.path, feed, data, steps, first, settings, ppq_device,
                                       budget if auto else None, strict)
         seconds["calibrate"] = time.perf_counter() - t - done.export_seconds
         seconds["export"] = done.export_seconds

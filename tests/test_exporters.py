@@ -180,3 +180,30 @@ def test_an_image_input_as_bytes_calibrates_on_random_bytes(tmp_path: Path) -> N
     simulated = simulate("bytes", {"x": x}, output_root=tmp_path).outputs["y"]
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _rel(simulated, reference) < 0.1
+
+
+def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
+    """A float16 export (weights, activations, input and output): prepared as float32 (checked against the
+    original at float16's precision), calibrated on float16 samples, and simulated near the original."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"], name="head")]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float16), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], inits)
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    calib = [{"x": torch.from_numpy(rng.standard_normal((1, 3, 16, 16)).astype(np.float16))} for _ in range(CALIB)]
+    result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="half", calibset=calib, calib_steps=CALIB,
+                      output_root=tmp_path)
+    assert any("float16 made float32" in step for step in result.prepared["steps"])
+    assert result.placement.device_macs == result.placement.total_macs > 0
+    convert("half", output_root=tmp_path)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float16)
+    simulated = simulate("half", {"x": x}, output_root=tmp_path).outputs["y"]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert _rel(simulated, reference.astype(np.float64)) < 0.1
