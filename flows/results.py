@@ -24,6 +24,7 @@ from prefect.serializers import JSONSerializer, prefect_json_object_decoder
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 
 from maptools.errors import SettingsError, UnsafePickleError
+from maptools.mapfolder import atomic_write, storage_errors
 
 __all__ = ["SERIALIZER", "RESULT_STORAGE", "ResultFiles", "StoreResults", "UnsafeResultError", "decode",
            "ensure_result_storage", "save_store_results"]
@@ -98,6 +99,17 @@ class ResultFiles(LocalFileSystem):
         ``_sync=True`` here)."""
         with open(self._resolve_path(path), "rb") as f:
             return _pinned(f.read(), path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return self.write_path(path, content, _sync=True)
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        """Write a record whole (a temp file, then a rename: a killed writer leaves no partial record); an OS
+        error (disk full, read-only, no permission) is a :class:`~maptools.errors.StorageError`."""
+        target = self._resolve_path(path)
+        with storage_errors(f"create {target.parent}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        return str(atomic_write(target, content))
 
 
 class StoreResults(RemoteFileSystem):

@@ -205,3 +205,27 @@ def test_an_os_error_at_each_write_of_a_stage_is_a_storage_error(tmp_path, small
                                                                                                  done.output)
             assert os.strerror(number) in lines[0], lines[0]
         assert _tidy(tmp_path) == [], seen[index]
+
+
+def test_an_os_error_while_a_task_result_is_written_is_a_storage_error(tmp_path) -> None:
+    """The flows' result files (Prefect's cache records): written whole, and an OS error at any of their writes
+    is a StorageError that leaves the previous record and no partial file."""
+    from maptools_flows.results import SERIALIZER, ResultFiles
+
+    storage = ResultFiles(basepath=str(tmp_path / "results"))
+    old, new = SERIALIZER.dumps({"value": 1}), SERIALIZER.dumps({"value": 2})
+    storage.write_path("key/record", old)
+    with record_writes(tmp_path) as writes:
+        storage.write_path("key/record", old)
+    for index in range(len(writes)):
+        for number in _FAULTS:
+            with inject_at(tmp_path, index, number) as seen:
+                try:
+                    storage.write_path("key/record", new)
+                except StorageError as e:
+                    assert os.strerror(number) in str(e) and "Fix: " in str(e), (seen[index], e)
+                    assert storage.read_path("key/record") == old
+                else:
+                    assert _tolerated(seen[index]), seen[index]
+                    storage.write_path("key/record", old)
+            assert sorted(p.name for p in (tmp_path / "results" / "key").iterdir()) == ["record"], seen[index]
