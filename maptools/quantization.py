@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import itertools
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, Q
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
+from maptools.equalize import equalize_channels
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
@@ -240,6 +243,20 @@ def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], mod
     return Profile.EXTENDED
 
 
+#: calibration samples whose channel ranges decide the equalization (:mod:`maptools.equalize`)
+EQUALIZE_SAMPLES = 8
+
+
+def _equalize(model_path: Path, samples: Iterable[Mapping[str, torch.Tensor]], count: int) -> list[str]:
+    """Rescale outlier channels in front of crossbar layers in the prepared model (exact in float)."""
+    model = onnx.load(str(model_path))
+    done = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
+                                     for sample in itertools.islice(samples, count)))
+    if done:
+        atomic_write(model_path, model.SerializeToString())
+    return done
+
+
 def _keep_on_host(model_path: Path, names: Sequence[str]) -> None:
     """Record ``names`` in the prepared model as kept on the host (:func:`maptools.placement.record_host`)."""
     model = onnx.load(str(model_path))
@@ -452,6 +469,10 @@ def quantize(
         if widened:  # a float16 input is float32 after preparation
             feed = CastCalibration(calibration, widened)
             first = feed.cast(first)
+        equalized = _equalize(prepared.path, feed, min(steps, EQUALIZE_SAMPLES))
+        if equalized:
+            prepared = dataclasses.replace(prepared, steps=(*prepared.steps, *equalized))
+            log.info("channels equalized: %s", "; ".join(equalized))
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
