@@ -12,7 +12,6 @@ most channels use. Ranges come from the calibration samples, in onnxruntime.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -20,11 +19,10 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
+from maptools.onnx_model import ort_session
 from maptools.placement import FUSABLE_ACTIVATIONS, Role, place
 
 __all__ = ["equalize_channels", "OUTLIER_RATIO"]
-
-log = logging.getLogger(__name__)
 
 #: A tensor is rescaled when its largest channel range exceeds the median channel's by this factor.
 OUTLIER_RATIO = 4.0
@@ -59,14 +57,10 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]]
                     ) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     have = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in have)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(probe)
     found: dict[str, np.ndarray] = {}
     for sample in samples:
         for name, value in zip(tensors, session.run(tensors, dict(sample))):
@@ -74,6 +68,19 @@ def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterabl
             peak = np.abs(value).max(axis=axes).astype(np.float64)
             found[name] = peak if name not in found else np.maximum(found[name], peak)
     return found
+
+
+def _scaled(conv: onnx.NodeProto, weight: onnx.TensorProto, scale: np.ndarray) -> np.ndarray | None:
+    """``conv``'s weight with input channel ``c`` multiplied by ``scale[c]`` (None where its groups split the
+    channels other than one per group)."""
+    value = onnx.numpy_helper.to_array(weight).astype(np.float64)
+    groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    tail = [1] * (value.ndim - 2)
+    if groups == 1 and value.shape[1] == scale.size:
+        return (value * scale.reshape(1, -1, *tail)).astype(np.float32)
+    if groups == scale.size and value.shape[0] == scale.size and value.shape[1] == 1:  # depthwise
+        return (value * scale.reshape(-1, 1, *tail)).astype(np.float32)
+    return None
 
 
 def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]]) -> list[str]:
@@ -94,36 +101,26 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
         if median <= 0 or float(peak.max()) < OUTLIER_RATIO * median:
             continue
         scale = np.sqrt(np.maximum(peak / median, 1.0))
-        convs = []
+        weights = [_scaled(conv, inits[conv.input[1]], scale) for conv in readers]
+        if any(w is None for w in weights):
+            continue  # a grouped convolution whose groups split the channels: left as it is
+        for conv, weight in zip(readers, weights):
+            inits[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, conv.input[1]))
+        shape = [1, scale.size] + [1] * (len(infos[tensor].type.tensor_type.shape.dim) - 2) \
+            if tensor in infos else [1, scale.size, 1, 1]
+        factor, out = f"{tensor}_equalizer", f"{tensor}_equalized"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(
+            (1.0 / scale).reshape(shape).astype(np.float32), factor))
         for conv in readers:
-            weight = onnx.numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-            groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
-            if groups == 1 and weight.shape[1] == scale.size:
-                weight = weight * scale.reshape(1, -1, *([1] * (weight.ndim - 2)))
-            elif groups == scale.size and weight.shape[0] == scale.size and weight.shape[1] == 1:
-                weight = weight * scale.reshape(-1, 1, *([1] * (weight.ndim - 2)))
-            else:
-                break
-            convs.append((conv, weight))
-        else:
-            for conv, weight in convs:
-                inits[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight.astype(np.float32),
-                                                                           conv.input[1]))
-            shape = [1, scale.size] + [1] * (len(infos[tensor].type.tensor_type.shape.dim) - 2) \
-                if tensor in infos else [1, scale.size, 1, 1]
-            factor, out = f"{tensor}_equalizer", f"{tensor}_equalized"
-            model.graph.initializer.append(onnx.numpy_helper.from_array(
-                (1.0 / scale).reshape(shape).astype(np.float32), factor))
-            for conv in readers:
-                conv.input[0] = out
-            node = onnx.helper.make_node("Mul", [tensor, factor], [out], name=f"{tensor}_equalize")
-            index = next(i for i, n in enumerate(model.graph.node) if tensor in n.output)
-            model.graph.node.insert(index + 1, node)
-            if tensor in infos:
-                info = onnx.ValueInfoProto.FromString(infos[tensor].SerializeToString())
-                info.name = out
-                model.graph.value_info.append(info)
-            steps.append(f"{tensor}: {int((scale > 1).sum())} of {scale.size} channels rescaled into "
-                         f"{', '.join(c.name for c in readers)} (largest channel range {float(peak.max()):.3g}, "
-                         f"median {median:.3g})")
+            conv.input[0] = out
+        node = onnx.helper.make_node("Mul", [tensor, factor], [out], name=f"{tensor}_equalize")
+        index = next(i for i, n in enumerate(model.graph.node) if tensor in n.output)
+        model.graph.node.insert(index + 1, node)
+        if tensor in infos:
+            info = onnx.ValueInfoProto.FromString(infos[tensor].SerializeToString())
+            info.name = out
+            model.graph.value_info.append(info)
+        steps.append(f"{tensor}: {int((scale > 1).sum())} of {scale.size} channels rescaled into "
+                     f"{', '.join(c.name for c in readers)} (largest channel range {float(peak.max()):.3g}, "
+                     f"median {median:.3g})")
     return steps

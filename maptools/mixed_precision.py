@@ -31,6 +31,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import BudgetError, SettingsError
+from maptools.onnx_model import ort_session
 from maptools.placement import CROSSBAR_OP_TYPES, Role, place
 from maptools.settings import QuantSettings, ScalePolicy
 
@@ -288,14 +289,11 @@ def crossbar_layers(model: onnx.ModelProto) -> list[str]:
 def measure_sensitivity(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], settings: QuantSettings,
                         budget: Budget) -> tuple[list[LayerChoice], list[list[np.ndarray]]]:
     """Every crossbar layer's sensitivity to each candidate width; also returns the float outputs."""
-    import onnxruntime as ort
     import onnx.shape_inference
 
     layers = crossbar_layers(model)
     probe, inputs_of = _probe_model(model, layers)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(probe)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     model_outputs = [o.name for o in model.graph.output]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads",
+__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node"]
 
@@ -50,14 +51,20 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def _check_loads(path: Path, model: onnx.ModelProto, checker_error: Exception) -> None:
-    """A model onnx's checker refuses is still good input if onnxruntime loads it."""
+def ort_session(model: onnx.ModelProto | bytes) -> Any:
+    """An onnxruntime CPU session of ``model`` that logs errors only."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _check_loads(path: Path, model: onnx.ModelProto, checker_error: Exception) -> None:
+    """A model onnx's checker refuses is still good input if onnxruntime loads it."""
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort_session(model)
     except Exception as e:
         raise ModelError(f"{str(path)!r} is not a valid ONNX model (onnx: {str(checker_error).strip()[:200]}; "
                          f"onnxruntime: {str(e).strip()[:200]}).",

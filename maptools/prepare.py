@@ -43,7 +43,8 @@ import onnx.shape_inference
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.mapfolder import atomic_write, sha256_file, storage_errors
-from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, auto_pads, check_input_shapes, load_model, model_inputs, node_attr
+from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, auto_pads, check_input_shapes, load_model, model_inputs,
+                                 node_attr, ort_session)
 
 log = logging.getLogger(__name__)
 
@@ -776,15 +777,6 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _session(model: onnx.ModelProto | bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
     feed = {}
@@ -832,10 +824,10 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     relaxed.CopyFrom(original)
     fix_input_dims(relaxed, shapes)
     try:
-        session = _session(relaxed)
+        session = ort_session(relaxed)
     except Exception as e:
         try:
-            _session(original)
+            ort_session(original)
         except Exception:
             raise ModelError(f"onnxruntime cannot load the model: {str(e).strip()[:300]}",
                              "check the model file; maptools needs a model onnxruntime runs.") from e
@@ -876,7 +868,7 @@ def check_equivalent(reference: Reference, prepared: onnx.ModelProto, rtol: floa
     ``atol * max(1, max|ref|) + rtol * |ref|``.
     """
     try:
-        after = _session(prepared)
+        after = ort_session(prepared)
         wants = {i.name: i.type for i in after.get_inputs()}  # a float16 input is float32 after preparation
         got_all = [after.run(list(reference.names), {k: v.astype(np.float32) if wants.get(k) == "tensor(float)" else v
                                                      for k, v in feed.items()}) for feed in reference.feeds]
@@ -1084,7 +1076,7 @@ def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
     try:
-        values = _session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0)))
+        values = ort_session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0)))
     except Exception as e:
         raise InputShapeError(f"the model does not run in onnxruntime with input_shapes "
                               f"{ {k: list(v) for k, v in shapes.items()} }: {str(e).strip()[:300]}",

@@ -9,7 +9,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from maptools.equalize import equalize_channels
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.manifest import Manifest, ModelRecord
 from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
-from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.onnx_model import ModelInput, check_input_shapes, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
 import maptools.seed as contract
 from maptools.prepare import prepare_model
@@ -143,7 +143,7 @@ def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfi
     return []
 
 
-def _search_widths(model_path: Path, calibration: ValidatedCalibration, data: Any, steps: int,
+def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                    first: Mapping[str, Any], settings: QuantSettings, device: str,
                    budget: Budget) -> tuple[Any, QuantSettings, MixedPrecisionReport]:
     """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.mixed_precision`)."""
@@ -179,7 +179,7 @@ class _Quantized:
     export_seconds: float
 
 
-def _quantize_prepared(model_path: Path, calibration: ValidatedCalibration, data: Any, steps: int,
+def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                        first: Mapping[str, Any], settings: QuantSettings, device: str, budget: Budget | None,
                        strict: bool) -> _Quantized:
     """PPQ on the prepared model at ``model_path``, read out and exported.
@@ -247,19 +247,17 @@ def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], mod
 EQUALIZE_SAMPLES = 8
 
 
-def _equalize(model_path: Path, samples: Iterable[Mapping[str, torch.Tensor]], count: int) -> list[str]:
-    """Rescale outlier channels in front of crossbar layers in the prepared model (exact in float)."""
-    model = onnx.load(str(model_path))
-    done = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
-                                     for sample in itertools.islice(samples, count)))
-    if done:
-        atomic_write(model_path, model.SerializeToString())
-    return done
+def _as_prepared(calibration: CalibrationSet, inputs: Sequence[ModelInput], prepared: onnx.ModelProto
+                 ) -> CalibrationSet:
+    """``calibration`` in the prepared model's input dtypes (a float16 input is float32 after preparation)."""
+    given = {i.name: i.dtype for i in inputs}
+    widened = {i.name: torch.float32 for i in model_inputs(prepared)
+               if i.dtype == np.float32 and given.get(i.name, i.dtype) != i.dtype}
+    return CastCalibration(calibration, widened) if widened else calibration
 
 
-def _keep_on_host(model_path: Path, names: Sequence[str]) -> None:
-    """Record ``names`` in the prepared model as kept on the host (:func:`maptools.placement.record_host`)."""
-    model = onnx.load(str(model_path))
+def _keep_on_host(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Record ``names`` in the prepared ``model`` as kept on the host (:func:`maptools.placement.record_host`)."""
     known = {n.name for n in model.graph.node}
     unknown = [n for n in names if n not in known]
     if isinstance(names, str) or unknown:
@@ -267,10 +265,9 @@ def _keep_on_host(model_path: Path, names: Sequence[str]) -> None:
                             f"{_listing(unknown or [names])}.", "pass a list of node names as quantinfo.json or "
                             "'maptools inspect MODEL --input-shape ...' show them.")
     record_host(model, {**recorded_host(model), **{n: "kept on the host as asked (keep_on_host)" for n in names}})
-    atomic_write(model_path, model.SerializeToString())
 
 
-def _error_report(graph: Any, calibration: ValidatedCalibration, steps: int, qdq: bytes, notes: list[str]
+def _error_report(graph: Any, calibration: CalibrationSet, steps: int, qdq: bytes, notes: list[str]
                   ) -> dict[str, float]:
     """The per-layer SNR; a report PPQ cannot compute is left out (with a note), not a failed run."""
     try:
@@ -456,23 +453,22 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
         prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict)
-        if keep_on_host:
-            _keep_on_host(prepared.path, keep_on_host)
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
         t = time.perf_counter()
-        feed: CalibrationSet = calibration
-        given = {i.name: i.dtype for i in inputs}
-        widened = {i.name: torch.float32 for i in model_inputs(load_model(prepared.path))
-                   if i.dtype == np.float32 and given.get(i.name, i.dtype) != i.dtype}
-        if widened:  # a float16 input is float32 after preparation
-            feed = CastCalibration(calibration, widened)
-            first = feed.cast(first)
-        equalized = _equalize(prepared.path, feed, min(steps, EQUALIZE_SAMPLES))
+        model = onnx.load(str(prepared.path))
+        if keep_on_host:
+            _keep_on_host(model, keep_on_host)
+        feed = _as_prepared(calibration, inputs, model)
+        first = feed.cast(first) if isinstance(feed, CastCalibration) else first
+        equalized = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
+                                              for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))))
         if equalized:
             prepared = dataclasses.replace(prepared, steps=(*prepared.steps, *equalized))
             log.info("channels equalized: %s", "; ".join(equalized))
+        if keep_on_host or equalized:
+            atomic_write(prepared.path, model.SerializeToString())
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
@@ -508,7 +504,7 @@ def quantize(
     written = _contract(settings, quantinfo, prepared_model, strict, notes)
     t = time.perf_counter()
     with torch_threads(count):
-        errors = ErrorSummary(_error_report(graph, calibration, min(error_steps, steps), qdq, notes)
+        errors = ErrorSummary(_error_report(graph, feed, min(error_steps, steps), qdq, notes)
                               if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
     mixed_json = None if done.mixed is None else done.mixed.to_json()
