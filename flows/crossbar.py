@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from maptools_flows.plots import png_bytes, pyplot
 from maptools_flows.quantize_model import QuantizeModelResult
@@ -99,31 +99,45 @@ def plot_crossbar_map(mapped: CrossbarMap) -> bytes:
     return png_bytes(fig, dpi=100)
 
 
+def _bits(values: set[int]) -> str:
+    return "/".join(str(v) for v in sorted(values)) or "-"
+
+
 @task(name="publish-crossbar-report")
-def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarError) -> str:
-    """Prefect artifacts: per-layer table, a utilization / ADC-bits plot, and a summary of cost and error."""
+def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarError, map_dir: str = "") -> str:
+    """Prefect artifacts: a summary that leads with what the crossbars lost and cost, the per-layer table
+    (ADC bits and utilization first) and an inline utilization / ADC-bits plot."""
     key = _artifact_key(mapname).replace("quant-", "xbar-", 1)
-    create_table_artifact([{"layer": lay.name, "type": lay.op_type, "groups": lay.groups, "rows": lay.rows,
-                            "cols": lay.cols, "arrays": lay.arrays, "utilization": f"{lay.utilization:.3f}",
-                            "cycles": lay.cycles, "psum_worst": lay.psum_worst, "psum_observed": lay.psum_observed,
-                            "adc_bits_needed": lay.adc_bits_needed, "adc_bits_observed": lay.adc_bits_observed}
-                           for lay in mapped.layers], key=f"{key}-layers",
-                          description=f"{mapname} on crossbars: per layer")
-    png = base64.b64encode(plot_crossbar_map(mapped)).decode()
-    create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-plot",
-                          description=f"{mapname}: utilization and ADC bits per layer")
     s = mapped.spec
+    create_table_artifact([{"layer": lay.name, "ADC bits observed": lay.adc_bits_observed,
+                            "ADC bits worst case": lay.adc_bits_needed, "utilization %": f"{100 * lay.utilization:.1f}",
+                            "arrays": lay.arrays, "W/A bits": f"{lay.weight_bits}/{lay.input_bits}",
+                            "cycles": lay.cycles, "matrix": f"{lay.groups}x{lay.rows}x{lay.cols}",
+                            "psum observed": lay.psum_observed, "psum worst": lay.psum_worst}
+                           for lay in mapped.layers], key=f"{key}-layers",
+                          description=f"{mapname} on {s.rows}x{s.cols} crossbars with a {s.adc_bits}-bit ADC, per "
+                                      "layer (ADC bits a lossless readout needs: observed on sample inputs, and in "
+                                      "the worst case; matrix: groups x rows x columns)")
+    png = base64.b64encode(plot_crossbar_map(mapped)).decode()
+    create_markdown_artifact(f"![utilization and ADC bits per layer of {mapname}](data:image/png;base64,{png})",
+                             key=f"{key}-plot", description=f"{mapname}: utilization and ADC bits per layer")
+    observed = max((lay.adc_bits_observed for lay in mapped.layers if lay.adc_bits_observed is not None), default=None)
+    accuracy = (f"{100 * error.accuracy:.1f}% (integer {100 * error.integer_accuracy:.1f}%, float "
+                f"{100 * error.float_accuracy:.1f}%)" if error.accuracy is not None else "-")
     lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
-             f"{s.cell_bits}-bit cells ({s.encoding}), {s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC.", "",
-             "| arrays | cells used | utilization | cycles / inference | ADC bits for lossless readout |",
-             "|---|---|---|---|---|",
-             f"| {mapped.arrays} | {mapped.cells_used} | {100 * mapped.utilization:.1f}% | {mapped.cycles} | "
+             "| output error vs float (rel. L2) | top-1 agreement | accuracy | added by the crossbars (rel. L2 vs the "
+             "lossless integer simulation) | agreement with it | inputs |", "|---|---|---|---|---|---|",
+             f"| **{100 * error.rel_l2:.2f}%** | {100 * error.top1_agreement:.1f}% | {accuracy} | "
+             f"{100 * error.integer_rel_l2:.2f}% | {100 * error.integer_agreement:.1f}% | {error.samples} "
+             f"({error.source}) |", "",
+             "| arrays | utilization | cycles / inference | ADC bits (spec) | ADC bits a lossless readout needs: "
+             "observed / worst case |", "|---|---|---|---|---|",
+             f"| {mapped.arrays} | {100 * mapped.utilization:.1f}% | {mapped.cycles:,} | {s.adc_bits} | "
+             f"{'-' if observed is None else observed} / "
              f"{max((lay.adc_bits_needed for lay in mapped.layers), default=0)} |", "",
-             f"Crossbar simulation on {error.samples} samples ({error.source}): output error vs float "
-             f"{error.rel_l2:.4g} (top-1 agreement {error.top1_agreement:.3f}); vs the lossless integer "
-             f"simulation {error.integer_rel_l2:.4g} (agreement {error.integer_agreement:.3f})."
-             + (f" Accuracy {error.accuracy:.3f} (integer {error.integer_accuracy:.3f}, float "
-                f"{error.float_accuracy:.3f})." if error.accuracy is not None else ""),
+             f"Quantization: W{_bits({lay.weight_bits for lay in mapped.layers})}"
+             f"A{_bits({lay.input_bits for lay in mapped.layers})}. Crossbar: {s.cell_bits}-bit cells ({s.encoding}), "
+             f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC." + (f" Map: `{map_dir}`." if map_dir else ""),
              f"\n{error.seconds_per_sample:.3f} s per sample (integer simulation "
              f"{error.integer_seconds_per_sample:.3f} s)."]
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on crossbars"))

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from pydantic import Field
 
@@ -26,9 +27,9 @@ from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, conve
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
-from maptools_flows.tasks import EvaluationSpec
+from maptools_flows.tasks import EvaluationSpec, _artifact_key
 from maptools import simulate as integer_simulation
-from maptools.artifacts import output_location, sha256_file
+from maptools.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar_error import CrossbarError
 from maptools.evaluation import EVAL_SEED
@@ -37,6 +38,35 @@ from maptools.stages import has_artifact
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@task(name="publish-pipeline-report")
+def publish_pipeline_report(title: str, mapname: str, rows: list[tuple[str, str]]) -> str:
+    """The flow run's own summary: one row per stage with its answer, and the keys of the stages' artifacts."""
+    key = _artifact_key(mapname)
+    lines = [f"# {title}: `{mapname}`", "", "| stage | result |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             f"Details: the artifacts `{key}` (quantization, per layer: `{key}-layers`) and "
+             f"`{key.replace('quant-', 'xbar-', 1)}` (crossbars) in the subflow runs."]
+    return str(create_markdown_artifact("\n".join(lines), key=f"{key.replace('quant-', 'run-', 1)}",
+                                        description=f"{title} of {mapname}"))
+
+
+def _quantized_row(result: QuantizeModelResult) -> tuple[str, str]:
+    q, e = result.quantization, getattr(result, "evaluation", None)  # a result of an earlier release has none
+    error = f"output error vs float {_pct(e.rel_l2)} (rel. L2), top-1 agreement {_pct(e.top1_agreement)}; " if e else ""
+    return ("quantize", f"{error}W{q.settings.weight_bits}A{q.settings.activation_bits}, map `{q.map_dir}`"
+                        f"{' (cached)' if result.quantization_cached else ''}")
+
+
+def _crossbar_row(result: MapAndSimulateResult) -> tuple[str, str]:
+    m, e = result.crossbars, result.error
+    return ("crossbars", f"output error vs float {_pct(e.rel_l2)}, added by the crossbars {_pct(e.integer_rel_l2)} "
+                         f"(rel. L2 vs the integer simulation); {m.arrays} arrays of {m.spec.xbar}, "
+                         f"{100 * m.utilization:.1f}% utilization, {m.cycles:,} cycles per inference")
 
 
 @task(name="simulate-map")
@@ -98,7 +128,7 @@ def map_and_simulate(
         estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
         error: CrossbarError = estate.result()
         seconds["simulate"] = time.perf_counter() - t
-        publish_crossbar_report(mapname, mapped, error)
+        publish_crossbar_report(mapname, mapped, error, str(map_dir(mapname, root)))
         seconds["total"] = time.perf_counter() - started
         logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
                     "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
@@ -134,6 +164,8 @@ def quantize_map_simulate(
         crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
                                      cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
                                      samples=samples, eval_set=eval_set, aws_credentials=aws_credentials)
+        publish_pipeline_report("Quantized, mapped and simulated", quantized.mapname,
+                                [_quantized_row(quantized), _crossbar_row(crossbars)])
         return PipelineResult(quantized, crossbars)
 
 
@@ -156,8 +188,11 @@ def quantize_and_simulate(
                                                      calib_steps=calib_steps, device=device, bit_width=bit_width,
                                                      output_root=output_root, aws_credentials=aws_credentials)
         root = str(result.quantization.output_root)
-        return {"mapname": result.mapname, "map_dir": result.map_dir,
-                "simulation": simulate_map(result.mapname, root, samples)}
+        simulation = simulate_map(result.mapname, root, samples)
+        publish_pipeline_report("Quantized and simulated", result.mapname, [_quantized_row(result), (
+            "integer simulation", f"{simulation.get('batch', samples)} random inputs in "
+                                  f"{simulation.get('seconds', 0.0):.2f} s")])
+        return {"mapname": result.mapname, "map_dir": result.map_dir, "simulation": simulation}
 
 
 def _upstream_result(upstream_run: str) -> QuantizeModelResult:
@@ -193,5 +228,7 @@ def simulate_quantized_run(
         summary = simulate_map(result.mapname, root, samples)
         crossbars = map_and_simulate(result.mapname, root, xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits,
                                      samples=samples, aws_credentials=aws_credentials)
+        publish_pipeline_report(f"Simulated the map of run {upstream_run}", result.mapname,
+                                [_quantized_row(result), _crossbar_row(crossbars)])
         return {"upstream_run": upstream_run, "mapname": result.mapname, "simulation": summary,
                 "crossbars": crossbars.summary()}

@@ -11,11 +11,13 @@ from pydantic import Field
 
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.results import SERIALIZER, ensure_result_storage
-from maptools_flows.tasks import build_calibset, convert, is_transient, prepare_model, publish_report, run_quantization
-from maptools.artifacts import output_location, validate_mapname
+from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient, prepare_model,
+                                  publish_report, run_quantization)
+from maptools.artifacts import output_location, sha256_file, validate_mapname
 from maptools.conversion import GRAPH_FILE, ConversionResult
 from maptools.device import resolve_device
 from maptools.errors import SettingsError
+from maptools.evaluation import EVAL_SEED, OutputError
 from maptools.mixed_precision import Budget
 from maptools.quantization import QuantizationResult
 from maptools.settings import QuantSettings
@@ -35,6 +37,8 @@ class QuantizeModelResult:
     conversion: ConversionResult | None
     quantization_cached: bool
     seconds: dict[str, float]
+    #: output error of quant_model.onnx against float on held-out inputs (None with eval_samples=0)
+    evaluation: OutputError | None = None
 
     @property
     def map_dir(self) -> str:
@@ -92,6 +96,10 @@ def quantize_model(
                                               "out), instead of keeping that operator on the host in float.")] = False,
     keep_on_host: Annotated[list[str] | None, Field(description="Operators of the prepared model to keep on the "
                                                                 "host in float.")] = None,
+    eval_samples: Annotated[int, Field(ge=0, le=10000, description="Held-out inputs the summary's output error "
+                                                                   "against float is measured on (0 skips it).")] = 16,
+    eval_set: Annotated[str | None, Field(description="A labelled .npz (inputs and labels) to measure the output "
+                                                      "error and accuracy on; default seeded random inputs.")] = None,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> QuantizeModelResult:
     """Quantize an ONNX model with PPQ and hand its quantinfo to the conversion stage.
@@ -159,8 +167,17 @@ def quantize_model(
         if converted is not None and not has_artifact(mapname, root, GRAPH_FILE):
             converted = convert.with_options(refresh_cache=True)(result)
         seconds["convert"] = time.perf_counter() - t
+        evaluation = None
+        if eval_samples:
+            t = time.perf_counter()
+            evaluation = evaluate_quantized(result, EvaluationSpec(
+                eval_set, sha256_file(eval_set) if eval_set else None, eval_samples, EVAL_SEED))
+            seconds["evaluate"] = time.perf_counter() - t
+            logger.info("%s: output error against float %.3f%% (rel. L2), top-1 agreement %.1f%% on %d held-out "
+                        "inputs", mapname, 100 * evaluation.rel_l2, 100 * evaluation.top1_agreement, evaluation.samples)
         seconds["total"] = time.perf_counter() - started
-        publish_report(result, seconds)
+        publish_report(result, seconds, onnx_path, evaluation)
         logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")
         return QuantizeModelResult(mapname=mapname, model=model, calibration=calibration, quantization=result,
-                                   conversion=converted, quantization_cached=cached, seconds=seconds)
+                                   conversion=converted, quantization_cached=cached, seconds=seconds,
+                                   evaluation=evaluation)

@@ -28,23 +28,23 @@ from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maptools_flows.crossbar import convert_map, simulate_crossbar
-from maptools_flows.locks import LOCKS
 from maptools_flows.plots import error_and_accuracy
 from maptools_flows.results import ensure_result_storage
-from maptools_flows.tasks import _PERSIST, ContentKey, EvaluationSpec, build_calibset, prepare_model, run_quantization
+from maptools_flows.tasks import (EvaluationSpec, build_calibset, evaluate_quantized, prepare_model,
+                                  run_quantization)
 from maptools.artifacts import atomic_write, local_root, output_location
 from maptools.artifacts import sha256_file
 from maptools.errors import SettingsError, SweepConfigError
-from maptools.evaluation import EVAL_SEED, OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
+from maptools.evaluation import EVAL_SEED, OutputError, weight_memory_bytes
 from maptools.crossbar_error import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
 from maptools.mapping import CrossbarSpec
-from maptools.quantization import QuantizationResult
+from maptools.quantization import QuantizationResult, snr_db
 from maptools.store import Store, is_url, store_errors
 from maptools.stages import CalibrationSpec, PreparedOnnx, located
 
@@ -243,29 +243,6 @@ class SweepResult:
         return [r for r in self.rows if r["status"] != "completed"]
 
 
-_EVAL_CACHE = ContentKey().configure(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
-
-
-@task(name="evaluate-point", cache_policy=_EVAL_CACHE, **_PERSIST)
-def evaluate_point(result: QuantizationResult, evaluation: EvaluationSpec) -> OutputError:
-    """Output error of the point's map (its quant_model.onnx, exact at every width) against its float model;
-    cached on the map's content. Nothing is calibrated again."""
-    root = result.output_root
-    data = None
-    if evaluation.eval_set is not None:
-        from maptools.onnx_model import check_input_shapes, load_model
-
-        model = load_model(result.artifacts["model.onnx"])
-        shapes = check_input_shapes(model, _manifest_shapes(result))
-        data = load_evaluation_set(evaluation.eval_set, shapes, limit=evaluation.samples)
-    return evaluate_map(result.mapname, output_root=root, evaluation=data, samples=evaluation.samples,
-                        seed=evaluation.seed)
-
-
-def _manifest_shapes(result: QuantizationResult) -> dict[str, list[int]]:
-    return json.loads(result.artifacts["manifest.json"].read_text())["model"]["input_shapes"]
-
-
 def _use_worker_gpu(device: str) -> None:
     """On a local multi-GPU cluster, worker k computes on GPU k (the device string, and so the cache key, stays)."""
     if device not in ("cuda", "auto") or os.environ.get("CUDA_VISIBLE_DEVICES"):
@@ -324,7 +301,7 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
             return [point.row(status="failed", cached=False, error=_failure(state), worker=where,
                               seconds=round(time.perf_counter() - started, 3))]
         result, cached = state.result(), False
-    estate = evaluate_point(result, evaluation, return_state=True)
+    estate = evaluate_quantized(result, evaluation, return_state=True)
     common = dict(
         cached=cached and estate.name == "Cached", worst_snr=result.errors.worst, worst_layer=result.errors.worst_layer,
         median_snr=result.errors.median, quantize_seconds=round(result.seconds.get("total", 0.0), 3),
@@ -408,7 +385,8 @@ def design_sweep(config: SweepConfig) -> SweepResult:
     if gpu:
         _require_gpu_workers()
     points = config.points()
-    logger.info("design sweep %r: %d points over %d model(s)", config.name, len(points), len(config.models))
+    logger.info("design sweep %r: %d quantizations of %d model(s), each evaluated on %d crossbar(s)", config.name,
+                len(points), len(config.models), len(config.grid.crossbars()))
     rows: dict[int, list[dict[str, Any]]] = {}
     futures: list[tuple[int, SweepPoint, Any]] = []
     for spec in config.models:
@@ -444,8 +422,11 @@ def design_sweep(config: SweepConfig) -> SweepResult:
     table = [row for i in range(len(points)) for row in rows[i]]
     result = _publish(config, root, table, time.perf_counter() - started)
     done = sum(r["status"] == "completed" for r in table)
-    logger.info("design sweep %r: %d/%d points completed (%d from cache) in %.1f s; table %s", config.name, done,
+    logger.info("design sweep %r: %d/%d rows completed (%d from cache) in %.1f s; table %s", config.name, done,
                 len(table), sum(bool(r["cached"]) for r in table), result.seconds, result.csv_path)
+    for row in table:
+        logger.info("%s: %s", _point(row), f"error {100 * row['rel_l2']:.2f}% vs float" if row["rel_l2"] is not None
+                    else f"{row['status']}: {row['error']}")
     return result
 
 
@@ -489,18 +470,20 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
     plot_path = plot_sweep(table, folder / "plot.png", title=f"design sweep {config.name}")
 
     key = f"sweep-{config.name}"
-    shown = ["model", "bits", "per_channel", "algorithm", "calib_samples", "status", "cached", "rel_l2",
-             "top1_agreement", "accuracy", "worst_snr", "weight_bytes", "seconds", "error"]
-    if any(r["adc_bits"] is not None for r in table):
-        shown[5:5] = ["xbar", "cell_bits", "adc_bits", "arrays", "integer_agreement"]
-    create_table_artifact([{c: _cell(r[c]) for c in shown} for r in table], key=key,
-                          description=f"Design sweep {config.name}: one row per grid point ({csv_path})")
+    rows, constant = display_table(table)
+    create_table_artifact(rows, key=key, description=(
+        f"Design sweep {config.name}: one row per quantization and per crossbar evaluation of it, results first; "
+        "errors are relative L2 of the outputs against float, in percent (lower is better); 'added by ADC' is the "
+        "crossbar's error against the lossless integer simulation; SNR in dB (higher is better)"
+        + (f". The same in every row: {', '.join(f'{k} {v}' for k, v in constant.items())}" if constant else "")
+        + f". All columns: {csv_path}"))
     crossbar_plot = plot_crossbar_sweep(table, folder / "crossbar.png", title=f"crossbar sweep {config.name}")
     for image, suffix, what in ((plot_path, "plot", "Output error against bit width"),
                                 (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits")):
         if image is not None:
             png = base64.b64encode(image.read_bytes()).decode()
-            create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-{suffix}", description=f"{what} ({image})")
+            create_markdown_artifact(f"![{what}](data:image/png;base64,{png})\n\n`{image}`", key=f"{key}-{suffix}",
+                                     description=what)
     if isinstance(root, str):  # maps on a store: the report goes there too
         store = Store.of(root)
         with store_errors(f"upload the report of sweep {config.name!r}", root):
@@ -508,9 +491,11 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
                 if path is not None:
                     store.fs.put_file(str(path), store.join("sweeps", config.name, path.name))
     failed = [r for r in table if r["status"] != "completed"]
+    crossbar_rows = sum(r["adc_bits"] is not None for r in table)
     lines = [f"# Design sweep `{config.name}`", "",
-             f"{len(table) - len(failed)}/{len(table)} points completed, "
-             f"{sum(bool(r['cached']) for r in table)} from the cache, in {seconds:.1f} s.", "",
+             f"{len(table) - len(failed)}/{len(table)} rows completed ({len(table) - crossbar_rows} quantizations, "
+             f"{crossbar_rows} crossbar evaluations), {sum(bool(r['cached']) for r in table)} from the cache, in "
+             f"{seconds:.1f} s.", "", *best_points(table), "",
              f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
     lines += [f"- crossbar plot: `{crossbar_plot}`"] if crossbar_plot else []
     lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
@@ -518,10 +503,56 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
     return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else value
+#: what the artifact table shows, results first: (column, heading, how the value is written)
+_SHOWN: list[tuple[str, str, Any]] = [
+    ("model", "model", str), ("bits", "bits", str), ("xbar", "xbar", str), ("adc_bits", "ADC bits", str),
+    ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
+    ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
+    ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
+    ("weight_bytes", "weight bytes", lambda v: f"{v:,}"), ("arrays", "arrays", str),
+    ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("per_channel", "per-channel", str),
+    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("cell_bits", "cell bits", str),
+    ("status", "status", str), ("cached", "cached", str), ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
+#: columns that describe a point (folded into the heading when every row has the same value)
+_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "xbar", "cell_bits", "adc_bits", "status",
+         "cached"}
+
+
+def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """The rows as a reader sees them: results first, in percent / dB, columns that are empty everywhere dropped,
+    and point columns that are the same in every row returned apart (for the heading)."""
+    present = [(c, h, f) for c, h, f in _SHOWN if any(r[c] is not None and r[c] != "" for r in table)]
+    constant = {h: f(table[0][c]) for c, h, f in present
+                if c in _AXES and len(table) > 1 and len({str(r[c]) for r in table}) == 1}
+    rows = [{h: "" if r[c] is None else f(r[c]) for c, h, f in present if h not in constant} for r in table]
+    return rows, constant
+
+
+def best_points(table: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the lowest-error row, and the rows no other beats on both error and cost (weight bytes for
+    quantizations, arrays for crossbar evaluations)."""
+    lines = []
+    for label, cost, rows in (("quantization", "weight_bytes", [r for r in table if r["adc_bits"] is None]),
+                              ("crossbar", "arrays", [r for r in table if r["adc_bits"] is not None])):
+        done = [r for r in rows if r["status"] == "completed" and r["rel_l2"] is not None and r[cost] is not None]
+        if not done:
+            continue
+        front = [r for r in done if not any(o[cost] <= r[cost] and o["rel_l2"] <= r["rel_l2"]
+                                             and (o[cost], o["rel_l2"]) != (r[cost], r["rel_l2"]) for o in done)]
+        best = min(done, key=lambda r: r["rel_l2"])
+        lines += [f"Lowest {label} error: `{_point(best)}`, {100 * best['rel_l2']:.2f}% ({best[cost]:,} {cost})."
+                  f" Error against {cost}, the front ({len(front)} of {len(done)}): "
+                  + "; ".join(f"`{_point(r)}` {100 * r['rel_l2']:.2f}% at {r[cost]:,}"
+                              for r in sorted(front, key=lambda r: r[cost])), ""]
+    return lines
+
+
+def _point(row: dict[str, Any]) -> str:
+    parts = [row["model"], f"W{row['bits']}", "pc" if row["per_channel"] else "pt", row["algorithm"],
+             f"n{row['calib_samples']}"]
+    if row["adc_bits"] is not None:
+        parts += [row["xbar"], f"cell{row['cell_bits']}", f"adc{row['adc_bits']}"]
+    return " ".join(str(p) for p in parts)
 
 
 def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design sweep") -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import cache
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
@@ -23,12 +24,15 @@ from maptools_flows.plots import layer_widths
 from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
-from maptools.artifacts import read_quantinfo
+from maptools.artifacts import MANIFEST, MODEL, read_quantinfo
+from maptools.evaluation import OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
+from maptools.onnx_model import check_input_shapes, load_model
 from maptools.errors import MaptoolsError
-from maptools.quantization import QuantizationResult, quantize
+from maptools.quantization import QuantizationResult, quantize, snr_db
 from maptools.versions import package_versions
 
-__all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantization", "publish_report", "convert",
+__all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantization", "evaluate_quantized",
+           "publish_report", "convert",
            "ContentKey", "is_transient", "code_fingerprint"]
 
 
@@ -155,48 +159,91 @@ def _artifact_key(mapname: str) -> str:
     return "quant-" + (re.sub(r"[^a-z0-9-]+", "-", mapname.lower()).strip("-") or "map")
 
 
+@task(name="evaluate-map", cache_policy=_CACHE, **_PERSIST)
+def evaluate_quantized(result: QuantizationResult, evaluation: EvaluationSpec) -> OutputError:
+    """Output error of the map's quant_model.onnx (exact at every width) against its float model on held-out
+    inputs; cached on the map's content. Nothing is calibrated again."""
+    data = None
+    if evaluation.eval_set is not None:
+        model = load_model(result.artifacts[MODEL])
+        shapes = check_input_shapes(model, json.loads(result.artifacts[MANIFEST].read_text())["model"]["input_shapes"])
+        data = load_evaluation_set(evaluation.eval_set, shapes, limit=evaluation.samples)
+    return evaluate_map(result.mapname, output_root=result.output_root, evaluation=data, samples=evaluation.samples,
+                        seed=evaluation.seed)
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.1f}"
+
+
 @task(name="publish-report")
-def publish_report(result: QuantizationResult, seconds: dict[str, float]) -> str:
-    """Prefect artifacts: per-layer SNR and scales as a table, a markdown summary of paths and settings."""
+def publish_report(result: QuantizationResult, seconds: dict[str, float], source: str,
+                   evaluation: OutputError | None = None) -> str:
+    """Prefect artifacts: a summary that leads with the output error against float, and per-layer SNR (dB) and
+    scales, worst layer first."""
     info = read_quantinfo(result.mapname, result.output_root)
     rows = []
-    for name, snr in result.errors.per_layer.items():
+    for name, db in sorted(result.errors.per_layer_db.items(), key=lambda item: item[1]):
         cfg = info[name]
-        rows.append({"layer": name, "type": cfg.op_type, "snr": f"{snr:.3e}", "input_scale": _scale(cfg.input_scale),
+        rows.append({"layer": name, "type": cfg.op_type, "SNR dB": _db(db), "input_scale": _scale(cfg.input_scale),
                      "output_scale": _scale(cfg.output_scale),
                      "weight_scale_min": f"{float(cfg.weight_scale.min()):.3g}",
                      "weight_scale_max": f"{float(cfg.weight_scale.max()):.3g}"})
     key = _artifact_key(result.mapname)
-    create_table_artifact(rows, key=f"{key}-layers", description=f"Per-layer SNR and scales of {result.mapname}")
+    create_table_artifact(rows, key=f"{key}-layers", description=(
+        f"Per-layer SNR of {result.mapname}, worst first: signal-to-noise of each layer's output against float, in "
+        "dB (higher is better; the noise/signal ratio is in error_report.json)"))
     mixed = result.mixed_precision
     if mixed is not None:
         create_table_artifact(
             [{"layer": layer["name"], "type": layer["op_type"], "params": layer["params"],
               "weight_bits": layer["weight_bits"], "input_bits": layer["input_bits"],
-              "error_alone_weights": f"{layer['weight_error'][str(layer['weight_bits'])]:.4f}",
-              "error_alone_input": f"{layer['input_error'][str(layer['input_bits'])]:.4f}"}
+              "error alone, weights %": f"{100 * layer['weight_error'][str(layer['weight_bits'])]:.2f}",
+              "error alone, input %": f"{100 * layer['input_error'][str(layer['input_bits'])]:.2f}"}
              for layer in mixed["layers"]],
-            key=f"{key}-bits", description=f"Widths bit_width='auto' chose for {result.mapname}")
+            key=f"{key}-bits", description=f"Widths bit_width='auto' chose for {result.mapname} (errors: rel. L2 "
+                                           "of the outputs against float, percent)")
         png = base64.b64encode(layer_widths(mixed, result.mapname)).decode()
-        create_image_artifact(f"data:image/png;base64,{png}", key=f"{key}-bits-plot",
-                              description=f"Widths and sensitivity per layer of {result.mapname}")
+        create_markdown_artifact(f"![widths per layer of {result.mapname}](data:image/png;base64,{png})",
+                                 key=f"{key}-bits-plot", description=f"Widths and sensitivity per layer of "
+                                                                     f"{result.mapname}")
     s = result.settings
-    lines = [f"# Quantized `{result.mapname}`", "",
-             f"W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
-             f"{s.algorithm.value}, {result.calibration.get('used')} {result.calibration.get('kind')} samples "
-             f"(seed {s.seed}) on `{result.device}`; pickles in the {result.profile.value} profile.", "",
-             f"Per-layer SNR: median {result.errors.median:.2e}, worst {result.errors.worst:.2e} "
-             f"(`{result.errors.worst_layer}`).", ""]
+    lines = [f"# Quantized `{result.mapname}`", ""]
+    if evaluation is not None:
+        lines += ["| output error vs float (rel. L2) | cosine | top-1 agreement | accuracy (float) | inputs |",
+                  "|---|---|---|---|---|",
+                  f"| **{_pct(evaluation.rel_l2)}** | {evaluation.cosine:.5f} | {_pct(evaluation.top1_agreement, 1)} | "
+                  + (f"{_pct(evaluation.accuracy, 1)} ({_pct(evaluation.float_accuracy, 1)})"
+                     if evaluation.accuracy is not None else "-")
+                  + f" | {evaluation.samples} held out: {evaluation.source} |", ""]
+    weight_bytes = weight_memory_bytes(result.mapname, result.output_root)
+    worst = result.errors.worst_layer
+    lines += ["| | |", "|---|---|",
+              f"| model | `{source}` |", f"| map | `{result.map_dir}` |",
+              f"| settings | W{s.weight_bits}A{s.activation_bits}, {'per-channel' if s.per_channel else 'per-tensor'}, "
+              f"{s.algorithm.value}, {s.optimization.value} optimization, {s.scale_policy.value} scales, "
+              f"{result.profile.value} profile |",
+              f"| calibration | {result.calibration.get('used')} {result.calibration.get('kind')} samples "
+              f"(seed {s.seed}) on `{result.device}` |",
+              f"| weights on the crossbars | {weight_bytes:,} bytes |"]
+    if worst is not None:
+        lines += [f"| layer SNR | median {_db(snr_db(result.errors.median))} dB, worst "
+                  f"{_db(result.errors.per_layer_db[worst])} dB (`{worst}`); higher is better |"]
     placement = result.placement
     if placement is not None:
-        lines += [f"Placement: {placement.summary()}.", ""]
-        if placement.fallbacks:
-            lines += ["| kept on the host in float, on record | why |", "|---|---|"]
-            lines += [f"| `{name}` | {why.replace('|', '/')} |" for name, why in placement.fallbacks.items()]
-            lines += [""]
+        lines += [f"| placement | {placement.summary()} |"]
+    lines += [""]
+    if placement is not None and placement.fallbacks:
+        lines += ["| kept on the host in float, on record | why |", "|---|---|"]
+        lines += [f"| `{name}` | {why.replace('|', '/')} |" for name, why in placement.fallbacks.items()]
+        lines += [""]
     if mixed is not None:
-        lines += [f"bit_width='auto' under {mixed['budget']}: output error {mixed['error']:.4f} (uniform "
-                  f"{mixed['uniform_error']:.4f}), {mixed['average_weight_bits']:.2f} weight bits per parameter, "
+        lines += [f"bit_width='auto' under {mixed['budget']}: output error {_pct(mixed['error'])} (uniform "
+                  f"{_pct(mixed['uniform_error'])}), {mixed['average_weight_bits']:.2f} weight bits per parameter, "
                   f"{mixed['average_input_bits']:.2f} input bits per MAC, weights {mixed['weight_bytes']} of "
                   f"{mixed['uniform_weight_bytes']} bytes.", ""]
     lines += ["| artifact | sha256 |", "|---|---|"]

@@ -6,6 +6,7 @@ line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -82,6 +83,8 @@ def _print_widths(report: dict) -> None:
 
 
 def _print_result(result: QuantizationResult) -> None:
+    from maptools.quantization import snr_db
+
     s = result.settings
     errors = result.errors
     calib = result.calibration
@@ -100,7 +103,9 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("device", result.device)
     if result.placement is not None:
         table.add_row("placement", result.placement.summary())
-    table.add_row("error (SNR)", f"median {errors.median:.2e}, worst {errors.worst:.2e} ({errors.worst_layer})")
+    if errors.per_layer:
+        table.add_row("layer SNR", f"median {snr_db(errors.median):.1f} dB, worst {snr_db(errors.worst):.1f} dB "
+                      f"({errors.worst_layer}); higher is better")
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     table.add_row("artifacts", ", ".join(result.artifacts))
     console.print(table)
@@ -145,9 +150,9 @@ def _model_shapes(model: Path) -> dict[str, list[int]]:
 class _CalibrationBar(Progress):
     """A progress bar that appears with the first calibration sample (not for inputs refused earlier)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: bool = False) -> None:
         super().__init__(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                         console=console)
+                         console=console, disable=hidden)
 
     def __enter__(self) -> _CalibrationBar:
         return self  # started by the first report()
@@ -240,6 +245,9 @@ def quantize(
     keep_on_host: Annotated[list[str] | None, typer.Option(
         "--keep-on-host", show_default=False, metavar="NODE",
         help="Keep this operator of the prepared model on the host in float; repeat it for several.")] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the result as one JSON object (QuantizationResult.to_json) instead of the table, "
+                       "for scripts; no progress bar.")] = False,
 ) -> None:
     """Quantize an ONNX model with PPQ; write mapsave/NAME/ (quantinfo, quantparams, QDQ model, errors, manifest).
 
@@ -259,7 +267,7 @@ def quantize(
         budget = {k: v for k, v in (("output_error", max_error), ("error_ratio", max_error_ratio),
                                     ("weight_bytes", max_weight_bytes)) if v is not None}
         shapes = _parse_shapes(input_shape) if input_shape else _model_shapes(model)
-        with _CalibrationBar() as bar:
+        with _CalibrationBar(hidden=json_output) as bar:
             result = run_quantize(
                 shapes, device, model, mapname=mapname, calibset=None if calib == "random" else calib,
                 calib_steps=calib_steps, seed=seed, bit_width="auto" if bits == "auto" else int(bits),
@@ -272,7 +280,10 @@ def quantize(
             )
     except MaptoolsError as e:
         fail(e)
-    _print_result(result)
+    if json_output:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_result(result)
 
 
 @app.command()

@@ -40,7 +40,7 @@ from maptools.versions import __version__, package_versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize", "QuantizationResult", "ErrorSummary"]
+__all__ = ["quantize", "QuantizationResult", "ErrorSummary", "snr_db"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,16 @@ class ErrorSummary:
     @property
     def median(self) -> float:
         return float(np.median(list(self.per_layer.values()))) if self.per_layer else 0.0
+
+    @property
+    def per_layer_db(self) -> dict[str, float]:
+        """The same per layer as signal-to-noise in dB (``-10 log10(noise / signal)``; higher is better)."""
+        return {name: snr_db(ratio) for name, ratio in self.per_layer.items()}
+
+
+def snr_db(ratio: float) -> float:
+    """A noise-to-signal power ratio as signal-to-noise in dB (higher is better; ``inf`` for no noise)."""
+    return math.inf if ratio <= 0 else -10.0 * math.log10(ratio)
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,9 @@ class QuantizationResult:
             "mapname": self.mapname, "map_dir": str(self.map_dir),
             "artifacts": {k: str(v) for k, v in self.artifacts.items()}, "sha256": self.sha256,
             "model_sha256": self.model_sha256, "settings": self.settings.to_dict(), "device": self.device,
-            "calibration": self.calibration, "error_report": self.errors.per_layer, "seconds": self.seconds,
+            "calibration": self.calibration, "error_report": self.errors.per_layer,
+            "snr_db": {k: None if math.isinf(v) else round(v, 2) for k, v in self.errors.per_layer_db.items()},
+            "seconds": self.seconds,
             "notes": list(self.notes), "mixed_precision": self.mixed_precision,
             "placement": None if self.placement is None else self.placement.model_dump(mode="json"),
             "profile": self.profile.value,

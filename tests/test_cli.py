@@ -32,6 +32,21 @@ def test_quantize_from_an_image_folder(small_cnn, tmp_path) -> None:
     assert manifest["settings"]["algorithm"] == "kl"
 
 
+def test_quantize_json_output_for_scripts(small_cnn, tmp_path) -> None:
+    result = runner.invoke(app, ["quantize", str(small_cnn), "--mapname", "js", "--calib-steps", "8", "--device", "cpu",
+                                 "--output-root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout is the JSON object alone: no table, no progress bar
+    assert data["mapname"] == "js" and data["map_dir"] == str(tmp_path / "mapsave" / "js")
+    assert data["settings"]["weight_bits"] == 8 and set(data["snr_db"]) == set(data["error_report"]) != set()
+    for layer, ratio in data["error_report"].items():  # SNR in dB, higher is better; the ratio kept beside it
+        assert data["snr_db"][layer] == pytest.approx(-10 * np.log10(ratio), abs=0.01)
+    table = runner.invoke(app, ["quantize", str(small_cnn), "--mapname", "js", "--calib-steps", "8", "--device", "cpu",
+                                "--output-root", str(tmp_path)], env={"COLUMNS": "200"})
+    worst = max(data["error_report"], key=data["error_report"].__getitem__)
+    assert f"worst {-10 * np.log10(data['error_report'][worst]):.1f} dB ({worst}); higher is better" in table.stdout
+
+
 def test_readme_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_pngs(tmp_path / "calib_images", 9)

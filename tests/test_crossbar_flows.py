@@ -40,12 +40,21 @@ def test_pipeline_quantizes_maps_and_simulates(pipeline) -> None:
     # a 12-bit ADC reads every partial sum of 64-row arrays (worst 64 * 3 = 192 < 4096): nothing lost
     assert crossbars.error.integer_rel_l2 == 0.0 and crossbars.error.integer_agreement == 1.0
     assert crossbars.error.samples == 8 and crossbars.error.rel_l2 > 0
+    # the artifacts, read back through the Prefect API: results first, units said, the plot inline
     table = Artifact.get("xbar-pipe-layers")
-    assert table is not None and "adc_bits_needed" in str(table.data)
+    assert table is not None
+    layers = json.loads(table.data)
+    assert list(layers[0])[:3] == ["layer", "ADC bits observed", "ADC bits worst case"]
+    assert len(layers) == len(crossbars.crossbars.layers) and all(0 < float(r["utilization %"]) <= 100 for r in layers)
     plot = Artifact.get("xbar-pipe-plot")
-    assert plot is not None and str(plot.data).startswith("data:image/png;base64,")
-    summary = Artifact.get("xbar-pipe")
-    assert summary is not None and "64x64" in str(summary.data)
+    assert plot is not None and str(plot.data).startswith("![") and "(data:image/png;base64," in str(plot.data)
+    summary = str(Artifact.get("xbar-pipe").data)
+    assert "64x64" in summary and "W8A8" in summary and str(root / "mapsave" / "pipe") in summary
+    assert f"**{100 * crossbars.error.rel_l2:.2f}%**" in summary  # the answer leads, in percent
+    assert "| 12 | " in summary  # the spec's ADC bits beside the observed / worst-case ones
+    # the pipeline's own run has a summary naming both stages' answers
+    run = str(Artifact.get("run-pipe").data)
+    assert f"{100 * result.quantization.evaluation.rel_l2:.2f}%" in run and f"{crossbars.crossbars.arrays} arrays" in run
 
 
 def test_map_and_simulate_is_cached_and_remaps_a_lost_file(pipeline, monkeypatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -54,10 +56,19 @@ def test_flow_runs_the_chain_and_publishes_a_report(prefect_server, raw_model, t
     assert result.quantization.map_dir == tmp_path / "mapsave" / "small"
     assert result.conversion is not None and result.conversion.graph_path.is_file()
     assert result.calibration.kind == "random" and result.calibration.count == 8
-    artifact = Artifact.get("quant-small")
-    assert artifact is not None and "mapsave/small/quantinfo.pkl" in str(artifact.data)
+    # the summary, read back through the Prefect API, leads with the output error on held-out inputs
+    evaluation = result.evaluation
+    assert evaluation is not None and evaluation.samples == 16 and 0 < evaluation.rel_l2 < 0.2
+    summary = str(Artifact.get("quant-small").data)
+    assert "mapsave/small/quantinfo.pkl" in summary and str(raw_model) in summary
+    assert summary.index(f"**{100 * evaluation.rel_l2:.2f}%**") < summary.index("| settings | W8A8")
+    assert "weights on the crossbars |" in summary and " dB (`" in summary
     table = Artifact.get("quant-small-layers")
     assert table is not None and "/stem/stem.0/Conv" in str(table.data)
+    layers = json.loads(table.data)
+    snr = [float(r["SNR dB"]) for r in layers]
+    assert snr == sorted(snr) and 10 < snr[0] < 80  # worst layer first, in dB (higher is better)
+    assert snr[0] == pytest.approx(-10 * math.log10(result.quantization.errors.worst), abs=0.05)
 
 
 def test_rerun_is_cached_and_does_not_call_ppq(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
@@ -202,7 +213,6 @@ def test_a_poisoned_result_file_cannot_run_code(prefect_server, raw_model, tmp_p
     """Cached results are maptools' JSON; a record rewritten as a pickle (or naming a foreign type) that
     would run code when loaded is refused, never loaded, and the task recomputes."""
     import base64
-    import json
     import pickle
 
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
@@ -254,7 +264,6 @@ def test_a_model_that_cannot_be_prepared_fails_with_a_maptools_error(prefect_ser
 
 
 def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_model, tmp_path) -> None:
-    import math
 
     result = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
                  shared_scales=True, profile="extended")
@@ -265,7 +274,7 @@ def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_m
     table = Artifact.get("quant-auto-bits")
     assert table is not None and all(layer["name"] in str(table.data) for layer in report["layers"])
     plot = Artifact.get("quant-auto-bits-plot")
-    assert plot is not None and str(plot.data).startswith("data:image/png;base64,")
+    assert plot is not None and plot.type == "markdown" and "](data:image/png;base64," in str(plot.data)
     again = run(raw_model, tmp_path, mapname="auto", bit_width="auto", max_weight_bytes=6000, scale_policy="pow2",
                 shared_scales=True, threads=1, profile="extended")  # the thread count is not part of the cache key
     assert again.quantization_cached and again.quantization.mixed_precision == report

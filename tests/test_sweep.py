@@ -68,9 +68,13 @@ def test_sweep_is_parallel_incremental_and_survives_bad_points(prefect_server, d
     assert len(json.loads(first.json_path.read_text())["rows"]) == 4
     assert first.plot_path is not None and first.plot_path.read_bytes()[:4] == b"\x89PNG"
     artifact = Artifact.get("sweep-t")
-    assert artifact is not None and "cnn" in str(artifact.data) and "minmax" in str(artifact.data)
+    assert artifact is not None and "minmax" in str(artifact.data)
+    shown = json.loads(artifact.data)
+    assert list(shown[0])[:3] == ["bits", "error %", "top-1 agree %"]  # results first; the one model in the heading
+    assert "model cnn" in artifact.description and "model" not in shown[0] and "xbar" not in shown[0]
+    assert sorted(float(r["error %"]) for r in shown) == sorted(round(100 * r["rel_l2"], 2) for r in first.rows)
     image = Artifact.get("sweep-t-plot")
-    assert image is not None and str(image.data).startswith("data:image/png;base64,")
+    assert image is not None and "](data:image/png;base64," in str(image.data)
 
     # a rerun recomputes nothing
     again = run_sweep(config(small_cnn, tmp_path, dask_cluster, bits=[4, 8], algorithms=["percentile", "minmax"]))
@@ -94,7 +98,9 @@ def test_sweep_is_parallel_incremental_and_survives_bad_points(prefect_server, d
     assert_monotonic(grown.rows)
     assert len(grown.failed) == 6
     summary = Artifact.get("sweep-t-summary")
-    assert summary is not None and "6/12 points completed" in str(summary.data)
+    assert summary is not None and "6/12 rows completed (12 quantizations, 0 crossbar evaluations)" in str(summary.data)
+    best = min((r for r in grown.rows if r["status"] == "completed"), key=lambda r: r["rel_l2"])
+    assert f"Lowest quantization error: `cnn W{best['bits']} pc {best['algorithm']} n8`" in str(summary.data)
 
 
 def test_config_errors_are_one_line(tmp_path) -> None:
