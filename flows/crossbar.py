@@ -25,7 +25,7 @@ from maptools.evaluation import load_evaluation_set
 from maptools.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
 __all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
-           "simulate_crossbar", "publish_crossbar_report", "crossbar_file_current", "plot_crossbar_map"]
+           "simulate_crossbar", "publish_crossbar_report", "crossbar_file_current", "plot_crossbar_map", "short_names"]
 
 
 @dataclass(frozen=True)
@@ -77,25 +77,48 @@ def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: Evalu
                              samples=evaluation.samples, seed=evaluation.seed)
 
 
+def short_names(names: list[str], width: int = 28) -> list[str]:
+    """Layer labels a reader can scan: the path's last parts (``/layer1/layer1.0/conv1/Conv`` ->
+    ``layer1.0/conv1``), the operator type dropped, cut to ``width`` characters from the left."""
+    labels = []
+    for name in names:
+        parts = [p for p in name.split("/") if p]
+        if len(parts) > 1 and parts[-1][:1].isupper():  # torch's exporter ends a path with the op type
+            parts = parts[:-1]
+        # a module's name, then its child's: /layer2/layer2.0/downsample/downsample.0 -> layer2.0/downsample.0
+        parts = [p for i, p in enumerate(parts) if i + 1 == len(parts) or not parts[i + 1].startswith(p + ".")]
+        label = "/".join(parts[-2:]) or name
+        labels.append(label if len(label) <= width else "..." + label[-(width - 3):])
+    return labels
+
+
 def plot_crossbar_map(mapped: CrossbarMap) -> bytes:
-    """PNG: utilization and ADC bits (worst case and observed) per layer."""
+    """PNG: utilization and ADC bits (worst case and observed) per layer, one horizontal row per layer (first
+    layer on top), legend outside the data."""
     layers = mapped.layers
-    x = list(range(len(layers)))
-    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
-    top.bar(x, [100 * lay.utilization for lay in layers], color="tab:blue")
-    top.set(ylabel="utilization (%)", ylim=(0, 100),
-            title=f"{mapped.spec.rows}x{mapped.spec.cols}, {mapped.spec.cell_bits}-bit cells: {mapped.arrays} arrays, "
-                  f"{100 * mapped.utilization:.1f}% of cells used")
-    top.grid(True, axis="y", alpha=0.3)
-    bottom.step(x, [lay.adc_bits_needed for lay in layers], where="mid", label="lossless, worst case")
+    y = list(range(len(layers)))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11.0, max(3.5, 0.22 * len(layers) + 1.8)), sharey=True,
+                                           gridspec_kw={"width_ratios": [1, 1.2]})
+    left.barh(y, [100 * lay.utilization for lay in layers], color="tab:blue")
+    left.set(xlabel="utilization (% of the layer's cells)", xlim=(0, 100))
+    left.set_yticks(y, short_names([lay.name for lay in layers]), fontsize=7)
+    left.invert_yaxis()
+    left.grid(True, axis="x", alpha=0.3)
+    worst = [lay.adc_bits_needed for lay in layers]
     observed = [lay.adc_bits_observed for lay in layers]
     if any(v is not None for v in observed):
-        bottom.plot(x, [v if v is not None else float("nan") for v in observed], "o", label="lossless, observed")
-    bottom.axhline(mapped.spec.adc_bits, color="tab:red", linestyle="--", label=f"ADC ({mapped.spec.adc_bits} bits)")
-    bottom.set(ylabel="ADC bits", xlabel="layer")
-    bottom.set_xticks(x, [lay.name for lay in layers], rotation=90, fontsize=7)
-    bottom.grid(True, axis="y", alpha=0.3)
-    bottom.legend(fontsize=8)
+        right.hlines([i for i, v in zip(y, observed) if v is not None], [v for v in observed if v is not None],
+                     [w for w, v in zip(worst, observed) if v is not None], color="0.8", linewidth=2)
+        right.plot([v if v is not None else float("nan") for v in observed], y, "o", markersize=4, color="tab:green",
+                   label="lossless readout, observed")
+    right.plot(worst, y, "s", markersize=4, color="tab:blue", label="lossless readout, worst case")
+    right.axvline(mapped.spec.adc_bits, color="tab:red", linestyle="--", label=f"ADC of the spec ({mapped.spec.adc_bits} bits)")
+    right.set(xlabel="ADC bits")
+    right.xaxis.set_major_locator(pyplot().MaxNLocator(integer=True))
+    right.grid(True, axis="x", alpha=0.3)
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle(f"{mapped.spec.rows}x{mapped.spec.cols}, {mapped.spec.cell_bits}-bit cells: {mapped.arrays} arrays, "
+                 f"{100 * mapped.utilization:.1f}% of cells used", fontsize=10)
     return png_bytes(fig, dpi=100)
 
 

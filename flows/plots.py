@@ -23,7 +23,7 @@ def png_bytes(fig: Any, dpi: int = 110) -> bytes:
     """``fig`` as PNG; the figure is closed."""
     png = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(png, dpi=dpi, format="png")
+    fig.savefig(png, dpi=dpi, format="png", bbox_inches="tight")  # legends placed outside the axes stay in
     pyplot().close(fig)
     return png.getvalue()
 

@@ -11,6 +11,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 import maptools_flows.crossbar
+from maptools_flows.crossbar import short_names
 from maptools_flows.pipeline import PipelineResult, map_and_simulate, quantize_map_simulate
 from maptools.artifacts import MapFolder
 from maptools.crossbar_error import evaluate_crossbar
@@ -55,6 +56,15 @@ def test_pipeline_quantizes_maps_and_simulates(pipeline) -> None:
     # the pipeline's own run has a summary naming both stages' answers
     run = str(Artifact.get("run-pipe").data)
     assert f"{100 * result.quantization.evaluation.rel_l2:.2f}%" in run and f"{crossbars.crossbars.arrays} arrays" in run
+
+
+def test_plot_labels_are_short_and_distinct() -> None:
+    names = ["/conv1/Conv", "/layer2/layer2.0/downsample/downsample.0/Conv", "/layer3/layer3.0/downsample/downsample.0/Conv",
+             "/layer1/layer1.0/conv2/Conv", "fc", "p2o.Conv.12", "/backbone/" + "very_long_module_name_" * 3 + "/Conv"]
+    labels = short_names(names)
+    assert labels[:6] == ["conv1", "layer2.0/downsample.0", "layer3.0/downsample.0", "layer1.0/conv2", "fc",
+                          "p2o.Conv.12"]
+    assert len(labels[6]) == 28 and labels[6].startswith("...") and labels[6].endswith("name_")
 
 
 def test_map_and_simulate_is_cached_and_remaps_a_lost_file(pipeline, monkeypatch) -> None:
