@@ -18,6 +18,7 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools.artifacts import output_location
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
+from maptools.quantization import snr_db
 
 flow_app = typer.Typer(help="Run the quantize-model Prefect flow (a temporary local Prefect server starts "
                             "when PREFECT_API_URL is not set).", no_args_is_help=True)
@@ -35,8 +36,14 @@ def _show(result: QuantizeModelResult) -> None:
     if result.conversion is not None:
         table.add_row(str(result.conversion.graph_path), "(operator graph)")
     console.print(table)
-    console.print(f"per-layer SNR median {q.errors.median:.2e}, worst {q.errors.worst:.2e} ({q.errors.worst_layer}); "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))
+    e = result.evaluation
+    if e is not None:
+        console.print(f"output error against float {100 * e.rel_l2:.2f}% (rel. L2), top-1 agreement "
+                      f"{100 * e.top1_agreement:.1f}% on {e.samples} held-out inputs", highlight=False)
+    if q.errors.per_layer:
+        console.print(f"per-layer SNR median {snr_db(q.errors.median):.1f} dB, worst {snr_db(q.errors.worst):.1f} dB "
+                      f"({q.errors.worst_layer}; higher is better)", highlight=False)
+    console.print(", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()), highlight=False)
 
 
 @flow_app.command()
@@ -83,7 +90,7 @@ def sweep(
                                                          "(s3://BUCKET/PREFIX); overrides the config.")] = None,
 ) -> None:
     """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
-    from maptools_flows.sweep import load_config, run_sweep
+    from maptools_flows.sweep import display_table, load_config, run_sweep
 
     try:
         cfg = load_config(config, dask_address=dask_address, workers=workers,
@@ -91,40 +98,26 @@ def sweep(
         result = run_sweep(cfg)
     except MaptoolsError as e:
         fail(e)
-    rows = result.rows
-    columns = {"model": "model", "bits": "bits", "per_channel": "w", "algorithm": "algorithm", "calib_samples": "n",
-               "status": "status", "cached": "cached", "rel_l2": "rel_l2", "top1_agreement": "top1",
-               "accuracy": "acc", "worst_snr": "worst snr", "seconds": "s"}
-    if len({r["model"] for r in rows}) == 1:
-        del columns["model"]
-    if all(r["accuracy"] is None for r in rows):
-        del columns["accuracy"]
-    if any(r["adc_bits"] is not None for r in rows):  # crossbar rows: the point on an array, then its ADC
-        columns = {**{k: v for k, v in columns.items() if k != "seconds"}, "xbar": "xbar", "cell_bits": "cell",
-                   "adc_bits": "adc", "arrays": "arrays", "integer_agreement": "vs int", "seconds": "s"}
-    table = Table(title=f"design sweep {result.name}: {len(rows) - len(result.failed)}/{len(rows)} points completed "
-                        f"in {result.seconds:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for header in columns.values():
+    rows, constant = display_table(result.rows)
+    headers = [h for h in (rows[0] if rows else {}) if h != "error"]  # failures are listed below the table
+    dropped = []
+    while len(headers) > 1 and sum(max(len(h), *(len(r[h]) for r in rows)) + 2 for h in headers) > console.width:
+        dropped.insert(0, headers.pop())  # results come first: the last columns matter least
+    table = Table(title=f"design sweep {result.name}: {len(rows) - len(result.failed)}/{len(rows)} rows completed "
+                        f"in {result.seconds:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  caption=", ".join(f"{k} {v}" for k, v in constant.items()) or None)
+    for header in headers:
         table.add_column(header, no_wrap=True)
     for row in rows:
-        table.add_row(*(_cell(column, row[column]) for column in columns))
+        table.add_row(*(row[h] for h in headers))
     console.print(table)
+    if dropped:
+        console.print(f"not shown at this width: {', '.join(dropped)} (every column is in the table files below)",
+                      highlight=False, soft_wrap=True)
     for row in result.failed:
         console.print(f"[yellow]failed[/] {row['mapname']}: {row['error']}", highlight=False, soft_wrap=True)
     console.print(f"table: {result.csv_path} and {result.json_path.name}; plot: {result.plot_path}", highlight=False,
                   soft_wrap=True)
-
-
-def _cell(column: str, value: object) -> str:
-    if value is None:
-        return ""
-    if column == "per_channel":
-        return "pc" if value else "pt"
-    if column == "cached":
-        return "yes" if value else ""
-    if column == "status":
-        return "ok" if value == "completed" else "FAILED"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -472,7 +472,7 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
     key = f"sweep-{config.name}"
     rows, constant = display_table(table)
     create_table_artifact(rows, key=key, description=(
-        f"Design sweep {config.name}: one row per quantization and per crossbar evaluation of it, results first; "
+        f"Design sweep {config.name}: one row per quantization and per crossbar evaluation of it; "
         "errors are relative L2 of the outputs against float, in percent (lower is better); 'added by ADC' is the "
         "crossbar's error against the lossless integer simulation; SNR in dB (higher is better)"
         + (f". The same in every row: {', '.join(f'{k} {v}' for k, v in constant.items())}" if constant else "")
@@ -503,24 +503,26 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
     return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
 
 
-#: what the artifact table shows, results first: (column, heading, how the value is written)
+#: what the artifact table shows: the axes that vary (the others go to the heading), then the results, most read
+#: first: (column, heading, how the value is written)
 _SHOWN: list[tuple[str, str, Any]] = [
-    ("model", "model", str), ("bits", "bits", str), ("xbar", "xbar", str), ("adc_bits", "ADC bits", str),
+    ("model", "model", str), ("bits", "bits", str), ("per_channel", "per-channel", str),
+    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("xbar", "xbar", str),
+    ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str),
     ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
     ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
     ("weight_bytes", "weight bytes", lambda v: f"{v:,}"), ("arrays", "arrays", str),
-    ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("per_channel", "per-channel", str),
-    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("cell_bits", "cell bits", str),
-    ("status", "status", str), ("cached", "cached", str), ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
+    ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
+    ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
 _AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "xbar", "cell_bits", "adc_bits", "status",
          "cached"}
 
 
 def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """The rows as a reader sees them: results first, in percent / dB, columns that are empty everywhere dropped,
-    and point columns that are the same in every row returned apart (for the heading)."""
+    """The rows as a reader sees them: the axes that vary, then the results (percent, dB); columns empty everywhere
+    dropped, and point columns with the same value in every row returned apart (for the heading)."""
     present = [(c, h, f) for c, h, f in _SHOWN if any(r[c] is not None and r[c] != "" for r in table)]
     constant = {h: f(table[0][c]) for c, h, f in present
                 if c in _AXES and len(table) > 1 and len({str(r[c]) for r in table}) == 1}

@@ -70,7 +70,8 @@ def test_sweep_is_parallel_incremental_and_survives_bad_points(prefect_server, d
     artifact = Artifact.get("sweep-t")
     assert artifact is not None and "minmax" in str(artifact.data)
     shown = json.loads(artifact.data)
-    assert list(shown[0])[:3] == ["bits", "error %", "top-1 agree %"]  # results first; the one model in the heading
+    # the axes that vary, then the results; the one model (and what no row varies) in the heading
+    assert list(shown[0])[:4] == ["bits", "algorithm", "error %", "top-1 agree %"]
     assert "model cnn" in artifact.description and "model" not in shown[0] and "xbar" not in shown[0]
     assert sorted(float(r["error %"]) for r in shown) == sorted(round(100 * r["rel_l2"], 2) for r in first.rows)
     image = Artifact.get("sweep-t-plot")
@@ -137,7 +138,8 @@ def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_
         f'[grid]\nbits = [8]\nalgorithms = ["minmax"]\ncalib_samples = [8, 4]\n')
     result = runner.invoke(app, ["sweep", str(tmp_path / "cfg" / "sweep.toml"), "--dask-address", dask_cluster])
     assert result.exit_code == 0, result.output
-    assert "1/2 points completed" in result.stdout and "calib_steps=4" in result.stdout
+    assert "1/2 rows completed" in result.stdout and "calib_steps=4" in result.stdout
+    assert "…" not in result.stdout and "error %" in result.stdout  # 80 columns when piped: nothing cut short
     rows = json.loads((tmp_path / "out" / "sweeps" / "cli" / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["completed", "failed"]
     assert 0 <= rows[0]["accuracy"] <= 1 and rows[0]["float_accuracy"] is not None
