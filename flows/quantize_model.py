@@ -20,7 +20,7 @@ from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError
 from maptools.mixed_precision import Budget
 from maptools.quantization import QuantizationResult
-from maptools.settings import QuantSettings
+from maptools.settings import MULTIPLIER_BITS, QuantSettings
 from maptools.stages import CalibrationSpec, PreparedOnnx, has_artifact, located
 
 __all__ = ["quantize_model", "QuantizeModelResult"]
@@ -60,6 +60,9 @@ def quantize_model(
     bit_width: Annotated[Annotated[int, Field(ge=2, le=8)] | Literal["auto"], Field(
         description="Weight and activation bits, or auto: per-layer widths under max_output_error, max_error_ratio or "
                     "max_weight_bytes.")] = 8,
+    weight_bits: Annotated[int | None, Field(ge=2, le=8, description="Weight bits, overriding bit_width.")] = None,
+    activation_bits: Annotated[int | None, Field(ge=2, le=8, description="Activation bits, overriding bit_width."
+                                                 )] = None,
     per_channel: Annotated[bool, Field(description="Per-output-channel weight scales.")] = True,
     algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
                          Field(description="Activation calibration algorithm.")] = "percentile",
@@ -77,6 +80,12 @@ def quantize_model(
     profile: Annotated[Literal["seed", "extended"], Field(
         description="seed: pickles in the original toolchain's contract; extended: this package's semantics.")
     ] = "seed",
+    multiplier_bits: Annotated[int, Field(ge=8, le=MULTIPLIER_BITS, description="Bits of the requantization "
+                                                                                "multipliers in quantinfo.")
+    ] = MULTIPLIER_BITS,
+    layer_bits: Annotated[dict[str, list[int]] | None, Field(
+        description='Per crossbar operator {name: [weight_bits, input_bits]} (extended profile), e.g. '
+                    '{"/stem/Conv": [8, 8]}.')] = None,
     max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
                                                                        "(rel. L2 against float) allowed.")] = None,
     max_error_ratio: Annotated[float | None, Field(ge=1, description="bit_width=auto: the largest output error "
@@ -120,10 +129,16 @@ def quantize_model(
                 raise SettingsError("max_output_error / max_error_ratio / max_weight_bytes apply to bit_width='auto' "
                                     "only.", "pass bit_width='auto', or drop the budget.")
             budget = Budget.of({k: v for k, v in limits.items() if v is not None}).to_json()
+        if budget and (weight_bits is not None or activation_bits is not None or layer_bits):
+            raise SettingsError("bit_width='auto' chooses the widths; weight_bits, activation_bits and layer_bits "
+                                "cannot be given with it.", "drop them, or pass a number as bit_width.")
         bits = max(Budget.of(budget).weight_choices) if budget else bit_width
-        QuantSettings(weight_bits=bits, activation_bits=bits, per_channel=per_channel, algorithm=algorithm,
-                      calib_steps=calib_steps, seed=seed, activation_sign=activation_sign, optimization=optimization,
-                      scale_policy=scale_policy, shared_scales=shared_scales, profile=profile)
+        settings = QuantSettings(
+            weight_bits=bits if weight_bits is None else weight_bits,
+            activation_bits=bits if activation_bits is None else activation_bits,
+            per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
+            activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
+            shared_scales=shared_scales, multiplier_bits=multiplier_bits, layer_bits=layer_bits or {}, profile=profile)
         validate_mapname(mapname)
         resolved_device = resolve_device(device)
         root = str(output_location(output_root))
@@ -141,10 +156,8 @@ def quantize_model(
         seconds["calibset"] = time.perf_counter() - t
 
         args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
-                    calib_steps=calib_steps, bit_width=bit_width, per_channel=per_channel, algorithm=algorithm,
-                    seed=seed, output_root=root, activation_sign=activation_sign, optimization=optimization,
-                    scale_policy=scale_policy, shared_scales=shared_scales, budget=budget, threads=threads,
-                    strict=strict, keep_on_host=keep_on_host or [], profile=profile)
+                    settings=settings, output_root=root, budget=budget, threads=threads, strict=strict,
+                    keep_on_host=keep_on_host or [])
         t = time.perf_counter()
         state = run_quantization.with_options(refresh_cache=refresh)(**args, return_state=True)
         if state.is_failed() and device == "auto" and resolved_device != "cpu" and is_transient(None, None, state):

@@ -45,6 +45,7 @@ from maptools.crossbar_error import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
 from maptools.mapping import CrossbarSpec
 from maptools.quantization import QuantizationResult, snr_db
+from maptools.settings import QuantSettings
 from maptools.store import Store, is_url, store_errors
 from maptools.stages import CalibrationSpec, PreparedOnnx, located
 
@@ -89,6 +90,11 @@ class ModelSpec(_Strict):
         return {k: list(v) for k, v in EXAMPLES[str(self.example)][1].items()}
 
 
+#: settings the grid varies with an axis of its own
+_DEDICATED = {"weight_bits": "bits", "activation_bits": "bits", "per_channel": "per_channel",
+              "algorithm": "algorithms", "calib_steps": "calib_samples", "seed": "seed (the config's)"}
+
+
 class Grid(_Strict):
     """The design space. Values are checked per point (a bad one fails only its points, with maptools' message)."""
 
@@ -100,6 +106,22 @@ class Grid(_Strict):
                                             "also mapped and simulated on each crossbar.")
     cell_bits: list[int] = Field([2], min_length=1, description="Bits per cell of the crossbar points.")
     adc_bits: list[int] = Field([], description="ADC bits of the crossbar points (e.g. [4, 5, 6, 7, 8]).")
+    settings: dict[str, list[Any]] = Field({}, description="More axes: any other quantization setting (a field of "
+                                                           "maptools.settings.QuantSettings) and its values, e.g. "
+                                                           "{scale_policy: [float, pow2]}.")
+
+    @field_validator("settings")
+    @classmethod
+    def _setting_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in value.items():
+            if name in _DEDICATED:
+                raise ValueError(f"vary {name} with the grid's {_DEDICATED[name]!r} axis")
+            if name not in QuantSettings.model_fields:
+                raise ValueError(f"{name!r} is not a quantization setting (one of: "
+                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in _DEDICATED)})")
+            if not values:
+                raise ValueError(f"settings.{name} has no values")
+        return value
 
     @model_validator(mode="after")
     def _crossbar_axes(self) -> Grid:
@@ -147,8 +169,10 @@ class SweepConfig(_Strict):
 
     def points(self) -> list[SweepPoint]:
         g = self.grid
-        return [SweepPoint(m.label, b, pc, a, n) for m in self.models
-                for b, pc, a, n in itertools.product(g.bits, g.per_channel, g.algorithms, g.calib_samples)]
+        extra = [[(name, v) for v in values] for name, values in g.settings.items()]
+        return [SweepPoint(m.label, b, pc, a, n, tuple(more)) for m in self.models
+                for b, pc, a, n, *more in itertools.product(g.bits, g.per_channel, g.algorithms, g.calib_samples,
+                                                            *extra)]
 
 
 def _summarise(error: ValidationError) -> str:
@@ -200,7 +224,7 @@ def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
 
 # --- points and results ------------------------------------------------------------------------------
 
-COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "mapname", "status", "cached", "rel_l2",
+COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "mapname", "status", "cached", "rel_l2",
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
            "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
            "xbar", "cell_bits", "adc_bits", "arrays", "utilization", "integer_rel_l2", "integer_agreement"]
@@ -213,16 +237,25 @@ class SweepPoint:
     per_channel: bool
     algorithm: str
     calib_samples: int
+    settings: tuple[tuple[str, Any], ...] = ()  # the grid's other axes: (QuantSettings field, value)
 
     @property
     def mapname(self) -> str:
         algorithm = re.sub(r"[^A-Za-z0-9]+", "_", str(self.algorithm)) or "_"
-        return f"{self.model}-w{self.bits}-{'pc' if self.per_channel else 'pt'}-{algorithm}-n{self.calib_samples}"
+        more = "".join(f"-{re.sub(r'[^A-Za-z0-9]+', '_', f'{n}_{v}')}" for n, v in self.settings)
+        return f"{self.model}-w{self.bits}-{'pc' if self.per_channel else 'pt'}-{algorithm}-n{self.calib_samples}{more}"
+
+    def quant_settings(self, seed: int) -> QuantSettings:
+        """The point's settings (SettingsError for a value maptools refuses: only this point fails)."""
+        return QuantSettings(weight_bits=self.bits, activation_bits=self.bits, per_channel=self.per_channel,
+                             algorithm=self.algorithm, calib_steps=self.calib_samples, seed=seed,
+                             **dict(self.settings))
 
     def row(self, **values: Any) -> dict[str, Any]:
         base = {c: None for c in COLUMNS}
         base.update(model=self.model, bits=self.bits, per_channel=self.per_channel, algorithm=self.algorithm,
-                    calib_samples=self.calib_samples, mapname=self.mapname)
+                    calib_samples=self.calib_samples, mapname=self.mapname,
+                    settings=json.dumps(dict(self.settings), default=str) if self.settings else None)
         base.update(values)
         return base
 
@@ -282,10 +315,14 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
     each crossbar point; rows, the quantized point's first. A failure becomes a row."""
     started = time.perf_counter()
     _use_worker_gpu(device)
-    args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
-                calib_steps=point.calib_samples, bit_width=point.bits, per_channel=point.per_channel,
-                algorithm=point.algorithm, seed=seed, output_root=output_root)
     where = _worker()
+    try:
+        settings = point.quant_settings(seed)
+    except SettingsError as e:
+        return [point.row(status="failed", cached=False, error=str(e), worker=where,
+                          seconds=round(time.perf_counter() - started, 3))]
+    args = dict(model=model, calibration=calibration, input_shapes=input_shapes, mapname=mapname, device=device,
+                settings=settings, output_root=output_root)
     state = run_quantization(**args, return_state=True)
     if not state.is_completed():
         return [point.row(status="failed", cached=False, error=_failure(state), worker=where,
@@ -507,7 +544,8 @@ def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]],
 #: first: (column, heading, how the value is written)
 _SHOWN: list[tuple[str, str, Any]] = [
     ("model", "model", str), ("bits", "bits", str), ("per_channel", "per-channel", str),
-    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("xbar", "xbar", str),
+    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("settings", "settings", str),
+    ("xbar", "xbar", str),
     ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str),
     ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
@@ -516,7 +554,7 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
     ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
-_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "xbar", "cell_bits", "adc_bits", "status",
+_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits", "status",
          "cached"}
 
 
@@ -551,7 +589,7 @@ def best_points(table: list[dict[str, Any]]) -> list[str]:
 
 def _point(row: dict[str, Any]) -> str:
     parts = [row["model"], f"W{row['bits']}", "pc" if row["per_channel"] else "pt", row["algorithm"],
-             f"n{row['calib_samples']}"]
+             f"n{row['calib_samples']}", *(f"{k}={v}" for k, v in json.loads(row["settings"] or "{}").items())]
     if row["adc_bits"] is not None:
         parts += [row["xbar"], f"cell{row['cell_bits']}", f"adc{row['adc_bits']}"]
     return " ".join(str(p) for p in parts)

@@ -29,6 +29,7 @@ from maptools.evaluation import OutputError, evaluate_map, load_evaluation_set, 
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize, snr_db
+from maptools.settings import QuantSettings
 from maptools.versions import package_versions
 
 __all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantization", "evaluate_quantized",
@@ -80,6 +81,8 @@ class ContentKey(CachePolicy):
                 parts[name] = value.sha256
             elif isinstance(value, stages.CalibrationSpec):
                 parts[name] = value.sha256
+            elif isinstance(value, QuantSettings):
+                parts[name] = value.to_dict()
             elif isinstance(value, QuantizationResult):
                 parts[name] = {"sha256": value.sha256, "mapname": value.mapname, "output_root": str(value.output_root)}
             elif isinstance(value, Path):
@@ -135,20 +138,15 @@ def build_calibset(calib: str | None, input_shapes: dict[str, list[int]], calib_
 
 @task(name="run-quantization", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def run_quantization(model: stages.PreparedOnnx, calibration: stages.CalibrationSpec,
-                     input_shapes: dict[str, list[int]], mapname: str, device: str, calib_steps: int,
-                     bit_width: int | str, per_channel: bool, algorithm: str, seed: int,
-                     output_root: str, activation_sign: str | None = None, optimization: str = "none",
-                     scale_policy: str = "float", shared_scales: bool | None = None,
-                     budget: dict[str, Any] | None = None, threads: int | None = None,
-                     strict: bool = False, keep_on_host: list[str] | None = None,
-                     profile: str = "seed") -> QuantizationResult:
-    """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/."""
+                     input_shapes: dict[str, list[int]], mapname: str, device: str, settings: QuantSettings,
+                     output_root: str, budget: dict[str, Any] | None = None, threads: int | None = None,
+                     strict: bool = False, keep_on_host: list[str] | None = None) -> QuantizationResult:
+    """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/. With a ``budget``
+    the widths are chosen per layer (``bit_width='auto'``)."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
-                    calibset=calibration.calibset(), calib_steps=calib_steps, seed=seed, bit_width=bit_width,
-                    per_channel=per_channel, algorithm=algorithm, output_root=output_root,
-                    activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
-                    shared_scales=shared_scales, budget=budget, threads=threads, strict=strict,
-                    keep_on_host=keep_on_host or (), profile=profile)
+                    calibset=calibration.calibset(), settings=settings, bit_width="auto" if budget else 8,
+                    output_root=output_root, budget=budget, threads=threads, strict=strict,
+                    keep_on_host=keep_on_host or ())
 
 
 def _scale(value: float | None) -> str:

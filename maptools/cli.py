@@ -130,6 +130,18 @@ def _parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _parse_layer_bits(specs: Sequence[str]) -> dict[str, tuple[int, int]]:
+    layers: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        name, sep, bits = spec.rpartition("=")
+        widths = bits.split(",")
+        if not sep or not name or len(widths) != 2 or not all(w.strip().isdigit() for w in widths):
+            raise typer.BadParameter(f"{spec!r} is not NODE=WEIGHT_BITS,INPUT_BITS (e.g. /stem/Conv=8,6).",
+                                     param_hint="'--layer-bits'")
+        layers[name] = (int(widths[0]), int(widths[1]))
+    return layers
+
+
 def _model_shapes(model: Path) -> dict[str, list[int]]:
     """The input shapes fixed in the model itself; InputShapeError where a dimension is dynamic."""
     from maptools.onnx_model import load_model, model_inputs
@@ -215,8 +227,9 @@ def quantize(
              "Relu, Sigmoid, ...; --profile extended only); zero offsets either way.  [default: the profile's]")
     ] = None,
     optimize: Annotated[Optimization, typer.Option(
-        case_sensitive=False, help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
-                                   "(real data only), equalization rescales consecutive layers.")
+        "--optimize", "--optimization", case_sensitive=False,
+        help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
+             "(real data only), equalization rescales consecutive layers.")
     ] = Optimization.NONE,
     scale_policy: Annotated[ScalePolicy, typer.Option(
         case_sensitive=False, help="float scales, or pow2: every scale a power of two, so requantization is a "
@@ -232,6 +245,10 @@ def quantize(
     multiplier_bits: Annotated[int, typer.Option(
         min=8, max=MULTIPLIER_BITS, help="Bits of the requantization multipliers recorded in quantinfo.")
     ] = MULTIPLIER_BITS,
+    layer_bits: Annotated[list[str] | None, typer.Option(
+        "--layer-bits", show_default=False, metavar="NODE=W,A",
+        help="Weight bits and input bits of one crossbar operator (--profile extended), e.g. /stem/Conv=8,6; "
+             "repeat it for several.")] = None,
     threads: Annotated[int | None, typer.Option(
         min=1, show_default=False, help="torch threads while PPQ runs.  [default: the cores that are free when "
                                         "the run starts]")] = None,
@@ -276,7 +293,7 @@ def quantize(
                 activation_sign=activation_sign, optimization=optimize, output_root=output_root,
                 progress=bar.report, scale_policy=scale_policy, shared_scales=shared_scales,
                 multiplier_bits=multiplier_bits, threads=threads, strict=strict, keep_on_host=keep_on_host or (),
-                profile=profile,
+                profile=profile, layer_bits=_parse_layer_bits(layer_bits or []),
             )
     except MaptoolsError as e:
         fail(e)

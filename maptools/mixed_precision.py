@@ -417,7 +417,7 @@ def search(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], 
         raise SettingsError("bit_width='auto' found no Conv/Gemm with constant weights on the device.",
                             "quantize this model with a fixed bit_width.")
     top = (max(budget.weight_choices), max(budget.input_choices))
-    uniform_settings = dataclasses.replace(settings, weight_bits=top[0], activation_bits=top[1], layer_bits=())
+    uniform_settings = settings.replace(weight_bits=top[0], activation_bits=top[1], layer_bits=())
     uniform = quantize_at(uniform_settings)
     uniform_error = measure(uniform, reference)
     log.info("bit_width='auto': %d layers, uniform W%dA%d error %.4f", len(layers), *top, uniform_error)
@@ -440,7 +440,7 @@ def search(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], 
                                     time.perf_counter() - started, notes)
 
     def settings_for(chosen: Mapping[str, tuple[int, int]]) -> QuantSettings:
-        return dataclasses.replace(uniform_settings, layer_bits=tuple(
+        return uniform_settings.replace(layer_bits=tuple(
             (name, w, a) for name, (w, a) in chosen.items() if (w, a) != top))
 
     target = limit

@@ -332,6 +332,7 @@ def quantize(
     strict: bool = False,
     keep_on_host: Sequence[str] = (),
     profile: str | Profile = Profile.SEED,
+    settings: QuantSettings | None = None,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -390,6 +391,8 @@ def quantize(
             contract (:mod:`maptools.seed`), which its downstream loads as they are; a model the contract
             cannot represent is written ``'extended'`` (with a note; ``strict`` makes it an error).
             ``'extended'``: this package's semantics and pickle types, which the original refuses to load.
+        settings: every option above at once (:class:`maptools.settings.QuantSettings`, the one definition of
+            each); a keyword given beside it must agree with it.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -402,7 +405,7 @@ def quantize(
     auto = bit_width == "auto"
     if auto:
         budget = Budget.of(budget)
-        if weight_bits is not None or activation_bits is not None or layer_bits:
+        if weight_bits is not None or activation_bits is not None or layer_bits or (settings and settings.layer_bits):
             raise SettingsError("bit_width='auto' chooses the widths; weight_bits, activation_bits and layer_bits "
                                 "cannot be given with it.", "limit the widths with the budget's weight_choices and "
                                 "input_choices instead.")
@@ -410,14 +413,26 @@ def quantize(
         weight_bits, activation_bits = max(budget.weight_choices), max(budget.input_choices)
     elif budget is not None:
         raise SettingsError("budget= applies to bit_width='auto' only.", "pass bit_width='auto' or drop budget.")
-    settings = QuantSettings(
+    keywords = QuantSettings(
         weight_bits=bit_width if weight_bits is None else weight_bits,
         activation_bits=bit_width if activation_bits is None else activation_bits,
         per_channel=per_channel, algorithm=algorithm, calib_steps=calib_steps, seed=seed,
         activation_sign=activation_sign, optimization=optimization, scale_policy=scale_policy,
         shared_scales=shared_scales, multiplier_bits=multiplier_bits, layer_bits=tuple(
-            (name, *bits) for name, bits in (layer_bits or {}).items()), profile=profile,
+            (name, *bits) for name, bits in (layer_bits or {}).items()),
+        profile=settings.profile if settings is not None and profile == Profile.SEED else profile,
     )
+    if settings is None:
+        settings = keywords
+    else:
+        defaults = QuantSettings(profile=settings.profile)
+        clash = [name for name in QuantSettings.model_fields if getattr(keywords, name) != getattr(defaults, name)
+                 and getattr(keywords, name) != getattr(settings, name)]
+        if clash and not (auto and set(clash) <= {"weight_bits", "activation_bits"}):
+            raise SettingsError(f"settings= and the keyword(s) {', '.join(clash)} disagree.",
+                                "pass each option once: in settings, or as a keyword.")
+        if auto:
+            settings = settings.replace(weight_bits=keywords.weight_bits, activation_bits=keywords.activation_bits)
     if auto and settings.profile is Profile.SEED:
         raise SettingsError("bit_width='auto' chooses per-layer widths, and the seed profile's downstream reads every "
                             "activation at one width.", "pass profile='extended' with bit_width='auto'.")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maptools.errors import SettingsError
 
@@ -74,115 +75,98 @@ class Profile(str, Enum):
     EXTENDED = "extended"  # this package's: unsigned ranges where they help, per-input requantization records
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """Everything besides model and data that decides the quantized result.
+_BITS = dict(ge=2, le=8, strict=True)
 
-    Quantization is always symmetric with zero offsets (what a CIM crossbar needs).
 
-    Attributes:
-        weight_bits: bits of Conv/Gemm weights, 2..8.
-        activation_bits: bits of activations (operator inputs and outputs), 2..8.
-        per_channel: one weight scale per output channel (True) or per tensor.
-        algorithm: activation calibration algorithm.
-        calib_steps: calibration batches PPQ reads, 8..512.
-        seed: seed of random calibration data and of torch during calibration.
-        activation_sign: ``auto`` (unsigned where the producer cannot be negative; the ``extended``
-            profile's default, which measured more accurate) or ``signed`` ranges everywhere (the
-            ``seed`` profile's, the only one it allows); zero offsets either way.
-        optimization: a PPQ correction pass (see :class:`Optimization`).
-        scale_policy: ``float`` (default) or ``pow2``: every weight and activation scale a power of two.
-        shared_scales: the activation inputs of every device Add and Concat arrive on one scale, so
-            neither is requantized before the adder (or concatenation); always so in the ``seed`` profile.
-        multiplier_bits: bits of the requantization multipliers recorded in quantinfo (8..31).
-        layer_bits: per crossbar operator (Conv, ConvTranspose, Gemm) ``{name: (weight_bits, input_bits)}``:
-            its weights' width, and the width it reads its activation input at (requantized from the
-            producer's grid where the two differ); what ``bits='auto'`` chooses (``extended`` only).
-        profile: ``seed`` (default): the map follows the original toolchain's contract
-            (:mod:`maptools.seed`), which its downstream reads as it is; ``extended``: this package's
-            richer semantics, which only this package's downstream reads. ``activation_sign`` and
-            ``shared_scales`` default to the profile's (``signed`` and ``True`` for ``seed``, ``auto``
-            and ``False`` for ``extended``).
+class QuantSettings(BaseModel):
+    """Everything besides model and data that decides the quantized result: the one definition of every
+    quantization option, with its bounds and meaning (the Python API, the command line, the flow and the
+    sweep take their options from these fields; the manifest records :meth:`to_dict`).
+
+    Quantization is always symmetric with zero offsets (what a CIM crossbar needs). ``activation_sign``
+    and ``shared_scales`` default to the profile's (``signed`` and ``True`` for ``seed``, ``auto`` and
+    ``False`` for ``extended``). A bad value raises :class:`~maptools.errors.SettingsError` naming the
+    field, what it takes, and the fix.
     """
 
-    weight_bits: int = 8
-    activation_bits: int = 8
-    per_channel: bool = True
-    algorithm: CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE
-    calib_steps: int = 32
-    seed: int = 0
-    activation_sign: ActivationSign | None = None
-    optimization: Optimization = Optimization.NONE
-    scale_policy: ScalePolicy = ScalePolicy.FLOAT
-    shared_scales: bool | None = None
-    multiplier_bits: int = MULTIPLIER_BITS
-    layer_bits: tuple[tuple[str, int, int], ...] = ()
-    profile: Profile = Profile.SEED
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
+    weight_bits: int = Field(8, **_BITS, description="Bits of Conv/Gemm weights (2-8).")
+    activation_bits: int = Field(8, **_BITS, description="Bits of activations: operator inputs and outputs (2-8).")
+    per_channel: bool = Field(True, strict=True, description="One weight scale per output channel (true) or one "
+                                                             "per weight tensor (false).")
+    algorithm: CalibrationAlgorithm = Field(
+        CalibrationAlgorithm.PERCENTILE, title="calibration algorithm",
+        description="How activation ranges are set from the calibration data: percentile clips outliers, minmax "
+                    "keeps them (fastest), kl and mse search for the least loss (they read the data twice).")
+    calib_steps: int = Field(32, ge=MIN_CALIB_STEPS, le=MAX_CALIB_STEPS, strict=True,
+                             description=f"Calibration samples PPQ reads ({MIN_CALIB_STEPS}-{MAX_CALIB_STEPS}).")
+    seed: int = Field(0, ge=0, strict=True, description="Seed of random calibration data and of torch during "
+                                                        "calibration; the same seed gives identical artifacts.")
+    activation_sign: ActivationSign | None = Field(
+        None, description="signed ranges everywhere (the seed profile's, the only one it allows), or auto: unsigned "
+                          "[0, 2^b-1] where the producer cannot be negative (the extended profile's default); zero "
+                          "offsets either way. Null: the profile's.")
+    optimization: Optimization = Field(
+        Optimization.NONE, description="A PPQ correction pass: bias-correction, lsq and fast-bias-correction fit "
+                                       "the calibration data (real data only); equalization rescales consecutive "
+                                       "layers.")
+    scale_policy: ScalePolicy = Field(ScalePolicy.FLOAT, description="float scales, or pow2: every weight and "
+                                                                     "activation scale a power of two (requantization "
+                                                                     "is a shift).")
+    shared_scales: bool | None = Field(
+        None, strict=True, description="One scale on all activation inputs of each device Add and Concat, so neither "
+                                       "is requantized before the adder (always so in the seed profile). Null: the "
+                                       "profile's.")
+    multiplier_bits: int = Field(MULTIPLIER_BITS, ge=8, le=MULTIPLIER_BITS, strict=True,
+                                 description=f"Bits of the requantization multipliers recorded in quantinfo "
+                                             f"(8-{MULTIPLIER_BITS}).")
+    layer_bits: tuple[tuple[str, Annotated[int, Field(**_BITS)], Annotated[int, Field(**_BITS)]], ...] = Field(
+        (), description="Per crossbar operator (Conv, ConvTranspose, Gemm) {name: [weight_bits, input_bits]}: its "
+                        "weights' width and the width it reads its input at (what bit_width=auto chooses; extended "
+                        "profile only).")
+    profile: Profile = Field(Profile.SEED, description="seed: quantinfo.pkl/quantparams.pkl in the original "
+                                                       "toolchain's contract (signed, shared scales); extended: this "
+                                                       "package's richer semantics, which only its downstream reads.")
+
+    def __init__(self, **values: Any) -> None:
         try:
-            object.__setattr__(self, "profile", Profile(self.profile))
-        except ValueError:
-            raise SettingsError(f"unknown profile {self.profile!r}.", "use 'seed' (the original toolchain's "
-                                "contract, the default) or 'extended'.") from None
-        seed = self.profile is Profile.SEED
-        if self.activation_sign is None:
-            object.__setattr__(self, "activation_sign", ActivationSign.SIGNED if seed else ActivationSign.AUTO)
-        if self.shared_scales is None:
-            object.__setattr__(self, "shared_scales", seed)
-        for name in ("weight_bits", "activation_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-                raise SettingsError(
-                    f"{name}={value!r} is not supported.", "use an integer from 2 to 8 (8 is the default)."
-                )
-        if isinstance(self.calib_steps, bool) or not isinstance(self.calib_steps, int) or not (
-            MIN_CALIB_STEPS <= self.calib_steps <= MAX_CALIB_STEPS
-        ):
-            raise SettingsError(
-                f"calib_steps={self.calib_steps!r} is outside PPQ's range.",
-                f"use an integer from {MIN_CALIB_STEPS} to {MAX_CALIB_STEPS}.",
-            )
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _settings_error(e) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, values: Any) -> Any:
+        """``layer_bits`` as sorted ``(name, weight_bits, input_bits)``; the profile's defaults filled in."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        layers = values.get("layer_bits") or ()
+        if isinstance(layers, Mapping):
+            layers = [(name, *bits) if isinstance(bits, (list, tuple)) else (name, bits) for name, bits in layers.items()]
+        if isinstance(layers, (list, tuple)):
+            values["layer_bits"] = tuple(sorted((tuple(entry) if isinstance(entry, (list, tuple)) else (entry,)
+                                                 for entry in layers), key=lambda entry: str(entry[0])))
         try:
-            object.__setattr__(self, "algorithm", CalibrationAlgorithm(self.algorithm))
+            seed = Profile(values.get("profile", Profile.SEED)) is Profile.SEED
         except ValueError:
-            choices = ", ".join(a.value for a in CalibrationAlgorithm)
-            raise SettingsError(f"unknown calibration algorithm {self.algorithm!r}.", f"use one of: {choices}.") from None
-        for name, kind in (("activation_sign", ActivationSign), ("optimization", Optimization),
-                           ("scale_policy", ScalePolicy)):
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                choices = ", ".join(k.value for k in kind)
-                raise SettingsError(f"unknown {name} {getattr(self, name)!r}.", f"use one of: {choices}.") from None
-        for name in ("per_channel", "shared_scales"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"{name}={getattr(self, name)!r} is not a bool.", "pass True or False.")
-        if isinstance(self.multiplier_bits, bool) or not isinstance(self.multiplier_bits, int) or not (
-                8 <= self.multiplier_bits <= MULTIPLIER_BITS):
-            raise SettingsError(f"multiplier_bits={self.multiplier_bits!r} is not supported.",
-                                f"use an integer from 8 to {MULTIPLIER_BITS} (the default).")
+            return values  # the field's own check names it
+        if values.get("activation_sign") is None:
+            values["activation_sign"] = ActivationSign.SIGNED if seed else ActivationSign.AUTO
+        if values.get("shared_scales") is None:
+            values["shared_scales"] = seed
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantSettings:
         if self.scale_policy is ScalePolicy.POW2 and self.optimization is Optimization.LSQ:
             raise SettingsError("optimization='lsq' learns the scales, and scale_policy='pow2' fixes them to powers "
                                 "of two (PPQ then trains no scale at all).",
                                 "use optimization='bias-correction' or 'none' with pow2, or scale_policy='float'.")
-        layers = []
-        for entry in (self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits):
-            try:
-                name, wbits, abits = (entry[0], *entry[1]) if len(entry) == 2 else entry
-            except (TypeError, ValueError):
-                raise SettingsError(f"layer_bits entry {entry!r} is not (name, weight_bits, input_bits).",
-                                    "pass {crossbar operator name: (weight_bits, input_bits)}.") from None
-            for value in (wbits, abits):
-                if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-                    raise SettingsError(f"layer_bits[{name!r}] = {(wbits, abits)!r}: bits must be integers 2..8.",
-                                        "pick widths from 2 to 8 for each operator.")
-            layers.append((str(name), wbits, abits))
-        object.__setattr__(self, "layer_bits", tuple(sorted(layers)))
-        if seed:
+        if self.profile is Profile.SEED:
             self._check_seed()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise SettingsError(f"seed={self.seed!r} is not a non-negative integer.", "pass e.g. seed=0.")
+        return self
 
     def _check_seed(self) -> None:
         """The settings the seed contract cannot express (see :mod:`maptools.seed`)."""
@@ -198,6 +182,10 @@ class QuantSettings:
             raise SettingsError("layer_bits (and bit_width='auto'): the seed profile's downstream reads every "
                                 "activation at one width.", "pass profile='extended' for per-layer widths.")
 
+    def replace(self, **changes: Any) -> QuantSettings:
+        """A copy with ``changes``, validated like a new one."""
+        return type(self)(**{**self.model_dump(), **changes})
+
     @property
     def unsigned_activations(self) -> bool:
         """Whether unsigned ranges apply: ``auto``, and an observer that handles them (PPQ's kl is signed only)."""
@@ -211,8 +199,41 @@ class QuantSettings:
         return self.weight_bits, self.activation_bits
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for name in ("algorithm", "activation_sign", "optimization", "scale_policy", "profile"):
-            data[name] = getattr(self, name).value
+        """JSON-ready, as the manifest records it (``layer_bits`` as ``{name: [weight_bits, input_bits]}``)."""
+        data = self.model_dump(mode="json")
         data["layer_bits"] = {name: [w, a] for name, w, a in self.layer_bits}
         return data
+
+
+def _settings_error(error: ValidationError) -> SettingsError:
+    """The first problem pydantic found, as the SettingsError a user reads: the field, its value, the fix."""
+    first = error.errors(include_url=False)[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingsError):  # raised by a validator of ours
+        return cause
+    loc = first["loc"]
+    name = str(loc[0]) if loc else "settings"
+    value = first.get("input")
+    field = QuantSettings.model_fields.get(name)
+    if field is None:
+        return SettingsError(f"unknown setting {name!r}.", f"use one of: {', '.join(QuantSettings.model_fields)}.")
+    if name == "layer_bits":
+        where = f" (entry {loc[1]}, item {loc[2]})" if len(loc) > 2 else ""
+        return SettingsError(f"layer_bits{where}: {value!r} does not fit (operator name, weight_bits, input_bits) with "
+                             "widths 2 to 8.", "pass {crossbar operator name: (weight_bits, input_bits)}, each 2 to 8.")
+    kind = field.annotation if isinstance(field.annotation, type) else None
+    enum = next((t for t in (kind, *getattr(field.annotation, "__args__", ())) if isinstance(t, type)
+                 and issubclass(t, Enum)), None)
+    if enum is not None:
+        return SettingsError(f"unknown {field.title or name} {value!r}.",
+                             f"use one of: {', '.join(str(e.value) for e in enum)}.")
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower(), None) for m in field.metadata}
+    if "Ge" in bounds and "Le" in bounds:
+        return SettingsError(f"{name}={value!r} is not supported.",
+                             f"use an integer from {bounds['Ge']} to {bounds['Le']}"
+                             + (f" ({field.default} is the default)." if name.endswith("_bits") else "."))
+    if "Ge" in bounds:
+        return SettingsError(f"{name}={value!r} is not an integer >= {bounds['Ge']}.", f"pass e.g. {name}={field.default}.")
+    if field.annotation in (bool, "bool", "bool | None") or isinstance(field.default, bool) or name == "shared_scales":
+        return SettingsError(f"{name}={value!r} is not a bool.", "pass True or False.")
+    return SettingsError(f"{name}={value!r}: {first['msg']}.", f"see QuantSettings.{name}: {field.description}")
