@@ -1,9 +1,11 @@
-"""The ``design-sweep`` flow: bit widths x per-channel x calibration algorithms x sample counts x models.
+"""The ``design-sweep`` flow: bit widths x per-channel x calibration algorithms x sample counts x any other
+quantization setting x models (the config and its points: :mod:`maptools_flows.sweep_config`; the table,
+plots and artifacts: :mod:`maptools_flows.sweep_report`).
 
 Each grid point is one ``sweep-point`` task, fanned out on Dask through ``prefect-dask``'s
 ``DaskTaskRunner`` (a local cluster by default, or an existing cluster by address). A point runs
 the quantization flow's own ``run-quantization`` task under its own mapname (content-cached, so
-a rerun or a grown grid recomputes only what is new), then ``evaluate-point`` (output error of
+a rerun or a grown grid recomputes only what is new), then ``evaluate-map`` (output error of
 PPQ's simulation against the float model, also cached). With crossbar axes (``xbar``, ``cell_bits``,
 ``adc_bits``), each quantized point is then converted and simulated on every crossbar
 (``simulate-crossbar``, cached on the map's content and the spec): one more row each. Results go
@@ -12,269 +14,35 @@ to a CSV and a JSON table, plots, and Prefect artifacts under ``<output_root>/sw
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
-import io
-import itertools
-import json
 import os
-import re
 import time
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect_dask import DaskTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maptools_flows.crossbar import convert_map, simulate_crossbar
-from maptools_flows.plots import error_and_accuracy
 from maptools_flows.results import ensure_result_storage
+from maptools_flows.sweep_config import COLUMNS, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
+from maptools_flows.sweep_report import SweepResult, _point, display_table, plot_sweep, publish
 from maptools_flows.tasks import (EvaluationSpec, build_calibset, evaluate_quantized, prepare_model,
                                   run_quantization)
-from maptools.artifacts import atomic_write, local_root, output_location
-from maptools.artifacts import sha256_file
+from maptools.artifacts import output_location, sha256_file
 from maptools.errors import SettingsError, SweepConfigError
-from maptools.evaluation import EVAL_SEED, OutputError, weight_memory_bytes
+from maptools.evaluation import OutputError, weight_memory_bytes
 from maptools.crossbar_error import CrossbarError
-from maptools.examples import EXAMPLE_PREFIX, EXAMPLES
+from maptools.examples import EXAMPLE_PREFIX
 from maptools.mapping import CrossbarSpec
-from maptools.quantization import QuantizationResult, snr_db
-from maptools.settings import QuantSettings
-from maptools.store import Store, is_url, store_errors
+from maptools.quantization import QuantizationResult
 from maptools.stages import CalibrationSpec, PreparedOnnx, located
 
-__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepResult", "SweepConfigError", "load_config", "design_sweep",
-           "run_sweep", "task_runner_for", "COLUMNS"]
-
-# --- configuration -------------------------------------------------------------------------------
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepPoint", "SweepResult", "SweepConfigError", "load_config",
+           "design_sweep", "run_sweep", "task_runner_for", "COLUMNS", "display_table", "plot_sweep"]
 
 
-class ModelSpec(_Strict):
-    """One model of the sweep: an ONNX file (with its input shapes) or a built-in example."""
-
-    name: str | None = Field(None, description="Short name for mapnames and the table (default: file stem / example).")
-    path: str | None = Field(None, description="ONNX model file.")
-    example: Literal["small_cnn", "resnet18"] | None = Field(None, description="A built-in example model instead.")
-    input_shapes: dict[str, list[int]] | None = Field(None, description="Shape of every input, e.g. "
-                                                      "{input: [1, 3, 224, 224]}; default for examples.")
-    calib: str | None = Field(None, description="'random' (default) or a folder of images / .npy / .npz files.")
-    eval_set: str | None = Field(None, description="Labelled evaluation set: .npz with 'labels' and one array per "
-                                                   "input; default: seeded random inputs.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        if (self.path is None) == (self.example is None):
-            raise ValueError("give exactly one of 'path' (an ONNX file) or 'example' (small_cnn or resnet18)")
-        if self.path is not None and self.input_shapes is None:
-            raise ValueError("'input_shapes' is required with 'path', e.g. {input: [1, 3, 224, 224]}")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
-            raise ValueError(f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or self.example or Path(str(self.path)).stem
-
-    def shapes(self) -> dict[str, list[int]]:
-        if self.input_shapes is not None:
-            return self.input_shapes
-        return {k: list(v) for k, v in EXAMPLES[str(self.example)][1].items()}
-
-
-#: settings the grid varies with an axis of its own
-_DEDICATED = {"weight_bits": "bits", "activation_bits": "bits", "per_channel": "per_channel",
-              "algorithm": "algorithms", "calib_steps": "calib_samples", "seed": "seed (the config's)"}
-
-
-class Grid(_Strict):
-    """The design space. Values are checked per point (a bad one fails only its points, with maptools' message)."""
-
-    bits: list[int] = Field(min_length=1, description="Weight and activation bits (2..8).")
-    per_channel: list[bool] = Field([True], min_length=1, description="Per-channel (true) / per-tensor (false).")
-    algorithms: list[str] = Field(["percentile"], min_length=1, description="percentile, minmax, kl, mse.")
-    calib_samples: list[int] = Field([32], min_length=1, description="Calibration samples (8..512).")
-    xbar: list[str] = Field([], description="Crossbar sizes ROWSxCOLS; with adc_bits, every quantized point is "
-                                            "also mapped and simulated on each crossbar.")
-    cell_bits: list[int] = Field([2], min_length=1, description="Bits per cell of the crossbar points.")
-    adc_bits: list[int] = Field([], description="ADC bits of the crossbar points (e.g. [4, 5, 6, 7, 8]).")
-    settings: dict[str, list[Any]] = Field({}, description="More axes: any other quantization setting (a field of "
-                                                           "maptools.settings.QuantSettings) and its values, e.g. "
-                                                           "{scale_policy: [float, pow2]}.")
-
-    @field_validator("settings")
-    @classmethod
-    def _setting_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for name, values in value.items():
-            if name in _DEDICATED:
-                raise ValueError(f"vary {name} with the grid's {_DEDICATED[name]!r} axis")
-            if name not in QuantSettings.model_fields:
-                raise ValueError(f"{name!r} is not a quantization setting (one of: "
-                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in _DEDICATED)})")
-            if not values:
-                raise ValueError(f"settings.{name} has no values")
-        return value
-
-    @model_validator(mode="after")
-    def _crossbar_axes(self) -> Grid:
-        if bool(self.xbar) != bool(self.adc_bits):
-            raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
-        return self
-
-    def crossbars(self) -> list[tuple[str, int, int]]:
-        """(xbar, cell_bits, adc_bits) of every crossbar point (checked when it runs)."""
-        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits))
-
-
-class SweepConfig(_Strict):
-    """A design-space sweep: models x grid, where it runs and what it writes."""
-
-    name: str = Field("sweep", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
-                      description="Sweep name: folder sweeps/<name>/ and artifact keys (lowercase, digits, dashes).")
-    models: list[ModelSpec] = Field(min_length=1)
-    grid: Grid
-    device: str = Field("cpu", description="cpu, cuda or auto; with cuda one point runs per GPU at a time.")
-    seed: int = Field(0, ge=0, description="Seed of random calibration data.")
-    eval_samples: int = Field(32, ge=1, le=10000, description="Evaluation samples (random inputs, or the first N "
-                                                              "of a labelled set).")
-    eval_seed: int = Field(EVAL_SEED, ge=0, description="Seed of random evaluation inputs (held out from calibration).")
-    simplify: bool = Field(True, description="onnxsim each model while preparing it.")
-    output_root: str | None = Field(None, description="Where mapsave/ and sweeps/ go (default $MAPTOOLS_HOME or the "
-                                                      "working directory).")
-    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address).")
-    dask_address: str | None = Field(None, description="An existing Dask scheduler, e.g. tcp://host:8786.")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value.strip().lower()):
-            raise ValueError("use cpu, cuda, cuda:N or auto")
-        return value.strip().lower()
-
-    @model_validator(mode="after")
-    def _unique_models(self) -> SweepConfig:
-        labels = [m.label for m in self.models]
-        duplicates = sorted({x for x in labels if labels.count(x) > 1})
-        if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)} (set 'name')")
-        return self
-
-    def points(self) -> list[SweepPoint]:
-        g = self.grid
-        extra = [[(name, v) for v in values] for name, values in g.settings.items()]
-        return [SweepPoint(m.label, b, pc, a, n, tuple(more)) for m in self.models
-                for b, pc, a, n, *more in itertools.product(g.bits, g.per_channel, g.algorithms, g.calib_samples,
-                                                            *extra)]
-
-
-def _summarise(error: ValidationError) -> str:
-    parts = []
-    for e in error.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "config"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-def load_config(path: str | Path, **overrides: Any) -> SweepConfig:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) sweep config; relative paths in it are relative to the file.
-
-    Raises:
-        SweepConfigError: a missing file, a syntax error, or bad fields (all of them, in one line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SweepConfigError(f"sweep config {path} does not exist.", "pass a .yaml or .toml file (see "
-                                                                       "examples/sweep.yaml).")
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SweepConfigError(f"{path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: "
-                               f"{' '.join(str(e).split())}", "fix the syntax.") from None
-    if not isinstance(data, dict):
-        raise SweepConfigError(f"{path} holds {type(data).__name__}, not a mapping of settings.",
-                               "start from examples/sweep.yaml.")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = SweepConfig.model_validate(data)
-    except ValidationError as e:
-        raise SweepConfigError(f"{path}: {_summarise(e)}.", "see examples/sweep.yaml for the fields.") from None
-    return config.model_copy(update={"models": [_resolve_paths(m, path.parent) for m in config.models],
-                                     "output_root": _relative_to(config.output_root, path.parent)})
-
-
-def _relative_to(value: str | None, base: Path) -> str | None:
-    if value is None or value == "random" or is_url(value):
-        return value
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
-    return model.model_copy(update={k: _relative_to(getattr(model, k), base) for k in ("path", "calib", "eval_set")})
-
-
-# --- points and results ------------------------------------------------------------------------------
-
-COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "mapname", "status", "cached", "rel_l2",
-           "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
-           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
-           "xbar", "cell_bits", "adc_bits", "arrays", "utilization", "integer_rel_l2", "integer_agreement"]
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    model: str
-    bits: int
-    per_channel: bool
-    algorithm: str
-    calib_samples: int
-    settings: tuple[tuple[str, Any], ...] = ()  # the grid's other axes: (QuantSettings field, value)
-
-    @property
-    def mapname(self) -> str:
-        algorithm = re.sub(r"[^A-Za-z0-9]+", "_", str(self.algorithm)) or "_"
-        more = "".join(f"-{re.sub(r'[^A-Za-z0-9]+', '_', f'{n}_{v}')}" for n, v in self.settings)
-        return f"{self.model}-w{self.bits}-{'pc' if self.per_channel else 'pt'}-{algorithm}-n{self.calib_samples}{more}"
-
-    def quant_settings(self, seed: int) -> QuantSettings:
-        """The point's settings (SettingsError for a value maptools refuses: only this point fails)."""
-        return QuantSettings(weight_bits=self.bits, activation_bits=self.bits, per_channel=self.per_channel,
-                             algorithm=self.algorithm, calib_steps=self.calib_samples, seed=seed,
-                             **dict(self.settings))
-
-    def row(self, **values: Any) -> dict[str, Any]:
-        base = {c: None for c in COLUMNS}
-        base.update(model=self.model, bits=self.bits, per_channel=self.per_channel, algorithm=self.algorithm,
-                    calib_samples=self.calib_samples, mapname=self.mapname,
-                    settings=json.dumps(dict(self.settings), default=str) if self.settings else None)
-        base.update(values)
-        return base
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """The comparison table (one dict per point, ``COLUMNS``) and where it was written."""
-
-    name: str
-    rows: list[dict[str, Any]]
-    csv_path: Path
-    json_path: Path
-    plot_path: Path | None
-    seconds: float
-
-    @property
-    def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] != "completed"]
-
+# --- points on the workers -------------------------------------------------------------------------------
 
 def _use_worker_gpu(device: str) -> None:
     """On a local multi-GPU cluster, worker k computes on GPU k (the device string, and so the cache key, stays)."""
@@ -311,7 +79,7 @@ def _failure(state: Any) -> str:
 def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibration: CalibrationSpec,
                 input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
                 evaluation: EvaluationSpec, crossbars: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
-    """One grid point: run-quantization (cached on content) then evaluate-point, then simulate-crossbar for
+    """One grid point: run-quantization (cached on content) then evaluate-map, then simulate-crossbar for
     each crossbar point; rows, the quantized point's first. A failure becomes a row."""
     started = time.perf_counter()
     _use_worker_gpu(device)
@@ -457,7 +225,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
         except Exception as e:  # the worker died or the task crashed outside the point's own error handling
             rows[i] = [p.row(status="failed", cached=False, error=" ".join(str(e).split()) or type(e).__name__)]
     table = [row for i in range(len(points)) for row in rows[i]]
-    result = _publish(config, root, table, time.perf_counter() - started)
+    result = publish(config, root, table, time.perf_counter() - started)
     done = sum(r["status"] == "completed" for r in table)
     logger.info("design sweep %r: %d/%d rows completed (%d from cache) in %.1f s; table %s", config.name, done,
                 len(table), sum(bool(r["cached"]) for r in table), result.seconds, result.csv_path)
@@ -491,134 +259,6 @@ def _annotate(annotation: dict[str, Any]) -> Any:
 
     with dask.annotate(**annotation):
         yield
-
-
-def _publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], seconds: float) -> SweepResult:
-    folder = local_root(root) / "sweeps" / config.name
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = folder / "results.csv", folder / "results.json"
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(table)
-    atomic_write(csv_path, text.getvalue())
-    atomic_write(json_path, json.dumps({"name": config.name, "config": config.model_dump(),
-                                        "seconds": round(seconds, 3), "rows": table}, indent=2, default=str))
-    plot_path = plot_sweep(table, folder / "plot.png", title=f"design sweep {config.name}")
-
-    key = f"sweep-{config.name}"
-    rows, constant = display_table(table)
-    create_table_artifact(rows, key=key, description=(
-        f"Design sweep {config.name}: one row per quantization and per crossbar evaluation of it; "
-        "errors are relative L2 of the outputs against float, in percent (lower is better); 'added by ADC' is the "
-        "crossbar's error against the lossless integer simulation; SNR in dB (higher is better)"
-        + (f". The same in every row: {', '.join(f'{k} {v}' for k, v in constant.items())}" if constant else "")
-        + f". All columns: {csv_path}"))
-    crossbar_plot = plot_crossbar_sweep(table, folder / "crossbar.png", title=f"crossbar sweep {config.name}")
-    for image, suffix, what in ((plot_path, "plot", "Output error against bit width"),
-                                (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits")):
-        if image is not None:
-            png = base64.b64encode(image.read_bytes()).decode()
-            create_markdown_artifact(f"![{what}](data:image/png;base64,{png})\n\n`{image}`", key=f"{key}-{suffix}",
-                                     description=what)
-    if isinstance(root, str):  # maps on a store: the report goes there too
-        store = Store.of(root)
-        with store_errors(f"upload the report of sweep {config.name!r}", root):
-            for path in (csv_path, json_path, plot_path, crossbar_plot):
-                if path is not None:
-                    store.fs.put_file(str(path), store.join("sweeps", config.name, path.name))
-    failed = [r for r in table if r["status"] != "completed"]
-    crossbar_rows = sum(r["adc_bits"] is not None for r in table)
-    lines = [f"# Design sweep `{config.name}`", "",
-             f"{len(table) - len(failed)}/{len(table)} rows completed ({len(table) - crossbar_rows} quantizations, "
-             f"{crossbar_rows} crossbar evaluations), {sum(bool(r['cached']) for r in table)} from the cache, in "
-             f"{seconds:.1f} s.", "", *best_points(table), "",
-             f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
-    lines += [f"- crossbar plot: `{crossbar_plot}`"] if crossbar_plot else []
-    lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
-    create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"Design sweep {config.name}")
-    return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
-
-
-#: what the artifact table shows: the axes that vary (the others go to the heading), then the results, most read
-#: first: (column, heading, how the value is written)
-_SHOWN: list[tuple[str, str, Any]] = [
-    ("model", "model", str), ("bits", "bits", str), ("per_channel", "per-channel", str),
-    ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("settings", "settings", str),
-    ("xbar", "xbar", str),
-    ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str),
-    ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
-    ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
-    ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
-    ("weight_bytes", "weight bytes", lambda v: f"{v:,}"), ("arrays", "arrays", str),
-    ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
-    ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
-#: columns that describe a point (folded into the heading when every row has the same value)
-_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits", "status",
-         "cached"}
-
-
-def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """The rows as a reader sees them: the axes that vary, then the results (percent, dB); columns empty everywhere
-    dropped, and point columns with the same value in every row returned apart (for the heading)."""
-    present = [(c, h, f) for c, h, f in _SHOWN if any(r[c] is not None and r[c] != "" for r in table)]
-    constant = {h: f(table[0][c]) for c, h, f in present
-                if c in _AXES and len(table) > 1 and len({str(r[c]) for r in table}) == 1}
-    rows = [{h: "" if r[c] is None else f(r[c]) for c, h, f in present if h not in constant} for r in table]
-    return rows, constant
-
-
-def best_points(table: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines: the lowest-error row, and the rows no other beats on both error and cost (weight bytes for
-    quantizations, arrays for crossbar evaluations)."""
-    lines = []
-    for label, cost, rows in (("quantization", "weight_bytes", [r for r in table if r["adc_bits"] is None]),
-                              ("crossbar", "arrays", [r for r in table if r["adc_bits"] is not None])):
-        done = [r for r in rows if r["status"] == "completed" and r["rel_l2"] is not None and r[cost] is not None]
-        if not done:
-            continue
-        front = [r for r in done if not any(o[cost] <= r[cost] and o["rel_l2"] <= r["rel_l2"]
-                                             and (o[cost], o["rel_l2"]) != (r[cost], r["rel_l2"]) for o in done)]
-        best = min(done, key=lambda r: r["rel_l2"])
-        lines += [f"Lowest {label} error: `{_point(best)}`, {100 * best['rel_l2']:.2f}% ({best[cost]:,} {cost})."
-                  f" Error against {cost}, the front ({len(front)} of {len(done)}): "
-                  + "; ".join(f"`{_point(r)}` {100 * r['rel_l2']:.2f}% at {r[cost]:,}"
-                              for r in sorted(front, key=lambda r: r[cost])), ""]
-    return lines
-
-
-def _point(row: dict[str, Any]) -> str:
-    parts = [row["model"], f"W{row['bits']}", "pc" if row["per_channel"] else "pt", row["algorithm"],
-             f"n{row['calib_samples']}", *(f"{k}={v}" for k, v in json.loads(row["settings"] or "{}").items())]
-    if row["adc_bits"] is not None:
-        parts += [row["xbar"], f"cell{row['cell_bits']}", f"adc{row['adc_bits']}"]
-    return " ".join(str(p) for p in parts)
-
-
-def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design sweep") -> Path | None:
-    """Error (and accuracy, when measured) against bit width, one line per model / algorithm / granularity / samples."""
-    done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None and r["adc_bits"] is None]
-    if not done:
-        return None
-    vary = {k: len({r[k] for r in done}) > 1 for k in ("per_channel", "calib_samples")}
-
-    def label(r: dict[str, Any]) -> str:
-        text = f"{r['model']} / {r['algorithm']}"
-        if vary["per_channel"]:
-            text += " / " + ("per-channel" if r["per_channel"] else "per-tensor")
-        return text + (f" / n={r['calib_samples']}" if vary["calib_samples"] else "")
-
-    return atomic_write(path, error_and_accuracy(done, "bits", label, "bit width (weights and activations)", title))
-
-
-def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
-    """Error against float (and accuracy, when measured) against ADC bits, one line per model / bits / crossbar."""
-    done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None]
-    if not done:
-        return None
-    return atomic_write(path, error_and_accuracy(
-        done, "adc_bits", lambda r: f"{r['model']} W{r['bits']}A{r['bits']} / {r['xbar']} / {r['cell_bits']}-bit cells",
-        "ADC bits", title))
 
 
 def task_runner_for(config: SweepConfig) -> DaskTaskRunner:

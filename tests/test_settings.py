@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from maptools_flows.quantize_model import quantize_model
-from maptools_flows.sweep import _DEDICATED, Grid, SweepConfig, run_sweep
+from maptools_flows.sweep import Grid, SweepConfig, run_sweep
+from maptools_flows.sweep_config import _DEDICATED
 from maptools.artifacts import read_quantinfo
 from maptools.cli import app
 from maptools.errors import SettingsError

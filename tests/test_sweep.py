@@ -1,7 +1,7 @@
 """The design-sweep flow on a 2-worker Dask LocalCluster (loopback) and a real Prefect server.
 
 Grid points run in the Dask workers' processes, so they are told apart by their task states
-(``cached``: run-quantization and evaluate-point both came from the cache), not by counting calls.
+(``cached``: run-quantization and evaluate-map both came from the cache), not by counting calls.
 """
 
 from __future__ import annotations

@@ -1,0 +1,230 @@
+"""The design sweep's configuration: models x grid (any quantization setting, crossbar axes), read from YAML
+or TOML, and the points it expands to (``SweepPoint``: one quantization each, its mapname and table row)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from maptools.errors import SweepConfigError
+from maptools.evaluation import EVAL_SEED
+from maptools.examples import EXAMPLES
+from maptools.settings import QuantSettings
+from maptools.store import is_url
+
+__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepPoint", "SweepConfigError", "load_config", "COLUMNS"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the sweep: an ONNX file (with its input shapes) or a built-in example."""
+
+    name: str | None = Field(None, description="Short name for mapnames and the table (default: file stem / example).")
+    path: str | None = Field(None, description="ONNX model file.")
+    example: Literal["small_cnn", "resnet18"] | None = Field(None, description="A built-in example model instead.")
+    input_shapes: dict[str, list[int]] | None = Field(None, description="Shape of every input, e.g. "
+                                                      "{input: [1, 3, 224, 224]}; default for examples.")
+    calib: str | None = Field(None, description="'random' (default) or a folder of images / .npy / .npz files.")
+    eval_set: str | None = Field(None, description="Labelled evaluation set: .npz with 'labels' and one array per "
+                                                   "input; default: seeded random inputs.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.example is None):
+            raise ValueError("give exactly one of 'path' (an ONNX file) or 'example' (small_cnn or resnet18)")
+        if self.path is not None and self.input_shapes is None:
+            raise ValueError("'input_shapes' is required with 'path', e.g. {input: [1, 3, 224, 224]}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
+            raise ValueError(f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.example or Path(str(self.path)).stem
+
+    def shapes(self) -> dict[str, list[int]]:
+        if self.input_shapes is not None:
+            return self.input_shapes
+        return {k: list(v) for k, v in EXAMPLES[str(self.example)][1].items()}
+
+
+#: settings the grid varies with an axis of its own
+_DEDICATED = {"weight_bits": "bits", "activation_bits": "bits", "per_channel": "per_channel",
+              "algorithm": "algorithms", "calib_steps": "calib_samples", "seed": "seed (the config's)"}
+
+
+class Grid(_Strict):
+    """The design space. Values are checked per point (a bad one fails only its points, with maptools' message)."""
+
+    bits: list[int] = Field(min_length=1, description="Weight and activation bits (2..8).")
+    per_channel: list[bool] = Field([True], min_length=1, description="Per-channel (true) / per-tensor (false).")
+    algorithms: list[str] = Field(["percentile"], min_length=1, description="percentile, minmax, kl, mse.")
+    calib_samples: list[int] = Field([32], min_length=1, description="Calibration samples (8..512).")
+    xbar: list[str] = Field([], description="Crossbar sizes ROWSxCOLS; with adc_bits, every quantized point is "
+                                            "also mapped and simulated on each crossbar.")
+    cell_bits: list[int] = Field([2], min_length=1, description="Bits per cell of the crossbar points.")
+    adc_bits: list[int] = Field([], description="ADC bits of the crossbar points (e.g. [4, 5, 6, 7, 8]).")
+    settings: dict[str, list[Any]] = Field({}, description="More axes: any other quantization setting (a field of "
+                                                           "maptools.settings.QuantSettings) and its values, e.g. "
+                                                           "{scale_policy: [float, pow2]}.")
+
+    @field_validator("settings")
+    @classmethod
+    def _setting_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in value.items():
+            if name in _DEDICATED:
+                raise ValueError(f"vary {name} with the grid's {_DEDICATED[name]!r} axis")
+            if name not in QuantSettings.model_fields:
+                raise ValueError(f"{name!r} is not a quantization setting (one of: "
+                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in _DEDICATED)})")
+            if not values:
+                raise ValueError(f"settings.{name} has no values")
+        return value
+
+    @model_validator(mode="after")
+    def _crossbar_axes(self) -> Grid:
+        if bool(self.xbar) != bool(self.adc_bits):
+            raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
+        return self
+
+    def crossbars(self) -> list[tuple[str, int, int]]:
+        """(xbar, cell_bits, adc_bits) of every crossbar point (checked when it runs)."""
+        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits))
+
+
+class SweepConfig(_Strict):
+    """A design-space sweep: models x grid, where it runs and what it writes."""
+
+    name: str = Field("sweep", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+                      description="Sweep name: folder sweeps/<name>/ and artifact keys (lowercase, digits, dashes).")
+    models: list[ModelSpec] = Field(min_length=1)
+    grid: Grid
+    device: str = Field("cpu", description="cpu, cuda or auto; with cuda one point runs per GPU at a time.")
+    seed: int = Field(0, ge=0, description="Seed of random calibration data.")
+    eval_samples: int = Field(32, ge=1, le=10000, description="Evaluation samples (random inputs, or the first N "
+                                                              "of a labelled set).")
+    eval_seed: int = Field(EVAL_SEED, ge=0, description="Seed of random evaluation inputs (held out from calibration).")
+    simplify: bool = Field(True, description="onnxsim each model while preparing it.")
+    output_root: str | None = Field(None, description="Where mapsave/ and sweeps/ go (default $MAPTOOLS_HOME or the "
+                                                      "working directory).")
+    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address).")
+    dask_address: str | None = Field(None, description="An existing Dask scheduler, e.g. tcp://host:8786.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value.strip().lower()):
+            raise ValueError("use cpu, cuda, cuda:N or auto")
+        return value.strip().lower()
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> SweepConfig:
+        labels = [m.label for m in self.models]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)} (set 'name')")
+        return self
+
+    def points(self) -> list[SweepPoint]:
+        g = self.grid
+        extra = [[(name, v) for v in values] for name, values in g.settings.items()]
+        return [SweepPoint(m.label, b, pc, a, n, tuple(more)) for m in self.models
+                for b, pc, a, n, *more in itertools.product(g.bits, g.per_channel, g.algorithms, g.calib_samples,
+                                                            *extra)]
+
+
+def _summarise(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path, **overrides: Any) -> SweepConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) sweep config; relative paths in it are relative to the file.
+
+    Raises:
+        SweepConfigError: a missing file, a syntax error, or bad fields (all of them, in one line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"sweep config {path} does not exist.", "pass a .yaml or .toml file (see "
+                                                                       "examples/sweep.yaml).")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SweepConfigError(f"{path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: "
+                               f"{' '.join(str(e).split())}", "fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise SweepConfigError(f"{path} holds {type(data).__name__}, not a mapping of settings.",
+                               "start from examples/sweep.yaml.")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise SweepConfigError(f"{path}: {_summarise(e)}.", "see examples/sweep.yaml for the fields.") from None
+    return config.model_copy(update={"models": [_resolve_paths(m, path.parent) for m in config.models],
+                                     "output_root": _relative_to(config.output_root, path.parent)})
+
+
+def _relative_to(value: str | None, base: Path) -> str | None:
+    if value is None or value == "random" or is_url(value):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
+    return model.model_copy(update={k: _relative_to(getattr(model, k), base) for k in ("path", "calib", "eval_set")})
+
+
+#: the columns of the sweep's table (results.csv), one row per point and per crossbar evaluation of it
+COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "mapname", "status", "cached", "rel_l2",
+           "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
+           "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
+           "xbar", "cell_bits", "adc_bits", "arrays", "utilization", "integer_rel_l2", "integer_agreement"]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    model: str
+    bits: int
+    per_channel: bool
+    algorithm: str
+    calib_samples: int
+    settings: tuple[tuple[str, Any], ...] = ()  # the grid's other axes: (QuantSettings field, value)
+
+    @property
+    def mapname(self) -> str:
+        algorithm = re.sub(r"[^A-Za-z0-9]+", "_", str(self.algorithm)) or "_"
+        more = "".join(f"-{re.sub(r'[^A-Za-z0-9]+', '_', f'{n}_{v}')}" for n, v in self.settings)
+        return f"{self.model}-w{self.bits}-{'pc' if self.per_channel else 'pt'}-{algorithm}-n{self.calib_samples}{more}"
+
+    def quant_settings(self, seed: int) -> QuantSettings:
+        """The point's settings (SettingsError for a value maptools refuses: only this point fails)."""
+        return QuantSettings(weight_bits=self.bits, activation_bits=self.bits, per_channel=self.per_channel,
+                             algorithm=self.algorithm, calib_steps=self.calib_samples, seed=seed,
+                             **dict(self.settings))
+
+    def row(self, **values: Any) -> dict[str, Any]:
+        base = {c: None for c in COLUMNS}
+        base.update(model=self.model, bits=self.bits, per_channel=self.per_channel, algorithm=self.algorithm,
+                    calib_samples=self.calib_samples, mapname=self.mapname,
+                    settings=json.dumps(dict(self.settings), default=str) if self.settings else None)
+        base.update(values)
+        return base
+
+
