@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maptools import _ppq, quantize
+from maptools import quantize
+from maptools._ppq import calibration as _ppq
 from maptools.examples import SMALL_CNN_SHAPES
 
 

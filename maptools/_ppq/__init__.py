@@ -1,0 +1,260 @@
+"""maptools' adapter around PPQ 0.6.6, the one home of ``import ppq``, split by concern:
+
+* :mod:`~maptools._ppq.core`: the shims that let PPQ import on a current stack, and the ppq imports;
+* :mod:`~maptools._ppq.kernels`: operators run in onnxruntime where PPQ's kernels fall short;
+* :mod:`~maptools._ppq.quantizer`: the quantizer, its configs and the passes of the crossbar contract;
+* :mod:`~maptools._ppq.calibration`: batching, observers and statistics;
+* :mod:`~maptools._ppq.graph`: :class:`QuantizedGraph`, what the rest of maptools reads;
+* :mod:`~maptools._ppq.export`: the exact ``quant_model.onnx``;
+* here: loading a model into PPQ, the float check, fast bias correction and :func:`quantize_graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import torch
+
+from maptools.errors import ModelError, QuantizationFailed, SettingsError
+from maptools.node_runner import NodeRunner
+from maptools.onnx_model import OUTER_INPUTS, explicit_outer_inputs, node_attr, opsets
+from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, Role, nonnegative_tensors, place
+from maptools.settings import Optimization, QuantSettings
+from maptools._ppq.core import (GraphCommand, GraphCommandType, GraphFormatter, NetworkFramework, QuantableOperation,
+                                TargetPlatform, TorchExecutor, _APPLIED, load_graph)
+
+from maptools._ppq.calibration import (_Batches, _batch_size, _doubled_batch_shapes, _float_shapes,
+                                       _no_gc_between_passes, _with_outputs)
+from maptools._ppq.export import _check_zero_offsets
+from maptools._ppq.graph import QuantizedGraph, _setting
+from maptools._ppq.kernels import _probe, _register
+from maptools._ppq.quantizer import _MaptoolsQuantizer
+from maptools._ppq.steps import _ppq_step, _quiet
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version"]
+
+
+def _load(model_path: Path, model: onnx.ModelProto) -> Any:
+    """PPQ's graph of a prepared model, operator for operator.
+
+    PPQ's own loader also fuses BatchNorm and bias Adds and drops Identity nodes inside its graph;
+    ``maptools.prepare`` does that in the ONNX model instead, so only the format conversions run
+    here and every PPQ operation is an ONNX node of the same name (quantinfo, the operator graph
+    and the simulation key on it).
+    """
+    model = explicit_outer_inputs(model)  # PPQ follows edges: a subgraph's outer reads become inputs
+    try:
+        with _quiet(), tempfile.TemporaryDirectory(prefix="maptools-load-") as scratch:
+            if any(node_attr(n, OUTER_INPUTS) is not None for n in model.graph.node):
+                model_path = Path(scratch) / model_path.name
+                onnx.save(model, str(model_path))
+            graph = load_graph(str(model_path), from_framework=NetworkFramework.ONNX)
+            formatter = GraphFormatter(graph)
+            for command in (GraphCommandType.CONVERT_TO_TENSOR, GraphCommandType.FORMAT_PARAMETERS,
+                            GraphCommandType.FORMAT_CAST, GraphCommandType.FORMAT_SLICE, GraphCommandType.FORMAT_CLIP,
+                            GraphCommandType.FORMAT_PAD, GraphCommandType.FORMAT_RESIZE):
+                formatter(GraphCommand(command))
+    except Exception as e:  # ppq raises bare exceptions for unsupported content
+        raise ModelError(f"PPQ cannot parse {model_path}: {type(e).__name__}: {str(e)[:300]}",
+                         "prepare the model with maptools.prepare.prepare_model (quantize does it by default).") from e
+    nodes = {n.name: n for n in model.graph.node}
+    missing = sorted(set(nodes) ^ set(graph.operations))
+    if missing:
+        raise QuantizationFailed(f"PPQ's graph and the model disagree on operators: {', '.join(missing[:10])}.",
+                                 "quantize the model through maptools.quantize, which prepares it first.")
+    _register({op.type for op in graph.operations.values()})
+    constants = {i.name: i for i in model.graph.initializer}
+    for name, op in graph.operations.items():
+        node = nodes[name]
+        held = () if op.type in CROSSBAR_OP_TYPES else node.input  # a crossbar operator's weights: PPQ's, quantized
+        op._maptools_runner = NodeRunner(node, opsets(model), {t: onnx.numpy_helper.to_array(constants[t])
+                                                               for t in held if t in constants})
+    return graph
+
+
+def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+                 feed: Mapping[str, torch.Tensor], device: str) -> list[str]:
+    """Switch to onnxruntime every operator whose PPQ kernel computes something else than ONNX.
+
+    onnxruntime runs the model on one sample with every tensor as an output; PPQ's float graph then
+    runs with each operator fed those reference values (not its own upstream results, so an
+    operator that amplifies tiny differences, a rounding or a dynamic quantization, is judged on
+    its own) and its outputs are compared with the reference. Returns the names of the switched
+    operators; one that still differs in onnxruntime is left there (it computes ONNX's semantics).
+    """
+    from ppq.executor.base import RuntimeHook
+
+    types = {vi.name: vi for vi in model.graph.value_info}
+    known = {vi.name for vi in model.graph.output}
+    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
+             and (n in types or n in known)]
+    session = _with_outputs(model_bytes, [], [], [types[n] for n in names if n not in known], "the float model")
+    if session is None:
+        log.warning("onnxruntime cannot load the prepared model with its intermediate tensors as outputs; PPQ's "
+                    "kernels are not checked against it")
+        return []
+    reference = dict(zip(names, session.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
+    # CUDA convolutions and matrix products run in TF32 by default (10-bit mantissas): a kernel that
+    # computes something else than ONNX differs by far more than that
+    tolerance = 1e-2 if str(device).startswith("cuda") else 1e-4
+    got: dict[str, Any] = {}
+
+    class _Substitute(RuntimeHook):
+        def pre_forward_hook(self, inputs: list, **kwargs: Any) -> list:
+            return [torch.from_numpy(np.array(reference[var.name])).to(device) if var.name in reference else value
+                    for var, value in zip(self._hook_to.inputs, inputs)]
+
+        def post_forward_hook(self, outputs: list, **kwargs: Any) -> list:
+            for var, value in zip(self._hook_to.outputs, outputs):
+                got[var.name] = value
+            return outputs
+
+    def differing() -> list[Any]:
+        got.clear()
+        hooks = {op.name: _Substitute(op) for op in graph.operations.values()}
+        with torch.no_grad(), _quiet():
+            executor.forward(inputs=dict(feed), hooks=hooks)
+        bad = []
+        for op in graph.topological_sort():
+            for var in op.outputs:
+                ref, value = reference.get(var.name), got.get(var.name)
+                if ref is None or not isinstance(value, torch.Tensor) or not np.issubdtype(ref.dtype, np.floating):
+                    continue
+                out = value.detach().cpu().numpy()
+                peak = float(np.abs(ref).max(initial=0.0))
+                if ref.shape != out.shape or not np.all(np.abs(out - ref) <= tolerance * peak + 1e-3 * np.abs(ref)
+                                                        + 1e-6):
+                    bad.append(op)
+                    break
+        return bad
+
+    switched = [op for op in differing() if not getattr(op, "_maptools_ort", False)]
+    for op in switched:
+        op._maptools_ort = True
+    if switched:
+        still = [f"{op.name} ({op.type})" for op in differing() if op in switched]
+        if still:
+            log.info("onnxruntime's own result differs between runs at %s (given the same inputs)", ", ".join(still))
+    return [op.name for op in switched]
+
+
+#: Calibration samples the fast bias correction averages over.
+FBC_SAMPLES = 32
+
+
+def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+                          calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
+    """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
+    grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from
+    the float output's; that shift is added to its bias. One float forward per sample, each layer judged
+    on its own (no layer-by-layer passes)."""
+    layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
+              and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
+              and op.inputs[2].value is not None and op.config.input_quantization_config[0].state in _APPLIED]
+    if not layers:
+        return
+    types = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    inputs = {i.name for i in model.graph.input}
+    wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
+                                if t not in inputs))
+    outputs = {o.name for o in model.graph.output}
+    session = _with_outputs(model_bytes, [], [], [types[t] for t in wanted if t not in outputs and t in types],
+                            "the float model")
+    if session is None or not all(t in types for t in wanted):
+        log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
+        return
+    shift: dict[str, np.ndarray] = {}
+    count = 0
+    for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration):
+        feed = {k: v.detach().cpu().numpy() for k, v in sample.items()}
+        values = {**feed, **dict(zip(wanted, session.run(wanted, feed)))}
+        for op in layers:
+            cfg = op.config.input_quantization_config[0].dominated_by
+            scale = float(cfg.scale.reshape(-1)[0])
+            x = np.clip(np.rint(values[op.inputs[0].name] / scale), int(cfg.quant_min), int(cfg.quant_max)) * scale
+            weight, bias = (v.value.detach().cpu().numpy() for v in op.inputs[1:3])
+            quantized = op._maptools_runner.run([x.astype(np.float32), weight, bias])[0]
+            axes = tuple(i for i in range(quantized.ndim) if i != 1)  # Conv/ConvTranspose [N, C, ...], Gemm [N, C]
+            delta = (values[op.outputs[0].name].astype(np.float64) - quantized).mean(axis=axes)
+            shift[op.name] = shift.get(op.name, 0.0) + delta
+        count += 1
+    for op in layers:
+        bias = op.inputs[2]
+        bias.value = bias.value + torch.from_numpy(shift[op.name] / count).to(bias.value.dtype).to(
+            bias.value.device).reshape(bias.value.shape)
+
+
+def quantize_graph(
+    model_path: Path,
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    calib_steps: int,
+    trace_inputs: Mapping[str, torch.Tensor],
+    settings: QuantSettings,
+    device: str,
+) -> QuantizedGraph:
+    """Quantize a prepared ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``.
+
+    Raises MaptoolsError subclasses for bad input; CUDA faults (out of memory, launch failures)
+    propagate unchanged so callers can retry them.
+    """
+    model_bytes = model_path.read_bytes()
+    model = onnx.ModelProto.FromString(model_bytes)
+    placement = place(model)
+    graph = _load(model_path, model)
+    for op in graph.operations.values():
+        op.platform = TargetPlatform.TRT_INT8 if placement.part(op.name) == DEVICE else TargetPlatform.FP32
+    unknown = [name for name, _, _ in settings.layer_bits if placement.roles.get(name) is not Role.CROSSBAR]
+    if unknown:
+        raise SettingsError(f"layer_bits names operators that are not crossbar layers on the device: "
+                            f"{', '.join(unknown[:8])}.", "name Conv/ConvTranspose/Gemm nodes of the prepared model "
+                            "(see quantinfo.json or 'maptools inspect').")
+    unsigned = nonnegative_tensors(model, placement) if settings.unsigned_activations else frozenset()
+    quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned,
+                                   None if str(device).startswith("cuda") else model_bytes)
+    quantizer._verbose = False
+    executor = TorchExecutor(graph=quantizer._graph, device=device)
+    dummy = {k: v.to(device) for k, v in trace_inputs.items()}
+    with _no_gc_between_passes():
+        with _ppq_step("tracing the model"), _quiet():
+            _probe.active = True
+            try:
+                executor.tracing_operation_meta(inputs=dummy)
+            finally:
+                _probe.active = False
+        with _ppq_step("checking PPQ's float execution against onnxruntime"):
+            switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
+        if switched:
+            log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
+        if quantizer._model is not None and not settings.optimization.in_ppq and \
+                settings.algorithm.value in ("minmax", "percentile"):
+            batch = 1  # onnxruntime computes the statistics, one sample per run (see _Statistics)
+        else:
+            single = _float_shapes(quantizer._graph)
+            with _ppq_step("tracing a batch of two"), _quiet():
+                doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
+            batch = _batch_size(single, doubled, calib_steps, device)
+        log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
+        torch.manual_seed(settings.seed)
+        with _ppq_step("calibrating"), _quiet():
+            # quantize() traces `dummy` again (batch 1), so exported shapes are the model's own.
+            quantizer.quantize(
+                inputs=dummy, calib_dataloader=_Batches(calibration, calib_steps, batch), executor=executor,
+                setting=_setting(settings, device), calib_steps=max(calib_steps, 8),
+                collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
+            )
+    if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
+        with _ppq_step("correcting biases"):
+            _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
+    _check_zero_offsets(quantizer._graph)
+    result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch)
+    result._executor = executor
+    return result

@@ -1,0 +1,300 @@
+"""The quantized graph maptools reads: maptools' settings as PPQ's, and :class:`QuantizedGraph`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import torch
+
+from maptools.errors import QuantizationFailed
+from maptools.onnx_model import implicit_outer_inputs
+from maptools.placement import CROSSBAR_OP_TYPES, Placement, Role
+from maptools.quantinfo import QuantConfig, param_key
+from maptools.settings import Optimization, QuantSettings
+from maptools._ppq.core import (QuantableOperation, QuantizationSettingFactory, QuantizationStates, TargetPlatform,
+                                TorchExecutor, _APPLIED, graphwise_error_analyse)
+
+from maptools._ppq.calibration import _FAST_PERCENTILE, _Batches, _fetching_session, _no_gc_between_passes
+from maptools._ppq.export import _canonical_names, _ExactExporter, _restore_domains
+from maptools._ppq.quantizer import _range_of, _scale_of
+from maptools._ppq.steps import _ppq_step, _quiet
+log = logging.getLogger(__name__)
+
+def _setting(settings: QuantSettings, device: str) -> Any:
+    setting = QuantizationSettingFactory.trt_setting()
+    algorithm = settings.algorithm.value
+    setting.quantize_activation_setting.calib_algorithm = _FAST_PERCENTILE if algorithm == "percentile" else algorithm
+    # Without this, ResNet's stem output reaches layer1.0.conv1 unquantized (see docs/ppq notes).
+    setting.fusion_setting.force_alignment_overlap = False
+    optimization = settings.optimization
+    if optimization is Optimization.BIAS_CORRECTION:
+        setting.bias_correct = True
+        setting.bias_correct_setting.block_size = 1  # PPQ's advice for the best result; one layer at a time
+        setting.bias_correct_setting.steps = settings.calib_steps
+    elif optimization is Optimization.EQUALIZATION:
+        setting.equalization = True
+    elif optimization is Optimization.LSQ:
+        setting.lsq_optimization = True
+        setting.lsq_optimization_setting.collecting_device = device
+        setting.lsq_optimization_setting.steps = LSQ_STEPS
+    return setting
+
+
+#: Training steps of PPQ's learned-step-size pass per block (PPQ's default is 500).
+LSQ_STEPS = 200
+
+
+class QuantizedGraph:
+    """A PPQ graph after quantization, seen through what maptools needs of it."""
+
+    def __init__(self, graph: Any, device: str, settings: QuantSettings, placement: Placement, model: onnx.ModelProto,
+                 model_bytes: bytes, batch: int = 1) -> None:
+        self._graph = graph
+        self._model = model  # the prepared ONNX model the graph was loaded from
+        self._model_bytes = model_bytes  # the same, serialized
+        self._placement = placement
+        self._device = device
+        self._settings = settings
+        self._executor: Any = None
+        self._batch = batch  # samples per forward the graph is known to accept (see _batch_size)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._graph.inputs.keys())
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._graph.outputs.keys())
+
+    def _quantized_ops(self) -> list[Any]:
+        return [op for op in self._graph.topological_sort()
+                if isinstance(op, QuantableOperation) and op.platform != TargetPlatform.FP32]
+
+    def quantinfo(self) -> dict[str, QuantConfig]:
+        """One :class:`QuantConfig` per device (quantized) operator, in topological order, with the
+        requantization multipliers and shifts of each (:func:`maptools.simulate.record_requant`)."""
+        from maptools.conversion import build_graph
+        from maptools.simulate import record_requant
+
+        info: dict[str, QuantConfig] = {}
+        for op in self._quantized_ops():
+            acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if var.name and not var.is_parameter]
+            outs = op.output_quant_config
+            first = acts[0][0] if acts else outs[0]
+            weight: dict[str, Any] = {}
+            if op.type in CROSSBAR_OP_TYPES and op.inputs[1].is_parameter:
+                wcfg = op.input_quant_config[1]
+                weight = dict(
+                    weight_bits=int(wcfg.num_of_bits), weight_min=int(wcfg.quant_min), weight_max=int(wcfg.quant_max),
+                    weight_scale=wcfg.scale.detach().cpu().reshape(-1).numpy().astype(np.float32),
+                )
+            input_scales = tuple(_scale_of(cfg) for cfg, _ in acts)
+            lo, hi = _range_of(first)
+            info[op.name] = QuantConfig(
+                op_type=op.type, io_bits=int(first.num_of_bits), io_min=lo, io_max=hi,
+                input_scale=input_scales[0] if input_scales else None,
+                output_scale=_scale_of(outs[0]) if outs else None, input_scales=input_scales,
+                output_range=_range_of(outs[0]) if outs else None,
+                input_ranges=tuple(_range_of(cfg) for cfg, _ in acts), **weight,
+            )
+        return record_requant(build_graph(self._model), info, self._settings.multiplier_bits)
+
+    def unquantized_conv_inputs(self) -> list[str]:
+        """Names of crossbar operators whose input does not arrive on a quantization grid."""
+
+        def on_grid(var: Any, consumer_cfg: Any) -> bool:
+            if consumer_cfg is not None and consumer_cfg.state in _APPLIED:
+                return True
+            src = var.source_op
+            if src is None or not isinstance(src, QuantableOperation):
+                return False
+            if src.output_quant_config[src.outputs.index(var)].state in _APPLIED:
+                return True
+            role = self._placement.roles.get(src.name)
+            if role is Role.MOVE or src.type == "Relu":
+                return on_grid(src.inputs[0], src.input_quant_config[0])
+            if role is Role.CONCAT:  # its inputs are quantized onto one grid
+                return all(on_grid(v, c) for v, c in zip(src.inputs, src.input_quant_config))
+            return False
+
+        return [op.name for op in self._quantized_ops()
+                if op.type in CROSSBAR_OP_TYPES and not on_grid(op.inputs[0], op.input_quant_config[0])]
+
+    def quantparams(self, quantinfo: Mapping[str, QuantConfig]) -> dict[str, np.ndarray | None]:
+        """Integer weights (int8 storage) and int32 biases at scale input_scale x weight_scale."""
+        params: dict[str, np.ndarray | None] = {}
+        for op in self._quantized_ops():
+            cfg = quantinfo.get(op.name)
+            if cfg is None or not cfg.has_weights:
+                continue
+            wcfg = op.input_quant_config[1]  # per output channel: axis 0 (Conv), 1 (ConvTranspose, Gemm [in, out])
+            weight = op.inputs[1].value.detach().cpu().double().numpy()
+            axis = wcfg.channel_axis if cfg.weight_scale.size > 1 else None
+            scale = cfg.weight_scale.astype(np.float64)
+            shape = [1] * weight.ndim
+            if axis is not None:
+                shape[axis] = -1
+            w_int = np.clip(np.rint(weight / scale.reshape(shape)), cfg.weight_min, cfg.weight_max)
+            params[param_key(op.name, op.type, "weight")] = w_int.astype(np.int8)
+            bias = None
+            if len(op.inputs) > 2 and op.inputs[2].value is not None:
+                if cfg.input_scale is None:
+                    raise QuantizationFailed(f"operator {op.name} has a float input, so its bias has no int32 scale.",
+                                             "report this model to the maptools maintainers.")
+                b = op.inputs[2].value.detach().cpu().double().numpy().reshape(-1)
+                b_scale = cfg.input_scale * scale if scale.size > 1 else cfg.input_scale * np.full(b.shape, scale[0])
+                bias = np.clip(np.rint(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            params[param_key(op.name, op.type, "bias")] = bias
+        return params
+
+    def _get_executor(self) -> Any:
+        if self._executor is None:
+            self._executor = TorchExecutor(graph=self._graph, device=self._device)
+        return self._executor
+
+    def run(self, inputs: Mapping[str, torch.Tensor], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run PPQ's simulation of the quantized graph; returns the named (default: graph) outputs."""
+        names = output_names or self.output_names
+        feed = {k: v.to(self._device) for k, v in inputs.items()}
+        with torch.no_grad(), _quiet():
+            outs = self._get_executor().forward(inputs=feed, output_names=names)
+        return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
+
+    def qdq_model(self) -> bytes:
+        """The QDQ model onnxruntime runs, exact at every width (see :class:`_ExactExporter`), serialized.
+
+        PPQ's exporter lists graph inputs and outputs in its own variable order and names the
+        tensors it adds from a process-wide counter; inputs and outputs are put back in the model's
+        order and added tensors renamed in order of use, so the same quantization gives the same bytes.
+        """
+        with tempfile.TemporaryDirectory(prefix="maptools-export-") as scratch:
+            path = Path(scratch) / "quant_model.onnx"
+            with _quiet(), _ppq_step("exporting the QDQ model"):
+                graph = self._graph.copy()
+                _ExactExporter().export(file_path=str(path), config_path=None, graph=graph, quantized_param=False)
+            exported = onnx.load(str(path))
+        for field_name, names in (("input", self.input_names), ("output", self.output_names)):
+            rank = {name: i for i, name in enumerate(names)}
+            values = getattr(exported.graph, field_name)
+            ordered = [onnx.ValueInfoProto.FromString(v.SerializeToString())
+                       for v in sorted(values, key=lambda v: rank.get(v.name, len(rank)))]
+            del values[:]
+            values.extend(ordered)
+        _canonical_names(exported)
+        _restore_domains(exported, self._model)
+        implicit_outer_inputs(exported)
+        return exported.SerializeToString()
+
+    def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8,
+                     qdq: bytes | None = None) -> dict[str, float]:
+        """PPQ's graphwise SNR (noise power / signal power, lower is better) per computing operator, to 4
+        significant digits: at each operator's output, over 4096 seeded positions per sample, averaged over samples.
+
+        On the CPU, with ``qdq`` (the exported QDQ model), onnxruntime runs that model against the float
+        model (:meth:`_ort_error_report`); otherwise PPQ runs its graph twice, dequantized and quantized.
+        """
+        report = self._ort_error_report(samples, steps, qdq) if qdq is not None and self._device == "cpu" else None
+        if report is None:
+            # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
+            data = list(_Batches(samples, steps, self._batch))
+            with _quiet(), _no_gc_between_passes(), _ppq_step("measuring the per-layer error"):
+                report = graphwise_error_analyse(
+                    self._graph, running_device=self._device, dataloader=data,
+                    collate_fn=lambda b: {k: v.to(self._device) for k, v in b.items()},
+                    method="snr", steps=len(data), verbose=False,
+                )
+        # 4 significant digits: the last bits of a float SNR depend on the thread count (PPQ returns None
+        # for a graph without a computing operator on the device)
+        return {name: float(f"{float(v):.4g}") for name, v in (report or {}).items()}
+
+    def _ort_error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int,
+                          qdq: bytes) -> dict[str, float] | None:
+        """The graphwise SNR with both forwards in onnxruntime: the QDQ model (what ``quant_model.onnx``
+        computes) against the prepared float model, only the fetched positions leaving onnxruntime.
+
+        The float reference is the prepared model's own weights (PPQ's is its graph dequantized, which
+        after ``bias-correction`` or ``lsq`` holds the optimized float weights). None where an operator's
+        output is not a tensor of both models with a static shape: PPQ's analysis runs instead.
+        """
+        ops = [op for op in self._graph.operations.values() if isinstance(op, QuantableOperation) and op.is_computing_op]
+        quantized = onnx.ModelProto.FromString(qdq)
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in quantized.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        nodes = {node.name: node for node in quantized.graph.node}
+        real: dict[str, int] = {}
+        pred: dict[str, int] = {}
+        for op in ops:
+            var, shape = op.outputs[0], op.outputs[0].shape
+            if not shape or not all(isinstance(d, int) for d in shape):
+                return None
+            numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+            real[var.name] = numel
+            if op.name not in nodes:
+                return None
+            seen = nodes[op.name].output[0]  # the exporter renames an output it quantizes
+            # PPQ measures the output after the operator's own quantization, if it has one
+            if QuantizationStates.is_activated(op.output_quant_config[0].state):
+                for op_type in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+                    after = consumers.get(seen, [])
+                    if len(after) != 1 or after[0].op_type != op_type:
+                        if op_type == "Clip":
+                            break
+                        return None
+                    seen = after[0].output[0]
+            pred[seen] = numel
+        with _ppq_step("measuring the per-layer error"):
+            sessions = [_fetching_session(self._model_bytes, {t for n in self._model.graph.node for t in n.output},
+                                          real, "the float model"),
+                        _fetching_session(qdq, {t for n in quantized.graph.node for t in n.output}, pred,
+                                          "the QDQ model")]
+            if None in sessions:
+                return None
+            names = [f"maptools_fetch{i}" for i in range(len(ops))]
+            feeds = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+                     for _, sample in zip(range(steps), samples)]
+            # one sample per run, in the models' own input shapes (PPQ's SNR is per sample, averaged);
+            # one model after the other: alternating them per sample evicts each one's weights from the
+            # caches (ResNet18, 8 samples: 0.84 s in onnxruntime runs against 0.56 s)
+            real, pred = ([session.run(names, feed) for feed in feeds] for session in sessions)
+            total, rows = np.zeros(len(ops)), np.zeros(len(ops))
+            for real_rows, pred_rows in zip(real, pred):
+                for i, (y, x) in enumerate(zip(real_rows, pred_rows)):
+                    # a row is the first axis: a sample, or a token where PPQ flattened a MatMul into a Gemm
+                    y, x = y.astype(np.float64), x.astype(np.float64)
+                    total[i] += (((x - y) ** 2).sum(axis=1) / ((y ** 2).sum(axis=1) + 1e-7)).sum()
+                    rows[i] += y.shape[0]
+        return {op.name: float(v / max(n, 1)) for op, v, n in zip(ops, total, rows)}
+
+    def tensor_values(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Every operator output as it leaves its operator, keyed by tensor name.
+
+        That is after the operator's own output quantization and before any consumer's input
+        quantization (``run(output_names=...)`` returns the last consumer's quantized input instead).
+        """
+        from ppq.executor.base import RuntimeHook
+
+        captured: dict[str, np.ndarray] = {}
+
+        class _Capture(RuntimeHook):
+            def post_forward_hook(self, outputs: list, **kwargs: Any) -> list:
+                for var, value in zip(self._hook_to.outputs, outputs):
+                    if var.name and isinstance(value, torch.Tensor):
+                        captured[var.name] = value.detach().cpu().numpy()
+                return outputs
+
+        hooks = {op.name: _Capture(op) for op in self._graph.operations.values()}
+        feed = {k: v.to(self._device) for k, v in inputs.items()}
+        with torch.no_grad(), _quiet():
+            self._get_executor().forward(inputs=feed, hooks=hooks)
+        return captured

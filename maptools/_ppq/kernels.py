@@ -1,0 +1,99 @@
+"""Operators PPQ runs in onnxruntime: where it has no kernel, or a kernel that differs from ONNX."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from maptools.node_runner import NodeRunner
+from maptools._ppq.core import TargetPlatform, OPERATION_FORWARD_TABLE
+
+log = logging.getLogger(__name__)
+
+# --- operators: onnxruntime where PPQ has no kernel, or a kernel that differs from ONNX ------------
+
+_probe = threading.local()  # .active: the first trace may switch a failing PPQ kernel to onnxruntime
+
+
+def _to_numpy(value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _run_ort(op: Any, values: list[Any], ctx: Any) -> list[torch.Tensor | None]:
+    """The operator's ONNX node in onnxruntime: activations (and a crossbar operator's quantized weights) as
+    PPQ holds them; other constants are the model's, in the runner (PPQ's format passes rewrite some)."""
+    runner: NodeRunner = op._maptools_runner
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)),
+                  getattr(ctx, "executing_device", "cpu") if ctx is not None else "cpu")
+    held = {var.name: value for var, value in zip(op.inputs, values)}
+    results = iter(runner.run([_to_numpy(held.get(name)) for name in runner.inputs]))
+    return [torch.from_numpy(np.array(next(results))).to(device) if name else None for name in runner.node.output]
+
+
+def _prelu(op: Any, values: list[torch.Tensor], ctx: Any = None, **kwargs: Any) -> torch.Tensor:
+    """ONNX PRelu with its broadcasting (PPQ calls F.prelu, which rejects ONNX's [C, 1, 1] slope)."""
+    x, slope = values
+    return torch.where(x >= 0, x, x * slope.to(x.dtype))
+
+
+def _dispatcher(kernels: dict[str, Any]) -> Any:
+    """A forward for one PPQ platform table: PPQ's kernel, or onnxruntime for the operator's ONNX node."""
+
+    def forward(op: Any, values: list[Any], ctx: Any = None, **kwargs: Any) -> Any:
+        kernel = kernels.get(op.type)
+        has_node = getattr(op, "_maptools_runner", None) is not None
+        if has_node and (kernel is None or getattr(op, "_maptools_ort", False)):
+            return _run_ort(op, values, ctx)
+        if kernel is None:
+            raise NotImplementedError(f"PPQ has no kernel for {op.name} ({op.type}).")
+        if not (has_node and getattr(_probe, "active", False)):
+            return kernel(op, values, ctx, **kwargs)
+        try:
+            return kernel(op, values, ctx, **kwargs)
+        except Exception as e:  # noqa: BLE001  (PPQ's kernel cannot take this node: use onnxruntime's)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.debug("PPQ's %s kernel failed on %s (%s); running it in onnxruntime", op.type, op.name, e)
+            op._maptools_ort = True
+            return _run_ort(op, values, ctx)
+
+    return forward
+
+
+_FORWARDS: dict[Any, Any] = {}  # platform -> the forward of every operator type on it
+#: Operators always run in onnxruntime: PPQ's Gather and Slice kernels index tensors with a list of slices,
+#: which torch deprecated (it will read them as one index array).
+_ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice"})
+
+
+def _install_forwards() -> None:
+    """Route every standard ONNX operator on the two platforms maptools uses through :func:`_dispatcher`."""
+    import onnx.defs
+
+    every = {s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx")}
+    for platform in (TargetPlatform.TRT_INT8, TargetPlatform.FP32):
+        table = OPERATION_FORWARD_TABLE[platform]
+        kernels = {k: v for k, v in table.items() if k not in _ONNXRUNTIME_ONLY}
+        kernels["PRelu"] = _prelu
+        forward = _FORWARDS[platform] = _dispatcher(kernels)
+        for op_type in every | set(table):
+            table[op_type] = forward
+
+
+def _register(op_types: Iterable[str]) -> None:
+    """Operators of other domains (``com.microsoft``, ...) run in onnxruntime through the same forward."""
+    for platform, forward in _FORWARDS.items():
+        for op_type in op_types:
+            OPERATION_FORWARD_TABLE[platform].setdefault(op_type, forward)
+
+
+_install_forwards()
