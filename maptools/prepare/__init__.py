@@ -1,0 +1,356 @@
+"""Prepare a model as shipped for PPQ: fixed dims, opset 13, folded constants, PPQ-ready operators.
+
+Real exports have dynamic or symbolic input dims (``batch``, ``dim_value: -1``), opsets from 11 to
+18+, ``Constant`` nodes, BatchNorm and bias ``Add`` nodes beside convolutions, and operators that
+PPQ 0.6.6 does not dispatch (``Resize`` above opset 13) or whose opset-13 form differs
+(``HardSwish``, ``LayerNormalization``). :func:`prepare_model` turns such a model, given concrete
+``input_shapes``, into one that PPQ, the conversion and the simulation all read node for node:
+
+1. fix the input dims to ``input_shapes`` and drop stale intermediate shapes;
+2. fold ``Constant`` nodes into initializers, inline local functions;
+3. convert to opset 13 (PPQ's dispatch and its ONNX export speak opset 13): upward with onnx's
+   version converter, downward by rewriting the few operators whose definition changed;
+4. simplify with onnxsim (constant folding of shape arithmetic, BatchNorm into Conv, ...);
+5. the rewrites PPQ would otherwise do inside its own graph (so operator names stay the ONNX
+   ones): BatchNorm into the Conv/Gemm before it (or a per-channel Mul+Add), a bias ``Add`` into
+   the Conv before it, Identity and Dropout removed, every node uniquely named;
+6. record every tensor's static shape (ONNX shape inference, or one onnxruntime run where it fails);
+7. check the result against the original model in onnxruntime on seeded random inputs.
+
+Every step is recorded. A model onnxruntime runs is never refused for a step of ours: a step that
+fails is skipped (and recorded so), and a result that differs from the original is prepared again
+with fewer rewrites. Only a model onnxruntime cannot run at ``input_shapes`` is a
+:class:`~maptools.errors.ModelError` / :class:`~maptools.errors.InputShapeError`, raised before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+
+from maptools.errors import InputShapeError, MaptoolsError, ModelError
+from maptools.mapfolder import atomic_write, sha256_file, storage_errors
+from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
+
+
+from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel, _Context, _where, opset_of
+from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
+from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
+from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _remove_passthrough, name_nodes,
+                                      simplify)
+log = logging.getLogger(__name__)
+
+__all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
+           "PREPARED_KEY", "Reference", "reference_outputs", "check_equivalent"]
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+#: What preparation may leave out, from the most to the least: each level runs fewer rewrites, for a
+#: model whose full preparation fails onnxruntime's check against the original.
+_LEVELS = ("full", "no onnxsim", "minimal")
+
+
+def _optional(ctx: _Context, what: str, step: Callable[[_Context], list[str]]) -> None:
+    """Run a rewrite that the model can do without: on any failure the model stays as it was before it,
+    and the step is recorded as skipped (with the reason) instead of failing the preparation."""
+    saved = onnx.ModelProto()
+    saved.CopyFrom(ctx.model)
+    try:
+        done = step(ctx)
+    except Exception as e:  # noqa: BLE001  (onnx, onnxsim and the rewrites raise many types)
+        ctx.model = saved
+        ctx.invalidate()
+        reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        ctx.steps.append(f"{what} skipped ({reason})")
+        ctx.skipped.append(ctx.steps[-1])
+        log.warning("preparation: %s skipped: %s", what, reason)
+        return
+    ctx.steps.extend(done)
+
+
+def _counted(text: str, count: int) -> list[str]:
+    return [text.format(count)] if count else []
+
+
+def _fold_constants(ctx: _Context) -> list[str]:
+    return _counted("{} Constant nodes folded into initializers", fold_constant_nodes(ctx))
+
+
+def _float32(ctx: _Context) -> list[str]:
+    """float16 weights, constants, casts and tensors (a half-precision export) as float32: PPQ, the
+    crossbar weights and the simulation compute in float32 (the prepared model then takes float32 inputs)."""
+    half = onnx.TensorProto.FLOAT16
+
+    def widen(tensor: onnx.TensorProto) -> bool:
+        if tensor.data_type != half:
+            return False
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float32),
+                                                     tensor.name))
+        return True
+
+    def graph(g: onnx.GraphProto) -> int:
+        count = sum(widen(t) for t in g.initializer)
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.tensor_type.elem_type == half:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+                count += 1
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    count += widen(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    count += graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    count += sum(graph(sub) for sub in attr.graphs)
+                elif node.op_type in ("Cast", "CastLike", "EyeLike", "RandomNormal", "RandomUniform") and \
+                        attr.name in ("to", "dtype") and attr.i == half:
+                    attr.i = onnx.TensorProto.FLOAT
+                    count += 1
+        return count
+
+    changed = graph(ctx.model.graph)
+    if changed:
+        ctx.invalidate()
+    return _counted("float16 made float32 ({} tensors and casts)", changed)
+
+
+def _inline(ctx: _Context) -> list[str]:
+    if not ctx.model.functions:
+        return []
+    from onnx import inliner
+
+    ctx.model = inliner.inline_local_functions(ctx.model)
+    ctx.invalidate()
+    return ["local functions inlined"]
+
+
+def _convert(ctx: _Context) -> list[str]:
+    converted = convert_opset(ctx)
+    return [converted] if converted else []
+
+
+def _simplify(shapes: Mapping[str, Sequence[int]]) -> Callable[[_Context], list[str]]:
+    def step(ctx: _Context) -> list[str]:
+        before = len(ctx.graph.node)
+        simplify(ctx, shapes)
+        fold_constant_nodes(ctx)
+        return [f"onnxsim: {before} -> {len(ctx.graph.node)} nodes"]
+
+    return step
+
+
+def _ppq_ready(ctx: _Context) -> list[str]:
+    done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
+    done += _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
+    folded, replaced = _fold_batchnorm(ctx)
+    return [*done, *_counted("{} BatchNormalization folded into Conv/Gemm", folded),
+            *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
+            *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx))]
+
+
+def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,
+            level: str = "full", output_shapes: Mapping[str, Sequence[int]] | None = None
+            ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """Steps 1-5 on a model in memory; returns the prepared model, what was done and the steps skipped.
+
+    Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
+    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no
+    onnxsim'``, or ``'minimal'`` (dims, names and shapes only). ``output_shapes``: the graph outputs'
+    shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
+    """
+    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
+    _drop_unused_opsets(ctx.model)
+    if fix_input_dims(ctx.model, shapes, output_shapes):
+        ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
+    _optional(ctx, "float16 to float32", _float32)
+    if level != "minimal":
+        _optional(ctx, "inlining local functions", _inline)
+        _optional(ctx, "folding Constant nodes", _fold_constants)
+        _optional(ctx, f"converting to opset {TARGET_OPSET}", _convert)
+        _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
+        if simplify_model and level == "full":
+            _optional(ctx, "onnxsim", _simplify(shapes))
+        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready)
+    control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
+    if control:  # data-dependent: it runs on the host, in onnxruntime
+        ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")
+    renamed = name_nodes(ctx)
+    if renamed:
+        ctx.steps.append(f"{renamed} nodes named")
+    _record_shapes(ctx, shapes)
+    try:
+        onnx.checker.check_model(ctx.model)
+    except Exception as e:  # noqa: BLE001  (onnxruntime's check against the original decides)
+        log.debug("onnx's checker objects to the prepared model (%s); onnxruntime's check decides", e)
+    return ctx.model, ctx.steps, ctx.skipped
+
+
+def _drop_unused_opsets(model: onnx.ModelProto) -> None:
+    """Forget opset imports of domains no node uses (converters list every domain they know of)."""
+    used = {n.domain for n in model.graph.node} | {d for f in model.functions for d in [f.domain]
+                                                   } | set(_DEFAULT_DOMAINS)
+    kept = [o for o in model.opset_import if o.domain in used]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
+def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Write every tensor's static type and shape into ``value_info`` (and the outputs'): from ONNX shape
+    inference, or where it fails or leaves a shape open, from one onnxruntime run of the model."""
+    try:
+        inferred = _static_shapes(ctx.model)
+    except ModelError as e:
+        log.info("preparation: %s; shapes are taken from onnxruntime instead", e.problem)
+        inferred = _observed_shapes(ctx.model, shapes)
+        ctx.steps.append("shapes recorded from onnxruntime (ONNX shape inference fails on this model)")
+    del ctx.graph.value_info[:]
+    ctx.graph.value_info.extend(inferred.graph.value_info)
+    for out, done in zip(ctx.graph.output, inferred.graph.output):
+        out.type.CopyFrom(done.type)
+    ctx.invalidate()
+
+
+def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """``model`` with the type and shape of every tensor as onnxruntime computes them on one input."""
+    names = [t for n in model.graph.node for t in n.output if t]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
+    try:
+        values = ort_session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0)))
+    except Exception as e:
+        raise InputShapeError(f"the model does not run in onnxruntime with input_shapes "
+                              f"{ {k: list(v) for k, v in shapes.items()} }: {str(e).strip()[:300]}",
+                              "give the shapes the model was exported for.") from e
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.value_info[:]
+    found = {}
+    for name, value in zip(names, values):
+        value = np.asarray(value)
+        found[name] = onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+    outputs = {o.name for o in model.graph.output}
+    result.graph.value_info.extend(vi for name, vi in found.items() if name not in outputs)
+    for out in result.graph.output:
+        if out.name in found:
+            out.type.CopyFrom(found[out.name].type)
+    return result
+
+
+#: metadata_props key of a prepared model: what it was prepared for and how (JSON).
+PREPARED_KEY = "maptools.prepared"
+
+
+def fingerprint() -> str:
+    """What besides the model and the options decides the prepared bytes: this code and the converters."""
+    import hashlib
+
+    from maptools.versions import package_versions
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):  # this package's code
+        digest.update(path.name.encode() + path.read_bytes())
+    versions = package_versions()
+    digest.update(json.dumps({k: versions.get(k) for k in ("onnx", "onnxsim")}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], simplify: bool
+                      ) -> dict[str, Any] | None:
+    """The record of a model this code prepared for the same shapes and options, or None."""
+    for prop in model.metadata_props:
+        if prop.key == PREPARED_KEY:
+            try:
+                record = json.loads(prop.value)
+            except ValueError:
+                return None
+            wanted = {"input_shapes": {k: [int(d) for d in v] for k, v in shapes.items()}, "simplify": simplify,
+                      "code": fingerprint()}
+            return record if all(record.get(k) == v for k, v in wanted.items()) else None
+    return None
+
+
+def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
+                  simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False) -> PreparedModel:
+    """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
+
+    The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
+    a model this code already prepared for the same shapes and options is copied as it is (the flow
+    prepares in its own task, then quantizes the prepared file).
+
+    A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
+    original in onnxruntime, the model is prepared again with fewer rewrites (``no onnxsim``, then
+    ``minimal``: fixed dims, node names and recorded shapes only); ``strict`` makes either an error.
+
+    Raises:
+        ModelError: onnxruntime cannot run the model, or (``strict``) a step had to be left out; nothing is
+            written.
+        InputShapeError: ``input_shapes`` do not fit the model (onnxruntime cannot run it with them).
+    """
+    src = Path(src)
+    model = load_model(src)
+    shapes = check_input_shapes(model, input_shapes)
+    dst = Path(dst)
+    with storage_errors(f"create {dst.parent}"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    record = _already_prepared(model, shapes, simplify)
+    if record is not None:
+        _check_strict(strict, record.get("fallbacks", []), src)
+        atomic_write(dst, src.read_bytes())
+        return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
+                             source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
+                             max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
+                             nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
+                             fallbacks=tuple(record.get("fallbacks", [])))
+    reference = reference_outputs(model, shapes, checks=checks, seed=seed)
+    notes: list[str] = []
+    for level in _LEVELS:
+        try:
+            prepared, steps, skipped = prepare(model, shapes, simplify_model=simplify, level=level,
+                                               output_shapes=reference.output_shapes)
+            worst_abs, worst_rel = check_equivalent(reference, prepared)
+            break
+        except InputShapeError:
+            raise
+        except Exception as e:  # noqa: BLE001  (onnx raises many types on content it cannot take)
+            reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+            if level == _LEVELS[-1]:
+                raise ModelError(f"preparing {src} failed: {reason}",
+                                 "check the model with onnxruntime; report it to the maptools maintainers if it "
+                                 "runs there.") from e
+            notes.append(f"preparation ({level}) gave a model that failed the check against the original ({reason}); "
+                         "prepared again with fewer rewrites")
+            log.warning("%s", notes[-1])
+    steps, fallbacks = [*notes, *steps], [*notes, *skipped]
+    _check_strict(strict, fallbacks, src)
+    record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
+              "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
+              "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node), "fallbacks": fallbacks}
+    onnx.helper.set_model_props(prepared, {**{p.key: p.value for p in prepared.metadata_props
+                                              if p.key != PREPARED_KEY}, PREPARED_KEY: json.dumps(record)})
+    atomic_write(dst, prepared.SerializeToString())
+    return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
+                         source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
+                         max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
+                         nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
+
+
+def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:
+    if strict and fallbacks:
+        raise ModelError(f"preparing {src} left steps out: {'; '.join(fallbacks)}.",
+                         "prepare without strict=True (--strict) to go on without them, or re-export the model with "
+                         "opset 13.")

@@ -1,0 +1,128 @@
+"""What every preparation step shares: the opset target, the prepared result, and the step context."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.shape_inference
+
+
+
+log = logging.getLogger(__name__)
+
+#: The opset PPQ 0.6.6 dispatches and exports (its ONNX Runtime exporter writes ai.onnx 13).
+TARGET_OPSET = 13
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The prepared model file and what was done to get it."""
+
+    path: Path
+    sha256: str
+    input_shapes: dict[str, list[int]]
+    source_opset: int
+    opset: int
+    steps: tuple[str, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    nodes_before: int
+    nodes_after: int
+    #: what preparation left undone: steps that failed and were skipped, levels it fell back from
+    fallbacks: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "input_shapes": self.input_shapes, "source_opset": self.source_opset,
+                "opset": self.opset, "steps": list(self.steps), "max_abs_diff": self.max_abs_diff,
+                "max_rel_diff": self.max_rel_diff, "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after, "fallbacks": list(self.fallbacks)}
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset."""
+    for entry in model.opset_import:
+        if entry.domain in _DEFAULT_DOMAINS:
+            return int(entry.version)
+    return 1
+
+
+def _set_opset(model: onnx.ModelProto, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in _DEFAULT_DOMAINS:
+            entry.version = version
+
+
+@dataclass
+class _Context:
+    """The model being rewritten, with the lookups rewrites need."""
+
+    model: onnx.ModelProto
+    steps: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    _shapes: dict[str, onnx.TypeProto] | None = None
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def initializers(self) -> dict[str, np.ndarray]:
+        return {i.name: onnx.numpy_helper.to_array(i) for i in self.graph.initializer}
+
+    def types(self) -> dict[str, onnx.TypeProto]:
+        if self._shapes is None:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+            except Exception:  # noqa: BLE001  (best effort: rewrites that need a shape say so)
+                inferred = self.model
+            g = inferred.graph
+            self._shapes = {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
+            for init in g.initializer:
+                t = onnx.TypeProto()
+                t.tensor_type.elem_type = init.data_type
+                for d in init.dims:
+                    t.tensor_type.shape.dim.add().dim_value = d
+                self._shapes[init.name] = t
+        return self._shapes
+
+    def invalidate(self) -> None:
+        self._shapes = None
+
+    def shape(self, tensor: str) -> list[int] | None:
+        t = self.types().get(tensor)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        dims = t.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+
+    def elem_type(self, tensor: str) -> int:
+        t = self.types().get(tensor)
+        return int(t.tensor_type.elem_type) if t is not None else 0
+
+    def add_initializer(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def fresh(self, base: str) -> str:
+        used = {t for n in self.graph.node for t in [*n.input, *n.output]} | {i.name for i in self.graph.initializer}
+        name, i = base, 0
+        while name in used:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+
+def _drop_attrs(node: onnx.NodeProto, names: set[str]) -> None:
+    kept = [a for a in node.attribute if a.name not in names]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _where(node: onnx.NodeProto) -> str:
+    return f"{node.name or node.output[0]} ({node.op_type})"

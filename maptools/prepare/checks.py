@@ -1,0 +1,170 @@
+"""Step 7: the prepared model against the original in onnxruntime on seeded random inputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.shape_inference
+
+from maptools.errors import InputShapeError, ModelError
+from maptools.onnx_model import model_inputs, ort_session
+
+
+from maptools.prepare.opset import fix_input_dims
+log = logging.getLogger(__name__)
+
+# --- checks -------------------------------------------------------------------------------------------
+
+def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise ModelError(f"ONNX shape inference fails on the prepared model: {str(e).strip()[:300]}",
+                         "check that input_shapes fit the model (a Reshape to a constant batch, for example, fixes "
+                         "the batch the model was exported with).") from e
+    g = inferred.graph
+    known = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
+    inits = {i.name for i in g.initializer}
+    dynamic = []
+    for node in g.node:
+        for t in node.output:
+            vi = known.get(t)
+            if not t:
+                continue
+            tt = vi.type.tensor_type if vi is not None else None
+            if tt is None or not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+                if t not in inits:
+                    dynamic.append(f"{t} ({node.op_type} {node.name})")
+    if dynamic:
+        raise ModelError(f"these tensors have no static shape after preparation: {', '.join(dynamic[:8])}"
+                         + (f" and {len(dynamic) - 8} more" if len(dynamic) > 8 else "") + ".",
+                         "maptools needs every tensor shape fixed by input_shapes; operators whose output size "
+                         "depends on the data (NonZero, NonMaxSuppression, TopK with a computed k) must be removed "
+                         "from the model first.")
+    return inferred
+
+
+def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    feed = {}
+    for spec in model_inputs(model):
+        shape = list(shapes[spec.name])
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+    return feed
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The original model's outputs on seeded random inputs, as onnxruntime computes them."""
+
+    feeds: tuple[dict[str, np.ndarray], ...]
+    names: tuple[str, ...]
+    outputs: tuple[tuple[np.ndarray, ...], ...]
+
+    @property
+    def output_shapes(self) -> dict[str, list[int]]:
+        return {name: list(value.shape) for name, value in zip(self.names, self.outputs[0] if self.outputs else ())}
+
+
+def _declared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> str:
+    """The fixed input dims ``shapes`` override, in words (empty when none)."""
+    found = [f"input {spec.name!r} axis {axis} is fixed to {want} in the model"
+             for spec in model_inputs(model) for axis, (want, got) in enumerate(zip(spec.dims, shapes[spec.name]))
+             if want is not None and want != got]
+    return "; ".join(found)
+
+
+def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int = 3,
+                      seed: int = 0) -> Reference:
+    """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load).
+
+    Raises:
+        ModelError: onnxruntime cannot load the model.
+        InputShapeError: the model does not run with ``shapes``.
+    """
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(original)
+    fix_input_dims(relaxed, shapes)
+    try:
+        session = ort_session(relaxed)
+    except Exception as e:
+        try:
+            ort_session(original)
+        except Exception:
+            raise ModelError(f"onnxruntime cannot load the model: {str(e).strip()[:300]}",
+                             "check the model file; maptools needs a model onnxruntime runs.") from e
+        raise _misfit(original, shapes, e) from e  # it loads as declared: the shapes do not fit
+    names = tuple(o.name for o in original.graph.output)
+    rng = np.random.default_rng(seed)
+    feeds = tuple(_random_feed(original, shapes, rng) for _ in range(checks))
+    outputs = []
+    for feed in feeds:
+        try:
+            outputs.append(tuple(session.run(list(names), feed)))
+        except Exception as e:
+            raise _misfit(original, shapes, e) from e
+    return Reference(feeds, names, tuple(outputs))
+
+
+def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception) -> InputShapeError:
+    declared = _declared(model, shapes)
+    return InputShapeError(
+        f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} }"
+        + (f" ({declared})" if declared else "") + f": {' '.join(str(error).split())[:300]}",
+        "give the shapes the model was exported for" + (
+            f", e.g. {_suggested(model, shapes)}" if declared else
+            " (a Reshape to a constant batch fixes the batch size, for example)") + ".")
+
+
+def _suggested(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{spec.name}={[d if d is not None else g for d, g in zip(spec.dims, shapes[spec.name])]}"
+                     for spec in model_inputs(model))
+
+
+def check_equivalent(reference: Reference, prepared: onnx.ModelProto, rtol: float = 1e-3, atol: float = 1e-4
+                     ) -> tuple[float, float]:
+    """Run ``prepared`` on the reference's inputs; return (max abs, max relative) output difference.
+
+    The relative difference is per output, against the output's largest magnitude. Raises
+    ModelError when onnxruntime cannot run it or an element differs beyond
+    ``atol * max(1, max|ref|) + rtol * |ref|``.
+    """
+    try:
+        after = ort_session(prepared)
+        wants = {i.name: i.type for i in after.get_inputs()}  # a float16 input is float32 after preparation
+        got_all = [after.run(list(reference.names), {k: v.astype(np.float32) if wants.get(k) == "tensor(float)" else v
+                                                     for k, v in feed.items()}) for feed in reference.feeds]
+    except Exception as e:
+        raise ModelError(f"onnxruntime cannot run the prepared model: {str(e).strip()[:300]}",
+                         "report this model to the maptools maintainers.") from e
+    worst_abs = worst_rel = 0.0
+    for ref, got in zip(reference.outputs, got_all):
+        for name, r, g in zip(reference.names, ref, got):
+            if r.shape != g.shape:
+                raise ModelError(f"output {name!r} has shape {list(g.shape)} after preparation, {list(r.shape)} before.",
+                                 "report this model to the maptools maintainers.")
+            if not np.issubdtype(r.dtype, np.floating):
+                if not np.array_equal(r, g):
+                    raise ModelError(f"output {name!r} (integer) changed in preparation.",
+                                     "report this model to the maptools maintainers.")
+                continue
+            diff = np.abs(r.astype(np.float64) - g)
+            peak = float(np.abs(r).max(initial=0.0))
+            if r.dtype == np.float16:  # the original rounds every tensor to 11 bits: compare at that precision
+                rtol, atol = max(rtol, 2e-2), max(atol, 2e-2)
+            worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
+            worst_rel = max(worst_rel, float(diff.max(initial=0.0)) / max(peak, 1e-12))
+            if not np.all(diff <= atol * max(1.0, peak) + rtol * np.abs(r)):
+                raise ModelError(f"the prepared model's output {name!r} differs from the original's by up to "
+                                 f"{float(diff.max()):.3g} (largest value {peak:.3g}).",
+                                 "report this model to the maptools maintainers.")
+    return worst_abs, worst_rel

@@ -1,0 +1,347 @@
+"""Steps 1-3: fixed input dims, constants folded and functions inlined, opset 13 (up with onnx's converter,
+down by rewriting the operators whose definition changed)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.defs
+import onnx.helper
+import onnx.numpy_helper
+
+from maptools.errors import ModelError
+from maptools.onnx_model import node_attr
+
+
+from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, _Context, _drop_attrs, _set_opset, _where,
+                                    opset_of)
+log = logging.getLogger(__name__)
+
+# --- 1. dims --------------------------------------------------------------------------------------
+
+def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                   output_shapes: Mapping[str, Sequence[int]] | None = None) -> bool:
+    """Set every graph input's dims to ``shapes`` and drop intermediate shapes (re-inferred).
+
+    Graph outputs get ``output_shapes`` where given (what onnxruntime computed: exporters write stale
+    ranks and sizes there), else keep their rank with the sizes forgotten.
+    """
+    changed = False
+    for vi in model.graph.input:
+        if vi.name not in shapes:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for d, value in zip(dims, shapes[vi.name]):
+            if not d.HasField("dim_value") or d.dim_value != value:
+                changed = True
+            d.Clear()
+            d.dim_value = int(value)
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        known = (output_shapes or {}).get(out.name)
+        if known is not None:
+            out.type.tensor_type.ClearField("shape")
+            for size in known:
+                out.type.tensor_type.shape.dim.add().dim_value = int(size)
+            continue
+        for d in out.type.tensor_type.shape.dim:
+            d.Clear()
+    return changed
+
+
+# --- 2. constants and functions ------------------------------------------------------------------
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    if not node.attribute:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return onnx.numpy_helper.to_array(attr.t)
+    if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+        value = onnx.helper.get_attribute_value(attr)
+        return np.asarray(value, dtype=np.float32 if "float" in attr.name else np.int64)
+    return None
+
+
+def fold_constant_nodes(ctx: _Context) -> int:
+    """Replace ``Constant`` nodes by initializers of the same name."""
+    kept, folded = [], 0
+    for node in ctx.graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None
+        if value is None:
+            kept.append(node)
+            continue
+        ctx.add_initializer(node.output[0], value)
+        folded += 1
+    if folded:
+        del ctx.graph.node[:]
+        ctx.graph.node.extend(kept)
+        ctx.model.ir_version = max(ctx.model.ir_version, 4)  # initializers need not be inputs
+    return folded
+
+
+# --- 3. opset -------------------------------------------------------------------------------------
+
+def _schema(op_type: str, version: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(op_type, version, "")
+    except onnx.defs.SchemaError:
+        return None
+
+
+Rewrite = Callable[[onnx.NodeProto, _Context], list[onnx.NodeProto]]
+
+
+def _hardswish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    gate = ctx.fresh(f"{node.output[0]}_hardsigmoid")
+    return [onnx.helper.make_node("HardSigmoid", [node.input[0]], [gate], name=f"{node.name}_hardsigmoid",
+                                  alpha=1.0 / 6, beta=0.5),
+            onnx.helper.make_node("Mul", [node.input[0], gate], [node.output[0]], name=node.name)]
+
+
+def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    if len([o for o in node.output if o]) > 1:
+        raise ModelError(f"{_where(node)} uses its Mean/InvStdDev outputs, which opset 13 has no operator for.",
+                         "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).")
+    shape = ctx.shape(node.input[0])
+    if shape is None:
+        raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
+    axis = int(node_attr(node, "axis", -1)) % len(shape)
+    axes = list(range(axis, len(shape)))
+    eps = float(node_attr(node, "epsilon", 1e-5))
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "scaled")}
+    ctx.add_initializer(t["eps"], np.asarray(eps, dtype=np.float32))
+    nodes = [
+        onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
+        onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub"),
+        onnx.helper.make_node("Mul", [t["diff"], t["diff"]], [t["sq"]], name=f"{name}_square"),
+        onnx.helper.make_node("ReduceMean", [t["sq"]], [t["var"]], name=f"{name}_var", axes=axes, keepdims=1),
+        onnx.helper.make_node("Add", [t["var"], t["eps"]], [t["veps"]], name=f"{name}_eps"),
+        onnx.helper.make_node("Sqrt", [t["veps"]], [t["std"]], name=f"{name}_sqrt"),
+    ]
+    has_bias = len(node.input) > 2 and node.input[2]
+    nodes.append(onnx.helper.make_node("Div", [t["diff"], t["std"]], [t["norm"]], name=f"{name}_div"))
+    nodes.append(onnx.helper.make_node("Mul", [t["norm"], node.input[1]], [t["scaled"] if has_bias else out],
+                                       name=f"{name}_scale" if has_bias else name))
+    if has_bias:
+        nodes.append(onnx.helper.make_node("Add", [t["scaled"], node.input[2]], [out], name=name))
+    return nodes
+
+
+def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("c", "half", "one", "a", "b", "e", "p")}
+    ctx.add_initializer(t["half"], np.asarray(0.5, dtype=np.float32))
+    ctx.add_initializer(t["one"], np.asarray(1.0, dtype=np.float32))
+    if node_attr(node, "approximate", "none") == "tanh":
+        raise ModelError(f"{_where(node)} uses the tanh approximation, which maptools does not rewrite.",
+                         "re-export the model with opset 13 or with the exact GELU.")
+    ctx.add_initializer(t["c"], np.asarray(math.sqrt(2.0), dtype=np.float32))
+    return [onnx.helper.make_node("Div", [x, t["c"]], [t["a"]], name=f"{name}_div"),
+            onnx.helper.make_node("Erf", [t["a"]], [t["e"]], name=f"{name}_erf"),
+            onnx.helper.make_node("Add", [t["e"], t["one"]], [t["b"]], name=f"{name}_add"),
+            onnx.helper.make_node("Mul", [x, t["b"]], [t["p"]], name=f"{name}_mul"),
+            onnx.helper.make_node("Mul", [t["p"], t["half"]], [out], name=name)]
+
+
+def _mish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    sp, th = ctx.fresh(f"{out}_softplus"), ctx.fresh(f"{out}_tanh")
+    return [onnx.helper.make_node("Softplus", [x], [sp], name=f"{name}_softplus"),
+            onnx.helper.make_node("Tanh", [sp], [th], name=f"{name}_tanh"),
+            onnx.helper.make_node("Mul", [x, th], [out], name=name)]
+
+
+def _shape_slice(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    start, end = node_attr(node, "start"), node_attr(node, "end")
+    if start is None and end is None:
+        return [node]
+    full = ctx.fresh(f"{node.output[0]}_full")
+    starts = ctx.add_initializer(ctx.fresh(f"{node.output[0]}_starts"), np.asarray([start or 0], dtype=np.int64))
+    ends = ctx.add_initializer(ctx.fresh(f"{node.output[0]}_ends"),
+                               np.asarray([end if end is not None else 2**62], dtype=np.int64))
+    plain = onnx.helper.make_node("Shape", [node.input[0]], [full], name=f"{node.name}_full")
+    return [plain, onnx.helper.make_node("Slice", [full, starts, ends], [node.output[0]], name=node.name)]
+
+
+def _castlike(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    to = ctx.elem_type(node.input[1])
+    if not to:
+        raise ModelError(f"the target type of {_where(node)} is unknown.", "re-export the model with opset 13.")
+    return [onnx.helper.make_node("Cast", [node.input[0]], [node.output[0]], name=node.name, to=to)]
+
+
+def _constant_input(node: onnx.NodeProto, index: int, ctx: _Context) -> np.ndarray | None:
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    value = ctx.initializers().get(node.input[index])
+    if value is None:
+        raise ModelError(f"{_where(node)} takes input {index} from a computed tensor; opset 13 needs it constant.",
+                         "simplify the model with fixed input shapes, or re-export it with opset 13.")
+    return value
+
+
+def _reduce_axes(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """Reduce* at opset 18 takes axes as an input; before, as an attribute (ReduceSum: input since 13)."""
+    if node.op_type == "ReduceSum":
+        return [node]
+    axes = _constant_input(node, 1, ctx)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if axes is None or axes.size == 0:
+        if attrs.pop("noop_with_empty_axes", 0):
+            return [onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)]
+    else:
+        attrs["axes"] = [int(a) for a in axes.reshape(-1)]
+    attrs.pop("noop_with_empty_axes", None)
+    return [onnx.helper.make_node(node.op_type, [node.input[0]], list(node.output), name=node.name, **attrs)]
+
+
+def _split(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    parts = node_attr(node, "num_outputs")
+    if parts is None:
+        return [node]
+    shape = ctx.shape(node.input[0])
+    axis = int(node_attr(node, "axis", 0))
+    if shape is None or shape[axis] < 0:
+        raise ModelError(f"the split axis of {_where(node)} has no static size.", "give input_shapes for every input.")
+    size = shape[axis]
+    chunk = -(-size // parts)
+    sizes = [chunk] * (size // chunk) + ([size % chunk] if size % chunk else [])
+    split = ctx.add_initializer(ctx.fresh(f"{node.output[0]}_split"), np.asarray(sizes, dtype=np.int64))
+    return [onnx.helper.make_node("Split", [node.input[0], split], list(node.output), name=node.name, axis=axis)]
+
+
+def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> Rewrite:
+    """Accept the operator when the attributes added after opset 13 keep their defaults; drop them."""
+
+    def rewrite(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+        for name, default in defaults.items():
+            value = node_attr(node, name, default)
+            if value != default:
+                raise ModelError(f"{_where(node)} sets {name}={value!r}, which opset 13 cannot express.",
+                                 "re-export the model with opset 13.")
+        if max_inputs is not None and len([i for i in node.input[max_inputs:] if i]):
+            raise ModelError(f"{_where(node)} uses inputs that opset 13 does not have.",
+                             "re-export the model with opset 13.")
+        _drop_attrs(node, set(defaults))
+        del node.input[max_inputs if max_inputs is not None else len(node.input):]
+        return [node]
+
+    return rewrite
+
+
+_REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+           "ReduceProd", "ReduceSum", "ReduceSumSquare")
+#: Rewrites of operators whose definition after opset 13 differs from (or is absent at) opset 13.
+_DOWN: dict[str, Rewrite] = {
+    "HardSwish": _hardswish, "LayerNormalization": _layernorm, "Gelu": _gelu, "Mish": _mish,
+    "Shape": _shape_slice, "CastLike": _castlike, "Split": _split, **{op: _reduce_axes for op in _REDUCE},
+    "Reshape": _only_defaults({"allowzero": 0}),
+    "BatchNormalization": _only_defaults({"training_mode": 0}),
+    "LSTM": _only_defaults({"layout": 0}), "GRU": _only_defaults({"layout": 0}), "RNN": _only_defaults({"layout": 0}),
+    "Resize": _only_defaults({"antialias": 0, "keep_aspect_ratio_policy": "stretch", "axes": None}),
+    "Pad": _only_defaults({}, max_inputs=3),
+    "AveragePool": _only_defaults({"dilations": None}),
+    "Cast": _only_defaults({"saturate": 1}),
+    "ScatterElements": _only_defaults({"reduction": "none"}), "ScatterND": _only_defaults({"reduction": "none"}),
+}
+
+
+def _same_signature(node: onnx.NodeProto, old: onnx.defs.OpSchema) -> bool:
+    """True when the node uses only attributes and inputs/outputs the opset-13 schema has."""
+    if any(a.name not in old.attributes for a in node.attribute):
+        return False
+    max_in = old.max_input if old.max_input < 2**31 - 1 else len(node.input)
+    max_out = old.max_output if old.max_output < 2**31 - 1 else len(node.output)
+    return len([i for i in node.input[max_in:] if i]) == 0 and len([o for o in node.output[max_out:] if o]) == 0
+
+
+def downgrade_to_13(ctx: _Context, opset: int) -> list[str]:
+    """Rewrite operators defined after opset 13 into their opset-13 form; return what changed."""
+    rewritten: dict[str, int] = {}
+    problems: list[str] = []
+    nodes: list[onnx.NodeProto] = []
+    for node in list(ctx.graph.node):
+        now, old = _schema(node.op_type, opset), _schema(node.op_type, TARGET_OPSET)
+        if node.domain not in _DEFAULT_DOMAINS or now is None or (old is not None and
+                                                                  now.since_version == old.since_version):
+            nodes.append(node)
+            continue
+        rewrite = _DOWN.get(node.op_type)
+        try:
+            if rewrite is not None:
+                replaced = rewrite(node, ctx)
+                if replaced != [node] or node.op_type in ("HardSwish", "LayerNormalization"):
+                    rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
+                nodes.extend(replaced)
+            elif old is not None and _same_signature(node, old):
+                nodes.append(node)  # only its type list grew
+            else:
+                problems.append(f"{_where(node)}: defined at opset {now.since_version}"
+                                + ("" if old else ", absent at opset 13"))
+        except ModelError as e:
+            problems.append(e.problem)
+    if problems:
+        raise ModelError(f"maptools cannot bring these operators from opset {opset} to opset {TARGET_OPSET}, "
+                         f"which PPQ dispatches: {'; '.join(problems[:10])}"
+                         + (f" and {len(problems) - 10} more" if len(problems) > 10 else "") + ".",
+                         "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)), or "
+                         "replace those operators.")
+    del ctx.graph.node[:]
+    ctx.graph.node.extend(nodes)
+    _set_opset(ctx.model, TARGET_OPSET)
+    ctx.invalidate()
+    return [f"{op} x{n}" for op, n in sorted(rewritten.items())]
+
+
+def opset_report(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
+    """What bringing ``model`` to opset 13 involves, without doing it: operator types maptools rewrites
+    (with counts) and operators it cannot bring there (empty for opset 13 and below)."""
+    opset = opset_of(model)
+    rewrites: dict[str, int] = {}
+    problems: list[str] = []
+    if opset <= TARGET_OPSET:
+        return rewrites, problems
+    for node in model.graph.node:
+        now, old = _schema(node.op_type, opset), _schema(node.op_type, TARGET_OPSET)
+        if node.domain not in _DEFAULT_DOMAINS or now is None or (old is not None and
+                                                                  now.since_version == old.since_version):
+            continue
+        if node.op_type in _DOWN:
+            rewrites[node.op_type] = rewrites.get(node.op_type, 0) + 1
+        elif old is None or not _same_signature(node, old):
+            problems.append(f"{_where(node)}: defined at opset {now.since_version}"
+                            + ("" if old else ", absent at opset 13"))
+    return rewrites, problems
+
+
+def convert_opset(ctx: _Context) -> str | None:
+    """Bring the model to opset 13; return a description, or None if it already was."""
+    opset = opset_of(ctx.model)
+    if opset == TARGET_OPSET:
+        return None
+    if opset < TARGET_OPSET:
+        from onnx import version_converter
+
+        try:
+            ctx.model = version_converter.convert_version(ctx.model, TARGET_OPSET)
+        except Exception as e:
+            raise ModelError(f"onnx's version converter cannot bring the model from opset {opset} to "
+                             f"{TARGET_OPSET}: {str(e).strip()[:300]}",
+                             "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).") from e
+        for node in ctx.graph.node:  # before opset 11, Upsample and Resize computed asymmetric, floor; the
+            # converter leaves Resize-11's defaults (half_pixel), which differ for linear modes
+            if opset < 11 and node.op_type == "Resize" and node_attr(node, "coordinate_transformation_mode") is None:
+                _drop_attrs(node, {"coordinate_transformation_mode", "nearest_mode"})
+                node.attribute.extend([onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
+                                       onnx.helper.make_attribute("nearest_mode", "floor")])
+        ctx.invalidate()
+        return f"opset {opset} -> {TARGET_OPSET} (onnx version converter)"
+    rewritten = downgrade_to_13(ctx, opset)
+    return f"opset {opset} -> {TARGET_OPSET}" + (f" (rewrote {', '.join(rewritten)})" if rewritten else "")

@@ -1,0 +1,276 @@
+"""Steps 4-5: onnxsim, and the rewrites PPQ would otherwise do inside its own graph (BatchNorm and bias Add
+into the convolution, pass-through nodes removed, explicit pads, unique node names)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+
+from maptools.errors import ModelError
+from maptools.onnx_model import auto_pads, node_attr
+
+
+from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _drop_attrs
+log = logging.getLogger(__name__)
+
+# --- 4. onnxsim -------------------------------------------------------------------------------------
+
+def simplify(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
+    from onnxsim import simplify as onnxsim
+
+    try:
+        simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()})
+    except Exception as e:
+        raise ModelError(f"onnxsim cannot simplify the model: {str(e).strip()[:300]}",
+                         "check the model runs in onnxruntime with these input shapes, or pass simplify=False.") from e
+    if not ok:
+        raise ModelError("onnxsim's own check of the simplified model failed.", "pass simplify=False.")
+    ctx.model = simplified
+    ctx.invalidate()
+
+
+# --- 5. PPQ-ready rewrites ---------------------------------------------------------------------------
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for t in node.input:
+            if t:
+                out.setdefault(t, []).append(node)
+    return out
+
+
+def _replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, t in enumerate(node.input):
+            if t == old:
+                node.input[i] = new
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def _remove_passthrough(ctx: _Context) -> int:
+    """Drop Identity and inference-time Dropout nodes (PPQ removes them from its own graph)."""
+    removed = 0
+    outputs = {o.name for o in ctx.graph.output}
+    for node in list(ctx.graph.node):
+        if node.op_type not in ("Identity", "Dropout") or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        if node.op_type == "Dropout" and len([o for o in node.output if o]) > 1:
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst in outputs and (src in outputs or src in {i.name for i in ctx.graph.input}):
+            continue  # an output that is another output or an input: keep the node
+        ctx.graph.node.remove(node)
+        if dst in outputs:  # the producer of src writes the graph output directly
+            for other in ctx.graph.node:
+                for i, t in enumerate(other.output):
+                    if t == src:
+                        other.output[i] = dst
+            _replace_tensor(ctx.graph, src, dst)
+        else:
+            _replace_tensor(ctx.graph, dst, src)
+        removed += 1
+    return removed
+
+
+_WINDOW_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def _explicit_pads(ctx: _Context) -> int:
+    """``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID; keras2onnx and tf2onnx write it) as explicit ``pads`` of
+    the fixed input shape: PPQ's exporter writes both, which onnxruntime refuses."""
+    changed = 0
+    for node in ctx.graph.node:
+        mode = node_attr(node, "auto_pad", "NOTSET")
+        shape = ctx.shape(node.input[0]) if node.op_type in _WINDOW_OPS and mode != "NOTSET" else None
+        if shape is None or min(shape) < 0:
+            continue
+        if node.op_type == "Conv":
+            weight = ctx.shape(node.input[1])
+            if weight is None:
+                continue
+            kernel = list(node_attr(node, "kernel_shape", weight[2:]))
+        else:
+            kernel = list(node_attr(node, "kernel_shape"))
+        rank = len(kernel)
+        pads = auto_pads(mode, shape[2:], kernel, list(node_attr(node, "strides", [1] * rank)),
+                         list(node_attr(node, "dilations", [1] * rank)))
+        _drop_attrs(node, {"auto_pad", "pads"})
+        node.attribute.append(onnx.helper.make_attribute("pads", pads))
+        changed += 1
+    if changed:
+        ctx.invalidate()
+    return changed
+
+
+def _bn_affine(bn: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        gamma, beta, mean, var = (inits[t].astype(np.float64) for t in bn.input[1:5])
+    except KeyError:
+        return None
+    scale = gamma / np.sqrt(var + float(node_attr(bn, "epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def _fold_batchnorm(ctx: _Context) -> tuple[int, int]:
+    """BatchNorm after a Conv/ConvTranspose/Gemm read only by it: folded into its weights; other
+    BatchNorms become a per-channel Mul + Add. Returns (folded, replaced)."""
+    folded = replaced = 0
+    inits = ctx.initializers()
+    init_index = {i.name: k for k, i in enumerate(ctx.graph.initializer)}
+    consumers = _consumers(ctx.graph)
+    producer = {t: n for n in ctx.graph.node for t in n.output}
+    outputs = {o.name for o in ctx.graph.output}
+
+    def set_init(name: str, value: np.ndarray) -> None:
+        tensor = onnx.numpy_helper.from_array(value.astype(np.float32), name)
+        if name in init_index:
+            ctx.graph.initializer[init_index[name]].CopyFrom(tensor)
+        else:
+            init_index[name] = len(ctx.graph.initializer)
+            ctx.graph.initializer.append(tensor)
+        inits[name] = value
+
+    for bn in [n for n in ctx.graph.node if n.op_type == "BatchNormalization"]:
+        affine = _bn_affine(bn, inits)
+        if affine is None or len([o for o in bn.output if o]) != 1:
+            continue
+        scale, shift = affine
+        src = producer.get(bn.input[0])
+        weight = inits.get(src.input[1]) if src is not None and len(src.input) > 1 else None
+        foldable = (src is not None and src.op_type in ("Conv", "ConvTranspose", "Gemm") and weight is not None
+                    and len(consumers.get(bn.input[0], [])) == 1 and bn.input[0] not in outputs
+                    and len(consumers.get(src.input[1], [])) == 1
+                    and not (len(src.input) > 2 and src.input[2] and (src.input[2] not in inits
+                                                                      or len(consumers[src.input[2]]) != 1)))
+        if foldable and src.op_type == "Gemm":
+            foldable = not node_attr(src, "transA", 0) and float(node_attr(src, "alpha", 1.0)) == 1.0 and \
+                float(node_attr(src, "beta", 1.0)) == 1.0
+        if foldable:
+            w = weight.astype(np.float64)
+            if src.op_type == "Conv":
+                w = w * scale.reshape([-1] + [1] * (w.ndim - 1))
+            elif src.op_type == "ConvTranspose":
+                groups = int(node_attr(src, "group", 1))
+                w = (w.reshape(groups, -1, *w.shape[1:]) * scale.reshape(groups, 1, -1, *[1] * (w.ndim - 2))
+                     ).reshape(w.shape)
+            else:
+                w = w * (scale[:, None] if node_attr(src, "transB", 0) else scale[None, :])
+            bias = inits[src.input[2]].astype(np.float64) if len(src.input) > 2 and src.input[2] else 0.0
+            new_w = ctx.fresh(f"{src.input[1]}_bnfold")
+            set_init(new_w, w)
+            src.input[1] = new_w
+            new_b = ctx.fresh(f"{src.output[0]}_bias")
+            set_init(new_b, np.asarray(bias * scale + shift).reshape(-1))
+            _set_bias(src, new_b)
+            src.output[0] = bn.output[0]
+            ctx.graph.node.remove(bn)
+            folded += 1
+            continue
+        rank = ctx.shape(bn.input[0])
+        shape = [-1] + [1] * (len(rank) - 2) if rank else [-1, 1, 1]
+        mul_c = ctx.fresh(f"{bn.output[0]}_scale")
+        add_c = ctx.fresh(f"{bn.output[0]}_shift")
+        set_init(mul_c, scale.reshape(shape))
+        set_init(add_c, shift.reshape(shape))
+        mid = ctx.fresh(f"{bn.output[0]}_scaled")
+        name = bn.name or bn.output[0]
+        index = list(ctx.graph.node).index(bn)
+        ctx.graph.node.remove(bn)
+        ctx.graph.node.insert(index, onnx.helper.make_node("Add", [mid, add_c], [bn.output[0]], name=name))
+        ctx.graph.node.insert(index, onnx.helper.make_node("Mul", [bn.input[0], mul_c], [mid], name=f"{name}_scale"))
+        replaced += 1
+    if folded or replaced:
+        _drop_unused_initializers(ctx)
+    return folded, replaced
+
+
+def _set_bias(node: onnx.NodeProto, name: str) -> None:
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
+
+
+def _fold_bias_add(ctx: _Context) -> int:
+    """``Conv -> Add(per-channel constant)`` (the Conv read only by the Add) into the Conv's bias."""
+    fused = 0
+    inits = ctx.initializers()
+    consumers = _consumers(ctx.graph)
+    producer = {t: n for n in ctx.graph.node for t in n.output}
+    outputs = {o.name for o in ctx.graph.output}
+    for add in [n for n in ctx.graph.node if n.op_type == "Add"]:
+        consts = [t for t in add.input if t in inits]
+        acts = [t for t in add.input if t not in inits]
+        if len(consts) != 1 or len(acts) != 1 or acts[0] not in producer:
+            continue
+        conv = producer[acts[0]]
+        if conv.op_type not in ("Conv", "ConvTranspose") or len(consumers.get(acts[0], [])) != 1 or acts[0] in outputs:
+            continue
+        weight = inits.get(conv.input[1])
+        if weight is None:
+            continue
+        value = inits[consts[0]]
+        channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(node_attr(conv, "group", 1))
+        if not _per_channel(value, channels, weight.ndim):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and (conv.input[2] not in inits or len(consumers[conv.input[2]]) != 1):
+            continue
+        bias = inits[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else \
+            np.zeros(channels)
+        name = ctx.fresh(f"{add.output[0]}_bias")
+        ctx.add_initializer(name, (bias + np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,))
+                                   ).astype(np.float32))
+        _set_bias(conv, name)
+        conv.output[0] = add.output[0]
+        ctx.graph.node.remove(add)
+        fused += 1
+    if fused:
+        _drop_unused_initializers(ctx)
+    return fused
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int) -> bool:
+    """A scalar, or one value per channel of an ``[N, C, ...]`` tensor of ``rank`` under broadcasting."""
+    if value.size == 1:
+        return True
+    if value.ndim > rank:
+        return False
+    padded = [1] * (rank - value.ndim) + list(value.shape)
+    return padded[1] == channels and all(d == 1 for i, d in enumerate(padded) if i != 1)
+
+
+def _drop_unused_initializers(ctx: _Context) -> None:
+    used = {t for n in ctx.graph.node for t in n.input} | {o.name for o in ctx.graph.output}
+    constants = {i.name for i in ctx.graph.initializer}
+    kept = [i for i in ctx.graph.initializer if i.name in used]
+    del ctx.graph.initializer[:]
+    ctx.graph.initializer.extend(kept)
+    inputs = [i for i in ctx.graph.input if i.name in used or i.name not in constants]
+    del ctx.graph.input[:]
+    ctx.graph.input.extend(inputs)
+    ctx.invalidate()
+
+
+def name_nodes(ctx: _Context) -> int:
+    """Give every node a unique, stable name (PPQ, quantinfo and the operator graph key on it)."""
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(ctx.graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        if name != node.name:
+            node.name = name
+            renamed += 1
+        seen.add(name)
+    return renamed
