@@ -25,6 +25,7 @@ from maptools.errors import SettingsError
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
+from maptools_flows.params import documented
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec, _artifact_key
@@ -81,6 +82,7 @@ def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0
 
 
 @flow(name="map-and-simulate", persist_result=True, result_serializer=SERIALIZER)
+@documented
 def map_and_simulate(
     mapname: Annotated[str, Field(description="A quantized map under mapsave/ (converted here if needed).")],
     output_root: Annotated[str | None, Field(description="Where mapsave/ is (default $MAPTOOLS_HOME or the "
@@ -210,6 +212,7 @@ def _upstream_result(upstream_run: str) -> QuantizeModelResult:
 
 
 @flow(name="simulate-quantized-run", persist_result=True, result_serializer=SERIALIZER)
+@documented
 def simulate_quantized_run(
     upstream_run: Annotated[str, Field(description="Flow run id of a completed quantize-model run "
                                                    "(the trigger passes {{ event.resource.id }}).")],

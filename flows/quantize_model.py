@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
+from maptools_flows.params import documented
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient, prepare_model,
                                   publish_report, run_quantization)
@@ -45,7 +46,15 @@ class QuantizeModelResult:
         return str(self.quantization.map_dir)
 
 
+def _setting(name: str, more: str = "") -> Any:
+    """A flow parameter's description and bounds, taken from the QuantSettings field it sets (one definition)."""
+    field = QuantSettings.model_fields[name]
+    bounds = {kind: getattr(m, kind) for m in field.metadata for kind in ("ge", "le") if type(m).__name__.lower() == kind}
+    return Field(description=f"{field.description}{more}", **bounds)
+
+
 @flow(name="quantize-model", persist_result=True, result_serializer=SERIALIZER)
+@documented
 def quantize_model(
     onnx_path: Annotated[str, Field(description="ONNX model file as exported (prepared here: fixed dims, opset "
                                                 "13, onnxsim unless simplify=false), or "
@@ -55,37 +64,24 @@ def quantize_model(
     mapname: Annotated[str, Field(description="Folder name under mapsave/.")],
     calib: Annotated[str | None, Field(description="'random' (or null) for seeded random data, or a folder "
                                                    "of images / .npy / .npz files.")] = None,
-    calib_steps: Annotated[int, Field(ge=8, le=512, description="Calibration samples (8-512).")] = 32,
+    calib_steps: Annotated[int, _setting("calib_steps")] = 32,
     device: Annotated[str, Field(description="cpu, cuda or auto (auto may fall back to cpu).")] = "auto",
     bit_width: Annotated[Annotated[int, Field(ge=2, le=8)] | Literal["auto"], Field(
         description="Weight and activation bits, or auto: per-layer widths under max_output_error, max_error_ratio or "
                     "max_weight_bytes.")] = 8,
-    weight_bits: Annotated[int | None, Field(ge=2, le=8, description="Weight bits, overriding bit_width.")] = None,
-    activation_bits: Annotated[int | None, Field(ge=2, le=8, description="Activation bits, overriding bit_width."
-                                                 )] = None,
-    per_channel: Annotated[bool, Field(description="Per-output-channel weight scales.")] = True,
-    algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"],
-                         Field(description="Activation calibration algorithm.")] = "percentile",
-    seed: Annotated[int, Field(ge=0, description="Seed of random calibration data.")] = 0,
-    activation_sign: Annotated[Literal["signed", "auto"] | None, Field(
-        description="signed everywhere, or auto: unsigned where the producer cannot be negative (extended profile "
-                    "only); null: the profile's.")] = None,
-    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq", "fast-bias-correction"], Field(
-        description="A PPQ correction pass (bias-correction and lsq need real calibration data).")] = "none",
-    scale_policy: Annotated[Literal["float", "pow2"], Field(
-        description="float scales, or pow2: every scale a power of two (requantization is a shift).")] = "float",
-    shared_scales: Annotated[bool | None, Field(
-        description="One scale on all inputs of each Add and Concat (no requantization before the adder); null: "
-                    "the profile's (shared for seed).")] = None,
-    profile: Annotated[Literal["seed", "extended"], Field(
-        description="seed: pickles in the original toolchain's contract; extended: this package's semantics.")
-    ] = "seed",
-    multiplier_bits: Annotated[int, Field(ge=8, le=MULTIPLIER_BITS, description="Bits of the requantization "
-                                                                                "multipliers in quantinfo.")
-    ] = MULTIPLIER_BITS,
-    layer_bits: Annotated[dict[str, list[int]] | None, Field(
-        description='Per crossbar operator {name: [weight_bits, input_bits]} (extended profile), e.g. '
-                    '{"/stem/Conv": [8, 8]}.')] = None,
+    weight_bits: Annotated[int | None, _setting("weight_bits", " Overrides bit_width.")] = None,
+    activation_bits: Annotated[int | None, _setting("activation_bits", " Overrides bit_width.")] = None,
+    per_channel: Annotated[bool, _setting("per_channel")] = True,
+    algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"], _setting("algorithm")] = "percentile",
+    seed: Annotated[int, _setting("seed")] = 0,
+    activation_sign: Annotated[Literal["signed", "auto"] | None, _setting("activation_sign")] = None,
+    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq", "fast-bias-correction"],
+                            _setting("optimization")] = "none",
+    scale_policy: Annotated[Literal["float", "pow2"], _setting("scale_policy")] = "float",
+    shared_scales: Annotated[bool | None, _setting("shared_scales")] = None,
+    profile: Annotated[Literal["seed", "extended"], _setting("profile")] = "seed",
+    multiplier_bits: Annotated[int, _setting("multiplier_bits")] = MULTIPLIER_BITS,
+    layer_bits: Annotated[dict[str, list[int]] | None, _setting("layer_bits")] = None,
     max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
                                                                        "(rel. L2 against float) allowed.")] = None,
     max_error_ratio: Annotated[float | None, Field(ge=1, description="bit_width=auto: the largest output error "

@@ -32,6 +32,7 @@ def test_every_setting_is_described_and_reachable_from_api_cli_flow_and_sweep() 
         assert name in api, f"quantize() has no {name}"
         assert f"--{name.replace('_', '-')}" in help_text, f"the CLI has no --{name.replace('_', '-')}"
         assert name in flow, f"the quantize-model flow has no {name}"
+        assert flow[name]["description"].startswith(field.description), name  # the UI shows the field's text
         if name in _DEDICATED:  # an axis of its own (bits, algorithms, ...), or the sweep config's seed
             axis = _DEDICATED[name].split()[0]
             assert axis in Grid.model_fields or axis in SweepConfig.model_fields, name
