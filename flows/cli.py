@@ -6,6 +6,7 @@ to the same Typer app, and the ``maptools`` console script points here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +89,8 @@ def sweep(
                                                             "config's, else 2).")] = None,
     output_root: Annotated[str | None, typer.Option(help="Where mapsave/ and sweeps/ go, a folder or a store URL "
                                                          "(s3://BUCKET/PREFIX); overrides the config.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the rows and the table files as one JSON "
+                                                             "object instead of the table, for scripts.")] = False,
 ) -> None:
     """Design-space sweep: quantize each model at every grid point on Dask; writes a CSV/JSON table and a plot."""
     from maptools_flows.sweep import display_table, load_config, run_sweep
@@ -98,6 +101,11 @@ def sweep(
         result = run_sweep(cfg)
     except MaptoolsError as e:
         fail(e)
+    if json_output:
+        print(json.dumps({"name": result.name, "seconds": round(result.seconds, 3), "csv": str(result.csv_path),
+                          "json": str(result.json_path), "plot": None if result.plot_path is None
+                          else str(result.plot_path), "rows": result.rows}, indent=2, default=str))
+        return
     rows, constant = display_table(result.rows)
     headers = [h for h in (rows[0] if rows else {}) if h != "error"]  # failures are listed below the table
     dropped = []

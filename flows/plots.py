@@ -29,8 +29,11 @@ def png_bytes(fig: Any, dpi: int = 110) -> bytes:
 
 
 def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict[str, Any]], str], x_label: str,
-                       title: str) -> bytes:
-    """Output error against float (log scale) and, where measured, accuracy, against ``x``: one line per label."""
+                       title: str, reference: Callable[[dict[str, Any]], float | None] | None = None,
+                       reference_label: str = "") -> bytes:
+    """Output error against float (log scale) and, where measured, accuracy, against ``x``: one line per label,
+    each with its ``reference`` error (e.g. the same quantization without crossbars) as a dashed line of its
+    colour; the float model's accuracy as a grey line; legends beside the axes, not over the data."""
     from matplotlib import ticker
 
     has_accuracy = any(r["accuracy"] is not None for r in rows)
@@ -42,7 +45,11 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
     ticks = sorted({r[x] for r in rows})
     for name, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r[x])
-        axes[0][0].plot([r[x] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=name)
+        line, = axes[0][0].plot([r[x] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=name)
+        ref = reference(rs[0]) if reference is not None else None
+        if ref:
+            axes[0][0].axhline(100 * ref, color=line.get_color(), linestyle="--", linewidth=1,
+                               label=f"{name}: {reference_label}")
         if has_accuracy:
             acc = [r for r in rs if r["accuracy"] is not None]
             axes[0][1].plot([r[x] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=name)
@@ -53,11 +60,14 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     if has_accuracy:
+        floats = {r["float_accuracy"] for r in rows if r.get("float_accuracy") is not None}
+        if len(floats) == 1:
+            axes[0][1].axhline(100 * floats.pop(), color="0.5", linestyle=":", label="float model")
         axes[0][1].set(xlabel=x_label, ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
                        xticks=ticks)
     for ax in axes[0]:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     return png_bytes(fig)
 
 

@@ -147,15 +147,20 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
     done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None and r["adc_bits"] is None]
     if not done:
         return None
-    vary = {k: len({r[k] for r in done}) > 1 for k in ("per_channel", "calib_samples")}
+    return atomic_write(path, error_and_accuracy(done, "bits", _line_label(done, ("algorithm",)),
+                                                 "bit width (weights and activations)", title))
 
-    def label(r: dict[str, Any]) -> str:
-        text = f"{r['model']} / {r['algorithm']}"
-        if vary["per_channel"]:
-            text += " / " + ("per-channel" if r["per_channel"] else "per-tensor")
-        return text + (f" / n={r['calib_samples']}" if vary["calib_samples"] else "")
 
-    return atomic_write(path, error_and_accuracy(done, "bits", label, "bit width (weights and activations)", title))
+def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
+    """A plot line's label: the model, ``always``'s columns, and every other point column that varies."""
+    vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits")
+            if k in always or len({r[k] for r in rows}) > 1]
+    text = {"bits": lambda r: f"W{r['bits']}A{r['bits']}", "algorithm": lambda r: r["algorithm"],
+            "per_channel": lambda r: "per-channel" if r["per_channel"] else "per-tensor",
+            "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
+            "cell_bits": lambda r: f"{r['cell_bits']}-bit cells",
+            "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items())}
+    return lambda r: " / ".join([r["model"], *(text[k](r) for k in vary)])
 
 
 def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
@@ -163,8 +168,9 @@ def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "c
     done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None]
     if not done:
         return None
+    quantized = {r["mapname"]: r["rel_l2"] for r in table if r["adc_bits"] is None and r["status"] == "completed"}
     return atomic_write(path, error_and_accuracy(
-        done, "adc_bits", lambda r: f"{r['model']} W{r['bits']}A{r['bits']} / {r['xbar']} / {r['cell_bits']}-bit cells",
-        "ADC bits", title))
+        done, "adc_bits", _line_label(done, ("bits", "xbar", "cell_bits")), "ADC bits", title,
+        reference=lambda r: quantized.get(r["mapname"]), reference_label="without crossbars"))
 
 

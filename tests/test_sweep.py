@@ -138,6 +138,12 @@ def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_
         f'[grid]\nbits = [8]\nalgorithms = ["minmax"]\ncalib_samples = [8, 4]\n')
     result = runner.invoke(app, ["sweep", str(tmp_path / "cfg" / "sweep.toml"), "--dask-address", dask_cluster])
     assert result.exit_code == 0, result.output
+    scripted = runner.invoke(app, ["sweep", str(tmp_path / "cfg" / "sweep.toml"), "--dask-address", dask_cluster,
+                                   "--json"])
+    assert scripted.exit_code == 0, scripted.output
+    data = json.loads(scripted.stdout)  # stdout is the JSON object alone
+    assert data["name"] == "cli" and [r["status"] for r in data["rows"]] == ["completed", "failed"]
+    assert data["rows"][0]["cached"] and Path(data["csv"]).is_file()
     assert "1/2 rows completed" in result.stdout and "calib_steps=4" in result.stdout
     assert "…" not in result.stdout and "error %" in result.stdout  # 80 columns when piped: nothing cut short
     rows = json.loads((tmp_path / "out" / "sweeps" / "cli" / "results.json").read_text())["rows"]
@@ -157,6 +163,25 @@ def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
     result = evaluate_map(small_result.mapname, output_root=root, evaluation=labelled)
     assert result.verified and result.samples == 6 and result.float_accuracy == 1.0
     assert result.accuracy == result.top1_agreement and 0 < result.rel_l2 < 0.05 and result.cosine > 0.99
+
+
+def test_plot_lines_are_one_per_varying_point(tmp_path) -> None:
+    """A crossbar plot's line is one quantization on one crossbar (the axes that vary name it), and its dashed
+    reference is that quantization's error without crossbars."""
+    from maptools_flows.sweep_report import _line_label, plot_crossbar_sweep
+
+    rows = []
+    for a in ("percentile", "minmax"):
+        point = SweepPoint("cnn", 8, True, a, 8, (("scale_policy", "pow2"),))
+        rows.append(point.row(status="completed", rel_l2=0.01))
+        rows += [point.row(status="completed", rel_l2=0.3 / adc, xbar="64x64", cell_bits=2, adc_bits=adc)
+                 for adc in (4, 6, 8)]
+    crossbar = [r for r in rows if r["adc_bits"] is not None]
+    label = _line_label(crossbar, ("bits", "xbar", "cell_bits"))
+    assert {label(r) for r in crossbar} == {"cnn / W8A8 / percentile / 64x64 / 2-bit cells",
+                                        "cnn / W8A8 / minmax / 64x64 / 2-bit cells"}
+    path = plot_crossbar_sweep(rows, tmp_path / "x.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_has_an_accuracy_panel(tmp_path) -> None:
