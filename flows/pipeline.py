@@ -29,7 +29,7 @@ from maptools_flows.params import documented
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec, _artifact_key
-from maptools import simulate as integer_simulation
+from maptools.simulate import simulate as simulate_integers
 from maptools.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar_error import CrossbarError
@@ -75,7 +75,7 @@ def simulate_map(mapname: str, output_root: str, samples: int = 4, seed: int = 0
     """Integer re-simulation of a quantized map on seeded random inputs (converting it first if needed)."""
     if not has_artifact(mapname, output_root, GRAPH_FILE):
         convert(mapname, output_root=output_root)
-    run = integer_simulation.simulate(mapname, "random", output_root=output_root, seed=seed, batch=samples)
+    run = simulate_integers(mapname, "random", output_root=output_root, seed=seed, batch=samples)
     summary = run.to_json()
     get_run_logger().info("simulated %s on %d inputs in %.2f s", mapname, run.batch, run.seconds)
     return summary
