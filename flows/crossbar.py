@@ -127,7 +127,7 @@ def _bits(values: set[int]) -> str:
 
 
 @task(name="publish-crossbar-report")
-def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarError, map_dir: str = "") -> str:
+def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarError, map_dir: str) -> str:
     """Prefect artifacts: a summary that leads with what the crossbars lost and cost, the per-layer table
     (ADC bits and utilization first) and an inline utilization / ADC-bits plot."""
     key = _artifact_key(mapname).replace("quant-", "xbar-", 1)
@@ -160,7 +160,7 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
              f"{max((lay.adc_bits_needed for lay in mapped.layers), default=0)} |", "",
              f"Quantization: W{_bits({lay.weight_bits for lay in mapped.layers})}"
              f"A{_bits({lay.input_bits for lay in mapped.layers})}. Crossbar: {s.cell_bits}-bit cells ({s.encoding}), "
-             f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC." + (f" Map: `{map_dir}`." if map_dir else ""),
+             f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC. Map: `{map_dir}`.",
              f"\n{error.seconds_per_sample:.3f} s per sample (integer simulation "
              f"{error.integer_seconds_per_sample:.3f} s)."]
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on crossbars"))

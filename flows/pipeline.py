@@ -28,7 +28,7 @@ from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, conve
 from maptools_flows.params import documented
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
-from maptools_flows.tasks import EvaluationSpec, _artifact_key
+from maptools_flows.tasks import EvaluationSpec, _artifact_key, _pct
 from maptools.simulate import simulate as simulate_integers
 from maptools.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
@@ -39,10 +39,6 @@ from maptools.stages import has_artifact
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 @task(name="publish-pipeline-report")

@@ -144,7 +144,7 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/. With a ``budget``
     the widths are chosen per layer (``bit_width='auto'``)."""
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
-                    calibset=calibration.calibset(), settings=settings, bit_width="auto" if budget else 8,
+                    calibset=calibration.calibset(), settings=settings, **({"bit_width": "auto"} if budget else {}),
                     output_root=output_root, budget=budget, threads=threads, strict=strict,
                     keep_on_host=keep_on_host or ())
 
