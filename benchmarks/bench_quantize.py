@@ -149,7 +149,7 @@ def quiet() -> Any:
 # --- the contenders -------------------------------------------------------------------------------
 
 def run_raw_ppq(model: Path, samples: list, device: str) -> Any:
-    from maptools import _ppq  # noqa: F401  (installs the onnx/protobuf shims before ppq imports)
+    from maptools.quantization import ppq_adapter  # noqa: F401  (installs the onnx/protobuf shims before ppq imports)
     from ppq import TargetPlatform
     from ppq.api import quantize_onnx_model
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from maptools import quantize, read_quantparams  # noqa: E402
 from maptools.conversion import convert, read_graph  # noqa: E402
 from maptools.examples import RESNET18_SHAPES, SMALL_CNN_SHAPES, resnet18_onnx, small_cnn_onnx  # noqa: E402
-from maptools.mapping import CrossbarSimulator, CrossbarSpec, map_graph  # noqa: E402
+from maptools.crossbar.mapping import CrossbarSimulator, CrossbarSpec, map_graph  # noqa: E402
 from maptools.simulate import IntegerSimulator  # noqa: E402
 from tests.trained_cnn import digits, train_small_cnn  # noqa: E402
 

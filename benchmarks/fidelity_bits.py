@@ -62,7 +62,7 @@ def _simulate(name: str, root: Path, x: np.ndarray) -> np.ndarray:
 def _ppq_agreement(result: object, name: str, root: Path, x: np.ndarray, calib: list, bits: tuple[int, int],
                    sign: str, optimization: str) -> float:
     """Top-1 agreement of onnxruntime on quant_model.onnx (no graph optimizations) with PPQ's simulation."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
     from maptools.settings import QuantSettings
 
     settings = QuantSettings(weight_bits=bits[0], activation_bits=bits[1], calib_steps=len(calib),

@@ -65,7 +65,7 @@ def main() -> int:
         float_model = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         ref = np.concatenate([float_model.run(None, {"input": held[i:i + 1]})[0] for i in range(len(held))])
 
-        from maptools import _ppq  # noqa: F401  (the onnx/protobuf shims before ppq imports)
+        from maptools.quantization import ppq_adapter  # noqa: F401  (the onnx/protobuf shims before ppq imports)
         from ppq import TargetPlatform
         from ppq.api import export_ppq_graph, quantize_onnx_model
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from maptools import quantize, read_quantinfo, read_quantparams  # noqa: E402
-from maptools.artifacts import verify_map  # noqa: E402
+from maptools.maps.artifacts import verify_map  # noqa: E402
 from maptools.errors import MaptoolsError  # noqa: E402
 from maptools.examples import SMALL_CNN_SHAPES, small_cnn_onnx  # noqa: E402
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from maptools import quantize  # noqa: E402
 from maptools.examples import RESNET18_SHAPES, resnet18_onnx  # noqa: E402
-from maptools.mapfolder import MapFolder  # noqa: E402
-from maptools.store import StoreMapFolder  # noqa: E402
+from maptools.maps.folder import MapFolder  # noqa: E402
+from maptools.maps.store import StoreMapFolder  # noqa: E402
 from benchmarks.crossbar import _median  # noqa: E402
 from tests.s3 import new_bucket, start_s3_server  # noqa: E402
 

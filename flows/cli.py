@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
-from maptools.artifacts import output_location
+from maptools.maps.artifacts import output_location
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
 from maptools.quantization import snr_db

@@ -1,6 +1,6 @@
 """Store credentials from a Prefect ``AwsCredentials`` block (prefect-aws), for the code a flow runs.
 
-The block's keys go to :func:`maptools.store.store_options` for the flow's own thread (and the tasks it
+The block's keys go to :func:`maptools.maps.store.store_options` for the flow's own thread (and the tasks it
 calls there); they never enter a map, a manifest, a flow parameter or a result. Without a block, the AWS
 environment variables, profiles and roles apply. Dask workers of a sweep use their own environment.
 """
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from maptools.errors import DependencyError, SettingsError
-from maptools.store import store_options
+from maptools.maps.store import store_options
 
 __all__ = ["AwsCredentialsBlock", "aws_store_options", "credentials"]
 

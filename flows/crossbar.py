@@ -18,11 +18,11 @@ from maptools_flows.plots import png_bytes, pyplot
 from maptools_flows.quantize_model import QuantizeModelResult
 from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
-from maptools.artifacts import MapFolder
-from maptools.crossbar_error import CrossbarError, evaluate_crossbar
+from maptools.maps.artifacts import MapFolder
+from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar
 from maptools.errors import ArtifactError
 from maptools.evaluation import load_evaluation_set
-from maptools.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
+from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
 __all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
            "simulate_crossbar", "publish_crossbar_report", "crossbar_file_current", "plot_crossbar_map", "short_names"]

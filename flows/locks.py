@@ -24,7 +24,7 @@ from typing import Any
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 
-from maptools.store import holder_alive
+from maptools.maps.store import holder_alive
 
 __all__ = ["LiveLockManager", "LOCKS", "LEASE_SECONDS", "GRACE_SECONDS"]
 

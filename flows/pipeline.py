@@ -30,11 +30,11 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec, _artifact_key, _pct
 from maptools.simulate import simulate as simulate_integers
-from maptools.artifacts import map_dir, output_location, sha256_file
+from maptools.maps.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
-from maptools.crossbar_error import CrossbarError
+from maptools.crossbar.evaluation import CrossbarError
 from maptools.evaluation import EVAL_SEED
-from maptools.mapping import CrossbarMap, CrossbarSpec
+from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec
 from maptools.stages import has_artifact
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",

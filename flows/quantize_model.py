@@ -12,14 +12,14 @@ from pydantic import Field
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.params import documented
 from maptools_flows.results import SERIALIZER, ensure_result_storage
-from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient, prepare_model,
-                                  publish_report, run_quantization)
-from maptools.artifacts import output_location, sha256_file, validate_mapname
+from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient,
+                                  prepare_model, publish_report, run_quantization)
+from maptools.maps.artifacts import output_location, sha256_file, validate_mapname
 from maptools.conversion import GRAPH_FILE, ConversionResult
 from maptools.device import resolve_device
 from maptools.errors import SettingsError
 from maptools.evaluation import EVAL_SEED, OutputError
-from maptools.mixed_precision import Budget
+from maptools.quantization.mixed_precision import Budget
 from maptools.quantization import QuantizationResult
 from maptools.settings import MULTIPLIER_BITS, QuantSettings
 from maptools.stages import CalibrationSpec, PreparedOnnx, has_artifact, located

@@ -24,7 +24,7 @@ from prefect.serializers import JSONSerializer, prefect_json_object_decoder
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 
 from maptools.errors import SettingsError, UnsafePickleError
-from maptools.mapfolder import atomic_write, storage_errors
+from maptools.maps.folder import atomic_write, storage_errors
 
 __all__ = ["SERIALIZER", "RESULT_STORAGE", "ResultFiles", "StoreResults", "UnsafeResultError", "decode",
            "ensure_result_storage", "save_store_results"]
@@ -163,7 +163,7 @@ def ensure_result_storage() -> None:
 def save_store_results(url: str, name: str) -> str:
     """Save a :class:`StoreResults` block on ``url`` under ``name``; returns its slug for
     ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``."""
-    from maptools.store import Store
+    from maptools.maps.store import Store
 
     store = Store.of(url)
     store.check()

@@ -27,14 +27,13 @@ from maptools_flows.crossbar import convert_map, simulate_crossbar
 from maptools_flows.results import ensure_result_storage
 from maptools_flows.sweep_config import COLUMNS, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
 from maptools_flows.sweep_report import SweepResult, _point, display_table, plot_sweep, publish
-from maptools_flows.tasks import (EvaluationSpec, build_calibset, evaluate_quantized, prepare_model,
-                                  run_quantization)
-from maptools.artifacts import output_location, sha256_file
+from maptools_flows.tasks import EvaluationSpec, build_calibset, evaluate_quantized, prepare_model, run_quantization
+from maptools.maps.artifacts import output_location, sha256_file
 from maptools.errors import SettingsError, SweepConfigError
 from maptools.evaluation import OutputError, weight_memory_bytes
-from maptools.crossbar_error import CrossbarError
+from maptools.crossbar.evaluation import CrossbarError
 from maptools.examples import EXAMPLE_PREFIX
-from maptools.mapping import CrossbarSpec
+from maptools.crossbar.mapping import CrossbarSpec
 from maptools.quantization import QuantizationResult
 from maptools.stages import CalibrationSpec, PreparedOnnx, located
 

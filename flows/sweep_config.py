@@ -18,7 +18,7 @@ from maptools.errors import SweepConfigError
 from maptools.evaluation import EVAL_SEED
 from maptools.examples import EXAMPLES
 from maptools.settings import QuantSettings
-from maptools.store import is_url
+from maptools.maps.store import is_url
 
 __all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepPoint", "SweepConfigError", "load_config", "COLUMNS"]
 

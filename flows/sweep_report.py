@@ -15,9 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from maptools_flows.plots import error_and_accuracy
 from maptools_flows.sweep_config import COLUMNS, SweepConfig
-from maptools.artifacts import atomic_write, local_root
+from maptools.maps.artifacts import atomic_write, local_root
 from maptools.quantization import snr_db
-from maptools.store import Store, store_errors
+from maptools.maps.store import Store, store_errors
 
 __all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "publish"]
 

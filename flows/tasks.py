@@ -24,7 +24,7 @@ from maptools_flows.plots import layer_widths
 from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
-from maptools.artifacts import MANIFEST, MODEL, read_quantinfo
+from maptools.maps.artifacts import MANIFEST, MODEL, read_quantinfo
 from maptools.evaluation import OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.errors import MaptoolsError

@@ -8,17 +8,17 @@ import logging
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from maptools.versions import __version__  # noqa: E402
-import maptools.store  # noqa: E402,F401 - registers the map folder of store URLs
-from maptools.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
+import maptools.maps.store  # noqa: E402,F401 - registers the map folder of store URLs
+from maptools.maps.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
 from maptools.conversion import ConversionResult, convert, read_graph  # noqa: E402
-from maptools.crossbar_error import CrossbarError, evaluate_crossbar  # noqa: E402
+from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar  # noqa: E402
 from maptools.errors import (ArtifactError, BudgetError, CalibrationError, ConcurrentUpdateError,  # noqa: E402
                              ConversionError, DependencyError, DeviceError, InputShapeError, IntegrityError,
                              MapnameError, MaptoolsError, MissingArtifactError, ModelError, QuantizationFailed,
                              SettingsError, SimulationError, StorageError, StoreUnavailable, SweepConfigError,
                              UnsafePickleError)
 from maptools.evaluation import OutputError, evaluate_map  # noqa: E402
-from maptools.mapping import CrossbarMap, CrossbarSpec, map_crossbars  # noqa: E402
+from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec, map_crossbars  # noqa: E402
 from maptools.prepare import PreparedModel, prepare_model  # noqa: E402
 from maptools.quantinfo import QuantConfig  # noqa: E402
 from maptools.quantization import ErrorSummary, QuantizationResult, quantize  # noqa: E402

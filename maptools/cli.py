@@ -456,7 +456,7 @@ def check_seed(
 
     Exit code 0 when the original reads the map as it is, 1 with one line per violation otherwise.
     """
-    from maptools.seed import check_seed as run_check
+    from maptools.maps.seed import check_seed as run_check
 
     try:
         violations = run_check(mapname, output_root)
@@ -472,7 +472,7 @@ def check_seed(
 
 
 def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None) -> Any:
-    from maptools.mapping import CrossbarSpec
+    from maptools.crossbar.mapping import CrossbarSpec
 
     return CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
                                   encoding=encoding, max_arrays=max_arrays)  # type: ignore[arg-type]
@@ -501,7 +501,7 @@ def map_command(
         show_default=False)] = None,
 ) -> None:
     """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
-    from maptools.mapping import map_crossbars
+    from maptools.crossbar.mapping import map_crossbars
 
     try:
         result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays),

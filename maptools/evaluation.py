@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.artifacts import MODEL, QUANT_MODEL, MapFolder, read_quantinfo, read_quantparams
+from maptools.maps.artifacts import MODEL, QUANT_MODEL, MapFolder, read_quantinfo, read_quantparams
 from maptools.errors import InputShapeError
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.quantinfo import param_key

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from maptools.errors import ModelError
-from maptools.mapfolder import atomic_write
+from maptools.maps.folder import atomic_write
 
 __all__ = ["SmallCNN", "export_onnx", "resnet18_onnx", "small_cnn_onnx", "example_model", "EXAMPLES",
            "EXAMPLE_PREFIX", "RESNET18_SHAPES", "SMALL_CNN_SHAPES"]

@@ -12,17 +12,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from maptools.errors import ArtifactError
-from maptools.quantinfo import Requant
+from maptools.errors import ArtifactError, ConversionError
+from maptools.opgraph import OperatorGraph
+from maptools.placement import Role
+from maptools.quantinfo import QuantConfig, Requant
 from maptools.settings import MULTIPLIER_BITS
 
-__all__ = ["RequantMode", "fixed_point", "to_hardware", "requantize", "quantize", "MULTIPLIER_BITS"]
+__all__ = ["RequantMode", "fixed_point", "to_hardware", "requantize", "quantize", "record_requant", "KERNELS",
+           "MULTIPLIER_BITS"]
 
 
 class RequantMode(str, Enum):
@@ -103,3 +110,83 @@ def quantize(x: torch.Tensor, scale: float, lo: int, hi: int) -> torch.Tensor:
     """Float values to codes on ``scale`` (float32 arithmetic and half-even rounding, as PPQ)."""
     return torch.clamp(torch.round(x.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)), lo, hi).to(
         torch.float64)
+
+
+# --- what each integer kernel requantizes ----------------------------------------------------------
+
+#: The integer simulation's kernels (method names of :class:`maptools.simulate.IntegerSimulator`) by operator
+#: type, for the roles computed in integer arithmetic; methods, so a subclass (the crossbar simulation) can
+#: replace one. :func:`record_requant` records the requantizations each of them applies.
+KERNELS: dict[tuple[str, str], str] = {
+    ("Conv", Role.CROSSBAR.value): "_conv", ("ConvTranspose", Role.CROSSBAR.value): "_conv_transpose",
+    ("Gemm", Role.CROSSBAR.value): "_gemm", ("Add", Role.ADD.value): "_add", ("Concat", Role.CONCAT.value): "_concat",
+    ("MaxPool", Role.MOVE.value): "_maxpool", ("AveragePool", Role.AVGPOOL.value): "_avgpool",
+    ("GlobalAveragePool", Role.AVGPOOL.value): "_global_avgpool", ("Relu", Role.LUT.value): "_relu",
+}
+
+
+def avgpool_args(name: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch ``avg_pool2d`` arguments of an ONNX AveragePool (2-D, no dilation, symmetric pads)."""
+    kernel, strides, dilations, pads = attrs["kernel"], attrs["strides"], attrs["dilations"], attrs["pads"]
+    if len(kernel) != 2 or any(d != 1 for d in dilations) or pads[:2] != pads[2:]:
+        raise ConversionError(f"{name}: only 2-D AveragePool without dilation and with symmetric pads is "
+                              "supported.", "re-export the model with a plain 2-D average pool.")
+    return dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(attrs["ceil_mode"]),
+                count_include_pad=bool(attrs["count_include_pad"]))
+
+
+def window_counts(spatial: list[int], args: Mapping[str, Any]) -> torch.Tensor:
+    """How many elements each average-pool window divides by, shaped ``[1, 1, *output]``."""
+    ones = torch.ones([1, 1, *spatial], dtype=torch.float64)
+    return torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
+
+
+def record_requant(graph: OperatorGraph, quantinfo: Mapping[str, QuantConfig], bits: int) -> dict[str, QuantConfig]:
+    """``quantinfo`` with every requantization the integer simulation applies recorded per stage.
+
+    ``graph`` is the operator graph of the map's model (quantinfo attached or not); the stages and
+    ratios mirror :data:`KERNELS`, so the fixed-point simulation runs on exactly these numbers.
+    """
+    producer = {t: name for name in graph.operators() for t in graph.node(name)["outputs"]}
+
+    def produced_scale(name: str | None) -> float | None:  # the scale of the codes an operator hands on
+        cfg = quantinfo.get(name or "")
+        if cfg is None:
+            return None
+        if cfg.output_scale is not None:
+            return cfg.output_scale
+        node = graph.node(name)
+        moves = node["role"] == Role.MOVE.value or (node["op_type"], node["role"]) == ("Relu", Role.LUT.value)
+        return cfg.input_scales[0] if moves and cfg.input_scales else None
+
+    recorded: dict[str, QuantConfig] = {}
+    for name, cfg in quantinfo.items():
+        node = graph.node(name)
+        scales, out = list(cfg.input_scales), cfg.output_scale
+        ratios: dict[str, Any] = {}
+        for i, tensor in enumerate(node["inputs"]):
+            arriving, wanted = produced_scale(producer.get(tensor)), scales[i] if i < len(scales) else None
+            if arriving is not None and wanted is not None and arriving != wanted:
+                ratios[f"input{i}"] = [arriving / wanted]
+        kernel = KERNELS.get((node["op_type"], node["role"]))
+        s0 = scales[0] if scales else None
+        if out is not None and s0 is not None:
+            if kernel in ("_conv", "_conv_transpose", "_gemm") and cfg.weight_scale is not None:
+                in_scale = node["attrs"]["alpha"] * s0 if kernel == "_gemm" else s0
+                ratios["output"] = in_scale * cfg.weight_scale.astype(np.float64) / out
+            elif kernel == "_add":
+                if len(scales) > 1 and scales[1] is not None and scales[1] != s0:
+                    ratios["align1"] = [scales[1] / s0]
+                ratios["output"] = [s0 / out]
+            elif kernel == "_concat":
+                ratios.update({f"concat{i}": [s / out] for i, s in enumerate(scales) if s is not None and s != out})
+            elif kernel == "_avgpool":
+                counts = window_counts(node["input_shapes"][0][2:], avgpool_args(name, node["attrs"]))
+                ratios.update({f"output/{int(c)}": [s0 / (out * c)] for c in torch.unique(counts).tolist()})
+            elif kernel == "_global_avgpool":
+                ratios["output"] = [s0 / (out * math.prod(node["input_shapes"][0][2:]))]
+            elif (kernel in ("_maxpool", "_relu") or node["role"] == Role.MOVE.value) and out != s0:
+                ratios["output"] = [s0 / out]
+        recorded[name] = dataclasses.replace(
+            cfg, requant={stage: to_hardware(r, bits) for stage, r in ratios.items()})
+    return recorded

@@ -71,7 +71,7 @@ class Profile(str, Enum):
     """Whose contract a map follows."""
 
     SEED = "seed"  # the original toolchain's: signed ranges, one scale along every edge and at every adder,
-    # its pickle classes (see maptools.seed)
+    # its pickle classes (see maptools.maps.seed)
     EXTENDED = "extended"  # this package's: unsigned ranges where they help, per-input requantization records
 
 
@@ -169,7 +169,7 @@ class QuantSettings(BaseModel):
         return self
 
     def _check_seed(self) -> None:
-        """The settings the seed contract cannot express (see :mod:`maptools.seed`)."""
+        """The settings the seed contract cannot express (see :mod:`maptools.maps.seed`)."""
         if self.activation_sign is not ActivationSign.SIGNED:
             raise SettingsError(f"activation_sign={self.activation_sign.value!r}: the seed profile's downstream "
                                 "reads one signed range per operator.",

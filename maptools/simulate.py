@@ -23,7 +23,6 @@ attributes and constants), without PPQ. By role (:mod:`maptools.placement`):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -37,25 +36,24 @@ import onnx.shape_inference
 import torch
 import torch.nn.functional as F
 
-from maptools.artifacts import read_quantparams
+from maptools.maps.artifacts import read_quantparams
 from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError, SimulationError
 from maptools.node_runner import NodeRunner
 from maptools.placement import Role
 from maptools.onnx_model import constant_values, explicit_outer_inputs, opsets
 from maptools.quantinfo import QuantConfig, param_key
-from maptools.requant import RequantMode, quantize, requantize, to_hardware
+from maptools.requant import KERNELS, RequantMode, avgpool_args, quantize, requantize, window_counts
 
 
 class ArraySpec(Protocol):
     """What :func:`simulate` takes as ``crossbar``: a spec that builds its simulator
-    (:class:`maptools.mapping.CrossbarSpec`)."""
+    (:class:`maptools.crossbar.mapping.CrossbarSpec`)."""
 
     def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
                   requant: RequantMode | str = ...) -> IntegerSimulator: ...
 
-__all__ = ["ArraySpec", "QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs",
-           "record_requant"]
+__all__ = ["ArraySpec", "QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs"]
 
 ACC_BITS = 32
 
@@ -238,7 +236,7 @@ class IntegerSimulator:
         if node["part"] != DEVICE:
             return self._generic(name, [_float(v) for v in values])
         cfg: QuantConfig = node["quant"]
-        kernel = _KERNELS.get((node["op_type"], node["role"]))
+        kernel = KERNELS.get((node["op_type"], node["role"]))
         if kernel is not None:
             return [getattr(self, kernel)(name, node, cfg, values)]
         if node["role"] == Role.MOVE.value:
@@ -378,9 +376,9 @@ class IntegerSimulator:
 
     def _avgpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
-        args = _avgpool_args(name, node["attrs"])
+        args = avgpool_args(name, node["attrs"])
         sums = F.avg_pool2d(x.codes, divisor_override=1, **args)
-        counts = _window_counts(list(x.codes.shape[2:]), args)
+        counts = window_counts(list(x.codes.shape[2:]), args)
         if self.mode is RequantMode.FLOAT or not cfg.requant:
             return QTensor(self._requant(sums, x.scale / (cfg.output_scale * counts), cfg.out_range), cfg.output_scale)
         out = torch.empty_like(sums)
@@ -396,83 +394,6 @@ class IntegerSimulator:
         count = math.prod(x.codes.shape[2:])
         return QTensor(self._requant(sums, x.scale / (cfg.output_scale * count), cfg.out_range, cfg, "output"),
                        cfg.output_scale)
-
-
-#: Integer kernels (method names) by operator type, for the roles computed in integer arithmetic;
-#: methods, so a subclass (the crossbar simulation) can replace one.
-_KERNELS: dict[tuple[str, str], str] = {
-    ("Conv", Role.CROSSBAR.value): "_conv", ("ConvTranspose", Role.CROSSBAR.value): "_conv_transpose",
-    ("Gemm", Role.CROSSBAR.value): "_gemm", ("Add", Role.ADD.value): "_add", ("Concat", Role.CONCAT.value): "_concat",
-    ("MaxPool", Role.MOVE.value): "_maxpool", ("AveragePool", Role.AVGPOOL.value): "_avgpool",
-    ("GlobalAveragePool", Role.AVGPOOL.value): "_global_avgpool", ("Relu", Role.LUT.value): "_relu",
-}
-
-
-def _avgpool_args(name: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """torch ``avg_pool2d`` arguments of an ONNX AveragePool (2-D, no dilation, symmetric pads)."""
-    kernel, strides, dilations, pads = attrs["kernel"], attrs["strides"], attrs["dilations"], attrs["pads"]
-    if len(kernel) != 2 or any(d != 1 for d in dilations) or pads[:2] != pads[2:]:
-        raise ConversionError(f"{name}: only 2-D AveragePool without dilation and with symmetric pads is "
-                              "supported.", "re-export the model with a plain 2-D average pool.")
-    return dict(kernel_size=kernel, stride=strides, padding=pads[:2], ceil_mode=bool(attrs["ceil_mode"]),
-                count_include_pad=bool(attrs["count_include_pad"]))
-
-
-def _window_counts(spatial: list[int], args: Mapping[str, Any]) -> torch.Tensor:
-    """How many elements each average-pool window divides by, shaped ``[1, 1, *output]``."""
-    ones = torch.ones([1, 1, *spatial], dtype=torch.float64)
-    return torch.round(F.avg_pool2d(ones, divisor_override=1, **args) / F.avg_pool2d(ones, **args))
-
-
-def record_requant(graph: OperatorGraph, quantinfo: Mapping[str, QuantConfig], bits: int) -> dict[str, QuantConfig]:
-    """``quantinfo`` with every requantization the integer simulation applies recorded per stage.
-
-    ``graph`` is the operator graph of the map's model (quantinfo attached or not); the stages and
-    ratios mirror the kernels above, so the fixed-point simulation runs on exactly these numbers.
-    """
-    producer = {t: name for name in graph.operators() for t in graph.node(name)["outputs"]}
-
-    def produced_scale(name: str | None) -> float | None:  # the scale of the codes an operator hands on
-        cfg = quantinfo.get(name or "")
-        if cfg is None:
-            return None
-        if cfg.output_scale is not None:
-            return cfg.output_scale
-        node = graph.node(name)
-        moves = node["role"] == Role.MOVE.value or (node["op_type"], node["role"]) == ("Relu", Role.LUT.value)
-        return cfg.input_scales[0] if moves and cfg.input_scales else None
-
-    recorded: dict[str, QuantConfig] = {}
-    for name, cfg in quantinfo.items():
-        node = graph.node(name)
-        scales, out = list(cfg.input_scales), cfg.output_scale
-        ratios: dict[str, Any] = {}
-        for i, tensor in enumerate(node["inputs"]):
-            arriving, wanted = produced_scale(producer.get(tensor)), scales[i] if i < len(scales) else None
-            if arriving is not None and wanted is not None and arriving != wanted:
-                ratios[f"input{i}"] = [arriving / wanted]
-        kernel = _KERNELS.get((node["op_type"], node["role"]))
-        s0 = scales[0] if scales else None
-        if out is not None and s0 is not None:
-            if kernel in ("_conv", "_conv_transpose", "_gemm") and cfg.weight_scale is not None:
-                in_scale = node["attrs"]["alpha"] * s0 if kernel == "_gemm" else s0
-                ratios["output"] = in_scale * cfg.weight_scale.astype(np.float64) / out
-            elif kernel == "_add":
-                if len(scales) > 1 and scales[1] is not None and scales[1] != s0:
-                    ratios["align1"] = [scales[1] / s0]
-                ratios["output"] = [s0 / out]
-            elif kernel == "_concat":
-                ratios.update({f"concat{i}": [s / out] for i, s in enumerate(scales) if s is not None and s != out})
-            elif kernel == "_avgpool":
-                counts = _window_counts(node["input_shapes"][0][2:], _avgpool_args(name, node["attrs"]))
-                ratios.update({f"output/{int(c)}": [s0 / (out * c)] for c in torch.unique(counts).tolist()})
-            elif kernel == "_global_avgpool":
-                ratios["output"] = [s0 / (out * math.prod(node["input_shapes"][0][2:]))]
-            elif (kernel in ("_maxpool", "_relu") or node["role"] == Role.MOVE.value) and out != s0:
-                ratios["output"] = [s0 / out]
-        recorded[name] = dataclasses.replace(
-            cfg, requant={stage: to_hardware(r, bits) for stage, r in ratios.items()})
-    return recorded
 
 
 # --- the simulation step ------------------------------------------------------------------------------
@@ -544,8 +465,8 @@ def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "rand
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).
 
     Reads ``operator_graph.json`` (written by ``convert``) and ``quantparams.pkl``, both checked
-    against the map's manifest. With ``crossbar`` (a :class:`maptools.mapping.CrossbarSpec`), every
-    crossbar operator computes through its arrays (:class:`maptools.mapping.CrossbarSimulator`).
+    against the map's manifest. With ``crossbar`` (a :class:`maptools.crossbar.mapping.CrossbarSpec`), every
+    crossbar operator computes through its arrays (:class:`maptools.crossbar.mapping.CrossbarSimulator`).
 
     Raises:
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from maptools import prepare
-from maptools.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
-from maptools.mapfolder import storage_errors
+from maptools.maps.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
+from maptools.maps.folder import storage_errors
 from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.quantization import QuantizationResult
-from maptools.store import get_blob, put_blob
+from maptools.maps.store import get_blob, put_blob
 
 __all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibration", "located", "has_artifact",
            "model_file"]

@@ -1,4 +1,4 @@
-"""A reference consumer of seed-profile maps, written from the contract's rules (:mod:`maptools.seed`), not
+"""A reference consumer of seed-profile maps, written from the contract's rules (:mod:`maptools.maps.seed`), not
 from any code: what the original toolchain's integer simulator assumes and nothing more.
 
 It reads only ``quantinfo.pkl`` and ``quantparams.pkl`` (plain objects: ``OperatorQuantConfig`` attributes,

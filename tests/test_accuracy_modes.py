@@ -37,7 +37,7 @@ def digits_setup(trained_cnn, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _ppq(map_dir, calib, settings):
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     return _ppq.quantize_graph(map_dir / "model.onnx", calib, CALIB, calib[0], settings, "cpu")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
-from maptools.artifacts import safe_load_pickle, sha256_file, verify_map
+from maptools.maps.artifacts import safe_load_pickle, sha256_file, verify_map
 from maptools.errors import UnsafePickleError
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
 from tests.conftest import initializers
@@ -109,7 +109,7 @@ def test_error_report_covers_every_conv_and_gemm(result) -> None:
 
 def test_onnxruntime_matches_ppq_simulation(small_cnn) -> None:
     """Rebuild PPQ's graph with the same settings and compare its simulation with onnxruntime."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
     from maptools.calibration import RandomCalibration
     from maptools.settings import QuantSettings
 
@@ -132,8 +132,8 @@ def test_onnxruntime_matches_ppq_simulation(small_cnn) -> None:
 def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> None:
     """The report measured by onnxruntime on the QDQ model is PPQ's graphwise SNR (same operators, same
     4096 seeded positions per row), up to the rounding differences of the two executions."""
-    from maptools import _ppq  # first: its shims let ppq import
-    from maptools._ppq.calibration import _LCG_STATES
+    from maptools.quantization import ppq_adapter as _ppq  # first: its shims let ppq import
+    from maptools.quantization.ppq_adapter.calibration import _LCG_STATES
     from maptools.calibration import RandomCalibration
     from maptools.prepare import prepare_model
     from maptools.settings import QuantSettings

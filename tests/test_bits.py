@@ -22,7 +22,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def graph_for(small_cnn: Path) -> Callable[..., object]:
     """PPQ's quantized graph of small_cnn for (bits, algorithm), built once per module."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
     from maptools.settings import QuantSettings
 
     cache: dict[tuple[int, str], object] = {}

@@ -14,7 +14,7 @@ import onnx.helper as oh
 import pytest
 
 from maptools import read_quantinfo
-from maptools.artifacts import verify_map
+from maptools.maps.artifacts import verify_map
 from maptools.conversion import DEVICE, GRAPH_FILE, OperatorGraph, build_graph, convert, read_graph
 from maptools.errors import ArtifactError, ConversionError, ModelError
 

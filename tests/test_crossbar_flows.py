@@ -13,11 +13,11 @@ from prefect.artifacts import Artifact
 import maptools_flows.crossbar
 from maptools_flows.crossbar import short_names
 from maptools_flows.pipeline import PipelineResult, map_and_simulate, quantize_map_simulate
-from maptools.artifacts import MapFolder
-from maptools.crossbar_error import evaluate_crossbar
+from maptools.maps.artifacts import MapFolder
+from maptools.crossbar.evaluation import evaluate_crossbar
 from maptools.errors import SettingsError
 from maptools.examples import small_cnn_onnx
-from maptools.mapping import CROSSBAR_FILE, CrossbarSpec
+from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarSpec
 
 SHAPES = {"input": [1, 3, 32, 32]}
 

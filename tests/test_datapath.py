@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from maptools import quantize, read_quantinfo, read_quantparams
-from maptools.artifacts import QUANTINFO_JSON
+from maptools.maps.artifacts import QUANTINFO_JSON
 from maptools.calibration import RandomCalibration
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, SettingsError
@@ -42,7 +42,7 @@ def _digits_map(trained_cnn, root: Path, name: str, **options):
 
 
 def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_cnn, tmp_path, one_thread) -> None:
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     _, images, labels = trained_cnn
     result, calib = _digits_map(trained_cnn, tmp_path, "pow2", scale_policy="pow2", shared_scales=True)
@@ -75,7 +75,7 @@ def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_
 
 
 def test_shared_scales_on_a_concat(branchy_cnn, tmp_path, one_thread) -> None:
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     result = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="shared", calib_steps=16, output_root=tmp_path,
                       error_steps=0, shared_scales=True)
@@ -153,7 +153,7 @@ def test_pow2_with_lsq_and_shared_scales_without_joins(tmp_path) -> None:
 def test_quantinfo_pickled_before_requant_records_loads(small_result) -> None:
     import pickle
 
-    from maptools.artifacts import safe_load_pickle
+    from maptools.maps.artifacts import safe_load_pickle
 
     info = read_quantinfo(small_result.mapname, small_result.map_dir.parent.parent)
     name, cfg = next(iter(info.items()))

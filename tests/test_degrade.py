@@ -82,7 +82,7 @@ def test_keep_on_host_is_recorded_and_every_stage_follows(tmp_path) -> None:
 def test_a_ppq_failure_names_the_operator_it_arose_at(tmp_path) -> None:
     """PPQ's own Resize kernel cannot take a Resize by ``sizes`` alone (scales absent): the error names
     that operator, which is what keeps it on the host; maptools runs it in onnxruntime instead."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     model, shapes = resize_model("nearest", "asymmetric", "floor", by_sizes=True)
     path = _save(model, tmp_path / "resize.onnx")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from maptools.artifacts import verify_map
+from maptools.maps.artifacts import verify_map
 from tests import servers
 
 PARAMS = ["-p", "onnx_path=example:small_cnn", "-p", 'input_shapes={"input": [1, 3, 32, 32]}',

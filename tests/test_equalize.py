@@ -1,5 +1,5 @@
 """Outlier channels of a lookup table's output, rescaled into the convolution that reads them
-(:mod:`maptools.equalize`): the same float function, a finer grid for the other channels."""
+(:mod:`maptools.quantization.equalize`): the same float function, a finer grid for the other channels."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from maptools import quantize
-from maptools.equalize import equalize_channels
+from maptools.quantization.equalize import equalize_channels
 
 
 def _affine_model() -> onnx.ModelProto:
@@ -72,7 +72,7 @@ def test_equalization_lowers_the_quantization_error(tmp_path: Path, monkeypatch)
     reference = _run(path, xs)
     errors = {}
     for name, ratio in (("without", float("inf")), ("with", 4.0)):
-        monkeypatch.setattr("maptools.equalize.OUTLIER_RATIO", ratio)
+        monkeypatch.setattr("maptools.quantization.equalize.OUTLIER_RATIO", ratio)
         result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname=name, calibset=calib, calib_steps=16,
                           output_root=tmp_path, error_steps=0)
         errors[name] = _rel(_run(result.quant_model_path, xs), reference)

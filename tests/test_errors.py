@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from maptools import quantize, read_quantinfo
-from maptools.artifacts import sha256_file
+from maptools.maps.artifacts import sha256_file
 from maptools.errors import (CalibrationError, DeviceError, InputShapeError, MapnameError, MaptoolsError, ModelError,
                              SettingsError)
 

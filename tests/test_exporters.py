@@ -80,7 +80,7 @@ def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
     a negative axis, so these run in onnxruntime; PPQ's graph computes every tensor as onnxruntime does."""
     import torch
 
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
     from tests.exporters import _Builder
 
     b = _Builder(20)

@@ -54,7 +54,7 @@ def onnxruntime_predictions(model_path: Path, images: torch.Tensor) -> np.ndarra
 
 def ppq_simulation(model_path: Path, calibset: list[dict], bits: int) -> object:
     """PPQ's quantized graph for the same model, data and settings ``quantize`` uses."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     model = load_model(model_path)
     shapes = {k: tuple(v) for k, v in SMALL_CNN_SHAPES.items()}

@@ -197,7 +197,7 @@ def test_conversion_is_cached_with_the_quantization(prefect_server, raw_model, t
 
 
 def test_a_cache_hit_with_a_broken_manifest_is_recomputed(prefect_server, raw_model, tmp_path) -> None:
-    from maptools.artifacts import verify_map
+    from maptools.maps.artifacts import verify_map
 
     first = run(raw_model, tmp_path, mapname="broken")
     manifest = first.quantization.map_dir / "manifest.json"

@@ -84,7 +84,7 @@ def test_a_flow_killed_holding_its_cache_lock_does_not_block_the_next_run(prefec
 
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
-    from maptools.artifacts import verify_map
+    from maptools.maps.artifacts import verify_map
     from maptools_flows.locks import LOCKS
     from maptools_flows.quantize_model import quantize_model
 

@@ -13,11 +13,11 @@ import torch
 from prefect.states import Failed
 
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
-from maptools.artifacts import safe_load_pickle, verify_map
+from maptools.maps.artifacts import safe_load_pickle, verify_map
 from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MapnameError, MaptoolsError,
                              SettingsError, StorageError, StoreUnavailable, UnsafePickleError)
 from maptools.examples import SMALL_CNN_SHAPES
-from maptools.mapfolder import MapFolder
+from maptools.maps.folder import MapFolder
 from maptools_flows.tasks import is_transient
 from tests.servers import kill_when_paused
 

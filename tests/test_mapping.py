@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from maptools import quantize, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, SettingsError
-from maptools.mapping import CROSSBAR_FILE, CrossbarSimulator, CrossbarSpec, map_crossbars, map_graph
+from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarSimulator, CrossbarSpec, map_crossbars, map_graph
 from maptools.simulate import IntegerSimulator
 
 
@@ -115,7 +115,7 @@ def test_lossless_crossbar_equals_the_integer_simulation_on_resnet18(resnet_resu
 
 def test_map_crossbars_writes_a_registered_file_and_refuses_bad_specs(conv_maps, tmp_path) -> None:
     result = map_crossbars("dense", CrossbarSpec(rows=32, cols=32, cell_bits=2, adc_bits=8), output_root=conv_maps)
-    from maptools.artifacts import MapFolder
+    from maptools.maps.artifacts import MapFolder
 
     version = MapFolder("dense", conv_maps).open()
     assert CROSSBAR_FILE in version.verify()["artifacts"]

@@ -13,8 +13,8 @@ from maptools.conversion import convert, read_graph
 from maptools.errors import BudgetError, SettingsError
 from maptools.evaluation import weight_memory_bytes
 from maptools.examples import SMALL_CNN_SHAPES, small_cnn_onnx
-from maptools.mapping import CrossbarSpec, map_graph
-from maptools.mixed_precision import Budget
+from maptools.crossbar.mapping import CrossbarSpec, map_graph
+from maptools.quantization.mixed_precision import Budget
 from maptools.quantinfo import param_key
 from maptools.simulate import IntegerSimulator
 from tests.agreement import layer_agreement
@@ -35,7 +35,7 @@ def digits_model(trained_cnn, tmp_path):
 
 def test_auto_meets_an_error_budget_with_fewer_bits_and_every_stage_follows(digits_model, tmp_path,
                                                                             one_thread) -> None:
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     path, calib, images, labels = digits_model
     result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="auto", calibset=calib, calib_steps=32,

@@ -11,7 +11,8 @@ import pytest
 
 import torch
 
-from maptools import _ppq, quantize, read_quantinfo, read_quantparams
+from maptools import quantize, read_quantinfo, read_quantparams
+from maptools.quantization import ppq_adapter as _ppq
 from maptools.calibration import RandomCalibration
 from maptools.conversion import convert, read_graph
 from maptools.settings import QuantSettings

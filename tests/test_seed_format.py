@@ -1,4 +1,4 @@
-"""The seed contract (:mod:`maptools.seed`): maps the original toolchain reads as they are, by default."""
+"""The seed contract (:mod:`maptools.maps.seed`): maps the original toolchain reads as they are, by default."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from maptools import quantize, read_quantinfo, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import QuantizationFailed
 from maptools.examples import SMALL_CNN_SHAPES, export_onnx
-from maptools.seed import check_seed
+from maptools.maps.seed import check_seed
 from maptools.simulate import IntegerSimulator
 from maptools_flows.cli import app
 from tests import seed_consumer

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from maptools_flows.quantize_model import quantize_model
 from maptools_flows.sweep import Grid, SweepConfig, run_sweep
 from maptools_flows.sweep_config import _DEDICATED
-from maptools.artifacts import read_quantinfo
+from maptools.maps.artifacts import read_quantinfo
 from maptools.cli import app
 from maptools.errors import SettingsError
 from maptools.quantization import quantize

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from maptools.store import StoreMapFolder
+from maptools.maps.store import StoreMapFolder
 from tests import servers
 from tests.s3 import new_bucket
 

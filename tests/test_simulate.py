@@ -144,7 +144,7 @@ def compare_with_ppq(sim: IntegerSimulator, ppq_graph, batches: list[np.ndarray]
 def _ppq_graph(map_dir: Path, calibration, steps: int, info: dict):
     """PPQ's quantized graph of the map's (prepared) model rebuilt with quantize()'s settings; it must give
     the same quantinfo."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
 
     graph = _ppq.quantize_graph(map_dir / "model.onnx", calibration, steps, next(iter(calibration)),
                                 QuantSettings(calib_steps=steps), "cpu")

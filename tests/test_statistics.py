@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from maptools import quantize
-from maptools._ppq import calibration as _ppq
+from maptools.quantization.ppq_adapter import calibration as _ppq
 from maptools.examples import SMALL_CNN_SHAPES
 
 

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from maptools_flows.cli import app
 from maptools import quantize
-from maptools.artifacts import verify_map
+from maptools.maps.artifacts import verify_map
 from maptools.conversion import convert
 from maptools.errors import StorageError
 from maptools.examples import SMALL_CNN_SHAPES
-from maptools.mapping import CrossbarSpec, map_crossbars
+from maptools.crossbar.mapping import CrossbarSpec, map_crossbars
 from maptools.stages import prepare_onnx
 from tests.faults import inject_at, record_writes
 

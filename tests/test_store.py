@@ -17,9 +17,9 @@ from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, MissingArtifactError, StorageError, StoreUnavailable
 from maptools.examples import SMALL_CNN_SHAPES
-from maptools.mapfolder import MapFolder
+from maptools.maps.folder import MapFolder
 from maptools.simulate import simulate
-from maptools.store import StoreMapFolder
+from maptools.maps.store import StoreMapFolder
 from tests.s3 import new_bucket
 from tests.servers import free_port, kill_when_paused
 
@@ -198,7 +198,7 @@ def test_a_reader_whose_version_is_removed_meanwhile_reads_the_new_one(small_cnn
 
 
 def test_a_lock_from_another_machine_holds_for_its_lease_and_is_renewed(s3_env, monkeypatch) -> None:
-    import maptools.store as store_module
+    import maptools.maps.store as store_module
 
     url = f"s3://{new_bucket()}/lab"
     folder = StoreMapFolder("m", url)

@@ -87,7 +87,7 @@ def test_raw_export_quantizes_converts_and_simulates(name, opset, exports, tmp_p
 @pytest.mark.parametrize("name", list(ZOO))
 def test_integer_simulation_agrees_with_ppq(name, exports, tmp_path, one_thread) -> None:
     """Each device operator, run on PPQ's own input codes, lands within one step of PPQ's output."""
-    from maptools import _ppq
+    from maptools.quantization import ppq_adapter as _ppq
     from maptools.calibration import RandomCalibration
 
     shapes = _shapes(name)

@@ -1,1 +1,1 @@
-"""Names the original toolchain's pickles use (see :mod:`maptools.seed`); nothing else lives here."""
+"""Names the original toolchain's pickles use (see :mod:`maptools.maps.seed`); nothing else lives here."""

@@ -1,7 +1,7 @@
 """The class the original toolchain's ``quantinfo.pkl`` holds, at the path its downstream imports.
 
 Upstream maptools 1.0 reads ``quantinfo.pkl`` as ``{op name: maptools.core.proto.OperatorQuantConfig}``;
-a pickle names its classes by module and name, so a seed-profile map (:mod:`maptools.seed`) writes
+a pickle names its classes by module and name, so a seed-profile map (:mod:`maptools.maps.seed`) writes
 instances of this class. It is a plain attribute holder, as the original's is (its ``__init__`` only
 updates ``__dict__``), so either side restores the other's instances from their ``__dict__``.
 """

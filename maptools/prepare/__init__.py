@@ -38,7 +38,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
-from maptools.mapfolder import atomic_write, sha256_file, storage_errors
+from maptools.maps.folder import atomic_write, sha256_file, storage_errors
 from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
 
 
@@ -46,7 +46,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _remove_passthrough, name_nodes,
-                                      simplify)
+                                       simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from maptools.node_runner import NodeRunner
-from maptools._ppq.core import TargetPlatform, OPERATION_FORWARD_TABLE
+from maptools.quantization.ppq_adapter.core import TargetPlatform, OPERATION_FORWARD_TABLE
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,19 @@ import torch
 
 from maptools.errors import QuantizationFailed
 from maptools.onnx_model import implicit_outer_inputs
+from maptools.opgraph import build_graph
 from maptools.placement import CROSSBAR_OP_TYPES, Placement, Role
 from maptools.quantinfo import QuantConfig, param_key
+from maptools.requant import record_requant
 from maptools.settings import Optimization, QuantSettings
-from maptools._ppq.core import (QuantableOperation, QuantizationSettingFactory, QuantizationStates, TargetPlatform,
-                                TorchExecutor, _APPLIED, graphwise_error_analyse)
+from maptools.quantization.ppq_adapter.core import (QuantableOperation, QuantizationSettingFactory, QuantizationStates,
+                                                    TargetPlatform, TorchExecutor, _APPLIED, graphwise_error_analyse)
 
-from maptools._ppq.calibration import _FAST_PERCENTILE, _Batches, _fetching_session, _no_gc_between_passes
-from maptools._ppq.export import _canonical_names, _ExactExporter, _restore_domains
-from maptools._ppq.quantizer import _range_of, _scale_of
-from maptools._ppq.steps import _ppq_step, _quiet
+from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Batches, _fetching_session,
+                                                           _no_gc_between_passes)
+from maptools.quantization.ppq_adapter.export import _canonical_names, _ExactExporter, _restore_domains
+from maptools.quantization.ppq_adapter.quantizer import _range_of, _scale_of
+from maptools.quantization.ppq_adapter.steps import _ppq_step, _quiet
 log = logging.getLogger(__name__)
 
 def _setting(settings: QuantSettings, device: str) -> Any:
@@ -81,10 +84,7 @@ class QuantizedGraph:
 
     def quantinfo(self) -> dict[str, QuantConfig]:
         """One :class:`QuantConfig` per device (quantized) operator, in topological order, with the
-        requantization multipliers and shifts of each (:func:`maptools.simulate.record_requant`)."""
-        from maptools.conversion import build_graph
-        from maptools.simulate import record_requant
-
+        requantization multipliers and shifts of each (:func:`maptools.requant.record_requant`)."""
         info: dict[str, QuantConfig] = {}
         for op in self._quantized_ops():
             acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if var.name and not var.is_parameter]

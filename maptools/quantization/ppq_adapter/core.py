@@ -1,4 +1,4 @@
-"""The one place ``import ppq`` happens (the package :mod:`maptools._ppq` is the only user of ppq).
+"""The one place ``import ppq`` happens (the package :mod:`maptools.quantization.ppq_adapter` is the only user of ppq).
 
 PPQ 0.6.6 (2023, the last release) imports ``onnx.mapping`` (removed in onnx 1.19) and a
 caffe protobuf module generated for protobuf <= 3.20. Neither is used for ONNX quantization,

@@ -12,7 +12,8 @@ import onnx.numpy_helper
 import torch
 
 from maptools.errors import QuantizationFailed
-from maptools._ppq.core import QuantableOperation, QuantizationProperty, ONNXRUNTIMExporter, _APPLIED
+from maptools.quantization.ppq_adapter.core import (QuantableOperation, QuantizationProperty, ONNXRUNTIMExporter,
+                                                    _APPLIED)
 
 log = logging.getLogger(__name__)
 

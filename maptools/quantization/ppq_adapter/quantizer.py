@@ -10,13 +10,14 @@ import torch
 
 from maptools.placement import CROSSBAR_OP_TYPES, FUSABLE_ACTIVATIONS, Placement, Role
 from maptools.settings import QuantSettings, ScalePolicy
-from maptools._ppq.core import (ParameterBakingPass, ParameterQuantizePass, PassiveParameterQuantizePass,
-                                QuantAlignmentPass, QuantableOperation, QuantizationOptimizationPass,
-                                QuantizationOptimizationPipeline, QuantizationPolicy, QuantizationProperty,
-                                QuantizationStates, QuantizeFusionPass, RuntimeCalibrationPass, TensorRTQuantizer,
-                                _APPLIED)
+from maptools.quantization.ppq_adapter.core import (ParameterBakingPass, ParameterQuantizePass,
+                                                    PassiveParameterQuantizePass, QuantAlignmentPass,
+                                                    QuantableOperation, QuantizationOptimizationPass,
+                                                    QuantizationOptimizationPipeline, QuantizationPolicy,
+                                                    QuantizationProperty, QuantizationStates, QuantizeFusionPass,
+                                                    RuntimeCalibrationPass, TensorRTQuantizer, _APPLIED)
 
-from maptools._ppq.calibration import _OnePassCalibration, _round_scale
+from maptools.quantization.ppq_adapter.calibration import _OnePassCalibration, _round_scale
 log = logging.getLogger(__name__)
 
 class _MaptoolsQuantizer(TensorRTQuantizer):

@@ -17,10 +17,11 @@ import onnx.helper
 import onnx.numpy_helper
 import torch
 
-from maptools._ppq.core import (DataType, OBSERVER_TABLE, QuantableOperation, QuantizationProperty, QuantizationStates,
-                                RuntimeCalibrationPass, TorchMinMaxObserver, TorchPercentileObserver, _ppq_defs)
+from maptools.quantization.ppq_adapter.core import (DataType, OBSERVER_TABLE, QuantableOperation, QuantizationProperty,
+                                                    QuantizationStates, RuntimeCalibrationPass, TorchMinMaxObserver,
+                                                    TorchPercentileObserver, _ppq_defs)
 
-from maptools._ppq.steps import _quiet
+from maptools.quantization.ppq_adapter.steps import _quiet
 log = logging.getLogger(__name__)
 
 # --- speed: batched calibration, a faster exact percentile observer, no gc between passes ---------

@@ -1,11 +1,11 @@
 """maptools' adapter around PPQ 0.6.6, the one home of ``import ppq``, split by concern:
 
-* :mod:`~maptools._ppq.core`: the shims that let PPQ import on a current stack, and the ppq imports;
-* :mod:`~maptools._ppq.kernels`: operators run in onnxruntime where PPQ's kernels fall short;
-* :mod:`~maptools._ppq.quantizer`: the quantizer, its configs and the passes of the crossbar contract;
-* :mod:`~maptools._ppq.calibration`: batching, observers and statistics;
-* :mod:`~maptools._ppq.graph`: :class:`QuantizedGraph`, what the rest of maptools reads;
-* :mod:`~maptools._ppq.export`: the exact ``quant_model.onnx``;
+* :mod:`.core`: the shims that let PPQ import on a current stack, and the ppq imports;
+* :mod:`.kernels`: operators run in onnxruntime where PPQ's kernels fall short;
+* :mod:`.quantizer`: the quantizer, its configs and the passes of the crossbar contract;
+* :mod:`.calibration`: batching, observers and statistics;
+* :mod:`.graph`: :class:`QuantizedGraph`, what the rest of maptools reads;
+* :mod:`.export`: the exact ``quant_model.onnx``;
 * here: loading a model into PPQ, the float check, fast bias correction and :func:`quantize_graph`.
 """
 
@@ -28,16 +28,17 @@ from maptools.node_runner import NodeRunner
 from maptools.onnx_model import OUTER_INPUTS, explicit_outer_inputs, node_attr, opsets
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, Role, nonnegative_tensors, place
 from maptools.settings import Optimization, QuantSettings
-from maptools._ppq.core import (GraphCommand, GraphCommandType, GraphFormatter, NetworkFramework, QuantableOperation,
-                                TargetPlatform, TorchExecutor, _APPLIED, load_graph)
+from maptools.quantization.ppq_adapter.core import (GraphCommand, GraphCommandType, GraphFormatter, NetworkFramework,
+                                                    QuantableOperation, TargetPlatform, TorchExecutor, _APPLIED,
+                                                    load_graph)
 
-from maptools._ppq.calibration import (_Batches, _batch_size, _doubled_batch_shapes, _float_shapes,
-                                       _no_gc_between_passes, _with_outputs)
-from maptools._ppq.export import _check_zero_offsets
-from maptools._ppq.graph import QuantizedGraph, _setting
-from maptools._ppq.kernels import _probe, _register
-from maptools._ppq.quantizer import _MaptoolsQuantizer
-from maptools._ppq.steps import _ppq_step, _quiet
+from maptools.quantization.ppq_adapter.calibration import (_Batches, _batch_size, _doubled_batch_shapes, _float_shapes,
+                                                           _no_gc_between_passes, _with_outputs)
+from maptools.quantization.ppq_adapter.export import _check_zero_offsets
+from maptools.quantization.ppq_adapter.graph import QuantizedGraph, _setting
+from maptools.quantization.ppq_adapter.kernels import _probe, _register
+from maptools.quantization.ppq_adapter.quantizer import _MaptoolsQuantizer
+from maptools.quantization.ppq_adapter.steps import _ppq_step, _quiet
 log = logging.getLogger(__name__)
 
 __all__ = ["QuantizedGraph", "quantize_graph", "ppq_version"]

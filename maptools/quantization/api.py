@@ -18,19 +18,19 @@ import numpy as np
 import onnx
 import torch
 
-from maptools.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON,
-                                QUANTINFO_PKL, QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, atomic_write, sha256_file,
-                                validate_mapname, write_json, write_pickle)
+from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MODEL, QUANT_MODEL, QUANTINFO_JSON,
+                                     QUANTINFO_PKL, QUANTPARAMS_NPZ, QUANTPARAMS_PKL, MapFolder, atomic_write,
+                                     sha256_file, validate_mapname, write_json, write_pickle)
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
-from maptools.equalize import equalize_channels
+from maptools.quantization.equalize import equalize_channels
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
-from maptools.manifest import Manifest, ModelRecord
-from maptools.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
+from maptools.maps.manifest import Manifest, ModelRecord
+from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import ModelInput, check_input_shapes, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
-import maptools.seed as contract
+import maptools.maps.seed as contract
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
@@ -158,10 +158,10 @@ def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfi
 def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                    first: Mapping[str, Any], settings: QuantSettings, device: str,
                    budget: Budget) -> tuple[Any, QuantSettings, MixedPrecisionReport]:
-    """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.mixed_precision`)."""
+    """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.quantization.mixed_precision`)."""
     import torch
 
-    import maptools._ppq as _ppq
+    import maptools.quantization.ppq_adapter as _ppq
 
     model = load_model(model_path)
     names = [o.name for o in model.graph.output]
@@ -200,7 +200,7 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
     host in float (:func:`maptools.placement.record_host`; the placement of every later stage reads
     it) and PPQ runs again, until it succeeds; ``strict`` makes the first such failure an error.
     """
-    import maptools._ppq as _ppq
+    import maptools.quantization.ppq_adapter as _ppq
 
     fallbacks: dict[str, str] = {}
     while True:
@@ -238,7 +238,7 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
 def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto, strict: bool,
               notes: list[str]) -> Profile:
     """The profile the map's pickles are written in: the seed contract where ``settings`` ask for it and the map
-    keeps it (:func:`maptools.seed.check`), else extended (a note; an error with ``strict``)."""
+    keeps it (:func:`maptools.maps.seed.check`), else extended (a note; an error with ``strict``)."""
     if settings.profile is not Profile.SEED:
         return Profile.EXTENDED
     broken = contract.check(quantinfo, model)
@@ -255,7 +255,7 @@ def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], mod
     return Profile.EXTENDED
 
 
-#: calibration samples whose channel ranges decide the equalization (:mod:`maptools.equalize`)
+#: calibration samples whose channel ranges decide the equalization (:mod:`maptools.quantization.equalize`)
 EQUALIZE_SAMPLES = 8
 
 
@@ -355,7 +355,7 @@ def quantize(
         seed: seed of random calibration data; the same seed gives identical artifacts.
         bit_width: weight and activation bits (2..8); ``weight_bits``/``activation_bits`` override it.
             ``'auto'``: per-layer weight and input widths chosen under ``budget``
-            (:mod:`maptools.mixed_precision`; the choice is in ``result.mixed_precision``).
+            (:mod:`maptools.quantization.mixed_precision`; the choice is in ``result.mixed_precision``).
         per_channel: one weight scale per output channel (default) or per tensor.
         algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
@@ -378,7 +378,7 @@ def quantize(
             weights and the width it reads its input at (what ``bit_width='auto'`` chooses).
         budget: for ``bit_width='auto'``: ``{'output_error': 0.05}`` (relative L2 of the outputs against
             float, on the calibration samples) or ``{'weight_bytes': N}``; see
-            :class:`maptools.mixed_precision.Budget`.
+            :class:`maptools.quantization.mixed_precision.Budget`.
         threads: torch threads while PPQ runs; default (None) the cores this process may use that
             are idle when the run starts, so a busy machine does not oversubscribe (:mod:`maptools.threads`).
         strict: where PPQ fails at an operator, fail (``QuantizationFailed`` naming it) instead of keeping
@@ -388,7 +388,7 @@ def quantize(
         keep_on_host: names of operators of the prepared model to keep on the host in float (like NNCF's
             ignored scope), e.g. a layer the error report shows too sensitive.
         profile: ``'seed'`` (default): ``quantinfo.pkl``/``quantparams.pkl`` in the original toolchain's
-            contract (:mod:`maptools.seed`), which its downstream loads as they are; a model the contract
+            contract (:mod:`maptools.maps.seed`), which its downstream loads as they are; a model the contract
             cannot represent is written ``'extended'`` (with a note; ``strict`` makes it an error).
             ``'extended'``: this package's semantics and pickle types, which the original refuses to load.
         settings: every option above at once (:class:`maptools.settings.QuantSettings`, the one definition of

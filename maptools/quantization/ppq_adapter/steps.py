@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from maptools.errors import MaptoolsError, QuantizationFailed
-from maptools._ppq.core import TargetPlatform
+from maptools.quantization.ppq_adapter.core import TargetPlatform
 
 log = logging.getLogger(__name__)
 

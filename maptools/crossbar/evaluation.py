@@ -1,0 +1,115 @@
+"""What a network loses on a crossbar: the crossbar simulation against the float model and the integer one.
+
+:func:`evaluate_crossbar` runs a converted map's evaluation inputs through
+:class:`~maptools.crossbar.mapping.CrossbarSimulator` (a given :class:`~maptools.crossbar.mapping.CrossbarSpec`),
+through the lossless :class:`~maptools.simulate.IntegerSimulator`, and through the float
+``model.onnx`` in onnxruntime, and reports the crossbar's output error against both, its accuracy
+on a labelled set, and what the mapping costs (arrays, utilization, cycles, ADC bits needed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maptools.maps.artifacts import MODEL, MapFolder, read_quantparams
+from maptools.conversion import read_graph
+from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, random_evaluation_set
+from maptools.crossbar.mapping import CrossbarSimulator, CrossbarSpec, map_graph
+from maptools.simulate import IntegerSimulator
+
+__all__ = ["CrossbarError", "evaluate_crossbar"]
+
+_CHUNK = 8  # samples simulated at a time (bounded memory on large inputs)
+
+
+@dataclass(frozen=True)
+class CrossbarError:
+    """The crossbar simulation of a map on an evaluation set.
+
+    Attributes:
+        spec: the crossbar (``CrossbarSpec`` as a dict).
+        samples, source: the evaluation inputs.
+        rel_l2, cosine, top1_agreement: crossbar outputs against the float model (first output's top-1).
+        accuracy, float_accuracy, integer_accuracy: top-1 accuracy on a labelled set (else None).
+        integer_rel_l2, integer_agreement: crossbar against the lossless integer simulation
+            (0.0 and 1.0 when the ADC loses nothing).
+        arrays, utilization, cycles, adc_bits_needed: the mapping's totals (worst-case ADC bits).
+        seconds_per_sample, integer_seconds_per_sample: simulation time per sample of each.
+    """
+
+    spec: dict[str, Any]
+    samples: int
+    source: str
+    rel_l2: float
+    cosine: float
+    top1_agreement: float
+    accuracy: float | None
+    float_accuracy: float | None
+    integer_accuracy: float | None
+    integer_rel_l2: float
+    integer_agreement: float
+    arrays: int
+    utilization: float
+    cycles: int
+    adc_bits_needed: int
+    seconds_per_sample: float
+    integer_seconds_per_sample: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _per_sample(outputs: dict[str, np.ndarray], axes: dict[str, int], count: int) -> list[list[np.ndarray]]:
+    return [[np.take(v, [i], axis=axes[k]) for k, v in outputs.items()] for i in range(count)]
+
+
+def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], float]:
+    """Outputs per sample, and seconds, simulating ``_CHUNK`` samples at a time."""
+    started, out = time.perf_counter(), []
+    for i in range(0, len(samples), _CHUNK):
+        chunk = samples[i:i + _CHUNK]
+        feed = {k: np.concatenate([s[k] for s in chunk]) for k in chunk[0]}
+        outputs = simulator.run(feed).outputs
+        out += _per_sample(outputs, {k: simulator.batch_axis(k) for k in outputs}, len(chunk))
+    return out, time.perf_counter() - started
+
+
+def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
+                      evaluation: EvaluationSet | None = None, samples: int = 32,
+                      seed: int = EVAL_SEED) -> CrossbarError:
+    """Output error of map ``mapname`` computed on ``spec`` crossbars (see the module docstring).
+
+    Args:
+        mapname: a converted map (``maptools convert``).
+        spec: the crossbar and its ADC.
+        evaluation: labelled or random samples; default ``samples`` seeded random inputs.
+
+    Raises:
+        ArtifactError: the map is missing, not converted, or differs from its manifest.
+    """
+    graph = read_graph(mapname, output_root)
+    params = read_quantparams(mapname, output_root)
+    data = evaluation or random_evaluation_set(graph.inputs, samples, seed)
+    reference = float_outputs(MapFolder(mapname, output_root).open().file(MODEL), data.samples)
+    integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
+    crossbar, seconds = _run(CrossbarSimulator(graph, params, spec), data.samples)
+    against_float = compare_outputs(crossbar, reference, data.labels)
+    against_integer = compare_outputs(crossbar, integer)
+    integer_accuracy = compare_outputs(integer, reference, data.labels)["accuracy"]
+    mapped = map_graph(graph, params, spec)
+    n = len(data.samples)
+    return CrossbarError(
+        spec=asdict(spec), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
+        cosine=float(against_float["cosine"]), top1_agreement=float(against_float["top1_agreement"]),
+        accuracy=against_float["accuracy"], float_accuracy=against_float["float_accuracy"],
+        integer_accuracy=integer_accuracy, integer_rel_l2=float(against_integer["rel_l2"]),
+        integer_agreement=float(against_integer["top1_agreement"]), arrays=mapped.arrays,
+        utilization=mapped.utilization, cycles=mapped.cycles,
+        adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
+        seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n)

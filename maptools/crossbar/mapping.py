@@ -1,0 +1,463 @@
+"""The map stage: crossbar tiling, bit slicing, ADC ranges and statistics of a quantized network.
+
+:func:`map_graph` lays every crossbar operator (Conv, ConvTranspose, Gemm) of a converted map onto
+arrays of ``CrossbarSpec.rows x CrossbarSpec.cols`` cells:
+
+* the weight matrix has one row per input of the dot product (``k*k*c_in/groups`` for a
+  convolution, unrolled in the order ``c, kh, kw``; ``in_features`` for a Gemm) and one column per
+  output channel; a grouped or depthwise convolution maps each group as its own matrix (rows
+  ``k*k*c_in/groups``, columns ``c_out/groups``), so a depthwise layer fills only ``k*k`` rows of
+  an array per channel, which the utilization shows;
+* a signed integer weight is stored either as a **differential** pair of columns (``w+ - w-``,
+  both non-negative) or with an **offset** (``w + 2^(b-1)``, one column, the offset times the sum of
+  the inputs subtracted digitally), and sliced into ``ceil(b / cell_bits)`` cells of ``cell_bits``;
+* inputs enter bit-serially, ``dac_bits`` per cycle (two's complement: the top chunk of a signed
+  input counts negative), so a layer takes ``ceil(input_bits / dac_bits)`` cycles per
+  matrix-vector product;
+* a column's **partial sum** (one array, one input chunk, one slice) is what its ADC reads: worst
+  case ``rows_used x (2^cell_bits - 1) x (2^dac_bits - 1)``; ``adc_bits_needed`` is the resolution
+  for a lossless readout of the worst case, and, with calibration inputs, of what was observed.
+
+:class:`CrossbarSimulator` computes every crossbar operator through exactly those tiles (cell
+slices, input chunks, per-column ADC with ``adc_bits`` and saturation, shift-and-add over slices
+and chunks, digital accumulation over row blocks) and otherwise runs as the integer simulation:
+with a lossless ADC it equals :class:`~maptools.simulate.IntegerSimulator` code for code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, read_quantparams
+from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
+from maptools.errors import SettingsError
+from maptools.placement import Role
+from maptools.quantinfo import QuantConfig
+from maptools.requant import RequantMode
+from maptools.simulate import IntegerSimulator, Value, load_inputs, pad_codes
+
+__all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
+           "observed_psums", "CROSSBAR_FILE"]
+
+CROSSBAR_FILE = "crossbar_map.json"
+_POSITIONS = 2048  # output positions per slab of the crossbar simulation
+Encoding = Literal["differential", "offset"]
+
+
+@dataclass(frozen=True)
+class CrossbarSpec:
+    """A crossbar array and its periphery.
+
+    Attributes:
+        rows, cols: cells per array (word lines x bit lines), powers of two.
+        cell_bits: bits one cell stores (1..8).
+        adc_bits: resolution of each column's ADC (>= 1); partial sums above ``2^adc_bits - 1`` saturate.
+        dac_bits: input bits applied per cycle (1..8).
+        encoding: ``differential`` (two columns per weight) or ``offset`` (one column, digital correction).
+        max_arrays: optional budget of arrays for the whole network.
+    """
+
+    rows: int = 256
+    cols: int = 256
+    cell_bits: int = 2
+    adc_bits: int = 8
+    dac_bits: int = 1
+    encoding: Encoding = "differential"
+    max_arrays: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise SettingsError(f"crossbar {name}={value!r} is not a positive power of two.",
+                                    "use e.g. 64, 128, 256 or 512.")
+        for name, low, high in (("cell_bits", 1, 8), ("dac_bits", 1, 8), ("adc_bits", 1, 32)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SettingsError(f"{name}={value!r} is out of range.", f"use an integer from {low} to {high}.")
+        if self.encoding not in ("differential", "offset"):
+            raise SettingsError(f"encoding={self.encoding!r} is unknown.", "use 'differential' or 'offset'.")
+        if self.max_arrays is not None and (not isinstance(self.max_arrays, int) or self.max_arrays < 1):
+            raise SettingsError(f"max_arrays={self.max_arrays!r} is not a positive count.", "pass e.g. 64, or None.")
+
+    def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
+                  requant: RequantMode | str = RequantMode.FLOAT) -> CrossbarSimulator:
+        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec."""
+        return CrossbarSimulator(graph, quantparams, self, requant=requant)
+
+    @classmethod
+    def from_xbar(cls, xbar: str, **kwargs: Any) -> CrossbarSpec:
+        """A spec from ``'ROWSxCOLS'`` (e.g. ``'256x256'``) and the other fields."""
+        rows, sep, cols = str(xbar).strip().lower().partition("x")
+        if not sep or not rows.isdigit() or not cols.isdigit():
+            raise SettingsError(f"crossbar size {xbar!r} is not ROWSxCOLS.", "write it like 256x256.")
+        return cls(rows=int(rows), cols=int(cols), **kwargs)
+
+    @property
+    def xbar(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    @property
+    def cell_max(self) -> int:
+        return 2 ** self.cell_bits - 1
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """One crossbar operator laid onto arrays."""
+
+    name: str
+    op_type: str
+    groups: int
+    rows: int  # rows of one group's matrix
+    cols: int  # logical output columns of one group's matrix
+    weight_bits: int
+    input_bits: int
+    input_signed: bool
+    slices: int
+    physical_cols: int  # one group: cols x slices x (2 if differential)
+    row_blocks: int
+    col_blocks: int
+    arrays: int
+    cells_used: int
+    utilization: float
+    mvms: int  # matrix-vector products per inference (output positions)
+    input_steps: int  # bit-serial cycles per product
+    cycles: int  # input_steps x mvms (the arrays of a layer work in parallel)
+    psum_worst: int  # largest partial sum any column can produce
+    adc_bits_needed: int  # lossless for the worst case
+    psum_observed: int | None = None
+    adc_bits_observed: int | None = None
+    tiles: list[dict[str, int]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CrossbarMap:
+    """The network on crossbars: per layer, and totals."""
+
+    spec: CrossbarSpec
+    layers: list[LayerMap]
+
+    @property
+    def arrays(self) -> int:
+        return sum(layer.arrays for layer in self.layers)
+
+    @property
+    def cells(self) -> int:
+        return self.arrays * self.spec.rows * self.spec.cols
+
+    @property
+    def cells_used(self) -> int:
+        return sum(layer.cells_used for layer in self.layers)
+
+    @property
+    def utilization(self) -> float:
+        return self.cells_used / self.cells if self.cells else 0.0
+
+    @property
+    def cycles(self) -> int:
+        return sum(layer.cycles for layer in self.layers)
+
+    def to_bytes(self) -> bytes:
+        """The content of ``crossbar_map.json``."""
+        return (json.dumps(self.to_json(), indent=1) + "\n").encode()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "maptools.crossbar_map/1", "spec": asdict(self.spec),
+                "totals": {"arrays": self.arrays, "cells": self.cells, "cells_used": self.cells_used,
+                           "utilization": self.utilization, "cycles": self.cycles,
+                           "adc_bits_needed": max((lay.adc_bits_needed for lay in self.layers), default=0)},
+                "layers": [layer.to_json() for layer in self.layers]}
+
+
+def _bits(value: int) -> int:
+    """Bits an unsigned ADC needs to read ``0..value`` without loss."""
+    return max(1, int(value).bit_length())
+
+
+def weight_matrix(node: Mapping[str, Any], weight: np.ndarray) -> np.ndarray:
+    """``[groups, rows, cols]`` integer matrices of a crossbar operator (rows in ``c, kh, kw`` order)."""
+    op = node["op_type"]
+    if op == "Gemm":
+        w = weight if node["attrs"]["transB"] else weight.T  # [out, in]
+        return w.T[None]
+    groups = node["attrs"]["groups"]
+    if op == "ConvTranspose":  # [in, out/g, k...] -> a convolution's [out, in/g, k...], flipped
+        cin, cout_g = weight.shape[:2]
+        w = weight.reshape(groups, cin // groups, cout_g, *weight.shape[2:]).swapaxes(1, 2)
+        w = np.flip(w, axis=tuple(range(3, w.ndim))).reshape(groups * cout_g, cin // groups, *weight.shape[2:])
+    else:
+        w = weight
+    out = w.shape[0]
+    return w.reshape(groups, out // groups, -1).transpose(0, 2, 1)
+
+
+def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
+              observed: Mapping[str, int] | None = None) -> CrossbarMap:
+    """Lay every crossbar operator of ``graph`` onto ``spec`` arrays (see the module docstring).
+
+    ``observed`` maps operator names to the largest partial sum seen on calibration inputs (see
+    :meth:`CrossbarSimulator.observed_psums`).
+    """
+    layers = []
+    for name in graph.operators():
+        node = graph.node(name)
+        if node["role"] != Role.CROSSBAR.value or node["part"] != "device":
+            continue
+        cfg: QuantConfig = node["quant"]
+        weight = IntegerSimulator._load_weights(name, node, quantparams)[0].numpy()
+        if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
+            weight = weight.T  # undo the loader's transpose: back to the stored layout
+        matrices = weight_matrix(node, weight.astype(np.int64))
+        groups, rows, cols = matrices.shape
+        wbits = int(cfg.weight_bits or 8)
+        lo, hi = cfg.in_range(0)
+        ibits = int(math.ceil(math.log2(hi - lo + 1)))
+        signed = lo < 0
+        slices = math.ceil(wbits / spec.cell_bits)
+        phys = cols * slices * (2 if spec.encoding == "differential" else 1)
+        row_blocks, col_blocks = math.ceil(rows / spec.rows), math.ceil(phys / spec.cols)
+        arrays = groups * row_blocks * col_blocks
+        out_shape = node["output_shapes"][0]
+        mvms = math.prod(out_shape[2:]) if node["op_type"] != "Gemm" else 1
+        steps = input_steps(ibits, signed, spec.dac_bits)
+        tiles = []
+        for g in range(groups):
+            for r in range(row_blocks):
+                for c in range(col_blocks):
+                    tiles.append({"group": g, "row_block": r, "col_block": c, "row0": r * spec.rows,
+                                  "rows": min(spec.rows, rows - r * spec.rows), "col0": c * spec.cols,
+                                  "cols": min(spec.cols, phys - c * spec.cols)})
+        worst = min(rows, spec.rows) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
+        obs = None if observed is None else observed.get(name)
+        layers.append(LayerMap(
+            name=name, op_type=node["op_type"], groups=groups, rows=rows, cols=cols, weight_bits=wbits,
+            input_bits=ibits, input_signed=signed, slices=slices, physical_cols=phys, row_blocks=row_blocks,
+            col_blocks=col_blocks, arrays=arrays, cells_used=groups * rows * phys,
+            utilization=groups * rows * phys / (arrays * spec.rows * spec.cols), mvms=mvms, input_steps=steps,
+            cycles=steps * mvms, psum_worst=worst, adc_bits_needed=_bits(worst), psum_observed=obs,
+            adc_bits_observed=None if obs is None else _bits(obs), tiles=tiles))
+    result = CrossbarMap(spec, layers)
+    if spec.max_arrays is not None and result.arrays > spec.max_arrays:
+        worst = sorted(layers, key=lambda lay: -lay.arrays)[:3]
+        raise SettingsError(f"the network needs {result.arrays} arrays of {spec.rows}x{spec.cols}; the budget is "
+                            f"{spec.max_arrays} (largest: " + ", ".join(f"{lay.name} {lay.arrays}" for lay in worst)
+                            + ").", "raise max_arrays, use larger arrays or more bits per cell.")
+    return result
+
+
+# --- the crossbar-level simulation ---------------------------------------------------------------------
+
+def _chunks(codes: torch.Tensor, bits: int, signed: bool, dac_bits: int) -> list[tuple[int, torch.Tensor]]:
+    """Bit-serial input chunks ``(weight, values >= 0)`` with ``codes == sum(weight * values)``.
+
+    Unsigned codes: ``dac_bits`` at a time. Signed (two's complement): the low ``bits - 1`` bits
+    that way, and the sign bit as its own cycle with weight ``-2^(bits-1)``.
+    """
+    u = codes.to(torch.int16 if bits < 15 else torch.int64)  # less memory to stream than int64
+    if signed:
+        u = torch.where(u < 0, u + (1 << bits), u)
+    body = bits - 1 if signed else bits
+    out = [(1 << start, (u >> start) & ((1 << min(dac_bits, body - start)) - 1))
+           for start in range(0, body, dac_bits)]
+    if signed:
+        out.append((-(1 << (bits - 1)), (u >> (bits - 1)) & 1))
+    return out
+
+
+def input_steps(bits: int, signed: bool, dac_bits: int) -> int:
+    """Cycles one matrix-vector product takes (see :func:`_chunks`)."""
+    return math.ceil((bits - 1 if signed else bits) / dac_bits) + (1 if signed else 0)
+
+
+def _slices(matrix: torch.Tensor, bits: int, cell_bits: int) -> list[tuple[int, torch.Tensor]]:
+    """Cells ``(weight, values in [0, 2^cell_bits))`` of a non-negative matrix."""
+    return [(1 << start, (matrix >> start) & ((1 << cell_bits) - 1)) for start in range(0, bits, cell_bits)]
+
+
+class _Cells:
+    """One row block of a layer as cells: per part (sign), the slices side by side; each row's largest cell."""
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], block: slice, wbits: int, cell_bits: int,
+                 worst: int) -> None:
+        sliced = [(sign, _slices(matrix[:, block], wbits, cell_bits)) for sign, matrix in parts]
+        self.shifts = torch.tensor([w for w, _ in sliced[0][1]], dtype=torch.float64)  # 2^(cell_bits * k)
+        self.parts = [(sign, torch.cat([c for _, c in cs], dim=2).to(torch.float32)) for sign, cs in sliced]
+        self.peaks = torch.stack([c.amax(dim=2) for _, cs in sliced for _, c in cs], dim=2).amax(dim=2).float()
+        # the clipped excess summed over slices is below worst * sum(shifts): float32 is exact under 2^24
+        self.dtype = torch.float32 if worst * float(self.shifts.sum()) < 2 ** 24 else torch.float64
+
+
+class CrossbarSimulator(IntegerSimulator):
+    """The integer simulation with every crossbar operator computed through its arrays.
+
+    Args:
+        graph, quantparams, requant, model: as :class:`~maptools.simulate.IntegerSimulator`.
+        spec: the crossbar.
+        collect_psums: compute every block bit by bit and record each layer's largest partial sum
+            in ``observed`` (what :func:`map_graph` reports as observed); slower.
+    """
+
+    def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
+                 *, collect_psums: bool = False, **kwargs: Any) -> None:
+        super().__init__(graph, quantparams, **kwargs)
+        self.spec = spec
+        self.collect_psums = collect_psums
+        self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
+        self._matrices = {}
+        # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
+        self._weights: dict[tuple[str, int], torch.Tensor] = {}
+        self._cells: dict[tuple[str, int], _Cells] = {}
+        for name, (weight, _) in self.weights.items():
+            node = graph.node(name)
+            stored = weight.numpy()
+            if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
+                stored = stored.T
+            self._matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
+
+    def _mvm(self, name: str, x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+        """``x [groups, N, rows]`` integer codes times the layer's matrices through the arrays: ``[groups, N, cols]``.
+
+        Per row block (one array's rows), input chunk and cell slice, every column's partial sum is
+        read by its ADC (``adc_bits``, saturating), then shifted and added; row blocks add digitally.
+        That equals the plain integer product minus, for every partial sum above the ADC's limit,
+        its excess (shifted like the sum). Only (input chunk, position) pairs whose partial sums
+        might exceed the limit (bounded by the chunk's bits times each row's largest cell) are
+        computed slice by slice, and only for that correction; unless partial sums are being
+        collected, every other pair is exact in the plain product.
+        """
+        spec, matrices = self.spec, self._matrices[name]  # [groups, rows, cols]
+        wbits = int(cfg.weight_bits or 8)
+        lo, hi = cfg.in_range(0)
+        ibits = int(math.ceil(math.log2(hi - lo + 1)))
+        offset = 0 if spec.encoding == "differential" else 1 << (wbits - 1)
+        parts = [(1, matrices.clamp(min=0)), (-1, (-matrices).clamp(min=0))] if not offset \
+            else [(1, matrices + offset)]
+        limit = (1 << spec.adc_bits) - 1
+        groups, rows, cols = matrices.shape
+        acc = torch.zeros(groups, x.shape[1], cols, dtype=torch.float64)
+        for r0 in range(0, rows, spec.rows):
+            block = slice(r0, min(rows, r0 + spec.rows))
+            worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
+            if (name, r0) not in self._weights:
+                weights = sum(sign * matrix[:, block] for sign, matrix in parts)  # as stored
+                # float32 products are exact while every sum stays below 2^24
+                peak = int(weights.abs().max()) if weights.numel() else 0
+                big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
+                self._weights[name, r0] = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
+            weights, cells = self._weights[name, r0], None
+            if self.collect_psums or worst > limit:  # else no partial sum can exceed the ADC
+                if (name, r0) not in self._cells:
+                    self._cells[name, r0] = _Cells(parts, block, wbits, spec.cell_bits, worst)
+                cells = self._cells[name, r0]
+            for n0 in range(0, x.shape[1], _POSITIONS):  # bounded memory: a slab of positions at a time
+                xs = x[:, n0:n0 + _POSITIONS, block]
+                out = torch.matmul(xs.to(weights.dtype), weights).to(torch.float64)
+                if cells is not None:
+                    self._saturate(name, out, xs, cells, ibits, lo < 0, limit)
+                acc[:, n0:n0 + _POSITIONS] += out
+        if offset:
+            acc -= offset * x.to(torch.float64).sum(dim=-1, keepdim=True)
+        return acc
+
+    def _saturate(self, name: str, out: torch.Tensor, xs: torch.Tensor, cells: _Cells, ibits: int, signed: bool,
+                  limit: int) -> None:
+        """Subtract from ``out [groups, n, cols]`` what the ADC clips off the partial sums of ``xs``
+        (``[groups, n, rows]``)."""
+        groups, n, rows = xs.shape
+        chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
+        bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact
+        if self.collect_psums:
+            t_idx, n_idx = (i.flatten() for i in torch.meshgrid(torch.arange(len(chunks)), torch.arange(n),
+                                                                 indexing="ij"))
+        else:
+            # no partial sum of a (chunk, position) exceeds the chunk's bits times each row's largest cell
+            bound = torch.bmm(bits.view(groups, -1, rows), cells.peaks[:, :, None]).view(groups, -1, n)  # [g, T, n]
+            t_idx, n_idx = torch.nonzero((bound > limit).any(dim=0), as_tuple=True)
+        if not len(t_idx):
+            return
+        picked = bits[:, t_idx, n_idx]  # [g, R, rows]
+        excess = 0
+        for sign, flat in cells.parts:
+            psum = torch.bmm(picked, flat).view(groups, len(t_idx), len(cells.shifts), -1)  # [g, R, K, cols]
+            if self.collect_psums and psum.numel():
+                self.observed[name] = max(self.observed.get(name, 0), int(psum.max()))
+            clipped = (psum - limit).clamp_(min=0).to(cells.dtype)
+            excess = excess + sign * torch.einsum("grkc,k->grc", clipped, cells.shifts.to(cells.dtype))
+        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)[t_idx]
+        out.index_add_(1, n_idx, -(tw[None, :, None] * excess.to(torch.float64)))
+
+    def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
+        (x,) = self._inputs(cfg, values)
+        weight, bias = self.weights[name]
+        a = node["attrs"]
+        if len(a["strides"]) != 2:
+            return super()._conv(name, node, cfg, values)
+        codes, padding = pad_codes(x.codes, a["pads"])
+        n, c, h, w = codes.shape
+        k = a["kernel"]
+        cols = F.unfold(codes, k, dilation=a["dilations"], padding=padding, stride=a["strides"])  # [N, c*kh*kw, L]
+        groups = a["groups"]
+        cols = cols.view(n, groups, (c // groups) * k[0] * k[1], -1).permute(1, 0, 3, 2)  # [g, N, L, rows]
+        g, _, length, rows = cols.shape
+        out = self._mvm(name, cols.reshape(g, n * length, rows), cfg)  # [g, N*L, cols]
+        out = out.view(g, n, length, -1).permute(1, 0, 3, 2).reshape(n, -1, length)
+        oh = (h + 2 * padding[0] - a["dilations"][0] * (k[0] - 1) - 1) // a["strides"][0] + 1
+        acc = self._accumulate(name, out.reshape(n, -1, oh, length // oh), bias)
+        return self._output(acc, x.scale * self._weight_scale(cfg, acc.dim()), cfg)
+
+    def _gemm(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
+        (x,) = self._inputs(cfg, values)
+        weight, bias = self.weights[name]
+        acc = self._accumulate(name, self._mvm(name, x.codes[None], cfg)[0], bias)
+        w_scale = torch.from_numpy(cfg.weight_scale.astype(np.float64)).reshape(1, -1)
+        return self._output(acc, node["attrs"]["alpha"] * x.scale * w_scale, cfg)
+
+
+def observed_psums(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
+                   inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Largest partial sum per crossbar operator on ``inputs`` (a batch), read with the spec's ADC."""
+    sim = CrossbarSimulator(graph, quantparams, spec, collect_psums=True)
+    sim.run(inputs)
+    return dict(sim.observed)
+
+
+def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
+                  inputs: str | Path | Mapping[str, Any] | None = "random", samples: int = 2,
+                  seed: int = 0) -> CrossbarMap:
+    """Map a converted map onto ``spec`` and register ``crossbar_map.json`` in it.
+
+    Observed partial sums come from ``inputs`` (as :func:`maptools.simulate.load_inputs` takes:
+    ``'random'`` gives ``samples`` seeded inputs, or an ``.npy``/``.npz`` file or a dict of real
+    samples), run through the crossbar simulation bit by bit.
+
+    Raises:
+        ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.
+        SettingsError: the spec cannot hold the network (budget, cell bits above weight bits).
+    """
+    folder = MapFolder(mapname, output_root)
+    # the hashes this map is derived from, read first: a rewrite after this point is caught by update()
+    read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_NPZ)}
+    graph = read_graph(mapname, output_root)
+    params = read_quantparams(mapname, output_root)
+    too_fine = [n for n in graph.operators() if graph.node(n)["role"] == Role.CROSSBAR.value
+                and graph.node(n)["quant"] is not None and spec.cell_bits > int(graph.node(n)["quant"].weight_bits)]
+    if too_fine:
+        raise SettingsError(f"cell_bits={spec.cell_bits} exceeds the weight bits of {', '.join(too_fine[:5])}.",
+                            "use cell_bits <= the weight bits (e.g. 2 or 4 for 8-bit weights).")
+    feed = load_inputs(graph, inputs, seed=seed, batch=samples)
+    result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed))
+    folder.update({CROSSBAR_FILE: result.to_bytes()}, {}, based_on=read)
+    return result

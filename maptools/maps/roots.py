@@ -1,0 +1,60 @@
+"""Where maps live: the output root (a local folder or a store URL) and this machine's folders.
+
+The one reader of ``MAPTOOLS_HOME`` (the default output root) and ``MAPTOOLS_CACHE`` (the local
+mirror of stores, default ``~/.cache/maptools``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from maptools.errors import StorageError
+
+__all__ = ["is_url", "home", "mirror_root", "output_root", "output_location", "local_root"]
+
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_url(root: str | Path | None) -> bool:
+    """Whether ``root`` names a store (``s3://``, ``memory://``, ...), not a local path (``file://`` is local)."""
+    match = _URL.match(root) if isinstance(root, str) else None
+    return match is not None and match["scheme"].lower() != "file"
+
+
+def home(root: str | Path | None = None) -> str | Path | None:
+    """``root`` if given, else ``$MAPTOOLS_HOME`` (None where neither is set)."""
+    return root or os.environ.get("MAPTOOLS_HOME") or None
+
+
+def mirror_root(url: str) -> Path:
+    """The local folder that holds this machine's copies of the maps of store ``url``."""
+    base = Path(os.environ.get("MAPTOOLS_CACHE") or Path.home() / ".cache" / "maptools").expanduser()
+    return base / "store" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def output_root(root: str | Path | None = None) -> Path:
+    """``root`` if given, else ``$MAPTOOLS_HOME``, else the current directory, as a local path.
+
+    A store URL (``s3://...``) is not a path: see :func:`output_location`."""
+    value = home(root) or Path.cwd()
+    if is_url(value):
+        raise StorageError(f"{value} is a store URL, not a local folder.", "pass a local output_root here.")
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value.removeprefix("file://")
+    return Path(value).expanduser().resolve()
+
+
+def output_location(root: str | Path | None = None) -> Path | str:
+    """Where maps go: a local path (:func:`output_root`), or a store URL (``s3://bucket/prefix``) as given."""
+    value = home(root)
+    return str(value).rstrip("/") if is_url(value) else output_root(value)
+
+
+def local_root(root: str | Path | None = None) -> Path:
+    """The local folder for files that stay on this machine (example models, prepared models): the output
+    root itself, or for a store URL this machine's mirror of that store."""
+    where = output_location(root)
+    return mirror_root(where) if isinstance(where, str) else where
