@@ -4,10 +4,10 @@ PYTHON ?= python3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[flows,store,test]'
+	$(VENV)/bin/pip install --quiet -e '.[flows,store,test,docs]'
 	touch $@
 
-.PHONY: install example test
+.PHONY: install example test docs serve-docs
 install: $(VENV)/.installed
 
 # Runs the quantize-model Prefect flow on ResNet18 (Prefect starts a temporary local server).
@@ -17,3 +17,11 @@ example: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+
+# The documentation site (docs/, mkdocs.yml) into site/; reference pages are generated from the code.
+MKDOCS_ENV = NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true
+docs: $(VENV)/.installed
+	$(MKDOCS_ENV) $(VENV)/bin/mkdocs build --strict
+
+serve-docs: $(VENV)/.installed
+	$(MKDOCS_ENV) $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000

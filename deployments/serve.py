@@ -5,7 +5,7 @@
     python deployments/serve.py simulate-on-quantized    # ... and the triggered downstream stage on a CPU box
 
 Same deployments as prefect.yaml (the nightly example schedule starts paused), run by this process.
-On several machines, keep maps and results on a shared store (README, "Several machines").
+On several machines, keep maps and results on a shared store (docs/s3.md, "Several machines").
 """
 
 from __future__ import annotations

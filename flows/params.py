@@ -23,8 +23,9 @@ def documented(fn: F) -> F:
     for name in inspect.signature(fn).parameters:
         described = [m.description for m in getattr(hints.get(name), "__metadata__", ())
                      if isinstance(m, FieldInfo) and m.description]
-        if described:
-            lines.append(f"    {name}: {described[-1]}")
+        if described:  # with its type, which griffe (Prefect's docstring parser) otherwise warns is missing
+            kind = inspect.formatannotation(typing.get_args(hints[name])[0]).replace("typing.", "")
+            lines.append(f"    {name} ({kind}): {described[-1]}")
     if lines:
         fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
     return fn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,20 +37,27 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
     colour; the float model's accuracy as a grey line; legends beside the axes, not over the data."""
     from matplotlib import ticker
 
+    from matplotlib.lines import Line2D
+
     has_accuracy = any(r["accuracy"] is not None for r in rows)
-    fig, axes = pyplot().subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5),
-                                  squeeze=False)
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         lines.setdefault(label(r), []).append(r)
+    legend_rows = math.ceil((len(lines) + 1) / 2)  # the legend goes below the axes: the figure grows with it
+    fig, axes = pyplot().subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 8,
+                                                                         4.5 + 0.22 * legend_rows), squeeze=False)
+    if len(lines) > 10:  # the default cycle repeats after 10 colours
+        for ax in axes[0]:
+            ax.set_prop_cycle(color=[pyplot().get_cmap("tab20")(i) for i in range(20)])
     ticks = sorted({r[x] for r in rows})
+    dashed = False
     for name, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r[x])
         line, = axes[0][0].plot([r[x] for r in rs], [100 * r["rel_l2"] for r in rs], marker="o", label=name)
         ref = reference(rs[0]) if reference is not None else None
         if ref:
-            axes[0][0].axhline(100 * ref, color=line.get_color(), linestyle="--", linewidth=1,
-                               label=f"{name}: {reference_label}")
+            axes[0][0].axhline(100 * ref, color=line.get_color(), linestyle="--", linewidth=1)
+            dashed = True
         if has_accuracy:
             acc = [r for r in rs if r["accuracy"] is not None]
             axes[0][1].plot([r[x] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=name)
@@ -67,7 +75,12 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
                        xticks=ticks)
     for ax in axes[0]:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        handles, labels = ax.get_legend_handles_labels()
+        if dashed and ax is axes[0][0]:  # one entry for every line's dashed reference
+            handles.append(Line2D([], [], color="0.3", linestyle="--", linewidth=1))
+            labels.append(f"dashed, same colour: {reference_label}")
+        ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                  frameon=False)
     return png_bytes(fig)
 
 

@@ -148,11 +148,18 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
     if not done:
         return None
     return atomic_write(path, error_and_accuracy(done, "bits", _line_label(done, ("algorithm",)),
-                                                 "bit width (weights and activations)", title))
+                                                 "bit width (weights and activations)", _titled(title, done)))
+
+
+def _titled(title: str, rows: list[dict[str, Any]]) -> str:
+    """The plot's title, with the model when there is one (its lines then leave it out)."""
+    models = {r["model"] for r in rows}
+    return f"{title}: {models.pop()}" if len(models) == 1 else title
 
 
 def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
-    """A plot line's label: the model, ``always``'s columns, and every other point column that varies."""
+    """A plot line's label: the model (where there are several), ``always``'s columns, and every other point column
+    that varies."""
     vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits")
             if k in always or len({r[k] for r in rows}) > 1]
     text = {"bits": lambda r: f"W{r['bits']}A{r['bits']}", "algorithm": lambda r: r["algorithm"],
@@ -160,7 +167,10 @@ def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any
             "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
             "cell_bits": lambda r: f"{r['cell_bits']}-bit cells",
             "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items())}
-    return lambda r: " / ".join([r["model"], *(text[k](r) for k in vary)])
+    if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
+        vary = ["model", *vary]
+        text["model"] = lambda r: r["model"]
+    return lambda r: " / ".join(text[k](r) for k in vary)
 
 
 def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
@@ -170,7 +180,7 @@ def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "c
         return None
     quantized = {r["mapname"]: r["rel_l2"] for r in table if r["adc_bits"] is None and r["status"] == "completed"}
     return atomic_write(path, error_and_accuracy(
-        done, "adc_bits", _line_label(done, ("bits", "xbar", "cell_bits")), "ADC bits", title,
+        done, "adc_bits", _line_label(done, ("bits", "xbar", "cell_bits")), "ADC bits", _titled(title, done),
         reference=lambda r: quantized.get(r["mapname"]), reference_label="without crossbars"))
 
 

@@ -50,30 +50,15 @@ class Reiterable:
         return ({"input": t} for t in self.items)
 
 
-def readme_block(heading: str, lang: str) -> str:
-    """The first ``lang`` code block of README's ``## heading`` section."""
-    section = (REPO / "README.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+def docs_block(page: str, lang: str) -> str:
+    """The first ``lang`` code block of ``docs/<page>`` (Python blocks run by themselves: see conftest.py)."""
+    return (REPO / "docs" / page).read_text().split(f"```{lang}\n", 1)[1].split("```", 1)[0]
 
 
 def on_small_cnn(code: str, small_cnn: Path) -> str:
-    """README's ResNet18 example, run on the small test CNN (model path and input size swapped)."""
+    """The docs' ResNet18 example, run on the small test CNN (model path and input size swapped)."""
     return code.replace("onnx_models/simp-resnet18.onnx", str(small_cnn)).replace("224, 224", "32, 32").replace(
         "224,224", "32,32")
-
-
-def test_readme_calibration_example_runs(small_cnn, tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_pngs(tmp_path / "calib_images", 10)
-    (tmp_path / "calib_arrays").mkdir()
-    for i, t in enumerate(tensors(9)):
-        np.save(tmp_path / "calib_arrays" / f"{i}.npy", t.numpy())
-    exec(on_small_cnn(readme_block("Calibration data", "python"), small_cnn), {})
-    kinds = {name: json.loads((tmp_path / "mapsave" / name / "manifest.json").read_text())["calibration"]
-             for name in ("from-images", "from-arrays", "own-transform", "from-loader")}
-    assert [c["kind"] for c in kinds.values()] == ["image_folder", "array_folder", "image_folder", "transformed"]
-    assert [c["used"] for c in kinds.values()] == [10, 9, 10, 10]
-    assert kinds["from-images"]["sha256"] != kinds["own-transform"]["sha256"]
 
 
 def validated(calibset, model: Path, limit: int | None = None) -> ValidatedCalibration:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from maptools.cli import app
-from tests.test_calibration import on_small_cnn, readme_block, write_pngs
+from tests.test_calibration import docs_block, on_small_cnn, write_pngs
 
 runner = CliRunner()
 
@@ -47,10 +47,10 @@ def test_quantize_json_output_for_scripts(small_cnn, tmp_path) -> None:
     assert f"worst {-10 * np.log10(data['error_report'][worst]):.1f} dB ({worst}); higher is better" in table.stdout
 
 
-def test_readme_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
+def test_documented_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_pngs(tmp_path / "calib_images", 9)
-    lines = on_small_cnn(readme_block("Command line", "bash"), small_cnn).strip().splitlines()
+    lines = on_small_cnn(docs_block("cli.md", "bash"), small_cnn).strip().splitlines()
     for line in lines:
         args = shlex.split(line, comments=True)
         assert args[0] == "maptools"

@@ -271,21 +271,3 @@ def test_cli_convert_and_simulate(small_result, tmp_path) -> None:
     wrong = runner.invoke(app, ["convert", "--mapname", "small", "--output-root", str(tmp_path), "--model",
                                 str(tmp_path / "nope.onnx")])
     assert wrong.exit_code == 2 and "does not exist" in wrong.output
-
-
-def test_readme_example(resnet_result, tmp_path, monkeypatch, one_thread) -> None:
-    """The Python block of the README's "Conversion and integer simulation" section, run as written."""
-    import re
-    import shutil
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Conversion and integer simulation", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    shutil.copytree(resnet_result.map_dir, tmp_path / "mapsave" / "resnet18")
-    (tmp_path / "mapsave" / "resnet18" / GRAPH_FILE).unlink(missing_ok=True)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MAPTOOLS_HOME", raising=False)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert scope["result"].outputs["output"].shape == (1, 1000)
-    assert scope["device"].graph.number_of_nodes() == 49 and scope["host"].graph.number_of_nodes() == 0

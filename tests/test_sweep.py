@@ -178,10 +178,13 @@ def test_plot_lines_are_one_per_varying_point(tmp_path) -> None:
                  for adc in (4, 6, 8)]
     crossbar = [r for r in rows if r["adc_bits"] is not None]
     label = _line_label(crossbar, ("bits", "xbar", "cell_bits"))
-    assert {label(r) for r in crossbar} == {"cnn / W8A8 / percentile / 64x64 / 2-bit cells",
-                                        "cnn / W8A8 / minmax / 64x64 / 2-bit cells"}
+    assert {label(r) for r in crossbar} == {"W8A8 / percentile / 64x64 / 2-bit cells",
+                                        "W8A8 / minmax / 64x64 / 2-bit cells"}  # the one model is in the title
     path = plot_crossbar_sweep(rows, tmp_path / "x.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    other = [{**r, "model": "resnet"} for r in crossbar[:3]]
+    label = _line_label(crossbar + other, ("bits", "xbar", "cell_bits"))
+    assert {label(r) for r in other} == {"resnet / W8A8 / percentile / 64x64 / 2-bit cells"}
 
 
 def test_plot_has_an_accuracy_panel(tmp_path) -> None:
