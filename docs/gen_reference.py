@@ -199,6 +199,24 @@ def figures() -> dict[str, bytes]:
             for name, plot in (("sweep_bits.png", plot_sweep), ("sweep_adc.png", plot_crossbar_sweep)):
                 if plot(rows, Path(tmp) / name, title="examples/sweep-crossbar.yaml") is not None:
                     out[name] = (Path(tmp) / name).read_bytes()
+    adc = RESULTS / "adc_range.json"
+    if adc.is_file():
+        data = json.loads(adc.read_text())
+        fig, ax = plt.subplots(figsize=(8, 4))
+        lines: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in data["rows"]:
+            lines.setdefault((row["xbar"], row["adc_range"]), []).append(row)
+        styles = {"full": "-", "calibrated": "-", "max": ":"}
+        for (xbar, adc_range), rows in sorted(lines.items()):
+            ax.plot([r["adc_bits"] for r in rows], [100 * r["accuracy"] for r in rows], styles[adc_range],
+                    marker="o", label=f"{xbar}, {adc_range} range")
+        ax.axhline(100 * data["rows"][0]["integer_accuracy"], color="0.4", linestyle="--",
+                   label="integer simulation (lossless ADC)")
+        ax.set(xlabel="ADC bits", ylabel="top-1 accuracy, %", ylim=(0, 100),
+               title=f"{data['model']} on crossbars, {data['cell_bits']}-bit cells")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8, frameon=False)
+        out["adc_range.png"] = png_bytes(fig)
     snr = RESULTS / "layer_snr.json"
     if snr.is_file():
         data = json.loads(snr.read_text())

@@ -138,9 +138,9 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
                             "cycles": lay.cycles, "matrix": f"{lay.groups}x{lay.rows}x{lay.cols}",
                             "psum observed": lay.psum_observed, "psum worst": lay.psum_worst}
                            for lay in mapped.layers], key=f"{key}-layers",
-                          description=f"{mapname} on {s.rows}x{s.cols} crossbars with a {s.adc_bits}-bit ADC, per "
-                                      "layer (ADC bits a lossless readout needs: observed on sample inputs, and in "
-                                      "the worst case; matrix: groups x rows x columns)")
+                          description=f"{mapname} on {s.rows}x{s.cols} crossbars with a {s.adc_bits}-bit ADC "
+                                      f"({s.adc_range} range), per layer (ADC bits a lossless readout needs: observed "
+                                      "on sample inputs, and in the worst case; matrix: groups x rows x columns)")
     png = base64.b64encode(plot_crossbar_map(mapped)).decode()
     create_markdown_artifact(f"![utilization and ADC bits per layer of {mapname}](data:image/png;base64,{png})",
                              key=f"{key}-plot", description=f"{mapname}: utilization and ADC bits per layer")
@@ -160,7 +160,7 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
              f"{max((lay.adc_bits_needed for lay in mapped.layers), default=0)} |", "",
              f"Quantization: W{_bits({lay.weight_bits for lay in mapped.layers})}"
              f"A{_bits({lay.input_bits for lay in mapped.layers})}. Crossbar: {s.cell_bits}-bit cells ({s.encoding}), "
-             f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC. Map: `{map_dir}`.",
+             f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC ({s.adc_range} range). Map: `{map_dir}`.",
              f"\n{error.seconds_per_sample:.3f} s per sample (integer simulation "
              f"{error.integer_seconds_per_sample:.3f} s)."]
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on crossbars"))

@@ -34,7 +34,7 @@ from maptools.maps.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar.evaluation import CrossbarError
 from maptools.evaluation import EVAL_SEED
-from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec
+from maptools.crossbar.mapping import AdcRange, CrossbarMap, CrossbarSpec
 from maptools.stages import has_artifact
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
@@ -90,6 +90,10 @@ def map_and_simulate(
     encoding: Annotated[Literal["differential", "offset"], Field(description="Signed weights as a column pair "
                                                                              "or with an offset.")] = "differential",
     max_arrays: Annotated[int | None, Field(ge=1, description="Array budget for the network.")] = None,
+    adc_range: Annotated[AdcRange, Field(description="ADC range: full (steps of one partial-sum unit), or per layer "
+                                                     "and cell slice a power-of-two step calibrated on seeded "
+                                                     "inputs: calibrated (least squared readout error) or max (reads "
+                                                     "the largest partial sum).")] = "full",
     samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
                                                               "eval_set).")] = 32,
     eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
@@ -105,8 +109,8 @@ def map_and_simulate(
         logger = get_run_logger()
         ensure_result_storage()
         started, seconds = time.perf_counter(), {}
-        spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
-                                      encoding=encoding, max_arrays=max_arrays)  # bad specs fail here, never retried
+        spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,  # bad specs
+                                      encoding=encoding, max_arrays=max_arrays, adc_range=adc_range)  # fail here
         root = str(output_location(output_root))
         content = convert_map(mapname, root)
         seconds["convert"] = time.perf_counter() - started
@@ -149,19 +153,22 @@ def quantize_map_simulate(
     adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
     dac_bits: Annotated[int, Field(ge=1, le=8)] = 1,
     encoding: Literal["differential", "offset"] = "differential",
+    adc_range: AdcRange = "full",
     samples: Annotated[int, Field(ge=1, le=10000)] = 32,
     eval_set: str | None = None,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> PipelineResult:
     """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
     with credentials(aws_credentials):
-        CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding)
+        CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
+                               adc_range=adc_range)
         quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
                                                         calib_steps=calib_steps, device=device, bit_width=bit_width,
                                                         output_root=output_root, aws_credentials=aws_credentials)
         crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
                                      cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
-                                     samples=samples, eval_set=eval_set, aws_credentials=aws_credentials)
+                                     adc_range=adc_range, samples=samples, eval_set=eval_set,
+                                     aws_credentials=aws_credentials)
         publish_pipeline_report("Quantized, mapped and simulated", quantized.mapname,
                                 [_quantized_row(quantized), _crossbar_row(crossbars)])
         return PipelineResult(quantized, crossbars)

@@ -126,18 +126,18 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
 
 
 def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: EvaluationSpec,
-                   crossbars: list[tuple[str, int, int]], common: dict[str, Any]) -> list[dict[str, Any]]:
+                   crossbars: list[tuple[str, int, int, str]], common: dict[str, Any]) -> list[dict[str, Any]]:
     """The quantized point on each crossbar (simulate-crossbar, cached on the map's content and the spec)."""
     rows = []
     cstate = convert_map(result.mapname, str(result.output_root), return_state=True)
-    for xbar, cell_bits, adc_bits in crossbars:
+    for xbar, cell_bits, adc_bits, adc_range in crossbars:
         started = time.perf_counter()
-        axes = dict(xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits)
+        axes = dict(xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits, adc_range=adc_range)
         if not cstate.is_completed():
             rows.append(point.row(status="failed", error=f"conversion: {_failure(cstate)}", **common, **axes))
             continue
         try:
-            spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits)
+            spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, adc_range=adc_range)
         except SettingsError as e:
             rows.append(point.row(status="failed", error=" ".join(str(e).split()), **common, **axes))
             continue

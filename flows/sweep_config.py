@@ -75,6 +75,8 @@ class Grid(_Strict):
                                             "also mapped and simulated on each crossbar.")
     cell_bits: list[int] = Field([2], min_length=1, description="Bits per cell of the crossbar points.")
     adc_bits: list[int] = Field([], description="ADC bits of the crossbar points (e.g. [4, 5, 6, 7, 8]).")
+    adc_range: list[str] = Field(["full"], min_length=1, description="ADC ranges of the crossbar points: full, "
+                                                                    "calibrated, max (see CrossbarSpec.adc_range).")
     settings: dict[str, list[Any]] = Field({}, description="More axes: any other quantization setting (a field of "
                                                            "maptools.settings.QuantSettings) and its values, e.g. "
                                                            "{scale_policy: [float, pow2]}.")
@@ -98,9 +100,9 @@ class Grid(_Strict):
             raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
         return self
 
-    def crossbars(self) -> list[tuple[str, int, int]]:
-        """(xbar, cell_bits, adc_bits) of every crossbar point (checked when it runs)."""
-        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits))
+    def crossbars(self) -> list[tuple[str, int, int, str]]:
+        """(xbar, cell_bits, adc_bits, adc_range) of every crossbar point (checked when it runs)."""
+        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits, self.adc_range))
 
 
 class SweepConfig(_Strict):
@@ -195,7 +197,8 @@ def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
 COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "mapname", "status", "cached", "rel_l2",
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
            "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
-           "xbar", "cell_bits", "adc_bits", "arrays", "utilization", "integer_rel_l2", "integer_agreement"]
+           "xbar", "cell_bits", "adc_bits", "adc_range", "arrays", "utilization", "integer_rel_l2",
+           "integer_agreement"]
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("model", "model", str), ("bits", "bits", str), ("per_channel", "per-channel", str),
     ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("settings", "settings", str),
     ("xbar", "xbar", str),
-    ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str),
+    ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str), ("adc_range", "ADC range", str),
     ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
     ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
@@ -101,8 +101,8 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
     ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
-_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits", "status",
-         "cached"}
+_AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits",
+         "adc_range", "status", "cached"}
 
 
 def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -139,6 +139,7 @@ def _point(row: dict[str, Any]) -> str:
              f"n{row['calib_samples']}", *(f"{k}={v}" for k, v in json.loads(row["settings"] or "{}").items())]
     if row["adc_bits"] is not None:
         parts += [row["xbar"], f"cell{row['cell_bits']}", f"adc{row['adc_bits']}"]
+        parts += [f"{row['adc_range']} range"] if row.get("adc_range") not in (None, "full") else []
     return " ".join(str(p) for p in parts)
 
 
@@ -160,12 +161,13 @@ def _titled(title: str, rows: list[dict[str, Any]]) -> str:
 def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
     """A plot line's label: the model (where there are several), ``always``'s columns, and every other point column
     that varies."""
-    vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits")
-            if k in always or len({r[k] for r in rows}) > 1]
+    vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits",
+                        "adc_range")
+            if k in always or len({r.get(k) for r in rows}) > 1]
     text = {"bits": lambda r: f"W{r['bits']}A{r['bits']}", "algorithm": lambda r: r["algorithm"],
             "per_channel": lambda r: "per-channel" if r["per_channel"] else "per-tensor",
             "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
-            "cell_bits": lambda r: f"{r['cell_bits']}-bit cells",
+            "cell_bits": lambda r: f"{r['cell_bits']}-bit cells", "adc_range": lambda r: f"{r['adc_range']} ADC range",
             "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items())}
     if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
         vary = ["model", *vary]

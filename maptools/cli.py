@@ -471,11 +471,12 @@ def check_seed(
     raise typer.Exit(1)
 
 
-def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None) -> Any:
+def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None,
+          adc_range: str) -> Any:
     from maptools.crossbar.mapping import CrossbarSpec
 
-    return CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,
-                                  encoding=encoding, max_arrays=max_arrays)  # type: ignore[arg-type]
+    return CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,  # type: ignore
+                                  encoding=encoding, max_arrays=max_arrays, adc_range=adc_range)
 
 
 _XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS (powers of two).")]
@@ -483,13 +484,16 @@ _CELL = Annotated[int, typer.Option(help="Bits per cell.")]
 _ADC = Annotated[int, typer.Option(help="ADC bits per column (partial sums above 2^bits - 1 saturate).")]
 _DAC = Annotated[int, typer.Option(help="Input bits applied per cycle.")]
 _ENC = Annotated[str, typer.Option(help="Signed weights as a differential column pair or with an offset.")]
+_RANGE = Annotated[str, typer.Option(help="ADC range: full (steps of one partial-sum unit), or per layer and cell "
+                                          "slice a power-of-two step from calibration inputs: calibrated (least "
+                                          "squared readout error) or max (reads the largest partial sum).")]
 
 
 @app.command(name="map")
 def map_command(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
-    encoding: _ENC = "differential",
+    encoding: _ENC = "differential", adc_range: _RANGE = "full",
     max_arrays: Annotated[int | None, typer.Option(help="Refuse a network needing more arrays.",
                                                    show_default=False)] = None,
     input: Annotated[str, typer.Option("--input", help="Inputs for the observed partial sums: 'random', or an "
@@ -504,17 +508,20 @@ def map_command(
     from maptools.crossbar.mapping import map_crossbars
 
     try:
-        result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays),
+        result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays, adc_range),
                                output_root=output_root, inputs=input, samples=samples)
     except MaptoolsError as e:
         fail(e)
     table = Table(title=f"{mapname} on {xbar} arrays, {cell_bits}-bit cells, {adc_bits}-bit ADC, {encoding}")
-    for column in ("layer", "arrays", "util", "cycles", "psum worst", "psum seen", "ADC bits (worst / seen)"):
+    columns = ["layer", "arrays", "util", "cycles", "psum worst", "psum seen", "ADC bits (worst / seen)"]
+    columns += ["ADC steps per slice"] if adc_range != "full" else []
+    for column in columns:
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in result.layers:
+        steps = [", ".join(map(str, layer.adc_steps)) or "1"] if adc_range != "full" else []
         table.add_row(layer.name, str(layer.arrays), f"{layer.utilization:.0%}", str(layer.cycles),
                       str(layer.psum_worst), str(layer.psum_observed), f"{layer.adc_bits_needed} / "
-                      f"{layer.adc_bits_observed}")
+                      f"{layer.adc_bits_observed}", *steps)
     table.caption = (f"{result.arrays} arrays, {result.utilization:.1%} of their cells used, {result.cycles} cycles "
                      f"per inference; written to mapsave/{mapname}/crossbar_map.json")
     console.print(table)
@@ -532,7 +539,7 @@ def simulate(
     crossbar: Annotated[bool, typer.Option("--crossbar", help="Compute every Conv/Gemm through crossbar arrays "
                                                               "(--xbar, --cell-bits, --adc-bits, ...).")] = False,
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
-    encoding: _ENC = "differential",
+    encoding: _ENC = "differential", adc_range: _RANGE = "full",
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
     output_root: Annotated[str | None, typer.Option(
         help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
@@ -546,7 +553,7 @@ def simulate(
     from maptools.simulate import simulate as run_simulate
 
     try:
-        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None) if crossbar else None
+        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range) if crossbar else None
         result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed, crossbar=spec)
         reference = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed) \
             if crossbar else None

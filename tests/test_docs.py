@@ -41,7 +41,7 @@ def test_the_site_builds_strict_and_its_home_reaches_every_reference(site: Path)
     for page in ("reference/settings/", "reference/cli/", "reference/manifest/", "reference/errors/",
                  "reference/api/", "getting-started/", "map-folder/", "benchmarks/"):
         assert f'href="{page}"' in home, page  # one click from the home page
-    for image in ("sweep_bits.png", "sweep_adc.png", "layer_snr.png", "real_models.png"):
+    for image in ("sweep_bits.png", "sweep_adc.png", "layer_snr.png", "real_models.png", "adc_range.png"):
         assert (site / "images" / image).stat().st_size > 10_000, image
 
 

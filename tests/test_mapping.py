@@ -133,3 +133,68 @@ def test_map_crossbars_writes_a_registered_file_and_refuses_bad_specs(conv_maps,
     with pytest.raises(ArtifactError, match="convert --mapname raw"):
         map_crossbars("raw", CrossbarSpec(), output_root=tmp_path)
     assert math.isfinite(result.utilization)
+
+
+def _reference_mvm(x: np.ndarray, matrix: np.ndarray, wbits: int, ibits: int, signed: bool, spec: CrossbarSpec,
+                   steps: tuple[int, ...]) -> np.ndarray:
+    """A crossbar layer written out loop by loop (one row block, differential): per input bit and cell slice,
+    each column's partial sum read by an ADC in that slice's step, then shifted and added."""
+    limit = 2 ** spec.adc_bits - 1
+    u = np.where(x < 0, x + 2 ** ibits, x) if signed else x
+    out = np.zeros((x.shape[0], matrix.shape[1]))
+    for sign, part in ((1, np.clip(matrix, 0, None)), (-1, np.clip(-matrix, 0, None))):
+        for t in range(ibits):
+            bit = (u >> t) & 1
+            chunk_weight = -(2 ** t) if signed and t == ibits - 1 else 2 ** t
+            for k, start in enumerate(range(0, wbits, spec.cell_bits)):
+                cells = (part >> start) & (2 ** spec.cell_bits - 1)
+                psum = bit @ cells
+                step = steps[k] if steps else 1
+                read = np.minimum(np.floor(psum / step + 0.5), limit) * step
+                out += sign * chunk_weight * (2 ** start) * read
+    return out
+
+
+def test_a_calibrated_adc_range_reads_each_slice_in_power_of_two_steps(trained_cnn, tmp_path) -> None:
+    from maptools.crossbar.mapping import adc_shifts
+    from maptools.examples import SMALL_CNN_SHAPES, small_cnn_onnx
+
+    model, images, labels = trained_cnn
+    path = small_cnn_onnx(tmp_path / "digits.onnx", model=model)
+    quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="d", calibset=[{"input": images[i:i + 1]} for i in range(16)],
+             calib_steps=16, output_root=tmp_path)
+    convert("d", output_root=tmp_path)
+    graph, params = read_graph("d", tmp_path), read_quantparams("d", tmp_path)
+    calibration, x = {"input": images[:16].numpy()}, images[16:144].numpy()
+    spec = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=4, adc_range="calibrated")
+    shifts = adc_shifts(graph, params, spec, calibration)
+    assert shifts and all(len(s) == 4 for s in shifts.values())  # 8-bit weights in 2-bit cells: 4 slices
+    # the least significant slices get the coarsest steps, the most significant the finest
+    assert all(s[0] >= s[-1] for s in shifts.values())
+
+    # the simulator reads exactly what a loop-by-loop crossbar reads, on the head (32 rows: one block)
+    sim = spec.simulator(graph, params, calibration=calibration)
+    assert sim.adc_shifts == shifts
+    head = next(n for n in graph.operators() if graph.node(n)["op_type"] == "Gemm")
+    cfg = graph.node(head)["quant"]
+    codes = IntegerSimulator(graph, params).run({"input": x[:16]}, keep=True).codes[graph.node(head)["inputs"][0]]
+    lo, hi = cfg.in_range(0)
+    ibits = int(math.ceil(math.log2(hi - lo + 1)))
+    got = sim._mvm(head, torch.from_numpy(codes.astype(np.int64))[None], cfg)[0].numpy()
+    matrix = sim._matrices[head][0].numpy()
+    want = _reference_mvm(codes.astype(np.int64), matrix, int(cfg.weight_bits), ibits, lo < 0, spec,
+                          tuple(2 ** k for k in shifts.get(head, ())))
+    np.testing.assert_array_equal(got, want)
+
+    # a 4-bit ADC over 64 rows of 2-bit cells: the full range saturates, the calibrated one keeps the network
+    reference = IntegerSimulator(graph, params).run({"input": x}).outputs["output"].argmax(1)
+    agree = {}
+    full = CrossbarSimulator(graph, params, CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=4))
+    for adc_range, simulator in (("full", full), ("calibrated", sim)):
+        agree[adc_range] = (simulator.run({"input": x}).outputs["output"].argmax(1) == reference).mean()
+    assert agree["calibrated"] > 0.85 and agree["calibrated"] > agree["full"] + 0.2, agree
+    # an ADC that reads every partial sum needs no step: the integer path, code for code
+    wide = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=12, adc_range="calibrated")
+    assert adc_shifts(graph, params, wide, calibration) == {}
+    with pytest.raises(SettingsError, match="adc_range"):
+        CrossbarSpec(adc_range="auto")

@@ -124,6 +124,9 @@ def test_config_errors_are_one_line(tmp_path) -> None:
 def test_example_config_is_valid() -> None:
     example = load_config(EXAMPLE)
     assert len(example.points()) == 12 and example.models[0].example == "small_cnn"
+    crossbar = load_config(EXAMPLE.parent / "sweep-crossbar.yaml")
+    assert len(crossbar.points()) == 2 and len(crossbar.grid.crossbars()) == 10
+    assert {c[3] for c in crossbar.grid.crossbars()} == {"full", "calibrated"}  # the ADC range is an axis
 
 
 def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:

@@ -10,8 +10,8 @@ on a labelled set, and what the mapping costs (arrays, utilization, cycles, ADC 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from maptools.maps.artifacts import MODEL, MapFolder, read_quantparams
 from maptools.conversion import read_graph
 from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, random_evaluation_set
-from maptools.crossbar.mapping import CrossbarSimulator, CrossbarSpec, map_graph
+from maptools.crossbar.mapping import CrossbarSpec, map_graph
 from maptools.simulate import IntegerSimulator
 
 __all__ = ["CrossbarError", "evaluate_crossbar"]
@@ -40,6 +40,8 @@ class CrossbarError:
         integer_rel_l2, integer_agreement: crossbar against the lossless integer simulation
             (0.0 and 1.0 when the ADC loses nothing).
         arrays, utilization, cycles, adc_bits_needed: the mapping's totals (worst-case ADC bits).
+        adc_steps: per layer whose ADCs read in steps above one partial-sum unit (a ``max`` or ``calibrated``
+            range), the step of each cell slice.
         seconds_per_sample, integer_seconds_per_sample: simulation time per sample of each.
     """
 
@@ -60,6 +62,7 @@ class CrossbarError:
     adc_bits_needed: int
     seconds_per_sample: float
     integer_seconds_per_sample: float
+    adc_steps: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,14 +84,16 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
 
 
 def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
-                      evaluation: EvaluationSet | None = None, samples: int = 32,
-                      seed: int = EVAL_SEED) -> CrossbarError:
+                      evaluation: EvaluationSet | None = None, samples: int = 32, seed: int = EVAL_SEED,
+                      calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarError:
     """Output error of map ``mapname`` computed on ``spec`` crossbars (see the module docstring).
 
     Args:
         mapname: a converted map (``maptools convert``).
         spec: the crossbar and its ADC.
         evaluation: labelled or random samples; default ``samples`` seeded random inputs.
+        calibration: a batch of inputs (``{input name: [N, ...] array}``) that a ``max`` or ``calibrated``
+            ADC range is calibrated on; default seeded random inputs other than the evaluation's.
 
     Raises:
         ArtifactError: the map is missing, not converted, or differs from its manifest.
@@ -98,11 +103,12 @@ def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Pa
     data = evaluation or random_evaluation_set(graph.inputs, samples, seed)
     reference = float_outputs(MapFolder(mapname, output_root).open().file(MODEL), data.samples)
     integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
-    crossbar, seconds = _run(CrossbarSimulator(graph, params, spec), data.samples)
+    simulator = spec.simulator(graph, params, calibration=calibration)
+    crossbar, seconds = _run(simulator, data.samples)
     against_float = compare_outputs(crossbar, reference, data.labels)
     against_integer = compare_outputs(crossbar, integer)
     integer_accuracy = compare_outputs(integer, reference, data.labels)["accuracy"]
-    mapped = map_graph(graph, params, spec)
+    mapped = map_graph(graph, params, spec, shifts=simulator.adc_shifts)
     n = len(data.samples)
     return CrossbarError(
         spec=asdict(spec), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
@@ -112,4 +118,5 @@ def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Pa
         integer_agreement=float(against_integer["top1_agreement"]), arrays=mapped.arrays,
         utilization=mapped.utilization, cycles=mapped.cycles,
         adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
-        seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n)
+        seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n,
+        adc_steps={layer.name: layer.adc_steps for layer in mapped.layers if layer.adc_steps})

@@ -16,7 +16,14 @@ arrays of ``CrossbarSpec.rows x CrossbarSpec.cols`` cells:
   matrix-vector product;
 * a column's **partial sum** (one array, one input chunk, one slice) is what its ADC reads: worst
   case ``rows_used x (2^cell_bits - 1) x (2^dac_bits - 1)``; ``adc_bits_needed`` is the resolution
-  for a lossless readout of the worst case, and, with calibration inputs, of what was observed.
+  for a lossless readout of the worst case, and, with calibration inputs, of what was observed;
+* the ADC's **range** (``CrossbarSpec.adc_range``): ``full`` reads partial sums ``0 .. 2^adc_bits - 1``
+  in steps of one (larger ones saturate); ``max`` and ``calibrated`` give each layer a step of
+  ``2^k`` partial-sum units (a power of two, so the digital shift-and-add stays exact), the codes
+  ``round(psum / 2^k)`` saturating at ``2^adc_bits - 1``: ``max`` the smallest step that reads the
+  largest partial sum seen on calibration inputs, ``calibrated`` the step with the least squared
+  readout error over those partial sums, each weighted by its significance (input bit x cell slice).
+  Calibration runs the integer datapath exactly (lossless ADCs upstream) on the calibration inputs.
 
 :class:`CrossbarSimulator` computes every crossbar operator through exactly those tiles (cell
 slices, input chunks, per-column ADC with ``adc_bits`` and saturation, shift-and-add over slices
@@ -26,6 +33,7 @@ with a lossless ADC it equals :class:`~maptools.simulate.IntegerSimulator` code 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -46,11 +54,14 @@ from maptools.requant import RequantMode
 from maptools.simulate import IntegerSimulator, Value, load_inputs, pad_codes
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
-           "observed_psums", "CROSSBAR_FILE"]
+           "observed_psums", "adc_shifts", "CROSSBAR_FILE"]
 
 CROSSBAR_FILE = "crossbar_map.json"
 _POSITIONS = 2048  # output positions per slab of the crossbar simulation
 Encoding = Literal["differential", "offset"]
+AdcRange = Literal["full", "max", "calibrated"]
+#: calibration inputs of a calibrated ADC range when none are given: seeded random ones, held out from evaluation's
+CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class CrossbarSpec:
         dac_bits: input bits applied per cycle (1..8).
         encoding: ``differential`` (two columns per weight) or ``offset`` (one column, digital correction).
         max_arrays: optional budget of arrays for the whole network.
+        adc_range: ``full`` (steps of one partial-sum unit), ``max`` or ``calibrated`` (a power-of-two step per
+            layer from calibration inputs; see the module docstring).
     """
 
     rows: int = 256
@@ -73,6 +86,7 @@ class CrossbarSpec:
     dac_bits: int = 1
     encoding: Encoding = "differential"
     max_arrays: int | None = None
+    adc_range: AdcRange = "full"
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
@@ -88,11 +102,17 @@ class CrossbarSpec:
             raise SettingsError(f"encoding={self.encoding!r} is unknown.", "use 'differential' or 'offset'.")
         if self.max_arrays is not None and (not isinstance(self.max_arrays, int) or self.max_arrays < 1):
             raise SettingsError(f"max_arrays={self.max_arrays!r} is not a positive count.", "pass e.g. 64, or None.")
+        if self.adc_range not in ("full", "max", "calibrated"):
+            raise SettingsError(f"adc_range={self.adc_range!r} is unknown.", "use 'full', 'max' or 'calibrated'.")
 
     def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
-                  requant: RequantMode | str = RequantMode.FLOAT) -> CrossbarSimulator:
-        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec."""
-        return CrossbarSimulator(graph, quantparams, self, requant=requant)
+                  requant: RequantMode | str = RequantMode.FLOAT,
+                  calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarSimulator:
+        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec; a ``max``
+        or ``calibrated`` ADC range is calibrated first on ``calibration`` (a batch of inputs; default
+        ``CALIBRATION_SAMPLES`` seeded random ones)."""
+        shifts = adc_shifts(graph, quantparams, self, calibration) if self.adc_range != "full" else {}
+        return CrossbarSimulator(graph, quantparams, self, requant=requant, adc_shifts=shifts)
 
     @classmethod
     def from_xbar(cls, xbar: str, **kwargs: Any) -> CrossbarSpec:
@@ -137,6 +157,7 @@ class LayerMap:
     adc_bits_needed: int  # lossless for the worst case
     psum_observed: int | None = None
     adc_bits_observed: int | None = None
+    adc_steps: tuple[int, ...] = ()  # per cell slice, partial-sum units per ADC code (powers of two); () all 1
     tiles: list[dict[str, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -205,11 +226,12 @@ def weight_matrix(node: Mapping[str, Any], weight: np.ndarray) -> np.ndarray:
 
 
 def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
-              observed: Mapping[str, int] | None = None) -> CrossbarMap:
+              observed: Mapping[str, int] | None = None,
+              shifts: Mapping[str, tuple[int, ...]] | None = None) -> CrossbarMap:
     """Lay every crossbar operator of ``graph`` onto ``spec`` arrays (see the module docstring).
 
     ``observed`` maps operator names to the largest partial sum seen on calibration inputs (see
-    :meth:`CrossbarSimulator.observed_psums`).
+    :func:`observed_psums`), ``shifts`` to their ADC step's power of two (see :func:`adc_shifts`).
     """
     layers = []
     for name in graph.operators():
@@ -248,7 +270,8 @@ def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None]
             col_blocks=col_blocks, arrays=arrays, cells_used=groups * rows * phys,
             utilization=groups * rows * phys / (arrays * spec.rows * spec.cols), mvms=mvms, input_steps=steps,
             cycles=steps * mvms, psum_worst=worst, adc_bits_needed=_bits(worst), psum_observed=obs,
-            adc_bits_observed=None if obs is None else _bits(obs), tiles=tiles))
+            adc_bits_observed=None if obs is None else _bits(obs), adc_steps=tuple(1 << k for k in (shifts or {}).get(name, ())),
+            tiles=tiles))
     result = CrossbarMap(spec, layers)
     if spec.max_arrays is not None and result.arrays > spec.max_arrays:
         worst = sorted(layers, key=lambda lay: -lay.arrays)[:3]
@@ -307,15 +330,21 @@ class CrossbarSimulator(IntegerSimulator):
         graph, quantparams, requant, model: as :class:`~maptools.simulate.IntegerSimulator`.
         spec: the crossbar.
         collect_psums: compute every block bit by bit and record each layer's largest partial sum
-            in ``observed`` (what :func:`map_graph` reports as observed); slower.
+            in ``observed`` (what :func:`map_graph` reports as observed) and the significance-weighted
+            histogram of its partial sums in ``histograms`` (what :func:`adc_shifts` calibrates on); slower.
+        adc_shifts: per layer, per cell slice, the ADC step's power of two (a step of ``2^k`` partial-sum units);
+            absent: steps of one.
     """
 
     def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
-                 *, collect_psums: bool = False, **kwargs: Any) -> None:
+                 *, collect_psums: bool = False, adc_shifts: Mapping[str, tuple[int, ...]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(graph, quantparams, **kwargs)
         self.spec = spec
         self.collect_psums = collect_psums
+        self.adc_shifts = dict(adc_shifts or {})
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
+        self.histograms: dict[str, torch.Tensor] = {}  # per layer: [slice, partial sum] summed squared significance
         self._matrices = {}
         # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
         self._weights: dict[tuple[str, int], torch.Tensor] = {}
@@ -331,12 +360,12 @@ class CrossbarSimulator(IntegerSimulator):
         """``x [groups, N, rows]`` integer codes times the layer's matrices through the arrays: ``[groups, N, cols]``.
 
         Per row block (one array's rows), input chunk and cell slice, every column's partial sum is
-        read by its ADC (``adc_bits``, saturating), then shifted and added; row blocks add digitally.
-        That equals the plain integer product minus, for every partial sum above the ADC's limit,
-        its excess (shifted like the sum). Only (input chunk, position) pairs whose partial sums
-        might exceed the limit (bounded by the chunk's bits times each row's largest cell) are
-        computed slice by slice, and only for that correction; unless partial sums are being
-        collected, every other pair is exact in the plain product.
+        read by its ADC (``adc_bits``, in the layer's step, saturating), then shifted and added; row blocks
+        add digitally. That equals the plain integer product plus, for every partial sum the ADC does not
+        read exactly, its readout error (shifted like the sum). With a step of one, only (input chunk,
+        position) pairs whose partial sums might exceed the limit (bounded by the chunk's bits times each
+        row's largest cell) are computed slice by slice, and only for that correction; unless partial sums
+        are being collected, every other pair is exact in the plain product.
         """
         spec, matrices = self.spec, self._matrices[name]  # [groups, rows, cols]
         wbits = int(cfg.weight_bits or 8)
@@ -358,7 +387,7 @@ class CrossbarSimulator(IntegerSimulator):
                 big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
                 self._weights[name, r0] = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
             weights, cells = self._weights[name, r0], None
-            if self.collect_psums or worst > limit:  # else no partial sum can exceed the ADC
+            if self.collect_psums or worst > limit or any(self.adc_shifts.get(name, ())):  # else exact
                 if (name, r0) not in self._cells:
                     self._cells[name, r0] = _Cells(parts, block, wbits, spec.cell_bits, worst)
                 cells = self._cells[name, r0]
@@ -374,12 +403,14 @@ class CrossbarSimulator(IntegerSimulator):
 
     def _saturate(self, name: str, out: torch.Tensor, xs: torch.Tensor, cells: _Cells, ibits: int, signed: bool,
                   limit: int) -> None:
-        """Subtract from ``out [groups, n, cols]`` what the ADC clips off the partial sums of ``xs``
-        (``[groups, n, rows]``)."""
+        """Add to ``out [groups, n, cols]`` the ADC's readout error on the partial sums of ``xs``
+        (``[groups, n, rows]``): what saturation clips off and, with a step above one, the rounding."""
         groups, n, rows = xs.shape
         chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
         bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact
-        if self.collect_psums:
+        steps = torch.tensor([1 << k for k in self.adc_shifts.get(name, ())] or [1], dtype=torch.float32)
+        coarse = bool((steps > 1).any())
+        if self.collect_psums or coarse:  # every pair: a coarser step rounds any partial sum
             t_idx, n_idx = (i.flatten() for i in torch.meshgrid(torch.arange(len(chunks)), torch.arange(n),
                                                                  indexing="ij"))
         else:
@@ -389,15 +420,35 @@ class CrossbarSimulator(IntegerSimulator):
         if not len(t_idx):
             return
         picked = bits[:, t_idx, n_idx]  # [g, R, rows]
-        excess = 0
+        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)[t_idx]
+        error = 0
         for sign, flat in cells.parts:
             psum = torch.bmm(picked, flat).view(groups, len(t_idx), len(cells.shifts), -1)  # [g, R, K, cols]
             if self.collect_psums and psum.numel():
-                self.observed[name] = max(self.observed.get(name, 0), int(psum.max()))
-            clipped = (psum - limit).clamp_(min=0).to(cells.dtype)
-            excess = excess + sign * torch.einsum("grkc,k->grc", clipped, cells.shifts.to(cells.dtype))
-        tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)[t_idx]
-        out.index_add_(1, n_idx, -(tw[None, :, None] * excess.to(torch.float64)))
+                self._collect(name, psum, tw, cells.shifts)
+            if coarse:  # one step per cell slice (the columns holding it): codes round(psum / step), saturating
+                step = steps[None, None, :, None]
+                read = torch.floor(psum / step + 0.5).clamp_(max=limit) * step
+            else:
+                read = psum.clamp(max=limit)
+            error = error + sign * torch.einsum("grkc,k->grc", (read - psum).to(cells.dtype),
+                                                cells.shifts.to(cells.dtype))
+        out.index_add_(1, n_idx, tw[None, :, None] * error.to(torch.float64))
+
+    def _collect(self, name: str, psum: torch.Tensor, chunk_weights: torch.Tensor, shifts: torch.Tensor) -> None:
+        """Record the largest partial sum of ``psum [g, R, K, cols]`` and, per cell slice, its values weighted by
+        their input chunk's squared significance."""
+        top = int(psum.max())
+        self.observed[name] = max(self.observed.get(name, 0), top)
+        total = self.histograms.get(name, torch.zeros(len(shifts), 0, dtype=torch.float64))
+        if total.shape[1] <= top:
+            total = F.pad(total, (0, top + 1 - total.shape[1]))
+        for w in torch.unique(chunk_weights).tolist():  # one bincount per significance: no weight tensor
+            rows = psum[:, chunk_weights == w]
+            for k in range(len(shifts)):
+                counts = torch.bincount(rows[:, :, k].long().flatten(), minlength=total.shape[1])
+                total[k] += counts.to(torch.float64) * w ** 2
+        self.histograms[name] = total
 
     def _conv(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> Value:
         (x,) = self._inputs(cfg, values)
@@ -427,21 +478,65 @@ class CrossbarSimulator(IntegerSimulator):
 
 
 def observed_psums(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
-                   inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Largest partial sum per crossbar operator on ``inputs`` (a batch), read with the spec's ADC."""
-    sim = CrossbarSimulator(graph, quantparams, spec, collect_psums=True)
+                   inputs: Mapping[str, np.ndarray],
+                   shifts: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, int]:
+    """Largest partial sum per crossbar operator on ``inputs`` (a batch), read with the spec's ADC (in the
+    layers' steps ``shifts``)."""
+    sim = CrossbarSimulator(graph, quantparams, spec, collect_psums=True, adc_shifts=shifts)
     sim.run(inputs)
     return dict(sim.observed)
 
 
+def _step_error(histogram: torch.Tensor, shift: int, limit: int) -> float:
+    """Squared readout error over a significance-weighted partial-sum histogram, at a step of ``2^shift``."""
+    values = torch.arange(len(histogram), dtype=torch.float64)
+    step = float(1 << shift)
+    read = torch.floor(values / step + 0.5).clamp(max=limit) * step
+    return float((histogram * (read - values) ** 2).sum())
+
+
+def _fitting(top: int, limit: int) -> int:
+    """The smallest power of two ``k`` with ``limit * 2^k >= top``."""
+    return max(0, math.ceil(math.log2(top / limit))) if top > limit else 0
+
+
+def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
+               calibration: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
+    """Per crossbar layer and cell slice (the columns holding one slice of the weights), the power of two of
+    its ADCs' step for ``spec.adc_range`` (``max``: the smallest step that reads the largest partial sum;
+    ``calibrated``: the least squared readout error, each partial sum weighted by its input chunk's
+    significance), from the partial sums of ``calibration`` inputs (default ``CALIBRATION_SAMPLES`` seeded
+    random ones) through lossless ADCs. ``full``, and layers whose every step is one: absent."""
+    if spec.adc_range == "full":
+        return {}
+    feed = calibration if calibration is not None else load_inputs(graph, "random", seed=CALIBRATION_SEED,
+                                                                   batch=CALIBRATION_SAMPLES)
+    lossless = dataclasses.replace(spec, adc_bits=32, adc_range="full")
+    sim = CrossbarSimulator(graph, quantparams, lossless, collect_psums=True)
+    sim.run(load_inputs(graph, feed))
+    limit = (1 << spec.adc_bits) - 1
+    shifts = {}
+    for name, histograms in sim.histograms.items():
+        per_slice = []
+        for histogram in histograms:
+            nonzero = torch.nonzero(histogram)
+            fits = _fitting(int(nonzero.max()) if len(nonzero) else 0, limit)
+            per_slice.append(fits if spec.adc_range == "max" else
+                             min(range(fits + 1), key=lambda k: _step_error(histogram, k, limit)))
+        if any(per_slice):
+            shifts[name] = tuple(per_slice)
+    return shifts
+
+
 def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
                   inputs: str | Path | Mapping[str, Any] | None = "random", samples: int = 2,
-                  seed: int = 0) -> CrossbarMap:
+                  seed: int = 0, calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarMap:
     """Map a converted map onto ``spec`` and register ``crossbar_map.json`` in it.
 
     Observed partial sums come from ``inputs`` (as :func:`maptools.simulate.load_inputs` takes:
     ``'random'`` gives ``samples`` seeded inputs, or an ``.npy``/``.npz`` file or a dict of real
-    samples), run through the crossbar simulation bit by bit.
+    samples), run through the crossbar simulation bit by bit. A ``max`` or ``calibrated`` ADC range is
+    calibrated on ``calibration`` (see :func:`adc_shifts`); each layer's step is in ``crossbar_map.json``.
 
     Raises:
         ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.
@@ -458,6 +553,7 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
         raise SettingsError(f"cell_bits={spec.cell_bits} exceeds the weight bits of {', '.join(too_fine[:5])}.",
                             "use cell_bits <= the weight bits (e.g. 2 or 4 for 8-bit weights).")
     feed = load_inputs(graph, inputs, seed=seed, batch=samples)
-    result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed))
+    shifts = adc_shifts(graph, params, spec, calibration)
+    result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed, shifts), shifts)
     folder.update({CROSSBAR_FILE: result.to_bytes()}, {}, based_on=read)
     return result
