@@ -10,6 +10,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from maptools.versions import __version__  # noqa: E402
 import maptools.maps.store  # noqa: E402,F401 - registers the map folder of store URLs
 from maptools.maps.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
+from maptools.maps.roots import MapRef  # noqa: E402
 from maptools.conversion import ConversionResult, convert, read_graph  # noqa: E402
 from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar  # noqa: E402
 from maptools.errors import (ArtifactError, BudgetError, CalibrationError, ConcurrentUpdateError,  # noqa: E402
@@ -32,7 +33,7 @@ __all__ = [
     # prepare -> quantize
     "prepare_model", "PreparedModel", "quantize", "QuantizationResult", "ErrorSummary", "QuantSettings",
     "CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "Profile", "QuantConfig",
-    "read_quantinfo", "read_quantparams", "read_manifest", "evaluate_map", "OutputError",
+    "MapRef", "read_quantinfo", "read_quantparams", "read_manifest", "evaluate_map", "OutputError",
     # convert -> simulate
     "convert", "ConversionResult", "read_graph", "simulate", "SimulationResult",
     # crossbars

@@ -15,6 +15,7 @@ from typing import Any
 
 from maptools.errors import ArtifactError, MissingArtifactError, ModelError
 from maptools.maps.artifacts import MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, load_quantinfo, sha256_file
+from maptools.maps.roots import MapRef
 from maptools.maps.manifest import Manifest
 from maptools.opgraph import DEVICE, HOST, OperatorGraph, build_graph, dumps
 
@@ -58,7 +59,7 @@ def _check_model(model_path: Path, manifest: Manifest, mapname: str) -> None:
                          "pass the model that was quantized, or re-run quantize on this model.")
 
 
-def convert(mapname: str, model_path: str | Path | None = None, *, output_root: str | Path | None = None,
+def convert(mapname: str | MapRef, model_path: str | Path | None = None, *, output_root: str | Path | None = None,
             quantized: bool = True) -> ConversionResult:
     """Build the operator graph of a quantized map and write it to ``mapsave/<mapname>/operator_graph.json``.
 
@@ -77,6 +78,8 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
         ModelError: the model is missing or is not the one the map was quantized from.
         ConversionError: unsupported operators, or operators without a required quant config.
     """
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     started = time.perf_counter()
     maps = MapFolder(mapname, output_root)
     version = maps.open()
@@ -100,9 +103,11 @@ def convert(mapname: str, model_path: str | Path | None = None, *, output_root: 
         host_ops=parts.count(HOST), quantized=quantized, seconds=time.perf_counter() - started)
 
 
-def read_graph(mapname: str, output_root: str | Path | None = None, *, verify: bool = True) -> OperatorGraph:
+def read_graph(mapname: str | MapRef, output_root: str | Path | None = None, *, verify: bool = True) -> OperatorGraph:
     """Load ``operator_graph.json`` of a map; with ``verify``, check it and the artifacts it came from
     against the manifest (the graph is registered there, so an edited graph is refused)."""
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     version = MapFolder(mapname, output_root).open()
     path = version.file(GRAPH_FILE)
     if not path.is_file():

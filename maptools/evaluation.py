@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from maptools.maps.artifacts import MODEL, QUANT_MODEL, MapFolder, read_quantinfo, read_quantparams
+from maptools.maps.roots import MapRef
 from maptools.errors import InputShapeError
 from maptools.onnx_model import check_input_shapes, load_model
 from maptools.quantinfo import param_key
@@ -136,7 +137,7 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     return result
 
 
-def evaluate_map(mapname: str, *, output_root: str | Path | None = None, evaluation: EvaluationSet | None = None,
+def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None, evaluation: EvaluationSet | None = None,
                  samples: int = 32, seed: int = EVAL_SEED) -> OutputError:
     """Output error of map ``mapname`` (its ``quant_model.onnx``) against its float model.
 
@@ -148,6 +149,8 @@ def evaluate_map(mapname: str, *, output_root: str | Path | None = None, evaluat
     Raises:
         ArtifactError: the map is missing, incomplete, or its files differ from its manifest.
     """
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     started = time.perf_counter()
     version = MapFolder(mapname, output_root).open()
     manifest = version.verified()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from maptools.maps.artifacts import read_quantparams
+from maptools.maps.roots import MapRef
 from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError, SimulationError
 from maptools.node_runner import NodeRunner
@@ -459,7 +460,7 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
     return out
 
 
-def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "random", *,
+def simulate(mapname: str | MapRef, inputs: str | Path | Mapping[str, Any] | None = "random", *,
              output_root: str | Path | None = None, requant: RequantMode | str = RequantMode.FLOAT,
              seed: int = 0, batch: int | None = None, crossbar: ArraySpec | None = None) -> SimulationResult:
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).
@@ -472,6 +473,8 @@ def simulate(mapname: str, inputs: str | Path | Mapping[str, Any] | None = "rand
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.
         InputShapeError: inputs that do not fit the model.
     """
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
     simulator = IntegerSimulator(graph, params, requant=requant) if crossbar is None else \

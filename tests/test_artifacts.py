@@ -25,7 +25,7 @@ def result(request: pytest.FixtureRequest):
 
 
 def test_one_config_per_quantized_operator(result) -> None:
-    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    info = read_quantinfo(result.map)
     types = {c.op_type for c in info.values()}
     assert {"Conv", "Relu", "Add", "MaxPool", "Gemm"} <= types
     assert "GlobalAveragePool" in types or "ReduceMean" in types
@@ -45,7 +45,7 @@ def test_one_config_per_quantized_operator(result) -> None:
 
 
 def test_every_conv_has_per_channel_scales_and_quantized_input(resnet_result, resnet18) -> None:
-    info = read_quantinfo("resnet18", resnet_result.map_dir.parent.parent)
+    info = read_quantinfo(resnet_result.map)
     nodes = initializers(resnet18)
     convs = [n for n, (node, _) in nodes.items() if node.op_type == "Conv"]
     assert len(convs) == 20 and set(convs) <= set(info)
@@ -58,8 +58,8 @@ def test_every_conv_has_per_channel_scales_and_quantized_input(resnet_result, re
 
 def test_integer_weights_and_int32_biases(result, request) -> None:
     model = request.getfixturevalue("small_cnn" if result.mapname == "small" else "resnet18")
-    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
-    params = read_quantparams(result.mapname, result.map_dir.parent.parent)
+    info = read_quantinfo(result.map)
+    params = read_quantparams(result.map)
     nodes = initializers(model)
     weighted = [n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}]
     assert len(params) == 2 * len(weighted)
@@ -78,7 +78,7 @@ def test_integer_weights_and_int32_biases(result, request) -> None:
 
 
 def test_json_and_npz_twins_match_pickles(small_result) -> None:
-    root = small_result.map_dir.parent.parent
+    root = small_result.output_root
     info = read_quantinfo("small", root)
     assert quantinfo_from_json(json.loads((small_result.map_dir / "quantinfo.json").read_text())) == info
     params = read_quantparams("small", root)
@@ -89,7 +89,7 @@ def test_json_and_npz_twins_match_pickles(small_result) -> None:
 
 
 def test_manifest_hashes_every_artifact(small_result, small_cnn) -> None:
-    manifest = read_manifest("small", small_result.map_dir.parent.parent)
+    manifest = read_manifest(small_result.map)
     assert manifest["model"]["sha256"] == sha256_file(small_cnn) == small_result.model_sha256
     assert verify_map(small_result.map_dir) == manifest
     assert manifest["settings"]["weight_bits"] == 8 and manifest["calibration"]["kind"] == "random"
@@ -101,7 +101,7 @@ def test_manifest_hashes_every_artifact(small_result, small_cnn) -> None:
 
 def test_error_report_covers_every_conv_and_gemm(result) -> None:
     report = json.loads((result.map_dir / "error_report.json").read_text())["per_layer"]
-    info = read_quantinfo(result.mapname, result.map_dir.parent.parent)
+    info = read_quantinfo(result.map)
     assert set(report) == {n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}}
     assert all(0 <= v < 0.1 for v in report.values())
     assert result.errors.per_layer == report
@@ -166,7 +166,7 @@ def test_same_seed_gives_identical_artifacts(small_cnn, small_result, tmp_path) 
 
     again = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="small", calib_steps=16,
                      output_root=tmp_path)
-    assert read_quantinfo("small", tmp_path) == read_quantinfo("small", small_result.map_dir.parent.parent)
+    assert read_quantinfo("small", tmp_path) == read_quantinfo(small_result.map)
     for name in ("quantinfo.pkl", "quantparams.pkl", "quantparams.npz"):
         assert again.sha256[name] == small_result.sha256[name]
     other = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="other", calib_steps=16, seed=1,

@@ -19,10 +19,6 @@ from maptools.conversion import DEVICE, GRAPH_FILE, OperatorGraph, build_graph, 
 from maptools.errors import ArtifactError, ConversionError, ModelError
 
 
-def _root(result) -> Path:
-    return result.map_dir.parent.parent
-
-
 def _in_edges(graph: OperatorGraph, name: str) -> list[tuple[str, str, int]]:
     """(producer, tensor, index) of an operator's incoming edges, in input order."""
     edges = sorted(graph.graph.in_edges(name, data=True), key=lambda e: e[2]["index"])
@@ -78,7 +74,7 @@ def test_branchy_graph_with_concat(branchy_cnn) -> None:
 
 
 def test_convert_attaches_quantinfo_and_round_trips(resnet_result) -> None:
-    root = _root(resnet_result)
+    root = resnet_result.output_root
     result = convert("resnet18", output_root=root)
     assert (result.nodes, result.edges, result.device_ops, result.host_ops) == (49, 56, 49, 0)
     assert result.graph_path == resnet_result.map_dir / GRAPH_FILE and result.quantized
@@ -99,7 +95,7 @@ def test_convert_attaches_quantinfo_and_round_trips(resnet_result) -> None:
 
 
 def test_attach_reports_missing_and_foreign_configs(small_cnn, small_result) -> None:
-    info = read_quantinfo("small", _root(small_result))
+    info = read_quantinfo("small", small_result.output_root)
     conv = "/block/block.0/Conv"
     missing = {k: v for k, v in info.items() if k not in (conv, "/head/head.2/Gemm", "/Add")}
     with pytest.raises(ConversionError, match="3 device operator") as e:
@@ -145,9 +141,9 @@ def _copy_map(result, root: Path) -> Path:
 
 def test_convert_checks_model_and_artifacts(small_result, resnet_result, resnet18, tmp_path) -> None:
     with pytest.raises(ModelError, match="not the model map 'small' was quantized from"):
-        convert("small", resnet18, output_root=_root(small_result))
+        convert("small", resnet18, output_root=small_result.output_root)
     with pytest.raises(ModelError, match="does not exist"):
-        convert("small", tmp_path / "gone.onnx", output_root=_root(small_result))
+        convert("small", tmp_path / "gone.onnx", output_root=small_result.output_root)
     with pytest.raises(ArtifactError, match="manifest.json does not exist"):
         convert("nothing-here", output_root=tmp_path)
     folder = _copy_map(small_result, tmp_path)
@@ -157,8 +153,8 @@ def test_convert_checks_model_and_artifacts(small_result, resnet_result, resnet1
 
 
 def test_read_graph_refuses_a_graph_of_other_artifacts(small_result, resnet_result, tmp_path) -> None:
-    convert("resnet18", output_root=_root(resnet_result))
-    convert("small", output_root=_root(small_result))  # its graph is registered in its manifest
+    convert("resnet18", output_root=resnet_result.output_root)
+    convert("small", output_root=small_result.output_root)  # its graph is registered in its manifest
     folder = _copy_map(small_result, tmp_path)
     (folder / GRAPH_FILE).unlink(missing_ok=True)
     with pytest.raises(ArtifactError, match="convert --mapname small"):
@@ -167,3 +163,21 @@ def test_read_graph_refuses_a_graph_of_other_artifacts(small_result, resnet_resu
     # the graph is registered in the manifest: another map's graph fails its hash
     with pytest.raises(ArtifactError, match="operator_graph.json does not match the sha256"):
         read_graph("small", tmp_path)
+
+
+def test_every_stage_takes_the_map_a_quantization_returned(small_result, tmp_path) -> None:
+    """``result.map`` (a MapRef: name and output root) is all a later stage needs: no paths to take apart."""
+    from maptools import MapRef, SettingsError, evaluate_map, read_manifest
+    from maptools.simulate import simulate
+
+    ref = small_result.map
+    assert ref == MapRef("small", small_result.output_root) and str(ref) == "small"
+    assert read_quantinfo(ref) == read_quantinfo("small", small_result.output_root)
+    assert read_manifest(ref)["mapname"] == "small"
+    converted = convert(ref)
+    assert converted.mapname == "small" and read_graph(ref).meta["mapname"] == "small"
+    assert simulate(ref, "random").outputs["output"].shape == (1, 10)
+    assert evaluate_map(ref, samples=2).rel_l2 < 0.5
+    with pytest.raises(SettingsError, match="referenced at"):
+        read_quantinfo(ref, tmp_path)  # one root, not two
+    assert read_quantinfo(ref, small_result.output_root) == read_quantinfo(ref)

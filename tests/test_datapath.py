@@ -155,12 +155,12 @@ def test_quantinfo_pickled_before_requant_records_loads(small_result) -> None:
 
     from maptools.maps.artifacts import safe_load_pickle
 
-    info = read_quantinfo(small_result.mapname, small_result.map_dir.parent.parent)
+    info = read_quantinfo(small_result.map)
     name, cfg = next(iter(info.items()))
     old = {k: v for k, v in cfg.__dict__.items() if k != "requant"}  # a 0.3 map's QuantConfig state
     legacy = QuantConfig.__new__(QuantConfig)
     legacy.__setstate__(old)
     assert legacy.requant == {} and legacy.op_type == cfg.op_type
-    path = small_result.map_dir.parent.parent / "legacy.pkl"
+    path = small_result.output_root / "legacy.pkl"
     path.write_bytes(pickle.dumps({name: legacy}))
     assert safe_load_pickle(path)[name].requant == {}

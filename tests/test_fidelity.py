@@ -84,7 +84,7 @@ def test_onnxruntime_agrees_with_ppq_simulation(digits_model, int8_result) -> No
     path, calibset, test_x, _, _ = digits_model
     graph = ppq_simulation(path, calibset, bits=8)
     # The same quantization as quantize() wrote (same model, data and settings).
-    assert graph.quantinfo() == read_quantinfo("digits", int8_result.map_dir.parent.parent)
+    assert graph.quantinfo() == read_quantinfo(int8_result.map)
     simulated = graph.run({"input": test_x})[graph.output_names[0]].argmax(1)
     shipped = onnxruntime_predictions(int8_result.quant_model_path, test_x)
     agreement = float((simulated == shipped).mean())

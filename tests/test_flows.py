@@ -178,7 +178,7 @@ def test_concurrent_runs_of_one_key_compute_once(prefect_server, raw_model, tmp_
 def test_result_is_consumed_by_another_flow(prefect_server, raw_model, tmp_path) -> None:
     @flow
     def downstream(result: QuantizeModelResult) -> int:
-        info = read_quantinfo(result.mapname, result.quantization.map_dir.parent.parent)
+        info = read_quantinfo(result.quantization.map)
         return sum(cfg.op_type == "Conv" for cfg in info.values())
 
     @flow

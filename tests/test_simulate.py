@@ -36,11 +36,6 @@ from maptools.simulate import IntegerSimulator, QTensor, simulate
 RESNET_SAMPLES = int(os.environ.get("MAPTOOLS_AGREEMENT_SAMPLES", "4"))
 
 
-
-def _root(result) -> Path:
-    return result.map_dir.parent.parent
-
-
 # --- requantization ------------------------------------------------------------------------------------
 
 def test_fixed_point_multiplier_matches_float() -> None:
@@ -179,7 +174,7 @@ def test_trained_cnn_agreement(trained_cnn, tmp_path, one_thread) -> None:
 def test_resnet18_agreement(resnet18, resnet_result, one_thread) -> None:
     from maptools.calibration import RandomCalibration
 
-    root = _root(resnet_result)
+    root = resnet_result.output_root
     convert("resnet18", output_root=root)
     calib = RandomCalibration({"input": (1, 3, 224, 224)}, 32)
     ppq_graph = _ppq_graph(resnet_result.map_dir, calib, 32, read_quantinfo("resnet18", root))
@@ -197,7 +192,7 @@ def test_resnet18_agreement(resnet18, resnet_result, one_thread) -> None:
 def test_branchy_agreement(branchy_cnn, branchy_result, one_thread) -> None:
     from maptools.calibration import RandomCalibration
 
-    root = _root(branchy_result)
+    root = branchy_result.output_root
     convert("branchy", output_root=root)
     graph = read_graph("branchy", root)
     assert [graph.node(n)["part"] for n in graph.operators()].count("host") == 0
@@ -216,7 +211,7 @@ def test_branchy_agreement(branchy_cnn, branchy_result, one_thread) -> None:
 # --- the simulate step: inputs, artifacts, CLI -------------------------------------------------------------
 
 def test_simulate_inputs_and_errors(small_result, resnet_result, tmp_path) -> None:
-    root = _root(small_result)
+    root = small_result.output_root
     convert("small", output_root=root)
     result = simulate("small", "random", output_root=root, batch=3)
     assert result.outputs["output"].shape == (3, 10) and result.batch == 3 and result.seconds_per_sample > 0
@@ -241,7 +236,7 @@ def test_simulate_inputs_and_errors(small_result, resnet_result, tmp_path) -> No
     # quantparams from another model
     graph = read_graph("small", root)
     with pytest.raises(ArtifactError, match="another model"):
-        IntegerSimulator(graph, read_quantparams("resnet18", _root(resnet_result)))
+        IntegerSimulator(graph, read_quantparams("resnet18", resnet_result.output_root))
     with pytest.raises(SettingsError, match="requant='round'"):
         IntegerSimulator(graph, read_quantparams("small", root), requant="round")
     graph.meta["quantized"] = False

@@ -157,7 +157,7 @@ def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_
 
 def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
     """evaluate_map reproduces the map exactly and scores a labelled .npz (labels = the float model's classes)."""
-    root = small_result.map_dir.parent.parent
+    root = small_result.output_root
     data = random_evaluation_set(SHAPES, 6, seed=7)
     labels = np.array([int(np.argmax(o[0])) for o in float_outputs(small_result.artifacts["model.onnx"],
                                                                      data.samples)])

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from maptools.maps.artifacts import MODEL, MapFolder, read_quantparams
+from maptools.maps.roots import MapRef
 from maptools.conversion import read_graph
 from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, random_evaluation_set
 from maptools.crossbar.mapping import CrossbarSpec, map_graph
@@ -83,7 +84,7 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
     return out, time.perf_counter() - started
 
 
-def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
+def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str | Path | None = None,
                       evaluation: EvaluationSet | None = None, samples: int = 32, seed: int = EVAL_SEED,
                       calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarError:
     """Output error of map ``mapname`` computed on ``spec`` crossbars (see the module docstring).
@@ -98,6 +99,8 @@ def evaluate_crossbar(mapname: str, spec: CrossbarSpec, *, output_root: str | Pa
     Raises:
         ArtifactError: the map is missing, not converted, or differs from its manifest.
     """
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     graph = read_graph(mapname, output_root)
     params = read_quantparams(mapname, output_root)
     data = evaluation or random_evaluation_set(graph.inputs, samples, seed)

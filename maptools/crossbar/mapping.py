@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, read_quantparams
+from maptools.maps.roots import MapRef
 from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
@@ -528,7 +529,7 @@ def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None
     return shifts
 
 
-def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path | None = None,
+def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str | Path | None = None,
                   inputs: str | Path | Mapping[str, Any] | None = "random", samples: int = 2,
                   seed: int = 0, calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarMap:
     """Map a converted map onto ``spec`` and register ``crossbar_map.json`` in it.
@@ -542,6 +543,8 @@ def map_crossbars(mapname: str, spec: CrossbarSpec, *, output_root: str | Path |
         ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.
         SettingsError: the spec cannot hold the network (budget, cell bits above weight bits).
     """
+    ref = MapRef.of(mapname, output_root)
+    mapname, output_root = ref.mapname, ref.root
     folder = MapFolder(mapname, output_root)
     # the hashes this map is derived from, read first: a rewrite after this point is caught by update()
     read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_NPZ)}

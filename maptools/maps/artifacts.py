@@ -25,7 +25,7 @@ import numpy as np
 
 from maptools.errors import ArtifactError, MissingArtifactError, UnsafePickleError
 from maptools.maps.folder import MANIFEST, MapFolder, atomic_write, sha256_file
-from maptools.maps.roots import local_root, output_location, output_root
+from maptools.maps.roots import MapRef, local_root, output_location, output_root
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
 
 __all__ = [
@@ -96,10 +96,11 @@ def safe_load_pickle(path: str | Path, *, seed: bool = False) -> Any:
     return _AllowListUnpickler(io.BytesIO(data), seed=seed).load()
 
 
-def _existing(mapname: str, name: str, root: str | Path | None) -> Path:
-    path = MapFolder(mapname, root).open().file(name)
+def _existing(mapname: str | MapRef, name: str, root: str | Path | None) -> Path:
+    ref = MapRef.of(mapname, root)
+    path = MapFolder(ref).open().file(name)
     if not path.is_file():
-        raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={mapname!r}) first, or check "
+        raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={ref.mapname!r}) first, or check "
                                    "output_root / MAPTOOLS_HOME.")
     return path
 
@@ -114,7 +115,7 @@ def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
                             "re-run quantize for this map.") from e
 
 
-def read_quantinfo(mapname: str, root: str | Path | None = None) -> dict[str, QuantConfig]:
+def read_quantinfo(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, QuantConfig]:
     """A map's quantinfo, ``{op name: QuantConfig}`` (from ``quantinfo.json``; no pickle is run)."""
     return load_quantinfo(_existing(mapname, QUANTINFO_JSON, root))
 
@@ -132,12 +133,13 @@ def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
     return params
 
 
-def read_quantparams(mapname: str, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
+def read_quantparams(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
     """A map's integer weights and int32 biases (from ``quantparams.npz``; no pickle is run)."""
     return load_quantparams(_existing(mapname, QUANTPARAMS_NPZ, root))
 
 
-def read_manifest(mapname: str, root: str | Path | None = None) -> dict[str, Any]:
+def read_manifest(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, Any]:
+    """A map's ``manifest.json`` (checked against the schema)."""
     return MapFolder(mapname, root).open().manifest()
 
 

@@ -45,7 +45,7 @@ from typing import IO, Any, ClassVar
 from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MapnameError, MissingArtifactError,
                              StorageError)
 from maptools.maps.manifest import Manifest, parse_manifest
-from maptools.maps.roots import home, is_url, output_root
+from maptools.maps.roots import MapRef, home, is_url, output_root
 
 __all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
 
@@ -180,16 +180,18 @@ class MapFolder:
     #: the class of a map folder in a store (set by :mod:`maptools.maps.store`)
     store_class: ClassVar[type[MapFolder] | None] = None
 
-    def __new__(cls, mapname: str, root: str | Path | None = None) -> MapFolder:
-        if cls is MapFolder and MapFolder.store_class is not None and is_url(home(root)):
+    def __new__(cls, mapname: str | MapRef, root: str | Path | None = None) -> MapFolder:
+        ref = MapRef.of(mapname, root)
+        if cls is MapFolder and MapFolder.store_class is not None and is_url(home(ref.root)):
             return super().__new__(MapFolder.store_class)
         return super().__new__(cls)
 
-    def __init__(self, mapname: str, root: str | Path | None = None) -> None:
-        self.mapname = self.validate(mapname)
-        self.root = output_root(root)
+    def __init__(self, mapname: str | MapRef, root: str | Path | None = None) -> None:
+        ref = MapRef.of(mapname, root)
+        self.mapname = self.validate(ref.mapname)
+        self.root = output_root(ref.root)
         self.parent = self.root / "mapsave"
-        self.path = self.parent / mapname
+        self.path = self.parent / self.mapname
         self.published: Path | None = None  # the version the last write of this object made
 
     @classmethod

@@ -9,11 +9,35 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from maptools.errors import StorageError
+from maptools.errors import SettingsError, StorageError
 
-__all__ = ["is_url", "home", "mirror_root", "output_root", "output_location", "local_root"]
+__all__ = ["MapRef", "is_url", "home", "mirror_root", "output_root", "output_location", "local_root"]
+
+
+@dataclass(frozen=True)
+class MapRef:
+    """A map by its name and where ``mapsave/`` is: what every stage takes (in place of ``mapname``, with no
+    ``output_root`` beside it) and what a quantization returns (``result.map``), instead of paths to take
+    apart. ``root`` is a folder or a store URL; ``None``: ``$MAPTOOLS_HOME``, else the current directory."""
+
+    mapname: str
+    root: str | Path | None = None
+
+    def __str__(self) -> str:
+        return self.mapname
+
+    @classmethod
+    def of(cls, mapname: str | MapRef, root: str | Path | None = None) -> MapRef:
+        """``mapname`` (a name, or a reference) with ``root`` as one reference; a root given twice must agree."""
+        if not isinstance(mapname, MapRef):
+            return cls(mapname, root)
+        if root is not None and str(root) != str(mapname.root):
+            raise SettingsError(f"map {mapname.mapname!r} is referenced at {mapname.root} but output_root={root} "
+                                "was given too.", "pass the MapRef alone, or a map name with output_root.")
+        return mapname
 
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 

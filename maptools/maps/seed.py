@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from maptools.core.proto import OperatorQuantConfig
+from maptools.maps.roots import MapRef
 from maptools.quantinfo import QuantConfig, param_key
 
 __all__ = ["Violation", "check", "check_map", "check_seed", "seed_quantinfo", "seed_quantparams", "dumps",
@@ -222,7 +223,7 @@ def _attribute_types(obj: OperatorQuantConfig) -> list[str]:
     return problems
 
 
-def check_seed(mapname: str, output_root: str | Path | None = None) -> list[Violation]:
+def check_seed(mapname: str | MapRef, output_root: str | Path | None = None) -> list[Violation]:
     """The violations of the seed contract in map ``mapname`` (its current version, verified against its
     manifest first): empty when the original toolchain reads it as it is (:func:`check_map`)."""
     from maptools.maps.folder import MapFolder

@@ -55,7 +55,7 @@ from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityErro
                              StorageError, StoreUnavailable)
 from maptools.maps.folder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file, storage_errors
 from maptools.maps.manifest import parse_manifest
-from maptools.maps.roots import is_url, mirror_root
+from maptools.maps.roots import MapRef, home, is_url, mirror_root
 
 __all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "store_options", "put_blob",
            "get_blob", "holder_alive", "LEASE_SECONDS",
@@ -208,8 +208,10 @@ def holder_alive(host: Any, pid: Any) -> bool:
 class StoreMapFolder(MapFolder):
     """A map on a store (see the module docstring); reads and writes go through a local mirror folder."""
 
-    def __init__(self, mapname: str, root: str | Path | None = None) -> None:  # root: a store URL
-        self.mapname = self.validate(mapname)
+    def __init__(self, mapname: str | MapRef, root: str | Path | None = None) -> None:  # root: a store URL
+        ref = MapRef.of(mapname, root)
+        mapname, root = self.validate(ref.mapname), home(ref.root)
+        self.mapname = mapname
         self.store = Store.of(str(root))
         self.root = self.store.url  # type: ignore[assignment]
         self.remote = self.store.join("mapsave", mapname)

@@ -27,6 +27,7 @@ from maptools.device import resolve_device
 from maptools.quantization.equalize import equalize_channels
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
+from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import ModelInput, check_input_shapes, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
@@ -104,6 +105,12 @@ class QuantizationResult:
     #: the contract the map's pickles follow (``settings.profile``, or ``extended`` where the seed contract
     #: could not represent the model)
     profile: Profile = Profile.EXTENDED
+
+    @property
+    def map(self) -> MapRef:
+        """This map by name and output root, as the later stages take it: ``convert(result.map)``,
+        ``read_quantinfo(result.map)``, ``simulate(result.map)``."""
+        return MapRef(self.mapname, self.output_root)
 
     @property
     def quantinfo_path(self) -> Path:
