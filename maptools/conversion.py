@@ -15,11 +15,13 @@ from typing import Any
 
 from maptools.errors import ArtifactError, MissingArtifactError, ModelError
 from maptools.maps.artifacts import MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, load_quantinfo, sha256_file
+from maptools.maps.folder import MapVersion
 from maptools.maps.roots import MapRef
 from maptools.maps.manifest import Manifest
 from maptools.opgraph import DEVICE, HOST, OperatorGraph, build_graph, dumps
 
-__all__ = ["OperatorGraph", "ConversionResult", "convert", "read_graph", "build_graph", "GRAPH_FILE", "DEVICE", "HOST"]
+__all__ = ["OperatorGraph", "ConversionResult", "convert", "read_graph", "graph_of", "build_graph", "GRAPH_FILE", "DEVICE",
+           "HOST"]
 
 GRAPH_FILE = "operator_graph.json"
 
@@ -106,10 +108,12 @@ def convert(mapname: str | MapRef, model_path: str | Path | None = None, *, outp
 def read_graph(mapname: str | MapRef, output_root: str | Path | None = None, *, verify: bool = True) -> OperatorGraph:
     """Load ``operator_graph.json`` of a map; with ``verify``, check it and the artifacts it came from
     against the manifest (the graph is registered there, so an edited graph is refused)."""
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
-    version = MapFolder(mapname, output_root).open()
-    path = version.file(GRAPH_FILE)
+    return graph_of(MapFolder(mapname, output_root).open(), verify=verify)
+
+
+def graph_of(version: MapVersion, *, verify: bool = True) -> OperatorGraph:
+    """:func:`read_graph` of one version of a map, as a stage that reads several of its files opened it."""
+    mapname, path = version.mapname, version.file(GRAPH_FILE)
     if not path.is_file():
         raise MissingArtifactError(f"map {mapname!r} has no operator graph ({path.name} does not exist).",
                                    f"run `maptools convert --mapname {mapname}` (or convert({mapname!r})) first.")

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from maptools.maps.artifacts import MODEL, QUANT_MODEL, MapFolder, read_quantinfo, read_quantparams
+from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, load_quantinfo,
+                                     load_quantparams)
 from maptools.maps.roots import MapRef
 from maptools.errors import InputShapeError
 from maptools.onnx_model import check_input_shapes, load_model
@@ -164,10 +165,11 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
                        seconds=time.perf_counter() - started, **metrics)  # type: ignore[arg-type]
 
 
-def weight_memory_bytes(mapname: str, output_root: str | Path | None = None) -> int:
+def weight_memory_bytes(mapname: str | MapRef, output_root: str | Path | None = None) -> int:
     """Bytes the map's weights take packed at their bit width (plus int32 biases): what the crossbars store."""
-    info = read_quantinfo(mapname, output_root)
-    params = read_quantparams(mapname, output_root)
+    version = MapFolder(mapname, output_root).open()  # one version for both files
+    info = load_quantinfo(version.existing(QUANTINFO_JSON))
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
     bits = 0
     for name, cfg in info.items():
         if not cfg.has_weights:

@@ -36,9 +36,9 @@ import onnx.shape_inference
 import torch
 import torch.nn.functional as F
 
-from maptools.maps.artifacts import read_quantparams
+from maptools.conversion import DEVICE, OperatorGraph, graph_of
+from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
-from maptools.conversion import DEVICE, OperatorGraph, read_graph
 from maptools.errors import ArtifactError, ConversionError, InputShapeError, SettingsError, SimulationError
 from maptools.node_runner import NodeRunner
 from maptools.placement import Role
@@ -473,10 +473,10 @@ def simulate(mapname: str | MapRef, inputs: str | Path | Mapping[str, Any] | Non
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.
         InputShapeError: inputs that do not fit the model.
     """
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
-    graph = read_graph(mapname, output_root)
-    params = read_quantparams(mapname, output_root)
+    version = MapFolder(mapname, output_root).open()  # one version for every file read
+    mapname = version.mapname
+    graph = graph_of(version)
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
     simulator = IntegerSimulator(graph, params, requant=requant) if crossbar is None else \
         crossbar.simulator(graph, params, requant=requant)
     feed = load_inputs(graph, inputs, seed=seed, batch=batch)

@@ -198,3 +198,22 @@ def test_a_calibrated_adc_range_reads_each_slice_in_power_of_two_steps(trained_c
     assert adc_shifts(graph, params, wide, calibration) == {}
     with pytest.raises(SettingsError, match="adc_range"):
         CrossbarSpec(adc_range="auto")
+
+
+def test_each_stage_reads_one_version_of_the_map(conv_maps, monkeypatch) -> None:
+    """simulate, map_crossbars and evaluate_crossbar resolve the map's current version once and read every file
+    from it, so a rewrite in between cannot hand one stage files of two versions."""
+    from maptools import MapRef, evaluate_crossbar, simulate
+    from maptools.maps.folder import MapFolder
+
+    opened: list[str] = []
+    real_open = MapFolder.open
+    monkeypatch.setattr(MapFolder, "open", lambda self: opened.append(self.mapname) or real_open(self))
+    ref, spec = MapRef("dense", conv_maps), CrossbarSpec(rows=32, cols=32, cell_bits=2, adc_bits=6)
+    for stage in (lambda: simulate(ref, "random"), lambda: evaluate_crossbar(ref, spec, samples=2)):
+        opened.clear()
+        stage()
+        assert opened == ["dense"], opened
+    opened.clear()
+    map_crossbars(ref, spec)
+    assert opened.count("dense") == 2, opened  # the read, and the write's own check of what it was based on

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from maptools.maps.artifacts import MODEL, MapFolder, read_quantparams
+from maptools.conversion import graph_of
+from maptools.maps.artifacts import MODEL, QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
-from maptools.conversion import read_graph
 from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, random_evaluation_set
 from maptools.crossbar.mapping import CrossbarSpec, map_graph
 from maptools.simulate import IntegerSimulator
@@ -99,12 +99,11 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     Raises:
         ArtifactError: the map is missing, not converted, or differs from its manifest.
     """
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
-    graph = read_graph(mapname, output_root)
-    params = read_quantparams(mapname, output_root)
+    version = MapFolder(mapname, output_root).open()  # one version for every file read
+    graph = graph_of(version)
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
     data = evaluation or random_evaluation_set(graph.inputs, samples, seed)
-    reference = float_outputs(MapFolder(mapname, output_root).open().file(MODEL), data.samples)
+    reference = float_outputs(version.existing(MODEL), data.samples)
     integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
     simulator = spec.simulator(graph, params, calibration=calibration)
     crossbar, seconds = _run(simulator, data.samples)

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, read_quantparams
+from maptools.conversion import GRAPH_FILE, OperatorGraph, graph_of
+from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
-from maptools.conversion import GRAPH_FILE, OperatorGraph, read_graph
 from maptools.errors import SettingsError
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
@@ -543,13 +543,12 @@ def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str
         ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.
         SettingsError: the spec cannot hold the network (budget, cell bits above weight bits).
     """
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
     folder = MapFolder(mapname, output_root)
+    version = folder.open()  # one version for every file read
     # the hashes this map is derived from, read first: a rewrite after this point is caught by update()
-    read = {k: v for k, v in folder.open().record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_NPZ)}
-    graph = read_graph(mapname, output_root)
-    params = read_quantparams(mapname, output_root)
+    read = {k: v for k, v in version.record().artifacts.items() if k in (GRAPH_FILE, QUANTPARAMS_NPZ)}
+    graph = graph_of(version)
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
     too_fine = [n for n in graph.operators() if graph.node(n)["role"] == Role.CROSSBAR.value
                 and graph.node(n)["quant"] is not None and spec.cell_bits > int(graph.node(n)["quant"].weight_bits)]
     if too_fine:

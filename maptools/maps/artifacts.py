@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, MissingArtifactError, UnsafePickleError
+from maptools.errors import ArtifactError, UnsafePickleError
 from maptools.maps.folder import MANIFEST, MapFolder, atomic_write, sha256_file
 from maptools.maps.roots import MapRef, local_root, output_location, output_root
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
@@ -96,15 +96,6 @@ def safe_load_pickle(path: str | Path, *, seed: bool = False) -> Any:
     return _AllowListUnpickler(io.BytesIO(data), seed=seed).load()
 
 
-def _existing(mapname: str | MapRef, name: str, root: str | Path | None) -> Path:
-    ref = MapRef.of(mapname, root)
-    path = MapFolder(ref).open().file(name)
-    if not path.is_file():
-        raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={ref.mapname!r}) first, or check "
-                                   "output_root / MAPTOOLS_HOME.")
-    return path
-
-
 def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
     """A map's ``quantinfo.json``: ``{name: QuantConfig}`` (the complete record, whatever the map's profile;
     ``quantinfo.pkl`` holds the same in the profile's pickle types)."""
@@ -117,7 +108,7 @@ def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
 
 def read_quantinfo(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, QuantConfig]:
     """A map's quantinfo, ``{op name: QuantConfig}`` (from ``quantinfo.json``; no pickle is run)."""
-    return load_quantinfo(_existing(mapname, QUANTINFO_JSON, root))
+    return load_quantinfo(MapFolder(mapname, root).open().existing(QUANTINFO_JSON))
 
 
 def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
@@ -135,7 +126,7 @@ def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
 
 def read_quantparams(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
     """A map's integer weights and int32 biases (from ``quantparams.npz``; no pickle is run)."""
-    return load_quantparams(_existing(mapname, QUANTPARAMS_NPZ, root))
+    return load_quantparams(MapFolder(mapname, root).open().existing(QUANTPARAMS_NPZ))
 
 
 def read_manifest(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, Any]:

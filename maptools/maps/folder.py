@@ -126,6 +126,14 @@ class MapVersion:
                                 "the manifest was edited: re-run quantize for this map.")
         return self.path / name
 
+    def existing(self, name: str) -> Path:
+        """:meth:`file`, which must exist."""
+        path = self.file(name)
+        if not path.is_file():
+            raise MissingArtifactError(f"{path} does not exist.", f"run quantize(..., mapname={self.mapname!r}) first, "
+                                       "or check output_root / MAPTOOLS_HOME.")
+        return path
+
     def _load(self) -> tuple[dict[str, Any], Manifest]:
         """The manifest as read (a dict) and typed, checked once."""
         path = self.path / MANIFEST
