@@ -105,7 +105,7 @@ def test_lossless_crossbar_equals_the_integer_simulation_on_resnet18(resnet_resu
     root = resnet_result.output_root
     convert("resnet18", output_root=root)
     graph, params = read_graph("resnet18", root), read_quantparams("resnet18", root)
-    x = np.random.default_rng(3).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((4, 3, 224, 224)).astype(np.float32)
     reference = IntegerSimulator(graph, params).run({"input": x}, keep=True)
     # every partial sum read bit by bit and slice by slice, by a 10-bit ADC (worst case 256 * 3 = 768)
     spec = CrossbarSpec(rows=256, cols=256, cell_bits=2, adc_bits=10)
