@@ -48,9 +48,12 @@ def test_quantize_json_output_for_scripts(small_cnn, tmp_path) -> None:
 
 
 def test_documented_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
+    """The command lines of the docs' guides, in order (quantize, convert and simulate, map onto crossbars,
+    check the seed contract), run as written on the small CNN (model path and input size swapped)."""
     monkeypatch.chdir(tmp_path)
     write_pngs(tmp_path / "calib_images", 9)
-    lines = on_small_cnn(docs_block("cli.md", "bash"), small_cnn).strip().splitlines()
+    pages = ("cli.md", "conversion.md", "crossbar.md", "map-folder.md")
+    lines = on_small_cnn("".join(docs_block(page, "bash") for page in pages), small_cnn).strip().splitlines()
     for line in lines:
         args = shlex.split(line, comments=True)
         assert args[0] == "maptools"
@@ -58,6 +61,8 @@ def test_documented_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
         assert result.exit_code == 0, (line, result.output)
     assert json.loads((tmp_path / "mapsave" / "resnet18" / "manifest.json").read_text())["calib_steps_used"] == 9
     assert json.loads((tmp_path / "mapsave" / "resnet18-w4" / "manifest.json").read_text())["onnx_export_exact"]
+    assert (tmp_path / "mapsave" / "resnet18" / "crossbar_map.json").is_file()
+    assert len(lines) >= 8  # four quantize, convert, simulate, map, simulate --crossbar, check-seed
 
 
 def test_help_explains_the_options() -> None:

@@ -64,3 +64,30 @@ def test_reference_pages_are_generated_from_the_code(site: Path) -> None:
         assert option in cli, option
     api = text(site, "reference/api")
     assert "calib_steps" in api and "QuantizationResult" in api and "evaluate_crossbar" in api
+
+
+#: shell blocks the suite runs as written (tests/test_cli.py): the first one of each of these guides
+RUN_BY_TESTS = {"docs/cli.md", "docs/conversion.md", "docs/crossbar.md", "docs/map-folder.md"}
+
+
+def test_every_code_block_runs_or_says_why_not() -> None:
+    """Python blocks run under Sybil (conftest.py); the guides' command lines run in tests/test_cli.py; every
+    other block says why it is not run (``<!-- not run: why -->`` right above it). Diagrams (``text``) are not
+    code."""
+    unmarked = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        name, lines = path.relative_to(ROOT).as_posix(), path.read_text().splitlines()
+        inside, shell = False, 0
+        for i, line in enumerate(lines):
+            if not line.startswith("```"):
+                continue
+            inside = not inside
+            language = line[3:].strip()
+            shell += inside and language == "bash"
+            if not inside or language in ("python", "text") or (name in RUN_BY_TESTS and shell == 1 and
+                                                                 language == "bash"):
+                continue
+            above = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            if not (above.startswith("<!-- not run: ") and len(above) > 30):
+                unmarked.append(f"{name}:{i + 1}")
+    assert not unmarked, f"code blocks neither run nor marked '<!-- not run: why -->': {unmarked}"
