@@ -18,8 +18,8 @@ arrays of ``CrossbarSpec.rows x CrossbarSpec.cols`` cells:
   case ``rows_used x (2^cell_bits - 1) x (2^dac_bits - 1)``; ``adc_bits_needed`` is the resolution
   for a lossless readout of the worst case, and, with calibration inputs, of what was observed;
 * the ADC's **range** (``CrossbarSpec.adc_range``): ``full`` reads partial sums ``0 .. 2^adc_bits - 1``
-  in steps of one (larger ones saturate); ``max`` and ``calibrated`` give each layer a step of
-  ``2^k`` partial-sum units (a power of two, so the digital shift-and-add stays exact), the codes
+  in steps of one (larger ones saturate); ``max`` and ``calibrated`` give the ADCs of each layer's cell
+  slice a step of ``2^k`` partial-sum units (a power of two, so the digital shift-and-add stays exact), the codes
   ``round(psum / 2^k)`` saturating at ``2^adc_bits - 1``: ``max`` the smallest step that reads the
   largest partial sum seen on calibration inputs, ``calibrated`` the step with the least squared
   readout error over those partial sums, each weighted by its significance (input bit x cell slice).
@@ -77,7 +77,7 @@ class CrossbarSpec:
         encoding: ``differential`` (two columns per weight) or ``offset`` (one column, digital correction).
         max_arrays: optional budget of arrays for the whole network.
         adc_range: ``full`` (steps of one partial-sum unit), ``max`` or ``calibrated`` (a power-of-two step per
-            layer from calibration inputs; see the module docstring).
+            layer and cell slice from calibration inputs; see the module docstring).
     """
 
     rows: int = 256
@@ -271,8 +271,8 @@ def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None]
             col_blocks=col_blocks, arrays=arrays, cells_used=groups * rows * phys,
             utilization=groups * rows * phys / (arrays * spec.rows * spec.cols), mvms=mvms, input_steps=steps,
             cycles=steps * mvms, psum_worst=worst, adc_bits_needed=_bits(worst), psum_observed=obs,
-            adc_bits_observed=None if obs is None else _bits(obs), adc_steps=tuple(1 << k for k in (shifts or {}).get(name, ())),
-            tiles=tiles))
+            adc_bits_observed=None if obs is None else _bits(obs),
+            adc_steps=tuple(1 << k for k in (shifts or {}).get(name, ())), tiles=tiles))
     result = CrossbarMap(spec, layers)
     if spec.max_arrays is not None and result.arrays > spec.max_arrays:
         worst = sorted(layers, key=lambda lay: -lay.arrays)[:3]
