@@ -164,14 +164,14 @@ def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any
     vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits",
                         "adc_range")
             if k in always or len({r.get(k) for r in rows}) > 1]
-    text = {"bits": lambda r: f"W{r['bits']}A{r['bits']}", "algorithm": lambda r: r["algorithm"],
+    text = {"model": lambda r: r["model"], "bits": lambda r: f"W{r['bits']}A{r['bits']}",
+            "algorithm": lambda r: r["algorithm"],
             "per_channel": lambda r: "per-channel" if r["per_channel"] else "per-tensor",
             "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
             "cell_bits": lambda r: f"{r['cell_bits']}-bit cells", "adc_range": lambda r: f"{r['adc_range']} ADC range",
             "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items())}
     if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
         vary = ["model", *vary]
-        text["model"] = lambda r: r["model"]
     return lambda r: " / ".join(text[k](r) for k in vary)
 
 

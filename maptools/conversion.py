@@ -80,11 +80,9 @@ def convert(mapname: str | MapRef, model_path: str | Path | None = None, *, outp
         ModelError: the model is missing or is not the one the map was quantized from.
         ConversionError: unsupported operators, or operators without a required quant config.
     """
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
     started = time.perf_counter()
-    maps = MapFolder(mapname, output_root)
-    version = maps.open()
+    maps = MapFolder(mapname, output_root)  # takes a name or a MapRef
+    mapname, version = maps.mapname, maps.open()
     manifest = version.verified(skip=frozenset({GRAPH_FILE}))  # a graph being rebuilt may be gone or stale
     if model_path is not None:
         _check_model(Path(model_path), manifest, mapname)

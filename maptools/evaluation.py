@@ -150,8 +150,6 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     Raises:
         ArtifactError: the map is missing, incomplete, or its files differ from its manifest.
     """
-    ref = MapRef.of(mapname, output_root)
-    mapname, output_root = ref.mapname, ref.root
     started = time.perf_counter()
     version = MapFolder(mapname, output_root).open()
     manifest = version.verified()

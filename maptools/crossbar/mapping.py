@@ -112,8 +112,8 @@ class CrossbarSpec:
         """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec; a ``max``
         or ``calibrated`` ADC range is calibrated first on ``calibration`` (a batch of inputs; default
         ``CALIBRATION_SAMPLES`` seeded random ones)."""
-        shifts = adc_shifts(graph, quantparams, self, calibration) if self.adc_range != "full" else {}
-        return CrossbarSimulator(graph, quantparams, self, requant=requant, adc_shifts=shifts)
+        return CrossbarSimulator(graph, quantparams, self, requant=requant,
+                                 adc_shifts=adc_shifts(graph, quantparams, self, calibration))
 
     @classmethod
     def from_xbar(cls, xbar: str, **kwargs: Any) -> CrossbarSpec:
@@ -510,11 +510,11 @@ def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None
     random ones) through lossless ADCs. ``full``, and layers whose every step is one: absent."""
     if spec.adc_range == "full":
         return {}
-    feed = calibration if calibration is not None else load_inputs(graph, "random", seed=CALIBRATION_SEED,
-                                                                   batch=CALIBRATION_SAMPLES)
+    feed = load_inputs(graph, "random" if calibration is None else calibration, seed=CALIBRATION_SEED,
+                       batch=CALIBRATION_SAMPLES)
     lossless = dataclasses.replace(spec, adc_bits=32, adc_range="full")
     sim = CrossbarSimulator(graph, quantparams, lossless, collect_psums=True)
-    sim.run(load_inputs(graph, feed))
+    sim.run(feed)
     limit = (1 << spec.adc_bits) - 1
     shifts = {}
     for name, histograms in sim.histograms.items():
