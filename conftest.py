@@ -9,6 +9,7 @@ something a test run does not have (a Prefect server, a model from the package r
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -21,14 +22,15 @@ from PIL import Image
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
-ROOT = Path(__file__).resolve().parent
-
 
 @cache
 def _resnet18() -> Path:
+    """The example ResNet18, exported once per test session into a folder removed when the session ends."""
     from maptools.examples import resnet18_onnx
 
-    return resnet18_onnx(Path(tempfile.mkdtemp(prefix="maptools-docs-model-")) / "simp-resnet18.onnx")
+    folder = tempfile.mkdtemp(prefix="maptools-docs-model-")
+    atexit.register(shutil.rmtree, folder, True)
+    return resnet18_onnx(Path(folder) / "simp-resnet18.onnx")
 
 
 def _setup(namespace: dict[str, Any]) -> None:
