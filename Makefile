@@ -16,7 +16,7 @@ example: $(VENV)/.installed
 		$(VENV)/bin/maptools flow example
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # The documentation site (docs/, mkdocs.yml) into site/; reference pages are generated from the code.
 MKDOCS_ENV = NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true

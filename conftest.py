@@ -22,6 +22,10 @@ from PIL import Image
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
+# pytest-xdist's workers start with COLUMNS=80, which rich's consoles (created at import) would keep for good;
+# the command-line tests give each run the width they read it at.
+os.environ.pop("COLUMNS", None)
+
 
 @cache
 def _resnet18() -> Path:

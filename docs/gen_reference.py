@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import inspect
 import json
@@ -51,6 +50,8 @@ def _cell(text: Any) -> str:
 def _type(annotation: Any) -> str:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " | ".join(f"`{m.value}`" for m in annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(f"`{value}`" for value in typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " | ".join(_type(a) for a in typing.get_args(annotation))
     if annotation is type(None):
@@ -89,17 +90,11 @@ def settings_page() -> str:
         lines.append(f"| `{name}` | {_cell(_type(field.annotation))} | {_default(field.default)} | {_bounds(field)} | "
                      f"{_cell(field.description or '')} |")
     lines += ["", "## `CrossbarSpec`", "", "The crossbar array and its periphery (the map stage; guide: "
-              "[Crossbars](../crossbar.md)).", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-    doc = inspect.getdoc(CrossbarSpec)
-    meaning = {}
-    for line in doc.split("Attributes:", 1)[1].splitlines():
-        if ":" in line and line.startswith("    ") and not line.startswith("     "):
-            names, text = line.strip().split(":", 1)
-            for n in names.split(","):
-                meaning[n.strip()] = text.strip()
-    for field in dataclasses.fields(CrossbarSpec):
-        lines.append(f"| `{field.name}` | `{field.type}` | {_default(field.default)} | "
-                     f"{_cell(meaning.get(field.name, ''))} |")
+              "[Crossbars](../crossbar.md)).", "", "| field | type | default | bounds | meaning |",
+              "|---|---|---|---|---|"]
+    for name, field in CrossbarSpec.model_fields.items():
+        lines.append(f"| `{name}` | {_cell(_type(field.annotation))} | {_default(field.default)} | {_bounds(field)} | "
+                     f"{_cell(field.description or '')} |")
     return "\n".join(lines) + "\n"
 
 

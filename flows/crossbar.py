@@ -21,7 +21,6 @@ from maptools import conversion
 from maptools.maps.artifacts import MapFolder
 from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar
 from maptools.errors import ArtifactError
-from maptools.evaluation import load_evaluation_set
 from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
 __all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
@@ -67,13 +66,7 @@ def crossbar_file_current(content: MapContent, mapped: CrossbarMap) -> bool:
 @task(name="simulate-crossbar", cache_policy=_CACHE, **_PERSIST, **_RETRY)
 def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: EvaluationSpec) -> CrossbarError:
     """The crossbar-level simulation against the float model and the integer simulation (cached on content)."""
-    data = None
-    if evaluation.eval_set is not None:
-        from maptools.conversion import read_graph
-
-        graph = read_graph(content.mapname, content.output_root)
-        data = load_evaluation_set(evaluation.eval_set, graph.inputs, limit=evaluation.samples)
-    return evaluate_crossbar(content.mapname, spec, output_root=content.output_root, evaluation=data,
+    return evaluate_crossbar(content.mapname, spec, output_root=content.output_root, evaluation=evaluation.eval_set,
                              samples=evaluation.samples, seed=evaluation.seed)
 
 

@@ -37,10 +37,14 @@ GRACE_SECONDS = 10.0
 class LiveLockManager(FileSystemLockManager):
     """A file lock manager whose locks die with their holder process (or when their lease runs out)."""
 
+    def lock_path(self, key: str) -> Path:
+        """The file that holds the lock of ``key``."""
+        return Path(self._lock_path_for_key(key))
+
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
         self._ensure_lock_files_directory_exists()
-        path = self._lock_path_for_key(key)
+        path = self.lock_path(key)
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while True:
             if self.is_lock_holder(key, holder) or self._create(path, key, holder, hold_timeout):
@@ -72,7 +76,7 @@ class LiveLockManager(FileSystemLockManager):
         return True
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        path = self._lock_path_for_key(key)
+        path = self.lock_path(key)
         try:
             info: dict[str, Any] | None = self._get_lock_info(key, use_cache=use_cache)
         except ValueError:  # an empty or half-written file (not one of ours): stale after the grace

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -25,7 +25,7 @@ from maptools.errors import SettingsError
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
                                      map_crossbars_task, publish_crossbar_report, simulate_crossbar)
-from maptools_flows.params import documented
+from maptools_flows.params import choice, documented, setting
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec, _artifact_key, _pct
@@ -34,8 +34,16 @@ from maptools.maps.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar.evaluation import CrossbarError
 from maptools.evaluation import EVAL_SEED
-from maptools.crossbar.mapping import AdcRange, CrossbarMap, CrossbarSpec
+from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec
+from maptools.settings import QuantSettings
 from maptools.stages import has_artifact
+
+#: the crossbar size parameter: ``rows`` and ``cols`` of :class:`CrossbarSpec` in one string
+XBAR = Field(description="Crossbar size ROWSxCOLS: word lines x bit lines of one array, powers of two.")
+
+#: the values of the CrossbarSpec fields a form offers as a drop-down
+Encoding = choice(CrossbarSpec, "encoding")
+AdcRange = choice(CrossbarSpec, "adc_range")
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
@@ -83,17 +91,14 @@ def map_and_simulate(
     mapname: Annotated[str, Field(description="A quantized map under mapsave/ (converted here if needed).")],
     output_root: Annotated[str | None, Field(description="Where mapsave/ is (default $MAPTOOLS_HOME or the "
                                                          "working directory).")] = None,
-    xbar: Annotated[str, Field(description="Crossbar size ROWSxCOLS, powers of two.")] = "256x256",
-    cell_bits: Annotated[int, Field(ge=1, le=8, description="Bits per cell.")] = 2,
-    adc_bits: Annotated[int, Field(ge=1, le=32, description="ADC bits per column (saturating).")] = 8,
-    dac_bits: Annotated[int, Field(ge=1, le=8, description="Input bits per cycle.")] = 1,
-    encoding: Annotated[Literal["differential", "offset"], Field(description="Signed weights as a column pair "
-                                                                             "or with an offset.")] = "differential",
-    max_arrays: Annotated[int | None, Field(ge=1, description="Array budget for the network.")] = None,
-    adc_range: Annotated[AdcRange, Field(description="ADC range: full (steps of one partial-sum unit), or per layer "
-                                                     "and cell slice a power-of-two step calibrated on seeded "
-                                                     "inputs: calibrated (least squared readout error) or max (reads "
-                                                     "the largest partial sum).")] = "full",
+    xbar: Annotated[str, XBAR] = "256x256",
+    cell_bits: Annotated[int, setting(CrossbarSpec, "cell_bits")] = 2,
+    adc_bits: Annotated[int, setting(CrossbarSpec, "adc_bits")] = 8,
+    dac_bits: Annotated[int, setting(CrossbarSpec, "dac_bits")] = 1,
+    encoding: Annotated[Encoding, setting(CrossbarSpec, "encoding")] = "differential",
+    max_arrays: Annotated[int | None, setting(CrossbarSpec, "max_arrays")] = None,
+    adc_range: Annotated[AdcRange, setting(CrossbarSpec, "adc_range",
+                                                                    " Calibrated on seeded inputs.")] = "full",
     samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
                                                               "eval_set).")] = 32,
     eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
@@ -139,21 +144,22 @@ def map_and_simulate(
 
 
 @flow(name="quantize-map-simulate", persist_result=True, result_serializer=SERIALIZER)
+@documented
 def quantize_map_simulate(
     onnx_path: str,
     input_shapes: dict[str, list[int]],
     mapname: str,
     calib: str | None = None,
-    calib_steps: Annotated[int, Field(ge=8, le=512)] = 32,
+    calib_steps: Annotated[int, setting(QuantSettings, "calib_steps")] = 32,
     device: str = "auto",
-    bit_width: Annotated[int, Field(ge=2, le=8)] = 8,
+    bit_width: Annotated[int, setting(QuantSettings, "weight_bits", " Activations take the same width.")] = 8,
     output_root: str | None = None,
-    xbar: str = "256x256",
-    cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
-    adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
-    dac_bits: Annotated[int, Field(ge=1, le=8)] = 1,
-    encoding: Literal["differential", "offset"] = "differential",
-    adc_range: AdcRange = "full",
+    xbar: Annotated[str, XBAR] = "256x256",
+    cell_bits: Annotated[int, setting(CrossbarSpec, "cell_bits")] = 2,
+    adc_bits: Annotated[int, setting(CrossbarSpec, "adc_bits")] = 8,
+    dac_bits: Annotated[int, setting(CrossbarSpec, "dac_bits")] = 1,
+    encoding: Annotated[Encoding, setting(CrossbarSpec, "encoding")] = "differential",
+    adc_range: Annotated[AdcRange, setting(CrossbarSpec, "adc_range")] = "full",
     samples: Annotated[int, Field(ge=1, le=10000)] = 32,
     eval_set: str | None = None,
     aws_credentials: AwsCredentialsBlock = None,
@@ -175,14 +181,15 @@ def quantize_map_simulate(
 
 
 @flow(name="quantize-and-simulate", persist_result=True, result_serializer=SERIALIZER)
+@documented
 def quantize_and_simulate(
     onnx_path: str,
     input_shapes: dict[str, list[int]],
     mapname: str,
     calib: str | None = None,
-    calib_steps: Annotated[int, Field(ge=8, le=512)] = 32,
+    calib_steps: Annotated[int, setting(QuantSettings, "calib_steps")] = 32,
     device: str = "auto",
-    bit_width: Annotated[int, Field(ge=2, le=8)] = 8,
+    bit_width: Annotated[int, setting(QuantSettings, "weight_bits", " Activations take the same width.")] = 8,
     output_root: str | None = None,
     samples: Annotated[int, Field(ge=1, le=256, description="Random inputs for the simulation.")] = 4,
     aws_credentials: AwsCredentialsBlock = None,
@@ -220,9 +227,9 @@ def simulate_quantized_run(
     upstream_run: Annotated[str, Field(description="Flow run id of a completed quantize-model run "
                                                    "(the trigger passes {{ event.resource.id }}).")],
     samples: Annotated[int, Field(ge=1, le=256)] = 4,
-    xbar: str = "256x256",
-    cell_bits: Annotated[int, Field(ge=1, le=8)] = 2,
-    adc_bits: Annotated[int, Field(ge=1, le=32)] = 8,
+    xbar: Annotated[str, XBAR] = "256x256",
+    cell_bits: Annotated[int, setting(CrossbarSpec, "cell_bits")] = 2,
+    adc_bits: Annotated[int, setting(CrossbarSpec, "adc_bits")] = 8,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> dict[str, Any]:
     """Event-triggered downstream stage: simulate the map a completed quantize-model run produced, then map

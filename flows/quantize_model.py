@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
-from maptools_flows.params import documented
+from maptools_flows.params import choice, documented, setting
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient,
                                   prepare_model, publish_report, run_quantization)
@@ -46,11 +46,12 @@ class QuantizeModelResult:
         return str(self.quantization.map_dir)
 
 
-def _setting(name: str, more: str = "") -> Any:
-    """A flow parameter's description and bounds, taken from the QuantSettings field it sets (one definition)."""
-    field = QuantSettings.model_fields[name]
-    bounds = {kind: getattr(m, kind) for m in field.metadata for kind in ("ge", "le") if type(m).__name__.lower() == kind}
-    return Field(description=f"{field.description}{more}", **bounds)
+#: the values of the QuantSettings fields a form offers as a drop-down
+Algorithm = choice(QuantSettings, "algorithm")
+Sign = choice(QuantSettings, "activation_sign")
+Pass = choice(QuantSettings, "optimization")
+ScaleKind = choice(QuantSettings, "scale_policy")
+ProfileName = choice(QuantSettings, "profile")
 
 
 @flow(name="quantize-model", persist_result=True, result_serializer=SERIALIZER)
@@ -64,24 +65,27 @@ def quantize_model(
     mapname: Annotated[str, Field(description="Folder name under mapsave/.")],
     calib: Annotated[str | None, Field(description="'random' (or null) for seeded random data, or a folder "
                                                    "of images / .npy / .npz files.")] = None,
-    calib_steps: Annotated[int, _setting("calib_steps")] = 32,
+    calib_steps: Annotated[int, setting(QuantSettings, "calib_steps")] = 32,
     device: Annotated[str, Field(description="cpu, cuda or auto (auto may fall back to cpu).")] = "auto",
     bit_width: Annotated[Annotated[int, Field(ge=2, le=8)] | Literal["auto"], Field(
         description="Weight and activation bits, or auto: per-layer widths under max_output_error, max_error_ratio or "
                     "max_weight_bytes.")] = 8,
-    weight_bits: Annotated[int | None, _setting("weight_bits", " Overrides bit_width.")] = None,
-    activation_bits: Annotated[int | None, _setting("activation_bits", " Overrides bit_width.")] = None,
-    per_channel: Annotated[bool, _setting("per_channel")] = True,
-    algorithm: Annotated[Literal["percentile", "minmax", "kl", "mse"], _setting("algorithm")] = "percentile",
-    seed: Annotated[int, _setting("seed")] = 0,
-    activation_sign: Annotated[Literal["signed", "auto"] | None, _setting("activation_sign")] = None,
-    optimization: Annotated[Literal["none", "bias-correction", "equalization", "lsq", "fast-bias-correction"],
-                            _setting("optimization")] = "none",
-    scale_policy: Annotated[Literal["float", "pow2"], _setting("scale_policy")] = "float",
-    shared_scales: Annotated[bool | None, _setting("shared_scales")] = None,
-    profile: Annotated[Literal["seed", "extended"], _setting("profile")] = "seed",
-    multiplier_bits: Annotated[int, _setting("multiplier_bits")] = MULTIPLIER_BITS,
-    layer_bits: Annotated[dict[str, list[int]] | None, _setting("layer_bits")] = None,
+    weight_bits: Annotated[int | None, setting(QuantSettings, "weight_bits", " Overrides bit_width.")] = None,
+    activation_bits: Annotated[int | None,
+                               setting(QuantSettings, "activation_bits", " Overrides bit_width.")] = None,
+    per_channel: Annotated[bool, setting(QuantSettings, "per_channel")] = True,
+    algorithm: Annotated[Algorithm, setting(QuantSettings, "algorithm")] = "percentile",
+    seed: Annotated[int, setting(QuantSettings, "seed")] = 0,
+    activation_sign: Annotated[Sign | None,
+                               setting(QuantSettings, "activation_sign")] = None,
+    optimization: Annotated[Pass,
+                            setting(QuantSettings, "optimization")] = "none",
+    scale_policy: Annotated[ScaleKind,
+                            setting(QuantSettings, "scale_policy")] = "float",
+    shared_scales: Annotated[bool | None, setting(QuantSettings, "shared_scales")] = None,
+    profile: Annotated[ProfileName, setting(QuantSettings, "profile")] = "seed",
+    multiplier_bits: Annotated[int, setting(QuantSettings, "multiplier_bits")] = MULTIPLIER_BITS,
+    layer_bits: Annotated[dict[str, list[int]] | None, setting(QuantSettings, "layer_bits")] = None,
     max_output_error: Annotated[float | None, Field(gt=0, description="bit_width=auto: the largest output error "
                                                                        "(rel. L2 against float) allowed.")] = None,
     max_error_ratio: Annotated[float | None, Field(ge=1, description="bit_width=auto: the largest output error "

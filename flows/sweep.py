@@ -15,6 +15,7 @@ to a CSV and a JSON table, plots, and Prefect artifacts under ``<output_root>/sw
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def _failure(state: Any) -> str:
 @task(name="sweep-point", task_run_name="point-{mapname}")
 def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibration: CalibrationSpec,
                 input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
-                evaluation: EvaluationSpec, crossbars: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+                evaluation: EvaluationSpec, crossbars: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One grid point: run-quantization (cached on content) then evaluate-map, then simulate-crossbar for
     each crossbar point; rows, the quantized point's first. A failure becomes a row."""
     started = time.perf_counter()
@@ -126,18 +127,20 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
 
 
 def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: EvaluationSpec,
-                   crossbars: list[tuple[str, int, int, str]], common: dict[str, Any]) -> list[dict[str, Any]]:
+                   crossbars: list[dict[str, Any]], common: dict[str, Any]) -> list[dict[str, Any]]:
     """The quantized point on each crossbar (simulate-crossbar, cached on the map's content and the spec)."""
     rows = []
     cstate = convert_map(result.mapname, str(result.output_root), return_state=True)
-    for xbar, cell_bits, adc_bits, adc_range in crossbars:
+    for spec_axes in crossbars:
         started = time.perf_counter()
-        axes = dict(xbar=xbar, cell_bits=cell_bits, adc_bits=adc_bits, adc_range=adc_range)
+        more = {k: v for k, v in spec_axes.items() if k not in ("xbar", "cell_bits", "adc_bits", "adc_range")}
+        axes = {**{k: v for k, v in spec_axes.items() if k not in more},
+                "crossbar": json.dumps(more, default=str) if more else None}
         if not cstate.is_completed():
             rows.append(point.row(status="failed", error=f"conversion: {_failure(cstate)}", **common, **axes))
             continue
         try:
-            spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, adc_range=adc_range)
+            spec = CrossbarSpec.from_xbar(**spec_axes)
         except SettingsError as e:
             rows.append(point.row(status="failed", error=" ".join(str(e).split()), **common, **axes))
             continue

@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from maptools.errors import SweepConfigError
 from maptools.evaluation import EVAL_SEED
 from maptools.examples import EXAMPLES
+from maptools.crossbar.mapping import CrossbarSpec
 from maptools.settings import QuantSettings
 from maptools.maps.store import is_url
 
-__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepPoint", "SweepConfigError", "load_config", "COLUMNS"]
+__all__ = ["SweepConfig", "ModelSpec", "Grid", "SweepPoint", "SweepConfigError", "load_config", "COLUMNS",
+           "DEDICATED_AXES", "CROSSBAR_AXES"]
 
 
 class _Strict(BaseModel):
@@ -59,8 +61,11 @@ class ModelSpec(_Strict):
         return {k: list(v) for k, v in EXAMPLES[str(self.example)][1].items()}
 
 
+#: crossbar fields the grid varies with an axis of its own
+CROSSBAR_AXES = {"rows": "xbar", "cols": "xbar", "cell_bits": "cell_bits", "adc_bits": "adc_bits",
+                       "adc_range": "adc_range"}
 #: settings the grid varies with an axis of its own
-_DEDICATED = {"weight_bits": "bits", "activation_bits": "bits", "per_channel": "per_channel",
+DEDICATED_AXES = {"weight_bits": "bits", "activation_bits": "bits", "per_channel": "per_channel",
               "algorithm": "algorithms", "calib_steps": "calib_samples", "seed": "seed (the config's)"}
 
 
@@ -80,18 +85,34 @@ class Grid(_Strict):
     settings: dict[str, list[Any]] = Field({}, description="More axes: any other quantization setting (a field of "
                                                            "maptools.settings.QuantSettings) and its values, e.g. "
                                                            "{scale_policy: [float, pow2]}.")
+    crossbar: dict[str, list[Any]] = Field({}, description="More crossbar axes: any other field of "
+                                                           "maptools.CrossbarSpec (dac_bits, encoding, max_arrays) and "
+                                                           "its values, e.g. {encoding: [differential, offset]}.")
 
     @field_validator("settings")
     @classmethod
     def _setting_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for name, values in value.items():
-            if name in _DEDICATED:
-                raise ValueError(f"vary {name} with the grid's {_DEDICATED[name]!r} axis")
+            if name in DEDICATED_AXES:
+                raise ValueError(f"vary {name} with the grid's {DEDICATED_AXES[name]!r} axis")
             if name not in QuantSettings.model_fields:
                 raise ValueError(f"{name!r} is not a quantization setting (one of: "
-                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in _DEDICATED)})")
+                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in DEDICATED_AXES)})")
             if not values:
                 raise ValueError(f"settings.{name} has no values")
+        return value
+
+    @field_validator("crossbar")
+    @classmethod
+    def _more_crossbar_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in value.items():
+            if name in CROSSBAR_AXES:
+                raise ValueError(f"vary {name} with the grid's {CROSSBAR_AXES[name]!r} axis")
+            if name not in CrossbarSpec.model_fields:
+                raise ValueError(f"{name!r} is not a crossbar setting (one of: "
+                                 f"{', '.join(n for n in CrossbarSpec.model_fields if n not in CROSSBAR_AXES)})")
+            if not values:
+                raise ValueError(f"crossbar.{name} has no values")
         return value
 
     @model_validator(mode="after")
@@ -100,9 +121,12 @@ class Grid(_Strict):
             raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
         return self
 
-    def crossbars(self) -> list[tuple[str, int, int, str]]:
-        """(xbar, cell_bits, adc_bits, adc_range) of every crossbar point (checked when it runs)."""
-        return list(itertools.product(self.xbar, self.cell_bits, self.adc_bits, self.adc_range))
+    def crossbars(self) -> list[dict[str, Any]]:
+        """The axes of every crossbar point: ``xbar``, ``cell_bits``, ``adc_bits``, ``adc_range`` and those of
+        ``crossbar`` (checked when it runs)."""
+        axes = {"xbar": self.xbar, "cell_bits": self.cell_bits, "adc_bits": self.adc_bits,
+                "adc_range": self.adc_range, **self.crossbar}
+        return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
 class SweepConfig(_Strict):
@@ -197,7 +221,7 @@ def _resolve_paths(model: ModelSpec, base: Path) -> ModelSpec:
 COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "mapname", "status", "cached", "rel_l2",
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
            "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
-           "xbar", "cell_bits", "adc_bits", "adc_range", "arrays", "utilization", "integer_rel_l2",
+           "xbar", "cell_bits", "adc_bits", "adc_range", "crossbar", "arrays", "utilization", "integer_rel_l2",
            "integer_agreement"]
 
 

@@ -19,7 +19,7 @@ from maptools.maps.artifacts import atomic_write, local_root
 from maptools.quantization import snr_db
 from maptools.maps.store import Store, store_errors
 
-__all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "publish"]
+__all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "publish", "line_label"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("algorithm", "algorithm", str), ("calib_samples", "calib samples", str), ("settings", "settings", str),
     ("xbar", "xbar", str),
     ("cell_bits", "cell bits", str), ("adc_bits", "ADC bits", str), ("adc_range", "ADC range", str),
+    ("crossbar", "crossbar", str),
     ("rel_l2", "error %", lambda v: f"{100 * v:.2f}"), ("integer_rel_l2", "added by ADC %", lambda v: f"{100 * v:.2f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
     ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
@@ -102,7 +103,7 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
 _AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits",
-         "adc_range", "status", "cached"}
+         "adc_range", "crossbar", "status", "cached"}
 
 
 def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -140,6 +141,7 @@ def _point(row: dict[str, Any]) -> str:
     if row["adc_bits"] is not None:
         parts += [row["xbar"], f"cell{row['cell_bits']}", f"adc{row['adc_bits']}"]
         parts += [f"{row['adc_range']} range"] if row.get("adc_range") not in (None, "full") else []
+        parts += [f"{k}={v}" for k, v in json.loads(row.get("crossbar") or "{}").items()]
     return " ".join(str(p) for p in parts)
 
 
@@ -148,7 +150,7 @@ def plot_sweep(table: list[dict[str, Any]], path: Path, title: str = "design swe
     done = [r for r in table if r["status"] == "completed" and r["rel_l2"] is not None and r["adc_bits"] is None]
     if not done:
         return None
-    return atomic_write(path, error_and_accuracy(done, "bits", _line_label(done, ("algorithm",)),
+    return atomic_write(path, error_and_accuracy(done, "bits", line_label(done, ("algorithm",)),
                                                  "bit width (weights and activations)", _titled(title, done)))
 
 
@@ -158,18 +160,19 @@ def _titled(title: str, rows: list[dict[str, Any]]) -> str:
     return f"{title}: {models.pop()}" if len(models) == 1 else title
 
 
-def _line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
+def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
     """A plot line's label: the model (where there are several), ``always``'s columns, and every other point column
     that varies."""
     vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits",
-                        "adc_range")
+                        "adc_range", "crossbar")
             if k in always or len({r.get(k) for r in rows}) > 1]
     text = {"model": lambda r: r["model"], "bits": lambda r: f"W{r['bits']}A{r['bits']}",
             "algorithm": lambda r: r["algorithm"],
             "per_channel": lambda r: "per-channel" if r["per_channel"] else "per-tensor",
             "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
             "cell_bits": lambda r: f"{r['cell_bits']}-bit cells", "adc_range": lambda r: f"{r['adc_range']} ADC range",
-            "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items())}
+            "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items()),
+            "crossbar": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r.get("crossbar") or "{}").items())}
     if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
         vary = ["model", *vary]
     return lambda r: " / ".join(text[k](r) for k in vary)
@@ -182,7 +185,7 @@ def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "c
         return None
     quantized = {r["mapname"]: r["rel_l2"] for r in table if r["adc_bits"] is None and r["status"] == "completed"}
     return atomic_write(path, error_and_accuracy(
-        done, "adc_bits", _line_label(done, ("bits", "xbar", "cell_bits")), "ADC bits", _titled(title, done),
+        done, "adc_bits", line_label(done, ("bits", "xbar", "cell_bits")), "ADC bits", _titled(title, done),
         reference=lambda r: quantized.get(r["mapname"]), reference_label="without crossbars"))
 
 

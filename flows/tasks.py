@@ -24,12 +24,11 @@ from maptools_flows.plots import layer_widths
 from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
-from maptools.maps.artifacts import MANIFEST, MODEL, read_quantinfo
-from maptools.evaluation import OutputError, evaluate_map, load_evaluation_set, weight_memory_bytes
-from maptools.onnx_model import check_input_shapes, load_model
+from maptools.maps.artifacts import read_quantinfo
+from maptools.evaluation import OutputError, evaluate_map, weight_memory_bytes
 from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize, snr_db
-from maptools.settings import QuantSettings
+from maptools.settings import QuantSettings, Settings
 from maptools.versions import package_versions
 
 __all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantization", "evaluate_quantized",
@@ -83,6 +82,8 @@ class ContentKey(CachePolicy):
                 parts[name] = value.sha256
             elif isinstance(value, QuantSettings):
                 parts[name] = value.to_dict()
+            elif isinstance(value, Settings):
+                parts[name] = {"type": type(value).__name__, **value.model_dump(mode="json")}
             elif isinstance(value, QuantizationResult):
                 parts[name] = {"sha256": value.sha256, "mapname": value.mapname, "output_root": str(value.output_root)}
             elif isinstance(value, Path):
@@ -161,13 +162,7 @@ def _artifact_key(mapname: str) -> str:
 def evaluate_quantized(result: QuantizationResult, evaluation: EvaluationSpec) -> OutputError:
     """Output error of the map's quant_model.onnx (exact at every width) against its float model on held-out
     inputs; cached on the map's content. Nothing is calibrated again."""
-    data = None
-    if evaluation.eval_set is not None:
-        model = load_model(result.artifacts[MODEL])
-        shapes = check_input_shapes(model, json.loads(result.artifacts[MANIFEST].read_text())["model"]["input_shapes"])
-        data = load_evaluation_set(evaluation.eval_set, shapes, limit=evaluation.samples)
-    return evaluate_map(result.mapname, output_root=result.output_root, evaluation=data, samples=evaluation.samples,
-                        seed=evaluation.seed)
+    return evaluate_map(result.map, evaluation=evaluation.eval_set, samples=evaluation.samples, seed=evaluation.seed)
 
 
 def _pct(value: float | None, digits: int = 2) -> str:

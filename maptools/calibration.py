@@ -32,7 +32,7 @@ import torch
 from maptools.errors import CalibrationError, MaptoolsError
 from maptools.onnx_model import ModelInput
 
-__all__ = ["CalibrationSet", "RandomCalibration", "SampleCalibration", "TransformCalibration",
+__all__ = ["integer_range", "random_array", "CalibrationSet", "RandomCalibration", "SampleCalibration", "TransformCalibration",
            "FolderCalibration", "ImageFolderCalibration", "ArrayFolderCalibration", "ValidatedCalibration",
            "ProgressCalibration", "resolve_calibration", "MIN_SAMPLES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -102,19 +102,34 @@ class RandomCalibration(CalibrationSet):
             described["dtypes"] = {k: d.name for k, d in self.dtypes.items()}
         return described
 
+    def content_hash(self, limit: int | None = None) -> str:
+        """sha256 of what decides the samples (seed, shapes, dtypes, count): no sample is generated to hash them."""
+        desc = {**self.describe(), "count": self.count if limit is None else min(limit, self.count)}
+        return hashlib.sha256(repr(sorted(desc.items())).encode()).hexdigest()
+
 
 def _random(shape: Sequence[int], dtype: np.dtype, gen: torch.Generator) -> torch.Tensor:
     want = torch.from_numpy(np.zeros(0, dtype)).dtype
     if dtype.kind == "f":
         return torch.randn(tuple(shape), generator=gen).to(want)
-    if dtype.kind == "b":
-        return torch.randint(0, 2, tuple(shape), generator=gen).to(want)
-    low, high = (-128, 128) if dtype == np.int8 else (0, 256)
-    return torch.randint(low, high, tuple(shape), generator=gen).to(want)
+    return torch.randint(*integer_range(dtype), tuple(shape), generator=gen).to(want)
 
-    def content_hash(self, limit: int | None = None) -> str:
-        desc = {**self.describe(), "count": self.count if limit is None else min(limit, self.count)}
-        return hashlib.sha256(repr(sorted(desc.items())).encode()).hexdigest()
+
+def integer_range(dtype: np.dtype) -> tuple[int, int]:
+    """``[low, high)`` of random values for an integer (or bool) input: byte values or token ids (0-255; -128-127
+    for int8), 0-1 for bool."""
+    if dtype.kind == "b":
+        return 0, 2
+    return (-128, 128) if dtype == np.int8 else (0, 256)
+
+
+def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """Seeded random values of one input outside calibration (evaluation, simulation): standard normal, or
+    integers in :func:`integer_range`, in ``dtype``."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(list(shape), dtype=np.float32).astype(dtype, copy=False)
+    return rng.integers(*integer_range(dtype), size=list(shape)).astype(dtype)
 
 
 class SampleCalibration(CalibrationSet):

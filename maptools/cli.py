@@ -22,14 +22,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
+from pydantic import BaseModel
+
+from maptools.crossbar.mapping import CrossbarSpec
 from maptools.errors import InputShapeError, MaptoolsError, SettingsError
-from maptools.settings import (MAX_CALIB_STEPS, MIN_CALIB_STEPS, MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm,
-                               Optimization, Profile, ScalePolicy)
+from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
+                               QuantSettings, ScalePolicy, field_bounds)
 
 if TYPE_CHECKING:
     from maptools.quantization import QuantizationResult
 
 console = Console()
+
+
+def _setting(model: type[BaseModel], name: str, *decls: str, note: str = "", **options: Any) -> Any:
+    """The option that sets ``model``'s field ``name``: its help (plus ``note``) and bounds are the field's."""
+    bounds = field_bounds(model, name)
+    return typer.Option(*decls, help=escape(f"{model.model_fields[name].description}{note}"), min=bounds.get("ge"),
+                        max=bounds.get("le"), **options)
 
 
 def _error_line(message: str) -> None:
@@ -189,15 +199,13 @@ def quantize(
         help="NAME=D0,D1,... for a model input, batch first, e.g. input=1,3,224,224; repeat it for each input. "
              "Default: the shapes fixed in the model (see 'maptools inspect').")] = None,
     mapname: Annotated[str | None, typer.Option(
-        help="Name of the output folder mapsave/NAME/.  [default: the model file's name without .onnx]",
-        show_default=False)] = None,
+        help="Name of the output folder mapsave/NAME/.", show_default="the model file's name without .onnx")] = None,
     calib: Annotated[str, typer.Option(
         help="Calibration data: 'random' (seeded noise; fine for trying things, not for accuracy) or a folder "
              "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized) "
              "or of .npy/.npz files (one sample each, shaped like the input).")] = "random",
-    calib_steps: Annotated[int, typer.Option(
-        min=MIN_CALIB_STEPS, max=MAX_CALIB_STEPS,
-        help="Calibration samples PPQ reads; a folder with fewer is used once in full.")] = 32,
+    calib_steps: Annotated[int, _setting(QuantSettings, "calib_steps", note=" A folder with fewer is used once in "
+                                                                             "full.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (CUDA when present).")] = "auto",
     bits: Annotated[str, typer.Option(
         help="Bits of weights and activations (2-8), or auto: per-layer weight and input widths under "
@@ -210,52 +218,33 @@ def quantize(
                                           "every layer at 8 bits, e.g. 1.5.")] = None,
     max_weight_bytes: Annotated[int | None, typer.Option(
         min=1, show_default=False, help="--bits auto: the largest weight memory in bytes.")] = None,
-    weight_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
-                                                    help="Weight bits, overriding --bits.")] = None,
-    activation_bits: Annotated[int | None, typer.Option(min=2, max=8, show_default=False,
-                                                        help="Activation bits, overriding --bits.")] = None,
-    per_channel: Annotated[bool, typer.Option(
-        "--per-channel/--per-tensor", help="One weight scale per output channel, or one per weight tensor.")] = True,
-    algorithm: Annotated[CalibrationAlgorithm, typer.Option(
-        case_sensitive=False, help="How activation ranges are set from the data: percentile clips outliers, "
-                                   "minmax keeps them (fastest), kl and mse search for the least loss.")
-    ] = CalibrationAlgorithm.PERCENTILE,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of random calibration data; same seed, same result.")] = 0,
-    activation_sign: Annotated[ActivationSign | None, typer.Option(
-        case_sensitive=False, show_default=False,
-        help="signed ranges everywhere, or auto: unsigned [0, 2^b-1] where the producer cannot be negative (after "
-             "Relu, Sigmoid, ...; --profile extended only); zero offsets either way.  [default: the profile's]")
-    ] = None,
-    optimize: Annotated[Optimization, typer.Option(
-        "--optimize", "--optimization", case_sensitive=False,
-        help="A PPQ correction pass: bias-correction and lsq fit the calibration data "
-             "(real data only), equalization rescales consecutive layers.")
-    ] = Optimization.NONE,
-    scale_policy: Annotated[ScalePolicy, typer.Option(
-        case_sensitive=False, help="float scales, or pow2: every scale a power of two, so requantization is a "
-                                   "shift.")] = ScalePolicy.FLOAT,
-    shared_scales: Annotated[bool | None, typer.Option(
-        "--shared-scales/--separate-scales", show_default=False,
-        help="One scale on all inputs of each Add and Concat, so neither is requantized before the adder.  "
-             "[default: the profile's: shared for seed]")] = None,
-    profile: Annotated[Profile, typer.Option(
-        case_sensitive=False, help="seed: quantinfo.pkl/quantparams.pkl in the original toolchain's contract "
-                                   "(signed, shared scales); extended: this package's richer semantics.")
-    ] = Profile.SEED,
-    multiplier_bits: Annotated[int, typer.Option(
-        min=8, max=MULTIPLIER_BITS, help="Bits of the requantization multipliers recorded in quantinfo.")
-    ] = MULTIPLIER_BITS,
-    layer_bits: Annotated[list[str] | None, typer.Option(
-        "--layer-bits", show_default=False, metavar="NODE=W,A",
-        help="Weight bits and input bits of one crossbar operator (--profile extended), e.g. /stem/Conv=8,6; "
-             "repeat it for several.")] = None,
+    weight_bits: Annotated[int | None, _setting(QuantSettings, "weight_bits", note=" Overrides --bits.",
+                                                show_default=False)] = None,
+    activation_bits: Annotated[int | None, _setting(QuantSettings, "activation_bits", note=" Overrides --bits.",
+                                                    show_default=False)] = None,
+    per_channel: Annotated[bool, _setting(QuantSettings, "per_channel", "--per-channel/--per-tensor")] = True,
+    algorithm: Annotated[CalibrationAlgorithm, _setting(QuantSettings, "algorithm", case_sensitive=False)
+                         ] = CalibrationAlgorithm.PERCENTILE,
+    seed: Annotated[int, _setting(QuantSettings, "seed")] = 0,
+    activation_sign: Annotated[ActivationSign | None, _setting(QuantSettings, "activation_sign", case_sensitive=False,
+                                                               show_default="the profile's")] = None,
+    optimize: Annotated[Optimization, _setting(QuantSettings, "optimization", "--optimize", "--optimization",
+                                               case_sensitive=False)] = Optimization.NONE,
+    scale_policy: Annotated[ScalePolicy, _setting(QuantSettings, "scale_policy", case_sensitive=False)
+                            ] = ScalePolicy.FLOAT,
+    shared_scales: Annotated[bool | None, _setting(QuantSettings, "shared_scales", "--shared-scales/--separate-scales",
+                                                   show_default="the profile's")] = None,
+    profile: Annotated[Profile, _setting(QuantSettings, "profile", case_sensitive=False)] = Profile.SEED,
+    multiplier_bits: Annotated[int, _setting(QuantSettings, "multiplier_bits")] = MULTIPLIER_BITS,
+    layer_bits: Annotated[list[str] | None, _setting(
+        QuantSettings, "layer_bits", "--layer-bits", show_default=False, metavar="NODE=W,A",
+        note=" One NODE=W,A per operator, e.g. /stem/Conv=8,6; repeat it for several.")] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, show_default=False, help="torch threads while PPQ runs.  [default: the cores that are free when "
-                                        "the run starts]")] = None,
+        min=1, show_default="the cores that are free when the run starts", help="torch threads while PPQ runs.")
+    ] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.  [default: $MAPTOOLS_HOME, else "
-             "the current folder]",
-        show_default=False)] = None,
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that receives mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
     strict: Annotated[bool, typer.Option(
         help="Fail where PPQ fails at an operator (or preparation leaves a step out), instead of keeping that "
              "operator on the host in float.")] = False,
@@ -425,12 +414,11 @@ def inspect(
 def convert(
     mapname: Annotated[str, typer.Option(help="The quantized map mapsave/NAME/ to convert.", show_default=False)],
     model: Annotated[Path | None, typer.Option(
-        help="The ONNX model that was quantized.  [default: the model recorded in the map's manifest]",
-        show_default=False, metavar="MODEL.onnx")] = None,
+        help="The ONNX model that was quantized.", show_default="the model recorded in the map's manifest",
+        metavar="MODEL.onnx")] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
-             "current folder]",
-        show_default=False)] = None,
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Build the operator graph of a quantized map (quantinfo attached) and write mapsave/NAME/operator_graph.json."""
     from maptools.conversion import convert as run_convert
@@ -447,9 +435,8 @@ def convert(
 def check_seed(
     mapname: Annotated[str, typer.Argument(help="The map mapsave/NAME/ to check.", show_default=False)],
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
-             "current folder]",
-        show_default=False)] = None,
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Check a map against the original toolchain's contract (the seed profile): its pickles' classes and types,
     one signed range per operator, one scale along every edge and at every adder, ratios below 2^7.
@@ -479,14 +466,13 @@ def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str
                                   encoding=encoding, max_arrays=max_arrays, adc_range=adc_range)
 
 
-_XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS (powers of two).")]
-_CELL = Annotated[int, typer.Option(help="Bits per cell.")]
-_ADC = Annotated[int, typer.Option(help="ADC bits per column (partial sums above 2^bits - 1 saturate).")]
-_DAC = Annotated[int, typer.Option(help="Input bits applied per cycle.")]
-_ENC = Annotated[str, typer.Option(help="Signed weights as a differential column pair or with an offset.")]
-_RANGE = Annotated[str, typer.Option(help="ADC range: full (steps of one partial-sum unit), or per layer and cell "
-                                          "slice a power-of-two step from calibration inputs: calibrated (least "
-                                          "squared readout error) or max (reads the largest partial sum).")]
+_XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS: word lines x bit lines of one array, "
+                                                   "powers of two.")]
+_CELL = Annotated[int, _setting(CrossbarSpec, "cell_bits")]
+_ADC = Annotated[int, _setting(CrossbarSpec, "adc_bits")]
+_DAC = Annotated[int, _setting(CrossbarSpec, "dac_bits")]
+_ENC = Annotated[str, _setting(CrossbarSpec, "encoding", metavar="differential|offset")]
+_RANGE = Annotated[str, _setting(CrossbarSpec, "adc_range", metavar="full|max|calibrated")]
 
 
 @app.command(name="map")
@@ -494,15 +480,14 @@ def map_command(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
     encoding: _ENC = "differential", adc_range: _RANGE = "full",
-    max_arrays: Annotated[int | None, typer.Option(help="Refuse a network needing more arrays.",
-                                                   show_default=False)] = None,
+    max_arrays: Annotated[int | None, _setting(CrossbarSpec, "max_arrays", note=" A network needing more is refused.",
+                                               show_default=False)] = None,
     input: Annotated[str, typer.Option("--input", help="Inputs for the observed partial sums: 'random', or an "
                                                        ".npy/.npz file of real samples (batch first).")] = "random",
     samples: Annotated[int, typer.Option(min=1, help="Random inputs for the observed partial sums.")] = 2,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
-             "current folder]",
-        show_default=False)] = None,
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
     from maptools.crossbar.mapping import map_crossbars
@@ -542,9 +527,8 @@ def simulate(
     encoding: _ENC = "differential", adc_range: _RANGE = "full",
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
     output_root: Annotated[str | None, typer.Option(
-        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.  [default: $MAPTOOLS_HOME, else the "
-             "current folder]",
-        show_default=False)] = None,
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo),
     or with --crossbar the crossbar-level simulation (and its difference from the integer one)."""

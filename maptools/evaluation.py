@@ -19,8 +19,9 @@ import numpy as np
 from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, load_quantinfo,
                                      load_quantparams)
 from maptools.maps.roots import MapRef
+from maptools.calibration import random_array
 from maptools.errors import InputShapeError
-from maptools.onnx_model import check_input_shapes, load_model
+from maptools.onnx_model import check_input_shapes, load_model, model_inputs
 from maptools.quantinfo import param_key
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
@@ -67,18 +68,20 @@ class OutputError:
         return asdict(self)
 
 
-def random_evaluation_set(input_shapes: Mapping[str, Sequence[int]], count: int, seed: int = EVAL_SEED) -> EvaluationSet:
-    """``count`` seeded standard-normal samples shaped like ``input_shapes``."""
+def random_evaluation_set(input_shapes: Mapping[str, Sequence[int]], count: int, seed: int = EVAL_SEED,
+                          dtypes: Mapping[str, np.dtype] | None = None) -> EvaluationSet:
+    """``count`` seeded samples shaped like ``input_shapes``: standard normal, or random integers for an input
+    whose ``dtypes`` entry is an integer type (float32 where none is given)."""
     if count < 1:
         raise InputShapeError(f"evaluation sample count {count} is not positive.", "use 1 or more samples.")
     rng = np.random.default_rng(seed)
-    samples = [{k: rng.standard_normal(list(s), dtype=np.float32) for k, s in input_shapes.items()}
+    samples = [{k: random_array(rng, s, (dtypes or {}).get(k, np.float32)) for k, s in input_shapes.items()}
                for _ in range(count)]
     return EvaluationSet(samples, None, f"random (seed {seed}, {count} samples)")
 
 
 def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[int]],
-                        limit: int | None = None) -> EvaluationSet:
+                        limit: int | None = None, dtypes: Mapping[str, np.dtype] | None = None) -> EvaluationSet:
     """A labelled set from an ``.npz`` file: ``labels`` (N integers) and one ``[N, ...]`` array per input name.
 
     For a single-input model the inputs array may also be called ``inputs``. Sample ``i`` is
@@ -107,7 +110,8 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
             raise InputShapeError(f"evaluation array {name!r} has shape {list(array.shape)}; expected "
                                   f"[{len(labels)}, {', '.join(map(str, want[1:]))}].", "reshape the data to match.")
     for i in range(count):
-        samples.append({name: np.ascontiguousarray(arrays[name][i:i + 1], dtype=np.float32) for name in arrays})
+        samples.append({name: np.ascontiguousarray(arrays[name][i:i + 1], dtype=(dtypes or {}).get(name, np.float32))
+                        for name in arrays})
     return EvaluationSet(samples, labels[:count].astype(np.int64), f"{path.name} ({count} labelled samples)")
 
 
@@ -138,14 +142,16 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     return result
 
 
-def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None, evaluation: EvaluationSet | None = None,
-                 samples: int = 32, seed: int = EVAL_SEED) -> OutputError:
+def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None,
+                 evaluation: EvaluationSet | str | Path | None = None, samples: int = 32,
+                 seed: int = EVAL_SEED) -> OutputError:
     """Output error of map ``mapname`` (its ``quant_model.onnx``) against its float model.
 
     Args:
         mapname: a map written by :func:`maptools.quantize`.
         output_root: where ``mapsave/`` is (default ``$MAPTOOLS_HOME`` or the current directory).
-        evaluation: the evaluation set; default ``samples`` seeded random inputs (``seed``).
+        evaluation: the evaluation set, or a labelled ``.npz`` (its first ``samples``, see
+            :func:`load_evaluation_set`); default ``samples`` seeded random inputs (``seed``).
 
     Raises:
         ArtifactError: the map is missing, incomplete, or its files differ from its manifest.
@@ -155,7 +161,10 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     manifest = version.verified()
     model = load_model(version.file(MODEL))
     shapes = check_input_shapes(model, manifest.model.input_shapes)
-    data = evaluation or random_evaluation_set(shapes, samples, seed)
+    types = {i.name: i.dtype for i in model_inputs(model)}
+    if isinstance(evaluation, (str, Path)):
+        evaluation = load_evaluation_set(evaluation, shapes, limit=samples, dtypes=types)
+    data = evaluation or random_evaluation_set(shapes, samples, seed, types)
     reference = float_outputs(version.file(MODEL), data.samples)
     quantized = float_outputs(version.file(QUANT_MODEL), data.samples)
     metrics = compare_outputs(quantized, reference, data.labels)

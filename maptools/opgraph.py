@@ -45,8 +45,9 @@ class OperatorGraph:
     {input index: value}), ``attrs`` (normalised), ``part`` (``'device'``/``'host'``), ``role``
     (see :class:`maptools.placement.Role`) and ``quant`` (a QuantConfig or None). An edge
     producer -> consumer carries ``tensor``, ``index`` (the consumer's input position, also the
-    edge key) and ``shape``. ``graph.graph`` holds ``inputs``/``outputs`` ({name: shape}) and
-    ``meta`` (where the graph came from).
+    edge key) and ``shape``. ``graph.graph`` holds ``inputs``/``outputs`` ({name: shape}),
+    ``input_types`` ({name: numpy dtype name} of the inputs that are not float32: token ids, a sample
+    rate) and ``meta`` (where the graph came from).
     """
 
     def __init__(self, graph: nx.MultiDiGraph, folder: Path | None = None) -> None:
@@ -57,6 +58,12 @@ class OperatorGraph:
     @property
     def inputs(self) -> dict[str, list[int]]:
         return self.graph.graph["inputs"]
+
+    @property
+    def input_types(self) -> dict[str, np.dtype]:
+        """Every input's dtype (float32 unless the model declares another)."""
+        declared = self.graph.graph.get("input_types", {})
+        return {name: np.dtype(declared.get(name, "float32")) for name in self.inputs}
 
     @property
     def outputs(self) -> dict[str, list[int]]:
@@ -125,7 +132,8 @@ class OperatorGraph:
                           "quant": None if d["quant"] is None else d["quant"].to_json()})
         edges = [{"src": u, "dst": v, "tensor": d["tensor"], "index": d["index"], "shape": d["shape"]}
                  for u, v, d in self.graph.edges(data=True)]
-        return {"format": GRAPH_FORMAT, "meta": self.meta, "inputs": self.inputs, "outputs": self.outputs,
+        types = {"input_types": self.graph.graph["input_types"]} if self.graph.graph.get("input_types") else {}
+        return {"format": GRAPH_FORMAT, "meta": self.meta, "inputs": self.inputs, **types, "outputs": self.outputs,
                 "nodes": nodes, "edges": edges}
 
     @classmethod
@@ -133,7 +141,8 @@ class OperatorGraph:
         if data.get("format") != GRAPH_FORMAT:
             raise ArtifactError(f"operator graph format {data.get('format')!r} is not {GRAPH_FORMAT!r}.",
                                 "re-run `maptools convert` for this map.")
-        g = nx.MultiDiGraph(inputs=dict(data["inputs"]), outputs=dict(data["outputs"]), meta=dict(data["meta"]))
+        g = nx.MultiDiGraph(inputs=dict(data["inputs"]), input_types=dict(data.get("input_types", {})),
+                            outputs=dict(data["outputs"]), meta=dict(data["meta"]))
         for node in data["nodes"]:
             attrs = {k: node[k] for k in _NODE_KEYS if k != "quant"}
             attrs["quant"] = None if node["quant"] is None else QuantConfig.from_json(node["quant"])
@@ -317,8 +326,10 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
                               "(maptools.prepare.prepare_model does).")
     roles = place(_named(model, names)).roles
 
-    g = nx.MultiDiGraph(inputs=graph_inputs, outputs={o.name: shapes[o.name] for o in model.graph.output},
-                        meta={"quantized": False})
+    types = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+             for vi in model.graph.input if vi.name in graph_inputs and vi.type.tensor_type.elem_type}
+    g = nx.MultiDiGraph(inputs=graph_inputs, input_types={k: t for k, t in types.items() if t != "float32"},
+                        outputs={o.name: shapes[o.name] for o in model.graph.output}, meta={"quantized": False})
     producer: dict[str, str] = {}
     for name, node in zip(names, model.graph.node):
         if node.output[0] in params:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Self, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maptools.errors import SettingsError
 
-__all__ = ["CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "Profile", "QuantSettings",
-           "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS"]
+__all__ = ["Settings", "CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "Profile",
+           "QuantSettings", "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS", "field_bounds", "field_choices"]
 
 MIN_CALIB_STEPS = 8
 MAX_CALIB_STEPS = 512
@@ -78,7 +78,41 @@ class Profile(str, Enum):
 _BITS = dict(ge=2, le=8, strict=True)
 
 
-class QuantSettings(BaseModel):
+class Settings(BaseModel):
+    """Base of maptools' typed settings (:class:`QuantSettings`, the crossbar spec): frozen, unknown keys
+    refused, and a bad value a :class:`~maptools.errors.SettingsError` naming the field, what it takes and the
+    fix. Each field's description and bounds are the one definition the CLI, the flows and the docs show."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _settings_error(type(self), e) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like a new one."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+def field_bounds(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The ``ge``/``le``/``gt`` bounds of one field of ``model`` (what a CLI option or a flow parameter repeats)."""
+    return {kind: getattr(m, kind) for m in model.model_fields[name].metadata for kind in ("ge", "le", "gt")
+            if type(m).__name__.lower() == kind}
+
+
+def field_choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The values a field of enum or ``Literal`` type takes (``()`` for any other field)."""
+    for kind in (model.model_fields[name].annotation, *get_args(model.model_fields[name].annotation)):
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            return tuple(str(e.value) for e in kind)
+        if get_origin(kind) is Literal:
+            return tuple(str(v) for v in get_args(kind))
+    return ()
+
+
+class QuantSettings(Settings):
     """Everything besides model and data that decides the quantized result: the one definition of every
     quantization option, with its bounds and meaning (the Python API, the command line, the flow and the
     sweep take their options from these fields; the manifest records :meth:`to_dict`).
@@ -88,8 +122,6 @@ class QuantSettings(BaseModel):
     ``False`` for ``extended``). A bad value raises :class:`~maptools.errors.SettingsError` naming the
     field, what it takes, and the fix.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     weight_bits: int = Field(8, **_BITS, description="Bits of Conv/Gemm weights (2-8).")
     activation_bits: int = Field(8, **_BITS, description="Bits of activations: operator inputs and outputs (2-8).")
@@ -128,12 +160,6 @@ class QuantSettings(BaseModel):
     profile: Profile = Field(Profile.SEED, description="seed: quantinfo.pkl/quantparams.pkl in the original "
                                                        "toolchain's contract (signed, shared scales); extended: this "
                                                        "package's richer semantics, which only its downstream reads.")
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as e:
-            raise _settings_error(e) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -182,10 +208,6 @@ class QuantSettings(BaseModel):
             raise SettingsError("layer_bits (and bit_width='auto'): the seed profile's downstream reads every "
                                 "activation at one width.", "pass profile='extended' for per-layer widths.")
 
-    def replace(self, **changes: Any) -> QuantSettings:
-        """A copy with ``changes``, validated like a new one."""
-        return type(self)(**{**self.model_dump(), **changes})
-
     @property
     def unsigned_activations(self) -> bool:
         """Whether unsigned ranges apply: ``auto``, and an observer that handles them (PPQ's kl is signed only)."""
@@ -205,7 +227,7 @@ class QuantSettings(BaseModel):
         return data
 
 
-def _settings_error(error: ValidationError) -> SettingsError:
+def _settings_error(model: type[BaseModel], error: ValidationError) -> SettingsError:
     """The first problem pydantic found, as the SettingsError a user reads: the field, its value, the fix."""
     first = error.errors(include_url=False)[0]
     cause = (first.get("ctx") or {}).get("error")
@@ -214,26 +236,23 @@ def _settings_error(error: ValidationError) -> SettingsError:
     loc = first["loc"]
     name = str(loc[0]) if loc else "settings"
     value = first.get("input")
-    field = QuantSettings.model_fields.get(name)
+    field = model.model_fields.get(name)
     if field is None:
-        return SettingsError(f"unknown setting {name!r}.", f"use one of: {', '.join(QuantSettings.model_fields)}.")
+        return SettingsError(f"unknown setting {name!r}.", f"use one of: {', '.join(model.model_fields)}.")
     if name == "layer_bits":
         where = f" (entry {loc[1]}, item {loc[2]})" if len(loc) > 2 else ""
         return SettingsError(f"layer_bits{where}: {value!r} does not fit (operator name, weight_bits, input_bits) with "
                              "widths 2 to 8.", "pass {crossbar operator name: (weight_bits, input_bits)}, each 2 to 8.")
-    kind = field.annotation if isinstance(field.annotation, type) else None
-    enum = next((t for t in (kind, *getattr(field.annotation, "__args__", ())) if isinstance(t, type)
-                 and issubclass(t, Enum)), None)
-    if enum is not None:
-        return SettingsError(f"unknown {field.title or name} {value!r}.",
-                             f"use one of: {', '.join(str(e.value) for e in enum)}.")
-    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower(), None) for m in field.metadata}
-    if "Ge" in bounds and "Le" in bounds:
+    choices = field_choices(model, name)
+    if choices:
+        return SettingsError(f"unknown {field.title or name} {value!r}.", f"use one of: {', '.join(choices)}.")
+    bounds = field_bounds(model, name)
+    if "ge" in bounds and "le" in bounds:
         return SettingsError(f"{name}={value!r} is not supported.",
-                             f"use an integer from {bounds['Ge']} to {bounds['Le']}"
+                             f"use an integer from {bounds['ge']} to {bounds['le']}"
                              + (f" ({field.default} is the default)." if name.endswith("_bits") else "."))
-    if "Ge" in bounds:
-        return SettingsError(f"{name}={value!r} is not an integer >= {bounds['Ge']}.", f"pass e.g. {name}={field.default}.")
+    if "ge" in bounds:
+        return SettingsError(f"{name}={value!r} is not an integer >= {bounds['ge']}.", f"pass e.g. {name}={field.default}.")
     if field.annotation in (bool, "bool", "bool | None") or isinstance(field.default, bool) or name == "shared_scales":
         return SettingsError(f"{name}={value!r} is not a bool.", "pass True or False.")
-    return SettingsError(f"{name}={value!r}: {first['msg']}.", f"see QuantSettings.{name}: {field.description}")
+    return SettingsError(f"{name}={value!r}: {first['msg']}.", f"see {model.__name__}.{name}: {field.description}")

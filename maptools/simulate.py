@@ -36,6 +36,7 @@ import onnx.shape_inference
 import torch
 import torch.nn.functional as F
 
+from maptools.calibration import random_array
 from maptools.conversion import DEVICE, OperatorGraph, graph_of
 from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
@@ -97,7 +98,8 @@ def _float(value: Value) -> torch.Tensor:
 
 
 def _batch_major(model: onnx.ModelProto) -> bool:
-    """True when every tensor's leading axis follows the inputs' batch (shape inference at batch 2x)."""
+    """True when every tensor's leading axis follows the inputs' batch (shape inference at batch 2x); never
+    with a 0-d input (a sample rate, a flag), which has no batch axis."""
     def shapes(m: onnx.ModelProto) -> dict[str, list[int]] | None:
         try:
             g = onnx.shape_inference.infer_shapes(m, strict_mode=True).graph
@@ -110,6 +112,8 @@ def _batch_major(model: onnx.ModelProto) -> bool:
         return out
 
     inits = {i.name for i in model.graph.initializer}
+    if any(not vi.type.tensor_type.shape.dim for vi in model.graph.input if vi.name not in inits):
+        return False
     doubled = onnx.ModelProto.FromString(model.SerializeToString())
     del doubled.graph.value_info[:]
     for vi in doubled.graph.output:
@@ -194,15 +198,16 @@ class IntegerSimulator:
         A model whose shapes do not follow the batch (a Reshape to a constant batch) runs in
         chunks of the batch it was prepared for.
         """
-        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+        types = self.graph.input_types
+        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=types.get(k, np.float32))
                   for k, v in inputs.items()}
-        total = next(iter(arrays.values())).shape[0]
+        total = next((a.shape[0] for a in arrays.values() if a.ndim), 1)
         if self.batch_major or total == self.batch:
             return self._run(arrays, keep)
         if total % self.batch:
             raise InputShapeError(f"this model runs in batches of {self.batch} (its shapes do not follow the batch), "
                                   f"but {total} samples were given.", f"pass a multiple of {self.batch} samples.")
-        runs = [self._run({k: v[i:i + self.batch] for k, v in arrays.items()}, keep)
+        runs = [self._run({k: v[i:i + self.batch] if v.ndim else v for k, v in arrays.items()}, keep)
                 for i in range(0, total, self.batch)]
         return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self.batch_axis(k))
                               for k in runs[0].outputs},
@@ -238,7 +243,8 @@ class IntegerSimulator:
             return self._generic(name, [_float(v) for v in values])
         cfg: QuantConfig = node["quant"]
         kernel = KERNELS.get((node["op_type"], node["role"]))
-        if kernel is not None:
+        gated = node["role"] == Role.LUT.value and not all(isinstance(v, QTensor) for v in values)
+        if kernel is not None and not gated:  # a table fed by its gates' float output is computed as a table
             return [getattr(self, kernel)(name, node, cfg, values)]
         if node["role"] == Role.MOVE.value:
             return self._move(name, cfg, values)
@@ -421,13 +427,16 @@ class SimulationResult:
 
 def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | None = "random", *,
                 seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
-    """Inputs for ``graph``: ``'random'`` (seeded normal), an ``.npy`` (one input) or ``.npz`` file, or a dict.
+    """Inputs for ``graph``: ``'random'`` (seeded normal; integer inputs as random calibration makes them), an
+    ``.npy`` (one input) or ``.npz`` file, or a dict; each in its input's dtype (float32 unless the model
+    declares another).
 
     Every input must match the model's shape except for the batch axis; values must be finite.
     """
+    types = graph.input_types
     if source is None or (isinstance(source, str) and source == "random"):
         rng = np.random.default_rng(seed)
-        return {k: rng.standard_normal([batch or s[0], *s[1:]], dtype=np.float32) for k, s in graph.inputs.items()}
+        return {k: random_array(rng, [batch or s[0], *s[1:]] if s else [], types[k]) for k, s in graph.inputs.items()}
     if not isinstance(source, Mapping):
         path = Path(source)
         if not path.is_file():
@@ -453,7 +462,7 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
         if array.ndim != len(want) or list(array.shape[1:]) != want[1:] or not np.issubdtype(array.dtype, np.number):
             raise InputShapeError(f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model takes "
                                   f"[N, {', '.join(map(str, want[1:]))}] numbers.", "reshape the data to match.")
-        array = array.astype(np.float32)
+        array = array.astype(types[name])
         if not np.all(np.isfinite(array)):
             raise InputShapeError(f"input {name!r} contains NaN or inf.", "clean the data.")
         out[name] = array

@@ -26,13 +26,13 @@ import torch
 
 from maptools.errors import SettingsError
 
-__all__ = ["available_cores", "idle_cores", "choose_threads", "torch_threads", "SAMPLE_SECONDS"]
+__all__ = ["available_cores", "idle_cores", "choose_threads", "torch_threads", "SAMPLE_SECONDS", "cgroup_quota"]
 
 #: how long the idle cores are sampled before choosing
 SAMPLE_SECONDS = 0.1
 
 
-def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs the cgroup may use (``cpu.max`` v2, or v1's quota / period), or None when unlimited."""
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
@@ -54,7 +54,7 @@ def _cpus() -> set[int]:
 def available_cores() -> int:
     """Cores this process may run on: its affinity, capped by a cgroup CPU quota."""
     cores = len(_cpus())
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     return max(1, min(cores, math.floor(quota) if quota is not None else cores))
 
 

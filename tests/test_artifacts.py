@@ -133,7 +133,7 @@ def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> No
     """The report measured by onnxruntime on the QDQ model is PPQ's graphwise SNR (same operators, same
     4096 seeded positions per row), up to the rounding differences of the two executions."""
     from maptools.quantization import ppq_adapter as _ppq  # first: its shims let ppq import
-    from maptools.quantization.ppq_adapter.calibration import _LCG_STATES
+    from maptools.quantization.ppq_adapter.calibration import LCG_STATES
     from maptools.calibration import RandomCalibration
     from maptools.prepare import prepare_model
     from maptools.settings import QuantSettings
@@ -141,7 +141,7 @@ def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> No
     from ppq.utils.fetch import generate_indexer
 
     for numel in (7, 96, 4096, 1 << 20):
-        assert np.array_equal(_LCG_STATES % numel, generate_indexer(4096, numel, seed=10086).numpy())
+        assert np.array_equal(LCG_STATES % numel, generate_indexer(4096, numel, seed=10086).numpy())
     shapes = {"input": ZOO[name].input_shape}
     model = prepare_model(export_zoo_model(name, tmp_path / "m.onnx"), tmp_path / "p.onnx", shapes).path
     calib = RandomCalibration(shapes, 16)

@@ -89,13 +89,13 @@ def test_a_ppq_failure_names_the_operator_it_arose_at(tmp_path) -> None:
     result = quantize(shapes, "cpu", path, mapname="resize", calib_steps=8, output_root=tmp_path, error_steps=0)
     assert not result.placement.fallbacks  # the failing kernel was switched to onnxruntime while tracing
     prepared = result.map_dir / "model.onnx"
-    graph = _ppq._load(prepared, onnx.load(str(prepared)))
+    graph = _ppq.load_ppq_graph(prepared, onnx.load(str(prepared)))
     resize = next(op for op in graph.operations.values() if op.type == "Resize")
     resize.platform = _ppq.TargetPlatform.TRT_INT8
     executor = _ppq.TorchExecutor(graph=graph, device="cpu")
     feed = {"x": torch.zeros(shapes["x"])}
     with pytest.raises(QuantizationFailed, match=rf"PPQ failed while running the model at {resize.name} "
                                                  r"\(Resize\).*NoneType") as caught:
-        with _ppq._ppq_step("running the model"):
+        with _ppq.ppq_step("running the model"):
             executor.forward(inputs=feed)  # PPQ's kernel, outside the tracing probe
     assert caught.value.operator == resize.name

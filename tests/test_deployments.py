@@ -3,14 +3,21 @@ the cache across runs, and the event-triggered downstream deployment. Every proc
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from pydantic import TypeAdapter
 
+from maptools.crossbar.mapping import CrossbarSpec
 from maptools.maps.artifacts import verify_map
+from maptools.settings import QuantSettings
 from tests import servers
 
 PARAMS = ["-p", "onnx_path=example:small_cnn", "-p", 'input_shapes={"input": [1, 3, 32, 32]}',
@@ -115,3 +122,33 @@ def test_bad_parameter_fails_the_run_with_the_core_message(prefect_env) -> None:
     assert run.returncode != 0 and "Failed" in run.stdout + run.stderr
     failed = max(_flow_runs(prefect_env, "quantize"), key=lambda r: r.created)
     assert failed.state.is_failed() and "plain folder name" in failed.state.message
+
+
+def _served() -> dict[str, Any]:
+    """deployments/serve.py's deployments by name (the script loaded as a module, nothing served)."""
+    loader = importlib.util.spec_from_file_location("serve", servers.ROOT / "deployments" / "serve.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return {d.name: d for d in module.deployments()}
+
+
+def test_deployment_parameters_are_valid_flow_parameters_and_serve_matches_prefect_yaml() -> None:
+    """Each parameter prefect.yaml sets is a parameter of its flow, of the flow's type and bounds; the ones that
+    set a QuantSettings or CrossbarSpec field are valid values of it; serve.py serves the same deployments with
+    the same effective parameters."""
+    deployments = yaml.safe_load((servers.ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    served = _served()
+    assert sorted(served) == sorted(d["name"] for d in deployments)
+    for deployment in deployments:
+        module, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(flow.fn, include_extras=True)
+        params = deployment.get("parameters", {})
+        for key, value in params.items():
+            assert key in hints, f"{deployment['name']}: {key} is not a parameter of {name}"
+            TypeAdapter(hints[key]).validate_python(value)
+        QuantSettings(**{k: v for k, v in params.items() if k in QuantSettings.model_fields})
+        CrossbarSpec.from_xbar(params.get("xbar", "256x256"),
+                               **{k: v for k, v in params.items() if k in CrossbarSpec.model_fields})
+        defaults = {k: v["default"] for k, v in flow.parameters.properties.items() if "default" in v}
+        assert {**defaults, **params} == {**defaults, **served[deployment["name"]].parameters}, deployment["name"]

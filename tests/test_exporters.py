@@ -94,7 +94,7 @@ def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
     result, error = _pipeline(model, shapes, tmp_path, "gather_slice")
     assert error < 0.3 and result.placement.device_macs == result.placement.total_macs
     prepared = onnx.load(str(result.map_dir / "model.onnx"))
-    graph = _ppq._load(result.map_dir / "model.onnx", prepared)
+    graph = _ppq.load_ppq_graph(result.map_dir / "model.onnx", prepared)
     for op in graph.operations.values():
         op.platform = _ppq.TargetPlatform.FP32  # the float graph, as PPQ's tracing and float check run it
     names = [n.output[0] for n in prepared.graph.node if n.op_type in ("Slice", "Gather")]
@@ -156,6 +156,72 @@ def test_control_flow_runs_on_the_host(tmp_path: Path) -> None:
     assert list(branch.input) == ["cond"] and not [a for a in branch.attribute if a.name.startswith("maptools")]
 
 
+def test_a_model_left_at_its_opset_exports_at_it(tmp_path: Path) -> None:
+    """An opset-18 export whose If body the version converter cannot lower (``Split`` with ``num_outputs``, as
+    torch's dynamo exporter writes): preparation keeps opset 18, and quant_model.onnx declares it too, which
+    its operators' attributes (``Reshape``'s ``allowzero``) need to load in onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+
+    def branch(name: str, combine: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Split", ["a2"], ["h1", "h2"], name=f"{name}_split", axis=1, num_outputs=2),
+             helper.make_node(combine, ["h1", "h2"], [f"{name}_out"], name=f"{name}_combine")],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 4, 8, 8])])
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["a", "flat"], ["r"], name="flatten", allowzero=0),
+             helper.make_node("Reshape", ["r", "image"], ["a1"], name="unflatten", allowzero=0),
+             helper.make_node("Relu", ["a1"], ["a2"], name="relu"),
+             helper.make_node("ReduceMean", ["a2"], ["m"], name="mean", keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=branch("then", "Add"),
+                              else_branch=branch("else", "Sub")),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="head")]
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 8, 64], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1, 8, 8, 8], np.int64), "image"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "opset18", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result, error = _pipeline(model, {"x": [1, 3, 8, 8]}, tmp_path, "opset18")
+    assert error < 0.3, error
+    exported = onnx.load(str(result.quant_model_path))
+    assert max(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")) == 18
+    assert "branch" in result.placement.host_ops and result.placement.device_macs == result.placement.total_macs > 0
+
+
+def test_a_pre_activation_batch_norm_after_a_pool_is_one_lookup_table(tmp_path: Path) -> None:
+    """DenseNet's transition as Caffe2 exported it: max pool, then batch norm written as a per-channel Mul and
+    Add, then Relu. Mul and Add have no conv to fold into, so they gate the Relu's table (its input stays
+    float); the simulation computes that table from the pool's codes instead of asking Relu for codes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu1"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Mul", ["p", "gamma"], ["pg"], name="bn_scale"),
+             helper.make_node("Add", ["pg", "beta"], ["pb"], name="bn_shift"),
+             helper.make_node("Relu", ["pb"], ["pr"], name="relu2"),
+             helper.make_node("Conv", ["pr", "w2"], ["y"], name="head")]
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.uniform(0.5, 1.5, (1, 8, 1, 1))).astype(np.float32), "gamma"),
+             numpy_helper.from_array((rng.standard_normal((1, 8, 1, 1)) * 0.2).astype(np.float32), "beta"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "densenet_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result, error = _pipeline(model, {"x": [1, 3, 16, 16]}, tmp_path, "densenet_bn")
+    assert error < 0.1, error
+    roles = {n: read_graph(result.map).node(n)["role"] for n in ("bn_scale", "bn_shift", "relu2")}
+    assert roles == {"bn_scale": "gate", "bn_shift": "gate", "relu2": "lut"}, roles
+
+
 def test_an_image_input_as_bytes_calibrates_on_random_bytes(tmp_path: Path) -> None:
     """A model that takes uint8 pixels (Cast and scale inside, as TF exports do): quantize's default random
     calibration comes in the input's dtype (codes 0-255), and the pipeline runs as shipped."""
@@ -180,6 +246,80 @@ def test_an_image_input_as_bytes_calibrates_on_random_bytes(tmp_path: Path) -> N
     simulated = simulate("bytes", {"x": x}, output_root=tmp_path).outputs["y"]
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _rel(simulated, reference) < 0.1
+
+
+def test_token_ids_stay_integers_through_every_stage(tmp_path: Path) -> None:
+    """An int32 input of byte values one-hot encoded inside the model (``Equal`` with a constant range, as
+    tf2onnx writes jax's ``one_hot``): the simulation, the output error and the crossbar evaluation feed it
+    integers (random ones in the calibration's range by default), as onnxruntime requires."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools import CrossbarSpec, MapRef, evaluate_crossbar, evaluate_map
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Unsqueeze", ["tokens", "last"], ["t3"], name="unsqueeze"),
+             helper.make_node("Equal", ["t3", "range"], ["hot"], name="one_hot"),
+             helper.make_node("Cast", ["hot"], ["hotf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["hotf", "embed"], ["e"], name="embed"),
+             helper.make_node("Transpose", ["e"], ["et"], name="channels_first", perm=[0, 2, 1]),
+             helper.make_node("Unsqueeze", ["et", "height"], ["e4"], name="to_image"),
+             helper.make_node("Conv", ["e4", "w"], ["c"], name="conv", pads=[0, 1, 0, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc", "fc_bias"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.array([2], np.int64), "height"),
+             numpy_helper.from_array(np.arange(256, dtype=np.int32), "range"),
+             numpy_helper.from_array(rng.standard_normal((256, 8)).astype(np.float32), "embed"),
+             numpy_helper.from_array((rng.standard_normal((16, 8, 1, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((5, 16)) * 0.3).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "fc_bias")]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("tokens", TensorProto.INT32, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "tokens.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"tokens": [1, 64]}, "cpu", path, mapname="tokens", calib_steps=CALIB, output_root=tmp_path)
+    assert read_manifest("tokens", tmp_path)["calibration"]["dtypes"] == {"tokens": "int32"}
+    convert(result.map)
+    assert read_graph(result.map).input_types == {"tokens": np.dtype(np.int32)}
+    x = rng.integers(0, 256, (4, 64), dtype=np.int32)
+    simulated = simulate(result.map, {"tokens": x}).outputs["y"]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"tokens": x})[0]
+    assert _rel(simulated, reference) < 0.1
+    assert simulate(result.map, "random", batch=2).outputs["y"].shape == (2, 5)  # random token ids
+    assert evaluate_map(result.map, samples=4).rel_l2 < 0.1
+    lossless = evaluate_crossbar(MapRef("tokens", tmp_path), CrossbarSpec(rows=64, cols=64, adc_bits=12), samples=2)
+    assert lossless.integer_rel_l2 == 0.0
+
+
+def test_a_scalar_input_has_no_batch_axis(tmp_path: Path) -> None:
+    """A 0-d input beside the image (a gain, a sample rate: silero-vad's ``sr``): calibration batches the image
+    and keeps the scalar, and the simulation runs a batch of images with it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["xg"], name="gain"),
+             helper.make_node("Conv", ["xg", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"], name="head")]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    graph = helper.make_graph(nodes, "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                                                helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "gain": np.array(0.5, np.float32)}
+             for _ in range(CALIB)]
+    for algorithm in ("minmax", "kl"):  # onnxruntime's statistics, and PPQ's forward in batches
+        result = quantize({"x": [1, 3, 8, 8], "gain": []}, "cpu", path, mapname="scalar", calibset=calib,
+                          calib_steps=CALIB, output_root=tmp_path, algorithm=algorithm, error_steps=0)
+    convert(result.map)
+    x = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32), "gain": np.array(0.5, np.float32)}
+    simulated = simulate(result.map, x).outputs["y"]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert simulated.shape == (3, 4, 8, 8) and _rel(simulated, reference) < 0.1
+    assert simulate(result.map, "random", batch=2).outputs["y"].shape == (2, 4, 8, 8)
 
 
 def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_a_lock_file_is_whole_from_the_instant_it_exists(tmp_path) -> None:
             "manager = LiveLockManager(Path(sys.argv[1]))\nassert manager.acquire_lock('key', 'child')\n"
             "time.sleep(600)\n")
     manager = LiveLockManager(tmp_path)
-    lock = manager._lock_path_for_key("key")
+    lock = manager.lock_path("key")
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT)
     deadline = time.monotonic() + 120
     while not lock.exists():
@@ -65,7 +65,7 @@ def test_a_record_without_a_holder_is_stale_after_the_grace(tmp_path, monkeypatc
     from maptools_flows import locks
 
     manager = LiveLockManager(tmp_path)
-    lock = manager._lock_path_for_key("key")
+    lock = manager.lock_path("key")
     lock.write_text(json.dumps({"holder": "killed", "expiration": str(datetime.now(timezone.utc) + timedelta(hours=6))}))
     assert manager.is_locked("key") and not manager.acquire_lock("key", "next", acquire_timeout=0.3)
     old = time.time() - locks.GRACE_SECONDS - 1

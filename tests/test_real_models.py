@@ -16,7 +16,7 @@ from maptools.quantization import ppq_adapter as _ppq
 from maptools.calibration import RandomCalibration
 from maptools.conversion import convert, read_graph
 from maptools.settings import QuantSettings
-from maptools.simulate import IntegerSimulator, simulate
+from maptools.simulate import IntegerSimulator, load_inputs, simulate
 from tests.agreement import layer_agreement
 from tests.corpus import CORPUS, Unreachable, fetch
 
@@ -41,7 +41,8 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     placement = result.placement
     converted = convert(name, output_root=tmp_path)
     assert converted.device_ops == placement.device_ops
-    x = {k: np.random.default_rng(1).standard_normal(v).astype(np.float32) for k, v in model.input_shapes.items()}
+    graph = read_graph(name, tmp_path)
+    x = load_inputs(graph, "random", seed=1)  # each input in its dtype (byte values for integer inputs)
     simulated = simulate(name, x, output_root=tmp_path).outputs
     exported = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
     qdq = dict(zip([o.name for o in exported.get_outputs()], exported.run(None, x)))
@@ -53,13 +54,11 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     # every device operator of the integer simulation, fed PPQ's inputs, lands within one step of PPQ's output
     # (end to end, random data drives some of these models to outputs near zero, where relative errors mean
     # nothing)
-    graph = read_graph(name, tmp_path)
     ppq = _ppq.quantize_graph(result.map_dir / "model.onnx", RandomCalibration(
-        {k: tuple(v) for k, v in model.input_shapes.items()}, 8), 8, {k: torch.from_numpy(v) for k, v in x.items()},
-        QuantSettings(calib_steps=8), "cpu")
+        {k: tuple(v) for k, v in model.input_shapes.items()}, 8, dtypes=graph.input_types), 8,
+        {k: torch.from_numpy(v) for k, v in x.items()}, QuantSettings(calib_steps=8), "cpu")
     assert ppq.quantinfo() == read_quantinfo(name, tmp_path)
-    agreement = layer_agreement(IntegerSimulator(graph, read_quantparams(name, tmp_path)), graph, ppq,
-                                next(iter(x.values())))
+    agreement = layer_agreement(IntegerSimulator(graph, read_quantparams(name, tmp_path)), graph, ppq, x)
     worst = min(agreement, key=agreement.get, default=None)
     assert worst is None or agreement[worst] >= 0.99, (worst, agreement[worst])
     print(f"{name} ({model.exporter}): {placement.summary()}; worst layer agreement "

@@ -12,18 +12,18 @@ from maptools.examples import SMALL_CNN_SHAPES
 @pytest.mark.parametrize("algorithm", ["percentile", "minmax"])
 def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeypatch, algorithm) -> None:
     used: list[bool] = []
-    build = _ppq._Statistics.build.__func__
+    build = _ppq.Statistics.build.__func__
 
     def recording(cls, *args):
         statistics = build(cls, *args)
         used.append(statistics is not None)
         return statistics
 
-    monkeypatch.setattr(_ppq._Statistics, "build", classmethod(recording))
+    monkeypatch.setattr(_ppq.Statistics, "build", classmethod(recording))
     fast = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="fast", calib_steps=16, output_root=tmp_path,
                     algorithm=algorithm, error_steps=0)
     assert used == [True]
-    monkeypatch.setattr(_ppq._Statistics, "build", classmethod(lambda cls, *args: None))
+    monkeypatch.setattr(_ppq.Statistics, "build", classmethod(lambda cls, *args: None))
     torch_path = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="torch", calib_steps=16,
                           output_root=tmp_path, algorithm=algorithm, error_steps=0)
     for name in ("quantinfo.json", "quantparams.npz", "quant_model.onnx"):
@@ -32,8 +32,8 @@ def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeyp
 
 def test_kl_and_correction_passes_keep_ppq_forward(branchy_cnn, tmp_path, monkeypatch) -> None:
     used: list[bool] = []
-    build = _ppq._Statistics.build.__func__
-    monkeypatch.setattr(_ppq._Statistics, "build",
+    build = _ppq.Statistics.build.__func__
+    monkeypatch.setattr(_ppq.Statistics, "build",
                         classmethod(lambda cls, *args: used.append(build(cls, *args) is not None)))
     quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="kl", calib_steps=16, output_root=tmp_path,
              algorithm="kl", error_steps=0)
@@ -56,10 +56,10 @@ def test_tail_through_chunks_is_exact(numel, m, chunked) -> None:
     for largest in (True, False):
         graph = onnx.helper.make_graph([], "tail", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
                                                                                           ["batch", numel])], [])
-        graph.node.extend(_ppq._tail(graph, "x", numel, m, largest, "y"))
+        graph.node.extend(_ppq.tail_nodes(graph, "x", numel, m, largest, "y"))
         graph.output.append(onnx.helper.make_empty_tensor_value_info("y"))
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
         got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         expected = np.sort(x, axis=1)[:, ::-1][:, :m] if largest else np.sort(x, axis=1)[:, :m]
         assert np.array_equal(got, expected)
-    assert (_ppq._chunks(numel, m) is not None) == chunked
+    assert (_ppq.chunk_count(numel, m) is not None) == chunked

@@ -70,7 +70,7 @@ def test_a_store_map_that_does_not_verify_is_refused(small_cnn, tmp_path, monkey
     _machine(monkeypatch, tmp_path, "a")
     _quantize(small_cnn, url)
     folder = StoreMapFolder("m", url)
-    version = folder._pointer()["version"]
+    version = folder.pointer()["version"]
     store, base = folder.store.fs, f"{folder.remote}/versions/{version}"
     params = store.cat_file(f"{base}/quantparams.pkl")
     store.pipe_file(f"{base}/quantparams.pkl", params[:-1] + bytes([params[-1] ^ 1]))
@@ -184,15 +184,15 @@ def test_a_reader_whose_version_is_removed_meanwhile_reads_the_new_one(small_cnn
     url = f"memory://lab-{uuid.uuid4().hex[:8]}"
     _machine(monkeypatch, tmp_path, "a")
     _quantize(small_cnn, url, seed=0)
-    stale = StoreMapFolder("m", url)._pointer()
+    stale = StoreMapFolder("m", url).pointer()
     _quantize(small_cnn, url, seed=1)
     newest = _quantize(small_cnn, url, seed=2)  # removes the seed-0 version (current and previous are kept)
     _machine(monkeypatch, tmp_path, "b")
     folder = StoreMapFolder("m", url)
     assert stale["version"] not in folder.versions()
     pointers = iter([stale])  # the reader resolved current.json just before the two writes
-    real = folder._pointer
-    monkeypatch.setattr(folder, "_pointer", lambda: next(pointers, None) or real())
+    real = folder.pointer
+    monkeypatch.setattr(folder, "pointer", lambda: next(pointers, None) or real())
     assert folder.open().verify()["artifacts"] == newest.sha256
     assert not folder.mirror.stale_staging()  # the failed download left nothing behind
 

@@ -126,7 +126,7 @@ def test_example_config_is_valid() -> None:
     assert len(example.points()) == 12 and example.models[0].example == "small_cnn"
     crossbar = load_config(EXAMPLE.parent / "sweep-crossbar.yaml")
     assert len(crossbar.points()) == 2 and len(crossbar.grid.crossbars()) == 10
-    assert {c[3] for c in crossbar.grid.crossbars()} == {"full", "calibrated"}  # the ADC range is an axis
+    assert {c["adc_range"] for c in crossbar.grid.crossbars()} == {"full", "calibrated"}  # the ADC range is an axis
 
 
 def test_cli_runs_a_toml_sweep_on_a_cluster(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
@@ -171,7 +171,7 @@ def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
 def test_plot_lines_are_one_per_varying_point(tmp_path) -> None:
     """A crossbar plot's line is one quantization on one crossbar (the axes that vary name it), and its dashed
     reference is that quantization's error without crossbars."""
-    from maptools_flows.sweep_report import _line_label, plot_crossbar_sweep
+    from maptools_flows.sweep_report import line_label, plot_crossbar_sweep
 
     rows = []
     for a in ("percentile", "minmax"):
@@ -180,13 +180,13 @@ def test_plot_lines_are_one_per_varying_point(tmp_path) -> None:
         rows += [point.row(status="completed", rel_l2=0.3 / adc, xbar="64x64", cell_bits=2, adc_bits=adc)
                  for adc in (4, 6, 8)]
     crossbar = [r for r in rows if r["adc_bits"] is not None]
-    label = _line_label(crossbar, ("bits", "xbar", "cell_bits"))
+    label = line_label(crossbar, ("bits", "xbar", "cell_bits"))
     assert {label(r) for r in crossbar} == {"W8A8 / percentile / 64x64 / 2-bit cells",
                                         "W8A8 / minmax / 64x64 / 2-bit cells"}  # the one model is in the title
     path = plot_crossbar_sweep(rows, tmp_path / "x.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
     other = [{**r, "model": "resnet"} for r in crossbar[:3]]
-    label = _line_label(crossbar + other, ("bits", "xbar", "cell_bits"))
+    label = line_label(crossbar + other, ("bits", "xbar", "cell_bits"))
     assert {label(r) for r in other} == {"resnet / W8A8 / percentile / 64x64 / 2-bit cells"}
 
 
@@ -208,10 +208,14 @@ def test_gpu_sweep_needs_gpu_workers(prefect_server, dask_cluster, small_cnn, tm
 
 def test_crossbar_axes_add_a_row_per_crossbar(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
     cfg = config(small_cnn, tmp_path, dask_cluster, name="xb", bits=[8], algorithms=["minmax"], xbar=["64x64"],
-                 cell_bits=[2], adc_bits=[4, 12, 99])
+                 cell_bits=[2], adc_bits=[4, 12, 99], crossbar={"encoding": ["differential", "offset"]})
     first = run_sweep(cfg)
-    assert [r["adc_bits"] for r in first.rows] == [None, 4, 12, 99], first.rows
-    quantized, coarse, lossless, bad = first.rows
+    assert [(r["adc_bits"], r["crossbar"]) for r in first.rows] == [(None, None)] + [
+        (bits, json.dumps({"encoding": encoding})) for bits in (4, 12, 99) for encoding in ("differential", "offset")]
+    # any other CrossbarSpec field is an axis too: an offset-encoded weight takes one column instead of two
+    offset = {r["adc_bits"]: r for r in first.rows[1:] if "offset" in r["crossbar"]}
+    assert offset[12]["integer_rel_l2"] == 0.0 and offset[12]["arrays"] < first.rows[3]["arrays"]
+    quantized, coarse, lossless, bad = (first.rows[0], *(r for r in first.rows[1:] if "differential" in r["crossbar"]))
     assert quantized["status"] == coarse["status"] == lossless["status"] == "completed", first.rows
     assert all(r["mapname"] == quantized["mapname"] and r["xbar"] == "64x64" for r in first.rows[1:])
     # 12 bits read every partial sum of a 64-row array of 2-bit cells (64 * 3): exactly the integer simulation
@@ -221,6 +225,10 @@ def test_crossbar_axes_add_a_row_per_crossbar(prefect_server, dask_cluster, smal
     assert (tmp_path / "sweeps" / "xb" / "crossbar.png").read_bytes()[:4] == b"\x89PNG"
     assert Artifact.get("sweep-xb-crossbar-plot") is not None
     again = run_sweep(cfg)
-    assert [r["cached"] for r in again.rows[:3]] == [True, True, True], again.rows
+    assert [r["cached"] for r in again.rows[:5]] == [True] * 5, again.rows
     with pytest.raises(ValueError, match="give both 'xbar' and 'adc_bits'"):
         Grid(bits=[8], xbar=["64x64"])
+    with pytest.raises(ValueError, match="with the grid's 'xbar' axis"):
+        Grid(bits=[8], crossbar={"rows": [64]})
+    with pytest.raises(ValueError, match="'colour' is not a crossbar setting"):
+        Grid(bits=[8], crossbar={"colour": ["red"]})

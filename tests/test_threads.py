@@ -13,22 +13,22 @@ import pytest
 import torch
 
 from maptools.errors import SettingsError
-from maptools.threads import _cgroup_quota, available_cores, choose_threads, idle_cores, torch_threads
+from maptools.threads import cgroup_quota, available_cores, choose_threads, idle_cores, torch_threads
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert _cgroup_quota(tmp_path) == 1.5
+    assert cgroup_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert _cgroup_quota(tmp_path) is None
+    assert cgroup_quota(tmp_path) is None
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert _cgroup_quota(v1) == 3.0
+    assert cgroup_quota(v1) == 3.0
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert _cgroup_quota(v1) is None
-    assert _cgroup_quota(tmp_path / "missing") is None
+    assert cgroup_quota(v1) is None
+    assert cgroup_quota(tmp_path / "missing") is None
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
 
 

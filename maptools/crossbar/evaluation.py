@@ -20,7 +20,8 @@ import numpy as np
 from maptools.conversion import graph_of
 from maptools.maps.artifacts import MODEL, QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
-from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, random_evaluation_set
+from maptools.evaluation import (EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, load_evaluation_set,
+                                 random_evaluation_set)
 from maptools.crossbar.mapping import CrossbarSpec, map_graph
 from maptools.simulate import IntegerSimulator
 
@@ -85,14 +86,15 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
 
 
 def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str | Path | None = None,
-                      evaluation: EvaluationSet | None = None, samples: int = 32, seed: int = EVAL_SEED,
+                      evaluation: EvaluationSet | str | Path | None = None, samples: int = 32, seed: int = EVAL_SEED,
                       calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarError:
     """Output error of map ``mapname`` computed on ``spec`` crossbars (see the module docstring).
 
     Args:
         mapname: a converted map (``maptools convert``).
         spec: the crossbar and its ADC.
-        evaluation: labelled or random samples; default ``samples`` seeded random inputs.
+        evaluation: labelled or random samples, or a labelled ``.npz`` (its first ``samples``, see
+            :func:`~maptools.evaluation.load_evaluation_set`); default ``samples`` seeded random inputs.
         calibration: a batch of inputs (``{input name: [N, ...] array}``) that a ``max`` or ``calibrated``
             ADC range is calibrated on; default seeded random inputs other than the evaluation's.
 
@@ -102,7 +104,9 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     version = MapFolder(mapname, output_root).open()  # one version for every file read
     graph = graph_of(version)
     params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
-    data = evaluation or random_evaluation_set(graph.inputs, samples, seed)
+    if isinstance(evaluation, (str, Path)):
+        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
+    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types)
     reference = float_outputs(version.existing(MODEL), data.samples)
     integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
     simulator = spec.simulator(graph, params, calibration=calibration)
@@ -113,7 +117,7 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     mapped = map_graph(graph, params, spec, shifts=simulator.adc_shifts)
     n = len(data.samples)
     return CrossbarError(
-        spec=asdict(spec), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
+        spec=spec.model_dump(), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
         cosine=float(against_float["cosine"]), top1_agreement=float(against_float["top1_agreement"]),
         accuracy=against_float["accuracy"], float_accuracy=against_float["float_accuracy"],
         integer_accuracy=integer_accuracy, integer_rel_l2=float(against_integer["rel_l2"]),

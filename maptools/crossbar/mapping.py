@@ -33,7 +33,6 @@ with a lossless ADC it equals :class:`~maptools.simulate.IntegerSimulator` code 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -44,11 +43,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from maptools.conversion import GRAPH_FILE, OperatorGraph, graph_of
 from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
 from maptools.errors import SettingsError
+from maptools.settings import Settings
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
 from maptools.requant import RequantMode
@@ -65,46 +66,50 @@ AdcRange = Literal["full", "max", "calibrated"]
 CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 1
 
 
-@dataclass(frozen=True)
-class CrossbarSpec:
-    """A crossbar array and its periphery.
+class CrossbarSpec(Settings):
+    """A crossbar array and its periphery (the one definition of every crossbar option: the CLI, the flows and the
+    sweep take theirs from these fields). A bad value raises :class:`~maptools.errors.SettingsError`."""
 
-    Attributes:
-        rows, cols: cells per array (word lines x bit lines), powers of two.
-        cell_bits: bits one cell stores (1..8).
-        adc_bits: resolution of each column's ADC (>= 1); partial sums above ``2^adc_bits - 1`` saturate.
-        dac_bits: input bits applied per cycle (1..8).
-        encoding: ``differential`` (two columns per weight) or ``offset`` (one column, digital correction).
-        max_arrays: optional budget of arrays for the whole network.
-        adc_range: ``full`` (steps of one partial-sum unit), ``max`` or ``calibrated`` (a power-of-two step per
-            layer and cell slice from calibration inputs; see the module docstring).
-    """
+    rows: int = Field(256, description="Word lines (cells per column) of one array, a power of two.")
+    cols: int = Field(256, description="Bit lines (cells per row) of one array, a power of two.")
+    cell_bits: int = Field(2, ge=1, le=8, description="Bits one cell stores (1-8).")
+    adc_bits: int = Field(8, ge=1, le=32, description="Resolution of each column's ADC (1-32 bits); partial sums "
+                                                      "above 2^adc_bits - 1 steps saturate.")
+    dac_bits: int = Field(1, ge=1, le=8, description="Input bits applied per cycle (1-8).")
+    encoding: Encoding = Field("differential", description="Signed weights as a differential pair of columns, or in "
+                                                           "one column with an offset corrected digitally.")
+    max_arrays: int | None = Field(None, ge=1, description="Budget of arrays for the whole network (none: no "
+                                                           "limit).")
+    adc_range: AdcRange = Field("full", description="How each ADC's range is set: full (steps of one partial-sum "
+                                                    "unit), or per layer and cell slice from calibration inputs a "
+                                                    "power-of-two step: max (reads the largest partial sum) or "
+                                                    "calibrated (least squared readout error).")
 
-    rows: int = 256
-    cols: int = 256
-    cell_bits: int = 2
-    adc_bits: int = 8
-    dac_bits: int = 1
-    encoding: Encoding = "differential"
-    max_arrays: int | None = None
-    adc_range: AdcRange = "full"
-
-    def __post_init__(self) -> None:
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, values: Any) -> Any:
+        """The checks, with maptools' messages, before pydantic's (which then only confirm them)."""
+        if not isinstance(values, dict):
+            return values
         for name in ("rows", "cols"):
-            value = getattr(self, name)
+            value = values.get(name, 256)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise SettingsError(f"crossbar {name}={value!r} is not a positive power of two.",
                                     "use e.g. 64, 128, 256 or 512.")
         for name, low, high in (("cell_bits", 1, 8), ("dac_bits", 1, 8), ("adc_bits", 1, 32)):
-            value = getattr(self, name)
+            value = values.get(name, low)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise SettingsError(f"{name}={value!r} is out of range.", f"use an integer from {low} to {high}.")
-        if self.encoding not in ("differential", "offset"):
-            raise SettingsError(f"encoding={self.encoding!r} is unknown.", "use 'differential' or 'offset'.")
-        if self.max_arrays is not None and (not isinstance(self.max_arrays, int) or self.max_arrays < 1):
-            raise SettingsError(f"max_arrays={self.max_arrays!r} is not a positive count.", "pass e.g. 64, or None.")
-        if self.adc_range not in ("full", "max", "calibrated"):
-            raise SettingsError(f"adc_range={self.adc_range!r} is unknown.", "use 'full', 'max' or 'calibrated'.")
+        encoding = values.get("encoding", "differential")
+        if encoding not in ("differential", "offset"):
+            raise SettingsError(f"encoding={encoding!r} is unknown.", "use 'differential' or 'offset'.")
+        arrays = values.get("max_arrays")
+        if arrays is not None and (isinstance(arrays, bool) or not isinstance(arrays, int) or arrays < 1):
+            raise SettingsError(f"max_arrays={arrays!r} is not a positive count.", "pass e.g. 64, or None.")
+        adc_range = values.get("adc_range", "full")
+        if adc_range not in ("full", "max", "calibrated"):
+            raise SettingsError(f"adc_range={adc_range!r} is unknown.", "use 'full', 'max' or 'calibrated'.")
+        return values
 
     def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
                   requant: RequantMode | str = RequantMode.FLOAT,
@@ -197,7 +202,7 @@ class CrossbarMap:
         return (json.dumps(self.to_json(), indent=1) + "\n").encode()
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "maptools.crossbar_map/1", "spec": asdict(self.spec),
+        return {"format": "maptools.crossbar_map/1", "spec": self.spec.model_dump(),
                 "totals": {"arrays": self.arrays, "cells": self.cells, "cells_used": self.cells_used,
                            "utilization": self.utilization, "cycles": self.cycles,
                            "adc_bits_needed": max((lay.adc_bits_needed for lay in self.layers), default=0)},
@@ -346,7 +351,7 @@ class CrossbarSimulator(IntegerSimulator):
         self.adc_shifts = dict(adc_shifts or {})
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
         self.histograms: dict[str, torch.Tensor] = {}  # per layer: [slice, partial sum] summed squared significance
-        self._matrices = {}
+        self.matrices = {}
         # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
         self._weights: dict[tuple[str, int], torch.Tensor] = {}
         self._cells: dict[tuple[str, int], _Cells] = {}
@@ -355,7 +360,7 @@ class CrossbarSimulator(IntegerSimulator):
             stored = weight.numpy()
             if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
                 stored = stored.T
-            self._matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
+            self.matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
 
     def _mvm(self, name: str, x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
         """``x [groups, N, rows]`` integer codes times the layer's matrices through the arrays: ``[groups, N, cols]``.
@@ -368,7 +373,7 @@ class CrossbarSimulator(IntegerSimulator):
         row's largest cell) are computed slice by slice, and only for that correction; unless partial sums
         are being collected, every other pair is exact in the plain product.
         """
-        spec, matrices = self.spec, self._matrices[name]  # [groups, rows, cols]
+        spec, matrices = self.spec, self.matrices[name]  # [groups, rows, cols]
         wbits = int(cfg.weight_bits or 8)
         lo, hi = cfg.in_range(0)
         ibits = int(math.ceil(math.log2(hi - lo + 1)))
@@ -512,7 +517,7 @@ def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None
         return {}
     feed = load_inputs(graph, "random" if calibration is None else calibration, seed=CALIBRATION_SEED,
                        batch=CALIBRATION_SAMPLES)
-    lossless = dataclasses.replace(spec, adc_bits=32, adc_range="full")
+    lossless = spec.replace(adc_bits=32, adc_range="full")
     sim = CrossbarSimulator(graph, quantparams, lossless, collect_psums=True)
     sim.run(feed)
     limit = (1 << spec.adc_bits) - 1

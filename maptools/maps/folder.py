@@ -45,7 +45,7 @@ from typing import IO, Any, ClassVar
 from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MapnameError, MissingArtifactError,
                              StorageError)
 from maptools.maps.manifest import Manifest, parse_manifest
-from maptools.maps.roots import MapRef, home, is_url, output_root
+from maptools.maps.roots import MapRef, home, is_url, output_root, pause_point
 
 __all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
 
@@ -103,14 +103,6 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     return path
-
-
-def _pause(point: str) -> None:
-    """Fault injection for the kill tests: with ``MAPTOOLS_TEST_PAUSE_AT=<point>`` set, a write stops
-    here (after touching ``<point>.reached`` in ``MAPTOOLS_TEST_PAUSE_DIR``) until it is killed."""
-    if os.environ.get("MAPTOOLS_TEST_PAUSE_AT") == point:
-        Path(os.environ["MAPTOOLS_TEST_PAUSE_DIR"], f"{point}.reached").touch()
-        time.sleep(3600)
 
 
 @dataclass(frozen=True)
@@ -322,7 +314,7 @@ class MapFolder:
         with self._owned_stage() as stage:
             with storage_errors(f"write the map {self.mapname!r} in {self.parent}"):
                 yield stage  # every file of a new map is written here: OS errors become StorageError
-            _pause("staged")
+            pause_point("staged")
             self.published = self._publish(stage)
 
     def update(self, files: Mapping[str, bytes], manifest_changes: Mapping[str, Any],
@@ -367,7 +359,7 @@ class MapFolder:
                 previous = legacy
             version = self.parent / f".{self.mapname}.v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
             os.rename(stage, version)
-            _pause("renamed")
+            pause_point("renamed")
             link = self.parent / f".{self.mapname}.link-{uuid.uuid4().hex[:8]}"
             try:
                 os.symlink(version.name, link)

@@ -1,7 +1,8 @@
 """Where maps live: the output root (a local folder or a store URL) and this machine's folders.
 
-The one reader of ``MAPTOOLS_HOME`` (the default output root) and ``MAPTOOLS_CACHE`` (the local
-mirror of stores, default ``~/.cache/maptools``).
+The one reader of maptools' environment variables: ``MAPTOOLS_HOME`` (the default output root),
+``MAPTOOLS_CACHE`` (the local mirror of stores, default ``~/.cache/maptools``), and the kill tests'
+``MAPTOOLS_TEST_PAUSE_AT`` / ``MAPTOOLS_TEST_PAUSE_DIR`` (:func:`pause_point`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from maptools.errors import SettingsError, StorageError
 
-__all__ = ["MapRef", "is_url", "home", "mirror_root", "output_root", "output_location", "local_root"]
+__all__ = ["MapRef", "is_url", "home", "mirror_root", "output_root", "output_location", "local_root", "pause_point"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,11 @@ def local_root(root: str | Path | None = None) -> Path:
     root itself, or for a store URL this machine's mirror of that store."""
     where = output_location(root)
     return mirror_root(where) if isinstance(where, str) else where
+
+
+def pause_point(point: str) -> None:
+    """Fault injection for the kill tests: with ``MAPTOOLS_TEST_PAUSE_AT=<point>`` set, a write stops
+    here (after touching ``<point>.reached`` in ``MAPTOOLS_TEST_PAUSE_DIR``) until it is killed."""
+    if os.environ.get("MAPTOOLS_TEST_PAUSE_AT") == point:
+        Path(os.environ["MAPTOOLS_TEST_PAUSE_DIR"], f"{point}.reached").touch()
+        time.sleep(3600)

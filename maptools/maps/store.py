@@ -53,9 +53,9 @@ from fsspec.spec import AbstractFileSystem
 
 from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityError, MaptoolsError, MissingArtifactError,
                              StorageError, StoreUnavailable)
-from maptools.maps.folder import MANIFEST, MapFolder, MapVersion, _pause, atomic_write, sha256_file, storage_errors
+from maptools.maps.folder import MANIFEST, MapFolder, MapVersion, atomic_write, sha256_file, storage_errors
 from maptools.maps.manifest import parse_manifest
-from maptools.maps.roots import MapRef, home, is_url, mirror_root
+from maptools.maps.roots import MapRef, home, is_url, mirror_root, pause_point
 
 __all__ = ["is_url", "mirror_root", "Store", "StoreMapFolder", "store_errors", "store_options", "put_blob",
            "get_blob", "holder_alive", "LEASE_SECONDS",
@@ -221,7 +221,7 @@ class StoreMapFolder(MapFolder):
         self.published = None
 
     # --- reading ------------------------------------------------------------------------------------
-    def _pointer(self) -> dict[str, str] | None:
+    def pointer(self) -> dict[str, str] | None:
         with store_errors(f"read map {self.mapname!r}", self.url):
             try:
                 data = json.loads(self.store.fs.cat_file(f"{self.remote}/{POINTER}"))
@@ -244,12 +244,12 @@ class StoreMapFolder(MapFolder):
             return None
 
     def exists(self) -> bool:
-        return self._pointer() is not None
+        return self.pointer() is not None
 
     def open(self) -> MapVersion:
         """The store's current version of the map, in the local mirror (downloaded and verified if needed)."""
         for _ in range(3):
-            pointer = self._pointer()
+            pointer = self.pointer()
             if pointer is None:
                 raise MissingArtifactError(f"map {self.mapname!r} does not exist on the store ({self.url}/{POINTER}).",
                                            f"run quantize(..., mapname={self.mapname!r}, output_root="
@@ -393,7 +393,7 @@ class StoreMapFolder(MapFolder):
         with self.mirror._owned_stage() as stage:
             with storage_errors(f"write the map {self.mapname!r}"):
                 yield stage  # as MapFolder.write: OS errors of the files' writes become StorageError
-            _pause("staged")
+            pause_point("staged")
             with self.lock():
                 self._upload(stage)
             self.published = self.mirror._publish(stage)
@@ -416,7 +416,7 @@ class StoreMapFolder(MapFolder):
         target = f"{self.remote}/versions/{version}"
         fs = self.store.fs
         with store_errors(f"upload map {self.mapname!r}", self.url):
-            previous = self._pointer()
+            previous = self.pointer()
             kept = self._artifacts_of(previous)
             same = sorted(name for name, digest in record.artifacts.items() if kept.get(name) == digest)
             new = sorted(name for name in record.artifacts if name not in same)
@@ -425,12 +425,12 @@ class StoreMapFolder(MapFolder):
                         [f"{target}/{n}" for n in same])
             if new:
                 fs.put_file(str(folder / new[0]), f"{target}/{new[0]}")
-                _pause("uploading")
+                pause_point("uploading")
                 if new[1:]:
                     fs.put([str(folder / n) for n in new[1:]], [f"{target}/{n}" for n in new[1:]])  # concurrently
             size = sum((folder / n).stat().st_size for n in new)
             fs.pipe_file(f"{target}/{MANIFEST}", manifest)
-            _pause("uploaded")
+            pause_point("uploaded")
             fs.pipe_file(f"{self.remote}/{POINTER}", json.dumps(
                 {"version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}).encode())
         log.info("uploaded map %s (%.1f MB new) in %.2f s", self.url, size / 1e6, time.perf_counter() - started)

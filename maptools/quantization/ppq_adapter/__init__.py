@@ -38,13 +38,13 @@ from maptools.quantization.ppq_adapter.export import _check_zero_offsets
 from maptools.quantization.ppq_adapter.graph import QuantizedGraph, _setting
 from maptools.quantization.ppq_adapter.kernels import _probe, _register
 from maptools.quantization.ppq_adapter.quantizer import _MaptoolsQuantizer
-from maptools.quantization.ppq_adapter.steps import _ppq_step, _quiet
+from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version"]
+__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version", "load_ppq_graph", "ppq_step", "TargetPlatform", "TorchExecutor"]
 
 
-def _load(model_path: Path, model: onnx.ModelProto) -> Any:
+def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
     """PPQ's graph of a prepared model, operator for operator.
 
     PPQ's own loader also fuses BatchNorm and bias Adds and drops Identity nodes inside its graph;
@@ -210,7 +210,7 @@ def quantize_graph(
     model_bytes = model_path.read_bytes()
     model = onnx.ModelProto.FromString(model_bytes)
     placement = place(model)
-    graph = _load(model_path, model)
+    graph = load_ppq_graph(model_path, model)
     for op in graph.operations.values():
         op.platform = TargetPlatform.TRT_INT8 if placement.part(op.name) == DEVICE else TargetPlatform.FP32
     unknown = [name for name, _, _ in settings.layer_bits if placement.roles.get(name) is not Role.CROSSBAR]
@@ -225,27 +225,27 @@ def quantize_graph(
     executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
     with _no_gc_between_passes():
-        with _ppq_step("tracing the model"), _quiet():
+        with ppq_step("tracing the model"), _quiet():
             _probe.active = True
             try:
                 executor.tracing_operation_meta(inputs=dummy)
             finally:
                 _probe.active = False
-        with _ppq_step("checking PPQ's float execution against onnxruntime"):
+        with ppq_step("checking PPQ's float execution against onnxruntime"):
             switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         if quantizer._model is not None and not settings.optimization.in_ppq and \
                 settings.algorithm.value in ("minmax", "percentile"):
-            batch = 1  # onnxruntime computes the statistics, one sample per run (see _Statistics)
+            batch = 1  # onnxruntime computes the statistics, one sample per run (see Statistics)
         else:
             single = _float_shapes(quantizer._graph)
-            with _ppq_step("tracing a batch of two"), _quiet():
+            with ppq_step("tracing a batch of two"), _quiet():
                 doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
             batch = _batch_size(single, doubled, calib_steps, device)
         log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
         torch.manual_seed(settings.seed)
-        with _ppq_step("calibrating"), _quiet():
+        with ppq_step("calibrating"), _quiet():
             # quantize() traces `dummy` again (batch 1), so exported shapes are the model's own.
             quantizer.quantize(
                 inputs=dummy, calib_dataloader=_Batches(calibration, calib_steps, batch), executor=executor,
@@ -253,7 +253,7 @@ def quantize_graph(
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
     if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
-        with _ppq_step("correcting biases"):
+        with ppq_step("correcting biases"):
             _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
     _check_zero_offsets(quantizer._graph)
     result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch)

@@ -107,7 +107,7 @@ class _OnePassCalibration(RuntimeCalibrationPass):
 
     def calibrate(self, desc: str, dataloader: Iterable[Any], executor: Any, hooks: Any,
                   output_names: list[str] | None = None) -> None:
-        statistics = _Statistics.build(self._model, self._graph, hooks) if self._model is not None else None
+        statistics = Statistics.build(self._model, self._graph, hooks) if self._model is not None else None
         for data in dataloader:
             if statistics is not None:
                 # one sample per run, as the statistics model keeps the model's input shapes: onnxruntime gains
@@ -116,7 +116,7 @@ class _OnePassCalibration(RuntimeCalibrationPass):
                 # expects PPQ's forward to calibrate; should the statistics apply there after all, they split here.
                 count = getattr(_batch, "samples", 1)
                 for i in range(count):
-                    statistics.observe({k: v.chunk(count)[i] for k, v in data.items()})
+                    statistics.observe({k: v.chunk(count)[i] if v.dim() else v for k, v in data.items()})
                 continue
             if self._collate_fn is not None:
                 data = self._collate_fn(data)
@@ -137,7 +137,7 @@ def _lcg_states() -> np.ndarray:
     return np.array(states, dtype=np.int64)
 
 
-_LCG_STATES = _lcg_states()
+LCG_STATES = _lcg_states()
 
 
 def _with_outputs(model: bytes, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
@@ -173,22 +173,22 @@ def _fetching_session(model: bytes, produced: set[str], tensors: Mapping[str, in
     nodes, initializers, outputs = [], [], []
     for i, (name, numel) in enumerate(tensors.items()):
         t = f"maptools_fetch{i}"
-        initializers.append(onnx.numpy_helper.from_array(_LCG_STATES % numel, f"{t}_index"))
+        initializers.append(onnx.numpy_helper.from_array(LCG_STATES % numel, f"{t}_index"))
         nodes += [onnx.helper.make_node("Flatten", [name], [f"{t}_rows"], axis=1),
                   onnx.helper.make_node("Gather", [f"{t}_rows", f"{t}_index"], [t], axis=1)]
         outputs.append(onnx.helper.make_empty_tensor_value_info(t))
     return _with_outputs(model, nodes, initializers, outputs, what)
 
 
-def _chunks(numel: int, m: int) -> int | None:
-    """Chunks a row of ``numel`` values splits into for :func:`_tail`: the smallest divisor of ``numel``
+def chunk_count(numel: int, m: int) -> int | None:
+    """Chunks a row of ``numel`` values splits into for :func:`tail_nodes`: the smallest divisor of ``numel``
     from 8m on whose chunks hold at least 16 values; None where there is none (short rows)."""
     divisors = {d for i in range(1, math.isqrt(numel) + 1) if numel % i == 0 for d in (i, numel // i)}
     fitting = [d for d in divisors if d >= 8 * m and numel // d >= 16]
     return min(fitting) if fitting else None
 
 
-def _tail(graph: onnx.GraphProto, rows: str, numel: int, m: int, largest: bool, out: str) -> list[onnx.NodeProto]:
+def tail_nodes(graph: onnx.GraphProto, rows: str, numel: int, m: int, largest: bool, out: str) -> list[onnx.NodeProto]:
     """Nodes writing to ``out`` the m largest (or smallest) values of every row of ``rows`` [batch, numel],
     sorted, so ``out[:, -1]`` is the m-th: ``TopK``, exact, over far fewer values where the row splits
     into R >= 8m chunks. The m extreme values all lie in the m chunks with the most extreme maxima (or
@@ -198,29 +198,29 @@ def _tail(graph: onnx.GraphProto, rows: str, numel: int, m: int, largest: bool, 
     k = onnx.numpy_helper.from_array(np.array([m], dtype=np.int64), f"{out}_k")
     graph.initializer.append(k)
     top = onnx.helper.make_node
-    count = _chunks(numel, m)
+    count = chunk_count(numel, m)
     if count is None:
         return [top("TopK", [rows, k.name], [out, f"{out}_i"], axis=1, largest=int(largest), sorted=1)]
     graph.initializer.extend([
         onnx.numpy_helper.from_array(np.array([0, count, numel // count], dtype=np.int64), f"{out}_grid"),
         onnx.numpy_helper.from_array(np.array([0, -1, 1], dtype=np.int64), f"{out}_picks")])
     return [
-        top("Reshape", [rows, f"{out}_grid"], [f"{out}_chunks"]),
-        top("ReduceMax" if largest else "ReduceMin", [f"{out}_chunks"], [f"{out}_ends"], axes=[2], keepdims=0),
+        top("Reshape", [rows, f"{out}_grid"], [f"{out}chunk_count"]),
+        top("ReduceMax" if largest else "ReduceMin", [f"{out}chunk_count"], [f"{out}_ends"], axes=[2], keepdims=0),
         top("TopK", [f"{out}_ends", k.name], [f"{out}_e", f"{out}_which"], axis=1, largest=int(largest), sorted=0),
         top("Reshape", [f"{out}_which", f"{out}_picks"], [f"{out}_index"]),
-        top("GatherND", [f"{out}_chunks", f"{out}_index"], [f"{out}_picked"], batch_dims=1),
+        top("GatherND", [f"{out}chunk_count", f"{out}_index"], [f"{out}_picked"], batch_dims=1),
         top("Flatten", [f"{out}_picked"], [f"{out}_cand"], axis=1),
         top("TopK", [f"{out}_cand", k.name], [out, f"{out}_i"], axis=1, largest=int(largest), sorted=1),
     ]
 
 
-class _Statistics:
+class Statistics:
     """Calibration statistics computed inside onnxruntime (CPU), as onnxruntime's own calibrator does.
 
     While PPQ calibrates it quantizes no activation, so its forward is the float network with the
     baked (fake-quantized) weights: this model, in which every observed tensor feeds, per sample,
-    ``ReduceMin``/``ReduceMax`` (minmax) or its two short tails (:func:`_tail`; maptools' percentile
+    ``ReduceMin``/``ReduceMax`` (minmax) or its two short tails (:func:`tail_nodes`; maptools' percentile
     observer: the same order statistics). Only those small results leave onnxruntime, and they go
     into the observers' collectors exactly as the observers would have put them. Every operator
     whose PPQ kernel computes something else than ONNX already runs in onnxruntime (see
@@ -233,7 +233,7 @@ class _Statistics:
         self.names = [n for _, _, names in outputs for n in names]
 
     @classmethod
-    def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any]) -> _Statistics | None:
+    def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any]) -> Statistics | None:
         """None where only PPQ's forward can calibrate: another observer (kl, mse), a weight that is not
         baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
         probe = onnx.ModelProto.FromString(model)
@@ -273,7 +273,7 @@ class _Statistics:
                     if max(low, high) > _TOPK_LIMIT:
                         return None
                     for side, m, largest in (("hi", high, 1), ("lo", low, 0)):
-                        nodes += _tail(probe.graph, f"{t}_rows", numel, m, bool(largest), f"{t}_{side}")
+                        nodes += tail_nodes(probe.graph, f"{t}_rows", numel, m, bool(largest), f"{t}_{side}")
                     outputs.append((observer, "percentile", [f"{t}_hi", f"{t}_lo"]))
                 else:
                     return None
@@ -353,7 +353,9 @@ class _Batches:
         _batch.samples = len(group)
         if len(group) == 1:
             return dict(group[0])
-        return {name: torch.cat([s[name] for s in group], dim=0) for name in group[0]}
+        # a 0-d input (a sample rate, a flag) has no batch axis: every sample of the batch shares the first's
+        return {name: torch.cat([s[name] for s in group], dim=0) if group[0][name].dim() else group[0][name]
+                for name in group[0]}
 
 
 #: Calibration batch (samples per forward) by device kind; bounded by _BATCH_BYTES of the largest activation.

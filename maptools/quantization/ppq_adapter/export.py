@@ -47,7 +47,12 @@ class _ExactExporter(ONNXRUNTIMExporter):
 
 def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Put operators of other domains (``com.microsoft``, ...) back into theirs, with their opset imports:
-    PPQ's exporter writes every operator into the default domain."""
+    PPQ's exporter writes every operator into the default domain, at opset 13; a prepared model left at a
+    later opset (preparation could not convert it) keeps that opset, which its operators' attributes need."""
+    prepared = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    for opset in exported.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < prepared:
+            opset.version = prepared
     domains = {n.name: n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}
     if not domains:
         return

@@ -29,7 +29,7 @@ from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Ba
                                                            _no_gc_between_passes)
 from maptools.quantization.ppq_adapter.export import _canonical_names, _ExactExporter, _restore_domains
 from maptools.quantization.ppq_adapter.quantizer import _range_of, _scale_of
-from maptools.quantization.ppq_adapter.steps import _ppq_step, _quiet
+from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
 log = logging.getLogger(__name__)
 
 def _setting(settings: QuantSettings, device: str) -> Any:
@@ -178,7 +178,7 @@ class QuantizedGraph:
         """
         with tempfile.TemporaryDirectory(prefix="maptools-export-") as scratch:
             path = Path(scratch) / "quant_model.onnx"
-            with _quiet(), _ppq_step("exporting the QDQ model"):
+            with _quiet(), ppq_step("exporting the QDQ model"):
                 graph = self._graph.copy()
                 _ExactExporter().export(file_path=str(path), config_path=None, graph=graph, quantized_param=False)
             exported = onnx.load(str(path))
@@ -206,7 +206,7 @@ class QuantizedGraph:
         if report is None:
             # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
             data = list(_Batches(samples, steps, self._batch))
-            with _quiet(), _no_gc_between_passes(), _ppq_step("measuring the per-layer error"):
+            with _quiet(), _no_gc_between_passes(), ppq_step("measuring the per-layer error"):
                 report = graphwise_error_analyse(
                     self._graph, running_device=self._device, dataloader=data,
                     collate_fn=lambda b: {k: v.to(self._device) for k, v in b.items()},
@@ -253,7 +253,7 @@ class QuantizedGraph:
                         return None
                     seen = after[0].output[0]
             pred[seen] = numel
-        with _ppq_step("measuring the per-layer error"):
+        with ppq_step("measuring the per-layer error"):
             sessions = [_fetching_session(self._model_bytes, {t for n in self._model.graph.node for t in n.output},
                                           real, "the float model"),
                         _fetching_session(qdq, {t for n in quantized.graph.node for t in n.output}, pred,

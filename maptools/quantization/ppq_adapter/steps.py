@@ -28,7 +28,7 @@ def _quiet() -> Any:
 
 
 @contextlib.contextmanager
-def _ppq_step(what: str) -> Any:
+def ppq_step(what: str) -> Any:
     """PPQ's and onnx's raw exceptions as QuantizationFailed naming the step and the device operator they
     arose at (CUDA faults pass unchanged, so callers can retry them)."""
     try:
