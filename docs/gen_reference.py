@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 import maptools
 import maptools.errors
+from maptools.crossbar.device import DEVICE_PRESETS, DeviceModel
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.maps.manifest import Manifest
 from maptools.settings import QuantSettings
@@ -93,6 +94,13 @@ def settings_page() -> str:
               "[Crossbars](../crossbar.md)).", "", "| field | type | default | bounds | meaning |",
               "|---|---|---|---|---|"]
     for name, field in CrossbarSpec.model_fields.items():
+        lines.append(f"| `{name}` | {_cell(_type(field.annotation))} | {_default(field.default)} | {_bounds(field)} | "
+                     f"{_cell(field.description or '')} |")
+    lines += ["", "## `DeviceModel`", "", "The crossbar's cells, for `evaluate_device` (guide: [Crossbars, non-ideal "
+              "cells](../crossbar.md#non-ideal-cells-monte-carlo-over-trials-and-time)); every default is an ideal "
+              "cell. Presets: " + ", ".join(f"`{n}`" for n in DEVICE_PRESETS) + ".", "",
+              "| field | type | default | bounds | meaning |", "|---|---|---|---|---|"]
+    for name, field in DeviceModel.model_fields.items():
         lines.append(f"| `{name}` | {_cell(_type(field.annotation))} | {_default(field.default)} | {_bounds(field)} | "
                      f"{_cell(field.description or '')} |")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,9 @@ import maptools.maps.store  # noqa: E402,F401 - registers the map folder of stor
 from maptools.maps.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
 from maptools.maps.roots import MapRef  # noqa: E402
 from maptools.conversion import ConversionResult, convert, read_graph  # noqa: E402
-from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar  # noqa: E402
+from maptools.crossbar.device import DEVICE_PRESETS, DeviceModel  # noqa: E402
+from maptools.crossbar.evaluation import (CrossbarError, DeviceEvaluation, evaluate_crossbar,  # noqa: E402
+                                          evaluate_device)
 from maptools.errors import (ArtifactError, BudgetError, CalibrationError, ConcurrentUpdateError,  # noqa: E402
                              ConversionError, DependencyError, DeviceError, InputShapeError, IntegrityError,
                              MapnameError, MaptoolsError, MissingArtifactError, ModelError, QuantizationFailed,
@@ -38,6 +40,7 @@ __all__ = [
     "convert", "ConversionResult", "read_graph", "simulate", "SimulationResult",
     # crossbars
     "map_crossbars", "CrossbarSpec", "CrossbarMap", "evaluate_crossbar", "CrossbarError",
+    "DeviceModel", "DEVICE_PRESETS", "evaluate_device", "DeviceEvaluation",
     # errors
     "MaptoolsError", "ModelError", "InputShapeError", "CalibrationError", "SettingsError", "BudgetError",
     "DeviceError", "MapnameError", "ArtifactError", "MissingArtifactError", "IntegrityError",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import maptools
+from maptools.crossbar.device import DeviceModel
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.maps.manifest import Manifest
 from maptools.settings import QuantSettings
@@ -46,7 +47,8 @@ def test_the_site_builds_strict_and_its_home_reaches_every_reference(site: Path)
 
 def test_reference_pages_are_generated_from_the_code(site: Path) -> None:
     settings = text(site, "reference/settings")
-    for name, field in (*QuantSettings.model_fields.items(), *CrossbarSpec.model_fields.items()):
+    for name, field in (*QuantSettings.model_fields.items(), *CrossbarSpec.model_fields.items(),
+                        *DeviceModel.model_fields.items()):
         assert name in settings and " ".join(field.description.split())[:40] in " ".join(settings.split()), name
     errors = text(site, "reference/errors")
     for name in maptools.errors.__all__:

@@ -5,6 +5,8 @@
 through the lossless :class:`~maptools.simulate.IntegerSimulator`, and through the float
 ``model.onnx`` in onnxruntime, and reports the crossbar's output error against both, its accuracy
 on a labelled set, and what the mapping costs (arrays, utilization, cycles, ADC bits needed).
+:func:`evaluate_device` does the same through non-ideal cells (:mod:`maptools.crossbar.device`), trial by
+trial and at each time after programming, and reports each metric's mean, spread and confidence interval.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import numpy as np
 from maptools.conversion import graph_of
 from maptools.maps.artifacts import MODEL, QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
+from maptools.errors import SettingsError
 from maptools.evaluation import (EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, load_evaluation_set,
                                  random_evaluation_set)
+from maptools.crossbar.device import DeviceModel
 from maptools.crossbar.mapping import CrossbarSpec, map_graph
 from maptools.simulate import IntegerSimulator
 
-__all__ = ["CrossbarError", "evaluate_crossbar"]
+__all__ = ["CrossbarError", "evaluate_crossbar", "DevicePoint", "DeviceEvaluation", "evaluate_device"]
 
 _CHUNK = 8  # samples simulated at a time (bounded memory on large inputs)
 
@@ -126,3 +130,81 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
         adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
         seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n,
         adc_steps={layer.name: layer.adc_steps for layer in mapped.layers if layer.adc_steps})
+
+
+@dataclass(frozen=True)
+class DevicePoint:
+    """One time after programming, over the Monte Carlo trials: each metric's mean, standard deviation and 95%
+    confidence interval of the mean (normal approximation; ``None`` where the metric is absent)."""
+
+    time: float
+    trials: int
+    rel_l2: tuple[float, float, tuple[float, float]]
+    top1_agreement: tuple[float, float, tuple[float, float]]
+    accuracy: tuple[float, float, tuple[float, float]] | None
+
+
+@dataclass(frozen=True)
+class DeviceEvaluation:
+    """A map on ``spec`` crossbars of ``device`` cells: per time point, the trials' statistics."""
+
+    spec: dict[str, Any]
+    device: dict[str, Any]
+    samples: int
+    source: str
+    points: list[DevicePoint]
+    float_accuracy: float | None
+    seconds_per_trial: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summary(values: Sequence[float]) -> tuple[float, float, tuple[float, float]]:
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    half = 1.96 * std / np.sqrt(len(values))
+    return mean, std, (mean - half, mean + half)
+
+
+def evaluate_device(mapname: str | MapRef, spec: CrossbarSpec, device: DeviceModel, *,
+                    output_root: str | Path | None = None, trials: int = 20, times: Sequence[float] = (0.0,),
+                    evaluation: EvaluationSet | str | Path | None = None, samples: int = 32, seed: int = EVAL_SEED,
+                    calibration: Mapping[str, np.ndarray] | None = None) -> DeviceEvaluation:
+    """Output error (and accuracy, on a labelled set) of map ``mapname`` on ``spec`` crossbars built of
+    ``device``'s cells: ``trials`` Monte Carlo draws of the cells (the tiling is mapped once), each read at every
+    time in ``times`` (seconds after programming).
+
+    Args:
+        mapname, spec, output_root, evaluation, samples, seed, calibration: as :func:`evaluate_crossbar`.
+        device: the cells' non-idealities (``maptools.crossbar.device.DEVICE_PRESETS['pcm']``, ...).
+        trials: Monte Carlo trials (independent draws of every cell's state).
+        times: seconds after programming at which the cells are read (drift).
+    """
+    if trials < 1 or not times or any(t < 0 for t in times):
+        raise SettingsError(f"trials={trials}, times={list(times)}: need at least one trial and times >= 0.",
+                            "pass e.g. trials=20, times=[0, 3600, 86400].")
+    version = MapFolder(mapname, output_root).open()  # one version for every file read
+    graph = graph_of(version)
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
+    if isinstance(evaluation, (str, Path)):
+        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
+    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types)
+    reference = float_outputs(version.existing(MODEL), data.samples)
+    simulator = spec.simulator(graph, params, calibration=calibration)
+    started, points, float_accuracy = time.perf_counter(), [], None
+    for at in times:
+        metrics = []
+        for trial in range(trials):
+            simulator.set_device(device, trial, at)
+            outputs, _ = _run(simulator, data.samples)
+            metrics.append(compare_outputs(outputs, reference, data.labels))
+        float_accuracy = metrics[0]["float_accuracy"]
+        accuracy = [m["accuracy"] for m in metrics]
+        points.append(DevicePoint(
+            time=float(at), trials=trials, rel_l2=_summary([m["rel_l2"] for m in metrics]),
+            top1_agreement=_summary([m["top1_agreement"] for m in metrics]),
+            accuracy=None if accuracy[0] is None else _summary(accuracy)))
+    return DeviceEvaluation(spec=spec.model_dump(), device=device.model_dump(), samples=len(data.samples),
+                            source=data.description, points=points, float_accuracy=float_accuracy,
+                            seconds_per_trial=(time.perf_counter() - started) / (trials * len(times)))

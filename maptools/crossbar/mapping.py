@@ -50,6 +50,7 @@ from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
 from maptools.errors import SettingsError
 from maptools.settings import Settings
+from maptools.crossbar.device import CellStates, DeviceModel
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
 from maptools.requant import RequantMode
@@ -113,11 +114,13 @@ class CrossbarSpec(Settings):
 
     def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
                   requant: RequantMode | str = RequantMode.FLOAT,
-                  calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarSimulator:
-        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec; a ``max``
-        or ``calibrated`` ADC range is calibrated first on ``calibration`` (a batch of inputs; default
-        ``CALIBRATION_SAMPLES`` seeded random ones)."""
-        return CrossbarSimulator(graph, quantparams, self, requant=requant,
+                  calibration: Mapping[str, np.ndarray] | None = None,
+                  device: DeviceModel | None = None) -> CrossbarSimulator:
+        """The simulator that computes every crossbar operator of ``graph`` through arrays of this spec (of
+        ``device``'s cells: see :meth:`CrossbarSimulator.set_device`); a ``max`` or ``calibrated`` ADC range is
+        calibrated first, on ideal cells, on ``calibration`` (a batch of inputs; default ``CALIBRATION_SAMPLES``
+        seeded random ones)."""
+        return CrossbarSimulator(graph, quantparams, self, requant=requant, device=device,
                                  adc_shifts=adc_shifts(graph, quantparams, self, calibration))
 
     @classmethod
@@ -340,13 +343,19 @@ class CrossbarSimulator(IntegerSimulator):
             histogram of its partial sums in ``histograms`` (what :func:`adc_shifts` calibrates on); slower.
         adc_shifts: per layer, per cell slice, the ADC step's power of two (a step of ``2^k`` partial-sum units);
             absent: steps of one.
+        device: non-ideal cells (:class:`~maptools.crossbar.device.DeviceModel`, see :meth:`set_device`).
     """
 
     def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
                  *, collect_psums: bool = False, adc_shifts: Mapping[str, tuple[int, ...]] | None = None,
-                 **kwargs: Any) -> None:
+                 device: DeviceModel | None = None, **kwargs: Any) -> None:
         super().__init__(graph, quantparams, **kwargs)
         self.spec = spec
+        self.device: DeviceModel | None = None
+        self.trial, self.time = 0, 0.0
+        self._states: dict[tuple[str, int], list[CellStates]] = {}  # one trial's cells, per row block and part
+        self._read: dict[tuple[str, int], list[torch.Tensor]] = {}  # the levels they read at self.time
+        self.set_device(device)
         self.collect_psums = collect_psums
         self.adc_shifts = dict(adc_shifts or {})
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
@@ -361,6 +370,25 @@ class CrossbarSimulator(IntegerSimulator):
             if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
                 stored = stored.T
             self.matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
+
+    def set_device(self, device: DeviceModel | None, trial: int = 0, time: float = 0.0) -> None:
+        """Compute through ``device``'s cells of Monte Carlo ``trial``, read ``time`` seconds after programming
+        (the tiling and cell slices are kept; only the cells' states are drawn again)."""
+        device = None if device is None or device.ideal else device
+        if (device, trial) != (self.device, self.trial):
+            self._states.clear()
+        if (device, trial, time) != (self.device, self.trial, self.time):
+            self._read.clear()
+        self.device, self.trial, self.time = device, trial, float(time)
+
+    def _levels_read(self, name: str, r0: int, cells: _Cells) -> list[torch.Tensor]:
+        """Per part, the levels this row block's cells read in the current trial and time."""
+        if (name, r0) not in self._read:
+            if (name, r0) not in self._states:
+                self._states[name, r0] = [CellStates(flat, 1 << self.spec.cell_bits, self.device, f"{name}/{r0}/{i}",
+                                                     self.trial) for i, (_, flat) in enumerate(cells.parts)]
+            self._read[name, r0] = [state.read_levels(self.time) for state in self._states[name, r0]]
+        return self._read[name, r0]
 
     def _mvm(self, name: str, x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
         """``x [groups, N, rows]`` integer codes times the layer's matrices through the arrays: ``[groups, N, cols]``.
@@ -393,7 +421,7 @@ class CrossbarSimulator(IntegerSimulator):
                 big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
                 self._weights[name, r0] = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
             weights, cells = self._weights[name, r0], None
-            if self.collect_psums or worst > limit or any(self.adc_shifts.get(name, ())):  # else exact
+            if self.collect_psums or worst > limit or any(self.adc_shifts.get(name, ())) or self.device is not None:
                 if (name, r0) not in self._cells:
                     self._cells[name, r0] = _Cells(parts, block, wbits, spec.cell_bits, worst)
                 cells = self._cells[name, r0]
@@ -401,22 +429,24 @@ class CrossbarSimulator(IntegerSimulator):
                 xs = x[:, n0:n0 + _POSITIONS, block]
                 out = torch.matmul(xs.to(weights.dtype), weights).to(torch.float64)
                 if cells is not None:
-                    self._saturate(name, out, xs, cells, ibits, lo < 0, limit)
+                    read = self._levels_read(name, r0, cells) if self.device is not None else None
+                    self._saturate(name, out, xs, cells, ibits, lo < 0, limit, read)
                 acc[:, n0:n0 + _POSITIONS] += out
         if offset:
             acc -= offset * x.to(torch.float64).sum(dim=-1, keepdim=True)
         return acc
 
     def _saturate(self, name: str, out: torch.Tensor, xs: torch.Tensor, cells: _Cells, ibits: int, signed: bool,
-                  limit: int) -> None:
+                  limit: int, levels: list[torch.Tensor] | None = None) -> None:
         """Add to ``out [groups, n, cols]`` the ADC's readout error on the partial sums of ``xs``
-        (``[groups, n, rows]``): what saturation clips off and, with a step above one, the rounding."""
+        (``[groups, n, rows]``): what saturation clips off and, with a step above one, the rounding; with
+        ``levels`` (per part, what non-ideal cells read), the error of reading those instead of the ideal ones."""
         groups, n, rows = xs.shape
         chunks = _chunks(xs, ibits, signed, self.spec.dac_bits)
         bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact
         steps = torch.tensor([1 << k for k in self.adc_shifts.get(name, ())] or [1], dtype=torch.float32)
         coarse = bool((steps > 1).any())
-        if self.collect_psums or coarse:  # every pair: a coarser step rounds any partial sum
+        if self.collect_psums or coarse or levels is not None:  # every pair: each partial sum is read inexactly
             t_idx, n_idx = (i.flatten() for i in torch.meshgrid(torch.arange(len(chunks)), torch.arange(n),
                                                                  indexing="ij"))
         else:
@@ -428,17 +458,21 @@ class CrossbarSimulator(IntegerSimulator):
         picked = bits[:, t_idx, n_idx]  # [g, R, rows]
         tw = torch.tensor([w for w, _ in chunks], dtype=torch.float64)[t_idx]
         error = 0
-        for sign, flat in cells.parts:
+        dtype = cells.dtype if levels is None else torch.float64
+        for index, (sign, flat) in enumerate(cells.parts):
             psum = torch.bmm(picked, flat).view(groups, len(t_idx), len(cells.shifts), -1)  # [g, R, K, cols]
             if self.collect_psums and psum.numel():
                 self._collect(name, psum, tw, cells.shifts)
+            analog = psum if levels is None else \
+                torch.bmm(picked, levels[index]).view(groups, len(t_idx), len(cells.shifts), -1)
             if coarse:  # one step per cell slice (the columns holding it): codes round(psum / step), saturating
-                step = steps[None, None, :, None]
-                read = torch.floor(psum / step + 0.5).clamp_(max=limit) * step
+                step = steps[None, None, :, None].to(analog.dtype)
+                read = torch.floor(analog / step + 0.5).clamp_(0, limit) * step
+            elif levels is not None:
+                read = torch.floor(analog + 0.5).clamp_(0, limit)
             else:
                 read = psum.clamp(max=limit)
-            error = error + sign * torch.einsum("grkc,k->grc", (read - psum).to(cells.dtype),
-                                                cells.shifts.to(cells.dtype))
+            error = error + sign * torch.einsum("grkc,k->grc", (read - psum).to(dtype), cells.shifts.to(dtype))
         out.index_add_(1, n_idx, tw[None, :, None] * error.to(torch.float64))
 
     def _collect(self, name: str, psum: torch.Tensor, chunk_weights: torch.Tensor, shifts: torch.Tensor) -> None:

@@ -1,0 +1,73 @@
+"""What a PCM crossbar keeps over time: the digits CNN's accuracy under the PCM preset (aihwkit's fits of IBM's
+PCM devices) at 1 s, 1 h, 1 day and 1 year after programming, with and without global drift compensation,
+mean and spread over Monte Carlo trials; and trials per second.
+
+    python benchmarks/device_drift.py                  # writes benchmarks/results/device_drift.json
+    python benchmarks/device_drift.py --trials 5 --samples 64
+
+The SmallCNN trained on scikit-learn's digits (``tests/trained_cnn.py``), W8A8, calibrated on 64 training
+images; 64x64 arrays of 2-bit cells, 1-bit inputs, differential pairs, a lossless (12-bit) ADC so that the
+cells are what is measured; top-1 accuracy on the first ``--samples`` test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maptools import DEVICE_PRESETS, CrossbarSpec, convert, evaluate_crossbar, evaluate_device, quantize  # noqa: E402
+from maptools.evaluation import EvaluationSet  # noqa: E402
+from maptools.examples import SMALL_CNN_SHAPES, small_cnn_onnx  # noqa: E402
+from tests.trained_cnn import digits, train_small_cnn  # noqa: E402
+
+TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 year": 365 * 86400.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=449)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "device_drift.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    train_x, _, test_x, test_y = digits()
+    model, _, _ = train_small_cnn()
+    spec = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=12)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = small_cnn_onnx(Path(tmp) / "digits.onnx", model=model.float())
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="digits", calibset=[{"input": x[None]} for x in train_x[:64]],
+                 calib_steps=64, output_root=tmp)
+        convert("digits", output_root=tmp)
+        evaluation = EvaluationSet([{"input": x[None].numpy()} for x in test_x[:args.samples]],
+                                   test_y[:args.samples].numpy(), "digits test")
+        ideal = evaluate_crossbar("digits", spec, output_root=tmp, evaluation=evaluation)
+        rows = []
+        for compensation in (True, False):
+            result = evaluate_device("digits", spec, DEVICE_PRESETS["pcm"].replace(compensation=compensation),
+                                     output_root=tmp, trials=args.trials, times=list(TIMES.values()),
+                                     evaluation=evaluation)
+            for label, point in zip(TIMES, result.points):
+                mean, std, ci = point.accuracy
+                rows.append({"time": label, "seconds": point.time, "compensation": compensation, "accuracy": mean,
+                             "accuracy_std": std, "accuracy_ci95": ci, "rel_l2": point.rel_l2[0]})
+                print(f"{label:>7} compensation {'on ' if compensation else 'off'}: accuracy {100 * mean:5.1f}% "
+                      f"+- {100 * std:.1f} ({args.trials} trials)")
+    report = {"model": "digits SmallCNN (W8A8)", "spec": spec.model_dump(), "device": "pcm preset",
+              "samples": len(evaluation.samples), "trials": args.trials, "float_accuracy": ideal.float_accuracy,
+              "ideal_crossbar_accuracy": ideal.accuracy, "seconds_per_trial": result.seconds_per_trial, "rows": rows}
+    print(f"ideal cells {100 * ideal.accuracy:.1f}% (float {100 * ideal.float_accuracy:.1f}%); "
+          f"{1 / result.seconds_per_trial:.2f} trials per second ({len(evaluation.samples)} images each)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Non-ideal cells: conductance range, programming and read noise, drift and its compensation, stuck cells.
+
+A cell that stores level ``k`` of ``L = 2^cell_bits`` is programmed to the conductance
+``g = g_min + (1 - g_min) k / (L - 1)`` (in units of ``g_max``; ``1 / g_min`` is the ON/OFF ratio). Then, per
+cell and trial (seeded):
+
+* **programming**: ``g_p = max(0, g + sigma_p(g) n)``; a cell is stuck at ``g_max`` (``stuck_on``) or at
+  ``g_min`` (``stuck_off``) at the given rates instead;
+* **drift** ``time`` seconds after programming: ``g(t) = g_p ((t + t0) / t0)^-nu``, ``nu >= 0`` drawn per cell;
+* **read**: ``g_r = max(0, g(t) + |g(t)| sigma_r n)``, one draw per cell, trial and time point (a frozen read:
+  every input of an evaluation sees the same one);
+* **global drift compensation** (as aihwkit's ``GlobalDriftCompensation``, per array row block): the read
+  conductances scaled by ``sum g_p / sum g_r``, what a read with every input at one measures right after
+  programming against now;
+* the periphery subtracts the ``g_min`` baseline exactly and reads level units ``(g_r - g_min) / (1 - g_min)
+  (L - 1)``; the ADC then rounds and clips those as it does ideal partial sums. No IR drop is modelled.
+
+``model='constant'``: ``sigma_p`` is ``programming_noise`` (a fraction of ``g_max``), ``sigma_r`` is
+``read_noise`` and ``nu ~ |N(drift_nu, drift_nu_sigma)|``. ``model='pcm'``: the conductance-dependent fits
+of IBM's PCM devices (Nandakumar et al., ICECS 2019, as aihwkit's ``PCMLikeNoiseModel`` implements them, for
+``g_max = 25 uS``, ``t0 = 20 s``, 1/f read noise over ``t_read = 250 ns``), each scaled by its field
+(``1.0``: as measured).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from maptools.settings import Settings
+
+__all__ = ["DeviceModel", "DEVICE_PRESETS", "CellStates"]
+
+#: aihwkit's PCM programming-noise polynomial in uS (g in units of g_max), fitted at g_max = 25 uS
+_PCM_PROG = (0.26348, 1.9650, -1.1731)
+_PCM_G_MAX, _PCM_T_READ = 25.0, 250e-9
+
+
+class DeviceModel(Settings):
+    """The cells' non-idealities (see the module docstring); every default is an ideal cell."""
+
+    model: Literal["constant", "pcm"] = Field("constant", description="constant: the sigmas and drift exponent "
+                                                                      "below as given; pcm: the measured PCM fits, "
+                                                                      "each scaled by its field.")
+    g_min: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest conductance as a fraction of g_max (1 / the "
+                                                           "ON/OFF ratio).")
+    programming_noise: float = Field(0.0, ge=0.0, description="Std of a programmed conductance, a fraction of g_max "
+                                                              "(pcm: the scale of the fit).")
+    read_noise: float = Field(0.0, ge=0.0, description="Std of a read, a fraction of the conductance read (pcm: the "
+                                                       "scale of the 1/f fit).")
+    drift_nu: float = Field(0.0, ge=0.0, description="Mean drift exponent nu in g(t) = g_p ((t + t0) / t0)^-nu "
+                                                     "(pcm: the scale of the fit).")
+    drift_nu_sigma: float = Field(0.0, ge=0.0, description="Std of nu across cells (constant model).")
+    t0: float = Field(1.0, gt=0.0, description="Seconds from programming to the reference read that drift counts "
+                                               "from.")
+    stuck_on: float = Field(0.0, ge=0.0, le=1.0, description="Share of cells stuck at g_max.")
+    stuck_off: float = Field(0.0, ge=0.0, le=1.0, description="Share of cells stuck at g_min.")
+    compensation: bool = Field(True, description="Global drift compensation: one scale per array row block.")
+    seed: int = Field(0, ge=0, description="Seed of the cells' states (trial t draws from seed and t).")
+
+    @property
+    def ideal(self) -> bool:
+        """No effect on any level: the crossbar simulation then stays exact."""
+        return (self.programming_noise == self.read_noise == self.drift_nu == self.stuck_on == self.stuck_off
+                == 0.0)
+
+
+#: published device models by name
+DEVICE_PRESETS: dict[str, DeviceModel] = {
+    "pcm": DeviceModel(model="pcm", programming_noise=1.0, read_noise=1.0, drift_nu=1.0, t0=20.0),
+}
+
+
+class CellStates:
+    """One trial's programmed cells of one array row block: levels read at any time after programming."""
+
+    def __init__(self, levels: torch.Tensor, cell_levels: int, device: DeviceModel, key: str, trial: int) -> None:
+        self.device, self.levels, self.key, self.trial = device, cell_levels, key, trial
+        gen = _generator(device.seed, trial, key)
+        d = device
+        g = d.g_min + (1.0 - d.g_min) * levels.to(torch.float32) / (cell_levels - 1)  # float32: memory, not precision
+        if d.model == "pcm":
+            sigma = d.programming_noise * sum(c * g ** i for i, c in enumerate(_PCM_PROG)) / _PCM_G_MAX
+            rel = g.clamp(min=1e-7)
+            mu = (-0.0155 * torch.log(rel) + 0.0244).clamp(0.049, 0.1)
+            spread = (-0.0125 * torch.log(rel) - 0.0059).clamp(0.008, 0.045)
+            self.nu = d.drift_nu * (mu + spread * _normal(g, gen)).abs()
+        else:
+            sigma = d.programming_noise
+            self.nu = (d.drift_nu + d.drift_nu_sigma * _normal(g, gen)).abs()
+        programmed = (g + sigma * _normal(g, gen)).clamp(min=0.0)
+        u = torch.rand(g.shape, generator=gen, dtype=torch.float32)
+        programmed = torch.where(u < d.stuck_on, torch.ones_like(g), programmed)
+        self.programmed = torch.where((u >= d.stuck_on) & (u < d.stuck_on + d.stuck_off),
+                                      torch.full_like(g, d.g_min), programmed)
+
+    def conductances(self, time: float) -> torch.Tensor:
+        """Every cell's read conductance ``time`` seconds after programming (units of g_max), compensated."""
+        d = self.device
+        drifted = self.programmed * ((time + d.t0) / d.t0) ** (-self.nu) if time > 0 else self.programmed
+        gen = _generator(d.seed, self.trial, f"{self.key}@{time!r}")
+        if d.model == "pcm":
+            q = (0.0088 / (self.programmed ** 0.65).clamp(min=1e-3)).clamp(max=0.2)
+            sigma = d.read_noise * q * math.sqrt(math.log((time + d.t0 + _PCM_T_READ) / (2 * _PCM_T_READ)))
+        else:
+            sigma = d.read_noise
+        read = (drifted + drifted.abs() * sigma * _normal(drifted, gen)).clamp(min=0.0)
+        if d.compensation and float(read.sum()) > 0:
+            read = read * (self.programmed.sum() / read.sum())
+        return read
+
+    def read_levels(self, time: float) -> torch.Tensor:
+        """The levels the periphery reads (the ``g_min`` baseline subtracted): ideal cells read their level."""
+        d = self.device
+        return (self.conductances(time) - d.g_min) / (1.0 - d.g_min) * (self.levels - 1)
+
+
+def _generator(seed: int, trial: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + trial) * 4_294_967_291 + zlib.crc32(key.encode()))
+                                         % (1 << 63))
+
+
+def _normal(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(like.shape, generator=gen, dtype=torch.float32)
