@@ -69,6 +69,20 @@ DEDICATED_AXES = {"weight_bits": "bits", "activation_bits": "bits", "per_channel
               "algorithm": "algorithms", "calib_steps": "calib_samples", "seed": "seed (the config's)"}
 
 
+def _more_axes(value: dict[str, list[Any]], where: str, model: type[BaseModel], dedicated: dict[str, str],
+               what: str) -> dict[str, list[Any]]:
+    """Axes of any field of ``model`` but the ``dedicated`` ones, each with values."""
+    for name, values in value.items():
+        if name in dedicated:
+            raise ValueError(f"vary {name} with the grid's {dedicated[name]!r} axis")
+        if name not in model.model_fields:
+            raise ValueError(f"{name!r} is not {what} (one of: "
+                             f"{', '.join(n for n in model.model_fields if n not in dedicated)})")
+        if not values:
+            raise ValueError(f"{where}.{name} has no values")
+    return value
+
+
 class Grid(_Strict):
     """The design space. Values are checked per point (a bad one fails only its points, with maptools' message)."""
 
@@ -92,28 +106,12 @@ class Grid(_Strict):
     @field_validator("settings")
     @classmethod
     def _setting_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for name, values in value.items():
-            if name in DEDICATED_AXES:
-                raise ValueError(f"vary {name} with the grid's {DEDICATED_AXES[name]!r} axis")
-            if name not in QuantSettings.model_fields:
-                raise ValueError(f"{name!r} is not a quantization setting (one of: "
-                                 f"{', '.join(n for n in QuantSettings.model_fields if n not in DEDICATED_AXES)})")
-            if not values:
-                raise ValueError(f"settings.{name} has no values")
-        return value
+        return _more_axes(value, "settings", QuantSettings, DEDICATED_AXES, "a quantization setting")
 
     @field_validator("crossbar")
     @classmethod
     def _more_crossbar_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for name, values in value.items():
-            if name in CROSSBAR_AXES:
-                raise ValueError(f"vary {name} with the grid's {CROSSBAR_AXES[name]!r} axis")
-            if name not in CrossbarSpec.model_fields:
-                raise ValueError(f"{name!r} is not a crossbar setting (one of: "
-                                 f"{', '.join(n for n in CrossbarSpec.model_fields if n not in CROSSBAR_AXES)})")
-            if not values:
-                raise ValueError(f"crossbar.{name} has no values")
-        return value
+        return _more_axes(value, "crossbar", CrossbarSpec, CROSSBAR_AXES, "a crossbar setting")
 
     @model_validator(mode="after")
     def _crossbar_axes(self) -> Grid:

@@ -89,6 +89,19 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
     return out, time.perf_counter() - started
 
 
+def _opened(mapname: str | MapRef, output_root: str | Path | None, evaluation: EvaluationSet | str | Path | None,
+            samples: int, seed: int) -> tuple[Any, dict[str, np.ndarray | None], EvaluationSet, list[list[np.ndarray]]]:
+    """The map's graph and integer weights (one version for every file read), the evaluation set and the float
+    model's outputs on it."""
+    version = MapFolder(mapname, output_root).open()
+    graph = graph_of(version)
+    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
+    if isinstance(evaluation, (str, Path)):
+        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
+    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types)
+    return graph, params, data, float_outputs(version.existing(MODEL), data.samples)
+
+
 def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str | Path | None = None,
                       evaluation: EvaluationSet | str | Path | None = None, samples: int = 32, seed: int = EVAL_SEED,
                       calibration: Mapping[str, np.ndarray] | None = None) -> CrossbarError:
@@ -105,13 +118,7 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     Raises:
         ArtifactError: the map is missing, not converted, or differs from its manifest.
     """
-    version = MapFolder(mapname, output_root).open()  # one version for every file read
-    graph = graph_of(version)
-    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
-    if isinstance(evaluation, (str, Path)):
-        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
-    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types)
-    reference = float_outputs(version.existing(MODEL), data.samples)
+    graph, params, data, reference = _opened(mapname, output_root, evaluation, samples, seed)
     integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
     simulator = spec.simulator(graph, params, calibration=calibration)
     crossbar, seconds = _run(simulator, data.samples)
@@ -184,13 +191,7 @@ def evaluate_device(mapname: str | MapRef, spec: CrossbarSpec, device: DeviceMod
     if trials < 1 or not times or any(t < 0 for t in times):
         raise SettingsError(f"trials={trials}, times={list(times)}: need at least one trial and times >= 0.",
                             "pass e.g. trials=20, times=[0, 3600, 86400].")
-    version = MapFolder(mapname, output_root).open()  # one version for every file read
-    graph = graph_of(version)
-    params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
-    if isinstance(evaluation, (str, Path)):
-        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
-    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types)
-    reference = float_outputs(version.existing(MODEL), data.samples)
+    graph, params, data, reference = _opened(mapname, output_root, evaluation, samples, seed)
     simulator = spec.simulator(graph, params, calibration=calibration)
     started, points, float_accuracy = time.perf_counter(), [], None
     for at in times:
