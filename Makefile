@@ -15,6 +15,8 @@ example: $(VENV)/.installed
 	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 \
 		$(VENV)/bin/maptools flow example
 
+# two processes (pytest-xdist); --dist loadfile keeps each file, and each docs page's examples, in one
+# process, as Sybil's pages share one namespace (plain `pytest` runs everything serially)
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
