@@ -32,9 +32,10 @@ import torch
 from maptools.errors import CalibrationError, MaptoolsError
 from maptools.onnx_model import ModelInput
 
-__all__ = ["integer_range", "random_array", "CalibrationSet", "RandomCalibration", "SampleCalibration", "TransformCalibration",
-           "FolderCalibration", "ImageFolderCalibration", "ArrayFolderCalibration", "ValidatedCalibration",
-           "ProgressCalibration", "resolve_calibration", "MIN_SAMPLES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["integer_range", "random_array", "CalibrationSet", "RandomCalibration", "SampleCalibration",
+           "TransformCalibration", "FolderCalibration", "ImageFolderCalibration", "ArrayFolderCalibration",
+           "ValidatedCalibration", "ProgressCalibration", "resolve_calibration", "MIN_SAMPLES", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 MIN_SAMPLES = 8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

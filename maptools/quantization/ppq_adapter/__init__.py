@@ -41,7 +41,8 @@ from maptools.quantization.ppq_adapter.quantizer import _MaptoolsQuantizer
 from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version", "load_ppq_graph", "ppq_step", "TargetPlatform", "TorchExecutor"]
+__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version", "load_ppq_graph", "ppq_step", "TargetPlatform",
+           "TorchExecutor"]
 
 
 def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
