@@ -76,18 +76,19 @@ class RandomCalibration(CalibrationSet):
     """Seeded random samples in each input's dtype; sample ``i`` depends only on ``(seed, i)``.
 
     Float inputs (float32 unless ``dtypes`` says otherwise) get standard-normal values; integer inputs
-    (an image as uint8 bytes, say) uniform codes in ``[0, 255]`` (``[-128, 127]`` for int8); boolean
-    inputs fair coin flips.
+    (an image as uint8 bytes, say) uniform codes in ``[0, 255]`` (``[-128, 127]`` for int8), below
+    ``limits[name]`` for an input that indexes a table; boolean inputs fair coin flips.
     """
 
     kind = "random"
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], count: int, seed: int = 0,
-                 dtypes: Mapping[str, np.dtype] | None = None) -> None:
+                 dtypes: Mapping[str, np.dtype] | None = None, limits: Mapping[str, int] | None = None) -> None:
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.count = count
         self.seed = seed
         self.dtypes = {k: np.dtype((dtypes or {}).get(k, np.float32)) for k in self.shapes}
+        self.limits = {k: int(v) for k, v in (limits or {}).items() if k in self.shapes and self.dtypes[k].kind in "iu"}
 
     def __len__(self) -> int:
         return self.count
@@ -95,12 +96,15 @@ class RandomCalibration(CalibrationSet):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(self.count):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            yield {name: _random(shape, self.dtypes[name], gen) for name, shape in self.shapes.items()}
+            yield {name: _random(shape, self.dtypes[name], gen, self.limits.get(name))
+                   for name, shape in self.shapes.items()}
 
     def describe(self) -> dict[str, Any]:
         described = {**super().describe(), "seed": self.seed, "shapes": {k: list(v) for k, v in self.shapes.items()}}
         if any(d != np.float32 for d in self.dtypes.values()):
             described["dtypes"] = {k: d.name for k, d in self.dtypes.items()}
+        if self.limits:
+            described["limits"] = dict(self.limits)
         return described
 
     def content_hash(self, limit: int | None = None) -> str:
@@ -109,28 +113,32 @@ class RandomCalibration(CalibrationSet):
         return hashlib.sha256(repr(sorted(desc.items())).encode()).hexdigest()
 
 
-def _random(shape: Sequence[int], dtype: np.dtype, gen: torch.Generator) -> torch.Tensor:
+def _random(shape: Sequence[int], dtype: np.dtype, gen: torch.Generator, limit: int | None = None) -> torch.Tensor:
     want = torch.from_numpy(np.zeros(0, dtype)).dtype
     if dtype.kind == "f":
         return torch.randn(tuple(shape), generator=gen).to(want)
-    return torch.randint(*integer_range(dtype), tuple(shape), generator=gen).to(want)
+    return torch.randint(*integer_range(dtype, limit), tuple(shape), generator=gen).to(want)
 
 
-def integer_range(dtype: np.dtype) -> tuple[int, int]:
+def integer_range(dtype: np.dtype, limit: int | None = None) -> tuple[int, int]:
     """``[low, high)`` of random values for an integer (or bool) input: byte values or token ids (0-255; -128-127
-    for int8), 0-1 for bool."""
+    for int8), below ``limit`` where the input indexes a table of ``limit`` rows
+    (:func:`maptools.onnx_model.index_limits`); 0-1 for bool."""
     if dtype.kind == "b":
         return 0, 2
+    if limit is not None:
+        return 0, max(1, min(256, limit))
     return (-128, 128) if dtype == np.int8 else (0, 256)
 
 
-def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype = np.dtype(np.float32),
+                 limit: int | None = None) -> np.ndarray:
     """Seeded random values of one input outside calibration (evaluation, simulation): standard normal, or
     integers in :func:`integer_range`, in ``dtype``."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return rng.standard_normal(list(shape), dtype=np.float32).astype(dtype, copy=False)
-    return rng.integers(*integer_range(dtype), size=list(shape)).astype(dtype)
+    return rng.integers(*integer_range(dtype, limit), size=list(shape)).astype(dtype)
 
 
 class SampleCalibration(CalibrationSet):
@@ -467,11 +475,12 @@ class CastCalibration(CalibrationSet):
 
 
 def resolve_calibration(calibset: Any, shapes: Mapping[str, tuple[int, ...]], calib_steps: int,
-                        seed: int, dtypes: Mapping[str, np.dtype] | None = None) -> CalibrationSet:
+                        seed: int, dtypes: Mapping[str, np.dtype] | None = None,
+                        limits: Mapping[str, int] | None = None) -> CalibrationSet:
     """Turn what the user passed as ``calibset`` into a CalibrationSet (not yet validated); random data
-    (``calibset=None``) comes in the inputs' ``dtypes``."""
+    (``calibset=None``) comes in the inputs' ``dtypes``, integer inputs below their ``limits``."""
     if calibset is None:
-        return RandomCalibration(shapes, calib_steps, seed, dtypes)
+        return RandomCalibration(shapes, calib_steps, seed, dtypes, limits)
     if isinstance(calibset, FolderCalibration):
         return calibset.bind(shapes)
     if isinstance(calibset, CalibrationSet):

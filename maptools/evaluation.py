@@ -21,7 +21,7 @@ from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPA
 from maptools.maps.roots import MapRef
 from maptools.calibration import random_array
 from maptools.errors import InputShapeError
-from maptools.onnx_model import check_input_shapes, load_model, model_inputs
+from maptools.onnx_model import check_input_shapes, index_limits, load_model, model_inputs
 from maptools.quantinfo import param_key
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
@@ -69,13 +69,16 @@ class OutputError:
 
 
 def random_evaluation_set(input_shapes: Mapping[str, Sequence[int]], count: int, seed: int = EVAL_SEED,
-                          dtypes: Mapping[str, np.dtype] | None = None) -> EvaluationSet:
-    """``count`` seeded samples shaped like ``input_shapes``: standard normal, or random integers for an input
-    whose ``dtypes`` entry is an integer type (float32 where none is given)."""
+                          dtypes: Mapping[str, np.dtype] | None = None, limits: Mapping[str, int] | None = None
+                          ) -> EvaluationSet:
+    """``count`` seeded samples shaped like ``input_shapes``: standard normal, or random integers (below
+    ``limits[name]`` where given) for an input whose ``dtypes`` entry is an integer type (float32 where none is
+    given)."""
     if count < 1:
         raise InputShapeError(f"evaluation sample count {count} is not positive.", "use 1 or more samples.")
     rng = np.random.default_rng(seed)
-    samples = [{k: random_array(rng, s, (dtypes or {}).get(k, np.float32)) for k, s in input_shapes.items()}
+    samples = [{k: random_array(rng, s, (dtypes or {}).get(k, np.float32), (limits or {}).get(k))
+                for k, s in input_shapes.items()}
                for _ in range(count)]
     return EvaluationSet(samples, None, f"random (seed {seed}, {count} samples)")
 
@@ -164,7 +167,7 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     types = {i.name: i.dtype for i in model_inputs(model)}
     if isinstance(evaluation, (str, Path)):
         evaluation = load_evaluation_set(evaluation, shapes, limit=samples, dtypes=types)
-    data = evaluation or random_evaluation_set(shapes, samples, seed, types)
+    data = evaluation or random_evaluation_set(shapes, samples, seed, types, index_limits(model))
     reference = float_outputs(version.file(MODEL), data.samples)
     quantized = float_outputs(version.file(QUANT_MODEL), data.samples)
     metrics = compare_outputs(quantized, reference, data.labels)

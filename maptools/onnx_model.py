@@ -14,7 +14,7 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
+__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node"]
 
@@ -92,6 +92,42 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         result.append(ModelInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return result
+
+
+#: Operators through which an integer input still holds the same ids (token ids reshaped, cast, sliced).
+_ID_PRESERVING = frozenset({"Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Slice",
+                            "Expand", "Tile", "Split"})
+
+
+def index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """``{input: n}`` for each integer input that indexes a constant table (``Gather`` of token ids into an
+    embedding of ``n`` rows, possibly after a Cast or Reshape): random values of that input must stay below
+    ``n`` (the smallest such table), or the model indexes out of bounds."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            dims[node.output[0]] = list(node.attribute[0].t.dims)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    limits = {}
+    for spec in model_inputs(model):
+        if spec.dtype.kind not in "iu":
+            continue
+        found, seen, todo = [], {spec.name}, [spec.name]
+        while todo:
+            tensor = todo.pop()
+            for node in readers.get(tensor, []):
+                if node.op_type == "Gather" and node.input[1] == tensor and node.input[0] in dims:
+                    shape = dims[node.input[0]]
+                    found.append(shape[int(node_attr(node, "axis", 0)) % len(shape)])
+                elif node.op_type == "Concat" or (node.op_type in _ID_PRESERVING and node.input[0] == tensor):
+                    todo.extend(t for t in node.output if t not in seen)
+                    seen.update(node.output)
+        if found:
+            limits[spec.name] = min(found)
+    return limits
 
 
 def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,7 @@ import onnx.shape_inference
 
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.maps.artifacts import MODEL, atomic_write, sha256_file
-from maptools.onnx_model import auto_pads, constant_values, explicit_outer_inputs, load_model
+from maptools.onnx_model import auto_pads, constant_values, explicit_outer_inputs, index_limits, load_model
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
 from maptools.quantinfo import QuantConfig
 
@@ -47,7 +47,8 @@ class OperatorGraph:
     producer -> consumer carries ``tensor``, ``index`` (the consumer's input position, also the
     edge key) and ``shape``. ``graph.graph`` holds ``inputs``/``outputs`` ({name: shape}),
     ``input_types`` ({name: numpy dtype name} of the inputs that are not float32: token ids, a sample
-    rate) and ``meta`` (where the graph came from).
+    rate), ``input_limits`` ({name: n} of integer inputs that index a table of n rows,
+    :func:`maptools.onnx_model.index_limits`) and ``meta`` (where the graph came from).
     """
 
     def __init__(self, graph: nx.MultiDiGraph, folder: Path | None = None) -> None:
@@ -64,6 +65,11 @@ class OperatorGraph:
         """Every input's dtype (float32 unless the model declares another)."""
         declared = self.graph.graph.get("input_types", {})
         return {name: np.dtype(declared.get(name, "float32")) for name in self.inputs}
+
+    @property
+    def input_limits(self) -> dict[str, int]:
+        """``{name: n}``: random values of these integer inputs stay below n (they index a table of n rows)."""
+        return dict(self.graph.graph.get("input_limits", {}))
 
     @property
     def outputs(self) -> dict[str, list[int]]:
@@ -132,7 +138,7 @@ class OperatorGraph:
                           "quant": None if d["quant"] is None else d["quant"].to_json()})
         edges = [{"src": u, "dst": v, "tensor": d["tensor"], "index": d["index"], "shape": d["shape"]}
                  for u, v, d in self.graph.edges(data=True)]
-        types = {"input_types": self.graph.graph["input_types"]} if self.graph.graph.get("input_types") else {}
+        types = {key: self.graph.graph[key] for key in ("input_types", "input_limits") if self.graph.graph.get(key)}
         return {"format": GRAPH_FORMAT, "meta": self.meta, "inputs": self.inputs, **types, "outputs": self.outputs,
                 "nodes": nodes, "edges": edges}
 
@@ -142,7 +148,8 @@ class OperatorGraph:
             raise ArtifactError(f"operator graph format {data.get('format')!r} is not {GRAPH_FORMAT!r}.",
                                 "re-run `maptools convert` for this map.")
         g = nx.MultiDiGraph(inputs=dict(data["inputs"]), input_types=dict(data.get("input_types", {})),
-                            outputs=dict(data["outputs"]), meta=dict(data["meta"]))
+                            input_limits=dict(data.get("input_limits", {})), outputs=dict(data["outputs"]),
+                            meta=dict(data["meta"]))
         for node in data["nodes"]:
             attrs = {k: node[k] for k in _NODE_KEYS if k != "quant"}
             attrs["quant"] = None if node["quant"] is None else QuantConfig.from_json(node["quant"])
@@ -329,7 +336,8 @@ def build_graph(model: onnx.ModelProto | str | Path) -> OperatorGraph:
     types = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
              for vi in model.graph.input if vi.name in graph_inputs and vi.type.tensor_type.elem_type}
     g = nx.MultiDiGraph(inputs=graph_inputs, input_types={k: t for k, t in types.items() if t != "float32"},
-                        outputs={o.name: shapes[o.name] for o in model.graph.output}, meta={"quantized": False})
+                        input_limits=index_limits(model), outputs={o.name: shapes[o.name] for o in model.graph.output},
+                        meta={"quantized": False})
     producer: dict[str, str] = {}
     for name, node in zip(names, model.graph.node):
         if node.output[0] in params:

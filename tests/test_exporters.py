@@ -348,3 +348,83 @@ def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     simulated = simulate("half", {"x": x}, output_root=tmp_path).outputs["y"]
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _rel(simulated, reference.astype(np.float64)) < 0.1
+
+
+def _sequence_model(tokens: int, rows: int, width: int) -> onnx.ModelProto:
+    """A torch 2.x dynamo-style sequence model at opset 17: int64 token ids into an embedding of ``rows`` rows,
+    a bool padding mask applied as ``Where(mask, scores, -inf)`` before a Softmax, a Reshape with
+    ``allowzero=1`` to a computed target (``Shape -> Slice -> Concat``), and ``nn.Linear`` on the 3-D
+    sequence written as ``MatMul`` by a constant matrix (+ ``Add`` of the bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["x"], name="embedding"),
+             helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Slice", ["s", "zero", "two"], ["lead"], name="lead"),
+             helper.make_node("Concat", ["lead", "heads"], ["split_to"], name="split_to", axis=0),
+             helper.make_node("Reshape", ["x", "split_to"], ["xh"], name="split", allowzero=1),
+             helper.make_node("Concat", ["lead", "width"], ["merge_to"], name="merge_to", axis=0),
+             helper.make_node("Reshape", ["xh", "merge_to"], ["xm"], name="merge", allowzero=1),
+             helper.make_node("Transpose", ["xm"], ["xt"], name="keys", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["xm", "xt"], ["scores"], name="scores"),
+             helper.make_node("Unsqueeze", ["mask", "one"], ["mask3"], name="mask3"),
+             helper.make_node("Or", ["mask3", "eye"], ["keep"], name="self_attends"),
+             helper.make_node("Where", ["keep", "scores", "minus_inf"], ["masked"], name="mask_fill"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "xm"], ["ctx"], name="attend"),
+             helper.make_node("MatMul", ["ctx", "w1"], ["h0"], name="linear1"),
+             helper.make_node("Add", ["h0", "b1"], ["h"], name="linear1_bias"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="linear2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((rows, width)).astype(np.float32), "embed"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([4, width // 4], np.int64), "heads"),
+             numpy_helper.from_array(np.array([width], np.int64), "width"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.eye(tokens, dtype=bool), "eye"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf"),
+             numpy_helper.from_array((rng.standard_normal((width, 12)) / np.sqrt(width)).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal(12) * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((12, 3)) / np.sqrt(12)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "sequence", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", tokens]),
+                                                  helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", tokens])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_sequence_model_quantizes_on_random_tokens_with_its_linear_layers_on_the_crossbar(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Random token ids stay inside the embedding (any id past its rows fails in onnxruntime), the
+    ``allowzero`` Reshapes come down to opset 13, the mask's -inf agrees between PPQ and onnxruntime (no
+    operator is moved to onnxruntime for it), and both linear layers run on the crossbar as Gemm."""
+    import logging
+
+    from maptools import evaluate_map
+
+    tokens, rows = 16, 50
+    path = tmp_path / "sequence.onnx"
+    onnx.save(_sequence_model(tokens, rows, width=16), str(path))
+    shapes = {"ids": [1, tokens], "mask": [1, tokens]}
+    with caplog.at_level(logging.INFO, logger="maptools"):
+        result = quantize(shapes, "cpu", path, mapname="sequence", calib_steps=CALIB, output_root=tmp_path,
+                          error_steps=0)
+    assert not [r for r in caplog.records if "run in onnxruntime" in r.getMessage()]
+    assert read_manifest("sequence", tmp_path)["calibration"]["limits"] == {"ids": rows}
+    steps = result.prepared["steps"]
+    assert not result.prepared.get("skipped") and not any("skipped" in s for s in steps), steps
+    assert "opset 17 -> 13" in steps and "1 MatMul by a constant matrix written as Gemm" in steps  # onnxsim
+    prepared = onnx.load(str(result.artifacts["model.onnx"]))  # fuses the other, with its bias Add, into a Gemm
+    weights = {i.name for i in prepared.graph.initializer}
+    assert not [n.name for n in prepared.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    gemms = [n.name for n in prepared.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and not set(gemms) & set(result.placement.host_ops), result.placement.host_ops
+    convert(result.map)
+    assert read_graph(result.map).input_limits == {"ids": rows}
+    assert simulate(result.map, "random", batch=2).outputs["y"].shape == (2, tokens, 3)
+    rng = np.random.default_rng(3)
+    x = {"ids": rng.integers(0, rows, (4, tokens)), "mask": rng.random((4, tokens)) < 0.7}
+    simulated = simulate(result.map, x).outputs["y"]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert _rel(simulated, reference) < 0.15
+    assert evaluate_map(result.map, samples=4).rel_l2 < 0.15

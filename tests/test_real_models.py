@@ -55,7 +55,7 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     # (end to end, random data drives some of these models to outputs near zero, where relative errors mean
     # nothing)
     ppq = _ppq.quantize_graph(result.map_dir / "model.onnx", RandomCalibration(
-        {k: tuple(v) for k, v in model.input_shapes.items()}, 8, dtypes=graph.input_types), 8,
+        {k: tuple(v) for k, v in model.input_shapes.items()}, 8, dtypes=graph.input_types, limits=graph.input_limits), 8,
         {k: torch.from_numpy(v) for k, v in x.items()}, QuantSettings(calib_steps=8), "cpu")
     assert ppq.quantinfo() == read_quantinfo(name, tmp_path)
     agreement = layer_agreement(IntegerSimulator(graph, read_quantparams(name, tmp_path)), graph, ppq, x)

@@ -77,10 +77,13 @@ class _Context:
 
     def types(self) -> dict[str, onnx.TypeProto]:
         if self._shapes is None:
-            try:
-                inferred = onnx.shape_inference.infer_shapes(self.model)
-            except Exception:  # noqa: BLE001  (best effort: rewrites that need a shape say so)
-                inferred = self.model
+            inferred = self.model
+            for data_prop in (True, False):  # with the values of shape arithmetic (Shape -> Concat) where it can
+                try:
+                    inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=data_prop)
+                    break
+                except Exception:  # noqa: BLE001  (best effort: rewrites that need a shape say so)
+                    continue
             g = inferred.graph
             self._shapes = {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
             for init in g.initializer:

@@ -187,6 +187,20 @@ def _constant_input(node: onnx.NodeProto, index: int, ctx: _Context) -> np.ndarr
     return value
 
 
+def _reshape(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """``allowzero=1`` (opset 14) only changes what a 0 in the target shape means, an empty output axis; the flag
+    goes unless the target (a constant) or the output's inferred shape holds a 0. A computed target whose
+    values shape inference cannot follow is taken to hold none: onnxruntime's check of the prepared model
+    against the original decides."""
+    if node_attr(node, "allowzero", 0):
+        target = ctx.initializers().get(node.input[1])
+        if (target is not None and 0 in target) or 0 in (ctx.shape(node.output[0]) or []):
+            raise ModelError(f"{_where(node)} sets allowzero=1 with a 0 in its target shape, which opset 13 cannot "
+                             "express.", "re-export the model with opset 13.")
+    _drop_attrs(node, {"allowzero"})
+    return [node]
+
+
 def _reduce_axes(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     """Reduce* at opset 18 takes axes as an input; before, as an attribute (ReduceSum: input since 13)."""
     if node.op_type == "ReduceSum":
@@ -242,7 +256,7 @@ _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax
 _DOWN: dict[str, Rewrite] = {
     "HardSwish": _hardswish, "LayerNormalization": _layernorm, "Gelu": _gelu, "Mish": _mish,
     "Shape": _shape_slice, "CastLike": _castlike, "Split": _split, **{op: _reduce_axes for op in _REDUCE},
-    "Reshape": _only_defaults({"allowzero": 0}),
+    "Reshape": _reshape,
     "BatchNormalization": _only_defaults({"training_mode": 0}),
     "LSTM": _only_defaults({"layout": 0}), "GRU": _only_defaults({"layout": 0}), "RNN": _only_defaults({"layout": 0}),
     "Resize": _only_defaults({"antialias": 0, "keep_aspect_ratio_policy": "stretch", "axes": None}),

@@ -1,5 +1,6 @@
 """Steps 4-5: onnxsim, and the rewrites PPQ would otherwise do inside its own graph (BatchNorm and bias Add
-into the convolution, pass-through nodes removed, explicit pads, unique node names)."""
+into the convolution, pass-through nodes removed, explicit pads, unique node names), and a MatMul by a
+constant matrix written as the Gemm the crossbar computes."""
 
 from __future__ import annotations
 
@@ -235,6 +236,55 @@ def _fold_bias_add(ctx: _Context) -> int:
     if fused:
         _drop_unused_initializers(ctx)
     return fused
+
+
+def _matmul_as_gemm(ctx: _Context) -> int:
+    """``MatMul(x, W)`` with ``W`` a constant ``[K, N]`` (a linear layer applied to every row of a sequence or
+    feature map, as exporters write ``nn.Linear`` on a 3-D input) into a ``Gemm`` on the rows, which the
+    crossbar computes: ``Reshape [-1, K] -> Gemm -> Reshape [-1, ..., N]`` (no Reshape for a 2-D ``x``), with a
+    following ``Add`` of a constant ``[N]`` as the Gemm's bias. The weight is stored ``[N, K]`` with
+    ``transB=1``, as torch writes ``nn.Linear``."""
+    inits = ctx.initializers()
+    consumers = _consumers(ctx.graph)
+    outputs = {o.name for o in ctx.graph.output}
+    rewritten = 0
+    for mm in [n for n in ctx.graph.node if n.op_type == "MatMul"]:
+        x, w = mm.input
+        shape = ctx.shape(x)
+        if w not in inits or x in inits or inits[w].ndim != 2 or not shape or len(shape) < 2 or min(shape) <= 0:
+            continue
+        weight = inits[w]
+        k, n = weight.shape
+        end, bias, add = mm.output[0], None, None
+        readers = consumers.get(end, [])
+        if len(readers) == 1 and readers[0].op_type == "Add" and end not in outputs:
+            other = [t for t in readers[0].input if t != end]
+            value = inits.get(other[0]) if len(other) == 1 else None
+            if value is not None and value.ndim <= len(shape) and value.shape[-1:] == (n,) and value.size == n:
+                add, bias, end = readers[0], value.reshape(n).astype(np.float32), readers[0].output[0]
+        base = mm.output[0]
+        gemm_in = [ctx.add_initializer(ctx.fresh(f"{base}_weight"), np.ascontiguousarray(weight.T))]
+        if bias is not None:
+            gemm_in.append(ctx.add_initializer(ctx.fresh(f"{base}_bias"), bias))
+        if len(shape) == 2:
+            nodes = [onnx.helper.make_node("Gemm", [x, *gemm_in], [end], name=mm.name, transB=1)]
+        else:
+            rows, out = ctx.fresh(f"{base}_rows"), ctx.fresh(f"{base}_gemm")
+            to_rows = ctx.add_initializer(ctx.fresh(f"{base}_rows_shape"), np.asarray([-1, k], np.int64))
+            back = ctx.add_initializer(ctx.fresh(f"{base}_shape"), np.asarray([-1, *shape[1:-1], n], np.int64))
+            nodes = [onnx.helper.make_node("Reshape", [x, to_rows], [rows], name=f"{mm.name}_rows"),
+                     onnx.helper.make_node("Gemm", [rows, *gemm_in], [out], name=mm.name, transB=1),
+                     onnx.helper.make_node("Reshape", [out, back], [end], name=f"{mm.name}_back")]
+        at = list(ctx.graph.node).index(mm)
+        ctx.graph.node.remove(mm)
+        for i, node in enumerate(nodes):
+            ctx.graph.node.insert(at + i, node)
+        if add is not None:
+            ctx.graph.node.remove(add)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_initializers(ctx)
+    return rewritten
 
 
 def _per_channel(value: np.ndarray, channels: int, rank: int) -> bool:

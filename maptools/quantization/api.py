@@ -29,7 +29,7 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
-from maptools.onnx_model import ModelInput, check_input_shapes, load_model, model_inputs
+from maptools.onnx_model import ModelInput, check_input_shapes, index_limits, load_model, model_inputs
 from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
 import maptools.maps.seed as contract
 from maptools.prepare import prepare_model
@@ -460,7 +460,7 @@ def quantize(
                                "calibration data, and calibset=None is random noise.",
                                "pass real samples as calibset (or optimization='none'/'equalization').")
     source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed,
-                                 {i.name: i.dtype for i in inputs})
+                                 {i.name: i.dtype for i in inputs}, index_limits(model))
     notes: list[str] = []
     if calibset is None:
         notes.append("calibrated on seeded random data: fine for trying the pipeline, not for accuracy "

@@ -83,6 +83,17 @@ def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
     return graph
 
 
+def _agrees(out: np.ndarray, ref: np.ndarray, tolerance: float) -> bool:
+    """``out`` within ``tolerance`` of ``ref``'s largest finite magnitude, infinities and NaNs where ``ref`` has
+    them (an attention mask's -inf)."""
+    finite = np.isfinite(ref)
+    peak = float(np.abs(ref[finite]).max(initial=0.0))
+    same = (out == ref) | (np.isnan(out) & np.isnan(ref))
+    with np.errstate(invalid="ignore"):
+        close = np.abs(out - ref) <= tolerance * peak + 1e-3 * np.abs(ref) + 1e-6
+    return bool(np.all(same | (close & finite)))
+
+
 def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
                  feed: Mapping[str, torch.Tensor], device: str) -> list[str]:
     """Switch to onnxruntime every operator whose PPQ kernel computes something else than ONNX.
@@ -132,9 +143,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
                 if ref is None or not isinstance(value, torch.Tensor) or not np.issubdtype(ref.dtype, np.floating):
                     continue
                 out = value.detach().cpu().numpy()
-                peak = float(np.abs(ref).max(initial=0.0))
-                if ref.shape != out.shape or not np.all(np.abs(out - ref) <= tolerance * peak + 1e-3 * np.abs(ref)
-                                                        + 1e-6):
+                if ref.shape != out.shape or not _agrees(out, ref, tolerance):
                     bad.append(op)
                     break
         return bad

@@ -260,9 +260,11 @@ class Statistics:
                 shape = var.shape
                 if var.name not in produced or not shape or not all(isinstance(d, int) for d in shape):
                     return None
-                numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+                # one row per forward, as PPQ's observers see a tensor: its axis 0 need not be a batch axis
+                # (a sequence's rows before a Gemm, a [T, N, C] recurrent layout, a model prepared for batch 4)
+                numel = math.prod(shape)
                 t = f"maptools_stat{len(outputs)}"
-                nodes.append(onnx.helper.make_node("Flatten", [var.name], [f"{t}_rows"], axis=1))
+                nodes.append(onnx.helper.make_node("Flatten", [var.name], [f"{t}_rows"], axis=0))
                 if type(observer) is TorchMinMaxObserver:
                     nodes += [onnx.helper.make_node("ReduceMin", [f"{t}_rows"], [f"{t}_lo"], axes=[1], keepdims=0),
                               onnx.helper.make_node("ReduceMax", [f"{t}_rows"], [f"{t}_hi"], axes=[1], keepdims=0)]
