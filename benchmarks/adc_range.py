@@ -6,7 +6,8 @@ against calibrated (and max), per array size.
 
 The SmallCNN trained on scikit-learn's digits (``tests/trained_cnn.py``), W8A8, calibrated on 64 training
 images; ADC ranges calibrated on 64 other training images; top-1 accuracy on the 449 test images of the
-crossbar simulation (2-bit cells, 1-bit inputs, differential), beside the lossless integer simulation's.
+crossbar simulation (2-bit cells, 1-bit inputs, differential), beside the lossless integer simulation's, and
+each point's energy, latency and area per inference (``CrossbarMap.cost``, the ISAAC component table).
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ def main() -> None:
                                  "accuracy": error.accuracy, "integer_accuracy": error.integer_accuracy,
                                  "float_accuracy": error.float_accuracy, "integer_rel_l2": error.integer_rel_l2,
                                  "adc_steps": {k: list(v) for k, v in error.adc_steps.items()},
+                                 "energy_uj": error.energy_pj / 1e6, "latency_us": error.latency_ns / 1e3,
+                                 "area_mm2": error.area_mm2,
                                  "seconds": time.perf_counter() - started})
                     print(f"{spec.xbar} ADC {adc} bits, {adc_range}: top-1 {100 * error.accuracy:.1f}% (integer "
                           f"{100 * error.integer_accuracy:.1f}%, float {100 * error.float_accuracy:.1f}%), "
-                          f"{100 * error.integer_rel_l2:.2f}% from the integer outputs", flush=True)
+                          f"{100 * error.integer_rel_l2:.2f}% from the integer outputs; "
+                          f"{error.energy_pj / 1e6:.4g} uJ, {error.latency_ns / 1e3:.4g} us, {error.area_mm2:.4g} mm2 "
+                          "per inference (ISAAC component table)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": "digits CNN (W8A8)", "cell_bits": 2, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

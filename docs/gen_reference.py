@@ -220,6 +220,17 @@ def figures() -> dict[str, bytes]:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8, frameon=False)
         out["adc_range.png"] = png_bytes(fig)
+        if all("energy_uj" in row for row in data["rows"]):
+            fig, ax = plt.subplots(figsize=(8, 4))
+            for (xbar, adc_range), rows in sorted(lines.items()):
+                ax.plot([r["energy_uj"] for r in rows], [100 * r["accuracy"] for r in rows], styles[adc_range],
+                        marker="o", label=f"{xbar}, {adc_range} range")
+            ax.set(xlabel="energy per inference, uJ (ISAAC component table; ADC bits grow to the right)",
+                   ylabel="top-1 accuracy, %", ylim=(0, 100), xscale="log",
+                   title=f"{data['model']} on crossbars: accuracy against energy")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8, frameon=False)
+            out["adc_energy.png"] = png_bytes(fig)
     snr = RESULTS / "layer_snr.json"
     if snr.is_file():
         data = json.loads(snr.read_text())

@@ -129,8 +129,9 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
                             "ADC bits worst case": lay.adc_bits_needed, "utilization %": f"{100 * lay.utilization:.1f}",
                             "arrays": lay.arrays, "W/A bits": f"{lay.weight_bits}/{lay.input_bits}",
                             "cycles": lay.cycles, "matrix": f"{lay.groups}x{lay.rows}x{lay.cols}",
-                            "psum observed": lay.psum_observed, "psum worst": lay.psum_worst}
-                           for lay in mapped.layers], key=f"{key}-layers",
+                            "psum observed": lay.psum_observed, "psum worst": lay.psum_worst,
+                            "energy nJ": f"{price.total_pj / 1e3:.4g}", "latency us": f"{price.latency_ns / 1e3:.4g}"}
+                           for lay, price in zip(mapped.layers, mapped.cost.layers)], key=f"{key}-layers",
                           description=f"{mapname} on {s.rows}x{s.cols} crossbars with a {s.adc_bits}-bit ADC "
                                       f"({s.adc_range} range), per layer (ADC bits a lossless readout needs: observed "
                                       "on sample inputs, and in the worst case; matrix: groups x rows x columns)")
@@ -138,6 +139,7 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     create_markdown_artifact(f"![utilization and ADC bits per layer of {mapname}](data:image/png;base64,{png})",
                              key=f"{key}-plot", description=f"{mapname}: utilization and ADC bits per layer")
     observed = max((lay.adc_bits_observed for lay in mapped.layers if lay.adc_bits_observed is not None), default=None)
+    cost = mapped.cost
     accuracy = (f"{100 * error.accuracy:.1f}% (integer {100 * error.integer_accuracy:.1f}%, float "
                 f"{100 * error.float_accuracy:.1f}%)" if error.accuracy is not None else "-")
     lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
@@ -151,6 +153,10 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
              f"| {mapped.arrays} | {100 * mapped.utilization:.1f}% | {mapped.cycles:,} | {s.adc_bits} | "
              f"{'-' if observed is None else observed} / "
              f"{max((lay.adc_bits_needed for lay in mapped.layers), default=0)} |", "",
+             "| energy per inference | of it in ADCs | latency | area | component table |", "|---|---|---|---|---|",
+             f"| {cost.total_pj / 1e6:.4g} uJ | {100 * cost.energy_pj['adc'] / max(cost.total_pj, 1e-30):.0f}% | "
+             f"{cost.latency_ns / 1e3:.4g} us | {cost.area_mm2:.4g} mm2 ({cost.tiles} tiles) | {cost.table} "
+             f"({s.cols_per_adc} columns per ADC) |", "",
              f"Quantization: W{_bits({lay.weight_bits for lay in mapped.layers})}"
              f"A{_bits({lay.input_bits for lay in mapped.layers})}. Crossbar: {s.cell_bits}-bit cells ({s.encoding}), "
              f"{s.dac_bits}-bit inputs per cycle, {s.adc_bits}-bit ADC ({s.adc_range} range). Map: `{map_dir}`.",

@@ -71,7 +71,8 @@ def _crossbar_row(result: MapAndSimulateResult) -> tuple[str, str]:
     m, e = result.crossbars, result.error
     return ("crossbars", f"output error vs float {_pct(e.rel_l2)}, added by the crossbars {_pct(e.integer_rel_l2)} "
                          f"(rel. L2 vs the integer simulation); {m.arrays} arrays of {m.spec.xbar}, "
-                         f"{100 * m.utilization:.1f}% utilization, {m.cycles:,} cycles per inference")
+                         f"{100 * m.utilization:.1f}% utilization, {m.cycles:,} cycles per inference; "
+                         f"{m.cost.summary()}")
 
 
 @task(name="simulate-map")
@@ -99,6 +100,7 @@ def map_and_simulate(
     max_arrays: Annotated[int | None, setting(CrossbarSpec, "max_arrays")] = None,
     adc_range: Annotated[AdcRange, setting(CrossbarSpec, "adc_range",
                                                                     " Calibrated on seeded inputs.")] = "full",
+    cols_per_adc: Annotated[int, setting(CrossbarSpec, "cols_per_adc")] = 1,
     samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
                                                               "eval_set).")] = 32,
     eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
@@ -108,14 +110,15 @@ def map_and_simulate(
     refresh: Annotated[bool, Field(description="Recompute even if cached.")] = False,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> MapAndSimulateResult:
-    """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits)
-    and loss (output error against the float model and the lossless integer simulation)."""
+    """Lay a quantized map onto crossbars and simulate it there: cost (arrays, cells, cycles, ADC bits, energy,
+    latency and area) and loss (output error against the float model and the lossless integer simulation)."""
     with credentials(aws_credentials):
         logger = get_run_logger()
         ensure_result_storage()
         started, seconds = time.perf_counter(), {}
         spec = CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,  # bad specs
-                                      encoding=encoding, max_arrays=max_arrays, adc_range=adc_range)  # fail here
+                                      encoding=encoding, max_arrays=max_arrays, adc_range=adc_range,  # fail here
+                                      cols_per_adc=cols_per_adc)
         root = str(output_location(output_root))
         content = convert_map(mapname, root)
         seconds["convert"] = time.perf_counter() - started
@@ -160,6 +163,7 @@ def quantize_map_simulate(
     dac_bits: Annotated[int, setting(CrossbarSpec, "dac_bits")] = 1,
     encoding: Annotated[Encoding, setting(CrossbarSpec, "encoding")] = "differential",
     adc_range: Annotated[AdcRange, setting(CrossbarSpec, "adc_range")] = "full",
+    cols_per_adc: Annotated[int, setting(CrossbarSpec, "cols_per_adc")] = 1,
     samples: Annotated[int, Field(ge=1, le=10000)] = 32,
     eval_set: str | None = None,
     aws_credentials: AwsCredentialsBlock = None,
@@ -167,13 +171,14 @@ def quantize_map_simulate(
     """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
     with credentials(aws_credentials):
         CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
-                               adc_range=adc_range)
+                               adc_range=adc_range, cols_per_adc=cols_per_adc)
         quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
                                                         calib_steps=calib_steps, device=device, bit_width=bit_width,
                                                         output_root=output_root, aws_credentials=aws_credentials)
         crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
                                      cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
-                                     adc_range=adc_range, samples=samples, eval_set=eval_set,
+                                     adc_range=adc_range, cols_per_adc=cols_per_adc, samples=samples,
+                                     eval_set=eval_set,
                                      aws_credentials=aws_credentials)
         publish_pipeline_report("Quantized, mapped and simulated", quantized.mapname,
                                 [_quantized_row(quantized), _crossbar_row(crossbars)])

@@ -31,10 +31,11 @@ def png_bytes(fig: Any, dpi: int = 110) -> bytes:
 
 def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict[str, Any]], str], x_label: str,
                        title: str, reference: Callable[[dict[str, Any]], float | None] | None = None,
-                       reference_label: str = "") -> bytes:
-    """Output error against float (log scale) and, where measured, accuracy, against ``x``: one line per label,
-    each with its ``reference`` error (e.g. the same quantization without crossbars) as a dashed line of its
-    colour; the float model's accuracy as a grey line; legends beside the axes, not over the data."""
+                       reference_label: str = "", log_x: bool = False) -> bytes:
+    """Output error against float (log scale) and, where measured, accuracy, against ``x`` (its values as ticks,
+    or a log scale with ``log_x``): one line per label, each with its ``reference`` error (e.g. the same
+    quantization without crossbars) as a dashed line of its colour; the float model's accuracy as a grey line;
+    legends beside the axes, not over the data."""
     from matplotlib import ticker
 
     from matplotlib.lines import Line2D
@@ -49,7 +50,7 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
     if len(lines) > 10:  # the default cycle repeats after 10 colours
         for ax in axes[0]:
             ax.set_prop_cycle(color=[pyplot().get_cmap("tab20")(i) for i in range(20)])
-    ticks = sorted({r[x] for r in rows})
+    ticks: dict[str, Any] = {"xscale": "log"} if log_x else {"xticks": sorted({r[x] for r in rows})}
     dashed = False
     for name, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r[x])
@@ -63,7 +64,7 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
             axes[0][1].plot([r[x] for r in acc], [100 * r["accuracy"] for r in acc], marker="o", label=name)
     ax = axes[0][0]
     ax.set(xlabel=x_label, ylabel="output error vs float, ||q - f|| / ||f|| (%)", title=title, yscale="log",
-           xticks=ticks)
+           **ticks)
     ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
@@ -72,7 +73,7 @@ def error_and_accuracy(rows: list[dict[str, Any]], x: str, label: Callable[[dict
         if len(floats) == 1:
             axes[0][1].axhline(100 * floats.pop(), color="0.5", linestyle=":", label="float model")
         axes[0][1].set(xlabel=x_label, ylabel="top-1 accuracy (%)", title="accuracy on the evaluation set",
-                       xticks=ticks)
+                       **ticks)
     for ax in axes[0]:
         ax.grid(True, which="both", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()

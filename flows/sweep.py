@@ -152,7 +152,8 @@ def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: Ev
         rows.append(point.row(status="completed", rel_l2=xe.rel_l2, cosine=xe.cosine, top1_agreement=xe.top1_agreement,
                               accuracy=xe.accuracy, float_accuracy=xe.float_accuracy, verified=True,
                               arrays=xe.arrays, utilization=xe.utilization, integer_rel_l2=xe.integer_rel_l2,
-                              integer_agreement=xe.integer_agreement,
+                              integer_agreement=xe.integer_agreement, energy_uj=xe.energy_pj / 1e6,
+                              latency_us=xe.latency_ns / 1e3,
                               seconds=round(time.perf_counter() - started, 3),
                               **{**common, "cached": state.name == "Cached"}, **axes))
     return rows

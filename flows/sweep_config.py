@@ -220,7 +220,7 @@ COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settin
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
            "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
            "xbar", "cell_bits", "adc_bits", "adc_range", "crossbar", "arrays", "utilization", "integer_rel_l2",
-           "integer_agreement"]
+           "integer_agreement", "energy_uj", "latency_us"]
 
 
 @dataclass(frozen=True)

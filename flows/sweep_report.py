@@ -19,7 +19,8 @@ from maptools.maps.artifacts import atomic_write, local_root
 from maptools.quantization import snr_db
 from maptools.maps.store import Store, store_errors
 
-__all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "publish", "line_label"]
+__all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "plot_energy_sweep",
+           "publish", "line_label"]
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
         + (f". The same in every row: {', '.join(f'{k} {v}' for k, v in constant.items())}" if constant else "")
         + f". All columns: {csv_path}"))
     crossbar_plot = plot_crossbar_sweep(table, folder / "crossbar.png", title=f"crossbar sweep {config.name}")
+    energy_plot = plot_energy_sweep(table, folder / "energy.png", title=f"energy per inference, {config.name}")
     for image, suffix, what in ((plot_path, "plot", "Output error against bit width"),
-                                (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits")):
+                                (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits"),
+                                (energy_plot, "energy-plot", "Crossbar output error against energy per inference")):
         if image is not None:
             png = base64.b64encode(image.read_bytes()).decode()
             create_markdown_artifact(f"![{what}](data:image/png;base64,{png})\n\n`{image}`", key=f"{key}-{suffix}",
@@ -71,7 +74,7 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
     if isinstance(root, str):  # maps on a store: the report goes there too
         store = Store.of(root)
         with store_errors(f"upload the report of sweep {config.name!r}", root):
-            for path in (csv_path, json_path, plot_path, crossbar_plot):
+            for path in (csv_path, json_path, plot_path, crossbar_plot, energy_plot):
                 if path is not None:
                     store.fs.put_file(str(path), store.join("sweeps", config.name, path.name))
     failed = [r for r in table if r["status"] != "completed"]
@@ -82,6 +85,7 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
              f"{seconds:.1f} s.", "", *best_points(table), "",
              f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
     lines += [f"- crossbar plot: `{crossbar_plot}`"] if crossbar_plot else []
+    lines += [f"- energy plot: `{energy_plot}`"] if energy_plot else []
     lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
     create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"Design sweep {config.name}")
     return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
@@ -99,6 +103,7 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"), ("accuracy", "accuracy %", lambda v: f"{100 * v:.1f}"),
     ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
     ("weight_bytes", "weight bytes", lambda v: f"{v:,}"), ("arrays", "arrays", str),
+    ("energy_uj", "energy uJ", lambda v: f"{v:.3g}"), ("latency_us", "latency us", lambda v: f"{v:.3g}"),
     ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
     ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
@@ -176,6 +181,17 @@ def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
     if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
         vary = ["model", *vary]
     return lambda r: " / ".join(text[k](r) for k in vary)
+
+
+def plot_energy_sweep(table: list[dict[str, Any]], path: Path, title: str = "energy per inference") -> Path | None:
+    """Error against float (and accuracy, when measured) against the crossbars' energy per inference, one line per
+    model / bits / crossbar size and cell bits (its points: the other crossbar axes)."""
+    done = [r for r in table if r["status"] == "completed" and r.get("energy_uj") is not None]
+    if not done:
+        return None
+    return atomic_write(path, error_and_accuracy(
+        done, "energy_uj", line_label(done, ("bits", "xbar", "cell_bits")), "energy per inference (uJ, ISAAC "
+        "component table)", _titled(title, done), log_x=True))
 
 
 def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:

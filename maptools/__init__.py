@@ -12,6 +12,7 @@ import maptools.maps.store  # noqa: E402,F401 - registers the map folder of stor
 from maptools.maps.artifacts import read_manifest, read_quantinfo, read_quantparams  # noqa: E402
 from maptools.maps.roots import MapRef  # noqa: E402
 from maptools.conversion import ConversionResult, convert, read_graph  # noqa: E402
+from maptools.crossbar.cost import COST_PRESETS, ComponentTable, NetworkCost  # noqa: E402
 from maptools.crossbar.device import DEVICE_PRESETS, DeviceModel  # noqa: E402
 from maptools.crossbar.evaluation import (CrossbarError, DeviceEvaluation, evaluate_crossbar,  # noqa: E402
                                           evaluate_device)
@@ -40,7 +41,8 @@ __all__ = [
     "convert", "ConversionResult", "read_graph", "simulate", "SimulationResult",
     # crossbars
     "map_crossbars", "CrossbarSpec", "CrossbarMap", "evaluate_crossbar", "CrossbarError",
-    "DeviceModel", "DEVICE_PRESETS", "evaluate_device", "DeviceEvaluation",
+    "DeviceModel", "DEVICE_PRESETS", "evaluate_device", "DeviceEvaluation", "NetworkCost", "ComponentTable",
+    "COST_PRESETS",
     # errors
     "MaptoolsError", "ModelError", "InputShapeError", "CalibrationError", "SettingsError", "BudgetError",
     "DeviceError", "MapnameError", "ArtifactError", "MissingArtifactError", "IntegrityError",

@@ -459,11 +459,12 @@ def check_seed(
 
 
 def _spec(xbar: str, cell_bits: int, adc_bits: int, dac_bits: int, encoding: str, max_arrays: int | None,
-          adc_range: str) -> Any:
+          adc_range: str, cols_per_adc: int) -> Any:
     from maptools.crossbar.mapping import CrossbarSpec
 
     return CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits,  # type: ignore
-                                  encoding=encoding, max_arrays=max_arrays, adc_range=adc_range)
+                                  encoding=encoding, max_arrays=max_arrays, adc_range=adc_range,
+                                  cols_per_adc=cols_per_adc)
 
 
 _XBAR = Annotated[str, typer.Option("--xbar", help="Crossbar size ROWSxCOLS: word lines x bit lines of one array, "
@@ -473,13 +474,14 @@ _ADC = Annotated[int, _setting(CrossbarSpec, "adc_bits")]
 _DAC = Annotated[int, _setting(CrossbarSpec, "dac_bits")]
 _ENC = Annotated[str, _setting(CrossbarSpec, "encoding", metavar="differential|offset")]
 _RANGE = Annotated[str, _setting(CrossbarSpec, "adc_range", metavar="full|max|calibrated")]
+_SHARE = Annotated[int, _setting(CrossbarSpec, "cols_per_adc")]
 
 
 @app.command(name="map")
 def map_command(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
-    encoding: _ENC = "differential", adc_range: _RANGE = "full",
+    encoding: _ENC = "differential", adc_range: _RANGE = "full", cols_per_adc: _SHARE = 1,
     max_arrays: Annotated[int | None, _setting(CrossbarSpec, "max_arrays", note=" A network needing more is refused.",
                                                show_default=False)] = None,
     input: Annotated[str, typer.Option("--input", help="Inputs for the observed partial sums: 'random', or an "
@@ -493,8 +495,8 @@ def map_command(
     from maptools.crossbar.mapping import map_crossbars
 
     try:
-        result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays, adc_range),
-                               output_root=output_root, inputs=input, samples=samples)
+        result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays, adc_range,
+                                              cols_per_adc), output_root=output_root, inputs=input, samples=samples)
     except MaptoolsError as e:
         fail(e)
     table = Table(title=f"{mapname} on {xbar} arrays, {cell_bits}-bit cells, {adc_bits}-bit ADC, {encoding}")
@@ -508,7 +510,7 @@ def map_command(
                       str(layer.psum_worst), str(layer.psum_observed), f"{layer.adc_bits_needed} / "
                       f"{layer.adc_bits_observed}", *steps)
     table.caption = (f"{result.arrays} arrays, {result.utilization:.1%} of their cells used, {result.cycles} cycles "
-                     f"per inference; written to mapsave/{mapname}/crossbar_map.json")
+                     f"per inference; {result.cost.summary()}; written to mapsave/{mapname}/crossbar_map.json")
     console.print(table)
 
 
@@ -524,7 +526,7 @@ def simulate(
     crossbar: Annotated[bool, typer.Option("--crossbar", help="Compute every Conv/Gemm through crossbar arrays "
                                                               "(--xbar, --cell-bits, --adc-bits, ...).")] = False,
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
-    encoding: _ENC = "differential", adc_range: _RANGE = "full",
+    encoding: _ENC = "differential", adc_range: _RANGE = "full", cols_per_adc: _SHARE = 1,
     save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
     output_root: Annotated[str | None, typer.Option(
         help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
@@ -537,7 +539,8 @@ def simulate(
     from maptools.simulate import simulate as run_simulate
 
     try:
-        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range) if crossbar else None
+        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range, cols_per_adc) if crossbar \
+            else None
         result = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed, crossbar=spec)
         reference = run_simulate(mapname, input, output_root=output_root, requant=requant, seed=seed) \
             if crossbar else None

@@ -222,8 +222,12 @@ def test_crossbar_axes_add_a_row_per_crossbar(prefect_server, dask_cluster, smal
     assert lossless["integer_rel_l2"] == 0.0 and lossless["integer_agreement"] == 1.0
     assert coarse["integer_rel_l2"] > 0 and coarse["rel_l2"] > lossless["rel_l2"] and coarse["arrays"] > 0
     assert bad["status"] == "failed" and "adc_bits=99 is out of range" in bad["error"]
-    assert (tmp_path / "sweeps" / "xb" / "crossbar.png").read_bytes()[:4] == b"\x89PNG"
-    assert Artifact.get("sweep-xb-crossbar-plot") is not None
+    # the energy per inference: ADC energy grows 2x a bit, and offset columns halve the conversions
+    assert 0 < coarse["energy_uj"] < lossless["energy_uj"] and offset[12]["energy_uj"] < lossless["energy_uj"]
+    assert coarse["latency_us"] == lossless["latency_us"] > 0
+    for plot in ("crossbar", "energy"):
+        assert (tmp_path / "sweeps" / "xb" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+        assert Artifact.get(f"sweep-xb-{plot}-plot") is not None
     again = run_sweep(cfg)
     assert [r["cached"] for r in again.rows[:5]] == [True] * 5, again.rows
     with pytest.raises(ValueError, match="give both 'xbar' and 'adc_bits'"):

@@ -46,6 +46,8 @@ class CrossbarError:
         integer_rel_l2, integer_agreement: crossbar against the lossless integer simulation
             (0.0 and 1.0 when the ADC loses nothing).
         arrays, utilization, cycles, adc_bits_needed: the mapping's totals (worst-case ADC bits).
+        energy_pj, latency_ns, area_mm2: its cost per inference (:attr:`CrossbarMap.cost`, the ISAAC component
+            table).
         adc_steps: per layer whose ADCs read in steps above one partial-sum unit (a ``max`` or ``calibrated``
             range), the step of each cell slice.
         seconds_per_sample, integer_seconds_per_sample: simulation time per sample of each.
@@ -68,6 +70,9 @@ class CrossbarError:
     adc_bits_needed: int
     seconds_per_sample: float
     integer_seconds_per_sample: float
+    energy_pj: float
+    latency_ns: float
+    area_mm2: float
     adc_steps: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +132,7 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     integer_accuracy = compare_outputs(integer, reference, data.labels)["accuracy"]
     mapped = map_graph(graph, params, spec, shifts=simulator.adc_shifts)
     n = len(data.samples)
+    cost = mapped.cost
     return CrossbarError(
         spec=spec.model_dump(), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
         cosine=float(against_float["cosine"]), top1_agreement=float(against_float["top1_agreement"]),
@@ -135,7 +141,8 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
         integer_agreement=float(against_integer["top1_agreement"]), arrays=mapped.arrays,
         utilization=mapped.utilization, cycles=mapped.cycles,
         adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
-        seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n,
+        seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n, energy_pj=cost.total_pj,
+        latency_ns=cost.latency_ns, area_mm2=cost.area_mm2,
         adc_steps={layer.name: layer.adc_steps for layer in mapped.layers if layer.adc_steps})
 
 

@@ -50,6 +50,7 @@ from maptools.maps.artifacts import QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
 from maptools.errors import SettingsError
 from maptools.settings import Settings
+from maptools.crossbar.cost import COST_PRESETS, NetworkCost, network_cost
 from maptools.crossbar.device import CellStates, DeviceModel
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
@@ -81,6 +82,8 @@ class CrossbarSpec(Settings):
                                                            "one column with an offset corrected digitally.")
     max_arrays: int | None = Field(None, ge=1, description="Budget of arrays for the whole network (none: no "
                                                            "limit).")
+    cols_per_adc: int = Field(1, ge=1, description="Columns that share one ADC, converted one after another (a power "
+                                                   "of two up to cols): fewer ADCs, longer cycles.")
     adc_range: AdcRange = Field("full", description="How each ADC's range is set: full (steps of one partial-sum "
                                                     "unit), or per layer and cell slice from calibration inputs a "
                                                     "power-of-two step: max (reads the largest partial sum) or "
@@ -101,6 +104,11 @@ class CrossbarSpec(Settings):
             value = values.get(name, low)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise SettingsError(f"{name}={value!r} is out of range.", f"use an integer from {low} to {high}.")
+        share = values.get("cols_per_adc", 1)
+        if isinstance(share, bool) or not isinstance(share, int) or share < 1 or share & (share - 1) or \
+                share > values.get("cols", 256):
+            raise SettingsError(f"cols_per_adc={share!r} is not a power of two up to the array's columns.",
+                                "use e.g. 1 (an ADC per column), 8, or the column count (one ADC per array).")
         encoding = values.get("encoding", "differential")
         if encoding not in ("differential", "offset"):
             raise SettingsError(f"encoding={encoding!r} is unknown.", "use 'differential' or 'offset'.")
@@ -181,6 +189,12 @@ class CrossbarMap:
     layers: list[LayerMap]
 
     @property
+    def cost(self) -> NetworkCost:
+        """Energy, latency and area per inference, priced with the ISAAC component table (see
+        :mod:`maptools.crossbar.cost`)."""
+        return network_cost(self.layers, self.spec, COST_PRESETS["isaac"])
+
+    @property
     def arrays(self) -> int:
         return sum(layer.arrays for layer in self.layers)
 
@@ -209,7 +223,7 @@ class CrossbarMap:
                 "totals": {"arrays": self.arrays, "cells": self.cells, "cells_used": self.cells_used,
                            "utilization": self.utilization, "cycles": self.cycles,
                            "adc_bits_needed": max((lay.adc_bits_needed for lay in self.layers), default=0)},
-                "layers": [layer.to_json() for layer in self.layers]}
+                "cost": self.cost.to_json(), "layers": [layer.to_json() for layer in self.layers]}
 
 
 def _bits(value: int) -> int:
