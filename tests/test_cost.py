@@ -12,7 +12,6 @@ from maptools.conversion import read_graph
 from maptools.crossbar.cost import COST_PRESETS, COMPONENTS, array_um2, peak
 from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarSpec, map_crossbars, map_graph
 from maptools.errors import SettingsError
-from tests.test_mapping import conv_maps  # noqa: F401  (the fixture)
 
 ISAAC = COST_PRESETS["isaac"]
 #: ISAAC's organisation: 128x128 arrays of 2-bit cells, 1-bit DACs, one 8-bit ADC per array (128 columns)
@@ -32,7 +31,7 @@ def test_the_isaac_preset_gives_back_the_papers_totals() -> None:
     assert shared.tile_mm2 > 10 * totals.tile_mm2 and shared.tile_mw == pytest.approx(totals.tile_mw)
 
 
-def test_a_layers_energy_and_latency_follow_from_its_tiles(conv_maps) -> None:  # noqa: F811
+def test_a_layers_energy_and_latency_follow_from_its_tiles(conv_maps) -> None:
     graph, params = read_graph("dense", conv_maps), read_quantparams("dense", conv_maps)
     spec = CrossbarSpec(rows=32, cols=32, cell_bits=2, adc_bits=8)
     mapped = map_graph(graph, params, spec)
@@ -53,7 +52,7 @@ def test_a_layers_energy_and_latency_follow_from_its_tiles(conv_maps) -> None:  
     assert set(cost.energy_pj) == set(COMPONENTS)
 
 
-def test_crossbar_map_json_carries_the_cost_and_bad_sharing_is_refused(conv_maps) -> None:  # noqa: F811
+def test_crossbar_map_json_carries_the_cost_and_bad_sharing_is_refused(conv_maps) -> None:
     mapped = map_crossbars("dense", CrossbarSpec(rows=32, cols=32, cols_per_adc=8), output_root=conv_maps)
     written = json.loads((conv_maps / "mapsave" / "dense" / CROSSBAR_FILE).read_text())
     assert written["spec"]["cols_per_adc"] == 8

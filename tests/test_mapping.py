@@ -6,40 +6,14 @@ import json
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from maptools import quantize, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, SettingsError
 from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarSimulator, CrossbarSpec, map_crossbars, map_graph
 from maptools.simulate import IntegerSimulator
-
-
-@pytest.fixture(scope="module")
-def conv_maps(tmp_path_factory: pytest.TempPathFactory):
-    """A 3x3 conv with 20 inputs and 40 outputs (its input is the signed graph input), and a depthwise one."""
-    root = tmp_path_factory.mktemp("xbar")
-    rng = np.random.default_rng(0)
-    for name, group, cin in (("dense", 1, 20), ("depthwise", 16, 16)):
-        cout = 40 if group == 1 else 16
-        w = rng.standard_normal((cout, cin // group, 3, 3)).astype(np.float32)
-        graph = helper.make_graph(
-            [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1], group=group),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["output"], name="head")],
-            "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, cin, 8, 8])],
-            [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-            [numpy_helper.from_array(w, "w"),
-             numpy_helper.from_array(rng.standard_normal((4, cout, 1, 1)).astype(np.float32), "w2")])
-        path = root / f"{name}.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-        quantize({"input": [1, cin, 8, 8]}, "cpu", path, mapname=name, calib_steps=8, output_root=root,
-                 profile="extended")  # the head reads an unsigned Relu output
-        convert(name, output_root=root)
-    return root
 
 
 def test_counts_match_a_hand_computation(conv_maps) -> None:
