@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
@@ -19,12 +19,14 @@ from maptools_flows.quantize_model import QuantizeModelResult
 from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key
 from maptools import conversion
 from maptools.maps.artifacts import MapFolder
-from maptools.crossbar.evaluation import CrossbarError, evaluate_crossbar
+from maptools.crossbar.device import DeviceModel
+from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation, evaluate_crossbar, evaluate_device
 from maptools.errors import ArtifactError
 from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, map_crossbars
 
 __all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
-           "simulate_crossbar", "publish_crossbar_report", "crossbar_file_current", "plot_crossbar_map", "short_names"]
+           "simulate_crossbar", "simulate_device", "publish_crossbar_report", "publish_device_report",
+           "crossbar_file_current", "plot_crossbar_map", "plot_device", "short_names"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,62 @@ def simulate_crossbar(content: MapContent, spec: CrossbarSpec, evaluation: Evalu
     """The crossbar-level simulation against the float model and the integer simulation (cached on content)."""
     return evaluate_crossbar(content.mapname, spec, output_root=content.output_root, evaluation=evaluation.eval_set,
                              samples=evaluation.samples, seed=evaluation.seed)
+
+
+@task(name="simulate-device", cache_policy=_CACHE, **_PERSIST, **_RETRY)
+def simulate_device(content: MapContent, spec: CrossbarSpec, device: DeviceModel, evaluation: EvaluationSpec,
+                    trials: int, times: list[float]) -> DeviceEvaluation:
+    """Monte Carlo over ``device``'s cells: ``trials`` draws, each read at every time in ``times`` (cached on
+    content)."""
+    return evaluate_device(content.mapname, spec, device, output_root=content.output_root, trials=trials,
+                           times=times, evaluation=evaluation.eval_set, samples=evaluation.samples,
+                           seed=evaluation.seed)
+
+
+def plot_device(runs: dict[str, DeviceEvaluation], title: str) -> bytes:
+    """Accuracy (top-1 agreement with float where there are no labels) and output error against time after
+    programming, mean +- one standard deviation over the trials, one line per run."""
+    labelled = all(p.accuracy is not None for run in runs.values() for p in run.points)
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
+    for label, run in runs.items():
+        times = [max(p.time, 1e-1) for p in run.points]
+        for ax, values in ((axes[0], [p.accuracy if labelled else p.top1_agreement for p in run.points]),
+                           (axes[1], [p.rel_l2 for p in run.points])):
+            mean = [100 * v[0] for v in values]
+            std = [100 * v[1] for v in values]
+            line, = ax.plot(times, mean, marker="o", label=label)
+            ax.fill_between(times, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+    first = next(iter(runs.values()))
+    axes[0].set(ylabel="top-1 accuracy (%)" if labelled else "top-1 agreement with float (%)", ylim=(0, 100))
+    if labelled and first.float_accuracy is not None:
+        axes[0].axhline(100 * first.float_accuracy, color="0.5", linestyle=":", label="float model")
+    axes[1].set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
+    for ax in axes:
+        ax.set(xscale="log", xlabel="time after programming (s)", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+@task(name="publish-device-report")
+def publish_device_report(mapname: str, runs: dict[str, DeviceEvaluation]) -> str:
+    """A markdown artifact: accuracy and output error against time after programming (plot inline), and the
+    table of means, standard deviations and 95% intervals."""
+    key = _artifact_key(mapname).replace("quant-", "device-", 1)
+    first = next(iter(runs.values()))
+    title = f"{mapname}: {first.device['model']} cells, {first.points[0].trials} trials"
+    png = base64.b64encode(plot_device(runs, title)).decode()
+    lines = [f"# `{mapname}` on non-ideal cells", "", f"![accuracy against time](data:image/png;base64,{png})", "",
+             "| run | time after programming (s) | output error (rel. L2), mean +- std | top-1 agreement | accuracy |",
+             "|---|---|---|---|---|"]
+    for label, run in runs.items():
+        for p in run.points:
+            accuracy = "-" if p.accuracy is None else f"{100 * p.accuracy[0]:.1f}% +- {100 * p.accuracy[1]:.1f}"
+            lines.append(f"| {label} | {p.time:g} | {100 * p.rel_l2[0]:.2f}% +- {100 * p.rel_l2[1]:.2f} | "
+                         f"{100 * p.top1_agreement[0]:.1f}% +- {100 * p.top1_agreement[1]:.1f} | {accuracy} |")
+    lines += ["", f"{first.samples} samples ({first.source}); {first.seconds_per_trial:.3f} s per trial and time."]
+    return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on non-ideal cells"))
 
 
 def short_names(names: list[str], width: int = 28) -> list[str]:
@@ -178,11 +236,14 @@ class MapAndSimulateResult:
     error: CrossbarError
     cached: bool
     seconds: dict[str, float]
+    #: Monte Carlo over non-ideal cells (the flow's ``device``): per run (drift compensation on, off)
+    device: dict[str, DeviceEvaluation] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly totals and errors."""
         return {"mapname": self.mapname, **self.crossbars.to_json()["totals"], "error": self.error.to_dict(),
-                "cached": self.cached}
+                "cached": self.cached, **({"device": {k: v.to_dict() for k, v in self.device.items()}}
+                                          if self.device else {})}
 
 
 @dataclass(frozen=True)

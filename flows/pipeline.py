@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -24,7 +24,8 @@ from pydantic import Field
 from maptools.errors import SettingsError
 from maptools_flows.credentials import AwsCredentialsBlock, credentials
 from maptools_flows.crossbar import (MapAndSimulateResult, PipelineResult, convert_map, crossbar_file_current,
-                                     map_crossbars_task, publish_crossbar_report, simulate_crossbar)
+                                     map_crossbars_task, publish_crossbar_report, publish_device_report,
+                                     simulate_crossbar, simulate_device)
 from maptools_flows.params import choice, documented, setting
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
@@ -32,7 +33,8 @@ from maptools_flows.tasks import EvaluationSpec, _artifact_key, _pct
 from maptools.simulate import simulate as simulate_integers
 from maptools.maps.artifacts import map_dir, output_location, sha256_file
 from maptools.conversion import GRAPH_FILE, convert
-from maptools.crossbar.evaluation import CrossbarError
+from maptools.crossbar.device import DEVICE_PRESETS
+from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation
 from maptools.evaluation import EVAL_SEED
 from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec
 from maptools.settings import QuantSettings
@@ -44,6 +46,9 @@ XBAR = Field(description="Crossbar size ROWSxCOLS: word lines x bit lines of one
 #: the values of the CrossbarSpec fields a form offers as a drop-down
 Encoding = choice(CrossbarSpec, "encoding")
 AdcRange = choice(CrossbarSpec, "adc_range")
+DevicePreset = Literal[tuple(DEVICE_PRESETS)]  # type: ignore[valid-type]
+#: times after programming the device report reads the cells at: a second, an hour, a day, a year
+DEVICE_TIMES = [1.0, 3600.0, 86400.0, 31536000.0]
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
@@ -101,6 +106,13 @@ def map_and_simulate(
     adc_range: Annotated[AdcRange, setting(CrossbarSpec, "adc_range",
                                                                     " Calibrated on seeded inputs.")] = "full",
     cols_per_adc: Annotated[int, setting(CrossbarSpec, "cols_per_adc")] = 1,
+    device: Annotated[DevicePreset | None, Field(description="Non-ideal cells: a preset of maptools.DEVICE_PRESETS "
+                                                             "(e.g. pcm, IBM's PCM statistics). Accuracy against "
+                                                             "time after programming is simulated with and without "
+                                                             "drift compensation and published as a plot.")] = None,
+    device_trials: Annotated[int, Field(ge=2, le=1000, description="Monte Carlo trials of the device's cells.")] = 8,
+    device_times: Annotated[list[float], Field(min_length=1, description="Times after programming (s) at which the "
+                                                                         "cells are read.")] = DEVICE_TIMES,
     samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
                                                               "eval_set).")] = 32,
     eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
@@ -139,11 +151,21 @@ def map_and_simulate(
         error: CrossbarError = estate.result()
         seconds["simulate"] = time.perf_counter() - t
         publish_crossbar_report(mapname, mapped, error, str(map_dir(mapname, root)))
+        runs: dict[str, DeviceEvaluation] = {}
+        if device is not None:
+            t = time.perf_counter()
+            preset = DEVICE_PRESETS[device]
+            for label, compensation in (("drift compensation on", True), ("drift compensation off", False)):
+                runs[label] = simulate_device.with_options(refresh_cache=refresh)(
+                    content, spec, preset.replace(compensation=compensation), evaluation, device_trials,
+                    list(device_times))
+            publish_device_report(mapname, runs)
+            seconds["device"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - started
         logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
                     "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
                     error.rel_l2, error.integer_rel_l2)
-        return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds)
+        return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds, runs)
 
 
 @flow(name="quantize-map-simulate", persist_result=True, result_serializer=SERIALIZER)

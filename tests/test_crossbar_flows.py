@@ -88,6 +88,20 @@ def test_map_and_simulate_is_cached_and_remaps_a_lost_file(pipeline, monkeypatch
     assert json.loads(MapFolder("pipe", root).open().file(CROSSBAR_FILE).read_text())["spec"]["adc_bits"] == 12
 
 
+def test_map_and_simulate_publishes_accuracy_against_time_on_a_device(pipeline) -> None:
+    """``device='pcm'``: Monte Carlo trials at each time after programming, with and without drift compensation,
+    as a plot and table artifact; without compensation a day of drift costs far more output error."""
+    _, root = pipeline
+    result = map_and_simulate("pipe", str(root), xbar="64x64", cell_bits=2, adc_bits=12, samples=4, device="pcm",
+                              device_trials=2, device_times=[1.0, 86400.0])
+    on, off = result.device["drift compensation on"], result.device["drift compensation off"]
+    assert [p.time for p in on.points] == [1.0, 86400.0] and on.points[0].trials == 2
+    assert off.points[1].rel_l2[0] > 2 * on.points[1].rel_l2[0]
+    artifact = Artifact.get("device-pipe")
+    assert artifact is not None and "data:image/png;base64," in artifact.data and "86400" in artifact.data
+    assert "device" in result.summary() and "energy per inference" in Artifact.get("xbar-pipe").data
+
+
 def test_bad_crossbar_specs_fail_before_any_work(pipeline) -> None:
     _, root = pipeline
     for bad in (dict(xbar="100x64"), dict(xbar="64"), dict(cell_bits=9)):
