@@ -111,3 +111,22 @@ def test_evaluate_device_reports_trials_at_each_time(cnn_map) -> None:
         evaluate_device(cnn_map, spec, pcm, trials=0)
     with pytest.raises(SettingsError, match="g_min"):
         DeviceModel(g_min=1.0)
+
+
+def test_ir_drop_scales_each_cell_by_its_wire_distance(cnn_map) -> None:
+    """First-order IR drop: with no other non-ideality a column's product is ``x @ (levels * (1 - ir_drop * d))``,
+    ``d`` each cell's wire distance (row + column over rows + cols - 2); the farthest cell loses ``ir_drop``. On
+    the CNN the output error grows with the drop, and compensation takes back part of it."""
+    gen = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, LEVELS, (1, 64, 32), generator=gen).to(torch.float64)
+    x = torch.randint(0, 128, (64,), generator=gen).to(torch.float64)
+    wire = (torch.arange(64)[:, None] + torch.arange(32)[None, :]).double() / (64 + 32 - 2)
+    device = DeviceModel(ir_drop=0.2, compensation=False)
+    read = CellStates(levels, LEVELS, device, "layer/0/0", 0, wire.float()).read_levels(0.0)[0].double()
+    assert torch.allclose(x @ read, x @ (levels[0] * (1 - 0.2 * wire)), rtol=1e-6)
+    assert float(read[63, 31]) == pytest.approx(float(levels[0, 63, 31]) * (1 - 0.2 * 94 / 94), rel=1e-6)
+    spec = CrossbarSpec(rows=64, cols=64, adc_bits=12)
+    errors = {(drop, comp): evaluate_device(cnn_map, spec, DeviceModel(ir_drop=drop, compensation=comp), trials=1,
+                                            samples=4).points[0].rel_l2[0]
+              for drop in (0.02, 0.2) for comp in (False, True)}
+    assert errors[0.02, False] < errors[0.2, False] and errors[0.2, True] < errors[0.2, False], errors

@@ -13,7 +13,13 @@ cell and trial (seeded):
   conductances scaled by ``sum g_p / sum g_r``, what a read with every input at one measures right after
   programming against now;
 * the periphery subtracts the ``g_min`` baseline exactly and reads level units ``(g_r - g_min) / (1 - g_min)
-  (L - 1)``; the ADC then rounds and clips those as it does ideal partial sums. No IR drop is modelled.
+  (L - 1)``; the ADC then rounds and clips those as it does ideal partial sums;
+* **IR drop**, first order: the wires' resistance lowers what a cell contributes in proportion to its wire
+  distance from the driver of its word line and the sense amplifier of its bit line: the read conductance
+  times ``1 - ir_drop * (row + column) / (rows + cols - 2)``, its row and column within the array (row 0 next
+  to the sense amplifiers, column 0 next to the drivers). ``ir_drop`` is the loss of the cell farthest from
+  both. The approximation: the drop is taken with every cell conducting and every input on (the worst case),
+  so it does not depend on the inputs or the other cells' states, and the wires' currents are not solved.
 
 ``model='constant'``: ``sigma_p`` is ``programming_noise`` (a fraction of ``g_max``), ``sigma_r`` is
 ``read_noise`` and ``nu ~ |N(drift_nu, drift_nu_sigma)|``. ``model='pcm'``: the conductance-dependent fits
@@ -59,6 +65,9 @@ class DeviceModel(Settings):
                                                "from.")
     stuck_on: float = Field(0.0, ge=0.0, le=1.0, description="Share of cells stuck at g_max.")
     stuck_off: float = Field(0.0, ge=0.0, le=1.0, description="Share of cells stuck at g_min.")
+    ir_drop: float = Field(0.0, ge=0.0, lt=1.0, description="IR drop, first order: the conductance lost by the cell "
+                                                            "farthest from its driver and sense amplifier (others "
+                                                            "in proportion to their wire distance).")
     compensation: bool = Field(True, description="Global drift compensation: one scale per array row block.")
     seed: int = Field(0, ge=0, description="Seed of the cells' states (trial t draws from seed and t).")
 
@@ -66,7 +75,7 @@ class DeviceModel(Settings):
     def ideal(self) -> bool:
         """No effect on any level: the crossbar simulation then stays exact."""
         return (self.programming_noise == self.read_noise == self.drift_nu == self.stuck_on == self.stuck_off
-                == 0.0)
+                == self.ir_drop == 0.0)
 
 
 #: published device models by name
@@ -76,10 +85,16 @@ DEVICE_PRESETS: dict[str, DeviceModel] = {
 
 
 class CellStates:
-    """One trial's programmed cells of one array row block: levels read at any time after programming."""
+    """One trial's programmed cells of one array row block: levels read at any time after programming.
 
-    def __init__(self, levels: torch.Tensor, cell_levels: int, device: DeviceModel, key: str, trial: int) -> None:
+    ``wire``: each cell's wire distance, ``(row + column) / (rows + cols - 2)`` within its array (broadcast
+    against ``levels``), for the IR drop; None: no drop.
+    """
+
+    def __init__(self, levels: torch.Tensor, cell_levels: int, device: DeviceModel, key: str, trial: int,
+                 wire: torch.Tensor | None = None) -> None:
         self.device, self.levels, self.key, self.trial = device, cell_levels, key, trial
+        self.attenuation = None if wire is None or device.ir_drop == 0 else 1.0 - device.ir_drop * wire
         gen = _generator(device.seed, trial, key)
         d = device
         g = d.g_min + (1.0 - d.g_min) * levels.to(torch.float32) / (cell_levels - 1)  # float32: memory, not precision
@@ -109,6 +124,8 @@ class CellStates:
         else:
             sigma = d.read_noise
         read = (drifted + drifted.abs() * sigma * _normal(drifted, gen)).clamp(min=0.0)
+        if self.attenuation is not None:
+            read = read * self.attenuation
         if d.compensation and float(read.sum()) > 0:
             read = read * (self.programmed.sum() / read.sum())
         return read

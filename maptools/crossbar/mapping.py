@@ -395,12 +395,21 @@ class CrossbarSimulator(IntegerSimulator):
             self._read.clear()
         self.device, self.trial, self.time = device, trial, float(time)
 
+    def _wire(self, shape: torch.Size, part: int) -> torch.Tensor:
+        """Each cell's wire distance within its array, ``(row + column) / (rows + cols - 2)``: a row block's rows
+        are an array's rows; the physical columns run part by part, slice by slice (as the mapping counts
+        them), ``spec.cols`` to an array."""
+        spec, rows, width = self.spec, shape[-2], shape[-1]
+        column = (part * width + torch.arange(width)) % spec.cols
+        return (torch.arange(rows)[:, None] + column[None, :]).float() / max(1, spec.rows + spec.cols - 2)
+
     def _levels_read(self, name: str, r0: int, cells: _Cells) -> list[torch.Tensor]:
         """Per part, the levels this row block's cells read in the current trial and time."""
         if (name, r0) not in self._read:
             if (name, r0) not in self._states:
                 self._states[name, r0] = [CellStates(flat, 1 << self.spec.cell_bits, self.device, f"{name}/{r0}/{i}",
-                                                     self.trial) for i, (_, flat) in enumerate(cells.parts)]
+                                                     self.trial, self._wire(flat.shape, i))
+                                          for i, (_, flat) in enumerate(cells.parts)]
             self._read[name, r0] = [state.read_levels(self.time) for state in self._states[name, r0]]
         return self._read[name, r0]
 
