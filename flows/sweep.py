@@ -24,15 +24,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect_dask import DaskTaskRunner
 
-from maptools_flows.crossbar import convert_map, simulate_crossbar
+from maptools_flows.crossbar import MapContent, convert_map, simulate_crossbar, simulate_device
 from maptools_flows.results import ensure_result_storage
-from maptools_flows.sweep_config import COLUMNS, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
+from maptools_flows.sweep_config import COLUMNS, DeviceRuns, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
 from maptools_flows.sweep_report import SweepResult, _point, display_table, plot_sweep, publish
 from maptools_flows.tasks import EvaluationSpec, build_calibset, evaluate_quantized, prepare_model, run_quantization
 from maptools.maps.artifacts import output_location, sha256_file
 from maptools.errors import SettingsError, SweepConfigError
 from maptools.evaluation import OutputError, weight_memory_bytes
-from maptools.crossbar.evaluation import CrossbarError
+from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation
 from maptools.examples import EXAMPLE_PREFIX
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.quantization import QuantizationResult
@@ -78,7 +78,8 @@ def _failure(state: Any) -> str:
 @task(name="sweep-point", task_run_name="point-{mapname}")
 def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibration: CalibrationSpec,
                 input_shapes: dict[str, list[int]], device: str, seed: int, output_root: str,
-                evaluation: EvaluationSpec, crossbars: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                evaluation: EvaluationSpec, crossbars: list[dict[str, Any]], devices: DeviceRuns | None = None
+                ) -> list[dict[str, Any]]:
     """One grid point: run-quantization (cached on content) then evaluate-map, then simulate-crossbar for
     each crossbar point; rows, the quantized point's first. A failure becomes a row."""
     started = time.perf_counter()
@@ -122,13 +123,15 @@ def sweep_point(point: SweepPoint, mapname: str, model: PreparedOnnx, calibratio
                       accuracy=ev.accuracy, float_accuracy=ev.float_accuracy, verified=ev.verified,
                       seconds=round(time.perf_counter() - started, 3), **common)]
     if crossbars:
-        rows += _crossbar_rows(point, result, evaluation, crossbars, {**common, "cached": None})
+        rows += _crossbar_rows(point, result, evaluation, crossbars, {**common, "cached": None}, devices)
     return rows
 
 
 def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: EvaluationSpec,
-                   crossbars: list[dict[str, Any]], common: dict[str, Any]) -> list[dict[str, Any]]:
-    """The quantized point on each crossbar (simulate-crossbar, cached on the map's content and the spec)."""
+                   crossbars: list[dict[str, Any]], common: dict[str, Any], devices: DeviceRuns | None = None
+                   ) -> list[dict[str, Any]]:
+    """The quantized point on each crossbar (simulate-crossbar, cached on the map's content and the spec), and on
+    each device of ``devices`` (simulate-device)."""
     rows = []
     cstate = convert_map(result.mapname, str(result.output_root), return_state=True)
     for spec_axes in crossbars:
@@ -156,6 +159,37 @@ def _crossbar_rows(point: SweepPoint, result: QuantizationResult, evaluation: Ev
                               latency_us=xe.latency_ns / 1e3,
                               seconds=round(time.perf_counter() - started, 3),
                               **{**common, "cached": state.name == "Cached"}, **axes))
+        if devices is not None:
+            rows += _device_rows(point, cstate.result(), spec, evaluation, devices, common, axes)
+    return rows
+
+
+def _device_rows(point: SweepPoint, content: MapContent, spec: CrossbarSpec, evaluation: EvaluationSpec,
+                 devices: DeviceRuns, common: dict[str, Any], axes: dict[str, Any]) -> list[dict[str, Any]]:
+    """One crossbar point on each device: a row per read time, each metric's mean over the trials (and its std)."""
+    rows = []
+    for device_axes in devices.axes:
+        started = time.perf_counter()
+        label = json.dumps(device_axes, default=str)
+        try:
+            model = DeviceRuns.model(device_axes)
+        except SettingsError as e:
+            rows.append(point.row(status="failed", error=" ".join(str(e).split()), device=label, **common, **axes))
+            continue
+        state = simulate_device(content, spec, model, evaluation, devices.trials, devices.times, return_state=True)
+        if not state.is_completed():
+            rows.append(point.row(status="failed", error=f"device: {_failure(state)}", device=label, **common,
+                                  **axes))
+            continue
+        de: DeviceEvaluation = state.result()
+        for p in de.points:
+            rows.append(point.row(
+                status="completed", rel_l2=p.rel_l2[0], rel_l2_std=p.rel_l2[1], top1_agreement=p.top1_agreement[0],
+                accuracy=None if p.accuracy is None else p.accuracy[0],
+                accuracy_std=None if p.accuracy is None else p.accuracy[1], float_accuracy=de.float_accuracy,
+                verified=True, device=label, time_s=p.time, trials=p.trials,
+                seconds=round(time.perf_counter() - started, 3), **{**common, "cached": state.name == "Cached"},
+                **axes))
     return rows
 
 
@@ -220,7 +254,8 @@ def design_sweep(config: SweepConfig) -> SweepResult:
             annotation = {"resources": {"GPU": 1}} if gpu else {}
             with _annotate(annotation):
                 future = sweep_point.submit(p, p.mapname, model, cstate.result(), shapes, config.device, config.seed,
-                                            str(root), evaluation, config.grid.crossbars())
+                                            str(root), evaluation, config.grid.crossbars(),
+                                            config.grid.device_runs())
             futures.append((i, p, future))
     for i, p, future in futures:
         try:

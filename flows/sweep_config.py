@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from maptools.errors import SweepConfigError
 from maptools.evaluation import EVAL_SEED
 from maptools.examples import EXAMPLES
+from maptools.crossbar.device import DEVICE_PRESETS, DeviceModel
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.settings import QuantSettings
 from maptools.maps.store import is_url
@@ -102,6 +103,14 @@ class Grid(_Strict):
     crossbar: dict[str, list[Any]] = Field({}, description="More crossbar axes: any other field of "
                                                            "maptools.CrossbarSpec (dac_bits, encoding, max_arrays) and "
                                                            "its values, e.g. {encoding: [differential, offset]}.")
+    device: dict[str, list[Any]] = Field({}, description="Device axes: 'preset' (names of maptools.DEVICE_PRESETS, or "
+                                                         "null for ideal cells) and any field of maptools.DeviceModel, "
+                                                         "e.g. {preset: [pcm], compensation: [true, false]}; every "
+                                                         "crossbar point is also simulated on each device, read at "
+                                                         "each of 'times'.")
+    times: list[float] = Field([0.0], min_length=1, description="Times after programming (s) at which the device "
+                                                                "points are read, e.g. [1, 3600, 86400, 31536000].")
+    device_trials: int = Field(8, ge=1, le=1000, description="Monte Carlo trials of each device point.")
 
     @field_validator("settings")
     @classmethod
@@ -113,11 +122,30 @@ class Grid(_Strict):
     def _more_crossbar_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         return _more_axes(value, "crossbar", CrossbarSpec, CROSSBAR_AXES, "a crossbar setting")
 
+    @field_validator("device")
+    @classmethod
+    def _device_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        unknown = [p for p in value.get("preset", []) if p is not None and p not in DEVICE_PRESETS]
+        if unknown or ("preset" in value and not value["preset"]):
+            raise ValueError(f"device.preset: {unknown or 'no values'}; use names of maptools.DEVICE_PRESETS "
+                             f"({', '.join(DEVICE_PRESETS)}) or null")
+        _more_axes({k: v for k, v in value.items() if k != "preset"}, "device", DeviceModel, {}, "a device setting")
+        return value
+
     @model_validator(mode="after")
     def _crossbar_axes(self) -> Grid:
         if bool(self.xbar) != bool(self.adc_bits):
             raise ValueError("give both 'xbar' and 'adc_bits' for crossbar points (or neither)")
+        if self.device and not self.xbar:
+            raise ValueError("device points need crossbar points: give 'xbar' and 'adc_bits' too")
         return self
+
+    def device_runs(self) -> DeviceRuns | None:
+        """The device points of every crossbar point (None without device axes)."""
+        if not self.device:
+            return None
+        return DeviceRuns([dict(zip(self.device, v)) for v in itertools.product(*self.device.values())],
+                          list(self.times), self.device_trials)
 
     def crossbars(self) -> list[dict[str, Any]]:
         """The axes of every crossbar point: ``xbar``, ``cell_bits``, ``adc_bits``, ``adc_range`` and those of
@@ -125,6 +153,22 @@ class Grid(_Strict):
         axes = {"xbar": self.xbar, "cell_bits": self.cell_bits, "adc_bits": self.adc_bits,
                 "adc_range": self.adc_range, **self.crossbar}
         return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+@dataclass(frozen=True)
+class DeviceRuns:
+    """Each device point's axes (``preset`` and DeviceModel fields), the read times and the trials."""
+
+    axes: list[dict[str, Any]]
+    times: list[float]
+    trials: int
+
+    @staticmethod
+    def model(axes: dict[str, Any]) -> DeviceModel:
+        """The device of one point: the preset (ideal cells without one) with the other axes' values."""
+        preset = axes.get("preset")
+        base = DEVICE_PRESETS[preset] if preset is not None else DeviceModel()
+        return base.replace(**{k: v for k, v in axes.items() if k != "preset"})
 
 
 class SweepConfig(_Strict):
@@ -220,7 +264,8 @@ COLUMNS = ["model", "bits", "per_channel", "algorithm", "calib_samples", "settin
            "cosine", "top1_agreement", "accuracy", "float_accuracy", "worst_snr", "worst_layer", "median_snr",
            "weight_bytes", "artifact_bytes", "seconds", "quantize_seconds", "verified", "worker", "map_dir", "error",
            "xbar", "cell_bits", "adc_bits", "adc_range", "crossbar", "arrays", "utilization", "integer_rel_l2",
-           "integer_agreement", "energy_uj", "latency_us"]
+           "integer_agreement", "energy_uj", "latency_us", "device", "time_s", "trials", "rel_l2_std",
+           "accuracy_std"]
 
 
 @dataclass(frozen=True)

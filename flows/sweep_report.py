@@ -20,6 +20,7 @@ from maptools.quantization import snr_db
 from maptools.maps.store import Store, store_errors
 
 __all__ = ["SweepResult", "display_table", "best_points", "plot_sweep", "plot_crossbar_sweep", "plot_energy_sweep",
+           "plot_device_sweep",
            "publish", "line_label"]
 
 
@@ -64,9 +65,11 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
         + f". All columns: {csv_path}"))
     crossbar_plot = plot_crossbar_sweep(table, folder / "crossbar.png", title=f"crossbar sweep {config.name}")
     energy_plot = plot_energy_sweep(table, folder / "energy.png", title=f"energy per inference, {config.name}")
+    device_plot = plot_device_sweep(table, folder / "device.png", title=f"device sweep {config.name}")
     for image, suffix, what in ((plot_path, "plot", "Output error against bit width"),
                                 (crossbar_plot, "crossbar-plot", "Crossbar output error against ADC bits"),
-                                (energy_plot, "energy-plot", "Crossbar output error against energy per inference")):
+                                (energy_plot, "energy-plot", "Crossbar output error against energy per inference"),
+                                (device_plot, "device-plot", "Output error on non-ideal cells against time")):
         if image is not None:
             png = base64.b64encode(image.read_bytes()).decode()
             create_markdown_artifact(f"![{what}](data:image/png;base64,{png})\n\n`{image}`", key=f"{key}-{suffix}",
@@ -74,7 +77,7 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
     if isinstance(root, str):  # maps on a store: the report goes there too
         store = Store.of(root)
         with store_errors(f"upload the report of sweep {config.name!r}", root):
-            for path in (csv_path, json_path, plot_path, crossbar_plot, energy_plot):
+            for path in (csv_path, json_path, plot_path, crossbar_plot, energy_plot, device_plot):
                 if path is not None:
                     store.fs.put_file(str(path), store.join("sweeps", config.name, path.name))
     failed = [r for r in table if r["status"] != "completed"]
@@ -86,6 +89,7 @@ def publish(config: SweepConfig, root: Path | str, table: list[dict[str, Any]], 
              f"- table: `{csv_path}`, `{json_path}`", f"- plot: `{plot_path}`" if plot_path else "- plot: none"]
     lines += [f"- crossbar plot: `{crossbar_plot}`"] if crossbar_plot else []
     lines += [f"- energy plot: `{energy_plot}`"] if energy_plot else []
+    lines += [f"- device plot: `{device_plot}`"] if device_plot else []
     lines += [f"- failed `{r['mapname']}`: {r['error']}" for r in failed]
     create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"Design sweep {config.name}")
     return SweepResult(config.name, table, csv_path, json_path, plot_path, seconds)
@@ -104,11 +108,14 @@ _SHOWN: list[tuple[str, str, Any]] = [
     ("cosine", "cosine", lambda v: f"{v:.4f}"), ("worst_snr", "worst SNR dB", lambda v: f"{snr_db(v):.1f}"),
     ("weight_bytes", "weight bytes", lambda v: f"{v:,}"), ("arrays", "arrays", str),
     ("energy_uj", "energy uJ", lambda v: f"{v:.3g}"), ("latency_us", "latency us", lambda v: f"{v:.3g}"),
+    ("device", "device", str), ("time_s", "time s", lambda v: f"{v:g}"), ("trials", "trials", str),
+    ("rel_l2_std", "error std %", lambda v: f"{100 * v:.2f}"), ("accuracy_std", "accuracy std %",
+                                                                 lambda v: f"{100 * v:.1f}"),
     ("utilization", "utilization %", lambda v: f"{100 * v:.1f}"), ("status", "status", str), ("cached", "cached", str),
     ("seconds", "s", lambda v: f"{v:.1f}"), ("error", "error", str)]
 #: columns that describe a point (folded into the heading when every row has the same value)
 _AXES = {"model", "bits", "per_channel", "algorithm", "calib_samples", "settings", "xbar", "cell_bits", "adc_bits",
-         "adc_range", "crossbar", "status", "cached"}
+         "adc_range", "crossbar", "device", "time_s", "trials", "status", "cached"}
 
 
 def display_table(table: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -169,7 +176,7 @@ def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
     """A plot line's label: the model (where there are several), ``always``'s columns, and every other point column
     that varies."""
     vary = [k for k in ("bits", "algorithm", "per_channel", "calib_samples", "settings", "xbar", "cell_bits",
-                        "adc_range", "crossbar")
+                        "adc_range", "crossbar", "device")
             if k in always or len({r.get(k) for r in rows}) > 1]
     text = {"model": lambda r: r["model"], "bits": lambda r: f"W{r['bits']}A{r['bits']}",
             "algorithm": lambda r: r["algorithm"],
@@ -177,7 +184,8 @@ def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
             "calib_samples": lambda r: f"n={r['calib_samples']}", "xbar": lambda r: r["xbar"],
             "cell_bits": lambda r: f"{r['cell_bits']}-bit cells", "adc_range": lambda r: f"{r['adc_range']} ADC range",
             "settings": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"] or "{}").items()),
-            "crossbar": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r.get("crossbar") or "{}").items())}
+            "crossbar": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r.get("crossbar") or "{}").items()),
+            "device": lambda r: ", ".join(f"{k}={v}" for k, v in json.loads(r.get("device") or "{}").items())}
     if len({r["model"] for r in rows}) > 1 or not vary:  # one model is named in the title, not on every line
         vary = ["model", *vary]
     return lambda r: " / ".join(text[k](r) for k in vary)
@@ -186,7 +194,7 @@ def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
 def plot_energy_sweep(table: list[dict[str, Any]], path: Path, title: str = "energy per inference") -> Path | None:
     """Error against float (and accuracy, when measured) against the crossbars' energy per inference, one line per
     model / bits / crossbar size and cell bits (its points: the other crossbar axes)."""
-    done = [r for r in table if r["status"] == "completed" and r.get("energy_uj") is not None]
+    done = [r for r in table if r["status"] == "completed" and r.get("energy_uj") is not None and r.get("device") is None]
     if not done:
         return None
     return atomic_write(path, error_and_accuracy(
@@ -194,9 +202,19 @@ def plot_energy_sweep(table: list[dict[str, Any]], path: Path, title: str = "ene
         "component table)", _titled(title, done), log_x=True))
 
 
+def plot_device_sweep(table: list[dict[str, Any]], path: Path, title: str = "device sweep") -> Path | None:
+    """Error against float (and accuracy, when measured) against time after programming (mean over the trials), one
+    line per crossbar point and device."""
+    done = [r for r in table if r["status"] == "completed" and r.get("device") is not None]
+    if not done:
+        return None
+    return atomic_write(path, error_and_accuracy(done, "time_s", line_label(done, ("device",)),
+                                                 "time after programming (s)", _titled(title, done), log_x=True))
+
+
 def plot_crossbar_sweep(table: list[dict[str, Any]], path: Path, title: str = "crossbar sweep") -> Path | None:
     """Error against float (and accuracy, when measured) against ADC bits, one line per model / bits / crossbar."""
-    done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None]
+    done = [r for r in table if r["status"] == "completed" and r["adc_bits"] is not None and r.get("device") is None]
     if not done:
         return None
     quantized = {r["mapname"]: r["rel_l2"] for r in table if r["adc_bits"] is None and r["status"] == "completed"}

@@ -236,3 +236,23 @@ def test_crossbar_axes_add_a_row_per_crossbar(prefect_server, dask_cluster, smal
         Grid(bits=[8], crossbar={"rows": [64]})
     with pytest.raises(ValueError, match="'colour' is not a crossbar setting"):
         Grid(bits=[8], crossbar={"colour": ["red"]})
+
+
+def test_device_axes_add_a_row_per_device_and_time(prefect_server, dask_cluster, small_cnn, tmp_path) -> None:
+    """Device axes (a preset and any DeviceModel field) and read times: each crossbar point is also simulated on
+    each device, one row per time with the trials' mean and std; drift without compensation costs more."""
+    cfg = config(small_cnn, tmp_path, dask_cluster, name="dev", bits=[8], algorithms=["minmax"], xbar=["64x64"],
+                 adc_bits=[12], device={"preset": ["pcm"], "compensation": [True, False]}, times=[1.0, 86400.0],
+                 device_trials=2)
+    rows = run_sweep(cfg).rows
+    devices = [r for r in rows if r["device"] is not None]
+    assert [(json.loads(r["device"])["compensation"], r["time_s"]) for r in devices] == [
+        (True, 1.0), (True, 86400.0), (False, 1.0), (False, 86400.0)]
+    assert all(r["status"] == "completed" and r["trials"] == 2 and r["rel_l2_std"] >= 0 for r in devices), devices
+    on, off = devices[1], devices[3]
+    assert off["rel_l2"] > 2 * on["rel_l2"]
+    assert (tmp_path / "sweeps" / "dev" / "device.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="DEVICE_PRESETS"):
+        Grid(bits=[8], xbar=["64x64"], adc_bits=[8], device={"preset": ["rram"]})
+    with pytest.raises(ValueError, match="not a device setting"):
+        Grid(bits=[8], xbar=["64x64"], adc_bits=[8], device={"colour": [1]})
