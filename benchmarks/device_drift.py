@@ -4,10 +4,13 @@ mean and spread over Monte Carlo trials; and trials per second.
 
     python benchmarks/device_drift.py                  # writes benchmarks/results/device_drift.json
     python benchmarks/device_drift.py --trials 5 --samples 64
+    python benchmarks/device_drift.py --resnet18-only   # ResNet18's trials per second, added to the same JSON
 
 The SmallCNN trained on scikit-learn's digits (``tests/trained_cnn.py``), W8A8, calibrated on 64 training
 images; 64x64 arrays of 2-bit cells, 1-bit inputs, differential pairs, a lossless (12-bit) ADC so that the
-cells are what is measured; top-1 accuracy on the first ``--samples`` test images.
+cells are what is measured; top-1 accuracy on the first ``--samples`` test images. ResNet18 (random weights,
+224x224, W8A8 on 8 random calibration samples; ``--resnet18-trials`` trials of ``--resnet18-samples`` random
+inputs on 256x256 arrays, one read time): Monte Carlo trials per second, the tiling mapped once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from maptools import DEVICE_PRESETS, CrossbarSpec, convert, evaluate_crossbar, evaluate_device, quantize  # noqa: E402
 from maptools.evaluation import EvaluationSet  # noqa: E402
-from maptools.examples import SMALL_CNN_SHAPES, small_cnn_onnx  # noqa: E402
+from maptools.examples import RESNET18_SHAPES, SMALL_CNN_SHAPES, resnet18_onnx, small_cnn_onnx  # noqa: E402
 from tests.trained_cnn import digits, train_small_cnn  # noqa: E402
 
 TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 year": 365 * 86400.0}
@@ -36,8 +39,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--samples", type=int, default=449)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "device_drift.json")
+    parser.add_argument("--resnet18-trials", type=int, default=3)
+    parser.add_argument("--resnet18-samples", type=int, default=1)
+    parser.add_argument("--resnet18-only", action="store_true", help="only ResNet18's trials per second, added to "
+                                                                      "--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    resnet = resnet18_throughput(args.resnet18_trials, args.resnet18_samples)
+    if args.resnet18_only:
+        report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        args.out.write_text(json.dumps({**report, "resnet18": resnet}, indent=1) + "\n")
+        return
     train_x, _, test_x, test_y = digits()
     model, _, _ = train_small_cnn()
     spec = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=12)
@@ -62,11 +74,27 @@ def main() -> None:
                       f"+- {100 * std:.1f} ({args.trials} trials)")
     report = {"model": "digits SmallCNN (W8A8)", "spec": spec.model_dump(), "device": "pcm preset",
               "samples": len(evaluation.samples), "trials": args.trials, "float_accuracy": ideal.float_accuracy,
-              "ideal_crossbar_accuracy": ideal.accuracy, "seconds_per_trial": result.seconds_per_trial, "rows": rows}
+              "ideal_crossbar_accuracy": ideal.accuracy, "seconds_per_trial": result.seconds_per_trial, "rows": rows,
+              "resnet18": resnet}
     print(f"ideal cells {100 * ideal.accuracy:.1f}% (float {100 * ideal.float_accuracy:.1f}%); "
           f"{1 / result.seconds_per_trial:.2f} trials per second ({len(evaluation.samples)} images each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def resnet18_throughput(trials: int, samples: int) -> dict[str, float | int]:
+    """Seconds per Monte Carlo trial of ResNet18 on PCM cells (each trial draws every cell again)."""
+    spec = CrossbarSpec(rows=256, cols=256, cell_bits=2, adc_bits=12)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = resnet18_onnx(Path(tmp) / "resnet18.onnx")
+        quantize(RESNET18_SHAPES, "cpu", path, mapname="resnet18", calib_steps=8, output_root=tmp, error_steps=0)
+        convert("resnet18", output_root=tmp)
+        result = evaluate_device("resnet18", spec, DEVICE_PRESETS["pcm"], output_root=tmp, trials=trials,
+                                 times=[3600.0], samples=samples)
+    print(f"ResNet18: {result.seconds_per_trial:.1f} s per trial of {samples} input(s), "
+          f"{1 / result.seconds_per_trial:.3f} trials per second")
+    return {"trials": trials, "samples": samples, "seconds_per_trial": result.seconds_per_trial,
+            "trials_per_second": 1 / result.seconds_per_trial}
 
 
 if __name__ == "__main__":
