@@ -5,12 +5,15 @@ mean and spread over Monte Carlo trials; and trials per second.
     python benchmarks/device_drift.py                  # writes benchmarks/results/device_drift.json
     python benchmarks/device_drift.py --trials 5 --samples 64
     python benchmarks/device_drift.py --resnet18-only   # ResNet18's trials per second, added to the same JSON
+    python benchmarks/device_drift.py --model mobilenet_v3_small   # a zoo model (random weights)
 
 The SmallCNN trained on scikit-learn's digits (``tests/trained_cnn.py``), W8A8, calibrated on 64 training
 images; 64x64 arrays of 2-bit cells, 1-bit inputs, differential pairs, a lossless (12-bit) ADC so that the
 cells are what is measured; top-1 accuracy on the first ``--samples`` test images. ResNet18 (random weights,
 224x224, W8A8 on 8 random calibration samples; ``--resnet18-trials`` trials of ``--resnet18-samples`` random
-inputs on 256x256 arrays, one read time): Monte Carlo trials per second, the tiling mapped once.
+inputs on 256x256 arrays, one read time): Monte Carlo trials per second, the tiling mapped once. ``--model
+NAME``: a zoo model (``maptools.zoo``, seeded random weights) calibrated on 32 seeded random inputs and scored
+on ``--samples`` others by output error and top-1 agreement with the float model (no labels exist for it).
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def main() -> None:
     parser.add_argument("--resnet18-samples", type=int, default=1)
     parser.add_argument("--resnet18-only", action="store_true", help="only ResNet18's trials per second, added to "
                                                                       "--out")
+    parser.add_argument("--model", default=None, help="a zoo model (maptools.zoo) instead of the digits CNN")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.model:
+        return zoo_drift(args.model, args.trials, min(args.samples, 64))
     resnet = resnet18_throughput(args.resnet18_trials, args.resnet18_samples)
     if args.resnet18_only:
         report = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -80,6 +86,42 @@ def main() -> None:
           f"{1 / result.seconds_per_trial:.2f} trials per second ({len(evaluation.samples)} images each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def zoo_drift(name: str, trials: int, samples: int) -> None:
+    """A zoo model on PCM cells over time: output error and top-1 agreement with float, mean +- std."""
+    import numpy as np
+
+    from maptools.evaluation import EvaluationSet
+    from maptools.zoo import ZOO, export_zoo_model
+
+    spec = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=12)
+    shape = list(ZOO[name].input_shape)
+    rng = np.random.default_rng(1)
+    evaluation = EvaluationSet([{"input": rng.standard_normal(shape, dtype=np.float32)} for _ in range(samples)],
+                               None, f"{samples} seeded random inputs")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize({"input": shape}, "cpu", export_zoo_model(name, Path(tmp) / f"{name}.onnx"), mapname="m",
+                 calib_steps=32, output_root=tmp)
+        convert("m", output_root=tmp)
+        ideal = evaluate_crossbar("m", spec, output_root=tmp, evaluation=evaluation)
+        for compensation in (True, False):
+            result = evaluate_device("m", spec, DEVICE_PRESETS["pcm"].replace(compensation=compensation),
+                                     output_root=tmp, trials=trials, times=list(TIMES.values()), evaluation=evaluation)
+            for label, point in zip(TIMES, result.points):
+                rows.append({"time": label, "seconds": point.time, "compensation": compensation,
+                             "rel_l2": point.rel_l2[0], "rel_l2_std": point.rel_l2[1],
+                             "top1_agreement": point.top1_agreement[0], "top1_agreement_std": point.top1_agreement[1]})
+                print(f"{label:>7} compensation {'on ' if compensation else 'off'}: error {100 * point.rel_l2[0]:.1f}% "
+                      f"+- {100 * point.rel_l2[1]:.1f}, top-1 agreement {100 * point.top1_agreement[0]:.1f}% "
+                      f"+- {100 * point.top1_agreement[1]:.1f} ({trials} trials)")
+    out = ROOT / "benchmarks" / "results" / f"device_drift_{name}.json"
+    out.write_text(json.dumps({"model": f"{name} (random weights, W8A8)", "spec": spec.model_dump(),
+                               "device": "pcm preset", "samples": samples, "trials": trials,
+                               "ideal_crossbar_rel_l2": ideal.rel_l2, "seconds_per_trial": result.seconds_per_trial,
+                               "rows": rows}, indent=1) + "\n")
+    print(f"ideal cells: error {100 * ideal.rel_l2:.2f}%; {1 / result.seconds_per_trial:.2f} trials per second")
 
 
 def resnet18_throughput(trials: int, samples: int) -> dict[str, float | int]:
