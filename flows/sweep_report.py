@@ -194,7 +194,8 @@ def line_label(rows: list[dict[str, Any]], always: tuple[str, ...] = ()) -> Any:
 def plot_energy_sweep(table: list[dict[str, Any]], path: Path, title: str = "energy per inference") -> Path | None:
     """Error against float (and accuracy, when measured) against the crossbars' energy per inference, one line per
     model / bits / crossbar size and cell bits (its points: the other crossbar axes)."""
-    done = [r for r in table if r["status"] == "completed" and r.get("energy_uj") is not None and r.get("device") is None]
+    done = [r for r in table
+            if r["status"] == "completed" and r.get("energy_uj") is not None and r.get("device") is None]
     if not done:
         return None
     return atomic_write(path, error_and_accuracy(

@@ -14,7 +14,8 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "check_input_shapes", "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
+__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "check_input_shapes", "node_attr",
+           "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node"]
 
