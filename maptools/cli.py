@@ -515,6 +515,51 @@ def map_command(
 
 
 @app.command()
+def device(
+    mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
+    preset: Annotated[str, typer.Option(help="Non-ideal cells: a preset of maptools.DEVICE_PRESETS (pcm: IBM's PCM "
+                                             "statistics, as aihwkit fits them).")] = "pcm",
+    trials: Annotated[int, typer.Option(min=1, help="Monte Carlo trials (independent draws of every cell).")] = 20,
+    time: Annotated[list[float] | None, typer.Option(
+        "--time", help="Seconds after programming at which the cells are read; repeat it.",
+        show_default="1 s, 1 h, 1 day, 1 year")] = None,
+    compensation: Annotated[bool, typer.Option(help="Global drift compensation (one scale per array row "
+                                                    "block).")] = True,
+    xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
+    encoding: _ENC = "differential", adc_range: _RANGE = "full", cols_per_adc: _SHARE = 1,
+    samples: Annotated[int, typer.Option(min=1, help="Seeded random evaluation inputs.")] = 8,
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
+) -> None:
+    """Monte Carlo over non-ideal cells: a converted map's output error (and top-1 agreement with float) at each
+    time after programming, mean +- std over the trials."""
+    from maptools.crossbar.device import DEVICE_PRESETS
+    from maptools.crossbar.evaluation import evaluate_device
+
+    if preset not in DEVICE_PRESETS:
+        fail(SettingsError(f"device preset {preset!r} is unknown.", f"use one of: {', '.join(DEVICE_PRESETS)}."))
+    times = time or [1.0, 3600.0, 86400.0, 365 * 86400.0]
+    try:
+        spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range, cols_per_adc)
+        result = evaluate_device(mapname, spec, DEVICE_PRESETS[preset].replace(compensation=compensation),
+                                 output_root=output_root, trials=trials, times=times, samples=samples)
+    except MaptoolsError as e:
+        fail(e)
+    table = Table(title=f"{mapname} on {preset} cells, {xbar} arrays, {adc_bits}-bit ADC, compensation "
+                        f"{'on' if compensation else 'off'}")
+    for column in ("time after programming (s)", "output error (rel. L2)", "top-1 agreement", "accuracy"):
+        table.add_column(column, justify="right")
+    for p in result.points:
+        accuracy = "-" if p.accuracy is None else f"{p.accuracy[0]:.1%} +- {p.accuracy[1]:.1%}"
+        table.add_row(f"{p.time:g}", f"{p.rel_l2[0]:.2%} +- {p.rel_l2[1]:.2%}",
+                      f"{p.top1_agreement[0]:.1%} +- {p.top1_agreement[1]:.1%}", accuracy)
+    table.caption = (f"{trials} trials of {result.samples} samples ({result.source}); {result.seconds_per_trial:.2f} s "
+                     "per trial and time")
+    console.print(table)
+
+
+@app.command()
 def simulate(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
     input: Annotated[str, typer.Option(

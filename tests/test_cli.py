@@ -62,7 +62,12 @@ def test_documented_cli_examples_run(small_cnn, tmp_path, monkeypatch) -> None:
     assert json.loads((tmp_path / "mapsave" / "resnet18" / "manifest.json").read_text())["calib_steps_used"] == 9
     assert json.loads((tmp_path / "mapsave" / "resnet18-w4" / "manifest.json").read_text())["onnx_export_exact"]
     assert (tmp_path / "mapsave" / "resnet18" / "crossbar_map.json").is_file()
-    assert len(lines) >= 8  # four quantize, convert, simulate, map, simulate --crossbar, check-seed
+    assert len(lines) >= 9  # four quantize, convert, simulate, map, simulate --crossbar, device, check-seed
+    device = next(runner.invoke(app, shlex.split(line, comments=True)[1:], env={"COLUMNS": "200"}) for line in lines
+                  if line.startswith("maptools device"))
+    assert device.exit_code == 0 and "86400" in device.stdout and "+-" in device.stdout, device.output
+    bad = runner.invoke(app, ["device", "--mapname", "resnet18", "--preset", "rram"])
+    assert bad.exit_code == 2 and "device preset 'rram' is unknown" in bad.output
 
 
 def test_help_explains_the_options() -> None:
