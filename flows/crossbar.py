@@ -182,14 +182,14 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     """Prefect artifacts: a summary that leads with what the crossbars lost and cost, the per-layer table
     (ADC bits and utilization first) and an inline utilization / ADC-bits plot."""
     key = _artifact_key(mapname).replace("quant-", "xbar-", 1)
-    s = mapped.spec
+    s, cost = mapped.spec, mapped.cost
     create_table_artifact([{"layer": lay.name, "ADC bits observed": lay.adc_bits_observed,
                             "ADC bits worst case": lay.adc_bits_needed, "utilization %": f"{100 * lay.utilization:.1f}",
                             "arrays": lay.arrays, "W/A bits": f"{lay.weight_bits}/{lay.input_bits}",
                             "cycles": lay.cycles, "matrix": f"{lay.groups}x{lay.rows}x{lay.cols}",
                             "psum observed": lay.psum_observed, "psum worst": lay.psum_worst,
                             "energy nJ": f"{price.total_pj / 1e3:.4g}", "latency us": f"{price.latency_ns / 1e3:.4g}"}
-                           for lay, price in zip(mapped.layers, mapped.cost.layers)], key=f"{key}-layers",
+                           for lay, price in zip(mapped.layers, cost.layers)], key=f"{key}-layers",
                           description=f"{mapname} on {s.rows}x{s.cols} crossbars with a {s.adc_bits}-bit ADC "
                                       f"({s.adc_range} range), per layer (ADC bits a lossless readout needs: observed "
                                       "on sample inputs, and in the worst case; matrix: groups x rows x columns)")
@@ -197,7 +197,6 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     create_markdown_artifact(f"![utilization and ADC bits per layer of {mapname}](data:image/png;base64,{png})",
                              key=f"{key}-plot", description=f"{mapname}: utilization and ADC bits per layer")
     observed = max((lay.adc_bits_observed for lay in mapped.layers if lay.adc_bits_observed is not None), default=None)
-    cost = mapped.cost
     accuracy = (f"{100 * error.accuracy:.1f}% (integer {100 * error.integer_accuracy:.1f}%, float "
                 f"{100 * error.float_accuracy:.1f}%)" if error.accuracy is not None else "-")
     lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
