@@ -41,7 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--samples", type=int, default=449)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "device_drift.json")
+    parser.add_argument("--preset", default="pcm", choices=sorted(DEVICE_PRESETS), help="the cells (digits CNN)")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/device_drift.json "
+                                                               "(device_drift_<preset>.json for another preset)")
     parser.add_argument("--resnet18-trials", type=int, default=3)
     parser.add_argument("--resnet18-samples", type=int, default=1)
     parser.add_argument("--resnet18-only", action="store_true", help="only ResNet18's trials per second, added to "
@@ -49,12 +51,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a zoo model (maptools.zoo) instead of the digits CNN")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    out = args.out or ROOT / "benchmarks" / "results" / ("device_drift.json" if args.preset == "pcm" else
+                                                         f"device_drift_{args.preset}.json")
     if args.model:
         return zoo_drift(args.model, args.trials, min(args.samples, 64))
-    resnet = resnet18_throughput(args.resnet18_trials, args.resnet18_samples)
+    resnet = resnet18_throughput(args.resnet18_trials, args.resnet18_samples) if args.preset == "pcm" else None
     if args.resnet18_only:
-        report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        args.out.write_text(json.dumps({**report, "resnet18": resnet}, indent=1) + "\n")
+        report = json.loads(out.read_text()) if out.is_file() else {}
+        out.write_text(json.dumps({**report, "resnet18": resnet}, indent=1) + "\n")
         return
     train_x, _, test_x, test_y = digits()
     model, _, _ = train_small_cnn()
@@ -69,7 +73,7 @@ def main() -> None:
         ideal = evaluate_crossbar("digits", spec, output_root=tmp, evaluation=evaluation)
         rows = []
         for compensation in (True, False):
-            result = evaluate_device("digits", spec, DEVICE_PRESETS["pcm"].replace(compensation=compensation),
+            result = evaluate_device("digits", spec, DEVICE_PRESETS[args.preset].replace(compensation=compensation),
                                      output_root=tmp, trials=args.trials, times=list(TIMES.values()),
                                      evaluation=evaluation)
             for label, point in zip(TIMES, result.points):
@@ -78,14 +82,14 @@ def main() -> None:
                              "accuracy_std": std, "accuracy_ci95": ci, "rel_l2": point.rel_l2[0]})
                 print(f"{label:>7} compensation {'on ' if compensation else 'off'}: accuracy {100 * mean:5.1f}% "
                       f"+- {100 * std:.1f} ({args.trials} trials)")
-    report = {"model": "digits SmallCNN (W8A8)", "spec": spec.model_dump(), "device": "pcm preset",
+    report = {"model": "digits SmallCNN (W8A8)", "spec": spec.model_dump(), "device": f"{args.preset} preset",
               "samples": len(evaluation.samples), "trials": args.trials, "float_accuracy": ideal.float_accuracy,
               "ideal_crossbar_accuracy": ideal.accuracy, "seconds_per_trial": result.seconds_per_trial, "rows": rows,
               "resnet18": resnet}
     print(f"ideal cells {100 * ideal.accuracy:.1f}% (float {100 * ideal.float_accuracy:.1f}%); "
           f"{1 / result.seconds_per_trial:.2f} trials per second ({len(evaluation.samples)} images each)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def zoo_drift(name: str, trials: int, samples: int) -> None:

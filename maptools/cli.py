@@ -518,7 +518,7 @@ def map_command(
 def device(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
     preset: Annotated[str, typer.Option(help="Non-ideal cells: a preset of maptools.DEVICE_PRESETS (pcm: IBM's PCM "
-                                             "statistics, as aihwkit fits them).")] = "pcm",
+                                             "statistics, reram: Wan et al. 2022, as aihwkit fits them).")] = "pcm",
     trials: Annotated[int, typer.Option(min=1, help="Monte Carlo trials (independent draws of every cell).")] = 20,
     time: Annotated[list[float] | None, typer.Option(
         "--time", help="Seconds after programming at which the cells are read; repeat it.",

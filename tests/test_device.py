@@ -130,3 +130,20 @@ def test_ir_drop_scales_each_cell_by_its_wire_distance(cnn_map) -> None:
                                             samples=4).points[0].rel_l2[0]
               for drop in (0.02, 0.2) for comp in (False, True)}
     assert errors[0.02, False] < errors[0.2, False] and errors[0.2, True] < errors[0.2, False], errors
+
+
+def test_the_reram_preset_follows_its_published_fits_over_time() -> None:
+    """The ``reram`` preset (Wan et al., Nature 2022, as aihwkit fits it): cells at g_max deviate from their target
+    with the fitted std at 1 s (programming), at 1 day (a fresh deviation: ReRAM wanders, it does not drift),
+    and in between as the log-time interpolation of the fits; stuck cells stay stuck."""
+    levels = torch.full((1, 200, 100), LEVELS - 1, dtype=torch.float64)
+    device = DEVICE_PRESETS["reram"].replace(compensation=False)
+    cells = CellStates(levels, LEVELS, device, "layer/0/0", 0)
+    fits = {1.0: (0.348, 16.030, -43.853, 45.393, -16.815), 86400.0: (0.701, 22.086, -50.773, 47.095, -16.458)}
+    for time, coeffs in fits.items():
+        read = cells.conductances(time)
+        assert float(read.std()) == pytest.approx(sum(coeffs) / 40, rel=0.05), time
+        assert float(read.mean()) == pytest.approx(1.0, abs=0.01)
+    assert sum(fits[1.0]) / 40 < float(cells.conductances(3600.0).std()) < sum(fits[86400.0]) / 40
+    stuck = CellStates(levels, LEVELS, device.replace(stuck_off=0.5), "layer/0/0", 0)
+    assert torch.equal(stuck.conductances(86400.0)[stuck.stuck], stuck.programmed[stuck.stuck])

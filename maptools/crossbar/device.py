@@ -21,6 +21,12 @@ cell and trial (seeded):
   both. The approximation: the drop is taken with every cell conducting and every input on (the worst case),
   so it does not depend on the inputs or the other cells' states, and the wires' currents are not solved.
 
+``model='reram'`` (the ``reram`` preset): the conductance-dependent deviation fits of Wan et al. (Nature 2022,
+as aihwkit's ``ReRamWan2022NoiseModel`` implements them, for ``g_max = 40 uS``) at 1 s (programming), 1 day
+and 2 days: ReRAM does not drift as PCM does, its conductances wander around their targets, so a read at
+``time`` is the target plus a fresh deviation of that time's std (scaled by ``programming_noise``); between
+the fitted times the polynomial's coefficients are interpolated in log time, and held beyond 2 days (an
+extrapolation the data do not cover).
 ``model='constant'``: ``sigma_p`` is ``programming_noise`` (a fraction of ``g_max``), ``sigma_r`` is
 ``read_noise`` and ``nu ~ |N(drift_nu, drift_nu_sigma)|``. ``model='pcm'``: the conductance-dependent fits
 of IBM's PCM devices (Nandakumar et al., ICECS 2019, as aihwkit's ``PCMLikeNoiseModel`` implements them, for
@@ -44,14 +50,21 @@ __all__ = ["DeviceModel", "DEVICE_PRESETS", "CellStates"]
 #: aihwkit's PCM programming-noise polynomial in uS (g in units of g_max), fitted at g_max = 25 uS
 _PCM_PROG = (0.26348, 1.9650, -1.1731)
 _PCM_G_MAX, _PCM_T_READ = 25.0, 250e-9
+#: the ReRAM fits of Wan et al. (Nature 2022) as aihwkit's ``ReRamWan2022NoiseModel`` gives them: per time after
+#: programming (s), the deviation's std in uS as a polynomial of g / g_max, fitted at g_max = 40 uS
+_RERAM_SIGMA = {1.0: (0.348, 16.030, -43.853, 45.393, -16.815),
+                86400.0: (0.701, 22.086, -50.773, 47.095, -16.458),
+                172800.0: (0.782, 20.274, -43.507, 37.062, -11.934)}
+_RERAM_G_MAX = 40.0
 
 
 class DeviceModel(Settings):
     """The cells' non-idealities (see the module docstring); every default is an ideal cell."""
 
-    model: Literal["constant", "pcm"] = Field("constant", description="constant: the sigmas and drift exponent "
-                                                                      "below as given; pcm: the measured PCM fits, "
-                                                                      "each scaled by its field.")
+    model: Literal["constant", "pcm", "reram"] = Field("constant", description="constant: the sigmas and drift "
+                                                                               "exponent below as given; pcm, reram: "
+                                                                               "the measured fits, each scaled by its "
+                                                                               "field.")
     g_min: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest conductance as a fraction of g_max (1 / the "
                                                            "ON/OFF ratio).")
     programming_noise: float = Field(0.0, ge=0.0, description="Std of a programmed conductance, a fraction of g_max "
@@ -81,6 +94,7 @@ class DeviceModel(Settings):
 #: published device models by name
 DEVICE_PRESETS: dict[str, DeviceModel] = {
     "pcm": DeviceModel(model="pcm", programming_noise=1.0, read_noise=1.0, drift_nu=1.0, t0=20.0),
+    "reram": DeviceModel(model="reram", programming_noise=1.0),
 }
 
 
@@ -98,7 +112,11 @@ class CellStates:
         gen = _generator(device.seed, trial, key)
         d = device
         g = d.g_min + (1.0 - d.g_min) * levels.to(torch.float32) / (cell_levels - 1)  # float32: memory, not precision
-        if d.model == "pcm":
+        self.target = g
+        if d.model == "reram":
+            sigma = d.programming_noise * _reram_sigma(g, 1.0)
+            self.nu = torch.zeros_like(g)
+        elif d.model == "pcm":
             sigma = d.programming_noise * sum(c * g ** i for i, c in enumerate(_PCM_PROG)) / _PCM_G_MAX
             rel = g.clamp(min=1e-7)
             mu = (-0.0155 * torch.log(rel) + 0.0244).clamp(0.049, 0.1)
@@ -110,14 +128,18 @@ class CellStates:
         programmed = (g + sigma * _normal(g, gen)).clamp(min=0.0)
         u = torch.rand(g.shape, generator=gen, dtype=torch.float32)
         programmed = torch.where(u < d.stuck_on, torch.ones_like(g), programmed)
-        self.programmed = torch.where((u >= d.stuck_on) & (u < d.stuck_on + d.stuck_off),
-                                      torch.full_like(g, d.g_min), programmed)
+        self.stuck = u < d.stuck_on + d.stuck_off
+        self.programmed = torch.where((u >= d.stuck_on) & self.stuck, torch.full_like(g, d.g_min), programmed)
 
     def conductances(self, time: float) -> torch.Tensor:
         """Every cell's read conductance ``time`` seconds after programming (units of g_max), compensated."""
         d = self.device
         drifted = self.programmed * ((time + d.t0) / d.t0) ** (-self.nu) if time > 0 else self.programmed
         gen = _generator(d.seed, self.trial, f"{self.key}@{time!r}")
+        if d.model == "reram" and time > 1.0:  # wandered around the target: a fresh deviation of this time's std
+            sigma = d.programming_noise * _reram_sigma(self.target, time)
+            wandered = (self.target + sigma * _normal(self.target, gen)).clamp(min=0.0)
+            drifted = torch.where(self.stuck, self.programmed, wandered)
         if d.model == "pcm":
             q = (0.0088 / (self.programmed ** 0.65).clamp(min=1e-3)).clamp(max=0.2)
             sigma = d.read_noise * q * math.sqrt(math.log((time + d.t0 + _PCM_T_READ) / (2 * _PCM_T_READ)))
@@ -134,6 +156,18 @@ class CellStates:
         """The levels the periphery reads (the ``g_min`` baseline subtracted): ideal cells read their level."""
         d = self.device
         return (self.conductances(time) - d.g_min) / (1.0 - d.g_min) * (self.levels - 1)
+
+
+def _reram_sigma(g: torch.Tensor, time: float) -> torch.Tensor:
+    """The ReRAM fit's std (units of g_max) at ``time`` s after programming: coefficients interpolated in log time
+    between the fitted times, held outside them."""
+    times = sorted(_RERAM_SIGMA)
+    at = min(max(time, times[0]), times[-1])
+    hi = next(i for i, t in enumerate(times) if t >= at)
+    lo = max(hi - 1, 0)
+    w = 0.0 if hi == lo else (math.log(at) - math.log(times[lo])) / (math.log(times[hi]) - math.log(times[lo]))
+    coeffs = [(1 - w) * a + w * b for a, b in zip(_RERAM_SIGMA[times[lo]], _RERAM_SIGMA[times[hi]])]
+    return sum(c * g ** i for i, c in enumerate(coeffs)).clamp(min=0.0) / _RERAM_G_MAX
 
 
 def _generator(seed: int, trial: int, key: str) -> torch.Generator:
