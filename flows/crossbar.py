@@ -26,7 +26,7 @@ from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarMap, CrossbarSpec, 
 
 __all__ = ["MapContent", "MapAndSimulateResult", "PipelineResult", "convert_map", "map_crossbars_task",
            "simulate_crossbar", "simulate_device", "publish_crossbar_report", "publish_device_report",
-           "crossbar_file_current", "plot_crossbar_map", "plot_device", "short_names"]
+           "crossbar_file_current", "plot_crossbar_map", "plot_device", "plot_device_noise", "short_names"]
 
 
 @dataclass(frozen=True)
@@ -108,16 +108,40 @@ def plot_device(runs: dict[str, DeviceEvaluation], title: str) -> bytes:
     return png_bytes(fig)
 
 
+def plot_device_noise(noise: dict[float, DeviceEvaluation], title: str) -> bytes:
+    """Accuracy (or top-1 agreement) and output error against the scale of the device's noise, at the first read
+    time, mean +- one standard deviation over the trials."""
+    scales = sorted(noise)
+    labelled = all(noise[s].points[0].accuracy is not None for s in scales)
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
+    for ax, values in ((axes[0], [noise[s].points[0].accuracy if labelled else noise[s].points[0].top1_agreement
+                                  for s in scales]), (axes[1], [noise[s].points[0].rel_l2 for s in scales])):
+        mean, std = [100 * v[0] for v in values], [100 * v[1] for v in values]
+        ax.errorbar(scales, mean, yerr=std, marker="o", capsize=3)
+        ax.set(xscale="log", xticks=scales, xticklabels=[f"{s:g}x" for s in scales], title=title,
+               xlabel=f"noise scale (x the preset's programming and read noise) at "
+                      f"{noise[scales[0]].points[0].time:g} s")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set(ylabel="top-1 accuracy (%)" if labelled else "top-1 agreement with float (%)", ylim=(0, 100))
+    axes[1].set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
+    return png_bytes(fig)
+
+
 @task(name="publish-device-report")
-def publish_device_report(mapname: str, runs: dict[str, DeviceEvaluation]) -> str:
-    """A markdown artifact: accuracy and output error against time after programming (plot inline), and the
-    table of means, standard deviations and 95% intervals."""
+def publish_device_report(mapname: str, runs: dict[str, DeviceEvaluation],
+                          noise: dict[float, DeviceEvaluation] | None = None) -> str:
+    """A markdown artifact: accuracy and output error against time after programming and, with ``noise``, against
+    the noise's scale (plots inline), and the table of means, standard deviations and 95% intervals."""
     key = _artifact_key(mapname).replace("quant-", "device-", 1)
     first = next(iter(runs.values()))
     title = f"{mapname}: {first.device['model']} cells, {first.points[0].trials} trials"
     png = base64.b64encode(plot_device(runs, title)).decode()
-    lines = [f"# `{mapname}` on non-ideal cells", "", f"![accuracy against time](data:image/png;base64,{png})", "",
-             "| run | time after programming (s) | output error (rel. L2), mean +- std | top-1 agreement | accuracy |",
+    lines = [f"# `{mapname}` on non-ideal cells", "", f"![accuracy against time](data:image/png;base64,{png})", ""]
+    if noise:
+        png = base64.b64encode(plot_device_noise(noise, title)).decode()
+        lines += [f"![accuracy against noise](data:image/png;base64,{png})", ""]
+        runs = {**runs, **{f"noise x{scale:g}": run for scale, run in sorted(noise.items())}}
+    lines += ["| run | time after programming (s) | output error (rel. L2), mean +- std | top-1 agreement | accuracy |",
              "|---|---|---|---|---|"]
     for label, run in runs.items():
         for p in run.points:
@@ -237,6 +261,8 @@ class MapAndSimulateResult:
     seconds: dict[str, float]
     #: Monte Carlo over non-ideal cells (the flow's ``device``): per run (drift compensation on, off)
     device: dict[str, DeviceEvaluation] = field(default_factory=dict)
+    #: the same device with its noise scaled (``{scale: run}``, the first read time)
+    device_noise: dict[float, DeviceEvaluation] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly totals and errors."""

@@ -49,6 +49,8 @@ AdcRange = choice(CrossbarSpec, "adc_range")
 DevicePreset = Literal[tuple(DEVICE_PRESETS)]  # type: ignore[valid-type]
 #: times after programming the device report reads the cells at: a second, an hour, a day, a year
 DEVICE_TIMES = [1.0, 3600.0, 86400.0, 31536000.0]
+#: scales of the device's programming and read noise the device report compares, at the first read time
+NOISE_SCALES = (0.5, 1.0, 2.0)
 
 __all__ = ["quantize_and_simulate", "simulate_quantized_run", "simulate_map", "map_and_simulate",
            "quantize_map_simulate", "MapAndSimulateResult", "PipelineResult"]
@@ -108,8 +110,9 @@ def map_and_simulate(
     cols_per_adc: Annotated[int, setting(CrossbarSpec, "cols_per_adc")] = 1,
     device: Annotated[DevicePreset | None, Field(description="Non-ideal cells: a preset of maptools.DEVICE_PRESETS "
                                                              "(e.g. pcm, IBM's PCM statistics). Accuracy against "
-                                                             "time after programming is simulated with and without "
-                                                             "drift compensation and published as a plot.")] = None,
+                                                             "time after programming (with and without drift "
+                                                             "compensation) and against the noise's scale is "
+                                                             "simulated and published as plots.")] = None,
     device_trials: Annotated[int, Field(ge=2, le=1000, description="Monte Carlo trials of the device's cells.")] = 8,
     device_times: Annotated[list[float], Field(min_length=1, description="Times after programming (s) at which the "
                                                                          "cells are read.")] = DEVICE_TIMES,
@@ -152,6 +155,7 @@ def map_and_simulate(
         seconds["simulate"] = time.perf_counter() - t
         publish_crossbar_report(mapname, mapped, error, str(map_dir(mapname, root)))
         runs: dict[str, DeviceEvaluation] = {}
+        noise: dict[float, DeviceEvaluation] = {}
         if device is not None:
             t = time.perf_counter()
             preset = DEVICE_PRESETS[device]
@@ -159,13 +163,19 @@ def map_and_simulate(
                 runs[label] = simulate_device.with_options(refresh_cache=refresh)(
                     content, spec, preset.replace(compensation=compensation), evaluation, device_trials,
                     list(device_times))
-            publish_device_report(mapname, runs)
+            for scale in NOISE_SCALES:
+                noisier = preset.replace(programming_noise=preset.programming_noise * scale,
+                                         read_noise=preset.read_noise * scale)
+                noise[scale] = simulate_device.with_options(refresh_cache=refresh)(
+                    content, spec, noisier, evaluation, device_trials, [device_times[0]])
+            publish_device_report(mapname, runs, noise)
             seconds["device"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - started
         logger.info("%s on %s crossbars: %d arrays, %.1f%% utilization, ADC %d bits: output error %.4g vs float, "
                     "%.4g vs integer", mapname, spec.xbar, mapped.arrays, 100 * mapped.utilization, adc_bits,
                     error.rel_l2, error.integer_rel_l2)
-        return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds, runs)
+        return MapAndSimulateResult(mapname, content, mapped, error, cached and estate.name == "Cached", seconds, runs,
+                                    noise)
 
 
 @flow(name="quantize-map-simulate", persist_result=True, result_serializer=SERIALIZER)

@@ -97,8 +97,11 @@ def test_map_and_simulate_publishes_accuracy_against_time_on_a_device(pipeline) 
     on, off = result.device["drift compensation on"], result.device["drift compensation off"]
     assert [p.time for p in on.points] == [1.0, 86400.0] and on.points[0].trials == 2
     assert off.points[1].rel_l2[0] > 2 * on.points[1].rel_l2[0]
+    noise = result.device_noise  # the preset's noise halved and doubled, read at the first time
+    assert sorted(noise) == [0.5, 1.0, 2.0] and noise[2.0].points[0].rel_l2[0] > noise[0.5].points[0].rel_l2[0]
     artifact = Artifact.get("device-pipe")
-    assert artifact is not None and "data:image/png;base64," in artifact.data and "86400" in artifact.data
+    assert artifact is not None and artifact.data.count("data:image/png;base64,") == 2
+    assert "86400" in artifact.data and "noise x2" in artifact.data
     assert "device" in result.summary() and "energy per inference" in Artifact.get("xbar-pipe").data
 
 
