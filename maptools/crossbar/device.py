@@ -112,12 +112,12 @@ class CellStates:
         gen = _generator(device.seed, trial, key)
         d = device
         g = d.g_min + (1.0 - d.g_min) * levels.to(torch.float32) / (cell_levels - 1)  # float32: memory, not precision
-        self.target = g
+        self.target = g if d.model == "reram" else None  # ReRAM's later reads deviate from the target again
         if d.model == "reram":
             sigma = d.programming_noise * _reram_sigma(g, 1.0)
             self.nu = torch.zeros_like(g)
         elif d.model == "pcm":
-            sigma = d.programming_noise * sum(c * g ** i for i, c in enumerate(_PCM_PROG)) / _PCM_G_MAX
+            sigma = d.programming_noise * _polynomial(g, _PCM_PROG) / _PCM_G_MAX
             rel = g.clamp(min=1e-7)
             mu = (-0.0155 * torch.log(rel) + 0.0244).clamp(0.049, 0.1)
             spread = (-0.0125 * torch.log(rel) - 0.0059).clamp(0.008, 0.045)
@@ -134,12 +134,15 @@ class CellStates:
     def conductances(self, time: float) -> torch.Tensor:
         """Every cell's read conductance ``time`` seconds after programming (units of g_max), compensated."""
         d = self.device
-        drifted = self.programmed * ((time + d.t0) / d.t0) ** (-self.nu) if time > 0 else self.programmed
         gen = _generator(d.seed, self.trial, f"{self.key}@{time!r}")
-        if d.model == "reram" and time > 1.0:  # wandered around the target: a fresh deviation of this time's std
+        if self.target is not None and time > 1.0:  # ReRAM wanders: a fresh deviation of this time's std
             sigma = d.programming_noise * _reram_sigma(self.target, time)
             wandered = (self.target + sigma * _normal(self.target, gen)).clamp(min=0.0)
             drifted = torch.where(self.stuck, self.programmed, wandered)
+        elif time > 0:
+            drifted = self.programmed * ((time + d.t0) / d.t0) ** (-self.nu)
+        else:
+            drifted = self.programmed
         if d.model == "pcm":
             q = (0.0088 / (self.programmed ** 0.65).clamp(min=1e-3)).clamp(max=0.2)
             sigma = d.read_noise * q * math.sqrt(math.log((time + d.t0 + _PCM_T_READ) / (2 * _PCM_T_READ)))
@@ -167,7 +170,12 @@ def _reram_sigma(g: torch.Tensor, time: float) -> torch.Tensor:
     lo = max(hi - 1, 0)
     w = 0.0 if hi == lo else (math.log(at) - math.log(times[lo])) / (math.log(times[hi]) - math.log(times[lo]))
     coeffs = [(1 - w) * a + w * b for a, b in zip(_RERAM_SIGMA[times[lo]], _RERAM_SIGMA[times[hi]])]
-    return sum(c * g ** i for i, c in enumerate(coeffs)).clamp(min=0.0) / _RERAM_G_MAX
+    return _polynomial(g, coeffs).clamp(min=0.0) / _RERAM_G_MAX
+
+
+def _polynomial(g: torch.Tensor, coeffs: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """``sum_i coeffs[i] g^i``."""
+    return sum(c * g ** i for i, c in enumerate(coeffs))  # type: ignore[return-value]
 
 
 def _generator(seed: int, trial: int, key: str) -> torch.Generator:

@@ -75,6 +75,10 @@ class _Context:
     def initializers(self) -> dict[str, np.ndarray]:
         return {i.name: onnx.numpy_helper.to_array(i) for i in self.graph.initializer}
 
+    def initializer(self, name: str) -> np.ndarray | None:
+        """One initializer's value (None: not an initializer), without converting the others."""
+        return next((onnx.numpy_helper.to_array(i) for i in self.graph.initializer if i.name == name), None)
+
     def types(self) -> dict[str, onnx.TypeProto]:
         if self._shapes is None:
             inferred = self.model

@@ -180,7 +180,7 @@ def _castlike(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
 def _constant_input(node: onnx.NodeProto, index: int, ctx: _Context) -> np.ndarray | None:
     if len(node.input) <= index or not node.input[index]:
         return None
-    value = ctx.initializers().get(node.input[index])
+    value = ctx.initializer(node.input[index])
     if value is None:
         raise ModelError(f"{_where(node)} takes input {index} from a computed tensor; opset 13 needs it constant.",
                          "simplify the model with fixed input shapes, or re-export it with opset 13.")
@@ -193,7 +193,7 @@ def _reshape(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     values shape inference cannot follow is taken to hold none: onnxruntime's check of the prepared model
     against the original decides."""
     if node_attr(node, "allowzero", 0):
-        target = ctx.initializers().get(node.input[1])
+        target = ctx.initializer(node.input[1])
         if (target is not None and 0 in target) or 0 in (ctx.shape(node.output[0]) or []):
             raise ModelError(f"{_where(node)} sets allowzero=1 with a 0 in its target shape, which opset 13 cannot "
                              "express.", "re-export the model with opset 13.")
