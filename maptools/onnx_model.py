@@ -252,7 +252,10 @@ def _rename_reads(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
 def explicit_outer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy in which each control-flow node lists the tensors its subgraphs read as extra inputs (counted
     in its :data:`OUTER_INPUTS` attribute): graph tools that follow edges (PPQ, the operator graph) then order
-    and feed it correctly. Not valid ONNX until :func:`implicit_outer_inputs` undoes it."""
+    and feed it correctly. Not valid ONNX until :func:`implicit_outer_inputs` undoes it. ``model`` itself where
+    it has no control-flow node (not copied: its weights are most of it)."""
+    if not any(n.op_type in CONTROL_FLOW_OP_TYPES and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
     out = onnx.ModelProto.FromString(model.SerializeToString())
     for node in out.graph.node:
         if node.op_type in CONTROL_FLOW_OP_TYPES and node.domain in ("", "ai.onnx"):

@@ -133,7 +133,7 @@ def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> No
     """The report measured by onnxruntime on the QDQ model is PPQ's graphwise SNR (same operators, same
     4096 seeded positions per row), up to the rounding differences of the two executions."""
     from maptools.quantization import ppq_adapter as _ppq  # first: its shims let ppq import
-    from maptools.quantization.ppq_adapter.calibration import LCG_STATES
+    from maptools.quantization.reference import LCG_STATES
     from maptools.calibration import RandomCalibration
     from maptools.prepare import prepare_model
     from maptools.settings import QuantSettings

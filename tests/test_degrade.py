@@ -73,6 +73,15 @@ def test_keep_on_host_is_recorded_and_every_stage_follows(tmp_path) -> None:
     assert read_graph("kept", tmp_path).node(middle)["part"] == "host"
     x = {"x": np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)}
     assert np.all(np.isfinite(simulate("kept", x, output_root=tmp_path).outputs[model.graph.output[0].name]))
+    # an already-prepared model is read through a hard link, never written: recording the host operator replaced
+    # the scratch copy, and the prepared file the map holds is the user's file plus that record
+    prepared = tmp_path / "prepared.onnx"
+    prepared.write_bytes((full.map_dir / "model.onnx").read_bytes())
+    before = prepared.read_bytes()
+    linked = quantize(shapes, "cpu", prepared, mapname="linked", calib_steps=8, output_root=tmp_path, error_steps=0,
+                      keep_on_host=[middle])
+    assert prepared.read_bytes() == before and prepared.stat().st_nlink == 1
+    assert linked.placement.fallbacks == report.fallbacks and linked.sha256["model.onnx"] != full.sha256["model.onnx"]
     with pytest.raises(SettingsError, match=r"keep_on_host names operators the prepared model does not have: "
                                             r"nope"):
         quantize(shapes, "cpu", path, mapname="bad", calib_steps=8, output_root=tmp_path, keep_on_host=["nope"])

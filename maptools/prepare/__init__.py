@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -286,12 +288,15 @@ def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 
 
 def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
-                  simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False) -> PreparedModel:
+                  simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False,
+                  loaded: onnx.ModelProto | None = None, link: bool = False) -> PreparedModel:
     """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
 
     The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
     a model this code already prepared for the same shapes and options is copied as it is (the flow
-    prepares in its own task, then quantizes the prepared file).
+    prepares in its own task, then quantizes the prepared file). ``link``: ``dst`` may then be a hard link
+    to ``src`` (for a scratch ``dst`` that is read, or replaced whole, never written in place).
+    ``loaded``: ``src`` as the caller already loaded it (:func:`maptools.onnx_model.load_model`).
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
     original in onnxruntime, the model is prepared again with fewer rewrites (``no onnxsim``, then
@@ -303,7 +308,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
         InputShapeError: ``input_shapes`` do not fit the model (onnxruntime cannot run it with them).
     """
     src = Path(src)
-    model = load_model(src)
+    model = load_model(src) if loaded is None else loaded
     shapes = check_input_shapes(model, input_shapes)
     dst = Path(dst)
     with storage_errors(f"create {dst.parent}"):
@@ -311,7 +316,8 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     record = _already_prepared(model, shapes, simplify)
     if record is not None:
         _check_strict(strict, record.get("fallbacks", []), src)
-        atomic_write(dst, src.read_bytes())
+        if not (link and _hard_link(src, dst)):
+            atomic_write(dst, src.read_bytes())
         return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
@@ -348,6 +354,19 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
                          nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
+
+
+def _hard_link(src: Path, dst: Path) -> bool:
+    """``dst`` made a hard link to ``src`` (atomically: a link beside it, then renamed); False where the file
+    system cannot (another device, no hard links)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.link")
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import itertools
 import logging
 import math
@@ -25,6 +26,7 @@ from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, 
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
 from maptools.quantization.equalize import equalize_channels
+from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
@@ -164,7 +166,7 @@ def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfi
 
 def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                    first: Mapping[str, Any], settings: QuantSettings, device: str,
-                   budget: Budget) -> tuple[Any, QuantSettings, MixedPrecisionReport]:
+                   budget: Budget, reference: FloatReference | None) -> tuple[Any, QuantSettings, MixedPrecisionReport]:
     """``bit_width='auto'``: widths per layer under ``budget`` (see :mod:`maptools.quantization.mixed_precision`)."""
     import torch
 
@@ -176,7 +178,7 @@ def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, ste
                for sample, _ in zip(calibration, range(SENSITIVITY_SAMPLES))]
 
     def quantize_at(candidate: QuantSettings) -> Any:
-        return _ppq.quantize_graph(model_path, data, steps, first, candidate, device)
+        return _ppq.quantize_graph(model_path, data, steps, first, candidate, device, reference)
 
     def measure(graph: Any, reference: list[list[np.ndarray]]) -> float:
         outputs = [graph.run({k: torch.from_numpy(v) for k, v in s.items()}, output_names=names) for s in samples]
@@ -200,7 +202,7 @@ class _Quantized:
 
 def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                        first: Mapping[str, Any], settings: QuantSettings, device: str, budget: Budget | None,
-                       strict: bool) -> _Quantized:
+                       strict: bool, reference: FloatReference | None) -> _Quantized:
     """PPQ on the prepared model at ``model_path``, read out and exported.
 
     Where PPQ fails at a device operator, that operator is recorded in the model file as kept on the
@@ -215,9 +217,10 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
             mixed = None
             if budget is not None:
                 graph, chosen, mixed = _search_widths(model_path, calibration, data, steps, first, settings, device,
-                                                      budget)
+                                                      budget, reference)
             else:
-                graph, chosen = _ppq.quantize_graph(model_path, data, steps, first, settings, device), settings
+                graph, chosen = _ppq.quantize_graph(model_path, data, steps, first, settings, device,
+                                                    reference), settings
             quantinfo = graph.quantinfo()
             unquantized = graph.unquantized_conv_inputs()
             if unquantized:
@@ -486,28 +489,34 @@ def quantize(
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
-        prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict)
+        prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict,
+                                 loaded=model, link=True)
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
         t = time.perf_counter()
-        model = onnx.load(str(prepared.path))
+        model_bytes = prepared.path.read_bytes()
+        model = onnx.ModelProto.FromString(model_bytes)
         if keep_on_host:
-            _keep_on_host(model, keep_on_host)
+            _keep_on_host(model, keep_on_host)  # (node attributes only: the float session stays valid)
         feed = _as_prepared(calibration, inputs, model)
         first = feed.cast(first) if isinstance(feed, CastCalibration) else first
+        # one float session of the prepared model for the equalization, PPQ's float check and the error report
+        reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count)
         equalized = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
-                                              for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))))
+                                              for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))),
+                                      reference)
         if equalized:
             prepared = dataclasses.replace(prepared, steps=(*prepared.steps, *equalized))
             log.info("channels equalized: %s", "; ".join(equalized))
+            reference = None  # (of the model before; quantize_graph builds the equalized model's)
         if keep_on_host or equalized:
             atomic_write(prepared.path, model.SerializeToString())
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
             done = _quantize_prepared(prepared.path, feed, data, steps, first, settings, ppq_device,
-                                      budget if auto else None, strict)
+                                      budget if auto else None, strict, reference)
         seconds["calibrate"] = time.perf_counter() - t - done.export_seconds
         seconds["export"] = done.export_seconds
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
@@ -564,7 +573,9 @@ def quantize(
                 raise QuantizationFailed(f"the seed pickles break the contract: {'; '.join(map(str, broken[:5]))}.",
                                          "report this model to the maptools maintainers; profile='extended' "
                                          "meanwhile.")
-        hashes = {name: sha256_file(stage / name) for name in ARTIFACT_FILES}
+        held = {QUANT_MODEL: qdq, MODEL: prepared_bytes}  # the two large ones hashed from memory, not read back
+        hashes = {name: hashlib.sha256(held[name]).hexdigest() if name in held else sha256_file(stage / name)
+                  for name in ARTIFACT_FILES}
         seconds["total"] = time.perf_counter() - started
         write_json(stage / MANIFEST, Manifest(
             maptools_version=__version__,

@@ -12,6 +12,7 @@ most channels use. Ranges come from the calibration samples, in onnxruntime.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -19,8 +20,10 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
-from maptools.onnx_model import ort_session
 from maptools.placement import FUSABLE_ACTIVATIONS, Role, place
+from maptools.quantization.reference import FloatReference, with_outputs
+
+log = logging.getLogger(__name__)
 
 __all__ = ["equalize_channels", "OUTLIER_RATIO"]
 
@@ -55,15 +58,19 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return found
 
 
-def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]]
-                    ) -> dict[str, np.ndarray]:
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in have)
-    session = ort_session(probe)
+def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
+                    reference: FloatReference | None) -> dict[str, np.ndarray]:
+    if reference is None or not set(tensors) <= reference.tensors:
+        have = {o.name for o in model.graph.output}
+        session = with_outputs(model.SerializeToString(), [], [], [onnx.helper.make_empty_tensor_value_info(t)
+                                                                   for t in tensors if t not in have], "the float model")
+        if session is None:
+            log.warning("no channel equalization: onnxruntime cannot return %s", ", ".join(tensors[:4]))
+            return {}
+        reference = FloatReference(session, frozenset(tensors), {})
     found: dict[str, np.ndarray] = {}
     for sample in samples:
-        for name, value in zip(tensors, session.run(tensors, dict(sample))):
+        for name, value in zip(tensors, reference.run(tensors, sample)):
             axes = tuple(a for a in range(value.ndim) if a != 1)
             peak = np.abs(value).max(axis=axes).astype(np.float64)
             found[name] = peak if name not in found else np.maximum(found[name], peak)
@@ -83,13 +90,14 @@ def _scaled(conv: onnx.NodeProto, weight: onnx.TensorProto, scale: np.ndarray) -
     return None
 
 
-def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]]) -> list[str]:
+def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]],
+                      reference: FloatReference | None = None) -> list[str]:
     """Rescale outlier channels of LUT outputs into the convolutions that read them, in place; returns the
-    steps done (one per tensor)."""
+    steps done (one per tensor). ``reference``: ``model``'s float session, where the caller has one."""
     candidates = _candidates(model)
     if not candidates:
         return []
-    maxima = _channel_maxima(model, list(candidates), samples)
+    maxima = _channel_maxima(model, list(candidates), samples, reference)
     inits = {i.name: i for i in model.graph.initializer}
     infos = {vi.name: vi for vi in model.graph.value_info}
     steps = []

@@ -33,12 +33,13 @@ from maptools.quantization.ppq_adapter.core import (GraphCommand, GraphCommandTy
                                                     load_graph)
 
 from maptools.quantization.ppq_adapter.calibration import (_Batches, _batch_size, _doubled_batch_shapes, _float_shapes,
-                                                           _no_gc_between_passes, _with_outputs)
+                                                           _no_gc_between_passes)
 from maptools.quantization.ppq_adapter.export import _check_zero_offsets
 from maptools.quantization.ppq_adapter.graph import QuantizedGraph, _setting
 from maptools.quantization.ppq_adapter.kernels import _probe, _register
 from maptools.quantization.ppq_adapter.quantizer import _MaptoolsQuantizer
 from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
+from maptools.quantization.reference import FloatReference
 log = logging.getLogger(__name__)
 
 __all__ = ["QuantizedGraph", "quantize_graph", "ppq_version", "load_ppq_graph", "ppq_step", "TargetPlatform",
@@ -94,7 +95,7 @@ def _agrees(out: np.ndarray, ref: np.ndarray, tolerance: float) -> bool:
     return bool(np.all(same | (close & finite)))
 
 
-def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, reference: FloatReference | None,
                  feed: Mapping[str, torch.Tensor], device: str) -> list[str]:
     """Switch to onnxruntime every operator whose PPQ kernel computes something else than ONNX.
 
@@ -106,16 +107,13 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
     """
     from ppq.executor.base import RuntimeHook
 
-    types = {vi.name: vi for vi in model.graph.value_info}
-    known = {vi.name for vi in model.graph.output}
-    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
-             and (n in types or n in known)]
-    session = _with_outputs(model_bytes, [], [], [types[n] for n in names if n not in known], "the float model")
-    if session is None:
+    if reference is None:
         log.warning("onnxruntime cannot load the prepared model with its intermediate tensors as outputs; PPQ's "
                     "kernels are not checked against it")
         return []
-    reference = dict(zip(names, session.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
+    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
+             and n in reference.tensors]
+    values = dict(zip(names, reference.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
     # CUDA convolutions and matrix products run in TF32 by default (10-bit mantissas): a kernel that
     # computes something else than ONNX differs by far more than that
     tolerance = 1e-2 if str(device).startswith("cuda") else 1e-4
@@ -123,7 +121,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
 
     class _Substitute(RuntimeHook):
         def pre_forward_hook(self, inputs: list, **kwargs: Any) -> list:
-            return [torch.from_numpy(np.array(reference[var.name])).to(device) if var.name in reference else value
+            return [torch.from_numpy(np.array(values[var.name])).to(device) if var.name in values else value
                     for var, value in zip(self._hook_to.inputs, inputs)]
 
         def post_forward_hook(self, outputs: list, **kwargs: Any) -> list:
@@ -139,7 +137,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
         bad = []
         for op in graph.topological_sort():
             for var in op.outputs:
-                ref, value = reference.get(var.name), got.get(var.name)
+                ref, value = values.get(var.name), got.get(var.name)
                 if ref is None or not isinstance(value, torch.Tensor) or not np.issubdtype(ref.dtype, np.floating):
                     continue
                 out = value.detach().cpu().numpy()
@@ -162,7 +160,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
 FBC_SAMPLES = 32
 
 
-def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
+def _fast_bias_correction(graph: Any, model: onnx.ModelProto, reference: FloatReference | None,
                           calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
     """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
     grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from
@@ -173,21 +171,17 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
               and op.inputs[2].value is not None and op.config.input_quantization_config[0].state in _APPLIED]
     if not layers:
         return
-    types = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
     inputs = {i.name for i in model.graph.input}
     wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
                                 if t not in inputs))
-    outputs = {o.name for o in model.graph.output}
-    session = _with_outputs(model_bytes, [], [], [types[t] for t in wanted if t not in outputs and t in types],
-                            "the float model")
-    if session is None or not all(t in types for t in wanted):
+    if reference is None or not set(wanted) <= reference.tensors:
         log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
         return
     shift: dict[str, np.ndarray] = {}
     count = 0
     for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration):
         feed = {k: v.detach().cpu().numpy() for k, v in sample.items()}
-        values = {**feed, **dict(zip(wanted, session.run(wanted, feed)))}
+        values = {**feed, **dict(zip(wanted, reference.run(wanted, feed)))}
         for op in layers:
             cfg = op.config.input_quantization_config[0].dominated_by
             scale = float(cfg.scale.reshape(-1)[0])
@@ -211,14 +205,20 @@ def quantize_graph(
     trace_inputs: Mapping[str, torch.Tensor],
     settings: QuantSettings,
     device: str,
+    reference: FloatReference | None = None,
 ) -> QuantizedGraph:
     """Quantize a prepared ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``.
+
+    ``reference``: the model's float session (:class:`maptools.quantization.reference.FloatReference`), where
+    the caller built one already (else built here).
 
     Raises MaptoolsError subclasses for bad input; CUDA faults (out of memory, launch failures)
     propagate unchanged so callers can retry them.
     """
     model_bytes = model_path.read_bytes()
     model = onnx.ModelProto.FromString(model_bytes)
+    if reference is None:
+        reference = FloatReference.build(model, model_bytes)
     placement = place(model)
     graph = load_ppq_graph(model_path, model)
     for op in graph.operations.values():
@@ -242,7 +242,7 @@ def quantize_graph(
             finally:
                 _probe.active = False
         with ppq_step("checking PPQ's float execution against onnxruntime"):
-            switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
+            switched = _float_check(executor, quantizer._graph, model, reference, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         if quantizer._model is not None and not settings.optimization.in_ppq and \
@@ -264,8 +264,9 @@ def quantize_graph(
             )
     if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
         with ppq_step("correcting biases"):
-            _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
+            _fast_bias_correction(quantizer._graph, model, reference, calibration, calib_steps)
     _check_zero_offsets(quantizer._graph)
-    result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch)
+    result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch,
+                            reference=reference)
     result._executor = executor
     return result

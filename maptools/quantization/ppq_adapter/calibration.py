@@ -22,6 +22,7 @@ from maptools.quantization.ppq_adapter.core import (DataType, OBSERVER_TABLE, Qu
                                                     TorchPercentileObserver, _ppq_defs)
 
 from maptools.quantization.ppq_adapter.steps import _quiet
+from maptools.quantization.reference import with_outputs
 log = logging.getLogger(__name__)
 
 # --- speed: batched calibration, a faster exact percentile observer, no gc between passes ---------
@@ -121,63 +122,6 @@ class _OnePassCalibration(RuntimeCalibrationPass):
             if self._collate_fn is not None:
                 data = self._collate_fn(data)
             executor.forward(inputs=data, hooks=hooks, output_names=output_names)
-
-
-#: PPQ's graphwise analysis compares each output at 4096 positions per sample, drawn from this seed
-_FETCHES, _FETCH_SEED = 4096, 10086
-
-
-def _lcg_states() -> np.ndarray:
-    """The states of PPQ's ``generate_indexer`` generator from :data:`_FETCH_SEED`; position i of a
-    tensor of n elements per sample is ``state[i] % n``."""
-    states, seed = [], _FETCH_SEED
-    for _ in range(_FETCHES):
-        states.append(seed)
-        seed = (0x343FD * seed + 0x269EC3) % (2 << 31)
-    return np.array(states, dtype=np.int64)
-
-
-LCG_STATES = _lcg_states()
-
-
-def _with_outputs(model: bytes, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
-                  outputs: list[onnx.ValueInfoProto], what: str) -> Any:
-    """An onnxruntime CPU session of the serialized ``model`` with ``nodes``, ``initializers`` and graph
-    ``outputs`` added; None where onnxruntime cannot load it.
-
-    The additions are serialized on their own and appended: protobuf merges concatenated messages
-    (repeated fields are appended), so the model (its weights) is not parsed or serialized again.
-    """
-    import onnxruntime as ort
-
-    extra = onnx.ModelProto(graph=onnx.GraphProto(node=nodes, initializer=initializers, output=outputs))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    # no QDQ-specific rewrites, so constant folding computes each weight's QuantizeLinear/DequantizeLinear
-    # once (ResNet18's QDQ forward: 0.42 -> 0.22 s for 8 samples); activations keep their nodes
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    try:
-        return ort.InferenceSession(model + extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001  (the caller falls back on PPQ's forward)
-        log.debug("onnxruntime cannot load %s (%s); PPQ's forward runs instead", what, e)
-        return None
-
-
-def _fetching_session(model: bytes, produced: set[str], tensors: Mapping[str, int], what: str) -> Any:
-    """A session of the serialized ``model`` (whose nodes produce ``produced``) returning, for each
-    ``tensor: elements per sample``, the values at PPQ's seeded positions (``batch_random_fetch``),
-    one row per sample; None where a tensor is missing or onnxruntime cannot load the model."""
-    if not set(tensors) <= produced:
-        return None
-    nodes, initializers, outputs = [], [], []
-    for i, (name, numel) in enumerate(tensors.items()):
-        t = f"maptools_fetch{i}"
-        initializers.append(onnx.numpy_helper.from_array(LCG_STATES % numel, f"{t}_index"))
-        nodes += [onnx.helper.make_node("Flatten", [name], [f"{t}_rows"], axis=1),
-                  onnx.helper.make_node("Gather", [f"{t}_rows", f"{t}_index"], [t], axis=1)]
-        outputs.append(onnx.helper.make_empty_tensor_value_info(t))
-    return _with_outputs(model, nodes, initializers, outputs, what)
 
 
 def chunk_count(numel: int, m: int) -> int | None:
@@ -280,7 +224,7 @@ class Statistics:
                 else:
                     return None
         probe.graph.node.extend(nodes)
-        session = _with_outputs(probe.SerializeToString(), [], [],
+        session = with_outputs(probe.SerializeToString(), [], [],
                                 [onnx.helper.make_empty_tensor_value_info(n) for _, _, names in outputs for n in names],
                                 "the statistics model")
         return None if session is None else cls(session, outputs)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import tempfile
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +24,12 @@ from maptools.settings import Optimization, QuantSettings
 from maptools.quantization.ppq_adapter.core import (QuantableOperation, QuantizationSettingFactory, QuantizationStates,
                                                     TargetPlatform, TorchExecutor, _APPLIED, graphwise_error_analyse)
 
-from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Batches, _fetching_session,
+from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Batches,
                                                            _no_gc_between_passes)
 from maptools.quantization.ppq_adapter.export import _canonical_names, _ExactExporter, _restore_domains
 from maptools.quantization.ppq_adapter.quantizer import _range_of, _scale_of
 from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
+from maptools.quantization.reference import FloatReference, fetch_name, fetching_session
 log = logging.getLogger(__name__)
 
 def _setting(settings: QuantSettings, device: str) -> Any:
@@ -60,7 +60,7 @@ class QuantizedGraph:
     """A PPQ graph after quantization, seen through what maptools needs of it."""
 
     def __init__(self, graph: Any, device: str, settings: QuantSettings, placement: Placement, model: onnx.ModelProto,
-                 model_bytes: bytes, batch: int = 1) -> None:
+                 model_bytes: bytes, batch: int = 1, reference: FloatReference | None = None) -> None:
         self._graph = graph
         self._model = model  # the prepared ONNX model the graph was loaded from
         self._model_bytes = model_bytes  # the same, serialized
@@ -69,6 +69,7 @@ class QuantizedGraph:
         self._settings = settings
         self._executor: Any = None
         self._batch = batch  # samples per forward the graph is known to accept (see _batch_size)
+        self._reference = reference  # the prepared model's float session, where quantize_graph had one
 
     @property
     def input_names(self) -> list[str]:
@@ -176,12 +177,11 @@ class QuantizedGraph:
         tensors it adds from a process-wide counter; inputs and outputs are put back in the model's
         order and added tensors renamed in order of use, so the same quantization gives the same bytes.
         """
-        with tempfile.TemporaryDirectory(prefix="maptools-export-") as scratch:
-            path = Path(scratch) / "quant_model.onnx"
-            with _quiet(), ppq_step("exporting the QDQ model"):
-                graph = self._graph.copy()
-                _ExactExporter().export(file_path=str(path), config_path=None, graph=graph, quantized_param=False)
-            exported = onnx.load(str(path))
+        written = io.BytesIO()  # PPQ's exporter onnx.save()s to it: no file written and read back
+        with _quiet(), ppq_step("exporting the QDQ model"):
+            _ExactExporter().export(file_path=written, config_path=None, graph=self._graph.copy(),
+                                    quantized_param=False)
+        exported = onnx.ModelProto.FromString(written.getbuffer())
         for field_name, names in (("input", self.input_names), ("output", self.output_names)):
             rank = {name: i for i, name in enumerate(names)}
             values = getattr(exported.graph, field_name)
@@ -254,19 +254,21 @@ class QuantizedGraph:
                     seen = after[0].output[0]
             pred[seen] = numel
         with ppq_step("measuring the per-layer error"):
-            sessions = [_fetching_session(self._model_bytes, {t for n in self._model.graph.node for t in n.output},
-                                          real, "the float model"),
-                        _fetching_session(qdq, {t for n in quantized.graph.node for t in n.output}, pred,
-                                          "the QDQ model")]
-            if None in sessions:
-                return None
-            names = [f"maptools_fetch{i}" for i in range(len(ops))]
             feeds = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
                      for _, sample in zip(range(steps), samples)]
             # one sample per run, in the models' own input shapes (PPQ's SNR is per sample, averaged);
             # one model after the other: alternating them per sample evicts each one's weights from the
             # caches (ResNet18, 8 samples: 0.84 s in onnxruntime runs against 0.56 s)
-            real, pred = ([session.run(names, feed) for feed in feeds] for session in sessions)
+            def fetch(model: onnx.ModelProto, data: bytes, tensors: dict[str, int], what: str) -> list | None:
+                session = fetching_session(data, {t for n in model.graph.node for t in n.output}, tensors, what)
+                names = [fetch_name(t) for t in tensors]
+                return None if session is None else [session.run(names, feed) for feed in feeds]
+
+            real = (None if self._reference is None else self._reference.fetch(real, feeds)) or \
+                fetch(self._model, self._model_bytes, real, "the float model")
+            pred = None if real is None else fetch(quantized, qdq, pred, "the QDQ model")
+            if pred is None:
+                return None
             total, rows = np.zeros(len(ops)), np.zeros(len(ops))
             for real_rows, pred_rows in zip(real, pred):
                 for i, (y, x) in enumerate(zip(real_rows, pred_rows)):
