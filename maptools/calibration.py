@@ -251,11 +251,18 @@ class FolderCalibration(CalibrationSet):
         return digest.hexdigest()
 
 
+#: image channels an image folder fills (grayscale, RGB)
+_IMAGE_CHANNELS = (1, 3)
+
+
 class ImageFolderCalibration(FolderCalibration):
     """Images in class subfolders (``root/<class>/<image>``, torchvision's ``ImageFolder``), batch 1.
 
-    ``transform`` turns a PIL image into a ``[C, H, W]`` tensor; the default is Resize to the
-    model input's height and width (224x224 for ResNet18), ToTensor, ImageNet Normalize.
+    The input's layout is read from its shape: ``[1, C, H, W]`` (channels first) or ``[1, H, W, C]``
+    (channels last, as TensorFlow/Keras exports take it), with C = 1 (grayscale) or 3 (RGB); channels
+    first where both fit. ``transform`` turns a PIL image into one sample without its batch axis, in
+    the input's layout; the default is Resize to the input's height and width (224x224 for ResNet18),
+    ToTensor, ImageNet Normalize (for grayscale, their means), and channels last where the input has them.
     """
 
     kind = "image_folder"
@@ -267,6 +274,8 @@ class ImageFolderCalibration(FolderCalibration):
         super().__init__(root, input_name)
         self.transform = transform
         self.size: tuple[int, int] | None = None
+        self.channels = 3
+        self.channels_last = False
         try:
             self._dataset = ImageFolder(str(self.root))
         except OSError as e:
@@ -282,9 +291,17 @@ class ImageFolderCalibration(FolderCalibration):
         bound = super().bind(shapes)
         shape = shapes[bound.input_name or ""]
         if len(shape) != 4 or shape[0] != 1:
-            raise CalibrationError(f"an image folder gives [1, C, H, W] samples, but input {bound.input_name!r} has "
-                                   f"shape {list(shape)}.", "use batch 1 in input_shapes, or pass a DataLoader.")
-        bound.size = (shape[2], shape[3])
+            raise CalibrationError(f"an image folder gives [1, C, H, W] or [1, H, W, C] samples, but input "
+                                   f"{bound.input_name!r} has shape {list(shape)}.",
+                                   "use batch 1 in input_shapes, or pass a DataLoader.")
+        if shape[1] in _IMAGE_CHANNELS:
+            bound.channels, bound.size, bound.channels_last = shape[1], (shape[2], shape[3]), False
+        elif shape[3] in _IMAGE_CHANNELS:
+            bound.channels, bound.size, bound.channels_last = shape[3], (shape[1], shape[2]), True
+        elif bound.transform is None:
+            raise CalibrationError(f"input {bound.input_name!r} has shape {list(shape)}: neither axis 1 nor axis 3 "
+                                   "holds 1 or 3 image channels.", "pass transform=... that makes a sample of that "
+                                   "shape from an image, or a DataLoader of tensors.")
         return bound
 
     def _transform(self) -> Callable[[Any], torch.Tensor]:
@@ -295,8 +312,15 @@ class ImageFolderCalibration(FolderCalibration):
                                    "input size.", "pass it to quantize(), which sets it, or pass transform=...")
         from torchvision import transforms
 
-        return transforms.Compose([transforms.Resize(list(self.size)), transforms.ToTensor(),
-                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        steps: list[Any] = [transforms.Resize(list(self.size))]
+        if self.channels == 1:
+            steps += [transforms.Grayscale(1), transforms.ToTensor(),
+                      transforms.Normalize([sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3])]
+        else:
+            steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if self.channels_last:
+            steps.append(transforms.Lambda(lambda x: x.permute(1, 2, 0).contiguous()))
+        return transforms.Compose(steps)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         transform = self._transform()
@@ -315,7 +339,8 @@ class ImageFolderCalibration(FolderCalibration):
     def _transform_name(self) -> str:
         if self.transform is None:
             size = "x".join(map(str, self.size)) if self.size else "input size"
-            return f"default: Resize {size}, ToTensor, ImageNet Normalize"
+            return (f"default: Resize {size}, {'Grayscale, ' if self.channels == 1 else ''}ToTensor, ImageNet "
+                    f"Normalize{', channels last' if self.channels_last else ''}")
         return repr(self.transform)[:500]
 
     def _hash_extra(self) -> str:

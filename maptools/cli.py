@@ -202,7 +202,7 @@ def quantize(
         help="Name of the output folder mapsave/NAME/.", show_default="the model file's name without .onnx")] = None,
     calib: Annotated[str, typer.Option(
         help="Calibration data: 'random' (seeded noise; fine for trying things, not for accuracy) or a folder "
-             "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized) "
+             "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized, channels first or last as the input is) "
              "or of .npy/.npz files (one sample each, shaped like the input).")] = "random",
     calib_steps: Annotated[int, _setting(QuantSettings, "calib_steps", note=" A folder with fewer is used once in "
                                                                              "full.")] = 32,

@@ -109,6 +109,35 @@ def test_image_folder_default_transform_matches_the_documented_one(tmp_path) -> 
     assert json.dumps(bound.describe()) and "Resize" in bound.describe()["transform"]
 
 
+def test_image_folder_fills_channels_last_and_grayscale_inputs(tmp_path) -> None:
+    """A Keras/TensorFlow export takes [1, H, W, C]: the folder's images come channels last, at H x W."""
+    from torchvision import transforms
+
+    from tests.exporters import IDIOMS
+
+    images = write_pngs(tmp_path / "images", 8)
+    model, shapes = IDIOMS["nhwc_keras"]()
+    (name, shape), = shapes.items()
+    assert shape[3] == 3 and shape[1] != 3
+    path = tmp_path / "nhwc.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = quantize(shapes, "cpu", path, mapname="nhwc", calibset=images, calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    assert result.calibration["kind"] == "image_folder" and "channels last" in result.calibration["transform"]
+    source = resolve_calibration(images, {name: tuple(shape)}, 8, 0)
+    documented = transforms.Compose([transforms.Resize(list(shape[1:3])), transforms.ToTensor(),
+                                     transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    first = Image.open(images / "x" / "000.png").convert("RGB")
+    torch.testing.assert_close(next(iter(source))[name][0], documented(first).permute(1, 2, 0))
+    gray = next(iter(resolve_calibration(images, {"input": (1, 1, 16, 16)}, 8, 0)))["input"]
+    assert gray.shape == (1, 1, 16, 16)
+    torch.testing.assert_close(gray[0], transforms.Compose([
+        transforms.Resize([16, 16]), transforms.Grayscale(1), transforms.ToTensor(),
+        transforms.Normalize([0.449], [0.226])])(first))
+    with pytest.raises(CalibrationError, match=r"neither axis 1 nor axis 3 holds 1 or 3 image channels"):
+        resolve_calibration(images, {"input": (1, 2, 16, 16)}, 8, 0)
+
+
 def test_folder_hash_follows_file_content_not_location(tmp_path) -> None:
     write_pngs(tmp_path / "a", 4)
     before = resolve_calibration(tmp_path / "a", SHAPES, 8, 0).content_hash()
