@@ -7,8 +7,8 @@ behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR
 initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNormalization with
 ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
-DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, and an
-onnxruntime contrib operator.
+DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
+onnxruntime contrib operator, and squeeze-and-excitation pooled with ReduceMean.
 """
 
 from __future__ import annotations
@@ -243,11 +243,23 @@ def resize_model(mode: str, transform: str, nearest: str, by_sizes: bool = False
     return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 13), {"x": [1, 3, 16, 16]}
 
 
+def squeeze_excite_mean() -> Built:
+    """A squeeze-and-excitation block pooled with ``ReduceMean`` over H and W (paddle2onnx, tf2onnx), and a
+    head pooled with ``ReduceMean(keepdims=0)`` before its Gemm."""
+    b = _Builder(21)
+    y = b.conv("x", 3, 8, stride=2)
+    squeezed = b.op("ReduceMean", [y], axes=[2, 3], keepdims=1)
+    gate = b.op("HardSigmoid", [b.conv(b.op("Relu", [b.conv(squeezed, 8, 4, k=1)]), 4, 8, k=1)])
+    y = b.conv(b.op("Mul", [y, gate]), 8, 8)
+    pooled = b.op("ReduceMean", [y], axes=[-2, -1], keepdims=0)
+    return b.model({"x": ["N", 3, 16, 16]}, [b.gemm(pooled, 8, 5)], 11), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
     "unrolled_lstm": unrolled_lstm, "placeholder_input": placeholder_input, "stale_value_info": stale_value_info,
     "unused_opsets": unused_opsets, "depth_to_space": depth_to_space, "leaky_max_min": leaky_max_min,
-    "contrib_operator": contrib_operator,
+    "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
 }

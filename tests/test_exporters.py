@@ -66,6 +66,19 @@ def test_exporter_idiom_quantizes_converts_and_simulates(idiom: str, tmp_path: P
     assert error < 0.3, (idiom, error, result.prepared["steps"])
 
 
+def test_a_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
+    """ReduceMean over H and W (a squeeze-and-excitation block's pooling) has no device form; the
+    GlobalAveragePool it computes has, so preparation writes it as one (and a Reshape where keepdims=0)."""
+    model, shapes = IDIOMS["squeeze_excite_mean"]()
+    result, _ = _pipeline(model, shapes, tmp_path, "se")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    assert "2 spatial ReduceMean written as GlobalAveragePool" in result.prepared["steps"]
+    assert {n.op_type for n in prepared.graph.node} >= {"GlobalAveragePool", "Reshape"}
+    assert "ReduceMean" not in {n.op_type for n in prepared.graph.node}
+    pools = [n.name for n in prepared.graph.node if n.op_type == "GlobalAveragePool"]
+    assert not set(pools) & set(result.placement.host_ops), result.placement.host_ops
+
+
 @pytest.mark.parametrize(("mode", "transform", "nearest"), RESIZE_MODES)
 def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path: Path) -> None:
     model, shapes = resize_model(mode, transform, nearest)

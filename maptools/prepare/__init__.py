@@ -48,7 +48,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _matmul_as_gemm,
-                                       _remove_passthrough, name_nodes, simplify)
+                                       _mean_as_pool, _remove_passthrough, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -158,7 +158,8 @@ def _ppq_ready(ctx: _Context) -> list[str]:
     return [*done, *_counted("{} BatchNormalization folded into Conv/Gemm", folded),
             *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
             *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx)),
-            *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx))]
+            *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
+            *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx))]
 
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,

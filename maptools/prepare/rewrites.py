@@ -1,6 +1,6 @@
 """Steps 4-5: onnxsim, and the rewrites PPQ would otherwise do inside its own graph (BatchNorm and bias Add
-into the convolution, pass-through nodes removed, explicit pads, unique node names), and a MatMul by a
-constant matrix written as the Gemm the crossbar computes."""
+into the convolution, pass-through nodes removed, explicit pads, unique node names), a MatMul by a
+constant matrix written as the Gemm the crossbar computes, and a spatial ReduceMean as GlobalAveragePool."""
 
 from __future__ import annotations
 
@@ -281,6 +281,38 @@ def _matmul_as_gemm(ctx: _Context) -> int:
             ctx.graph.node.insert(at + i, node)
         if add is not None:
             ctx.graph.node.remove(add)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_initializers(ctx)
+    return rewritten
+
+
+def _mean_as_pool(ctx: _Context) -> int:
+    """``ReduceMean`` over every spatial axis of an ``[N, C, ...]`` tensor (a squeeze-and-excitation block's
+    pooling, as paddle2onnx and tf2onnx write it) into the ``GlobalAveragePool`` it computes, which the device
+    takes; with ``keepdims=0`` a ``Reshape`` to ``[N, C]`` follows."""
+    rewritten = 0
+    for mean in [n for n in ctx.graph.node if n.op_type == "ReduceMean" and n.domain in _DEFAULT_DOMAINS]:
+        shape = ctx.shape(mean.input[0])
+        axes = node_attr(mean, "axes")
+        if len(mean.input) > 1 and mean.input[1]:
+            value = ctx.initializer(mean.input[1])
+            axes = None if value is None else value.tolist()
+        if not shape or len(shape) < 3 or axes is None:
+            continue
+        if sorted(int(a) % len(shape) for a in axes) != list(range(2, len(shape))):
+            continue
+        if node_attr(mean, "keepdims") in (None, 1):
+            nodes = [onnx.helper.make_node("GlobalAveragePool", [mean.input[0]], [mean.output[0]], name=mean.name)]
+        else:
+            pooled = ctx.fresh(f"{mean.output[0]}_pooled")
+            flat = ctx.add_initializer(ctx.fresh(f"{mean.output[0]}_shape"), np.asarray(shape[:2], np.int64))
+            nodes = [onnx.helper.make_node("GlobalAveragePool", [mean.input[0]], [pooled], name=mean.name),
+                     onnx.helper.make_node("Reshape", [pooled, flat], [mean.output[0]], name=f"{mean.name}_flat")]
+        at = list(ctx.graph.node).index(mean)
+        ctx.graph.node.remove(mean)
+        for i, node in enumerate(nodes):
+            ctx.graph.node.insert(at + i, node)
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
