@@ -171,11 +171,12 @@ def export_ppq(graph: Any, path: Path) -> None:
 
 
 def run_ours(model: Path, samples: Any, device: str, root: Path, mapname: str, steps: int | None = None,
-             threads: int | None = None, shapes: dict[str, list[int]] = RESNET18_SHAPES) -> Any:
+             threads: int | None = None, shapes: dict[str, list[int]] = RESNET18_SHAPES, error_steps: int = 8) -> Any:
     from maptools.quantization import quantize
 
     return quantize(shapes, device, model, mapname=mapname, calibset=samples,
-                    calib_steps=steps or min(len(samples), 512), output_root=root, threads=threads)
+                    calib_steps=steps or min(len(samples), 512), output_root=root, threads=threads,
+                    error_steps=error_steps)
 
 
 def run_ort_static(model: Path, samples: list, out: Path) -> Path:
@@ -290,6 +291,8 @@ def bench_samples(args: argparse.Namespace, n: int, report: dict[str, Any], root
     row["maptools"]["calibrate_seconds"] = round(result.seconds["calibrate"], 3)
     row["maptools"]["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
     row["maptools"]["error"] = output_error(float_ref, ort_outputs(str(result.quant_model_path), held))
+    result = timed("maptools_no_report", lambda: run_ours(model, samples, device, root, f"ours{n}-0", error_steps=0))
+    row["maptools_no_report"]["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
 
     # The flow takes a folder, so the flow and the core are compared on the same .npy folder.
     if flow is None:
@@ -332,6 +335,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "threads_option": THREADS, "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "held_out_inputs": HELD_OUT, "runs": {},
     }
+    report["prepare"] = bench_prepare(args, root, model)
     flow = None if args.skip_flow else flow_runner()
     with prefect_harness(flow is not None and bool(args.samples)):
         for n in args.samples:
@@ -344,6 +348,36 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["peak_rss"] = measure_rss(folder, counts, device, root)
     shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+def bench_prepare(args: argparse.Namespace, root: Path, model: Path) -> dict[str, Any]:
+    """Preparing a model that needs nothing: maptools' own prepared file (recognised by the record it carries)
+    and the same graph without that record (prepared and checked against itself in onnxruntime), against the
+    budget of 0.2 s plus one onnxruntime forward per check input."""
+    import onnx
+
+    from maptools.prepare import PREPARED_KEY, prepare_model
+
+    plain = onnx.load(str(model))
+    kept = [p for p in plain.metadata_props if p.key != PREPARED_KEY]
+    del plain.metadata_props[:]
+    plain.metadata_props.extend(kept)
+    simple = root / "simple-resnet18.onnx"
+    onnx.save(plain, str(simple))
+    sess = ort_session(model.read_bytes(), "cpu")
+    x = {"input": random_samples(1, seed=3)[0]["input"].numpy()}
+    forward, _, _ = median_time(lambda: sess.run(None, x), 5)
+    checks = 3  # prepare_model's default
+    budget = 0.2 + checks * forward
+    rows: dict[str, Any] = {"onnxruntime forward": round(forward, 4), "budget (0.2 s + one forward per check input)":
+                            round(budget, 3)}
+    for name, source in (("already prepared", model), ("already simple, not prepared", simple)):
+        med, runs, done = median_time(lambda: prepare_model(source, root / "prepared.onnx", RESNET18_SHAPES),
+                                      args.repeats)
+        rows[name] = {"seconds": round(med, 3), "runs": [round(t, 3) for t in runs], "steps": list(done.steps),
+                      "/ budget (target <= 1)": round(med / budget, 2)}
+        print(f"  prepare, {name}: {med:.3f} s ({med / budget:.2f}x the budget of {budget:.3f} s)", flush=True)
+    return rows
 
 
 @contextlib.contextmanager
@@ -467,8 +501,11 @@ def summarise(report: dict[str, Any]) -> None:
             "raw_ppq / floor_onnxruntime": ratio(secs(row, "raw_ppq"), secs(row, "floor_onnxruntime")),
             "maptools calibrate / floor_onnxruntime": ratio(ours_cal, secs(row, "floor_onnxruntime")),
             "raw_ppq / maptools calibrate (target >= 2)": ratio(secs(row, "raw_ppq"), ours_cal),
-            "maptools total / onnxruntime quantize_static (target <= 1)":
+            "maptools total / onnxruntime quantize_static (target <= 2.0)":
                 ratio(ours, secs(row, "onnxruntime_quantize_static")),
+            "maptools error_steps=0 / onnxruntime quantize_static (target <= 1.5)":
+                ratio(secs(row, "maptools_no_report"), secs(row, "onnxruntime_quantize_static")),
+            "maptools total / raw PPQ (target <= 0.5)": ratio(ours, secs(row, "raw_ppq")),
             "maptools total / nncf": ratio(ours, secs(row, "nncf")),
             "flow cold / maptools, same .npy folder (target <= 1.05)": ratio(secs(row, "flow_cold"),
                                                                              secs(row, "maptools_npy")),
@@ -488,7 +525,8 @@ def print_tables(report: dict[str, Any]) -> None:
     console = Console()
     names = [("floor_onnxruntime", "float forward, onnxruntime"), ("floor_torch", "float forward, torch eager"),
              ("raw_ppq", "raw PPQ quantize_onnx_model (TRT_INT8)"), ("maptools", "maptools quantize (total)"),
-             ("maptools_cal", "  of which calibration"), ("maptools_npy", "maptools quantize, .npy folder"),
+             ("maptools_cal", "  of which calibration"), ("maptools_no_report", "maptools quantize, error_steps=0"),
+             ("maptools_npy", "maptools quantize, .npy folder"),
              ("flow_cold", "flow, cold (same folder)"), ("flow_cached", "flow, cached"),
              ("onnxruntime_quantize_static", "onnxruntime quantize_static"), ("nncf", "NNCF nncf.quantize")]
     for n, row in report["runs"].items():
@@ -517,6 +555,17 @@ def print_tables(report: dict[str, Any]) -> None:
         for k, v in ratios.items():
             r.add_row(n, k, "n/a" if v is None else f"{v:.3f}")
     console.print(r)
+    if "prepare" in report:
+        prep = report["prepare"]
+        budget = prep["budget (0.2 s + one forward per check input)"]
+        m = Table(title=f"Preparing ResNet18 that needs nothing (budget {budget} s: 0.2 s + 3 forwards of "
+                        f"{prep['onnxruntime forward']} s)")
+        for col in ("model", "seconds", "/ budget"):
+            m.add_column(col)
+        for name, v in prep.items():
+            if isinstance(v, dict):
+                m.add_row(name, f"{v['seconds']:.3f}", f"{v['/ budget (target <= 1)']:.2f}")
+        console.print(m)
     if "peak_rss" in report:
         m = Table(title="Peak RSS of a quantization calibrated from a PNG folder (separate processes)")
         for col in ("images", "used (calib_steps)", "peak RSS MiB", "seconds", "source"):
@@ -528,7 +577,8 @@ def print_tables(report: dict[str, Any]) -> None:
 
 ROWS = [("floor_onnxruntime", "float forward, onnxruntime"), ("floor_torch", "float forward, torch eager"),
         ("raw_ppq", "raw PPQ `quantize_onnx_model` (TRT_INT8)"), ("maptools", "maptools `quantize` (total)"),
-        ("maptools_cal", "  of which calibration"), ("maptools_npy", "maptools `quantize`, .npy folder"),
+        ("maptools_cal", "  of which calibration"), ("maptools_no_report", "maptools `quantize`, `error_steps=0`"),
+        ("maptools_npy", "maptools `quantize`, .npy folder"),
         ("flow_cold", "flow, cold (same folder)"), ("flow_cached", "flow, cached"),
         ("onnxruntime_quantize_static", "onnxruntime `quantize_static`"), ("nncf", "NNCF `nncf.quantize`")]
 
