@@ -562,8 +562,8 @@ def quantize(
             write_pickle(stage / QUANTPARAMS_PKL, quantparams)
         write_json(stage / QUANTINFO_JSON, quantinfo_to_json(quantinfo))
         np.savez(stage / QUANTPARAMS_NPZ, **{k: v for k, v in quantparams.items() if v is not None})
-        (stage / QUANT_MODEL).write_bytes(qdq)
-        (stage / MODEL).write_bytes(prepared_bytes)
+        atomic_write(stage / QUANT_MODEL, qdq)
+        atomic_write(stage / MODEL, prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer,
                                           "skipped": error_steps == 0})

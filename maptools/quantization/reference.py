@@ -9,6 +9,7 @@ outputs), so :class:`FloatReference` builds one that returns all of them, and qu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ import onnx.numpy_helper
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FloatReference", "LCG_STATES", "fetch_nodes", "fetching_session", "with_outputs"]
+__all__ = ["FloatReference", "COMPUTING_OP_TYPES", "LCG_STATES", "fetch_nodes", "fetching_session", "with_outputs"]
 
 #: PPQ's graphwise analysis compares each output at 4096 positions per sample, drawn from this seed
 _FETCHES, _FETCH_SEED = 4096, 10086
@@ -105,14 +106,34 @@ def _static_numel(info: onnx.ValueInfoProto) -> int | None:
     return math.prod(dims[1:]) if len(dims) > 1 else 1
 
 
+#: operators whose outputs the per-layer error report compares (PPQ's computing operators)
+COMPUTING_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: feeds whose fetched rows a reference keeps (the error report reads the first ``error_steps``, 8 by default)
+_KEPT_FEEDS = 16
+
+
+def _feed_key(feed: Mapping[str, np.ndarray]) -> bytes:
+    digest = hashlib.sha256()
+    for name in sorted(feed):
+        value = np.ascontiguousarray(feed[name])
+        digest.update(f"{name}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.data)
+    return digest.digest()
+
+
 class FloatReference:
-    """One session of a prepared float model returning every tensor it records a type for, and each float
-    tensor with a static shape at PPQ's seeded positions (:func:`fetch_name`)."""
+    """One session of a prepared float model returning every tensor it records a type for, and the output of
+    each computing operator (:data:`COMPUTING_OP_TYPES`) at PPQ's seeded positions (:func:`fetch_name`).
+
+    Every run also keeps those positions' values, by the feed's content: the error report's float side then
+    costs no forward for the samples the equalization or the float check already ran.
+    """
 
     def __init__(self, session: Any, tensors: frozenset[str], fetched: Mapping[str, int]) -> None:
         self.session = session
         self.tensors = tensors  # returned whole
         self.fetched = dict(fetched)  # returned at the seeded positions: tensor -> elements per sample
+        self._rows: dict[bytes, list[np.ndarray]] = {}
 
     @classmethod
     def build(cls, model: onnx.ModelProto, data: bytes | None = None, threads: int | None = None
@@ -123,7 +144,8 @@ class FloatReference:
         known = {o.name for o in model.graph.output}
         infos = list({vi.name: vi for vi in model.graph.value_info if vi.name in produced and vi.name not in known
                       }.values())
-        numel = {vi.name: n for vi in [*infos, *model.graph.output] if vi.name in produced
+        computed = {n.output[0] for n in model.graph.node if n.op_type in COMPUTING_OP_TYPES and n.output}
+        numel = {vi.name: n for vi in [*infos, *model.graph.output] if vi.name in computed
                  and (n := _static_numel(vi)) is not None}
         nodes, initializers, fetches = fetch_nodes(numel)
         session = with_outputs(model.SerializeToString() if data is None else data, nodes, initializers,
@@ -134,7 +156,13 @@ class FloatReference:
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """``names`` (tensors of :attr:`tensors`) for one feed."""
-        return self.session.run(list(names), dict(feed))
+        key = _feed_key(feed)
+        keep = key not in self._rows and len(self._rows) < _KEPT_FEEDS
+        extra = [fetch_name(t) for t in self.fetched] if keep else []
+        values = self.session.run([*names, *extra], dict(feed))
+        if keep:
+            self._rows[key] = values[len(names):]
+        return values[:len(names)]
 
     def fetch(self, tensors: Mapping[str, int], feeds: Iterable[Mapping[str, np.ndarray]]
               ) -> list[list[np.ndarray]] | None:
@@ -142,5 +170,10 @@ class FloatReference:
         not fetched here with that size."""
         if any(self.fetched.get(name) != numel for name, numel in tensors.items()):
             return None
+        order = {t: i for i, t in enumerate(self.fetched)}
         names = [fetch_name(t) for t in tensors]
-        return [self.session.run(names, dict(feed)) for feed in feeds]
+        found = []
+        for feed in feeds:
+            rows = self._rows.get(_feed_key(feed))
+            found.append(self.session.run(names, dict(feed)) if rows is None else [rows[order[t]] for t in tensors])
+        return found

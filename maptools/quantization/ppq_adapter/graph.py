@@ -138,14 +138,16 @@ class QuantizedGraph:
             if cfg is None or not cfg.has_weights:
                 continue
             wcfg = op.input_quant_config[1]  # per output channel: axis 0 (Conv), 1 (ConvTranspose, Gemm [in, out])
-            weight = op.inputs[1].value.detach().cpu().double().numpy()
+            weight = op.inputs[1].value.detach().to("cpu", torch.float64, copy=True).numpy()
             axis = wcfg.channel_axis if cfg.weight_scale.size > 1 else None
             scale = cfg.weight_scale.astype(np.float64)
             shape = [1] * weight.ndim
             if axis is not None:
                 shape[axis] = -1
-            w_int = np.clip(np.rint(weight / scale.reshape(shape)), cfg.weight_min, cfg.weight_max)
-            params[param_key(op.name, op.type, "weight")] = w_int.astype(np.int8)
+            # in place on the float64 copy: ResNet18's 11M weights in three passes, no temporaries to page in
+            np.divide(weight, scale.reshape(shape), out=weight)
+            np.clip(np.rint(weight, out=weight), cfg.weight_min, cfg.weight_max, out=weight)
+            params[param_key(op.name, op.type, "weight")] = weight.astype(np.int8)
             bias = None
             if len(op.inputs) > 2 and op.inputs[2].value is not None:
                 if cfg.input_scale is None:
