@@ -26,7 +26,8 @@ import torch
 
 from maptools.errors import SettingsError
 
-__all__ = ["available_cores", "idle_cores", "choose_threads", "torch_threads", "SAMPLE_SECONDS", "cgroup_quota"]
+__all__ = ["available_cores", "idle_cores", "IdleSample", "choose_threads", "torch_threads", "SAMPLE_SECONDS",
+           "cgroup_quota"]
 
 #: how long the idle cores are sampled before choosing
 SAMPLE_SECONDS = 0.1
@@ -69,31 +70,51 @@ def _busy_and_total(cpus: set[int]) -> dict[int, tuple[int, int]]:
     return stats
 
 
+class IdleSample:
+    """A sample of ``/proc/stat`` begun now: :meth:`idle_cores` later gives the cores idle since, counting this
+    process's own use as idle (those cores are the run's anyway), so the run's start-up can fill the window."""
+
+    def __init__(self) -> None:
+        self.cpus = _cpus()
+        self.started, self.own = time.monotonic(), time.process_time()
+        try:
+            self.before: dict[int, tuple[int, int]] | None = _busy_and_total(self.cpus)
+        except (OSError, ValueError):
+            self.before = None
+
+    def idle_cores(self, seconds: float = SAMPLE_SECONDS) -> float | None:
+        """Idle cores over at least ``seconds`` since the sample began (sleeping the rest); None where
+        /proc/stat is missing."""
+        time.sleep(max(0.0, seconds - (time.monotonic() - self.started)))
+        try:
+            after = _busy_and_total(self.cpus)
+        except (OSError, ValueError):
+            return None
+        if self.before is None or not after:
+            return None
+        own = (time.process_time() - self.own) / max(time.monotonic() - self.started, 1e-9)
+        idle = own
+        for cpu, (busy, total) in after.items():
+            if cpu in self.before and total > self.before[cpu][1]:
+                idle += 1 - (busy - self.before[cpu][0]) / (total - self.before[cpu][1])
+        return min(idle, float(len(after)))
+
+
 def idle_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     """Idle cores among those this process may run on, over ``seconds``; None where /proc/stat is missing."""
-    cpus = _cpus()
-    try:
-        before = _busy_and_total(cpus)
-        time.sleep(seconds)
-        after = _busy_and_total(cpus)
-    except (OSError, ValueError):
-        return None
-    idle = 0.0
-    for cpu, (busy, total) in after.items():
-        if cpu in before and total > before[cpu][1]:
-            idle += 1 - (busy - before[cpu][0]) / (total - before[cpu][1])
-    return idle if after else None
+    return IdleSample().idle_cores(seconds)
 
 
-def choose_threads(requested: int | None = None) -> int:
-    """Threads for torch: ``requested`` as given, else the available cores that are idle now (at least 1)."""
+def choose_threads(requested: int | None = None, sample: IdleSample | None = None) -> int:
+    """Threads for torch: ``requested`` as given, else the available cores idle now (at least 1); ``sample``: one
+    begun earlier (:class:`IdleSample`), so that no time is spent waiting for it."""
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise SettingsError(f"threads={requested!r} is not a thread count.", "pass a positive integer, or None "
                                 "to use the cores that are free.")
         return requested
     cores = available_cores()
-    idle = idle_cores()
+    idle = (sample or IdleSample()).idle_cores()
     return cores if idle is None else min(cores, max(1, round(idle)))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from maptools.errors import SettingsError
-from maptools.threads import cgroup_quota, available_cores, choose_threads, idle_cores, torch_threads
+from maptools.threads import IdleSample, cgroup_quota, available_cores, choose_threads, idle_cores, torch_threads
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path: Path) -> None:
@@ -39,11 +39,18 @@ def test_a_busy_core_is_not_counted_as_free() -> None:
         time.sleep(0.5)
         idle = idle_cores(0.3)
         threads = choose_threads()
+        # a sample begun before this process's own work counts that work as free: only the spinner is busy
+        sample = IdleSample()
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            pass
+        own = sample.idle_cores()
     finally:
         spinner.kill()
         spinner.wait()
     assert idle is not None and idle <= len(os.sched_getaffinity(0)) - 0.7
     assert threads <= max(1, available_cores() - 1)
+    assert own is not None and abs(own - idle) <= 0.4, (own, idle)  # uncorrected, it would read one core less
 
 
 def test_explicit_counts_and_bad_ones() -> None:

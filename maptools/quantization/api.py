@@ -38,7 +38,7 @@ from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy)
-from maptools.threads import choose_threads, torch_threads
+from maptools.threads import IdleSample, choose_threads, torch_threads
 from maptools.versions import __version__, package_versions
 
 log = logging.getLogger(__name__)
@@ -412,6 +412,7 @@ def quantize(
             the map folder is touched; a previous map of the same name stays as it was.
     """
     started = time.perf_counter()
+    idle = IdleSample()  # the cores idle while the input is checked decide the thread count (choose_threads)
     auto = bit_width == "auto"
     if auto:
         budget = Budget.of(budget)
@@ -485,7 +486,7 @@ def quantize(
     seconds = {"validate": time.perf_counter() - started}
 
     folder.check_writable()  # a folder that is not a map, or storage we cannot write: before any work
-    count = choose_threads(threads)
+    count = choose_threads(threads, idle)
 
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
