@@ -72,9 +72,11 @@ def _busy_and_total(cpus: set[int]) -> dict[int, tuple[int, int]]:
 
 class IdleSample:
     """A sample of ``/proc/stat`` begun now: :meth:`idle_cores` later gives the cores idle since, counting this
-    process's own use as idle (those cores are the run's anyway), so the run's start-up can fill the window."""
+    process's own use as idle (``count_own``: those cores are the run's anyway), so the run's start-up can
+    fill the window."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_own: bool = True) -> None:
+        self.count_own = count_own
         self.cpus = _cpus()
         self.started, self.own = time.monotonic(), time.process_time()
         try:
@@ -92,8 +94,7 @@ class IdleSample:
             return None
         if self.before is None or not after:
             return None
-        own = (time.process_time() - self.own) / max(time.monotonic() - self.started, 1e-9)
-        idle = own
+        idle = (time.process_time() - self.own) / max(time.monotonic() - self.started, 1e-9) if self.count_own else 0.0
         for cpu, (busy, total) in after.items():
             if cpu in self.before and total > self.before[cpu][1]:
                 idle += 1 - (busy - self.before[cpu][0]) / (total - self.before[cpu][1])
@@ -102,7 +103,7 @@ class IdleSample:
 
 def idle_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     """Idle cores among those this process may run on, over ``seconds``; None where /proc/stat is missing."""
-    return IdleSample().idle_cores(seconds)
+    return IdleSample(count_own=False).idle_cores(seconds)
 
 
 def choose_threads(requested: int | None = None, sample: IdleSample | None = None) -> int:

@@ -291,17 +291,26 @@ class MapFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def _owned_stage(self) -> Iterator[Path]:
+    def _owned_stage(self, locked: bool = False) -> Iterator[Path]:
+        """A new staging folder and its owner file, flocked while this write lasts. Both are made under the
+        writers' lock (``locked``: the caller holds it), which every clean-up holds: a clean-up between the
+        owner file's creation and its flock would take it for a dead writer's and remove it."""
         token = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         owner = self.parent / f".{self.mapname}.incomplete-{token}.owner"
         stage = self.parent / f".{self.mapname}.incomplete-{token}"
-        with storage_errors(f"create a staging folder in {self.parent}"):
-            self.parent.mkdir(parents=True, exist_ok=True)
-            handle: IO[str] = open(owner, "w")
+        with contextlib.nullcontext() if locked else self.lock():
+            with storage_errors(f"create a staging folder in {self.parent}"):
+                self.parent.mkdir(parents=True, exist_ok=True)
+                handle: IO[str] = open(owner, "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this write ends or its process dies
+                with storage_errors(f"create {stage}"):
+                    os.mkdir(stage, 0o777)  # the umask applies, as for any new folder
+            except BaseException:
+                owner.unlink(missing_ok=True)
+                handle.close()
+                raise
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this write ends or its process dies
-            with storage_errors(f"create {stage}"):
-                os.mkdir(stage, 0o777)  # the umask applies, as for any new folder
             try:
                 yield stage
             finally:
@@ -338,7 +347,7 @@ class MapFolder:
             if based_on is not None and any(manifest["artifacts"].get(k) != v for k, v in based_on.items()):
                 raise ConcurrentUpdateError(f"map {self.mapname!r} was rewritten while this step read it.",
                                             "run the step again on the new map.")
-            with self._owned_stage() as stage:
+            with self._owned_stage(locked=True) as stage:
                 with storage_errors(f"write {stage}"):
                     for entry in current.path.iterdir():
                         if entry.name != MANIFEST and entry.name not in files and entry.is_file():

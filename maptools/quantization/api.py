@@ -513,6 +513,7 @@ def quantize(
             reference = None  # (of the model before; quantize_graph builds the equalized model's)
         if keep_on_host or equalized:
             atomic_write(prepared.path, model.SerializeToString())
+        del model, model_bytes  # quantize_graph reads the file (its fallbacks rewrite it): one copy less held
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)

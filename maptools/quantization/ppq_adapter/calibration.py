@@ -224,7 +224,9 @@ class Statistics:
                 else:
                     return None
         probe.graph.node.extend(nodes)
-        session = with_outputs(probe.SerializeToString(), [], [],
+        data = probe.SerializeToString()
+        del probe, inits  # (the parsed copy of the weights) before onnxruntime makes its own
+        session = with_outputs(data, [], [],
                                 [onnx.helper.make_empty_tensor_value_info(n) for _, _, names in outputs for n in names],
                                 "the statistics model")
         return None if session is None else cls(session, outputs)

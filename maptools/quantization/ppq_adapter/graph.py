@@ -229,6 +229,7 @@ class QuantizedGraph:
         """
         ops = [op for op in self._graph.operations.values() if isinstance(op, QuantableOperation) and op.is_computing_op]
         quantized = onnx.ModelProto.FromString(qdq)
+        del quantized.graph.initializer[:]  # only its nodes are read here (the session loads ``qdq``)
         consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in quantized.graph.node:
             for name in node.input:
