@@ -87,9 +87,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], list[int]]] = {
 def export(name: str, path: Path) -> Path:
     build, shape = MODELS[name]
     torch.manual_seed(0)
-    with torch.no_grad():
-        torch.onnx.export(build().eval(), (torch.zeros(shape),), str(path), input_names=["input"],
-                          output_names=["output"], opset_version=13, dynamo=False)
+    # (gradients on: without them nn.MultiheadAttention takes a fused kernel the exporter cannot write)
+    torch.onnx.export(build().eval(), (torch.zeros(shape),), str(path), input_names=["input"],
+                      output_names=["output"], opset_version=13, dynamo=False)
     return path
 
 
@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"samples": args.samples, "cpu": "this machine", "rows": {}}
     with tempfile.TemporaryDirectory(prefix="maptools-large-") as tmp:
         for name in args.models:
-            model = export(name, Path(tmp) / f"{name}.onnx")
+            try:
+                model = export(name, Path(tmp) / f"{name}.onnx")
+            except Exception as e:  # noqa: BLE001  (a row that says why, not a lost run)
+                report["rows"][name] = {"error": f"export: {type(e).__name__}: {str(e)[:200]}"}
+                continue
             row: dict[str, Any] = {"onnx_mib": round(model.stat().st_size / 2**20, 1)}
             for tool in args.tools:
                 workdir = Path(tmp) / f"{name}-{tool}"
@@ -205,6 +209,9 @@ def markdown(report: dict[str, Any]) -> str:
     def cell(v: dict[str, Any]) -> str:
         return v.get("error", "n/a") if "seconds" not in v else f"{v['seconds']} / {v['peak_rss_mib']:.0f}"
     for name, row in report["rows"].items():
+        if "onnx_mib" not in row:
+            lines.append(f"| {name} | {row.get('error', 'n/a')} |" + " |" * 5)
+            continue
         lines.append(f"| {name} | {row['onnx_mib']} | {cell(row.get('maptools', {}))} | "
                      f"{cell(row.get('onnxruntime', {}))} | {cell(row.get('nncf', {}))} | "
                      f"{row.get('maptools / onnxruntime seconds', 'n/a')} | {row.get('maptools / NNCF peak RSS', 'n/a')} |")

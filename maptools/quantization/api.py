@@ -25,7 +25,7 @@ from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MOD
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
-from maptools.quantization.equalize import equalize_channels
+from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
@@ -502,8 +502,9 @@ def quantize(
             _keep_on_host(model, keep_on_host)  # (node attributes only: the float session stays valid)
         feed = _as_prepared(calibration, inputs, model)
         first = feed.cast(first) if isinstance(feed, CastCalibration) else first
-        # one float session of the prepared model for the equalization, PPQ's float check and the error report
-        reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count)
+        # one float session of the prepared model for the equalization and the error report's float side
+        reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count,
+                                         tensors=equalization_tensors(model))
         equalized = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
                                               for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))),
                                       reference)

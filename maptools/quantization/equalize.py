@@ -25,7 +25,7 @@ from maptools.quantization.reference import FloatReference, with_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["equalize_channels", "OUTLIER_RATIO"]
+__all__ = ["equalize_channels", "equalization_tensors", "OUTLIER_RATIO"]
 
 #: A tensor is rescaled when its largest channel range exceeds the median channel's by this factor.
 OUTLIER_RATIO = 4.0
@@ -56,6 +56,11 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
                            for r in readers):
             found[node.output[0]] = readers
     return found
+
+
+def equalization_tensors(model: onnx.ModelProto) -> list[str]:
+    """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
+    return list(_candidates(model))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],

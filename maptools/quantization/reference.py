@@ -1,10 +1,11 @@
-"""onnxruntime sessions of a model with added outputs, and the prepared float model's one shared session.
+"""onnxruntime sessions of a model with added outputs, and the prepared float model's shared session.
 
-Quantization reads the float model in three places: the equalization's channel ranges, the float
-check of PPQ's kernels (every tensor), and the float side of the per-layer error report (each
-computing operator's output at PPQ's seeded positions). Building a session of a large model costs
-as much as several forwards (ResNet18: about 0.1 s, the same again to serialize it with the added
-outputs), so :class:`FloatReference` builds one that returns all of them, and quantize passes it on.
+Quantization reads the float model in several places: the equalization's channel ranges, the float
+check of PPQ's kernels (every tensor, one sample), and the float side of the per-layer error report
+(each computing operator's output at PPQ's seeded positions). Building a session of a large model
+costs as much as several forwards (ResNet18: about 0.1 s, the same again to serialize it with the
+added outputs), so quantize builds one :class:`FloatReference` for the equalization and the report,
+and passes it on; the float check, which needs every tensor as an output, has its own.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def _feed_key(feed: Mapping[str, np.ndarray]) -> bytes:
 
 
 class FloatReference:
-    """One session of a prepared float model returning every tensor it records a type for, and the output of
-    each computing operator (:data:`COMPUTING_OP_TYPES`) at PPQ's seeded positions (:func:`fetch_name`).
+    """One session of a prepared float model returning the tensors it was built for, and the output of each
+    computing operator (:data:`COMPUTING_OP_TYPES`) at PPQ's seeded positions (:func:`fetch_name`).
 
     Every run also keeps those positions' values, by the feed's content: the error report's float side then
     costs no forward for the samples the equalization or the float check already ran.
@@ -136,23 +137,30 @@ class FloatReference:
         self._rows: dict[bytes, list[np.ndarray]] = {}
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, data: bytes | None = None, threads: int | None = None
-              ) -> FloatReference | None:
-        """The reference of ``model`` (``data``: its serialized bytes, when the caller has them); None where
-        onnxruntime cannot load it with the added outputs."""
+    def build(cls, model: onnx.ModelProto, data: bytes | None = None, threads: int | None = None,
+              tensors: Iterable[str] | None = (), fetch: bool = True) -> FloatReference | None:
+        """The reference of ``model`` (``data``: its serialized bytes, when the caller has them) returning
+        ``tensors`` whole (None: every tensor the model records a type for; a graph output always) and, with
+        ``fetch``, the computing operators' outputs at the seeded positions; None where onnxruntime cannot
+        load it with the added outputs.
+
+        Every tensor returned whole is a graph output, which onnxruntime keeps for the whole run: name only
+        those needed (all of them cost a 1024x1024 U-Net gigabytes per run).
+        """
         produced = {t for n in model.graph.node for t in n.output}
         known = {o.name for o in model.graph.output}
-        infos = list({vi.name: vi for vi in model.graph.value_info if vi.name in produced and vi.name not in known
-                      }.values())
+        infos = {vi.name: vi for vi in model.graph.value_info if vi.name in produced and vi.name not in known}
+        wanted = list(infos) if tensors is None else [t for t in dict.fromkeys(tensors) if t in produced - known]
+        whole = [infos.get(t) or onnx.helper.make_empty_tensor_value_info(t) for t in wanted]
         computed = {n.output[0] for n in model.graph.node if n.op_type in COMPUTING_OP_TYPES and n.output}
-        numel = {vi.name: n for vi in [*infos, *model.graph.output] if vi.name in computed
-                 and (n := _static_numel(vi)) is not None}
+        typed = [*infos.values(), *model.graph.output]
+        numel = {vi.name: n for vi in typed if fetch and vi.name in computed and (n := _static_numel(vi)) is not None}
         nodes, initializers, fetches = fetch_nodes(numel)
         session = with_outputs(model.SerializeToString() if data is None else data, nodes, initializers,
-                               [*infos, *fetches], "the float model", threads)
+                               [*whole, *fetches], "the float model", threads)
         if session is None:
             return None
-        return cls(session, frozenset(vi.name for vi in [*infos, *model.graph.output]), numel)
+        return cls(session, frozenset([*wanted, *known]), numel)
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """``names`` (tensors of :attr:`tensors`) for one feed."""

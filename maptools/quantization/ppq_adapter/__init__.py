@@ -95,7 +95,7 @@ def _agrees(out: np.ndarray, ref: np.ndarray, tolerance: float) -> bool:
     return bool(np.all(same | (close & finite)))
 
 
-def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, reference: FloatReference | None,
+def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
                  feed: Mapping[str, torch.Tensor], device: str) -> list[str]:
     """Switch to onnxruntime every operator whose PPQ kernel computes something else than ONNX.
 
@@ -107,12 +107,13 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, reference: F
     """
     from ppq.executor.base import RuntimeHook
 
+    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None]
+    reference = FloatReference.build(model, model_bytes, tensors=names, fetch=False)
     if reference is None:
         log.warning("onnxruntime cannot load the prepared model with its intermediate tensors as outputs; PPQ's "
                     "kernels are not checked against it")
         return []
-    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None
-             and n in reference.tensors]
+    names = [n for n in names if n in reference.tensors]
     values = dict(zip(names, reference.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
     # CUDA convolutions and matrix products run in TF32 by default (10-bit mantissas): a kernel that
     # computes something else than ONNX differs by far more than that
@@ -160,7 +161,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, reference: F
 FBC_SAMPLES = 32
 
 
-def _fast_bias_correction(graph: Any, model: onnx.ModelProto, reference: FloatReference | None,
+def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
                           calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
     """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
     grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from
@@ -174,6 +175,7 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, reference: FloatRe
     inputs = {i.name for i in model.graph.input}
     wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
                                 if t not in inputs))
+    reference = FloatReference.build(model, model_bytes, tensors=wanted, fetch=False)
     if reference is None or not set(wanted) <= reference.tensors:
         log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
         return
@@ -209,16 +211,14 @@ def quantize_graph(
 ) -> QuantizedGraph:
     """Quantize a prepared ONNX model with PPQ; ``calibration`` must be re-iterable and have ``len()``.
 
-    ``reference``: the model's float session (:class:`maptools.quantization.reference.FloatReference`), where
-    the caller built one already (else built here).
+    ``reference``: the model's float session for the error report
+    (:class:`maptools.quantization.reference.FloatReference`), where the caller built one already.
 
     Raises MaptoolsError subclasses for bad input; CUDA faults (out of memory, launch failures)
     propagate unchanged so callers can retry them.
     """
     model_bytes = model_path.read_bytes()
     model = onnx.ModelProto.FromString(model_bytes)
-    if reference is None:
-        reference = FloatReference.build(model, model_bytes)
     placement = place(model)
     graph = load_ppq_graph(model_path, model)
     for op in graph.operations.values():
@@ -242,7 +242,7 @@ def quantize_graph(
             finally:
                 _probe.active = False
         with ppq_step("checking PPQ's float execution against onnxruntime"):
-            switched = _float_check(executor, quantizer._graph, model, reference, dummy, device)
+            switched = _float_check(executor, quantizer._graph, model, model_bytes, dummy, device)
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         if quantizer._model is not None and not settings.optimization.in_ppq and \
@@ -264,7 +264,7 @@ def quantize_graph(
             )
     if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
         with ppq_step("correcting biases"):
-            _fast_bias_correction(quantizer._graph, model, reference, calibration, calib_steps)
+            _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
     _check_zero_offsets(quantizer._graph)
     result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch,
                             reference=reference)
