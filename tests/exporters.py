@@ -8,7 +8,7 @@ initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNor
 ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
-onnxruntime contrib operator, and squeeze-and-excitation pooled with ReduceMean.
+onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, and Keras' ZeroPadding2D.
 """
 
 from __future__ import annotations
@@ -255,11 +255,21 @@ def squeeze_excite_mean() -> Built:
     return b.model({"x": ["N", 3, 16, 16]}, [b.gemm(pooled, 8, 5)], 11), {"x": [1, 3, 16, 16]}
 
 
+def zero_padding() -> Built:
+    """Keras' ZeroPadding2D through tf2onnx: a zero Pad of the NHWC input before the Transpose to NCHW (an
+    asymmetric one, as for a stride-2 'same' convolution), and a Pad between two convolutions."""
+    b = _Builder(22)
+    padded = b.op("Pad", ["input_1", b.const([0, 0, 0, 0, 0, 1, 1, 0], np.int64)])
+    y = b.op("Relu", [b.conv(b.op("Transpose", [padded], perm=[0, 3, 1, 2]), 3, 8, stride=2, pads=False)])
+    y = b.conv(b.op("Pad", [y, b.const([0, 0, 1, 1, 0, 0, 1, 1], np.int64), b.const(0.0)]), 8, 8, pads=False)
+    return b.model({"input_1": ["N", 16, 16, 3]}, [b.head(b.op("Relu", [y]), 8)], 13), {"input_1": [1, 16, 16, 3]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
     "unrolled_lstm": unrolled_lstm, "placeholder_input": placeholder_input, "stale_value_info": stale_value_info,
     "unused_opsets": unused_opsets, "depth_to_space": depth_to_space, "leaky_max_min": leaky_max_min,
-    "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean,
+    "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
 }

@@ -79,6 +79,23 @@ def test_a_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
     assert not set(pools) & set(result.placement.host_ops), result.placement.host_ops
 
 
+def test_a_zero_pad_is_folded_into_the_convolution(tmp_path: Path) -> None:
+    """A zero Pad (Keras' ZeroPadding2D; before the NHWC input's Transpose too) has no device form; the
+    convolution it feeds pads by itself, so preparation moves the padding into the convolution's pads."""
+    model, shapes = IDIOMS["zero_padding"]()
+    result, _ = _pipeline(model, shapes, tmp_path, "pad")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    # (onnxsim folds a Pad right before a Conv itself; the one before the Transpose is left to maptools)
+    assert "1 zero Pad folded into the convolutions it feeds" in result.prepared["steps"]
+    assert "Pad" not in {n.op_type for n in prepared.graph.node}
+    pads = [list(a.ints) for n in prepared.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
+    assert pads[:2] == [[0, 0, 1, 1], [1, 1, 1, 1]]  # the NHWC Pad's H and W: nothing before, one after
+    unsimplified = quantize(shapes, "cpu", tmp_path / "pad.onnx", mapname="pad-raw", calib_steps=8, simplify=False,
+                            output_root=tmp_path, error_steps=0)
+    assert "2 zero Pad folded into the convolutions it feeds" in unsimplified.prepared["steps"]
+    assert result.placement.device_macs == result.placement.total_macs
+
+
 @pytest.mark.parametrize(("mode", "transform", "nearest"), RESIZE_MODES)
 def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path: Path) -> None:
     model, shapes = resize_model(mode, transform, nearest)

@@ -47,7 +47,7 @@ from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_
 from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel, _Context, _where, opset_of
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
-from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _matmul_as_gemm,
+from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad, _matmul_as_gemm,
                                        _mean_as_pool, _remove_passthrough, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def _ppq_ready(ctx: _Context) -> list[str]:
             *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
             *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx)),
             *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
-            *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx))]
+            *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
+            *_counted("{} zero Pad folded into the convolutions it feeds", _fold_pad(ctx))]
 
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,

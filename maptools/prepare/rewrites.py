@@ -1,6 +1,7 @@
 """Steps 4-5: onnxsim, and the rewrites PPQ would otherwise do inside its own graph (BatchNorm and bias Add
 into the convolution, pass-through nodes removed, explicit pads, unique node names), a MatMul by a
-constant matrix written as the Gemm the crossbar computes, and a spatial ReduceMean as GlobalAveragePool."""
+constant matrix written as the Gemm the crossbar computes, a spatial ReduceMean as GlobalAveragePool and a
+zero Pad folded into the convolutions it feeds."""
 
 from __future__ import annotations
 
@@ -285,6 +286,65 @@ def _matmul_as_gemm(ctx: _Context) -> int:
     if rewritten:
         _drop_unused_initializers(ctx)
     return rewritten
+
+
+def _zero_pads(ctx: _Context, pad: onnx.NodeProto) -> list[int] | None:
+    """A constant-mode ``Pad``'s pads where it pads with zeros and crops nothing, else None."""
+    if node_attr(pad, "mode", "constant") != "constant":
+        return None
+    pads = ctx.initializer(pad.input[1]) if len(pad.input) > 1 and pad.input[1] else node_attr(pad, "pads")
+    value = ctx.initializer(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0.0
+    if pads is None or value is None or np.any(np.asarray(value) != 0) or len(pad.input) > 3:
+        return None
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    return pads if min(pads, default=0) >= 0 else None
+
+
+def _fold_pad(ctx: _Context) -> int:
+    """A zero ``Pad`` of the spatial axes in front of convolutions (Keras' ZeroPadding2D, tf2onnx's explicit
+    padding) into the convolutions' own ``pads``, which the device computes; a Pad that only a Transpose reads
+    (an NHWC input padded before the layout change) moves behind the Transpose first."""
+    outputs = {o.name for o in ctx.graph.output}
+    folded = 0
+    for pad in [n for n in ctx.graph.node if n.op_type == "Pad" and n.domain in _DEFAULT_DOMAINS]:
+        pads = _zero_pads(ctx, pad)
+        consumers = _consumers(ctx.graph)
+        readers = consumers.get(pad.output[0], [])
+        if pads is None or pad.output[0] in outputs or not readers:
+            continue
+        rank = len(pads) // 2
+        if len(readers) == 1 and readers[0].op_type == "Transpose" and readers[0].output[0] not in outputs:
+            turn = readers[0]
+            perm = list(node_attr(turn, "perm", list(range(rank))[::-1]))
+            moved = [pads[p] for p in perm] + [pads[rank + p] for p in perm]
+            later = consumers.get(turn.output[0], [])
+            if not later or not all(r.op_type == "Conv" and r.input[0] == turn.output[0] for r in later):
+                continue
+            turn.input[0] = pad.input[0]  # x -> Transpose -> Pad -> (the Transpose's readers)
+            turned = ctx.fresh(f"{turn.output[0]}_unpadded")
+            pad.input[0], pad.output[0], turn.output[0] = turned, turn.output[0], turned
+            ctx.graph.node.remove(pad)
+            ctx.graph.node.insert(list(ctx.graph.node).index(turn) + 1, pad)
+            pads = moved
+            ctx.invalidate()
+            readers = later
+        if any(pads[i] or pads[rank + i] for i in (0, 1)) or not all(
+                r.op_type == "Conv" and r.input[0] == pad.output[0] and
+                node_attr(r, "auto_pad", "NOTSET") == "NOTSET" for r in readers):
+            continue
+        for conv in readers:
+            own = list(node_attr(conv, "pads", [0] * (2 * (rank - 2))))
+            spatial = rank - 2
+            _drop_attrs(conv, {"pads"})
+            conv.attribute.append(onnx.helper.make_attribute("pads", [
+                own[i] + pads[2 + i] for i in range(spatial)] + [own[spatial + i] + pads[rank + 2 + i]
+                                                                 for i in range(spatial)]))
+            conv.input[0] = pad.input[0]
+        ctx.graph.node.remove(pad)
+        folded += 1
+    if folded:
+        _drop_unused_initializers(ctx)
+    return folded
 
 
 def _mean_as_pool(ctx: _Context) -> int:
