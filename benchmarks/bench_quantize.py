@@ -233,7 +233,9 @@ def rss_child(folder: Path, count: int, device: str, root: Path) -> None:
         kind = f"benchmark's lazy PNG dataset (maptools: {str(e)[:80]})"
         result = run_ours(model, PngFolder(folder / "all", count), device, root, f"rss{count}", steps=min(count, 512))
     used = result.calibration.get("used")
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM: ru_maxrss carries the parent's peak over fork and exec (every child read the benchmark's own)
+    peak_kib = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("VmHWM:")), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     print(json.dumps({"images": count, "used": used, "peak_rss_mib": round(peak_kib / 1024, 1),
                       "seconds": round(time.perf_counter() - t, 2), "source": kind}))
 
