@@ -257,12 +257,15 @@ def squeeze_excite_mean() -> Built:
 
 def zero_padding() -> Built:
     """Keras' ZeroPadding2D through tf2onnx: a zero Pad of the NHWC input before the Transpose to NCHW (an
-    asymmetric one, as for a stride-2 'same' convolution), and a Pad between two convolutions."""
+    asymmetric one, as for a stride-2 'same' convolution), a Pad between two convolutions, and an edge Pad
+    before a max pool (as torch's exporter writes a replicate-padded pool)."""
     b = _Builder(22)
     padded = b.op("Pad", ["input_1", b.const([0, 0, 0, 0, 0, 1, 1, 0], np.int64)])
     y = b.op("Relu", [b.conv(b.op("Transpose", [padded], perm=[0, 3, 1, 2]), 3, 8, stride=2, pads=False)])
     y = b.conv(b.op("Pad", [y, b.const([0, 0, 1, 1, 0, 0, 1, 1], np.int64), b.const(0.0)]), 8, 8, pads=False)
-    return b.model({"input_1": ["N", 16, 16, 3]}, [b.head(b.op("Relu", [y]), 8)], 13), {"input_1": [1, 16, 16, 3]}
+    y = b.op("Pad", [b.op("Relu", [y]), b.const([0, 0, 0, 0, 0, 0, 1, 1], np.int64)], mode="edge")
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2])
+    return b.model({"input_1": ["N", 16, 16, 3]}, [b.head(y, 8)], 13), {"input_1": [1, 16, 16, 3]}
 
 
 IDIOMS: dict[str, Callable[[], Built]] = {

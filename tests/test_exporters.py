@@ -79,20 +79,24 @@ def test_a_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
     assert not set(pools) & set(result.placement.host_ops), result.placement.host_ops
 
 
-def test_a_zero_pad_is_folded_into_the_convolution(tmp_path: Path) -> None:
-    """A zero Pad (Keras' ZeroPadding2D; before the NHWC input's Transpose too) has no device form; the
-    convolution it feeds pads by itself, so preparation moves the padding into the convolution's pads."""
+def test_a_pad_is_folded_into_the_convolution_or_pool_it_feeds(tmp_path: Path) -> None:
+    """A Pad (Keras' ZeroPadding2D, before the NHWC input's Transpose too; an edge Pad before a max pool) has
+    no device form; the convolution or pool it feeds pads by itself, so preparation moves the padding there."""
     model, shapes = IDIOMS["zero_padding"]()
     result, _ = _pipeline(model, shapes, tmp_path, "pad")
     prepared = onnx.load(str(result.map_dir / "model.onnx"))
-    # (onnxsim folds a Pad right before a Conv itself; the one before the Transpose is left to maptools)
-    assert "1 zero Pad folded into the convolutions it feeds" in result.prepared["steps"]
+    # (onnxsim folds a zero Pad right before a Conv itself; the other two are left to maptools)
+    assert "2 Pad folded into the convolutions or max pools it feeds" in result.prepared["steps"]
     assert "Pad" not in {n.op_type for n in prepared.graph.node}
-    pads = [list(a.ints) for n in prepared.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
-    assert pads[:2] == [[0, 0, 1, 1], [1, 1, 1, 1]]  # the NHWC Pad's H and W: nothing before, one after
+    pads = {n.op_type + str(i): list(a.ints) for i, n in enumerate(prepared.graph.node) for a in n.attribute
+            if a.name == "pads"}
+    assert list(pads.values())[:3] == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]  # conv, conv, pool: H and W
+    host = {n.name: n.op_type for n in prepared.graph.node if n.name in result.placement.host_ops}
+    assert result.placement.device_macs == result.placement.total_macs
+    assert set(host.values()) == {"Transpose"}, host  # only the input's layout change: the pool is on the device
     unsimplified = quantize(shapes, "cpu", tmp_path / "pad.onnx", mapname="pad-raw", calib_steps=8, simplify=False,
                             output_root=tmp_path, error_steps=0)
-    assert "2 zero Pad folded into the convolutions it feeds" in unsimplified.prepared["steps"]
+    assert "3 Pad folded into the convolutions or max pools it feeds" in unsimplified.prepared["steps"]
     assert result.placement.device_macs == result.placement.total_macs
 
 

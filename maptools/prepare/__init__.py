@@ -160,7 +160,7 @@ def _ppq_ready(ctx: _Context) -> list[str]:
             *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx)),
             *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
             *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
-            *_counted("{} zero Pad folded into the convolutions it feeds", _fold_pad(ctx))]
+            *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
 
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,

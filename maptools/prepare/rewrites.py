@@ -288,58 +288,74 @@ def _matmul_as_gemm(ctx: _Context) -> int:
     return rewritten
 
 
-def _zero_pads(ctx: _Context, pad: onnx.NodeProto) -> list[int] | None:
-    """A constant-mode ``Pad``'s pads where it pads with zeros and crops nothing, else None."""
-    if node_attr(pad, "mode", "constant") != "constant":
-        return None
+def _pad_of(ctx: _Context, pad: onnx.NodeProto) -> tuple[str, list[int], float] | None:
+    """A ``Pad``'s mode, pads and constant where they are known and it crops nothing, else None."""
+    mode = node_attr(pad, "mode", "constant")
     pads = ctx.initializer(pad.input[1]) if len(pad.input) > 1 and pad.input[1] else node_attr(pad, "pads")
-    value = ctx.initializer(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0.0
-    if pads is None or value is None or np.any(np.asarray(value) != 0) or len(pad.input) > 3:
+    value = ctx.initializer(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else node_attr(pad, "value", 0.0)
+    if pads is None or value is None or np.asarray(value).size != 1 or len(pad.input) > 3:
         return None
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-    return pads if min(pads, default=0) >= 0 else None
+    return (mode, pads, float(np.asarray(value).reshape(()))) if min(pads, default=0) >= 0 else None
+
+
+def _absorbs(node: onnx.NodeProto, tensor: str, mode: str, value: float, spatial: list[tuple[int, int]]) -> bool:
+    """Whether ``node`` computes the same on ``tensor`` padded so (the spatial axes' begin and end) with the
+    padding in its own ``pads``: a convolution pads with zeros; a max pool (no dilation, no ceil mode) with
+    -inf, which an edge padding narrower than its window also amounts to (the edge value is in the window)."""
+    if not node.input or node.input[0] != tensor or node_attr(node, "auto_pad", "NOTSET") != "NOTSET":
+        return False
+    if node.op_type == "Conv":
+        return mode == "constant" and value == 0.0
+    if node.op_type != "MaxPool" or node_attr(node, "ceil_mode", 0) or \
+            any(d != 1 for d in node_attr(node, "dilations", [1] * len(spatial))):
+        return False
+    kernel = list(node_attr(node, "kernel_shape", []))
+    return (mode == "constant" and value == -np.inf) or (
+        mode == "edge" and len(kernel) == len(spatial) and all(max(b, e) < k for (b, e), k in zip(spatial, kernel)))
 
 
 def _fold_pad(ctx: _Context) -> int:
-    """A zero ``Pad`` of the spatial axes in front of convolutions (Keras' ZeroPadding2D, tf2onnx's explicit
-    padding) into the convolutions' own ``pads``, which the device computes; a Pad that only a Transpose reads
-    (an NHWC input padded before the layout change) moves behind the Transpose first."""
+    """A ``Pad`` of the spatial axes in front of convolutions or max pools (Keras' ZeroPadding2D, tf2onnx's
+    explicit padding, an edge padding before a pool) into their own ``pads``, which the device computes; a Pad
+    that only a Transpose reads (an NHWC input padded before the layout change) moves behind it first."""
     outputs = {o.name for o in ctx.graph.output}
     folded = 0
     for pad in [n for n in ctx.graph.node if n.op_type == "Pad" and n.domain in _DEFAULT_DOMAINS]:
-        pads = _zero_pads(ctx, pad)
+        found = _pad_of(ctx, pad)
         consumers = _consumers(ctx.graph)
         readers = consumers.get(pad.output[0], [])
-        if pads is None or pad.output[0] in outputs or not readers:
+        if found is None or pad.output[0] in outputs or not readers:
             continue
+        mode, pads, value = found
         rank = len(pads) // 2
         if len(readers) == 1 and readers[0].op_type == "Transpose" and readers[0].output[0] not in outputs:
             turn = readers[0]
             perm = list(node_attr(turn, "perm", list(range(rank))[::-1]))
             moved = [pads[p] for p in perm] + [pads[rank + p] for p in perm]
             later = consumers.get(turn.output[0], [])
-            if not later or not all(r.op_type == "Conv" and r.input[0] == turn.output[0] for r in later):
+            spatial = list(zip(moved[2:rank], moved[rank + 2:]))
+            if any(moved[i] or moved[rank + i] for i in (0, 1)) or not later or \
+                    not all(_absorbs(r, turn.output[0], mode, value, spatial) for r in later):
                 continue
             turn.input[0] = pad.input[0]  # x -> Transpose -> Pad -> (the Transpose's readers)
             turned = ctx.fresh(f"{turn.output[0]}_unpadded")
             pad.input[0], pad.output[0], turn.output[0] = turned, turn.output[0], turned
             ctx.graph.node.remove(pad)
             ctx.graph.node.insert(list(ctx.graph.node).index(turn) + 1, pad)
-            pads = moved
+            pads, readers = moved, later
             ctx.invalidate()
-            readers = later
-        if any(pads[i] or pads[rank + i] for i in (0, 1)) or not all(
-                r.op_type == "Conv" and r.input[0] == pad.output[0] and
-                node_attr(r, "auto_pad", "NOTSET") == "NOTSET" for r in readers):
+        spatial = list(zip(pads[2:rank], pads[rank + 2:]))
+        if any(pads[i] or pads[rank + i] for i in (0, 1)) or \
+                not all(_absorbs(r, pad.output[0], mode, value, spatial) for r in readers):
             continue
-        for conv in readers:
-            own = list(node_attr(conv, "pads", [0] * (2 * (rank - 2))))
-            spatial = rank - 2
-            _drop_attrs(conv, {"pads"})
-            conv.attribute.append(onnx.helper.make_attribute("pads", [
-                own[i] + pads[2 + i] for i in range(spatial)] + [own[spatial + i] + pads[rank + 2 + i]
-                                                                 for i in range(spatial)]))
-            conv.input[0] = pad.input[0]
+        for node in readers:
+            own = list(node_attr(node, "pads", [0] * (2 * len(spatial))))
+            _drop_attrs(node, {"pads"})
+            node.attribute.append(onnx.helper.make_attribute("pads", [
+                own[i] + b for i, (b, _) in enumerate(spatial)] + [own[len(spatial) + i] + e
+                                                                   for i, (_, e) in enumerate(spatial)]))
+            node.input[0] = pad.input[0]
         ctx.graph.node.remove(pad)
         folded += 1
     if folded:
