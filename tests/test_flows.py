@@ -71,6 +71,15 @@ def test_flow_runs_the_chain_and_publishes_a_report(prefect_server, raw_model, t
     assert snr[0] == pytest.approx(-10 * math.log10(result.quantization.errors.worst), abs=0.05)
 
 
+@pytest.mark.parametrize("simplify", [True, False])
+def test_the_flow_prepares_the_model_once(prefect_server, raw_model, tmp_path, simplify: bool) -> None:
+    """quantize recognises the flow's prepared file (same shapes and options) and uses it as it is."""
+    result = run(raw_model, tmp_path, mapname=f"once-{simplify}", simplify=simplify, run_conversion=False)
+    assert result.model.simplified is simplify
+    assert result.quantization.sha256["model.onnx"] == result.model.sha256
+    assert result.quantization.prepared["steps"] == list(result.model.steps)
+
+
 def test_rerun_is_cached_and_does_not_call_ppq(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
     first = run(raw_model, tmp_path)
     second = run(raw_model, tmp_path)
