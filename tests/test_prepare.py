@@ -142,3 +142,36 @@ def test_a_prepared_model_is_not_prepared_again(tmp_path) -> None:
     assert "maptools.prepared" in record
     other = prepare_model(first.path, tmp_path / "other.onnx", {"x": [2, 4]}, simplify=False)  # other options
     assert other.path.read_bytes() != first.path.read_bytes() and other.source_opset == 13
+
+
+def test_a_device_form_that_breaks_the_check_is_left_out_alone(tmp_path, monkeypatch) -> None:
+    """Where writing operators in their device form changes the outputs beyond the check (float rounding a deep
+    network amplifies), the model is prepared again without those forms only: onnxsim, the PPQ-ready rewrites
+    and explicit pads stay. The minimal level keeps explicit pads too: PPQ's own SAME padding lost a row and a
+    column of a 2x2 kernel's output (PP-OCRv6's detector)."""
+    import maptools.prepare as prepare_module
+    from maptools.prepare.rewrites import _mean_as_pool
+    from tests.exporters import IDIOMS
+
+    def drifting(ctx) -> int:  # the real rewrite, then a GlobalAveragePool that computes something else
+        count = _mean_as_pool(ctx)
+        for node in ctx.graph.node:
+            if node.op_type == "GlobalAveragePool":
+                node.op_type = "GlobalMaxPool"
+        return count
+
+    model, shapes = IDIOMS["squeeze_excite_mean"]()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("kernel_shape", [3, 3]), helper.make_attribute("strides", [2, 2]),
+                           helper.make_attribute("auto_pad", "SAME_UPPER")])
+    source = _save(model, tmp_path / "se.onnx")
+    monkeypatch.setattr(prepare_module, "_mean_as_pool", drifting)
+    done = prepare_model(source, tmp_path / "p.onnx", shapes)
+    assert done.steps[0].startswith("preparation (full) gave a model that failed the check")
+    assert len(done.fallbacks) == 1 and "auto_pad made explicit pads" in "; ".join(done.steps)
+    kinds = _types(done.path)
+    assert kinds["ReduceMean"] == 2 and not kinds["GlobalMaxPool"]
+    minimal, steps, _ = prepare_module.prepare(model, shapes, level="minimal")
+    assert "1 auto_pad made explicit pads" in steps
+    assert all(a.name != "auto_pad" for n in minimal.graph.node for a in n.attribute)

@@ -59,7 +59,7 @@ __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerp
 
 #: What preparation may leave out, from the most to the least: each level runs fewer rewrites, for a
 #: model whose full preparation fails onnxruntime's check against the original.
-_LEVELS = ("full", "no onnxsim", "minimal")
+_LEVELS = ("full", "no device forms", "no onnxsim", "minimal")
 
 
 def _optional(ctx: _Context, what: str, step: Callable[[_Context], list[str]]) -> None:
@@ -151,16 +151,28 @@ def _simplify(shapes: Mapping[str, Sequence[int]]) -> Callable[[_Context], list[
     return step
 
 
-def _ppq_ready(ctx: _Context) -> list[str]:
-    done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
-    done += _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
-    folded, replaced = _fold_batchnorm(ctx)
-    return [*done, *_counted("{} BatchNormalization folded into Conv/Gemm", folded),
-            *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
-            *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx)),
-            *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
-            *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
-            *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
+def _explicit(ctx: _Context) -> list[str]:
+    """``auto_pad`` as explicit ``pads`` (exact; PPQ computes SAME padding wrongly for even kernels)."""
+    return _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
+
+
+def _ppq_ready(device_forms: bool) -> Callable[[_Context], list[str]]:
+    """The rewrites PPQ would otherwise do in its own graph, and (``device_forms``) the operators written in
+    the form the device takes; those compute the same in exact arithmetic, and in float may round otherwise
+    (a deep detector amplified a GlobalAveragePool's summation order to 1.6e-3 of its output)."""
+    def step(ctx: _Context) -> list[str]:
+        done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
+        done += _explicit(ctx)
+        folded, replaced = _fold_batchnorm(ctx)
+        done += [*_counted("{} BatchNormalization folded into Conv/Gemm", folded),
+                 *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
+                 *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx))]
+        if device_forms:
+            done += [*_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
+                     *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
+                     *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
+        return done
+    return step
 
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,
@@ -169,8 +181,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     """Steps 1-5 on a model in memory; returns the prepared model, what was done and the steps skipped.
 
     Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
-    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no
-    onnxsim'``, or ``'minimal'`` (dims, names and shapes only). ``output_shapes``: the graph outputs'
+    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no device
+    forms'`` (the rewrites into the forms the device takes), ``'no onnxsim'`` (neither), or ``'minimal'``
+    (dims, explicit pads, names and shapes only). ``output_shapes``: the graph outputs'
     shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
     """
     ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
@@ -183,9 +196,11 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         _optional(ctx, "folding Constant nodes", _fold_constants)
         _optional(ctx, f"converting to opset {TARGET_OPSET}", _convert)
         _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
-        if simplify_model and level == "full":
+        if simplify_model and level in ("full", "no device forms"):
             _optional(ctx, "onnxsim", _simplify(shapes))
-        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready)
+        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
+    else:
+        _optional(ctx, "explicit pads", _explicit)
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
     if control:  # data-dependent: it runs on the host, in onnxruntime
         ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")
@@ -301,8 +316,9 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     ``loaded``: ``src`` as the caller already loaded it (:func:`maptools.onnx_model.load_model`).
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
-    original in onnxruntime, the model is prepared again with fewer rewrites (``no onnxsim``, then
-    ``minimal``: fixed dims, node names and recorded shapes only); ``strict`` makes either an error.
+    original in onnxruntime, the model is prepared again with fewer rewrites (``no device forms``, ``no
+    onnxsim``, then ``minimal``: fixed dims, explicit pads, node names and recorded shapes only); ``strict``
+    makes any of them an error.
 
     Raises:
         ModelError: onnxruntime cannot run the model, or (``strict``) a step had to be left out; nothing is
