@@ -109,43 +109,18 @@ class Samples:
 
 
 def child(tool: str, model: Path, shape: list[int], count: int, workdir: Path) -> None:
-    """One quantization in this process; prints {seconds, peak_rss_mib} as JSON."""
+    """One quantization in this process, with the same calls as ``bench_quantize.py``; prints {seconds,
+    peak_rss_mib} as JSON."""
+    from benchmarks.bench_quantize import run_nncf, run_ort_static, run_ours
+
     samples = Samples(shape, count)
-    if tool == "maptools":
-        from maptools.quantization import quantize
-
-        def run() -> Any:
-            return quantize({"input": shape}, "cpu", model, mapname="large", calibset=samples, calib_steps=count,
-                            output_root=workdir)
-    elif tool == "onnxruntime":
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it = iter(samples)
-
-            def get_next(self) -> dict | None:
-                s = next(self._it, None)
-                return None if s is None else {"input": s["input"].numpy()}
-
-        def run() -> Any:
-            quantize_static(str(model), str(workdir / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
-    else:
-        import logging
-
-        import nncf
-        import onnx
-
-        logging.getLogger("nncf").setLevel(logging.ERROR)
-
-        def run() -> Any:
-            dataset = nncf.Dataset(samples, lambda s: {"input": s["input"].numpy()})
-            return nncf.quantize(onnx.load(str(model)), dataset, subset_size=count)
+    runs: dict[str, Callable[[], Any]] = {
+        "maptools": lambda: run_ours(model, samples, "cpu", workdir, "large", shapes={"input": shape}),
+        "onnxruntime": lambda: run_ort_static(model, samples, workdir / "ort.onnx"),
+        "nncf": lambda: run_nncf(model, samples),
+    }
     t = time.perf_counter()
-    run()
+    runs[tool]()
     seconds = time.perf_counter() - t
     print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)}))
 
