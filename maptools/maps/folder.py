@@ -47,7 +47,7 @@ from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityErro
 from maptools.maps.manifest import Manifest, parse_manifest
 from maptools.maps.roots import MapRef, home, is_url, output_root, pause_point
 
-__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "storage_errors"]
+__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "atomic_link", "storage_errors"]
 
 MANIFEST = "manifest.json"
 _MAPNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -110,6 +110,20 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> bool:
+    """``dst`` made a hard link to ``src`` atomically (a link beside it, then renamed over ``dst``); False, and
+    ``dst`` as it was, where the file system cannot (another device, no hard links)."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.link")
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
-from maptools.maps.folder import atomic_write, sha256_file, storage_errors
+from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
 
 
@@ -334,7 +332,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     record = _already_prepared(model, shapes, simplify)
     if record is not None:
         _check_strict(strict, record.get("fallbacks", []), src)
-        if not (link and _hard_link(src, dst)):
+        if not (link and atomic_link(src, dst)):
             atomic_write(dst, src.read_bytes())
         return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
@@ -372,19 +370,6 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
                          nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
-
-
-def _hard_link(src: Path, dst: Path) -> bool:
-    """``dst`` made a hard link to ``src`` (atomically: a link beside it, then renamed); False where the file
-    system cannot (another device, no hard links)."""
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.link")
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return False
-    return True
 
 
 def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:
