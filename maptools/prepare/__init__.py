@@ -304,14 +304,16 @@ def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 
 def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
                   simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False,
-                  loaded: onnx.ModelProto | None = None, link: bool = False) -> PreparedModel:
+                  loaded: onnx.ModelProto | None = None, source_sha256: str | None = None,
+                  link: bool = False) -> PreparedModel:
     """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
 
     The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
     a model this code already prepared for the same shapes and options is copied as it is (the flow
     prepares in its own task, then quantizes the prepared file). ``link``: ``dst`` may then be a hard link
     to ``src`` (for a scratch ``dst`` that is read, or replaced whole, never written in place).
-    ``loaded``: ``src`` as the caller already loaded it (:func:`maptools.onnx_model.load_model`).
+    ``loaded``, ``source_sha256``: ``src`` as the caller already loaded (:func:`maptools.onnx_model.load_model`)
+    and hashed it, so that neither is done twice.
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
     original in onnxruntime, the model is prepared again with fewer rewrites (``no device forms``, ``no
@@ -334,7 +336,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
         _check_strict(strict, record.get("fallbacks", []), src)
         if not (link and atomic_link(src, dst)):
             atomic_write(dst, src.read_bytes())
-        return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
+        return PreparedModel(path=dst, sha256=source_sha256 or sha256_file(dst), input_shapes=record["input_shapes"],
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),

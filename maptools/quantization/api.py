@@ -491,7 +491,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
         prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict,
-                                 loaded=model, link=True)
+                                 loaded=model, source_sha256=model_sha, link=True)
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
@@ -511,9 +511,11 @@ def quantize(
         if equalized:
             prepared = dataclasses.replace(prepared, steps=(*prepared.steps, *equalized))
             log.info("channels equalized: %s", "; ".join(equalized))
-            reference = None  # (of the model before; quantize_graph builds the equalized model's)
         if keep_on_host or equalized:
-            atomic_write(prepared.path, model.SerializeToString())
+            model_bytes = model.SerializeToString()
+            atomic_write(prepared.path, model_bytes)
+        if equalized:  # the reference was of the model before
+            reference = FloatReference.build(model, model_bytes, threads=count)
         del model, model_bytes  # quantize_graph reads the file (its fallbacks rewrite it): one copy less held
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
