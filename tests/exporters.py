@@ -8,7 +8,8 @@ initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNor
 ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
-onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, and Keras' ZeroPadding2D.
+onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
+constants shared between operators (3-D convolutions reading one bias), and index arithmetic in int64.
 """
 
 from __future__ import annotations
@@ -268,6 +269,34 @@ def zero_padding() -> Built:
     return b.model({"input_1": ["N", 16, 16, 3]}, [b.head(y, 8)], 13), {"input_1": [1, 16, 16, 3]}
 
 
+def shared_parameters() -> Built:
+    """torch's exporter stores equal constants once, here in a video network (torchvision's r3d stem): two
+    3-D convolutions read one zero bias (BatchNorms folded at initialisation), and a Mul and an Add one scalar.
+    PPQ's kernel pads the (3, 7, 7) stem differently from ONNX, so that convolution runs in onnxruntime."""
+    b = _Builder(23)
+    bias = b.const(np.zeros(8))
+    y = b.op("Conv", ["x", b.const(b.rng.standard_normal([8, 3, 3, 7, 7]) * 0.1), bias], kernel_shape=[3, 7, 7],
+             strides=[1, 2, 2], pads=[1, 3, 3, 1, 3, 3])
+    y = b.op("Conv", [b.op("Relu", [y]), b.const(b.rng.standard_normal([8, 8, 3, 3, 3]) * 0.1), bias],
+             kernel_shape=[3, 3, 3], pads=[1, 1, 1, 1, 1, 1])
+    half = b.const(0.5)
+    y = b.op("Add", [b.op("Mul", [b.op("Relu", [y]), half]), half])
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    return b.model({"x": ["N", 3, 4, 16, 16]}, [b.gemm(pooled, 8, 5)], 13), {"x": [1, 3, 4, 16, 16]}
+
+
+def index_arithmetic() -> Built:
+    """Detection post-processing (torchvision's RoI pooling): an index computed from an activation in int64
+    (Clip -> Cast -> Sub), which a Gather of the feature map then reads."""
+    b = _Builder(24)
+    y = b.conv("x", 3, 8, stride=2)
+    level = b.op("ReduceMax", [b.op("Relu", [y])], keepdims=0)
+    level = b.op("Cast", [b.op("Clip", [level, b.const(0.0), b.const(3.0)])], to=TensorProto.INT64)
+    index = b.op("Sub", [level, b.const(3, np.int64)])  # -3..0: a channel counted from the end
+    picked = b.op("Gather", [y, b.op("Unsqueeze", [index, b.const([0], np.int64)])], axis=1)
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8), picked], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -275,4 +304,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "unused_opsets": unused_opsets, "depth_to_space": depth_to_space, "leaky_max_min": leaky_max_min,
     "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
+    "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic,
 }

@@ -356,6 +356,34 @@ def test_a_scalar_input_has_no_batch_axis(tmp_path: Path) -> None:
     assert simulate(result.map, "random", batch=2).outputs["y"].shape == (2, 4, 8, 8)
 
 
+def test_a_map_prepared_at_one_batch_simulates_any_batch(tmp_path: Path) -> None:
+    """An export that declares ``value_info`` for the tensors a rewrite removes (dlib's affine layer: Conv ->
+    per-channel Mul -> Add, folded into the Conv): the prepared model keeps no entry for them, so a map
+    quantized at batch 2 simulates one sample, or three, in one run."""
+    from tests.exporters import _Builder
+
+    b = _Builder(25)
+    conv = b.conv("x", 3, 8)
+    scaled = b.op("Mul", [conv, b.const(b.rng.uniform(0.5, 2.0, (1, 8, 1, 1)))])
+    y = b.op("Relu", [b.op("Add", [scaled, b.const(b.rng.standard_normal((1, 8, 1, 1)))])])
+    model = b.model({"x": ["N", 3, 8, 8]}, [b.head(y, 8)], 13)
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, ["N", 8, 8, 8])
+                                  for t in (conv, scaled))
+    path = tmp_path / "affine.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": [2, 3, 8, 8]}, "cpu", path, mapname="affine", calib_steps=CALIB, output_root=tmp_path,
+                      error_steps=0)
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    produced = {t for n in prepared.graph.node for t in n.output}
+    assert {vi.name for vi in prepared.graph.value_info} <= produced
+    convert(result.map)
+    x = np.random.default_rng(3).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    reference = _reference(model, {"x": [3, 3, 8, 8]}, {"x": x})
+    for count in (1, 3):
+        simulated = simulate(result.map, {"x": x[:count]}).outputs
+        assert all(_rel(v, reference[k][:count]) < 0.1 for k, v in simulated.items()), count
+
+
 def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     """A float16 export (weights, activations, input and output): prepared as float32 (checked against the
     original at float16's precision), calibrated on float16 samples, and simulated near the original."""

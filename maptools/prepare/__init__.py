@@ -226,6 +226,9 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
 def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
     """Write every tensor's static type and shape into ``value_info`` (and the outputs'): from ONNX shape
     inference, or where it fails or leaves a shape open, from one onnxruntime run of the model."""
+    live = {t for n in ctx.graph.node for t in n.output}  # the tensors a rewrite removed keep no stale entry
+    for vi in [vi for vi in ctx.graph.value_info if vi.name not in live]:
+        ctx.graph.value_info.remove(vi)
     try:
         inferred = _static_shapes(ctx.model)
     except ModelError as e:

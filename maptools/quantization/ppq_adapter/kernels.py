@@ -34,7 +34,9 @@ def _run_ort(op: Any, values: list[Any], ctx: Any) -> list[torch.Tensor | None]:
     runner: NodeRunner = op._maptools_runner
     device = next((v.device for v in values if isinstance(v, torch.Tensor)),
                   getattr(ctx, "executing_device", "cpu") if ctx is not None else "cpu")
-    held = {var.name: value for var, value in zip(op.inputs, values)}
+    known = set(runner.inputs)  # PPQ renames a parameter several operators share (one copy each): by position
+    held = {var.name if var.name in known or i >= len(runner.inputs) else runner.inputs[i]: value
+            for i, (var, value) in enumerate(zip(op.inputs, values))}
     results = iter(runner.run([_to_numpy(held.get(name)) for name in runner.inputs]))
     return [torch.from_numpy(np.array(next(results))).to(device) if name else None for name in runner.node.output]
 
@@ -51,7 +53,9 @@ def _dispatcher(kernels: dict[str, Any]) -> Any:
     def forward(op: Any, values: list[Any], ctx: Any = None, **kwargs: Any) -> Any:
         kernel = kernels.get(op.type)
         has_node = getattr(op, "_maptools_runner", None) is not None
-        if has_node and (kernel is None or getattr(op, "_maptools_ort", False)):
+        if has_node and (kernel is None or getattr(op, "_maptools_ort", False) or (
+                op.type in _FLOAT_ONLY and any(isinstance(v, torch.Tensor) and not v.is_floating_point()
+                                               for v in values))):
             return _run_ort(op, values, ctx)
         if kernel is None:
             raise NotImplementedError(f"PPQ has no kernel for {op.name} ({op.type}).")
@@ -73,6 +77,9 @@ _FORWARDS: dict[Any, Any] = {}  # platform -> the forward of every operator type
 #: Operators always run in onnxruntime: PPQ's Gather and Slice kernels index tensors with a list of slices,
 #: which torch deprecated (it will read them as one index array).
 _ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice"})
+#: Operators whose PPQ kernel computes only floats: its Sub casts the result to float, its Div floors integer
+#: quotients (ONNX truncates); on integer inputs (index arithmetic) they run in onnxruntime.
+_FLOAT_ONLY = frozenset({"Sub", "Div"})
 
 
 def _install_forwards() -> None:
