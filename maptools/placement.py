@@ -152,7 +152,11 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
         if mode != "nearest":
             return Role.HOST, f"Resize in {mode} mode"
         return (Role.MOVE, "") if len(acts) == 1 else (Role.HOST, "Resize to a computed size")
-    if op in MOVE_OP_TYPES:
+    if op == "Pad":  # zeros (a code of 0 is 0.0 at a zero offset) or the input's own edge values: codes moved
+        value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if node_attr(node, "mode", "constant") == "constant" and value is not None and np.any(value):
+            return Role.HOST, "Pad with a constant other than zero"
+    if op in MOVE_OP_TYPES or op == "Pad":
         ok = len(acts) == 1 and node.input[0] == acts[0]
         return (Role.MOVE, "") if ok else (Role.HOST, f"{op} with computed parameters")
     if op in LUT_UNARY_OP_TYPES:

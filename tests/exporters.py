@@ -9,7 +9,8 @@ initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNor
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
-constants shared between operators (3-D convolutions reading one bias), and index arithmetic in int64.
+constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
+zero Pads of channels (dlib) and of channels-last tensors (madmom).
 """
 
 from __future__ import annotations
@@ -297,6 +298,22 @@ def index_arithmetic() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8), picked], 13), {"x": [1, 3, 16, 16]}
 
 
+def padded_shortcut() -> Built:
+    """dlib's residual block (converted by hand): the shortcut pools and pads zero channels (8 -> 16), the
+    strided branch pads a row and a column, and the two are added; then madmom's converter: a zero Pad of a
+    channels-last tensor, Unsqueeze and a Transpose to NCHW before a convolution. Every Pad moves codes."""
+    b = _Builder(26)
+    r = b.op("Relu", [b.conv("x", 3, 8)])
+    shortcut = b.op("Pad", [b.op("AveragePool", [r], kernel_shape=[2, 2], strides=[2, 2]),
+                            b.const([0, 0, 0, 0, 0, 8, 0, 0], np.int64)])
+    branch = b.op("Pad", [b.conv(r, 8, 16, stride=2, pads=False), b.const([0, 0, 0, 0, 0, 0, 1, 1], np.int64)])
+    y = b.op("Relu", [b.op("Add", [shortcut, branch])])
+    hwc = b.op("Transpose", [b.op("Squeeze", [y, b.const([0], np.int64)])], perm=[1, 2, 0])
+    padded = b.op("Pad", [hwc, b.const([1, 1, 0, 1, 1, 0], np.int64), b.const(0.0)])
+    nchw = b.op("Transpose", [b.op("Unsqueeze", [padded, b.const([0], np.int64)])], perm=[0, 3, 1, 2])
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(nchw, 16, 8, pads=False), 8)], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -304,5 +321,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "unused_opsets": unused_opsets, "depth_to_space": depth_to_space, "leaky_max_min": leaky_max_min,
     "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
-    "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic,
+    "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
 }

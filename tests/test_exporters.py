@@ -100,6 +100,19 @@ def test_a_pad_is_folded_into_the_convolution_or_pool_it_feeds(tmp_path: Path) -
     assert result.placement.device_macs == result.placement.total_macs
 
 
+def test_a_pad_no_operator_absorbs_moves_codes_on_the_device(tmp_path: Path) -> None:
+    """A zero Pad that feeds an Add (dlib's shortcut, padding channels) or an Unsqueeze (madmom's channels-last
+    convolutions) stays a Pad: zeros are code 0 at a zero offset, so the device moves codes, and the
+    operators around it stay there too."""
+    model, shapes = IDIOMS["padded_shortcut"]()
+    result, _ = _pipeline(model, shapes, tmp_path, "padded")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    pads = [n.name for n in prepared.graph.node if n.op_type == "Pad"]
+    assert len(pads) >= 2 and not result.placement.host_ops, result.placement.host_ops
+    graph = read_graph("padded", tmp_path)
+    assert {graph.node(p)["role"] for p in pads} == {"move"}
+
+
 @pytest.mark.parametrize(("mode", "transform", "nearest"), RESIZE_MODES)
 def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path: Path) -> None:
     model, shapes = resize_model(mode, transform, nearest)
