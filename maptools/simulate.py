@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,9 +97,17 @@ def _float(value: Value) -> torch.Tensor:
     return value.dequantize() if isinstance(value, QTensor) else value
 
 
+def batched_inputs(shapes: Mapping[str, Sequence[int]]) -> tuple[int, frozenset[str]]:
+    """The batch the model was prepared for (axis 0 of its first input that has axes) and the inputs whose
+    axis 0 is that batch; the others (a 0-d sample rate, an LSTM's ``[layers, N, hidden]`` state) are fed
+    whole to every run."""
+    batch = next((s[0] for s in shapes.values() if len(s)), 1)
+    return max(1, batch), frozenset(name for name, s in shapes.items() if len(s) and s[0] == batch)
+
+
 def _batch_major(model: onnx.ModelProto) -> bool:
-    """True when every tensor's leading axis follows the inputs' batch (shape inference at batch 2x); never
-    with a 0-d input (a sample rate, a flag), which has no batch axis."""
+    """True when every tensor's leading axis follows the batched inputs' (:func:`batched_inputs`; shape
+    inference at batch 2x)."""
     def shapes(m: onnx.ModelProto) -> dict[str, list[int]] | None:
         try:
             g = onnx.shape_inference.infer_shapes(m, strict_mode=True).graph
@@ -112,15 +120,16 @@ def _batch_major(model: onnx.ModelProto) -> bool:
         return out
 
     inits = {i.name for i in model.graph.initializer}
-    if any(not vi.type.tensor_type.shape.dim for vi in model.graph.input if vi.name not in inits):
-        return False
+    declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.input
+                if vi.name not in inits}
+    _, batched = batched_inputs(declared)
     doubled = onnx.ModelProto.FromString(model.SerializeToString())
     del doubled.graph.value_info[:]
     for vi in doubled.graph.output:
         for d in vi.type.tensor_type.shape.dim:
             d.Clear()
     for vi in doubled.graph.input:
-        if vi.name not in inits:
+        if vi.name in batched:
             d = vi.type.tensor_type.shape.dim[0]
             d.dim_value = 2 * d.dim_value
     one, two = shapes(model), shapes(doubled)
@@ -165,7 +174,7 @@ class IntegerSimulator:
         self.constants = constant_values(model)
         self.nodes = {name: nodes[name] for name in self.order}
         self.runners = {name: NodeRunner(nodes[name], opsets(model), self.constants) for name in self.order}
-        self.batch = max(1, next(iter(graph.inputs.values()))[0]) if graph.inputs else 1
+        self.batch, self.batched = batched_inputs(graph.inputs)
         self.batch_major = _batch_major(model)
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name in self.order:
@@ -195,19 +204,21 @@ class IntegerSimulator:
     def run(self, inputs: Mapping[str, np.ndarray | torch.Tensor], *, keep: bool = False) -> SimulationRun:
         """Simulate a batch; ``keep`` also returns every quantized tensor's codes (int32) and scale.
 
-        A model whose shapes do not follow the batch (a Reshape to a constant batch) runs in
-        chunks of the batch it was prepared for.
+        A model whose shapes do not follow the batch (a Reshape to a constant batch, a time axis first) runs
+        in chunks of the batch it was prepared for; inputs without the batch axis go whole to every chunk.
         """
         types = self.graph.input_types
         arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=types.get(k, np.float32))
                   for k, v in inputs.items()}
-        total = next((a.shape[0] for a in arrays.values() if a.ndim), 1)
+        total = next((a.shape[0] for k, a in arrays.items() if k in self.batched), 1)
         if self.batch_major or total == self.batch:
             return self._run(arrays, keep)
         if total % self.batch:
-            raise InputShapeError(f"this model runs in batches of {self.batch} (its shapes do not follow the batch), "
-                                  f"but {total} samples were given.", f"pass a multiple of {self.batch} samples.")
-        runs = [self._run({k: v[i:i + self.batch] if v.ndim else v for k, v in arrays.items()}, keep)
+            shapes = ", ".join(f"{k} {self.graph.inputs[k]}" for k in sorted(self.batched))
+            raise InputShapeError(f"this model's shapes do not follow axis 0 of its inputs ({shapes}): it runs on "
+                                  f"{self.batch} along that axis at a time, but {total} were given.",
+                                  f"pass a multiple of {self.batch} along axis 0 (random inputs: leave batch unset).")
+        runs = [self._run({k: v[i:i + self.batch] if k in self.batched else v for k, v in arrays.items()}, keep)
                 for i in range(0, total, self.batch)]
         return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self.batch_axis(k))
                               for k in runs[0].outputs},
@@ -434,10 +445,11 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
     Every input must match the model's shape except for the batch axis; values must be finite.
     """
     types = graph.input_types
+    _, batched = batched_inputs(graph.inputs)
     if source is None or (isinstance(source, str) and source == "random"):
         rng = np.random.default_rng(seed)
         limits = graph.input_limits
-        return {k: random_array(rng, [batch or s[0], *s[1:]] if s else [], types[k], limits.get(k))
+        return {k: random_array(rng, [batch or s[0], *s[1:]] if k in batched else s, types[k], limits.get(k))
                 for k, s in graph.inputs.items()}
     if not isinstance(source, Mapping):
         path = Path(source)
@@ -462,10 +474,11 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
         want = graph.inputs[name]
         numeric = np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_ == types[name]
-        if array.ndim != len(want) or list(array.shape[1:]) != want[1:] or not numeric:
+        whole = name not in batched and list(array.shape) != want
+        if array.ndim != len(want) or list(array.shape[1:]) != want[1:] or whole or not numeric:
+            taken = want if name not in batched else f"[N, {', '.join(map(str, want[1:]))}]"
             raise InputShapeError(f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model takes "
-                                  f"[N, {', '.join(map(str, want[1:]))}] {types[name]} values.",
-                                  "reshape the data to match.")
+                                  f"{taken} {types[name]} values.", "reshape the data to match.")
         array = array.astype(types[name])
         if not np.all(np.isfinite(array)):
             raise InputShapeError(f"input {name!r} contains NaN or inf.", "clean the data.")
@@ -495,5 +508,6 @@ def simulate(mapname: str | MapRef, inputs: str | Path | Mapping[str, Any] | Non
     feed = load_inputs(graph, inputs, seed=seed, batch=batch)
     started = time.perf_counter()
     run = simulator.run(feed)
-    return SimulationResult(mapname=mapname, outputs=run.outputs, batch=int(next(iter(feed.values())).shape[0]),
+    return SimulationResult(mapname=mapname, outputs=run.outputs,
+                            batch=next((int(v.shape[0]) for k, v in feed.items() if k in simulator.batched), 1),
                             requant=simulator.mode, seconds=time.perf_counter() - started)

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from maptools import quantize, read_manifest
+from maptools.errors import InputShapeError
 from maptools.conversion import convert, read_graph
 from maptools.simulate import simulate
 from tests.exporters import IDIOMS, RESIZE_MODES, resize_model
@@ -395,6 +396,52 @@ def test_a_map_prepared_at_one_batch_simulates_any_batch(tmp_path: Path) -> None
     for count in (1, 3):
         simulated = simulate(result.map, {"x": x[:count]}).outputs
         assert all(_rel(v, reference[k][:count]) < 0.1 for k, v in simulated.items()), count
+
+
+def test_an_input_without_the_batch_axis_goes_whole_to_every_run(tmp_path: Path) -> None:
+    """A recurrent state ``[layers, N, hidden]`` beside the features (voicefilter-lite), in a model whose
+    shapes do not follow the batch (a Reshape to [1, 8]): every sample runs with the whole state, random
+    inputs keep its shape; a time-major input (madmom's [frames, bins]) runs on its prepared length."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc"),
+             helper.make_node("Slice", ["h0", "start", "end", "axis"], ["last"], name="last_layer"),
+             helper.make_node("Reshape", ["last", "shape"], ["state"], name="state"),
+             helper.make_node("Add", ["y", "state"], ["out"], name="add")]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((8, 16)) * 0.3).astype(np.float32), "start": np.array([2]), "end": np.array([3]),
+        "axis": np.array([0]), "shape": np.array([1, 8])}.items()]
+    graph = helper.make_graph(nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16]),
+                                               helper.make_tensor_value_info("h0", TensorProto.FLOAT, [3, 1, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])], inits)
+    path = tmp_path / "state.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    shapes = {"x": [1, 16], "h0": [3, 1, 8]}
+    result = quantize(shapes, "cpu", path, mapname="state", calib_steps=CALIB, output_root=tmp_path, error_steps=0)
+    convert(result.map)
+    assert simulate(result.map, "random", batch=3).outputs["out"].shape == (3, 8)
+    x, h0 = rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal((3, 1, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = np.concatenate([session.run(None, {"x": x[i:i + 1], "h0": h0})[0] for i in range(3)])
+    assert _rel(simulate(result.map, {"x": x, "h0": h0}).outputs["out"], reference) < 0.05
+    with pytest.raises(InputShapeError, match=r"input 'h0' has shape \[1, 1, 8\].* takes \[3, 1, 8\]"):
+        simulate(result.map, {"x": x, "h0": h0[:1]})
+
+    frames = tmp_path / "frames.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["spec", "w"], ["y"], transB=1, name="fc"),
+         helper.make_node("ReduceMean", ["y"], ["key"], axes=[0], keepdims=0, name="mean_over_time")], "frames",
+        [helper.make_tensor_value_info("spec", TensorProto.FLOAT, ["T", 16])],
+        [helper.make_tensor_value_info("key", TensorProto.FLOAT, None)], inits[:1]),
+        opset_imports=[helper.make_opsetid("", 13)]), str(frames))
+    timed = quantize({"spec": [20, 16]}, "cpu", frames, mapname="frames", calib_steps=CALIB, output_root=tmp_path,
+                     error_steps=0)
+    convert(timed.map)
+    assert simulate(timed.map).outputs["key"].shape == (8,)
+    with pytest.raises(InputShapeError, match=r"do not follow axis 0 of its inputs \(spec \[20, 16\]\).*"
+                                              r"pass a multiple of 20 along axis 0"):
+        simulate(timed.map, "random", batch=1)
 
 
 def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
