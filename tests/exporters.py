@@ -10,7 +10,7 @@ Tanh, declared input shapes that are placeholders, stale ``value_info``, unused 
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
-zero Pads of channels (dlib) and of channels-last tensors (madmom).
+zero Pads of channels (dlib) and of channels-last tensors (madmom), and GridSample at opset 16.
 """
 
 from __future__ import annotations
@@ -314,6 +314,17 @@ def padded_shortcut() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(nchw, 16, 8, pads=False), 8)], 13), {"x": [1, 3, 16, 16]}
 
 
+def grid_sample() -> Built:
+    """torch's exporter at opset 16 (RAFT's correlation lookup): GridSample, which has no opset-13 form, so
+    the model stays at 16, beside a nearest Resize (whose PPQ socket stops at opset 13)."""
+    b = _Builder(27)
+    y = b.op("Resize", [b.op("Relu", [b.conv("x", 3, 8, stride=2)]), "", b.const([1.0, 1.0, 2.0, 2.0])],
+             mode="nearest")
+    grid = b.const(b.rng.uniform(-1, 1, (1, 8, 8, 2)))
+    y = b.op("GridSample", [b.conv(y, 8, 8, stride=2), grid], align_corners=0, mode="bilinear")
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 16), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -322,4 +333,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
+    "grid_sample": grid_sample,
 }

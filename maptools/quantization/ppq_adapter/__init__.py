@@ -27,6 +27,7 @@ from maptools.errors import ModelError, QuantizationFailed, SettingsError
 from maptools.node_runner import NodeRunner
 from maptools.onnx_model import OUTER_INPUTS, explicit_outer_inputs, node_attr, opsets
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, Role, nonnegative_tensors, place
+from maptools.prepare.base import TARGET_OPSET
 from maptools.settings import Optimization, QuantSettings
 from maptools.quantization.ppq_adapter.core import (GraphCommand, GraphCommandType, GraphFormatter, NetworkFramework,
                                                     QuantableOperation, TargetPlatform, TorchExecutor, _APPLIED,
@@ -61,6 +62,8 @@ def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
                 model_path = Path(scratch) / model_path.name
                 onnx.save(model, str(model_path))
             graph = load_graph(str(model_path), from_framework=NetworkFramework.ONNX)
+            for op in graph.operations.values():  # PPQ's sockets stop at opset 13; a model left at a later
+                op.opset.version = min(op.opset.version, TARGET_OPSET)  # one runs its nodes at that in onnxruntime
             formatter = GraphFormatter(graph)
             for command in (GraphCommandType.CONVERT_TO_TENSOR, GraphCommandType.FORMAT_PARAMETERS,
                             GraphCommandType.FORMAT_CAST, GraphCommandType.FORMAT_SLICE, GraphCommandType.FORMAT_CLIP,
