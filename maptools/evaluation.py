@@ -21,7 +21,7 @@ from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPA
 from maptools.maps.roots import MapRef
 from maptools.calibration import random_array
 from maptools.errors import InputShapeError
-from maptools.onnx_model import check_input_shapes, index_limits, load_model, model_inputs
+from maptools.onnx_model import check_input_shapes, index_limits, load_model, model_inputs, run_on_sample
 from maptools.quantinfo import param_key
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
@@ -123,7 +123,7 @@ def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndar
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return [[np.asarray(o) for o in session.run(None, dict(s))] for s in samples]
+    return [[np.asarray(o) for o in run_on_sample(session, None, s)] for s in samples]
 
 
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],

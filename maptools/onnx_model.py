@@ -62,6 +62,19 @@ def ort_session(model: onnx.ModelProto | bytes) -> Any:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def run_on_sample(session: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` on a sample of the user's (calibration, evaluation): onnxruntime's failure there is the
+    model's, and raised as one :class:`ModelError` naming it."""
+    try:
+        return session.run(None if names is None else list(names), dict(feed))
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidArgument, RuntimeException)
+        shapes = {k: list(np.shape(v)) for k, v in feed.items()}
+        raise ModelError(f"onnxruntime fails running the model on a sample {shapes}: {str(e).strip()[:300]}",
+                         "check the model runs in onnxruntime on such inputs: an export that traced a size computed "
+                         "from the data (TopK's k, a NonZero count) runs only on inputs like the export's own; "
+                         "re-export it, or calibrate on such inputs.") from e
+
+
 def _check_loads(path: Path, model: onnx.ModelProto, checker_error: Exception) -> None:
     """A model onnx's checker refuses is still good input if onnxruntime loads it."""
     try:

@@ -115,6 +115,39 @@ def test_nan_late_in_the_data_keeps_previous_map(small_cnn, tmp_path) -> None:
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".m.incomplete")] == []
 
 
+def test_a_model_onnxruntime_fails_on_a_calibration_sample_is_named(tmp_path) -> None:
+    """A detector export that traced a data-dependent size (torchvision's RetinaNet: TopK's k fixed to the
+    candidates its export input had) fails in onnxruntime on other inputs: one ModelError naming onnxruntime's
+    message and the fix, and the previous map kept. On inputs it runs on, it quantizes (PPQ's own forward on
+    zeros, which such a model fails on, is not run)."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], (rng.standard_normal(108) * 0.3).tolist())
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [4, 4, 1, 1], (rng.standard_normal(16) * 0.5).tolist())
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["c"], name="head"),
+             helper.make_node("Reshape", ["c", "flat"], ["f"], name="flatten"),
+             helper.make_node("Greater", ["f", "zero"], ["keep"], name="threshold"),
+             helper.make_node("Compress", ["f", "keep"], ["candidates"], name="candidates", axis=0),
+             helper.make_node("TopK", ["candidates", "k"], ["scores", "indices"], name="topk")]
+    graph = helper.make_graph(nodes, "topk", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+                              [w, w2, helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+                               helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                               helper.make_tensor("k", TensorProto.INT64, [1], [16])])
+    path = tmp_path / "topk.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    shapes = {"input": [1, 3, 8, 8]}
+    good = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    quantize(shapes, "cpu", path, mapname="m", calibset=good, calib_steps=8, output_root=tmp_path, error_steps=0)
+    before = snapshot(tmp_path / "mapsave" / "m")
+    blank = [*good[:5], {"input": np.zeros((1, 3, 8, 8), np.float32)}, *good[6:]]  # no candidate above zero
+    with pytest.raises(ModelError, match=r"onnxruntime fails running the model on a sample.*TopK.*Fix: check the "
+                                         r"model runs in onnxruntime on such inputs"):
+        quantize(shapes, "cpu", path, mapname="m", calibset=blank, calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert snapshot(tmp_path / "mapsave" / "m") == before
+
+
 def test_more_steps_than_samples_uses_every_sample(small_cnn, tmp_path) -> None:
     result = quantize(SHAPES, "cpu", small_cnn, mapname="m", calibset=samples(10), calib_steps=64,
                       output_root=tmp_path)

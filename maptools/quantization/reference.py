@@ -21,6 +21,8 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
+from maptools.onnx_model import run_on_sample
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FloatReference", "COMPUTING_OP_TYPES", "LCG_STATES", "fetch_nodes", "fetching_session", "with_outputs"]
@@ -167,7 +169,7 @@ class FloatReference:
         key = _feed_key(feed)
         keep = key not in self._rows and len(self._rows) < _KEPT_FEEDS
         extra = [fetch_name(t) for t in self.fetched] if keep else []
-        values = self.session.run([*names, *extra], dict(feed))
+        values = run_on_sample(self.session, [*names, *extra], feed)
         if keep:
             self._rows[key] = values[len(names):]
         return values[:len(names)]
@@ -183,5 +185,5 @@ class FloatReference:
         found = []
         for feed in feeds:
             rows = self._rows.get(_feed_key(feed))
-            found.append(self.session.run(names, dict(feed)) if rows is None else [rows[order[t]] for t in tensors])
+            found.append(run_on_sample(self.session, names, feed) if rows is None else [rows[order[t]] for t in tensors])
         return found

@@ -237,6 +237,9 @@ def quantize_graph(
     quantizer._verbose = False
     executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
+    # PPQ's parameter pass runs one forward on zeros, where a detector's data-dependent sizes (a TopK over the
+    # scores above a threshold) fail: it runs on the tracing input instead
+    executor.dummy_forward = lambda hooks=None: executor.forward(inputs=dummy, hooks=hooks)
     with _no_gc_between_passes():
         with ppq_step("tracing the model"), _quiet():
             _probe.active = True

@@ -17,6 +17,7 @@ import onnx.helper
 import onnx.numpy_helper
 import torch
 
+from maptools.onnx_model import run_on_sample
 from maptools.quantization.ppq_adapter.core import (DataType, OBSERVER_TABLE, QuantableOperation, QuantizationProperty,
                                                     QuantizationStates, RuntimeCalibrationPass, TorchMinMaxObserver,
                                                     TorchPercentileObserver, _ppq_defs)
@@ -233,7 +234,7 @@ class Statistics:
 
     def observe(self, data: Mapping[str, torch.Tensor]) -> None:
         """One calibration batch: its statistics, into the observers' collectors."""
-        values = iter(self.session.run(self.names, {k: v.detach().cpu().numpy() for k, v in data.items()}))
+        values = iter(run_on_sample(self.session, self.names, {k: v.detach().cpu().numpy() for k, v in data.items()}))
         for observer, kind, _ in self.outputs:
             if kind == "minmax":
                 lo, hi = (torch.from_numpy(np.asarray(next(values))) for _ in range(2))
