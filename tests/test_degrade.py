@@ -108,3 +108,16 @@ def test_a_ppq_failure_names_the_operator_it_arose_at(tmp_path) -> None:
         with _ppq.ppq_step("running the model"):
             executor.forward(inputs=feed)  # PPQ's kernel, outside the tracing probe
     assert caught.value.operator == resize.name
+
+
+def test_a_model_kept_on_the_host_whole_has_an_empty_error_report(tmp_path) -> None:
+    """Every operator on the host (here kept there on purpose, as onnxruntime's int8 exports are): nothing on the
+    device to measure, so the per-layer report is empty, and no note claims PPQ failed."""
+    model, shapes = IDIOMS["leaky_max_min"]()
+    path = _save(model, tmp_path / "m.onnx")
+    probe = quantize(shapes, "cpu", path, mapname="probe", calib_steps=8, output_root=tmp_path, error_steps=0)
+    every = [n.name for n in onnx.load(str(probe.map_dir / "model.onnx")).graph.node]
+    result = quantize(shapes, "cpu", path, mapname="host", calib_steps=8, output_root=tmp_path, keep_on_host=every)
+    assert result.placement.device_ops == 0 and result.errors.per_layer == {}
+    assert not [n for n in result.notes if "error report" in n], result.notes
+    assert read_quantinfo("host", tmp_path) == {}

@@ -203,7 +203,10 @@ class QuantizedGraph:
 
         On the CPU, with ``qdq`` (the exported QDQ model), onnxruntime runs that model against the float
         model (:meth:`_ort_error_report`); otherwise PPQ runs its graph twice, dequantized and quantized.
+        Empty where no computing operator is on the device (a model kept on the host whole).
         """
+        if not any(isinstance(op, QuantableOperation) and op.is_computing_op for op in self._graph.operations.values()):
+            return {}
         report = self._ort_error_report(samples, steps, qdq) if qdq is not None and self._device == "cpu" else None
         if report is None:
             # PPQ's SNR is per sample, averaged over samples: batching the samples does not change it.
