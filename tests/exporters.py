@@ -10,7 +10,8 @@ Tanh, declared input shapes that are placeholders, stale ``value_info``, unused 
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
-zero Pads of channels (dlib) and of channels-last tensors (madmom), and GridSample at opset 16.
+zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
+and a spectral front end of Neg, Abs, Exp and squares.
 """
 
 from __future__ import annotations
@@ -325,6 +326,21 @@ def grid_sample() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 16), {"x": [1, 3, 16, 16]}
 
 
+def spectral_front_end() -> Built:
+    """tf2onnx's CQT front end (basic-pitch): 1-D convolutions for the real and imaginary parts, a Neg, squares
+    written as ``Mul(x, x)``, a doubling ``Add(x, x)``, Abs and Exp; each a function of one tensor (a table)."""
+    b = _Builder(28)
+
+    def conv1d(x: str, cin: int, cout: int) -> str:
+        w = b.rng.standard_normal([cout, cin, 5]) * np.sqrt(2.0 / (cin * 5))
+        return b.op("Conv", [x, b.const(w), b.const(b.rng.standard_normal(cout) * 0.1)], kernel_shape=[5], pads=[2, 2])
+    real, imag = conv1d("x", 1, 8), b.op("Neg", [conv1d("x", 1, 8)])
+    power = b.op("Add", [b.op("Mul", [real, real]), b.op("Mul", [imag, imag])])
+    y = b.op("Exp", [b.op("Mul", [b.op("Abs", [conv1d(b.op("Add", [power, power]), 8, 8)]), b.const(-0.5)])])
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [conv1d(y, 8, 8)])], axis=1)
+    return b.model({"x": ["N", 1, 64]}, [b.gemm(pooled, 8, 5)], 13), {"x": [1, 1, 64]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -333,5 +349,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
-    "grid_sample": grid_sample,
+    "grid_sample": grid_sample, "spectral_front_end": spectral_front_end,
 }

@@ -96,3 +96,51 @@ def test_roles_by_type_and_constants() -> None:
                           bias=np.ones((1, 4, 1, 1), np.float32), plane=np.ones((1, 1, 16, 16), np.float32)))
     r = placed.roles
     assert (r["n"], r["l"], r["k"], r["q"], r["cat"]) == (Role.MOVE, Role.HOST, Role.LUT, Role.HOST, Role.HOST)
+
+
+def test_functions_of_one_tensor_are_tables() -> None:
+    """Neg, Abs, Exp, and a tensor multiplied by or added to itself (a square, a doubling) each read one
+    tensor: lookup tables on the device, not 'of two activations' on the host."""
+    nodes = [_conv("x", "a"), helper.make_node("Neg", ["a"], ["n"], name="n"),
+             helper.make_node("Mul", ["n", "n"], ["sq"], name="sq"), helper.make_node("Add", ["sq", "sq"], ["d"], name="d"),
+             helper.make_node("Abs", ["d"], ["ab"], name="ab"), helper.make_node("Exp", ["ab"], ["e"], name="e"),
+             _conv("e", "y")]
+    r = place(_graph(nodes, ["y"])).roles
+    # (a table read only by the next one is part of it: a gate inside one table)
+    assert {r[n] for n in ("n", "sq", "d", "ab")} <= {Role.LUT, Role.GATE} and r["e"] is Role.LUT
+
+
+def test_an_operator_without_a_device_form_is_named_so() -> None:
+    """An LSTM has three outputs, but what keeps it on the host is that it has no device form."""
+    rng = np.random.default_rng(1)
+    nodes = [_conv("x", "a"), helper.make_node("Reshape", ["a", "seq"], ["s"], name="s"),
+             helper.make_node("LSTM", ["s", "lw", "lr"], ["all", "last", "cell"], name="lstm", hidden_size=4)]
+    placed = place(_graph(nodes, ["all"], seq=np.asarray([4, 16, 4], np.int64),
+                          lw=rng.standard_normal((1, 16, 4)).astype(np.float32),
+                          lr=rng.standard_normal((1, 16, 4)).astype(np.float32)))
+    assert placed.reasons["lstm"] == "LSTM has no device form"
+
+
+def test_the_work_inside_control_flow_counts_toward_the_total() -> None:
+    """openWakeWord's hey_jarvis: an If whose then-branch is a second Gemm network (on the host): its
+    multiply-accumulates count (the larger branch), so the crossbars' share is not reported as all of them."""
+    from maptools.placement import macs
+
+    rng = np.random.default_rng(2)
+    then = helper.make_graph([helper.make_node("Gemm", ["v", "big"], ["t"], name="then_gemm")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 32])])
+    other = helper.make_graph([helper.make_node("Identity", ["v"], ["o"], name="else_id")], "else", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "small"], ["v"], name="gemm"),
+         helper.make_node("ReduceMax", ["v"], ["m"], name="m", keepdims=0),
+         helper.make_node("Greater", ["m", "zero"], ["c"], name="c"),
+         helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "small"),
+         numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "big"),
+         numpy_helper.from_array(np.asarray(0.0, np.float32), "zero")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.graph.node[3].attribute[0].g.ClearField("value_info")  # as the prepared model: outer shapes only
+    assert macs(model) == {"gemm": 16 * 32, "if": 32 * 32}
