@@ -4,7 +4,7 @@ Each builder returns ``(model, input_shapes)``: the model as the exporter ships 
 user gives ``quantize``. They cover what differs between exporters rather than architectures:
 paddle2onnx's Clip with ``min``/``max`` inputs and decomposed hard-swish, keras2onnx's NHWC input
 behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR 3 models with
-initializers listed as graph inputs and opset 7-10 operators (Upsample, BatchNormalization with
+initializers listed as graph inputs (or, from OnnxMLTools, not) and opset 7-10 operators (Upsample, BatchNormalization with
 ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
@@ -131,6 +131,21 @@ def ir3_opset8() -> Built:
     model = b.model({"data": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=3,
                     initializers_as_inputs=True)
     return model, {"data": [1, 3, 16, 16]}
+
+
+def ir3_valid_pads() -> Built:
+    """OnnxMLTools 1.8 (waifu2x's upconv_7): IR 3 with the initializers not listed as inputs (onnx's converter,
+    onnxsim and shape inference refuse that), opset 8, convolutions with ``auto_pad=VALID``."""
+    b = _Builder(29)
+    y = b.op("LeakyRelu", [b.conv("x", 3, 8, pads=False)], alpha=0.1)
+    y = b.op("LeakyRelu", [b.conv(y, 8, 8, pads=False)], alpha=0.1)
+    y = b.conv(y, 8, 8, pads=False)
+    for node in b.nodes:
+        if node.op_type == "Conv":
+            node.ClearField("attribute")
+            node.attribute.extend([helper.make_attribute("kernel_shape", [3, 3]),
+                                   helper.make_attribute("auto_pad", "VALID")])
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(y, 8)], 8, ir_version=3), {"x": [1, 3, 16, 16]}
 
 
 def opset9_pad_upsample() -> Built:
@@ -349,5 +364,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "contrib_operator": contrib_operator, "squeeze_excite_mean": squeeze_excite_mean, "zero_padding": zero_padding,
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
-    "grid_sample": grid_sample, "spectral_front_end": spectral_front_end,
+    "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
 }

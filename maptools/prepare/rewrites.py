@@ -91,19 +91,17 @@ def _explicit_pads(ctx: _Context) -> int:
     changed = 0
     for node in ctx.graph.node:
         mode = node_attr(node, "auto_pad", "NOTSET")
-        shape = ctx.shape(node.input[0]) if node.op_type in _WINDOW_OPS and mode != "NOTSET" else None
-        if shape is None or min(shape) < 0:
+        if node.op_type not in _WINDOW_OPS or mode == "NOTSET":
             continue
-        if node.op_type == "Conv":
-            weight = ctx.shape(node.input[1])
-            if weight is None:
-                continue
-            kernel = list(node_attr(node, "kernel_shape", weight[2:]))
-        else:
-            kernel = list(node_attr(node, "kernel_shape"))
+        weight = ctx.shape(node.input[1]) if node.op_type == "Conv" else None
+        kernel = node_attr(node, "kernel_shape", None if weight is None else weight[2:])
+        shape = ctx.shape(node.input[0])
+        if kernel is None or (mode != "VALID" and (shape is None or min(shape) < 0)):
+            continue
         rank = len(kernel)
-        pads = auto_pads(mode, shape[2:], kernel, list(node_attr(node, "strides", [1] * rank)),
-                         list(node_attr(node, "dilations", [1] * rank)))
+        pads = [0] * 2 * rank if mode == "VALID" else auto_pads(  # VALID: no padding, whatever the shape
+            mode, shape[2:], list(kernel), list(node_attr(node, "strides", [1] * rank)),
+            list(node_attr(node, "dilations", [1] * rank)))
         _drop_attrs(node, {"auto_pad", "pads"})
         node.attribute.append(onnx.helper.make_attribute("pads", pads))
         changed += 1
