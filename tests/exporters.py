@@ -4,8 +4,8 @@ Each builder returns ``(model, input_shapes)``: the model as the exporter ships 
 user gives ``quantize``. They cover what differs between exporters rather than architectures:
 paddle2onnx's Clip with ``min``/``max`` inputs and decomposed hard-swish, keras2onnx's NHWC input
 behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR 3 models with
-initializers listed as graph inputs (or, from OnnxMLTools, not) and opset 7-10 operators (Upsample, BatchNormalization with
-``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
+initializers listed as graph inputs (or, from OnnxMLTools, not) and opset 7-10 operators (Upsample,
+BatchNormalization with ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
