@@ -765,6 +765,8 @@ def quiet() -> Iterator[None]:
 
 #: quantize keywords besides the defaults (``--settings``)
 SETTINGS: dict[str, Any] = {}
+#: whether onnxruntime's and NNCF's quantizers run too (``--maptools-only``: not)
+PEERS = True
 
 
 def run_maptools(name: str, path: Path, shapes: dict[str, list[int]], calib: list[np.ndarray],
@@ -900,8 +902,11 @@ def bench_model(name: str, n_calib: int, n_eval: int, cache: Path, root: Path, t
             quant_pre_process(str(path), str(pre))
     except Exception as e:  # noqa: BLE001 - a copy that cannot be made is recorded as failed
         ort_copies["quant_pre_process"] = e
-    ort_row = best_copy("ort", ort_static, ort_copies, work, input_name, calib, evals, names, task, ref, threads)
-    nncf_row = best_copy("nncf", nncf_quantize, copies, work, input_name, calib, evals, names, task, ref, threads)
+    skipped = {"metric": None, "rel_l2": None, "seconds": None, "copy": None, "tried": {}}
+    ort_row = best_copy("ort", ort_static, ort_copies, work, input_name, calib, evals, names, task, ref,
+                        threads) if PEERS else skipped
+    nncf_row = best_copy("nncf", nncf_quantize, copies, work, input_name, calib, evals, names, task, ref,
+                         threads) if PEERS else skipped
     return {
         "task": model.task, "metric": task.metric_name, "data": description, "note": task.note,
         "calibration_samples": len(calib), "evaluation_samples": len(evals),
@@ -917,7 +922,7 @@ def bench_model(name: str, n_calib: int, n_eval: int, cache: Path, root: Path, t
 
 def cell(row: dict[str, Any]) -> str:
     if row.get("rel_l2") is None:
-        return "failed"
+        return "failed" if row.get("tried") else "not run"
     return (f"{row['metric']:.2%}" if row["metric"] is not None else "-") + f" ({row['rel_l2']:.1%})"
 
 
@@ -966,8 +971,12 @@ def main() -> None:
                              "after the chunk that passes it, and the table says on how many inputs it ran")
     parser.add_argument("--settings", type=json.loads, default={},
                         help='maptools settings as JSON, e.g. \'{"optimization": "fast-bias-correction"}\'')
+    parser.add_argument("--maptools-only", action="store_true",
+                        help="leave the peers out (their cells read 'not run'), e.g. to compare maptools settings")
     args = parser.parse_args()
     SETTINGS.update(args.settings)
+    global PEERS
+    PEERS = not args.maptools_only
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     ort.set_default_logger_severity(3)
