@@ -356,6 +356,21 @@ def spectral_front_end() -> Built:
     return b.model({"x": ["N", 1, 64]}, [b.gemm(pooled, 8, 5)], 13), {"x": [1, 1, 64]}
 
 
+def global_max_and_training_bn() -> Built:
+    """``torch.amax(x, (2, 3))`` (ReduceMax over two axes, keepdims 0) concatenated with a pooled branch, and a
+    BatchNormalization exported in training mode (``TrainingMode.PRESERVE`` on a model in ``train()``:
+    ``training_mode=1``: batch statistics, and the running ones as two more outputs), at opset 15."""
+    b = _Builder(30)
+    y = b.op("Relu", [b.conv("x", 3, 8, stride=2)])
+    stats = [b.const(v) for v in (b.rng.uniform(0.5, 1.5, 8), b.rng.normal(0, 0.1, 8), b.rng.normal(0, 0.1, 8),
+                                  b.rng.uniform(0.5, 1.5, 8))]
+    normed = b.op("BatchNormalization", [b.conv(y, 8, 8), *stats], outputs=3, training_mode=1, momentum=0.9)[0]
+    peak = b.op("ReduceMax", [b.op("Relu", [normed])], axes=[2, 3], keepdims=0)
+    mean = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    return b.model({"x": [2, 3, 16, 16]}, [b.gemm(b.op("Concat", [peak, mean], axis=1), 16, 5)], 15), {
+        "x": [2, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -365,4 +380,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
+    "global_max_and_training_bn": global_max_and_training_bn,
 }

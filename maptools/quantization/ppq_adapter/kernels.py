@@ -47,15 +47,21 @@ def _prelu(op: Any, values: list[torch.Tensor], ctx: Any = None, **kwargs: Any) 
     return torch.where(x >= 0, x, x * slope.to(x.dtype))
 
 
+def _beyond_kernel(op: Any, values: list[Any]) -> bool:
+    """Forms of an operator PPQ's kernel computes wrongly: integer Sub/Div (:data:`_FLOAT_ONLY`), and a
+    BatchNormalization in training mode (its three outputs: batch statistics, and the running ones)."""
+    if op.type in _FLOAT_ONLY:
+        return any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in values)
+    return op.type == "BatchNormalization" and len(op.outputs) > 1
+
+
 def _dispatcher(kernels: dict[str, Any]) -> Any:
     """A forward for one PPQ platform table: PPQ's kernel, or onnxruntime for the operator's ONNX node."""
 
     def forward(op: Any, values: list[Any], ctx: Any = None, **kwargs: Any) -> Any:
         kernel = kernels.get(op.type)
         has_node = getattr(op, "_maptools_runner", None) is not None
-        if has_node and (kernel is None or getattr(op, "_maptools_ort", False) or (
-                op.type in _FLOAT_ONLY and any(isinstance(v, torch.Tensor) and not v.is_floating_point()
-                                               for v in values))):
+        if has_node and (kernel is None or getattr(op, "_maptools_ort", False) or _beyond_kernel(op, values)):
             return _run_ort(op, values, ctx)
         if kernel is None:
             raise NotImplementedError(f"PPQ has no kernel for {op.name} ({op.type}).")
@@ -75,8 +81,8 @@ def _dispatcher(kernels: dict[str, Any]) -> Any:
 
 _FORWARDS: dict[Any, Any] = {}  # platform -> the forward of every operator type on it
 #: Operators always run in onnxruntime: PPQ's Gather and Slice kernels index tensors with a list of slices,
-#: which torch deprecated (it will read them as one index array).
-_ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice"})
+#: which torch deprecated (it will read them as one index array); its ReduceMax reduces the first axis only.
+_ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice", "ReduceMax"})
 #: Operators whose PPQ kernel computes only floats: its Sub casts the result to float, its Div floors integer
 #: quotients (ONNX truncates); on integer inputs (index arithmetic) they run in onnxruntime.
 _FLOAT_ONLY = frozenset({"Sub", "Div"})
