@@ -148,6 +148,11 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
         return Role.HOST, f"{op} has no device form"
     if len(node.output) != 1 and op != "Split":
         return Role.HOST, f"{op} with several outputs"
+    if op == "AveragePool":  # the periphery's window sums: 2-D windows, undilated, padded alike on both sides
+        pads = list(node_attr(node, "pads", [0, 0, 0, 0]))
+        if len(node_attr(node, "kernel_shape", [])) != 2 or any(d != 1 for d in node_attr(node, "dilations", [1])) \
+                or pads[:2] != pads[2:] or node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return Role.HOST, "AveragePool other than 2-D, undilated and padded alike on both sides"
     if op in AVGPOOL_OP_TYPES:
         return Role.AVGPOOL, ""
     if op == "Concat":

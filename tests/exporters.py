@@ -371,6 +371,17 @@ def global_max_and_training_bn() -> Built:
         "x": [2, 3, 16, 16]}
 
 
+def uneven_average_pools() -> Built:
+    """Average pools the periphery does not take: tf2onnx's ``auto_pad=SAME_UPPER`` on an even input (padded
+    more at the end) and torch's AvgPool1d; they run on the host, and the map converts."""
+    b = _Builder(31)
+    y = b.op("AveragePool", [b.conv("x", 3, 8)], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
+    y = b.op("Reshape", [b.conv(y, 8, 8), b.const([1, 8, 64], np.int64)])
+    y = b.op("AveragePool", [y], kernel_shape=[3], strides=[2], pads=[1, 1])
+    return b.model({"x": [1, 3, 16, 16]}, [b.gemm(b.op("Flatten", [y], axis=1), 8 * 32, 5)], 13), {
+        "x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -380,5 +391,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "resize_by_sizes": lambda: resize_model("nearest", "asymmetric", "floor", by_sizes=True),
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
-    "global_max_and_training_bn": global_max_and_training_bn,
+    "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
 }

@@ -144,3 +144,17 @@ def test_the_work_inside_control_flow_counts_toward_the_total() -> None:
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     model.graph.node[3].attribute[0].g.ClearField("value_info")  # as the prepared model: outer shapes only
     assert macs(model) == {"gemm": 16 * 32, "if": 32 * 32}
+
+
+def test_average_pools_the_periphery_cannot_take_run_on_the_host() -> None:
+    """The device's window sums are 2-D, undilated and padded alike on both sides; an asymmetric pad, a 1-D
+    window or a dilated one keeps the pool on the host, where the conversion does not refuse it."""
+    pool = lambda name, **a: helper.make_node("AveragePool", ["a"], [name], name=name, **a)  # noqa: E731
+    nodes = [_conv("x", "a"), pool("even", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             pool("uneven", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1]),
+             pool("dilated", kernel_shape=[3, 3], dilations=[2, 2]), _conv("even", "y1"), _conv("uneven", "y2"),
+             _conv("dilated", "y3")]
+    placed = place(_graph(nodes, ["y1", "y2", "y3"]))
+    assert placed.roles["even"] is Role.AVGPOOL
+    assert placed.roles["uneven"] is placed.roles["dilated"] is Role.HOST
+    assert placed.reasons["uneven"].startswith("AveragePool other than 2-D")
