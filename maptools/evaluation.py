@@ -118,12 +118,13 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
     return EvaluationSet(samples, labels[:count].astype(np.int64), f"{path.name} ({count} labelled samples)")
 
 
-def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    """Every output of the float model in onnxruntime (CPU), per sample."""
+def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndarray]],
+                  names: Sequence[str] | None = None) -> list[list[np.ndarray]]:
+    """The outputs ``names`` (default every output) of a model in onnxruntime (CPU), per sample."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return [[np.asarray(o) for o in run_on_sample(session, None, s)] for s in samples]
+    return [[np.asarray(o) for o in run_on_sample(session, names, s)] for s in samples]
 
 
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
@@ -168,8 +169,9 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     if isinstance(evaluation, (str, Path)):
         evaluation = load_evaluation_set(evaluation, shapes, limit=samples, dtypes=types)
     data = evaluation or random_evaluation_set(shapes, samples, seed, types, index_limits(model))
-    reference = float_outputs(version.file(MODEL), data.samples)
-    quantized = float_outputs(version.file(QUANT_MODEL), data.samples)
+    names = list(dict.fromkeys(o.name for o in model.graph.output))  # (an output listed twice counts once)
+    reference = float_outputs(version.file(MODEL), data.samples, names)
+    quantized = float_outputs(version.file(QUANT_MODEL), data.samples, names)
     metrics = compare_outputs(quantized, reference, data.labels)
     return OutputError(samples=len(data.samples), verified=True, source=data.description,
                        seconds=time.perf_counter() - started, **metrics)  # type: ignore[arg-type]

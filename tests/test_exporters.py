@@ -444,6 +444,28 @@ def test_an_input_without_the_batch_axis_goes_whole_to_every_run(tmp_path: Path)
         simulate(timed.map, "random", batch=1)
 
 
+def test_an_output_listed_twice_is_evaluated_once(tmp_path: Path) -> None:
+    """torch's TorchScript exporter writes ``return y, x, y`` as outputs [y, x, y] (onnxruntime runs it), and
+    quant_model.onnx lists each once: the evaluations pair the outputs by name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.crossbar.evaluation import evaluate_crossbar
+    from maptools.crossbar.mapping import CrossbarSpec
+    from maptools.evaluation import evaluate_map
+
+    w = numpy_helper.from_array((np.random.default_rng(4).standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"], name="relu")], "twice",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "x", "y")], [w])
+    path = tmp_path / "twice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 3, 8, 8]}, "cpu", path, mapname="twice", calib_steps=CALIB, output_root=tmp_path)
+    convert(result.map)
+    assert evaluate_map(result.map, samples=2).rel_l2 < 0.05
+    assert evaluate_crossbar(result.map, CrossbarSpec(rows=64, cols=64, adc_bits=12), samples=2).integer_rel_l2 < 0.05
+
+
 def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     """A float16 export (weights, activations, input and output): prepared as float32 (checked against the
     original at float16's precision), calibrated on float16 samples, and simulated near the original."""

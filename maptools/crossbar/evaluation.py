@@ -104,7 +104,7 @@ def _opened(mapname: str | MapRef, output_root: str | Path | None, evaluation: E
     if isinstance(evaluation, (str, Path)):
         evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
     data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types, graph.input_limits)
-    return graph, params, data, float_outputs(version.existing(MODEL), data.samples)
+    return graph, params, data, float_outputs(version.existing(MODEL), data.samples, list(graph.outputs))
 
 
 def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str | Path | None = None,
