@@ -108,15 +108,15 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
     return result
 
 
-#: Operators through which an integer input still holds the same ids (token ids reshaped, cast, sliced).
-_ID_PRESERVING = frozenset({"Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Slice",
-                            "Expand", "Tile", "Split"})
+#: Operators whose output depends on their input's shape only, not on its values.
+_SHAPE_ONLY = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})
 
 
 def index_limits(model: onnx.ModelProto) -> dict[str, int]:
-    """``{input: n}`` for each integer input that indexes a constant table (``Gather`` of token ids into an
-    embedding of ``n`` rows, possibly after a Cast or Reshape): random values of that input must stay below
-    ``n`` (the smallest such table), or the model indexes out of bounds."""
+    """``{input: n}`` for each integer input whose values reach the indices of a ``Gather`` from a constant
+    table (token ids into an embedding of ``n`` rows, directly or through a Cast, a Reshape, a row picked from
+    them, or tf2onnx's wrap of negative ids): random values of that input must stay below ``n`` (the smallest
+    such table), or the model indexes out of bounds."""
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
@@ -130,14 +130,14 @@ def index_limits(model: onnx.ModelProto) -> dict[str, int]:
         if spec.dtype.kind not in "iu":
             continue
         found, seen, todo = [], {spec.name}, [spec.name]
-        while todo:
+        while todo:  # every tensor the input's values flow into
             tensor = todo.pop()
             for node in readers.get(tensor, []):
                 if node.op_type == "Gather" and node.input[1] == tensor and node.input[0] in dims:
                     shape = dims[node.input[0]]
                     found.append(shape[int(node_attr(node, "axis", 0)) % len(shape)])
-                elif node.op_type == "Concat" or (node.op_type in _ID_PRESERVING and node.input[0] == tensor):
-                    todo.extend(t for t in node.output if t not in seen)
+                elif node.op_type not in _SHAPE_ONLY:
+                    todo.extend(t for t in node.output if t and t not in seen)
                     seen.update(node.output)
         if found:
             limits[spec.name] = min(found)

