@@ -332,6 +332,14 @@ def _dims(graph: onnx.GraphProto, outer: Mapping[str, list[int]] | None = None) 
     return dims
 
 
+#: Integer forms of the matrix operators (onnxruntime's quantizers write them): (domain, type) -> (the float
+#: operator whose work it does, the index of its weight input).
+_INTEGER_FORMS = {("", "MatMulInteger"): ("MatMul", 1), ("", "QLinearMatMul"): ("MatMul", 3),
+                  ("", "ConvInteger"): ("Conv", 1), ("", "QLinearConv"): ("Conv", 3),
+                  ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 1),
+                  ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 1)}
+
+
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
     """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
     a Loop's or Scan's body once: its trip count is the data's)."""
@@ -341,7 +349,12 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
                    for inner in [_dims(body, dims)])
     op, ins = node.op_type, [dims.get(t) for t in node.input]
     out = dims.get(node.output[0]) if node.output else None
-    if node.domain not in ("", "ai.onnx") or len(ins) < 2 or ins[0] is None or ins[1] is None:
+    if (node.domain, op) in _INTEGER_FORMS:  # an already-quantized model's integer operators: the same work
+        op, weight = _INTEGER_FORMS[node.domain, op]
+        ins = [ins[0], ins[weight] if len(ins) > weight else None]
+    elif node.domain not in ("", "ai.onnx"):
+        return 0
+    if len(ins) < 2 or ins[0] is None or ins[1] is None:
         return 0
     x, w = ins[0], ins[1]
     if op == "Conv" and out is not None:
@@ -361,8 +374,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, and control flow whose bodies do), from the shapes the prepared model records; operators
-    without known shapes count 0."""
+    LSTM, GRU, RNN, their integer forms, and control flow whose bodies do), from the shapes the prepared model
+    records; operators without known shapes count 0."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
             model = onnx.shape_inference.infer_shapes(model)

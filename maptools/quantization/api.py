@@ -300,6 +300,12 @@ def _error_report(graph: Any, calibration: CalibrationSet, steps: int, qdq: byte
         return {}
 
 
+#: Operators of a model an integer quantizer has already written (onnxruntime's static and dynamic ones).
+_QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                                 "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
+                                 "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "QAttention", "QGemm"})
+
+
 def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -535,6 +541,12 @@ def quantize(
                      "strict=True makes such a failure an error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
+    quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in _QUANTIZED_OP_TYPES})
+    if quantized:
+        notes.append(f"the model is quantized already ({', '.join(quantized)}): those operators run on the host as "
+                     f"written; the crossbars compute {_share(report)} of the multiply-accumulates. Quantize its "
+                     "float original to put them on the crossbars.")
+        log.warning(notes[-1])
     if done.mixed is not None:
         notes.extend(done.mixed.notes)
     if settings.activation_sign is ActivationSign.AUTO and not settings.unsigned_activations:
