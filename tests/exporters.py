@@ -382,6 +382,20 @@ def uneven_average_pools() -> Built:
         "x": [1, 3, 16, 16]}
 
 
+def opset21_norms() -> Built:
+    """torch's dynamo exporter at opset 21: GroupNormalization (per-channel scale), a LayerNormalization over
+    the last axis of a channels-last tensor whose shape inference leaves unknown, and ``Gelu(approximate='tanh')``."""
+    b = _Builder(32)
+    y = b.conv("x", 3, 8, stride=2)
+    y = b.op("GroupNormalization", [y, b.const(b.rng.uniform(0.5, 1.5, 8)), b.const(b.rng.normal(0, 0.1, 8))],
+             num_groups=4, epsilon=1e-5)
+    y = b.op("Transpose", [y], perm=[0, 2, 3, 1])
+    y = b.op("LayerNormalization", [y, b.const(b.rng.uniform(0.5, 1.5, 8)), b.const(b.rng.normal(0, 0.1, 8))],
+             axis=-1, epsilon=1e-5)
+    y = b.op("Gelu", [b.op("Transpose", [y], perm=[0, 3, 1, 2])], approximate="tanh")
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 21), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -392,4 +406,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
+    "opset21_norms": opset21_norms,
 }

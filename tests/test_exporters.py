@@ -114,6 +114,16 @@ def test_a_pad_no_operator_absorbs_moves_codes_on_the_device(tmp_path: Path) -> 
     assert {graph.node(p)["role"] for p in pads} == {"move"}
 
 
+def test_an_opset_21_export_comes_down_to_13_whole(tmp_path: Path) -> None:
+    """GroupNormalization-21, a LayerNormalization whose input rank shape inference loses, and the tanh GELU
+    each have an opset-13 form: the model comes down whole (one left out would keep every MatMul on the host)."""
+    model, shapes = IDIOMS["opset21_norms"]()
+    result, _ = _pipeline(model, shapes, tmp_path, "opset21")
+    assert not result.prepared["fallbacks"], result.prepared["fallbacks"]
+    assert any(s.startswith("opset 21 -> 13") and "GroupNormalization x1" in s and "Gelu x1" in s
+               for s in result.prepared["steps"]), result.prepared["steps"]
+
+
 @pytest.mark.parametrize(("mode", "transform", "nearest"), RESIZE_MODES)
 def test_resize_in_every_mode(mode: str, transform: str, nearest: str, tmp_path: Path) -> None:
     model, shapes = resize_model(mode, transform, nearest)

@@ -109,11 +109,13 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     if len([o for o in node.output if o]) > 1:
         raise ModelError(f"{_where(node)} uses its Mean/InvStdDev outputs, which opset 13 has no operator for.",
                          "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).")
-    shape = ctx.shape(node.input[0])
-    if shape is None:
-        raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
-    axis = int(node_attr(node, "axis", -1)) % len(shape)
-    axes = list(range(axis, len(shape)))
+    axis = int(node_attr(node, "axis", -1))
+    if axis >= 0:  # (a negative axis counts from the end: no rank needed)
+        shape = ctx.shape(node.input[0])
+        if shape is None:
+            raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
+        axis -= len(shape)
+    axes = list(range(axis, 0))
     eps = float(node_attr(node, "epsilon", 1e-5))
     x, out, name = node.input[0], node.output[0], node.name or node.output[0]
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "scaled")}
@@ -140,15 +142,54 @@ def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("c", "half", "one", "a", "b", "e", "p")}
     ctx.add_initializer(t["half"], np.asarray(0.5, dtype=np.float32))
     ctx.add_initializer(t["one"], np.asarray(1.0, dtype=np.float32))
-    if node_attr(node, "approximate", "none") == "tanh":
-        raise ModelError(f"{_where(node)} uses the tanh approximation, which maptools does not rewrite.",
-                         "re-export the model with opset 13 or with the exact GELU.")
+    if node_attr(node, "approximate", "none") == "tanh":  # x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        u = {k: ctx.fresh(f"{out}_{k}") for k in ("three", "k", "cube", "kcube", "inner", "tanh")}
+        ctx.add_initializer(u["three"], np.asarray(3.0, dtype=np.float32))
+        ctx.add_initializer(u["k"], np.asarray(0.044715, dtype=np.float32))
+        ctx.add_initializer(t["c"], np.asarray(math.sqrt(2.0 / math.pi), dtype=np.float32))
+        return [onnx.helper.make_node("Pow", [x, u["three"]], [u["cube"]], name=f"{name}_cube"),
+                onnx.helper.make_node("Mul", [u["cube"], u["k"]], [u["kcube"]], name=f"{name}_kcube"),
+                onnx.helper.make_node("Add", [x, u["kcube"]], [u["inner"]], name=f"{name}_inner"),
+                onnx.helper.make_node("Mul", [u["inner"], t["c"]], [t["a"]], name=f"{name}_scale"),
+                onnx.helper.make_node("Tanh", [t["a"]], [u["tanh"]], name=f"{name}_tanh"),
+                onnx.helper.make_node("Add", [u["tanh"], t["one"]], [t["b"]], name=f"{name}_add"),
+                onnx.helper.make_node("Mul", [x, t["b"]], [t["p"]], name=f"{name}_mul"),
+                onnx.helper.make_node("Mul", [t["p"], t["half"]], [out], name=name)]
     ctx.add_initializer(t["c"], np.asarray(math.sqrt(2.0), dtype=np.float32))
     return [onnx.helper.make_node("Div", [x, t["c"]], [t["a"]], name=f"{name}_div"),
             onnx.helper.make_node("Erf", [t["a"]], [t["e"]], name=f"{name}_erf"),
             onnx.helper.make_node("Add", [t["e"], t["one"]], [t["b"]], name=f"{name}_add"),
             onnx.helper.make_node("Mul", [x, t["b"]], [t["p"]], name=f"{name}_mul"),
             onnx.helper.make_node("Mul", [t["p"], t["half"]], [out], name=name)]
+
+
+def _groupnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """GroupNormalization (18, 21) as an InstanceNormalization of the channels' groups, then the per-channel
+    scale and bias (opset 18's per-group ones repeated over each group's channels)."""
+    shape = ctx.shape(node.input[0])
+    scale, bias = ctx.initializer(node.input[1]), ctx.initializer(node.input[2])
+    if shape is None or min(shape) < 0 or scale is None or bias is None:
+        raise ModelError(f"{_where(node)} has no static input shape or a computed scale or bias.",
+                         "give input_shapes for every input, or re-export the model with opset 13.")
+    groups, channels = int(node_attr(node, "num_groups")), shape[1]
+    if scale.size != channels:  # opset 18: one scale and bias per group
+        scale, bias = np.repeat(scale, channels // groups), np.repeat(bias, channels // groups)
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("grouped", "gshape", "ones", "zeros", "normed", "back", "shape",
+                                              "scale", "bias", "scaled")}
+    ctx.add_initializer(t["gshape"], np.asarray([shape[0], groups, -1], dtype=np.int64))
+    ctx.add_initializer(t["ones"], np.ones(groups, dtype=np.float32))
+    ctx.add_initializer(t["zeros"], np.zeros(groups, dtype=np.float32))
+    ctx.add_initializer(t["shape"], np.asarray(shape, dtype=np.int64))
+    per_channel = [channels] + [1] * (len(shape) - 2)
+    ctx.add_initializer(t["scale"], scale.astype(np.float32).reshape(per_channel))
+    ctx.add_initializer(t["bias"], bias.astype(np.float32).reshape(per_channel))
+    return [onnx.helper.make_node("Reshape", [x, t["gshape"]], [t["grouped"]], name=f"{name}_group"),
+            onnx.helper.make_node("InstanceNormalization", [t["grouped"], t["ones"], t["zeros"]], [t["normed"]],
+                                  name=f"{name}_norm", epsilon=float(node_attr(node, "epsilon", 1e-5))),
+            onnx.helper.make_node("Reshape", [t["normed"], t["shape"]], [t["back"]], name=f"{name}_ungroup"),
+            onnx.helper.make_node("Mul", [t["back"], t["scale"]], [t["scaled"]], name=f"{name}_scale"),
+            onnx.helper.make_node("Add", [t["scaled"], t["bias"]], [out], name=name)]
 
 
 def _mish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
@@ -256,6 +297,7 @@ _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax
 #: Rewrites of operators whose definition after opset 13 differs from (or is absent at) opset 13.
 _DOWN: dict[str, Rewrite] = {
     "HardSwish": _hardswish, "LayerNormalization": _layernorm, "Gelu": _gelu, "Mish": _mish,
+    "GroupNormalization": _groupnorm,
     "Shape": _shape_slice, "CastLike": _castlike, "Split": _split, **{op: _reduce_axes for op in _REDUCE},
     "Reshape": _reshape,
     "BatchNormalization": _only_defaults({"training_mode": 0}),
