@@ -159,3 +159,23 @@ def test_maptools_home_sets_the_output_root(small_cnn, tmp_path, monkeypatch) ->
     monkeypatch.setenv("MAPTOOLS_HOME", str(tmp_path / "home"))
     result = quantize(SHAPES, "cpu", small_cnn, mapname="h", calib_steps=8)
     assert result.map_dir == tmp_path / "home" / "mapsave" / "h" and result.quantinfo_path.is_file()
+
+
+def test_a_model_with_outputs_that_are_not_tensors_is_refused_with_the_fix(tmp_path) -> None:
+    """skl2onnx's default classifier ends in a ZipMap (a sequence of maps), which onnxruntime runs but no stage
+    can carry: one ModelError naming the output and the export option, and nothing written."""
+    coefficients = np.random.default_rng(0).standard_normal(12).tolist()
+    graph = helper.make_graph(
+        [helper.make_node("LinearClassifier", ["x"], ["label", "prob"], domain="ai.onnx.ml", coefficients=coefficients,
+                          intercepts=[0.0, 0.1, -0.1], classlabels_ints=[0, 1, 2], post_transform="SOFTMAX"),
+         helper.make_node("ZipMap", ["prob"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])],
+        "zipmap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_value_info("probabilities", helper.make_sequence_type_proto(
+             helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))])
+    path = tmp_path / "zipmap.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)]),
+              str(path))
+    with pytest.raises(ModelError, match=r"outputs 'probabilities' \(sequence_type\) are not tensors.*zipmap"):
+        quantize({"x": [1, 4]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "m").exists()

@@ -88,9 +88,15 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load).
 
     Raises:
-        ModelError: onnxruntime cannot load the model.
+        ModelError: onnxruntime cannot load the model, or an output is not a tensor.
         InputShapeError: the model does not run with ``shapes``.
     """
+    others = [f"{o.name!r} ({o.type.WhichOneof('value')})" for o in original.graph.output
+              if o.type.WhichOneof("value") not in (None, "tensor_type")]
+    if others:
+        raise ModelError(f"the model's outputs {', '.join(others)} are not tensors (a ZipMap's sequence of maps, a "
+                         "sequence): maptools carries tensors between its stages.",
+                         "export the model with tensor outputs (skl2onnx: options={id(model): {'zipmap': False}}).")
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(original)
     fix_input_dims(relaxed, shapes)
