@@ -185,5 +185,6 @@ class FloatReference:
         found = []
         for feed in feeds:
             rows = self._rows.get(_feed_key(feed))
-            found.append(run_on_sample(self.session, names, feed) if rows is None else [rows[order[t]] for t in tensors])
+            found.append(run_on_sample(self.session, names, feed) if rows is None
+                         else [rows[order[t]] for t in tensors])
         return found
