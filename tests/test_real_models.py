@@ -49,7 +49,9 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     assert set(simulated) == set(qdq)
     for out, value in simulated.items():
         assert value.shape == qdq[out].shape and np.all(np.isfinite(value)), out
-    if placement.total_macs and not any(n.startswith("the model is quantized already") for n in result.notes):
+    on_host = any(n.startswith("the model is quantized already") for n in result.notes) or any(
+        s.startswith("control flow kept on the host") for s in result.prepared["steps"])  # (their work counts)
+    if placement.total_macs and not on_host:
         assert placement.crossbar_coverage > 0.5, placement.summary()
     # every device operator of the integer simulation, fed PPQ's inputs, lands within one step of PPQ's output
     # (end to end, random data drives some of these models to outputs near zero, where relative errors mean
