@@ -10,6 +10,7 @@ integer and crossbar simulations run it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,7 @@ from maptools.quantinfo import QuantConfig
 __all__ = ["OperatorGraph", "build_graph", "dumps", "DEVICE", "HOST"]
 
 GRAPH_FORMAT = "maptools.operator_graph/2"
-#: Largest constant (elements) kept inline in the graph for an operator other than Conv/Gemm.
+#: Largest constant or attribute (elements) kept inline in the graph for an operator other than Conv/Gemm.
 MAX_INLINE_CONSTANT = 4096
 
 
@@ -212,13 +213,17 @@ def _shape(vi: onnx.ValueInfoProto) -> list[int] | None:
 
 
 def _plain(value: Any) -> Any:
-    """An ONNX attribute value as JSON (lists, not tuples; str, not bytes)."""
+    """An ONNX attribute value as JSON (lists, not tuples; str, not bytes); one of more than
+    :data:`MAX_INLINE_CONSTANT` elements (a tree ensemble's nodes: it runs from the model) as its size, which the
+    graph leaves out as it does a control-flow body."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v) for v in value] if len(value) <= MAX_INLINE_CONSTANT else {"elements": len(value)}
     if isinstance(value, onnx.TensorProto):
-        return onnx.numpy_helper.to_array(value).tolist()
+        dims = list(value.dims)
+        return onnx.numpy_helper.to_array(value).tolist() if math.prod(dims) <= MAX_INLINE_CONSTANT else {
+            "tensor": dims}
     if isinstance(value, onnx.GraphProto):  # a control-flow body: it runs in onnxruntime, from the model
         return {"subgraph": value.name, "operators": len(value.node)}
     if isinstance(value, (np.generic,)):

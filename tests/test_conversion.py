@@ -181,3 +181,39 @@ def test_every_stage_takes_the_map_a_quantization_returned(small_result, tmp_pat
     with pytest.raises(SettingsError, match="referenced at"):
         read_quantinfo(ref, tmp_path)  # one root, not two
     assert read_quantinfo(ref, small_result.output_root) == read_quantinfo(ref)
+
+
+def test_a_host_operator_with_large_attributes_is_recorded_by_size(tmp_path) -> None:
+    """A tree ensemble (LightGBM through onnxmltools: every node of every tree an attribute element) runs from
+    the model on the host: the operator graph records its large attributes' sizes, not their values (a 194 MB
+    model gave a 348 MB graph and minutes of conversion), and the map still simulates it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from maptools import quantize
+    from maptools.simulate import simulate
+
+    trees, features = 3000, 8
+    rng = np.random.default_rng(0)
+    node = oh.make_node(
+        "TreeEnsembleRegressor", ["x"], ["y"], domain="ai.onnx.ml", n_targets=1,
+        nodes_treeids=np.repeat(np.arange(trees), 3).tolist(), nodes_nodeids=[0, 1, 2] * trees,
+        nodes_modes=["BRANCH_LEQ", "LEAF", "LEAF"] * trees,
+        nodes_featureids=np.stack([rng.integers(0, features, trees), np.zeros(trees, int), np.zeros(trees, int)],
+                                  1).ravel().tolist(),
+        nodes_values=rng.standard_normal(3 * trees).tolist(), nodes_truenodeids=[1, 0, 0] * trees,
+        nodes_falsenodeids=[2, 0, 0] * trees, target_treeids=np.repeat(np.arange(trees), 2).tolist(),
+        target_nodeids=[1, 2] * trees, target_ids=[0] * (2 * trees), target_weights=rng.standard_normal(2 * trees).tolist())
+    graph = oh.make_graph([node], "trees", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, features])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])])
+    path = tmp_path / "trees.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13), oh.make_opsetid("ai.onnx.ml", 1)]), str(path))
+    result = quantize({"x": [1, features]}, "cpu", path, mapname="trees", calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    convert(result.map)
+    assert (result.map_dir / GRAPH_FILE).stat().st_size < 100_000
+    (stored,) = json.loads((result.map_dir / GRAPH_FILE).read_text())["nodes"]
+    assert stored["attrs"] == {"n_targets": 1} and stored["part"] == "host"
+    x = rng.standard_normal((1, features)).astype(np.float32)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(simulate(result.map, {"x": x}).outputs["y"], reference, atol=1e-5)
