@@ -48,8 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from maptools.onnx_model import constant_values, node_attr
 
 __all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "macs",
-           "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES", "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES",
-           "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS", "DEVICE", "HOST"]
+           "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES",
+           "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES", "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS",
+           "QUANTIZED_OP_TYPES", "DEVICE", "HOST"]
 
 DEVICE, HOST = "device", "host"
 #: ``metadata_props`` key of a model: operators kept on the host in float, ``{name: why}`` (JSON).
@@ -338,6 +339,11 @@ _INTEGER_FORMS = {("", "MatMulInteger"): ("MatMul", 1), ("", "QLinearMatMul"): (
                   ("", "ConvInteger"): ("Conv", 1), ("", "QLinearConv"): ("Conv", 3),
                   ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 1),
                   ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 1)}
+
+
+#: Operators of a model an integer quantizer has already written (onnxruntime's static and dynamic ones).
+QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                                "DynamicQuantizeLSTM", "QAttention", "QGemm", *(op for _, op in _INTEGER_FORMS)})
 
 
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:

@@ -185,6 +185,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
     """
     ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
+    # IR 4 at least, where initializers need not be graph inputs: onnx's converter, onnxsim and shape inference
+    # refuse an IR-3 model whose initializers are not (OnnxMLTools wrote such files)
+    ctx.model.ir_version = max(ctx.model.ir_version, 4)
     _drop_unused_opsets(ctx.model)
     if fix_input_dims(ctx.model, shapes, output_shapes):
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))

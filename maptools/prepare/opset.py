@@ -69,9 +69,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def fold_constant_nodes(ctx: _Context) -> int:
-    """Replace ``Constant`` nodes by initializers of the same name; the model at IR 4 at least (where
-    initializers need not be inputs: onnx's converter, onnxsim and shape inference refuse IR 3 otherwise)."""
-    ctx.model.ir_version = max(ctx.model.ir_version, 4)
+    """Replace ``Constant`` nodes by initializers of the same name."""
     kept, folded = [], 0
     for node in ctx.graph.node:
         value = _constant_value(node) if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS else None

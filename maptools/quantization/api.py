@@ -32,7 +32,8 @@ from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
 from maptools.onnx_model import ModelInput, check_input_shapes, index_limits, load_model, model_inputs
-from maptools.placement import PlacementReport, placement_report, record_host, recorded_host
+from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
+                                recorded_host)
 import maptools.maps.seed as contract
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
@@ -300,12 +301,6 @@ def _error_report(graph: Any, calibration: CalibrationSet, steps: int, qdq: byte
         return {}
 
 
-#: Operators of a model an integer quantizer has already written (onnxruntime's static and dynamic ones).
-_QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                                 "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
-                                 "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "QAttention", "QGemm"})
-
-
 def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -541,7 +536,7 @@ def quantize(
                      "strict=True makes such a failure an error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
-    quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in _QUANTIZED_OP_TYPES})
+    quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in QUANTIZED_OP_TYPES})
     if quantized:
         notes.append(f"the model is quantized already ({', '.join(quantized)}): those operators run on the host as "
                      f"written; the crossbars compute {_share(report)} of the multiply-accumulates. Quantize its "
