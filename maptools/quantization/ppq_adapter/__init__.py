@@ -172,7 +172,8 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     on its own (no layer-by-layer passes)."""
     layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
               and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
-              and op.inputs[2].value is not None and op.config.input_quantization_config[0].state in _APPLIED]
+              and op.inputs[2].value is not None
+              and op.config.input_quantization_config[0].dominated_by.state in _APPLIED]  # an input on its producer's grid
     if not layers:
         return
     inputs = {i.name for i in model.graph.input}
