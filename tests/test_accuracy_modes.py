@@ -150,10 +150,10 @@ def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None
     weights = [k for k in plain if k.endswith("_weight")]
     assert all(np.array_equal(plain[k], corrected[k]) for k in weights)
     biases = [k for k in plain if k.endswith("_bias") and plain[k] is not None]
-    # every layer, not only the first: a layer reading its producer's grid is corrected too
-    # (a shift below half an int32 step, s_in * s_w, would leave a layer's codes as they were)
+    # not only the first layer: a layer reading its producer's grid is corrected too (a layer whose bias would
+    # move by over twice itself is left, as NNCF leaves it)
     changed = [k for k in biases if not np.array_equal(plain[k], corrected[k])]
-    assert len(changed) == len(biases) > 1, (changed, biases)
+    assert len([k for k in changed if k != biases[0]]) >= 2, (changed, biases)
     assert corrected_top1 >= top1 - 0.02, (top1, corrected_top1)
     with pytest.raises(CalibrationError, match="fast-bias-correction"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="x", optimization="fast-bias-correction", output_root=tmp_path)

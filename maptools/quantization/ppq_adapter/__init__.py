@@ -162,17 +162,23 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
 
 #: Calibration samples the fast bias correction averages over.
 FBC_SAMPLES = 32
+#: A layer's bias is left as it is where the correction would move some element of it by this many times itself
+#: (or where an element is zero): NNCF's threshold.
+FBC_THRESHOLD = 2.0
 
 
 def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
                           calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
-    """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
-    grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from
-    the float output's; that shift is added to its bias. One float forward per sample, each layer judged
-    on its own (no layer-by-layer passes)."""
+    """NNCF's fast bias correction on the crossbar layers: the float model's mean input and output per channel
+    over the calibration samples; each layer, run quantized (its input on its input grid, its baked weights)
+    on its mean input, shifts its output's mean per channel from the float mean; that shift is added to its
+    bias unless it would move an element by :data:`FBC_THRESHOLD` times itself. One float forward per
+    sample and one run per layer, each layer judged on its own. The mean input corrects the mean error of
+    rounding the weights and the input, not that of clipping single samples' outliers (NNCF's choice too:
+    correcting those as well moved heads that read a clipped input by 5x their biases)."""
     layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
               and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
-              and op.inputs[2].value is not None
+              and op.inputs[2].value is not None and not (op.type == "Gemm" and op.attributes.get("transA"))
               and op.config.input_quantization_config[0].dominated_by.state in _APPLIED]  # an input on its producer's grid
     if not layers:
         return
@@ -199,9 +205,13 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
             shift[op.name] = shift.get(op.name, 0.0) + delta
         count += 1
     for op in layers:
-        bias = op.inputs[2]
-        bias.value = bias.value + torch.from_numpy(shift[op.name] / count).to(bias.value.dtype).to(
-            bias.value.device).reshape(bias.value.shape)
+        bias = op.inputs[2].value.detach().cpu().numpy()
+        delta = shift[op.name] / count
+        if np.any(bias == 0) or np.max(np.abs(delta.reshape(bias.shape) / bias)) >= FBC_THRESHOLD:
+            log.debug("fast bias correction leaves %s: its bias would move by over %gx itself", op.name, FBC_THRESHOLD)
+            continue
+        op.inputs[2].value = op.inputs[2].value + torch.from_numpy(delta).to(op.inputs[2].value.dtype).to(
+            op.inputs[2].value.device).reshape(op.inputs[2].value.shape)
 
 
 def quantize_graph(
