@@ -512,6 +512,32 @@ def test_an_output_listed_twice_is_evaluated_once(tmp_path: Path) -> None:
     assert evaluate_crossbar(result.map, CrossbarSpec(rows=64, cols=64, adc_bits=12), samples=2).integer_rel_l2 < 0.05
 
 
+def test_an_input_no_node_reads_is_an_input_of_every_artifact(tmp_path: Path) -> None:
+    """paddle2onnx declares a sequence-length input the graph never reads (lac's encoder): quant_model.onnx
+    takes it too, so the error report, the evaluations and the simulations feed both models alike."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.crossbar.evaluation import evaluate_crossbar
+    from maptools.crossbar.mapping import CrossbarSpec
+    from maptools.evaluation import evaluate_map
+
+    w = numpy_helper.from_array((np.random.default_rng(6).standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"], name="relu")], "unread",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                               helper.make_tensor_value_info("length", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "unread.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 3, 8, 8], "length": [1]}, "cpu", path, mapname="unread", calib_steps=CALIB,
+                      output_root=tmp_path)
+    assert [i.name for i in onnx.load(str(result.quant_model_path)).graph.input] == ["x", "length"]
+    assert result.errors.per_layer and not any("error report" in n for n in result.notes), result.notes
+    convert(result.map)
+    assert evaluate_map(result.map, samples=2).rel_l2 < 0.05
+    assert evaluate_crossbar(result.map, CrossbarSpec(rows=64, cols=64, adc_bits=12), samples=2).integer_rel_l2 < 0.05
+
+
 def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     """A float16 export (weights, activations, input and output): prepared as float32 (checked against the
     original at float16's precision), calibrated on float16 samples, and simulated near the original."""

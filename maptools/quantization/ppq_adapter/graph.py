@@ -175,16 +175,23 @@ class QuantizedGraph:
     def qdq_model(self) -> bytes:
         """The QDQ model onnxruntime runs, exact at every width (see :class:`_ExactExporter`), serialized.
 
-        PPQ's exporter lists graph inputs and outputs in its own variable order and names the
-        tensors it adds from a process-wide counter; inputs and outputs are put back in the model's
-        order and added tensors renamed in order of use, so the same quantization gives the same bytes.
+        PPQ's exporter lists graph inputs and outputs in its own variable order (leaving out inputs no node
+        reads) and names the tensors it adds from a process-wide counter; inputs and outputs are put back in
+        the model's order and added tensors renamed in order of use, so the same quantization gives the same
+        bytes.
         """
         written = io.BytesIO()  # PPQ's exporter onnx.save()s to it: no file written and read back
         with _quiet(), ppq_step("exporting the QDQ model"):
             _ExactExporter().export(file_path=written, config_path=None, graph=self._graph.copy(),
                                     quantized_param=False)
         exported = onnx.ModelProto.FromString(written.getbuffer())
-        for field_name, names in (("input", self.input_names), ("output", self.output_names)):
+        # an input no node reads (paddle2onnx's sequence lengths) is not a PPQ variable: it is put back, so
+        # quant_model.onnx takes the same feeds as the model
+        present = {v.name for v in exported.graph.input}
+        initializers = {i.name for i in self._model.graph.initializer}
+        inputs = [v for v in self._model.graph.input if v.name not in initializers]
+        exported.graph.input.extend(v for v in inputs if v.name not in present)
+        for field_name, names in (("input", [v.name for v in inputs]), ("output", self.output_names)):
             rank = {name: i for i, name in enumerate(names)}
             values = getattr(exported.graph, field_name)
             ordered = [onnx.ValueInfoProto.FromString(v.SerializeToString())
