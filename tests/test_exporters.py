@@ -13,10 +13,13 @@ import pytest
 from maptools import quantize, read_manifest
 from maptools.errors import InputShapeError
 from maptools.conversion import convert, read_graph
+from maptools.crossbar.evaluation import evaluate_crossbar
+from maptools.crossbar.mapping import CrossbarSpec, map_crossbars
 from maptools.simulate import simulate
 from tests.exporters import IDIOMS, RESIZE_MODES, resize_model
 
 CALIB = 8
+_SPEC = CrossbarSpec(rows=64, cols=64, adc_bits=12)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -414,6 +417,7 @@ def test_a_scalar_input_has_no_batch_axis(tmp_path: Path) -> None:
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert simulated.shape == (3, 4, 8, 8) and _rel(simulated, reference) < 0.1
     assert simulate(result.map, "random", batch=2).outputs["y"].shape == (2, 4, 8, 8)
+    assert evaluate_crossbar(result.map, _SPEC, samples=3).integer_rel_l2 < 0.05  # the scalar is not stacked
 
 
 def test_a_map_prepared_at_one_batch_simulates_any_batch(tmp_path: Path) -> None:
@@ -442,6 +446,8 @@ def test_a_map_prepared_at_one_batch_simulates_any_batch(tmp_path: Path) -> None
     for count in (1, 3):
         simulated = simulate(result.map, {"x": x[:count]}).outputs
         assert all(_rel(v, reference[k][:count]) < 0.1 for k, v in simulated.items()), count
+    # the crossbar evaluation takes each sample at the prepared batch of 2 and pairs it with the float model's
+    assert evaluate_crossbar(result.map, _SPEC, samples=3).integer_rel_l2 < 0.05
 
 
 def test_an_input_without_the_batch_axis_goes_whole_to_every_run(tmp_path: Path) -> None:
@@ -488,6 +494,11 @@ def test_an_input_without_the_batch_axis_goes_whole_to_every_run(tmp_path: Path)
     with pytest.raises(InputShapeError, match=r"do not follow axis 0 of its inputs \(spec \[20, 16\]\).*"
                                               r"pass a multiple of 20 along axis 0"):
         simulate(timed.map, "random", batch=1)
+    # the crossbar stages feed each sample at its prepared shapes: a state differing per sample goes whole to
+    # its own run, the time-major input at its 20 frames
+    for mapped in (result.map, timed.map):
+        map_crossbars(mapped, _SPEC)
+        assert evaluate_crossbar(mapped, _SPEC, samples=3).integer_rel_l2 < 0.05, mapped
 
 
 def test_an_output_listed_twice_is_evaluated_once(tmp_path: Path) -> None:

@@ -79,18 +79,29 @@ class CrossbarError:
         return asdict(self)
 
 
-def _per_sample(outputs: dict[str, np.ndarray], axes: dict[str, int], count: int) -> list[list[np.ndarray]]:
-    return [[np.take(v, [i], axis=axes[k]) for k, v in outputs.items()] for i in range(count)]
+def _chunks(samples: Sequence[dict[str, np.ndarray]], batched: frozenset[str]) -> list[Sequence[dict[str, np.ndarray]]]:
+    """Consecutive samples, ``_CHUNK`` at most, that may run as one batch: the inputs without the batch axis
+    (a 0-d sample rate, a recurrent state) go whole to a run, so a chunk's samples must agree on them."""
+    chunks: list[list[dict[str, np.ndarray]]] = []
+    for sample in samples:
+        last = chunks[-1] if chunks else None
+        if last is not None and len(last) < _CHUNK and all(
+                np.array_equal(sample[k], last[0][k]) for k in sample if k not in batched):
+            last.append(sample)
+        else:
+            chunks.append([sample])
+    return chunks
 
 
 def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], float]:
-    """Outputs per sample, and seconds, simulating ``_CHUNK`` samples at a time."""
+    """Outputs per sample, and seconds, simulating up to ``_CHUNK`` samples at a time (each sample at the shapes
+    the model was prepared for: its batch, where that is more than 1, stays together)."""
     started, out = time.perf_counter(), []
-    for i in range(0, len(samples), _CHUNK):
-        chunk = samples[i:i + _CHUNK]
-        feed = {k: np.concatenate([s[k] for s in chunk]) for k in chunk[0]}
+    for chunk in _chunks(samples, simulator.batched):
+        feed = {k: np.concatenate([s[k] for s in chunk]) if k in simulator.batched else chunk[0][k] for k in chunk[0]}
         outputs = simulator.run(feed).outputs
-        out += _per_sample(outputs, {k: simulator.batch_axis(k) for k in outputs}, len(chunk))
+        parts = {k: np.split(v, len(chunk), axis=simulator.batch_axis(k)) for k, v in outputs.items()}
+        out += [[parts[k][i] for k in outputs] for i in range(len(chunk))]
     return out, time.perf_counter() - started
 
 

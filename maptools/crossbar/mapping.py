@@ -55,7 +55,7 @@ from maptools.crossbar.device import CellStates, DeviceModel
 from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
 from maptools.requant import RequantMode
-from maptools.simulate import IntegerSimulator, Value, load_inputs, pad_codes
+from maptools.simulate import IntegerSimulator, Value, batched_inputs, load_inputs, pad_codes
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
            "observed_psums", "adc_shifts", "CROSSBAR_FILE"]
@@ -573,7 +573,7 @@ def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None
     if spec.adc_range == "full":
         return {}
     feed = load_inputs(graph, "random" if calibration is None else calibration, seed=CALIBRATION_SEED,
-                       batch=CALIBRATION_SAMPLES)
+                       batch=CALIBRATION_SAMPLES * batched_inputs(graph.inputs)[0])
     lossless = spec.replace(adc_bits=32, adc_range="full")
     sim = CrossbarSimulator(graph, quantparams, lossless, collect_psums=True)
     sim.run(feed)
@@ -597,8 +597,8 @@ def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str
     """Map a converted map onto ``spec`` and register ``crossbar_map.json`` in it.
 
     Observed partial sums come from ``inputs`` (as :func:`maptools.simulate.load_inputs` takes:
-    ``'random'`` gives ``samples`` seeded inputs, or an ``.npy``/``.npz`` file or a dict of real
-    samples), run through the crossbar simulation bit by bit. A ``max`` or ``calibrated`` ADC range is
+    ``'random'`` gives ``samples`` seeded inputs, each at the map's prepared shapes, or an ``.npy``/``.npz``
+    file or a dict of real samples), run through the crossbar simulation bit by bit. A ``max`` or ``calibrated`` ADC range is
     calibrated on ``calibration`` (see :func:`adc_shifts`); each layer's step is in ``crossbar_map.json``.
 
     Raises:
@@ -616,7 +616,9 @@ def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str
     if too_fine:
         raise SettingsError(f"cell_bits={spec.cell_bits} exceeds the weight bits of {', '.join(too_fine[:5])}.",
                             "use cell_bits <= the weight bits (e.g. 2 or 4 for 8-bit weights).")
-    feed = load_inputs(graph, inputs, seed=seed, batch=samples)
+    # each random sample at the shapes the map was prepared for (a model whose axis 0 is not free takes its
+    # prepared batch at a time)
+    feed = load_inputs(graph, inputs, seed=seed, batch=samples * batched_inputs(graph.inputs)[0])
     shifts = adc_shifts(graph, params, spec, calibration)
     result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed, shifts), shifts)
     folder.update({CROSSBAR_FILE: result.to_bytes()}, {}, based_on=read)
