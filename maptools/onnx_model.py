@@ -220,8 +220,12 @@ OUTER_INPUTS = "maptools_outer_inputs"
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                                                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+    """The subgraphs of ``node``, by attribute name: tools that rebuild a node sort its attributes
+    (``onnx.helper.make_node``; an If's ``then_branch`` and ``else_branch`` swap), and the order of
+    :func:`outer_inputs` must survive that."""
+    return [g for a in sorted(node.attribute, key=lambda a: a.name)
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
 
 
 def _reads(graph: onnx.GraphProto) -> list[str]:

@@ -171,17 +171,20 @@ def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
 
 
 def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
-    """A data-dependent If whose branches read a convolution's output from the graph around them, and a Loop
-    that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops)."""
+    """A data-dependent If whose branches read a convolution's output and a constant each from the graph around
+    them, its branches in the order torch writes them (then, else: tools that rebuild the node sort them), and
+    a Loop that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
              for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 1, 1)), ("w3", (4, 8, 1, 1)))]
     inits += [numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in
-              (("zero", 0.0, np.float32), ("half", 0.5, np.float32), ("trips", 3, np.int64), ("go", True, np.bool_))]
+              (("zero", 0.0, np.float32), ("half", 0.5, np.float32), ("two", 2.0, np.float32), ("trips", 3, np.int64),
+               ("go", True, np.bool_))]
     out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
-    then = helper.make_graph([helper.make_node("Relu", ["a"], ["t"])], "then", [], [out("t")])
+    then = helper.make_graph([helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Add", ["r", "two"], ["t"])],
+                             "then", [], [out("t")])
     other = helper.make_graph([helper.make_node("Mul", ["a", "half"], ["e"])], "else", [], [out("e")])
     body = helper.make_graph(
         [helper.make_node("Identity", ["go_in"], ["go_out"]), helper.make_node("Mul", ["c", "half"], ["step"]),
@@ -192,10 +195,11 @@ def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0),
              helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
-             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("If", ["cond"], ["b"], name="branch"),
              helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
              helper.make_node("Loop", ["trips", "go", "c"], ["d"], name="repeat", body=body),
              helper.make_node("Conv", ["d", "w3"], ["y"], name="head")]
+    nodes[3].attribute.extend([helper.make_attribute("then_branch", then), helper.make_attribute("else_branch", other)])
     graph = helper.make_graph(nodes, "control_flow", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                                       ["N", 3, 8, 8])],
                               [out("y")], inits)
