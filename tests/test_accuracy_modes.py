@@ -15,6 +15,7 @@ import torch
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import CalibrationError, SettingsError
+from maptools.maps.artifacts import QUANT_MODEL, QUANTINFO_JSON
 from maptools.examples import SMALL_CNN_SHAPES
 from maptools.settings import QuantSettings
 from maptools.simulate import IntegerSimulator
@@ -157,3 +158,26 @@ def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None
     assert corrected_top1 >= top1 - 0.02, (top1, corrected_top1)
     with pytest.raises(CalibrationError, match="fast-bias-correction"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="x", optimization="fast-bias-correction", output_root=tmp_path)
+
+
+def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_path) -> None:
+    """``algorithm='auto'``: percentile and mse both calibrate; the map is the one whose QDQ model is nearer the
+    float model on the calibration samples (the note gives both errors), byte for byte what that algorithm alone
+    writes; with random data there is nothing to choose on, and it is percentile."""
+    import re
+
+    path, calib, _, _ = digits_setup
+    runs = {algorithm: quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=algorithm, calibset=calib, calib_steps=CALIB,
+                                algorithm=algorithm, output_root=tmp_path, error_steps=0)
+            for algorithm in ("auto", "percentile", "mse")}
+    auto = runs["auto"]
+    note = next(n for n in auto.notes if n.startswith("algorithm='auto' chose"))
+    errors = {a: float(e) for a, e in re.findall(r"(percentile|mse) ([0-9.]+)%", note)}
+    chosen = auto.settings.algorithm.value
+    assert set(errors) == {"percentile", "mse"} and errors[chosen] == min(errors.values()), note
+    assert auto.sha256[QUANTINFO_JSON] == runs[chosen].sha256[QUANTINFO_JSON]
+    assert auto.sha256[QUANT_MODEL] == runs[chosen].sha256[QUANT_MODEL]
+    noise = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="noise", calib_steps=CALIB, algorithm="auto",
+                     output_root=tmp_path, error_steps=0)
+    assert noise.settings.algorithm.value == "percentile" and any("with random data, percentile" in n
+                                                                  for n in noise.notes)

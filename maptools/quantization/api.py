@@ -31,7 +31,8 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
-from maptools.onnx_model import ModelInput, check_input_shapes, index_limits, load_model, model_inputs
+from maptools.onnx_model import (ModelInput, check_input_shapes, index_limits, load_model, model_inputs,
+                                 ort_session, run_on_sample)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 recorded_host)
 import maptools.maps.seed as contract
@@ -246,6 +247,48 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
             atomic_write(model_path, model.SerializeToString())
 
 
+#: Calibration samples on which ``algorithm='auto'`` compares its candidates' output error.
+CHOICE_SAMPLES = 16
+
+
+def _output_error(model_path: Path, qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """The relative L2 error of the QDQ model's outputs against the float model's on ``samples``, each output
+    weighted alike (a detector's box offsets as much as its scores), averaged over the outputs."""
+    float_session, quantized = ort_session(model_path.read_bytes()), ort_session(qdq)
+    names = [o.name for o in float_session.get_outputs()]
+    pairs = [(run_on_sample(float_session, names, s), run_on_sample(quantized, names, s)) for s in samples]
+    return float(np.mean([rel_l2([[q[i]] for _, q in pairs], [[f[i]] for f, _ in pairs]) for i in range(len(names))]))
+
+
+def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
+                settings: QuantSettings, device: str, budget: Budget | None, strict: bool,
+                reference: FloatReference | None, notes: list[str]) -> _Quantized:
+    """:func:`_quantize_prepared` with each of ``settings.algorithm``'s candidates (``auto``: percentile and mse,
+    the quantization with the lower :func:`_output_error` on the first :data:`CHOICE_SAMPLES` calibration
+    samples kept; the choice is in ``notes``)."""
+    candidates = settings.algorithm.candidates
+    if len(candidates) == 1:
+        return _quantize_prepared(model_path, calibration, data, steps, first, settings, device, budget, strict,
+                                  reference)
+    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+               for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
+    best: tuple[float, _Quantized] | None = None
+    errors: dict[str, float] = {}
+    for algorithm in candidates:
+        done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
+                                  device, budget, strict, reference)
+        errors[algorithm.value] = _output_error(model_path, done.qdq, samples)
+        if best is None or errors[algorithm.value] < best[0]:
+            best = (errors[algorithm.value], done)
+        del done  # one quantized graph held at a time besides the best
+    assert best is not None
+    chosen = best[1].settings.algorithm.value
+    notes.append(f"algorithm='auto' chose {chosen}: output error against float on {len(samples)} calibration "
+                 "samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
+    log.info(notes[-1])
+    return best[1]
+
+
 def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto, strict: bool,
               notes: list[str]) -> Profile:
     """The profile the map's pickles are written in: the seed contract where ``settings`` ask for it and the map
@@ -368,7 +411,8 @@ def quantize(
             ``'auto'``: per-layer weight and input widths chosen under ``budget``
             (:mod:`maptools.quantization.mixed_precision`; the choice is in ``result.mixed_precision``).
         per_channel: one weight scale per output channel (default) or per tensor.
-        algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl`` or ``mse``.
+        algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl``, ``mse``, or ``auto``
+            (percentile and mse both, the model nearer float on the calibration samples kept).
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
         error_steps: calibration samples used for the per-layer error report; 0 skips the report.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
@@ -472,6 +516,9 @@ def quantize(
                      "(ranges of real inputs differ); pass real samples (calibset= in Python, --calib FOLDER "
                      "on the command line, calib= in the flow).")
         log.warning(notes[-1])
+        if settings.algorithm is CalibrationAlgorithm.AUTO:  # nothing to choose on: the default
+            settings = settings.replace(algorithm=CalibrationAlgorithm.PERCENTILE)
+            notes.append("algorithm='auto' chooses on real samples: with random data, percentile.")
     if len(source) < MIN_SAMPLES:
         raise CalibrationError(f"calibset holds {len(source)} samples; PPQ needs at least {MIN_SAMPLES}.",
                                f"provide {MIN_SAMPLES} or more samples, or calibset=None for random data.")
@@ -521,8 +568,8 @@ def quantize(
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
-            done = _quantize_prepared(prepared.path, feed, data, steps, first, settings, ppq_device,
-                                      budget if auto else None, strict, reference)
+            done = _calibrated(prepared.path, feed, data, steps, first, settings, ppq_device,
+                               budget if auto else None, strict, reference, notes)
         seconds["calibrate"] = time.perf_counter() - t - done.export_seconds
         seconds["export"] = done.export_seconds
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
