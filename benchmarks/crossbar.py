@@ -9,8 +9,8 @@ accuracy a trained network keeps on crossbars against ADC bits, cell bits and ar
   simulation and the crossbar simulation (2-bit cells, 1-bit inputs, differential) per image,
   medians of 3 runs, as a ratio. Three crossbar cases: an ADC that can saturate (the common
   case: only positions whose partial sums may exceed the ADC go bit by bit), a lossless ADC
-  (nothing can saturate: the plain product), and every position bit by bit (``collect_psums``,
-  what recording the observed partial sums costs);
+  (nothing can saturate: the plain product), and every position bit by bit (``collect_histograms``,
+  what calibrating the ADC steps costs);
 * accuracy: the ``design-sweep`` flow (Prefect, local Dask cluster) on the digits CNN saved as
   ONNX with its calibration images as ``.npy`` files and its 449 test images as a labelled
   ``.npz``: W8A8 on every crossbar x cell bits x ADC bits point.
@@ -64,7 +64,7 @@ def speed(name: str, root: Path, x: np.ndarray, adc_lossy: int) -> dict[str, Any
     cases = {"integer": integer,
              f"crossbar, {adc_lossy}-bit ADC": CrossbarSimulator(graph, params, spec),
              f"crossbar, lossless {lossless.adc_bits}-bit ADC": CrossbarSimulator(graph, params, lossless),
-             "crossbar, every position bit by bit": CrossbarSimulator(graph, params, spec, collect_psums=True)}
+             "crossbar, every position bit by bit": CrossbarSimulator(graph, params, spec, collect_histograms=True)}
     seconds = {label: _median(lambda s=sim: s.run({"input": x}), 3) / n for label, sim in cases.items()}
     return {"model": name, "images": n, "map_graph_s": _median(lambda: map_graph(graph, params, spec), 5),
             "arrays": mapped.arrays, "utilization": mapped.utilization,

@@ -70,7 +70,7 @@ def test_lossless_crossbar_equals_the_integer_simulation(encoding, trained_cnn, 
     for adc_bits in (4, 6):
         lossy = CrossbarSpec(rows=64, cols=64, cell_bits=2, adc_bits=adc_bits, encoding=encoding)
         fast = CrossbarSimulator(graph, params, lossy).run({"input": x[:64]}).outputs["output"]
-        full = CrossbarSimulator(graph, params, lossy, collect_psums=True).run({"input": x[:64]}).outputs["output"]
+        full = CrossbarSimulator(graph, params, lossy, collect_histograms=True).run({"input": x[:64]}).outputs["output"]
         np.testing.assert_array_equal(fast, full)
 
 

@@ -352,16 +352,19 @@ class CrossbarSimulator(IntegerSimulator):
     Args:
         graph, quantparams, requant, model: as :class:`~maptools.simulate.IntegerSimulator`.
         spec: the crossbar.
-        collect_psums: compute every block bit by bit and record each layer's largest partial sum
-            in ``observed`` (what :func:`map_graph` reports as observed) and the significance-weighted
-            histogram of its partial sums in ``histograms`` (what :func:`adc_shifts` calibrates on); slower.
+        collect_psums: compute every block bit by bit and record each layer's largest partial sum in
+            ``observed`` (what :func:`map_graph` reports as observed; one product of every position's bit planes).
+        collect_histograms: also read every partial sum through the ADC one by one and record, per layer, the
+            significance-weighted histogram of its partial sums in ``histograms`` (what :func:`adc_shifts`
+            calibrates on); several times slower.
         adc_shifts: per layer, per cell slice, the ADC step's power of two (a step of ``2^k`` partial-sum units);
             absent: steps of one.
         device: non-ideal cells (:class:`~maptools.crossbar.device.DeviceModel`, see :meth:`set_device`).
     """
 
     def __init__(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], spec: CrossbarSpec,
-                 *, collect_psums: bool = False, adc_shifts: Mapping[str, tuple[int, ...]] | None = None,
+                 *, collect_psums: bool = False, collect_histograms: bool = False,
+                 adc_shifts: Mapping[str, tuple[int, ...]] | None = None,
                  device: DeviceModel | None = None, **kwargs: Any) -> None:
         super().__init__(graph, quantparams, **kwargs)
         self.spec = spec
@@ -370,7 +373,8 @@ class CrossbarSimulator(IntegerSimulator):
         self._states: dict[tuple[str, int], list[CellStates]] = {}  # one trial's cells, per row block and part
         self._read: dict[tuple[str, int], list[torch.Tensor]] = {}  # the levels they read at self.time
         self.set_device(device)
-        self.collect_psums = collect_psums
+        self.collect_psums = collect_psums or collect_histograms
+        self.collect_histograms = collect_histograms
         self.adc_shifts = dict(adc_shifts or {})
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
         self.histograms: dict[str, torch.Tensor] = {}  # per layer: [slice, partial sum] summed squared significance
@@ -469,7 +473,13 @@ class CrossbarSimulator(IntegerSimulator):
         bits = torch.stack([c for _, c in chunks], dim=1).to(torch.float32)  # [g, T, n, rows], exact
         steps = torch.tensor([1 << k for k in self.adc_shifts.get(name, ())] or [1], dtype=torch.float32)
         coarse = bool((steps > 1).any())
-        if self.collect_psums or coarse or levels is not None:  # every pair: each partial sum is read inexactly
+        every = self.collect_histograms or coarse or levels is not None  # each partial sum is read inexactly
+        if self.collect_psums and not every:  # the largest partial sum: one product of every chunk and position
+            for _, flat in cells.parts:
+                full = torch.bmm(bits.view(groups, -1, rows), flat)
+                if full.numel():
+                    self.observed[name] = max(self.observed.get(name, 0), int(full.max()))
+        if every:
             t_idx, n_idx = (i.flatten() for i in torch.meshgrid(torch.arange(len(chunks)), torch.arange(n),
                                                                  indexing="ij"))
         else:
@@ -499,10 +509,12 @@ class CrossbarSimulator(IntegerSimulator):
         out.index_add_(1, n_idx, tw[None, :, None] * error.to(torch.float64))
 
     def _collect(self, name: str, psum: torch.Tensor, chunk_weights: torch.Tensor, shifts: torch.Tensor) -> None:
-        """Record the largest partial sum of ``psum [g, R, K, cols]`` and, per cell slice, its values weighted by
-        their input chunk's squared significance."""
+        """Record the largest partial sum of ``psum [g, R, K, cols]`` and (``collect_histograms``), per cell slice,
+        its values weighted by their input chunk's squared significance."""
         top = int(psum.max())
         self.observed[name] = max(self.observed.get(name, 0), top)
+        if not self.collect_histograms:
+            return
         total = self.histograms.get(name, torch.zeros(len(shifts), 0, dtype=torch.float64))
         if total.shape[1] <= top:
             total = F.pad(total, (0, top + 1 - total.shape[1]))
@@ -575,7 +587,7 @@ def adc_shifts(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None
     feed = load_inputs(graph, "random" if calibration is None else calibration, seed=CALIBRATION_SEED,
                        batch=CALIBRATION_SAMPLES * batched_inputs(graph.inputs)[0])
     lossless = spec.replace(adc_bits=32, adc_range="full")
-    sim = CrossbarSimulator(graph, quantparams, lossless, collect_psums=True)
+    sim = CrossbarSimulator(graph, quantparams, lossless, collect_histograms=True)
     sim.run(feed)
     limit = (1 << spec.adc_bits) - 1
     shifts = {}
