@@ -1001,7 +1001,8 @@ def main() -> None:
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {"calibration_samples": args.calib, "evaluation_samples": args.samples,
-                                                 "threads": args.threads, "versions": versions()},
+                                                 "threads": args.threads, "maptools": SETTINGS,
+                                                 "peers": PEERS, "versions": versions()},
                                     "total_seconds": time.perf_counter() - started, "models": results},
                                    indent=1, default=float))
     print(f"\nwrote {args.out}", file=sys.stderr)
