@@ -229,9 +229,10 @@ def test_a_model_left_at_its_opset_exports_at_it(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(9)
 
-    def branch(name: str, combine: str) -> onnx.GraphProto:
+    def branch(name: str, combine: str) -> onnx.GraphProto:  # a split of a body's own tensor: no static size known
         return helper.make_graph(
-            [helper.make_node("Split", ["a2"], ["h1", "h2"], name=f"{name}_split", axis=1, num_outputs=2),
+            [helper.make_node("Relu", ["a2"], [f"{name}_r"], name=f"{name}_relu"),
+             helper.make_node("Split", [f"{name}_r"], ["h1", "h2"], name=f"{name}_split", axis=1, num_outputs=2),
              helper.make_node(combine, ["h1", "h2"], [f"{name}_out"], name=f"{name}_combine")],
             name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 4, 8, 8])])
 
@@ -257,6 +258,35 @@ def test_a_model_left_at_its_opset_exports_at_it(tmp_path: Path) -> None:
     exported = onnx.load(str(result.quant_model_path))
     assert max(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")) == 18
     assert "branch" in result.placement.host_ops and result.placement.device_macs == result.placement.total_macs > 0
+
+
+def test_control_flow_above_opset_13_comes_down_whole(tmp_path: Path) -> None:
+    """silero-vad at opset 16: Reshapes inside the If's branches carry opset 14's ``allowzero``; they are brought
+    to opset 13 with the rest, so preparation runs every rewrite (it had ended at its minimal level)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Reshape", ["a", "flat"], [f"{name}_r"], allowzero=0),
+                                  helper.make_node("Mul", [f"{name}_r", f"{name}_k"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+                                 [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_k")])
+
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch("then", 2.0),
+                              else_branch=branch("else", -1.0))]
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 256], np.int64), "flat"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "opset16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    result, error = _pipeline(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)]),
+                              {"x": [1, 3, 8, 8]}, tmp_path, "opset16")
+    assert error < 0.3, error
+    assert any(step.startswith("opset 16 -> 13") for step in result.prepared["steps"]), result.prepared["steps"]
+    assert not any(n.startswith("preparation left out") for n in result.notes), result.notes
 
 
 def test_a_pre_activation_batch_norm_after_a_pool_is_one_lookup_table(tmp_path: Path) -> None:

@@ -318,30 +318,11 @@ def _same_signature(node: onnx.NodeProto, old: onnx.defs.OpSchema) -> bool:
 
 
 def downgrade_to_13(ctx: _Context, opset: int) -> list[str]:
-    """Rewrite operators defined after opset 13 into their opset-13 form; return what changed."""
+    """Rewrite operators defined after opset 13 into their opset-13 form, in control-flow bodies too (the model's
+    opset is theirs); return what changed."""
     rewritten: dict[str, int] = {}
     problems: list[str] = []
-    nodes: list[onnx.NodeProto] = []
-    for node in list(ctx.graph.node):
-        now, old = _schema(node.op_type, opset), _schema(node.op_type, TARGET_OPSET)
-        if node.domain not in _DEFAULT_DOMAINS or now is None or (old is not None and
-                                                                  now.since_version == old.since_version):
-            nodes.append(node)
-            continue
-        rewrite = _DOWN.get(node.op_type)
-        try:
-            if rewrite is not None:
-                replaced = rewrite(node, ctx)
-                if replaced != [node] or node.op_type in ("HardSwish", "LayerNormalization"):
-                    rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
-                nodes.extend(replaced)
-            elif old is not None and _same_signature(node, old):
-                nodes.append(node)  # only its type list grew
-            else:
-                problems.append(f"{_where(node)}: defined at opset {now.since_version}"
-                                + ("" if old else ", absent at opset 13"))
-        except ModelError as e:
-            problems.append(e.problem)
+    nodes = _downgrade_nodes(list(ctx.graph.node), ctx, opset, rewritten, problems)
     if problems:
         raise ModelError(f"maptools cannot bring these operators from opset {opset} to opset {TARGET_OPSET}, "
                          f"which PPQ dispatches: {'; '.join(problems[:10])}"
@@ -353,6 +334,40 @@ def downgrade_to_13(ctx: _Context, opset: int) -> list[str]:
     _set_opset(ctx.model, TARGET_OPSET)
     ctx.invalidate()
     return [f"{op} x{n}" for op, n in sorted(rewritten.items())]
+
+
+def _downgrade_nodes(nodes: list[onnx.NodeProto], ctx: _Context, opset: int, rewritten: dict[str, int],
+                     problems: list[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in their opset-13 form (counting rewrites and collecting what cannot be rewritten); the bodies
+    of If/Loop/Scan nodes in place."""
+    out: list[onnx.NodeProto] = []
+    for node in nodes:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                         list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                inner = _downgrade_nodes(list(body.node), ctx, opset, rewritten, problems)
+                del body.node[:]
+                body.node.extend(inner)
+        now, old = _schema(node.op_type, opset), _schema(node.op_type, TARGET_OPSET)
+        if node.domain not in _DEFAULT_DOMAINS or now is None or (old is not None and
+                                                                  now.since_version == old.since_version):
+            out.append(node)
+            continue
+        rewrite = _DOWN.get(node.op_type)
+        try:
+            if rewrite is not None:
+                replaced = rewrite(node, ctx)
+                if replaced != [node] or node.op_type in ("HardSwish", "LayerNormalization"):
+                    rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
+                out.extend(replaced)
+            elif old is not None and _same_signature(node, old):
+                out.append(node)  # only its type list grew
+            else:
+                problems.append(f"{_where(node)}: defined at opset {now.since_version}"
+                                + ("" if old else ", absent at opset 13"))
+        except ModelError as e:
+            problems.append(e.problem)
+    return out
 
 
 def opset_report(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
