@@ -360,6 +360,13 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         ins = [ins[0], ins[weight] if len(ins) > weight else None]
     elif node.domain not in ("", "ai.onnx"):
         return 0
+    if op in ("LSTM", "GRU", "RNN") and len(ins) > 1 and ins[1] is not None and len(ins[1]) == 3:
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        (directions, rows, features), hidden = ins[1], ins[1][1] // gates
+        # steps x batch from the input's shape; unknown (a body whose shapes inference cannot follow): one step
+        # of one sample, the least the cell computes
+        steps = ins[0][0] * ins[0][1] if ins[0] is not None and len(ins[0]) == 3 else 1
+        return steps * directions * gates * hidden * (features + hidden)
     if len(ins) < 2 or ins[0] is None or ins[1] is None:
         return 0
     x, w = ins[0], ins[1]
@@ -371,17 +378,13 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         return math.prod(out) * x[0 if node_attr(node, "transA", 0) else 1]
     if op == "MatMul" and out is not None:
         return math.prod(out) * x[-1]
-    if op in ("LSTM", "GRU", "RNN") and len(x) == 3:
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
-        directions, hidden = w[0], w[1] // gates
-        return x[0] * x[1] * directions * gates * hidden * (x[2] + hidden)
     return 0
 
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
     LSTM, GRU, RNN, their integer forms, and control flow whose bodies do), from the shapes the prepared model
-    records; operators without known shapes count 0."""
+    records; operators without known shapes count 0 (a recurrent cell whose input shape is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
             model = onnx.shape_inference.infer_shapes(model)

