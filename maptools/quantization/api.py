@@ -272,21 +272,18 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                                   reference)
     samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
                for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
-    best: tuple[float, _Quantized] | None = None
     errors: dict[str, float] = {}
-    for algorithm in candidates:
+    best: _Quantized | None = None
+    for algorithm in candidates:  # at most two quantized graphs held at a time: the best so far and this one
         done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
                                   device, budget, strict, reference)
         errors[algorithm.value] = _output_error(model_path, done.qdq, samples)
-        if best is None or errors[algorithm.value] < best[0]:
-            best = (errors[algorithm.value], done)
-        del done  # one quantized graph held at a time besides the best
-    assert best is not None
-    chosen = best[1].settings.algorithm.value
-    notes.append(f"algorithm='auto' chose {chosen}: output error against float on {len(samples)} calibration "
-                 "samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
+        if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:
+            best = done
+    notes.append(f"algorithm='auto' chose {best.settings.algorithm.value}: output error against float on "
+                 f"{len(samples)} calibration samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
     log.info(notes[-1])
-    return best[1]
+    return best
 
 
 def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto, strict: bool,
