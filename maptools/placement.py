@@ -362,7 +362,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         return 0
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 1 and ins[1] is not None and len(ins[1]) == 3:
         gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
-        (directions, rows, features), hidden = ins[1], ins[1][1] // gates
+        directions, rows, features = ins[1]
+        hidden = rows // gates
         # steps x batch from the input's shape; unknown (a body whose shapes inference cannot follow): one step
         # of one sample, the least the cell computes
         steps = ins[0][0] * ins[0][1] if ins[0] is not None and len(ins[0]) == 3 else 1
