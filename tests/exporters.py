@@ -11,7 +11,7 @@ DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every m
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
-and a spectral front end of Neg, Abs, Exp and squares.
+a spectral front end of Neg, Abs, Exp and squares, and weights standardized in the graph (NF-Nets, BiT).
 """
 
 from __future__ import annotations
@@ -396,6 +396,20 @@ def opset21_norms() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 21), {"x": [1, 3, 16, 16]}
 
 
+def weight_standardization() -> Built:
+    """timm's NF-Nets and BiT standardize each convolution's weight in the graph: ``F.batch_norm(training=True)``
+    on the weight reshaped to [1, out, in*k*k], which torch writes at opset 15+ as a BatchNormalization with
+    ``training_mode=1`` (and its unused running statistics as two more outputs) on a constant."""
+    b = _Builder(33)
+    w = b.const(b.rng.standard_normal([8, 3, 3, 3]))
+    rows = b.op("Reshape", [w, b.const([1, 8, -1], np.int64)])
+    standard = b.op("BatchNormalization", [rows, b.const(np.ones(8)), b.const(np.zeros(8)), b.const(np.zeros(8)),
+                                           b.const(np.ones(8))], outputs=3, training_mode=1, epsilon=1e-5)[0]
+    weight = b.op("Mul", [b.op("Reshape", [standard, b.const([8, 3, 3, 3], np.int64)]), b.const(0.2)])
+    y = b.op("Relu", [b.op("Conv", ["x", weight, b.const(b.rng.standard_normal(8) * 0.1)], pads=[1, 1, 1, 1])])
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 17), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -406,5 +420,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "shared_parameters": shared_parameters, "index_arithmetic": index_arithmetic, "padded_shortcut": padded_shortcut,
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
-    "opset21_norms": opset21_norms,
+    "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
 }

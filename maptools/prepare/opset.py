@@ -161,6 +161,53 @@ def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             onnx.helper.make_node("Mul", [t["p"], t["half"]], [out], name=name)]
 
 
+def _read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` (or of its bodies) reads, and its outputs."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names |= _read(body)
+    return names
+
+
+def _batchnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """BatchNormalization with ``training_mode=1`` (opset 14; torch exports ``F.batch_norm(training=True)`` so, and
+    timm's weight standardization of NF-Nets and BiT applies it to constant weights): the batch statistics
+    written out (mean and biased variance over every axis but the channels'), which onnxsim folds where the
+    input is constant. Its running-statistics outputs have no opset-13 form."""
+    if not node_attr(node, "training_mode", 0):
+        _drop_attrs(node, {"training_mode"})
+        return [node]
+    if set(node.output[1:]) & _read(ctx.graph):
+        raise ModelError(f"{_where(node)} (training_mode=1) returns its running statistics, which opset 13 has no "
+                         "operator for.", "re-export the model in eval mode (model.eval()) or with opset 13.")
+    shape = ctx.shape(node.input[0])
+    if shape is None or len(shape) < 2:
+        raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
+    axes = [0, *range(2, len(shape))]
+    eps = float(node_attr(node, "epsilon", 1e-5))
+    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "per_channel",
+                                              "scale", "bias", "scaled")}
+    ctx.add_initializer(t["eps"], np.asarray(eps, dtype=np.float32))
+    ctx.add_initializer(t["per_channel"], np.asarray([-1] + [1] * (len(shape) - 2), dtype=np.int64))
+    return [
+        onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
+        onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub"),
+        onnx.helper.make_node("Mul", [t["diff"], t["diff"]], [t["sq"]], name=f"{name}_square"),
+        onnx.helper.make_node("ReduceMean", [t["sq"]], [t["var"]], name=f"{name}_var", axes=axes, keepdims=1),
+        onnx.helper.make_node("Add", [t["var"], t["eps"]], [t["veps"]], name=f"{name}_eps"),
+        onnx.helper.make_node("Sqrt", [t["veps"]], [t["std"]], name=f"{name}_sqrt"),
+        onnx.helper.make_node("Div", [t["diff"], t["std"]], [t["norm"]], name=f"{name}_div"),
+        onnx.helper.make_node("Reshape", [node.input[1], t["per_channel"]], [t["scale"]], name=f"{name}_scale_shape"),
+        onnx.helper.make_node("Reshape", [node.input[2], t["per_channel"]], [t["bias"]], name=f"{name}_bias_shape"),
+        onnx.helper.make_node("Mul", [t["norm"], t["scale"]], [t["scaled"]], name=f"{name}_scale"),
+        onnx.helper.make_node("Add", [t["scaled"], t["bias"]], [out], name=name),
+    ]
+
+
 def _groupnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     """GroupNormalization (18, 21) as an InstanceNormalization of the channels' groups, then the per-channel
     scale and bias (opset 18's per-group ones repeated over each group's channels)."""
@@ -298,7 +345,7 @@ _DOWN: dict[str, Rewrite] = {
     "GroupNormalization": _groupnorm,
     "Shape": _shape_slice, "CastLike": _castlike, "Split": _split, **{op: _reduce_axes for op in _REDUCE},
     "Reshape": _reshape,
-    "BatchNormalization": _only_defaults({"training_mode": 0}),
+    "BatchNormalization": _batchnorm,
     "LSTM": _only_defaults({"layout": 0}), "GRU": _only_defaults({"layout": 0}), "RNN": _only_defaults({"layout": 0}),
     "Resize": _only_defaults({"antialias": 0, "keep_aspect_ratio_policy": "stretch", "axes": None}),
     "Pad": _only_defaults({}, max_inputs=3),
