@@ -79,7 +79,7 @@ class Role(str, Enum):
     """What an operator does on the device (or that it runs on the host)."""
 
     CROSSBAR = "crossbar"  # Conv/ConvTranspose/Gemm: integer weights x codes
-    ADD = "add"  # Add of two activations: integer add on a common grid
+    ADD = "add"  # Add or Sub of two activations: integer add (subtract) on a common grid
     CONCAT = "concat"
     AVGPOOL = "avgpool"  # integer window sums, requantized by 1/count
     MOVE = "move"  # codes move unchanged (reshape, slice, max pool, nearest resize)
@@ -176,8 +176,8 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
             return Role.LUT, ""
         return Role.HOST, f"{op} with computed parameters"
     if op in LUT_BINARY_OP_TYPES and len(node.input) == 2:
-        if op == "Add" and len(acts) == 2 and acts[0] != acts[1]:
-            return Role.ADD, ""
+        if op in ("Add", "Sub") and len(acts) == 2 and acts[0] != acts[1]:
+            return Role.ADD, ""  # (PoolFormer's and FastViT's token mixers subtract: x + s (pool(x) - x))
         if len(set(acts)) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
             return Role.LUT, ""  # a function of one activation: with a constant, or of itself (a square)
         return Role.HOST, f"{op} of two activations" if len(acts) == 2 else f"{op} with a constant that is not " \

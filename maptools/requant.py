@@ -119,7 +119,8 @@ def quantize(x: torch.Tensor, scale: float, lo: int, hi: int) -> torch.Tensor:
 #: replace one. :func:`record_requant` records the requantizations each of them applies.
 KERNELS: dict[tuple[str, str], str] = {
     ("Conv", Role.CROSSBAR.value): "_conv", ("ConvTranspose", Role.CROSSBAR.value): "_conv_transpose",
-    ("Gemm", Role.CROSSBAR.value): "_gemm", ("Add", Role.ADD.value): "_add", ("Concat", Role.CONCAT.value): "_concat",
+    ("Gemm", Role.CROSSBAR.value): "_gemm", ("Add", Role.ADD.value): "_add", ("Sub", Role.ADD.value): "_add",
+    ("Concat", Role.CONCAT.value): "_concat",
     ("MaxPool", Role.MOVE.value): "_maxpool", ("AveragePool", Role.AVGPOOL.value): "_avgpool",
     ("GlobalAveragePool", Role.AVGPOOL.value): "_global_avgpool", ("Relu", Role.LUT.value): "_relu",
 }

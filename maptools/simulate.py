@@ -369,8 +369,8 @@ class IntegerSimulator:
     def _add(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         a, b = self._inputs(cfg, values)
         b = self._on_scale(b, a.scale, cfg.in_range(0), cfg, "align1")  # PPQ aligns Add inputs: rarely acts
-        return QTensor(self._requant(a.codes + b.codes, a.scale / cfg.output_scale, cfg.out_range, cfg, "output"),
-                       cfg.output_scale)
+        codes = a.codes - b.codes if node["op_type"] == "Sub" else a.codes + b.codes
+        return QTensor(self._requant(codes, a.scale / cfg.output_scale, cfg.out_range, cfg, "output"), cfg.output_scale)
 
     def _concat(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         parts = [self._on_scale(x, cfg.output_scale, cfg.out_range, cfg, f"concat{i}").codes

@@ -85,6 +85,24 @@ def test_a_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
     assert not set(pools) & set(result.placement.host_ops), result.placement.host_ops
 
 
+def test_a_token_mixer_that_subtracts_runs_on_the_device(tmp_path: Path) -> None:
+    """PoolFormer's and FastViT's token mixer, ``x + s * (pool(x) - x)``: the Sub of two activations is an adder
+    (codes on one grid, subtracted), so the pool, the scale and the residual Add stay on the device with it."""
+    from tests.exporters import _Builder
+
+    b = _Builder(34)
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    pooled = b.op("AveragePool", [x], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)
+    mixed = b.op("Mul", [b.op("Sub", [pooled, x]), b.const(b.rng.uniform(0.5, 1.5, (1, 8, 1, 1)))])
+    y = b.op("Add", [x, mixed])
+    model = b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 13)
+    result, error = _pipeline(model, {"x": [1, 3, 16, 16]}, tmp_path, "token_mixer")
+    assert error < 0.1, error
+    placement = result.placement
+    assert not [n for n in placement.host_ops if n.startswith(("Sub", "AveragePool", "Mul", "Add"))], placement.host_ops
+    assert {n.op_type for n in onnx.load(str(result.map_dir / "model.onnx")).graph.node} >= {"Sub", "AveragePool"}
+
+
 def test_a_pad_is_folded_into_the_convolution_or_pool_it_feeds(tmp_path: Path) -> None:
     """A Pad (Keras' ZeroPadding2D, before the NHWC input's Transpose too; an edge Pad before a max pool) has
     no device form; the convolution or pool it feeds pads by itself, so preparation moves the padding there."""

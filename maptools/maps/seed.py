@@ -89,7 +89,7 @@ def check(quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto) -> list[
                                        "shared_scales=True (a tensor that feeds two adders can sit on one grid only: "
                                        "profile='extended')"))
         scales = [s for s in cfg.input_scales if s is not None]
-        if cfg.op_type == "Add" and len(scales) > 1 and not all(_close(s, scales[0]) for s in scales):
+        if cfg.op_type in ("Add", "Sub") and len(scales) > 1 and not all(_close(s, scales[0]) for s in scales):
             found.append(Violation(2, name, f"the adder's inputs are on scales {[f'{s:.6g}' for s in scales]}",
                                    "shared_scales=True"))
         if cfg.output_scale is not None and cfg.input_scale is not None:

@@ -153,7 +153,7 @@ def _datapath_checks(settings: QuantSettings, quantinfo: Mapping[str, QuantConfi
                                      f"{', '.join(bad[:8])}.", "report this model to the maptools maintainers.")
     if not settings.shared_scales or settings.profile is Profile.SEED:  # (the seed contract checks rule 2 itself)
         return []
-    joins = {name: cfg for name, cfg in quantinfo.items() if cfg.op_type in ("Add", "Concat") and
+    joins = {name: cfg for name, cfg in quantinfo.items() if cfg.op_type in ("Add", "Sub", "Concat") and
              len(cfg.input_scales) > 1}
     if not joins:
         return ["shared_scales=True: this model has no Add or Concat of two activations on the device, so there "
