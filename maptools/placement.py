@@ -177,7 +177,7 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
         return Role.HOST, f"{op} with computed parameters"
     if op in LUT_BINARY_OP_TYPES and len(node.input) == 2:
         if op in ("Add", "Sub") and len(acts) == 2 and acts[0] != acts[1]:
-            return Role.ADD, ""  # (PoolFormer's and FastViT's token mixers subtract: x + s (pool(x) - x))
+            return Role.ADD, ""  # (FastViT's token mixer subtracts: x + s (pool(x) - x))
         if len(set(acts)) == 1 and all(_channel_constant(consts[t]) for t in node.input if t in consts):
             return Role.LUT, ""  # a function of one activation: with a constant, or of itself (a square)
         return Role.HOST, f"{op} of two activations" if len(acts) == 2 else f"{op} with a constant that is not " \
