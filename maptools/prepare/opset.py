@@ -114,25 +114,31 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
         axis -= len(shape)
     axes = list(range(axis, 0))
-    eps = float(node_attr(node, "epsilon", 1e-5))
+    out, name = node.output[0], node.name or node.output[0]
+    nodes, norm = _standardized(node, axes, ctx)
+    has_bias = len(node.input) > 2 and node.input[2]
+    scaled = ctx.fresh(f"{out}_scaled") if has_bias else out
+    nodes.append(onnx.helper.make_node("Mul", [norm, node.input[1]], [scaled], name=f"{name}_scale" if has_bias else name))
+    if has_bias:
+        nodes.append(onnx.helper.make_node("Add", [scaled, node.input[2]], [out], name=name))
+    return nodes
+
+
+def _standardized(node: onnx.NodeProto, axes: list[int], ctx: _Context) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing ``node``'s first input less its mean over ``axes``, over the square root of its (biased)
+    variance there plus ``node``'s epsilon; and the tensor they write."""
     x, out, name = node.input[0], node.output[0], node.name or node.output[0]
-    t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "scaled")}
-    ctx.add_initializer(t["eps"], np.asarray(eps, dtype=np.float32))
-    nodes = [
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm")}
+    ctx.add_initializer(t["eps"], np.asarray(float(node_attr(node, "epsilon", 1e-5)), dtype=np.float32))
+    return [
         onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
         onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub"),
         onnx.helper.make_node("Mul", [t["diff"], t["diff"]], [t["sq"]], name=f"{name}_square"),
         onnx.helper.make_node("ReduceMean", [t["sq"]], [t["var"]], name=f"{name}_var", axes=axes, keepdims=1),
         onnx.helper.make_node("Add", [t["var"], t["eps"]], [t["veps"]], name=f"{name}_eps"),
         onnx.helper.make_node("Sqrt", [t["veps"]], [t["std"]], name=f"{name}_sqrt"),
-    ]
-    has_bias = len(node.input) > 2 and node.input[2]
-    nodes.append(onnx.helper.make_node("Div", [t["diff"], t["std"]], [t["norm"]], name=f"{name}_div"))
-    nodes.append(onnx.helper.make_node("Mul", [t["norm"], node.input[1]], [t["scaled"] if has_bias else out],
-                                       name=f"{name}_scale" if has_bias else name))
-    if has_bias:
-        nodes.append(onnx.helper.make_node("Add", [t["scaled"], node.input[2]], [out], name=name))
-    return nodes
+        onnx.helper.make_node("Div", [t["diff"], t["std"]], [t["norm"]], name=f"{name}_div"),
+    ], t["norm"]
 
 
 def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
@@ -186,24 +192,15 @@ def _batchnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     shape = ctx.shape(node.input[0])
     if shape is None or len(shape) < 2:
         raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
-    axes = [0, *range(2, len(shape))]
-    eps = float(node_attr(node, "epsilon", 1e-5))
-    x, out, name = node.input[0], node.output[0], node.name or node.output[0]
-    t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm", "per_channel",
-                                              "scale", "bias", "scaled")}
-    ctx.add_initializer(t["eps"], np.asarray(eps, dtype=np.float32))
+    out, name = node.output[0], node.name or node.output[0]
+    nodes, norm = _standardized(node, [0, *range(2, len(shape))], ctx)
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("per_channel", "scale", "bias", "scaled")}
     ctx.add_initializer(t["per_channel"], np.asarray([-1] + [1] * (len(shape) - 2), dtype=np.int64))
     return [
-        onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
-        onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub"),
-        onnx.helper.make_node("Mul", [t["diff"], t["diff"]], [t["sq"]], name=f"{name}_square"),
-        onnx.helper.make_node("ReduceMean", [t["sq"]], [t["var"]], name=f"{name}_var", axes=axes, keepdims=1),
-        onnx.helper.make_node("Add", [t["var"], t["eps"]], [t["veps"]], name=f"{name}_eps"),
-        onnx.helper.make_node("Sqrt", [t["veps"]], [t["std"]], name=f"{name}_sqrt"),
-        onnx.helper.make_node("Div", [t["diff"], t["std"]], [t["norm"]], name=f"{name}_div"),
+        *nodes,
         onnx.helper.make_node("Reshape", [node.input[1], t["per_channel"]], [t["scale"]], name=f"{name}_scale_shape"),
         onnx.helper.make_node("Reshape", [node.input[2], t["per_channel"]], [t["bias"]], name=f"{name}_bias_shape"),
-        onnx.helper.make_node("Mul", [t["norm"], t["scale"]], [t["scaled"]], name=f"{name}_scale"),
+        onnx.helper.make_node("Mul", [norm, t["scale"]], [t["scaled"]], name=f"{name}_scale"),
         onnx.helper.make_node("Add", [t["scaled"], t["bias"]], [out], name=name),
     ]
 
