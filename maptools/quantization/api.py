@@ -251,13 +251,14 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
 CHOICE_SAMPLES = 16
 
 
-def _output_error(model_path: Path, qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]]) -> float:
-    """The relative L2 error of the QDQ model's outputs against the float model's on ``samples``, each output
-    weighted alike (a detector's box offsets as much as its scores), averaged over the outputs."""
-    float_session, quantized = ort_session(model_path.read_bytes()), ort_session(qdq)
-    names = [o.name for o in float_session.get_outputs()]
-    pairs = [(run_on_sample(float_session, names, s), run_on_sample(quantized, names, s)) for s in samples]
-    return float(np.mean([rel_l2([[q[i]] for _, q in pairs], [[f[i]] for f, _ in pairs]) for i in range(len(names))]))
+def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
+                  reference: Sequence[Sequence[np.ndarray]], names: Sequence[str]) -> float:
+    """The relative L2 error of the QDQ model's outputs ``names`` against the float model's (``reference``, per
+    sample) on ``samples``, each output weighted alike (a detector's box offsets as much as its scores),
+    averaged over the outputs."""
+    session = ort_session(qdq)
+    outputs = [run_on_sample(session, names, s) for s in samples]
+    return float(np.mean([rel_l2([[q[i]] for q in outputs], [[f[i]] for f in reference]) for i in range(len(names))]))
 
 
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
@@ -272,12 +273,16 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                                   reference)
     samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
                for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
+    float_session = ort_session(model_path.read_bytes())
+    names = [o.name for o in float_session.get_outputs()]
+    reference = [run_on_sample(float_session, names, s) for s in samples]
+    del float_session
     errors: dict[str, float] = {}
     best: _Quantized | None = None
     for algorithm in candidates:  # at most two quantized graphs held at a time: the best so far and this one
         done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
                                   device, budget, strict, reference)
-        errors[algorithm.value] = _output_error(model_path, done.qdq, samples)
+        errors[algorithm.value] = _output_error(done.qdq, samples, reference, names)
         if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:
             best = done
     notes.append(f"algorithm='auto' chose {best.settings.algorithm.value}: output error against float on "
