@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from maptools import quantize, read_quantinfo
 from maptools.maps.artifacts import sha256_file
 from maptools.errors import (CalibrationError, DeviceError, InputShapeError, MapnameError, MaptoolsError, ModelError,
-                             SettingsError)
+                             QuantizationFailed, SettingsError)
 
 SHAPES = {"input": [1, 3, 32, 32]}
 
@@ -198,3 +198,23 @@ def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"input\(s\) letters take strings.*extract_model"):
         quantize({"letters": [1, 1]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "m").exists()
+
+
+def test_random_ids_into_another_inputs_rows_ask_for_real_samples(tmp_path) -> None:
+    """A graph network's node ids index rows of another input (minimol): random ids run past them, which only
+    real samples avoid; the failure says so, and the same model quantizes on real ids."""
+    w = np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0, name="pick"),
+         helper.make_node("Gemm", ["rows", "w"], ["y"], transB=1, name="fc")],
+        "ids", [helper.make_tensor_value_info("table", TensorProto.FLOAT, [2, 16]),
+                helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])], [onnx.numpy_helper.from_array(w, "w")])
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    shapes = {"table": [2, 16], "ids": [5]}
+    with pytest.raises(QuantizationFailed, match=r"pick \(Gather\).*calibset=None feeds random values.*real samples"):
+        quantize(shapes, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    rng = np.random.default_rng(3)
+    real = [{"table": rng.standard_normal((2, 16)).astype(np.float32), "ids": rng.integers(0, 2, 5)} for _ in range(8)]
+    assert quantize(shapes, "cpu", path, mapname="m", calibset=real, calib_steps=8, output_root=tmp_path).map_dir.is_dir()

@@ -570,8 +570,18 @@ def quantize(
         data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
-            done = _calibrated(prepared.path, feed, data, steps, first, settings, ppq_device,
-                               budget if auto else None, strict, reference, notes)
+            try:
+                done = _calibrated(prepared.path, feed, data, steps, first, settings, ppq_device,
+                                   budget if auto else None, strict, reference, notes)
+            except QuantizationFailed as e:
+                if calibset is not None or e.operator is not None:
+                    raise
+                # a host operator failed on random data: integer inputs that index what another input sizes (a
+                # graph network's node ids) get values the model never sees
+                raise QuantizationFailed(e.problem, "calibset=None feeds random values, and an integer input may "
+                                         "index past what the model expects (ids into another input's rows): pass "
+                                         "real samples as calibset; if it fails on those too, report this model to "
+                                         "the maptools maintainers.") from e
         seconds["calibrate"] = time.perf_counter() - t - done.export_seconds
         seconds["export"] = done.export_seconds
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
