@@ -161,6 +161,16 @@ def test_maptools_home_sets_the_output_root(small_cnn, tmp_path, monkeypatch) ->
     assert result.map_dir == tmp_path / "home" / "mapsave" / "h" and result.quantinfo_path.is_file()
 
 
+def _refused(graph: onnx.GraphProto, shapes: dict[str, list[int]], match: str, tmp_path) -> None:
+    """``graph`` (with the ai.onnx.ml domain) is refused with one ModelError matching ``match``, and nothing written."""
+    path = tmp_path / f"{graph.name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]),
+              str(path))
+    with pytest.raises(ModelError, match=match):
+        quantize(shapes, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "m").exists()
+
+
 def test_a_model_with_outputs_that_are_not_tensors_is_refused_with_the_fix(tmp_path) -> None:
     """skl2onnx's default classifier ends in a ZipMap (a sequence of maps), which onnxruntime runs but no stage
     can carry: one ModelError naming the output and the export option, and nothing written."""
@@ -173,12 +183,7 @@ def test_a_model_with_outputs_that_are_not_tensors_is_refused_with_the_fix(tmp_p
         [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
          helper.make_value_info("probabilities", helper.make_sequence_type_proto(
              helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))])
-    path = tmp_path / "zipmap.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)]),
-              str(path))
-    with pytest.raises(ModelError, match=r"outputs 'probabilities' \(sequence_type\) are not tensors.*zipmap"):
-        quantize({"x": [1, 4]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
-    assert not (tmp_path / "mapsave" / "m").exists()
+    _refused(graph, {"x": [1, 4]}, r"outputs 'probabilities' \(sequence_type\) are not tensors.*zipmap", tmp_path)
 
 
 def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
@@ -192,12 +197,7 @@ def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
          helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
         "text", [helper.make_tensor_value_info("letters", TensorProto.STRING, [1, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [onnx.numpy_helper.from_array(w, "w")])
-    path = tmp_path / "text.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]),
-              str(path))
-    with pytest.raises(ModelError, match=r"input\(s\) letters take strings.*extract_model"):
-        quantize({"letters": [1, 1]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
-    assert not (tmp_path / "mapsave" / "m").exists()
+    _refused(graph, {"letters": [1, 1]}, r"input\(s\) letters take strings.*extract_model", tmp_path)
 
 
 def test_random_ids_into_another_inputs_rows_ask_for_real_samples(tmp_path) -> None:
