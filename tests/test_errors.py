@@ -164,8 +164,8 @@ def test_maptools_home_sets_the_output_root(small_cnn, tmp_path, monkeypatch) ->
 def _refused(graph: onnx.GraphProto, shapes: dict[str, list[int]], match: str, tmp_path) -> None:
     """``graph`` (with the ai.onnx.ml domain) is refused with one ModelError matching ``match``, and nothing written."""
     path = tmp_path / f"{graph.name}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]),
-              str(path))
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
     with pytest.raises(ModelError, match=match):
         quantize(shapes, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "m").exists()
@@ -217,4 +217,5 @@ def test_random_ids_into_another_inputs_rows_ask_for_real_samples(tmp_path) -> N
         quantize(shapes, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
     rng = np.random.default_rng(3)
     real = [{"table": rng.standard_normal((2, 16)).astype(np.float32), "ids": rng.integers(0, 2, 5)} for _ in range(8)]
-    assert quantize(shapes, "cpu", path, mapname="m", calibset=real, calib_steps=8, output_root=tmp_path).map_dir.is_dir()
+    result = quantize(shapes, "cpu", path, mapname="m", calibset=real, calib_steps=8, output_root=tmp_path)
+    assert result.map_dir.is_dir()

@@ -610,8 +610,9 @@ def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str
 
     Observed partial sums come from ``inputs`` (as :func:`maptools.simulate.load_inputs` takes:
     ``'random'`` gives ``samples`` seeded inputs, each at the map's prepared shapes, or an ``.npy``/``.npz``
-    file or a dict of real samples), run through the crossbar simulation bit by bit. A ``max`` or ``calibrated`` ADC range is
-    calibrated on ``calibration`` (see :func:`adc_shifts`); each layer's step is in ``crossbar_map.json``.
+    file or a dict of real samples), run through the crossbar simulation bit by bit. A ``max`` or
+    ``calibrated`` ADC range is calibrated on ``calibration`` (see :func:`adc_shifts`); each layer's step is in
+    ``crossbar_map.json``.
 
     Raises:
         ArtifactError: the map is missing, not converted, or its graph and quantparams disagree.

@@ -118,7 +118,8 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     nodes, norm = _standardized(node, axes, ctx)
     has_bias = len(node.input) > 2 and node.input[2]
     scaled = ctx.fresh(f"{out}_scaled") if has_bias else out
-    nodes.append(onnx.helper.make_node("Mul", [norm, node.input[1]], [scaled], name=f"{name}_scale" if has_bias else name))
+    nodes.append(onnx.helper.make_node("Mul", [norm, node.input[1]], [scaled],
+                                       name=f"{name}_scale" if has_bias else name))
     if has_bias:
         nodes.append(onnx.helper.make_node("Add", [scaled, node.input[2]], [out], name=name))
     return nodes

@@ -178,7 +178,8 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
               and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
               and op.inputs[2].value is not None and not (op.type == "Gemm" and op.attributes.get("transA"))
-              and op.config.input_quantization_config[0].dominated_by.state in _APPLIED]  # an input on its producer's grid
+              # an input on its producer's grid (PPQ's OVERLAPPED) counts as its producer's
+              and op.config.input_quantization_config[0].dominated_by.state in _APPLIED]
     if not layers:
         return
     inputs = {i.name for i in model.graph.input}
