@@ -577,6 +577,49 @@ def test_an_output_listed_twice_is_evaluated_once(tmp_path: Path) -> None:
     assert evaluate_crossbar(result.map, CrossbarSpec(rows=64, cols=64, adc_bits=12), samples=2).integer_rel_l2 < 0.05
 
 
+def test_an_output_sized_by_the_data_is_left_out_of_the_error(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                ) -> None:
+    """A detector exported with its NonMaxSuppression (torchvision.ops.nms) returns as many boxes as the data
+    keeps: the evaluations take the error over its fixed-size outputs and say which they left out, and the
+    crossbar evaluation runs each sample on its own rather than splitting a batch's boxes evenly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.evaluation import evaluate_map
+
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="head"),
+             helper.make_node("Reshape", ["c", "rows"], ["r"], name="rows"),
+             helper.make_node("Slice", ["r", "zero", "four", "last"], ["boxes4"], name="box_cols"),
+             helper.make_node("Slice", ["r", "four", "five", "last"], ["logit"], name="score_col"),
+             helper.make_node("Sigmoid", ["logit"], ["score"], name="sigmoid"),
+             helper.make_node("Transpose", ["score"], ["scores"], perm=[0, 2, 1], name="by_class"),
+             helper.make_node("NonMaxSuppression", ["boxes4", "scores", "top", "iou", "floor"], ["keep"], name="nms"),
+             helper.make_node("Gather", ["keep", "two"], ["index"], axis=1, name="box_index"),
+             helper.make_node("Gather", ["boxes4", "index"], ["picked"], axis=1, name="pick"),
+             helper.make_node("ReduceMax", ["r"], ["peak"], axes=[1], keepdims=0, name="peak")]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((5, 3, 1, 1)) * 0.5).astype(np.float32), "rows": np.array([1, -1, 5]),
+        "zero": np.array([0]), "four": np.array([4]), "five": np.array([5]), "last": np.array([2]),
+        "top": np.array([100]), "iou": np.array([0.5], np.float32), "floor": np.array([0.5], np.float32),
+        "two": np.array(2)}.items()]
+    graph = helper.make_graph(nodes, "nms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("picked", TensorProto.FLOAT, [1, "kept", 4]),
+                               helper.make_tensor_value_info("peak", TensorProto.FLOAT, [1, 5])], inits)
+    path = tmp_path / "nms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    kept = {session.run(["picked"], {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)})[0].shape[1]
+            for _ in range(8)}
+    assert len(kept) > 1  # (the model keeps a number of boxes that depends on its input)
+    result = quantize({"x": [1, 3, 8, 8]}, "cpu", path, mapname="nms", calib_steps=CALIB, output_root=tmp_path)
+    convert(result.map)
+    with caplog.at_level("WARNING", logger="maptools.evaluation"):
+        error = evaluate_map(result.map, samples=4)
+        crossbar = evaluate_crossbar(result.map, _SPEC, samples=4)
+    assert 0 < error.rel_l2 < 0.05 and 0 <= crossbar.integer_rel_l2 < 0.05 and crossbar.samples == 4
+    assert "outputs 'picked' vary in size with the data" in caplog.text
+
+
 def test_an_input_no_node_reads_is_an_input_of_every_artifact(tmp_path: Path) -> None:
     """paddle2onnx declares a sequence-length input the graph never reads (lac's encoder): quant_model.onnx
     takes it too, so the error report, the evaluations and the simulations feed both models alike."""

@@ -79,13 +79,14 @@ class CrossbarError:
         return asdict(self)
 
 
-def _chunks(samples: Sequence[dict[str, np.ndarray]], batched: frozenset[str]) -> list[Sequence[dict[str, np.ndarray]]]:
-    """Consecutive samples, ``_CHUNK`` at most, that may run as one batch: the inputs without the batch axis
+def _chunks(samples: Sequence[dict[str, np.ndarray]], batched: frozenset[str], size: int
+            ) -> list[Sequence[dict[str, np.ndarray]]]:
+    """Consecutive samples, ``size`` at most, that may run as one batch: the inputs without the batch axis
     (a 0-d sample rate, a recurrent state) go whole to a run, so a chunk's samples must agree on them."""
     chunks: list[list[dict[str, np.ndarray]]] = []
     for sample in samples:
         last = chunks[-1] if chunks else None
-        if last is not None and len(last) < _CHUNK and all(
+        if last is not None and len(last) < size and all(
                 np.array_equal(sample[k], last[0][k]) for k in sample if k not in batched):
             last.append(sample)
         else:
@@ -95,9 +96,10 @@ def _chunks(samples: Sequence[dict[str, np.ndarray]], batched: frozenset[str]) -
 
 def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], float]:
     """Outputs per sample, and seconds, simulating up to ``_CHUNK`` samples at a time (each sample at the shapes
-    the model was prepared for: its batch, where that is more than 1, stays together)."""
+    the model was prepared for: its batch, where that is more than 1, stays together). A model whose shapes do
+    not follow the batch (an output sized by the data, a time axis first) runs one sample at a time."""
     started, out = time.perf_counter(), []
-    for chunk in _chunks(samples, simulator.batched):
+    for chunk in _chunks(samples, simulator.batched, _CHUNK if simulator.batch_major else 1):
         feed = {k: np.concatenate([s[k] for s in chunk]) if k in simulator.batched else chunk[0][k] for k in chunk[0]}
         outputs = simulator.run(feed).outputs
         parts = {k: np.split(v, len(chunk), axis=simulator.batch_axis(k)) for k, v in outputs.items()}
@@ -138,9 +140,10 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     integer, integer_seconds = _run(IntegerSimulator(graph, params), data.samples)
     simulator = spec.simulator(graph, params, calibration=calibration)
     crossbar, seconds = _run(simulator, data.samples)
-    against_float = compare_outputs(crossbar, reference, data.labels)
-    against_integer = compare_outputs(crossbar, integer)
-    integer_accuracy = compare_outputs(integer, reference, data.labels)["accuracy"]
+    names = list(graph.outputs)
+    against_float = compare_outputs(crossbar, reference, data.labels, names)
+    against_integer = compare_outputs(crossbar, integer, names=names)
+    integer_accuracy = compare_outputs(integer, reference, data.labels, names)["accuracy"]
     mapped = map_graph(graph, params, spec, shifts=simulator.adc_shifts)
     n = len(data.samples)
     cost = mapped.cost
@@ -217,7 +220,7 @@ def evaluate_device(mapname: str | MapRef, spec: CrossbarSpec, device: DeviceMod
         for trial in range(trials):
             simulator.set_device(device, trial, at)
             outputs, _ = _run(simulator, data.samples)
-            metrics.append(compare_outputs(outputs, reference, data.labels))
+            metrics.append(compare_outputs(outputs, reference, data.labels, list(graph.outputs)))
         float_accuracy = metrics[0]["float_accuracy"]
         accuracy = [m["accuracy"] for m in metrics]
         points.append(DevicePoint(

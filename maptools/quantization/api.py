@@ -25,12 +25,13 @@ from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MOD
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
+from maptools.evaluation import rel_l2
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
-from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, rel_l2, search
+from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
 from maptools.onnx_model import (ModelInput, check_input_shapes, index_limits, load_model, model_inputs,
                                  ort_session, run_on_sample)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
@@ -258,7 +259,8 @@ def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
     averaged over the outputs."""
     session = ort_session(qdq)
     outputs = [run_on_sample(session, names, s) for s in samples]
-    return float(np.mean([rel_l2([[q[i]] for q in outputs], [[f[i]] for f in reference]) for i in range(len(names))]))
+    errors = [rel_l2([[q[i]] for q in outputs], [[f[i]] for f in reference]) for i in range(len(names))]
+    return float(np.mean([e for e in errors if not np.isnan(e)] or [np.nan]))
 
 
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
@@ -283,7 +285,7 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
         done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
                                   device, budget, strict, reference)
         errors[algorithm.value] = _output_error(done.qdq, samples, reference, names)
-        if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:
+        if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:  # (NaN: the first kept)
             best = done
     notes.append(f"algorithm='auto' chose {best.settings.algorithm.value}: output error against float on "
                  f"{len(samples)} calibration samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")

@@ -31,6 +31,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import BudgetError, SettingsError
+from maptools.evaluation import rel_l2
 from maptools.onnx_model import ort_session
 from maptools.placement import CROSSBAR_OP_TYPES, Role, place
 from maptools.settings import QuantSettings, ScalePolicy
@@ -194,13 +195,6 @@ class MixedPrecisionReport:
 
 
 # --- sensitivity ---------------------------------------------------------------------------------------
-
-def rel_l2(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
-    q = np.concatenate([np.ravel(o) for s in outputs for o in s]).astype(np.float64)
-    f = np.concatenate([np.ravel(o) for s in reference for o in s]).astype(np.float64)
-    norm = float(np.linalg.norm(f))
-    return float(np.linalg.norm(q - f) / norm) if norm > 0 else float(np.linalg.norm(q - f))
-
 
 def _scale(peak: np.ndarray | float, levels: int, settings: QuantSettings) -> np.ndarray:
     """PPQ's symmetric minmax scale for ``peak`` over ``levels`` steps (rounded up to 2^k under pow2)."""
