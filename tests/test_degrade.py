@@ -123,9 +123,12 @@ def test_a_model_kept_on_the_host_whole_has_an_empty_error_report(tmp_path) -> N
     assert read_quantinfo("host", tmp_path) == {}
 
 
-def test_an_already_quantized_model_is_named_so_and_its_work_counted(tmp_path) -> None:
+@pytest.mark.parametrize("follows", [True, False])
+def test_an_already_quantized_model_is_named_so_and_its_work_counted(follows: bool, tmp_path) -> None:
     """onnxruntime's dynamic quantization (DynamicQuantizeLinear + MatMulInteger, as text2tashkeel and
-    ddddocr ship): the integer matmul is matrix work the crossbars do not get, and the result says why."""
+    ddddocr ship) comes back to a float MatMul on the crossbars; where the rewrite cannot follow it (the scale
+    applied another way), the integer matmul stays: matrix work the crossbars do not get, and the result says
+    why."""
     rng = np.random.default_rng(0)
     inits = [onnx.numpy_helper.from_array(rng.integers(-127, 128, (64, 32)).astype(np.int8), "wq"),
              onnx.numpy_helper.from_array(np.array(0, np.int8), "wz"),
@@ -134,12 +137,15 @@ def test_an_already_quantized_model_is_named_so_and_its_work_counted(tmp_path) -
         helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="quantize"),
         helper.make_node("MatMulInteger", ["xq", "wq", "xz", "wz"], ["acc"], name="matmul"),
         helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="cast"),
-        helper.make_node("Mul", ["xs", "ws"], ["s"], name="scale"), helper.make_node("Mul", ["accf", "s"], ["y"],
-                                                                                     name="dequantize")], "g",
+        helper.make_node("Mul", ["xs", "ws"] if follows else ["ws", "ws"], ["s"], name="scale"),
+        helper.make_node("Mul", ["accf", "s"], ["y"], name="dequantize")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits)
     path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "q.onnx")
     result = quantize({"x": [8, 64]}, "cpu", path, mapname="q", calib_steps=8, output_root=tmp_path, error_steps=0)
-    assert result.placement.total_macs == 8 * 64 * 32 and result.placement.crossbar_coverage == 0.0
+    assert result.placement.total_macs == 8 * 64 * 32
+    assert result.placement.crossbar_coverage == (1.0 if follows else 0.0)
     assert any(n.startswith("the model is quantized already (DynamicQuantizeLinear, MatMulInteger)")
-               for n in result.notes), result.notes
+               for n in result.notes) != follows, result.notes
+    assert any(s.startswith("the model is quantized: rewritten as float (1 MatMulInteger)")
+               for s in result.prepared["steps"]) == follows

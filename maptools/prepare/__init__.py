@@ -39,10 +39,13 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
+from maptools.evaluation import rel_l2
 from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
+from maptools.placement import QUANTIZED_OP_TYPES
 
 
 from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel, _Context, _where, opset_of
+from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad, _matmul_as_gemm,
@@ -347,6 +350,8 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
                              fallbacks=tuple(record.get("fallbacks", [])))
+    original_nodes = len(model.graph.node)
+    model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed)
     reference = reference_outputs(model, shapes, checks=checks, seed=seed)
     notes: list[str] = []
     for level in _LEVELS:
@@ -366,18 +371,52 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
             notes.append(f"preparation ({level}) gave a model that failed the check against the original ({reason}); "
                          "prepared again with fewer rewrites")
             log.warning("%s", notes[-1])
-    steps, fallbacks = [*notes, *steps], [*notes, *skipped]
+    steps, fallbacks = [*dequantized, *notes, *steps], [*fallbacks, *notes, *skipped]
     _check_strict(strict, fallbacks, src)
     record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
               "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
-              "max_rel_diff": worst_rel, "nodes_before": len(model.graph.node), "fallbacks": fallbacks}
+              "max_rel_diff": worst_rel, "nodes_before": original_nodes, "fallbacks": fallbacks}
     onnx.helper.set_model_props(prepared, {**{p.key: p.value for p in prepared.metadata_props
                                               if p.key != PREPARED_KEY}, PREPARED_KEY: json.dumps(record)})
     atomic_write(dst, prepared.SerializeToString())
     return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
-                         max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=len(model.graph.node),
+                         max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=original_nodes,
                          nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
+
+
+#: How far a dequantized model's outputs may be from the quantized original's (rel. L2 on the check inputs): a
+#: float equivalent is as near as the quantization's own error; farther, a rewrite went wrong.
+DEQUANTIZED_TOLERANCE = 0.5
+
+
+def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int, seed: int
+                 ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """A model an integer quantizer wrote (:data:`QUANTIZED_OP_TYPES`) as its float equivalent
+    (:func:`dequantize`), which the steps say with its distance from the original; as it is where that fails (a
+    fallback: its quantized operators then stay on the host)."""
+    if not any(n.op_type in QUANTIZED_OP_TYPES for n in model.graph.node):
+        return model, [], []
+    try:
+        floated, done = dequantize(model)
+        if not done:
+            return model, [], []
+        ranges = input_ranges(model)  # (inputs beyond what the model was calibrated on clip in it, not as float)
+        before = reference_outputs(model, shapes, checks=checks, seed=seed, ranges=ranges)
+        after = reference_outputs(floated, shapes, checks=checks, seed=seed, ranges=ranges)
+        error = rel_l2(after.outputs, before.outputs)
+    except Exception as e:  # noqa: BLE001  (onnx and onnxruntime raise many types)
+        reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        skipped = f"the model is quantized; rewriting it as float skipped ({reason})"
+        return model, [skipped], [skipped]
+    where = " in its input quantizers' ranges" if ranges else ""
+    if not error <= DEQUANTIZED_TOLERANCE:
+        skipped = (f"the model is quantized; rewriting it as float skipped (its outputs then differ by {error:.1%} "
+                   f"rel. L2 on random inputs{where})")
+        return model, [skipped], [skipped]
+    what = ", ".join(f"{count} {op}" for op, count in done.items())
+    return floated, [f"the model is quantized: rewritten as float ({what}), its outputs {error:.2%} (rel. L2) from "
+                     f"the quantized model's on random inputs{where}"], []
 
 
 def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:

@@ -48,12 +48,15 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator
-                 ) -> dict[str, np.ndarray]:
+def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator,
+                 ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, np.ndarray]:
+    """Standard normal floats (uniform within ``ranges[name]`` where given), 0/1 integers and booleans."""
     feed = {}
     for spec in model_inputs(model):
         shape = list(shapes[spec.name])
-        if np.issubdtype(spec.dtype, np.floating):
+        if np.issubdtype(spec.dtype, np.floating) and spec.name in (ranges or {}):
+            feed[spec.name] = rng.uniform(*ranges[spec.name], shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
@@ -84,8 +87,9 @@ def _declared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> st
 
 
 def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int = 3,
-                      seed: int = 0) -> Reference:
-    """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load).
+                      seed: int = 0, ranges: Mapping[str, tuple[float, float]] | None = None) -> Reference:
+    """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load) on
+    ``checks`` seeded random inputs (``ranges``: as :func:`_random_feed`).
 
     Raises:
         ModelError: onnxruntime cannot load the model, or an output is not a tensor.
@@ -111,7 +115,7 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
         raise _misfit(original, shapes, e) from e  # it loads as declared: the shapes do not fit
     names = tuple(o.name for o in original.graph.output)
     rng = np.random.default_rng(seed)
-    feeds = tuple(_random_feed(original, shapes, rng) for _ in range(checks))
+    feeds = tuple(_random_feed(original, shapes, rng, ranges) for _ in range(checks))
     outputs = []
     for feed in feeds:
         try:

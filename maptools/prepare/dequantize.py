@@ -1,0 +1,424 @@
+"""A model an integer quantizer already wrote, as its float equivalent, so that PPQ can quantize it for the
+crossbars: onnxruntime's QDQ format (weights dequantized, each quantize -> dequantize pair on an activation
+dropped), its QOperator format (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ... as ``DequantizeLinear`` -> the
+float operator -> ``QuantizeLinear``, then the pairs dropped) and its dynamic format (``DynamicQuantizeLinear`` ->
+``ConvInteger`` / ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the two scales, as one float ``Conv`` / ``MatMul``).
+What matches none of these (a ``DynamicQuantizeLSTM``) stays as it is, on the host.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+
+from maptools.errors import ModelError
+
+__all__ = ["dequantize", "input_ranges"]
+
+_MS = "com.microsoft"
+#: Operators that move integer codes without computing on them: a quantizer's output may pass them before its
+#: dequantize (the QOperator format's MaxPool and Reshape on uint8), so the pair is found past them.
+_TRANSPARENT = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                          "DepthToSpace", "SpaceToDepth", "Slice", "Tile", "Expand"})
+#: Operators whose outputs are never negative: a quantizer whose codes start at 0.0 after them needs no ReLU.
+_NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "Softmax", "Abs", "Exp"})
+#: QOperator-format unary operators (com.microsoft): their float operator and the attributes it keeps.
+_UNARY = {"QLinearSigmoid": ("Sigmoid", ()), "QLinearLeakyRelu": ("LeakyRelu", ("alpha",)),
+          "QLinearSoftmax": ("Softmax", ("axis",)), "QLinearGlobalAveragePool": ("GlobalAveragePool", ()),
+          "QLinearAveragePool": ("AveragePool", ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape",
+                                                 "pads", "strides"))}
+
+
+class _Graph:
+    """The model's graph with its constants by name, rewritten in place."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.g = model.graph
+        self.consts: dict[str, np.ndarray] = {i.name: onnx.numpy_helper.to_array(i) for i in self.g.initializer}
+        for node in self.g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute \
+                    and node.attribute[0].name == "value":
+                self.consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+        self.counter = 0
+        self._made = self.producers()  # (what value() follows: constants' producers, which no rewrite changes)
+
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        return {t: n for n in self.g.node for t in n.output if t}
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        found: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for t in n.input:
+                found.setdefault(t, []).append(n)
+        return found
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant tensor: an initializer, a Constant, or a reshape or product of constants (the dynamic
+        format's per-channel weight scales)."""
+        if name in self.consts:
+            return self.consts[name]
+        node = self._made.get(name)
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "Identity", "Mul"):
+            return None
+        ins = [self.value(t) for t in node.input[:2]]
+        if any(v is None for v in ins):
+            return None
+        if node.op_type == "Reshape":
+            value = ins[0].reshape([d if d != 0 else s for d, s in zip(ins[1].tolist(), ins[0].shape)]
+                                   if 0 in ins[1].tolist() else ins[1].tolist())
+        else:
+            value = ins[0] if node.op_type == "Identity" else ins[0] * ins[1]
+        self.consts[name] = value
+        return value
+
+    def constant(self, array: np.ndarray, hint: str) -> str:
+        self.counter += 1
+        name = f"{hint}_dequantized_{self.counter}"
+        self.g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.consts[name] = array
+        return name
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}_float_{self.counter}"
+
+
+def _real(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    """``(codes - zero) * scale`` in float32, a 1-D ``scale``/``zero`` along ``axis``."""
+    scale = np.asarray(scale, np.float64)
+    zero = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float64)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((codes.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def _attrs(node: onnx.NodeProto, keep: tuple[str, ...] | None = None) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if keep is None or a.name in keep}
+
+
+def _dq(graph: _Graph, new: list[onnx.NodeProto], x: str, scale: str, zero: str | None, axis: int = 1) -> str:
+    """``x`` dequantized: a constant folded, else a DequantizeLinear node (appended to ``new``)."""
+    codes, s = graph.value(x), graph.value(scale)
+    if codes is not None and s is not None:
+        return graph.constant(_real(codes, s, None if not zero else graph.value(zero), axis), x)
+    out = graph.fresh(x)
+    extra = {"axis": axis} if s is not None and s.size > 1 else {}
+    new.append(onnx.helper.make_node("DequantizeLinear", [x, scale, *([zero] if zero else [])], [out], **extra))
+    return out
+
+
+def _q(new: list[onnx.NodeProto], x: str, scale: str, zero: str | None, out: str) -> None:
+    new.append(onnx.helper.make_node("QuantizeLinear", [x, scale, *([zero] if zero else [])], [out]))
+
+
+def _arg(node: onnx.NodeProto, i: int) -> str | None:
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+def _qlinear_conv(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    x, xs, xz, w, ws, wz, ys, yz = (_arg(node, i) for i in range(8))
+    bias = _arg(node, 8)
+    codes, wscale, xscale = graph.value(w), graph.value(ws), graph.value(xs)
+    if codes is None or wscale is None or (bias is not None and (graph.value(bias) is None or xscale is None)):
+        return False
+    inputs = [_dq(graph, new, x, xs, xz), _dq(graph, new, w, ws, wz, axis=0)]
+    if bias is not None:
+        inputs.append(graph.constant((graph.value(bias).astype(np.float64) * float(np.ravel(xscale)[0])
+                                      * np.ravel(wscale).astype(np.float64)).astype(np.float32), bias))
+    y = graph.fresh(node.output[0])
+    new.append(onnx.helper.make_node("Conv", inputs, [y], name=node.name, **_attrs(node)))
+    _q(new, y, ys, yz, node.output[0])
+    return True
+
+
+def _qlinear_matmul(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    a, as_, az, b, bs, bz, ys, yz = (_arg(node, i) for i in range(8))
+    codes = graph.value(b)
+    axis = codes.ndim - 1 if codes is not None else 1
+    y = graph.fresh(node.output[0])
+    new.append(onnx.helper.make_node("MatMul", [_dq(graph, new, a, as_, az), _dq(graph, new, b, bs, bz, axis)], [y],
+                                     name=node.name))
+    _q(new, y, ys, yz, node.output[0])
+    return True
+
+
+def _qgemm(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    a, as_, az, b, bs, bz, c, ys, yz = (_arg(node, i) for i in range(9))
+    attrs = _attrs(node, ("alpha", "transA", "transB"))
+    ascale, bscale = graph.value(as_), graph.value(bs)
+    if c is not None and (graph.value(c) is None or ascale is None or bscale is None):
+        return False
+    inputs = [_dq(graph, new, a, as_, az), _dq(graph, new, b, bs, bz, 0 if attrs.get("transB", 0) else 1)]
+    if c is not None:  # an int32 bias at scale a_scale * b_scale
+        inputs.append(graph.constant((graph.value(c).astype(np.float64) * float(np.ravel(ascale)[0])
+                                      * np.ravel(bscale).astype(np.float64)).astype(np.float32), c))
+    out = node.output[0]
+    y = graph.fresh(out) if ys else out
+    new.append(onnx.helper.make_node("Gemm", inputs, [y], name=node.name, **attrs))
+    if ys:
+        _q(new, y, ys, yz, out)
+    return True
+
+
+def _qlinear_binary(op: str) -> Callable[[_Graph, onnx.NodeProto, list[onnx.NodeProto]], bool]:
+    def rewrite(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+        a, as_, az, b, bs, bz, cs, cz = (_arg(node, i) for i in range(8))
+        y = graph.fresh(node.output[0])
+        new.append(onnx.helper.make_node(op, [_dq(graph, new, a, as_, az), _dq(graph, new, b, bs, bz)], [y],
+                                         name=node.name))
+        _q(new, y, cs, cz, node.output[0])
+        return True
+    return rewrite
+
+
+def _qlinear_unary(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    op, keep = _UNARY[node.op_type]
+    if _attrs(node).get("channels_last", 0):
+        return False
+    x, xs, xz, ys, yz = (_arg(node, i) for i in range(5))
+    y = graph.fresh(node.output[0])
+    new.append(onnx.helper.make_node(op, [_dq(graph, new, x, xs, xz)], [y], name=node.name, **_attrs(node, keep)))
+    _q(new, y, ys, yz, node.output[0])
+    return True
+
+
+def _qlinear_concat(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    ys, yz, rest = node.input[0], node.input[1] or None, list(node.input[2:])
+    parts = [_dq(graph, new, rest[i], rest[i + 1], rest[i + 2] or None) for i in range(0, len(rest), 3)]
+    y = graph.fresh(node.output[0])
+    new.append(onnx.helper.make_node("Concat", parts, [y], name=node.name, **_attrs(node, ("axis",))))
+    _q(new, y, ys, yz, node.output[0])
+    return True
+
+
+_QOPERATOR: dict[tuple[str, str], Callable[[_Graph, onnx.NodeProto, list[onnx.NodeProto]], bool]] = {
+    ("", "QLinearConv"): _qlinear_conv, ("", "QLinearMatMul"): _qlinear_matmul, (_MS, "QGemm"): _qgemm,
+    (_MS, "QLinearAdd"): _qlinear_binary("Add"), (_MS, "QLinearMul"): _qlinear_binary("Mul"),
+    (_MS, "QLinearConcat"): _qlinear_concat, **{(_MS, op): _qlinear_unary for op in _UNARY}}
+
+
+def _dynamic(graph: _Graph, node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+             consumers: dict[str, list[onnx.NodeProto]], new: list[onnx.NodeProto], dead: set[int]) -> bool:
+    """``DynamicQuantizeLinear(x) -> ConvInteger / MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` as the float
+    operator on ``x`` with the dequantized weight (onnxruntime's ``quantize_dynamic``)."""
+    xq, wq, xz, wz = (_arg(node, i) for i in range(4))
+    dql = producers.get(xq or "")
+    codes = graph.value(wq or "")
+    after, bias, skipped = node.output[0], None, []
+    found = consumers.get(after, [])
+    if len(found) == 1 and found[0].op_type == "Add":  # older releases add the bias as codes at the input's scale
+        bias = _float_bias(graph, next((t for t in found[0].input if t != after), ""), producers)
+        if bias is None:
+            return False
+        skipped, after = [found[0]], found[0].output[0]
+    cast = consumers.get(after, [])
+    if dql is None or dql.op_type != "DynamicQuantizeLinear" or codes is None or xz != dql.output[2] \
+            or len(cast) != 1 or cast[0].op_type != "Cast":
+        return False
+    mul = consumers.get(cast[0].output[0], [])
+    if len(mul) != 1 or mul[0].op_type != "Mul":
+        return False
+    other = next((t for t in mul[0].input if t != cast[0].output[0]), None)
+    scales = producers.get(other or "")
+    if scales is None or scales.op_type != "Mul" or dql.output[1] not in scales.input:
+        return False
+    wscale = graph.value(next(t for t in scales.input if t != dql.output[1]))
+    if wscale is None:
+        return False
+    conv = node.op_type == "ConvInteger"
+    channels = codes.shape[0] if conv else codes.shape[-1]
+    flat = np.ravel(wscale)
+    if flat.size not in (1, channels):
+        return False
+    zero = graph.value(wz) if wz else None
+    weight = _real(codes, flat if flat.size > 1 else flat[0], None if zero is None else np.ravel(zero) if np.size(zero) > 1
+                   else np.ravel(zero)[0], 0 if conv else codes.ndim - 1)
+    inputs = [dql.input[0], graph.constant(weight, wq)]
+    if bias is not None and conv and bias.size == channels:
+        inputs.append(graph.constant(bias.reshape(-1).astype(np.float32), wq + "_bias"))
+    elif bias is not None:
+        return False
+    new.append(onnx.helper.make_node("Conv" if conv else "MatMul", inputs, [mul[0].output[0]], name=node.name,
+                                     **(_attrs(node) if conv else {})))
+    dead.update({id(cast[0]), id(mul[0]), *map(id, skipped)})
+    return True
+
+
+def _float_bias(graph: _Graph, codes: str, producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The float bias behind ``Reshape(Cast(Floor(Div(bias, scales))))``: a bias quantized at run time."""
+    node = producers.get(codes)
+    for op in ("Reshape", "Cast", "Floor", "Div"):
+        if node is None or node.op_type != op:
+            return None
+        if op == "Div":
+            return graph.value(node.input[0])
+        node = producers.get(node.input[0])
+    return None
+
+
+def _drop_pairs(graph: _Graph) -> int:
+    """Each ``QuantizeLinear -> DequantizeLinear`` pair of one scale and zero point (past any
+    :data:`_TRANSPARENT` operators, which then move the float tensor) as the float tensor, or its ReLU where
+    the codes start at 0.0 (:func:`_clips_below_zero`); the count."""
+    dropped = 0
+    changed = True
+    while changed:
+        changed = False
+        producers, consumers = graph.producers(), graph.consumers()
+        for node in list(graph.g.node):
+            src = producers.get(node.input[0]) if node.input else None
+            if src is None or src.op_type != "QuantizeLinear" or src.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "DequantizeLinear" and _same(graph, src, node):
+                index = list(graph.g.node).index(node)
+                graph.g.node.remove(node)
+                before = producers.get(src.input[0])
+                relu = _clips_below_zero(graph, src) and (before is None or before.op_type not in _NON_NEGATIVE)
+                graph.g.node.insert(index, onnx.helper.make_node("Relu" if relu else "Identity", [src.input[0]],
+                                                                 [node.output[0]], name=node.name))
+                dropped += 1
+                changed = True
+            elif node.op_type in _TRANSPARENT and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
+                    c.op_type in ("DequantizeLinear", *_TRANSPARENT) for c in consumers.get(node.output[0], [])):
+                moved = graph.fresh(node.output[0])  # the operator on the float tensor, then the quantizer
+                index = list(graph.g.node).index(node)
+                graph.g.node.remove(node)
+                graph.g.node.insert(index, onnx.helper.make_node(
+                    node.op_type, [src.input[0], *node.input[1:]], [moved], name=node.name, **_attrs(node)))
+                graph.g.node.insert(index + 1, onnx.helper.make_node("QuantizeLinear", [moved, *src.input[1:]],
+                                                                     [node.output[0]], **_attrs(src)))
+                changed = True
+            if changed:
+                break
+    return dropped
+
+
+def _clips_below_zero(graph: _Graph, q: onnx.NodeProto) -> bool:
+    """True where the quantizer's codes start at 0.0 (uint8 at zero point 0, the default): it is a ReLU as well,
+    and quantizers fold the ReLU before them into it."""
+    zero = graph.value(_arg(q, 2) or "")
+    if zero is None:
+        return _arg(q, 2) is None
+    lowest = np.iinfo(zero.dtype).min if np.issubdtype(zero.dtype, np.integer) else None
+    return lowest is not None and bool(np.all(zero.astype(np.int64) == lowest))
+
+
+def _same(graph: _Graph, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:
+    """A quantizer and a dequantizer of one scale, zero point and axis."""
+    for i in (1, 2):
+        a, b = _arg(q, i), _arg(dq, i)
+        if a == b:
+            continue
+        va, vb = graph.value(a or ""), graph.value(b or "")
+        if va is None or vb is None or not np.array_equal(np.asarray(va, np.float64), np.asarray(vb, np.float64)):
+            return False
+    return _attrs(q).get("axis", 1) == _attrs(dq).get("axis", 1)
+
+
+def _fold_weights(graph: _Graph) -> int:
+    """Each DequantizeLinear of constant codes as a float initializer; the count."""
+    folded = 0
+    for node in list(graph.g.node):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        codes, scale = graph.value(node.input[0]), graph.value(node.input[1])
+        if codes is None or scale is None or _attrs(node).get("block_size", 0) or scale.ndim > 1:
+            continue  # (blocked scales, opset 21's int4 weights: left to onnxruntime)
+        zero = graph.value(_arg(node, 2) or "")
+        axis = _attrs(node).get("axis", 1)
+        real = _real(codes, scale, zero, axis if axis >= 0 else codes.ndim + axis)
+        graph.g.initializer.append(onnx.numpy_helper.from_array(real, node.output[0]))
+        graph.consts[node.output[0]] = real
+        graph.g.node.remove(node)
+        folded += 1
+    return folded
+
+
+def _prune(graph: _Graph) -> None:
+    """Drop the nodes and initializers nothing reads (the quantizers left behind), and the Identities."""
+    outputs = {o.name for o in graph.g.output}
+    for node in [n for n in graph.g.node if n.op_type == "Identity" and n.output[0] not in outputs]:
+        for other in graph.g.node:
+            for i, t in enumerate(other.input):
+                if t == node.output[0]:
+                    other.input[i] = node.input[0]
+        graph.g.node.remove(node)
+    while True:
+        read = {t for n in graph.g.node for t in n.input} | outputs
+        unused = [n for n in graph.g.node if not any(t in read for t in n.output if t)]
+        if not unused:
+            break
+        for node in unused:
+            graph.g.node.remove(node)
+    read = {t for n in graph.g.node for t in n.input} | outputs
+    kept = [i for i in graph.g.initializer if i.name in read]
+    del graph.g.initializer[:]
+    graph.g.initializer.extend(kept)
+
+
+def dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Counter[str]]:
+    """``model``'s float equivalent (a copy) and the quantized operators rewritten, by type.
+
+    Raises:
+        ModelError: ``model`` has control flow around its quantized operators (not rewritten).
+    """
+    if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
+        raise ModelError("the quantized model has control flow (If, Loop, Scan).",
+                         "quantize its float original to put its layers on the crossbars.")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = _Graph(copy)
+    done: Counter[str] = Counter()
+    rewritten: list[onnx.NodeProto] = []
+    dead: set[int] = set()
+    producers, consumers = graph.producers(), graph.consumers()
+    for node in list(graph.g.node):
+        new: list[onnx.NodeProto] = []
+        rewrite = _QOPERATOR.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+        if rewrite is not None and rewrite(graph, node, new):
+            done[node.op_type] += 1
+            rewritten.extend(new)
+        elif node.op_type in ("ConvInteger", "MatMulInteger") and _dynamic(graph, node, producers, consumers, new, dead):
+            done[node.op_type] += 1
+            rewritten.extend(new)
+        else:
+            rewritten.append(node)
+    kept = [n for n in rewritten if id(n) not in dead]
+    del graph.g.node[:]
+    graph.g.node.extend(kept)
+    pairs = _drop_pairs(graph)
+    folded = _fold_weights(graph)
+    if pairs:
+        done["QuantizeLinear -> DequantizeLinear"] += pairs
+    if folded:
+        done["DequantizeLinear of weights"] += folded
+    _prune(graph)
+    del graph.g.value_info[:]  # (the rewritten tensors' types changed: re-inferred)
+    return copy, done
+
+
+def input_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """The real range each graph input's quantizer covers (``QuantizeLinear`` reading the input): what the model
+    was calibrated on, beyond which the quantized model clips and its float equivalent does not."""
+    graph = _Graph(model)
+    inputs = {i.name for i in model.graph.input} - set(graph.consts)
+    ranges: dict[str, tuple[float, float]] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inputs:
+            continue
+        scale, zero = graph.value(node.input[1]), graph.value(_arg(node, 2) or "")
+        if scale is None or np.size(scale) != 1:
+            continue
+        info = np.iinfo(np.uint8 if zero is None else zero.dtype)
+        offset = 0 if zero is None else int(np.ravel(zero)[0])
+        s = float(np.ravel(scale)[0])
+        ranges[node.input[0]] = ((info.min - offset) * s, (info.max - offset) * s)
+    return ranges

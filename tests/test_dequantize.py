@@ -1,0 +1,122 @@
+"""A model shipped quantized (onnxruntime's QDQ, QOperator and dynamic formats) is rewritten as its float
+equivalent before PPQ quantizes it, so its layers land on the crossbars instead of staying on the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+from maptools import quantize
+from maptools.prepare.dequantize import dequantize
+
+SHAPE = [1, 3, 16, 16]
+
+
+class _Net(torch.nn.Module):
+    """What a quantizer fuses and rewrites: Conv + ReLU (folded into the quantizer after it), a max pool on
+    codes, a residual add, a gate (sigmoid times), a concatenation, the mean and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.fc = torch.nn.Conv2d(8, 8, 1), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.max_pool2d(torch.relu(self.c1(x)), 2)
+        z = torch.relu(self.c2(y)) + y
+        z = torch.sigmoid(self.c3(z)) * z
+        z = torch.cat([z, z.flip(1)], 1)[:, :8]
+        return self.fc(z.mean((2, 3)).flatten(1))
+
+
+class _Images(CalibrationDataReader):
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.batches = iter([{"x": rng.random(SHAPE, dtype=np.float32)} for _ in range(8)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The float network and its three quantized exports."""
+    folder = tmp_path_factory.mktemp("shipped")
+    torch.manual_seed(0)
+    float_path = folder / "float.onnx"
+    torch.onnx.export(_Net().eval(), torch.randn(SHAPE), str(float_path), opset_version=13, dynamo=False,
+                      input_names=["x"], output_names=["y"])
+    paths = {"float": float_path}
+    for fmt, name in ((QuantFormat.QDQ, "qdq"), (QuantFormat.QOperator, "qoperator")):
+        paths[name] = folder / f"{name}.onnx"
+        quantize_static(str(float_path), str(paths[name]), _Images(), quant_format=fmt, per_channel=True)
+    paths["dynamic"] = folder / "dynamic.onnx"
+    quantize_dynamic(str(float_path), str(paths["dynamic"]), weight_type=QuantType.QInt8, per_channel=True)
+    return paths
+
+
+def _run(path: Path | onnx.ModelProto, xs: list[np.ndarray]) -> np.ndarray:
+    model = path.SerializeToString() if isinstance(path, onnx.ModelProto) else str(path)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"x": x})[0] for x in xs])
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "dynamic"])
+def test_a_quantized_model_is_its_float_original_again(fmt: str, shipped: dict[str, Path]) -> None:
+    """The rewrite drops the quantizers' rounding, not the network: the float model it gives is nearer the float
+    original than the quantized model is (the ReLUs a quantizer folds into its zero point come back)."""
+    floated, done = dequantize(onnx.load(str(shipped[fmt])))
+    kinds = {n.op_type for n in floated.graph.node}
+    assert not kinds & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QGemm",
+                        "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"}, kinds
+    assert sum(done.values()) > 0
+    xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(4)]
+    original = _run(shipped["float"], xs)
+    assert _rel(_run(floated, xs), original) < 0.01
+    assert _rel(_run(floated, xs), original) <= _rel(_run(shipped[fmt], xs), original) + 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "dynamic"])
+def test_a_quantized_model_quantizes_onto_the_crossbars(fmt: str, shipped: dict[str, Path], tmp_path: Path) -> None:
+    result = quantize({"x": SHAPE}, "cpu", shipped[fmt], mapname=fmt, calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert not any("quantized already" in n for n in result.notes), result.notes
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+    xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(4)]
+    assert _rel(_run(result.quant_model_path, xs), _run(shipped["float"], xs)) < 0.1
+
+
+def test_a_quantized_model_the_rewrite_cannot_follow_stays_on_the_host(tmp_path: Path) -> None:
+    """A quantizer whose dequantizer reads another scale (no pair) and a weight it cannot fold: the model goes
+    on as written, its quantized operators on the host, and the note says so."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(1).integers(-100, 100, (4, 3, 3, 3)).astype(np.int8), "w")
+    inits = [w, numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "other"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "other"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wf"]),
+             helper.make_node("Conv", ["xf", "wf"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "mismatched", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "mismatched.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    floated, done = dequantize(onnx.load(str(path)))
+    assert done == {"DequantizeLinear of weights": 1}  # the weight folds; the activation pair is no pair
+    result = quantize({"x": SHAPE}, "cpu", path, mapname="mismatched", calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    assert any("rewritten as float (1 DequantizeLinear of weights)" in s for s in result.prepared["steps"])
+    assert any("quantized already (DequantizeLinear, QuantizeLinear)" in n for n in result.notes), result.notes
