@@ -139,6 +139,11 @@ def _batch_major(model: onnx.ModelProto) -> bool:
                for name, s in one.items())
 
 
+def _joined(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """Runs' arrays joined along ``axis``; 0-d ones (a score over every axis) stacked, one per run."""
+    return np.stack(parts) if parts[0].ndim == 0 else np.concatenate(parts, axis=axis)
+
+
 class IntegerSimulator:
     """Runs a quantized operator graph in integer arithmetic from quantinfo and quantparams.
 
@@ -220,10 +225,8 @@ class IntegerSimulator:
                                   f"pass a multiple of {self.batch} along axis 0 (random inputs: leave batch unset).")
         runs = [self._run({k: v[i:i + self.batch] if k in self.batched else v for k, v in arrays.items()}, keep)
                 for i in range(0, total, self.batch)]
-        return SimulationRun({k: np.concatenate([r.outputs[k] for r in runs], axis=self.batch_axis(k))
-                              for k in runs[0].outputs},
-                             {k: np.concatenate([r.codes[k] for r in runs]) for k in runs[0].codes},
-                             runs[0].scales)
+        return SimulationRun({k: _joined([r.outputs[k] for r in runs], self.batch_axis(k)) for k in runs[0].outputs},
+                             {k: _joined([r.codes[k] for r in runs], 0) for k in runs[0].codes}, runs[0].scales)
 
     def batch_axis(self, output: str) -> int:
         """The axis of a graph output that carries the batch: the first of the prepared batch's size

@@ -120,3 +120,45 @@ def test_a_quantized_model_the_rewrite_cannot_follow_stays_on_the_host(tmp_path:
                       error_steps=0)
     assert any("rewritten as float (1 DequantizeLinear of weights)" in s for s in result.prepared["steps"])
     assert any("quantized already (DequantizeLinear, QuantizeLinear)" in n for n in result.notes), result.notes
+
+
+def test_a_symmetric_input_quantizer_is_checked_on_the_images_it_was_calibrated_on(tmp_path: Path) -> None:
+    """A QAT export whose input quantizer is symmetric int8 (it covers [-1, 1]) for [0, 1) images, and a first
+    convolution (a folded batch norm) that removes their mean: on negative inputs it lands far past its
+    calibrated output range, where the quantized model clips and its float equivalent does not. The rewrite is
+    checked on the quantizer's non-negative part as well, and kept."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.prepare import prepare_model
+
+    rng = np.random.default_rng(0)
+    w1 = np.full((16, 3, 3, 3), 1 / 27, np.float32) * rng.uniform(0.8, 1.2, (16, 1, 1, 1)).astype(np.float32)
+    w2 = (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32)
+
+    def codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.abs(w).reshape(len(w), -1).max(1) / 127
+        return np.round(w / scale.reshape(-1, 1, 1, 1)).astype(np.int8), scale.astype(np.float32)
+
+    (q1, s1), (q2, s2) = codes(w1), codes(w2)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("xs", np.float32(1 / 127)), ("z", np.int8(0)), ("q1", q1), ("s1", s1), ("z1", np.zeros(16, np.int8)),
+        ("b1", -0.5 * w1.sum(axis=(1, 2, 3))), ("cs", np.float32(0.25 / 127)), ("q2", q2), ("s2", s2),
+        ("z2", np.zeros(8, np.int8))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["w1"], axis=0),
+             helper.make_node("Conv", ["xd", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c1", "cs", "z"], ["c1q"]),
+             helper.make_node("DequantizeLinear", ["c1q", "cs", "z"], ["c1d"]),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["w2"], axis=0),
+             helper.make_node("Conv", ["c1d", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])], inits)
+    path = tmp_path / "qat.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    floated, _ = dequantize(onnx.load(str(path)))
+    negative = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    assert _rel(_run(floated, [negative]), _run(path, [negative])) > 0.5  # (the check on the full range refuses)
+    prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": [1, 3, 32, 32]})
+    assert not prepared.fallbacks
+    assert "non-negative part of its input quantizers' ranges" in prepared.steps[0]

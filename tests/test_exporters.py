@@ -620,6 +620,32 @@ def test_an_output_sized_by_the_data_is_left_out_of_the_error(tmp_path: Path, ca
     assert "outputs 'picked' vary in size with the data" in caplog.text
 
 
+def test_a_scalar_output_is_evaluated_per_sample(tmp_path: Path) -> None:
+    """A 0-d graph output (PLCMOS's quality score: a mean over every axis) has no batch axis to split or join:
+    the evaluations take it per sample, and a batch of samples simulates to one score per sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.evaluation import evaluate_map
+
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("ReduceMean", ["r"], ["score"], keepdims=0, name="score")]
+    graph = helper.make_graph(nodes, "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [])], inits)
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 16]}, "cpu", path, mapname="scalar", calib_steps=CALIB, output_root=tmp_path)
+    convert(result.map)
+    assert not result.prepared["fallbacks"], result.prepared["fallbacks"]  # (onnxsim took the 0-d output)
+    assert 0 < evaluate_map(result.map, samples=3).rel_l2 < 0.5
+    assert evaluate_crossbar(result.map, _SPEC, samples=3).integer_rel_l2 < 0.05
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+    reference = np.array([session.run(None, {"x": x[i:i + 1]})[0] for i in range(3)])
+    assert _rel(simulate(result.map, {"x": x}).outputs["score"], reference) < 0.05
+
+
 def test_an_input_no_node_reads_is_an_input_of_every_artifact(tmp_path: Path) -> None:
     """paddle2onnx declares a sequence-length input the graph never reads (lac's encoder): quant_model.onnx
     takes it too, so the error report, the evaluations and the simulations feed both models alike."""
@@ -672,6 +698,37 @@ def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     simulated = simulate("half", {"x": x}, output_root=tmp_path).outputs["y"]
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _rel(simulated, reference.astype(np.float64)) < 0.1
+
+
+def test_a_mixed_precision_export_is_checked_at_half_precision(tmp_path: Path) -> None:
+    """float32 input and output, float16 inside (onnxconverter-common's keep_io_types, paddle2onnx's
+    export_fp16_model, ukis-csmask): the original rounds every inner tensor to 11 bits, so the float32 model
+    preparation makes is compared at float16's precision, not failed as a wrong rewrite."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    nodes, inits, x = [helper.make_node("Cast", ["x"], ["h0"], to=TensorProto.FLOAT16)], [], "h0"
+    channels = [8] + [64] * 6 + [8]
+    for i, (ci, co) in enumerate(zip(channels, channels[1:])):
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((co, ci, 3, 3)) / np.sqrt(9 * ci) * 1.5).astype(np.float16), f"w{i}"))
+        inits += [numpy_helper.from_array(v.astype(np.float16), f"{k}{i}") for k, v in (
+            ("g", 1 + 0.1 * rng.standard_normal(co)), ("b", 0.1 * rng.standard_normal(co)),
+            ("m", 0.1 * rng.standard_normal(co)), ("v", 1 + 0.1 * rng.random(co)))]
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]),
+                  helper.make_node("Sigmoid", [f"n{i}"], [f"s{i}"]),
+                  helper.make_node("Mul", [f"n{i}", f"s{i}"], [f"h{i + 1}"])]
+        x = f"h{i + 1}"
+    nodes.append(helper.make_node("Cast", [x], ["y"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])], inits)
+    path = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 8, 32, 32]}, "cpu", path, mapname="mixed", calib_steps=CALIB, output_root=tmp_path,
+                      error_steps=0)
+    assert any("float16 made float32" in step for step in result.prepared["steps"]), result.prepared["steps"]
+    assert not result.prepared["fallbacks"] and result.placement.crossbar_coverage == 1.0
 
 
 def _sequence_model(tokens: int, rows: int, width: int) -> onnx.ModelProto:

@@ -102,6 +102,9 @@ def _run(simulator: IntegerSimulator, samples: Sequence[dict[str, np.ndarray]]) 
     for chunk in _chunks(samples, simulator.batched, _CHUNK if simulator.batch_major else 1):
         feed = {k: np.concatenate([s[k] for s in chunk]) if k in simulator.batched else chunk[0][k] for k in chunk[0]}
         outputs = simulator.run(feed).outputs
+        if len(chunk) == 1:  # (as computed: a 0-d output has no axis to split)
+            out.append(list(outputs.values()))
+            continue
         parts = {k: np.split(v, len(chunk), axis=simulator.batch_axis(k)) for k, v in outputs.items()}
         out += [[parts[k][i] for k in outputs] for i in range(len(chunk))]
     return out, time.perf_counter() - started

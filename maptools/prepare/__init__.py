@@ -401,15 +401,26 @@ def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], ch
         floated, done = dequantize(model)
         if not done:
             return model, [], []
-        ranges = input_ranges(model)  # (inputs beyond what the model was calibrated on clip in it, not as float)
-        before = reference_outputs(model, shapes, checks=checks, seed=seed, ranges=ranges)
-        after = reference_outputs(floated, shapes, checks=checks, seed=seed, ranges=ranges)
-        error = rel_l2(after.outputs, before.outputs)
+        # inputs beyond what the model was calibrated on clip in it, not as float: random inputs over each input
+        # quantizer's range, and over its non-negative part (a symmetric quantizer of [0, 1) images)
+        ranges = input_ranges(model)
+        candidates = {" in its input quantizers' ranges" if ranges else "": ranges}
+        if any(lo < 0 for lo, _ in ranges.values()):
+            candidates[" in the non-negative part of its input quantizers' ranges"] = {
+                k: (max(lo, 0.0), hi) for k, (lo, hi) in ranges.items()}
+        errors = {}
+        for where, within in candidates.items():
+            before = reference_outputs(model, shapes, checks=checks, seed=seed, ranges=within)
+            after = reference_outputs(floated, shapes, checks=checks, seed=seed, ranges=within)
+            errors[where] = rel_l2(after.outputs, before.outputs)
+            if errors[where] <= DEQUANTIZED_TOLERANCE:
+                break
+        where = min(errors, key=lambda k: np.nan_to_num(errors[k], nan=np.inf))
+        error = errors[where]
     except Exception as e:  # noqa: BLE001  (onnx and onnxruntime raise many types)
         reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
         skipped = f"the model is quantized; rewriting it as float skipped ({reason})"
         return model, [skipped], [skipped]
-    where = " in its input quantizers' ranges" if ranges else ""
     if not error <= DEQUANTIZED_TOLERANCE:
         skipped = (f"the model is quantized; rewriting it as float skipped (its outputs then differ by {error:.1%} "
                    f"rel. L2 on random inputs{where})")

@@ -46,6 +46,7 @@ def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
         known = (output_shapes or {}).get(out.name)
         if known is not None:
             out.type.tensor_type.ClearField("shape")
+            out.type.tensor_type.shape.SetInParent()  # (a 0-d output keeps a shape of no dims, not none)
             for size in known:
                 out.type.tensor_type.shape.dim.add().dim_value = int(size)
             continue
