@@ -620,6 +620,27 @@ def test_an_output_sized_by_the_data_is_left_out_of_the_error(tmp_path: Path, ca
     assert "outputs 'picked' vary in size with the data" in caplog.text
 
 
+def test_pads_that_differ_between_axes_pad_the_right_axes(tmp_path: Path) -> None:
+    """A 3-D convolution padding H and W but not D (invisible-watermark's RivaGAN: pads [0, 5, 5, 0, 5, 5]), and a
+    2-D transposed convolution padding H and W differently: PPQ's kernels pad the axes in reversed order (the
+    residual Add then fails on mismatched sizes); they run in onnxruntime, and the map computes the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+             for n, s in (("w3", (3, 3, 1, 3, 3)), ("wt", (3, 4, 3, 5)))]
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["c"], pads=[0, 1, 1, 0, 1, 1], name="conv3d"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("Add", ["r", "x"], ["y"], name="add"),
+             helper.make_node("Squeeze", ["y", "depth"], ["y2"], name="frames"),
+             helper.make_node("ConvTranspose", ["y2", "wt"], ["z"], pads=[1, 2, 1, 2], name="up")]
+    inits.append(numpy_helper.from_array(np.array([2]), "depth"))
+    graph = helper.make_graph(nodes, "pads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 1, 16, 16])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result, error = _pipeline(model, {"x": [1, 3, 1, 16, 16]}, tmp_path, "pads")
+    assert error < 0.1 and result.placement.crossbar_coverage == 1.0, (error, result.placement.summary())
+
+
 def test_a_scalar_output_is_evaluated_per_sample(tmp_path: Path) -> None:
     """A 0-d graph output (PLCMOS's quality score: a mean over every axis) has no batch axis to split or join:
     the evaluations take it per sample, and a batch of samples simulates to one score per sample."""

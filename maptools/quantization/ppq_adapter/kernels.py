@@ -48,11 +48,30 @@ def _prelu(op: Any, values: list[torch.Tensor], ctx: Any = None, **kwargs: Any) 
 
 
 def _beyond_kernel(op: Any, values: list[Any]) -> bool:
-    """Forms of an operator PPQ's kernel computes wrongly: integer Sub/Div (:data:`_FLOAT_ONLY`), and a
-    BatchNormalization in training mode (its three outputs: batch statistics, and the running ones)."""
+    """Forms of an operator PPQ's kernel computes wrongly: integer Sub/Div (:data:`_FLOAT_ONLY`), a
+    BatchNormalization in training mode (its three outputs: batch statistics, and the running ones), and
+    pads that differ between axes where PPQ passes them to torch in reversed axis order (:func:`_reversed_pads`)."""
     if op.type in _FLOAT_ONLY:
         return any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in values)
+    if op.type in _PADDED:
+        return _reversed_pads(op)
     return op.type == "BatchNormalization" and len(op.outputs) > 1
+
+
+#: Operators whose PPQ kernel turns ONNX pads into torch's (:func:`_reversed_pads`).
+_PADDED = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool"})
+
+
+def _reversed_pads(op: Any) -> bool:
+    """True where PPQ's kernel pads the wrong axes: its pad conversion lists equal begin/end pads last axis
+    first (W, H, D), which torch reads as (D, H, W); its 3-D convolution and pools, and its 2-D transposed
+    convolution, pass that list on (pads [0, 5, 5, 0, 5, 5] pad D and H instead of H and W)."""
+    pads = list(op.attributes.get("pads") or [])
+    spatial = len(pads) // 2
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin != end or len(set(begin)) < 2:
+        return False
+    return spatial == 3 or (spatial == 2 and op.type == "ConvTranspose")
 
 
 def _dispatcher(kernels: dict[str, Any]) -> Any:
