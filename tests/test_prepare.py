@@ -175,3 +175,20 @@ def test_a_device_form_that_breaks_the_check_is_left_out_alone(tmp_path, monkeyp
     minimal, steps, _ = prepare_module.prepare(model, shapes, level="minimal")
     assert "1 auto_pad made explicit pads" in steps
     assert all(a.name != "auto_pad" for n in minimal.graph.node for a in n.attribute)
+
+
+def test_a_batch_norm_whose_input_rank_is_unknown_stays_a_batch_norm(tmp_path: Path) -> None:
+    """A BatchNormalization on a 5-D tensor behind a contrib operator (ONNX shape inference gives no rank): its
+    per-channel form would broadcast over the wrong axes, so it is left as it is, and the model prepares."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((1 + rng.random(3)).astype(np.float32), n) for n in ("g", "v")]
+    inits += [numpy_helper.from_array(rng.random(3).astype(np.float32), n) for n in ("b", "m")]
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["h"], domain="com.microsoft", name="gelu"),
+         helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")], "bn5",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    prepared = prepare_model(_save(model, tmp_path / "bn5.onnx"), tmp_path / "out.onnx", {"x": [1, 3, 2, 4, 4]})
+    assert not prepared.fallbacks, prepared.fallbacks
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(prepared.path)).graph.node}

@@ -2,8 +2,8 @@
 crossbars: onnxruntime's QDQ format (weights dequantized, each quantize -> dequantize pair on an activation
 dropped), its QOperator format (``QLinearConv``, ``QGemm``, ``QLinearAdd``, ... as ``DequantizeLinear`` -> the
 float operator -> ``QuantizeLinear``, then the pairs dropped) and its dynamic format (``DynamicQuantizeLinear`` ->
-``ConvInteger`` / ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the two scales, as one float ``Conv`` / ``MatMul``).
-What matches none of these (a ``DynamicQuantizeLSTM``) stays as it is, on the host.
+``ConvInteger`` / ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the two scales, as one float ``Conv`` / ``MatMul``;
+``DynamicQuantizeLSTM`` as an ``LSTM``). What matches none of these stays as it is, on the host.
 """
 
 from __future__ import annotations
@@ -199,7 +199,26 @@ def _qlinear_concat(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProt
     return True
 
 
+def _dynamic_lstm(graph: _Graph, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> bool:
+    """``DynamicQuantizeLSTM`` (int8 weights, laid out ``[directions, inputs, 4 * hidden]``) as an ONNX LSTM."""
+    weights = []
+    for codes, scale, zero in ((1, 8, 9), (2, 10, 11)):
+        q, s, z = (graph.value(_arg(node, i) or "") for i in (codes, scale, zero))
+        if q is None or s is None or q.ndim != 3:
+            return False
+        s = np.asarray(s, np.float64).reshape(len(q), 1, -1)  # per direction, or per direction and gate column
+        z = np.zeros_like(s) if z is None else np.asarray(z, np.float64).reshape(s.shape)
+        weights.append(graph.constant(((q.astype(np.float64) - z) * s).transpose(0, 2, 1).astype(np.float32),
+                                      node.input[codes]))
+    inputs = [node.input[0], *weights, *(node.input[3:8])]
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    new.append(onnx.helper.make_node("LSTM", inputs, list(node.output), name=node.name, **_attrs(node)))
+    return True
+
+
 _QOPERATOR: dict[tuple[str, str], Callable[[_Graph, onnx.NodeProto, list[onnx.NodeProto]], bool]] = {
+    (_MS, "DynamicQuantizeLSTM"): _dynamic_lstm,
     ("", "QLinearConv"): _qlinear_conv, ("", "QLinearMatMul"): _qlinear_matmul, (_MS, "QGemm"): _qgemm,
     (_MS, "QLinearAdd"): _qlinear_binary("Add"), (_MS, "QLinearMul"): _qlinear_binary("Mul"),
     (_MS, "QLinearConcat"): _qlinear_concat, **{(_MS, op): _qlinear_unary for op in _UNARY}}

@@ -175,7 +175,9 @@ def _fold_batchnorm(ctx: _Context) -> tuple[int, int]:
             folded += 1
             continue
         rank = ctx.shape(bn.input[0])
-        shape = [-1] + [1] * (len(rank) - 2) if rank else [-1, 1, 1]
+        if not rank:
+            continue  # (its input's rank unknown: the channel axis cannot be broadcast; it stays a BatchNormalization)
+        shape = [-1] + [1] * (len(rank) - 2)
         mul_c = ctx.fresh(f"{bn.output[0]}_scale")
         add_c = ctx.fresh(f"{bn.output[0]}_shift")
         set_init(mul_c, scale.reshape(shape))
