@@ -85,6 +85,43 @@ def test_a_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
     assert not set(pools) & set(result.placement.host_ops), result.placement.host_ops
 
 
+def test_a_channels_last_spatial_mean_is_pooled_on_the_device(tmp_path: Path) -> None:
+    """tf2onnx leaves a Keras model channels-last between Transposes when its transpose optimizer fails
+    (MobileNetV3Small): the squeeze-and-excitation mean is a ReduceMean over axes 1 and 2 of an NHWC tensor.
+    It is pooled on the device from the tensor transposed to channels first (126 -> 59 host operators)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(14)
+    shapes = {"w0": (16, 3, 3, 3), "b0": (16,), "w1": (4, 16, 1, 1), "b1": (4,), "w2": (16, 4, 1, 1), "b2": (16,),
+              "w3": (16, 16, 1, 1), "b3": (16,), "wf": (8, 16)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Transpose", ["r0"], ["r0_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("ReduceMean", ["r0_nhwc"], ["sq"], name="se_mean", axes=[1, 2], keepdims=1),
+             helper.make_node("Transpose", ["sq"], ["sq_nchw"], name="sq_to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["sq_nchw", "w1", "b1"], ["e1"], name="se_conv1"),
+             helper.make_node("Relu", ["e1"], ["e1r"], name="se_relu"),
+             helper.make_node("Conv", ["e1r", "w2", "b2"], ["e2"], name="se_conv2"),
+             helper.make_node("Sigmoid", ["e2"], ["gate"], name="se_sigmoid"),
+             helper.make_node("Transpose", ["gate"], ["gate_nhwc"], name="gate_to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Mul", ["r0_nhwc", "gate_nhwc"], ["ex"], name="se_excite"),
+             helper.make_node("ReduceMean", ["r0_nhwc"], ["pooled"], name="head_mean", axes=[1, 2], keepdims=0),
+             helper.make_node("Gemm", ["pooled", "wf"], ["head"], name="classifier", transB=1),
+             helper.make_node("Transpose", ["ex"], ["ex_nchw"], name="ex_to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["ex_nchw", "w3", "b3"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "se_nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16]),
+                               helper.make_tensor_value_info("head", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result, error = _pipeline(model, {"x": [1, 3, 16, 16]}, tmp_path, "se_nhwc")
+    assert error < 0.1
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    assert "ReduceMean" not in {n.op_type for n in prepared.graph.node}
+    pools = [n.name for n in prepared.graph.node if n.op_type == "GlobalAveragePool"]
+    assert len(pools) == 2 and not set(pools) & set(result.placement.host_ops), list(result.placement.host_ops.items())
+
+
 def test_a_token_mixer_that_subtracts_runs_on_the_device(tmp_path: Path) -> None:
     """PoolFormer's and FastViT's token mixer, ``x + s * (pool(x) - x)``: the Sub of two activations is an adder
     (codes on one grid, subtracted), so the pool, the scale and the residual Add stay on the device with it."""

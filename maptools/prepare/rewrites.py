@@ -366,7 +366,8 @@ def _fold_pad(ctx: _Context) -> int:
 def _mean_as_pool(ctx: _Context) -> int:
     """``ReduceMean`` over every spatial axis of an ``[N, C, ...]`` tensor (a squeeze-and-excitation block's
     pooling, as paddle2onnx and tf2onnx write it) into the ``GlobalAveragePool`` it computes, which the device
-    takes; with ``keepdims=0`` a ``Reshape`` to ``[N, C]`` follows."""
+    takes; with ``keepdims=0`` a ``Reshape`` to ``[N, C]`` follows. Over the middle axes of an ``[N, ..., C]``
+    tensor (channels last), the pool reads it transposed to channels first and its result is transposed back."""
     rewritten = 0
     for mean in [n for n in ctx.graph.node if n.op_type == "ReduceMean" and n.domain in _DEFAULT_DOMAINS]:
         shape = ctx.shape(mean.input[0])
@@ -376,15 +377,25 @@ def _mean_as_pool(ctx: _Context) -> int:
             axes = None if value is None else value.tolist()
         if not shape or len(shape) < 3 or axes is None:
             continue
-        if sorted(int(a) % len(shape) for a in axes) != list(range(2, len(shape))):
-            continue
-        if node_attr(mean, "keepdims") in (None, 1):
-            nodes = [onnx.helper.make_node("GlobalAveragePool", [mean.input[0]], [mean.output[0]], name=mean.name)]
+        rank, reduced = len(shape), sorted(int(a) % len(shape) for a in axes)
+        keep = node_attr(mean, "keepdims") in (None, 1)
+        if reduced == list(range(2, rank)):
+            source, nodes = mean.input[0], []
+        elif reduced == list(range(1, rank - 1)):  # channels last (tf2onnx's NHWC between Transposes)
+            source = ctx.fresh(f"{mean.output[0]}_channels_first")
+            nodes = [onnx.helper.make_node("Transpose", [mean.input[0]], [source], name=f"{mean.name}_channels_first",
+                                           perm=[0, rank - 1, *range(1, rank - 1)])]
         else:
-            pooled = ctx.fresh(f"{mean.output[0]}_pooled")
-            flat = ctx.add_initializer(ctx.fresh(f"{mean.output[0]}_shape"), np.asarray(shape[:2], np.int64))
-            nodes = [onnx.helper.make_node("GlobalAveragePool", [mean.input[0]], [pooled], name=mean.name),
-                     onnx.helper.make_node("Reshape", [pooled, flat], [mean.output[0]], name=f"{mean.name}_flat")]
+            continue
+        channels = shape[1] if not nodes else shape[-1]
+        pooled = mean.output[0] if keep and not nodes else ctx.fresh(f"{mean.output[0]}_pooled")
+        nodes.append(onnx.helper.make_node("GlobalAveragePool", [source], [pooled], name=mean.name))
+        if not keep:
+            flat = ctx.add_initializer(ctx.fresh(f"{mean.output[0]}_shape"), np.asarray([shape[0], channels], np.int64))
+            nodes.append(onnx.helper.make_node("Reshape", [pooled, flat], [mean.output[0]], name=f"{mean.name}_flat"))
+        elif nodes[0].op_type == "Transpose":
+            nodes.append(onnx.helper.make_node("Transpose", [pooled], [mean.output[0]], name=f"{mean.name}_channels_last",
+                                               perm=[0, *range(2, rank), 1]))
         at = list(ctx.graph.node).index(mean)
         ctx.graph.node.remove(mean)
         for i, node in enumerate(nodes):
