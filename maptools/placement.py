@@ -368,6 +368,13 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         # of one sample, the least the cell computes
         steps = ins[0][0] * ins[0][1] if ins[0] is not None and len(ins[0]) == 3 else 1
         return steps * directions * gates * hidden * (features + hidden)
+    if op in ("STFT", "DFT") and out is not None and ins[0] is not None:  # each output value: a sum over a frame
+        if op == "STFT":
+            points = ins[2][0] if len(ins) > 2 and ins[2] else 2 * (out[2] - 1)  # (the window's length, else onesided)
+        else:
+            axis = int(node_attr(node, "axis", 1))
+            points = ins[0][axis % len(ins[0])]
+        return math.prod(out) * points
     if len(ins) < 2 or ins[0] is None or ins[1] is None:
         return 0
     x, w = ins[0], ins[1]
@@ -384,7 +391,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, their integer forms, and control flow whose bodies do), from the shapes the prepared model
+    LSTM, GRU, RNN, STFT, DFT, their integer forms, and control flow whose bodies do), from the shapes the prepared
+    model
     records; operators without known shapes count 0 (a recurrent cell whose input shape is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only

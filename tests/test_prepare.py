@@ -188,7 +188,8 @@ def test_a_batch_norm_whose_input_rank_is_unknown_stays_a_batch_norm(tmp_path: P
          helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")], "bn5",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     prepared = prepare_model(_save(model, tmp_path / "bn5.onnx"), tmp_path / "out.onnx", {"x": [1, 3, 2, 4, 4]})
     assert not prepared.fallbacks, prepared.fallbacks
     assert "BatchNormalization" in {n.op_type for n in onnx.load(str(prepared.path)).graph.node}

@@ -49,7 +49,7 @@ from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad, _matmul_as_gemm,
-                                       _mean_as_pool, _remove_passthrough, name_nodes, simplify)
+                                       _mean_as_pool, _remove_passthrough, _stft_as_conv, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -137,6 +137,10 @@ def _inline(ctx: _Context) -> list[str]:
     return ["local functions inlined"]
 
 
+def _stft(ctx: _Context) -> list[str]:
+    return _counted("{} STFT written as a strided convolution", _stft_as_conv(ctx))
+
+
 def _convert(ctx: _Context) -> list[str]:
     converted = convert_opset(ctx)
     return [converted] if converted else []
@@ -198,6 +202,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
         _optional(ctx, "folding Constant nodes", _fold_constants)
+        if level == "full":  # (before the conversion, which STFT, an opset-17 operator, stops)
+            _optional(ctx, "STFT as a convolution", _stft)
         _optional(ctx, f"converting to opset {TARGET_OPSET}", _convert)
         _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
         if simplify_model and level in ("full", "no device forms"):

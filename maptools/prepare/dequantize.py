@@ -258,8 +258,8 @@ def _dynamic(graph: _Graph, node: onnx.NodeProto, producers: dict[str, onnx.Node
     if flat.size not in (1, channels):
         return False
     zero = graph.value(wz) if wz else None
-    weight = _real(codes, flat if flat.size > 1 else flat[0], None if zero is None else np.ravel(zero) if np.size(zero) > 1
-                   else np.ravel(zero)[0], 0 if conv else codes.ndim - 1)
+    zeros = None if zero is None else np.ravel(zero) if np.size(zero) > 1 else np.ravel(zero)[0]
+    weight = _real(codes, flat if flat.size > 1 else flat[0], zeros, 0 if conv else codes.ndim - 1)
     inputs = [dql.input[0], graph.constant(weight, wq)]
     if bias is not None and conv and bias.size == channels:
         inputs.append(graph.constant(bias.reshape(-1).astype(np.float32), wq + "_bias"))
@@ -405,7 +405,8 @@ def dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Counter[str]]:
         if rewrite is not None and rewrite(graph, node, new):
             done[node.op_type] += 1
             rewritten.extend(new)
-        elif node.op_type in ("ConvInteger", "MatMulInteger") and _dynamic(graph, node, producers, consumers, new, dead):
+        elif node.op_type in ("ConvInteger", "MatMulInteger") and _dynamic(graph, node, producers, consumers, new,
+                                                                              dead):
             done[node.op_type] += 1
             rewritten.extend(new)
         else:

@@ -394,8 +394,8 @@ def _mean_as_pool(ctx: _Context) -> int:
             flat = ctx.add_initializer(ctx.fresh(f"{mean.output[0]}_shape"), np.asarray([shape[0], channels], np.int64))
             nodes.append(onnx.helper.make_node("Reshape", [pooled, flat], [mean.output[0]], name=f"{mean.name}_flat"))
         elif nodes[0].op_type == "Transpose":
-            nodes.append(onnx.helper.make_node("Transpose", [pooled], [mean.output[0]], name=f"{mean.name}_channels_last",
-                                               perm=[0, *range(2, rank), 1]))
+            nodes.append(onnx.helper.make_node("Transpose", [pooled], [mean.output[0]],
+                                               name=f"{mean.name}_channels_last", perm=[0, *range(2, rank), 1]))
         at = list(ctx.graph.node).index(mean)
         ctx.graph.node.remove(mean)
         for i, node in enumerate(nodes):
@@ -403,6 +403,50 @@ def _mean_as_pool(ctx: _Context) -> int:
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
+    return rewritten
+
+
+def _stft_as_conv(ctx: _Context) -> int:
+    """``STFT`` of a real signal with a constant frame step, window and length (torch.stft's export) as the
+    strided convolution it computes: the frames against each bin's windowed cosine and sine, which the device
+    takes (``[N, L]`` or ``[N, L, 1]`` -> ``Reshape [N, 1, L]`` -> ``Conv`` -> ``[N, frames, bins, 2]``)."""
+    rewritten = 0
+    for stft in [n for n in ctx.graph.node if n.op_type == "STFT" and n.domain in _DEFAULT_DOMAINS]:
+        signal, step, window, length = (list(stft.input) + ["", "", ""])[:4]
+        shape = ctx.shape(signal)
+        step_value = ctx.initializer(step)
+        window_value = ctx.initializer(window) if window else None
+        length_value = ctx.initializer(length) if length else None
+        if not shape or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 1) or step_value is None \
+                or (window and window_value is None) or (length and length_value is None):
+            continue
+        size = int(length_value) if length_value is not None else (len(window_value) if window_value is not None else 0)
+        if size < 1:
+            continue
+        bins = size // 2 + 1 if node_attr(stft, "onesided", 1) else size
+        taps = np.ones(size) if window_value is None else window_value.astype(np.float64)
+        angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(size)) / size
+        weight = np.concatenate([np.cos(angle) * taps, -np.sin(angle) * taps])[:, None, :].astype(np.float32)
+        name = stft.name or stft.output[0]
+        flat, conv, parts = (ctx.fresh(f"{stft.output[0]}_{k}") for k in ("signal", "conv", "parts"))
+        nodes = [onnx.helper.make_node("Reshape", [signal, ctx.add_initializer(ctx.fresh(f"{name}_signal_shape"),
+                                                                               np.array([0, 1, -1], np.int64))],
+                                       [flat], name=f"{name}_signal"),
+                 onnx.helper.make_node("Conv", [flat, ctx.add_initializer(ctx.fresh(f"{name}_dft"), weight)], [conv],
+                                       name=name, strides=[int(step_value)], kernel_shape=[size]),
+                 onnx.helper.make_node("Reshape", [conv, ctx.add_initializer(ctx.fresh(f"{name}_parts_shape"),
+                                                                             np.array([0, 2, bins, -1], np.int64))],
+                                       [parts], name=f"{name}_parts"),
+                 onnx.helper.make_node("Transpose", [parts], [stft.output[0]], name=f"{name}_frames",
+                                       perm=[0, 3, 2, 1])]
+        at = list(ctx.graph.node).index(stft)
+        ctx.graph.node.remove(stft)
+        for i, node in enumerate(nodes):
+            ctx.graph.node.insert(at + i, node)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_initializers(ctx)
+        ctx.invalidate()
     return rewritten
 
 
