@@ -717,6 +717,41 @@ def test_a_spectrogram_front_end_runs_on_the_crossbars(tmp_path: Path) -> None:
     assert macs(onnx.shape_inference.infer_shapes(dft)) == {"dft": 10 * 33 * 2 * 64}
 
 
+def test_an_attention_block_keeps_its_linear_layers_on_the_crossbars(tmp_path: Path) -> None:
+    """onnxsim fuses a plain self-attention block (q, k, v Linear, the scaled product, Softmax) into one
+    com.microsoft Attention holding the q, k, v weights (YOLOS, optimum's ViT): host-only, its work uncounted, so
+    a ViT read 100% on the crossbars. Preparation skips that fusion, and refuses any onnxsim result that brings
+    in an operator of another domain."""
+    import torch
+
+    from maptools.placement import macs
+
+    class Block(torch.nn.Module):
+        def __init__(self, width: int = 32, heads: int = 4) -> None:
+            super().__init__()
+            self.heads, self.width = heads, width
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(1, -1, self.heads, self.width // self.heads).transpose(1, 2)
+
+            q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+            a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (self.width // self.heads) ** -0.5, -1)
+            z = torch.matmul(a, v).transpose(1, 2).contiguous()
+            return self.o(z.reshape(1, -1, self.width))
+
+    torch.manual_seed(0)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(Block().eval(), (torch.randn(1, 17, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"])
+    result, error = _pipeline(onnx.load(str(path)), {"x": [1, 17, 32]}, tmp_path, "attention")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    assert {n.domain for n in prepared.graph.node} <= {"", "ai.onnx"}
+    assert result.placement.total_macs == sum(macs(onnx.shape_inference.infer_shapes(onnx.load(str(path)))).values())
+    assert result.placement.device_macs == 4 * 17 * 32 * 32 and error < 0.1
+
+
 def test_a_scalar_output_is_evaluated_per_sample(tmp_path: Path) -> None:
     """A 0-d graph output (PLCMOS's quality score: a mean over every axis) has no batch axis to split or join:
     the evaluations take it per sample, and a batch of samples simulates to one score per sample."""

@@ -22,16 +22,37 @@ log = logging.getLogger(__name__)
 
 # --- 4. onnxsim -------------------------------------------------------------------------------------
 
+#: onnxsim's fusions into operators of other domains or later opsets (com.microsoft's Attention and
+#: GroupQueryAttention, RotaryEmbedding, RMSNormalization): they would keep a transformer's linear layers on the host,
+#: their work uncounted.
+_SKIPPED_FUSIONS = ["fuse_attention", "fuse_gqa", "fuse_rope", "fuse_rms_norm"]
+
+
 def simplify(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
+    """onnxsim at ``shapes``, without :data:`_SKIPPED_FUSIONS`.
+
+    Raises:
+        ModelError: onnxsim fails, or writes an operator of a domain the model did not use (the step is then
+            skipped: the model goes on as it was).
+    """
+    import inspect
+
     from onnxsim import simplify as onnxsim
 
+    options = {"skipped_optimizers": _SKIPPED_FUSIONS} if "skipped_optimizers" in inspect.signature(onnxsim).parameters \
+        else {}
     try:
-        simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()})
+        simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()}, **options)
     except Exception as e:
         raise ModelError(f"onnxsim cannot simplify the model: {str(e).strip()[:300]}",
                          "check the model runs in onnxruntime with these input shapes, or pass simplify=False.") from e
     if not ok:
         raise ModelError("onnxsim's own check of the simplified model failed.", "pass simplify=False.")
+    before = {n.domain for n in ctx.graph.node}
+    added = sorted({f"{n.domain}.{n.op_type}" for n in simplified.graph.node if n.domain not in before})
+    if added:
+        raise ModelError(f"onnxsim fused operators into {', '.join(added)}, which run on the host only.",
+                         "the model goes on without onnxsim's simplification.")
     ctx.model = simplified
     ctx.invalidate()
 
