@@ -368,6 +368,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         # of one sample, the least the cell computes
         steps = ins[0][0] * ins[0][1] if ins[0] is not None and len(ins[0]) == 3 else 1
         return steps * directions * gates * hidden * (features + hidden)
+    if op == "Einsum":
+        return _einsum_macs(str(node_attr(node, "equation", "")), ins)
     if op in ("STFT", "DFT") and out is not None and ins[0] is not None:  # each output value: a sum over a frame
         if op == "STFT":
             points = ins[2][0] if len(ins) > 2 and ins[2] else 2 * (out[2] - 1)  # (the window's length, else onesided)
@@ -389,10 +391,24 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
     return 0
 
 
+def _einsum_macs(equation: str, shapes: list[list[int] | None]) -> int:
+    """An Einsum's multiply-accumulates: the product of every index's size (each output value sums over the
+    indices it contracts); 0 where an operand's shape is unknown or the equation has an ellipsis."""
+    operands = equation.replace(" ", "").split("->")[0].split(",")
+    if "..." in equation or len(operands) != len(shapes) or any(s is None for s in shapes):
+        return 0
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(operands, shapes):
+        if len(letters) != len(shape or []):
+            return 0
+        sizes.update(zip(letters, shape or []))
+    return math.prod(sizes.values()) if len(operands) > 1 else 0
+
+
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, STFT, DFT, their integer forms, and control flow whose bodies do), from the shapes the prepared
-    model
+    LSTM, GRU, RNN, STFT, DFT, Einsum, their integer forms, and control flow whose bodies do), from the shapes the
+    prepared model
     records; operators without known shapes count 0 (a recurrent cell whose input shape is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only

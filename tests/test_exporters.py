@@ -752,6 +752,35 @@ def test_an_attention_block_keeps_its_linear_layers_on_the_crossbars(tmp_path: P
     assert result.placement.device_macs == 4 * 17 * 32 * 32 and error < 0.1
 
 
+def test_an_einsum_by_a_weight_is_a_linear_layer_and_every_einsum_counts(tmp_path: Path) -> None:
+    """A linear layer written ``torch.einsum("bld,de->ble", x, W)`` runs on the crossbars as the Gemm it is;
+    CvT's attention einsums (activation by activation) stay on the host with their work counted (it had counted
+    nothing: the model read 100% on the crossbars)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 16, 4, 4), torch.nn.Linear(24, 10)
+            self.weight = torch.nn.Parameter(torch.randn(16, 24) / 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.conv(x).flatten(2).transpose(1, 2)  # [1, 16, 16]
+            h = torch.einsum("bld,de->ble", tokens, self.weight)
+            a = torch.softmax(torch.einsum("bld,btd->blt", h, h) * 0.2, -1)
+            return self.fc(torch.einsum("blt,btd->bld", a, h).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "einsum.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"])
+    result, error = _pipeline(onnx.load(str(path)), {"x": [1, 3, 16, 16]}, tmp_path, "einsum")
+    assert "1 Einsum by a constant matrix written as MatMul" in result.prepared["steps"]
+    conv, linear, attention, head = 16 * 16 * 48, 16 * 16 * 24, 2 * 16 * 16 * 24, 24 * 10
+    assert result.placement.total_macs == conv + linear + attention + head
+    assert result.placement.device_macs == conv + linear + head and error < 0.1
+
+
 def test_a_scalar_output_is_evaluated_per_sample(tmp_path: Path) -> None:
     """A 0-d graph output (PLCMOS's quality score: a mean over every axis) has no batch axis to split or join:
     the evaluations take it per sample, and a batch of samples simulates to one score per sample."""

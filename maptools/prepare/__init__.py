@@ -48,8 +48,9 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
-from maptools.prepare.rewrites import (_explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad, _matmul_as_gemm,
-                                       _mean_as_pool, _remove_passthrough, _stft_as_conv, name_nodes, simplify)
+from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
+                                       _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, name_nodes,
+                                       simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -173,7 +174,8 @@ def _ppq_ready(device_forms: bool) -> Callable[[_Context], list[str]]:
                  *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
                  *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx))]
         if device_forms:
-            done += [*_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
+            done += [*_counted("{} Einsum by a constant matrix written as MatMul", _einsum_as_matmul(ctx)),
+                     *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
                      *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
                      *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
         return done

@@ -260,6 +260,40 @@ def _fold_bias_add(ctx: _Context) -> int:
     return fused
 
 
+def _einsum_as_matmul(ctx: _Context) -> int:
+    """``Einsum`` of an activation and a constant matrix over the activation's last index (a linear layer written
+    ``einsum("bld,de->ble", x, W)``) as the ``MatMul`` it computes, which :func:`_matmul_as_gemm` then writes as
+    a Gemm for the device."""
+    rewritten = 0
+    inits = {i.name for i in ctx.graph.initializer}
+    for node in [n for n in ctx.graph.node if n.op_type == "Einsum" and n.domain in _DEFAULT_DOMAINS]:
+        equation = str(node_attr(node, "equation", "")).replace(" ", "")
+        if "->" not in equation or "..." in equation or len(node.input) != 2:
+            continue
+        (first, second), out = equation.split("->")[0].split(","), equation.split("->")[1]
+        (x, x_letters), (w, w_letters) = ((node.input[0], first), (node.input[1], second))
+        if x in inits and w not in inits:
+            (x, x_letters), (w, w_letters) = (w, w_letters), (x, x_letters)
+        weight = ctx.initializer(w)
+        if x in inits or weight is None or weight.ndim != 2 or len(w_letters) != 2 or len(set(x_letters)) != len(
+                x_letters) or not x_letters:
+            continue
+        if w_letters[0] == x_letters[-1] and out == x_letters[:-1] + w_letters[1]:
+            matrix = w
+        elif w_letters[1] == x_letters[-1] and out == x_letters[:-1] + w_letters[0]:
+            matrix = ctx.add_initializer(ctx.fresh(f"{w}_transposed"), np.ascontiguousarray(weight.T))
+        else:
+            continue
+        at = list(ctx.graph.node).index(node)
+        ctx.graph.node.remove(node)
+        ctx.graph.node.insert(at, onnx.helper.make_node("MatMul", [x, matrix], list(node.output), name=node.name))
+        rewritten += 1
+    if rewritten:
+        _drop_unused_initializers(ctx)
+        ctx.invalidate()
+    return rewritten
+
+
 def _matmul_as_gemm(ctx: _Context) -> int:
     """``MatMul(x, W)`` with ``W`` a constant ``[K, N]`` (a linear layer applied to every row of a sequence or
     feature map, as exporters write ``nn.Linear`` on a 3-D input) into a ``Gemm`` on the rows, which the
