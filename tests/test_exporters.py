@@ -650,7 +650,7 @@ def test_an_output_sized_by_the_data_is_left_out_of_the_error(tmp_path: Path, ca
     assert len(kept) > 1  # (the model keeps a number of boxes that depends on its input)
     result = quantize({"x": [1, 3, 8, 8]}, "cpu", path, mapname="nms", calib_steps=CALIB, output_root=tmp_path)
     convert(result.map)
-    with caplog.at_level("WARNING", logger="maptools.evaluation"):
+    with caplog.at_level("WARNING", logger="maptools.metrics"):
         error = evaluate_map(result.map, samples=4)
         crossbar = evaluate_crossbar(result.map, _SPEC, samples=4)
     assert 0 < error.rel_l2 < 0.05 and 0 <= crossbar.integer_rel_l2 < 0.05 and crossbar.samples == 4

@@ -39,7 +39,7 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
-from maptools.evaluation import rel_l2
+from maptools.metrics import rel_l2
 from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
 from maptools.placement import QUANTIZED_OP_TYPES
 

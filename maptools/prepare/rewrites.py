@@ -39,8 +39,8 @@ def simplify(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
 
     from onnxsim import simplify as onnxsim
 
-    options = {"skipped_optimizers": _SKIPPED_FUSIONS} if "skipped_optimizers" in inspect.signature(onnxsim).parameters \
-        else {}
+    skipping = "skipped_optimizers" in inspect.signature(onnxsim).parameters
+    options = {"skipped_optimizers": _SKIPPED_FUSIONS} if skipping else {}
     try:
         simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()}, **options)
     except Exception as e:

@@ -31,7 +31,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import BudgetError, SettingsError
-from maptools.evaluation import rel_l2
+from maptools.metrics import rel_l2
 from maptools.onnx_model import ort_session
 from maptools.placement import CROSSBAR_OP_TYPES, Role, place
 from maptools.settings import QuantSettings, ScalePolicy

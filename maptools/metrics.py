@@ -1,0 +1,64 @@
+"""How far one set of per-sample outputs is from another: relative L2, cosine, top-1 agreement; outputs whose
+size depends on the data are left out (every stage that measures an error reads these)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["comparable", "compare_outputs", "rel_l2"]
+
+log = logging.getLogger(__name__)
+
+
+def comparable(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
+               names: Sequence[str] = ()) -> list[int]:
+    """The outputs (by position; ``names`` name them in the warning) that have one shape in every sample of both:
+    an output whose size depends on the data (the boxes a NonMaxSuppression keeps) has no element-wise error."""
+    shapes = {(np.shape(o), i) for run in (quantized, reference) for sample in run for i, o in enumerate(sample)}
+    count = len(reference[0]) if len(reference) else 0
+    varying = {i for i in range(count) if sum(1 for _, j in shapes if j == i) > 1}
+    if varying:
+        log.warning("outputs %s vary in size with the data: the error is taken over the others",
+                    ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(varying)))
+    return [i for i in range(count) if i not in varying]
+
+
+def _flat(runs: Sequence[Sequence[np.ndarray]], outputs: Sequence[int]) -> np.ndarray:
+    parts = [np.ravel(sample[i]) for sample in runs for i in outputs]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
+def rel_l2(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
+    """``||q - f|| / ||f||`` over the :func:`comparable` outputs of every sample (NaN where none is)."""
+    outputs = comparable(quantized, reference)
+    return _rel(_flat(quantized, outputs), _flat(reference, outputs)) if outputs else float("nan")
+
+
+def _rel(q: np.ndarray, f: np.ndarray) -> float:
+    norm = float(np.linalg.norm(f))
+    return float(np.linalg.norm(q - f) / norm) if norm > 0 else float(np.linalg.norm(q - f))
+
+
+def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
+                    labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, float | None]:
+    """rel. L2, cosine and top-1 agreement (first output of a fixed size) of per-sample outputs; accuracies with
+    labels. Outputs whose size depends on the data are left out (:func:`comparable`); NaN where none is left."""
+    outputs = comparable(quantized, reference, names)
+    result: dict[str, float | None] = {"rel_l2": float("nan"), "cosine": float("nan"),
+                                       "top1_agreement": float("nan"), "accuracy": None, "float_accuracy": None}
+    if not outputs:
+        return result
+    q, f = _flat(quantized, outputs), _flat(reference, outputs)
+    norm_f, norm_q = float(np.linalg.norm(f)), float(np.linalg.norm(q))
+    result["rel_l2"] = _rel(q, f)
+    result["cosine"] = float(q @ f / (norm_q * norm_f)) if norm_q > 0 and norm_f > 0 else 0.0
+    top_q = np.array([int(np.argmax(sample[outputs[0]])) for sample in quantized])
+    top_f = np.array([int(np.argmax(sample[outputs[0]])) for sample in reference])
+    result["top1_agreement"] = float(np.mean(top_q == top_f))
+    if labels is not None:
+        result["accuracy"] = float(np.mean(top_q == labels))
+        result["float_accuracy"] = float(np.mean(top_f == labels))
+    return result
