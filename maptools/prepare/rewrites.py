@@ -78,6 +78,14 @@ def _replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
             out.name = new
 
 
+def _replace_node(ctx: _Context, old: onnx.NodeProto, new: Sequence[onnx.NodeProto]) -> None:
+    """``old`` replaced by the nodes ``new``, in order, where it stood (the graph stays in topological order)."""
+    at = list(ctx.graph.node).index(old)
+    ctx.graph.node.remove(old)
+    for i, node in enumerate(new):
+        ctx.graph.node.insert(at + i, node)
+
+
 def _remove_passthrough(ctx: _Context) -> int:
     """Drop Identity and inference-time Dropout nodes (PPQ removes them from its own graph)."""
     removed = 0
@@ -205,10 +213,8 @@ def _fold_batchnorm(ctx: _Context) -> tuple[int, int]:
         set_init(add_c, shift.reshape(shape))
         mid = ctx.fresh(f"{bn.output[0]}_scaled")
         name = bn.name or bn.output[0]
-        index = list(ctx.graph.node).index(bn)
-        ctx.graph.node.remove(bn)
-        ctx.graph.node.insert(index, onnx.helper.make_node("Add", [mid, add_c], [bn.output[0]], name=name))
-        ctx.graph.node.insert(index, onnx.helper.make_node("Mul", [bn.input[0], mul_c], [mid], name=f"{name}_scale"))
+        _replace_node(ctx, bn, [onnx.helper.make_node("Mul", [bn.input[0], mul_c], [mid], name=f"{name}_scale"),
+                                onnx.helper.make_node("Add", [mid, add_c], [bn.output[0]], name=name)])
         replaced += 1
     if folded or replaced:
         _drop_unused_initializers(ctx)
@@ -284,9 +290,7 @@ def _einsum_as_matmul(ctx: _Context) -> int:
             matrix = ctx.add_initializer(ctx.fresh(f"{w}_transposed"), np.ascontiguousarray(weight.T))
         else:
             continue
-        at = list(ctx.graph.node).index(node)
-        ctx.graph.node.remove(node)
-        ctx.graph.node.insert(at, onnx.helper.make_node("MatMul", [x, matrix], list(node.output), name=node.name))
+        _replace_node(ctx, node, [onnx.helper.make_node("MatMul", [x, matrix], list(node.output), name=node.name)])
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
@@ -331,10 +335,7 @@ def _matmul_as_gemm(ctx: _Context) -> int:
             nodes = [onnx.helper.make_node("Reshape", [x, to_rows], [rows], name=f"{mm.name}_rows"),
                      onnx.helper.make_node("Gemm", [rows, *gemm_in], [out], name=mm.name, transB=1),
                      onnx.helper.make_node("Reshape", [out, back], [end], name=f"{mm.name}_back")]
-        at = list(ctx.graph.node).index(mm)
-        ctx.graph.node.remove(mm)
-        for i, node in enumerate(nodes):
-            ctx.graph.node.insert(at + i, node)
+        _replace_node(ctx, mm, nodes)
         if add is not None:
             ctx.graph.node.remove(add)
         rewritten += 1
@@ -451,10 +452,7 @@ def _mean_as_pool(ctx: _Context) -> int:
         elif nodes[0].op_type == "Transpose":
             nodes.append(onnx.helper.make_node("Transpose", [pooled], [mean.output[0]],
                                                name=f"{mean.name}_channels_last", perm=[0, *range(2, rank), 1]))
-        at = list(ctx.graph.node).index(mean)
-        ctx.graph.node.remove(mean)
-        for i, node in enumerate(nodes):
-            ctx.graph.node.insert(at + i, node)
+        _replace_node(ctx, mean, nodes)
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
@@ -494,10 +492,7 @@ def _stft_as_conv(ctx: _Context) -> int:
                                        [parts], name=f"{name}_parts"),
                  onnx.helper.make_node("Transpose", [parts], [stft.output[0]], name=f"{name}_frames",
                                        perm=[0, 3, 2, 1])]
-        at = list(ctx.graph.node).index(stft)
-        ctx.graph.node.remove(stft)
-        for i, node in enumerate(nodes):
-            ctx.graph.node.insert(at + i, node)
+        _replace_node(ctx, stft, nodes)
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
