@@ -781,6 +781,28 @@ def test_an_einsum_by_a_weight_is_a_linear_layer_and_every_einsum_counts(tmp_pat
     assert result.placement.device_macs == conv + linear + head and error < 0.1
 
 
+def test_a_matmul_behind_an_operator_without_shape_inference_runs_on_the_crossbars(tmp_path: Path) -> None:
+    """skl2onnx writes StandardScaler as ai.onnx.ml's Scaler, which has no ONNX shape inference: the MatMuls
+    after it had no input shape when preparation writes them as Gemms, so they stayed on the host (0% on the
+    crossbars). Preparation takes the shapes inference leaves open from one onnxruntime run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(16)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.1).astype(np.float32), n)
+             for n, s in (("w1", (64, 32)), ("w2", (32, 10)))]
+    nodes = [helper.make_node("Scaler", ["x"], ["scaled"], domain="ai.onnx.ml", offset=[0.1] * 64, scale=[2.0] * 64,
+                              name="scaler"),
+             helper.make_node("MatMul", ["scaled", "w1"], ["h"], name="hidden"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="logits")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    result, error = _pipeline(model, {"x": [1, 64]}, tmp_path, "mlp")
+    assert "2 MatMul by a constant matrix written as Gemm" in result.prepared["steps"]
+    assert result.placement.crossbar_coverage == 1.0 and error < 0.1
+
+
 def test_a_scalar_output_is_evaluated_per_sample(tmp_path: Path) -> None:
     """A 0-d graph output (PLCMOS's quality score: a mean over every axis) has no batch axis to split or join:
     the evaluations take it per sample, and a batch of samples simulates to one score per sample."""

@@ -193,7 +193,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     (dims, explicit pads, names and shapes only). ``output_shapes``: the graph outputs'
     shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
     """
-    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()))
+    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()), observe=lambda m: _observed_dims(m, shapes))
     # IR 4 at least, where initializers need not be graph inputs: onnx's converter, onnxsim and shape inference
     # refuse an IR-3 model whose initializers are not (OnnxMLTools wrote such files)
     ctx.model.ir_version = max(ctx.model.ir_version, 4)
@@ -254,6 +254,12 @@ def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
     for out, done in zip(ctx.graph.output, inferred.graph.output):
         out.type.CopyFrom(done.type)
     ctx.invalidate()
+
+
+def _observed_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Every tensor's dims as onnxruntime computes them (:func:`_observed_shapes`)."""
+    g = _observed_shapes(model, shapes).graph
+    return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*g.value_info, *g.output]}
 
 
 def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,11 @@ class _Context:
     model: onnx.ModelProto
     steps: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: the shapes one onnxruntime run of a model gives, for the tensors ONNX shape inference leaves open (behind
+    #: an operator of another domain that has none, ai.onnx.ml's Scaler); run once, when first needed
+    observe: Callable[[onnx.ModelProto], dict[str, list[int]]] | None = None
     _shapes: dict[str, onnx.TypeProto] | None = None
+    _observed: dict[str, list[int]] | None = None
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -102,11 +107,22 @@ class _Context:
         self._shapes = None
 
     def shape(self, tensor: str) -> list[int] | None:
+        """``tensor``'s dims (-1 where inference leaves one open), from :attr:`observe` where it has no shape."""
         t = self.types().get(tensor)
         if t is None or not t.tensor_type.HasField("shape"):
-            return None
+            return self._observation().get(tensor)
         dims = t.tensor_type.shape.dim
         return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+
+    def _observation(self) -> dict[str, list[int]]:
+        if self._observed is None:
+            self._observed = {}
+            if self.observe is not None:
+                try:
+                    self._observed = self.observe(self.model)
+                except Exception as e:  # noqa: BLE001  (best effort, as inference: rewrites that need a shape say so)
+                    log.debug("onnxruntime could not give the shapes inference leaves open: %s", e)
+        return self._observed
 
     def elem_type(self, tensor: str) -> int:
         t = self.types().get(tensor)
