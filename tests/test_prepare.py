@@ -177,9 +177,10 @@ def test_a_device_form_that_breaks_the_check_is_left_out_alone(tmp_path, monkeyp
     assert all(a.name != "auto_pad" for n in minimal.graph.node for a in n.attribute)
 
 
-def test_a_batch_norm_whose_input_rank_is_unknown_stays_a_batch_norm(tmp_path: Path) -> None:
+def test_a_batch_norm_behind_an_operator_without_shape_inference_broadcasts_over_its_rank(tmp_path: Path) -> None:
     """A BatchNormalization on a 5-D tensor behind a contrib operator (ONNX shape inference gives no rank): its
-    per-channel form would broadcast over the wrong axes, so it is left as it is, and the model prepares."""
+    per-channel form takes the rank onnxruntime gives ([C, 1, 1, 1], where a 4-D [C, 1, 1] had been assumed and
+    the model failed preparation), and the model prepares in full."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((1 + rng.random(3)).astype(np.float32), n) for n in ("g", "v")]
     inits += [numpy_helper.from_array(rng.random(3).astype(np.float32), n) for n in ("b", "m")]
@@ -192,4 +193,6 @@ def test_a_batch_norm_whose_input_rank_is_unknown_stays_a_batch_norm(tmp_path: P
                                                     helper.make_opsetid("com.microsoft", 1)])
     prepared = prepare_model(_save(model, tmp_path / "bn5.onnx"), tmp_path / "out.onnx", {"x": [1, 3, 2, 4, 4]})
     assert not prepared.fallbacks, prepared.fallbacks
-    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(prepared.path)).graph.node}
+    out = onnx.load(str(prepared.path))
+    assert "1 BatchNormalization replaced by a per-channel Mul + Add" in prepared.steps
+    assert {tuple(i.dims) for i in out.graph.initializer} == {(3, 1, 1, 1)}
