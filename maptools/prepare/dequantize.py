@@ -17,6 +17,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import ModelError
+from maptools.onnx_model import constant_values
 
 __all__ = ["dequantize", "input_ranges"]
 
@@ -38,13 +39,8 @@ class _Graph:
     """The model's graph with its constants by name, rewritten in place."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
         self.g = model.graph
-        self.consts: dict[str, np.ndarray] = {i.name: onnx.numpy_helper.to_array(i) for i in self.g.initializer}
-        for node in self.g.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute \
-                    and node.attribute[0].name == "value":
-                self.consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+        self.consts = constant_values(model)
         self.counter = 0
         self._made = self.producers()  # (what value() follows: constants' producers, which no rewrite changes)
 

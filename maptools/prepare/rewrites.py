@@ -35,14 +35,11 @@ def simplify(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
         ModelError: onnxsim fails, or writes an operator of a domain the model did not use (the step is then
             skipped: the model goes on as it was).
     """
-    import inspect
-
     from onnxsim import simplify as onnxsim
 
-    skipping = "skipped_optimizers" in inspect.signature(onnxsim).parameters
-    options = {"skipped_optimizers": _SKIPPED_FUSIONS} if skipping else {}
-    try:
-        simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()}, **options)
+    try:  # (older onnxsim releases filter their passes by these names, and have none of them)
+        simplified, ok = onnxsim(ctx.model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()},
+                                 skipped_optimizers=list(_SKIPPED_FUSIONS))
     except Exception as e:
         raise ModelError(f"onnxsim cannot simplify the model: {str(e).strip()[:300]}",
                          "check the model runs in onnxruntime with these input shapes, or pass simplify=False.") from e
@@ -434,22 +431,23 @@ def _mean_as_pool(ctx: _Context) -> int:
         if not shape or len(shape) < 3 or axes is None:
             continue
         rank, reduced = len(shape), sorted(int(a) % len(shape) for a in axes)
-        keep = node_attr(mean, "keepdims") in (None, 1)
-        if reduced == list(range(2, rank)):
-            source, nodes = mean.input[0], []
-        elif reduced == list(range(1, rank - 1)):  # channels last (tf2onnx's NHWC between Transposes)
-            source = ctx.fresh(f"{mean.output[0]}_channels_first")
-            nodes = [onnx.helper.make_node("Transpose", [mean.input[0]], [source], name=f"{mean.name}_channels_first",
-                                           perm=[0, rank - 1, *range(1, rank - 1)])]
-        else:
+        channels_last = reduced == list(range(1, rank - 1))  # (tf2onnx's NHWC between Transposes)
+        if reduced != list(range(2, rank)) and not channels_last:
             continue
-        channels = shape[1] if not nodes else shape[-1]
-        pooled = mean.output[0] if keep and not nodes else ctx.fresh(f"{mean.output[0]}_pooled")
+        keep = node_attr(mean, "keepdims") in (None, 1)
+        source, nodes = mean.input[0], []
+        if channels_last:
+            source = ctx.fresh(f"{mean.output[0]}_channels_first")
+            nodes.append(onnx.helper.make_node("Transpose", [mean.input[0]], [source],
+                                               name=f"{mean.name}_channels_first",
+                                               perm=[0, rank - 1, *range(1, rank - 1)]))
+        pooled = mean.output[0] if keep and not channels_last else ctx.fresh(f"{mean.output[0]}_pooled")
         nodes.append(onnx.helper.make_node("GlobalAveragePool", [source], [pooled], name=mean.name))
         if not keep:
+            channels = shape[-1] if channels_last else shape[1]
             flat = ctx.add_initializer(ctx.fresh(f"{mean.output[0]}_shape"), np.asarray([shape[0], channels], np.int64))
             nodes.append(onnx.helper.make_node("Reshape", [pooled, flat], [mean.output[0]], name=f"{mean.name}_flat"))
-        elif nodes[0].op_type == "Transpose":
+        elif channels_last:
             nodes.append(onnx.helper.make_node("Transpose", [pooled], [mean.output[0]],
                                                name=f"{mean.name}_channels_last", perm=[0, *range(2, rank), 1]))
         _replace_node(ctx, mean, nodes)
