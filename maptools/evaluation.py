@@ -22,7 +22,8 @@ from maptools.maps.roots import MapRef
 from maptools.calibration import random_array
 from maptools.errors import InputShapeError
 from maptools.metrics import comparable, compare_outputs, rel_l2
-from maptools.onnx_model import check_input_shapes, index_limits, load_model, model_inputs, run_on_sample
+from maptools.onnx_model import (check_input_shapes, index_limits, load_model, model_inputs, ort_session,
+                                 run_on_sample)
 from maptools.quantinfo import param_key
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
@@ -122,9 +123,7 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
 def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndarray]],
                   names: Sequence[str] | None = None) -> list[list[np.ndarray]]:
     """The outputs ``names`` (default every output) of a model in onnxruntime (CPU), per sample."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = ort_session(Path(model_path))
     return [[np.asarray(o) for o in run_on_sample(session, names, s)] for s in samples]
 
 

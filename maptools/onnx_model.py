@@ -52,13 +52,15 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def ort_session(model: onnx.ModelProto | bytes) -> Any:
-    """An onnxruntime CPU session of ``model`` that logs errors only."""
+def ort_session(model: onnx.ModelProto | bytes | str | Path) -> Any:
+    """An onnxruntime CPU session of ``model`` (in memory, or a file) that logs errors only (its warnings are
+    about the model, not the run: an output whose size depends on the data differs from the recorded one)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model if isinstance(model, bytes | str) else str(model) if isinstance(model, Path) \
+        else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
