@@ -83,14 +83,14 @@ class SimulationRun:
     scales: dict[str, float] = field(default_factory=dict)
 
 
-def pad_codes(codes: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Symmetric pads go to the op; asymmetric ones are applied as zero codes (a real 0) first."""
+def pad_codes(codes: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """Symmetric pads go to the op; asymmetric ones are applied first, as ``value`` (zero codes: a real 0)."""
     rank = len(pads) // 2
     begin, end = pads[:rank], pads[rank:]
     if begin == end:
         return codes, begin
     flat = [p for i in reversed(range(rank)) for p in (begin[i], end[i])]
-    return F.pad(codes, flat), [0] * rank
+    return F.pad(codes, flat, value=value), [0] * rank
 
 
 def _float(value: Value) -> torch.Tensor:
@@ -387,10 +387,11 @@ class IntegerSimulator:
     def _maxpool(self, name: str, node: Mapping[str, Any], cfg: QuantConfig, values: list[Value]) -> QTensor:
         (x,) = self._inputs(cfg, values)
         a = node["attrs"]
-        codes, padding = pad_codes(x.codes, a["pads"])
-        if any(p > k // 2 for p, k in zip(padding, a["kernel"])):  # torch's limit; pad with the lowest code
+        lowest = float(cfg.in_range(0)[0])  # a max pool pads with what never wins (Keras 'same': pads [0, 0, 1, 1])
+        codes, padding = pad_codes(x.codes, a["pads"], lowest)
+        if any(p > k // 2 for p, k in zip(padding, a["kernel"])):  # torch's limit
             flat = [p for i in reversed(range(len(padding))) for p in (padding[i], padding[i])]
-            codes, padding = F.pad(codes, flat, value=float(cfg.in_range(0)[0])), [0] * len(padding)
+            codes, padding = F.pad(codes, flat, value=lowest), [0] * len(padding)
         pool = getattr(F, f"max_pool{len(a['kernel'])}d")
         out = pool(codes, a["kernel"], a["strides"], padding, a["dilations"], ceil_mode=bool(a["ceil_mode"]))
         return self._finish(QTensor(out, x.scale), cfg)

@@ -11,7 +11,8 @@ DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every m
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
-a spectral front end of Neg, Abs, Exp and squares, and weights standardized in the graph (NF-Nets, BiT).
+a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), and Keras'
+'same' max pool padded at the end only.
 """
 
 from __future__ import annotations
@@ -410,6 +411,17 @@ def weight_standardization() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 17), {"x": [1, 3, 16, 16]}
 
 
+def keras_same_max_pool() -> Built:
+    """Keras' ``MaxPooling2D(3, strides=2, padding='same')`` on an even input, through tf2onnx: pads [0, 0, 1, 1],
+    read after a convolution with no ReLU (mini-Xception's Conv -> BN -> MaxPool), so most values are negative and a
+    pad of 0 would win the border windows."""
+    b = _Builder(34)
+    w = b.const(b.rng.standard_normal([8, 3, 3, 3]) * 0.3)
+    y = b.op("Conv", ["x", w, b.const(np.full(8, -2.0))], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])
+    return b.model({"x": [1, 3, 16, 16]}, [b.conv(y, 8, 4, k=1)], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -421,4 +433,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
+    "keras_same_max_pool": keras_same_max_pool,
 }
