@@ -11,8 +11,8 @@ DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every m
 onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Keras' ZeroPadding2D,
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
-a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), and Keras'
-'same' max pool padded at the end only.
+a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
+'same' max pool padded at the end only, and outputs that are constants.
 """
 
 from __future__ import annotations
@@ -422,6 +422,18 @@ def keras_same_max_pool() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.conv(y, 8, 4, k=1)], 13), {"x": [1, 3, 16, 16]}
 
 
+def constant_outputs() -> Built:
+    """Outputs no operator computes (torch: a registered buffer returned as ``Identity(buffer)``, which the model
+    also subtracts from its input; a constant returned as a ``Constant`` node): PPQ links every output to one."""
+    b = _Builder(35)
+    mean = b.const(b.rng.uniform(0.3, 0.6, [1, 3, 1, 1]))
+    y = b.conv(b.op("Sub", ["x", mean]), 3, 8)
+    b.nodes.append(helper.make_node("Identity", [mean], ["mean_out"], name="buffer"))
+    b.nodes.append(helper.make_node("Constant", [], ["zeros"], name="zeros",
+                                    value=numpy_helper.from_array(np.zeros([1, 4], np.float32))))
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(y, 8), "mean_out", "zeros"], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -433,5 +445,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "grid_sample": grid_sample, "spectral_front_end": spectral_front_end, "ir3_valid_pads": ir3_valid_pads,
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
-    "keras_same_max_pool": keras_same_max_pool,
+    "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
 }

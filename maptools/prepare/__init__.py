@@ -216,6 +216,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
     if control:  # data-dependent: it runs on the host, in onnxruntime
         ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")
+    constant = _produce_constant_outputs(ctx)
+    if constant:
+        ctx.steps.append(f"{constant} constant outputs written by an Identity (PPQ links every output to a node)")
     renamed = name_nodes(ctx)
     if renamed:
         ctx.steps.append(f"{renamed} nodes named")
@@ -225,6 +228,19 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     except Exception as e:  # noqa: BLE001  (onnxruntime's check against the original decides)
         log.debug("onnx's checker objects to the prepared model (%s); onnxruntime's check decides", e)
     return ctx.model, ctx.steps, ctx.skipped
+
+
+def _produce_constant_outputs(ctx: _Context) -> int:
+    """Give each graph output that is a constant (an exported buffer, a folded ``Constant`` node) an ``Identity``
+    producer reading the constant under another name: PPQ's parser refuses an output no operator writes."""
+    outputs = {o.name for o in ctx.graph.output}
+    constants = [i for i in ctx.graph.initializer if i.name in outputs]
+    for init in constants:
+        output, init.name = init.name, ctx.fresh(init.name + "_value")
+        for node in ctx.graph.node:  # (the operators that read the constant read it as it was)
+            node.input[:] = [init.name if t == output else t for t in node.input]
+        ctx.graph.node.insert(0, onnx.helper.make_node("Identity", [init.name], [output]))
+    return len(constants)
 
 
 def _drop_unused_opsets(model: onnx.ModelProto) -> None:
