@@ -196,3 +196,49 @@ def test_a_batch_norm_behind_an_operator_without_shape_inference_broadcasts_over
     out = onnx.load(str(prepared.path))
     assert "1 BatchNormalization replaced by a per-channel Mul + Add" in prepared.steps
     assert {tuple(i.dims) for i in out.graph.initializer} == {(3, 1, 1, 1)}
+
+
+def test_a_loop_body_keeps_the_weights_it_reads_from_around_it(tmp_path: Path) -> None:
+    """torch.jit.script's while loop: the body's convolution reads its weight from the outer graph. A rewrite
+    elsewhere (a spatial ReduceMean written as GlobalAveragePool) drops unused initializers; the body's weight is
+    used, and the prepared model runs."""
+    rng = np.random.default_rng(1)
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["y_in", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y_out"]),
+         helper.make_node("Less", ["i", "two"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(  # (a condition from the data: onnxsim cannot unroll the loop)
+        [helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0, name="peak"),
+         helper.make_node("Greater", ["peak", "floor"], ["go"], name="go"),
+         helper.make_node("Loop", ["", "go", "x"], ["y"], body=body, name="loop"),
+         helper.make_node("ReduceMean", ["y"], ["z"], axes=[2, 3], keepdims=0, name="mean")], "looped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(2, np.int64), "two"), numpy_helper.from_array(np.float32(-9.0), "floor"),
+         numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    prepared = prepare_model(_save(model, tmp_path / "loop.onnx"), tmp_path / "out.onnx", {"x": [1, 4, 8, 8]})
+    assert "1 spatial ReduceMean written as GlobalAveragePool" in prepared.steps, prepared.steps
+    assert not prepared.fallbacks, prepared.fallbacks
+    assert {"w", "two"} <= {i.name for i in onnx.load(str(prepared.path)).graph.initializer}
+
+
+def test_a_sequence_inside_the_model_keeps_its_type(tmp_path: Path) -> None:
+    """``SplitToSequence -> SequenceAt`` inside a model: where shapes come from one onnxruntime run (its list of
+    arrays), the sequence is not recorded as a tensor, and the prepared model runs."""
+    graph = helper.make_graph(
+        [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1, name="split"),
+         helper.make_node("SequenceAt", ["seq", "one"], ["part"], name="at"),
+         helper.make_node("Relu", ["part"], ["y"], name="relu")], "sequenced",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    prepared = prepare_model(_save(model, tmp_path / "seq.onnx"), tmp_path / "out.onnx", {"x": [1, 3, 4, 4]})
+    out = onnx.load(str(prepared.path))
+    assert all(vi.type.WhichOneof("value") == "sequence_type" for vi in out.graph.value_info if vi.name == "seq")
+    assert prepared.max_abs_diff < 1e-6

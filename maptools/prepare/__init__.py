@@ -297,6 +297,8 @@ def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     del result.graph.value_info[:]
     found = {}
     for name, value in zip(names, values):
+        if not isinstance(value, np.ndarray):
+            continue  # a sequence (a list) or an absent optional: ONNX shape inference types it, if anything
         value = np.asarray(value)
         found[name] = onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))

@@ -141,6 +141,17 @@ class _Context:
         return name
 
 
+def _read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` (or of its bodies) reads, and its outputs."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names |= _read(body)
+    return names
+
+
 def _drop_attrs(node: onnx.NodeProto, names: set[str]) -> None:
     kept = [a for a in node.attribute if a.name not in names]
     del node.attribute[:]

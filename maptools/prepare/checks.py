@@ -35,6 +35,8 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             vi = known.get(t)
             if not t:
                 continue
+            if vi is not None and vi.type.WhichOneof("value") not in (None, "tensor_type"):
+                continue  # a sequence or an optional: onnxruntime carries it on the host, whatever its length
             tt = vi.type.tensor_type if vi is not None else None
             if tt is None or not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
                 if t not in inits:

@@ -18,7 +18,7 @@ from maptools.errors import ModelError
 from maptools.onnx_model import node_attr
 
 
-from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, _Context, _drop_attrs, _set_opset, _where,
+from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, _Context, _drop_attrs, _read, _set_opset, _where,
                                     opset_of)
 log = logging.getLogger(__name__)
 
@@ -167,17 +167,6 @@ def _gelu(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             onnx.helper.make_node("Add", [t["e"], t["one"]], [t["b"]], name=f"{name}_add"),
             onnx.helper.make_node("Mul", [x, t["b"]], [t["p"]], name=f"{name}_mul"),
             onnx.helper.make_node("Mul", [t["p"], t["half"]], [out], name=name)]
-
-
-def _read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of ``graph`` (or of its bodies) reads, and its outputs."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                names |= _read(body)
-    return names
 
 
 def _batchnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:

@@ -17,7 +17,7 @@ from maptools.errors import ModelError
 from maptools.onnx_model import auto_pads, node_attr
 
 
-from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _drop_attrs
+from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _drop_attrs, _read
 log = logging.getLogger(__name__)
 
 # --- 4. onnxsim -------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ def _per_channel(value: np.ndarray, channels: int, rank: int) -> bool:
 
 
 def _drop_unused_initializers(ctx: _Context) -> None:
-    used = {t for n in ctx.graph.node for t in n.input} | {o.name for o in ctx.graph.output}
+    used = _read(ctx.graph)  # (a loop's body reads its weights from around it)
     constants = {i.name for i in ctx.graph.initializer}
     kept = [i for i in ctx.graph.initializer if i.name in used]
     del ctx.graph.initializer[:]
