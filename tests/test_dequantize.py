@@ -190,3 +190,44 @@ def test_a_dynamically_quantized_lstm_is_an_lstm_again(tmp_path: Path) -> None:
                         error_steps=0).placement for path in (float_path, int8_path)]
     assert results[1].total_macs == results[0].total_macs == 10 * 4 * 32 * (16 + 32) + 32 * 8
     assert results[1].device_macs == results[0].device_macs == 32 * 8
+
+
+class _Eager(torch.nn.Module):
+    """torch.ao's eager post-training quantization: QuantStub, fused Conv + ReLU, a max pool, DeQuantStub."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.dq = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.c1, self.r1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()
+        self.c2, self.r2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dq(self.r2(self.c2(torch.max_pool2d(self.r1(self.c1(self.q(x))), 2))))
+
+
+def test_a_torch_quantized_model_is_float_again(tmp_path: Path) -> None:
+    """torch's exporter writes each activation quantizer of a torch.ao model as ``QuantizeLinear -> Cast(to=UINT8)
+    -> DequantizeLinear`` (a cast to what the codes are): those pairs go too, and nothing stays on the host."""
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "fbgemm"
+    net = _Eager().eval()
+    torch.ao.quantization.fuse_modules(net, [["c1", "r1"], ["c2", "r2"]], inplace=True)
+    net.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    torch.ao.quantization.prepare(net, inplace=True)
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.rand(2, *SHAPE[1:]))
+    torch.ao.quantization.convert(net, inplace=True)
+    path = tmp_path / "torch_ao.onnx"
+    torch.onnx.export(net, torch.rand(SHAPE), str(path), opset_version=13, dynamo=False, input_names=["x"])
+    assert "Cast" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    floated, _ = dequantize(onnx.load(str(path)))
+    kinds = {n.op_type for n in floated.graph.node}
+    assert not kinds & {"QuantizeLinear", "DequantizeLinear", "Cast"}, kinds
+    xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(2)]
+    assert _rel(_run(floated, xs), _run(path, xs)) < 0.05
+    result = quantize({"x": SHAPE}, "cpu", path, mapname="torch_ao", calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    # on the host: only the ReLUs of the input and the output quantizers (their codes start at 0.0)
+    assert result.placement.crossbar_coverage == 1.0 and len(result.placement.host_ops) <= 2, result.placement.host_ops
+    assert result.placement.device_ops >= 4, result.placement  # the convolutions, their ReLUs, the max pool

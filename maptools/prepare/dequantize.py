@@ -301,6 +301,12 @@ def _drop_pairs(graph: _Graph) -> int:
                                                                  [node.output[0]], name=node.name))
                 dropped += 1
                 changed = True
+            elif node.op_type == "Cast" and _attrs(node).get("to") == _code_type(graph, src):
+                # torch's exporter writes QuantizeLinear -> Cast(to=UINT8) -> DequantizeLinear: a cast to what it is
+                graph.g.node.insert(list(graph.g.node).index(node), onnx.helper.make_node(
+                    "Identity", [node.input[0]], [node.output[0]], name=node.name))
+                graph.g.node.remove(node)
+                changed = True
             elif node.op_type in _TRANSPARENT and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
                     c.op_type in ("DequantizeLinear", *_TRANSPARENT) for c in consumers.get(node.output[0], [])):
                 moved = graph.fresh(node.output[0])  # the operator on the float tensor, then the quantizer
@@ -314,6 +320,14 @@ def _drop_pairs(graph: _Graph) -> int:
             if changed:
                 break
     return dropped
+
+
+def _code_type(graph: _Graph, q: onnx.NodeProto) -> int:
+    """The ONNX element type of a quantizer's codes: its zero point's, else ``output_dtype``, else uint8."""
+    zero = graph.value(_arg(q, 2) or "")
+    if zero is not None:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(zero).dtype)
+    return int(_attrs(q).get("output_dtype", 0)) or onnx.TensorProto.UINT8
 
 
 def _clips_below_zero(graph: _Graph, q: onnx.NodeProto) -> bool:
