@@ -12,7 +12,7 @@ onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Ker
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
-'same' max pool padded at the end only, and outputs that are constants.
+'same' max pool padded at the end only, outputs that are constants, and torch's dynamo export unoptimized.
 """
 
 from __future__ import annotations
@@ -434,6 +434,21 @@ def constant_outputs() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(y, 8), "mean_out", "zeros"], 13), {"x": [1, 3, 16, 16]}
 
 
+def dynamo_unoptimized() -> Built:
+    """torch's dynamo exporter with ``optimize=False`` (opset 18): a bias-less convolution's zero bias as
+    ``Expand(CastLike(0, x), Shape(W))``, and a spatial mean's axes as a ``Reshape`` of Constant nodes (constant
+    only once folded, which the conversion to opset 13 needs)."""
+    b = _Builder(36)
+    y = "x"
+    for cin in (3, 8):
+        w = b.const(b.rng.standard_normal([8, cin, 3, 3]) * 0.3)
+        zero = b.op("Expand", [b.op("CastLike", [b.const(0.0), y]), b.op("Shape", [w], start=0, end=1)])
+        y = b.op("Relu", [b.op("Conv", [y, w, zero], pads=[1, 1, 1, 1])])
+    axes = b.op("Reshape", [b.const([-1, -2], np.int64, as_node=True), b.const([-1], np.int64, as_node=True)])
+    y = b.op("ReduceMean", [y, axes], keepdims=0)
+    return b.model({"x": [1, 3, 16, 16]}, [b.gemm(y, 8, 5)], 18), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -446,4 +461,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
+    "dynamo_unoptimized": dynamo_unoptimized,
 }

@@ -210,6 +210,12 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
         if simplify_model and level in ("full", "no device forms"):
             _optional(ctx, "onnxsim", _simplify(shapes))
+            if opset_of(ctx.model) > TARGET_OPSET:  # what the conversion needs constant, onnxsim may have folded
+                skipped = list(ctx.skipped)  # (torch's dynamo exporter without its optimizer: axes as Reshapes)
+                _optional(ctx, f"converting to opset {TARGET_OPSET} after onnxsim", _convert)
+                if opset_of(ctx.model) == TARGET_OPSET:
+                    ctx.skipped[:] = [s for s in skipped if not s.startswith(f"converting to opset {TARGET_OPSET}")]
+                    _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
     else:
         _optional(ctx, "explicit pads", _explicit)
