@@ -175,6 +175,10 @@ def test_a_device_form_that_breaks_the_check_is_left_out_alone(tmp_path, monkeyp
     minimal, steps, _ = prepare_module.prepare(model, shapes, level="minimal")
     assert "1 auto_pad made explicit pads" in steps
     assert all(a.name != "auto_pad" for n in minimal.graph.node for a in n.attribute)
+    constants, shapes = IDIOMS["constant_weights"]()  # PPQ reads a 1-element Constant node as a scalar
+    minimal, steps, _ = prepare_module.prepare(constants, shapes, level="minimal")
+    assert any(s.endswith("Constant nodes folded into initializers") for s in steps)
+    assert "Constant" not in {n.op_type for n in minimal.graph.node}
 
 
 def test_a_batch_norm_behind_an_operator_without_shape_inference_broadcasts_over_its_rank(tmp_path: Path) -> None:

@@ -217,7 +217,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
                     ctx.skipped[:] = [s for s in skipped if not s.startswith(f"converting to opset {TARGET_OPSET}")]
                     _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
-    else:
+    else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
+        _optional(ctx, "folding Constant nodes", _fold_constants)
         _optional(ctx, "explicit pads", _explicit)
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
     if control:  # data-dependent: it runs on the host, in onnxruntime
