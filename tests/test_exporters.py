@@ -995,3 +995,29 @@ def test_a_sequence_model_quantizes_on_random_tokens_with_its_linear_layers_on_t
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert _rel(simulated, reference) < 0.15
     assert evaluate_map(result.map, samples=4).rel_l2 < 0.15
+
+
+def test_a_model_onnxruntime_optimized_offline_runs_on_the_crossbars(tmp_path: Path) -> None:
+    """onnxruntime's offline optimizer (``optimized_model_filepath`` at the extended level, which some packages
+    ship) writes com.microsoft FusedConv, FusedGemm and FusedMatMul: each is the standard operators it computes
+    again, on the device (they had stayed on the host, and counted no work: coverage read 100%)."""
+    from tests.exporters import _Builder
+
+    b = _Builder(40)
+    y = b.op("Clip", [b.conv(b.op("Relu", [b.conv("x", 3, 8)]), 8, 8), b.const(0.0), b.const(6.0)])
+    hidden = b.op("LeakyRelu", [b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1), 8, 16)], alpha=0.1)
+    weight = b.op("Transpose", [b.const(b.rng.standard_normal([5, 16]))], perm=[1, 0])
+    out = b.op("Mul", [b.op("MatMul", [hidden, weight]), b.const(0.5)])
+    onnx.save(b.model({"x": [1, 3, 16, 16]}, [out], 13), str(tmp_path / "source.onnx"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "source.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert {"FusedConv", "FusedGemm", "FusedMatMul"} <= {n.op_type for n in optimized.graph.node}
+    result, error = _pipeline(optimized, {"x": [1, 3, 16, 16]}, tmp_path, "optimized")
+    assert "4 onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul) written as standard ones" in \
+        result.prepared["steps"]
+    assert result.placement.crossbar_coverage == 1.0 and result.placement.total_macs > 16 * 16 * 8 * 8 * 9, \
+        result.placement.summary()
+    assert error < 0.1

@@ -49,8 +49,8 @@ from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
-                                       _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, name_nodes,
-                                       simplify)
+                                       _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _unfuse,
+                                       name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -201,6 +201,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     if fix_input_dims(ctx.model, shapes, output_shapes):
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
     _optional(ctx, "float16 to float32", _float32)
+    _optional(ctx, "onnxruntime's fused operators", lambda c: _counted(
+        "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul) written as standard ones", _unfuse(c)))
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
         _optional(ctx, "folding Constant nodes", _fold_constants)

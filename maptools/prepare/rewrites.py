@@ -263,6 +263,82 @@ def _fold_bias_add(ctx: _Context) -> int:
     return fused
 
 
+#: onnxruntime's fused activations (``activation`` and ``activation_params`` of FusedConv; FusedGemm names them
+#: ``activation_alpha``, ``activation_beta``, ``activation_gamma``): the standard operator and its attributes.
+_FUSED_ACTIVATIONS = {"Relu": (), "Sigmoid": (), "Tanh": (), "LeakyRelu": ("alpha",),
+                      "HardSigmoid": ("alpha", "beta"), "Clip": ("min", "max")}
+
+
+def _unfuse(ctx: _Context) -> int:
+    """onnxruntime's offline optimizer (``optimized_model_filepath`` at the extended level) writes com.microsoft
+    ``FusedConv`` (a convolution, an optional sum input and an activation), ``FusedGemm`` and ``FusedMatMul``: each
+    as the standard operators it computes, which the device takes. The count."""
+    rewritten = 0
+    for node in [n for n in ctx.graph.node if n.domain == "com.microsoft"
+                 and n.op_type in ("FusedConv", "FusedGemm", "FusedMatMul")]:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        act = attrs.pop("activation", None)
+        act = act.decode() if isinstance(act, bytes) else act
+        if act is not None and act not in _FUSED_ACTIVATIONS:
+            continue
+        out, nodes = node.output[0], []
+        if node.op_type == "FusedMatMul":
+            nodes = _unfused_matmul(ctx, node, attrs)
+            if nodes:
+                _replace_node(ctx, node, nodes)
+                rewritten += 1
+            continue
+        if node.op_type == "FusedConv":
+            params = list(attrs.pop("activation_params", []))
+            inputs, summand = list(node.input[:3]), node.input[3] if len(node.input) > 3 else ""
+        else:
+            params = [attrs.pop(k) for k in ("activation_alpha", "activation_beta", "activation_gamma") if k in attrs]
+            inputs, summand = list(node.input), ""
+        base = "Conv" if node.op_type == "FusedConv" else "Gemm"
+        value = ctx.fresh(f"{out}_linear") if act or summand else out
+        nodes.append(onnx.helper.make_node(base, inputs, [value], name=node.name, **attrs))
+        if summand:
+            total = ctx.fresh(f"{out}_sum") if act else out
+            nodes.append(onnx.helper.make_node("Add", [value, summand], [total], name=f"{node.name}_sum"))
+            value = total
+        if act == "Clip":
+            bounds = [ctx.add_initializer(ctx.fresh(f"{out}_{k}"), np.asarray(v, np.float32))
+                      for k, v in zip(("min", "max"), params or [-np.inf, np.inf])]
+            nodes.append(onnx.helper.make_node("Clip", [value, *bounds], [out], name=f"{node.name}_{act}"))
+        elif act:
+            names = _FUSED_ACTIVATIONS[act]
+            nodes.append(onnx.helper.make_node(act, [value], [out], name=f"{node.name}_{act}",
+                                               **dict(zip(names, params[:len(names)]))))
+        _replace_node(ctx, node, nodes)
+        rewritten += 1
+    return rewritten
+
+
+def _unfused_matmul(ctx: _Context, node: onnx.NodeProto, attrs: dict) -> list[onnx.NodeProto]:
+    """``FusedMatMul``: ``alpha * op(A) @ op(B)``, ``op`` transposing the last two axes where ``transA``/``transB``
+    say (none where it also moves batch axes: ``transBatchA``/``transBatchB``)."""
+    if attrs.get("transBatchA") or attrs.get("transBatchB"):
+        return []
+    ins, out, nodes = list(node.input[:2]), node.output[0], []
+    for i, flag in ((0, "transA"), (1, "transB")):
+        if not attrs.get(flag):
+            continue
+        rank = len(ctx.shape(ins[i]) or [])
+        if rank < 2:
+            return []
+        moved = ctx.fresh(f"{ins[i]}_t")
+        nodes.append(onnx.helper.make_node("Transpose", [ins[i]], [moved], name=f"{node.name}_{flag}",
+                                           perm=[*range(rank - 2), rank - 1, rank - 2]))
+        ins[i] = moved
+    alpha = float(attrs.get("alpha", 1.0))
+    product = out if alpha == 1.0 else ctx.fresh(f"{out}_product")
+    nodes.append(onnx.helper.make_node("MatMul", ins, [product], name=node.name))
+    if alpha != 1.0:
+        scale = ctx.add_initializer(ctx.fresh(f"{out}_alpha"), np.asarray(alpha, np.float32))
+        nodes.append(onnx.helper.make_node("Mul", [product, scale], [out], name=f"{node.name}_alpha"))
+    return nodes
+
+
 def _einsum_as_matmul(ctx: _Context) -> int:
     """``Einsum`` of an activation and a constant matrix over the activation's last index (a linear layer written
     ``einsum("bld,de->ble", x, W)``) as the ``MatMul`` it computes, which :func:`_matmul_as_gemm` then writes as
