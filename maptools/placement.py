@@ -341,6 +341,12 @@ _INTEGER_FORMS = {("", "MatMulInteger"): ("MatMul", 1), ("", "QLinearMatMul"): (
                   ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 1)}
 
 
+#: onnxruntime's forms of a standard operator's work (its offline optimizer's fusions, its NCHWc layout, its
+#: 4-bit weights: MatMulNBits' output times its input's last axis), where preparation left them.
+_CONTRIB_FORMS = {("com.microsoft", "FusedConv"): "Conv", ("com.microsoft", "FusedGemm"): "Gemm",
+                  ("com.microsoft", "FusedMatMul"): "MatMul", ("com.microsoft.nchwc", "Conv"): "Conv",
+                  ("com.microsoft", "MatMulNBits"): "MatMul"}
+
 #: Operators of a model an integer quantizer has already written (onnxruntime's static and dynamic ones).
 QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                                 "DynamicQuantizeLSTM", "QAttention", "QGemm", *(op for _, op in _INTEGER_FORMS)})
@@ -358,6 +364,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
     if (node.domain, op) in _INTEGER_FORMS:  # an already-quantized model's integer operators: the same work
         op, weight = _INTEGER_FORMS[node.domain, op]
         ins = [ins[0], ins[weight] if len(ins) > weight else None]
+    elif (node.domain, op) in _CONTRIB_FORMS:  # onnxruntime's fused and blocked forms of the same work
+        op = _CONTRIB_FORMS[node.domain, op]
     elif node.domain not in ("", "ai.onnx"):
         return 0
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 1 and ins[1] is not None and len(ins[1]) == 3:

@@ -178,3 +178,22 @@ def test_average_pools_the_periphery_cannot_take_run_on_the_host() -> None:
     assert placed.roles["even"] is Role.AVGPOOL
     assert placed.roles["uneven"] is placed.roles["dilated"] is Role.HOST
     assert placed.reasons["uneven"].startswith("AveragePool other than 2-D")
+
+
+def test_onnxruntimes_own_forms_of_matrix_work_count_it() -> None:
+    """What onnxruntime writes for a convolution or a matrix product and preparation leaves as it is (its NCHWc
+    layout, 4-bit MatMulNBits weights, a FusedMatMul that transposes batch axes) counts its work: the host's share
+    then shows in the coverage, where it had read 100% of the rest."""
+    from maptools.placement import macs
+
+    rng = np.random.default_rng(4)
+    packed = rng.integers(0, 255, (16, 2, 16)).astype(np.uint8)  # N=16 rows of K=64 in blocks of 32, 4 bits each
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="nchwc", domain="com.microsoft.nchwc"),
+             helper.make_node("Reshape", ["c", "rows"], ["r"], name="rows"),
+             helper.make_node("MatMulNBits", ["r", "packed", "scales"], ["y"], name="nbits", domain="com.microsoft",
+                              K=64, N=16, bits=4, block_size=32)]
+    model = _graph(nodes, ["y"], rows=np.array([1, 4, 64]), packed=packed,
+                   scales=rng.random(32).astype(np.float32))
+    inferred = {"c": [1, 4, 8, 8], "r": [1, 4, 64], "y": [1, 4, 16]}
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inferred.items())
+    assert macs(model) == {"nchwc": 4 * 8 * 8 * 4, "nbits": 4 * 16 * 64}
