@@ -16,14 +16,18 @@ log = logging.getLogger(__name__)
 def comparable(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                names: Sequence[str] = ()) -> list[int]:
     """The outputs (by position; ``names`` name them in the warning) that have one shape in every sample of both:
-    an output whose size depends on the data (the boxes a NonMaxSuppression keeps) has no element-wise error."""
+    an output whose size depends on the data (the boxes a NonMaxSuppression keeps) has no element-wise error.
+    Integer outputs (an ArgMax's class, a TopK's indices) are left out where a float output is left: an index is
+    a label, and one rank swapped among a top five outweighed every float output's error."""
     shapes = {(np.shape(o), i) for run in (quantized, reference) for sample in run for i, o in enumerate(sample)}
     count = len(reference[0]) if len(reference) else 0
     varying = {i for i in range(count) if sum(1 for _, j in shapes if j == i) > 1}
     if varying:
         log.warning("outputs %s vary in size with the data: the error is taken over the others",
                     ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(varying)))
-    return [i for i in range(count) if i not in varying]
+    kept = [i for i in range(count) if i not in varying]
+    floats = [i for i in kept if np.issubdtype(np.asarray(reference[0][i]).dtype, np.floating)]
+    return floats or kept
 
 
 def _flat(runs: Sequence[Sequence[np.ndarray]], outputs: Sequence[int]) -> np.ndarray:
