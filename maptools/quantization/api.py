@@ -593,8 +593,8 @@ def quantize(
     failed = [name for name in report.fallbacks if name not in keep_on_host]
     if failed:
         notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed "
-                     f"({_listing(failed)}); the crossbars compute {_share(report)} of the multiply-accumulates. "
-                     "strict=True makes such a failure an error.")
+                     f"({_listing(failed)}; {failed[0]}: {report.fallbacks[failed[0]][:240]}); the crossbars compute "
+                     f"{_share(report)} of the multiply-accumulates. strict=True makes such a failure an error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
     quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in QUANTIZED_OP_TYPES})

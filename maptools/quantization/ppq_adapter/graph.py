@@ -99,6 +99,14 @@ class QuantizedGraph:
                     weight_scale=wcfg.scale.detach().cpu().reshape(-1).numpy().astype(np.float32),
                 )
             input_scales = tuple(_scale_of(cfg) for cfg, _ in acts)
+            scales = [s for s in (*input_scales, _scale_of(outs[0]) if outs else None) if s is not None]
+            if not all(math.isfinite(s) and s > 0 for s in scales):
+                raise QuantizationFailed(
+                    f"calibration gave {op.name} ({op.type}) no finite range: the calibration samples drive its "
+                    "inputs or outputs to NaN or infinity (random samples reach values a model never sees: the Log "
+                    "of a negative, a division by zero); pass real samples as calibset",
+                    "pass real samples as calibset (calib= in the flow, --calib on the command line).",
+                    operator=op.name)
             lo, hi = _range_of(first)
             info[op.name] = QuantConfig(
                 op_type=op.type, io_bits=int(first.num_of_bits), io_min=lo, io_max=hi,
