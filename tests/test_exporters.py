@@ -876,7 +876,7 @@ def test_a_half_precision_export_is_prepared_in_float32(tmp_path: Path) -> None:
     calib = [{"x": torch.from_numpy(rng.standard_normal((1, 3, 16, 16)).astype(np.float16))} for _ in range(CALIB)]
     result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="half", calibset=calib, calib_steps=CALIB,
                       output_root=tmp_path)
-    assert any("float16 made float32" in step for step in result.prepared["steps"])
+    assert any("float16, bfloat16 and float64 made float32" in step for step in result.prepared["steps"])
     assert result.errors.per_layer  # the error report runs on the widened samples too
     assert result.placement.device_macs == result.placement.total_macs > 0
     convert("half", output_root=tmp_path)
@@ -913,8 +913,41 @@ def test_a_mixed_precision_export_is_checked_at_half_precision(tmp_path: Path) -
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     result = quantize({"x": [1, 8, 32, 32]}, "cpu", path, mapname="mixed", calib_steps=CALIB, output_root=tmp_path,
                       error_steps=0)
-    assert any("float16 made float32" in step for step in result.prepared["steps"]), result.prepared["steps"]
+    assert any("float16, bfloat16 and float64 made float32" in step for step in result.prepared["steps"]), result.prepared["steps"]
     assert not result.prepared["fallbacks"] and result.placement.crossbar_coverage == 1.0
+
+
+@pytest.mark.parametrize("kind", ["double", "bfloat16"])
+def test_double_and_bfloat16_models_are_prepared_in_float32(kind: str, tmp_path: Path) -> None:
+    """A model converted in double end to end (hummingbird, skl2onnx's defaults) and one whose weights are
+    bfloat16 behind a Cast: prepared as float32 (PPQ refused bfloat16, and wrote a float QuantizeLinear on the
+    double input that onnxruntime refused), quantized onto the crossbars near the original."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.evaluation import evaluate_map
+
+    rng = np.random.default_rng(9)
+    w1, w2 = (rng.standard_normal(s) * 0.3 for s in ((16, 32), (8, 16)))
+    if kind == "double":
+        inits = [numpy_helper.from_array(w.astype(np.float64), n) for n, w in (("w1", w1), ("w2", w2))]
+        nodes, dtype, first = [], TensorProto.DOUBLE, "w1"
+    else:
+        inits = [helper.make_tensor(n, TensorProto.BFLOAT16, w.shape, w.astype(np.float32).ravel().tolist())
+                 for n, w in (("w1", w1), ("w2", w2))]
+        nodes = [helper.make_node("Cast", [n], [f"{n}_f"], to=TensorProto.FLOAT, name=f"cast_{n}") for n in ("w1", "w2")]
+        dtype, first = TensorProto.FLOAT, "w1_f"
+    nodes += [helper.make_node("Gemm", ["x", first], ["h"], transB=1, name="fc1"),
+              helper.make_node("Relu", ["h"], ["r"], name="relu"),
+              helper.make_node("Gemm", ["r", "w2" if kind == "double" else "w2_f"], ["y"], transB=1, name="fc2")]
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", dtype, [1, 32])],
+                              [helper.make_tensor_value_info("y", dtype, [1, 8])], inits)
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 32]}, "cpu", path, mapname=kind, calib_steps=CALIB, output_root=tmp_path,
+                      error_steps=0)
+    assert any("bfloat16 and float64 made float32" in step for step in result.prepared["steps"])
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert evaluate_map(kind, output_root=tmp_path, samples=4).rel_l2 < 0.1
 
 
 def _sequence_model(tokens: int, rows: int, width: int) -> onnx.ModelProto:

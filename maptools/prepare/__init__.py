@@ -91,12 +91,13 @@ def _fold_constants(ctx: _Context) -> list[str]:
 
 
 def _float32(ctx: _Context) -> list[str]:
-    """float16 weights, constants, casts and tensors (a half-precision export) as float32: PPQ, the
-    crossbar weights and the simulation compute in float32 (the prepared model then takes float32 inputs)."""
-    half = onnx.TensorProto.FLOAT16
+    """float16, bfloat16 and float64 weights, constants, casts and tensors (a half-precision export, a model
+    converted in double) as float32: PPQ, the crossbar weights and the simulation compute in float32 (the prepared
+    model then takes float32 inputs)."""
+    other = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
     def widen(tensor: onnx.TensorProto) -> bool:
-        if tensor.data_type != half:
+        if tensor.data_type not in other:
             return False
         tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float32),
                                                      tensor.name))
@@ -105,7 +106,7 @@ def _float32(ctx: _Context) -> list[str]:
     def graph(g: onnx.GraphProto) -> int:
         count = sum(widen(t) for t in g.initializer)
         for vi in [*g.input, *g.output, *g.value_info]:
-            if vi.type.tensor_type.elem_type == half:
+            if vi.type.tensor_type.elem_type in other:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
                 count += 1
         for node in g.node:
@@ -117,7 +118,7 @@ def _float32(ctx: _Context) -> list[str]:
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     count += sum(graph(sub) for sub in attr.graphs)
                 elif node.op_type in ("Cast", "CastLike", "EyeLike", "RandomNormal", "RandomUniform") and \
-                        attr.name in ("to", "dtype") and attr.i == half:
+                        attr.name in ("to", "dtype") and attr.i in other:
                     attr.i = onnx.TensorProto.FLOAT
                     count += 1
         return count
@@ -125,7 +126,7 @@ def _float32(ctx: _Context) -> list[str]:
     changed = graph(ctx.model.graph)
     if changed:
         ctx.invalidate()
-    return _counted("float16 made float32 ({} tensors and casts)", changed)
+    return _counted("float16, bfloat16 and float64 made float32 ({} tensors and casts)", changed)
 
 
 def _inline(ctx: _Context) -> list[str]:
@@ -200,7 +201,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     _drop_unused_opsets(ctx.model)
     if fix_input_dims(ctx.model, shapes, output_shapes):
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
-    _optional(ctx, "float16 to float32", _float32)
+    _optional(ctx, "float16, bfloat16 and float64 to float32", _float32)
     _optional(ctx, "onnxruntime's fused operators", lambda c: _counted(
         "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul) written as standard ones", _unfuse(c)))
     if level != "minimal":
@@ -213,11 +214,13 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         if simplify_model and level in ("full", "no device forms"):
             _optional(ctx, "onnxsim", _simplify(shapes))
             if opset_of(ctx.model) > TARGET_OPSET:  # what the conversion needs constant, onnxsim may have folded
-                skipped = list(ctx.skipped)  # (torch's dynamo exporter without its optimizer: axes as Reshapes)
+                steps, skipped = list(ctx.steps), list(ctx.skipped)  # (torch's dynamo export unoptimized)
                 _optional(ctx, f"converting to opset {TARGET_OPSET} after onnxsim", _convert)
                 if opset_of(ctx.model) == TARGET_OPSET:
                     ctx.skipped[:] = [s for s in skipped if not s.startswith(f"converting to opset {TARGET_OPSET}")]
                     _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
+                else:  # skipped for the reason recorded before
+                    ctx.steps[:], ctx.skipped[:] = steps, skipped
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
     else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
         _optional(ctx, "folding Constant nodes", _fold_constants)
