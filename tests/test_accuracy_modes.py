@@ -181,3 +181,30 @@ def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_pat
                      output_root=tmp_path, error_steps=0)
     assert noise.settings.algorithm.value == "percentile" and any("with random data, percentile" in n
                                                                   for n in noise.notes)
+
+
+def test_a_tensor_lost_on_a_shared_grid_is_named(tmp_path) -> None:
+    """A U-Net's first convolution (|x| < 2) joins, at the last decoder's concatenation, a tensor a million times
+    larger: under the seed profile's shared scales its codes are all 0, and the result names the operators that
+    lost their signal (none had said so). The extended profile keeps each on its own grid."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("wa", (4, 1, 3, 3)), ("wb", (4, 1, 3, 3)), ("wc", (2, 8, 1, 1)), ("wd", (2, 4, 1, 1)))]
+    inits.append(numpy_helper.from_array(np.array(1e6, np.float32), "big"))
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["skip"], name="skip", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["skip", "wd"], ["a"], name="side"),
+             helper.make_node("Conv", ["x", "wb"], ["b0"], name="deep", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["b0", "big"], ["b"], name="scale"),
+             helper.make_node("Concat", ["b", "skip"], ["c"], name="join", axis=1),
+             helper.make_node("Conv", ["c", "wc"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "unet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "y")], inits)
+    path = tmp_path / "unet.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    notes = {profile: quantize({"x": [1, 1, 16, 16]}, "cpu", path, mapname=profile, calib_steps=8, profile=profile,
+                               output_root=tmp_path).notes for profile in ("seed", "extended")}
+    assert any("lose their signal" in n and "skip" in n for n in notes["seed"]), notes["seed"]
+    assert not any("lose their signal" in n for n in notes["extended"]), notes["extended"]

@@ -248,6 +248,9 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
             atomic_write(model_path, model.SerializeToString())
 
 
+#: A device operator whose graphwise noise power reaches this share of its signal's has lost its signal (a note).
+LOST_SIGNAL = 0.9
+
 #: Calibration samples on which ``algorithm='auto'`` compares its candidates' output error.
 CHOICE_SAMPLES = 16
 
@@ -623,6 +626,13 @@ def quantize(
         errors = ErrorSummary(_error_report(graph, feed, min(error_steps, steps), qdq, notes)
                               if error_steps else {})
     seconds["error_report"] = time.perf_counter() - t
+    lost = sorted((name for name, ratio in errors.per_layer.items() if ratio >= LOST_SIGNAL), key=list(quantinfo).index)
+    if lost:
+        notes.append(f"{len(lost)} device operator(s) lose their signal (noise power at least {LOST_SIGNAL:.0%} of "
+                     f"the signal's on the calibration samples): {_listing(lost)}. A tensor on one grid with a far "
+                     "larger one (the other input of an adder or a concatenation, under the seed profile's shared "
+                     "scales) falls within one step: try profile='extended', or keep_on_host for these.")
+        log.warning(notes[-1])
     mixed_json = None if done.mixed is None else done.mixed.to_json()
 
     with folder.write() as stage:
