@@ -103,6 +103,13 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
+        kind = vi.type.WhichOneof("value")
+        if kind not in (None, "tensor_type") or not vi.type.tensor_type.elem_type:
+            what = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind or "", "untyped")
+            raise ModelError(f"the model's input {vi.name!r} is {what}, not a tensor: maptools feeds tensors "
+                             "(calibration, checks, evaluation).",
+                             "export the model with tensor inputs (an optional input as a tensor it always gets).")
         tt = vi.type.tensor_type
         # a dim_param, an absent value, or a value <= 0 (older exporters write -1) is dynamic
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)

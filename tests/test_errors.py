@@ -200,6 +200,19 @@ def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
     _refused(graph, {"letters": [1, 1]}, r"input\(s\) letters take strings.*extract_model", tmp_path)
 
 
+def test_a_model_with_a_sequence_input_is_refused_with_the_fix(tmp_path) -> None:
+    """A sequence-typed input (a list of frames) that onnxruntime runs: one ModelError naming the input and what
+    maptools feeds, where a KeyError from inside onnx's type tables had ended the run."""
+    w = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    frames = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 3, 8, 8]))
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["frames", "first"], ["x"]), helper.make_node("Conv", ["x", "w"], ["y"])],
+        "frames", [helper.make_value_info("frames", frames)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array(0), "first")])
+    _refused(graph, {"frames": [1, 3, 8, 8]}, r"input 'frames' is a sequence, not a tensor.*tensor inputs", tmp_path)
+
+
 def test_random_ids_into_another_inputs_rows_ask_for_real_samples(tmp_path) -> None:
     """A graph network's node ids index rows of another input (minimol): random ids run past them, which only
     real samples avoid; the failure says so, and the same model quantizes on real ids."""

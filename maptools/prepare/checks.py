@@ -104,7 +104,8 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     if others:
         raise ModelError(f"the model's outputs {', '.join(others)} are not tensors (a ZipMap's sequence of maps, a "
                          "sequence): maptools carries tensors between its stages.",
-                         "export the model with tensor outputs (skl2onnx: options={id(model): {'zipmap': False}}).")
+                         "export the model with tensor outputs (skl2onnx's classifiers: options={id(model): "
+                         "{'zipmap': False}}; a sequence: concatenated into one tensor).")
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(original)
     fix_input_dims(relaxed, shapes)
