@@ -1054,3 +1054,17 @@ def test_a_model_onnxruntime_optimized_offline_runs_on_the_crossbars(tmp_path: P
     assert result.placement.crossbar_coverage == 1.0 and result.placement.total_macs > 16 * 16 * 8 * 8 * 9, \
         result.placement.summary()
     assert error < 0.1
+
+
+def test_a_weight_before_its_input_runs_on_the_crossbars(tmp_path: Path) -> None:
+    """A 1x1 convolution written ``weight @ x.flatten(2)`` (a constant first, the activation second) is the
+    transpose of a linear layer on ``x``'s rows: written so, it runs on the crossbars (it stayed on the host)."""
+    from tests.exporters import _Builder
+
+    b = _Builder(41)
+    rows = b.op("Reshape", [b.conv("x", 3, 8), b.const([1, 8, 64], np.int64)])
+    y = b.op("Relu", [b.op("MatMul", [b.const(b.rng.standard_normal([4, 8]) * 0.3), rows])])
+    y = b.op("Reshape", [y, b.const([1, 4, 8, 8], np.int64)])
+    result, error = _pipeline(b.model({"x": [1, 3, 8, 8]}, [b.head(y, 4)], 13), {"x": [1, 3, 8, 8]}, tmp_path, "first")
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert error < 0.1

@@ -377,10 +377,11 @@ def _matmul_as_gemm(ctx: _Context) -> int:
     crossbar computes: ``Reshape [-1, K] -> Gemm -> Reshape [-1, ..., N]`` (no Reshape for a 2-D ``x``), with a
     following ``Add`` of a constant ``[N]`` as the Gemm's bias. The weight is stored ``[N, K]`` with
     ``transB=1``, as torch writes ``nn.Linear``."""
+    _constant_first(ctx)  # (each then counted below)
+    rewritten = 0
     inits = ctx.initializers()
     consumers = _consumers(ctx.graph)
     outputs = {o.name for o in ctx.graph.output}
-    rewritten = 0
     for mm in [n for n in ctx.graph.node if n.op_type == "MatMul"]:
         x, w = mm.input
         shape = ctx.shape(x)
@@ -414,6 +415,30 @@ def _matmul_as_gemm(ctx: _Context) -> int:
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
+    return rewritten
+
+
+def _constant_first(ctx: _Context) -> int:
+    """``MatMul(W, x)`` with ``W`` a constant ``[M, K]`` (a 1x1 convolution written ``weight @ x.flatten(2)``,
+    hummingbird's trees as matrices) as ``(x^T W^T)^T``: transposes of ``x``'s last two axes around a MatMul by
+    the constant ``W^T``, which :func:`_matmul_as_gemm` then writes as a Gemm. The count."""
+    inits = ctx.initializers()
+    rewritten = 0
+    for mm in [n for n in ctx.graph.node if n.op_type == "MatMul"]:
+        w, x = mm.input
+        shape = ctx.shape(x)
+        if w not in inits or x in inits or inits[w].ndim != 2 or not shape or len(shape) < 2 or min(shape) <= 0:
+            continue
+        perm = [*range(len(shape) - 2), len(shape) - 1, len(shape) - 2]
+        rows, product = ctx.fresh(f"{x}_t"), ctx.fresh(f"{mm.output[0]}_t")
+        weight = ctx.add_initializer(ctx.fresh(f"{w}_t"), np.ascontiguousarray(inits[w].T))
+        _replace_node(ctx, mm, [
+            onnx.helper.make_node("Transpose", [x], [rows], name=f"{mm.name}_rows", perm=perm),
+            onnx.helper.make_node("MatMul", [rows, weight], [product], name=mm.name),
+            onnx.helper.make_node("Transpose", [product], [mm.output[0]], name=f"{mm.name}_back", perm=perm)])
+        rewritten += 1
+    if rewritten:
+        ctx.invalidate()
     return rewritten
 
 
