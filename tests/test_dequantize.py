@@ -231,3 +231,30 @@ def test_a_torch_quantized_model_is_float_again(tmp_path: Path) -> None:
     # on the host: only the ReLUs of the input and the output quantizers (their codes start at 0.0)
     assert result.placement.crossbar_coverage == 1.0 and len(result.placement.host_ops) <= 2, result.placement.host_ops
     assert result.placement.device_ops >= 4, result.placement  # the convolutions, their ReLUs, the max pool
+
+
+def test_blocked_four_bit_weights_are_float_again(tmp_path: Path) -> None:
+    """onnxruntime's 4-bit weight quantizer in QDQ form (opset 21): int4 codes and one scale per block of 32 along
+    the input axis. The weights fold to float (PPQ refused the int4 type) and the MatMul runs on the crossbars."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    k, n, block = 64, 16, 32
+    codes = rng.integers(-8, 8, (k, n))
+    scales = rng.uniform(0.01, 0.05, (k // block, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["codes", "scales"], ["w"], axis=0, block_size=block, name="dq"),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "int4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, n])],
+        [helper.make_tensor("codes", TensorProto.INT4, [k, n], codes.ravel().tolist()),
+         onnx.numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    floated, _ = dequantize(model)
+    weight = next(onnx.numpy_helper.to_array(i) for i in floated.graph.initializer if i.name == "w")
+    np.testing.assert_allclose(weight, codes * np.repeat(scales, block, axis=0), rtol=1e-6)
+    path = tmp_path / "int4.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": [1, 4, k]}, "cpu", path, mapname="int4", calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()

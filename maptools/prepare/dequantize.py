@@ -359,11 +359,20 @@ def _fold_weights(graph: _Graph) -> int:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
         codes, scale = graph.value(node.input[0]), graph.value(node.input[1])
-        if codes is None or scale is None or _attrs(node).get("block_size", 0) or scale.ndim > 1:
-            continue  # (blocked scales, opset 21's int4 weights: left to onnxruntime)
+        block = int(_attrs(node).get("block_size", 0))
+        if codes is None or scale is None or (scale.ndim > 1 and not block):
+            continue
         zero = graph.value(_arg(node, 2) or "")
         axis = _attrs(node).get("axis", 1)
-        real = _real(codes, scale, zero, axis if axis >= 0 else codes.ndim + axis)
+        axis = axis if axis >= 0 else codes.ndim + axis
+        if block:  # opset 21's blocked scales (4-bit weights): each covers ``block`` codes along the axis
+            size = codes.shape[axis]
+            scale = np.repeat(scale, block, axis=axis).take(range(size), axis=axis)
+            zero = None if zero is None else np.repeat(zero, block, axis=axis).take(range(size), axis=axis)
+            real = ((codes.astype(np.float64) - (0 if zero is None else zero.astype(np.float64)))
+                    * scale.astype(np.float64)).astype(np.float32)
+        else:
+            real = _real(codes, scale, zero, axis)
         graph.g.initializer.append(onnx.numpy_helper.from_array(real, node.output[0]))
         graph.consts[node.output[0]] = real
         graph.g.node.remove(node)
