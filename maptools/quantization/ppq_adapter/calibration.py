@@ -43,6 +43,9 @@ class _PercentilePerSample(TorchPercentileObserver):
     if the samples came one by one) with ``topk`` of the short tails.
     """
 
+    #: values per sample (set by :meth:`observe`, or by :class:`Statistics`)
+    numel: int | None = None
+
     @torch.no_grad()
     def observe(self, value: torch.Tensor) -> None:
         cfg = self._quant_cfg
@@ -50,10 +53,23 @@ class _PercentilePerSample(TorchPercentileObserver):
             return super().observe(value)
         samples = getattr(_batch, "samples", 1)
         rows = value.reshape(samples, -1) if value.numel() % samples == 0 else value.reshape(1, -1)
-        numel = rows.shape[1]
+        numel = self.numel = rows.shape[1]
         min_k = max(0, int(numel * (1 - self._percentile))) + 1  # kthvalue's k, as PPQ computes it
         max_k = min(int(numel * self._percentile), numel - 1) + 1
         self._percentile_collector.append(torch.stack([_kth(rows, max_k), _kth(rows, min_k)], dim=1).float())
+
+
+    def render_quantization_config(self) -> None:
+        """PPQ's range (the mean over samples of each one's order statistics), except where a sample holds fewer
+        than ``1 / (1 - percentile)`` values: one sample's statistic is then its extreme, and their mean is no tail
+        (of a timestep input's one value, the mean of the values; a 32-wide MLP layer's range 6x the error of its
+        min/max). Such samples pool into groups that hold that many values, whose extremes are averaged."""
+        per_group = int((1 / (1 - self._percentile) - 1) // self.numel) if self.numel else 1
+        if per_group > 1 and self._percentile_collector:
+            rows = torch.cat(self._percentile_collector, dim=0).float()  # [samples, (k-th largest, k-th smallest)]
+            self._percentile_collector = [torch.stack([torch.stack([group[:, 0].max(), group[:, 1].min()])
+                                                       for group in rows.split(per_group)])]
+        super().render_quantization_config()
 
 
 def _kth(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -215,6 +231,7 @@ class Statistics:
                               onnx.helper.make_node("ReduceMax", [f"{t}_rows"], [f"{t}_hi"], axes=[1], keepdims=0)]
                     outputs.append((observer, "minmax", [f"{t}_lo", f"{t}_hi"]))
                 elif type(observer) is _PercentilePerSample:
+                    observer.numel = numel
                     low = max(0, int(numel * (1 - observer._percentile))) + 1  # as _PercentilePerSample.observe
                     high = numel - min(int(numel * observer._percentile), numel - 1)  # m-th largest
                     if max(low, high) > _TOPK_LIMIT:
