@@ -913,7 +913,8 @@ def test_a_mixed_precision_export_is_checked_at_half_precision(tmp_path: Path) -
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     result = quantize({"x": [1, 8, 32, 32]}, "cpu", path, mapname="mixed", calib_steps=CALIB, output_root=tmp_path,
                       error_steps=0)
-    assert any("float16, bfloat16 and float64 made float32" in step for step in result.prepared["steps"]), result.prepared["steps"]
+    assert any("float16, bfloat16 and float64 made float32" in step for step in result.prepared["steps"]), \
+        result.prepared["steps"]
     assert not result.prepared["fallbacks"] and result.placement.crossbar_coverage == 1.0
 
 
@@ -934,7 +935,8 @@ def test_double_and_bfloat16_models_are_prepared_in_float32(kind: str, tmp_path:
     else:
         inits = [helper.make_tensor(n, TensorProto.BFLOAT16, w.shape, w.astype(np.float32).ravel().tolist())
                  for n, w in (("w1", w1), ("w2", w2))]
-        nodes = [helper.make_node("Cast", [n], [f"{n}_f"], to=TensorProto.FLOAT, name=f"cast_{n}") for n in ("w1", "w2")]
+        nodes = [helper.make_node("Cast", [n], [f"{n}_f"], to=TensorProto.FLOAT, name=f"cast_{n}")
+                 for n in ("w1", "w2")]
         dtype, first = TensorProto.FLOAT, "w1_f"
     nodes += [helper.make_node("Gemm", ["x", first], ["h"], transB=1, name="fc1"),
               helper.make_node("Relu", ["h"], ["r"], name="relu"),
