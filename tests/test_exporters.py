@@ -945,8 +945,9 @@ def test_double_and_bfloat16_models_are_prepared_in_float32(kind: str, tmp_path:
                               [helper.make_tensor_value_info("y", dtype, [1, 8])], inits)
     path = tmp_path / f"{kind}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    # (min/max ranges: the percentile default clips a 32-wide layer's tails, 0.23 from float; this is about types)
     result = quantize({"x": [1, 32]}, "cpu", path, mapname=kind, calib_steps=32, output_root=tmp_path,
-                      error_steps=0)  # (8 samples of 32 values leave the evaluation's tails outside the range)
+                      error_steps=0, algorithm="minmax")
     assert any("bfloat16 and float64 made float32" in step for step in result.prepared["steps"])
     assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
     assert evaluate_map(kind, output_root=tmp_path, samples=4).rel_l2 < 0.1
