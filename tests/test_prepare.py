@@ -246,3 +246,19 @@ def test_a_sequence_inside_the_model_keeps_its_type(tmp_path: Path) -> None:
     out = onnx.load(str(prepared.path))
     assert all(vi.type.WhichOneof("value") == "sequence_type" for vi in out.graph.value_info if vi.name == "seq")
     assert prepared.max_abs_diff < 1e-6
+
+
+def test_a_model_of_ml_operators_alone_has_no_opset_to_convert(tmp_path: Path) -> None:
+    """onnxmltools' tree ensembles import ai.onnx.ml alone: there is no standard operator to bring to opset 13,
+    and preparation leaves nothing out (it had tried to convert 'from opset 1' and recorded the failure)."""
+    graph = helper.make_graph(
+        [helper.make_node("LinearClassifier", ["x"], ["label", "prob"], domain="ai.onnx.ml", name="linear",
+                          coefficients=np.random.default_rng(0).standard_normal(12).tolist(),
+                          intercepts=[0.0, 0.1, -0.1], classlabels_ints=[0, 1, 2], post_transform="SOFTMAX")],
+        "trees", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("prob", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    prepared = prepare_model(_save(model, tmp_path / "ml.onnx"), tmp_path / "out.onnx", {"x": [1, 4]})
+    assert not prepared.fallbacks, prepared.fallbacks
+    assert prepared.max_abs_diff == 0.0

@@ -427,9 +427,11 @@ def opset_report(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
 
 
 def convert_opset(ctx: _Context) -> str | None:
-    """Bring the model to opset 13; return a description, or None if it already was."""
+    """Bring the model to opset 13; return a description, or None if it already was (or has no standard
+    operators to convert: onnxmltools' tree ensembles import ai.onnx.ml alone)."""
     opset = opset_of(ctx.model)
-    if opset == TARGET_OPSET:
+    standard = any(o.domain in _DEFAULT_DOMAINS for o in ctx.model.opset_import)
+    if opset == TARGET_OPSET or not standard and all(n.domain not in _DEFAULT_DOMAINS for n in ctx.graph.node):
         return None
     if opset < TARGET_OPSET:
         from onnx import version_converter
