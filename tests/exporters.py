@@ -236,7 +236,8 @@ def leaky_max_min() -> Built:
 
 
 def contrib_operator() -> Built:
-    """An onnxruntime contrib operator (``com.microsoft.Gelu``) between convolutions: it runs on the host."""
+    """An onnxruntime contrib operator (``com.microsoft.Gelu``, which its offline optimizer writes) between
+    convolutions: written as the standard operators it computes, a gated table on the device."""
     b = _Builder(13)
     y = b.op("Gelu", [b.conv("x", 3, 8, stride=2)], domain="com.microsoft")
     return (b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 13, extra_opsets=[("com.microsoft", 1)]),

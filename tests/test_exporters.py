@@ -1040,7 +1040,10 @@ def test_a_model_onnxruntime_optimized_offline_runs_on_the_crossbars(tmp_path: P
     from tests.exporters import _Builder
 
     b = _Builder(40)
-    y = b.op("Clip", [b.conv(b.op("Relu", [b.conv("x", 3, 8)]), 8, 8), b.const(0.0), b.const(6.0)])
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    erf = b.op("Erf", [b.op("Div", [b.conv(y, 8, 8), b.const(np.sqrt(2.0))])])  # GELU, as torch writes it
+    y = b.op("Mul", [b.op("Mul", [b.nodes[-2].input[0], b.op("Add", [erf, b.const(1.0)])]), b.const(0.5)])
+    y = b.op("Clip", [b.conv(y, 8, 8), b.const(0.0), b.const(6.0)])
     hidden = b.op("LeakyRelu", [b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1), 8, 16)], alpha=0.1)
     weight = b.op("Transpose", [b.const(b.rng.standard_normal([5, 16]))], perm=[1, 0])
     out = b.op("Mul", [b.op("MatMul", [hidden, weight]), b.const(0.5)])
@@ -1050,10 +1053,12 @@ def test_a_model_onnxruntime_optimized_offline_runs_on_the_crossbars(tmp_path: P
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "source.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    assert {"FusedConv", "FusedGemm", "FusedMatMul"} <= {n.op_type for n in optimized.graph.node}
+    assert {"FusedConv", "FusedGemm", "FusedMatMul", "Gelu"} <= {n.op_type for n in optimized.graph.node}
     result, error = _pipeline(optimized, {"x": [1, 3, 16, 16]}, tmp_path, "optimized")
-    assert "4 onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul) written as standard ones" in \
-        result.prepared["steps"]
+    assert "5 onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul, Gelu) written as standard ones" in \
+        result.prepared["steps"], result.prepared["steps"]
+    # on the host: the output's scale alone (only the graph output reads it)
+    assert all(name.endswith("_alpha") for name in result.placement.host_ops), result.placement.host_ops
     assert result.placement.crossbar_coverage == 1.0 and result.placement.total_macs > 16 * 16 * 8 * 8 * 9, \
         result.placement.summary()
     assert error < 0.1

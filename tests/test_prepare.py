@@ -189,7 +189,7 @@ def test_a_batch_norm_behind_an_operator_without_shape_inference_broadcasts_over
     inits = [numpy_helper.from_array((1 + rng.random(3)).astype(np.float32), n) for n in ("g", "v")]
     inits += [numpy_helper.from_array(rng.random(3).astype(np.float32), n) for n in ("b", "m")]
     graph = helper.make_graph(
-        [helper.make_node("Gelu", ["x"], ["h"], domain="com.microsoft", name="gelu"),
+        [helper.make_node("FastGelu", ["x"], ["h"], domain="com.microsoft", name="gelu"),
          helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")], "bn5",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)

@@ -203,7 +203,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
     _optional(ctx, "float16, bfloat16 and float64 to float32", _float32)
     _optional(ctx, "onnxruntime's fused operators", lambda c: _counted(
-        "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul) written as standard ones", _unfuse(c)))
+        "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul, Gelu) written as standard ones",
+        _unfuse(c)))
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
         _optional(ctx, "folding Constant nodes", _fold_constants)

@@ -6,6 +6,7 @@ zero Pad folded into the convolutions it feeds."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -271,9 +272,14 @@ _FUSED_ACTIVATIONS = {"Relu": (), "Sigmoid": (), "Tanh": (), "LeakyRelu": ("alph
 
 def _unfuse(ctx: _Context) -> int:
     """onnxruntime's offline optimizer (``optimized_model_filepath`` at the extended level) writes com.microsoft
-    ``FusedConv`` (a convolution, an optional sum input and an activation), ``FusedGemm`` and ``FusedMatMul``: each
-    as the standard operators it computes, which the device takes. The count."""
+    ``FusedConv`` (a convolution, an optional sum input and an activation), ``FusedGemm``, ``FusedMatMul``, and
+    ``Gelu``, ``BiasGelu`` and ``QuickGelu``: each as the standard operators it computes, which the device takes
+    (a GELU as torch writes it at opset 13, ``x * 0.5 * (1 + Erf(x / sqrt(2)))``: a gated table). The count."""
     rewritten = 0
+    for node in [n for n in ctx.graph.node if n.domain == "com.microsoft" and n.op_type in ("Gelu", "BiasGelu",
+                                                                                            "QuickGelu")]:
+        _replace_node(ctx, node, _unfused_gelu(ctx, node))
+        rewritten += 1
     for node in [n for n in ctx.graph.node if n.domain == "com.microsoft"
                  and n.op_type in ("FusedConv", "FusedGemm", "FusedMatMul")]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -312,6 +318,33 @@ def _unfuse(ctx: _Context) -> int:
         _replace_node(ctx, node, nodes)
         rewritten += 1
     return rewritten
+
+
+def _unfused_gelu(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """com.microsoft ``Gelu(x)``, ``BiasGelu(x, bias)`` (of ``x + bias``) and ``QuickGelu(x)`` (``x * Sigmoid(alpha
+    * x)``) in standard operators."""
+    out, name, nodes = node.output[0], node.name or node.output[0], []
+
+    def const(tag: str, value: float) -> str:
+        return ctx.add_initializer(ctx.fresh(f"{out}_{tag}"), np.asarray(value, np.float32))
+
+    def step(op: str, inputs: list[str], tag: str, last: bool = False) -> str:
+        result = out if last else ctx.fresh(f"{out}_{tag}")
+        nodes.append(onnx.helper.make_node(op, inputs, [result], name=f"{name}_{tag}"))
+        return result
+
+    x = node.input[0]
+    if node.op_type == "BiasGelu":
+        x = step("Add", [x, node.input[1]], "bias")
+    if node.op_type == "QuickGelu":
+        alpha = float(next((a.f for a in node.attribute if a.name == "alpha"), 1.702))
+        gate = step("Sigmoid", [step("Mul", [x, const("alpha", alpha)], "scaled")], "gate")
+        step("Mul", [x, gate], "gated", last=True)
+        return nodes
+    erf = step("Erf", [step("Div", [x, const("sqrt2", math.sqrt(2.0))], "div")], "erf")
+    gated = step("Mul", [x, step("Add", [erf, const("one", 1.0)], "add")], "mul")
+    step("Mul", [gated, const("half", 0.5)], "half", last=True)
+    return nodes
 
 
 def _unfused_matmul(ctx: _Context, node: onnx.NodeProto, attrs: dict) -> list[onnx.NodeProto]:
