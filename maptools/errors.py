@@ -100,12 +100,15 @@ class QuantizationFailed(MaptoolsError, RuntimeError):
     """PPQ failed on a valid input (a transient or internal fault, not bad input).
 
     ``operator`` names the device operator the fault arose at, where one is known: ``quantize`` then
-    keeps that operator on the host in float and quantizes again (unless ``strict``).
+    keeps that operator on the host in float and quantizes again (unless ``strict``); ``also``, the others
+    the same fault arose at (kept there with it: a NaN reaches every operator after its source).
     """
 
-    def __init__(self, problem: str, fix: str | None = None, *, operator: str | None = None) -> None:
+    def __init__(self, problem: str, fix: str | None = None, *, operator: str | None = None,
+                 also: tuple[str, ...] = ()) -> None:
         super().__init__(problem, fix)
         self.operator = operator
+        self.also = also
 
 
 class ConversionError(MaptoolsError, ValueError):

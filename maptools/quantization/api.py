@@ -241,8 +241,9 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
                 raise QuantizationFailed(e.problem, f"quantize without strict=True (--strict) to keep {e.operator} on "
                                          "the host in float, or report this model to the maptools maintainers.",
                                          operator=e.operator) from e
-            fallbacks[e.operator] = e.problem
-            log.warning("%s: %s stays on the host in float; quantizing again", e.problem, e.operator)
+            fallbacks.update(dict.fromkeys((e.operator, *e.also), e.problem))
+            log.warning("%s: %s stay on the host in float; quantizing again", e.problem,
+                        _listing([e.operator, *e.also]))
             model = onnx.load(str(model_path))
             record_host(model, fallbacks)
             atomic_write(model_path, model.SerializeToString())
@@ -596,7 +597,7 @@ def quantize(
     failed = [name for name in report.fallbacks if name not in keep_on_host]
     if failed:
         notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed "
-                     f"({_listing(failed)}; {failed[0]}: {report.fallbacks[failed[0]][:240]}); the crossbars compute "
+                     f"({_listing(failed)}; {failed[0]}: {report.fallbacks[failed[0]][:300]}); the crossbars compute "
                      f"{_share(report)} of the multiply-accumulates. strict=True makes such a failure an error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)

@@ -87,6 +87,16 @@ class QuantizedGraph:
         """One :class:`QuantConfig` per device (quantized) operator, in topological order, with the
         requantization multipliers and shifts of each (:func:`maptools.requant.record_requant`)."""
         info: dict[str, QuantConfig] = {}
+        broken = [op.name for op in self._quantized_ops()
+                  if not all(math.isfinite(s) and s > 0 for cfg in [*op.input_quant_config, *op.output_quant_config]
+                             for s in [_scale_of(cfg)] if s is not None)]
+        if broken:
+            raise QuantizationFailed(
+                f"calibration gave {len(broken)} operator(s) no finite range ({', '.join(broken[:5])}"
+                f"{' ...' if len(broken) > 5 else ''}): the samples drive them to NaN or infinity (random samples "
+                "reach values a model never sees, a Log of a negative); pass real samples as calibset",
+                "pass real samples as calibset (calib= in the flow, --calib on the command line).",
+                operator=broken[0], also=tuple(broken[1:]))
         for op in self._quantized_ops():
             acts = [(cfg, var) for cfg, var in zip(op.input_quant_config, op.inputs) if var.name and not var.is_parameter]
             outs = op.output_quant_config
@@ -99,14 +109,6 @@ class QuantizedGraph:
                     weight_scale=wcfg.scale.detach().cpu().reshape(-1).numpy().astype(np.float32),
                 )
             input_scales = tuple(_scale_of(cfg) for cfg, _ in acts)
-            scales = [s for s in (*input_scales, _scale_of(outs[0]) if outs else None) if s is not None]
-            if not all(math.isfinite(s) and s > 0 for s in scales):
-                raise QuantizationFailed(
-                    f"calibration gave {op.name} ({op.type}) no finite range: the calibration samples drive its "
-                    "inputs or outputs to NaN or infinity (random samples reach values a model never sees: the Log "
-                    "of a negative, a division by zero); pass real samples as calibset",
-                    "pass real samples as calibset (calib= in the flow, --calib on the command line).",
-                    operator=op.name)
             lo, hi = _range_of(first)
             info[op.name] = QuantConfig(
                 op_type=op.type, io_bits=int(first.num_of_bits), io_min=lo, io_max=hi,
