@@ -86,7 +86,7 @@ class _Graph:
 
 
 def _real(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
-    """``(codes - zero) * scale`` in float32, a 1-D ``scale``/``zero`` along ``axis``."""
+    """``(codes - zero) * scale`` in float32, a 1-D ``scale``/``zero`` along ``axis`` (or of ``codes``' shape)."""
     scale = np.asarray(scale, np.float64)
     zero = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float64)
     if scale.ndim == 1 and scale.size > 1:
@@ -367,12 +367,9 @@ def _fold_weights(graph: _Graph) -> int:
         axis = axis if axis >= 0 else codes.ndim + axis
         if block:  # opset 21's blocked scales (4-bit weights): each covers ``block`` codes along the axis
             size = codes.shape[axis]
-            scale = np.repeat(scale, block, axis=axis).take(range(size), axis=axis)
-            zero = None if zero is None else np.repeat(zero, block, axis=axis).take(range(size), axis=axis)
-            real = ((codes.astype(np.float64) - (0 if zero is None else zero.astype(np.float64)))
-                    * scale.astype(np.float64)).astype(np.float32)
-        else:
-            real = _real(codes, scale, zero, axis)
+            scale, zero = (None if v is None else np.repeat(v, block, axis=axis).take(range(size), axis=axis)
+                           for v in (scale, zero))
+        real = _real(codes, scale, zero, axis)
         graph.g.initializer.append(onnx.numpy_helper.from_array(real, node.output[0]))
         graph.consts[node.output[0]] = real
         graph.g.node.remove(node)

@@ -410,7 +410,7 @@ def _matmul_as_gemm(ctx: _Context) -> int:
     crossbar computes: ``Reshape [-1, K] -> Gemm -> Reshape [-1, ..., N]`` (no Reshape for a 2-D ``x``), with a
     following ``Add`` of a constant ``[N]`` as the Gemm's bias. The weight is stored ``[N, K]`` with
     ``transB=1``, as torch writes ``nn.Linear``."""
-    _constant_first(ctx)  # (each then counted below)
+    _constant_first(ctx)  # (each counted below, as the MatMul by a constant it becomes)
     rewritten = 0
     inits = ctx.initializers()
     consumers = _consumers(ctx.graph)
@@ -451,12 +451,11 @@ def _matmul_as_gemm(ctx: _Context) -> int:
     return rewritten
 
 
-def _constant_first(ctx: _Context) -> int:
+def _constant_first(ctx: _Context) -> None:
     """``MatMul(W, x)`` with ``W`` a constant ``[M, K]`` (a 1x1 convolution written ``weight @ x.flatten(2)``,
     hummingbird's trees as matrices) as ``(x^T W^T)^T``: transposes of ``x``'s last two axes around a MatMul by
-    the constant ``W^T``, which :func:`_matmul_as_gemm` then writes as a Gemm. The count."""
+    the constant ``W^T``, which :func:`_matmul_as_gemm` then writes as a Gemm."""
     inits = ctx.initializers()
-    rewritten = 0
     for mm in [n for n in ctx.graph.node if n.op_type == "MatMul"]:
         w, x = mm.input
         shape = ctx.shape(x)
@@ -469,10 +468,7 @@ def _constant_first(ctx: _Context) -> int:
             onnx.helper.make_node("Transpose", [x], [rows], name=f"{mm.name}_rows", perm=perm),
             onnx.helper.make_node("MatMul", [rows, weight], [product], name=mm.name),
             onnx.helper.make_node("Transpose", [product], [mm.output[0]], name=f"{mm.name}_back", perm=perm)])
-        rewritten += 1
-    if rewritten:
-        ctx.invalidate()
-    return rewritten
+    ctx.invalidate()  # (the new tensors' shapes, for the Gemm rewrite)
 
 
 def _pad_of(ctx: _Context, pad: onnx.NodeProto) -> tuple[str, list[int], float] | None:
