@@ -12,7 +12,8 @@ onnxruntime contrib operator, squeeze-and-excitation pooled with ReduceMean, Ker
 constants shared between operators (3-D convolutions reading one bias), index arithmetic in int64, and
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
-'same' max pool padded at the end only, outputs that are constants, and torch's dynamo export unoptimized.
+'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
+``torch.jit.script``'s lists (sequences of a known length).
 """
 
 from __future__ import annotations
@@ -450,6 +451,24 @@ def dynamo_unoptimized() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.gemm(y, 8, 5)], 18), {"x": [1, 3, 16, 16]}
 
 
+def scripted_sequences() -> Built:
+    """``torch.jit.script`` writes ``torch.chunk`` / ``torch.split`` as ``SplitToSequence`` read by ``SequenceAt``,
+    ``torch.stack`` / ``torch.cat`` of a list as ``ConcatFromSequence``, and list edits as ``SequenceInsert`` /
+    ``SequenceErase``: sequences whose length the fixed input shapes decide."""
+    b = _Builder(37)
+    y = b.conv("x", 3, 8)
+    seq = b.op("SplitToSequence", [y, b.const(4, np.int64)], axis=1)
+    first, last = b.op("SequenceAt", [seq, b.const(0, np.int64)]), b.op("SequenceAt", [seq, b.const(-1, np.int64)])
+    pair = b.op("SequenceInsert", [b.op("SequenceConstruct", [first]), last])
+    pair = b.op("SequenceErase", [b.op("SequenceInsert", [pair, last, b.const(0, np.int64)]), b.const(0, np.int64)])
+    stacked = b.op("ReduceSum", [b.op("ConcatFromSequence", [pair], axis=0, new_axis=1), b.const([0], np.int64)],
+                   keepdims=0)
+    channels = b.op("SplitToSequence", [last], axis=1, keepdims=0)
+    regathered = b.op("ConcatFromSequence", [channels], axis=1, new_axis=1)
+    y = b.op("Concat", [b.conv(first, 4, 4), stacked, regathered], axis=1)
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(y, 12)], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -462,5 +481,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "global_max_and_training_bn": global_max_and_training_bn, "uneven_average_pools": uneven_average_pools,
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
-    "dynamo_unoptimized": dynamo_unoptimized,
+    "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
 }

@@ -48,6 +48,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
+from maptools.prepare.sequences import static_sequences
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _unfuse,
                                        name_nodes, simplify)
@@ -143,6 +144,10 @@ def _stft(ctx: _Context) -> list[str]:
     return _counted("{} STFT written as a strided convolution", _stft_as_conv(ctx))
 
 
+def _sequences(ctx: _Context) -> list[str]:
+    return _counted("{} sequence operators written as the tensors they hold", static_sequences(ctx))
+
+
 def _convert(ctx: _Context) -> list[str]:
     converted = convert_opset(ctx)
     return [converted] if converted else []
@@ -222,10 +227,12 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
                     _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
                 else:  # skipped for the reason recorded before
                     ctx.steps[:], ctx.skipped[:] = steps, skipped
+        _optional(ctx, "sequences as tensors", _sequences)
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
     else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
         _optional(ctx, "folding Constant nodes", _fold_constants)
         _optional(ctx, "explicit pads", _explicit)
+        _optional(ctx, "sequences as tensors", _sequences)
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
     if control:  # data-dependent: it runs on the host, in onnxruntime
         ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")

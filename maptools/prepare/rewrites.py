@@ -94,8 +94,8 @@ def _remove_passthrough(ctx: _Context) -> int:
         if node.op_type == "Dropout" and len([o for o in node.output if o]) > 1:
             continue
         src, dst = node.input[0], node.output[0]
-        if dst in outputs and (src in outputs or src in {i.name for i in ctx.graph.input}):
-            continue  # an output that is another output or an input: keep the node
+        if dst in outputs and (src in outputs or src not in {t for n in ctx.graph.node for t in n.output}):
+            continue  # an output that is another output, an input or a constant: keep the node
         ctx.graph.node.remove(node)
         if dst in outputs:  # the producer of src writes the graph output directly
             for other in ctx.graph.node:
