@@ -13,7 +13,7 @@ constants shared between operators (3-D convolutions reading one bias), index ar
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
-``torch.jit.script``'s lists (sequences of a known length).
+``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count.
 """
 
 from __future__ import annotations
@@ -469,6 +469,51 @@ def scripted_sequences() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(y, 12)], 13), {"x": [1, 3, 16, 16]}
 
 
+def scripted_loop() -> Built:
+    """``torch.jit.script``'s ``for`` loops: over a list (``Loop`` to its ``SequenceLength``, the list read by
+    ``SequenceAt`` at the iteration number and the results appended to a carried sequence) and over a range of a
+    size taken from a shape (a residual block applied three times, each iteration's pooled features stacked as a
+    scan output); the condition an ``Identity`` of the one it is given."""
+    b = _Builder(38)
+    y = b.conv("x", 3, 8)
+    parts = b.op("SplitToSequence", [y, b.const(4, np.int64)], axis=1)
+    weight = b.const(b.rng.standard_normal([4, 4, 3, 3]) * 0.3)
+    listed = helper.make_graph(
+        [helper.make_node("SequenceAt", [parts, "i"], ["part"]),
+         helper.make_node("Conv", ["part", weight], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("SequenceInsert", ["acc_in", "conv"], ["acc_out"]),
+         helper.make_node("Identity", ["go_in"], ["go_out"])], "over_list",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_value_info("acc_in", helper.make_sequence_type_proto(
+             helper.make_tensor_type_proto(TensorProto.FLOAT, [None] * 4)))],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_value_info("acc_out", helper.make_sequence_type_proto(
+             helper.make_tensor_type_proto(TensorProto.FLOAT, [None] * 4)))])
+    go = b.const(True, np.bool_)
+    convs = b.op("Loop", [b.op("SequenceLength", [parts]), go, b.op("SequenceEmpty", [], dtype=TensorProto.FLOAT)],
+                 body=listed)
+    y = b.op("ConcatFromSequence", [convs], axis=1)
+    trips = b.op("Div", [b.op("Gather", [b.op("Shape", [y]), b.const(1, np.int64)]), b.const(3, np.int64)])
+    weight = b.const(b.rng.standard_normal([8, 8, 1, 1]) * 0.3)
+    ranged = helper.make_graph(
+        [helper.make_node("Conv", ["h_in", weight], ["mixed"]), helper.make_node("Relu", ["mixed"], ["act"]),
+         helper.make_node("Add", ["h_in", "act"], ["h_out"]), helper.make_node("GlobalAveragePool", ["h_out"], ["pooled"]),
+         helper.make_node("Identity", ["go_in"], ["go_out"])], "over_range",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [None] * 4)],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [None] * 4),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [None] * 4)])
+    y, pooled = b.op("Loop", [trips, go, y], outputs=2, body=ranged)
+    features = b.op("Flatten", [b.op("ReduceMean", [pooled], axes=[0], keepdims=0)], axis=1)
+    model = b.model({"x": [1, 3, 16, 16]}, [b.head(y, 8), b.gemm(features, 8, 3)], 13)
+    for out, dims in zip(model.graph.output, ([1, 5], [1, 3])):  # (as torch declares them; onnxsim needs them here)
+        out.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, dims))
+    return model, {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -482,4 +527,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
+    "scripted_loop": scripted_loop,
 }

@@ -230,7 +230,8 @@ def test_gather_and_slice_run_as_onnx_defines_them(tmp_path: Path) -> None:
 def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """A data-dependent If whose branches read a convolution's output and a constant each from the graph around
     them, its branches in the order torch writes them (then, else: tools that rebuild the node sort them), and
-    a Loop that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops)."""
+    a Loop that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops:
+    no trip count, the condition computed in the body)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
@@ -238,13 +239,14 @@ def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
              for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 1, 1)), ("w3", (4, 8, 1, 1)))]
     inits += [numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in
               (("zero", 0.0, np.float32), ("half", 0.5, np.float32), ("two", 2.0, np.float32), ("trips", 3, np.int64),
-               ("go", True, np.bool_))]
+               ("one", 1, np.int64), ("go", True, np.bool_))]
     out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
     then = helper.make_graph([helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Add", ["r", "two"], ["t"])],
                              "then", [], [out("t")])
     other = helper.make_graph([helper.make_node("Mul", ["a", "half"], ["e"])], "else", [], [out("e")])
     body = helper.make_graph(
-        [helper.make_node("Identity", ["go_in"], ["go_out"]), helper.make_node("Mul", ["c", "half"], ["step"]),
+        [helper.make_node("Add", ["i", "one"], ["next"]), helper.make_node("Less", ["next", "trips"], ["go_out"]),
+         helper.make_node("Mul", ["c", "half"], ["step"]),
          helper.make_node("Add", ["acc_in", "step"], ["acc_out"])], "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info(
             "go_in", TensorProto.BOOL, []), out("acc_in")], [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
@@ -254,7 +256,7 @@ def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
              helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
              helper.make_node("If", ["cond"], ["b"], name="branch"),
              helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
-             helper.make_node("Loop", ["trips", "go", "c"], ["d"], name="repeat", body=body),
+             helper.make_node("Loop", ["", "go", "c"], ["d"], name="repeat", body=body),
              helper.make_node("Conv", ["d", "w3"], ["y"], name="head")]
     nodes[3].attribute.extend([helper.make_attribute("then_branch", then), helper.make_attribute("else_branch", other)])
     graph = helper.make_graph(nodes, "control_flow", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
@@ -276,6 +278,18 @@ def test_control_flow_runs_on_the_host(tmp_path: Path) -> None:
     exported = onnx.load(str(result.quant_model_path))
     branch = next(n for n in exported.graph.node if n.op_type == "If")
     assert list(branch.input) == ["cond"] and not [a for a in branch.attribute if a.name.startswith("maptools")]
+
+
+def test_a_loop_of_a_constant_count_runs_on_the_crossbars(tmp_path: Path) -> None:
+    """A scripted ``for`` over a list and over a range (its count shape arithmetic on a sequence's result) is
+    written out once per iteration: every convolution of its bodies on the crossbars, none of it on the host."""
+    model, shapes = IDIOMS["scripted_loop"]()
+    result, error = _pipeline(model, shapes, tmp_path, "scripted_loop")
+    assert error < 0.3, error
+    placement = result.placement
+    assert placement.device_macs == placement.total_macs > 0, placement.summary()
+    assert not [op for op in placement.host_ops if "Loop" in op or "Sequence" in op], placement.host_ops
+    assert sum("Loop nodes of a constant trip count unrolled" in step for step in result.prepared["steps"]) == 2
 
 
 def test_a_model_left_at_its_opset_exports_at_it(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ PPQ 0.6.6 does not dispatch (``Resize`` above opset 13) or whose opset-13 form d
 2. fold ``Constant`` nodes into initializers, inline local functions;
 3. convert to opset 13 (PPQ's dispatch and its ONNX export speak opset 13): upward with onnx's
    version converter, downward by rewriting the few operators whose definition changed;
-4. simplify with onnxsim (constant folding of shape arithmetic, BatchNorm into Conv, ...);
+4. simplify with onnxsim (constant folding of shape arithmetic, BatchNorm into Conv, ...); then write
+   sequences of a known length as their tensors and loops of a constant trip count once per iteration
+   (``torch.jit.script``'s lists and ``for`` loops), simplifying again where that makes a loop's count constant;
 5. the rewrites PPQ would otherwise do inside its own graph (so operator names stay the ONNX
    ones): BatchNorm into the Conv/Gemm before it (or a per-channel Mul+Add), a bias ``Add`` into
    the Conv before it, Identity and Dropout removed, every node uniquely named;
@@ -48,7 +50,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
-from maptools.prepare.sequences import static_sequences
+from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _unfuse,
                                        name_nodes, simplify)
@@ -145,7 +147,15 @@ def _stft(ctx: _Context) -> list[str]:
 
 
 def _sequences(ctx: _Context) -> list[str]:
-    return _counted("{} sequence operators written as the tensors they hold", static_sequences(ctx))
+    """Sequences of a known length as their tensors, and loops of a constant count written out (then the
+    sequences their bodies used)."""
+    sequences = static_sequences(ctx)
+    loops = unroll_loops(ctx)
+    if loops:
+        fold_constant_nodes(ctx)
+        sequences += static_sequences(ctx)
+    return [*_counted("{} Loop nodes of a constant trip count unrolled", loops),
+            *_counted("{} sequence operators written as the tensors they hold", sequences)]
 
 
 def _convert(ctx: _Context) -> list[str]:
@@ -227,12 +237,18 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
                     _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
                 else:  # skipped for the reason recorded before
                     ctx.steps[:], ctx.skipped[:] = steps, skipped
-        _optional(ctx, "sequences as tensors", _sequences)
+        for _ in range(3):  # (a loop's count may be shape arithmetic that onnxsim folds once a sequence is gone)
+            before = len(ctx.steps)
+            _optional(ctx, "sequences and loops written out", _sequences)
+            if len(ctx.steps) == before or not simplify_model or level == "no onnxsim" or \
+                    not any(n.op_type == "Loop" for n in ctx.graph.node):
+                break
+            _optional(ctx, "onnxsim", _simplify(shapes))
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
     else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
         _optional(ctx, "folding Constant nodes", _fold_constants)
         _optional(ctx, "explicit pads", _explicit)
-        _optional(ctx, "sequences as tensors", _sequences)
+        _optional(ctx, "sequences and loops written out", _sequences)
     control = sorted({_where(n) for n in ctx.graph.node if n.op_type in CONTROL_FLOW_OP_TYPES})
     if control:  # data-dependent: it runs on the host, in onnxruntime
         ctx.steps.append(f"control flow kept on the host: {', '.join(control[:5])}")

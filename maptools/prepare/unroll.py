@@ -1,10 +1,14 @@
-"""ONNX sequences of a known length written as the tensors they hold.
+"""Sequences and loops of a known length written out as the tensors and operators they stand for.
 
 PPQ's graph carries tensors only, so a sequence between operators (``torch.jit.script``'s ``torch.split`` and
 ``torch.chunk`` export as ``SplitToSequence`` -> ``SequenceAt``) stops its trace. With the input shapes fixed and
 the indices constant, every element is a tensor known at preparation: a ``SplitToSequence`` becomes a ``Split``,
 ``SequenceAt`` reads its element, ``SequenceLength`` is a constant and ``ConcatFromSequence`` a ``Concat``. A
 sequence something else reads (a loop, a graph output) is rebuilt there by a ``SequenceConstruct``.
+
+A ``Loop`` with a constant trip count that always continues (a scripted ``for`` over a list or a range) runs
+the same operators each time: written out once per iteration, its convolutions reach the crossbars instead of
+running on the host inside the loop, and a list it appends to becomes a sequence of known length.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import onnx.helper
 from maptools.onnx_model import node_attr
 from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _read, opset_of
 
-__all__ = ["static_sequences"]
+__all__ = ["static_sequences", "unroll_loops"]
+
+#: The most operators an unrolled loop may add to the graph.
+MAX_UNROLLED = 4096
 
 
 def static_sequences(ctx: _Context) -> int:
@@ -68,6 +75,9 @@ def _rewritten(ctx: _Context, node: onnx.NodeProto, elements: dict[str, list[str
     seq = elements.get(ins[0]) if ins else None
     if seq is None:
         return None
+    if op == "Identity":  # (an unrolled loop's result)
+        elements[out] = seq
+        return [_construct(ctx, out, seq, ins[0])]
     if op in ("SequenceInsert", "SequenceErase"):
         insert = op == "SequenceInsert"
         at = _index(ctx, ins[2 if insert else 1] if len(ins) > 1 + insert else "", len(seq), len(seq) - (not insert))
@@ -78,9 +88,9 @@ def _rewritten(ctx: _Context, node: onnx.NodeProto, elements: dict[str, list[str
     if op == "SequenceAt":
         at = _index(ctx, ins[1], len(seq), 0)
         return None if at is None or not 0 <= at < len(seq) else [onnx.helper.make_node("Identity", [seq[at]], [out])]
-    if op == "SequenceLength":
-        value = ctx.add_initializer(ctx.fresh(out + "_value"), np.array(len(seq), np.int64))
-        return [onnx.helper.make_node("Identity", [value], [out])]
+    if op == "SequenceLength":  # (a constant: a loop over the sequence then has a constant trip count)
+        ctx.add_initializer(out, np.array(len(seq), np.int64))
+        return []
     if op == "ConcatFromSequence" and seq:
         return _concat(ctx, node, seq)
     return None
@@ -145,12 +155,16 @@ def _concat(ctx: _Context, node: onnx.NodeProto, seq: list[str]) -> list[onnx.No
         return None
     axis %= len(shape) + 1
     parts = [ctx.fresh(f"{t}_unsqueezed") for t in seq]
-    if opset_of(ctx.model) >= 13:
-        axes = ctx.add_initializer(ctx.fresh(out + "_axis"), np.array([axis], np.int64))
-        nodes = [onnx.helper.make_node("Unsqueeze", [t, axes], [p]) for t, p in zip(seq, parts)]
-    else:
-        nodes = [onnx.helper.make_node("Unsqueeze", [t], [p], axes=[axis]) for t, p in zip(seq, parts)]
+    nodes = [_unsqueeze(ctx, t, p, axis) for t, p in zip(seq, parts)]
     return [*nodes, onnx.helper.make_node("Concat", parts, [out], axis=axis)]
+
+
+def _unsqueeze(ctx: _Context, x: str, out: str, axis: int) -> onnx.NodeProto:
+    """``Unsqueeze`` at ``axis``, its axes an input from opset 13 and an attribute before."""
+    if opset_of(ctx.model) < 13:
+        return onnx.helper.make_node("Unsqueeze", [x], [out], axes=[axis])
+    axes = ctx.add_initializer(ctx.fresh(out + "_axis"), np.array([axis], np.int64))
+    return onnx.helper.make_node("Unsqueeze", [x, axes], [out])
 
 
 def _drop_unread(ctx: _Context, elements: dict[str, list[str]]) -> None:
@@ -163,3 +177,99 @@ def _drop_unread(ctx: _Context, elements: dict[str, list[str]]) -> None:
             return
         for n in unread:
             ctx.graph.node.remove(n)
+
+
+def unroll_loops(ctx: _Context) -> int:
+    """Write out each main-graph ``Loop`` with a constant trip count whose condition stays true; returns how many."""
+    done = 0
+    for node in list(ctx.graph.node):
+        if node.op_type != "Loop" or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        new = _unrolled(ctx, node)
+        if new is None:
+            continue
+        at = list(ctx.graph.node).index(node)
+        ctx.graph.node.remove(node)
+        for i, n in enumerate(new):
+            ctx.graph.node.insert(at + i, n)
+        done += 1
+    if done:
+        ctx.invalidate()
+    return done
+
+
+def _always_true(ctx: _Context, body: onnx.GraphProto, name: str) -> bool:
+    """Whether the body's condition output ``name`` is true whenever the loop's own condition is."""
+    producers = {o: n for n in body.node for o in n.output}
+    inner = {i.name: i for i in body.initializer}
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    if name == body.input[1].name:
+        return True
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        value = onnx.numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
+    elif name in inner:
+        value = onnx.numpy_helper.to_array(inner[name])
+    elif node is None:
+        value = ctx.initializer(name)
+    else:
+        return False
+    return value is not None and value.size == 1 and bool(value.reshape(()))
+
+
+def _unrolled(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """The operators of every iteration of ``node`` (None where its count is unknown, it may stop early, or its
+    body holds control flow of its own)."""
+    body = node_attr(node, "body")
+    trips = _constant(ctx, node.input[0])
+    condition = _constant(ctx, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(True)
+    if trips is None or trips.size != 1 or condition is None or not bool(condition.reshape(())):
+        return None
+    trips = int(trips.reshape(()))
+    carried = list(node.input[2:])
+    if not 0 < trips * max(len(body.node), 1) <= MAX_UNROLLED or len(body.output) != 1 + len(node.output):
+        return None
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in body.node for a in n.attribute):
+        return None
+    if not _always_true(ctx, body, body.output[0].name):
+        return None
+    used = {t for n in ctx.graph.node for t in [*n.input, *n.output]} | {i.name for i in ctx.graph.initializer}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    def constant(base: str, value: np.ndarray) -> str:
+        return ctx.add_initializer(fresh(f"{node.output[0]}_{base}"), value)
+
+    renamed = {i.name: constant(i.name, onnx.numpy_helper.to_array(i)) for i in body.initializer}
+    true = constant("continue", np.array(True))
+    nodes: list[onnx.NodeProto] = []
+    scans: list[list[str]] = [[] for _ in node.output[len(carried):]]
+    for it in range(trips):
+        names = {**renamed, body.input[0].name: constant(f"iteration{it}", np.array(it, np.int64)),
+                 body.input[1].name: true, **{b.name: v for b, v in zip(body.input[2:], carried)}}
+        for n in body.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.name = f"{n.name}_iteration{it}" if n.name else ""
+            copy.input[:] = [names.get(t, t) for t in n.input]
+            for k, t in enumerate(n.output):
+                if t:
+                    names[t] = copy.output[k] = fresh(f"{t}_iteration{it}")
+            nodes.append(copy)
+        outs = [names.get(o.name, o.name) for o in body.output[1:]]
+        carried = outs[:len(carried)]
+        for scan, value in zip(scans, outs[len(carried):]):
+            scan.append(value)
+    nodes += [onnx.helper.make_node("Identity", [value], [out]) for value, out in zip(carried, node.output)]
+    for scan, out in zip(scans, node.output[len(carried):]):
+        stacked = [fresh(f"{v}_stacked") for v in scan]
+        nodes += [_unsqueeze(ctx, v, s, 0) for v, s in zip(scan, stacked)]
+        nodes.append(onnx.helper.make_node("Concat", stacked, [out], axis=0))
+    return nodes
