@@ -3,8 +3,8 @@
 Each builder returns ``(model, input_shapes)``: the model as the exporter ships it and the shapes a
 user gives ``quantize``. They cover what differs between exporters rather than architectures:
 paddle2onnx's Clip with ``min``/``max`` inputs and decomposed hard-swish, keras2onnx's NHWC input
-behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR 3 models with
-initializers listed as graph inputs (or, from OnnxMLTools, not) and opset 7-10 operators (Upsample,
+behind a Transpose and Dense as MatMul + Add, old torch and caffe converters' IR 3 models (Caffe2's residual
+``Sum``) with initializers listed as graph inputs (or, from OnnxMLTools, not) and opset 7-10 operators (Upsample,
 BatchNormalization with ``spatial``, Pad with attributes), weights in Constant nodes, an LSTM unrolled into Gemm / Sigmoid /
 Tanh, declared input shapes that are placeholders, stale ``value_info``, unused opset imports,
 DepthToSpace, LeakyRelu, Max/Min with a constant, Resize and Upsample in every mode, an
@@ -133,6 +133,21 @@ def ir3_opset8() -> Built:
     model = b.model({"data": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=3,
                     initializers_as_inputs=True)
     return model, {"data": [1, 3, 16, 16]}
+
+
+def caffe2_sum() -> Built:
+    """The ONNX model zoo's Caffe2 conversions (onnx-caffe2, IR 3, opset 9): a residual shortcut as ``Sum`` (Caffe's
+    ``Eltwise``), here also of three branches, and weights made by ``ConstantOfShape``."""
+    b = _Builder(39)
+    y = b.op("Relu", [b.conv("data_0", 3, 8)])
+    branch = b.op("Relu", [b.conv(y, 8, 8)])
+    y = b.op("Relu", [b.op("Sum", [y, b.conv(branch, 8, 8)])])
+    fill = b.op("ConstantOfShape", [b.const([8, 8, 1, 1], np.int64)],
+                value=numpy_helper.from_array(np.array([0.05], np.float32)))
+    mixed = b.op("Conv", [y, fill])
+    y = b.op("Relu", [b.op("Sum", [y, mixed, b.conv(y, 8, 8, k=1)])])
+    model = b.model({"data_0": [1, 3, 16, 16]}, [b.head(y, 8)], 9, ir_version=3, initializers_as_inputs=True)
+    return model, {"data_0": [1, 3, 16, 16]}
 
 
 def ir3_valid_pads() -> Built:
@@ -527,5 +542,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
-    "scripted_loop": scripted_loop,
+    "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum,
 }

@@ -292,6 +292,16 @@ def test_a_loop_of_a_constant_count_runs_on_the_crossbars(tmp_path: Path) -> Non
     assert sum("Loop nodes of a constant trip count unrolled" in step for step in result.prepared["steps"]) == 2
 
 
+def test_a_caffe_sum_is_added_on_the_device(tmp_path: Path) -> None:
+    """Caffe2's ``Sum`` shortcuts (two and three branches) are Adds on the device: nothing after them stays on
+    the host."""
+    model, shapes = IDIOMS["caffe2_sum"]()
+    result, error = _pipeline(model, shapes, tmp_path, "caffe2_sum")
+    assert error < 0.3, error
+    assert not result.placement.host_ops, result.placement.host_ops
+    assert "2 Sum written as Add" in result.prepared["steps"], result.prepared["steps"]
+
+
 def test_a_model_left_at_its_opset_exports_at_it(tmp_path: Path) -> None:
     """An opset-18 export whose If body the version converter cannot lower (``Split`` with ``num_outputs``, as
     torch's dynamo exporter writes): preparation keeps opset 18, and quant_model.onnx declares it too, which

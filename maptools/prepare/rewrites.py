@@ -587,6 +587,22 @@ def _mean_as_pool(ctx: _Context) -> int:
     return rewritten
 
 
+def _sum_as_add(ctx: _Context) -> int:
+    """An n-ary ``Sum`` (Caffe's ``Eltwise`` as its converters write it: ResNet's shortcut in Caffe2 exports) as
+    the chain of ``Add`` it computes, which the device takes; one input is an ``Identity``."""
+    rewritten = 0
+    for node in [n for n in ctx.graph.node if n.op_type == "Sum" and n.domain in _DEFAULT_DOMAINS]:
+        name = node.name or node.output[0]
+        total, nodes = node.input[0], []
+        for i, term in enumerate(node.input[1:], 1):
+            out = node.output[0] if i == len(node.input) - 1 else ctx.fresh(f"{node.output[0]}_partial{i}")
+            nodes.append(onnx.helper.make_node("Add", [total, term], [out], name=name if i == 1 else f"{name}_{i}"))
+            total = out
+        _replace_node(ctx, node, nodes or [onnx.helper.make_node("Identity", [total], [node.output[0]], name=name)])
+        rewritten += 1
+    return rewritten
+
+
 def _stft_as_conv(ctx: _Context) -> int:
     """``STFT`` of a real signal with a constant frame step, window and length (torch.stft's export) as the
     strided convolution it computes: the frames against each bin's windowed cosine and sine, which the device
