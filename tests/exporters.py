@@ -13,7 +13,8 @@ constants shared between operators (3-D convolutions reading one bias), index ar
 zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample at opset 16,
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
-``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count.
+``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
+``while`` loops on a counter.
 """
 
 from __future__ import annotations
@@ -529,6 +530,35 @@ def scripted_loop() -> Built:
     return model, {"x": [1, 3, 16, 16]}
 
 
+def tf_while_loop() -> Built:
+    """tf2onnx's ``tf.while_loop`` (``while i < 2`` under ``tf.function``): a ``Loop`` with no trip count, a counter
+    carried from a constant and the condition ``Less(i + 1, 2)`` computed in the body, which runs a convolution whose
+    HWIO weight it transposes each iteration."""
+    b = _Builder(40)
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    hwio = b.const(b.rng.standard_normal([3, 3, 8, 8]) * 0.2)
+    one, two = b.const(1, np.int32), b.const(2, np.int32)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["i_in", one], ["i_out"]),
+         helper.make_node("Transpose", [hwio], ["oihw"], perm=[3, 2, 0, 1]),
+         helper.make_node("Conv", ["t_in", "oihw"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], ["t_out"]),
+         helper.make_node("Cast", ["i_out"], ["count"], to=TensorProto.FLOAT),
+         helper.make_node("Less", ["count", b.const(2.0)], ["go_out"])], "while_body",
+        [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("i_in", TensorProto.INT32, []),
+         helper.make_tensor_value_info("t_in", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("i_out", TensorProto.INT32, []),
+         helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 8, 16, 16])])
+    zero = b.const(0, np.int32)
+    _, y = b.op("Loop", ["", b.op("Less", [zero, two]), zero, y], outputs=2, body=body)
+    model = b.model({"x": [1, 3, 16, 16]}, [b.head(y, 8)], 13)
+    model.graph.output[0].type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 5]))
+    return model, {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -542,5 +572,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "opset21_norms": opset21_norms, "weight_standardization": weight_standardization,
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
-    "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum,
+    "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
 }

@@ -231,7 +231,7 @@ def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """A data-dependent If whose branches read a convolution's output and a constant each from the graph around
     them, its branches in the order torch writes them (then, else: tools that rebuild the node sort them), and
     a Loop that adds a scaled copy of another tensor from outside it three times (as tf2onnx writes while loops:
-    no trip count, the condition computed in the body)."""
+    no trip count, the condition computed in the body, here also from the data)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
@@ -239,15 +239,17 @@ def _control_flow_model() -> tuple[onnx.ModelProto, dict[str, list[int]]]:
              for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 1, 1)), ("w3", (4, 8, 1, 1)))]
     inits += [numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in
               (("zero", 0.0, np.float32), ("half", 0.5, np.float32), ("two", 2.0, np.float32), ("trips", 3, np.int64),
-               ("one", 1, np.int64), ("go", True, np.bool_))]
+               ("one", 1, np.int64), ("huge", 1e30, np.float32), ("go", True, np.bool_))]
     out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
     then = helper.make_graph([helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Add", ["r", "two"], ["t"])],
                              "then", [], [out("t")])
     other = helper.make_graph([helper.make_node("Mul", ["a", "half"], ["e"])], "else", [], [out("e")])
     body = helper.make_graph(
-        [helper.make_node("Add", ["i", "one"], ["next"]), helper.make_node("Less", ["next", "trips"], ["go_out"]),
-         helper.make_node("Mul", ["c", "half"], ["step"]),
-         helper.make_node("Add", ["acc_in", "step"], ["acc_out"])], "body",
+        [helper.make_node("Add", ["i", "one"], ["next"]), helper.make_node("Less", ["next", "trips"], ["counting"]),
+         helper.make_node("Mul", ["c", "half"], ["step"]), helper.make_node("Add", ["acc_in", "step"], ["acc_out"]),
+         helper.make_node("ReduceMax", ["acc_out"], ["peak"], keepdims=0),
+         helper.make_node("Less", ["peak", "huge"], ["finite"]),
+         helper.make_node("And", ["counting", "finite"], ["go_out"])], "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info(
             "go_in", TensorProto.BOOL, []), out("acc_in")], [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
                                                              out("acc_out")])
@@ -280,16 +282,18 @@ def test_control_flow_runs_on_the_host(tmp_path: Path) -> None:
     assert list(branch.input) == ["cond"] and not [a for a in branch.attribute if a.name.startswith("maptools")]
 
 
-def test_a_loop_of_a_constant_count_runs_on_the_crossbars(tmp_path: Path) -> None:
-    """A scripted ``for`` over a list and over a range (its count shape arithmetic on a sequence's result) is
-    written out once per iteration: every convolution of its bodies on the crossbars, none of it on the host."""
-    model, shapes = IDIOMS["scripted_loop"]()
-    result, error = _pipeline(model, shapes, tmp_path, "scripted_loop")
+@pytest.mark.parametrize("idiom, loops", [("scripted_loop", 2), ("tf_while_loop", 1)])
+def test_a_loop_of_a_known_count_runs_on_the_crossbars(idiom: str, loops: int, tmp_path: Path) -> None:
+    """A scripted ``for`` over a list and over a range (its count shape arithmetic on a sequence's result), and
+    tf2onnx's ``while`` on a counter, are written out once per iteration: every convolution of their bodies on the
+    crossbars, none of it on the host."""
+    model, shapes = IDIOMS[idiom]()
+    result, error = _pipeline(model, shapes, tmp_path, idiom)
     assert error < 0.3, error
     placement = result.placement
     assert placement.device_macs == placement.total_macs > 0, placement.summary()
     assert not [op for op in placement.host_ops if "Loop" in op or "Sequence" in op], placement.host_ops
-    assert sum("Loop nodes of a constant trip count unrolled" in step for step in result.prepared["steps"]) == 2
+    assert sum(step.endswith("Loop nodes of a known trip count unrolled") for step in result.prepared["steps"]) == loops
 
 
 def test_a_caffe_sum_is_added_on_the_device(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ PPQ 0.6.6 does not dispatch (``Resize`` above opset 13) or whose opset-13 form d
 3. convert to opset 13 (PPQ's dispatch and its ONNX export speak opset 13): upward with onnx's
    version converter, downward by rewriting the few operators whose definition changed;
 4. simplify with onnxsim (constant folding of shape arithmetic, BatchNorm into Conv, ...); then write
-   sequences of a known length as their tensors and loops of a constant trip count once per iteration
-   (``torch.jit.script``'s lists and ``for`` loops), simplifying again where that makes a loop's count constant;
+   sequences of a known length as their tensors and loops of a known trip count once per iteration
+   (``torch.jit.script``'s lists and ``for`` loops, tf2onnx's ``while`` on a counter), and simplify again;
 5. the rewrites PPQ would otherwise do inside its own graph (so operator names stay the ONNX
    ones): BatchNorm into the Conv/Gemm before it (or a per-channel Mul+Add), a bias ``Add`` into
    the Conv before it, Identity and Dropout removed, every node uniquely named;
@@ -155,7 +155,7 @@ def _sequences(ctx: _Context) -> list[str]:
     if loops:
         fold_constant_nodes(ctx)
         sequences += static_sequences(ctx)
-    return [*_counted("{} Loop nodes of a constant trip count unrolled", loops),
+    return [*_counted("{} Loop nodes of a known trip count unrolled", loops),
             *_counted("{} sequence operators written as the tensors they hold", sequences)]
 
 
@@ -239,13 +239,14 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
                     _optional(ctx, "onnxsim", _simplify(shapes))  # (a CastLike the conversion made a Cast folds)
                 else:  # skipped for the reason recorded before
                     ctx.steps[:], ctx.skipped[:] = steps, skipped
-        for _ in range(3):  # (a loop's count may be shape arithmetic that onnxsim folds once a sequence is gone)
-            before = len(ctx.steps)
+        for _ in range(3):  # onnxsim then folds what an iteration computes from constants (a weight's transpose),
+            before = len(ctx.steps)  # and a loop's count may be shape arithmetic it folds once a sequence is gone
             _optional(ctx, "sequences and loops written out", _sequences)
-            if len(ctx.steps) == before or not simplify_model or level == "no onnxsim" or \
-                    not any(n.op_type == "Loop" for n in ctx.graph.node):
+            if len(ctx.steps) == before or not simplify_model or level == "no onnxsim":
                 break
             _optional(ctx, "onnxsim", _simplify(shapes))
+            if not any(n.op_type == "Loop" or "Sequence" in n.op_type for n in ctx.graph.node):
+                break
         _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
     else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
         _optional(ctx, "folding Constant nodes", _fold_constants)

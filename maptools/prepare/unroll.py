@@ -6,16 +6,21 @@ the indices constant, every element is a tensor known at preparation: a ``SplitT
 ``SequenceAt`` reads its element, ``SequenceLength`` is a constant and ``ConcatFromSequence`` a ``Concat``. A
 sequence something else reads (a loop, a graph output) is rebuilt there by a ``SequenceConstruct``.
 
-A ``Loop`` with a constant trip count that always continues (a scripted ``for`` over a list or a range) runs
-the same operators each time: written out once per iteration, its convolutions reach the crossbars instead of
-running on the host inside the loop, and a list it appends to becomes a sequence of known length.
+A ``Loop`` whose trip count preparation knows (a scripted ``for`` over a list or a range, tf2onnx's ``while`` on
+a counter) runs the same operators each time: written out once per iteration, its convolutions reach the
+crossbars instead of running on the host inside the loop, and a list it appends to becomes a sequence of known
+length.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.numpy_helper
 
 from maptools.onnx_model import node_attr
 from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _read, opset_of
@@ -43,7 +48,7 @@ def static_sequences(ctx: _Context) -> int:
         for i, n in enumerate(new):
             ctx.graph.node.insert(at + i, n)
         done += 1
-    _drop_unread(ctx, elements)
+    _drop_unread(ctx, set(elements))
     ctx.invalidate()
     return done
 
@@ -167,12 +172,12 @@ def _unsqueeze(ctx: _Context, x: str, out: str, axis: int) -> onnx.NodeProto:
     return onnx.helper.make_node("Unsqueeze", [x, axes], [out])
 
 
-def _drop_unread(ctx: _Context, elements: dict[str, list[str]]) -> None:
-    """Remove the sequence builders nothing reads any more (their elements are read directly)."""
+def _drop_unread(ctx: _Context, made: set[str]) -> None:
+    """Remove the nodes this module wrote (those with an output in ``made``) that nothing reads any more: sequence
+    builders whose elements are read directly, an unrolled loop's condition arithmetic."""
     while True:
         read = _read(ctx.graph)
-        unread = [n for n in ctx.graph.node if n.op_type in ("SequenceConstruct", "SequenceEmpty")
-                  and n.output[0] in elements and n.output[0] not in read]
+        unread = [n for n in ctx.graph.node if n.output and n.output[0] in made and not set(n.output) & read]
         if not unread:
             return
         for n in unread:
@@ -180,8 +185,8 @@ def _drop_unread(ctx: _Context, elements: dict[str, list[str]]) -> None:
 
 
 def unroll_loops(ctx: _Context) -> int:
-    """Write out each main-graph ``Loop`` with a constant trip count whose condition stays true; returns how many."""
-    done = 0
+    """Write out each main-graph ``Loop`` whose trip count :func:`_trip_count` knows; returns how many."""
+    done, made = 0, set()
     for node in list(ctx.graph.node):
         if node.op_type != "Loop" or node.domain not in _DEFAULT_DOMAINS:
             continue
@@ -192,8 +197,10 @@ def unroll_loops(ctx: _Context) -> int:
         ctx.graph.node.remove(node)
         for i, n in enumerate(new):
             ctx.graph.node.insert(at + i, n)
+        made |= {t for n in new for t in n.output}
         done += 1
     if done:
+        _drop_unread(ctx, made)
         ctx.invalidate()
     return done
 
@@ -218,21 +225,93 @@ def _always_true(ctx: _Context, body: onnx.GraphProto, name: str) -> bool:
     return value is not None and value.size == 1 and bool(value.reshape(()))
 
 
+def _nested(nodes: Sequence[onnx.NodeProto]) -> bool:
+    """Whether any of ``nodes`` holds a subgraph (control flow of its own)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute)
+
+
+def _trip_count(ctx: _Context, node: onnx.NodeProto, body: onnx.GraphProto) -> int | None:
+    """How many times ``node``'s body runs, where preparation can know it: a constant count with a condition
+    that stays true, or a condition computed from constants and from carried values that start constant and
+    change by constant arithmetic (tf2onnx's ``while`` loops: ``Less(i + 1, n)`` on a carried counter), which is
+    evaluated here, iteration by iteration (at most :data:`MAX_UNROLLED` of them)."""
+    limit = _constant(ctx, node.input[0])
+    condition = _constant(ctx, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(True)
+    if (node.input[0] and (limit is None or limit.size != 1)) or condition is None or condition.size != 1:
+        return None
+    limit = min(int(limit.reshape(())), MAX_UNROLLED + 1) if limit is not None else MAX_UNROLLED + 1
+    if not bool(condition.reshape(())):
+        return 0
+    if _always_true(ctx, body, body.output[0].name):
+        return limit if node.input[0] else None
+    step = _condition_step(ctx, node, body)
+    if step is None:
+        return None
+    run, values = step
+    trips = 0
+    while trips < limit:
+        trips += 1
+        going, *values = run(trips - 1, values)
+        if not bool(np.asarray(going).reshape(())):
+            return trips
+    return trips if node.input[0] else None
+
+
+def _condition_step(ctx: _Context, node: onnx.NodeProto, body: onnx.GraphProto) -> tuple[Any, list] | None:
+    """The part of ``body`` its condition depends on, as a function ``(iteration, carried) -> [condition,
+    *carried]`` with the carried values' constant starts; None where it reads anything else (an activation)."""
+    producers = {o: n for n in body.node for o in n.output}
+    inner = {i.name for i in body.initializer}
+    index = {b.name: j for j, b in enumerate(body.input[2:])}
+    wanted, slice_nodes, carried = [body.output[0].name], [], []
+    while wanted:
+        name = wanted.pop()
+        if name in index:
+            if index[name] not in carried:
+                carried.append(index[name])
+                wanted.append(body.output[1 + index[name]].name)
+            continue
+        n = producers.get(name)
+        if n is not None:
+            if n not in slice_nodes:
+                slice_nodes.append(n)
+                wanted += [t for t in n.input if t]
+        elif name not in inner and name != body.input[0].name and name != body.input[1].name and \
+                ctx.initializer(name) is None:
+            return None
+    starts = [_constant(ctx, node.input[2 + j]) for j in carried]
+    if any(v is None for v in starts) or _nested(slice_nodes) or \
+            any(n.domain not in _DEFAULT_DOMAINS for n in slice_nodes):
+        return None
+    order = [n for n in body.node if n in slice_nodes]
+    outer = {t for n in order for t in n.input if t and t not in producers and t not in inner} - \
+        {b.name for b in body.input}
+    graph = onnx.helper.make_graph(
+        order, "condition", [onnx.helper.make_value_info(b.name, b.type) for b in
+                             [body.input[0], body.input[1], *(body.input[2 + j] for j in carried)]],
+        [onnx.ValueInfoProto(name=o) for o in [body.output[0].name, *(body.output[1 + j].name for j in carried)]],
+        [*body.initializer, *(onnx.numpy_helper.from_array(ctx.initializer(t), t) for t in sorted(outer))])
+    model = onnx.helper.make_model(graph, opset_imports=list(ctx.model.opset_import))
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    names = [body.input[0].name, body.input[1].name, *(body.input[2 + j].name for j in carried)]
+
+    def run(iteration: int, values: list) -> list:
+        return evaluator.run(None, dict(zip(names, [np.array(iteration, np.int64), np.array(True), *values])))
+
+    return run, starts
+
+
 def _unrolled(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-    """The operators of every iteration of ``node`` (None where its count is unknown, it may stop early, or its
+    """The operators of every iteration of ``node`` (None where its count is unknown or over the limit, or its
     body holds control flow of its own)."""
     body = node_attr(node, "body")
-    trips = _constant(ctx, node.input[0])
-    condition = _constant(ctx, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(True)
-    if trips is None or trips.size != 1 or condition is None or not bool(condition.reshape(())):
-        return None
-    trips = int(trips.reshape(()))
     carried = list(node.input[2:])
-    if not 0 < trips * max(len(body.node), 1) <= MAX_UNROLLED or len(body.output) != 1 + len(node.output):
+    if len(body.output) != 1 + len(node.output) or _nested(body.node):
         return None
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in body.node for a in n.attribute):
-        return None
-    if not _always_true(ctx, body, body.output[0].name):
+    trips = _trip_count(ctx, node, body)
+    if trips is None or not 0 < trips * max(len(body.node), 1) <= MAX_UNROLLED:
         return None
     used = {t for n in ctx.graph.node for t in [*n.input, *n.output]} | {i.name for i in ctx.graph.initializer}
 
