@@ -811,6 +811,36 @@ def test_an_einsum_by_a_weight_is_a_linear_layer_and_every_einsum_counts(tmp_pat
     assert result.placement.device_macs == conv + linear + head and error < 0.1
 
 
+def test_an_einsum_by_a_weight_in_any_layout_runs_on_the_crossbars(tmp_path: Path) -> None:
+    """Einsums by a weight that contract other indices than the activation's last one: a channels-first 1x1
+    convolution, a projection to a permuted output, and one contracting two indices with a 3-D weight. Each is
+    the MatMul it computes between transposes and reshapes, on the crossbars (they had stayed on the host)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pointwise = torch.nn.Parameter(torch.randn(12, 3) / 2)
+            self.project = torch.nn.Parameter(torch.randn(12, 8) / 3)
+            self.heads = torch.nn.Parameter(torch.randn(4, 6, 8) / 3)
+            self.mix = torch.nn.Parameter(torch.randn(5, 4, 6) / 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(torch.einsum("bchw,oc->bohw", x, self.pointwise))  # [1, 12, 8, 8]
+            y = torch.einsum("bchw,co->bohw", y, self.project)  # [1, 8, 8, 8]
+            h = torch.einsum("bcn,hdc->bhnd", y.flatten(2), self.heads)  # [1, 4, 64, 6]
+            return torch.einsum("bhnd,ehd->ben", torch.relu(h), self.mix)  # [1, 5, 64]
+
+    torch.manual_seed(1)
+    path = tmp_path / "einsums.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"])
+    result, error = _pipeline(onnx.load(str(path)), {"x": [1, 3, 8, 8]}, tmp_path, "einsums")
+    assert "4 Einsum by a constant matrix written as MatMul" in result.prepared["steps"], result.prepared["steps"]
+    assert result.placement.device_macs == result.placement.total_macs == 64 * (3 * 12 + 12 * 8 + 8 * 24 + 24 * 5)
+    assert error < 0.1, error
+
+
 def test_a_matmul_behind_an_operator_without_shape_inference_runs_on_the_crossbars(tmp_path: Path) -> None:
     """skl2onnx writes StandardScaler as ai.onnx.ml's Scaler, which has no ONNX shape inference: the MatMuls
     after it had no input shape when preparation writes them as Gemms, so they stayed on the host (0% on the

@@ -373,9 +373,11 @@ def _unfused_matmul(ctx: _Context, node: onnx.NodeProto, attrs: dict) -> list[on
 
 
 def _einsum_as_matmul(ctx: _Context) -> int:
-    """``Einsum`` of an activation and a constant matrix over the activation's last index (a linear layer written
-    ``einsum("bld,de->ble", x, W)``) as the ``MatMul`` it computes, which :func:`_matmul_as_gemm` then writes as
-    a Gemm for the device."""
+    """``Einsum`` of an activation and a constant tensor with no index both share with the output (a linear layer
+    ``einsum("bld,de->ble", x, W)``, a channels-first 1x1 convolution ``"bchw,oc->bohw"``, a projection contracting
+    several indices ``"bhnd,chd->bcn"``) as the ``MatMul`` it computes: the activation transposed so that the
+    contracted indices come last and flattened into one, the weight as a ``[K, N]`` matrix, and the result
+    reshaped and transposed into the output's order. :func:`_matmul_as_gemm` then writes it as a Gemm."""
     rewritten = 0
     inits = {i.name for i in ctx.graph.initializer}
     for node in [n for n in ctx.graph.node if n.op_type == "Einsum" and n.domain in _DEFAULT_DOMAINS]:
@@ -383,25 +385,60 @@ def _einsum_as_matmul(ctx: _Context) -> int:
         if "->" not in equation or "..." in equation or len(node.input) != 2:
             continue
         (first, second), out = equation.split("->")[0].split(","), equation.split("->")[1]
-        (x, x_letters), (w, w_letters) = ((node.input[0], first), (node.input[1], second))
+        (x, xl), (w, wl) = ((node.input[0], first), (node.input[1], second))
         if x in inits and w not in inits:
-            (x, x_letters), (w, w_letters) = (w, w_letters), (x, x_letters)
-        weight = ctx.initializer(w)
-        if x in inits or weight is None or weight.ndim != 2 or len(w_letters) != 2 or len(set(x_letters)) != len(
-                x_letters) or not x_letters:
+            (x, xl), (w, wl) = (w, wl), (x, xl)
+        weight, shape = ctx.initializer(w), ctx.shape(x)
+        if x in inits or weight is None or shape is None or -1 in shape or len(shape) != len(xl) or \
+                weight.ndim != len(wl) or any(len(set(t)) != len(t) for t in (xl, wl, out)):
             continue
-        if w_letters[0] == x_letters[-1] and out == x_letters[:-1] + w_letters[1]:
-            matrix = w
-        elif w_letters[1] == x_letters[-1] and out == x_letters[:-1] + w_letters[0]:
-            matrix = ctx.add_initializer(ctx.fresh(f"{w}_transposed"), np.ascontiguousarray(weight.T))
-        else:
+        contracted = [c for c in xl if c in wl and c not in out]
+        free_x, free_w = [c for c in xl if c not in wl], [c for c in wl if c not in xl]
+        if not contracted or not free_x or not free_w or sorted(out) != sorted(free_x + free_w) or \
+                set(xl) | set(wl) != set(out) | set(contracted):
             continue
-        _replace_node(ctx, node, [onnx.helper.make_node("MatMul", [x, matrix], list(node.output), name=node.name)])
+        _replace_node(ctx, node, _einsum_nodes(ctx, node, x, xl, weight, wl, out, dict(zip(xl, shape)),
+                                               contracted, free_x, free_w))
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
         ctx.invalidate()
     return rewritten
+
+
+def _einsum_nodes(ctx: _Context, node: onnx.NodeProto, x: str, xl: str, weight: np.ndarray, wl: str, out: str,
+                  dims: dict[str, int], contracted: list[str], free_x: list[str], free_w: list[str]
+                  ) -> list[onnx.NodeProto]:
+    """Transpose -> Reshape -> MatMul -> Reshape -> Transpose (each only where needed) for :func:`_einsum_as_matmul`."""
+    name, nodes = node.name or node.output[0], []
+    dims.update(zip(wl, weight.shape))
+    k, n = math.prod(dims[c] for c in contracted), math.prod(dims[c] for c in free_w)
+
+    def step(op: str, inputs: list[str], tag: str, last: bool, **attrs: object) -> str:
+        result = node.output[0] if last else ctx.fresh(f"{node.output[0]}_{tag}")
+        nodes.append(onnx.helper.make_node(op, inputs, [result], name=name if op == "MatMul" else f"{name}_{tag}",
+                                           **attrs))
+        return result
+
+    def reshape(value: str, target: list[int], tag: str, last: bool) -> str:
+        return step("Reshape", [value, ctx.add_initializer(ctx.fresh(f"{node.output[0]}_{tag}_shape"),
+                                                           np.array(target, np.int64))], tag, last)
+
+    order = free_x + contracted
+    if list(xl) != order:
+        x = step("Transpose", [x], "rows", False, perm=[xl.index(c) for c in order])
+    if len(contracted) > 1:
+        x = reshape(x, [dims[c] for c in free_x] + [k], "flat", False)
+    matrix = weight.transpose([wl.index(c) for c in contracted + free_w]).reshape(k, n)
+    result = free_x + free_w
+    last_shape, last_order = len(free_w) > 1, result != list(out)
+    y = step("MatMul", [x, ctx.add_initializer(ctx.fresh(f"{node.output[0]}_matrix"), np.ascontiguousarray(matrix))],
+             "matmul", not (last_shape or last_order))
+    if last_shape:
+        y = reshape(y, [dims[c] for c in result], "unflat", not last_order)
+    if last_order:
+        step("Transpose", [y], "order", True, perm=[result.index(c) for c in out])
+    return nodes
 
 
 def _matmul_as_gemm(ctx: _Context) -> int:
