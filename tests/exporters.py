@@ -138,7 +138,8 @@ def ir3_opset8() -> Built:
 
 def caffe2_sum() -> Built:
     """The ONNX model zoo's Caffe2 conversions (onnx-caffe2, IR 3, opset 9): a residual shortcut as ``Sum`` (Caffe's
-    ``Eltwise``), here also of three branches, and weights made by ``ConstantOfShape``."""
+    ``Eltwise``), here also of three branches, weights made by ``ConstantOfShape``, and a ``Dropout`` declaring the
+    mask nothing reads."""
     b = _Builder(39)
     y = b.op("Relu", [b.conv("data_0", 3, 8)])
     branch = b.op("Relu", [b.conv(y, 8, 8)])
@@ -147,6 +148,7 @@ def caffe2_sum() -> Built:
                 value=numpy_helper.from_array(np.array([0.05], np.float32)))
     mixed = b.op("Conv", [y, fill])
     y = b.op("Relu", [b.op("Sum", [y, mixed, b.conv(y, 8, 8, k=1)])])
+    y = b.op("Dropout", [y], outputs=2, ratio=0.5)[0]
     model = b.model({"data_0": [1, 3, 16, 16]}, [b.head(y, 8)], 9, ir_version=3, initializers_as_inputs=True)
     return model, {"data_0": [1, 3, 16, 16]}
 
@@ -514,7 +516,8 @@ def scripted_loop() -> Built:
     weight = b.const(b.rng.standard_normal([8, 8, 1, 1]) * 0.3)
     ranged = helper.make_graph(
         [helper.make_node("Conv", ["h_in", weight], ["mixed"]), helper.make_node("Relu", ["mixed"], ["act"]),
-         helper.make_node("Add", ["h_in", "act"], ["h_out"]), helper.make_node("GlobalAveragePool", ["h_out"], ["pooled"]),
+         helper.make_node("Add", ["h_in", "act"], ["h_out"]),
+         helper.make_node("GlobalAveragePool", ["h_out"], ["pooled"]),
          helper.make_node("Identity", ["go_in"], ["go_out"])], "over_range",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
          helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),

@@ -297,8 +297,8 @@ def test_a_loop_of_a_known_count_runs_on_the_crossbars(idiom: str, loops: int, t
 
 
 def test_a_caffe_sum_is_added_on_the_device(tmp_path: Path) -> None:
-    """Caffe2's ``Sum`` shortcuts (two and three branches) are Adds on the device: nothing after them stays on
-    the host."""
+    """Caffe2's ``Sum`` shortcuts (two and three branches) are Adds on the device, and its Dropout with an unread
+    mask is dropped: nothing stays on the host."""
     model, shapes = IDIOMS["caffe2_sum"]()
     result, error = _pipeline(model, shapes, tmp_path, "caffe2_sum")
     assert error < 0.3, error

@@ -107,6 +107,19 @@ def test_batchnorm_bias_and_identity_become_what_ppq_expects(tmp_path) -> None:
     assert done.max_rel_diff < 1e-5
 
 
+def test_a_dropout_goes_unless_its_mask_is_read(tmp_path: Path) -> None:
+    """An inference Dropout declaring a mask nothing reads (Caffe2, old torch) is removed; one whose mask is an
+    output stays."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Dropout", ["r"], ["d", "m1"]),
+             helper.make_node("Dropout", ["d"], ["y", "m2"])]
+    model = _model(nodes, {"x": [1, 4]}, {"y": [1, 4]}, 13)
+    model.graph.output.append(helper.make_tensor_value_info("m2", TensorProto.BOOL, [1, 4]))
+    done = prepare_model(_save(model, tmp_path / "dropout.onnx"), tmp_path / "p.onnx", {"x": [1, 4]}, simplify=False)
+    kept = [n for n in onnx.load(str(done.path)).graph.node if n.op_type == "Dropout"]
+    assert [list(n.output) for n in kept] == [["y", "m2"]]
+    assert "1 Identity/Dropout removed" in done.steps
+
+
 def test_prepared_cache_is_keyed_on_shapes_and_checked(tmp_path) -> None:
     nodes = [helper.make_node("Relu", ["x"], ["y"])]
     source = _save(_model(nodes, {"x": ["n", 4]}, {"y": ["n", 4]}, 13), tmp_path / "dyn.onnx")

@@ -85,14 +85,15 @@ def _replace_node(ctx: _Context, old: onnx.NodeProto, new: Sequence[onnx.NodePro
 
 
 def _remove_passthrough(ctx: _Context) -> int:
-    """Drop Identity and inference-time Dropout nodes (PPQ removes them from its own graph)."""
+    """Drop Identity and inference-time Dropout nodes, also those declaring a mask nothing reads (PPQ removes them
+    from its own graph)."""
     removed = 0
-    outputs = {o.name for o in ctx.graph.output}
+    outputs, read = {o.name for o in ctx.graph.output}, _read(ctx.graph)
     for node in list(ctx.graph.node):
         if node.op_type not in ("Identity", "Dropout") or node.domain not in _DEFAULT_DOMAINS:
             continue
-        if node.op_type == "Dropout" and len([o for o in node.output if o]) > 1:
-            continue
+        if node.op_type == "Dropout" and (any(o in read for o in node.output[1:] if o) or _training(ctx, node)):
+            continue  # its mask is read (Caffe2 and torch declare it unread), or it drops in training mode
         src, dst = node.input[0], node.output[0]
         if dst in outputs and (src in outputs or src not in {t for n in ctx.graph.node for t in n.output}):
             continue  # an output that is another output, an input or a constant: keep the node
@@ -107,6 +108,14 @@ def _remove_passthrough(ctx: _Context) -> int:
             _replace_tensor(ctx.graph, dst, src)
         removed += 1
     return removed
+
+
+def _training(ctx: _Context, dropout: onnx.NodeProto) -> bool:
+    """Whether a Dropout may drop: its ``training_mode`` input (opset 12+) is given and not a constant false."""
+    if len(dropout.input) < 3 or not dropout.input[2]:
+        return False
+    mode = ctx.initializer(dropout.input[2])
+    return mode is None or bool(mode.any())
 
 
 _WINDOW_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")

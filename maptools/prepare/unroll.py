@@ -14,6 +14,7 @@ length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +25,11 @@ import onnx.numpy_helper
 
 from maptools.onnx_model import node_attr
 from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _read, opset_of
+from maptools.prepare.rewrites import _replace_node
 
 __all__ = ["static_sequences", "unroll_loops"]
+
+log = logging.getLogger(__name__)
 
 #: The most operators an unrolled loop may add to the graph.
 MAX_UNROLLED = 4096
@@ -43,10 +47,7 @@ def static_sequences(ctx: _Context) -> int:
         new = _rewritten(ctx, node, elements)
         if new is None:
             continue
-        at = list(ctx.graph.node).index(node)
-        ctx.graph.node.remove(node)
-        for i, n in enumerate(new):
-            ctx.graph.node.insert(at + i, n)
+        _replace_node(ctx, node, new)
         done += 1
     _drop_unread(ctx, set(elements))
     ctx.invalidate()
@@ -193,10 +194,7 @@ def unroll_loops(ctx: _Context) -> int:
         new = _unrolled(ctx, node)
         if new is None:
             continue
-        at = list(ctx.graph.node).index(node)
-        ctx.graph.node.remove(node)
-        for i, n in enumerate(new):
-            ctx.graph.node.insert(at + i, n)
+        _replace_node(ctx, node, new)
         made |= {t for n in new for t in n.output}
         done += 1
     if done:
@@ -249,11 +247,15 @@ def _trip_count(ctx: _Context, node: onnx.NodeProto, body: onnx.GraphProto) -> i
         return None
     run, values = step
     trips = 0
-    while trips < limit:
-        trips += 1
-        going, *values = run(trips - 1, values)
-        if not bool(np.asarray(going).reshape(())):
-            return trips
+    try:
+        while trips < limit:
+            trips += 1
+            going, *values = run(trips - 1, values)
+            if not bool(np.asarray(going).reshape(())):
+                return trips
+    except Exception as e:  # noqa: BLE001  (onnx's reference evaluator cannot run it: the loop stays as it is)
+        log.debug("the trip count of %s is not evaluated: %s", node.name or node.output[0], e)
+        return None
     return trips if node.input[0] else None
 
 
@@ -294,7 +296,11 @@ def _condition_step(ctx: _Context, node: onnx.NodeProto, body: onnx.GraphProto) 
     model = onnx.helper.make_model(graph, opset_imports=list(ctx.model.opset_import))
     from onnx.reference import ReferenceEvaluator
 
-    evaluator = ReferenceEvaluator(model)
+    try:
+        evaluator = ReferenceEvaluator(model)
+    except Exception as e:  # noqa: BLE001  (as above)
+        log.debug("the condition of %s cannot be evaluated: %s", node.name or node.output[0], e)
+        return None
     names = [body.input[0].name, body.input[1].name, *(body.input[2 + j].name for j in carried)]
 
     def run(iteration: int, values: list) -> list:
