@@ -209,7 +209,8 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     s, cost = mapped.spec, mapped.cost
     create_table_artifact([{"layer": lay.name, "ADC bits observed": lay.adc_bits_observed,
                             "ADC bits worst case": lay.adc_bits_needed, "utilization %": f"{100 * lay.utilization:.1f}",
-                            "arrays": lay.arrays, "W/A bits": f"{lay.weight_bits}/{lay.input_bits}",
+                            "arrays": f"those of {lay.shares}" if lay.shares else lay.arrays,
+                            "W/A bits": f"{lay.weight_bits}/{lay.input_bits}",
                             "cycles": lay.cycles, "matrix": f"{lay.groups}x{lay.rows}x{lay.cols}",
                             "psum observed": lay.psum_observed, "psum worst": lay.psum_worst,
                             "energy nJ": f"{price.total_pj / 1e3:.4g}", "latency us": f"{price.latency_ns / 1e3:.4g}"}

@@ -506,7 +506,8 @@ def map_command(
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in result.layers:
         steps = [", ".join(map(str, layer.adc_steps)) or "1"] if adc_range != "full" else []
-        table.add_row(layer.name, str(layer.arrays), f"{layer.utilization:.0%}", str(layer.cycles),
+        arrays = f"those of {layer.shares}" if layer.shares else str(layer.arrays)
+        table.add_row(layer.name, arrays, f"{layer.utilization:.0%}", str(layer.cycles),
                       str(layer.psum_worst), str(layer.psum_observed), f"{layer.adc_bits_needed} / "
                       f"{layer.adc_bits_observed}", *steps)
     table.caption = (f"{result.arrays} arrays, {result.utilization:.1%} of their cells used, {result.cycles} cycles "

@@ -36,6 +36,39 @@ def test_counts_match_a_hand_computation(conv_maps) -> None:
     assert offset.arrays == sum(layer.arrays for layer in offset.layers) and offset.to_json()["totals"]["arrays"] == 20
 
 
+def test_layers_holding_the_same_weights_share_their_arrays(tmp_path) -> None:
+    """An unrolled loop's iterations (tf2onnx's ``while`` running one convolution twice) hold the same integer
+    weights: the second reads the first's arrays (layers run one after another), so they count once in the
+    arrays, cells and area, and with non-ideal cells both read the same cells."""
+    import onnx
+
+    from maptools.crossbar.cost import COST_PRESETS, array_um2
+    from maptools.crossbar.device import DeviceModel
+    from tests.exporters import IDIOMS
+
+    model, shapes = IDIOMS["tf_while_loop"]()
+    onnx.save(model, str(tmp_path / "loop.onnx"))
+    quantize(shapes, "cpu", tmp_path / "loop.onnx", mapname="loop", calib_steps=8, output_root=tmp_path, error_steps=0)
+    convert("loop", output_root=tmp_path)
+    graph, quantparams = read_graph("loop", tmp_path), read_quantparams("loop", tmp_path)
+    spec = CrossbarSpec(rows=32, cols=32, cell_bits=2)
+    result = map_graph(graph, quantparams, spec)
+    shared = [layer for layer in result.layers if layer.shares]
+    assert len(shared) == 1 and shared[0].name.endswith("iteration1") and shared[0].shares.endswith("iteration0")
+    owner = next(layer for layer in result.layers if layer.name == shared[0].shares)
+    assert shared[0].arrays == owner.arrays > 0
+    assert result.arrays == sum(layer.arrays for layer in result.layers) - owner.arrays
+    assert result.cells_used == sum(layer.cells_used for layer in result.layers) - owner.cells_used
+    cost = result.cost
+    assert cost.area_mm2 * 1e6 == pytest.approx(result.arrays * array_um2(spec, COST_PRESETS["isaac"])
+                                                + cost.tiles * cost.tile_um2)
+    assert next(c for c in cost.layers if c.name == shared[0].name).total_pj > 0  # it still computes
+    simulator = CrossbarSimulator(graph, quantparams, spec, device=DeviceModel(programming_noise=0.05))
+    simulator.run({"x": np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)})
+    assert {name for name, _ in simulator._states} == {owner.name, *(layer.name for layer in result.layers
+                                                                     if layer.name not in (owner.name, shared[0].name))}
+
+
 def test_depthwise_wastes_most_of_an_array(conv_maps) -> None:
     result = map_graph(read_graph("depthwise", conv_maps), read_quantparams("depthwise", conv_maps),
                        CrossbarSpec(rows=32, cols=32, cell_bits=2))

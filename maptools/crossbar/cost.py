@@ -15,7 +15,8 @@ cycles each), counted from the mapping:
 
 A cycle lasts ``max(read_ns, cols_per_adc / adc_gsps)``: the arrays' read, or the conversions of the
 columns that share an ADC. A layer's arrays work in parallel; layers run one after another (no pipeline
-between layers), so the network's latency is their sum. Area counts the arrays the map uses, each with
+between layers), so the network's latency is their sum, and layers holding the same integer weights (an
+unrolled loop's iterations) read one set of arrays. Area counts the arrays the map uses, each with
 its periphery (``cols / cols_per_adc`` ADCs, a DAC per row, a sample-and-hold per column, a shift-and-add
 per two ADCs, its share of the registers), and the tiles that hold them.
 
@@ -101,11 +102,13 @@ class _Layer(Protocol):
     input_steps: int
     arrays: int
     tiles: list[dict[str, int]]
+    shares: str | None  # the layer whose arrays it reads: its own area is none
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One layer's energy per inference (pJ, by component), latency (ns) and area (um^2, its arrays)."""
+    """One layer's energy per inference (pJ, by component), latency (ns) and area (um^2, its arrays; none where it
+    reads another layer's)."""
 
     name: str
     energy_pj: dict[str, float]
@@ -190,12 +193,13 @@ def layer_cost(layer: _Layer, spec: _Spec, table: ComponentTable) -> LayerCost:
               "input_register": input_bits * table.input_register_pj,
               "output_register": conversions * table.output_register_pj,
               "tile": input_bits * table.tile_pj_per_bit}
-    return LayerCost(layer.name, energy, cycles * cycle_ns(spec, table), layer.arrays * array_um2(spec, table))
+    area = 0.0 if layer.shares else layer.arrays * array_um2(spec, table)
+    return LayerCost(layer.name, energy, cycles * cycle_ns(spec, table), area)
 
 
 def network_cost(layers: Sequence[_Layer], spec: _Spec, table: ComponentTable) -> NetworkCost:
     """Every layer's cost, and the tiles that hold the network's arrays."""
-    arrays = sum(layer.arrays for layer in layers)
+    arrays = sum(layer.arrays for layer in layers if not layer.shares)
     tiles = math.ceil(arrays / (table.arrays_per_core * table.cores_per_tile))
     return NetworkCost(table.name, [layer_cost(layer, spec, table) for layer in layers], tiles, table.tile_um2)
 
@@ -219,6 +223,7 @@ class _FullArray:
     mvms: int = 1
     input_steps: int = 1
     arrays: int = 1
+    shares: str | None = None
 
 
 def peak(spec: _Spec, table: ComponentTable, tiles: int) -> Peak:

@@ -33,6 +33,7 @@ with a lossless ADC it equals :class:`~maptools.simulate.IntegerSimulator` code 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -176,6 +177,9 @@ class LayerMap:
     adc_bits_observed: int | None = None
     adc_steps: tuple[int, ...] = ()  # per cell slice, partial-sum units per ADC code (powers of two); () all 1
     tiles: list[dict[str, int]] = field(default_factory=list)
+    #: the earlier layer whose arrays hold the same integer weights, which this one reads (layers run one after
+    #: another: an unrolled loop's iterations, a weight several operators share); its arrays count once
+    shares: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,7 +200,8 @@ class CrossbarMap:
 
     @property
     def arrays(self) -> int:
-        return sum(layer.arrays for layer in self.layers)
+        """Arrays the network needs: a layer sharing another's weights adds none."""
+        return sum(layer.arrays for layer in self.layers if layer.shares is None)
 
     @property
     def cells(self) -> int:
@@ -204,7 +209,7 @@ class CrossbarMap:
 
     @property
     def cells_used(self) -> int:
-        return sum(layer.cells_used for layer in self.layers)
+        return sum(layer.cells_used for layer in self.layers if layer.shares is None)
 
     @property
     def utilization(self) -> float:
@@ -224,6 +229,18 @@ class CrossbarMap:
                            "utilization": self.utilization, "cycles": self.cycles,
                            "adc_bits_needed": max((lay.adc_bits_needed for lay in self.layers), default=0)},
                 "cost": self.cost.to_json(), "layers": [layer.to_json() for layer in self.layers]}
+
+
+class _Owners:
+    """The first layer to hold each integer weight matrix: a later layer with the same matrices and bits reads
+    that layer's arrays (:attr:`LayerMap.shares`)."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, str] = {}
+
+    def owner(self, name: str, matrices: np.ndarray, bits: int) -> str:
+        key = (bits, matrices.shape, hashlib.sha256(np.ascontiguousarray(matrices, np.int64).tobytes()).digest())
+        return self._first.setdefault(key, name)
 
 
 def _bits(value: int) -> int:
@@ -256,7 +273,7 @@ def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None]
     ``observed`` maps operator names to the largest partial sum seen on calibration inputs (see
     :func:`observed_psums`), ``shifts`` to their ADC step's power of two (see :func:`adc_shifts`).
     """
-    layers = []
+    layers, owners = [], _Owners()
     for name in graph.operators():
         node = graph.node(name)
         if node["role"] != Role.CROSSBAR.value or node["part"] != "device":
@@ -268,6 +285,7 @@ def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None]
         matrices = weight_matrix(node, weight.astype(np.int64))
         groups, rows, cols = matrices.shape
         wbits = int(cfg.weight_bits or 8)
+        owner = owners.owner(name, matrices, wbits)
         lo, hi = cfg.in_range(0)
         ibits = int(math.ceil(math.log2(hi - lo + 1)))
         signed = lo < 0
@@ -294,7 +312,8 @@ def map_graph(graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None]
             utilization=groups * rows * phys / (arrays * spec.rows * spec.cols), mvms=mvms, input_steps=steps,
             cycles=steps * mvms, psum_worst=worst, adc_bits_needed=_bits(worst), psum_observed=obs,
             adc_bits_observed=None if obs is None else _bits(obs),
-            adc_steps=tuple(1 << k for k in (shifts or {}).get(name, ())), tiles=tiles))
+            adc_steps=tuple(1 << k for k in (shifts or {}).get(name, ())), tiles=tiles,
+            shares=None if owner == name else owner))
     result = CrossbarMap(spec, layers)
     if spec.max_arrays is not None and result.arrays > spec.max_arrays:
         worst = sorted(layers, key=lambda lay: -lay.arrays)[:3]
@@ -382,12 +401,16 @@ class CrossbarSimulator(IntegerSimulator):
         # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
         self._weights: dict[tuple[str, int], torch.Tensor] = {}
         self._cells: dict[tuple[str, int], _Cells] = {}
+        self._owner: dict[str, str] = {}  # a layer sharing another's arrays reads that layer's cells
+        owners = _Owners()
         for name, (weight, _) in self.weights.items():
             node = graph.node(name)
             stored = weight.numpy()
             if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
                 stored = stored.T
-            self.matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
+            matrices = weight_matrix(node, stored.astype(np.int64))
+            self.matrices[name] = torch.from_numpy(matrices.copy())
+            self._owner[name] = owners.owner(name, matrices, int(node["quant"].weight_bits or 8))
 
     def set_device(self, device: DeviceModel | None, trial: int = 0, time: float = 0.0) -> None:
         """Compute through ``device``'s cells of Monte Carlo ``trial``, read ``time`` seconds after programming
@@ -408,7 +431,9 @@ class CrossbarSimulator(IntegerSimulator):
         return (torch.arange(rows)[:, None] + column[None, :]).float() / max(1, spec.rows + spec.cols - 2)
 
     def _levels_read(self, name: str, r0: int, cells: _Cells) -> list[torch.Tensor]:
-        """Per part, the levels this row block's cells read in the current trial and time."""
+        """Per part, the levels this row block's cells read in the current trial and time (the cells of the layer
+        whose arrays it shares)."""
+        name = self._owner.get(name, name)
         if (name, r0) not in self._read:
             if (name, r0) not in self._states:
                 self._states[name, r0] = [CellStates(flat, 1 << self.spec.cell_bits, self.device, f"{name}/{r0}/{i}",
