@@ -54,8 +54,8 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
         s.startswith("control flow kept on the host") for s in result.prepared["steps"])  # (their work counts)
     recurrent = {n.op_type for n in onnx.load(str(result.map_dir / "model.onnx")).graph.node} & {"LSTM", "GRU", "RNN"}
     if placement.total_macs and not on_host:
-        # recurrent cells stay on the host by design: a model that is mostly those (Baidu LAC's two GRUs) still
-        # has its other matrix work on the crossbars
+        # GRU cells stay on the host (an LSTM is written out as Gemms): a model that is mostly those (Baidu LAC's
+        # two GRUs) still has its other matrix work on the crossbars
         assert placement.crossbar_coverage > (0.0 if recurrent else 0.5), placement.summary()
     # every device operator of the integer simulation, fed PPQ's inputs, lands within one step of PPQ's output
     # (end to end, random data drives some of these models to outputs near zero, where relative errors mean
