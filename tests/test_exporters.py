@@ -841,24 +841,25 @@ def test_an_einsum_by_a_weight_in_any_layout_runs_on_the_crossbars(tmp_path: Pat
     assert error < 0.1, error
 
 
-def test_an_lstm_runs_its_matrix_work_on_the_crossbars(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cell, gates", [("LSTM", 4), ("GRU", 3)])
+def test_a_recurrent_head_runs_its_matrix_work_on_the_crossbars(cell: str, gates: int, tmp_path: Path) -> None:
     """A CRNN's recurrent head (two bidirectional layers, learned initial states) is written out step by step:
-    every multiply-accumulate on the crossbars (the LSTM operator had kept all of its work on the host), each step's
-    recurrent Gemm reading one set of arrays, and the result close to float."""
+    every multiply-accumulate on the crossbars (the LSTM and GRU operators had kept all of their work on the host),
+    each step's recurrent Gemm reading one set of arrays, and the result close to float."""
     import torch
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
-            self.rnn = torch.nn.LSTM(8 * 4, 12, num_layers=2, bidirectional=True)
+            self.rnn = getattr(torch.nn, cell)(8 * 4, 12, num_layers=2, bidirectional=True)
             self.state = torch.nn.Parameter(torch.randn(2, 4, 1, 12) * 0.3)
             self.fc = torch.nn.Linear(24, 6)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.relu(self.conv(x))  # [1, 8, 4, 10]
             y = y.flatten(1, 2).permute(2, 0, 1)  # [10, 1, 32]: time first
-            y, _ = self.rnn(y, (self.state[0], self.state[1]))
+            y, _ = self.rnn(y, (self.state[0], self.state[1]) if cell == "LSTM" else self.state[0])
             return self.fc(y)
 
     torch.manual_seed(2)
@@ -866,15 +867,15 @@ def test_an_lstm_runs_its_matrix_work_on_the_crossbars(tmp_path: Path) -> None:
     torch.onnx.export(Net().eval(), (torch.randn(1, 1, 4, 10),), str(path), dynamo=False, opset_version=13,
                       input_names=["x"])
     result, error = _pipeline(onnx.load(str(path)), {"x": [1, 1, 4, 10]}, tmp_path, "crnn")
-    assert "2 LSTM written out step by step as Gemms and gates" in result.prepared["steps"], result.prepared["steps"]
+    assert "2 LSTM/GRU written out step by step as Gemms and gates" in result.prepared["steps"], result.prepared["steps"]
     placement = result.placement
-    lstm = 2 * 10 * 4 * 12 * ((32 + 12) + (24 + 12))  # directions x steps x gates x hidden x (input + hidden)
-    assert placement.device_macs == placement.total_macs == 10 * 8 * 4 * 9 + lstm + 10 * 24 * 6
+    recurrent = 2 * 10 * gates * 12 * ((32 + 12) + (24 + 12))  # directions x steps x gates x hidden x (in + hidden)
+    assert placement.device_macs == placement.total_macs == 10 * 8 * 4 * 9 + recurrent + 10 * 24 * 6
     assert error < 0.1, error
     from maptools.crossbar.mapping import CrossbarSpec, map_crossbars
 
     mapped = map_crossbars("crnn", CrossbarSpec(rows=64, cols=64), output_root=tmp_path)
-    assert sum(1 for layer in mapped.layers if layer.shares) >= 2 * 2 * 8  # every step but the first two
+    assert sum(1 for layer in mapped.layers if layer.shares) == 2 * 2 * 9  # every step's after the first
 
 
 def test_a_matmul_behind_an_operator_without_shape_inference_runs_on_the_crossbars(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
-from maptools.prepare.recurrent import lstm_as_gemms
+from maptools.prepare.recurrent import recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _sum_as_add,
@@ -196,7 +196,7 @@ def _ppq_ready(device_forms: bool) -> Callable[[_Context], list[str]]:
                      *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
                      *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
                      *_counted("{} Sum written as Add", _sum_as_add(ctx)),
-                     *_counted("{} LSTM written out step by step as Gemms and gates", lstm_as_gemms(ctx)),
+                     *_counted("{} LSTM/GRU written out step by step as Gemms and gates", recurrent_as_gemms(ctx)),
                      *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
         return done
     return step
