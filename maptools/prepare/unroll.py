@@ -31,8 +31,9 @@ __all__ = ["static_sequences", "unroll_loops"]
 
 log = logging.getLogger(__name__)
 
-#: The most operators an unrolled loop may add to the graph.
-MAX_UNROLLED = 4096
+#: The most operators an unrolled loop may add to the graph (as :data:`maptools.prepare.recurrent.MAX_WRITTEN`:
+#: PPQ's calibration and the simulation take about 40 s on a CPU for that many).
+MAX_UNROLLED = 1024
 
 
 def static_sequences(ctx: _Context) -> int:
