@@ -32,7 +32,7 @@ __all__ = ["static_sequences", "unroll_loops"]
 log = logging.getLogger(__name__)
 
 #: The most operators an unrolled loop may add to the graph (as :data:`maptools.prepare.recurrent.MAX_WRITTEN`:
-#: PPQ's calibration and the simulation take about 40 s on a CPU for that many).
+#: each is an operator PPQ calibrates and the simulation runs).
 MAX_UNROLLED = 1024
 
 
