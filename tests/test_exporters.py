@@ -58,6 +58,17 @@ def _pipeline(model: onnx.ModelProto, shapes: dict[str, list[int]], tmp_path: Pa
     return result, max(_rel(simulated[k], reference[k]) for k in reference)
 
 
+def _exported(net: object, shape: list[int], opset: int, tmp_path: Path, name: str) -> tuple[object, float]:
+    """``net`` (a torch module, input ``x``) exported by torch's TorchScript exporter at ``opset``, then
+    :func:`_pipeline`."""
+    import torch
+
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"])
+    return _pipeline(onnx.load(str(path)), {"x": shape}, tmp_path, name)
+
+
 @pytest.mark.parametrize("idiom", list(IDIOMS))
 def test_exporter_idiom_quantizes_converts_and_simulates(idiom: str, tmp_path: Path) -> None:
     model, shapes = IDIOMS[idiom]()
@@ -832,10 +843,7 @@ def test_an_einsum_by_a_weight_in_any_layout_runs_on_the_crossbars(tmp_path: Pat
             return torch.einsum("bhnd,ehd->ben", torch.relu(h), self.mix)  # [1, 5, 64]
 
     torch.manual_seed(1)
-    path = tmp_path / "einsums.onnx"
-    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"])
-    result, error = _pipeline(onnx.load(str(path)), {"x": [1, 3, 8, 8]}, tmp_path, "einsums")
+    result, error = _exported(Net(), [1, 3, 8, 8], 17, tmp_path, "einsums")
     assert "4 Einsum by a constant matrix written as MatMul" in result.prepared["steps"], result.prepared["steps"]
     assert result.placement.device_macs == result.placement.total_macs == 64 * (3 * 12 + 12 * 8 + 8 * 24 + 24 * 5)
     assert error < 0.1, error
@@ -863,11 +871,9 @@ def test_a_recurrent_head_runs_its_matrix_work_on_the_crossbars(cell: str, gates
             return self.fc(y)
 
     torch.manual_seed(2)
-    path = tmp_path / "crnn.onnx"
-    torch.onnx.export(Net().eval(), (torch.randn(1, 1, 4, 10),), str(path), dynamo=False, opset_version=13,
-                      input_names=["x"])
-    result, error = _pipeline(onnx.load(str(path)), {"x": [1, 1, 4, 10]}, tmp_path, "crnn")
-    assert "2 LSTM/GRU written out step by step as Gemms and gates" in result.prepared["steps"], result.prepared["steps"]
+    result, error = _exported(Net(), [1, 1, 4, 10], 13, tmp_path, "crnn")
+    assert "2 LSTM/GRU written out step by step as Gemms and gates" in result.prepared["steps"], \
+        result.prepared["steps"]
     placement = result.placement
     recurrent = 2 * 10 * gates * 12 * ((32 + 12) + (24 + 12))  # directions x steps x gates x hidden x (in + hidden)
     assert placement.device_macs == placement.total_macs == 10 * 8 * 4 * 9 + recurrent + 10 * 24 * 6

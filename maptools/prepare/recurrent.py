@@ -18,8 +18,8 @@ import onnx
 import onnx.helper
 
 from maptools.onnx_model import node_attr
-from maptools.prepare.base import _DEFAULT_DOMAINS, _Context
-from maptools.prepare.rewrites import _drop_unused_initializers, _replace_node
+from maptools.prepare.base import _Context
+from maptools.prepare.rewrites import _rewrite_each
 
 __all__ = ["recurrent_as_gemms", "MAX_WRITTEN"]
 
@@ -35,17 +35,7 @@ _CELLS = {"LSTM": (4, ("Sigmoid", "Tanh", "Tanh")), "GRU": (3, ("Sigmoid", "Tanh
 def recurrent_as_gemms(ctx: _Context) -> int:
     """Write out every ``LSTM`` and ``GRU`` with constant weights, the default activations, no peepholes, clipping
     or coupled gates and every sequence at full length; returns how many."""
-    done = 0
-    for node in [n for n in ctx.graph.node if n.op_type in _CELLS and n.domain in _DEFAULT_DOMAINS]:
-        nodes = _written(ctx, node)
-        if nodes is None:
-            continue
-        _replace_node(ctx, node, nodes)
-        done += 1
-    if done:
-        _drop_unused_initializers(ctx)
-        ctx.invalidate()
-    return done
+    return _rewrite_each(ctx, _CELLS, _written)
 
 
 def _written(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:

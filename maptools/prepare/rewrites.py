@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -653,41 +653,36 @@ def _stft_as_conv(ctx: _Context) -> int:
     """``STFT`` of a real signal with a constant frame step, window and length (torch.stft's export) as the
     strided convolution it computes: the frames against each bin's windowed cosine and sine, which the device
     takes (``[N, L]`` or ``[N, L, 1]`` -> ``Reshape [N, 1, L]`` -> ``Conv`` -> ``[N, frames, bins, 2]``)."""
-    rewritten = 0
-    for stft in [n for n in ctx.graph.node if n.op_type == "STFT" and n.domain in _DEFAULT_DOMAINS]:
-        signal, step, window, length = (list(stft.input) + ["", "", ""])[:4]
-        shape = ctx.shape(signal)
-        step_value = ctx.initializer(step)
-        window_value = ctx.initializer(window) if window else None
-        length_value = ctx.initializer(length) if length else None
-        if not shape or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 1) or step_value is None \
-                or (window and window_value is None) or (length and length_value is None):
-            continue
-        size = int(length_value) if length_value is not None else (len(window_value) if window_value is not None else 0)
-        if size < 1:
-            continue
-        bins = size // 2 + 1 if node_attr(stft, "onesided", 1) else size
-        taps = np.ones(size) if window_value is None else window_value.astype(np.float64)
-        angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(size)) / size
-        weight = np.concatenate([np.cos(angle) * taps, -np.sin(angle) * taps])[:, None, :].astype(np.float32)
-        name = stft.name or stft.output[0]
-        flat, conv, parts = (ctx.fresh(f"{stft.output[0]}_{k}") for k in ("signal", "conv", "parts"))
-        nodes = [onnx.helper.make_node("Reshape", [signal, ctx.add_initializer(ctx.fresh(f"{name}_signal_shape"),
-                                                                               np.array([0, 1, -1], np.int64))],
-                                       [flat], name=f"{name}_signal"),
-                 onnx.helper.make_node("Conv", [flat, ctx.add_initializer(ctx.fresh(f"{name}_dft"), weight)], [conv],
-                                       name=name, strides=[int(step_value)], kernel_shape=[size]),
-                 onnx.helper.make_node("Reshape", [conv, ctx.add_initializer(ctx.fresh(f"{name}_parts_shape"),
-                                                                             np.array([0, 2, bins, -1], np.int64))],
-                                       [parts], name=f"{name}_parts"),
-                 onnx.helper.make_node("Transpose", [parts], [stft.output[0]], name=f"{name}_frames",
-                                       perm=[0, 3, 2, 1])]
-        _replace_node(ctx, stft, nodes)
-        rewritten += 1
-    if rewritten:
-        _drop_unused_initializers(ctx)
-        ctx.invalidate()
-    return rewritten
+    return _rewrite_each(ctx, ("STFT",), _stft_conv)
+
+
+def _stft_conv(ctx: _Context, stft: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    signal, step, window, length = (list(stft.input) + ["", "", ""])[:4]
+    shape = ctx.shape(signal)
+    step_value = ctx.initializer(step)
+    window_value = ctx.initializer(window) if window else None
+    length_value = ctx.initializer(length) if length else None
+    if not shape or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 1) or step_value is None \
+            or (window and window_value is None) or (length and length_value is None):
+        return None
+    size = int(length_value) if length_value is not None else (len(window_value) if window_value is not None else 0)
+    if size < 1:
+        return None
+    bins = size // 2 + 1 if node_attr(stft, "onesided", 1) else size
+    taps = np.ones(size) if window_value is None else window_value.astype(np.float64)
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(size)) / size
+    weight = np.concatenate([np.cos(angle) * taps, -np.sin(angle) * taps])[:, None, :].astype(np.float32)
+    name = stft.name or stft.output[0]
+    flat, conv, parts = (ctx.fresh(f"{stft.output[0]}_{k}") for k in ("signal", "conv", "parts"))
+    return [onnx.helper.make_node("Reshape", [signal, ctx.add_initializer(ctx.fresh(f"{name}_signal_shape"),
+                                                                          np.array([0, 1, -1], np.int64))],
+                                  [flat], name=f"{name}_signal"),
+            onnx.helper.make_node("Conv", [flat, ctx.add_initializer(ctx.fresh(f"{name}_dft"), weight)], [conv],
+                                  name=name, strides=[int(step_value)], kernel_shape=[size]),
+            onnx.helper.make_node("Reshape", [conv, ctx.add_initializer(ctx.fresh(f"{name}_parts_shape"),
+                                                                        np.array([0, 2, bins, -1], np.int64))],
+                                  [parts], name=f"{name}_parts"),
+            onnx.helper.make_node("Transpose", [parts], [stft.output[0]], name=f"{name}_frames", perm=[0, 3, 2, 1])]
 
 
 def _per_channel(value: np.ndarray, channels: int, rank: int) -> bool:
@@ -698,6 +693,22 @@ def _per_channel(value: np.ndarray, channels: int, rank: int) -> bool:
         return False
     padded = [1] * (rank - value.ndim) + list(value.shape)
     return padded[1] == channels and all(d == 1 for i, d in enumerate(padded) if i != 1)
+
+
+def _rewrite_each(ctx: _Context, op_types: Collection[str],
+                  rewrite: Callable[[_Context, onnx.NodeProto], list[onnx.NodeProto] | None]) -> int:
+    """Replace every default-domain node of ``op_types`` by the nodes ``rewrite`` gives (None: kept); returns how
+    many were replaced."""
+    done = 0
+    for node in [n for n in ctx.graph.node if n.op_type in op_types and n.domain in _DEFAULT_DOMAINS]:
+        nodes = rewrite(ctx, node)
+        if nodes is not None:
+            _replace_node(ctx, node, nodes)
+            done += 1
+    if done:
+        _drop_unused_initializers(ctx)
+        ctx.invalidate()
+    return done
 
 
 def _drop_unused_initializers(ctx: _Context) -> None:
