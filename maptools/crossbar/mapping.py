@@ -401,16 +401,13 @@ class CrossbarSimulator(IntegerSimulator):
         # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
         self._weights: dict[tuple[str, int], torch.Tensor] = {}
         self._cells: dict[tuple[str, int], _Cells] = {}
-        self._owner: dict[str, str] = {}  # a layer sharing another's arrays reads that layer's cells
-        owners = _Owners()
+        self._owner: dict[str, str] | None = None  # a layer sharing another's arrays reads that layer's cells
         for name, (weight, _) in self.weights.items():
             node = graph.node(name)
             stored = weight.numpy()
             if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
                 stored = stored.T
-            matrices = weight_matrix(node, stored.astype(np.int64))
-            self.matrices[name] = torch.from_numpy(matrices.copy())
-            self._owner[name] = owners.owner(name, matrices, int(node["quant"].weight_bits or 8))
+            self.matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
 
     def set_device(self, device: DeviceModel | None, trial: int = 0, time: float = 0.0) -> None:
         """Compute through ``device``'s cells of Monte Carlo ``trial``, read ``time`` seconds after programming
@@ -433,6 +430,10 @@ class CrossbarSimulator(IntegerSimulator):
     def _levels_read(self, name: str, r0: int, cells: _Cells) -> list[torch.Tensor]:
         """Per part, the levels this row block's cells read in the current trial and time (the cells of the layer
         whose arrays it shares)."""
+        if self._owner is None:  # (only non-ideal cells need it: found on first use)
+            owners, bits = _Owners(), {layer: int(self.graph.node(layer)["quant"].weight_bits or 8)
+                                       for layer in self.matrices}
+            self._owner = {layer: owners.owner(layer, m.numpy(), bits[layer]) for layer, m in self.matrices.items()}
         name = self._owner.get(name, name)
         if (name, r0) not in self._read:
             if (name, r0) not in self._states:

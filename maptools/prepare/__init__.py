@@ -54,8 +54,7 @@ from maptools.prepare.recurrent import recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _sum_as_add,
-                                       _unfuse,
-                                       name_nodes, simplify)
+                                       _unfuse, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -149,7 +148,7 @@ def _stft(ctx: _Context) -> list[str]:
 
 
 def _sequences(ctx: _Context) -> list[str]:
-    """Sequences of a known length as their tensors, and loops of a constant count written out (then the
+    """Sequences of a known length as their tensors, and loops of a known trip count written out (then the
     sequences their bodies used)."""
     sequences = static_sequences(ctx)
     loops = unroll_loops(ctx)

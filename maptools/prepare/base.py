@@ -141,6 +141,22 @@ class _Context:
         return name
 
 
+class Names:
+    """Fresh tensor and node names for a rewrite that writes many nodes before any is in the graph: the graph's
+    names are read once, and each name given is taken."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used = {t for n in graph.node for t in [*n.input, *n.output, n.name]} | {i.name for i in graph.initializer}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
 def _read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` (or of its bodies) reads, and its outputs."""
     names = {o.name for o in graph.output}

@@ -18,7 +18,7 @@ import onnx
 import onnx.helper
 
 from maptools.onnx_model import node_attr
-from maptools.prepare.base import _Context
+from maptools.prepare.base import Names, _Context
 from maptools.prepare.rewrites import _rewrite_each
 
 __all__ = ["recurrent_as_gemms", "MAX_WRITTEN"]
@@ -83,15 +83,7 @@ class _Writer:
         self.ctx, self.node, self.steps, self.batch, self.hidden = ctx, node, steps, batch, hidden
         self.base = node.name or node.output[0]
         self.out: list[onnx.NodeProto] = []
-        self.used = {t for n in ctx.graph.node for t in [*n.input, *n.output]} | {i.name for i in ctx.graph.initializer}
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
+        self.fresh = Names(ctx.graph).fresh
 
     def op(self, op_type: str, inputs: list[str], tag: str, outputs: int = 1, result: str | None = None,
            **attrs: object) -> str | list[str]:
@@ -133,6 +125,7 @@ class _Writer:
             c = self._initial(c0, d, layout, f"{tag}_c0")
             cell = _GruStep(self, recurrent[d], kept, before_reset, tag) if gru else None
             r = None if gru else self.const(f"{tag}_R", recurrent[d].astype(np.float32))
+            quarters = None if gru else self.const(f"{tag}_quarters", np.full(4, hidden, np.int64))
             out_steps: list[str] = [""] * steps
             for t in (reversed(range(steps)) if reverse else range(steps)):
                 s = f"{tag}_t{t}"
@@ -143,8 +136,7 @@ class _Writer:
                 if h is not None:
                     gates = self.op("Add", [gates, self.op("Gemm", [h, r], f"{s}_recurrent", transB=1)],
                                     f"{s}_gates")
-                i, o, f, g = self.op("Split", [gates, self.const(f"{s}_quarters", np.full(4, hidden, np.int64))],
-                                     f"{s}_split", outputs=4, axis=1)
+                i, o, f, g = self.op("Split", [gates, quarters], f"{s}_split", outputs=4, axis=1)
                 i, o, f = (self.op("Sigmoid", [v], f"{s}_{k}") for v, k in ((i, "i"), (o, "o"), (f, "f")))
                 update = self.op("Mul", [i, self.op("Tanh", [g], f"{s}_g")], f"{s}_ig")
                 c = update if c is None else self.op("Add", [self.op("Mul", [f, c], f"{s}_fc"), update], f"{s}_c")
@@ -154,7 +146,7 @@ class _Writer:
                 ys.append(self.op("Concat", [self.op("Unsqueeze", [v, axis0], f"{tag}_y{t}")
                                              for t, v in enumerate(out_steps)], f"{tag}_y", axis=0))
             hs.append(h)
-            cs.append(c or "")
+            cs.append(c)
         if y_out:  # [steps, directions, batch, hidden] (layout 1: [batch, steps, directions, hidden])
             axis1 = self.const("axis1", np.array([1], np.int64))
             stacked = [self.op("Unsqueeze", [v, axis1], f"y{d}") for d, v in enumerate(ys)]

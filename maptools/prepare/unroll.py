@@ -24,7 +24,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.onnx_model import node_attr
-from maptools.prepare.base import _DEFAULT_DOMAINS, _Context, _read, opset_of
+from maptools.prepare.base import _DEFAULT_DOMAINS, Names, _Context, _read, opset_of
 from maptools.prepare.rewrites import _replace_node
 
 __all__ = ["static_sequences", "unroll_loops"]
@@ -320,15 +320,7 @@ def _unrolled(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | Non
     trips = _trip_count(ctx, node, body)
     if trips is None or not 0 < trips * max(len(body.node), 1) <= MAX_UNROLLED:
         return None
-    used = {t for n in ctx.graph.node for t in [*n.input, *n.output]} | {i.name for i in ctx.graph.initializer}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
+    fresh = Names(ctx.graph).fresh
 
     def constant(base: str, value: np.ndarray) -> str:
         return ctx.add_initializer(fresh(f"{node.output[0]}_{base}"), value)
