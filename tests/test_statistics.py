@@ -9,8 +9,10 @@ from maptools.quantization.ppq_adapter import calibration as _ppq
 from maptools.examples import SMALL_CNN_SHAPES
 
 
-@pytest.mark.parametrize("algorithm", ["percentile", "minmax"])
-def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeypatch, algorithm) -> None:
+@pytest.mark.parametrize("algorithm, passes", [("percentile", 1), ("minmax", 1), ("mse", 2), ("kl", 2)])
+def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeypatch, algorithm, passes) -> None:
+    """Every observer's statistics (mse's and kl's histograms of their second pass too) come out of onnxruntime
+    where PPQ's forward would have computed them, with byte-identical artifacts."""
     used: list[bool] = []
     build = _ppq.Statistics.build.__func__
 
@@ -22,7 +24,7 @@ def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeyp
     monkeypatch.setattr(_ppq.Statistics, "build", classmethod(recording))
     fast = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="fast", calib_steps=16, output_root=tmp_path,
                     algorithm=algorithm, error_steps=0)
-    assert used == [True]
+    assert used == [True] * passes
     monkeypatch.setattr(_ppq.Statistics, "build", classmethod(lambda cls, *args: None))
     torch_path = quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="torch", calib_steps=16,
                           output_root=tmp_path, algorithm=algorithm, error_steps=0)
@@ -30,13 +32,14 @@ def test_onnxruntime_statistics_equal_ppq_forward(branchy_cnn, tmp_path, monkeyp
         assert fast.sha256[name] == torch_path.sha256[name], name
 
 
-def test_kl_and_correction_passes_keep_ppq_forward(branchy_cnn, tmp_path, monkeypatch) -> None:
+def test_passes_inside_ppq_keep_its_forward(branchy_cnn, tmp_path, monkeypatch) -> None:
+    """PPQ's equalization changes the weights before calibrating: only its own forward sees them."""
     used: list[bool] = []
     build = _ppq.Statistics.build.__func__
     monkeypatch.setattr(_ppq.Statistics, "build",
                         classmethod(lambda cls, *args: used.append(build(cls, *args) is not None)))
-    quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="kl", calib_steps=16, output_root=tmp_path,
-             algorithm="kl", error_steps=0)
+    quantize(SMALL_CNN_SHAPES, "cpu", branchy_cnn, mapname="eq", calib_steps=16, output_root=tmp_path,
+             algorithm="mse", optimization="equalization", error_steps=0)
     assert used and not any(used)
 
 

@@ -263,7 +263,7 @@ def quantize_graph(
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         if quantizer._model is not None and not settings.optimization.in_ppq and \
-                settings.algorithm.value in ("minmax", "percentile"):
+                settings.algorithm.value in ("minmax", "percentile", "mse", "kl"):
             batch = 1  # onnxruntime computes the statistics, one sample per run (see Statistics)
         else:
             single = _float_shapes(quantizer._graph)

@@ -19,7 +19,8 @@ import torch
 
 from maptools.onnx_model import run_on_sample
 from maptools.quantization.ppq_adapter.core import (DataType, OBSERVER_TABLE, QuantableOperation, QuantizationProperty,
-                                                    QuantizationStates, RuntimeCalibrationPass, TorchMinMaxObserver,
+                                                    QuantizationStates, RuntimeCalibrationPass, TorchHistObserver,
+                                                    TorchMinMaxObserver,
                                                     TorchPercentileObserver, _ppq_defs)
 
 from maptools.quantization.ppq_adapter.steps import _quiet
@@ -186,9 +187,11 @@ class Statistics:
 
     While PPQ calibrates it quantizes no activation, so its forward is the float network with the
     baked (fake-quantized) weights: this model, in which every observed tensor feeds, per sample,
-    ``ReduceMin``/``ReduceMax`` (minmax) or its two short tails (:func:`tail_nodes`; maptools' percentile
-    observer: the same order statistics). Only those small results leave onnxruntime, and they go
-    into the observers' collectors exactly as the observers would have put them. Every operator
+    ``ReduceMin``/``ReduceMax`` (minmax, and the first pass of kl and mse) or its two short tails
+    (:func:`tail_nodes`; maptools' percentile observer: the same order statistics). Only those small results
+    leave onnxruntime, and they go into the observers' collectors exactly as the observers would have put
+    them; for the histograms of kl's and mse's second pass the tensors themselves leave it, one sample at
+    a time, and the observer bins them as in PPQ's forward. Every operator
     whose PPQ kernel computes something else than ONNX already runs in onnxruntime (see
     :func:`_float_check`). Samples run one at a time, in the model's own input shapes.
     """
@@ -200,7 +203,7 @@ class Statistics:
 
     @classmethod
     def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any]) -> Statistics | None:
-        """None where only PPQ's forward can calibrate: another observer (kl, mse), a weight that is not
+        """None where only PPQ's forward can calibrate: another observer, a weight that is not
         baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
         probe = onnx.ModelProto.FromString(model)
         inits = {i.name: i for i in probe.graph.initializer}
@@ -231,7 +234,8 @@ class Statistics:
                 numel = math.prod(shape)
                 t = f"maptools_stat{len(outputs)}"
                 nodes.append(onnx.helper.make_node("Flatten", [var.name], [f"{t}_rows"], axis=0))
-                if type(observer) is TorchMinMaxObserver:
+                if type(observer) is TorchMinMaxObserver or \
+                        isinstance(observer, TorchHistObserver) and observer._phase == "Detecting Minmax":
                     nodes += [onnx.helper.make_node("ReduceMin", [f"{t}_rows"], [f"{t}_lo"], axes=[1], keepdims=0),
                               onnx.helper.make_node("ReduceMax", [f"{t}_rows"], [f"{t}_hi"], axes=[1], keepdims=0)]
                     outputs.append((observer, "minmax", [f"{t}_lo", f"{t}_hi"]))
@@ -244,6 +248,8 @@ class Statistics:
                     for side, m, largest in (("hi", high, 1), ("lo", low, 0)):
                         nodes += tail_nodes(probe.graph, f"{t}_rows", numel, m, bool(largest), f"{t}_{side}")
                     outputs.append((observer, "percentile", [f"{t}_hi", f"{t}_lo"]))
+                elif isinstance(observer, TorchHistObserver):  # (kl, mse) second pass: the values themselves
+                    outputs.append((observer, "values", [f"{t}_rows"]))
                 else:
                     return None
         probe.graph.node.extend(nodes)
@@ -262,6 +268,8 @@ class Statistics:
                 lo, hi = (torch.from_numpy(np.asarray(next(values))) for _ in range(2))
                 observer._min_val_collector.append(lo.min().reshape([1]))
                 observer._max_val_collector.append(hi.max().reshape([1]))
+            elif kind == "values":
+                observer.observe(torch.from_numpy(np.asarray(next(values))))  # PPQ's own histogram of them
             else:
                 hi, lo = (torch.from_numpy(np.asarray(next(values))[:, -1]) for _ in range(2))
                 observer._percentile_collector.append(torch.stack([hi, lo], dim=1).float())

@@ -34,8 +34,8 @@ __all__ = ["ppq_version", "PPQ_VERSIONS", "_APPLIED", "ppq",
            "QuantableOperation", "QuantizationSettingFactory", "TargetPlatform", "TorchExecutor", "load_graph",
            "_ppq_defs", "DataType", "NetworkFramework", "QuantizationPolicy", "QuantizationProperty",
            "QuantizationStates", "OPERATION_FORWARD_TABLE", "GraphCommand", "GraphCommandType", "GraphFormatter",
-           "ONNXRUNTIMExporter", "graphwise_error_analyse", "OBSERVER_TABLE", "TorchMinMaxObserver",
-           "TorchPercentileObserver", "ParameterBakingPass", "ParameterQuantizePass", "PassiveParameterQuantizePass",
+           "ONNXRUNTIMExporter", "graphwise_error_analyse", "OBSERVER_TABLE", "TorchHistObserver",
+           "TorchMinMaxObserver", "TorchPercentileObserver", "ParameterBakingPass", "ParameterQuantizePass", "PassiveParameterQuantizePass",
            "QuantAlignmentPass", "QuantizationOptimizationPipeline", "QuantizeFusionPass", "RuntimeCalibrationPass",
            "QuantizationOptimizationPass", "TensorRTQuantizer"]
 
@@ -75,7 +75,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
     from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter
     from ppq.quantization.analyse import graphwise_error_analyse
     from ppq.quantization.observer import OBSERVER_TABLE
-    from ppq.quantization.observer.range import TorchMinMaxObserver, TorchPercentileObserver
+    from ppq.quantization.observer.range import TorchHistObserver, TorchMinMaxObserver, TorchPercentileObserver
     from ppq.quantization.optim import (ParameterBakingPass, ParameterQuantizePass, PassiveParameterQuantizePass,
                                         QuantAlignmentPass, QuantizationOptimizationPipeline, QuantizeFusionPass,
                                         RuntimeCalibrationPass)
