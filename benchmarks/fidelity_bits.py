@@ -66,7 +66,8 @@ def _ppq_agreement(result: object, name: str, root: Path, x: np.ndarray, calib: 
     from maptools.settings import QuantSettings
 
     settings = QuantSettings(weight_bits=bits[0], activation_bits=bits[1], calib_steps=len(calib),
-                             activation_sign=sign, optimization=optimization, profile=_profile(sign))
+                             activation_sign=sign, optimization=optimization, profile=_profile(sign),
+                             algorithm=result.settings.algorithm)  # the one quantize chose
     graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, len(calib), calib[0], settings, "cpu")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -74,7 +74,7 @@ def quantize_model(
     activation_bits: Annotated[int | None,
                                setting(QuantSettings, "activation_bits", " Overrides bit_width.")] = None,
     per_channel: Annotated[bool, setting(QuantSettings, "per_channel")] = True,
-    algorithm: Annotated[Algorithm, setting(QuantSettings, "algorithm")] = "percentile",
+    algorithm: Annotated[Algorithm, setting(QuantSettings, "algorithm")] = "auto",
     seed: Annotated[int, setting(QuantSettings, "seed")] = 0,
     activation_sign: Annotated[Sign | None,
                                setting(QuantSettings, "activation_sign")] = None,

@@ -224,7 +224,7 @@ def quantize(
                                                     show_default=False)] = None,
     per_channel: Annotated[bool, _setting(QuantSettings, "per_channel", "--per-channel/--per-tensor")] = True,
     algorithm: Annotated[CalibrationAlgorithm, _setting(QuantSettings, "algorithm", case_sensitive=False)
-                         ] = CalibrationAlgorithm.PERCENTILE,
+                         ] = CalibrationAlgorithm.AUTO,
     seed: Annotated[int, _setting(QuantSettings, "seed")] = 0,
     activation_sign: Annotated[ActivationSign | None, _setting(QuantSettings, "activation_sign", case_sensitive=False,
                                                                show_default="the profile's")] = None,

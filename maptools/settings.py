@@ -136,11 +136,12 @@ class QuantSettings(Settings):
     per_channel: bool = Field(True, strict=True, description="One weight scale per output channel (true) or one "
                                                              "per weight tensor (false).")
     algorithm: CalibrationAlgorithm = Field(
-        CalibrationAlgorithm.PERCENTILE, title="calibration algorithm",
-        description="How activation ranges are set from the calibration data: percentile clips outliers, minmax "
-                    "keeps them (fastest), kl and mse search for the least loss (they read the data twice); auto "
-                    "calibrates with percentile and with mse and keeps the model whose outputs are nearer the float "
-                    "model's on the calibration samples (about 3x the calibration time; random data: percentile).")
+        CalibrationAlgorithm.AUTO, title="calibration algorithm",
+        description="How activation ranges are set from the calibration data: auto (the default) calibrates with "
+                    "percentile and with mse and keeps the model whose outputs are nearer the float model's on the "
+                    "calibration samples (about 3x percentile's time; random data: percentile); percentile clips "
+                    "outliers, minmax keeps them (fastest), kl and mse search for the least loss (they read the "
+                    "data twice).")
     calib_steps: int = Field(32, ge=MIN_CALIB_STEPS, le=MAX_CALIB_STEPS, strict=True,
                              description=f"Calibration samples PPQ reads ({MIN_CALIB_STEPS}-{MAX_CALIB_STEPS}).")
     seed: int = Field(0, ge=0, strict=True, description="Seed of random calibration data and of torch during "

@@ -68,7 +68,7 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     if sign == "auto":  # every input of a crossbar layer after a Relu is unsigned
         assert info["/block/block.0/Conv"].in_range(0) == (0, 2 ** bits - 1)
     settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB, activation_sign=sign,
-                             optimization=optimization, profile=profile)
+                             optimization=optimization, profile=profile, algorithm=result.settings.algorithm)
     with torch_threads(read_manifest(name, tmp_path)["threads"]):  # lsq's trained scales follow the thread count
         ppq = _ppq(result.map_dir, calib, settings)
     assert ppq.quantinfo() == info  # the run is reproducible from the map's model, data and thread count
@@ -140,7 +140,8 @@ def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None
     runs = {}
     for optimization in ("none", "fast-bias-correction"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=optimization, calibset=calib, calib_steps=CALIB,
-                 optimization=optimization, output_root=tmp_path, error_steps=0)
+                 optimization=optimization, output_root=tmp_path, error_steps=0,
+                 algorithm="mse")  # (one algorithm: auto could choose another one for each)
         convert(optimization, output_root=tmp_path)
         params = read_quantparams(optimization, tmp_path)
         sim = IntegerSimulator(read_graph(optimization, tmp_path), params)
@@ -161,14 +162,16 @@ def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None
 
 
 def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_path) -> None:
-    """``algorithm='auto'``: percentile and mse both calibrate; the map is the one whose QDQ model is nearer the
-    float model on the calibration samples (the note gives both errors), byte for byte what that algorithm alone
-    writes; with random data there is nothing to choose on, and it is percentile."""
+    """``algorithm='auto'`` (the default): percentile and mse both calibrate; the map is the one whose QDQ model is
+    nearer the float model on the calibration samples (the note gives both errors), byte for byte what that
+    algorithm alone writes, with the same per-layer error report; with random data there is nothing to choose on,
+    and it is percentile."""
     import re
 
     path, calib, _, _ = digits_setup
     runs = {algorithm: quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=algorithm, calibset=calib, calib_steps=CALIB,
-                                algorithm=algorithm, output_root=tmp_path, error_steps=0)
+                                output_root=tmp_path, error_steps=4,
+                                **({} if algorithm == "auto" else {"algorithm": algorithm}))
             for algorithm in ("auto", "percentile", "mse")}
     auto = runs["auto"]
     note = next(n for n in auto.notes if n.startswith("algorithm='auto' chose"))
@@ -177,6 +180,7 @@ def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_pat
     assert set(errors) == {"percentile", "mse"} and errors[chosen] == min(errors.values()), note
     assert auto.sha256[QUANTINFO_JSON] == runs[chosen].sha256[QUANTINFO_JSON]
     assert auto.sha256[QUANT_MODEL] == runs[chosen].sha256[QUANT_MODEL]
+    assert auto.errors.per_layer and auto.errors.per_layer == runs[chosen].errors.per_layer
     noise = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="noise", calib_steps=CALIB, algorithm="auto",
                      output_root=tmp_path, error_steps=0)
     assert noise.settings.algorithm.value == "percentile" and any("with random data, percentile" in n

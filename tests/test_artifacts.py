@@ -113,7 +113,7 @@ def test_onnxruntime_matches_ppq_simulation(small_cnn) -> None:
     from maptools.calibration import RandomCalibration
     from maptools.settings import QuantSettings
 
-    settings = QuantSettings(calib_steps=16)
+    settings = QuantSettings(calib_steps=16, algorithm="percentile")
     calib = RandomCalibration({"input": (1, 3, 32, 32)}, 16)
     graph = _ppq.quantize_graph(small_cnn, calib, 16, next(iter(calib)), settings, "cpu")
     path = small_cnn.with_name("qdq.onnx")
@@ -145,7 +145,8 @@ def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> No
     shapes = {"input": ZOO[name].input_shape}
     model = prepare_model(export_zoo_model(name, tmp_path / "m.onnx"), tmp_path / "p.onnx", shapes).path
     calib = RandomCalibration(shapes, 16)
-    graph = _ppq.quantize_graph(model, calib, 16, next(iter(calib)), QuantSettings(), "cpu")
+    graph = _ppq.quantize_graph(model, calib, 16, next(iter(calib)), QuantSettings(algorithm="percentile"),
+                                "cpu")
     ours = graph.error_report(calib, steps=8, qdq=graph.qdq_model())
     theirs = graph.error_report(calib, steps=8)
     assert list(ours) == list(theirs) and len(ours) >= 7  # attention_net: Gemms PPQ made of MatMuls, one row a token

@@ -65,7 +65,8 @@ def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_
     ours, reference = fixed.run({"input": x}, keep=True), exact.run({"input": x}, keep=True)
     for tensor, codes in reference.codes.items():  # shifts are exact: fixed point equals float64 code for code
         assert np.array_equal(ours.codes[tensor], codes), tensor
-    settings = QuantSettings(calib_steps=32, scale_policy="pow2", shared_scales=True)
+    settings = QuantSettings(calib_steps=32, scale_policy="pow2", shared_scales=True,
+                             algorithm=result.settings.algorithm)  # (the one quantize chose)
     ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, 32, calib[0], settings, "cpu")
     assert ppq_graph.quantinfo() == info
     agreement = layer_agreement(fixed, graph, ppq_graph, x[:32])
@@ -88,7 +89,7 @@ def test_shared_scales_on_a_concat(branchy_cnn, tmp_path, one_thread) -> None:
     graph, params = read_graph("shared", tmp_path), read_quantparams("shared", tmp_path)
     calib = RandomCalibration({"input": (1, 3, 32, 32)}, 16)
     ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, 16, next(iter(calib)),
-                                    QuantSettings(calib_steps=16, shared_scales=True), "cpu")
+                                    QuantSettings(calib_steps=16, shared_scales=True, algorithm="percentile"), "cpu")
     assert ppq_graph.quantinfo() == info
     x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
     for mode in ("float", "fixed"):

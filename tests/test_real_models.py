@@ -62,7 +62,7 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     # nothing)
     ppq = _ppq.quantize_graph(result.map_dir / "model.onnx", RandomCalibration(
         {k: tuple(v) for k, v in model.input_shapes.items()}, 8, dtypes=graph.input_types, limits=graph.input_limits), 8,
-        {k: torch.from_numpy(v) for k, v in x.items()}, QuantSettings(calib_steps=8), "cpu")
+        {k: torch.from_numpy(v) for k, v in x.items()}, QuantSettings(calib_steps=8, algorithm="percentile"), "cpu")
     assert ppq.quantinfo() == read_quantinfo(name, tmp_path)
     agreement = layer_agreement(IntegerSimulator(graph, read_quantparams(name, tmp_path)), graph, ppq, x)
     worst = min(agreement, key=agreement.get, default=None)

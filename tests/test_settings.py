@@ -99,7 +99,7 @@ def test_every_crossbar_field_is_described_and_reachable_from_cli_flow_and_sweep
 def test_settings_object_and_keywords_are_one_call(small_cnn, tmp_path) -> None:
     settings = QuantSettings(weight_bits=6, activation_bits=8, calib_steps=8, scale_policy="pow2")
     result = quantize(SHAPES, "cpu", small_cnn, mapname="s", settings=settings, output_root=tmp_path, error_steps=0)
-    assert result.settings == settings
+    assert result.settings == settings.replace(algorithm="percentile")  # auto's choice on random data
     info = read_quantinfo("s", tmp_path)
     assert all(math.frexp(c.output_scale)[0] == 0.5 for c in info.values() if c.output_scale is not None)
     # a keyword that agrees with settings is fine; one that disagrees is named

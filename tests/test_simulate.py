@@ -14,6 +14,7 @@ figures used 200).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ def _ppq_graph(map_dir: Path, calibration, steps: int, info: dict):
     the same quantinfo."""
     from maptools.quantization import ppq_adapter as _ppq
 
+    algorithm = json.loads((map_dir / "manifest.json").read_text())["settings"]["algorithm"]  # (auto's choice)
     graph = _ppq.quantize_graph(map_dir / "model.onnx", calibration, steps, next(iter(calibration)),
-                                QuantSettings(calib_steps=steps), "cpu")
+                                QuantSettings(calib_steps=steps, algorithm=algorithm), "cpu")
     assert graph.quantinfo() == info
     return graph
 

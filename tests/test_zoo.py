@@ -97,7 +97,7 @@ def test_integer_simulation_agrees_with_ppq(name, exports, tmp_path, one_thread)
     sim = IntegerSimulator(graph, read_quantparams(name, tmp_path))
     calib = RandomCalibration({"input": tuple(shapes["input"])}, CALIB)
     ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, CALIB, next(iter(calib)),
-                                    QuantSettings(calib_steps=CALIB), "cpu")
+                                    QuantSettings(calib_steps=CALIB, algorithm="percentile"), "cpu")
     assert ppq_graph.quantinfo() == read_quantinfo(name, tmp_path)
     x = np.random.default_rng(3).standard_normal(shapes["input"]).astype(np.float32)
     agreement = layer_agreement(sim, graph, ppq_graph, x)

@@ -281,14 +281,14 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
     float_session = ort_session(model_path.read_bytes())
     names = [o.name for o in float_session.get_outputs()]
-    reference = [run_on_sample(float_session, names, s) for s in samples]
+    expected = [run_on_sample(float_session, names, s) for s in samples]
     del float_session
     errors: dict[str, float] = {}
     best: _Quantized | None = None
     for algorithm in candidates:  # at most two quantized graphs held at a time: the best so far and this one
         done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
                                   device, budget, strict, reference)
-        errors[algorithm.value] = _output_error(done.qdq, samples, reference, names)
+        errors[algorithm.value] = _output_error(done.qdq, samples, expected, names)
         if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:  # (NaN: the first kept)
             best = done
     notes.append(f"algorithm='auto' chose {best.settings.algorithm.value}: output error against float on "
@@ -378,7 +378,7 @@ def quantize(
     weight_bits: int | None = None,
     activation_bits: int | None = None,
     per_channel: bool = True,
-    algorithm: str | CalibrationAlgorithm = CalibrationAlgorithm.PERCENTILE,
+    algorithm: str | CalibrationAlgorithm = CalibrationAlgorithm.AUTO,
     output_root: str | Path | None = None,
     error_steps: int = 8,
     progress: Callable[[int, int], None] | None = None,
@@ -419,8 +419,8 @@ def quantize(
             ``'auto'``: per-layer weight and input widths chosen under ``budget``
             (:mod:`maptools.quantization.mixed_precision`; the choice is in ``result.mixed_precision``).
         per_channel: one weight scale per output channel (default) or per tensor.
-        algorithm: activation calibration: ``percentile`` (default), ``minmax``, ``kl``, ``mse``, or ``auto``
-            (percentile and mse both, the model nearer float on the calibration samples kept).
+        algorithm: activation calibration: ``auto`` (default: percentile and mse both, the model nearer float on
+            the calibration samples kept; percentile on random data), ``percentile``, ``minmax``, ``kl`` or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
         error_steps: calibration samples used for the per-layer error report; 0 skips the report.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample

@@ -231,6 +231,9 @@ def quantize_graph(
     Raises MaptoolsError subclasses for bad input; CUDA faults (out of memory, launch failures)
     propagate unchanged so callers can retry them.
     """
+    if len(settings.algorithm.candidates) > 1:
+        raise ValueError(f"quantize_graph calibrates with one algorithm, not {settings.algorithm.value!r}: "
+                         "maptools.quantization.quantize chooses among the candidates.")
     model_bytes = model_path.read_bytes()
     model = onnx.ModelProto.FromString(model_bytes)
     placement = place(model)
@@ -263,13 +266,16 @@ def quantize_graph(
         if switched:
             log.info("PPQ's kernels differ from ONNX for %s; those run in onnxruntime", ", ".join(switched))
         if quantizer._model is not None and not settings.optimization.in_ppq and \
-                settings.algorithm.value in ("minmax", "percentile", "mse", "kl"):
+                settings.algorithm.value in ("minmax", "percentile"):
             batch = 1  # onnxruntime computes the statistics, one sample per run (see Statistics)
         else:
             single = _float_shapes(quantizer._graph)
             with ppq_step("tracing a batch of two"), _quiet():
                 doubled = _doubled_batch_shapes(executor, quantizer._graph, dummy) if calib_steps > 1 else None
             batch = _batch_size(single, doubled, calib_steps, device)
+        # kl's and mse's histograms need every tensor out of onnxruntime, which costs about what PPQ's forward
+        # does: worth it only where that forward takes one sample at a time (their min/max pass is reduced there)
+        quantizer.tensors_out = batch == 1
         log.debug("calibrating %d samples in batches of %d", calib_steps, batch)
         torch.manual_seed(settings.seed)
         with ppq_step("calibrating"), _quiet():

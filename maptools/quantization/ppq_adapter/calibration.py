@@ -113,9 +113,9 @@ class _OnePassCalibration(RuntimeCalibrationPass):
     calibration's own sampling noise).
     """
 
-    def __init__(self, method: str | None, model: bytes | None = None) -> None:
+    def __init__(self, method: str | None, model: bytes | None = None, tensors_out: bool = True) -> None:
         super().__init__(method=method)
-        self._model = model
+        self._model, self._tensors_out = model, tensors_out
         self._graph: Any = None
 
     def optimize(self, graph: Any, *args: Any, **kwargs: Any) -> None:
@@ -131,7 +131,8 @@ class _OnePassCalibration(RuntimeCalibrationPass):
 
     def calibrate(self, desc: str, dataloader: Iterable[Any], executor: Any, hooks: Any,
                   output_names: list[str] | None = None) -> None:
-        statistics = Statistics.build(self._model, self._graph, hooks) if self._model is not None else None
+        statistics = Statistics.build(self._model, self._graph, hooks, self._tensors_out) \
+            if self._model is not None else None
         for data in dataloader:
             if statistics is not None:
                 # one sample per run, as the statistics model keeps the model's input shapes: onnxruntime gains
@@ -202,8 +203,10 @@ class Statistics:
         self.names = [n for _, _, names in outputs for n in names]
 
     @classmethod
-    def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any]) -> Statistics | None:
-        """None where only PPQ's forward can calibrate: another observer, a weight that is not
+    def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any], tensors_out: bool = True
+              ) -> Statistics | None:
+        """None where PPQ's forward is to calibrate: a histogram pass unless ``tensors_out``, another observer, a
+        weight that is not
         baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
         probe = onnx.ModelProto.FromString(model)
         inits = {i.name: i for i in probe.graph.initializer}
@@ -248,7 +251,7 @@ class Statistics:
                     for side, m, largest in (("hi", high, 1), ("lo", low, 0)):
                         nodes += tail_nodes(probe.graph, f"{t}_rows", numel, m, bool(largest), f"{t}_{side}")
                     outputs.append((observer, "percentile", [f"{t}_hi", f"{t}_lo"]))
-                elif isinstance(observer, TorchHistObserver):  # (kl, mse) second pass: the values themselves
+                elif isinstance(observer, TorchHistObserver) and tensors_out:  # kl's, mse's second pass: the values
                     outputs.append((observer, "values", [f"{t}_rows"]))
                 else:
                     return None

@@ -33,6 +33,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
                  model: bytes | None = None) -> None:
         super().__init__(graph=graph)
         self._model = model  # the graph's ONNX model, serialized: CPU calibration statistics are computed there
+        self.tensors_out = True  # whether whole tensors (kl's and mse's histograms) leave onnxruntime to be observed
         self._settings = settings
         self._placement = placement
         self._unsigned = unsigned  # tensors quantized on [0, 2^b - 1]
@@ -111,7 +112,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         passes: list[Any] = []
         for step in super().build_quant_pipeline(setting):
             if type(step) is RuntimeCalibrationPass:
-                step = _OnePassCalibration(method=step._method, model=self._model)
+                step = _OnePassCalibration(method=step._method, model=self._model, tensors_out=self.tensors_out)
             elif type(step) is QuantizeFusionPass:
                 step = _Fusion(self._placement)
             elif type(step) is PassiveParameterQuantizePass:
