@@ -206,8 +206,7 @@ class Statistics:
     def build(cls, model: bytes, graph: Any, hooks: Mapping[str, Any], tensors_out: bool = True
               ) -> Statistics | None:
         """None where PPQ's forward is to calibrate: a histogram pass unless ``tensors_out``, another observer, a
-        weight that is not
-        baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
+        weight that is not baked yet (before an optimization pass), a tensor PPQ made up, a tail too long for TopK."""
         probe = onnx.ModelProto.FromString(model)
         inits = {i.name: i for i in probe.graph.initializer}
         produced = {t for n in probe.graph.node for t in n.output} | {i.name for i in probe.graph.input}
