@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from maptools.errors import CalibrationError, MaptoolsError
-from maptools.onnx_model import ModelInput
+from maptools.onnx_model import ModelInput, integer_range
 
 __all__ = ["integer_range", "random_array", "CalibrationSet", "RandomCalibration", "SampleCalibration",
            "TransformCalibration", "FolderCalibration", "ImageFolderCalibration", "ArrayFolderCalibration",
@@ -118,17 +118,6 @@ def _random(shape: Sequence[int], dtype: np.dtype, gen: torch.Generator, limit: 
     if dtype.kind == "f":
         return torch.randn(tuple(shape), generator=gen).to(want)
     return torch.randint(*integer_range(dtype, limit), tuple(shape), generator=gen).to(want)
-
-
-def integer_range(dtype: np.dtype, limit: int | None = None) -> tuple[int, int]:
-    """``[low, high)`` of random values for an integer (or bool) input: byte values or token ids (0-255; -128-127
-    for int8), below ``limit`` where the input indexes a table of ``limit`` rows
-    (:func:`maptools.onnx_model.index_limits`); 0-1 for bool."""
-    if dtype.kind == "b":
-        return 0, 2
-    if limit is not None:
-        return 0, max(1, min(256, limit))
-    return (-128, 128) if dtype == np.int8 else (0, 256)
 
 
 def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype = np.dtype(np.float32),

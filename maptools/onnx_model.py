@@ -14,8 +14,8 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "check_input_shapes", "node_attr",
-           "constant_values", "opsets", "auto_pads", "ort_session",
+__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "integer_range", "check_input_shapes",
+           "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node"]
 
@@ -119,6 +119,17 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 
 #: Operators whose output depends on their input's shape only, not on its values.
 _SHAPE_ONLY = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})
+
+
+def integer_range(dtype: np.dtype, limit: int | None = None) -> tuple[int, int]:
+    """``[low, high)`` of random values for an integer (or bool) input: byte values or token ids (0-255; -128-127
+    for int8), below ``limit`` where the input indexes a table of ``limit`` rows
+    (:func:`index_limits`); 0-1 for bool."""
+    if dtype.kind == "b":
+        return 0, 2
+    if limit is not None:
+        return 0, max(1, min(256, limit))
+    return (-128, 128) if dtype == np.int8 else (0, 256)
 
 
 def index_limits(model: onnx.ModelProto) -> dict[str, int]:

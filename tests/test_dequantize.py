@@ -97,6 +97,48 @@ def test_a_quantized_model_quantizes_onto_the_crossbars(fmt: str, shipped: dict[
     assert _rel(_run(result.quant_model_path, xs), _run(shipped["float"], xs)) < 0.1
 
 
+def test_a_quantized_model_reading_image_bytes_is_checked_on_byte_values(tmp_path: Path) -> None:
+    """A QDQ export whose input is the uint8 image itself (cast and normalised inside, as image-retrieval and
+    copy-detection packages ship): the rewrite's check feeds byte values, as calibration does. Fed 0/1 (a
+    near-black image) the float rewrite was 101% from the quantized model, refused, and no layer reached the
+    crossbars."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+               for n, s in (("w1", (16, 3, 3, 3)), ("b1", (16,)), ("w2", (32, 16, 3, 3)), ("b2", (32,)),
+                            ("w3", (10, 32)), ("b3", (10,)))]
+    stats = [numpy_helper.from_array(np.array(v, np.float32), n)
+             for n, v in (("mean", [123.7, 116.3, 103.5]), ("std", [58.4, 57.1, 57.4]))]
+    node = helper.make_node
+    nodes = [node("Cast", ["image"], ["f"], to=TensorProto.FLOAT), node("Sub", ["f", "mean"], ["c"]),
+             node("Div", ["c", "std"], ["n"]), node("Transpose", ["n"], ["x"], perm=[0, 3, 1, 2]),
+             node("Conv", ["x", "w1", "b1"], ["y1"], pads=[1, 1, 1, 1], strides=[2, 2]), node("Relu", ["y1"], ["r1"]),
+             node("Conv", ["r1", "w2", "b2"], ["y2"], pads=[1, 1, 1, 1], strides=[2, 2]), node("Relu", ["y2"], ["r2"]),
+             node("GlobalAveragePool", ["r2"], ["p"]), node("Flatten", ["p"], ["q"]),
+             node("Gemm", ["q", "w3", "b3"], ["out"], transB=1)]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 32, 32, 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 10])
+    graph = helper.make_graph(nodes, "bytes", [image], [out], [*stats, *weights])
+    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(float_path))
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = iter([{"image": rng.integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)} for _ in range(8)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.images, None)
+
+    quantize_static(str(float_path), str(qdq_path), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    result = quantize({"image": [1, 32, 32, 3]}, "cpu", qdq_path, mapname="bytes", calib_steps=8,
+                      output_root=tmp_path, error_steps=0)
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"]), \
+        result.prepared["steps"]
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+
+
 def test_a_quantized_model_the_rewrite_cannot_follow_stays_on_the_host(tmp_path: Path) -> None:
     """A quantizer whose dequantizer reads another scale (no pair) and a weight it cannot fold: the model goes
     on as written, its quantized operators on the host, and the note says so."""

@@ -11,7 +11,7 @@ import onnx
 import onnx.shape_inference
 
 from maptools.errors import InputShapeError, ModelError
-from maptools.onnx_model import model_inputs, ort_session
+from maptools.onnx_model import integer_range, model_inputs, ort_session
 
 
 from maptools.prepare.opset import fix_input_dims
@@ -52,7 +52,8 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator,
                  ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, np.ndarray]:
-    """Standard normal floats (uniform within ``ranges[name]`` where given), 0/1 integers and booleans."""
+    """Standard normal floats (uniform within ``ranges[name]`` where given), byte values for 8-bit integers (an
+    image's or a sound's, as calibration draws them), 0/1 for wider integers (ids, counts, flags) and booleans."""
     feed = {}
     for spec in model_inputs(model):
         shape = list(shapes[spec.name])
@@ -62,6 +63,8 @@ def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rn
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif spec.dtype in (np.uint8, np.int8):
+            feed[spec.name] = rng.integers(*integer_range(np.dtype(spec.dtype)), shape).astype(spec.dtype)
         else:
             feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
     return feed
