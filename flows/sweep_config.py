@@ -89,7 +89,8 @@ class Grid(_Strict):
 
     bits: list[int] = Field(min_length=1, description="Weight and activation bits (2..8).")
     per_channel: list[bool] = Field([True], min_length=1, description="Per-channel (true) / per-tensor (false).")
-    algorithms: list[str] = Field(["percentile"], min_length=1, description="percentile, minmax, kl, mse.")
+    algorithms: list[str] = Field(["percentile"], min_length=1,
+                                  description="percentile (one calibration a point), minmax, kl, mse, auto.")
     calib_samples: list[int] = Field([32], min_length=1, description="Calibration samples (8..512).")
     xbar: list[str] = Field([], description="Crossbar sizes ROWSxCOLS; with adc_bits, every quantized point is "
                                             "also mapped and simulated on each crossbar.")

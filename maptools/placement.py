@@ -185,6 +185,13 @@ def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: l
     return Role.HOST, f"{op} has no device form"
 
 
+def _power(node: onnx.NodeProto | None, consts: Mapping[str, np.ndarray]) -> float:
+    """The constant scalar exponent of a ``Pow`` node; 0 for any other node."""
+    if node is None or node.op_type != "Pow" or node.input[1] not in consts or consts[node.input[1]].size != 1:
+        return 0.0
+    return float(consts[node.input[1]].reshape(()))
+
+
 def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
     """The operators ``model`` records as kept on the host (:data:`HOST_KEY`), ``{name: why}``."""
     for prop in model.metadata_props:
@@ -281,13 +288,18 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
         roles[node.name], why = (Role.HOST, forced[node.name]) if node.name in forced else _candidate(node, consts)
         if why:
             reasons[node.name] = why
+    producer = {t: n for n in nodes for t in n.output}
+    for node in nodes:
+        if roles[node.name] is Role.AVGPOOL and _power(producer.get(node.input[0]), consts) > 1:
+            roles[node.name] = Role.HOST
+            reasons[node.name] = ("averages x^p with p > 1 (a power mean, GeM pooling): on one 8-bit grid x^p keeps "
+                                  "only its largest values, so the mean and what reads it are computed in float")
     gates = {mul: chain for mul, chain in _gates(nodes, roles, consumers, outputs, consts).items() if mul not in forced}
     for mul, chain in gates.items():
         roles[mul] = Role.LUT
         reasons.pop(mul, None)
         for name in chain:
             roles[name] = Role.GATE
-    producer = {t: n for n in nodes for t in n.output}
 
     changed = True
     while changed:

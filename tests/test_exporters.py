@@ -1177,3 +1177,28 @@ def test_a_weight_before_its_input_runs_on_the_crossbars(tmp_path: Path) -> None
     result, error = _pipeline(b.model({"x": [1, 3, 8, 8]}, [b.head(y, 4)], 13), {"x": [1, 3, 8, 8]}, tmp_path, "first")
     assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
     assert error < 0.1
+
+
+def test_a_power_mean_pool_is_averaged_in_float(tmp_path: Path) -> None:
+    """GeM pooling (``clamp -> pow(p) -> mean -> pow(1/p)``: image retrieval, re-identification, copy detection):
+    one 8-bit grid for x^3 keeps only the largest cubes, and the rest rounded to 0 (this embedding was 7.6% from float).
+    The mean of the powers runs on the host in float, said so; the convolutions and the projection stay on the
+    crossbars."""
+    import torch
+
+    class GeM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(32, 128, 1), torch.nn.ReLU())
+            self.proj = torch.nn.Linear(128, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.body(x).clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1.0 / 3.0))
+
+    torch.manual_seed(0)
+    result, error = _exported(GeM(), [1, 3, 32, 32], 17, tmp_path, "gem")
+    assert error < 0.05, error
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    pools = {name: why for name, why in result.placement.host_ops.items() if "power mean" in why}
+    assert len(pools) == 1, result.placement.host_ops

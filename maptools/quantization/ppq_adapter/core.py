@@ -35,7 +35,8 @@ __all__ = ["ppq_version", "PPQ_VERSIONS", "_APPLIED", "ppq",
            "_ppq_defs", "DataType", "NetworkFramework", "QuantizationPolicy", "QuantizationProperty",
            "QuantizationStates", "OPERATION_FORWARD_TABLE", "GraphCommand", "GraphCommandType", "GraphFormatter",
            "ONNXRUNTIMExporter", "graphwise_error_analyse", "OBSERVER_TABLE", "TorchHistObserver",
-           "TorchMinMaxObserver", "TorchPercentileObserver", "ParameterBakingPass", "ParameterQuantizePass", "PassiveParameterQuantizePass",
+           "TorchMinMaxObserver", "TorchPercentileObserver", "ParameterBakingPass", "ParameterQuantizePass",
+           "PassiveParameterQuantizePass",
            "QuantAlignmentPass", "QuantizationOptimizationPipeline", "QuantizeFusionPass", "RuntimeCalibrationPass",
            "QuantizationOptimizationPass", "TensorRTQuantizer"]
 
