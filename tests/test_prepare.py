@@ -275,3 +275,29 @@ def test_a_model_of_ml_operators_alone_has_no_opset_to_convert(tmp_path: Path) -
     prepared = prepare_model(_save(model, tmp_path / "ml.onnx"), tmp_path / "out.onnx", {"x": [1, 4]})
     assert not prepared.fallbacks, prepared.fallbacks
     assert prepared.max_abs_diff == 0.0
+
+
+def test_a_recurrence_left_as_an_operator_keeps_the_other_device_forms(tmp_path: Path) -> None:
+    """The level after ``full`` keeps LSTM and GRU operators (a long recurrence written out can drift from
+    onnxruntime's fused one past the check) and every other device form: the head's MatMul by a constant is still
+    the Gemm the crossbar takes. ``full`` writes the recurrence out."""
+    import torch
+
+    from maptools.prepare import prepare
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = torch.nn.LSTM(16, 8, batch_first=True), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(Head().eval(), (torch.randn(1, 6, 16),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"])
+    kinds = {level: Counter(n.op_type for n in prepare(onnx.load(str(path)), {"x": [1, 6, 16]}, level=level)[0]
+                            .graph.node) for level in ("full", "no recurrent forms", "no device forms")}
+    assert kinds["full"]["LSTM"] == 0 and kinds["full"]["Gemm"] > 6
+    assert kinds["no recurrent forms"]["LSTM"] == 1 and kinds["no recurrent forms"]["Gemm"] == 1
+    assert kinds["no recurrent forms"]["MatMul"] == kinds["no recurrent forms"]["Expand"] == 0  # (onnxsim ran)

@@ -64,8 +64,9 @@ __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerp
 # --- the stage ------------------------------------------------------------------------------------------
 
 #: What preparation may leave out, from the most to the least: each level runs fewer rewrites, for a
-#: model whose full preparation fails onnxruntime's check against the original.
-_LEVELS = ("full", "no device forms", "no onnxsim", "minimal")
+#: model whose full preparation fails onnxruntime's check against the original (a long recurrence written out
+#: drifts from onnxruntime's fused LSTM in float: the next level keeps it one operator, on the host).
+_LEVELS = ("full", "no recurrent forms", "no device forms", "no onnxsim", "minimal")
 
 
 def _optional(ctx: _Context, what: str, step: Callable[[_Context], list[str]]) -> None:
@@ -179,10 +180,11 @@ def _explicit(ctx: _Context) -> list[str]:
     return _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
 
 
-def _ppq_ready(device_forms: bool) -> Callable[[_Context], list[str]]:
+def _ppq_ready(device_forms: bool, recurrent: bool) -> Callable[[_Context], list[str]]:
     """The rewrites PPQ would otherwise do in its own graph, and (``device_forms``) the operators written in
-    the form the device takes; those compute the same in exact arithmetic, and in float may round otherwise
-    (a deep detector amplified a GlobalAveragePool's summation order to 1.6e-3 of its output)."""
+    the form the device takes, LSTM and GRU too where ``recurrent``; those compute the same in exact arithmetic,
+    and in float may round otherwise (a deep detector amplified a GlobalAveragePool's summation order to 1.6e-3
+    of its output)."""
     def step(ctx: _Context) -> list[str]:
         done = _counted("{} Identity/Dropout removed", _remove_passthrough(ctx))
         done += _explicit(ctx)
@@ -195,7 +197,8 @@ def _ppq_ready(device_forms: bool) -> Callable[[_Context], list[str]]:
                      *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
                      *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
                      *_counted("{} Sum written as Add", _sum_as_add(ctx)),
-                     *_counted("{} LSTM/GRU written out step by step as Gemms and gates", recurrent_as_gemms(ctx)),
+                     *(_counted("{} LSTM/GRU written out step by step as Gemms and gates", recurrent_as_gemms(ctx))
+                       if recurrent else []),
                      *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
         return done
     return step
@@ -207,8 +210,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     """Steps 1-5 on a model in memory; returns the prepared model, what was done and the steps skipped.
 
     Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
-    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no device
-    forms'`` (the rewrites into the forms the device takes), ``'no onnxsim'`` (neither), or ``'minimal'``
+    every other step is skipped (and recorded so) where it fails. ``level`` leaves out more: ``'no recurrent
+    forms'`` (LSTM and GRU stay operators), ``'no device forms'`` (none of the rewrites into the forms the device
+    takes), ``'no onnxsim'`` (neither), or ``'minimal'``
     (dims, explicit pads, names and shapes only). ``output_shapes``: the graph outputs'
     shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
     """
@@ -223,14 +227,15 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     _optional(ctx, "onnxruntime's fused operators", lambda c: _counted(
         "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul, Gelu) written as standard ones",
         _unfuse(c)))
+    device_forms = level in ("full", "no recurrent forms")
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
         _optional(ctx, "folding Constant nodes", _fold_constants)
-        if level == "full":  # (before the conversion, which STFT, an opset-17 operator, stops)
+        if device_forms:  # (before the conversion, which STFT, an opset-17 operator, stops)
             _optional(ctx, "STFT as a convolution", _stft)
         _optional(ctx, f"converting to opset {TARGET_OPSET}", _convert)
         _optional(ctx, "folding Constant nodes", _fold_constants)  # the converter writes some
-        if simplify_model and level in ("full", "no device forms"):
+        if simplify_model and level != "no onnxsim":
             _optional(ctx, "onnxsim", _simplify(shapes))
             if opset_of(ctx.model) > TARGET_OPSET:  # what the conversion needs constant, onnxsim may have folded
                 steps, skipped = list(ctx.steps), list(ctx.skipped)  # (torch's dynamo export unoptimized)
@@ -248,7 +253,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
             _optional(ctx, "onnxsim", _simplify(shapes))
             if not any(n.op_type == "Loop" or "Sequence" in n.op_type for n in ctx.graph.node):
                 break
-        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms=level == "full"))
+        _optional(ctx, "the PPQ-ready rewrites", _ppq_ready(device_forms, recurrent=level == "full"))
     else:  # (PPQ reads a 1-element Constant node as a scalar: a Concat of it and a 1-D tensor fails in onnxruntime)
         _optional(ctx, "folding Constant nodes", _fold_constants)
         _optional(ctx, "explicit pads", _explicit)
@@ -426,7 +431,10 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed)
     reference = reference_outputs(model, shapes, checks=checks, seed=seed)
     notes: list[str] = []
+    recurrent = any(n.op_type in ("LSTM", "GRU") for n in model.graph.node)
     for level in _LEVELS:
+        if level == "no recurrent forms" and not recurrent:  # (the same model as full's)
+            continue
         try:
             prepared, steps, skipped = prepare(model, shapes, simplify_model=simplify, level=level,
                                                output_shapes=reference.output_shapes)
