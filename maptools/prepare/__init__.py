@@ -50,7 +50,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
-from maptools.prepare.recurrent import recurrent_as_gemms
+from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _sum_as_add,
@@ -431,7 +431,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed)
     reference = reference_outputs(model, shapes, checks=checks, seed=seed)
     notes: list[str] = []
-    recurrent = any(n.op_type in ("LSTM", "GRU") for n in model.graph.node)
+    recurrent = any(n.op_type in RECURRENT_OP_TYPES for n in model.graph.node)
     for level in _LEVELS:
         if level == "no recurrent forms" and not recurrent:  # (the same model as full's)
             continue

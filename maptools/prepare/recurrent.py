@@ -21,7 +21,7 @@ from maptools.onnx_model import node_attr
 from maptools.prepare.base import Names, _Context
 from maptools.prepare.rewrites import _rewrite_each
 
-__all__ = ["recurrent_as_gemms", "MAX_WRITTEN"]
+__all__ = ["recurrent_as_gemms", "MAX_WRITTEN", "RECURRENT_OP_TYPES"]
 
 #: The most operators one recurrent operator may be written out as (14 per step and direction for an LSTM, 15
 #: for a GRU; 40 steps of a bidirectional LSTM, a CRNN's usual text line, are 1120): every one is an operator PPQ
@@ -30,6 +30,8 @@ __all__ = ["recurrent_as_gemms", "MAX_WRITTEN"]
 MAX_WRITTEN = 2048
 #: Per operator: gates, and the activations it is written out with (ONNX's defaults).
 _CELLS = {"LSTM": (4, ("Sigmoid", "Tanh", "Tanh")), "GRU": (3, ("Sigmoid", "Tanh"))}
+#: The operators :func:`recurrent_as_gemms` writes out.
+RECURRENT_OP_TYPES = frozenset(_CELLS)
 
 
 def recurrent_as_gemms(ctx: _Context) -> int:

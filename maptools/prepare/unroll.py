@@ -31,8 +31,9 @@ __all__ = ["static_sequences", "unroll_loops"]
 
 log = logging.getLogger(__name__)
 
-#: The most operators an unrolled loop may add to the graph (as :data:`maptools.prepare.recurrent.MAX_WRITTEN`:
-#: each is an operator PPQ calibrates and the simulation runs).
+#: The most operators an unrolled loop may add to the graph: each is an operator PPQ calibrates and the simulation
+#: runs (an LSTM or GRU may be written out to twice as many, :data:`maptools.prepare.recurrent.MAX_WRITTEN`, which
+#: a CRNN's 40-step bidirectional LSTM needs).
 MAX_UNROLLED = 1024
 
 
