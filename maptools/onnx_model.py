@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from maptools.errors import InputShapeError, ModelError
 __all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "integer_range", "check_input_shapes",
            "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
-           "implicit_node"]
+           "implicit_node", "one_copy_each"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -336,3 +337,41 @@ def implicit_outer_inputs(model: onnx.ModelProto) -> None:
     for k, node in enumerate(model.graph.node):
         if node_attr(node, OUTER_INPUTS) is not None:
             model.graph.node[k].CopyFrom(implicit_node(node)[0])
+
+
+def one_copy_each(model: onnx.ModelProto) -> int:
+    """Point every reader of an initializer at the first one holding the same tensor and drop the copies, in place;
+    returns how many were dropped. PPQ gives each operator its own copy of a shared weight: a written-out
+    recurrence's every step reads one ``R``, and a CRNN's ``quant_model.onnx`` was 3.2x its unique content. A graph
+    input or output, and a tensor a subgraph reads, keep their names."""
+    graph = model.graph
+    fixed = {v.name for v in (*graph.input, *graph.output)}
+    fixed.update(t for n in graph.node if n.op_type in CONTROL_FLOW_OP_TYPES for t in outer_inputs(n))
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    alias: dict[str, str] = {}
+    for tensor in graph.initializer:
+        if tensor.name in fixed or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.raw_data:
+            content = tensor.raw_data
+        else:
+            bare = onnx.TensorProto()
+            bare.CopyFrom(tensor)
+            bare.name = ""
+            content = bare.SerializeToString()
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(content).digest())
+        alias[tensor.name] = first.setdefault(key, tensor.name)
+    dropped = {name for name, kept in alias.items() if name != kept}
+    if not dropped:
+        return 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in dropped:
+                node.input[k] = alias[name]
+    kept_tensors = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_tensors)
+    kept_info = [v for v in graph.value_info if v.name not in dropped]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    return len(dropped)

@@ -6,6 +6,7 @@ import json
 import pickle
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -227,3 +228,75 @@ def test_same_inputs_give_byte_identical_artifacts(small_cnn, resnet_result, tmp
     first = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="a", calib_steps=8, output_root=tmp_path)
     second = quantize(SMALL_CNN_SHAPES, "cpu", small_cnn, mapname="b", calib_steps=8, output_root=tmp_path)
     assert first.sha256 == second.sha256
+
+
+def test_a_weight_every_step_reads_is_written_once(tmp_path) -> None:
+    """A written-out LSTM's steps read one recurrent weight; PPQ copies it for each step's Gemm. The map holds it
+    once: one initializer in quant_model.onnx (which still runs), one array in quantparams.pkl."""
+    from collections import Counter
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = torch.nn.LSTM(16, 32, batch_first=True), torch.nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(Head().eval(), (torch.randn(1, 12, 16),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"])
+    result = quantize({"x": [1, 12, 16]}, "cpu", path, mapname="head", calib_steps=8, output_root=tmp_path)
+    qdq = onnx.load(str(result.quant_model_path))
+    steps = [n for n in qdq.graph.node if n.op_type == "Gemm" and "_recurrent" in n.name]
+    assert len(steps) == 11
+    contents = Counter((t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes())
+                       for t in qdq.graph.initializer)
+    assert contents.most_common(1)[0][1] == 1  # no tensor twice
+    readers = Counter(name for n in qdq.graph.node for name in n.input)
+    assert max(readers[t.name] for t in qdq.graph.initializer if tuple(t.dims) == (128, 32)) >= 11
+    x = np.random.default_rng(0).standard_normal((1, 12, 16)).astype(np.float32)
+    out = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    float_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.linalg.norm(out[0] - float_out[0]) < 0.1 * np.linalg.norm(float_out[0])
+
+    params = safe_load_pickle(result.map_dir / "quantparams.pkl", seed=True)
+    weights = [params[f"{n.name}_gemm_weight"] for n in steps]
+    assert all(w is weights[0] for w in weights)  # one object: the pickle holds it once
+    twins = read_quantparams(result.map)
+    assert all(np.array_equal(twins[f"{n.name}_gemm_weight"], twins[f"{steps[0].name}_gemm_weight"]) for n in steps)
+    unique = sum(a.nbytes for a in {id(a): a for a in params.values() if isinstance(a, np.ndarray)}.values())
+    assert (result.map_dir / "quantparams.pkl").stat().st_size < 1.2 * unique
+
+
+def test_one_copy_each_keeps_inputs_and_subgraph_reads(tmp_path) -> None:
+    """Equal initializers become one; one that is a graph input (IR < 4) or that a subgraph reads keeps its name,
+    and the model computes the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.onnx_model import one_copy_each
+
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+    inits = [numpy_helper.from_array(w, name) for name in ("w1", "w2", "w3", "w_in", "w_sub")]
+    branch = helper.make_graph([helper.make_node("MatMul", ["y2", "w_sub"], ["b"])], "then", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["y2"], ["c"])], "else", [],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y1"]), helper.make_node("MatMul", ["y1", "w2"], ["y2"]),
+         helper.make_node("MatMul", ["y2", "w3"], ["y3"]), helper.make_node("MatMul", ["y3", "w_in"], ["y4"]),
+         helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=other),
+         helper.make_node("Add", ["y4", "z"], ["out"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    feed = {"x": np.ones((1, 4), np.float32), "cond": np.array(True)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert one_copy_each(model) == 2
+    assert [t.name for t in model.graph.initializer] == ["w1", "w_in", "w_sub"]
+    assert [n.input[1] for n in model.graph.node[:4]] == ["w1", "w1", "w1", "w_in"]
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_array_equal(before[0], after[0])

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from maptools.core.proto import OperatorQuantConfig
+from maptools.maps.artifacts import MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, load_quantinfo, one_copy, safe_load_pickle
 from maptools.maps.roots import MapRef
 from maptools.quantinfo import QuantConfig, param_key
 
@@ -170,14 +171,13 @@ class _Pickler(pickle.Pickler):
 def dumps(data: Mapping[str, Any]) -> bytes:
     """A seed pickle (protocol 4, which the original's Python reads)."""
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=4).dump(dict(data))
+    _Pickler(buffer, protocol=4).dump(one_copy(data))
     return buffer.getvalue()
 
 
 def check_map(map_dir: Path) -> list[Violation]:
     """A written map against the seed contract: its pickles' classes and attribute types as the original reads
     them, and rules 1-5 on its quantinfo (``quantinfo.json``) and ``model.onnx``."""
-    from maptools.maps.artifacts import MODEL, QUANTINFO_PKL, QUANTPARAMS_PKL, load_quantinfo, safe_load_pickle
     from maptools.errors import UnsafePickleError
 
     quantinfo = load_quantinfo(map_dir / "quantinfo.json")

@@ -15,7 +15,7 @@ import onnx.numpy_helper
 import torch
 
 from maptools.errors import QuantizationFailed
-from maptools.onnx_model import implicit_outer_inputs
+from maptools.onnx_model import implicit_outer_inputs, one_copy_each
 from maptools.opgraph import build_graph
 from maptools.placement import CROSSBAR_OP_TYPES, Placement, Role
 from maptools.quantinfo import QuantConfig, param_key
@@ -188,7 +188,7 @@ class QuantizedGraph:
         PPQ's exporter lists graph inputs and outputs in its own variable order (leaving out inputs no node
         reads) and names the tensors it adds from a process-wide counter; inputs and outputs are put back in
         the model's order and added tensors renamed in order of use, so the same quantization gives the same
-        bytes.
+        bytes. A weight PPQ copied for each operator reading it is written once (:func:`one_copy_each`).
         """
         written = io.BytesIO()  # PPQ's exporter onnx.save()s to it: no file written and read back
         with _quiet(), ppq_step("exporting the QDQ model"):
@@ -211,6 +211,7 @@ class QuantizedGraph:
         _canonical_names(exported)
         _restore_domains(exported, self._model)
         implicit_outer_inputs(exported)
+        one_copy_each(exported)
         return exported.SerializeToString()
 
     def error_report(self, samples: Iterable[Mapping[str, torch.Tensor]], steps: int = 8,
