@@ -19,6 +19,7 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools.maps.artifacts import output_location
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
+from maptools.metrics import per_output_line
 from maptools.quantization import snr_db
 
 flow_app = typer.Typer(help="Run the quantize-model Prefect flow (a temporary local Prefect server starts "
@@ -41,6 +42,8 @@ def _show(result: QuantizeModelResult) -> None:
     if e is not None:
         console.print(f"output error against float {100 * e.rel_l2:.2f}% (rel. L2), top-1 agreement "
                       f"{100 * e.top1_agreement:.1f}% on {e.samples} held-out inputs", highlight=False)
+        if per_output_line(e.per_output):
+            console.print(per_output_line(e.per_output), highlight=False)
     if q.errors.per_layer:
         console.print(f"per-layer SNR median {snr_db(q.errors.median):.1f} dB, worst {snr_db(q.errors.worst):.1f} dB "
                       f"({q.errors.worst_layer}; higher is better)", highlight=False)

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from maptools_flows.plots import png_bytes, pyplot
 from maptools_flows.quantize_model import QuantizeModelResult
-from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key
+from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key, _per_output_table
 from maptools import conversion
 from maptools.maps.artifacts import MapFolder
 from maptools.crossbar.device import DeviceModel
@@ -229,7 +229,7 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
              "lossless integer simulation) | agreement with it | inputs |", "|---|---|---|---|---|---|",
              f"| **{100 * error.rel_l2:.2f}%** | {100 * error.top1_agreement:.1f}% | {accuracy} | "
              f"{100 * error.integer_rel_l2:.2f}% | {100 * error.integer_agreement:.1f}% | {error.samples} "
-             f"({error.source}) |", "",
+             f"({error.source}) |", "", *_per_output_table(error.per_output),
              "| arrays | utilization | cycles / inference | ADC bits (spec) | ADC bits a lossless readout needs: "
              "observed / worst case |", "|---|---|---|---|---|",
              f"| {mapped.arrays} | {100 * mapped.utilization:.1f}% | {mapped.cycles:,} | {s.adc_bits} | "

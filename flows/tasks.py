@@ -170,6 +170,14 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _per_output_table(per_output: dict[str, float]) -> list[str]:
+    """A Markdown table of each output's own error where there are several (else nothing)."""
+    if len(per_output) < 2:
+        return []
+    return ["| output | error vs float alone (rel. L2) |", "|---|---|",
+            *(f"| `{name}` | {_pct(error)} |" for name, error in per_output.items()), ""]
+
+
 def _db(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
@@ -213,7 +221,8 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float], source
                   f"| **{_pct(evaluation.rel_l2)}** | {evaluation.cosine:.5f} | {_pct(evaluation.top1_agreement, 1)} | "
                   + (f"{_pct(evaluation.accuracy, 1)} ({_pct(evaluation.float_accuracy, 1)})"
                      if evaluation.accuracy is not None else "-")
-                  + f" | {evaluation.samples} held out: {evaluation.source} |", ""]
+                  + f" | {evaluation.samples} held out: {evaluation.source} |", "",
+                  *_per_output_table(evaluation.per_output)]
     weight_bytes = weight_memory_bytes(result.mapname, result.output_root)
     worst = result.errors.worst_layer
     lines += ["| | |", "|---|---|",

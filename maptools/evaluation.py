@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class OutputError:
     Attributes:
         samples: evaluation samples used.
         rel_l2: ``||q - f|| / ||f||`` over all outputs of all samples.
+        per_output: the same for each output alone, by name (:func:`~maptools.metrics.per_output_line` lists it).
         cosine: cosine similarity of the same vectors.
         top1_agreement: share of samples whose top-1 class (first output) equals the float model's.
         accuracy, float_accuracy: top-1 accuracy of the quantized and float models (labelled set only).
@@ -65,6 +66,7 @@ class OutputError:
     verified: bool
     source: str
     seconds: float
+    per_output: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

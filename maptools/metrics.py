@@ -4,11 +4,12 @@ size depends on the data are left out (every stage that measures an error reads 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["comparable", "compare_outputs", "rel_l2"]
+__all__ = ["comparable", "compare_outputs", "rel_l2", "per_output_line"]
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,22 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
 
 
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
-                    labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, float | None]:
+                    labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """rel. L2, cosine and top-1 agreement (first output of a fixed size) of per-sample outputs; accuracies with
-    labels. Outputs whose size depends on the data are left out (:func:`comparable`); NaN where none is left."""
+    labels; ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output:
+    a detector's pixel boxes beside its scores). Outputs whose size depends on the data are left out
+    (:func:`comparable`); NaN where none is left."""
     outputs = comparable(quantized, reference, names)
-    result: dict[str, float | None] = {"rel_l2": float("nan"), "cosine": float("nan"),
-                                       "top1_agreement": float("nan"), "accuracy": None, "float_accuracy": None}
+    result: dict[str, Any] = {"rel_l2": float("nan"), "cosine": float("nan"), "top1_agreement": float("nan"),
+                              "accuracy": None, "float_accuracy": None, "per_output": {}}
     if not outputs:
         return result
     q, f = _flat(quantized, outputs), _flat(reference, outputs)
     norm_f, norm_q = float(np.linalg.norm(f)), float(np.linalg.norm(q))
     result["rel_l2"] = _rel(q, f)
     result["cosine"] = float(q @ f / (norm_q * norm_f)) if norm_q > 0 and norm_f > 0 else 0.0
+    result["per_output"] = {names[i] if i < len(names) else f"#{i}": _rel(_flat(quantized, [i]), _flat(reference, [i]))
+                            for i in outputs}
     top_q = np.array([int(np.argmax(sample[outputs[0]])) for sample in quantized])
     top_f = np.array([int(np.argmax(sample[outputs[0]])) for sample in reference])
     result["top1_agreement"] = float(np.mean(top_q == top_f))
@@ -66,3 +71,10 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
         result["accuracy"] = float(np.mean(top_q == labels))
         result["float_accuracy"] = float(np.mean(top_f == labels))
     return result
+
+
+def per_output_line(per_output: Mapping[str, float]) -> str:
+    """``'per output: boxes 3.10%, scores 0.52%'`` where there are several outputs, else ``''``."""
+    if len(per_output) < 2:
+        return ""
+    return "per output: " + ", ".join(f"{name} {100 * error:.2f}%" for name, error in per_output.items())

@@ -696,6 +696,8 @@ def test_an_output_sized_by_the_data_is_left_out_of_the_error(tmp_path: Path, ca
     assert 0 < error.rel_l2 < 0.05 and 0 <= crossbar.integer_rel_l2 < 0.05 and crossbar.samples == 4
     assert "outputs 'picked' vary in size with the data" in caplog.text
     assert "VerifyOutputSizes" not in capfd.readouterr().err
+    assert list(error.per_output) == list(crossbar.per_output) == ["peak"]  # by name, the varying one left out
+    assert error.per_output["peak"] == error.rel_l2 and crossbar.per_output["peak"] == crossbar.rel_l2
 
 
 def test_pads_that_differ_between_axes_pad_the_right_axes(tmp_path: Path) -> None:

@@ -21,3 +21,21 @@ def test_index_outputs_are_labels_not_values() -> None:
     assert compare_outputs([[n, t] for n, t in zip(noisy, top)], [[s, t] for s, t in zip(scores, top)])["rel_l2"] \
         == alone > 0
     assert rel_l2([[t] for t in swapped], [[t] for t in top]) > 0
+
+
+def test_each_output_has_its_own_error() -> None:
+    """A detector's pixel boxes beside its sub-1 scores: the pooled error is the boxes'; each output's own error is
+    reported by name, the scores' 20x the pooled one here. An output of indices is left out, as in the pooled one."""
+    from maptools.metrics import per_output_line
+
+    rng = np.random.default_rng(1)
+    boxes = [100 * rng.random((8, 4)).astype(np.float32) for _ in range(3)]
+    scores = [rng.random(8).astype(np.float32) for _ in range(3)]
+    labels = [np.arange(8, dtype=np.int64) for _ in range(3)]
+    moved = [[b * np.float32(1.001), s * np.float32(1.2), k[::-1]] for b, s, k in zip(boxes, scores, labels)]
+    result = compare_outputs(moved, [list(t) for t in zip(boxes, scores, labels)], names=["boxes", "scores", "ids"])
+    assert list(result["per_output"]) == ["boxes", "scores"]
+    assert abs(result["per_output"]["boxes"] - 0.001) < 1e-4 and abs(result["per_output"]["scores"] - 0.2) < 1e-4
+    assert result["per_output"]["scores"] > 20 * result["rel_l2"]
+    assert per_output_line(result["per_output"]) == "per output: boxes 0.10%, scores 20.00%"
+    assert per_output_line({"logits": 0.1}) == ""

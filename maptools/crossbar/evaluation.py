@@ -42,6 +42,7 @@ class CrossbarError:
         spec: the crossbar (``CrossbarSpec`` as a dict).
         samples, source: the evaluation inputs.
         rel_l2, cosine, top1_agreement: crossbar outputs against the float model (first output's top-1).
+        per_output: rel. L2 against the float model of each output alone, by name.
         accuracy, float_accuracy, integer_accuracy: top-1 accuracy on a labelled set (else None).
         integer_rel_l2, integer_agreement: crossbar against the lossless integer simulation
             (0.0 and 1.0 when the ADC loses nothing).
@@ -74,6 +75,7 @@ class CrossbarError:
     latency_ns: float
     area_mm2: float
     adc_steps: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    per_output: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +162,8 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
         adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
         seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n, energy_pj=cost.total_pj,
         latency_ns=cost.latency_ns, area_mm2=cost.area_mm2,
-        adc_steps={layer.name: layer.adc_steps for layer in mapped.layers if layer.adc_steps})
+        adc_steps={layer.name: layer.adc_steps for layer in mapped.layers if layer.adc_steps},
+        per_output=against_float["per_output"])
 
 
 @dataclass(frozen=True)
