@@ -84,7 +84,8 @@ def _quantized_row(result: QuantizeModelResult) -> tuple[str, str]:
 
 def _crossbar_row(result: MapAndSimulateResult) -> tuple[str, str]:
     m, e = result.crossbars, result.error
-    return ("crossbars", f"output error vs float {_pct(e.rel_l2)}{_alone(e.per_output)}, added by the crossbars {_pct(e.integer_rel_l2)} "
+    return ("crossbars", f"output error vs float {_pct(e.rel_l2)}{_alone(e.per_output)}, added by the crossbars "
+                         f"{_pct(e.integer_rel_l2)} "
                          f"(rel. L2 vs the integer simulation); {m.arrays} arrays of {m.spec.xbar}, "
                          f"{100 * m.utilization:.1f}% utilization, {m.cycles:,} cycles per inference; "
                          f"{m.cost.summary()}")
