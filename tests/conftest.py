@@ -50,6 +50,23 @@ def resnet_result(resnet18: Path, tmp_path_factory: pytest.TempPathFactory) -> Q
                     output_root=tmp_path_factory.mktemp("out"))
 
 
+def lstm_head_onnx(path: Path, steps: int, hidden: int, features: int = 16) -> Path:
+    """An LSTM read by a Linear head, as torch's TorchScript exporter writes it (opset 13); input ``x``
+    ``[1, steps, features]``."""
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = torch.nn.LSTM(features, hidden, batch_first=True), torch.nn.Linear(hidden, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    torch.onnx.export(Head().eval(), (torch.randn(1, steps, features),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"])
+    return path
+
+
 def initializers(model_path: Path) -> dict[str, object]:
     """{node name: (node, {input name: numpy initializer})} of an ONNX model."""
     model = onnx.load(str(model_path))

@@ -15,7 +15,7 @@ from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.maps.artifacts import safe_load_pickle, sha256_file, verify_map
 from maptools.errors import UnsafePickleError
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
-from tests.conftest import initializers
+from tests.conftest import initializers, lstm_head_onnx
 
 RESULTS = ["small_result", "resnet_result"]
 
@@ -235,17 +235,7 @@ def test_a_weight_every_step_reads_is_written_once(tmp_path) -> None:
     once: one initializer in quant_model.onnx (which still runs), one array in quantparams.pkl."""
     from collections import Counter
 
-    class Head(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.fc = torch.nn.LSTM(16, 32, batch_first=True), torch.nn.Linear(32, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0])
-
-    path = tmp_path / "head.onnx"
-    torch.onnx.export(Head().eval(), (torch.randn(1, 12, 16),), str(path), dynamo=False, opset_version=13,
-                      input_names=["x"])
+    path = lstm_head_onnx(tmp_path / "head.onnx", steps=12, hidden=32)
     result = quantize({"x": [1, 12, 16]}, "cpu", path, mapname="head", calib_steps=8, output_root=tmp_path)
     qdq = onnx.load(str(result.quant_model_path))
     steps = [n for n in qdq.graph.node if n.op_type == "Gemm" and "_recurrent" in n.name]

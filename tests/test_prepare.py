@@ -281,21 +281,10 @@ def test_a_recurrence_left_as_an_operator_keeps_the_other_device_forms(tmp_path:
     """The level after ``full`` keeps LSTM and GRU operators (a long recurrence written out can drift from
     onnxruntime's fused one past the check) and every other device form: the head's MatMul by a constant is still
     the Gemm the crossbar takes. ``full`` writes the recurrence out."""
-    import torch
-
     from maptools.prepare import prepare
+    from tests.conftest import lstm_head_onnx
 
-    class Head(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.fc = torch.nn.LSTM(16, 8, batch_first=True), torch.nn.Linear(8, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0])
-
-    path = tmp_path / "head.onnx"
-    torch.onnx.export(Head().eval(), (torch.randn(1, 6, 16),), str(path), dynamo=False, opset_version=13,
-                      input_names=["x"])
+    path = lstm_head_onnx(tmp_path / "head.onnx", steps=6, hidden=8)
     kinds = {level: Counter(n.op_type for n in prepare(onnx.load(str(path)), {"x": [1, 6, 16]}, level=level)[0]
                             .graph.node) for level in ("full", "no recurrent forms", "no device forms")}
     assert kinds["full"]["LSTM"] == 0 and kinds["full"]["Gemm"] > 6
