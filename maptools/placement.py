@@ -131,7 +131,8 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[
     acts = [t for t in node.input if t and t not in consts]
     if op in CROSSBAR_OP_TYPES:
         if not (len(node.input) > 1 and node.input[1] in consts and len(acts) == 1 and node.input[0] == acts[0]):
-            return Role.HOST, f"{op} with a computed weight"
+            weighted = len(node.input) > 1 and node.input[1] in consts and node.input[0] in acts
+            return Role.HOST, f"{op} with a computed {'bias' if weighted else 'weight'}"
         if op == "Gemm" and node_attr(node, "transA", 0):
             return Role.HOST, "Gemm with transA"
         if op == "Gemm" and len(node.input) > 2 and node.input[2] and float(node_attr(node, "beta", 1.0)) != 1.0:

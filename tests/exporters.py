@@ -211,6 +211,31 @@ def unrolled_lstm(steps: int = 4, features: int = 8, hidden: int = 8) -> Built:
     return b.model({"x": ["N", 3, 16, 16]}, [b.gemm(h, hidden, 5)], 12), {"x": [1, 3, 16, 16]}
 
 
+def gemm_computed_bias() -> Built:
+    """keras2onnx's LSTM cell after onnxsim's fusion: ``Gemm(x, W, C=h R)``, the recurrent product as the bias; a
+    residual ``Gemm(x, W, C=x)``; and a Gemm with ``transA``, ``alpha`` and ``beta`` (a Keras Dense on a transposed
+    input)."""
+    b = _Builder(17)
+    feats = b.op("Flatten", [b.op("GlobalAveragePool", [b.conv("x", 3, 16, stride=2)])], axis=1)
+    recurrent = b.op("MatMul", ["h", b.const(b.rng.standard_normal([8, 16]) * 0.3)])
+    gates = b.op("Gemm", [feats, b.const(b.rng.standard_normal([16, 16]) * 0.3), recurrent])
+    residual = b.op("Gemm", [gates, b.const(b.rng.standard_normal([16, 16]) * 0.3), gates], beta=0.5)
+    moved = b.op("Transpose", [b.op("Relu", [residual])], perm=[1, 0])
+    out = b.op("Gemm", [moved, b.const(b.rng.standard_normal([5, 16]) * 0.3), b.const(np.ones(5))], transA=1,
+               transB=1, alpha=0.5, beta=2.0)
+    return b.model({"x": ["N", 3, 16, 16], "h": ["N", 8]}, [out], 13), {"x": [1, 3, 16, 16], "h": [1, 8]}
+
+
+def grouped_einsum() -> Built:
+    """DeepFilterNet's grouped linear layer, ``einsum("btgi,gih->btgh", x, W)`` with four groups, and one group
+    (a plain linear layer written that way)."""
+    b = _Builder(19)
+    grouped = b.op("Einsum", ["x", b.const(b.rng.standard_normal([4, 8, 6]) * 0.3)], equation="btgi,gih->btgh")
+    flat = b.op("Reshape", [b.op("Relu", [grouped]), b.const([1, 10, 1, 24], np.int64)])
+    single = b.op("Einsum", [flat, b.const(b.rng.standard_normal([1, 24, 5]) * 0.3)], equation="btgi,gih->btgh")
+    return b.model({"x": [1, 10, 4, 8]}, [single], 13), {"x": [1, 10, 4, 8]}
+
+
 def placeholder_input() -> Built:
     """A declared input shape that is a placeholder ([10, 3, 32, 32]) the model's package rewrites at load."""
     b = _Builder(8)
@@ -576,4 +601,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "keras_same_max_pool": keras_same_max_pool, "constant_outputs": constant_outputs,
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
+    "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
 }

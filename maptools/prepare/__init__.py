@@ -53,8 +53,8 @@ from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_
 from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
-                                       _matmul_as_gemm, _mean_as_pool, _remove_passthrough, _stft_as_conv, _sum_as_add,
-                                       _unfuse, name_nodes, simplify)
+                                       _gemm_device_form, _matmul_as_gemm, _mean_as_pool, _remove_passthrough,
+                                       _stft_as_conv, _sum_as_add, _unfuse, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -193,7 +193,9 @@ def _ppq_ready(device_forms: bool, recurrent: bool) -> Callable[[_Context], list
                  *_counted("{} BatchNormalization replaced by a per-channel Mul + Add", replaced),
                  *_counted("{} bias Add folded into Conv", _fold_bias_add(ctx))]
         if device_forms:
-            done += [*_counted("{} Einsum by a constant matrix written as MatMul", _einsum_as_matmul(ctx)),
+            done += [*_counted("{} Gemm written in the crossbar's form (transA, alpha, beta, a computed C as an Add)",
+                               _gemm_device_form(ctx)),
+                     *_counted("{} Einsum by a constant matrix written as MatMul", _einsum_as_matmul(ctx)),
                      *_counted("{} MatMul by a constant matrix written as Gemm", _matmul_as_gemm(ctx)),
                      *_counted("{} spatial ReduceMean written as GlobalAveragePool", _mean_as_pool(ctx)),
                      *_counted("{} Sum written as Add", _sum_as_add(ctx)),

@@ -381,6 +381,49 @@ def _unfused_matmul(ctx: _Context, node: onnx.NodeProto, attrs: dict) -> list[on
     return nodes
 
 
+def _gemm_device_form(ctx: _Context) -> int:
+    """A ``Gemm`` by a constant ``B`` in the form the crossbar takes: ``transA`` as a Transpose of ``A``, ``alpha``
+    folded into ``B``, ``beta`` into a constant ``C``, and a computed ``C`` (onnxsim fuses ``MatMul + Add`` of two
+    activations into one Gemm: keras2onnx's LSTM cell ``x W + h R``, a residual ``x W + x``) as an ``Add`` after
+    it. The count."""
+    rewritten = 0
+    inits = ctx.initializers()
+    for node in [n for n in ctx.graph.node if n.op_type == "Gemm" and n.domain in _DEFAULT_DOMAINS]:
+        a, b, c = (list(node.input) + ["", ""])[:3]
+        trans_a, alpha = int(node_attr(node, "transA", 0)), float(node_attr(node, "alpha", 1.0))
+        beta = float(node_attr(node, "beta", 1.0))
+        computed = bool(c) and c not in inits
+        if b not in inits or a in inits or not (trans_a or alpha != 1.0 or (c and beta != 1.0) or computed):
+            continue
+        name, out, nodes = node.name or node.output[0], node.output[0], []
+        if trans_a:
+            moved = ctx.fresh(f"{a}_t")
+            nodes.append(onnx.helper.make_node("Transpose", [a], [moved], name=f"{name}_transA", perm=[1, 0]))
+            a = moved
+        if alpha != 1.0:
+            b = ctx.add_initializer(ctx.fresh(f"{b}_alpha"), (inits[b] * np.float32(alpha)).astype(inits[b].dtype))
+        inputs = [a, b]
+        if c and not computed:
+            inputs.append(c if beta == 1.0 else ctx.add_initializer(
+                ctx.fresh(f"{c}_beta"), (inits[c] * np.float32(beta)).astype(inits[c].dtype)))
+        product = ctx.fresh(f"{out}_product") if computed else out
+        nodes.append(onnx.helper.make_node("Gemm", inputs, [product], name=name,
+                                           transB=int(node_attr(node, "transB", 0))))
+        if computed:
+            if beta != 1.0:
+                scaled = ctx.fresh(f"{c}_beta")
+                nodes.append(onnx.helper.make_node("Mul", [c, ctx.add_initializer(
+                    ctx.fresh(f"{c}_beta_value"), np.asarray(beta, np.float32))], [scaled], name=f"{name}_beta"))
+                c = scaled
+            nodes.append(onnx.helper.make_node("Add", [product, c], [out], name=f"{name}_c"))
+        _replace_node(ctx, node, nodes)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_initializers(ctx)
+        ctx.invalidate()
+    return rewritten
+
+
 def _einsum_as_matmul(ctx: _Context) -> int:
     """``Einsum`` of an activation and a constant tensor with no index both share with the output (a linear layer
     ``einsum("bld,de->ble", x, W)``, a channels-first 1x1 convolution ``"bchw,oc->bohw"``, a projection contracting
@@ -401,18 +444,65 @@ def _einsum_as_matmul(ctx: _Context) -> int:
         if x in inits or weight is None or shape is None or -1 in shape or len(shape) != len(xl) or \
                 weight.ndim != len(wl) or any(len(set(t)) != len(t) for t in (xl, wl, out)):
             continue
+        groups = [c for c in xl if c in wl and c in out]  # (a grouped linear layer's "btgi,gih->btgh")
+        labels = (xl, wl, out)
+        if len(groups) > 1:
+            continue
+        if groups:
+            xl, wl, out = (t.replace(groups[0], "") for t in labels)
         contracted = [c for c in xl if c in wl and c not in out]
         free_x, free_w = [c for c in xl if c not in wl], [c for c in wl if c not in xl]
         if not contracted or not free_x or not free_w or sorted(out) != sorted(free_x + free_w) or \
                 set(xl) | set(wl) != set(out) | set(contracted):
             continue
-        _replace_node(ctx, node, _einsum_nodes(ctx, node, x, xl, weight, wl, out, dict(zip(xl, shape)),
-                                               contracted, free_x, free_w))
+        dims = dict(zip(labels[0], shape))
+        nodes = (_grouped_einsum(ctx, node, x, weight, labels, groups[0], dims, contracted, free_x, free_w) if groups
+                 else _einsum_nodes(ctx, node, x, xl, weight, wl, out, dims, contracted, free_x, free_w))
+        _replace_node(ctx, node, nodes)
         rewritten += 1
     if rewritten:
         _drop_unused_initializers(ctx)
         ctx.invalidate()
     return rewritten
+
+
+def _grouped_einsum(ctx: _Context, node: onnx.NodeProto, x: str, weight: np.ndarray, labels: tuple[str, str, str],
+                    group: str, dims: dict[str, int], contracted: list[str], free_x: list[str], free_w: list[str]
+                    ) -> list[onnx.NodeProto]:
+    """An Einsum whose index ``group`` is in the activation, the weight and the output (DeepFilterNet's grouped
+    linear layer) as one MatMul per group: the group's slice of the activation, its own weight, and the results
+    concatenated along the group's axis."""
+    xl, wl, out = labels
+    dims = {**dims, **dict(zip(wl, weight.shape))}
+    name, nodes, parts = node.name or node.output[0], [], []
+    count, axis_x, axis_w, axis_out = dims[group], xl.index(group), wl.index(group), out.index(group)
+    drop = {k: v for k, v in dims.items() if k != group}
+    out_dims = [dims[c] if c != group else 1 for c in out]
+
+    def const(tag: str, value: np.ndarray) -> str:
+        return ctx.add_initializer(ctx.fresh(f"{node.output[0]}_{tag}"), value)
+
+    for j in range(count):
+        tag = f"g{j}"
+        sliced = ctx.fresh(f"{node.output[0]}_{tag}_in")
+        nodes.append(onnx.helper.make_node("Slice", [x, const(f"{tag}_start", np.array([j], np.int64)),
+                                                     const(f"{tag}_end", np.array([j + 1], np.int64)),
+                                                     const(f"{tag}_axis", np.array([axis_x], np.int64))],
+                                           [sliced], name=f"{name}_{tag}_slice"))
+        flat = ctx.fresh(f"{node.output[0]}_{tag}_x")
+        nodes.append(onnx.helper.make_node("Reshape", [sliced, const(f"{tag}_x_shape", np.array(
+            [dims[c] for c in xl if c != group], np.int64))], [flat], name=f"{name}_{tag}_x"))
+        result = ctx.fresh(f"{node.output[0]}_{tag}_y")
+        proxy = onnx.helper.make_node("Einsum", [], [result], name=f"{name}_{tag}")
+        nodes += _einsum_nodes(ctx, proxy, flat, xl.replace(group, ""), np.take(weight, j, axis=axis_w),
+                               wl.replace(group, ""), out.replace(group, ""), dict(drop), contracted, free_x, free_w)
+        part = node.output[0] if count == 1 else ctx.fresh(f"{node.output[0]}_{tag}")
+        nodes.append(onnx.helper.make_node("Reshape", [result, const(f"{tag}_shape", np.array(out_dims, np.int64))],
+                                           [part], name=f"{name}_{tag}_out"))
+        parts.append(part)
+    if count > 1:
+        nodes.append(onnx.helper.make_node("Concat", parts, [node.output[0]], name=f"{name}_groups", axis=axis_out))
+    return nodes
 
 
 def _einsum_nodes(ctx: _Context, node: onnx.NodeProto, x: str, xl: str, weight: np.ndarray, wl: str, out: str,
