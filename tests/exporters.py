@@ -236,6 +236,24 @@ def grouped_einsum() -> Built:
     return b.model({"x": [1, 10, 4, 8]}, [single], 13), {"x": [1, 10, 4, 8]}
 
 
+def transposed_output_shape() -> Built:
+    """Upsampling ConvTransposes sized as older tf2onnx and keras2onnx write them: by ``output_shape`` (an odd total
+    padding, and one past the natural size that only ``output_padding`` gives) and by ``auto_pad`` SAME_UPPER and
+    SAME_LOWER."""
+    b = _Builder(23)
+
+    def up(x: str, cin: int, cout: int, k: int, **attrs: object) -> str:
+        w = b.const(b.rng.standard_normal([cin, cout, k, k]) * np.sqrt(2.0 / (cin * k * k)))
+        return b.op("Relu", [b.op("ConvTranspose", [x, w, b.const(np.zeros(cout))], kernel_shape=[k, k],
+                                  strides=[2, 2], **attrs)])
+
+    y = up(b.conv("x", 3, 8), 8, 8, 3, output_shape=[16, 16])  # natural 17: one row and column cut
+    y = up(y, 8, 6, 2, output_shape=[33, 33])  # natural 32: one more from output_padding
+    y = up(b.conv(y, 6, 6, stride=2), 6, 4, 3, auto_pad="SAME_UPPER")
+    y = up(y, 4, 4, 3, auto_pad="SAME_LOWER")
+    return b.model({"x": ["N", 3, 8, 8]}, [b.head(y, 4)], 11), {"x": [1, 3, 8, 8]}
+
+
 def placeholder_input() -> Built:
     """A declared input shape that is a placeholder ([10, 3, 32, 32]) the model's package rewrites at load."""
     b = _Builder(8)
@@ -602,4 +620,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
+    "transposed_output_shape": transposed_output_shape,
 }

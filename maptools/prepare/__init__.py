@@ -54,7 +54,7 @@ from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
                                        _gemm_device_form, _matmul_as_gemm, _mean_as_pool, _remove_passthrough,
-                                       _stft_as_conv, _sum_as_add, _unfuse, name_nodes, simplify)
+                                       _stft_as_conv, _sum_as_add, _transposed_pads, _unfuse, name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -176,8 +176,10 @@ def _simplify(shapes: Mapping[str, Sequence[int]]) -> Callable[[_Context], list[
 
 
 def _explicit(ctx: _Context) -> list[str]:
-    """``auto_pad`` as explicit ``pads`` (exact; PPQ computes SAME padding wrongly for even kernels)."""
-    return _counted("{} auto_pad made explicit pads", _explicit_pads(ctx))
+    """``auto_pad`` as explicit ``pads`` (exact; PPQ computes SAME padding wrongly for even kernels), and a
+    ConvTranspose's ``output_shape`` too."""
+    return [*_counted("{} auto_pad made explicit pads", _explicit_pads(ctx)),
+            *_counted("{} ConvTranspose output_shape/auto_pad made explicit pads", _transposed_pads(ctx))]
 
 
 def _ppq_ready(device_forms: bool, recurrent: bool) -> Callable[[_Context], list[str]]:
