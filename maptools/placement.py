@@ -146,6 +146,10 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[
 
 def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> tuple[Role, str]:
     op = node.op_type
+    if op in ("LSTM", "GRU", "RNN"):
+        return Role.HOST, (f"{op} has no device form as one operator (preparation writes an LSTM or GRU out as Gemms "
+                           "where its weights are constant, its activations the defaults and its length fits: the "
+                           "prepared steps say why not)")
     if op not in _DEVICE_OP_TYPES:
         return Role.HOST, f"{op} has no device form"
     if len(node.output) != 1 and op != "Split":

@@ -300,3 +300,36 @@ def test_blocked_four_bit_weights_are_float_again(tmp_path: Path) -> None:
     result = quantize({"x": [1, 4, k]}, "cpu", path, mapname="int4", calib_steps=8, output_root=tmp_path,
                       error_steps=0)
     assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+
+
+def test_a_dynamically_quantized_embedding_is_a_float_table_again(tmp_path: Path) -> None:
+    """quantize_dynamic writes an embedding as an int8 table, a Gather and then a DequantizeLinear (text2tashkeel's
+    BiLSTM: transposed in between): the moves are made on the float table, no quantized operator is left, and no
+    note calls the model quantized."""
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.fc = torch.nn.Embedding(40, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embed(ids).transpose(0, 1))
+
+    torch.manual_seed(0)
+    float_path, int8_path = tmp_path / "tagger.onnx", tmp_path / "tagger_int8.onnx"
+    torch.onnx.export(Tagger().eval(), (torch.zeros(1, 12, dtype=torch.int64),), str(float_path),
+                      input_names=["ids"], opset_version=13, dynamo=False)
+    quantize_dynamic(str(float_path), str(int8_path), op_types_to_quantize=["Gather", "MatMul"],
+                     weight_type=QuantType.QInt8)
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(int8_path)).graph.node}
+    floated, done = dequantize(onnx.load(str(int8_path)))
+    assert done["DequantizeLinear of gathered weights"] >= 1, done
+    assert not {"DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in floated.graph.node}
+    ids = {"ids": np.random.default_rng(0).integers(0, 40, (1, 12)).astype(np.int64)}
+    runs = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, ids)[0]
+            for m in (str(int8_path), floated.SerializeToString())]
+    assert np.allclose(runs[0], runs[1], atol=0.05 * np.abs(runs[0]).max())
+    result = quantize({"ids": [1, 12]}, "cpu", int8_path, mapname="tagger", calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    assert not [n for n in result.notes if "quantized already" in n], result.notes
+    assert result.placement is not None and result.placement.crossbar_coverage == 1.0

@@ -290,3 +290,18 @@ def test_a_recurrence_left_as_an_operator_keeps_the_other_device_forms(tmp_path:
     assert kinds["full"]["LSTM"] == 0 and kinds["full"]["Gemm"] > 6
     assert kinds["no recurrent forms"]["LSTM"] == 1 and kinds["no recurrent forms"]["Gemm"] == 1
     assert kinds["no recurrent forms"]["MatMul"] == kinds["no recurrent forms"]["Expand"] == 0  # (onnxsim ran)
+
+
+def test_a_recurrence_too_long_to_write_out_says_so(tmp_path: Path) -> None:
+    """An LSTM past the cap stays one operator, and the prepared steps say why (the note had blamed something
+    else)."""
+    from maptools.prepare import prepare
+    from maptools.prepare.recurrent import MAX_WRITTEN
+    from tests.conftest import lstm_head_onnx
+
+    steps = MAX_WRITTEN // 14 + 2
+    path = lstm_head_onnx(tmp_path / "long.onnx", steps=steps, hidden=8)
+    model, done, _ = prepare(onnx.load(str(path)), {"x": [1, steps, 16]})
+    assert Counter(n.op_type for n in model.graph.node)["LSTM"] == 1
+    assert any(f"left as one operator, on the host: {steps} steps x 1 direction(s) written out would be "
+               f"{14 * steps} operators (at most {MAX_WRITTEN})" in step for step in done), done

@@ -377,6 +377,49 @@ def _fold_weights(graph: _Graph) -> int:
     return folded
 
 
+#: Operators that only select or move the elements of their first input: a per-tensor dequantization commutes
+#: with them.
+_MOVES = frozenset({"Gather", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Identity",
+                    "Expand"})
+
+
+def _moved_weights(graph: _Graph) -> int:
+    """Each per-tensor DequantizeLinear of constant codes that only moves have read (onnxruntime's dynamic
+    quantization writes an embedding as an int8 table, a Gather, a Transpose, then the DequantizeLinear) as the same
+    moves of the float table; the count."""
+    producers = graph.producers()
+    moved = 0
+    for dq in [n for n in graph.g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+        scale, zero = graph.value(dq.input[1]), graph.value(_arg(dq, 2) or "")
+        if scale is None or scale.size != 1 or (zero is not None and zero.size != 1):
+            continue
+        chain, tensor = [], dq.input[0]
+        while tensor not in graph.consts:
+            node = producers.get(tensor)
+            if node is None or node.op_type not in _MOVES or node.domain not in ("", "ai.onnx"):
+                break
+            chain.append(node)
+            tensor = node.input[0]
+        if not chain or tensor not in graph.consts:
+            continue
+        source, copies = graph.constant(_real(graph.consts[tensor], scale, zero, 0), tensor), []
+        for node in reversed(chain):  # the same moves, of the float table (the codes' may have other readers)
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = graph.fresh(node.name or node.output[0])
+            copy.input[0] = source
+            del copy.output[:]
+            source = dq.output[0] if node is chain[0] else graph.fresh(node.output[0])
+            copy.output.append(source)
+            copies.append(copy)
+        nodes = list(graph.g.node)
+        at = nodes.index(dq)
+        del graph.g.node[:]
+        graph.g.node.extend(nodes[:at] + copies + nodes[at + 1:])
+        moved += 1
+    return moved
+
+
 def _prune(graph: _Graph) -> None:
     """Drop the nodes and initializers nothing reads (the quantizers left behind), and the Identities."""
     outputs = {o.name for o in graph.g.output}
@@ -432,6 +475,9 @@ def dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Counter[str]]:
     graph.g.node.extend(kept)
     pairs = _drop_pairs(graph)
     folded = _fold_weights(graph)
+    moved = _moved_weights(graph)
+    if moved:
+        done["DequantizeLinear of gathered weights"] += moved
     if pairs:
         done["QuantizeLinear -> DequantizeLinear"] += pairs
     if folded:

@@ -63,7 +63,11 @@ def _written(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | None
         if full is None or not np.all(full == steps):
             return None
     hidden = recurrent.shape[-1]
-    if steps * len(directions) * (14 if node.op_type == "LSTM" else 15) > MAX_WRITTEN:
+    written = steps * len(directions) * (14 if node.op_type == "LSTM" else 15)
+    if written > MAX_WRITTEN:
+        ctx.steps.append(f"{node.op_type} {node.name or node.output[0]} left as one operator, on the host: {steps} "
+                         f"steps x {len(directions)} direction(s) written out would be {written} operators (at most "
+                         f"{MAX_WRITTEN})")
         return None
     if bias is None:
         bias = np.zeros((len(directions), 2 * gates * hidden), np.float32)
