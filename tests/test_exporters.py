@@ -87,8 +87,8 @@ def test_exporter_idiom_quantizes_converts_and_simulates(idiom: str, tmp_path: P
 def test_every_product_of_these_idioms_is_on_the_crossbars(idiom: str, tmp_path: Path) -> None:
     """A Gemm whose bias is an activation (onnxsim's fusion of a MatMul and an Add of two activations: 31.6% of a
     keras2onnx denoiser's work had stayed on the host), with transA/alpha/beta, a grouped Einsum (13% of
-    DeepFilterNet3's) and a ConvTranspose sized by output_shape or auto_pad are written in the crossbar's form: every multiply-accumulate is on the device (the test above
-    bounds their error)."""
+    DeepFilterNet3's) and a ConvTranspose sized by output_shape or auto_pad are written in the crossbar's form:
+    every multiply-accumulate is on the device (the test above bounds their error)."""
     model, shapes = IDIOMS[idiom]()
     result, _ = _pipeline(model, shapes, tmp_path, idiom)
     assert result.placement is not None and result.placement.crossbar_coverage == 1.0, result.placement.summary()
