@@ -19,14 +19,19 @@ def comparable(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Se
     """The outputs (by position; ``names`` name them in the warning) that have one shape in every sample of both:
     an output whose size depends on the data (the boxes a NonMaxSuppression keeps) has no element-wise error.
     Integer outputs (an ArgMax's class, a TopK's indices) are left out where a float output is left: an index is
-    a label, and one rank swapped among a top five outweighed every float output's error."""
+    a label, and one rank swapped among a top five outweighed every float output's error. An output with no
+    elements (the boxes of a detector that kept none) is left out too."""
     shapes = {(np.shape(o), i) for run in (quantized, reference) for sample in run for i, o in enumerate(sample)}
     count = len(reference[0]) if len(reference) else 0
     varying = {i for i in range(count) if sum(1 for _, j in shapes if j == i) > 1}
     if varying:
         log.warning("outputs %s vary in size with the data: the error is taken over the others",
                     ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(varying)))
-    kept = [i for i in range(count) if i not in varying]
+    empty = {i for i in range(count) if i not in varying and np.size(reference[0][i]) == 0}
+    if empty:  # (a detector that kept no box)
+        log.warning("outputs %s are empty: the error is taken over the others",
+                    ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(empty)))
+    kept = [i for i in range(count) if i not in varying | empty]
     floats = [i for i in kept if np.issubdtype(np.asarray(reference[0][i]).dtype, np.floating)]
     return floats or kept
 

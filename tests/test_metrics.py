@@ -39,3 +39,15 @@ def test_each_output_has_its_own_error() -> None:
     assert result["per_output"]["scores"] > 20 * result["rel_l2"]
     assert per_output_line(result["per_output"]) == "per output: boxes 0.10%, scores 20.00%"
     assert per_output_line({"logits": 0.1}) == ""
+
+
+def test_an_empty_output_is_left_out() -> None:
+    """A detector that kept no box returns a (0, 4) output in every sample: it has no error (argmax of it had
+    failed every evaluation); beside it the other outputs are compared, and with none left every figure is NaN."""
+    rng = np.random.default_rng(2)
+    scores = [rng.standard_normal(6).astype(np.float32) for _ in range(2)]
+    none = np.zeros((0, 4), np.float32)
+    result = compare_outputs([[none, s + 0.01] for s in scores], [[none, s] for s in scores], names=["boxes", "s"])
+    assert list(result["per_output"]) == ["s"] and 0 < result["rel_l2"] < 0.1 and result["top1_agreement"] == 1.0
+    alone = compare_outputs([[none], [none]], [[none], [none]], names=["boxes"])
+    assert np.isnan(alone["rel_l2"]) and np.isnan(alone["top1_agreement"]) and alone["per_output"] == {}
