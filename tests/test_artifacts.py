@@ -290,3 +290,34 @@ def test_one_copy_each_keeps_inputs_and_subgraph_reads(tmp_path) -> None:
     onnx.checker.check_model(model)
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_rows_shorter_than_the_fetches_come_whole_and_weighted() -> None:
+    """The per-layer report reads 4096 seeded positions a row; a row of 96 (a token Gemm's: MaxViT's had 25088 rows)
+    is fetched whole, 96 values instead of 4096 copies of them (its gathered form took 411 MB a sample, and 16
+    kept samples ran a quantization out of memory), weighted by how often PPQ's positions hit each value: the same
+    SNR as the gathered copy."""
+    from onnx import TensorProto, helper
+
+    from maptools.quantization.reference import LCG_STATES, fetch_name, fetch_nodes, fetch_weights
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [500, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [500, 96])])
+    nodes, inits, outputs = fetch_nodes({"y": 96})
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    graph.output.extend(outputs)
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 96)).astype(np.float32)
+    rows = session.run([fetch_name("y")], {"x": x})[0]
+    assert rows.shape == (500, 96) and fetch_weights(4096) is None
+    noisy = rows + 0.1 * rng.standard_normal(rows.shape)
+    w = fetch_weights(96)
+    weighted = (((noisy - rows) ** 2 * w).sum(axis=1) / ((rows ** 2 * w).sum(axis=1) + 1e-7)).mean()
+    gathered_y, gathered_x = (np.take(a, LCG_STATES % 96, axis=1) for a in (rows, noisy))
+    assert gathered_y.shape == (500, 4096)
+    gathered = (((gathered_x - gathered_y) ** 2).sum(axis=1) / ((gathered_y ** 2).sum(axis=1) + 1e-7)).mean()
+    assert abs(weighted - gathered) < 1e-6 * gathered  # (summed in another order)

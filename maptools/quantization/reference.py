@@ -25,7 +25,8 @@ from maptools.onnx_model import run_on_sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FloatReference", "COMPUTING_OP_TYPES", "LCG_STATES", "fetch_nodes", "fetching_session", "with_outputs"]
+__all__ = ["FloatReference", "COMPUTING_OP_TYPES", "LCG_STATES", "fetch_nodes", "fetch_weights", "fetching_session",
+           "with_outputs"]
 
 #: PPQ's graphwise analysis compares each output at 4096 positions per sample, drawn from this seed
 _FETCHES, _FETCH_SEED = 4096, 10086
@@ -81,13 +82,23 @@ def fetch_nodes(tensors: Mapping[str, int]) -> tuple[list[onnx.NodeProto], list[
     per sample``, its values at PPQ's seeded positions (``batch_random_fetch``), one row per sample."""
     nodes, outputs, indices = [], [], {}
     for name, numel in tensors.items():
+        out = fetch_name(name)
+        outputs.append(onnx.helper.make_empty_tensor_value_info(out))
+        if fetch_weights(numel) is not None:  # every position is fetched: the rows as they are
+            nodes.append(onnx.helper.make_node("Flatten", [name], [out], axis=1))
+            continue
         if numel not in indices:
             indices[numel] = onnx.numpy_helper.from_array(LCG_STATES % numel, f"maptools_fetch_index{numel}")
-        out = fetch_name(name)
         nodes += [onnx.helper.make_node("Flatten", [name], [f"{out}_rows"], axis=1),
                   onnx.helper.make_node("Gather", [f"{out}_rows", indices[numel].name], [out], axis=1)]
-        outputs.append(onnx.helper.make_empty_tensor_value_info(out))
     return nodes, list(indices.values()), outputs
+
+
+def fetch_weights(numel: int) -> np.ndarray | None:
+    """For a tensor of ``numel`` elements a row, fewer than the 4096 fetches: how often each position is among
+    PPQ's seeded positions (its rows are fetched whole and weighted so: the gathered copy had 4096 values a row,
+    411 MB for one of MaxViT's token Gemms, 25088 rows of 96). None where the positions themselves are fetched."""
+    return np.bincount(LCG_STATES % numel, minlength=numel).astype(np.float64) if numel < _FETCHES else None
 
 
 def fetching_session(model: bytes, produced: set[str], tensors: Mapping[str, int], what: str) -> Any:
@@ -111,8 +122,9 @@ def _static_numel(info: onnx.ValueInfoProto) -> int | None:
 
 #: operators whose outputs the per-layer error report compares (PPQ's computing operators)
 COMPUTING_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-#: feeds whose fetched rows a reference keeps (the error report reads the first ``error_steps``, 8 by default)
-_KEPT_FEEDS = 16
+#: feeds whose fetched rows a reference keeps (the error report reads the first ``error_steps``, 8 by default),
+#: while they take at most this many bytes (a later feed is run again when the report needs it)
+_KEPT_FEEDS, _KEPT_BYTES = 16, 1 << 30
 
 
 def _feed_key(feed: Mapping[str, np.ndarray]) -> bytes:
@@ -137,6 +149,7 @@ class FloatReference:
         self.tensors = tensors  # returned whole
         self.fetched = dict(fetched)  # returned at the seeded positions: tensor -> elements per sample
         self._rows: dict[bytes, list[np.ndarray]] = {}
+        self._kept = 0  # bytes in _rows
 
     @classmethod
     def build(cls, model: onnx.ModelProto, data: bytes | None = None, threads: int | None = None,
@@ -167,11 +180,12 @@ class FloatReference:
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """``names`` (tensors of :attr:`tensors`) for one feed."""
         key = _feed_key(feed)
-        keep = key not in self._rows and len(self._rows) < _KEPT_FEEDS
+        keep = key not in self._rows and len(self._rows) < _KEPT_FEEDS and self._kept < _KEPT_BYTES
         extra = [fetch_name(t) for t in self.fetched] if keep else []
         values = run_on_sample(self.session, [*names, *extra], feed)
         if keep:
             self._rows[key] = values[len(names):]
+            self._kept += sum(v.nbytes for v in self._rows[key])
         return values[:len(names)]
 
     def fetch(self, tensors: Mapping[str, int], feeds: Iterable[Mapping[str, np.ndarray]]

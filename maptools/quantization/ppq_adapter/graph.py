@@ -29,7 +29,7 @@ from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Ba
 from maptools.quantization.ppq_adapter.export import _canonical_names, _ExactExporter, _restore_domains
 from maptools.quantization.ppq_adapter.quantizer import _range_of, _scale_of
 from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
-from maptools.quantization.reference import FloatReference, fetch_name, fetching_session
+from maptools.quantization.reference import FloatReference, fetch_name, fetch_weights, fetching_session
 log = logging.getLogger(__name__)
 
 def _setting(settings: QuantSettings, device: str) -> Any:
@@ -288,6 +288,7 @@ class QuantizedGraph:
                 names = [fetch_name(t) for t in tensors]
                 return None if session is None else [session.run(names, feed) for feed in feeds]
 
+            weights = [fetch_weights(numel) for numel in real.values()]
             real = (None if self._reference is None else self._reference.fetch(real, feeds)) or \
                 fetch(self._model, self._model_bytes, real, "the float model")
             pred = None if real is None else fetch(quantized, qdq, pred, "the QDQ model")
@@ -296,9 +297,10 @@ class QuantizedGraph:
             total, rows = np.zeros(len(ops)), np.zeros(len(ops))
             for real_rows, pred_rows in zip(real, pred):
                 for i, (y, x) in enumerate(zip(real_rows, pred_rows)):
-                    # a row is the first axis: a sample, or a token where PPQ flattened a MatMul into a Gemm
-                    y, x = y.astype(np.float64), x.astype(np.float64)
-                    total[i] += (((x - y) ** 2).sum(axis=1) / ((y ** 2).sum(axis=1) + 1e-7)).sum()
+                    # a row is the first axis: a sample, or a token where PPQ flattened a MatMul into a Gemm;
+                    # a row of fewer than 4096 elements comes whole, each position weighted by its fetches
+                    y, x, w = y.astype(np.float64), x.astype(np.float64), 1.0 if weights[i] is None else weights[i]
+                    total[i] += ((((x - y) ** 2) * w).sum(axis=1) / (((y ** 2) * w).sum(axis=1) + 1e-7)).sum()
                     rows[i] += y.shape[0]
         return {op.name: float(v / max(n, 1)) for op, v, n in zip(ops, total, rows)}
 
