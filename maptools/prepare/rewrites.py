@@ -446,42 +446,40 @@ def _gemm_device_form(ctx: _Context) -> int:
     folded into ``B``, ``beta`` into a constant ``C``, and a computed ``C`` (onnxsim fuses ``MatMul + Add`` of two
     activations into one Gemm: keras2onnx's LSTM cell ``x W + h R``, a residual ``x W + x``) as an ``Add`` after
     it. The count."""
-    rewritten = 0
-    inits = ctx.initializers()
-    for node in [n for n in ctx.graph.node if n.op_type == "Gemm" and n.domain in _DEFAULT_DOMAINS]:
-        a, b, c = (list(node.input) + ["", ""])[:3]
-        trans_a, alpha = int(node_attr(node, "transA", 0)), float(node_attr(node, "alpha", 1.0))
-        beta = float(node_attr(node, "beta", 1.0))
-        computed = bool(c) and c not in inits
-        if b not in inits or a in inits or not (trans_a or alpha != 1.0 or (c and beta != 1.0) or computed):
-            continue
-        name, out, nodes = node.name or node.output[0], node.output[0], []
-        if trans_a:
-            moved = ctx.fresh(f"{a}_t")
-            nodes.append(onnx.helper.make_node("Transpose", [a], [moved], name=f"{name}_transA", perm=[1, 0]))
-            a = moved
-        if alpha != 1.0:
-            b = ctx.add_initializer(ctx.fresh(f"{b}_alpha"), (inits[b] * np.float32(alpha)).astype(inits[b].dtype))
-        inputs = [a, b]
-        if c and not computed:
-            inputs.append(c if beta == 1.0 else ctx.add_initializer(
-                ctx.fresh(f"{c}_beta"), (inits[c] * np.float32(beta)).astype(inits[c].dtype)))
-        product = ctx.fresh(f"{out}_product") if computed else out
-        nodes.append(onnx.helper.make_node("Gemm", inputs, [product], name=name,
-                                           transB=int(node_attr(node, "transB", 0))))
-        if computed:
-            if beta != 1.0:
-                scaled = ctx.fresh(f"{c}_beta")
-                nodes.append(onnx.helper.make_node("Mul", [c, ctx.add_initializer(
-                    ctx.fresh(f"{c}_beta_value"), np.asarray(beta, np.float32))], [scaled], name=f"{name}_beta"))
-                c = scaled
-            nodes.append(onnx.helper.make_node("Add", [product, c], [out], name=f"{name}_c"))
-        _replace_node(ctx, node, nodes)
-        rewritten += 1
-    if rewritten:
-        _drop_unused_initializers(ctx)
-        ctx.invalidate()
-    return rewritten
+    constants = {i.name for i in ctx.graph.initializer}
+    return _rewrite_each(ctx, ("Gemm",), lambda c, node: _gemm_form(c, node, constants))
+
+
+def _gemm_form(ctx: _Context, node: onnx.NodeProto, constants: Collection[str]) -> list[onnx.NodeProto] | None:
+    a, b, c = (list(node.input) + ["", ""])[:3]
+    trans_a, alpha = int(node_attr(node, "transA", 0)), float(node_attr(node, "alpha", 1.0))
+    beta = float(node_attr(node, "beta", 1.0))
+    computed = bool(c) and c not in constants
+    if b not in constants or a in constants or not (trans_a or alpha != 1.0 or (c and beta != 1.0) or computed):
+        return None
+    name, out, nodes = node.name or node.output[0], node.output[0], []
+
+    def scaled(tensor: str, factor: float) -> str:
+        value = ctx.initializer(tensor)
+        return ctx.add_initializer(ctx.fresh(f"{tensor}_scaled"), (value * np.float32(factor)).astype(value.dtype))
+
+    if trans_a:
+        moved = ctx.fresh(f"{a}_t")
+        nodes.append(onnx.helper.make_node("Transpose", [a], [moved], name=f"{name}_transA", perm=[1, 0]))
+        a = moved
+    inputs = [a, b if alpha == 1.0 else scaled(b, alpha)]
+    if c and not computed:
+        inputs.append(c if beta == 1.0 else scaled(c, beta))
+    product = ctx.fresh(f"{out}_product") if computed else out
+    nodes.append(onnx.helper.make_node("Gemm", inputs, [product], name=name, transB=int(node_attr(node, "transB", 0))))
+    if computed:
+        if beta != 1.0:
+            factor = ctx.add_initializer(ctx.fresh(f"{c}_beta"), np.asarray(beta, np.float32))
+            times = ctx.fresh(f"{c}_times_beta")
+            nodes.append(onnx.helper.make_node("Mul", [c, factor], [times], name=f"{name}_beta"))
+            c = times
+        nodes.append(onnx.helper.make_node("Add", [product, c], [out], name=f"{name}_c"))
+    return nodes
 
 
 def _einsum_as_matmul(ctx: _Context) -> int:
@@ -490,40 +488,36 @@ def _einsum_as_matmul(ctx: _Context) -> int:
     several indices ``"bhnd,chd->bcn"``) as the ``MatMul`` it computes: the activation transposed so that the
     contracted indices come last and flattened into one, the weight as a ``[K, N]`` matrix, and the result
     reshaped and transposed into the output's order. :func:`_matmul_as_gemm` then writes it as a Gemm."""
-    rewritten = 0
-    inits = {i.name for i in ctx.graph.initializer}
-    for node in [n for n in ctx.graph.node if n.op_type == "Einsum" and n.domain in _DEFAULT_DOMAINS]:
-        equation = str(node_attr(node, "equation", "")).replace(" ", "")
-        if "->" not in equation or "..." in equation or len(node.input) != 2:
-            continue
-        (first, second), out = equation.split("->")[0].split(","), equation.split("->")[1]
-        (x, xl), (w, wl) = ((node.input[0], first), (node.input[1], second))
-        if x in inits and w not in inits:
-            (x, xl), (w, wl) = (w, wl), (x, xl)
-        weight, shape = ctx.initializer(w), ctx.shape(x)
-        if x in inits or weight is None or shape is None or -1 in shape or len(shape) != len(xl) or \
-                weight.ndim != len(wl) or any(len(set(t)) != len(t) for t in (xl, wl, out)):
-            continue
-        groups = [c for c in xl if c in wl and c in out]  # (a grouped linear layer's "btgi,gih->btgh")
-        labels = (xl, wl, out)
-        if len(groups) > 1:
-            continue
-        if groups:
-            xl, wl, out = (t.replace(groups[0], "") for t in labels)
-        contracted = [c for c in xl if c in wl and c not in out]
-        free_x, free_w = [c for c in xl if c not in wl], [c for c in wl if c not in xl]
-        if not contracted or not free_x or not free_w or sorted(out) != sorted(free_x + free_w) or \
-                set(xl) | set(wl) != set(out) | set(contracted):
-            continue
-        dims = dict(zip(labels[0], shape))
-        nodes = (_grouped_einsum(ctx, node, x, weight, labels, groups[0], dims, contracted, free_x, free_w) if groups
-                 else _einsum_nodes(ctx, node, x, xl, weight, wl, out, dims, contracted, free_x, free_w))
-        _replace_node(ctx, node, nodes)
-        rewritten += 1
-    if rewritten:
-        _drop_unused_initializers(ctx)
-        ctx.invalidate()
-    return rewritten
+    constants = {i.name for i in ctx.graph.initializer}
+    return _rewrite_each(ctx, ("Einsum",), lambda c, node: _einsum_form(c, node, constants))
+
+
+def _einsum_form(ctx: _Context, node: onnx.NodeProto, constants: Collection[str]) -> list[onnx.NodeProto] | None:
+    equation = str(node_attr(node, "equation", "")).replace(" ", "")
+    if "->" not in equation or "..." in equation or len(node.input) != 2:
+        return None
+    (first, second), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    (x, xl), (w, wl) = ((node.input[0], first), (node.input[1], second))
+    if x in constants and w not in constants:
+        (x, xl), (w, wl) = (w, wl), (x, xl)
+    weight, shape = ctx.initializer(w), ctx.shape(x)
+    if x in constants or weight is None or shape is None or -1 in shape or len(shape) != len(xl) or \
+            weight.ndim != len(wl) or any(len(set(t)) != len(t) for t in (xl, wl, out)):
+        return None
+    groups = [c for c in xl if c in wl and c in out]  # (a grouped linear layer's "btgi,gih->btgh")
+    labels = (xl, wl, out)
+    if len(groups) > 1:
+        return None
+    if groups:
+        xl, wl, out = (t.replace(groups[0], "") for t in labels)
+    contracted = [c for c in xl if c in wl and c not in out]
+    free_x, free_w = [c for c in xl if c not in wl], [c for c in wl if c not in xl]
+    if not contracted or not free_x or not free_w or sorted(out) != sorted(free_x + free_w) or \
+            set(xl) | set(wl) != set(out) | set(contracted):
+        return None
+    dims = dict(zip(labels[0], shape))
+    return (_grouped_einsum(ctx, node, x, weight, labels, groups[0], dims, contracted, free_x, free_w) if groups
+            else _einsum_nodes(ctx, node, x, xl, weight, wl, out, dims, contracted, free_x, free_w))
 
 
 def _grouped_einsum(ctx: _Context, node: onnx.NodeProto, x: str, weight: np.ndarray, labels: tuple[str, str, str],
