@@ -146,22 +146,24 @@ def _explicit_pads(ctx: _Context) -> int:
     return changed
 
 
+_UNPADDED = ("NOTSET", "VALID")
+
+
 def _transposed_pads(ctx: _Context) -> int:
     """A ``ConvTranspose`` sized by ``output_shape`` or ``auto_pad`` (tf2onnx and keras2onnx write them) with the
     explicit ``pads`` and ``output_padding`` that give the same output at the fixed input shape. Runtimes split an
     odd padding differently, so each candidate is run beside the operator in onnxruntime and the first that computes
     the same is kept; where none does, the operator stays as it was (on the host). The count."""
     changed = 0
-    inits = ctx.initializers()
-    for node in [n for n in ctx.graph.node if n.op_type == "ConvTranspose" and n.domain in _DEFAULT_DOMAINS]:
-        mode = str(node_attr(node, "auto_pad", "NOTSET"))
-        if node_attr(node, "output_shape") is None and mode in ("NOTSET", "VALID"):
-            continue
-        shape, out, weight = ctx.shape(node.input[0]), ctx.shape(node.output[0]), inits.get(node.input[1])
-        if shape is None or out is None or weight is None or min(shape + out) <= 0:
+    sized = [n for n in ctx.graph.node if n.op_type == "ConvTranspose" and n.domain in _DEFAULT_DOMAINS
+             and (node_attr(n, "output_shape") is not None or node_attr(n, "auto_pad", "NOTSET") not in _UNPADDED)]
+    for node in sized:
+        shape, out = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+        params = {t: ctx.initializer(t) for t in node.input[1:] if t}
+        if shape is None or out is None or min(shape + out) <= 0 or any(v is None for v in params.values()):
             continue
         rank = len(shape) - 2
-        kernel = list(node_attr(node, "kernel_shape", weight.shape[2:]))
+        kernel = list(node_attr(node, "kernel_shape", params[node.input[1]].shape[2:]))
         strides, dilations = (list(node_attr(node, k, [1] * rank)) for k in ("strides", "dilations"))
         adjust = list(node_attr(node, "output_padding", [0] * rank))
         natural = [strides[i] * (shape[2 + i] - 1) + adjust[i] + (kernel[i] - 1) * dilations[i] + 1
@@ -169,13 +171,17 @@ def _transposed_pads(ctx: _Context) -> int:
         total = [natural[i] - out[2 + i] for i in range(rank)]
         extra = [adjust[i] + max(-t, 0) for i, t in enumerate(total)]
         total = [max(t, 0) for t in total]
+        sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        want = _run_alone(ctx, node, params, sample)
         for head in ([t // 2 for t in total], [t - t // 2 for t in total]):
             candidate = onnx.NodeProto()
             candidate.CopyFrom(node)
             _drop_attrs(candidate, {"auto_pad", "output_shape", "pads", "output_padding"})
             candidate.attribute.extend([onnx.helper.make_attribute("pads", head + [t - h for t, h in zip(total, head)]),
                                         onnx.helper.make_attribute("output_padding", extra)])
-            if _same_output(ctx, node, candidate, shape, inits):
+            got = _run_alone(ctx, candidate, params, sample)
+            if want is not None and got is not None and want.shape == got.shape and \
+                    np.allclose(want, got, rtol=1e-4, atol=1e-5 * float(np.abs(want).max() or 1.0)):
                 node.CopyFrom(candidate)
                 changed += 1
                 break
@@ -184,26 +190,19 @@ def _transposed_pads(ctx: _Context) -> int:
     return changed
 
 
-def _same_output(ctx: _Context, node: onnx.NodeProto, candidate: onnx.NodeProto, shape: list[int],
-                 inits: Mapping[str, np.ndarray]) -> bool:
-    """Whether ``candidate`` computes what ``node`` does on a random input of ``shape`` (onnxruntime)."""
-    def run(op: onnx.NodeProto) -> np.ndarray | None:
-        values = [onnx.numpy_helper.from_array(inits[t], t) for t in op.input[1:] if t]
-        if len(values) != len([t for t in op.input[1:] if t]):
-            return None
-        graph = onnx.helper.make_graph(
-            [op], "one", [onnx.helper.make_tensor_value_info(op.input[0], onnx.TensorProto.FLOAT, shape)],
-            [onnx.helper.make_tensor_value_info(op.output[0], onnx.TensorProto.FLOAT, None)], values)
-        model = onnx.helper.make_model(graph, opset_imports=ctx.model.opset_import)
-        try:
-            return ort_session(model).run(None, {op.input[0]: sample})[0]
-        except Exception:  # noqa: BLE001  (a candidate onnxruntime refuses is not the one)
-            return None
-
-    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    want, got = run(node), run(candidate)
-    return want is not None and got is not None and want.shape == got.shape and \
-        bool(np.allclose(want, got, rtol=1e-4, atol=1e-5 * float(np.abs(want).max() or 1.0)))
+def _run_alone(ctx: _Context, node: onnx.NodeProto, params: Mapping[str, np.ndarray], sample: np.ndarray
+               ) -> np.ndarray | None:
+    """``node`` alone in onnxruntime on ``sample`` (its other inputs the constants ``params``); None where
+    onnxruntime refuses it."""
+    graph = onnx.helper.make_graph(
+        [node], "one", [onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, sample.shape)],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(v, t) for t, v in params.items()])
+    try:
+        return ort_session(onnx.helper.make_model(graph, opset_imports=ctx.model.opset_import)).run(
+            None, {node.input[0]: sample})[0]
+    except Exception:  # noqa: BLE001  (a candidate onnxruntime refuses is not the one)
+        return None
 
 
 def _bn_affine(bn: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
