@@ -146,7 +146,7 @@ def _candidate(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[
 
 def _device_role(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], acts: list[str]) -> tuple[Role, str]:
     op = node.op_type
-    if op in ("LSTM", "GRU", "RNN"):
+    if op in ("LSTM", "GRU"):  # (the forms preparation writes out; an RNN never is)
         return Role.HOST, (f"{op} has no device form as one operator (preparation writes an LSTM or GRU out as Gemms "
                            "where its weights are constant, its activations the defaults and its length fits: the "
                            "prepared steps say why not)")
