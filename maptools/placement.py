@@ -354,7 +354,7 @@ def _dims(graph: onnx.GraphProto, outer: Mapping[str, list[int]] | None = None) 
 #: operator whose work it does, the index of its weight input).
 _INTEGER_FORMS = {("", "MatMulInteger"): ("MatMul", 1), ("", "QLinearMatMul"): ("MatMul", 3),
                   ("", "ConvInteger"): ("Conv", 1), ("", "QLinearConv"): ("Conv", 3),
-                  ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 1),
+                  ("com.microsoft", "QGemm"): ("Gemm", 3), ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 1),
                   ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 1)}
 
 
@@ -366,7 +366,7 @@ _CONTRIB_FORMS = {("com.microsoft", "FusedConv"): "Conv", ("com.microsoft", "Fus
 
 #: Operators of a model an integer quantizer has already written (onnxruntime's static and dynamic ones).
 QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
-                                "DynamicQuantizeLSTM", "QAttention", "QGemm", *(op for _, op in _INTEGER_FORMS)})
+                                "DynamicQuantizeLSTM", "QAttention", *(op for _, op in _INTEGER_FORMS)})
 
 
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:

@@ -168,7 +168,7 @@ def test_a_symmetric_input_quantizer_is_checked_on_the_images_it_was_calibrated_
     """A QAT export whose input quantizer is symmetric int8 (it covers [-1, 1]) for [0, 1) images, and a first
     convolution (a folded batch norm) that removes their mean: on negative inputs it lands far past its
     calibrated output range, where the quantized model clips and its float equivalent does not. The rewrite is
-    checked on the quantizer's non-negative part as well, and kept."""
+    checked with its quantizers kept (they clip alike), and kept."""
     from onnx import TensorProto, helper, numpy_helper
 
     from maptools.prepare import prepare_model
@@ -203,7 +203,71 @@ def test_a_symmetric_input_quantizer_is_checked_on_the_images_it_was_calibrated_
     assert _rel(_run(floated, [negative]), _run(path, [negative])) > 0.5  # (the check on the full range refuses)
     prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": [1, 3, 32, 32]})
     assert not prepared.fallbacks
-    assert "non-negative part of its input quantizers' ranges" in prepared.steps[0]
+    assert "with its quantizers kept" in prepared.steps[0] and "in its input quantizers' ranges" in prepared.steps[0]
+
+
+def _clipping_qlinear_conv(path: Path) -> Path:
+    """A QOperator convolution as onnxruntime writes it after calibrating on N(0, 1) images: its input quantizer
+    covers their extremes, its output quantizer a third of its outputs' range (a percentile or a trained clip)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    images = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    outputs = torch.nn.functional.conv2d(torch.from_numpy(images), torch.from_numpy(w), padding=1).numpy()
+    scale = (np.abs(w).reshape(8, -1).max(1) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("xs", np.float32(np.abs(images).max() / 127)), ("xz", np.uint8(128)),
+        ("wq", np.round(w / scale.reshape(-1, 1, 1, 1)).astype(np.int8)), ("ws", scale),
+        ("wz", np.zeros(8, np.int8)), ("ys", np.float32(np.abs(outputs).max() / 3 / 127)), ("yz", np.uint8(128))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz"], ["yq"],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "qop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_the_rewrite_is_checked_with_its_quantizers_kept(tmp_path: Path) -> None:
+    """Random inputs over the input quantizer's range are wider than the images it was calibrated on, and clip
+    at the output quantizer, where the float equivalent does not: a squeezenet written so was refused (54.6% apart,
+    the rewrite itself 0.5% off) and stayed on the host. The check keeps the quantizers, so it measures the
+    rewrite, and the rewrite is kept."""
+    from maptools.prepare import prepare_model
+
+    path = _clipping_qlinear_conv(tmp_path / "qop.onnx")
+    floated, _ = dequantize(onnx.load(str(path)))
+    rounded, _ = dequantize(onnx.load(str(path)), keep_quantizers=True)
+    xs_range = float(onnx.numpy_helper.to_array(next(i for i in onnx.load(str(path)).graph.initializer
+                                                     if i.name == "xs"))) * 127
+    wide = [np.random.default_rng(i).uniform(-xs_range, xs_range, SHAPE).astype(np.float32) for i in range(4)]
+    assert _rel(_run(floated, wide), _run(path, wide)) > 0.5  # (the float model's distance: refused before)
+    assert _rel(_run(rounded, wide), _run(path, wide)) < 0.02
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in rounded.graph.node}
+    prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": SHAPE})
+    assert not prepared.fallbacks, prepared.fallbacks
+    assert prepared.steps[0].startswith("the model is quantized: rewritten as float (1 QLinearConv"), prepared.steps
+    assert "with its quantizers kept" in prepared.steps[0]
+
+
+def test_a_wrong_rewrite_is_refused_and_the_model_goes_on_as_shipped(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite that decodes the weights wrongly (a fault injected into it) is caught by the check: the model
+    goes on as shipped, its quantized operators on the host, and the fallback says why."""
+    import importlib
+
+    from maptools.prepare import prepare_model
+
+    module = importlib.import_module("maptools.prepare.dequantize")  # (the package's name is the function's)
+    decode = module._real
+    monkeypatch.setattr(module, "_real", lambda *args: -decode(*args))
+    path = _clipping_qlinear_conv(tmp_path / "qop.onnx")
+    prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": SHAPE})
+    assert any(f.startswith("the model is quantized; rewriting it as float skipped (with its quantizers kept, its "
+                            "outputs differ by") for f in prepared.fallbacks), prepared.fallbacks
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(prepared.path)).graph.node}
 
 
 def test_a_dynamically_quantized_lstm_is_an_lstm_again(tmp_path: Path) -> None:

@@ -198,3 +198,16 @@ def test_onnxruntimes_own_forms_of_matrix_work_count_it() -> None:
     inferred = {"c": [1, 4, 8, 8], "r": [1, 4, 64], "y": [1, 4, 16]}
     model.graph.value_info.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inferred.items())
     assert macs(model) == {"nchwc": 4 * 8 * 8 * 4, "nbits": 4 * 16 * 64}
+
+
+def test_an_integer_gemm_left_on_the_host_counts_its_work() -> None:
+    """onnxruntime's QOperator Gemm (com.microsoft QGemm, its weight the fourth input) does a Gemm's work: a
+    quantized transformer whose float rewrite was refused read '0.0% of 262,144' (its QLinearMatMuls alone)."""
+    from maptools.placement import macs
+
+    node = helper.make_node("QGemm", ["a", "as", "az", "b", "bs", "bz", "c", "ys", "yz"], ["y"], name="qgemm",
+                            domain="com.microsoft", transB=1)
+    model = _graph([node], ["y"], b=np.zeros((192, 64), np.int8))
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, TensorProto.UINT8, v)
+                                  for k, v in {"a": [32, 64], "y": [32, 192]}.items())
+    assert macs(model) == {"qgemm": 32 * 64 * 192}

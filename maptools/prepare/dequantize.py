@@ -442,8 +442,11 @@ def _prune(graph: _Graph) -> None:
     graph.g.initializer.extend(kept)
 
 
-def dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Counter[str]]:
+def dequantize(model: onnx.ModelProto, keep_quantizers: bool = False) -> tuple[onnx.ModelProto, Counter[str]]:
     """``model``'s float equivalent (a copy) and the quantized operators rewritten, by type.
+
+    ``keep_quantizers`` keeps each ``QuantizeLinear -> DequantizeLinear`` pair: the float operators then compute
+    what the integer ones did, rounding and clipping included (what checks the rewrite).
 
     Raises:
         ModelError: ``model`` has control flow around its quantized operators (not rewritten).
@@ -473,7 +476,7 @@ def dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Counter[str]]:
     kept = [n for n in rewritten if id(n) not in dead]
     del graph.g.node[:]
     graph.g.node.extend(kept)
-    pairs = _drop_pairs(graph)
+    pairs = 0 if keep_quantizers else _drop_pairs(graph)
     folded = _fold_weights(graph)
     moved = _moved_weights(graph)
     if moved:
