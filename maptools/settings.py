@@ -11,12 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from maptools.errors import SettingsError
 
 __all__ = ["Settings", "CalibrationAlgorithm", "ActivationSign", "Optimization", "ScalePolicy", "Profile",
-           "QuantSettings", "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS", "field_bounds", "field_choices"]
+           "QuantSettings", "MIN_CALIB_STEPS", "MAX_CALIB_STEPS", "MULTIPLIER_BITS", "FBC_SAMPLES", "field_bounds",
+           "field_choices"]
 
 MIN_CALIB_STEPS = 8
 MAX_CALIB_STEPS = 512
 #: Bits of the requantization multipliers recorded in quantinfo (and used by the fixed-point simulation).
 MULTIPLIER_BITS = 31
+#: Calibration samples the fast bias correction averages over (the first ones).
+FBC_SAMPLES = 32
 
 
 class CalibrationAlgorithm(str, Enum):
@@ -26,13 +29,12 @@ class CalibrationAlgorithm(str, Enum):
     MINMAX = "minmax"
     KL = "kl"
     MSE = "mse"
-    AUTO = "auto"  # percentile and mse both; the one whose model has the lower output error on the calibration data
+    AUTO = "auto"  # percentile and mse both (and each bias-corrected); the model nearest float on the calibration data
 
     @property
     def passes(self) -> int:
-        """How many times PPQ reads the calibration data: its kl (histogram) and mse observers read it twice,
-        auto calibrates with percentile (once) and mse (twice)."""
-        return {CalibrationAlgorithm.KL: 2, CalibrationAlgorithm.MSE: 2, CalibrationAlgorithm.AUTO: 3}.get(self, 1)
+        """How many times PPQ reads the calibration data: its kl (histogram) and mse observers read it twice."""
+        return {CalibrationAlgorithm.KL: 2, CalibrationAlgorithm.MSE: 2}.get(self, 1)
 
     @property
     def candidates(self) -> tuple[CalibrationAlgorithm, ...]:
@@ -138,8 +140,9 @@ class QuantSettings(Settings):
     algorithm: CalibrationAlgorithm = Field(
         CalibrationAlgorithm.AUTO, title="calibration algorithm",
         description="How activation ranges are set from the calibration data: auto (the default) calibrates with "
-                    "percentile and with mse and keeps the model whose outputs are nearer the float model's on the "
-                    "calibration samples (about 3x percentile's time; random data: percentile); percentile clips "
+                    "percentile and with mse, tries each with the fast bias correction too (where optimization is "
+                    "none), and keeps the model whose outputs are nearest the float model's on the calibration "
+                    "samples (about 3x percentile's time; random data: percentile); percentile clips "
                     "outliers, minmax keeps them (fastest), kl and mse search for the least loss (they read the "
                     "data twice).")
     calib_steps: int = Field(32, ge=MIN_CALIB_STEPS, le=MAX_CALIB_STEPS, strict=True,
@@ -223,6 +226,25 @@ class QuantSettings(Settings):
     def unsigned_activations(self) -> bool:
         """Whether unsigned ranges apply: ``auto``, and an observer that handles them (PPQ's kl is signed only)."""
         return self.activation_sign is ActivationSign.AUTO and self.algorithm is not CalibrationAlgorithm.KL
+
+    @property
+    def candidates(self) -> tuple[QuantSettings, ...]:
+        """The quantizations these settings run, the one nearest float on the calibration data kept: ``auto``
+        calibrates with percentile and with mse and, where ``optimization`` is ``none``, tries each calibration
+        with the fast bias correction as well; any other algorithm runs once."""
+        if self.algorithm is not CalibrationAlgorithm.AUTO:
+            return (self,)
+        passes = (Optimization.NONE, Optimization.FAST_BIAS_CORRECTION) if self.optimization is Optimization.NONE \
+            else (self.optimization,)
+        return tuple(self.replace(algorithm=a, optimization=o) for a in self.algorithm.candidates for o in passes)
+
+    def samples_read(self, steps: int) -> int:
+        """Calibration samples a quantization with these settings reads (a progress bar's total): each algorithm's
+        passes over ``steps`` samples (a bias-corrected candidate reuses its algorithm's calibration), and each
+        fast bias correction's first :data:`FBC_SAMPLES`."""
+        corrections = sum(c.optimization is Optimization.FAST_BIAS_CORRECTION for c in self.candidates)
+        return sum(steps * a.passes for a in {c.algorithm for c in self.candidates}) + \
+            corrections * min(steps, FBC_SAMPLES)
 
     def bits_of(self, op_name: str) -> tuple[int, int]:
         """``(weight_bits, input_bits)`` of one crossbar operator."""

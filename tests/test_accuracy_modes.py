@@ -54,7 +54,10 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=name, calibset=calib, calib_steps=CALIB,
                       bit_width=bits, activation_sign=sign, optimization=optimization, output_root=tmp_path,
                       profile=profile)
-    assert result.settings.activation_sign.value == sign and result.settings.optimization.value == optimization
+    assert result.settings.activation_sign.value == sign
+    # (with optimization='none', algorithm='auto' may keep a calibration's fast bias correction, and says so)
+    assert result.settings.optimization.value in ((optimization, "fast-bias-correction") if optimization == "none"
+                                                  else (optimization,))
     info, params = read_quantinfo(name, tmp_path), read_quantparams(name, tmp_path)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     ranges = {c.out_range for c in info.values() if c.output_scale is not None}
@@ -68,7 +71,8 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     if sign == "auto":  # every input of a crossbar layer after a Relu is unsigned
         assert info["/block/block.0/Conv"].in_range(0) == (0, 2 ** bits - 1)
     settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB, activation_sign=sign,
-                             optimization=optimization, profile=profile, algorithm=result.settings.algorithm)
+                             optimization=result.settings.optimization, profile=profile,
+                             algorithm=result.settings.algorithm)
     with torch_threads(read_manifest(name, tmp_path)["threads"]):  # lsq's trained scales follow the thread count
         ppq = _ppq(result.map_dir, calib, settings)
     assert ppq.quantinfo() == info  # the run is reproducible from the map's model, data and thread count
@@ -162,22 +166,32 @@ def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None
 
 
 def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_path) -> None:
-    """``algorithm='auto'`` (the default): percentile and mse both calibrate; the map is the one whose QDQ model is
-    nearer the float model on the calibration samples (the note gives both errors), byte for byte what that
-    algorithm alone writes, with the same per-layer error report; with random data there is nothing to choose on,
-    and it is percentile."""
+    """``algorithm='auto'`` (the default): percentile and mse both calibrate, and each calibration is tried with
+    the fast bias correction as well; the map is the one whose QDQ model is nearest the float model on the
+    calibration samples (the note gives each error), byte for byte what those settings alone write, with the same
+    per-layer error report (a correction not kept is undone); with random data there is nothing to choose on, and
+    it is percentile."""
     import re
 
     path, calib, _, _ = digits_setup
-    runs = {algorithm: quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=algorithm, calibset=calib, calib_steps=CALIB,
-                                output_root=tmp_path, error_steps=4,
-                                **({} if algorithm == "auto" else {"algorithm": algorithm}))
-            for algorithm in ("auto", "percentile", "mse")}
+    options = {"percentile": {"algorithm": "percentile"}, "mse": {"algorithm": "mse"},
+               "percentile + fast-bias-correction": {"algorithm": "percentile",
+                                                     "optimization": "fast-bias-correction"},
+               "mse + fast-bias-correction": {"algorithm": "mse", "optimization": "fast-bias-correction"}}
+    runs = {label: quantize(SMALL_CNN_SHAPES, "cpu", path, mapname=f"run{i}", calibset=calib, calib_steps=CALIB,
+                            output_root=tmp_path, error_steps=4, **settings)
+            for i, (label, settings) in enumerate({"auto": {}, **options}.items())}
     auto = runs["auto"]
     note = next(n for n in auto.notes if n.startswith("algorithm='auto' chose"))
-    errors = {a: float(e) for a, e in re.findall(r"(percentile|mse) ([0-9.]+)%", note)}
-    chosen = auto.settings.algorithm.value
-    assert set(errors) == {"percentile", "mse"} and errors[chosen] == min(errors.values()), note
+    errors = {a: float(e) for a, e in re.findall(r"((?:percentile|mse)(?: \+ fast-bias-correction)?) ([0-9.]+)%", note)}
+    chosen = next(label for label, settings in options.items()
+                  if {"optimization": "none", **settings} == {"algorithm": auto.settings.algorithm.value,
+                                                              "optimization": auto.settings.optimization.value})
+    assert set(errors) == set(options) and errors[chosen] == min(errors.values()), note
+    assert note.startswith(f"algorithm='auto' chose {chosen}:"), note
+    assert len({runs[label].sha256[QUANT_MODEL] for label in options}) == 4  # (each correction moved a bias)
+    for label in options:  # each candidate's error is what those settings alone write measure (no state leaks)
+        assert auto.sha256[QUANT_MODEL] != runs[label].sha256[QUANT_MODEL] or label == chosen
     assert auto.sha256[QUANTINFO_JSON] == runs[chosen].sha256[QUANTINFO_JSON]
     assert auto.sha256[QUANT_MODEL] == runs[chosen].sha256[QUANT_MODEL]
     assert auto.errors.per_layer and auto.errors.per_layer == runs[chosen].errors.per_layer
@@ -185,6 +199,24 @@ def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_pat
                      output_root=tmp_path, error_steps=0)
     assert noise.settings.algorithm.value == "percentile" and any("with random data, percentile" in n
                                                                   for n in noise.notes)
+
+
+def test_a_bias_correction_not_kept_is_undone(digits_setup, tmp_path) -> None:
+    """``auto`` corrects each calibration's biases in place to measure it; where the plain one is kept, the biases
+    go back: every exported bias as before the correction."""
+    from maptools.quantization import ppq_adapter
+
+    path, calib, _, _ = digits_setup
+    result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="plain", calibset=calib, calib_steps=CALIB,
+                      output_root=tmp_path, error_steps=0, algorithm="percentile")
+    graph = _ppq(result.map_dir, calib, QuantSettings(algorithm="percentile", calib_steps=CALIB))
+    before = graph.quantparams(graph.quantinfo())
+    previous = ppq_adapter.correct_biases(graph, calib, CALIB)
+    corrected = graph.quantparams(graph.quantinfo())
+    assert previous and any(not np.array_equal(before[k], corrected[k]) for k in before if k.endswith("_bias"))
+    ppq_adapter.restore_biases(graph, previous)
+    after = graph.quantparams(graph.quantinfo())
+    assert all(np.array_equal(before[k], after[k]) for k in before if before[k] is not None)
 
 
 def test_a_tensor_lost_on_a_shared_grid_is_named(tmp_path) -> None:

@@ -91,6 +91,17 @@ def test_every_source_kind_gives_the_same_quantization(small_cnn, tmp_path) -> N
     assert result.calibration["kind"] == "array_folder"
 
 
+def test_progress_reaches_its_total_with_every_candidate_of_auto(small_cnn, tmp_path) -> None:
+    """``algorithm='auto'`` reads the samples once for percentile, twice for mse and once more for each fast bias
+    correction: the progress total counts them all, and the last report is the total."""
+    data = [{"input": torch.rand(*SHAPES["input"])} for _ in range(8)]
+    calls: list[tuple[int, int]] = []
+    quantize(SHAPES, "cpu", small_cnn, mapname="auto", calibset=data, calib_steps=8, output_root=tmp_path,
+             error_steps=0, progress=lambda *a: calls.append(a))
+    assert calls[-1] == (8 * 3 + 8 * 2, 8 * 3 + 8 * 2)
+    assert [done for done, _ in calls] == list(range(1, len(calls) + 1))
+
+
 def test_image_folder_default_transform_matches_the_documented_one(tmp_path) -> None:
     from torchvision import transforms
 

@@ -66,7 +66,8 @@ def test_pow2_and_shared_scales_are_exact_and_simulate_with_shifts_only(trained_
     for tensor, codes in reference.codes.items():  # shifts are exact: fixed point equals float64 code for code
         assert np.array_equal(ours.codes[tensor], codes), tensor
     settings = QuantSettings(calib_steps=32, scale_policy="pow2", shared_scales=True,
-                             algorithm=result.settings.algorithm)  # (the one quantize chose)
+                             algorithm=result.settings.algorithm,  # (what quantize chose)
+                             optimization=result.settings.optimization)
     ppq_graph = _ppq.quantize_graph(result.map_dir / "model.onnx", calib, 32, calib[0], settings, "cpu")
     assert ppq_graph.quantinfo() == info
     agreement = layer_agreement(fixed, graph, ppq_graph, x[:32])

@@ -52,14 +52,16 @@ def onnxruntime_predictions(model_path: Path, images: torch.Tensor) -> np.ndarra
     return np.array([int(sess.run(None, {name: images[i:i + 1].numpy()})[0].argmax()) for i in range(len(images))])
 
 
-def ppq_simulation(model_path: Path, calibset: list[dict], bits: int, algorithm: str = "percentile") -> object:
-    """PPQ's quantized graph for the same model, data and settings ``quantize`` uses (``algorithm``: the one
-    its default chose)."""
+def ppq_simulation(model_path: Path, calibset: list[dict], bits: int, algorithm: str = "percentile",
+                   optimization: str = "none") -> object:
+    """PPQ's quantized graph for the same model, data and settings ``quantize`` uses (``algorithm`` and
+    ``optimization``: what its default chose)."""
     from maptools.quantization import ppq_adapter as _ppq
 
     model = load_model(model_path)
     shapes = {k: tuple(v) for k, v in SMALL_CNN_SHAPES.items()}
-    settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB_SAMPLES, algorithm=algorithm)
+    settings = QuantSettings(weight_bits=bits, activation_bits=bits, calib_steps=CALIB_SAMPLES, algorithm=algorithm,
+                             optimization=optimization)
     source = resolve_calibration(calibset, shapes, CALIB_SAMPLES, 0)
     calibration = ValidatedCalibration(source, model_inputs(model), shapes, limit=CALIB_SAMPLES)
     return _ppq.quantize_graph(model_path, calibration, CALIB_SAMPLES, next(iter(calibration)), settings, "cpu")
@@ -83,7 +85,8 @@ def test_int8_top1_within_half_a_point_of_float(digits_model, int8_result) -> No
 
 def test_onnxruntime_agrees_with_ppq_simulation(digits_model, int8_result) -> None:
     path, calibset, test_x, _, _ = digits_model
-    graph = ppq_simulation(path, calibset, bits=8, algorithm=int8_result.settings.algorithm.value)
+    graph = ppq_simulation(path, calibset, bits=8, algorithm=int8_result.settings.algorithm.value,
+                           optimization=int8_result.settings.optimization.value)
     # The same quantization as quantize() wrote (same model, data and settings).
     assert graph.quantinfo() == read_quantinfo(int8_result.map)
     simulated = graph.run({"input": test_x})[graph.output_names[0]].argmax(1)

@@ -142,9 +142,10 @@ def _ppq_graph(map_dir: Path, calibration, steps: int, info: dict):
     the same quantinfo."""
     from maptools.quantization import ppq_adapter as _ppq
 
-    algorithm = json.loads((map_dir / "manifest.json").read_text())["settings"]["algorithm"]  # (auto's choice)
+    chosen = json.loads((map_dir / "manifest.json").read_text())["settings"]  # (what auto chose)
     graph = _ppq.quantize_graph(map_dir / "model.onnx", calibration, steps, next(iter(calibration)),
-                                QuantSettings(calib_steps=steps, algorithm=algorithm), "cpu")
+                                QuantSettings(calib_steps=steps, algorithm=chosen["algorithm"],
+                                              optimization=chosen["optimization"]), "cpu")
     assert graph.quantinfo() == info
     return graph
 

@@ -203,6 +203,20 @@ class _Quantized:
     export_seconds: float
 
 
+def _read_out(graph: Any, settings: QuantSettings, mixed: MixedPrecisionReport | None) -> _Quantized:
+    """A quantized graph's quantinfo, quantparams and QDQ model."""
+    quantinfo = graph.quantinfo()
+    unquantized = graph.unquantized_conv_inputs()
+    if unquantized:
+        raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
+                                 "report this model to the maptools maintainers; a CIM crossbar needs every "
+                                 "Conv/Gemm input on a quantization grid.", operator=unquantized[0])
+    quantparams = graph.quantparams(quantinfo)
+    t = time.perf_counter()
+    qdq = graph.qdq_model()
+    return _Quantized(graph, settings, mixed, quantinfo, quantparams, qdq, time.perf_counter() - t)
+
+
 def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any, steps: int,
                        first: Mapping[str, Any], settings: QuantSettings, device: str, budget: Budget | None,
                        strict: bool, reference: FloatReference | None) -> _Quantized:
@@ -224,16 +238,7 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
             else:
                 graph, chosen = _ppq.quantize_graph(model_path, data, steps, first, settings, device,
                                                     reference), settings
-            quantinfo = graph.quantinfo()
-            unquantized = graph.unquantized_conv_inputs()
-            if unquantized:
-                raise QuantizationFailed(f"these operators would read float inputs: {unquantized}.",
-                                         "report this model to the maptools maintainers; a CIM crossbar needs "
-                                         "every Conv/Gemm input on a quantization grid.", operator=unquantized[0])
-            quantparams = graph.quantparams(quantinfo)
-            t = time.perf_counter()
-            qdq = graph.qdq_model()
-            return _Quantized(graph, chosen, mixed, quantinfo, quantparams, qdq, time.perf_counter() - t)
+            return _read_out(graph, chosen, mixed)
         except QuantizationFailed as e:
             if e.operator is None or e.operator in fallbacks:
                 raise
@@ -270,10 +275,13 @@ def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
                 settings: QuantSettings, device: str, budget: Budget | None, strict: bool,
                 reference: FloatReference | None, notes: list[str]) -> _Quantized:
-    """:func:`_quantize_prepared` with each of ``settings.algorithm``'s candidates (``auto``: percentile and mse,
-    the quantization with the lower :func:`_output_error` on the first :data:`CHOICE_SAMPLES` calibration
-    samples kept; the choice is in ``notes``)."""
-    candidates = settings.algorithm.candidates
+    """:func:`_quantize_prepared` with each of ``settings``' candidates (``auto``: percentile and mse, each also
+    bias-corrected where ``optimization`` is none: the correction runs on that calibration's graph, and is undone
+    where it is not kept); the quantization with the lowest :func:`_output_error` on the first
+    :data:`CHOICE_SAMPLES` calibration samples is kept, and the choice is in ``notes``."""
+    import maptools.quantization.ppq_adapter as _ppq
+
+    candidates = settings.candidates
     if len(candidates) == 1:
         return _quantize_prepared(model_path, calibration, data, steps, first, settings, device, budget, strict,
                                   reference)
@@ -285,16 +293,36 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
     del float_session
     errors: dict[str, float] = {}
     best: _Quantized | None = None
-    for algorithm in candidates:  # at most two quantized graphs held at a time: the best so far and this one
-        done = _quantize_prepared(model_path, calibration, data, steps, first, settings.replace(algorithm=algorithm),
-                                  device, budget, strict, reference)
-        errors[algorithm.value] = _output_error(done.qdq, samples, expected, names)
-        if best is None or errors[algorithm.value] < errors[best.settings.algorithm.value]:  # (NaN: the first kept)
+
+    def kept(done: _Quantized) -> bool:
+        """Whether ``done`` is the best so far (its error recorded; NaN: the first is kept)."""
+        nonlocal best
+        errors[_label(done.settings)] = _output_error(done.qdq, samples, expected, names)
+        if best is None or errors[_label(done.settings)] < errors[_label(best.settings)]:
             best = done
-    notes.append(f"algorithm='auto' chose {best.settings.algorithm.value}: output error against float on "
-                 f"{len(samples)} calibration samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
+        return best is done
+
+    for algorithm in dict.fromkeys(c.algorithm for c in candidates):  # at most two graphs held: the best and this
+        plain, *corrections = [c for c in candidates if c.algorithm is algorithm]  # (then its bias-corrected twin)
+        done = _quantize_prepared(model_path, calibration, data, steps, first, plain, device, budget, strict,
+                                  reference)
+        kept(done)
+        if corrections:
+            with _ppq.ppq_step("correcting biases"):
+                previous = _ppq.correct_biases(done.graph, data, steps)
+            if previous and not kept(_read_out(done.graph, done.settings.replace(
+                    optimization=corrections[0].optimization), done.mixed)):
+                _ppq.restore_biases(done.graph, previous)  # (the plain quantization's files were read out before)
+    notes.append(f"algorithm='auto' chose {_label(best.settings)}: output error against float on {len(samples)} "
+                 "calibration samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
     log.info(notes[-1])
     return best
+
+
+def _label(settings: QuantSettings) -> str:
+    """A candidate of ``algorithm='auto'`` as its note names it: ``mse``, ``mse + fast-bias-correction``."""
+    return settings.algorithm.value + ("" if settings.optimization is Optimization.NONE
+                                       else f" + {settings.optimization.value}")
 
 
 def _contract(settings: QuantSettings, quantinfo: Mapping[str, QuantConfig], model: onnx.ModelProto, strict: bool,
@@ -419,12 +447,15 @@ def quantize(
             ``'auto'``: per-layer weight and input widths chosen under ``budget``
             (:mod:`maptools.quantization.mixed_precision`; the choice is in ``result.mixed_precision``).
         per_channel: one weight scale per output channel (default) or per tensor.
-        algorithm: activation calibration: ``auto`` (default: percentile and mse both, the model nearer float on
-            the calibration samples kept; percentile on random data), ``percentile``, ``minmax``, ``kl`` or ``mse``.
+        algorithm: activation calibration: ``auto`` (default: percentile and mse both, each also with the fast
+            bias correction where ``optimization`` is ``'none'``, the model nearest float on the calibration samples
+            kept and named in ``result.settings``; percentile on random data), ``percentile``, ``minmax``, ``kl``
+            or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
         error_steps: calibration samples used for the per-layer error report; 0 skips the report.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
-            (``total`` = samples used x the algorithm's passes over them), e.g. to drive a progress bar.
+            (``total``: :meth:`QuantSettings.samples_read`, every pass of every candidate), e.g. to drive a
+            progress bar.
         simplify: run onnxsim while preparing (default); the other preparation steps always run.
         activation_sign: ``'signed'`` (the seed profile's, the only one it takes): signed codes everywhere;
             ``'auto'`` (the extended profile's default): unsigned codes ``[0, 2^b - 1]`` for tensors that
@@ -573,7 +604,7 @@ def quantize(
         if equalized:  # the reference was of the model before
             reference = FloatReference.build(model, model_bytes, threads=count)
         del model, model_bytes  # quantize_graph reads the file (its fallbacks rewrite it): one copy less held
-        data = feed if progress is None else ProgressCalibration(feed, steps * settings.algorithm.passes, progress)
+        data = feed if progress is None else ProgressCalibration(feed, settings.samples_read(steps), progress)
         with torch_threads(count) as in_force:
             log.info("calibrating with %d torch threads", in_force)
             try:

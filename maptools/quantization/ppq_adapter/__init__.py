@@ -28,7 +28,7 @@ from maptools.node_runner import NodeRunner
 from maptools.onnx_model import OUTER_INPUTS, explicit_outer_inputs, node_attr, opsets
 from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, Role, nonnegative_tensors, place
 from maptools.prepare.base import TARGET_OPSET
-from maptools.settings import Optimization, QuantSettings
+from maptools.settings import FBC_SAMPLES, Optimization, QuantSettings
 from maptools.quantization.ppq_adapter.core import (GraphCommand, GraphCommandType, GraphFormatter, NetworkFramework,
                                                     QuantableOperation, TargetPlatform, TorchExecutor, _APPLIED,
                                                     load_graph)
@@ -43,8 +43,8 @@ from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
 from maptools.quantization.reference import FloatReference
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantizedGraph", "quantize_graph", "ppq_version", "load_ppq_graph", "ppq_step", "TargetPlatform",
-           "TorchExecutor"]
+__all__ = ["QuantizedGraph", "quantize_graph", "correct_biases", "restore_biases", "ppq_version", "load_ppq_graph",
+           "ppq_step", "TargetPlatform", "TorchExecutor"]
 
 
 def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
@@ -160,15 +160,26 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
     return [op.name for op in switched]
 
 
-#: Calibration samples the fast bias correction averages over.
-FBC_SAMPLES = 32
 #: A layer's bias is left as it is where the correction would move some element of it by this many times itself
 #: (or where an element is zero): NNCF's threshold.
 FBC_THRESHOLD = 2.0
 
 
+def correct_biases(quantized: QuantizedGraph, calibration: Iterable[Mapping[str, torch.Tensor]], steps: int
+                   ) -> dict[str, torch.Tensor]:
+    """The fast bias correction on ``quantized``, in place; the biases it replaced, by operator (see
+    :func:`restore_biases`)."""
+    return _fast_bias_correction(quantized._graph, quantized._model, quantized._model_bytes, calibration, steps)
+
+
+def restore_biases(quantized: QuantizedGraph, previous: Mapping[str, torch.Tensor]) -> None:
+    """Undo :func:`correct_biases`: each operator's bias as it was."""
+    for name, bias in previous.items():
+        quantized._graph.operations[name].inputs[2].value = bias
+
+
 def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes,
-                          calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> None:
+                          calibration: Iterable[Mapping[str, torch.Tensor]], steps: int) -> dict[str, torch.Tensor]:
     """NNCF's fast bias correction on the crossbar layers: each layer, run quantized (its input on its input
     grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from the
     float output's; that shift, averaged over the samples, is added to its bias unless it would move an
@@ -181,14 +192,14 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
               # an input on its producer's grid (PPQ's OVERLAPPED) counts as its producer's
               and op.config.input_quantization_config[0].dominated_by.state in _APPLIED]
     if not layers:
-        return
+        return {}
     inputs = {i.name for i in model.graph.input}
     wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
                                 if t not in inputs))
     reference = FloatReference.build(model, model_bytes, tensors=wanted, fetch=False)
     if reference is None or not set(wanted) <= reference.tensors:
         log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
-        return
+        return {}
     shift: dict[str, np.ndarray] = {}
     count = 0
     for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration):
@@ -204,14 +215,17 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
             delta = (values[op.outputs[0].name].astype(np.float64) - quantized).mean(axis=axes)
             shift[op.name] = shift.get(op.name, 0.0) + delta
         count += 1
+    previous = {}
     for op in layers:
         bias = op.inputs[2].value.detach().cpu().numpy()
         delta = shift[op.name] / count
         if np.any(bias == 0) or np.max(np.abs(delta.reshape(bias.shape) / bias)) >= FBC_THRESHOLD:
             log.debug("fast bias correction leaves %s: its bias would move by over %gx itself", op.name, FBC_THRESHOLD)
             continue
+        previous[op.name] = op.inputs[2].value
         op.inputs[2].value = op.inputs[2].value + torch.from_numpy(delta).to(op.inputs[2].value.dtype).to(
             op.inputs[2].value.device).reshape(op.inputs[2].value.shape)
+    return previous
 
 
 def quantize_graph(
@@ -285,11 +299,11 @@ def quantize_graph(
                 setting=_setting(settings, device), calib_steps=max(calib_steps, 8),
                 collate_fn=lambda b: {k: v.to(device) for k, v in b.items()},
             )
-    if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
-        with ppq_step("correcting biases"):
-            _fast_bias_correction(quantizer._graph, model, model_bytes, calibration, calib_steps)
     _check_zero_offsets(quantizer._graph)
     result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch,
                             reference=reference)
     result._executor = executor
+    if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
+        with ppq_step("correcting biases"):
+            correct_biases(result, calibration, calib_steps)
     return result
