@@ -297,9 +297,9 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
     for node in nodes:
         if roles[node.name] is Role.AVGPOOL and _power(producer.get(node.input[0]), consts) > 1:
             roles[node.name] = Role.HOST
-            reasons[node.name] = ("averages x^p with p > 1 (a normalization's variance, or GeM pooling's power mean): on "
-                                  "one 8-bit grid x^p keeps only its largest values, so the mean and what reads it "
-                                  "are computed in float")
+            reasons[node.name] = ("averages x^p with p > 1 (a normalization's variance, or GeM pooling's power "
+                                  "mean): on one 8-bit grid x^p keeps only its largest values, so the mean and what "
+                                  "reads it are computed in float")
     gates = {mul: chain for mul, chain in _gates(nodes, roles, consumers, outputs, consts).items() if mul not in forced}
     for mul, chain in gates.items():
         roles[mul] = Role.LUT

@@ -308,8 +308,13 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                                   reference)
         kept(done)
         if corrections:
-            with _ppq.ppq_step("correcting biases"):
-                previous = _ppq.correct_biases(done.graph, data, steps)
+            try:
+                with _ppq.ppq_step("correcting biases"):
+                    previous = _ppq.correct_biases(done.graph, data, steps)
+            except QuantizationFailed as e:  # (a candidate, not the run: it fails before it moves a bias)
+                notes.append(f"algorithm='auto' left the fast bias correction of {algorithm.value} out: {e.problem}")
+                log.warning("%s", notes[-1])
+                continue
             if previous and not kept(_read_out(done.graph, done.settings.replace(
                     optimization=corrections[0].optimization), done.mixed)):
                 _ppq.restore_biases(done.graph, previous)  # (the plain quantization's files were read out before)

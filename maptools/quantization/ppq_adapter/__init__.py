@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -163,6 +164,9 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
 #: A layer's bias is left as it is where the correction would move some element of it by this many times itself
 #: (or where an element is zero): NNCF's threshold.
 FBC_THRESHOLD = 2.0
+#: Bytes of one sample's layer tensors (inputs and outputs) one float run of the correction returns: a model whose
+#: layers' take more (a 1024x1024 U-Net's, 2.3 GB a sample) is corrected a group of layers at a time.
+FBC_BYTES = 1 << 29
 
 
 def correct_biases(quantized: QuantizedGraph, calibration: Iterable[Mapping[str, torch.Tensor]], steps: int
@@ -184,8 +188,9 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     grid, its baked weights) on the float model's input to it, shifts its output's mean per channel from the
     float output's; that shift, averaged over the samples, is added to its bias unless it would move an
     element by :data:`FBC_THRESHOLD` times itself (heads reading a clipped input moved by 5x). One float
-    forward per sample, each layer judged on its own (no layer-by-layer passes). NNCF runs each layer on
-    the mean input instead; measured on three real models, that corrected less well."""
+    forward per sample (per group of layers whose tensors take :data:`FBC_BYTES`), each layer judged on its own
+    (no layer-by-layer passes). NNCF runs each layer on the mean input instead; measured on three real models,
+    that corrected less well."""
     layers = [op for op in graph.topological_sort() if isinstance(op, QuantableOperation)
               and op.type in CROSSBAR_OP_TYPES and op.platform != TargetPlatform.FP32 and len(op.inputs) > 2
               and op.inputs[2].value is not None and not (op.type == "Gemm" and op.attributes.get("transA"))
@@ -194,37 +199,52 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     if not layers:
         return {}
     inputs = {i.name for i in model.graph.input}
-    wanted = list(dict.fromkeys(t for op in layers for t in (op.inputs[0].name, op.outputs[0].name)
-                                if t not in inputs))
-    reference = FloatReference.build(model, model_bytes, tensors=wanted, fetch=False)
-    if reference is None or not set(wanted) <= reference.tensors:
-        log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
-        return {}
+    size = {vi.name: 4 * math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            for vi in [*model.graph.value_info, *model.graph.output]}
+
+    def tensors(ops: list[Any]) -> list[str]:
+        return list(dict.fromkeys(t for op in ops for t in (op.inputs[0].name, op.outputs[0].name) if t not in inputs))
+
+    groups: list[list[Any]] = [[]]
+    for op in layers:
+        if groups[-1] and sum(size.get(t, 0) for t in tensors([*groups[-1], op])) > FBC_BYTES:
+            groups.append([])
+        groups[-1].append(op)
+    feeds = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+             for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration)]
     shift: dict[str, np.ndarray] = {}
-    count = 0
-    for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration):
-        feed = {k: v.detach().cpu().numpy() for k, v in sample.items()}
-        values = {**feed, **dict(zip(wanted, reference.run(wanted, feed)))}
-        for op in layers:
-            cfg = op.config.input_quantization_config[0].dominated_by
-            scale = float(cfg.scale.reshape(-1)[0])
-            x = np.clip(np.rint(values[op.inputs[0].name] / scale), int(cfg.quant_min), int(cfg.quant_max)) * scale
-            weight, bias = (v.value.detach().cpu().numpy() for v in op.inputs[1:3])
-            quantized = op._maptools_runner.run([x.astype(np.float32), weight, bias])[0]
-            axes = tuple(i for i in range(quantized.ndim) if i != 1)  # Conv/ConvTranspose [N, C, ...], Gemm [N, C]
-            delta = (values[op.outputs[0].name].astype(np.float64) - quantized).mean(axis=axes)
-            shift[op.name] = shift.get(op.name, 0.0) + delta
-        count += 1
-    previous = {}
+    for group in groups:  # one float session at a time, returning its layers' tensors
+        wanted = tensors(group)
+        reference = FloatReference.build(model, model_bytes, tensors=wanted, fetch=False)
+        if reference is None or not set(wanted) <= reference.tensors:
+            log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
+            return {}
+        for feed in feeds:
+            values = {**feed, **dict(zip(wanted, reference.run(wanted, feed)))}
+            for op in group:
+                cfg = op.config.input_quantization_config[0].dominated_by
+                scale = float(cfg.scale.reshape(-1)[0])
+                x = np.clip(np.rint(values[op.inputs[0].name] / scale), int(cfg.quant_min), int(cfg.quant_max)) * scale
+                weight, bias = (v.value.detach().cpu().numpy() for v in op.inputs[1:3])
+                quantized = op._maptools_runner.run([x.astype(np.float32), weight, bias])[0]
+                axes = tuple(i for i in range(quantized.ndim) if i != 1)  # Conv/ConvTranspose [N, C, ...], Gemm [N, C]
+                delta = (values[op.outputs[0].name].astype(np.float64) - quantized).mean(axis=axes)
+                shift[op.name] = shift.get(op.name, 0.0) + delta
+            del values
+        del reference
+    count = len(feeds)
+    moved = {}  # every new bias first, then all at once: a failure leaves the graph as it was
     for op in layers:
         bias = op.inputs[2].value.detach().cpu().numpy()
         delta = shift[op.name] / count
         if np.any(bias == 0) or np.max(np.abs(delta.reshape(bias.shape) / bias)) >= FBC_THRESHOLD:
             log.debug("fast bias correction leaves %s: its bias would move by over %gx itself", op.name, FBC_THRESHOLD)
             continue
-        previous[op.name] = op.inputs[2].value
-        op.inputs[2].value = op.inputs[2].value + torch.from_numpy(delta).to(op.inputs[2].value.dtype).to(
+        moved[op] = op.inputs[2].value + torch.from_numpy(delta).to(op.inputs[2].value.dtype).to(
             op.inputs[2].value.device).reshape(op.inputs[2].value.shape)
+    previous = {op.name: op.inputs[2].value for op in moved}
+    for op, value in moved.items():
+        op.inputs[2].value = value
     return previous
 
 
