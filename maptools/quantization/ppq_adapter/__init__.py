@@ -210,16 +210,19 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
         if groups[-1] and sum(size.get(t, 0) for t in tensors([*groups[-1], op])) > FBC_BYTES:
             groups.append([])
         groups[-1].append(op)
-    feeds = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
-             for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration)]
+    feeds: Iterable[dict[str, np.ndarray]] = ({k: v.detach().cpu().numpy() for k, v in sample.items()}
+                                              for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration))
+    if len(groups) > 1:  # (held for the groups after the first; one group streams them)
+        feeds = list(feeds)
     shift: dict[str, np.ndarray] = {}
+    count = 0
     for group in groups:  # one float session at a time, returning its layers' tensors
         wanted = tensors(group)
         reference = FloatReference.build(model, model_bytes, tensors=wanted, fetch=False)
         if reference is None or not set(wanted) <= reference.tensors:
             log.warning("no fast bias correction: onnxruntime cannot return the crossbar layers' tensors")
             return {}
-        for feed in feeds:
+        for count, feed in enumerate(feeds, 1):
             values = {**feed, **dict(zip(wanted, reference.run(wanted, feed)))}
             for op in group:
                 cfg = op.config.input_quantization_config[0].dominated_by
@@ -232,7 +235,6 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
                 shift[op.name] = shift.get(op.name, 0.0) + delta
             del values
         del reference
-    count = len(feeds)
     moved = {}  # every new bias first, then all at once: a failure leaves the graph as it was
     for op in layers:
         bias = op.inputs[2].value.detach().cpu().numpy()
