@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from maptools.errors import InputShapeError, ModelError
 __all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "integer_range", "check_input_shapes",
            "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
-           "implicit_node", "one_copy_each"]
+           "implicit_node", "one_copy_each", "concat_parts"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -375,3 +376,48 @@ def one_copy_each(model: onnx.ModelProto) -> int:
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
     return len(dropped)
+
+
+#: Operators that move an output's elements without computing new values (:func:`concat_parts` looks through them).
+_LAYOUT = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def concat_parts(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]] | None]:
+    """Per graph output, the parts a Concat assembled it from: ``(axis, bounds)`` with part ``i`` at
+    ``bounds[i]:bounds[i + 1]`` along ``axis`` of the output (a detector's boxes beside its scores), traced through
+    the operators that only move elements; a Concat of inputs that were each assembled alike (a detector's levels)
+    keeps their parts. None where the output is not so assembled, or a shape on the way is not recorded (a
+    prepared model records every shape)."""
+    producer = {t: n for n in model.graph.node for t in n.output if t}
+    shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+              for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]
+              if vi.type.tensor_type.HasField("shape")
+              and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+
+    def parts(name: str, depth: int = 0) -> tuple[int, tuple[int, ...]] | None:
+        node = producer.get(name)
+        if node is None or depth > 64 or node.domain not in DEFAULT_DOMAINS:
+            return None
+        if node.op_type == "Concat":
+            inputs = [t for t in node.input if t]
+            if len(inputs) < 2 or name not in shapes or any(t not in shapes for t in inputs):
+                return None
+            axis = int(node_attr(node, "axis")) % len(shapes[name])
+            inner = [parts(t, depth + 1) for t in inputs]
+            if inner[0] is not None and inner[0][0] != axis and all(p == inner[0] for p in inner):
+                return inner[0]
+            return axis, tuple(int(b) for b in np.cumsum([0, *(shapes[t][axis] for t in inputs)]))
+        if node.op_type not in _LAYOUT or (inner := parts(node.input[0], depth + 1)) is None:
+            return None
+        axis, bounds = inner
+        source, target = shapes.get(node.input[0]), shapes.get(name)
+        if source is None or target is None:
+            return None
+        if node.op_type == "Transpose":
+            perm = list(node_attr(node, "perm") or reversed(range(len(source))))
+            return perm.index(axis), bounds
+        lead = math.prod(source[:axis])  # the axis survives a reshape whole, after the same number of elements
+        return next(((a, bounds) for a in range(len(target))
+                     if target[a] == source[axis] and math.prod(target[:a]) == lead), None)
+
+    return {o.name: parts(o.name) for o in model.graph.output}

@@ -8,6 +8,7 @@ to PPQ's result at every width.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -289,3 +290,62 @@ def test_a_tensor_lost_on_a_shared_grid_is_named(tmp_path) -> None:
                                output_root=tmp_path).notes for profile in ("seed", "extended")}
     assert any("lose their signal" in n and "skip" in n for n in notes["seed"]), notes["seed"]
     assert not any("lose their signal" in n for n in notes["extended"]), notes["extended"]
+
+
+def _detector_head(box_scale: float, score_noise: float = 0.0) -> onnx.ModelProto:
+    """Two levels of a detector's head, each ``Concat(boxes, Sigmoid(scores))`` on the channel axis (boxes
+    ``box_scale`` times their convolution: pixels), reshaped, joined along the anchors, transposed to
+    ``[1, anchors, 6]``; ``score_noise`` moves the score weights (a stand-in for a quantized copy)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    for level, stride in enumerate((1, 2)):
+        wb, ws = rng.standard_normal((4, 3, 3, 3)) * 0.3, rng.standard_normal((2, 3, 3, 3)) * 0.3
+        ws = ws + score_noise * rng.standard_normal(ws.shape)
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"{n}{level}") for w, n in ((wb, "wb"), (ws, "ws"))]
+        inits += [numpy_helper.from_array(np.float32(box_scale), f"k{level}"),
+                  numpy_helper.from_array(np.array([1, 6, -1], np.int64), f"s{level}")]
+        conv = {"pads": [1, 1, 1, 1], "strides": [stride, stride]}
+        nodes += [helper.make_node("Conv", ["x", f"wb{level}"], [f"b{level}"], **conv),
+                  helper.make_node("Mul", [f"b{level}", f"k{level}"], [f"px{level}"]),
+                  helper.make_node("Conv", ["x", f"ws{level}"], [f"c{level}"], **conv),
+                  helper.make_node("Sigmoid", [f"c{level}"], [f"p{level}"]),
+                  helper.make_node("Concat", [f"px{level}", f"p{level}"], [f"h{level}"], axis=1),
+                  helper.make_node("Reshape", [f"h{level}", f"s{level}"], [f"r{level}"])]
+    nodes += [helper.make_node("Concat", ["r0", "r1"], ["levels"], axis=2),
+              helper.make_node("Transpose", ["levels"], ["y"], perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 80, 6])], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_auto_weighs_each_part_of_an_assembled_output_alike(tmp_path) -> None:
+    """A detector's output assembled by a Concat from boxes in pixels and scores below one: the boxes would
+    outweigh the scores in one relative error, so ``auto`` takes each part's error (traced back through the
+    reshape, the join of the levels and the transpose) and weighs them alike; parts of like magnitude stay one."""
+    from maptools.onnx_model import concat_parts, ort_session, run_on_sample
+    from maptools.quantization.api import _measured_parts, _output_error
+
+    model = _detector_head(box_scale=100.0)
+    assert concat_parts(model) == {"y": (2, (0, 4, 6))}
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    reference = [run_on_sample(ort_session(model), ["y"], s) for s in samples]
+    parts = _measured_parts(model, ["y"], reference)
+    assert parts == {0: (2, (0, 4, 6))}
+    assert _measured_parts(_detector_head(box_scale=1.0), ["y"], [
+        run_on_sample(ort_session(_detector_head(box_scale=1.0)), ["y"], s) for s in samples]) == {}
+    moved = _detector_head(box_scale=100.0, score_noise=0.1)  # its boxes exact, its scores off
+    q = np.stack([run_on_sample(ort_session(moved), ["y"], s)[0] for s in samples])
+    f = np.stack([r[0] for r in reference])
+    scores = np.linalg.norm(q[..., 4:] - f[..., 4:]) / np.linalg.norm(f[..., 4:])
+    assert scores > 0.05 and np.linalg.norm(q - f) / np.linalg.norm(f) < scores / 100  # (swamped in one error)
+    by_part = _output_error(moved.SerializeToString(), samples, reference, ["y"], parts)
+    assert by_part == pytest.approx(scores / 2, rel=1e-5)  # (the boxes' part: 0)
+    onnx.save(model, tmp_path / "head.onnx")
+    calib = [{"x": torch.from_numpy(rng.standard_normal((1, 3, 8, 8)).astype(np.float32))} for _ in range(8)]
+    result = quantize({"x": [1, 3, 8, 8]}, "cpu", tmp_path / "head.onnx", mapname="head", calibset=calib,
+                      calib_steps=8, output_root=tmp_path, error_steps=0)
+    note = next(n for n in result.notes if n.startswith("algorithm='auto' chose"))
+    assert "(y taken as the parts a Concat assembled, each weighted alike" in note, note

@@ -32,8 +32,8 @@ from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
-from maptools.onnx_model import (ModelInput, check_input_shapes, index_limits, load_model, model_inputs,
-                                 ort_session, run_on_sample)
+from maptools.onnx_model import (ModelInput, check_input_shapes, concat_parts, index_limits, load_model,
+                                 model_inputs, ort_session, run_on_sample)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 recorded_host)
 import maptools.maps.seed as contract
@@ -261,14 +261,47 @@ LOST_SIGNAL = 0.9
 CHOICE_SAMPLES = 16
 
 
+#: An output that a Concat assembled from parts whose RMS differ by over this factor is measured part by part.
+PART_RATIO = 10.0
+
+
+def _measured_parts(model: onnx.ModelProto, names: Sequence[str],
+                    reference: Sequence[Sequence[np.ndarray]]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """The outputs (by position) whose error :func:`_output_error` takes part by part: those a Concat assembled
+    (:func:`~maptools.onnx_model.concat_parts`) from parts whose RMS on the float model's outputs (``reference``)
+    differ by over :data:`PART_RATIO`, where the largest would outweigh the rest (a detector's boxes in pixels
+    beside its scores below one)."""
+    assembled = concat_parts(model)
+    measured = {}
+    for i, name in enumerate(names):
+        if (found := assembled.get(name)) is None:
+            continue
+        axis, bounds = found
+        if any(np.ndim(r[i]) <= axis or np.shape(r[i])[axis] != bounds[-1] for r in reference):
+            continue
+        rms = [math.sqrt(np.mean([np.mean(np.square(np.take(r[i], range(lo, hi), axis), dtype=np.float64))
+                                  for r in reference])) for lo, hi in zip(bounds, bounds[1:])]
+        if min(rms) > 0 and max(rms) > PART_RATIO * min(rms):
+            measured[i] = found
+    return measured
+
+
 def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
-                  reference: Sequence[Sequence[np.ndarray]], names: Sequence[str]) -> float:
+                  reference: Sequence[Sequence[np.ndarray]], names: Sequence[str],
+                  parts: Mapping[int, tuple[int, tuple[int, ...]]]) -> float:
     """The relative L2 error of the QDQ model's outputs ``names`` against the float model's (``reference``, per
-    sample) on ``samples``, each output weighted alike (a detector's box offsets as much as its scores),
-    averaged over the outputs."""
+    sample) on ``samples``, each output weighted alike, and each part of an output in ``parts``
+    (:func:`_measured_parts`) within it: a detector's box offsets as much as its scores."""
     session = ort_session(qdq)
     outputs = [run_on_sample(session, names, s) for s in samples]
-    errors = [rel_l2([[q[i]] for q in outputs], [[f[i]] for f in reference]) for i in range(len(names))]
+
+    def error(i: int, lo: int | None = None, hi: int | None = None) -> float:
+        def part(x: np.ndarray) -> np.ndarray:
+            return x if lo is None else np.take(x, range(lo, hi), parts[i][0])
+        return rel_l2([[part(q[i])] for q in outputs], [[part(f[i])] for f in reference])
+
+    errors = [float(np.nanmean([error(i, lo, hi) for lo, hi in zip(parts[i][1], parts[i][1][1:])]))
+              if i in parts else error(i) for i in range(len(names))]
     return float(np.mean([e for e in errors if not np.isnan(e)] or [np.nan]))
 
 
@@ -291,13 +324,14 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
     names = [o.name for o in float_session.get_outputs()]
     expected = [run_on_sample(float_session, names, s) for s in samples]
     del float_session
+    parts = _measured_parts(onnx.load(str(model_path), load_external_data=False), names, expected)
     errors: dict[str, float] = {}
     best: _Quantized | None = None
 
     def kept(done: _Quantized) -> bool:
         """Whether ``done`` is the best so far (its error recorded; NaN: the first is kept)."""
         nonlocal best
-        errors[_label(done.settings)] = _output_error(done.qdq, samples, expected, names)
+        errors[_label(done.settings)] = _output_error(done.qdq, samples, expected, names, parts)
         if best is None or errors[_label(done.settings)] < errors[_label(best.settings)]:
             best = done
         return best is done
@@ -318,8 +352,10 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
             if previous and not kept(_read_out(done.graph, done.settings.replace(
                     optimization=corrections[0].optimization), done.mixed)):
                 _ppq.restore_biases(done.graph, previous)  # (the plain quantization's files were read out before)
+    by_part = (f" ({', '.join(names[i] for i in parts)} taken as the parts a Concat assembled, each weighted "
+               f"alike: their magnitudes differ by over {PART_RATIO:g}x)" if parts else "")
     notes.append(f"algorithm='auto' chose {_label(best.settings)}: output error against float on {len(samples)} "
-                 "calibration samples " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
+                 f"calibration samples{by_part} " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
     log.info(notes[-1])
     return best
 
