@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import onnx
 import onnx.helper
@@ -19,7 +20,7 @@ from maptools.errors import InputShapeError, ModelError
 __all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "integer_range", "check_input_shapes",
            "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
-           "implicit_node", "one_copy_each", "concat_parts"]
+           "implicit_node", "one_copy_each", "concat_parts", "in_topological_order"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -421,3 +422,43 @@ def concat_parts(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]
                      if target[a] == source[axis] and math.prod(target[:a]) == lead), None)
 
     return {o.name: parts(o.name) for o in model.graph.output}
+
+
+
+def _order(graph: onnx.GraphProto) -> list[int]:
+    """``graph``'s node positions in topological order, each node as near its place in the file as its inputs
+    allow (the file's order where it is one; also where a cycle leaves none)."""
+    producer = {t: i for i, node in enumerate(graph.node) for t in node.output if t}
+    edges = nx.DiGraph()
+    edges.add_nodes_from(range(len(graph.node)))
+    edges.add_edges_from((producer[t], i) for i, node in enumerate(graph.node)
+                         for t in [*node.input, *outer_inputs(node)] if t in producer)
+    try:
+        return list(nx.lexicographical_topological_sort(edges))
+    except nx.NetworkXUnfeasible:
+        return list(range(len(graph.node)))
+
+
+def _in_order(graph: onnx.GraphProto) -> bool:
+    return (_order(graph) == list(range(len(graph.node)))
+            and all(_in_order(g) for node in graph.node for g in _subgraphs(node)))
+
+
+def _sort(graph: onnx.GraphProto) -> int:
+    moved = sum(_sort(g) for node in graph.node for g in _subgraphs(node))
+    order = _order(graph)
+    nodes = [onnx.NodeProto.FromString(graph.node[i].SerializeToString()) for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return moved + sum(1 for position, i in enumerate(order) if position != i)
+
+
+def in_topological_order(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with its nodes (and each subgraph's) in topological order, and how many nodes moved: ``model``
+    itself where they are, else a sorted copy (an exporter that appends a node after its readers writes a graph
+    onnxruntime sorts for itself, where every pass that walks the nodes in order goes wrong)."""
+    if _in_order(model.graph):
+        return model, 0
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    return result, _sort(result.graph)

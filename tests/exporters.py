@@ -14,7 +14,7 @@ zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample a
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
-``while`` loops on a counter.
+``while`` loops on a counter, and a graph whose nodes are not in topological order (AMD Quark).
 """
 
 from __future__ import annotations
@@ -605,6 +605,19 @@ def tf_while_loop() -> Built:
     return model, {"x": [1, 3, 16, 16]}
 
 
+
+def unsorted_nodes() -> Built:
+    """AMD Quark's export: the Mul that rescales a global pool appended after the nodes that read it (onnxruntime
+    sorts the graph itself; onnxsim refuses it)."""
+    b = _Builder(6)
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    pooled = b.op("GlobalAveragePool", [y])
+    b.nodes.append(helper.make_node("Mul", [pooled, b.const(1.0079)], ["rescaled"], name="rescale"))
+    rescale = b.nodes.pop()
+    out = b.gemm(b.op("Flatten", ["rescaled"], axis=1), 8, 5)
+    b.nodes.append(rescale)
+    return b.model({"x": [1, 3, 16, 16]}, [out], 13), {"x": [1, 3, 16, 16]}
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -620,5 +633,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "dynamo_unoptimized": dynamo_unoptimized, "scripted_sequences": scripted_sequences,
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
-    "transposed_output_shape": transposed_output_shape,
+    "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
 }

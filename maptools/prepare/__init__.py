@@ -42,7 +42,8 @@ import onnx.numpy_helper
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.metrics import rel_l2
-from maptools.onnx_model import CONTROL_FLOW_OP_TYPES, check_input_shapes, load_model, ort_session
+from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, check_input_shapes, in_topological_order, load_model,
+                                 ort_session)
 from maptools.placement import QUANTIZED_OP_TYPES
 
 
@@ -432,6 +433,9 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
                              fallbacks=tuple(record.get("fallbacks", [])))
     original_nodes = len(model.graph.node)
+    model, moved = in_topological_order(model)
+    ordered = [f"{moved} nodes put in topological order (the file lists them after operators that read them)"
+               ] if moved else []
     model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed)
     reference = reference_outputs(model, shapes, checks=checks, seed=seed)
     notes: list[str] = []
@@ -455,7 +459,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
             notes.append(f"preparation ({level}) gave a model that failed the check against the original ({reason}); "
                          "prepared again with fewer rewrites")
             log.warning("%s", notes[-1])
-    steps, fallbacks = [*dequantized, *notes, *steps], [*fallbacks, *notes, *skipped]
+    steps, fallbacks = [*ordered, *dequantized, *notes, *steps], [*fallbacks, *notes, *skipped]
     _check_strict(strict, fallbacks, src)
     record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
               "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
