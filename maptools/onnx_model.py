@@ -57,14 +57,23 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 def ort_session(model: onnx.ModelProto | bytes | str | Path) -> Any:
     """An onnxruntime CPU session of ``model`` (in memory, or a file) that logs errors only (its warnings are
-    about the model, not the run: an output whose size depends on the data differs from the recorded one)."""
+    about the model, not the run: an output whose size depends on the data differs from the recorded one); where
+    onnxruntime's graph optimizations make a model it cannot load (its fusion of int4 quantizers into a
+    ``QLinearConv`` that takes no int4), a session without them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     data = model if isinstance(model, bytes | str) else str(model) if isinstance(model, Path) \
         else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception:
+            raise e from None
 
 
 def run_on_sample(session: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -397,3 +397,133 @@ def test_a_dynamically_quantized_embedding_is_a_float_table_again(tmp_path: Path
                       error_steps=0)
     assert not [n for n in result.notes if "quantized already" in n], result.notes
     assert result.placement is not None and result.placement.crossbar_coverage == 1.0
+
+
+def _qcdq(domain: str = "", activation_codes: type = np.uint8, clip: bool = True,
+          initializers_as_inputs: bool = False) -> tuple[onnx.ModelProto, np.ndarray]:
+    """Brevitas' ``export_onnx_qcdq``: each quantizer ``QuantizeLinear -> Clip -> DequantizeLinear`` (its narrow or
+    sub-8-bit range; the weights' too, of their float values, 4 bits per channel), two convolutions with a ReLU;
+    ``domain='com.microsoft'`` and int16 codes: AMD Quark's A16W8 activations. Returns the model and the weights
+    its first convolution computes with."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits, nodes = [], []
+
+    def const(value: np.ndarray, name: str) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def quantizer(x: str, scale: np.ndarray, zero: np.ndarray, low: int, high: int, name: str, axis: int = 1,
+                  weight: bool = False) -> str:
+        s, z = const(scale.astype(np.float32), f"{name}_s"), const(zero, f"{name}_z")
+        attrs = {"axis": axis, **({} if weight else {"domain": domain})} if scale.size > 1 else {"domain": domain}
+        nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [f"{name}_q"], **attrs))
+        codes = f"{name}_q"
+        if clip:
+            nodes.append(helper.make_node("Clip", [codes, const(np.array(low, zero.dtype), f"{name}_lo"),
+                                                   const(np.array(high, zero.dtype), f"{name}_hi")], [f"{name}_c"]))
+            codes = f"{name}_c"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, s, z], [f"{name}_dq"], **attrs))
+        return f"{name}_dq"
+
+    weights = [rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+               rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.2]
+    scales = [np.abs(w).reshape(len(w), -1).max(1) / 7 for w in weights]
+    const(weights[0], "w1"), const(weights[1], "w2"), const(np.zeros(8, np.float32), "b1")
+    wide = np.iinfo(activation_codes)
+    signed = np.array(0, np.int8 if activation_codes == np.uint8 else activation_codes)
+    x = quantizer("x", np.array(4.0 / 127), signed, -127, 127, "in")
+    w1 = quantizer("w1", scales[0], np.zeros(8, np.int8), -7, 7, "wq1", axis=0, weight=True)
+    nodes.append(helper.make_node("Conv", [x, w1, "b1"], ["c1"], pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Relu", ["c1"], ["r1"]))
+    four_bits = activation_codes == np.uint8  # (Brevitas' 4-bit unsigned ReLU output, or 16 bits)
+    a = quantizer("r1", np.array(0.4 if four_bits else 50.0 / wide.max), np.array(0, activation_codes), 0,
+                  15 if four_bits else int(wide.max), "act")
+    w2 = quantizer("w2", scales[1], np.zeros(4, np.int8), -7, 7, "wq2", axis=0, weight=True)
+    nodes.append(helper.make_node("Conv", [a, w2], ["y"], pads=[1, 1, 1, 1]))
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)]
+    if initializers_as_inputs:
+        graph_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in inits]
+    graph = helper.make_graph(nodes, "qcdq", graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          [1, 4, 16, 16])], inits)
+    opsets = [helper.make_opsetid("", 13), *([helper.make_opsetid(domain, 1)] if domain else [])]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    computed = np.clip(np.round(weights[0] / scales[0].reshape(-1, 1, 1, 1)), -7, 7) * scales[0].reshape(-1, 1, 1, 1)
+    return model, computed.astype(np.float32)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_brevitas_quantizers_with_a_clip_of_their_codes_are_float_again(clip: bool, tmp_path: Path) -> None:
+    """Brevitas writes every quantizer as ``QuantizeLinear -> Clip -> DequantizeLinear`` (narrow int8 weights,
+    4-bit ranges) and lists its weights as graph inputs too: the activations' quantizers go (the 4-bit one at
+    code 0 a ReLU), the weights fold to the 4-bit values the model computes with, their graph inputs go with
+    them, and every layer is on the crossbars (all had stayed on the host)."""
+    model, computed = _qcdq(clip=clip, initializers_as_inputs=True)
+    floated, done = dequantize(model)
+    kinds = {n.op_type for n in floated.graph.node}
+    assert not kinds & {"QuantizeLinear", "DequantizeLinear", "Clip"}, kinds
+    assert {i.name for i in floated.graph.input} - {"x"} <= {i.name for i in floated.graph.initializer}
+    first = next(n for n in floated.graph.node if n.op_type == "Conv")
+    weight = next(onnx.numpy_helper.to_array(i) for i in floated.graph.initializer if i.name == first.input[1])
+    if clip:
+        np.testing.assert_allclose(weight, computed, rtol=1e-6)
+    xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(4)]
+    assert _rel(_run(floated, xs), _run(model, xs)) < 0.15  # (the quantizers' rounding: 4-bit activations)
+    path = tmp_path / "qcdq.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": SHAPE}, "cpu", path, mapname="qcdq", calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+
+
+def test_onnxruntime_16_bit_quantizers_are_float_again(tmp_path: Path) -> None:
+    """AMD Quark's A16W8 writes its 16-bit activation quantizers in onnxruntime's own domain (com.microsoft,
+    before opset 21 had int16): they go as ONNX's do, and the layers are on the crossbars (they had stayed on the
+    host)."""
+    model, _ = _qcdq(domain="com.microsoft", activation_codes=np.int16, clip=False)
+    floated, done = dequantize(model)
+    assert not {n.op_type for n in floated.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(4)]
+    assert _rel(_run(floated, xs), _run(model, xs)) < 0.01
+    path = tmp_path / "a16w8.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": SHAPE}, "cpu", path, mapname="a16w8", calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+
+
+@pytest.mark.parametrize("codes", ["int4", "float8"])
+def test_int4_and_float8_quantizers_are_float_again(codes: str, tmp_path: Path) -> None:
+    """onnxruntime's ``quantize_static`` with int4 activations and weights, or float8 (E4M3) ones: the codes'
+    types have no numpy range (ml_dtypes'), and onnxruntime's own optimizer turns the int4 check model into a
+    ``QLinearConv`` it cannot load; the rewrite was skipped and preparation then failed on the int4 tensors (and
+    PPQ on the float8 ones). Now every layer is on the crossbars, nearer the float original than the shipped
+    model."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    class Net(torch.nn.Module):  # (no max pool: onnxruntime runs none on int4 codes)
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1), \
+                torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.c1(x))
+            return self.fc((torch.relu(self.c2(y)) + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    float_path = tmp_path / "float.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(SHAPE), str(float_path), opset_version=13, dynamo=False,
+                      input_names=["x"])
+    kind = QuantType.QInt4 if codes == "int4" else QuantType.QFLOAT8E4M3FN
+    path = tmp_path / f"{codes}.onnx"
+    quantize_static(str(float_path), str(path), _Images(), quant_format=QuantFormat.QDQ, activation_type=kind,
+                    weight_type=kind, per_channel=codes == "int4",
+                    calibrate_method=CalibrationMethod.MinMax if codes == "int4" else CalibrationMethod.Distribution)
+    result = quantize({"x": SHAPE}, "cpu", path, mapname=codes, calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+    xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(4)]
+    original = _run(float_path, xs)  # (the weights as the model computes with them, requantized at 8 bits)
+    assert _rel(_run(result.quant_model_path, xs), original) < _rel(_run(path, xs), original)

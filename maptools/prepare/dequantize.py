@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx.helper
@@ -22,6 +23,9 @@ from maptools.onnx_model import constant_values
 __all__ = ["dequantize", "input_ranges"]
 
 _MS = "com.microsoft"
+_ONNX = ("", "ai.onnx")
+#: Where a QuantizeLinear / DequantizeLinear comes from: ONNX, or onnxruntime's own (16-bit codes before opset 21).
+_QDQ = (*_ONNX, _MS)
 #: Operators that move integer codes without computing on them: a quantizer's output may pass them before its
 #: dequantize (the QOperator format's MaxPool and Reshape on uint8), so the pair is found past them.
 _TRANSPARENT = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
@@ -55,12 +59,18 @@ class _Graph:
         return found
 
     def value(self, name: str) -> np.ndarray | None:
-        """A constant tensor: an initializer, a Constant, or a reshape or product of constants (the dynamic
-        format's per-channel weight scales)."""
+        """A constant tensor: an initializer, a Constant, a reshape or product of constants (the dynamic
+        format's per-channel weight scales), or constant codes: a quantized or clipped constant (Brevitas writes
+        a weight as ``QuantizeLinear -> Clip -> DequantizeLinear`` of its float values)."""
         if name in self.consts:
             return self.consts[name]
         node = self._made.get(name)
-        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "Identity", "Mul"):
+        if node is not None and node.op_type in ("QuantizeLinear", "Clip"):
+            value = _quantized(self, node) if node.op_type == "QuantizeLinear" else _clipped(self, node)
+            if value is not None:
+                self.consts[name] = value
+            return value
+        if node is None or node.domain not in _ONNX or node.op_type not in ("Reshape", "Identity", "Mul"):
             return None
         ins = [self.value(t) for t in node.input[:2]]
         if any(v is None for v in ins):
@@ -94,6 +104,70 @@ def _real(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: i
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((codes.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def _code_limits(dtype: np.dtype) -> tuple[float, float] | None:
+    """The lowest and highest code of a quantizer's code type: integers of any width (int4 too) or float8; None
+    for another type."""
+    for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
+        try:
+            limits = info(dtype)
+        except (TypeError, ValueError):
+            continue
+        return float(limits.min), float(limits.max)
+    return None
+
+
+def _integer(dtype: np.dtype) -> bool:
+    try:
+        ml_dtypes.iinfo(dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _quantized(graph: _Graph, q: onnx.NodeProto) -> np.ndarray | None:
+    """The codes a QuantizeLinear of a constant computes (integers rounded half to even; saturated to its code
+    type, int4 and float8 too), or None where its input, scale or zero point is not constant or its scales are
+    blocked."""
+    x, scale = graph.value(q.input[0]), graph.value(_arg(q, 1) or "")
+    zero = graph.value(_arg(q, 2) or "")
+    if x is None or scale is None or (zero is None and _arg(q, 2)) or _attrs(q).get("block_size", 0) \
+            or q.domain not in _QDQ or np.ndim(scale) > 1:
+        return None
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(_code_type(graph, q))
+    limits = _code_limits(dtype)
+    if limits is None:
+        return None
+    axis = int(_attrs(q).get("axis", 1)) % max(x.ndim, 1)
+    shape = [1] * x.ndim
+    if np.size(scale) > 1:
+        shape[axis] = np.size(scale)
+    step, offset = (np.asarray(v, np.float64).reshape(shape if np.size(v) > 1 else [])
+                    for v in (scale, np.zeros(1) if zero is None else zero))
+    scaled = x.astype(np.float64) / step
+    return np.clip((np.round(scaled) if _integer(dtype) else scaled) + offset, *limits).astype(dtype)
+
+
+def _clip_bounds(graph: _Graph, clip: onnx.NodeProto) -> tuple[float, float] | None:
+    """A Clip's bounds (its inputs since opset 11, its attributes before; absent: unbounded), or None where
+    one is not constant."""
+    bounds = []
+    for i, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        name = _arg(clip, i)
+        value = graph.value(name) if name else _attrs(clip).get(attr, default)
+        if value is None:
+            return None
+        bounds.append(float(np.ravel(value)[0]))
+    return bounds[0], bounds[1]
+
+
+def _clipped(graph: _Graph, clip: onnx.NodeProto) -> np.ndarray | None:
+    """A Clip of a constant, computed."""
+    x, bounds = graph.value(clip.input[0]), _clip_bounds(graph, clip)
+    if x is None or bounds is None or clip.domain not in _ONNX:
+        return None
+    return np.clip(x, *bounds).astype(x.dtype)
 
 
 def _attrs(node: onnx.NodeProto, keep: tuple[str, ...] | None = None) -> dict:
@@ -280,9 +354,11 @@ def _float_bias(graph: _Graph, codes: str, producers: dict[str, onnx.NodeProto])
 
 
 def _drop_pairs(graph: _Graph) -> int:
-    """Each ``QuantizeLinear -> DequantizeLinear`` pair of one scale and zero point (past any
-    :data:`_TRANSPARENT` operators, which then move the float tensor) as the float tensor, or its ReLU where
-    the codes start at 0.0 (:func:`_clips_below_zero`); the count."""
+    """Each ``QuantizeLinear -> DequantizeLinear`` pair of one scale and zero point on an activation (past any
+    :data:`_TRANSPARENT` operators, which then move the float tensor, or a Clip of the codes: Brevitas' narrow
+    and sub-8-bit ranges) as the float tensor, or its ReLU where the codes start at 0.0
+    (:func:`_clips_below_zero`, or a Clip at the zero point); the count. A constant's pair is left to
+    :func:`_fold_weights`, which folds the values the model computes with."""
     dropped = 0
     changed = True
     while changed:
@@ -290,9 +366,11 @@ def _drop_pairs(graph: _Graph) -> int:
         producers, consumers = graph.producers(), graph.consumers()
         for node in list(graph.g.node):
             src = producers.get(node.input[0]) if node.input else None
-            if src is None or src.op_type != "QuantizeLinear" or src.domain not in ("", "ai.onnx"):
+            if src is None or src.op_type != "QuantizeLinear" or src.domain not in _QDQ:
                 continue
-            if node.op_type == "DequantizeLinear" and _same(graph, src, node):
+            readers = consumers.get(node.output[0], []) if node.output else []
+            if node.op_type == "DequantizeLinear" and node.domain in _QDQ and _same(graph, src, node) \
+                    and graph.value(src.input[0]) is None:  # (a constant's codes: _fold_weights folds them)
                 index = list(graph.g.node).index(node)
                 graph.g.node.remove(node)
                 before = producers.get(src.input[0])
@@ -307,8 +385,24 @@ def _drop_pairs(graph: _Graph) -> int:
                     "Identity", [node.input[0]], [node.output[0]], name=node.name))
                 graph.g.node.remove(node)
                 changed = True
-            elif node.op_type in _TRANSPARENT and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
-                    c.op_type in ("DequantizeLinear", *_TRANSPARENT) for c in consumers.get(node.output[0], [])):
+            elif node.op_type == "Clip" and node.domain in _ONNX and readers and graph.value(src.input[0]) is None \
+                    and (bounds := _clip_bounds(graph, node)) is not None and all(
+                        c.op_type == "DequantizeLinear" and c.domain in _QDQ and _same(graph, src, c) for c in readers):
+                zero = graph.value(_arg(src, 2) or "")
+                lowest = 0.0 if zero is None and not _arg(src, 2) else None if zero is None else float(np.max(zero))
+                before = producers.get(src.input[0])
+                relu = (_clips_below_zero(graph, src) or (lowest is not None and bounds[0] >= lowest)) and (
+                    before is None or before.op_type not in _NON_NEGATIVE)
+                for dq in readers:
+                    index = list(graph.g.node).index(dq)
+                    graph.g.node.remove(dq)
+                    graph.g.node.insert(index, onnx.helper.make_node("Relu" if relu else "Identity", [src.input[0]],
+                                                                     [dq.output[0]], name=dq.name))
+                graph.g.node.remove(node)
+                dropped += len(readers)
+                changed = True
+            elif node.op_type in _TRANSPARENT and node.domain in _ONNX and len(node.output) == 1 and all(
+                    c.op_type in ("DequantizeLinear", *_TRANSPARENT) for c in readers):
                 moved = graph.fresh(node.output[0])  # the operator on the float tensor, then the quantizer
                 index = list(graph.g.node).index(node)
                 graph.g.node.remove(node)
@@ -336,8 +430,8 @@ def _clips_below_zero(graph: _Graph, q: onnx.NodeProto) -> bool:
     zero = graph.value(_arg(q, 2) or "")
     if zero is None:
         return _arg(q, 2) is None
-    lowest = np.iinfo(zero.dtype).min if np.issubdtype(zero.dtype, np.integer) else None
-    return lowest is not None and bool(np.all(zero.astype(np.int64) == lowest))
+    limits = _code_limits(zero.dtype) if _integer(zero.dtype) else None
+    return limits is not None and bool(np.all(zero.astype(np.float64) == limits[0]))
 
 
 def _same(graph: _Graph, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:
@@ -356,7 +450,7 @@ def _fold_weights(graph: _Graph) -> int:
     """Each DequantizeLinear of constant codes as a float initializer; the count."""
     folded = 0
     for node in list(graph.g.node):
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "DequantizeLinear" or node.domain not in _QDQ:
             continue
         codes, scale = graph.value(node.input[0]), graph.value(node.input[1])
         block = int(_attrs(node).get("block_size", 0))
@@ -389,14 +483,14 @@ def _moved_weights(graph: _Graph) -> int:
     moves of the float table; the count."""
     producers = graph.producers()
     moved = 0
-    for dq in [n for n in graph.g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+    for dq in [n for n in graph.g.node if n.op_type == "DequantizeLinear" and n.domain in _QDQ]:
         scale, zero = graph.value(dq.input[1]), graph.value(_arg(dq, 2) or "")
         if scale is None or scale.size != 1 or (zero is not None and zero.size != 1):
             continue
         chain, tensor = [], dq.input[0]
         while tensor not in graph.consts:
             node = producers.get(tensor)
-            if node is None or node.op_type not in _MOVES or node.domain not in ("", "ai.onnx"):
+            if node is None or node.op_type not in _MOVES or node.domain not in _ONNX:
                 break
             chain.append(node)
             tensor = node.input[0]
@@ -421,7 +515,8 @@ def _moved_weights(graph: _Graph) -> int:
 
 
 def _prune(graph: _Graph) -> None:
-    """Drop the nodes and initializers nothing reads (the quantizers left behind), and the Identities."""
+    """Drop the nodes and initializers nothing reads (the quantizers left behind; an initializer that is also a
+    graph input too from the inputs), and the Identities."""
     outputs = {o.name for o in graph.g.output}
     for node in [n for n in graph.g.node if n.op_type == "Identity" and n.output[0] not in outputs]:
         for other in graph.g.node:
@@ -438,8 +533,12 @@ def _prune(graph: _Graph) -> None:
             graph.g.node.remove(node)
     read = {t for n in graph.g.node for t in n.input} | outputs
     kept = [i for i in graph.g.initializer if i.name in read]
+    dropped = {i.name for i in graph.g.initializer} - {i.name for i in kept}
     del graph.g.initializer[:]
     graph.g.initializer.extend(kept)
+    inputs = [i for i in graph.g.input if i.name not in dropped]  # (an initializer listed as an input, IR < 4)
+    del graph.g.input[:]
+    graph.g.input.extend(inputs)
 
 
 def dequantize(model: onnx.ModelProto, keep_quantizers: bool = False) -> tuple[onnx.ModelProto, Counter[str]]:
@@ -491,10 +590,12 @@ def dequantize(model: onnx.ModelProto, keep_quantizers: bool = False) -> tuple[o
 
 
 def input_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """The real range each graph input's quantizer covers (``QuantizeLinear`` reading the input): what the model
-    was calibrated on, beyond which the quantized model clips and its float equivalent does not."""
+    """The real range each graph input's quantizer covers (``QuantizeLinear`` reading the input, and a Clip of its
+    codes): what the model was calibrated on, beyond which the quantized model clips and its float equivalent does
+    not."""
     graph = _Graph(model)
     inputs = {i.name for i in model.graph.input} - set(graph.consts)
+    consumers = graph.consumers()
     ranges: dict[str, tuple[float, float]] = {}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in inputs:
@@ -502,8 +603,15 @@ def input_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
         scale, zero = graph.value(node.input[1]), graph.value(_arg(node, 2) or "")
         if scale is None or np.size(scale) != 1:
             continue
-        info = np.iinfo(np.uint8 if zero is None else zero.dtype)
-        offset = 0 if zero is None else int(np.ravel(zero)[0])
+        limits = _code_limits(np.dtype(np.uint8) if zero is None else zero.dtype)
+        if limits is None:
+            continue
+        low, high = limits
+        readers = consumers.get(node.output[0], [])
+        bounds = _clip_bounds(graph, readers[0]) if len(readers) == 1 and readers[0].op_type == "Clip" else None
+        if bounds is not None:  # (Brevitas' narrower codes)
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+        offset = 0.0 if zero is None else float(np.ravel(zero)[0].astype(np.float64))
         s = float(np.ravel(scale)[0])
-        ranges[node.input[0]] = ((info.min - offset) * s, (info.max - offset) * s)
+        ranges[node.input[0]] = ((low - offset) * s, (high - offset) * s)
     return ranges
