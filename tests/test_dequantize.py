@@ -527,3 +527,37 @@ def test_int4_and_float8_quantizers_are_float_again(codes: str, tmp_path: Path) 
     xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(4)]
     original = _run(float_path, xs)  # (the weights as the model computes with them, requantized at 8 bits)
     assert _rel(_run(result.quant_model_path, xs), original) < _rel(_run(path, xs), original)
+
+
+def test_a_half_precision_quantized_export_is_float_again(tmp_path: Path) -> None:
+    """NVIDIA's Model Optimizer writes its int8 and float8 quantizers in float16 by default (scales and the
+    dequantized tensors): the weights fold in float16, the type the convolution reads (folded in float32 they made
+    a model onnxruntime refuses, the rewrite was skipped and every layer stayed on the host)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    scales = (rng.random(16) * 0.01 + 0.001).astype(np.float16)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (16, 3, 3, 3)).astype(np.int8), "w_q"),
+             numpy_helper.from_array(scales, "w_s"), numpy_helper.from_array(np.zeros(16, np.int8), "w_z"),
+             numpy_helper.from_array(np.array(0.03, np.float16), "x_s"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_z"),
+             numpy_helper.from_array(np.zeros(16, np.float16), "b")]
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("QuantizeLinear", ["x16", "x_s", "x_z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    floated, _ = dequantize(model)
+    weight = next(i for i in floated.graph.initializer if i.name == "wd")
+    assert weight.data_type == TensorProto.FLOAT16
+    xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(2)]
+    assert _rel(_run(floated, xs), _run(model, xs)) < 0.02
+    path = tmp_path / "fp16.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": SHAPE}, "cpu", path, mapname="fp16", calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])

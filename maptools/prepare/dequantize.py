@@ -96,14 +96,17 @@ class _Graph:
 
 
 def _real(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
-    """``(codes - zero) * scale`` in float32, a 1-D ``scale``/``zero`` along ``axis`` (or of ``codes``' shape)."""
+    """``(codes - zero) * scale`` in the scale's type (a DequantizeLinear's output type: float16 in a half-precision
+    export), a 1-D ``scale``/``zero`` along ``axis`` (or of ``codes``' shape)."""
+    dtype = np.asarray(scale).dtype
+    dtype = dtype if dtype.name in ("float16", "bfloat16", "float32") else np.dtype(np.float32)
     scale = np.asarray(scale, np.float64)
     zero = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float64)
     if scale.ndim == 1 and scale.size > 1:
         shape = [1] * codes.ndim
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return ((codes.astype(np.float64) - zero) * scale).astype(np.float32)
+    return ((codes.astype(np.float64) - zero) * scale).astype(dtype)
 
 
 def _code_limits(dtype: np.dtype) -> tuple[float, float] | None:
