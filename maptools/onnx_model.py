@@ -433,7 +433,6 @@ def concat_parts(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]
     return {o.name: parts(o.name) for o in model.graph.output}
 
 
-
 def _order(graph: onnx.GraphProto) -> list[int]:
     """``graph``'s node positions in topological order, each node as near its place in the file as its inputs
     allow (the file's order where it is one; also where a cycle leaves none)."""
@@ -449,11 +448,13 @@ def _order(graph: onnx.GraphProto) -> list[int]:
 
 
 def _in_order(graph: onnx.GraphProto) -> bool:
+    """Whether ``graph``'s nodes, and each subgraph's, are in topological order."""
     return (_order(graph) == list(range(len(graph.node)))
             and all(_in_order(g) for node in graph.node for g in _subgraphs(node)))
 
 
 def _sort(graph: onnx.GraphProto) -> int:
+    """Put ``graph``'s nodes, and each subgraph's, in :func:`_order` in place; how many moved."""
     moved = sum(_sort(g) for node in graph.node for g in _subgraphs(node))
     order = _order(graph)
     nodes = [onnx.NodeProto.FromString(graph.node[i].SerializeToString()) for i in order]

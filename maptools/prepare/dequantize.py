@@ -391,10 +391,10 @@ def _drop_pairs(graph: _Graph) -> int:
             elif node.op_type == "Clip" and node.domain in _ONNX and readers and graph.value(src.input[0]) is None \
                     and (bounds := _clip_bounds(graph, node)) is not None and all(
                         c.op_type == "DequantizeLinear" and c.domain in _QDQ and _same(graph, src, c) for c in readers):
-                zero = graph.value(_arg(src, 2) or "")
-                lowest = 0.0 if zero is None and not _arg(src, 2) else None if zero is None else float(np.max(zero))
+                zero = graph.value(_arg(src, 2)) if _arg(src, 2) else np.zeros(1)
+                at_zero = zero is not None and bounds[0] >= float(np.max(zero.astype(np.float64)))
                 before = producers.get(src.input[0])
-                relu = (_clips_below_zero(graph, src) or (lowest is not None and bounds[0] >= lowest)) and (
+                relu = (_clips_below_zero(graph, src) or at_zero) and (
                     before is None or before.op_type not in _NON_NEGATIVE)
                 for dq in readers:
                     index = list(graph.g.node).index(dq)
