@@ -454,6 +454,15 @@ def _qcdq(domain: str = "", activation_codes: type = np.uint8, clip: bool = True
     return model, computed.astype(np.float32)
 
 
+def _quantized_onto_the_crossbars(model: onnx.ModelProto, tmp_path: Path, name: str) -> None:
+    """``model`` quantizes with every multiply-accumulate on the crossbars, its rewrite as float in the steps."""
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": SHAPE}, "cpu", path, mapname=name, calib_steps=8, output_root=tmp_path, error_steps=0)
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+
+
 @pytest.mark.parametrize("clip", [True, False])
 def test_brevitas_quantizers_with_a_clip_of_their_codes_are_float_again(clip: bool, tmp_path: Path) -> None:
     """Brevitas writes every quantizer as ``QuantizeLinear -> Clip -> DequantizeLinear`` (narrow int8 weights,
@@ -471,11 +480,7 @@ def test_brevitas_quantizers_with_a_clip_of_their_codes_are_float_again(clip: bo
         np.testing.assert_allclose(weight, computed, rtol=1e-6)
     xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(4)]
     assert _rel(_run(floated, xs), _run(model, xs)) < 0.15  # (the quantizers' rounding: 4-bit activations)
-    path = tmp_path / "qcdq.onnx"
-    onnx.save(model, str(path))
-    result = quantize({"x": SHAPE}, "cpu", path, mapname="qcdq", calib_steps=8, output_root=tmp_path, error_steps=0)
-    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
-    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+    _quantized_onto_the_crossbars(model, tmp_path, "qcdq")
 
 
 def test_onnxruntime_16_bit_quantizers_are_float_again(tmp_path: Path) -> None:
@@ -487,10 +492,7 @@ def test_onnxruntime_16_bit_quantizers_are_float_again(tmp_path: Path) -> None:
     assert not {n.op_type for n in floated.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
     xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(4)]
     assert _rel(_run(floated, xs), _run(model, xs)) < 0.01
-    path = tmp_path / "a16w8.onnx"
-    onnx.save(model, str(path))
-    result = quantize({"x": SHAPE}, "cpu", path, mapname="a16w8", calib_steps=8, output_root=tmp_path, error_steps=0)
-    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    _quantized_onto_the_crossbars(model, tmp_path, "a16w8")
 
 
 @pytest.mark.parametrize("codes", ["int4", "float8"])
@@ -556,8 +558,4 @@ def test_a_half_precision_quantized_export_is_float_again(tmp_path: Path) -> Non
     assert weight.data_type == TensorProto.FLOAT16
     xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(2)]
     assert _rel(_run(floated, xs), _run(model, xs)) < 0.02
-    path = tmp_path / "fp16.onnx"
-    onnx.save(model, str(path))
-    result = quantize({"x": SHAPE}, "cpu", path, mapname="fp16", calib_steps=8, output_root=tmp_path, error_steps=0)
-    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
-    assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+    _quantized_onto_the_crossbars(model, tmp_path, "fp16")
