@@ -320,11 +320,13 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                                   reference)
     samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
                for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
-    float_session = ort_session(model_path.read_bytes())
+    prepared = model_path.read_bytes()  # (one file: preparation writes no external data)
+    float_session = ort_session(prepared)
     names = [o.name for o in float_session.get_outputs()]
     expected = [run_on_sample(float_session, names, s) for s in samples]
     del float_session
-    parts = _measured_parts(onnx.load(str(model_path), load_external_data=False), names, expected)
+    parts = _measured_parts(onnx.ModelProto.FromString(prepared), names, expected)
+    del prepared
     errors: dict[str, float] = {}
     best: _Quantized | None = None
 
