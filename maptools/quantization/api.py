@@ -279,11 +279,17 @@ def _measured_parts(model: onnx.ModelProto, names: Sequence[str],
         axis, bounds = found
         if any(np.ndim(r[i]) <= axis or np.shape(r[i])[axis] != bounds[-1] for r in reference):
             continue
-        rms = [math.sqrt(np.mean([np.mean(np.square(np.take(r[i], range(lo, hi), axis), dtype=np.float64))
-                                  for r in reference])) for lo, hi in zip(bounds, bounds[1:])]
+        pieces = zip(*(_split(r[i], found) for r in reference))  # per part, its piece of each sample
+        rms = [math.sqrt(np.mean([np.mean(np.square(p, dtype=np.float64)) for p in part])) for part in pieces]
         if min(rms) > 0 and max(rms) > PART_RATIO * min(rms):
             measured[i] = found
     return measured
+
+
+def _split(x: np.ndarray, parts: tuple[int, tuple[int, ...]]) -> list[np.ndarray]:
+    """``x`` cut into the parts ``(axis, bounds)`` of :func:`~maptools.onnx_model.concat_parts`."""
+    axis, bounds = parts
+    return [np.take(x, range(lo, hi), axis) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
@@ -294,14 +300,14 @@ def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
     (:func:`_measured_parts`) within it: a detector's box offsets as much as its scores."""
     session = ort_session(qdq)
     outputs = [run_on_sample(session, names, s) for s in samples]
-
-    def error(i: int, lo: int | None = None, hi: int | None = None) -> float:
-        def part(x: np.ndarray) -> np.ndarray:
-            return x if lo is None else np.take(x, range(lo, hi), parts[i][0])
-        return rel_l2([[part(q[i])] for q in outputs], [[part(f[i])] for f in reference])
-
-    errors = [float(np.nanmean([error(i, lo, hi) for lo, hi in zip(parts[i][1], parts[i][1][1:])]))
-              if i in parts else error(i) for i in range(len(names))]
+    errors = []
+    for i in range(len(names)):
+        quantized, expected = [q[i] for q in outputs], [f[i] for f in reference]
+        if i in parts:  # each part's error, over the samples' pieces of it
+            pieces = zip(zip(*(_split(q, parts[i]) for q in quantized)), zip(*(_split(f, parts[i]) for f in expected)))
+            errors.append(float(np.nanmean([rel_l2([[p] for p in q], [[p] for p in f]) for q, f in pieces])))
+        else:
+            errors.append(rel_l2([[q] for q in quantized], [[f] for f in expected]))
     return float(np.mean([e for e in errors if not np.isnan(e)] or [np.nan]))
 
 
