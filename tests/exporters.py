@@ -14,7 +14,8 @@ zero Pads of channels (dlib) and of channels-last tensors (madmom), GridSample a
 a spectral front end of Neg, Abs, Exp and squares, weights standardized in the graph (NF-Nets, BiT), Keras'
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
-``while`` loops on a counter, and a graph whose nodes are not in topological order (AMD Quark).
+``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
+whose shift outweighs their scaled signal (pyannote's SincNet front end).
 """
 
 from __future__ import annotations
@@ -618,6 +619,35 @@ def unsorted_nodes() -> Built:
     b.nodes.append(rescale)
     return b.model({"x": [1, 3, 16, 16]}, [out], 13), {"x": [1, 3, 16, 16]}
 
+def shifted_norms() -> Built:
+    """Normalizations whose shift outweighs their scaled signal: pyannote's SincNet front end (the waveform
+    instance-normalized to ``-0.0083 x + 0.312``, then an unpadded strided convolution), the same ahead of a padded
+    convolution, a GroupNorm as torch writes it below opset 18 (an InstanceNormalization of the groups, then the
+    per-channel scale and shift) before a 1x1 convolution, and a LayerNormalization before a linear layer."""
+    b = _Builder(7)
+
+    def conv1d(x: str, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> str:
+        w = b.rng.standard_normal([cout, cin, k]) * np.sqrt(2.0 / (cin * k))
+        return b.op("Conv", [x, b.const(w), b.const(b.rng.standard_normal(cout) * 0.1)], kernel_shape=[k],
+                    strides=[stride], pads=[pad, pad])
+
+    def norm(x: str, channels: int) -> str:
+        return b.op("InstanceNormalization", [x, b.const(b.rng.uniform(0.5, 1.5, channels)),
+                                              b.const(b.rng.choice([-4.0, 4.0], channels))], epsilon=1e-5)
+
+    y = b.op("InstanceNormalization", ["waveform", b.const([-0.0083]), b.const([0.312])], epsilon=1e-5)
+    y = b.op("Abs", [conv1d(y, 1, 8, 65, stride=8)])
+    y = b.op("Relu", [conv1d(norm(y, 8), 8, 8, 3, pad=1)])  # (padding sees no shift: it stays)
+    groups = b.op("Reshape", [y, b.const([1, 2, -1], np.int64)])
+    groups = b.op("InstanceNormalization", [groups, b.const(np.ones(2)), b.const(np.zeros(2))], epsilon=1e-5)
+    y = b.op("Mul", [b.op("Reshape", [groups, b.const([1, 8, -1], np.int64)]), b.const(b.rng.uniform(0.5, 1, (8, 1)))])
+    y = conv1d(b.op("Add", [y, b.const(b.rng.choice([-5.0, 5.0], (8, 1)))]), 8, 8, 1)
+    y = b.op("LayerNormalization", [b.op("Transpose", [y], perm=[0, 2, 1]), b.const(b.rng.uniform(0.5, 1, 8)),
+                                    b.const(b.rng.choice([-5.0, 5.0], 8))], axis=-1, epsilon=1e-5)
+    out = b.op("MatMul", [y, b.const(b.rng.standard_normal([8, 5]) * 0.5)])
+    return b.model({"waveform": ["N", 1, 4000]}, [out], 17), {"waveform": [1, 1, 4000]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -634,4 +664,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
+    "shifted_norms": shifted_norms,
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 import pytest
 
 from maptools import quantize, read_manifest
@@ -181,6 +182,36 @@ def test_a_pad_is_folded_into_the_convolution_or_pool_it_feeds(tmp_path: Path) -
                             output_root=tmp_path, error_steps=0)
     assert "3 Pad folded into the convolutions or max pools it feeds" in unsimplified.prepared["steps"]
     assert result.placement.device_macs == result.placement.total_macs
+
+
+def test_a_normalization_shift_moves_into_the_linear_operators_reading_it(tmp_path: Path, monkeypatch) -> None:
+    """A normalization whose shift outweighs its scaled signal (pyannote's SincNet front end) hands the shift to
+    the bias of the unpadded convolutions and linear layers reading it, so their input grid spans the signal
+    alone: the same float model, a quarter of the quantization error. A padded convolution's input keeps its
+    shift (its padding would see none)."""
+    model, shapes = IDIOMS["shifted_norms"]()
+    onnx.save(model, str(tmp_path / "shifted.onnx"))
+    x = {"waveform": np.random.default_rng(5).standard_normal(shapes["waveform"]).astype(np.float32)}
+    reference = _reference(model, shapes, x)["matmul_48"]
+
+    def error(name: str) -> tuple[object, float]:
+        result = quantize(shapes, "cpu", tmp_path / "shifted.onnx", mapname=name, calib_steps=CALIB,
+                          output_root=tmp_path, error_steps=0)
+        session = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+        return result, _rel(session.run(None, x)[0], reference)
+
+    moved, moved_error = error("moved")
+    assert "3 normalization shifts moved into the biases of the Conv/Gemm reading them" in moved.prepared["steps"]
+    prepared = onnx.load(str(moved.map_dir / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in prepared.graph.initializer}
+    norms = [n for n in prepared.graph.node if n.op_type == "InstanceNormalization"]
+    assert [bool(np.any(inits[n.input[2]])) for n in norms] == [False, True, False]  # the padded conv's stays
+    adds = [n.name for n in prepared.graph.node if n.op_type == "Add"]
+    assert len(adds) == 1 and adds[0].endswith("_eps"), adds  # GroupNorm's and LayerNorm's shifts are gone
+    monkeypatch.setattr("maptools.prepare._fold_norm_shift", lambda ctx: 0)
+    kept, kept_error = error("kept")
+    assert not [s for s in kept.prepared["steps"] if "normalization shifts" in s]
+    assert moved_error < kept_error / 2, (moved_error, kept_error)
 
 
 def test_a_pad_no_operator_absorbs_moves_codes_on_the_device(tmp_path: Path) -> None:

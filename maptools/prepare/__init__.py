@@ -53,9 +53,10 @@ from maptools.prepare.checks import Reference, _random_feed, _static_shapes, che
 from maptools.prepare.opset import convert_opset, fix_input_dims, fold_constant_nodes, opset_report
 from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
-from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add, _fold_pad,
-                                       _gemm_device_form, _matmul_as_gemm, _mean_as_pool, _remove_passthrough,
-                                       _stft_as_conv, _sum_as_add, _transposed_pads, _unfuse, name_nodes, simplify)
+from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add,
+                                       _fold_norm_shift, _fold_pad, _gemm_device_form, _matmul_as_gemm, _mean_as_pool,
+                                       _remove_passthrough, _stft_as_conv, _sum_as_add, _transposed_pads, _unfuse,
+                                       name_nodes, simplify)
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
@@ -204,7 +205,9 @@ def _ppq_ready(device_forms: bool, recurrent: bool) -> Callable[[_Context], list
                      *_counted("{} Sum written as Add", _sum_as_add(ctx)),
                      *(_counted("{} LSTM/GRU written out step by step as Gemms and gates", recurrent_as_gemms(ctx))
                        if recurrent else []),
-                     *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx))]
+                     *_counted("{} Pad folded into the convolutions or max pools it feeds", _fold_pad(ctx)),
+                     *_counted("{} normalization shifts moved into the biases of the Conv/Gemm reading them",
+                               _fold_norm_shift(ctx))]
         return done
     return step
 

@@ -735,6 +735,142 @@ def _fold_pad(ctx: _Context) -> int:
     return folded
 
 
+#: How many of its standard deviations a normalization's scaled signal spans, for :func:`_fold_norm_shift`'s
+#: estimate of what its shift adds to the input's range.
+_NORM_SPAN = 3.0
+
+
+def _fold_norm_shift(ctx: _Context) -> int:
+    """A normalization's shift (InstanceNormalization's ``B``; the ``Add`` after LayerNorm's or GroupNorm's scaled,
+    centred output) into the bias of the linear operators that read it: an unpadded Conv, a Gemm (also behind
+    Reshapes and Transposes that keep the last axis, as :func:`_matmul_as_gemm` writes a Linear on a sequence).
+    They compute ``W(s + b) + c = Ws + (Wb + c)`` exactly, and their input's symmetric grid then spans the
+    centred ``s`` alone. Done where the shift is as large as the scaled signal's span (:data:`_NORM_SPAN`
+    standard deviations), so that it frees at least one bit of that grid: pyannote's SincNet normalizes the
+    waveform to a shift of 0.31 beside a signal of 0.008, three steps of an 8-bit grid. The count."""
+    inits = ctx.initializers()
+    producer = {t: n for n in ctx.graph.node for t in n.output}
+    outputs = {o.name for o in ctx.graph.output}
+    moved = 0
+    for node in list(ctx.graph.node):
+        found = _norm_shift(ctx, node, inits, producer)
+        if found is None or node.output[0] in outputs:
+            continue
+        centred, shift, scale = found
+        readers = _consumers(ctx.graph).get(node.output[0], [])
+        biases = [_shifted_bias(ctx, r, node.output[0], shift, inits) for r in readers]
+        if float(np.abs(shift).max()) < _NORM_SPAN * scale or not readers or any(b is None for b in biases):
+            continue
+        for linear, bias in [pair for found in biases if found for pair in found]:
+            _set_bias(linear, ctx.add_initializer(ctx.fresh(f"{linear.output[0]}_bias"), bias))
+        if node.op_type == "InstanceNormalization":
+            node.input[2] = ctx.add_initializer(ctx.fresh(f"{node.output[0]}_unshifted"),
+                                                np.zeros_like(inits[node.input[2]]))
+        else:
+            for reader in readers:
+                reader.input[:] = [centred if t == node.output[0] else t for t in reader.input]
+            ctx.graph.node.remove(node)
+        moved += 1
+    if moved:
+        _drop_unused_initializers(ctx)
+    return moved
+
+
+def _norm_shift(ctx: _Context, node: onnx.NodeProto, inits: Mapping[str, np.ndarray],
+                producer: Mapping[str, onnx.NodeProto]) -> tuple[str, np.ndarray, float] | None:
+    """The centred tensor, the constant shift and the largest scale of a normalization's output ``node`` (None:
+    it is none, or it shifts by nothing)."""
+    if node.op_type == "InstanceNormalization":
+        scale, shift = inits.get(node.input[1]), inits.get(node.input[2])
+        rank = len(ctx.shape(node.input[0]) or [])
+        if scale is None or shift is None or not np.any(shift) or rank < 2:
+            return None
+        return node.output[0], shift.reshape([1, -1] + [1] * (rank - 2)), float(np.abs(scale).max())
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    consts = [t for t in node.input if t in inits]
+    acts = [t for t in node.input if t not in inits]
+    scale = _centred_scale(acts[0], inits, producer) if len(consts) == 1 and len(acts) == 1 else None
+    return None if scale is None or not np.any(inits[consts[0]]) else (acts[0], inits[consts[0]], scale)
+
+
+def _centred_scale(tensor: str, inits: Mapping[str, np.ndarray], producer: Mapping[str, onnx.NodeProto]
+                   ) -> float | None:
+    """The largest scale of ``tensor`` if it is a normalization's centred output times constants, through
+    Reshapes (None: it is not): an InstanceNormalization without shift (GroupNorm's groups), or
+    ``(x - mean(x)) / d`` (LayerNorm; the mean a ReduceMean, or the GlobalAveragePool :func:`_mean_as_pool`
+    wrote for it)."""
+    scale, node = 1.0, producer.get(tensor)
+    while node is not None and node.op_type in ("Mul", "Reshape"):
+        source = node.input[0]
+        if node.op_type == "Mul":
+            acts = [t for t in node.input if t not in inits]
+            if len(acts) != 1:
+                return None
+            scale *= max(float(np.abs(inits[t]).max()) for t in node.input if t in inits)
+            source = acts[0]
+        node = producer.get(source)
+    if node is not None and node.op_type == "InstanceNormalization":
+        own, shift = inits.get(node.input[1]), inits.get(node.input[2])
+        if own is None or shift is None or np.any(shift):
+            return None
+        return scale * float(np.abs(own).max())
+    sub = producer.get(node.input[0]) if node is not None and node.op_type == "Div" else None
+    if sub is None or sub.op_type != "Sub":
+        return None
+    mean = producer.get(sub.input[1])
+    centred = mean is not None and mean.op_type in ("ReduceMean", "GlobalAveragePool") and mean.input[0] == sub.input[0]
+    return scale if centred else None
+
+
+def _shifted_bias(ctx: _Context, reader: onnx.NodeProto, tensor: str, shift: np.ndarray,
+                  inits: Mapping[str, np.ndarray]) -> list[tuple[onnx.NodeProto, np.ndarray]] | None:
+    """The linear operators that read ``tensor`` through ``reader`` (and the Reshapes and Transposes that keep its
+    last axis) and the biases that take its ``shift`` for them; None where one of them cannot (padding, a computed
+    weight or bias, a shift that varies along rows)."""
+    shape = ctx.shape(tensor)
+    if not shape or reader.input[0] != tensor or tensor in reader.input[1:]:
+        return None
+    if reader.op_type in ("Reshape", "Transpose"):  # (a shift along the last axis, which they keep, to Gemms)
+        out = ctx.shape(reader.output[0])
+        readers = _consumers(ctx.graph).get(reader.output[0], [])
+        keeps = bool(out) and out[-1] == shape[-1] if reader.op_type == "Reshape" else \
+            list(node_attr(reader, "perm", []))[-1:] == [len(shape) - 1]
+        along_last = shift.size == 1 or (shift.ndim >= 1 and shift.size == shift.shape[-1] == shape[-1])
+        if not keeps or not along_last:
+            return None
+        if not readers or reader.output[0] in {o.name for o in ctx.graph.output} or \
+                any(r.op_type not in ("Reshape", "Transpose", "Gemm") for r in readers):
+            return None
+        found = [_shifted_bias(ctx, r, reader.output[0], shift, inits) for r in readers]
+        return None if any(f is None for f in found) else [pair for f in found if f for pair in f]
+    weight = inits.get(reader.input[1]) if len(reader.input) > 1 else None
+    bias_name = reader.input[2] if len(reader.input) > 2 and reader.input[2] else None
+    if weight is None or (bias_name is not None and bias_name not in inits):
+        return None
+    bias = inits[bias_name].astype(np.float64) if bias_name else np.zeros(1)
+    if reader.op_type == "Conv":
+        channels, groups = shape[1], int(node_attr(reader, "group", 1))
+        if any(node_attr(reader, "pads", [0])) or node_attr(reader, "auto_pad", "NOTSET") not in _UNPADDED or \
+                not _per_channel(shift, channels, len(shape)) or weight.shape[1] * groups != channels or \
+                weight.shape[0] % groups:
+            return None
+        summed = weight.astype(np.float64).sum(axis=tuple(range(2, weight.ndim)))
+        per_in = np.broadcast_to(shift.astype(np.float64).reshape(-1), (channels,))
+        added = np.einsum("gok,gk->go", summed.reshape(groups, -1, channels // groups),
+                          per_in.reshape(groups, -1)).reshape(-1)
+        return [(reader, (bias + added).astype(np.float32))]
+    if reader.op_type == "Gemm" and len(shape) == 2 and not node_attr(reader, "transA", 0) and \
+            node_attr(reader, "alpha", 1.0) == 1.0 and node_attr(reader, "beta", 1.0) == 1.0 and \
+            (shift.size == 1 or shift.shape[-1] == shape[-1] and shift.size == shape[-1]):
+        per_in = np.broadcast_to(shift.astype(np.float64).reshape(-1), (shape[-1],))
+        w = weight.astype(np.float64) if node_attr(reader, "transB", 0) else weight.astype(np.float64).T
+        if w.ndim != 2 or w.shape[1] != shape[-1] or bias.size not in (1, w.shape[0]):
+            return None  # (a bias per row: leave it)
+        return [(reader, (bias.reshape(-1) + w @ per_in).astype(np.float32))]
+    return None
+
+
 def _mean_as_pool(ctx: _Context) -> int:
     """``ReduceMean`` over every spatial axis of an ``[N, C, ...]`` tensor (a squeeze-and-excitation block's
     pooling, as paddle2onnx and tf2onnx write it) into the ``GlobalAveragePool`` it computes, which the device
