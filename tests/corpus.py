@@ -7,7 +7,7 @@ from anywhere else, and nothing large is committed. They cover exporters the zoo
 not: paddle2onnx (opset 11, 12 and 15), torch 1.2 to 2.14, keras2onnx and tf2onnx with NHWC inputs,
 onnxruntime's own dynamic quantizer (contrib operators), onnx-caffe2 (IR 3, opset 9), a dlib network
 converted by hand and madmom's converter (time-major inputs without a batch axis), 3-D convolutions,
-a 0-d output.
+a 0-d output, and a raw waveform normalized with a shift far larger than its signal (pyannote's SincNet).
 """
 
 from __future__ import annotations
