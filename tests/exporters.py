@@ -15,7 +15,7 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
-whose shift outweighs their scaled signal (pyannote's SincNet front end).
+whose shift outweighs their scaled signal (pyannote's SincNet front end), and tf2onnx's int32 frame indices (Range).
 """
 
 from __future__ import annotations
@@ -648,6 +648,18 @@ def shifted_norms() -> Built:
     return b.model({"waveform": ["N", 1, 4000]}, [out], 17), {"waveform": [1, 1, 4000]}
 
 
+def int32_range() -> Built:
+    """tf2onnx's frame indices: a Range of int32 bounds, one computed from the data (onnxsim cannot fold it),
+    selecting the frames a Gather reads."""
+    b = _Builder(8)
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    flag = b.op("Cast", [b.op("ReduceMax", [b.op("Cast", [b.op("Greater", [y, b.const(50.0)])], to=TensorProto.INT32)],
+                                keepdims=0)], to=TensorProto.INT32)
+    frames = b.op("Range", [b.const(0, np.int32), b.op("Add", [flag, b.const(8, np.int32)]), b.const(2, np.int32)])
+    first = b.op("Slice", [frames, b.const([0], np.int64), b.const([4], np.int64)])
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.op("Gather", [y, first], axis=2), 8)], 13), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -664,5 +676,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
-    "shifted_norms": shifted_norms,
+    "shifted_norms": shifted_norms, "int32_range": int32_range,
 }

@@ -62,6 +62,18 @@ def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     exported.opset_import.extend(o for o in model.opset_import if o.domain in set(domains.values()) - have)
 
 
+def _model_types(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Declare each of the model's tensors in the type the model gives it: PPQ's exporter writes the type its
+    kernel returned, which for an integer tensor can differ (a Range of int32 bounds, in torch int64), and
+    onnxruntime then refuses the model."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.output]
+             if vi.type.tensor_type.elem_type}
+    for vi in [*exported.graph.value_info, *exported.graph.output]:
+        wanted = types.get(vi.name)
+        if wanted and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type != wanted:
+            vi.type.tensor_type.elem_type = wanted
+
+
 def _canonical_names(model: onnx.ModelProto) -> None:
     """Rename the tensors and nodes PPQ's exporter generated (a process-wide counter) in order of use,
     and list initializers in that order: the same graph gives the same bytes in any process."""

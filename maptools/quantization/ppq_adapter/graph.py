@@ -26,7 +26,8 @@ from maptools.quantization.ppq_adapter.core import (QuantableOperation, Quantiza
 
 from maptools.quantization.ppq_adapter.calibration import (_FAST_PERCENTILE, _Batches,
                                                            _no_gc_between_passes)
-from maptools.quantization.ppq_adapter.export import _canonical_names, _ExactExporter, _restore_domains
+from maptools.quantization.ppq_adapter.export import (_canonical_names, _ExactExporter, _model_types,
+                                                      _restore_domains)
 from maptools.quantization.ppq_adapter.quantizer import _range_of, _scale_of
 from maptools.quantization.ppq_adapter.steps import ppq_step, _quiet
 from maptools.quantization.reference import FloatReference, fetch_name, fetch_weights, fetching_session
@@ -209,6 +210,7 @@ class QuantizedGraph:
             del values[:]
             values.extend(ordered)
         _canonical_names(exported)
+        _model_types(exported, self._model)
         _restore_domains(exported, self._model)
         implicit_outer_inputs(exported)
         one_copy_each(exported)
