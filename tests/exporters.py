@@ -15,7 +15,8 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 'same' max pool padded at the end only, outputs that are constants, torch's dynamo export unoptimized, and
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
-whose shift outweighs their scaled signal (pyannote's SincNet front end), and tf2onnx's int32 frame indices (Range).
+whose shift outweighs their scaled signal (pyannote's SincNet front end), tf2onnx's int32 frame indices (Range),
+opset 18's Pad naming its axes and opset 23's Attention.
 """
 
 from __future__ import annotations
@@ -660,6 +661,26 @@ def int32_range() -> Built:
     return b.model({"x": [1, 3, 16, 16]}, [b.head(b.op("Gather", [y, first], axis=2), 8)], 13), {"x": [1, 3, 16, 16]}
 
 
+def pad_axes() -> Built:
+    """Opset 18's Pad naming the axes it pads (a fourth input; onnxscript-authored graphs write it), reflecting,
+    between two convolutions."""
+    b = _Builder(9)
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    y = b.op("Pad", [y, b.const([1, 2, 1, 2], np.int64), "", b.const([2, -1], np.int64)], mode="reflect")
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8, pads=False), 8)], 18), {"x": [1, 3, 16, 16]}
+
+
+def attention23() -> Built:
+    """torch's dynamo exporter at opset 23 writes ``scaled_dot_product_attention`` as the default domain's
+    ``Attention`` (no opset-13 form: the model stays at 23, the attention on the host, its projections on the
+    crossbars)."""
+    b = _Builder(10)
+    q, k, v = (b.op("MatMul", ["x", b.const(b.rng.standard_normal((32, 32)) * 0.2)]) for _ in range(3))
+    a = b.op("Attention", [q, k, v], q_num_heads=4, kv_num_heads=4, is_causal=0)
+    out = b.op("MatMul", [a, b.const(b.rng.standard_normal((32, 32)) * 0.2)])
+    return b.model({"x": ["N", 16, 32]}, [out], 23, ir_version=10), {"x": [1, 16, 32]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -676,5 +697,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "scripted_loop": scripted_loop, "caffe2_sum": caffe2_sum, "tf_while_loop": tf_while_loop,
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
-    "shifted_norms": shifted_norms, "int32_range": int32_range,
+    "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
 }

@@ -306,6 +306,28 @@ def _split(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     return [onnx.helper.make_node("Split", [node.input[0], split], list(node.output), name=node.name, axis=axis)]
 
 
+def _pad(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """Pad at opset 18 may name the axes it pads (a fourth input, its pads then one begin and one end per named
+    axis); before, the pads cover every axis. Mode ``wrap`` (opset 19) has no opset-13 form."""
+    if node_attr(node, "mode", "constant") == "wrap":
+        raise ModelError(f"{_where(node)} pads in mode 'wrap', which opset 13 does not have.",
+                         "re-export the model with opset 13.")
+    axes = _constant_input(node, 3, ctx)
+    if axes is None:
+        del node.input[3:]
+        return [node]
+    pads, shape = _constant_input(node, 1, ctx), ctx.shape(node.input[0])
+    if pads is None or shape is None:
+        raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
+    rank, named = len(shape), [int(a) % len(shape) for a in axes.reshape(-1)]
+    full = np.zeros(2 * rank, dtype=np.int64)
+    for i, axis in enumerate(named):
+        full[axis], full[rank + axis] = pads.reshape(-1)[i], pads.reshape(-1)[len(named) + i]
+    inputs = [node.input[0], ctx.add_initializer(ctx.fresh(f"{node.output[0]}_pads"), full), *node.input[2:3]]
+    return [onnx.helper.make_node("Pad", inputs, list(node.output), name=node.name,
+                                  mode=node_attr(node, "mode", "constant"))]
+
+
 def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> Rewrite:
     """Accept the operator when the attributes added after opset 13 keep their defaults; drop them."""
 
@@ -336,7 +358,7 @@ _DOWN: dict[str, Rewrite] = {
     "BatchNormalization": _batchnorm,
     "LSTM": _only_defaults({"layout": 0}), "GRU": _only_defaults({"layout": 0}), "RNN": _only_defaults({"layout": 0}),
     "Resize": _only_defaults({"antialias": 0, "keep_aspect_ratio_policy": "stretch", "axes": None}),
-    "Pad": _only_defaults({}, max_inputs=3),
+    "Pad": _pad,
     "AveragePool": _only_defaults({"dilations": None}),
     "Cast": _only_defaults({"saturate": 1}),
     "ScatterElements": _only_defaults({"reduction": "none"}), "ScatterND": _only_defaults({"reduction": "none"}),

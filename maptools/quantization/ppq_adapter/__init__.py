@@ -285,7 +285,8 @@ def quantize_graph(
     quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned,
                                    None if str(device).startswith("cuda") else model_bytes)
     quantizer._verbose = False
-    executor = TorchExecutor(graph=quantizer._graph, device=device)
+    with ppq_step("placing the graph's tensors"):
+        executor = TorchExecutor(graph=quantizer._graph, device=device)
     dummy = {k: v.to(device) for k, v in trace_inputs.items()}
     # PPQ's parameter pass runs one forward on zeros, where a detector's data-dependent sizes (a TopK over the
     # scores above a threshold) fail: it runs on the tracing input instead

@@ -46,20 +46,21 @@ class _ExactExporter(ONNXRUNTIMExporter):
 
 
 def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """Put operators of other domains (``com.microsoft``, ...) back into theirs, with their opset imports:
-    PPQ's exporter writes every operator into the default domain, at opset 13; a prepared model left at a
-    later opset (preparation could not convert it) keeps that opset, which its operators' attributes need."""
+    """Put every operator back into the model's domain for it, with its opset imports: PPQ's exporter writes
+    operators of other domains (``com.microsoft``, ...) into the default one, at opset 13, and moves the default
+    domain's ``Attention`` (opset 23) into ``com.microsoft``, whose Attention takes other attributes; a prepared
+    model left at a later opset (preparation could not convert it) keeps that opset, which its operators'
+    attributes need."""
     prepared = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     for opset in exported.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < prepared:
             opset.version = prepared
-    domains = {n.name: n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-    if not domains:
-        return
+    domains = {n.name: n.domain for n in model.graph.node}
     for node in exported.graph.node:
         node.domain = domains.get(node.name, node.domain)
     have = {o.domain for o in exported.opset_import}
-    exported.opset_import.extend(o for o in model.opset_import if o.domain in set(domains.values()) - have)
+    used = {n.domain for n in exported.graph.node}
+    exported.opset_import.extend(o for o in model.opset_import if o.domain in used - have)
 
 
 def _model_types(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
