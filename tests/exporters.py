@@ -16,7 +16,7 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
 whose shift outweighs their scaled signal (pyannote's SincNet front end), tf2onnx's int32 frame indices (Range),
-opset 18's Pad naming its axes and opset 23's Attention.
+opset 18's Pad naming its axes, opset 19's circular Pad and opset 23's Attention.
 """
 
 from __future__ import annotations
@@ -663,11 +663,13 @@ def int32_range() -> Built:
 
 def pad_axes() -> Built:
     """Opset 18's Pad naming the axes it pads (a fourth input; onnxscript-authored graphs write it), reflecting,
-    between two convolutions."""
+    and opset 19's circular ``wrap`` Pad (of W only, then of H and W), between convolutions."""
     b = _Builder(9)
     y = b.op("Relu", [b.conv("x", 3, 8)])
     y = b.op("Pad", [y, b.const([1, 2, 1, 2], np.int64), "", b.const([2, -1], np.int64)], mode="reflect")
-    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8, pads=False), 8)], 18), {"x": [1, 3, 16, 16]}
+    y = b.op("Pad", [b.conv(y, 8, 8, pads=False), b.const([1, 2], np.int64), "", b.const([3], np.int64)], mode="wrap")
+    y = b.op("Pad", [b.conv(y, 8, 8, pads=False), b.const([0, 0, 1, 1, 0, 0, 1, 1], np.int64)], mode="wrap")
+    return b.model({"x": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8, pads=False), 8)], 19), {"x": [1, 3, 16, 16]}
 
 
 def attention23() -> Built:

@@ -18,8 +18,8 @@ from maptools.errors import ModelError
 from maptools.onnx_model import node_attr
 
 
-from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, _Context, _drop_attrs, _read, _set_opset, _where,
-                                    opset_of)
+from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, Names, _Context, _drop_attrs, _read, _set_opset,
+                                    _where, opset_of)
 log = logging.getLogger(__name__)
 
 # --- 1. dims --------------------------------------------------------------------------------------
@@ -308,24 +308,50 @@ def _split(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
 
 def _pad(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     """Pad at opset 18 may name the axes it pads (a fourth input, its pads then one begin and one end per named
-    axis); before, the pads cover every axis. Mode ``wrap`` (opset 19) has no opset-13 form."""
-    if node_attr(node, "mode", "constant") == "wrap":
-        raise ModelError(f"{_where(node)} pads in mode 'wrap', which opset 13 does not have.",
-                         "re-export the model with opset 13.")
+    axis); before, the pads cover every axis. Mode ``wrap`` (opset 19, a circular padding) is written as the
+    Slices and Concats it computes."""
+    mode = node_attr(node, "mode", "constant")
     axes = _constant_input(node, 3, ctx)
-    if axes is None:
+    if axes is None and mode != "wrap":
         del node.input[3:]
         return [node]
     pads, shape = _constant_input(node, 1, ctx), ctx.shape(node.input[0])
     if pads is None or shape is None:
         raise ModelError(f"the rank of {_where(node)}'s input is unknown.", "give input_shapes for every input.")
-    rank, named = len(shape), [int(a) % len(shape) for a in axes.reshape(-1)]
+    rank = len(shape)
+    named = list(range(rank)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
     full = np.zeros(2 * rank, dtype=np.int64)
     for i, axis in enumerate(named):
         full[axis], full[rank + axis] = pads.reshape(-1)[i], pads.reshape(-1)[len(named) + i]
+    if mode == "wrap":
+        return _wrapped(node, full, ctx)
     inputs = [node.input[0], ctx.add_initializer(ctx.fresh(f"{node.output[0]}_pads"), full), *node.input[2:3]]
-    return [onnx.helper.make_node("Pad", inputs, list(node.output), name=node.name,
-                                  mode=node_attr(node, "mode", "constant"))]
+    return [onnx.helper.make_node("Pad", inputs, list(node.output), name=node.name, mode=mode)]
+
+
+def _wrapped(node: onnx.NodeProto, pads: np.ndarray, ctx: _Context) -> list[onnx.NodeProto]:
+    """A circular padding by ``pads`` (every axis' begin, then end) as, per padded axis, the Concat of the axis'
+    last ``begin`` entries, the tensor and its first ``end`` entries."""
+    rank = len(pads) // 2
+    if np.any(pads < 0):
+        raise ModelError(f"{_where(node)} wraps with negative pads, which opset 13 cannot express.",
+                         "re-export the model with opset 13.")
+    nodes, x, fresh = [], node.input[0], Names(ctx.graph).fresh
+    for axis in [a for a in range(rank) if pads[a] or pads[rank + a]]:
+        def piece(start: int, end: int) -> str:
+            out = fresh(f"{node.output[0]}_wrap{axis}")
+            bounds = [ctx.add_initializer(fresh(f"{out}_{k}"), np.asarray([v], np.int64))
+                      for k, v in (("starts", start), ("ends", end), ("axes", axis))]
+            nodes.append(onnx.helper.make_node("Slice", [x, *bounds], [out], name=out))
+            return out
+        begin, end = int(pads[axis]), int(pads[rank + axis])
+        parts = [*([piece(-begin, np.iinfo(np.int64).max)] if begin else []), x, *([piece(0, end)] if end else [])]
+        x = fresh(f"{node.output[0]}_wrapped{axis}")
+        nodes.append(onnx.helper.make_node("Concat", parts, [x], name=x, axis=axis))
+    if not nodes:
+        return [onnx.helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)]
+    nodes[-1].output[0], nodes[-1].name = node.output[0], node.name
+    return nodes
 
 
 def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> Rewrite:
