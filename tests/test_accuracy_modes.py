@@ -17,6 +17,7 @@ from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import CalibrationError, SettingsError
 from maptools.maps.artifacts import QUANT_MODEL, QUANTINFO_JSON
+from maptools.quantization.api import CHOICE_SAMPLES
 from maptools.examples import SMALL_CNN_SHAPES
 from maptools.settings import QuantSettings
 from maptools.simulate import IntegerSimulator
@@ -200,6 +201,38 @@ def test_auto_algorithm_keeps_the_calibration_nearer_float(digits_setup, tmp_pat
                      output_root=tmp_path, error_steps=0)
     assert noise.settings.algorithm.value == "percentile" and any("with random data, percentile" in n
                                                                   for n in noise.notes)
+
+
+def test_auto_chooses_on_samples_held_out_of_the_calibration(digits_setup, tmp_path) -> None:
+    """Where the calibration set holds ``calib_steps`` + 16 samples or more, ``auto`` measures its candidates on the
+    16 after the calibrated ones, which no candidate's ranges were fitted to: the note says so, the chosen
+    candidate's error there is its ``quant_model.onnx``'s on those samples, the manifest counts them, and the
+    calibration itself is the same samples as without them."""
+    import re
+
+    from maptools.metrics import rel_l2
+
+    path, calib, test_x, _ = digits_setup
+    held = [{"input": torch.from_numpy(test_x[i:i + 1])} for i in range(CHOICE_SAMPLES)]
+    result = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="held", calibset=calib + held, calib_steps=CALIB,
+                      output_root=tmp_path, error_steps=0)
+    note = next(n for n in result.notes if n.startswith("algorithm='auto' chose"))
+    assert f"on {CHOICE_SAMPLES} samples held out of the calibration" in note, note
+    chosen = re.match(r"algorithm='auto' chose ([a-z +-]+):", note).group(1)
+    errors = dict(re.findall(r"((?:percentile|mse)(?: \+ fast-bias-correction)?) ([0-9.]+)%", note))
+    feeds = [{"input": h["input"].numpy()} for h in held]
+    reference = [ort.InferenceSession(str(path)).run(None, f) for f in feeds]
+    quantized = ort.InferenceSession(str(result.quant_model_path)).run
+    assert f"{100 * rel_l2([quantized(None, f) for f in feeds], reference):.2f}" == errors[chosen], note
+    assert read_manifest("held", tmp_path)["calibration"]["held_out"] == CHOICE_SAMPLES
+    alone = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="alone", calibset=calib, calib_steps=CALIB,
+                     algorithm=result.settings.algorithm.value, optimization=result.settings.optimization.value,
+                     output_root=tmp_path, error_steps=0)
+    assert alone.sha256[QUANT_MODEL] == result.sha256[QUANT_MODEL]  # (fitted to the same 32 samples)
+    in_sample = quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="in", calibset=calib, calib_steps=CALIB,
+                         output_root=tmp_path, error_steps=0)
+    assert any(f"on {CHOICE_SAMPLES} calibration samples" in n for n in in_sample.notes), in_sample.notes
+    assert "held_out" not in read_manifest("in", tmp_path)["calibration"]
 
 
 def test_a_bias_correction_not_kept_is_undone(digits_setup, tmp_path) -> None:

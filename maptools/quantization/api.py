@@ -10,7 +10,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -313,19 +313,26 @@ def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
 
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
                 settings: QuantSettings, device: str, budget: Budget | None, strict: bool,
-                reference: FloatReference | None, notes: list[str]) -> _Quantized:
+                reference: FloatReference | None, notes: list[str],
+                held_out: Iterable[Mapping[str, torch.Tensor]] = ()) -> _Quantized:
     """:func:`_quantize_prepared` with each of ``settings``' candidates (``auto``: percentile and mse, each also
     bias-corrected where ``optimization`` is none: the correction runs on that calibration's graph, and is undone
-    where it is not kept); the quantization with the lowest :func:`_output_error` on the first
-    :data:`CHOICE_SAMPLES` calibration samples is kept, and the choice is in ``notes``."""
+    where it is not kept); the quantization with the lowest :func:`_output_error` is kept, and the choice is in
+    ``notes``. The error is measured on the ``held_out`` samples (calibration samples beyond ``steps``, which
+    no candidate's ranges were fitted to), or where there are none on the first :data:`CHOICE_SAMPLES`
+    calibration samples."""
     import maptools.quantization.ppq_adapter as _ppq
 
     candidates = settings.candidates
     if len(candidates) == 1:
         return _quantize_prepared(model_path, calibration, data, steps, first, settings, device, budget, strict,
                                   reference)
-    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
-               for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
+    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()} for sample in held_out]
+    where = "samples held out of the calibration"
+    if not samples:
+        samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+                   for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
+        where = "calibration samples"
     prepared = model_path.read_bytes()  # (one file: preparation writes no external data)
     float_session = ort_session(prepared)
     names = [o.name for o in float_session.get_outputs()]
@@ -363,7 +370,7 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
     by_part = (f" ({', '.join(names[i] for i in parts)} taken as the parts a Concat assembled, each weighted "
                f"alike: their magnitudes differ by over {PART_RATIO:g}x)" if parts else "")
     notes.append(f"algorithm='auto' chose {_label(best.settings)}: output error against float on {len(samples)} "
-                 f"calibration samples{by_part} " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
+                 f"{where}{by_part} " + ", ".join(f"{a} {e:.2%}" for a, e in errors.items()) + ".")
     log.info(notes[-1])
     return best
 
@@ -618,7 +625,11 @@ def quantize(
     calibration = ValidatedCalibration(source, inputs, shapes, limit=steps)
     first = next(iter(calibration))  # fail fast on a malformed first sample, before PPQ starts
     model_sha = sha256_file(onnx_path)
-    calib_desc = {**calibration.describe(), "sha256": calibration.content_hash()}
+    # auto chooses on samples beyond the calibrated ones where the set holds enough of them
+    held_count = CHOICE_SAMPLES if len(settings.candidates) > 1 and len(source) >= steps + CHOICE_SAMPLES else 0
+    read = ValidatedCalibration(source, inputs, shapes, limit=steps + held_count) if held_count else calibration
+    calib_desc = {**calibration.describe(), "sha256": read.content_hash(),
+                  **({"held_out": held_count} if held_count else {})}
     seconds = {"validate": time.perf_counter() - started}
 
     folder.check_writable()  # a folder that is not a map, or storage we cannot write: before any work
@@ -637,6 +648,7 @@ def quantize(
         if keep_on_host:
             _keep_on_host(model, keep_on_host)  # (node attributes only: the float session stays valid)
         feed = _as_prepared(calibration, inputs, model)
+        held_out = itertools.islice(_as_prepared(read, inputs, model), steps, None) if held_count else ()
         first = feed.cast(first) if isinstance(feed, CastCalibration) else first
         # one float session of the prepared model for the equalization and the error report's float side
         reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count,
@@ -658,7 +670,7 @@ def quantize(
             log.info("calibrating with %d torch threads", in_force)
             try:
                 done = _calibrated(prepared.path, feed, data, steps, first, settings, ppq_device,
-                                   budget if auto else None, strict, reference, notes)
+                                   budget if auto else None, strict, reference, notes, held_out)
             except QuantizationFailed as e:
                 if calibset is not None or e.operator is not None:
                     raise
