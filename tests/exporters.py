@@ -16,7 +16,8 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 ``torch.jit.script``'s lists (sequences of a known length) and loops of a constant trip count, and tf2onnx's
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
 whose shift outweighs their scaled signal (pyannote's SincNet front end), tf2onnx's int32 frame indices (Range),
-opset 18's Pad naming its axes, opset 19's circular Pad and opset 23's Attention.
+opset 18's Pad naming its axes, opset 19's circular Pad, opset 23's Attention, and onnxruntime's
+LayerNormalization below opset 17 and SimplifiedLayerNormalization.
 """
 
 from __future__ import annotations
@@ -683,6 +684,21 @@ def attention23() -> Built:
     return b.model({"x": ["N", 16, 32]}, [out], 23, ir_version=10), {"x": [1, 16, 32]}
 
 
+def ort_layernorms() -> Built:
+    """onnxruntime's transformers optimizer (or a session's saved model) on an opset-14 export: LayerNormalization,
+    which ONNX defines only from opset 17, and SimplifiedLayerNormalization (an RMS normalization), which it never
+    defines; onnxruntime runs both in the default domain."""
+    b = _Builder(11)
+    tokens = b.op("Transpose", [b.op("Reshape", [b.conv("x", 3, 8, stride=2), b.const([1, 8, -1], np.int64)])],
+                  perm=[0, 2, 1])
+    y = b.op("LayerNormalization", [tokens, b.const(b.rng.uniform(0.5, 1.5, 8)), b.const(b.rng.normal(0, 0.1, 8))],
+             axis=-1, epsilon=1e-5)
+    y = b.op("MatMul", [y, b.const(b.rng.standard_normal((8, 8)) * 0.3)])
+    y = b.op("SimplifiedLayerNormalization", [y, b.const(b.rng.uniform(0.5, 1.5, 8))], axis=-1, epsilon=1e-6)
+    out = b.op("MatMul", [y, b.const(b.rng.standard_normal((8, 5)) * 0.3)])
+    return b.model({"x": ["N", 3, 16, 16]}, [out], 14), {"x": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -700,4 +716,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
+    "ort_layernorms": ort_layernorms,
 }

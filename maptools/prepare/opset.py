@@ -104,7 +104,26 @@ def _hardswish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             onnx.helper.make_node("Mul", [node.input[0], gate], [node.output[0]], name=node.name)]
 
 
-def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+def ort_normalizations(ctx: _Context) -> int:
+    """onnxruntime's LayerNormalization below opset 17 (its optimizers write it into models of opsets 11-16, where
+    ONNX has no such operator) and its SimplifiedLayerNormalization (an RMS normalization, in no opset) in their
+    ReduceMean/Sqrt/Div form, which every opset has; the count."""
+    opset = max((o.version for o in ctx.model.opset_import if o.domain in _DEFAULT_DOMAINS), default=0)
+    done = 0
+    for node in [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and (
+            n.op_type == "SimplifiedLayerNormalization" or (n.op_type == "LayerNormalization" and opset < 17))]:
+        at = list(ctx.graph.node).index(node)
+        replaced = _layernorm(node, ctx, centre=node.op_type == "LayerNormalization")
+        ctx.graph.node.remove(node)
+        for i, new in enumerate(replaced):
+            ctx.graph.node.insert(at + i, new)
+        done += 1
+    if done:
+        ctx.invalidate()
+    return done
+
+
+def _layernorm(node: onnx.NodeProto, ctx: _Context, centre: bool = True) -> list[onnx.NodeProto]:
     if len([o for o in node.output if o]) > 1:
         raise ModelError(f"{_where(node)} uses its Mean/InvStdDev outputs, which opset 13 has no operator for.",
                          "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).")
@@ -116,7 +135,7 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
         axis -= len(shape)
     axes = list(range(axis, 0))
     out, name = node.output[0], node.name or node.output[0]
-    nodes, norm = _standardized(node, axes, ctx)
+    nodes, norm = _standardized(node, axes, ctx, centre)
     has_bias = len(node.input) > 2 and node.input[2]
     scaled = ctx.fresh(f"{out}_scaled") if has_bias else out
     nodes.append(onnx.helper.make_node("Mul", [norm, node.input[1]], [scaled],
@@ -126,15 +145,20 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _standardized(node: onnx.NodeProto, axes: list[int], ctx: _Context) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes computing ``node``'s first input less its mean over ``axes``, over the square root of its (biased)
-    variance there plus ``node``'s epsilon; and the tensor they write."""
+def _standardized(node: onnx.NodeProto, axes: list[int], ctx: _Context, centre: bool = True
+                  ) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing ``node``'s first input less its mean over ``axes`` (``centre``; else the input itself: an
+    RMS normalization), over the square root of its (biased) variance there (mean square) plus ``node``'s epsilon;
+    and the tensor they write."""
     x, out, name = node.input[0], node.output[0], node.name or node.output[0]
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm")}
     ctx.add_initializer(t["eps"], np.asarray(float(node_attr(node, "epsilon", 1e-5)), dtype=np.float32))
+    centring = [onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
+                onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub")] if centre else []
+    if not centre:
+        t["diff"] = x
     return [
-        onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
-        onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub"),
+        *centring,
         onnx.helper.make_node("Mul", [t["diff"], t["diff"]], [t["sq"]], name=f"{name}_square"),
         onnx.helper.make_node("ReduceMean", [t["sq"]], [t["var"]], name=f"{name}_var", axes=axes, keepdims=1),
         onnx.helper.make_node("Add", [t["var"], t["eps"]], [t["veps"]], name=f"{name}_eps"),
