@@ -17,7 +17,8 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
 whose shift outweighs their scaled signal (pyannote's SincNet front end), tf2onnx's int32 frame indices (Range),
 opset 18's Pad naming its axes, opset 19's circular Pad, opset 23's Attention, and onnxruntime's
-LayerNormalization below opset 17 and SimplifiedLayerNormalization.
+LayerNormalization below opset 17 and SimplifiedLayerNormalization, and the experimental ImageScaler, Scale,
+Affine and ScaledTanh.
 """
 
 from __future__ import annotations
@@ -699,6 +700,16 @@ def ort_layernorms() -> Built:
     return b.model({"x": ["N", 3, 16, 16]}, [out], 14), {"x": [1, 3, 16, 16]}
 
 
+def experimental_operators() -> Built:
+    """Older converters' (WinMLTools, the ONNX model zoo's tiny-YOLOv2) experimental operators of opsets 1-9, which
+    onnxruntime still runs: ImageScaler's preprocessing, Scale, Affine and ScaledTanh, at opset 8."""
+    b = _Builder(12)
+    y = b.op("ImageScaler", ["image"], scale=1 / 58.0, bias=[-2.1, -2.0, -1.8])
+    y = b.op("Affine", [b.op("Relu", [b.conv(y, 3, 8)])], alpha=0.5, beta=0.1)
+    y = b.op("ScaledTanh", [b.op("Scale", [b.conv(y, 8, 8)], scale=2.0)], alpha=1.5, beta=0.5)
+    return b.model({"image": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=4), {"image": [1, 3, 16, 16]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -716,5 +727,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
-    "ort_layernorms": ort_layernorms,
+    "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators,
 }

@@ -51,7 +51,7 @@ from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel,
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
 from maptools.prepare.opset import (convert_opset, fix_input_dims, fold_constant_nodes, opset_report,
-                                    ort_normalizations)
+                                    ort_operators)
 from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
 from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_batchnorm, _fold_bias_add,
@@ -236,9 +236,9 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     _optional(ctx, "onnxruntime's fused operators", lambda c: _counted(
         "{} onnxruntime fused operators (FusedConv, FusedGemm, FusedMatMul, Gelu) written as standard ones",
         _unfuse(c)))
-    _optional(ctx, "onnxruntime's normalizations", lambda c: _counted(
-        "{} onnxruntime LayerNormalization/SimplifiedLayerNormalization outside ONNX's opsets written as their "
-        "ReduceMean/Sqrt/Div form", ort_normalizations(c)))
+    _optional(ctx, "onnxruntime's operators outside ONNX", lambda c: _counted(
+        "{} operators onnxruntime runs but ONNX does not define at this opset (LayerNormalization before 17, "
+        "SimplifiedLayerNormalization, ImageScaler, ...) written as standard ones", ort_operators(c)))
     device_forms = level in ("full", "no recurrent forms")
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)

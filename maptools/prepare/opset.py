@@ -104,16 +104,18 @@ def _hardswish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             onnx.helper.make_node("Mul", [node.input[0], gate], [node.output[0]], name=node.name)]
 
 
-def ort_normalizations(ctx: _Context) -> int:
-    """onnxruntime's LayerNormalization below opset 17 (its optimizers write it into models of opsets 11-16, where
-    ONNX has no such operator) and its SimplifiedLayerNormalization (an RMS normalization, in no opset) in their
-    ReduceMean/Sqrt/Div form, which every opset has; the count."""
+def ort_operators(ctx: _Context) -> int:
+    """Operators onnxruntime runs in the default domain where ONNX defines none, as the standard ones they compute:
+    its LayerNormalization below opset 17 (its optimizers write it into models of opsets 11-16) and
+    SimplifiedLayerNormalization (an RMS normalization, in no opset) in their ReduceMean/Sqrt/Div form; the
+    experimental ImageScaler, Scale, Affine and ScaledTanh of opsets 1-9 (older converters' preprocessing) as
+    Mul, Add and Tanh. The count."""
     opset = max((o.version for o in ctx.model.opset_import if o.domain in _DEFAULT_DOMAINS), default=0)
     done = 0
     for node in [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and (
-            n.op_type == "SimplifiedLayerNormalization" or (n.op_type == "LayerNormalization" and opset < 17))]:
+            n.op_type in _ORT_ONLY or (n.op_type == "LayerNormalization" and opset < 17))]:
         at = list(ctx.graph.node).index(node)
-        replaced = _layernorm(node, ctx, centre=node.op_type == "LayerNormalization")
+        replaced = _ORT_ONLY.get(node.op_type, _layernorm)(node, ctx)
         ctx.graph.node.remove(node)
         for i, new in enumerate(replaced):
             ctx.graph.node.insert(at + i, new)
@@ -121,6 +123,33 @@ def ort_normalizations(ctx: _Context) -> int:
     if done:
         ctx.invalidate()
     return done
+
+
+def _affine(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """``scale * x + bias`` of the experimental ImageScaler (a bias per channel), Scale and Affine."""
+    scale = float(node_attr(node, "alpha" if node.op_type == "Affine" else "scale", 1.0))
+    bias = node_attr(node, "bias", None) if node.op_type == "ImageScaler" else node_attr(node, "beta", 0.0)
+    bias = np.asarray(bias if bias is not None else 0.0, dtype=np.float32)
+    out, name = node.output[0], node.name or node.output[0]
+    scaled = ctx.fresh(f"{out}_scaled") if np.any(bias) else out
+    nodes = [onnx.helper.make_node("Mul", [node.input[0], ctx.add_initializer(
+        ctx.fresh(f"{out}_scale"), np.asarray(scale, dtype=np.float32))], [scaled], name=f"{name}_scale")]
+    if np.any(bias):
+        shift = bias.reshape(-1, 1, 1) if node.op_type == "ImageScaler" else bias
+        nodes.append(onnx.helper.make_node("Add", [scaled, ctx.add_initializer(ctx.fresh(f"{out}_bias"), shift)],
+                                           [out], name=name))
+    return nodes
+
+
+def _scaled_tanh(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """The experimental ScaledTanh: ``alpha * tanh(beta * x)``."""
+    out, name = node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("alpha", "beta", "inner", "tanh")}
+    ctx.add_initializer(t["alpha"], np.asarray(float(node_attr(node, "alpha", 1.0)), dtype=np.float32))
+    ctx.add_initializer(t["beta"], np.asarray(float(node_attr(node, "beta", 1.0)), dtype=np.float32))
+    return [onnx.helper.make_node("Mul", [node.input[0], t["beta"]], [t["inner"]], name=f"{name}_beta"),
+            onnx.helper.make_node("Tanh", [t["inner"]], [t["tanh"]], name=f"{name}_tanh"),
+            onnx.helper.make_node("Mul", [t["tanh"], t["alpha"]], [out], name=name)]
 
 
 def _layernorm(node: onnx.NodeProto, ctx: _Context, centre: bool = True) -> list[onnx.NodeProto]:
@@ -397,6 +426,11 @@ def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> R
     return rewrite
 
 
+#: Default-domain operators onnxruntime runs that ONNX defines at no opset (:func:`ort_operators`).
+_ORT_ONLY: dict[str, Rewrite] = {
+    "SimplifiedLayerNormalization": lambda node, ctx: _layernorm(node, ctx, centre=False),
+    "ImageScaler": _affine, "Scale": _affine, "Affine": _affine, "ScaledTanh": _scaled_tanh,
+}
 _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
            "ReduceProd", "ReduceSum", "ReduceSumSquare")
 #: Rewrites of operators whose definition after opset 13 differs from (or is absent at) opset 13.
