@@ -202,6 +202,14 @@ def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
                          "LabelEncoder or a tokenizer): a string has no quantization grid, nor can calibration "
                          "sample one.", "quantize the numeric part: cut the model after its string operators "
                          "(onnx.utils.extract_model, with their numeric outputs as its inputs).")
+    labels = [o.name for o in model.graph.output if o.type.HasField("tensor_type")
+              and o.type.tensor_type.elem_type == onnx.TensorProto.STRING]
+    if labels:
+        raise ModelError(f"output(s) {', '.join(labels)} are strings (a class label lookup, such as ai.onnx.ml's "
+                         "LabelEncoder after an ArgMax): a string has no quantization grid, and maptools carries "
+                         "numeric tensors between its stages.", "quantize the numeric part: cut the model before "
+                         "its string operators (onnx.utils.extract_model, with their numeric inputs as its outputs), "
+                         "and look the labels up after it.")
     shapes: dict[str, tuple[int, ...]] = {}
     for name, spec in inputs.items():
         shape = input_shapes[name]

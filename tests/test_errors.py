@@ -200,6 +200,22 @@ def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:
     _refused(graph, {"letters": [1, 1]}, r"input\(s\) letters take strings.*extract_model", tmp_path)
 
 
+def test_a_model_with_string_outputs_is_refused_with_the_fix(tmp_path) -> None:
+    """A classifier whose head looks its class label up (ArgMax, then ai.onnx.ml's LabelEncoder to strings, as
+    WinMLTools and Custom Vision write): one ModelError naming the output and the cut, where PPQ's tracing had
+    failed on the strings."""
+    w = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["logits"], transB=1),
+         helper.make_node("ArgMax", ["logits"], ["index"], axis=1, keepdims=0),
+         helper.make_node("LabelEncoder", ["index"], ["label"], domain="ai.onnx.ml", keys_int64s=[0, 1, 2],
+                          values_strings=["cat", "dog", "car"])],
+        "labels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.STRING, [1]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], [onnx.numpy_helper.from_array(w, "w")])
+    _refused(graph, {"x": [1, 4]}, r"output\(s\) label are strings.*extract_model", tmp_path)
+
+
 def test_a_model_with_a_sequence_input_is_refused_with_the_fix(tmp_path) -> None:
     """A sequence-typed input (a list of frames) that onnxruntime runs: one ModelError naming the input and what
     maptools feeds, where a KeyError from inside onnx's type tables had ended the run."""
