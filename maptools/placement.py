@@ -370,6 +370,28 @@ QUANTIZED_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQu
                                 "DynamicQuantizeLSTM", "QAttention", *(op for _, op in _INTEGER_FORMS)})
 
 
+#: Attention operators of onnxruntime's contrib domain (opset 23's ``Attention`` is the default domain's).
+_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+
+
+def _attention_macs(node: onnx.NodeProto, ins: list[list[int] | None]) -> int:
+    """An attention operator's matrix work: ``Q K^T`` and the weighted sum of ``V`` (query rows x key rows x the
+    query's and the value's widths), and for com.microsoft's Attention its packed Q/K/V projection of the input
+    too. 0 where a shape is unknown."""
+    if node.domain == "com.microsoft" and node.op_type == "Attention":  # input [B, S, D], weights [D, 3 H]
+        x, w = (ins + [None, None])[:2]
+        if x is None or w is None or len(x) != 3 or len(w) != 2:
+            return 0
+        batch, rows, width = x
+        return batch * rows * width * w[1] + 2 * batch * rows * rows * (w[1] // 3)
+    q, k, v = (ins + [None, None, None])[:3]
+    if q is None or k is None or v is None or len(q) != len(k) or len(q) not in (3, 4):
+        return 0
+    if len(q) == 3:  # [B, S, heads x width]
+        return q[0] * q[1] * k[1] * (q[2] + v[2])
+    return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])  # [B, heads, S, width]
+
+
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
     """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
     a Loop's or Scan's body once: its trip count is the data's)."""
@@ -384,7 +406,7 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         ins = [ins[0], ins[weight] if len(ins) > weight else None]
     elif (node.domain, op) in _CONTRIB_FORMS:  # onnxruntime's fused and blocked forms of the same work
         op = _CONTRIB_FORMS[node.domain, op]
-    elif node.domain not in ("", "ai.onnx"):
+    elif node.domain not in ("", "ai.onnx") and (node.domain, op) not in _ATTENTION:
         return 0
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 1 and ins[1] is not None and len(ins[1]) == 3:
         gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
@@ -396,6 +418,8 @@ def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
         return steps * directions * gates * hidden * (features + hidden)
     if op == "Einsum":
         return _einsum_macs(str(node_attr(node, "equation", "")), ins)
+    if op in ("Attention", "MultiHeadAttention"):
+        return _attention_macs(node, ins)
     if op in ("STFT", "DFT") and out is not None and ins[0] is not None:  # each output value: a sum over a frame
         if op == "STFT":
             points = ins[2][0] if len(ins) > 2 and ins[2] else 2 * (out[2] - 1)  # (the window's length, else onesided)

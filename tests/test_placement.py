@@ -200,6 +200,25 @@ def test_onnxruntimes_own_forms_of_matrix_work_count_it() -> None:
     assert macs(model) == {"nchwc": 4 * 8 * 8 * 4, "nbits": 4 * 16 * 64}
 
 
+def test_attention_on_the_host_counts_its_work() -> None:
+    """An attention operator left on the host (onnxruntime's Attention with its packed Q/K/V projection, opset 23's
+    Attention, onnxruntime's MultiHeadAttention) counts its matrix work: Q K^T, the weighted sum of V, and the
+    projection; the coverage had read 100% of the rest."""
+    from maptools.placement import macs
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Attention", ["x", "w", "b"], ["a"], name="packed", domain="com.microsoft", num_heads=4),
+             helper.make_node("Attention", ["a", "a", "a"], ["o"], name="standard", q_num_heads=4, kv_num_heads=4),
+             helper.make_node("MultiHeadAttention", ["o", "o", "o"], ["y"], name="multi", domain="com.microsoft",
+                              num_heads=4)]
+    model = _graph(nodes, ["y"], w=rng.standard_normal((32, 96)).astype(np.float32),
+                   b=np.zeros(96, np.float32))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 32]))
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, [2, 16, 32]) for k in "ao")
+    rows = 2 * 16 * 16 * (32 + 32)  # per batch, 16 query rows x 16 key rows x (the query's and the value's widths)
+    assert macs(model) == {"packed": 2 * 16 * 32 * 96 + rows, "standard": rows, "multi": rows}
+
+
 def test_an_integer_gemm_left_on_the_host_counts_its_work() -> None:
     """onnxruntime's QOperator Gemm (com.microsoft QGemm, its weight the fourth input) does a Gemm's work: a
     quantized transformer whose float rewrite was refused read '0.0% of 262,144' (its QLinearMatMuls alone)."""
