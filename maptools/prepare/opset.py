@@ -20,6 +20,7 @@ from maptools.onnx_model import node_attr
 
 from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, Names, _Context, _drop_attrs, _read, _set_opset,
                                     _where, opset_of)
+from maptools.prepare.rewrites import _replace_node
 log = logging.getLogger(__name__)
 
 # --- 1. dims --------------------------------------------------------------------------------------
@@ -114,11 +115,7 @@ def ort_operators(ctx: _Context) -> int:
     done = 0
     for node in [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and (
             n.op_type in _ORT_ONLY or (n.op_type == "LayerNormalization" and opset < 17))]:
-        at = list(ctx.graph.node).index(node)
-        replaced = _ORT_ONLY.get(node.op_type, _layernorm)(node, ctx)
-        ctx.graph.node.remove(node)
-        for i, new in enumerate(replaced):
-            ctx.graph.node.insert(at + i, new)
+        _replace_node(ctx, node, _ORT_ONLY.get(node.op_type, _layernorm)(node, ctx))
         done += 1
     if done:
         ctx.invalidate()
