@@ -757,9 +757,11 @@ def _fold_norm_shift(ctx: _Context) -> int:
         if found is None or node.output[0] in outputs:
             continue
         centred, shift, scale = found
+        if float(np.abs(shift).max()) < _NORM_SPAN * scale:
+            continue
         readers = _consumers(ctx.graph).get(node.output[0], [])
         biases = [_shifted_bias(ctx, r, node.output[0], shift, inits) for r in readers]
-        if float(np.abs(shift).max()) < _NORM_SPAN * scale or not readers or any(b is None for b in biases):
+        if not readers or any(b is None for b in biases):
             continue
         for linear, bias in [pair for found in biases if found for pair in found]:
             _set_bias(linear, ctx.add_initializer(ctx.fresh(f"{linear.output[0]}_bias"), bias))

@@ -314,7 +314,7 @@ def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
                 settings: QuantSettings, device: str, budget: Budget | None, strict: bool,
                 reference: FloatReference | None, notes: list[str],
-                held_out: Iterable[Mapping[str, torch.Tensor]] = ()) -> _Quantized:
+                held_out: Iterable[Mapping[str, torch.Tensor]] | None = None) -> _Quantized:
     """:func:`_quantize_prepared` with each of ``settings``' candidates (``auto``: percentile and mse, each also
     bias-corrected where ``optimization`` is none: the correction runs on that calibration's graph, and is undone
     where it is not kept); the quantization with the lowest :func:`_output_error` is kept, and the choice is in
@@ -327,12 +327,9 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
     if len(candidates) == 1:
         return _quantize_prepared(model_path, calibration, data, steps, first, settings, device, budget, strict,
                                   reference)
-    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()} for sample in held_out]
-    where = "samples held out of the calibration"
-    if not samples:
-        samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
-                   for sample, _ in zip(calibration, range(min(steps, CHOICE_SAMPLES)))]
-        where = "calibration samples"
+    where = "calibration samples" if held_out is None else "samples held out of the calibration"
+    chosen = itertools.islice(calibration, min(steps, CHOICE_SAMPLES)) if held_out is None else held_out
+    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()} for sample in chosen]
     prepared = model_path.read_bytes()  # (one file: preparation writes no external data)
     float_session = ort_session(prepared)
     names = [o.name for o in float_session.get_outputs()]
@@ -648,7 +645,7 @@ def quantize(
         if keep_on_host:
             _keep_on_host(model, keep_on_host)  # (node attributes only: the float session stays valid)
         feed = _as_prepared(calibration, inputs, model)
-        held_out = itertools.islice(_as_prepared(read, inputs, model), steps, None) if held_count else ()
+        held_out = itertools.islice(_as_prepared(read, inputs, model), steps, None) if held_count else None
         first = feed.cast(first) if isinstance(feed, CastCalibration) else first
         # one float session of the prepared model for the equalization and the error report's float side
         reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count,

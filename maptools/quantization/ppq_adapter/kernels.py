@@ -101,8 +101,8 @@ def _dispatcher(kernels: dict[str, Any]) -> Any:
 _FORWARDS: dict[Any, Any] = {}  # platform -> the forward of every operator type on it
 #: Operators always run in onnxruntime: PPQ's Gather and Slice kernels index tensors with a list of slices,
 #: which torch deprecated (it will read them as one index array); its ReduceMax reduces the first axis only; its
-#: Range gives int64 (``torch.arange`` of Python numbers) for int32 bounds (tf2onnx's frame indices), and the
-#: exported model then declares the int32 tensor int64, which onnxruntime refuses.
+#: Range gives int64 (``torch.arange`` of Python numbers) for int32 bounds (tf2onnx's frame indices), so the
+#: operators after it would compute in another type than the model's.
 _ONNXRUNTIME_ONLY = frozenset({"Gather", "Slice", "ReduceMax", "Range"})
 #: Operators whose PPQ kernel computes only floats: its Sub casts the result to float, its Div floors integer
 #: quotients (ONNX truncates); on integer inputs (index arithmetic) they run in onnxruntime.
