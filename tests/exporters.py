@@ -702,11 +702,15 @@ def ort_layernorms() -> Built:
 
 def experimental_operators() -> Built:
     """Older converters' (WinMLTools, the ONNX model zoo's tiny-YOLOv2) experimental operators of opsets 1-9, which
-    onnxruntime still runs: ImageScaler's preprocessing, Scale, Affine and ScaledTanh, at opset 8."""
+    onnxruntime still runs: ImageScaler's preprocessing, Scale, Affine, ScaledTanh, Crop, and the experimental forms
+    of MeanVarianceNormalization (attributes, the batch in its mean) and ThresholdedRelu, at opset 8."""
     b = _Builder(12)
     y = b.op("ImageScaler", ["image"], scale=1 / 58.0, bias=[-2.1, -2.0, -1.8])
     y = b.op("Affine", [b.op("Relu", [b.conv(y, 3, 8)])], alpha=0.5, beta=0.1)
     y = b.op("ScaledTanh", [b.op("Scale", [b.conv(y, 8, 8)], scale=2.0)], alpha=1.5, beta=0.5)
+    y = b.op("Crop", [b.op("MeanVarianceNormalization", [b.conv(y, 8, 8)], across_channels=0, normalize_variance=1)],
+             border=[1, 2, 0, 1])
+    y = b.op("ThresholdedRelu", [b.op("Crop", [b.conv(y, 8, 8)], border=[1, 1, 0, 0], scale=[10, 12])], alpha=0.3)
     return b.model({"image": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=4), {"image": [1, 3, 16, 16]}
 
 

@@ -23,6 +23,9 @@ from maptools.prepare.base import (TARGET_OPSET, _DEFAULT_DOMAINS, Names, _Conte
 from maptools.prepare.rewrites import _replace_node
 log = logging.getLogger(__name__)
 
+#: A Slice end past any axis.
+_END = int(np.iinfo(np.int64).max)
+
 # --- 1. dims --------------------------------------------------------------------------------------
 
 def fix_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
@@ -108,14 +111,16 @@ def _hardswish(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
 def ort_operators(ctx: _Context) -> int:
     """Operators onnxruntime runs in the default domain where ONNX defines none, as the standard ones they compute:
     its LayerNormalization below opset 17 (its optimizers write it into models of opsets 11-16) and
-    SimplifiedLayerNormalization (an RMS normalization, in no opset) in their ReduceMean/Sqrt/Div form; the
-    experimental ImageScaler, Scale, Affine and ScaledTanh of opsets 1-9 (older converters' preprocessing) as
-    Mul, Add and Tanh. The count."""
+    SimplifiedLayerNormalization (an RMS normalization, in no opset) in their ReduceMean/Sqrt/Div form, and so
+    MeanVarianceNormalization below opset 9 (its experimental form); the experimental ImageScaler, Scale, Affine
+    and ScaledTanh of opsets 1-9 (older converters' preprocessing) as Mul, Add and Tanh, and their Crop as a Slice.
+    The count."""
     opset = max((o.version for o in ctx.model.opset_import if o.domain in _DEFAULT_DOMAINS), default=0)
     done = 0
     for node in [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and (
-            n.op_type in _ORT_ONLY or (n.op_type == "LayerNormalization" and opset < 17))]:
-        _replace_node(ctx, node, _ORT_ONLY.get(node.op_type, _layernorm)(node, ctx))
+            n.op_type in _ORT_ONLY or opset < _ORT_BEFORE.get(n.op_type, (0, None))[0])]:
+        rewrite = _ORT_ONLY[node.op_type] if node.op_type in _ORT_ONLY else _ORT_BEFORE[node.op_type][1]
+        _replace_node(ctx, node, rewrite(node, ctx))
         done += 1
     if done:
         ctx.invalidate()
@@ -149,6 +154,36 @@ def _scaled_tanh(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
             onnx.helper.make_node("Mul", [t["tanh"], t["alpha"]], [out], name=name)]
 
 
+def _crop(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """The experimental Crop (onnxruntime runs it below opset 10): ``border`` (left, top, right, bottom) cut off,
+    or a ``scale`` (height, width) window at its top left, as the Slice of those opsets."""
+    left, top, right, bottom = [int(v) for v in node_attr(node, "border", [0, 0, 0, 0])]
+    scale = node_attr(node, "scale", None)
+    ends = [top + int(scale[0]), left + int(scale[1])] if scale else \
+        [-bottom if bottom else _END, -right if right else _END]
+    return [onnx.helper.make_node("Slice", [node.input[0]], [node.output[0]], name=node.name or node.output[0],
+                                  starts=[top, left], ends=ends, axes=[2, 3])]
+
+
+def _mean_variance(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """MeanVarianceNormalization before opset 9 as onnxruntime computes it: over the batch and the spatial axes
+    (and the channels with ``across_channels``), no epsilon; only centred without ``normalize_variance``."""
+    axes = [0, 1, 2, 3] if node_attr(node, "across_channels", 0) else [0, 2, 3]
+    if node_attr(node, "normalize_variance", 1):
+        nodes, norm = _standardized(node, axes, ctx, epsilon=0.0)
+        return _renamed(nodes, norm, node.output[0])
+    mean = ctx.fresh(f"{node.output[0]}_mean")
+    name = node.name or node.output[0]
+    return [onnx.helper.make_node("ReduceMean", [node.input[0]], [mean], name=f"{name}_mean", axes=axes, keepdims=1),
+            onnx.helper.make_node("Sub", [node.input[0], mean], [node.output[0]], name=name)]
+
+
+def _renamed(nodes: list[onnx.NodeProto], tensor: str, to: str) -> list[onnx.NodeProto]:
+    """``nodes`` with ``tensor`` (the last one's output) written as ``to``."""
+    nodes[-1].output[:] = [to if t == tensor else t for t in nodes[-1].output]
+    return nodes
+
+
 def _layernorm(node: onnx.NodeProto, ctx: _Context, centre: bool = True) -> list[onnx.NodeProto]:
     if len([o for o in node.output if o]) > 1:
         raise ModelError(f"{_where(node)} uses its Mean/InvStdDev outputs, which opset 13 has no operator for.",
@@ -171,14 +206,15 @@ def _layernorm(node: onnx.NodeProto, ctx: _Context, centre: bool = True) -> list
     return nodes
 
 
-def _standardized(node: onnx.NodeProto, axes: list[int], ctx: _Context, centre: bool = True
-                  ) -> tuple[list[onnx.NodeProto], str]:
+def _standardized(node: onnx.NodeProto, axes: list[int], ctx: _Context, centre: bool = True,
+                  epsilon: float | None = None) -> tuple[list[onnx.NodeProto], str]:
     """Nodes computing ``node``'s first input less its mean over ``axes`` (``centre``; else the input itself: an
-    RMS normalization), over the square root of its (biased) variance there (mean square) plus ``node``'s epsilon;
-    and the tensor they write."""
+    RMS normalization), over the square root of its (biased) variance there (mean square) plus ``epsilon``
+    (None: ``node``'s); and the tensor they write."""
     x, out, name = node.input[0], node.output[0], node.name or node.output[0]
     t = {k: ctx.fresh(f"{out}_{k}") for k in ("mean", "diff", "sq", "var", "eps", "veps", "std", "norm")}
-    ctx.add_initializer(t["eps"], np.asarray(float(node_attr(node, "epsilon", 1e-5)), dtype=np.float32))
+    epsilon = float(node_attr(node, "epsilon", 1e-5)) if epsilon is None else epsilon
+    ctx.add_initializer(t["eps"], np.asarray(epsilon, dtype=np.float32))
     centring = [onnx.helper.make_node("ReduceMean", [x], [t["mean"]], name=f"{name}_mean", axes=axes, keepdims=1),
                 onnx.helper.make_node("Sub", [x, t["mean"]], [t["diff"]], name=f"{name}_sub")] if centre else []
     if not centre:
@@ -395,7 +431,7 @@ def _wrapped(node: onnx.NodeProto, pads: np.ndarray, ctx: _Context) -> list[onnx
             nodes.append(onnx.helper.make_node("Slice", [x, *bounds], [out], name=out))
             return out
         begin, end = int(pads[axis]), int(pads[rank + axis])
-        parts = [*([piece(-begin, np.iinfo(np.int64).max)] if begin else []), x, *([piece(0, end)] if end else [])]
+        parts = [*([piece(-begin, _END)] if begin else []), x, *([piece(0, end)] if end else [])]
         x = fresh(f"{node.output[0]}_wrapped{axis}")
         nodes.append(onnx.helper.make_node("Concat", parts, [x], name=x, axis=axis))
     if not nodes:
@@ -427,6 +463,14 @@ def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> R
 _ORT_ONLY: dict[str, Rewrite] = {
     "SimplifiedLayerNormalization": lambda node, ctx: _layernorm(node, ctx, centre=False),
     "ImageScaler": _affine, "Scale": _affine, "Affine": _affine, "ScaledTanh": _scaled_tanh,
+}
+#: Experimental operators of opsets below 10 that opset 10 made standard as they were: onnx's version converter has
+#: no adapter from their experimental version, so they cross it in a domain of their own (:func:`convert_opset`).
+_STANDARD_FROM_10 = frozenset({"ThresholdedRelu"})
+_CROSSING = "maptools.crossing"
+#: Default-domain operators onnxruntime runs below the opset where ONNX defines them (or defines them anew).
+_ORT_BEFORE: dict[str, tuple[int, Rewrite]] = {
+    "LayerNormalization": (17, _layernorm), "MeanVarianceNormalization": (9, _mean_variance), "Crop": (10, _crop),
 }
 _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
            "ReduceProd", "ReduceSum", "ReduceSumSquare")
@@ -539,12 +583,25 @@ def convert_opset(ctx: _Context) -> str | None:
     if opset < TARGET_OPSET:
         from onnx import version_converter
 
+        crossing = [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type in _STANDARD_FROM_10
+                    and opset < 10]
+        for node in crossing:  # (on failure the caller restores the model)
+            node.domain = _CROSSING
+        if crossing:
+            ctx.model.opset_import.append(onnx.helper.make_opsetid(_CROSSING, 1))
         try:
             ctx.model = version_converter.convert_version(ctx.model, TARGET_OPSET)
         except Exception as e:
             raise ModelError(f"onnx's version converter cannot bring the model from opset {opset} to "
                              f"{TARGET_OPSET}: {str(e).strip()[:300]}",
                              "re-export the model with opset 13 (torch.onnx.export(..., opset_version=13)).") from e
+        if crossing:
+            for node in ctx.model.graph.node:
+                if node.domain == _CROSSING:
+                    node.domain = ""
+            kept = [o for o in ctx.model.opset_import if o.domain != _CROSSING]
+            del ctx.model.opset_import[:]
+            ctx.model.opset_import.extend(kept)
         for node in ctx.graph.node:  # before opset 11, Upsample and Resize computed asymmetric, floor; the
             # converter leaves Resize-11's defaults (half_pixel), which differ for linear modes
             if opset < 11 and node.op_type == "Resize" and node_attr(node, "coordinate_transformation_mode") is None:
