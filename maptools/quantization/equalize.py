@@ -230,7 +230,8 @@ def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str
     done, ratios = [], []
     for tensor, found in candidates.items():
         peak = maxima.get(tensor)
-        if peak is None or peak.size < 2 or peak.size != inits[found.producer.input[1]].dims[0]:
+        if peak is None or peak.size < 2 or peak.size != inits[found.producer.input[1]].dims[0] or \
+                not np.all(np.isfinite(peak)):
             continue
         top, median = float(peak.max()), float(np.median(peak))
         if median <= 0 or top < 2 * median:
