@@ -71,6 +71,8 @@ MOVE_OP_TYPES = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsque
 #: Integer averaging over windows.
 AVGPOOL_OP_TYPES = frozenset({"AveragePool", "GlobalAveragePool"})
 _DEVICE_OP_TYPES = LUT_UNARY_OP_TYPES | LUT_BINARY_OP_TYPES | MOVE_OP_TYPES | AVGPOOL_OP_TYPES | {"Concat", "Pad"}
+#: What may stand between a crossbar operator and the Log it feeds (:func:`_log_source`).
+_LOG_PATH = MOVE_OP_TYPES | LUT_BINARY_OP_TYPES | {"Clip", "Relu"}
 #: Activations a crossbar operator fuses (its output goes straight to the activation's grid).
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -197,6 +199,19 @@ def _power(node: onnx.NodeProto | None, consts: Mapping[str, np.ndarray]) -> flo
     return float(consts[node.input[1]].reshape(()))
 
 
+def _log_source(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto],
+                consts: Mapping[str, np.ndarray]) -> onnx.NodeProto | None:
+    """For a ``Log``, the operator computing its input through steps of one activation input that move values or
+    combine them with a constant (a reshape, the ``+ eps``, a ``Max``/``Clip`` floor, a scale); None for any other
+    node."""
+    if node.op_type != "Log":
+        return None
+    source = producer.get(node.input[0])
+    while source is not None and source.op_type in _LOG_PATH and sum(t not in consts for t in source.input if t) == 1:
+        source = producer.get(next(t for t in source.input if t and t not in consts))
+    return source
+
+
 def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
     """The operators ``model`` records as kept on the host (:data:`HOST_KEY`), ``{name: why}``."""
     for prop in model.metadata_props:
@@ -294,6 +309,13 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
         if why:
             reasons[node.name] = why
     producer = {t: n for n in nodes for t in n.output}
+    for node in nodes:
+        source = _log_source(node, producer, consts)
+        if source is not None and roles[source.name] is Role.CROSSBAR and source.name not in forced:
+            roles[source.name] = Role.HOST
+            reasons[source.name] = (f"feeds {node.name} (Log): a log spreads its input's orders of magnitude evenly, "
+                                    "and the 8-bit linear grid of this operator's input (a power spectrum before a "
+                                    "mel filterbank) rounds the quiet values to zero, so it is computed in float")
     for node in nodes:
         if roles[node.name] is Role.AVGPOOL and _power(producer.get(node.input[0]), consts) > 1:
             roles[node.name] = Role.HOST

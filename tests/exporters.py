@@ -714,6 +714,23 @@ def experimental_operators() -> Built:
     return b.model({"image": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=4), {"image": [1, 3, 16, 16]}
 
 
+def log_mel() -> Built:
+    """An in-graph log-mel front end (openwakeword's melspectrogram, swift-f0): a DFT as two MatMuls, the power
+    spectrum as ``re^2 + im^2``, a mel filterbank MatMul, ``+ eps`` and Log, then a small classifier."""
+    b = _Builder(13)
+    frame, bins, mels = 128, 65, 16
+    k = np.arange(frame)[:, None] * np.arange(bins)[None] * 2 * np.pi / frame
+    window = np.hanning(frame)[:, None]
+    re, im = (b.op("MatMul", ["frames", b.const(w * window)]) for w in (np.cos(k), -np.sin(k)))
+    power = b.op("Add", [b.op("Pow", [re, b.const(2.0)]), b.op("Pow", [im, b.const(2.0)])])
+    edges = np.linspace(0, bins - 1, mels + 2)
+    fb = np.maximum(0, 1 - np.abs(np.arange(bins)[:, None] - edges[None, 1:-1]) / np.diff(edges)[0])
+    y = b.op("Log", [b.op("Add", [b.op("MatMul", [power, b.const(fb)]), b.const(1e-6)])])
+    y = b.op("Relu", [b.op("MatMul", [y, b.const(b.rng.standard_normal((mels, 16)) * 0.2)])])
+    out = b.op("MatMul", [y, b.const(b.rng.standard_normal((16, 4)) * 0.3)])
+    return b.model({"frames": [16, frame]}, [out], 13), {"frames": [16, frame]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -731,5 +748,5 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "gemm_computed_bias": gemm_computed_bias, "grouped_einsum": grouped_einsum,
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
-    "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators,
+    "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators, "log_mel": log_mel,
 }
