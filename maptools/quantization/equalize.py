@@ -88,8 +88,8 @@ def _group(node: onnx.NodeProto) -> int:
 
 
 def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
-    """``{tensor: its producer and readers}`` for the inputs of depthwise convolutions (:data:`DEPTHWISE_GAIN`)
-    that a Conv computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else."""
+    """``{tensor: its producer and readers}`` for the tensors only depthwise convolutions read that a Conv
+    computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else (see the module)."""
     producer = {t: n for n in model.graph.node for t in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -155,7 +155,7 @@ def _scaled(conv: onnx.NodeProto, weight: onnx.TensorProto, scale: np.ndarray) -
     """``conv``'s weight with input channel ``c`` multiplied by ``scale[c]`` (None where its groups split the
     channels other than one per group)."""
     value = onnx.numpy_helper.to_array(weight).astype(np.float64)
-    groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    groups = _group(conv)
     tail = [1] * (value.ndim - 2)
     if groups == 1 and value.shape[1] == scale.size:
         return (value * scale.reshape(1, -1, *tail)).astype(np.float32)
