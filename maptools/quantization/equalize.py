@@ -9,7 +9,10 @@ the rest. Dividing channel ``c`` by ``s_c`` (a per-channel ``Mul`` that joins th
 :mod:`maptools.placement`) and multiplying the convolutions' input-channel ``c`` weights by ``s_c``
 computes the same function in float; ``s_c = sqrt(max_c / median)`` for the channels above the
 median (SmoothQuant's balance of activation and weight ranges) shrinks the tensor's range to what
-most channels use.
+most channels use. Where only depthwise convolutions read the table, whose weight grids are per output
+channel and so do not move, every channel is scaled up to the largest one's range instead (at most
+:data:`DEPTHWISE_GAIN`), as below: PP-LCNet's hard-swish outputs before its depthwise convolutions span
+2-4x between the median and the largest channel.
 
 **Inputs of depthwise convolutions.** A depthwise convolution computes each channel alone, so NNCF gives
 its input one grid per channel. A crossbar's input grid is one per tensor; where that tensor comes from a
@@ -186,10 +189,15 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
         peak = maxima.get(tensor)
         if peak is None or peak.size < 2:
             continue
-        median = float(np.median(peak))
-        if median <= 0 or float(peak.max()) < OUTLIER_RATIO * median:
+        median, top = float(np.median(peak)), float(peak.max())
+        if all(_group(conv) == peak.size > 1 for conv in readers):  # depthwise readers: every channel to the top
+            if median <= 0 or top < 2 * median or not np.all(np.isfinite(peak)):
+                continue
+            scale = np.clip(peak / top, 1.0 / DEPTHWISE_GAIN, 1.0)
+        elif median <= 0 or top < OUTLIER_RATIO * median:
             continue
-        scale = np.sqrt(np.maximum(peak / median, 1.0))
+        else:
+            scale = np.sqrt(np.maximum(peak / median, 1.0))
         weights = [_scaled(conv, inits[conv.input[1]], scale) for conv in readers]
         if any(w is None for w in weights):
             continue  # a grouped convolution whose groups split the channels: left as it is
@@ -209,7 +217,7 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
             info = onnx.ValueInfoProto.FromString(infos[tensor].SerializeToString())
             info.name = out
             model.graph.value_info.append(info)
-        steps.append(f"{tensor}: {int((scale > 1).sum())} of {scale.size} channels rescaled into "
+        steps.append(f"{tensor}: {int((scale != 1).sum())} of {scale.size} channels rescaled into "
                      f"{', '.join(c.name for c in readers)} (largest channel range {float(peak.max()):.3g}, "
                      f"median {median:.3g})")
     return steps
