@@ -31,7 +31,7 @@ simulation all use its result, which says why each host operator is there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -536,12 +536,13 @@ def placement_report(model: onnx.ModelProto, placement: Placement | None = None)
 NONNEGATIVE_OP_TYPES = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus"})
 
 
-def nonnegative_tensors(model: onnx.ModelProto, placement: Placement) -> frozenset[str]:
+def nonnegative_tensors(model: onnx.ModelProto, placement: Placement, inputs: Iterable[str] = ()) -> frozenset[str]:
     """Device tensors that cannot be negative: outputs of Relu, Sigmoid, HardSigmoid, Softplus and
-    Clip with a minimum >= 0, and what code movers, pools, concatenations and adds make of only such
-    tensors. With unsigned activations they are quantized on ``[0, 2^b - 1]`` (zero offset)."""
+    Clip with a minimum >= 0, the graph ``inputs`` the caller found so (an image scaled to [0, 1]), and what code
+    movers, pools, concatenations and adds make of only such tensors. With unsigned activations they are quantized
+    on ``[0, 2^b - 1]`` (zero offset)."""
     consts = constant_values(model)
-    found: set[str] = set()
+    found: set[str] = set(inputs)
     for node in model.graph.node:  # topological
         role = placement.roles.get(node.name, Role.HOST)
         if role in (Role.HOST, Role.CROSSBAR, Role.GATE) or not node.output:

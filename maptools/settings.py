@@ -47,7 +47,8 @@ class ActivationSign(str, Enum):
     """Integer range of activations: always signed, or unsigned where the producer cannot be negative."""
 
     SIGNED = "signed"  # [-2^(b-1), 2^(b-1) - 1] everywhere
-    AUTO = "auto"  # [0, 2^b - 1] after Relu, Clip(min >= 0), Sigmoid, HardSigmoid and what only moves those
+    AUTO = "auto"  # [0, 2^b - 1] after Relu, Clip(min >= 0), Sigmoid, HardSigmoid and what only moves those, and
+    # for a graph input no calibration sample holds a negative value of
 
 
 class Optimization(str, Enum):
@@ -151,8 +152,9 @@ class QuantSettings(Settings):
                                                         "calibration; the same seed gives identical artifacts.")
     activation_sign: ActivationSign | None = Field(
         None, description="signed ranges everywhere (the seed profile's, the only one it allows), or auto: unsigned "
-                          "[0, 2^b-1] where the producer cannot be negative (the extended profile's default); zero "
-                          "offsets either way. Null: the profile's.")
+                          "[0, 2^b-1] where the producer cannot be negative, or for a graph input never negative on "
+                          "the calibration samples (the extended profile's default); zero offsets either way. Null: "
+                          "the profile's.")
     optimization: Optimization = Field(
         Optimization.NONE, description="A PPQ correction pass: bias-correction, lsq and fast-bias-correction fit "
                                        "the calibration data (real data only); equalization rescales consecutive "

@@ -139,6 +139,37 @@ def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
     assert all(c.out_range == (-128, 127) for c in read_quantinfo("t", tmp_path).values() if c.output_scale)
 
 
+def test_an_input_never_negative_on_the_calibration_samples_is_unsigned(tmp_path) -> None:
+    """An image scaled to [0, 1] (MediaPipe's face landmarks): with unsigned activations its grid is unsigned, as
+    NNCF's is (twice the codes over its range); an input with negative values, and the seed profile, stay signed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+         helper.make_node("Tanh", ["a"], ["t"], name="t"),
+         helper.make_node("Conv", ["t", "w2"], ["output"], name="c2", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")])
+    path = tmp_path / "image.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+    def input_codes(name: str, low: float, **settings: str) -> np.dtype:
+        calib = [{"input": torch.from_numpy(rng.uniform(low, 1, (1, 3, 8, 8)).astype(np.float32))} for _ in range(8)]
+        result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname=name, calibset=calib, calib_steps=8,
+                          output_root=tmp_path, error_steps=0, **settings)
+        exported = onnx.load(str(result.quant_model_path))
+        inits = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+        first = next(n for n in exported.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        return inits[first.input[2]].dtype
+
+    assert input_codes("image", 0.0, profile="extended") == np.uint8
+    assert input_codes("signal", -1.0, profile="extended") == np.int8
+    assert input_codes("seed", 0.0) == np.int8
+
+
 def test_fast_bias_correction_shifts_biases_only(digits_setup, tmp_path) -> None:
     """NNCF's fast bias correction: the same scales and weights, each crossbar layer's bias moved by its mean
     output shift on float inputs; it fits the calibration data, so random data is refused."""

@@ -100,9 +100,9 @@ def _depthwise_model(activation: str = "Relu", extra_reader: bool = False) -> on
         inits["w4"] = rng.standard_normal((4, 16, 1, 1)) * 0.25
         nodes.append(helper.make_node("Conv", ["h", "w4"], ["z"], name="side"))
         outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                   [1, 3, 16, 16])],
-                              outputs, [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    weights = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              outputs, weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
 
