@@ -118,8 +118,8 @@ def test_bad_accuracy_options_are_refused(small_cnn, tmp_path) -> None:
     assert all(c.out_range[0] < 0 for c in read_quantinfo("kl", tmp_path).values() if c.output_scale)
 
 
-def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
-    import onnx
+def _tanh_model(path) -> None:
+    """conv -> Tanh -> conv (no operator whose output cannot be negative) at ``path``."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -131,8 +131,12 @@ def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
         [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
          numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")])
-    path = tmp_path / "tanh.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
+    path = tmp_path / "tanh.onnx"
+    _tanh_model(path)
     result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="t", calib_steps=8, output_root=tmp_path,
                       profile="extended")
     assert any("no tensor of this model is provably non-negative" in n for n in result.notes)
@@ -142,19 +146,11 @@ def test_auto_sign_without_nonnegative_tensors_says_so(tmp_path) -> None:
 def test_an_input_never_negative_on_the_calibration_samples_is_unsigned(tmp_path) -> None:
     """An image scaled to [0, 1] (MediaPipe's face landmarks): with unsigned activations its grid is unsigned, as
     NNCF's is (twice the codes over its range); an input with negative values, and the seed profile, stay signed."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
-         helper.make_node("Tanh", ["a"], ["t"], name="t"),
-         helper.make_node("Conv", ["t", "w2"], ["output"], name="c2", pads=[1, 1, 1, 1])],
-        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
-         numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2")])
     path = tmp_path / "image.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    _tanh_model(path)
+    rng = np.random.default_rng(1)
 
     def input_codes(name: str, low: float, **settings: str) -> np.dtype:
         calib = [{"input": torch.from_numpy(rng.uniform(low, 1, (1, 3, 8, 8)).astype(np.float32))} for _ in range(8)]
