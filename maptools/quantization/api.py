@@ -635,8 +635,9 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="maptools-prepare-") as scratch:
         t = time.perf_counter()
         prepared = prepare_model(onnx_path, Path(scratch) / MODEL, shapes, simplify=simplify, strict=strict,
-                                 loaded=model, source_sha256=model_sha, link=True,
-                                 sample={k: v.detach().cpu().numpy() for k, v in first.items()})
+                                 loaded=model, source_sha256=model_sha, link=True,  # (random ids: 0/1 are safer)
+                                 sample=None if calibset is None else {k: v.detach().cpu().numpy()
+                                                                       for k, v in first.items()})
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
