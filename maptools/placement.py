@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import json
 import math
@@ -47,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from maptools.onnx_model import constant_values, node_attr
 
-__all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "macs",
+__all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "NONNEGATIVE_KEY",
+           "record_nonnegative_inputs", "macs",
            "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES",
            "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES", "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS",
            "QUANTIZED_OP_TYPES", "DEVICE", "HOST"]
@@ -55,6 +57,8 @@ __all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_ho
 DEVICE, HOST = "device", "host"
 #: ``metadata_props`` key of a model: operators kept on the host in float, ``{name: why}`` (JSON).
 HOST_KEY = "maptools.host"
+#: ``metadata_props`` key of a model: the graph inputs no calibration sample makes negative (JSON list).
+NONNEGATIVE_KEY = "maptools.nonnegative_inputs"
 
 #: Operators the crossbar computes (with a constant weight): key = their quantparams tag.
 WEIGHTED_OP_TYPES = {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm"}
@@ -212,20 +216,33 @@ def _log_source(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto],
     return source
 
 
+def _recorded(model: onnx.ModelProto, key: str) -> Any:
+    """The JSON value ``model`` records under ``key`` in its ``metadata_props`` (None where it has none)."""
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == key), None)
+
+
+def _record(model: onnx.ModelProto, key: str, value: Any) -> None:
+    """Record ``value`` (JSON) in ``model``'s ``metadata_props`` under ``key``, in place; an empty one removes it."""
+    props = {p.key: p.value for p in model.metadata_props if p.key != key}
+    if value:
+        props[key] = json.dumps(value)
+    onnx.helper.set_model_props(model, props)
+
+
 def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
     """The operators ``model`` records as kept on the host (:data:`HOST_KEY`), ``{name: why}``."""
-    for prop in model.metadata_props:
-        if prop.key == HOST_KEY:
-            return dict(json.loads(prop.value))
-    return {}
+    return dict(_recorded(model, HOST_KEY) or {})
 
 
 def record_host(model: onnx.ModelProto, host: Mapping[str, str]) -> None:
     """Record in ``model`` (in place) that the operators of ``host`` stay on the host, and why."""
-    props = {p.key: p.value for p in model.metadata_props if p.key != HOST_KEY}
-    if host:
-        props[HOST_KEY] = json.dumps(dict(host))
-    onnx.helper.set_model_props(model, props)
+    _record(model, HOST_KEY, dict(host))
+
+
+def record_nonnegative_inputs(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    """Record in ``model`` (in place) the graph inputs the calibration samples never make negative
+    (:data:`NONNEGATIVE_KEY`; :func:`nonnegative_tensors` reads it)."""
+    _record(model, NONNEGATIVE_KEY, sorted(names))
 
 
 def _gates(nodes: list[onnx.NodeProto], roles: dict[str, Role], consumers: Mapping[str, list[onnx.NodeProto]],
@@ -536,13 +553,14 @@ def placement_report(model: onnx.ModelProto, placement: Placement | None = None)
 NONNEGATIVE_OP_TYPES = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus"})
 
 
-def nonnegative_tensors(model: onnx.ModelProto, placement: Placement, inputs: Iterable[str] = ()) -> frozenset[str]:
+def nonnegative_tensors(model: onnx.ModelProto, placement: Placement) -> frozenset[str]:
     """Device tensors that cannot be negative: outputs of Relu, Sigmoid, HardSigmoid, Softplus and
-    Clip with a minimum >= 0, the graph ``inputs`` the caller found so (an image scaled to [0, 1]), and what code
-    movers, pools, concatenations and adds make of only such tensors. With unsigned activations they are quantized
-    on ``[0, 2^b - 1]`` (zero offset)."""
+    Clip with a minimum >= 0, the graph inputs the model records as never negative on the calibration samples (an
+    image scaled to [0, 1]; :func:`record_nonnegative_inputs`), and what code movers, pools, concatenations and
+    adds make of only such tensors. With unsigned activations they are quantized on ``[0, 2^b - 1]`` (zero
+    offset)."""
     consts = constant_values(model)
-    found: set[str] = set(inputs)
+    found: set[str] = set(_recorded(model, NONNEGATIVE_KEY) or ())
     for node in model.graph.node:  # topological
         role = placement.roles.get(node.name, Role.HOST)
         if role in (Role.HOST, Role.CROSSBAR, Role.GATE) or not node.output:

@@ -35,7 +35,7 @@ from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, M
 from maptools.onnx_model import (ModelInput, check_input_shapes, concat_parts, index_limits, load_model,
                                  model_inputs, ort_session, run_on_sample)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
-                                recorded_host)
+                                record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
 from maptools.prepare import prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
@@ -411,6 +411,13 @@ def _as_prepared(calibration: CalibrationSet, inputs: Sequence[ModelInput], prep
     return CastCalibration(calibration, widened) if widened else calibration
 
 
+def _never_negative(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    """The float graph inputs none of ``samples`` holds a negative value of (an image scaled to [0, 1]: NNCF
+    quantizes such an input on unsigned codes too)."""
+    floats = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    return [name for name in floats if samples and all(name in s and float(s[name].min()) >= 0 for s in samples)]
+
+
 def _keep_on_host(model: onnx.ModelProto, names: Sequence[str]) -> None:
     """Record ``names`` in the prepared ``model`` as kept on the host (:func:`maptools.placement.record_host`)."""
     known = {n.name for n in model.graph.node}
@@ -652,13 +659,16 @@ def quantize(
         # one float session of the prepared model for the equalization and the error report's float side
         reference = FloatReference.build(model, None if keep_on_host else model_bytes, threads=count,
                                          tensors=equalization_tensors(model))
-        equalized = equalize_channels(model, ({k: v.detach().cpu().numpy() for k, v in sample.items()}
-                                              for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))),
-                                      reference)
+        samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+                   for sample in itertools.islice(feed, min(steps, EQUALIZE_SAMPLES))]
+        equalized = equalize_channels(model, samples, reference)
         if equalized:
             prepared = dataclasses.replace(prepared, steps=(*prepared.steps, *equalized))
             log.info("channels equalized: %s", "; ".join(equalized))
-        if keep_on_host or equalized:
+        unsigned_inputs = _never_negative(model, samples) if settings.unsigned_activations else []
+        if unsigned_inputs:
+            record_nonnegative_inputs(model, unsigned_inputs)
+        if keep_on_host or equalized or unsigned_inputs:
             model_bytes = model.SerializeToString()
             atomic_write(prepared.path, model_bytes)
         if equalized:  # the reference was of the model before

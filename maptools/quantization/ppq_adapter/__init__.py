@@ -250,17 +250,6 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     return previous
 
 
-def _nonnegative_inputs(model: onnx.ModelProto, calibration: Iterable[Mapping[str, torch.Tensor]]) -> set[str]:
-    """The float graph inputs no calibration sample holds a negative value of (an image scaled to [0, 1]: NNCF
-    quantizes such an input on unsigned codes too)."""
-    floats = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    lowest: dict[str, float] = {}
-    for sample in calibration:
-        for name in floats & set(sample):
-            lowest[name] = min(lowest.get(name, 0.0), float(sample[name].min()))
-    return {name for name in floats if name in lowest and lowest[name] >= 0}
-
-
 def quantize_graph(
     model_path: Path,
     calibration: Iterable[Mapping[str, torch.Tensor]],
@@ -292,8 +281,7 @@ def quantize_graph(
         raise SettingsError(f"layer_bits names operators that are not crossbar layers on the device: "
                             f"{', '.join(unknown[:8])}.", "name Conv/ConvTranspose/Gemm nodes of the prepared model "
                             "(see quantinfo.json or 'maptools inspect').")
-    unsigned = nonnegative_tensors(model, placement, _nonnegative_inputs(model, calibration)) \
-        if settings.unsigned_activations else frozenset()
+    unsigned = nonnegative_tensors(model, placement) if settings.unsigned_activations else frozenset()
     quantizer = _MaptoolsQuantizer(graph, settings, placement, unsigned,
                                    None if str(device).startswith("cuda") else model_bytes)
     quantizer._verbose = False
