@@ -48,7 +48,7 @@ class ActivationSign(str, Enum):
 
     SIGNED = "signed"  # [-2^(b-1), 2^(b-1) - 1] everywhere
     AUTO = "auto"  # [0, 2^b - 1] after Relu, Clip(min >= 0), Sigmoid, HardSigmoid and what only moves those, and
-    # for a graph input no calibration sample holds a negative value of
+    # for a graph input none of the first 8 calibration samples holds a negative value of
 
 
 class Optimization(str, Enum):
@@ -153,8 +153,8 @@ class QuantSettings(Settings):
     activation_sign: ActivationSign | None = Field(
         None, description="signed ranges everywhere (the seed profile's, the only one it allows), or auto: unsigned "
                           "[0, 2^b-1] where the producer cannot be negative, or for a graph input never negative on "
-                          "the calibration samples (the extended profile's default); zero offsets either way. Null: "
-                          "the profile's.")
+                          "the first calibration samples (the extended profile's default); zero offsets either way. "
+                          "Null: the profile's.")
     optimization: Optimization = Field(
         Optimization.NONE, description="A PPQ correction pass: bias-correction, lsq and fast-bias-correction fit "
                                        "the calibration data (real data only); equalization rescales consecutive "

@@ -40,10 +40,13 @@ from maptools.quantization.reference import FloatReference, with_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["equalize_channels", "equalization_tensors", "OUTLIER_RATIO", "DEPTHWISE_GAIN"]
+__all__ = ["equalize_channels", "equalization_tensors", "OUTLIER_RATIO", "DEPTHWISE_RATIO", "DEPTHWISE_GAIN"]
 
 #: A tensor is rescaled when its largest channel range exceeds the median channel's by this factor.
 OUTLIER_RATIO = 4.0
+#: A tensor only depthwise convolutions read is rescaled when its largest channel range exceeds the median
+#: channel's by this factor (the median channel then gains at least a bit).
+DEPTHWISE_RATIO = 2.0
 #: The most a channel read by depthwise convolutions is scaled up: one quiet on the calibration samples
 #: is not given the whole grid.
 DEPTHWISE_GAIN = 16.0
@@ -182,7 +185,8 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
 
 def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.NodeProto]],
                        maxima: dict[str, np.ndarray], inits: dict[str, onnx.TensorProto]) -> list[str]:
-    """Outlier channels of LUT outputs divided by a ``Mul`` and multiplied into the convolutions reading them."""
+    """Outlier channels of LUT outputs divided by a ``Mul`` and multiplied into the convolutions reading them
+    (where only depthwise convolutions read them: every channel scaled to the largest one's range)."""
     infos = {vi.name: vi for vi in model.graph.value_info}
     steps = []
     for tensor, readers in candidates.items():
@@ -190,8 +194,8 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
         if peak is None or peak.size < 2:
             continue
         median, top = float(np.median(peak)), float(peak.max())
-        if all(_group(conv) == peak.size > 1 for conv in readers):  # depthwise readers: every channel to the top
-            if median <= 0 or top < 2 * median or not np.all(np.isfinite(peak)):
+        if all(_group(conv) == peak.size for conv in readers):  # depthwise readers: every channel to the top
+            if median <= 0 or top < DEPTHWISE_RATIO * median or not np.all(np.isfinite(peak)):
                 continue
             scale = np.clip(peak / top, 1.0 / DEPTHWISE_GAIN, 1.0)
         elif median <= 0 or top < OUTLIER_RATIO * median:
@@ -242,8 +246,8 @@ def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str
                 not np.all(np.isfinite(peak)):
             continue
         top, median = float(peak.max()), float(np.median(peak))
-        if median <= 0 or top < 2 * median:
-            continue  # less than a bit to gain for the median channel
+        if median <= 0 or top < DEPTHWISE_RATIO * median:
+            continue
         gain = np.where(peak > 0, np.minimum(top / np.maximum(peak, np.finfo(np.float64).tiny), DEPTHWISE_GAIN), 1.0)
         for name in found.producer.input[1:]:
             if name:
