@@ -197,7 +197,7 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
         if all(_group(conv) == peak.size for conv in readers):  # depthwise readers: every channel to the top
             if median <= 0 or top < DEPTHWISE_RATIO * median or not np.all(np.isfinite(peak)):
                 continue
-            scale = np.clip(peak / top, 1.0 / DEPTHWISE_GAIN, 1.0)
+            scale = 1.0 / _gain_to_top(peak)
         elif median <= 0 or top < OUTLIER_RATIO * median:
             continue
         else:
@@ -227,6 +227,13 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
     return steps
 
 
+def _gain_to_top(peak: np.ndarray) -> np.ndarray:
+    """Per channel, the factor that takes its range ``peak`` to the largest one's, at most :data:`DEPTHWISE_GAIN`
+    (1 for a channel that is always zero)."""
+    return np.where(peak > 0, np.minimum(peak.max() / np.maximum(peak, np.finfo(np.float64).tiny), DEPTHWISE_GAIN),
+                    1.0)
+
+
 def _rows_scaled(weight: onnx.TensorProto, scale: np.ndarray) -> None:
     """``weight`` (output channels first) with output channel ``c`` multiplied by ``scale[c // (rows / size)]``,
     in place."""
@@ -248,7 +255,7 @@ def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str
         top, median = float(peak.max()), float(np.median(peak))
         if median <= 0 or top < DEPTHWISE_RATIO * median:
             continue
-        gain = np.where(peak > 0, np.minimum(top / np.maximum(peak, np.finfo(np.float64).tiny), DEPTHWISE_GAIN), 1.0)
+        gain = _gain_to_top(peak)
         for name in found.producer.input[1:]:
             if name:
                 _rows_scaled(inits[name], gain)
