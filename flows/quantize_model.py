@@ -144,7 +144,7 @@ def quantize_model(
         root = str(output_location(output_root))
 
         t = time.perf_counter()
-        model = prepare_model(onnx_path, input_shapes, simplify, root)
+        model = prepare_model(onnx_path, input_shapes, simplify, root, calib)
         seconds["prepare"] = time.perf_counter() - t
         logger.info("prepared %s -> %s: %s (max |diff| from the original on random inputs: %.2e)", onnx_path,
                     model.path, "; ".join(model.steps) or "nothing to change", model.max_abs_diff)

@@ -235,7 +235,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
         mine = [(i, p) for i, p in enumerate(points) if p.model == spec.label]
         shapes = spec.shapes()
         try:
-            model = prepare_model(_model_file(spec), shapes, config.simplify, str(root))
+            model = prepare_model(_model_file(spec), shapes, config.simplify, str(root), spec.calib)
         except Exception as e:  # the model itself is unusable: every point of it fails with the reason
             for i, p in mine:
                 rows[i] = [p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")]

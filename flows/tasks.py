@@ -124,10 +124,11 @@ _RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=
 
 @task(name="prepare-model", **_RETRY)
 def prepare_model(onnx_path: str, input_shapes: dict[str, list[int]], simplify: bool,
-                  output_root: str) -> stages.PreparedOnnx:
+                  output_root: str, calib: str | None = None) -> stages.PreparedOnnx:
     """Fix dims, opset 13, onnxsim and PPQ-ready rewrites into a content-addressed file, checked against the
-    original in onnxruntime (keyed on the model's bytes, the shapes and the options)."""
-    return stages.prepare_onnx(onnx_path, input_shapes, simplify=simplify, root=output_root)
+    original in onnxruntime (keyed on the model's bytes, the shapes, the options and the integer inputs of the
+    calibration folder ``calib``'s first sample, which the checks take)."""
+    return stages.prepare_onnx(onnx_path, input_shapes, simplify=simplify, root=output_root, calib=calib)
 
 
 @task(name="build-calibset", **_RETRY)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from maptools import prepare
 from maptools.maps.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
 from maptools.maps.folder import storage_errors
@@ -41,15 +44,16 @@ class PreparedOnnx:
 
 
 def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]], *, simplify: bool = True,
-                 root: str | Path | None = None) -> PreparedOnnx:
+                 root: str | Path | None = None, calib: str | Path | None = None) -> PreparedOnnx:
     """Prepare ``onnx_path`` (:func:`maptools.prepare.prepare_model`) into ``<root>/mapsave/.models/``.
 
     ``onnx_path`` may name a built-in model, ``example:resnet18`` or ``example:small_cnn``
-    (exported once to ``<root>/onnx_models/``).
+    (exported once to ``<root>/onnx_models/``). ``calib``: the calibration folder, whose first sample's
+    integer inputs the preparation's checks take (ids that index a table; ``None`` or ``'random'``: 0/1).
 
     The output is content-addressed by everything that decides it: the source model's sha256,
-    the input shapes, ``simplify``, and the preparation code and converter versions; a second
-    call is a lookup, checked against the sha256 recorded beside the file (a changed or truncated
+    the input shapes, ``simplify``, those integer inputs, and the preparation code and converter versions; a
+    second call is a lookup, checked against the sha256 recorded beside the file (a changed or truncated
     file is prepared again).
     """
     if str(onnx_path).startswith(EXAMPLE_PREFIX):
@@ -57,8 +61,10 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     source = Path(onnx_path)
     shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(load_model(source), input_shapes).items()}
     source_sha = sha256_file(source)
-    key = hashlib.sha256(json.dumps({"source": source_sha, "shapes": shapes, "simplify": simplify,
-                                     "code": prepare.fingerprint()}, sort_keys=True).encode()).hexdigest()
+    sample = _integer_inputs(calib, shapes)
+    identity = {"source": source_sha, "shapes": shapes, "simplify": simplify, "code": prepare.fingerprint(),
+                **({"integers": _arrays_sha256(sample)} if sample else {})}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     folder = local_root(root) / "mapsave" / ".models"
     with storage_errors(f"create {folder}"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not prepared yet, or the cached copy is damaged: prepare again
     if prepared is None:
-        done = prepare.prepare_model(source, target, shapes, simplify=simplify)
+        done = prepare.prepare_model(source, target, shapes, simplify=simplify, sample=sample or None)
         write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
                             "steps": list(done.steps)})
         prepared = PreparedOnnx(target, done.sha256, source_sha, shapes, simplify, done.max_abs_diff, done.steps)
@@ -80,6 +86,24 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     if isinstance(where, str):  # maps on a store: workers elsewhere fetch the prepared model from there
         put_blob(where, target, prepared.sha256)
     return prepared
+
+
+def _integer_inputs(calib: str | Path | None, shapes: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
+    """The integer and boolean inputs of the first sample in the calibration folder ``calib`` (none for random
+    data)."""
+    if calib is None or str(calib) == "random":
+        return {}
+    first = next(iter(resolve_calibration(str(calib), {k: tuple(v) for k, v in shapes.items()}, 1, 0)), {})
+    arrays = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
+    return {k: a for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating)}
+
+
+def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(f"{name}:{arrays[name].dtype.str}:{arrays[name].shape}".encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
 
 
 def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:

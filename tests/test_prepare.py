@@ -305,3 +305,27 @@ def test_a_recurrence_too_long_to_write_out_says_so(tmp_path: Path) -> None:
     assert Counter(n.op_type for n in model.graph.node)["LSTM"] == 1
     assert any(f"left as one operator, on the host: {steps} steps x 1 direction(s) written out would be "
                f"{14 * steps} operators (at most {MAX_WRITTEN})" in step for step in done), done
+
+
+def test_the_prepare_stage_checks_with_the_calibration_folders_integer_inputs(tmp_path) -> None:
+    """A pitch id indexing a table from 48: the flows' prepare stage, given the calibration folder, runs its
+    checks on the first sample's ids (0/1 index out of range), and keys its cache on them."""
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "table")
+    base = numpy_helper.from_array(np.array(48, np.int64), "base")
+    nodes = [helper.make_node("Sub", ["pitch", "base"], ["index"]),
+             helper.make_node("Gather", ["table", "index"], ["rows"]), helper.make_node("Add", ["rows", "x"], ["y"])]
+    model = _model(nodes, {"pitch": [4], "x": [4, 8]}, {"y": [4, 8]}, 13)
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    model.graph.initializer.extend([table, base])
+    source = _save(model, tmp_path / "pitch.onnx")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, low in enumerate((48, 50)):
+        np.savez(folder / f"{i}.npz", pitch=np.arange(low, low + 4, dtype=np.int64),
+                 x=np.zeros((4, 8), np.float32))
+    with pytest.raises(InputShapeError):
+        prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path / "random")
+    done = prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder)
+    assert done.path.is_file() and prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder) == done
+    (folder / "0.npz").unlink()  # other ids: another key
+    assert prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder).path != done.path
