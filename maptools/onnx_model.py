@@ -17,7 +17,7 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "index_limits", "integer_range", "check_input_shapes",
+__all__ = ["ModelInput", "load_model", "model_inputs", "overridable_initializers", "with_inputs", "index_limits", "integer_range", "check_input_shapes",
            "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node", "one_copy_each", "concat_parts", "in_topological_order"]
@@ -126,6 +126,33 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
         # a dim_param, an absent value, or a value <= 0 (older exporters write -1) is dynamic
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         result.append(ModelInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+    return result
+
+
+def overridable_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers the file also lists as graph inputs, which onnxruntime lets a caller feed (tf2onnx's TF1
+    ``PlaceholderWithDefault``, a training flag that gates dropout) and otherwise takes as they are."""
+    listed = {vi.name for vi in model.graph.input}
+    return [i.name for i in model.graph.initializer if i.name in listed]
+
+
+def with_inputs(model: onnx.ModelProto, input_shapes: Any) -> onnx.ModelProto:
+    """``model`` with each overridable initializer ``input_shapes`` names made a plain input (its default
+    dropped): the calibration samples feed it, as the model's own package does (``training=False``)."""
+    named = set(overridable_initializers(model)) & set(input_shapes if isinstance(input_shapes, Mapping) else ())
+    if not named:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    defaults = {i.name: i for i in result.graph.initializer if i.name in named}
+    kept = [i for i in result.graph.initializer if i.name not in named]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
+    for vi in result.graph.input:  # an input listed without its dims takes the default's
+        if vi.name in named and not vi.type.tensor_type.HasField("shape"):
+            vi.type.tensor_type.shape.SetInParent()
+            for d in defaults[vi.name].dims:
+                vi.type.tensor_type.shape.dim.add().dim_value = d
     return result
 
 

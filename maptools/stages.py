@@ -22,7 +22,7 @@ from maptools.maps.folder import storage_errors
 from maptools.calibration import resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
-from maptools.onnx_model import check_input_shapes, load_model
+from maptools.onnx_model import check_input_shapes, load_model, with_inputs
 from maptools.quantization import QuantizationResult
 from maptools.maps.store import get_blob, put_blob
 
@@ -59,7 +59,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     if str(onnx_path).startswith(EXAMPLE_PREFIX):
         onnx_path = example_model(str(onnx_path), local_root(root) / "onnx_models")
     source = Path(onnx_path)
-    shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(load_model(source), input_shapes).items()}
+    shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(with_inputs(load_model(source), input_shapes), input_shapes).items()}
     source_sha = sha256_file(source)
     sample = _integer_inputs(calib, shapes)
     identity = {"source": source_sha, "shapes": shapes, "simplify": simplify, "code": prepare.fingerprint(),

@@ -1301,3 +1301,50 @@ def test_a_power_mean_pool_is_averaged_in_float(tmp_path: Path) -> None:
     assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
     pools = {name: why for name, why in result.placement.host_ops.items() if "power mean" in why}
     assert len(pools) == 1, result.placement.host_ops
+
+
+def _training_flag_model() -> onnx.ModelProto:
+    """tf2onnx's TF1 ``PlaceholderWithDefault``: a bool initializer ``training:0`` (default True), also a graph
+    input, gates an If whose then-branch is dropout (RandomUniformLike)."""
+    from onnx import TensorProto, helper
+    b = _Builder(13)
+    relu = b.op("Relu", [b.op("Conv", ["x", b.const(b.rng.standard_normal((8, 3, 3, 3)) * 0.3)], pads=[1, 1, 1, 1])])
+    keep = b.const(0.5)
+    then = helper.make_graph([helper.make_node("RandomUniformLike", [relu], ["noise"], dtype=TensorProto.FLOAT),
+                              helper.make_node("Add", ["noise", keep], ["kept"]),
+                              helper.make_node("Floor", ["kept"], ["mask"]),
+                              helper.make_node("Div", [relu, keep], ["scaled"]),
+                              helper.make_node("Mul", ["scaled", "mask"], ["dropped"])], "then", [],
+                             [helper.make_tensor_value_info("dropped", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", [relu], ["same"])], "else", [],
+                              [helper.make_tensor_value_info("same", TensorProto.FLOAT, None)])
+    gated = b.op("If", ["training:0"], then_branch=then, else_branch=other)
+    out = b.op("Conv", [gated, b.const(b.rng.standard_normal((4, 8, 3, 3)) * 0.3)], pads=[1, 1, 1, 1])
+    model = b.model({"x": [1, 3, 16, 16]}, [out], 13)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "training:0"))
+    model.graph.input.append(helper.make_tensor_value_info("training:0", TensorProto.BOOL, []))
+    return model
+
+
+def test_an_overridable_training_flag_named_in_input_shapes_is_fed_by_the_calibration(tmp_path: Path) -> None:
+    """An initializer the caller may feed (a training flag, default True, that its package feeds False): named in
+    input_shapes, it is an input the calibration samples feed, and the map computes the model in inference mode
+    (no dropout); left out, it keeps its default, and the prepared model's steps say how to change it."""
+    model = _training_flag_model()
+    onnx.save(model, str(tmp_path / "flag.onnx"))
+    rng = np.random.default_rng(3)
+    off = np.array(False)
+    calib = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32), "training:0": off} for _ in range(CALIB)]
+    shapes = {"x": [1, 3, 16, 16], "training:0": []}
+    result = quantize(shapes, "cpu", tmp_path / "flag.onnx", mapname="flag", calibset=calib, calib_steps=CALIB,
+                      output_root=tmp_path, error_steps=0)
+    convert("flag", output_root=tmp_path)
+    out = model.graph.output[0].name
+    reference = _reference(model, {"x": shapes["x"]}, calib[0])[out]
+    simulated = simulate("flag", calib[0], output_root=tmp_path).outputs[out]
+    exported = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+    assert result.placement.device_macs > 0 and _rel(simulated, reference) < 0.05
+    assert _rel(exported.run(None, calib[0])[0], reference) < 0.05
+    kept = quantize({"x": [1, 3, 16, 16]}, "cpu", tmp_path / "flag.onnx", mapname="kept", output_root=tmp_path,
+                    calibset=[{"x": c["x"]} for c in calib], calib_steps=CALIB, error_steps=0)
+    assert any("'training:0' = True" in s and "input_shapes" in s for s in kept.prepared["steps"])

@@ -43,7 +43,7 @@ from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.metrics import rel_l2
 from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, check_input_shapes, in_topological_order, load_model,
-                                 ort_session)
+                                 ort_session, overridable_initializers, with_inputs)
 from maptools.placement import QUANTIZED_OP_TYPES
 
 
@@ -431,7 +431,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
         InputShapeError: ``input_shapes`` do not fit the model (onnxruntime cannot run it with them).
     """
     src = Path(src)
-    model = load_model(src) if loaded is None else loaded
+    model = with_inputs(load_model(src) if loaded is None else loaded, input_shapes)
     shapes = check_input_shapes(model, input_shapes)
     dst = Path(dst)
     with storage_errors(f"create {dst.parent}"):
@@ -450,6 +450,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     model, moved = in_topological_order(model)
     ordered = [f"{moved} nodes put in topological order (the file lists them after operators that read them)"
                ] if moved else []
+    ordered += _kept_defaults(model)
     model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed, sample)
     reference = reference_outputs(model, shapes, checks=checks, seed=seed, sample=sample)
     notes: list[str] = []
@@ -533,6 +534,22 @@ def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], ch
     return floated, [f"the model is quantized: rewritten as float ({what}); with its quantizers kept, its outputs "
                      f"{error:.2%} (rel. L2) from the quantized model's on random inputs{where}, without them "
                      f"{unrounded:.2%}"], []
+
+
+def _kept_defaults(model: onnx.ModelProto) -> list[str]:
+    """A step naming the overridable scalars left at their defaults (:func:`with_inputs` makes one an input): flags
+    and rates, not weights (torch's ``keep_initializers_as_inputs`` and IR-3 files list every initializer)."""
+    values = {i.name: i for i in model.graph.initializer}
+    kept = [(name, onnx.numpy_helper.to_array(values[name])) for name in overridable_initializers(model)
+            if int(np.prod(values[name].dims)) == 1]
+    if not kept:
+        return []
+    shown = ", ".join(f"{name!r} = {a.reshape(()).item()}" for name, a in kept[:4])
+    step = (f"{len(kept)} initializer(s) a caller may feed instead (onnxruntime's overridable initializers) kept at "
+            f"their defaults: {shown}{', ...' if len(kept) > 4 else ''}; to quantize the model as its package runs "
+            "it (a training flag fed False), name it in input_shapes and feed it in the calibration samples")
+    log.warning("%s", step)
+    return [step]
 
 
 def _check_strict(strict: bool, fallbacks: Sequence[str], src: Path) -> None:

@@ -33,7 +33,7 @@ from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
 from maptools.onnx_model import (ModelInput, check_input_shapes, concat_parts, index_limits, load_model,
-                                 model_inputs, ort_session, run_on_sample)
+                                 model_inputs, ort_session, run_on_sample, with_inputs)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
@@ -599,7 +599,7 @@ def quantize(
     folder = MapFolder(mapname, output_root)
     target = folder.path
     ppq_device = resolve_device(device)
-    model = load_model(onnx_path)
+    model = with_inputs(load_model(onnx_path), input_shapes)
     shapes = check_input_shapes(model, input_shapes)
     inputs = model_inputs(model)
 
