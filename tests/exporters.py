@@ -731,6 +731,25 @@ def log_mel() -> Built:
     return b.model({"frames": [16, frame]}, [out], 13), {"frames": [16, frame]}
 
 
+def conv1d_moved_bias() -> Built:
+    """tf2onnx's Keras Conv1D: ``Unsqueeze -> Conv (no bias) -> Squeeze -> Add(bias [C, 1])``, and channels last
+    (``... -> Squeeze -> Transpose -> Add(bias [C])``)."""
+    b = _Builder(41)
+    axis = b.const([2], np.int64)
+    y = "x"
+    for last in (False, True):
+        conv = b.op("Conv", [b.op("Unsqueeze", [y, axis]), b.const(b.rng.standard_normal((8, 8, 1, 3)) / np.sqrt(24))],
+                    pads=[0, 1, 0, 1])
+        y = b.op("Squeeze", [conv, axis])
+        if last:
+            y = b.op("Transpose", [b.op("Add", [b.op("Transpose", [y], perm=[0, 2, 1]), b.const(b.rng.normal(0, 1, 8))])],
+                     perm=[0, 2, 1])
+        else:
+            y = b.op("Add", [y, b.const(b.rng.normal(0, 1, (8, 1)))])
+        y = b.op("Relu", [y])
+    return b.model({"x": [1, 8, 32]}, [y], 13), {"x": [1, 8, 32]}
+
+
 IDIOMS: dict[str, Callable[[], Built]] = {
     "clip_inputs": clip_inputs, "hard_swish_decomposed": hard_swish_decomposed, "constant_weights": constant_weights,
     "ir3_opset8": ir3_opset8, "opset9_pad_upsample": opset9_pad_upsample, "nhwc_keras": nhwc_keras,
@@ -749,4 +768,6 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
     "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators, "log_mel": log_mel,
+    "conv1d_moved_bias": conv1d_moved_bias,
 }
+

@@ -1348,3 +1348,13 @@ def test_an_overridable_training_flag_named_in_input_shapes_is_fed_by_the_calibr
     kept = quantize({"x": [1, 3, 16, 16]}, "cpu", tmp_path / "flag.onnx", mapname="kept", output_root=tmp_path,
                     calibset=[{"x": c["x"]} for c in calib], calib_steps=CALIB, error_steps=0)
     assert any("'training:0' = True" in s and "input_shapes" in s for s in kept.prepared["steps"])
+
+
+def test_a_conv1d_bias_after_its_squeeze_is_folded_into_the_convolution(tmp_path: Path) -> None:
+    """tf2onnx writes a Keras Conv1D's bias as an Add after the Squeeze (and channels last, after a Transpose):
+    folded into the Conv, the convolution's output is rounded once, on one grid with its bias."""
+    model, shapes = IDIOMS["conv1d_moved_bias"]()
+    result, _ = _pipeline(model, shapes, tmp_path, "conv1d")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    assert not [n for n in prepared.graph.node if n.op_type == "Add"], result.prepared["steps"]
+    assert all(len(n.input) == 3 for n in prepared.graph.node if n.op_type == "Conv")

@@ -294,8 +294,15 @@ def _set_bias(node: onnx.NodeProto, name: str) -> None:
         node.input.append(name)
 
 
+#: Operators that only move a tensor's elements, which a bias Add may follow between a Conv and itself (tf2onnx's
+#: Conv1D: ``Unsqueeze -> Conv -> Squeeze -> Add``).
+_MOVES = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Transpose"})
+
+
 def _fold_bias_add(ctx: _Context) -> int:
-    """``Conv -> Add(per-channel constant)`` (the Conv read only by the Add) into the Conv's bias."""
+    """``Conv -> Add(per-channel constant)`` (the Conv read only by the Add) into the Conv's bias; also with
+    reshapes and transposes between them (each read only by the next), where the constant is one value per
+    channel as they move the channels."""
     fused = 0
     inits = ctx.initializers()
     consumers = _consumers(ctx.graph)
@@ -306,30 +313,83 @@ def _fold_bias_add(ctx: _Context) -> int:
         acts = [t for t in add.input if t not in inits]
         if len(consts) != 1 or len(acts) != 1 or acts[0] not in producer:
             continue
-        conv = producer[acts[0]]
-        if conv.op_type not in ("Conv", "ConvTranspose") or len(consumers.get(acts[0], [])) != 1 or acts[0] in outputs:
+        chain: list[onnx.NodeProto] = []
+        tensor = acts[0]
+        while producer.get(tensor) is not None and producer[tensor].op_type in _MOVES and \
+                len(consumers.get(tensor, [])) == 1 and tensor not in outputs:
+            chain.insert(0, producer[tensor])
+            tensor = chain[0].input[0]
+        conv = producer.get(tensor)
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(consumers.get(tensor, [])) != 1 or \
+                tensor in outputs:
             continue
         weight = inits.get(conv.input[1])
         if weight is None:
             continue
         value = inits[consts[0]]
         channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * int(node_attr(conv, "group", 1))
-        if not _per_channel(value, channels, weight.ndim):
+        if chain:
+            shift = _channel_values(chain, value, channels, ctx.shape(tensor), inits)
+        else:
+            shift = np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)) \
+                if _per_channel(value, channels, weight.ndim) else None
+        if shift is None:
             continue
         if len(conv.input) > 2 and conv.input[2] and (conv.input[2] not in inits or len(consumers[conv.input[2]]) != 1):
             continue
         bias = inits[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else \
             np.zeros(channels)
         name = ctx.fresh(f"{add.output[0]}_bias")
-        ctx.add_initializer(name, (bias + np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,))
-                                   ).astype(np.float32))
+        ctx.add_initializer(name, (bias + shift).astype(np.float32))
         _set_bias(conv, name)
-        conv.output[0] = add.output[0]
+        (chain[-1] if chain else conv).output[0] = add.output[0]
         ctx.graph.node.remove(add)
         fused += 1
     if fused:
         _drop_unused_initializers(ctx)
     return fused
+
+
+def _channel_values(chain: Sequence[onnx.NodeProto], value: np.ndarray, channels: int, shape: list[int] | None,
+                    inits: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The per-channel values ``value`` adds after ``chain`` moved a convolution's output of ``shape`` (None: it
+    adds anything else, or a move's parameters are not constants)."""
+    if shape is None or len(shape) < 2 or shape[1] != channels or any(d <= 0 for d in shape):
+        return None
+    index = np.broadcast_to(np.arange(channels, dtype=np.int32).reshape(1, -1, *[1] * (len(shape) - 2)), shape)
+    for node in chain:
+        index = _moved(node, index, inits)
+        if index is None:
+            return None
+    if np.broadcast_shapes(np.shape(value), index.shape) != index.shape:
+        return None  # the Add widens the tensor: not a bias
+    added = np.broadcast_to(value, index.shape).astype(np.float64).ravel()
+    per_channel = np.zeros(channels)
+    per_channel[index.ravel()] = added
+    return per_channel if np.array_equal(per_channel[index.ravel()], added) else None
+
+
+def _moved(node: onnx.NodeProto, value: np.ndarray, inits: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """``value`` as the element-moving ``node`` (:data:`_MOVES`) moves its input; None where its shape, perm or axes
+    are not constants."""
+    if node.op_type == "Transpose":
+        perm = node_attr(node, "perm")
+        return np.transpose(value, None if perm is None else list(perm))
+    second = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if second is not None and second not in inits:
+        return None
+    if node.op_type == "Reshape":
+        if second is None or node_attr(node, "allowzero", 0):
+            return None
+        target = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(inits[second].tolist())]
+        return value.reshape(target)
+    axes = inits[second].tolist() if second is not None else node_attr(node, "axes")
+    if node.op_type == "Squeeze":
+        return np.squeeze(value, axis=None if axes is None else tuple(int(a) % value.ndim for a in axes))
+    if axes is None:
+        return None
+    rank = value.ndim + len(axes)
+    return np.expand_dims(value, tuple(sorted(int(a) % rank for a in axes)))
 
 
 #: onnxruntime's fused activations (``activation`` and ``activation_params`` of FusedConv; FusedGemm names them
