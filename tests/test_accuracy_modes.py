@@ -409,3 +409,25 @@ def test_auto_weighs_each_part_of_an_assembled_output_alike(tmp_path) -> None:
                       calib_steps=8, output_root=tmp_path, error_steps=0)
     note = next(n for n in result.notes if n.startswith("algorithm='auto' chose"))
     assert "(y taken as the parts a Concat assembled, each weighted alike" in note, note
+
+
+def test_a_bias_correction_that_moves_nothing_is_named_in_autos_note(tmp_path) -> None:
+    """Layers without a bias (a convolution and a MatMul): the fast bias correction moves nothing, and the note lists
+    each corrected candidate as the same model as its plain one, with its error, rather than leaving it out."""
+    import re
+
+    from tests.exporters import _Builder
+
+    b = _Builder(1)
+    y = b.op("Relu", [b.op("Conv", ["x", b.const(b.rng.standard_normal((8, 3, 3, 3)) * 0.3)], pads=[1, 1, 1, 1])])
+    y = b.op("MatMul", [b.op("Flatten", [b.op("GlobalAveragePool", [y])]), b.const(b.rng.standard_normal((8, 4)))])
+    onnx.save(b.model({"x": [1, 3, 8, 8]}, [y], 13), str(tmp_path / "nobias.onnx"))
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    result = quantize({"x": [1, 3, 8, 8]}, "cpu", tmp_path / "nobias.onnx", mapname="nobias", calibset=calib,
+                      calib_steps=8, output_root=tmp_path, error_steps=0)
+    note = next(n for n in result.notes if n.startswith("algorithm='auto' chose"))
+    for algorithm in ("percentile", "mse"):
+        plain = re.search(rf"{algorithm} ([0-9.]+)%", note)
+        same = re.search(rf"{algorithm} \+ fast-bias-correction \(moved no bias: the same model\) ([0-9.]+)%", note)
+        assert plain and same and plain.group(1) == same.group(1), note

@@ -361,8 +361,11 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                 notes.append(f"algorithm='auto' left the fast bias correction of {algorithm.value} out: {e.problem}")
                 log.warning("%s", notes[-1])
                 continue
-            if previous and not kept(_read_out(done.graph, done.settings.replace(
-                    optimization=corrections[0].optimization), done.mixed)):
+            if not previous:
+                errors[f"{_label(done.settings.replace(optimization=corrections[0].optimization))}"
+                       " (moved no bias: the same model)"] = errors[_label(done.settings)]
+            elif not kept(_read_out(done.graph, done.settings.replace(optimization=corrections[0].optimization),
+                                    done.mixed)):
                 _ppq.restore_biases(done.graph, previous)  # (the plain quantization's files were read out before)
     by_part = (f" ({', '.join(names[i] for i in parts)} taken as the parts a Concat assembled, each weighted "
                f"alike: their magnitudes differ by over {PART_RATIO:g}x)" if parts else "")
