@@ -329,3 +329,20 @@ def test_the_prepare_stage_checks_with_the_calibration_folders_integer_inputs(tm
     assert done.path.is_file() and prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder) == done
     (folder / "0.npz").unlink()  # other ids: another key
     assert prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder).path != done.path
+
+
+def test_an_identity_a_branch_reads_is_removed_in_the_branch_too(tmp_path) -> None:
+    """An If branch reads, from outside, the output of an Identity that preparation removes: the branch reads
+    the Identity's input instead (it read a name no node wrote, which onnxruntime refuses), also without onnxsim."""
+    then = helper.make_graph([helper.make_node("Mul", ["tx", "two"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Relu", ["tx"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Identity", ["x"], ["tx"]), helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+             helper.make_node("Greater", ["top", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    model = _model(nodes, {"x": [2, 4]}, {"y": [2, 4]}, 13)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                                    numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    done = prepare_model(_save(model, tmp_path / "branch.onnx"), tmp_path / "p.onnx", {"x": [2, 4]}, simplify=False)
+    assert "Identity" not in _types(done.path) and done.max_abs_diff == 0.0

@@ -67,10 +67,17 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def _replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of ``old`` in ``graph`` reads ``new``, also in the If/Loop/Scan bodies that read it from outside
+    (not in one that defines a tensor of that name itself)."""
     for node in graph.node:
         for i, t in enumerate(node.input):
             if t == old:
                 node.input[i] = new
+        bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        for body in [*bodies, *(g for a in node.attribute for g in a.graphs)]:
+            defined = {t for n in body.node for t in n.output} | {i.name for i in [*body.input, *body.initializer]}
+            if old not in defined:
+                _replace_tensor(body, old, new)
     for out in graph.output:
         if out.name == old:
             out.name = new
