@@ -327,8 +327,9 @@ def test_a_bias_correction_that_fails_is_left_out_of_auto(digits_setup, tmp_path
 
 def test_a_tensor_lost_on_a_shared_grid_is_named(tmp_path) -> None:
     """A U-Net's first convolution (|x| < 2) joins, at the last decoder's concatenation, a tensor a million times
-    larger: under the seed profile's shared scales its codes are all 0, and the result names the operators that
-    lost their signal (none had said so). The extended profile keeps each on its own grid."""
+    larger: under the seed profile's shared scales its codes would all be 0, so the concatenation runs on the host
+    and the result says why (before, the operators that lost their signal were named). The extended profile keeps
+    each input on its own grid on the device."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -348,8 +349,9 @@ def test_a_tensor_lost_on_a_shared_grid_is_named(tmp_path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     notes = {profile: quantize({"x": [1, 1, 16, 16]}, "cpu", path, mapname=profile, calib_steps=8, profile=profile,
                                output_root=tmp_path).notes for profile in ("seed", "extended")}
-    assert any("lose their signal" in n and "skip" in n for n in notes["seed"]), notes["seed"]
-    assert not any("lose their signal" in n for n in notes["extended"]), notes["extended"]
+    assert any("shared scales" in n and "join (Concat)" in n for n in notes["seed"]), notes["seed"]
+    assert not any("lose their signal" in n or "stay on the host" in n for n in notes["extended"]), notes["extended"]
+    assert not any("lose their signal" in n for n in notes["seed"]), notes["seed"]
 
 
 def _detector_head(box_scale: float, score_noise: float = 0.0) -> onnx.ModelProto:
@@ -431,3 +433,41 @@ def test_a_bias_correction_that_moves_nothing_is_named_in_autos_note(tmp_path) -
         plain = re.search(rf"{algorithm} ([0-9.]+)%", note)
         same = re.search(rf"{algorithm} \+ fast-bias-correction \(moved no bias: the same model\) ([0-9.]+)%", note)
         assert plain and same and plain.group(1) == same.group(1), note
+
+
+def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(tmp_path) -> None:
+    """A U-Net's skip tensor (range about 2) feeds its encoder and a Concat beside an upsampled decoder map (range
+    about 270): the seed profile's one grid for the Concat's inputs left it 1 of 127 codes, and the encoder behind
+    it read zeros (82% off float). The Concat runs on the host, where each input keeps its grid, and the result
+    says why; ``strict=True`` makes it the error it is."""
+    from maptools.errors import QuantizationFailed
+    from tests.exporters import _Builder
+
+    b = _Builder(0)
+
+    def weight(shape: tuple[int, ...], gain: float) -> str:
+        return b.const(b.rng.standard_normal(shape) * gain / np.sqrt(np.prod(shape[1:])))
+
+    skip = b.op("Relu", [b.op("Conv", ["x", weight((8, 1, 3, 3), 1.0)], pads=[1, 1, 1, 1])])
+    deep = b.op("Relu", [b.op("Conv", [b.op("MaxPool", [skip], kernel_shape=[2, 2], strides=[2, 2]),
+                                       weight((16, 8, 3, 3), 1.0)], pads=[1, 1, 1, 1])])
+    up = b.op("ConvTranspose", [deep, weight((16, 8, 2, 2), 300.0)], strides=[2, 2])
+    concat = b.op("Concat", [up, skip], axis=1)
+    out = b.op("Conv", [concat, weight((4, 16, 3, 3), 0.05)], pads=[1, 1, 1, 1])
+    model = b.model({"x": [1, 1, 32, 32]}, [out], 13)
+    onnx.save(model, str(tmp_path / "unet.onnx"))
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.uniform(0, 1, (1, 1, 32, 32)).astype(np.float32)} for _ in range(16)]
+    result = quantize({"x": [1, 1, 32, 32]}, "cpu", tmp_path / "unet.onnx", mapname="unet", calibset=calib,
+                      calib_steps=16, output_root=tmp_path, error_steps=0)
+    concat_node = next(n.name for n in onnx.load(str(result.map_dir / "model.onnx")).graph.node if n.op_type == "Concat")
+    assert concat_node in result.placement.host_ops, result.placement.summary()
+    assert any("shared scales" in n and concat_node in n for n in result.notes), result.notes
+    held = [{"x": rng.uniform(0, 1, (1, 1, 32, 32)).astype(np.float32)} for _ in range(8)]
+    float_model, quantized = (ort.InferenceSession(str(p)) for p in (tmp_path / "unet.onnx", result.quant_model_path))
+    error = np.linalg.norm([quantized.run(None, h)[0] - float_model.run(None, h)[0] for h in held]) / \
+        np.linalg.norm([float_model.run(None, h)[0] for h in held])
+    assert error < 0.1, error
+    with pytest.raises(QuantizationFailed, match="shared scales"):
+        quantize({"x": [1, 1, 32, 32]}, "cpu", tmp_path / "unet.onnx", mapname="strict", calibset=calib,
+                 calib_steps=16, output_root=tmp_path, error_steps=0, strict=True)

@@ -700,9 +700,10 @@ def quantize(
     report = placement_report(prepared_model)
     failed = [name for name in report.fallbacks if name not in keep_on_host]
     if failed:
-        notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed "
-                     f"({_listing(failed)}; {failed[0]}: {report.fallbacks[failed[0]][:300]}); the crossbars compute "
-                     f"{_share(report)} of the multiply-accumulates. strict=True makes such a failure an error.")
+        notes.append(f"{len(failed)} operator(s) stay on the host in float because quantizing them failed or lost "
+                     f"a signal ({_listing(failed)}; {failed[0]}: {report.fallbacks[failed[0]][:300]}); the crossbars "
+                     f"compute {_share(report)} of the multiply-accumulates. strict=True makes such a failure an "
+                     "error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
     quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in QUANTIZED_OP_TYPES})

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from maptools.errors import QuantizationFailed
 from maptools.placement import CROSSBAR_OP_TYPES, FUSABLE_ACTIVATIONS, Placement, Role
 from maptools.settings import QuantSettings, ScalePolicy
 from maptools.quantization.ppq_adapter.core import (ParameterBakingPass, ParameterQuantizePass,
@@ -222,6 +223,8 @@ class _Alignment(QuantAlignmentPass):
         self._shared = shared
 
     def optimize(self, graph: Any, **kwargs: Any) -> None:
+        if self._shared:
+            _check_shared_inputs(graph, self._placement)
         for op in graph.operations.values():
             role = self._placement.roles.get(op.name)
             if not isinstance(op, QuantableOperation) or role not in (Role.ADD, Role.CONCAT):
@@ -249,6 +252,43 @@ class _Alignment(QuantAlignmentPass):
                         _share_grid(cfg.dominated_by, master)
         if self._shared:
             _unify(graph, self._placement)
+
+
+#: Under shared scales, the fewest codes an adder's or a concatenation's input keeps of the shared grid: one with
+#: fewer (its range under 1/32 of another input's) loses its signal there, and the operator runs on the host.
+SHARED_MIN_CODES = 4
+
+
+def _check_shared_inputs(graph: Any, placement: Placement) -> None:
+    """Raise :class:`QuantizationFailed` naming the adders and concatenations where one grid for every input (the
+    seed profile's shared scales) would leave an input fewer than :data:`SHARED_MIN_CODES` codes: a U-Net's skip
+    tensor (range 1) beside an upsampled decoder map (range 280) rounds to zero, and so does the encoder behind it,
+    which reads the same grid. ``quantize`` keeps them on the host in float, where each input keeps its own grid."""
+    lost: list[tuple[str, str]] = []
+    for op in graph.operations.values():
+        if not isinstance(op, QuantableOperation) or placement.roles.get(op.name) not in (Role.ADD, Role.CONCAT):
+            continue
+        bounds, top = {}, 127
+        for cfg, var in zip(op.config.input_quantization_config, op.inputs):
+            root = cfg.dominated_by
+            if var.is_parameter or root.state not in _APPLIED or not isinstance(root.scale, torch.Tensor):
+                continue
+            top = int(root.quant_max)
+            bound = float(root.scale.reshape(-1)[0]) * top
+            if bound > 0:
+                bounds[var.name] = bound
+        if len(bounds) < 2:
+            continue
+        small, large = min(bounds, key=bounds.get), max(bounds, key=bounds.get)
+        codes = top * bounds[small] / bounds[large]
+        if codes < SHARED_MIN_CODES:
+            lost.append((op.name, f"{op.name} ({op.type}) would put its input {small} (range {bounds[small]:.3g}) on "
+                                  f"the grid of {large} (range {bounds[large]:.3g}): {codes:.1f} of {top} codes"))
+    if lost:
+        raise QuantizationFailed(f"under the seed profile's shared scales, {lost[0][1]}"
+                                 + (f", and {len(lost) - 1} more such operator(s)" if len(lost) > 1 else ""),
+                                 "profile='extended' gives each input its own grid.",
+                                 operator=lost[0][0], also=tuple(name for name, _ in lost[1:]))
 
 
 def _unify(graph: Any, placement: Placement) -> None:
