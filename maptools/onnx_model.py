@@ -17,7 +17,8 @@ import onnx.numpy_helper
 
 from maptools.errors import InputShapeError, ModelError
 
-__all__ = ["ModelInput", "load_model", "model_inputs", "overridable_initializers", "with_inputs", "index_limits", "integer_range", "check_input_shapes",
+__all__ = ["ModelInput", "load_model", "model_inputs", "overridable_initializers", "with_inputs", "index_limits",
+           "integer_range", "check_input_shapes",
            "node_attr", "constant_values", "opsets", "auto_pads", "ort_session",
            "CONTROL_FLOW_OP_TYPES", "OUTER_INPUTS", "outer_inputs", "explicit_outer_inputs", "implicit_outer_inputs",
            "implicit_node", "one_copy_each", "concat_parts", "in_topological_order"]

@@ -59,7 +59,8 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     if str(onnx_path).startswith(EXAMPLE_PREFIX):
         onnx_path = example_model(str(onnx_path), local_root(root) / "onnx_models")
     source = Path(onnx_path)
-    shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(with_inputs(load_model(source), input_shapes), input_shapes).items()}
+    model = with_inputs(load_model(source), input_shapes)
+    shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(model, input_shapes).items()}
     source_sha = sha256_file(source)
     sample = _integer_inputs(calib, shapes)
     identity = {"source": source_sha, "shapes": shapes, "simplify": simplify, "code": prepare.fingerprint(),

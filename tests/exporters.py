@@ -742,8 +742,8 @@ def conv1d_moved_bias() -> Built:
                     pads=[0, 1, 0, 1])
         y = b.op("Squeeze", [conv, axis])
         if last:
-            y = b.op("Transpose", [b.op("Add", [b.op("Transpose", [y], perm=[0, 2, 1]), b.const(b.rng.normal(0, 1, 8))])],
-                     perm=[0, 2, 1])
+            shifted = b.op("Add", [b.op("Transpose", [y], perm=[0, 2, 1]), b.const(b.rng.normal(0, 1, 8))])
+            y = b.op("Transpose", [shifted], perm=[0, 2, 1])
         else:
             y = b.op("Add", [y, b.const(b.rng.normal(0, 1, (8, 1)))])
         y = b.op("Relu", [y])

@@ -460,7 +460,8 @@ def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(
     calib = [{"x": rng.uniform(0, 1, (1, 1, 32, 32)).astype(np.float32)} for _ in range(16)]
     result = quantize({"x": [1, 1, 32, 32]}, "cpu", tmp_path / "unet.onnx", mapname="unet", calibset=calib,
                       calib_steps=16, output_root=tmp_path, error_steps=0)
-    concat_node = next(n.name for n in onnx.load(str(result.map_dir / "model.onnx")).graph.node if n.op_type == "Concat")
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    concat_node = next(n.name for n in prepared.graph.node if n.op_type == "Concat")
     assert concat_node in result.placement.host_ops, result.placement.summary()
     assert any("shared scales" in n and concat_node in n for n in result.notes), result.notes
     held = [{"x": rng.uniform(0, 1, (1, 1, 32, 32)).astype(np.float32)} for _ in range(8)]
