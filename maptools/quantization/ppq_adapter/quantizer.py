@@ -254,14 +254,14 @@ class _Alignment(QuantAlignmentPass):
             _unify(graph, self._placement)
 
 
-#: Under shared scales, the fewest codes an adder's or a concatenation's input keeps of the shared grid: one with
-#: fewer (its range under 1/32 of another input's) loses its signal there, and the operator runs on the host.
-SHARED_MIN_CODES = 4
+#: Under shared scales, how much larger than an adder's or a concatenation's input another input's range may be: one
+#: further below loses its signal on the shared grid (under 4 of 8 bits' 127 codes), and the operator runs on the host.
+SHARED_RANGE_RATIO = 32.0
 
 
 def _check_shared_inputs(graph: Any, placement: Placement) -> None:
     """Raise :class:`QuantizationFailed` naming the adders and concatenations where one grid for every input (the
-    seed profile's shared scales) would leave an input fewer than :data:`SHARED_MIN_CODES` codes: a U-Net's skip
+    seed profile's shared scales) would be over :data:`SHARED_RANGE_RATIO` times an input's range: a U-Net's skip
     tensor (range 1) beside an upsampled decoder map (range 280) rounds to zero, and so does the encoder behind it,
     which reads the same grid. ``quantize`` keeps them on the host in float, where each input keeps its own grid."""
     lost: list[tuple[str, str]] = []
@@ -281,7 +281,7 @@ def _check_shared_inputs(graph: Any, placement: Placement) -> None:
             continue
         small, large = min(bounds, key=bounds.get), max(bounds, key=bounds.get)
         codes = top * bounds[small] / bounds[large]
-        if codes < SHARED_MIN_CODES:
+        if bounds[large] > SHARED_RANGE_RATIO * bounds[small]:
             lost.append((op.name, f"{op.name} ({op.type}) would put its input {small} (range {bounds[small]:.3g}) on "
                                   f"the grid of {large} (range {bounds[large]:.3g}): {codes:.1f} of {top} codes"))
     if lost:
