@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from maptools import prepare
 from maptools.maps.artifacts import MapFolder, local_root, output_location, sha256_file, write_json
 from maptools.maps.folder import storage_errors
-from maptools.calibration import resolve_calibration
+from maptools.calibration import SampleCalibration, resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model, with_inputs
@@ -64,7 +63,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     source_sha = sha256_file(source)
     sample = _integer_inputs(calib, shapes)
     identity = {"source": source_sha, "shapes": shapes, "simplify": simplify, "code": prepare.fingerprint(),
-                **({"integers": _arrays_sha256(sample)} if sample else {})}
+                **({"integers": SampleCalibration([sample]).content_hash()} if sample else {})}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     folder = local_root(root) / "mapsave" / ".models"
     with storage_errors(f"create {folder}"):
@@ -95,16 +94,8 @@ def _integer_inputs(calib: str | Path | None, shapes: Mapping[str, list[int]]) -
     if calib is None or str(calib) == "random":
         return {}
     first = next(iter(resolve_calibration(str(calib), {k: tuple(v) for k, v in shapes.items()}, 1, 0)), {})
-    arrays = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
+    arrays = {k: np.asarray(v) for k, v in first.items()}
     return {k: a for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating)}
-
-
-def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(f"{name}:{arrays[name].dtype.str}:{arrays[name].shape}".encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()
 
 
 def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:
