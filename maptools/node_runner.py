@@ -32,11 +32,14 @@ class NodeRunner:
         opsets: the model's opset imports, ``{domain: version}`` (:func:`maptools.onnx_model.opsets`).
         constants: values of the node's constant inputs, built into the session (onnxruntime infers some
             operators' shapes from them, a Resize's ``sizes`` for one); other inputs are passed to :meth:`run`.
+        functions: the model's local functions (a call preparation could not inline runs with them).
     """
 
     def __init__(self, node: onnx.NodeProto, opsets: Mapping[str, int],
-                 constants: Mapping[str, np.ndarray] | None = None) -> None:
+                 constants: Mapping[str, np.ndarray] | None = None,
+                 functions: Sequence[onnx.FunctionProto] = ()) -> None:
         self.node, outer = implicit_node(node)
+        self.functions = list(functions)
         self.inputs = [*self.node.input, *outer]  # a control-flow node's outer-scope reads come last
         self.opsets = dict(opsets)
         self.constants = {name: np.asarray(value) for name, value in (constants or {}).items() if name in self.inputs}
@@ -64,7 +67,8 @@ class NodeRunner:
         graph = onnx.helper.make_graph([self.node], "node", inputs, outputs,
                                        [onnx.numpy_helper.from_array(v, k) for k, v in self.constants.items()])
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, version)
-                                                             for domain, version in self.opsets.items()])
+                                                             for domain, version in self.opsets.items()],
+                                       functions=self.functions)
         model.ir_version = min(model.ir_version, 10)
         try:
             inferred = onnx.shape_inference.infer_shapes(model)  # output types where onnx knows them

@@ -31,7 +31,7 @@ simulation all use its result, which says why each host operator is there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from maptools.onnx_model import constant_values, node_attr
 
 __all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "NONNEGATIVE_KEY",
-           "record_nonnegative_inputs", "macs",
+           "record_nonnegative_inputs", "TIED_KEY", "record_tied", "macs",
            "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES",
            "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES", "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS",
            "QUANTIZED_OP_TYPES", "DEVICE", "HOST"]
@@ -59,6 +59,9 @@ DEVICE, HOST = "device", "host"
 HOST_KEY = "maptools.host"
 #: ``metadata_props`` key of a model: the graph inputs no calibration sample makes negative (JSON list).
 NONNEGATIVE_KEY = "maptools.nonnegative_inputs"
+#: ``metadata_props`` key of a model: groups of tensors that take one grid, the copies of one tensor that a loop or a
+#: recurrent operator written out step by step computes once per step (JSON list of lists).
+TIED_KEY = "maptools.tied"
 
 #: Operators the crossbar computes (with a constant weight): key = their quantparams tag.
 WEIGHTED_OP_TYPES = {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm"}
@@ -106,6 +109,8 @@ class Placement:
     float_outputs: frozenset[str]
     #: why each host operator runs on the host
     reasons: dict[str, str]
+    #: tensors that take one grid (:data:`TIED_KEY`): one step's values are not all its copies will see
+    tied: tuple[tuple[str, ...], ...] = ()
 
     def part(self, node_name: str) -> str:
         return self.roles[node_name].part
@@ -237,6 +242,11 @@ def recorded_host(model: onnx.ModelProto) -> dict[str, str]:
 def record_host(model: onnx.ModelProto, host: Mapping[str, str]) -> None:
     """Record in ``model`` (in place) that the operators of ``host`` stay on the host, and why."""
     _record(model, HOST_KEY, dict(host))
+
+
+def record_tied(model: onnx.ModelProto, groups: Iterable[Sequence[str]]) -> None:
+    """Add ``groups`` to the tensors ``model`` records as taking one grid each (:data:`TIED_KEY`), in place."""
+    _record(model, TIED_KEY, [*(_recorded(model, TIED_KEY) or []), *(list(g) for g in groups if len(g) > 1)])
 
 
 def record_nonnegative_inputs(model: onnx.ModelProto, names: Iterable[str]) -> None:
@@ -378,7 +388,8 @@ def place(model: onnx.ModelProto, host: Mapping[str, str] | None = None) -> Plac
                                                                                                   outputs)):
             float_outputs.update(node.output)
     return Placement(roles=roles, float_outputs=frozenset(float_outputs),
-                     reasons={n: reasons[n] for n, r in roles.items() if r is Role.HOST and n in reasons})
+                     reasons={n: reasons[n] for n, r in roles.items() if r is Role.HOST and n in reasons},
+                     tied=tuple(tuple(g) for g in _recorded(model, TIED_KEY) or ()))
 
 
 def _dims(graph: onnx.GraphProto, outer: Mapping[str, list[int]] | None = None) -> dict[str, list[int]]:
@@ -433,7 +444,7 @@ def _attention_macs(node: onnx.NodeProto, ins: list[list[int] | None]) -> int:
 
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
     """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
-    a Loop's or Scan's body once: its trip count is the data's)."""
+    a Loop's or Scan's body once: :func:`macs` multiplies a Loop's by a constant trip count)."""
     bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     if bodies:
         return max(sum(_node_macs(n, inner) for n in body.node) for body in bodies
@@ -496,16 +507,29 @@ def _einsum_macs(equation: str, shapes: list[list[int] | None]) -> int:
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, and control flow whose bodies do), from the
-    shapes the prepared model records; operators without known shapes count 0 (a recurrent cell whose input shape
-    is unknown: one step)."""
+    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, and control flow whose bodies do: a Loop's
+    body as many times as its constant trip count), from the shapes the prepared model records; operators without
+    known shapes count 0 (a recurrent cell whose input shape is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001  (the bodies' work then counts where their shapes are known)
             pass
-    dims = _dims(model.graph)
-    return {node.name: count for node in model.graph.node if (count := _node_macs(node, dims))}
+    dims, consts = _dims(model.graph), constant_values(model)
+    return {node.name: count * _trips(node, consts) for node in model.graph.node if (count := _node_macs(node, dims))}
+
+
+#: The largest constant trip count a Loop's work is multiplied by: tf2onnx writes a ``while`` loop's as the int64
+#: maximum, its condition deciding.
+MAX_TRIPS = 1 << 20
+
+
+def _trips(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> int:
+    """How many times a ``Loop`` runs its body where its trip count is a constant (at most :data:`MAX_TRIPS`; its
+    condition may end it sooner), else 1."""
+    count = consts.get(node.input[0]) if node.op_type == "Loop" and node.input and node.input[0] else None
+    return int(count.reshape(())) if count is not None and count.size == 1 and 0 < count.reshape(()) <= MAX_TRIPS \
+        else 1
 
 
 class PlacementReport(BaseModel):

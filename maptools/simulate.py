@@ -178,7 +178,8 @@ class IntegerSimulator:
                                 "re-run convert for this map.")
         self.constants = constant_values(model)
         self.nodes = {name: nodes[name] for name in self.order}
-        self.runners = {name: NodeRunner(nodes[name], opsets(model), self.constants) for name in self.order}
+        self.runners = {name: NodeRunner(nodes[name], opsets(model), self.constants, model.functions)
+                        for name in self.order}
         self.batch, self.batched = batched_inputs(graph.inputs)
         self.batch_major = _batch_major(model)
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

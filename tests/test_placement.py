@@ -147,6 +147,33 @@ def test_the_work_inside_control_flow_counts_toward_the_total() -> None:
     assert macs(model) == {"gemm": 16 * 32, "if": 32 * 32}
 
 
+def test_a_loop_counts_its_body_as_often_as_its_constant_trip_count() -> None:
+    """A Keras recurrent layer through tf2onnx, a Loop too long to write out: its body's work counts once per step
+    (it had counted once, and the crossbars' share read 90.6% where an LSTM operator's export read 3.1%); a
+    ``while`` loop's trip count (the int64 maximum, its condition deciding) counts once."""
+    from maptools.placement import macs
+
+    rng = np.random.default_rng(3)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["x", "i"], ["xt"], axis=1), helper.make_node("Gemm", ["xt", "w"], ["a"]),
+         helper.make_node("Add", ["a", "h"], ["h_out"]), helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "step", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 8])])
+    loops = {"steps": np.asarray(3000, np.int64), "forever": np.asarray(np.iinfo(np.int64).max)}
+    graph = helper.make_graph(
+        [helper.make_node("Loop", [count, "", "h0"], [f"h_{count}"], name=count, body=body) for count in loops], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3000, 4])],
+        [helper.make_tensor_value_info(f"h_{count}", TensorProto.FLOAT, [1, 8]) for count in loops],
+        [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros((1, 8), np.float32), "h0"),
+         *(numpy_helper.from_array(v, k) for k, v in loops.items())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert macs(model) == {"steps": 3000 * 4 * 8, "forever": 4 * 8}
+
+
 def test_a_recurrent_cell_counts_its_weights_work_where_its_input_shape_is_unknown() -> None:
     """silero-vad's decoder LSTM sits in an If branch whose input shape inference cannot give: the cell still
     computes at least one step of its weights (4 gates x hidden x (features + hidden)); with the shape known,

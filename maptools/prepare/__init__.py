@@ -42,15 +42,15 @@ import onnx.numpy_helper
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.metrics import rel_l2
-from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, check_input_shapes, in_topological_order, load_model,
-                                 ort_session, overridable_initializers, with_inputs)
+from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, in_topological_order,
+                                 load_model, ort_session, overridable_initializers, with_inputs)
 from maptools.placement import QUANTIZED_OP_TYPES
 
 
 from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel, _Context, _where, opset_of
 from maptools.prepare.dequantize import dequantize, input_ranges
 from maptools.prepare.checks import Reference, _random_feed, _static_shapes, check_equivalent, reference_outputs
-from maptools.prepare.opset import (convert_opset, fix_input_dims, fold_constant_nodes, opset_report,
+from maptools.prepare.opset import (_schema, convert_opset, fix_input_dims, fold_constant_nodes, opset_report,
                                     ort_operators)
 from maptools.prepare.recurrent import RECURRENT_OP_TYPES, recurrent_as_gemms
 from maptools.prepare.unroll import static_sequences, unroll_loops
@@ -138,13 +138,53 @@ def _float32(ctx: _Context) -> list[str]:
 
 
 def _inline(ctx: _Context) -> list[str]:
+    """Local functions inlined, where onnx's inliner can read them (:func:`_inlinable`); a call it cannot stays a
+    host operator that onnxruntime runs with the function."""
     if not ctx.model.functions:
         return []
     from onnx import inliner
 
+    _inlinable(ctx.model)
     ctx.model = inliner.inline_local_functions(ctx.model)
     ctx.invalidate()
-    return ["local functions inlined"]
+    left = sorted({f"{n.domain}.{n.op_type}" for n in ctx.graph.node
+                   if any((f.domain, f.name) == (n.domain, n.op_type) for f in ctx.model.functions)})
+    return ["local functions inlined" + (f" (calls of {', '.join(left)} left as they are)" if left else "")]
+
+
+def _inlinable(model: onnx.ModelProto) -> None:
+    """Two things onnx's inliner gets wrong, put right in place: a function importing another version of the
+    standard domain than the model's is left uninlined (onnxscript writes ``opset18`` functions into an opset-21
+    model), so its import is set to the model's where every operator it calls has one definition across both
+    versions; and an attribute a call leaves out is dropped, not given the function's default (the operator's own
+    default then applies: a LeakyRelu's slope 0.01, not the function's 0.2), so the call gets the default."""
+    version = opset_of(model)
+    for function in model.functions:
+        for opset in function.opset_import:
+            if opset.domain in _DEFAULT_DOMAINS and opset.version != version and all(
+                    (mine := _schema(n.op_type, opset.version)) is not None and
+                    (theirs := _schema(n.op_type, version)) is not None and mine.since_version == theirs.since_version
+                    for n in function.node if n.domain in _DEFAULT_DOMAINS):
+                opset.version = version
+    defaults = {(f.domain, f.name): list(f.attribute_proto) for f in model.functions if f.attribute_proto}
+    for node in _all_nodes(model):
+        given = {a.name for a in node.attribute}
+        node.attribute.extend(a for a in defaults.get((node.domain, node.op_type), []) if a.name not in given)
+
+
+def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node of the model: the main graph's, its subgraphs' and its functions'."""
+    found: list[onnx.NodeProto] = []
+
+    def walk(nodes: Sequence[onnx.NodeProto]) -> None:
+        for node in nodes:
+            found.append(node)
+            for graph in _subgraphs(node):
+                walk(graph.node)
+    walk(model.graph.node)
+    for function in model.functions:
+        walk(function.node)
+    return found
 
 
 def _stft(ctx: _Context) -> list[str]:

@@ -8,16 +8,19 @@ Gemm on the rows ``[steps * batch, input]`` (with the biases that add to it), an
 ``Sigmoid`` / ``Tanh``, and the state updates (LSTM ``c = f * c + i * g``, ``h = o * tanh(c)``; GRU
 ``h = h~ + z * (h - h~)``). The Gemms go to the crossbars (each step's recurrent Gemm holds the same weights
 and shares its arrays with the others), the gates to lookup tables, and the products of two activations stay
-on the host.
+on the host. The steps' copies of each tensor take one grid (:func:`~maptools.placement.record_tied`).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
 import onnx.helper
 
 from maptools.onnx_model import node_attr
+from maptools.placement import record_tied
 from maptools.prepare.base import Names, _Context
 from maptools.prepare.rewrites import _rewrite_each
 
@@ -32,6 +35,8 @@ MAX_WRITTEN = 2048
 _CELLS = {"LSTM": (4, ("Sigmoid", "Tanh", "Tanh")), "GRU": (3, ("Sigmoid", "Tanh"))}
 #: The operators :func:`recurrent_as_gemms` writes out.
 RECURRENT_OP_TYPES = frozenset(_CELLS)
+#: The tag of a tensor one step computes: its direction, step and what it is (the copies of one tensor take one grid).
+_STEP = re.compile(r"(d\d+)_t\d+_(.+)")
 
 
 def recurrent_as_gemms(ctx: _Context) -> int:
@@ -71,7 +76,10 @@ def _written(ctx: _Context, node: onnx.NodeProto) -> list[onnx.NodeProto] | None
         return None
     if bias is None:
         bias = np.zeros((len(directions), 2 * gates * hidden), np.float32)
-    return _Writer(ctx, node, steps, batch, hidden).nodes(x, weights, recurrent, bias, h0, c0, directions, layout)
+    writer = _Writer(ctx, node, steps, batch, hidden)
+    nodes = writer.nodes(x, weights, recurrent, bias, h0, c0, directions, layout)
+    record_tied(ctx.model, writer.tied.values())
+    return nodes
 
 
 def _given(ctx: _Context, name: str) -> bool:
@@ -90,6 +98,7 @@ class _Writer:
         self.base = node.name or node.output[0]
         self.out: list[onnx.NodeProto] = []
         self.fresh = Names(ctx.graph).fresh
+        self.tied: dict[str, list[str]] = {}  # a step's tensor, per direction: its copies, one per step
 
     def op(self, op_type: str, inputs: list[str], tag: str, outputs: int = 1, result: str | None = None,
            **attrs: object) -> str | list[str]:
@@ -97,6 +106,9 @@ class _Writer:
                                          for k in range(outputs)]
         self.out.append(onnx.helper.make_node(op_type, inputs, names, name=self.fresh(f"{self.base}_{tag}_node"),
                                               **attrs))
+        step = _STEP.fullmatch(tag)  # (a step's tags are "d<direction>_t<step>_<what>")
+        for k, name in enumerate(names if step else []):
+            self.tied.setdefault(f"{step[1]}_{step[2]}_{k}", []).append(name)
         return names[0] if outputs == 1 else names
 
     def const(self, tag: str, value: np.ndarray) -> str:
@@ -129,6 +141,9 @@ class _Writer:
             axis0 = self.const(f"{tag}_axis0", np.array([0], np.int64))
             h = self._initial(h0, d, layout, f"{tag}_h0")
             c = self._initial(c0, d, layout, f"{tag}_c0")
+            for state, what in ((h, "h"), (c, "c")):  # the state before the first step, on the states' grid
+                if state:
+                    self.tied.setdefault(f"{tag}_{what}_0", []).append(state)
             cell = _GruStep(self, recurrent[d], kept, before_reset, tag) if gru else None
             r = None if gru else self.const(f"{tag}_R", recurrent[d].astype(np.float32))
             quarters = None if gru else self.const(f"{tag}_quarters", np.full(4, hidden, np.int64))

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 # --- 4. onnxsim -------------------------------------------------------------------------------------
 
-#: onnxsim's fusions into operators of other domains or later opsets (com.microsoft's Attention and
-#: GroupQueryAttention, RotaryEmbedding, RMSNormalization): they would keep a transformer's linear layers on the host,
-#: their work uncounted.
-_SKIPPED_FUSIONS = ["fuse_attention", "fuse_gqa", "fuse_rope", "fuse_rms_norm"]
+#: onnxsim's passes left out: its fusions into operators of other domains or later opsets (com.microsoft's Attention
+#: and GroupQueryAttention, RotaryEmbedding, RMSNormalization), which would keep a transformer's linear layers on the
+#: host, their work uncounted; and its loop unrolling, whose copies of a body tensor carry fresh names: maptools'
+#: own (:mod:`maptools.prepare.unroll`) records which tensors are copies of one, and they take one grid.
+_SKIPPED_FUSIONS = ["fuse_attention", "fuse_gqa", "fuse_rope", "fuse_rms_norm", "eliminate_loop_with_const_trip_count"]
 
 
 def simplify(ctx: _Context, shapes: Mapping[str, Sequence[int]]) -> None:

@@ -84,7 +84,7 @@ def load_ppq_graph(model_path: Path, model: onnx.ModelProto) -> Any:
         node = nodes[name]
         held = () if op.type in CROSSBAR_OP_TYPES else node.input  # a crossbar operator's weights: PPQ's, quantized
         op._maptools_runner = NodeRunner(node, opsets(model), {t: onnx.numpy_helper.to_array(constants[t])
-                                                               for t in held if t in constants})
+                                                               for t in held if t in constants}, model.functions)
     return graph
 
 

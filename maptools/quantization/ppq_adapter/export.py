@@ -50,7 +50,7 @@ def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     operators of other domains (``com.microsoft``, ...) into the default one, at opset 13, and moves the default
     domain's ``Attention`` (opset 23) into ``com.microsoft``, whose Attention takes other attributes; a prepared
     model left at a later opset (preparation could not convert it) keeps that opset, which its operators'
-    attributes need."""
+    attributes need; and a call of a local function that preparation could not inline keeps its function."""
     prepared = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     for opset in exported.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < prepared:
@@ -61,6 +61,9 @@ def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     have = {o.domain for o in exported.opset_import}
     used = {n.domain for n in exported.graph.node}
     exported.opset_import.extend(o for o in model.opset_import if o.domain in used - have)
+    calls = {(n.domain, n.op_type) for n in exported.graph.node}
+    if any((f.domain, f.name) in calls for f in model.functions):  # a call preparation could not inline
+        exported.functions.extend(model.functions)
 
 
 def _model_types(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:

@@ -223,6 +223,7 @@ class _Alignment(QuantAlignmentPass):
         self._shared = shared
 
     def optimize(self, graph: Any, **kwargs: Any) -> None:
+        _tie(graph, self._placement)
         if self._shared:
             _check_shared_inputs(graph, self._placement)
         for op in graph.operations.values():
@@ -331,18 +332,46 @@ def _unify(graph: Any, placement: Placement) -> None:
         groups.setdefault(id(find(cfg)), []).append(cfg)
     for members in groups.values():
         template = min(members, key=lambda m: int(m.quant_min))  # a signed member, where there is one
-        members = [m for m in members if m.num_of_bits == template.num_of_bits]
-        if len(members) < 2:
-            continue
-        high = max(float(m.scale.reshape(-1)[0]) * int(m.quant_max) for m in members)
-        low = max(float(m.scale.reshape(-1)[0]) * -int(m.quant_min) for m in members)
-        scale = max(high / int(template.quant_max), low / -int(template.quant_min) if template.quant_min < 0 else 0.0)
-        value = _round_scale(torch.tensor([scale], dtype=template.scale.dtype, device=template.scale.device))
-        if template.policy.has_property(QuantizationProperty.POWER_OF_2):
-            value = torch.pow(2.0, torch.ceil(torch.log2(value)))
-        for member in members:
-            member.scale, member.offset = value.clone().reshape(member.scale.shape), torch.zeros_like(member.offset)
-            member.quant_min, member.quant_max, member.policy = template.quant_min, template.quant_max, template.policy
+        _one_grid([m for m in members if m.num_of_bits == template.num_of_bits])
+
+
+def _tie(graph: Any, placement: Placement) -> None:
+    """Each group of :attr:`Placement.tied` tensors (the copies of one tensor a written-out loop computes per step)
+    on one grid per bit width, the producers' and the readers' grids alike: calibrated one step at a time, a grid
+    fits what that step saw, and a spike at a step where the calibration saw none is clipped."""
+    for names in placement.tied:
+        members: dict[int, Any] = {}
+        for var in (graph.variables.get(name) for name in names):
+            if var is None or var.is_parameter:  # (a weight each step computes from constants: its own grids)
+                continue
+            configs = [op.config.input_quantization_config[op.inputs.index(var)]
+                       for op in var.dest_ops if isinstance(op, QuantableOperation)]
+            if isinstance(var.source_op, QuantableOperation):
+                configs.append(var.source_op.config.output_quantization_config[var.source_op.outputs.index(var)])
+            members.update((id(c.dominated_by), c.dominated_by) for c in configs)
+        widths: dict[int, list[Any]] = {}
+        for member in members.values():
+            if member.state in _APPLIED and isinstance(member.scale, torch.Tensor):
+                widths.setdefault(member.num_of_bits, []).append(member)
+        for group in widths.values():
+            _one_grid(group)
+
+
+def _one_grid(members: list[Any]) -> None:
+    """Put ``members`` (tensor configs of one bit width) on one grid that keeps every member's range: the largest
+    bound over them, signed where any member is."""
+    if len(members) < 2:
+        return
+    template = min(members, key=lambda m: int(m.quant_min))  # a signed member, where there is one
+    high = max(float(m.scale.reshape(-1)[0]) * int(m.quant_max) for m in members)
+    low = max(float(m.scale.reshape(-1)[0]) * -int(m.quant_min) for m in members)
+    scale = max(high / int(template.quant_max), low / -int(template.quant_min) if template.quant_min < 0 else 0.0)
+    value = _round_scale(torch.tensor([scale], dtype=template.scale.dtype, device=template.scale.device))
+    if template.policy.has_property(QuantizationProperty.POWER_OF_2):
+        value = torch.pow(2.0, torch.ceil(torch.log2(value)))
+    for member in members:
+        member.scale, member.offset = value.clone().reshape(member.scale.shape), torch.zeros_like(member.offset)
+        member.quant_min, member.quant_max, member.policy = template.quant_min, template.quant_max, template.policy
 
 
 def _share_grid(root: Any, master: Any) -> None:
