@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 from pydantic import BaseModel
 
 from maptools.crossbar.mapping import CrossbarSpec
-from maptools.errors import InputShapeError, MaptoolsError, SettingsError
+from maptools.errors import InputShapeError, MaptoolsError, SettingsError, StorageError
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy, field_bounds)
 
@@ -133,9 +133,12 @@ def _parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
             shape = [int(d) for d in dims.split(",")]
         except ValueError:
             shape = []
-        if not sep or not name or not shape or min(shape) <= 0 or name in shapes:
+        if not sep or not name or not shape or min(shape) <= 0:
             raise typer.BadParameter(f"{spec!r} is not NAME=D0,D1,... with positive integers "
                                      "(one per input, e.g. input=1,3,224,224).", param_hint="'--input-shape'")
+        if name in shapes:
+            raise typer.BadParameter(f"input {name!r} is given twice ({name}={','.join(map(str, shapes[name]))} and "
+                                     f"{spec}): give each input once.", param_hint="'--input-shape'")
         shapes[name] = shape
     return shapes
 
@@ -199,7 +202,9 @@ def quantize(
         help="NAME=D0,D1,... for a model input, batch first, e.g. input=1,3,224,224; repeat it for each input. "
              "Default: the shapes fixed in the model (see 'maptools inspect').")] = None,
     mapname: Annotated[str | None, typer.Option(
-        help="Name of the output folder mapsave/NAME/.", show_default="the model file's name without .onnx")] = None,
+        help="Name of the output folder mapsave/NAME/.",
+        show_default="the model file's name without .onnx, other characters than letters, digits, '.', '_', '-' as '_'"
+    )] = None,
     calib: Annotated[str, typer.Option(
         help="Calibration data: 'random' (seeded noise; fine for trying things, not for accuracy) or a folder "
              "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized, channels first or last as the input is) "
@@ -573,17 +578,25 @@ def simulate(
                                                               "(--xbar, --cell-bits, --adc-bits, ...).")] = False,
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
     encoding: _ENC = "differential", adc_range: _RANGE = "full", cols_per_adc: _SHARE = 1,
-    save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file.", show_default=False)] = None,
+    save: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz file ('.npz' added where the name "
+                                                   "lacks it).", show_default=False)] = None,
     output_root: Annotated[str | None, typer.Option(
         help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
         show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Run the integer re-simulation of a converted map (integer weights of quantparams, scales of quantinfo),
     or with --crossbar the crossbar-level simulation (and its difference from the integer one)."""
+    import io
+
     import numpy as np
 
+    from maptools.maps.folder import atomic_write
     from maptools.simulate import simulate as run_simulate
 
+    target = None if save is None else save if save.suffix == ".npz" else save.with_name(save.name + ".npz")
+    if target is not None and not target.parent.is_dir():  # (before the simulation, not after it)
+        fail(StorageError(f"cannot write {target}: the folder {target.parent} does not exist.",
+                          "create it, or pass --save a file in an existing folder."))
     try:
         spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range, cols_per_adc) if crossbar \
             else None
@@ -602,9 +615,14 @@ def simulate(
                           f"{np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-12):.4%}")
     console.print(f"{result.batch} sample(s) in {result.seconds:.2f} s ({result.seconds_per_sample:.3f} s each, "
                   f"requant {result.requant.value}{', crossbar ' + xbar if crossbar else ''})")
-    if save is not None:
-        np.savez(save, **result.outputs)
-        console.print(f"outputs written to {save}")
+    if target is not None:
+        arrays = io.BytesIO()
+        np.savez(arrays, **result.outputs)
+        try:
+            atomic_write(target, arrays.getvalue())
+        except MaptoolsError as e:
+            fail(e)
+        console.print(f"outputs written to {target}")
 
 
 if __name__ == "__main__":

@@ -441,11 +441,15 @@ class SimulationResult:
                             for k, v in self.outputs.items()}}
 
 
-def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | None = "random", *,
-                seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
+#: What :func:`load_inputs` takes: ``'random'``, an .npy/.npz path, ``{input name: array}``, or one input's array.
+Inputs = str | Path | Mapping[str, Any] | np.ndarray | torch.Tensor | None
+
+
+def load_inputs(graph: OperatorGraph, source: Inputs = "random", *, seed: int = 0,
+                batch: int | None = None) -> dict[str, np.ndarray]:
     """Inputs for ``graph``: ``'random'`` (seeded normal; integer inputs as random calibration makes them), an
-    ``.npy`` (one input) or ``.npz`` file, or a dict; each in its input's dtype (float32 unless the model
-    declares another).
+    ``.npy`` (one input) or ``.npz`` file, a dict, or one array (a model of one input); each in its input's dtype
+    (float32 unless the model declares another).
 
     Every input must match the model's shape except for the batch axis; values must be finite.
     """
@@ -456,6 +460,11 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
         limits = graph.input_limits
         return {k: random_array(rng, [batch or s[0], *s[1:]] if k in batched else s, types[k], limits.get(k))
                 for k, s in graph.inputs.items()}
+    if isinstance(source, np.ndarray | torch.Tensor):  # the one input's array
+        if len(graph.inputs) != 1:
+            raise InputShapeError(f"one array given, but the model has inputs {sorted(graph.inputs)}.",
+                                  "pass a dict with one array per input name.")
+        source = {next(iter(graph.inputs)): source}
     if not isinstance(source, Mapping):
         path = Path(source)
         if not path.is_file():
@@ -484,6 +493,9 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
             taken = want if name not in batched else f"[N, {', '.join(map(str, want[1:]))}]"
             raise InputShapeError(f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model takes "
                                   f"{taken} {types[name]} values.", "reshape the data to match.")
+        if name in batched and array.shape[0] == 0:
+            raise InputShapeError(f"input {name!r} holds no samples (shape {list(array.shape)}).",
+                                  "pass at least one sample.")
         array = array.astype(types[name])
         if not np.all(np.isfinite(array)):
             raise InputShapeError(f"input {name!r} contains NaN or inf.", "clean the data.")
@@ -491,7 +503,7 @@ def load_inputs(graph: OperatorGraph, source: str | Path | Mapping[str, Any] | N
     return out
 
 
-def simulate(mapname: str | MapRef, inputs: str | Path | Mapping[str, Any] | None = "random", *,
+def simulate(mapname: str | MapRef, inputs: Inputs = "random", *,
              output_root: str | Path | None = None, requant: RequantMode | str = RequantMode.FLOAT,
              seed: int = 0, batch: int | None = None, crossbar: ArraySpec | None = None) -> SimulationResult:
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).

@@ -97,6 +97,7 @@ def dynamic_model(path: Path) -> Path:
     (["--input-shape", "input=1,3,x"], "NAME=D0,D1"),
     (["--input-shape", "image=1,3,32,32"], "missing: ['input']"),
     (["--input-shape", "input=1,3,32"], "rank 4"),
+    (["--input-shape", "input=1,3,32,32", "--input-shape", "input=1,3,32,32"], "'input' is given twice"),
     (["--algorithm", "isotone"], "percentile"),
     (["--calib", "no/such/folder"], "does not exist"),
     (["--device", "tpu"], "'cpu', 'cuda' or 'auto'"),
@@ -108,6 +109,38 @@ def test_bad_input_is_one_line_and_exit_code_2(small_cnn, tmp_path, args, words)
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "mapsave").exists()
+
+
+def test_a_file_name_a_mapname_cannot_hold_and_where_simulate_saves(small_cnn, tmp_path) -> None:
+    """Without --mapname the map is named after the file, with what a mapname cannot hold as '_' ('my model
+    (1).onnx' was refused, the fix never saying why); simulate --save into a folder that does not exist is one
+    error line before the simulation runs (it was a raw FileNotFoundError after it), and the line after a save
+    names the file written."""
+    import shutil
+
+    from maptools.errors import InputShapeError
+    from maptools.simulate import simulate
+
+    model = tmp_path / "my model (1).onnx"
+    shutil.copy(small_cnn, model)
+    result = runner.invoke(app, ["quantize", str(model), "--calib-steps", "8", "--output-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mapsave" / "my_model_1" / "manifest.json").is_file()
+    assert runner.invoke(app, ["convert", "--mapname", "my_model_1", "--output-root", str(tmp_path)]).exit_code == 0
+    missing = tmp_path / "no such" / "out"
+    result = runner.invoke(app, ["simulate", "--mapname", "my_model_1", "--save", str(missing),
+                                 "--output-root", str(tmp_path)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "does not exist" in result.stderr and "top-5" not in result.stdout and "Traceback" not in result.output
+    result = runner.invoke(app, ["simulate", "--mapname", "my_model_1", "--save", str(tmp_path / "out"),
+                                 "--output-root", str(tmp_path)])
+    assert result.exit_code == 0 and f"outputs written to {tmp_path / 'out.npz'}" in " ".join(result.stdout.split())
+    saved = np.load(tmp_path / "out.npz")
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    one = simulate("my_model_1", x, output_root=tmp_path).outputs  # one input's array, not a dict
+    assert set(one) == set(saved.files) and all(v.shape[0] == 2 for v in one.values())
+    with pytest.raises(InputShapeError, match="holds no samples"):
+        simulate("my_model_1", x[:0], output_root=tmp_path)
 
 
 def test_missing_model_and_dynamic_shapes(tmp_path) -> None:

@@ -79,7 +79,7 @@ def test_keep_on_host_is_recorded_and_every_stage_follows(tmp_path) -> None:
     prepared.write_bytes((full.map_dir / "model.onnx").read_bytes())
     before = prepared.read_bytes()
     linked = quantize(shapes, "cpu", prepared, mapname="linked", calib_steps=8, output_root=tmp_path, error_steps=0,
-                      keep_on_host=[middle])
+                      keep_on_host=middle)  # one name as a string: that operator (it was split into letters)
     assert prepared.read_bytes() == before and prepared.stat().st_nlink == 1
     assert linked.placement.fallbacks == report.fallbacks and linked.sha256["model.onnx"] != full.sha256["model.onnx"]
     with pytest.raises(SettingsError, match=r"keep_on_host names operators the prepared model does not have: "

@@ -225,6 +225,13 @@ class MapFolder:
         return cls(path.name, path.parent.parent)
 
     @staticmethod
+    def named_after(path: str | Path) -> str:
+        """The default mapname of a model file: its stem, each run of characters a mapname cannot hold as ``_``
+        (``my model (1).onnx`` -> ``my_model_1``); ``model`` where nothing is left."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._-")[:128]
+        return name or "model"
+
+    @staticmethod
     def validate(mapname: str) -> str:
         if not isinstance(mapname, str) or not _MAPNAME.fullmatch(mapname) or mapname in {".", ".."}:
             raise MapnameError(

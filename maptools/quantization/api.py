@@ -483,7 +483,7 @@ def quantize(
     budget: Budget | Mapping[str, Any] | None = None,
     threads: int | None = None,
     strict: bool = False,
-    keep_on_host: Sequence[str] = (),
+    keep_on_host: str | Sequence[str] = (),
     profile: str | Profile = Profile.SEED,
     settings: QuantSettings | None = None,
 ) -> QuantizationResult:
@@ -497,7 +497,7 @@ def quantize(
         input_shapes: ``{input name: shape}`` for every graph input, e.g. ``{'input': [1, 3, 224, 224]}``.
         device: ``'cpu'``, ``'cuda'`` (``'cuda:N'``) or ``'auto'`` (CUDA when available).
         onnx_path: the ONNX model file.
-        mapname: folder name under ``mapsave/``; defaults to the model file's stem.
+        mapname: folder name under ``mapsave/``; defaults to the model file's stem (``my model.onnx``: ``my_model``).
         calibset: ``None`` for seeded random data; a list, torch ``DataLoader`` or other re-iterable
             of ``{input name: tensor}`` dicts shaped like ``input_shapes`` (batch axis included); a
             folder of images (in class subfolders) or of ``.npy``/``.npz`` files; a
@@ -595,7 +595,8 @@ def quantize(
         raise SettingsError("bit_width='auto' chooses per-layer widths, and the seed profile's downstream reads every "
                             "activation at one width.", "pass profile='extended' with bit_width='auto'.")
     onnx_path = Path(onnx_path)
-    mapname = validate_mapname(onnx_path.stem if mapname is None else mapname)
+    mapname = validate_mapname(MapFolder.named_after(onnx_path) if mapname is None else mapname)
+    keep_on_host = [keep_on_host] if isinstance(keep_on_host, str) else list(keep_on_host)  # (one name, not letters)
     if isinstance(error_steps, bool) or not isinstance(error_steps, int) or error_steps < 0:
         raise SettingsError(f"error_steps={error_steps!r} is not a count of samples.",
                             "pass 0 (no per-layer error report) or a positive number, e.g. 8.")
