@@ -344,8 +344,9 @@ def _tie(graph: Any, placement: Placement) -> None:
         for var in (graph.variables.get(name) for name in names):
             if var is None or var.is_parameter:  # (a weight each step computes from constants: its own grids)
                 continue
-            configs = [op.config.input_quantization_config[op.inputs.index(var)]
-                       for op in var.dest_ops if isinstance(op, QuantableOperation)]
+            ops = [op for op in {id(op): op for op in var.dest_ops}.values() if isinstance(op, QuantableOperation)]
+            configs = [cfg for op in ops for cfg, read in zip(op.config.input_quantization_config, op.inputs)
+                       if read is var]  # (every input it is, where an operator reads it twice)
             if isinstance(var.source_op, QuantableOperation):
                 configs.append(var.source_op.config.output_quantization_config[var.source_op.outputs.index(var)])
             members.update((id(c.dominated_by), c.dominated_by) for c in configs)
