@@ -430,8 +430,12 @@ class ValidatedCalibration(CalibrationSet):
                                        "pass torch tensors or numpy arrays.")
             want_dtype = torch.from_numpy(np.zeros(0, self.inputs[name].dtype)).dtype
             if value.dtype != want_dtype:
+                numpy_name = np.dtype(self.inputs[name].dtype).name
                 raise CalibrationError(f"{where}[{name!r}] has dtype {value.dtype}, the model expects {want_dtype}.",
-                                       f"convert it, e.g. tensor.to({want_dtype}).")
+                                       f"save the files as {numpy_name} (numpy.save(path, array.astype("
+                                       f"numpy.{numpy_name})))." if isinstance(self.source, ArrayFolderCalibration)
+                                       else f"convert it, e.g. tensor.to({want_dtype}) or array.astype("
+                                       f"numpy.{numpy_name}).")
             if tuple(value.shape) != self.shapes[name]:
                 raise CalibrationError(f"{where}[{name!r}] has shape {list(value.shape)}, expected "
                                        f"{list(self.shapes[name])} (from input_shapes).",
@@ -441,6 +445,11 @@ class ValidatedCalibration(CalibrationSet):
                                        "clean the data or drop that sample.")
             out[name] = value
         return out
+
+
+def _sample_like(item: Any) -> bool:
+    """``item`` could be one calibration sample (a dict of tensors, or a bare tensor or array)."""
+    return isinstance(item, (Mapping, torch.Tensor, np.ndarray))
 
 
 def _finite(value: torch.Tensor) -> bool:
@@ -512,6 +521,11 @@ def resolve_calibration(calibset: Any, shapes: Mapping[str, tuple[int, ...]], ca
                                "pass a list of such dicts (at least 8).")
     if isinstance(calibset, tuple) and len(calibset) == 2 and callable(calibset[1]):
         return TransformCalibration(resolve_calibration(calibset[0], shapes, calib_steps, seed), calibset[1])
+    if isinstance(calibset, tuple) and len(calibset) == 2 and not _sample_like(calibset[0]) \
+            and not _sample_like(calibset[1]):
+        raise CalibrationError(f"calibset is a (source, transform_fn) pair whose transform_fn is a "
+                               f"{type(calibset[1]).__name__}, not a function.",
+                               "pass a callable that turns one item of the source into {input_name: tensor}.")
     if isinstance(calibset, (Iterable, Sequence)) or hasattr(calibset, "__getitem__") and hasattr(calibset, "__len__"):
         return SampleCalibration(calibset)  # also a map-style torch Dataset (read by index)
     raise CalibrationError(f"calibset of type {type(calibset).__name__} is not supported.",

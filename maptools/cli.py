@@ -339,7 +339,8 @@ def inspect(
     """Show a model's opset, inputs (dynamic axes marked), outputs and operators, and what quantizing it involves.
 
     With fixed shapes (in the model, or --input-shape), the model is also prepared (as 'maptools
-    quantize' does, checked in onnxruntime) and its operators are split into device and host work.
+    quantize' does, checked in onnxruntime) and its operators are split into device and host work; an
+    --input-shape that does not fit the model exits with code 2.
     """
     from maptools.onnx_model import load_model, model_inputs
     from maptools.placement import place, placement_report
@@ -388,6 +389,7 @@ def inspect(
     foreign = sorted({f"{n.op_type} ({n.domain})" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         notes.append(f"operators outside the standard ONNX domain run on the host: {', '.join(foreign)}")
+    failed: MaptoolsError | None = None
     if not missing:
         shapes = {i.name: given.get(i.name) or [int(d) for d in i.dims] for i in inputs}
         with tempfile.TemporaryDirectory(prefix="maptools-inspect-") as scratch:
@@ -395,6 +397,7 @@ def inspect(
                 done = prepare_model(model, Path(scratch) / "model.onnx", shapes)
                 prepared = load_model(done.path)
             except MaptoolsError as e:
+                failed = e
                 warnings.append(f"preparing with {shapes} fails: {e}")
             else:
                 placement = place(prepared)
@@ -413,6 +416,8 @@ def inspect(
         console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if isinstance(failed, InputShapeError) and given:
+        raise typer.Exit(2)  # the shapes asked for do not fit (named in the warning above)
 
 
 @app.command()
@@ -497,7 +502,8 @@ def map_command(
         show_default="$MAPTOOLS_HOME, else the current folder")] = None,
 ) -> None:
     """Lay a converted map onto crossbar arrays; write mapsave/NAME/crossbar_map.json and print the statistics."""
-    from maptools.crossbar.mapping import map_crossbars
+    from maptools.crossbar.mapping import CROSSBAR_FILE, map_crossbars
+    from maptools.maps.artifacts import map_dir
 
     try:
         result = map_crossbars(mapname, _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, max_arrays, adc_range,
@@ -516,8 +522,9 @@ def map_command(
                       str(layer.psum_worst), str(layer.psum_observed), f"{layer.adc_bits_needed} / "
                       f"{layer.adc_bits_observed}", *steps)
     table.caption = (f"{result.arrays} arrays, {result.utilization:.1%} of their cells used, {result.cycles} cycles "
-                     f"per inference; {result.cost.summary()}; written to mapsave/{mapname}/crossbar_map.json")
+                     f"per inference; {result.cost.summary()}")
     console.print(table)
+    console.print(f"written to {map_dir(mapname, output_root) / CROSSBAR_FILE}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -622,7 +629,7 @@ def simulate(
             atomic_write(target, arrays.getvalue())
         except MaptoolsError as e:
             fail(e)
-        console.print(f"outputs written to {target}")
+        console.print(f"outputs written to {target}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class NodeRunner:
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = options.inter_op_num_threads = 1
-            options.log_severity_level = 3
+            options.log_severity_level = 4  # its errors reach us as exceptions; logged, they print twice
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnx and onnxruntime raise many types for unsupported content
             raise ModelError(f"onnxruntime cannot run operator {self.name} ({self.node.op_type}) at opsets "

@@ -38,6 +38,8 @@ class ModelInput:
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Load and check an ONNX model, raising ModelError with a fix for each failure."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file.", "pass the .onnx file inside it.")
     if not p.is_file():
         raise ModelError(f"ONNX model {str(p)!r} does not exist.", "check the path (relative paths start at "
                          f"{Path.cwd()}).")
@@ -57,14 +59,14 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def ort_session(model: onnx.ModelProto | bytes | str | Path) -> Any:
-    """An onnxruntime CPU session of ``model`` (in memory, or a file) that logs errors only (its warnings are
-    about the model, not the run: an output whose size depends on the data differs from the recorded one); where
-    onnxruntime's graph optimizations make a model it cannot load (its fusion of int4 quantizers into a
-    ``QLinearConv`` that takes no int4), a session without them."""
+    """An onnxruntime CPU session of ``model`` (in memory, or a file) that logs nothing (its errors come as
+    exceptions; its warnings are about the model, not the run: an output whose size depends on the data differs
+    from the recorded one); where onnxruntime's graph optimizations make a model it cannot load (its fusion of
+    int4 quantizers into a ``QLinearConv`` that takes no int4), a session without them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     data = model if isinstance(model, bytes | str) else str(model) if isinstance(model, Path) \
         else model.SerializeToString()
     try:

@@ -141,6 +141,10 @@ def test_a_file_name_a_mapname_cannot_hold_and_where_simulate_saves(small_cnn, t
     assert set(one) == set(saved.files) and all(v.shape[0] == 2 for v in one.values())
     with pytest.raises(InputShapeError, match="holds no samples"):
         simulate("my_model_1", x[:0], output_root=tmp_path)
+    mapped = runner.invoke(app, ["map", "--mapname", "my_model_1", "--xbar", "64x64", "--output-root", str(tmp_path)],
+                           env={"COLUMNS": "400"})
+    assert mapped.exit_code == 0, mapped.output
+    assert f"written to {tmp_path / 'mapsave' / 'my_model_1' / 'crossbar_map.json'}" in " ".join(mapped.stdout.split())
 
 
 def test_missing_model_and_dynamic_shapes(tmp_path) -> None:
@@ -150,6 +154,8 @@ def test_missing_model_and_dynamic_shapes(tmp_path) -> None:
     assert result.exit_code == 2 and "--input-shape x=" in result.stderr
     result = runner.invoke(app, ["quantise"])
     assert result.exit_code == 2 and "Did you mean 'quantize'" in result.stderr
+    result = runner.invoke(app, ["quantize", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder, not an ONNX model file" in result.stderr, result.output
 
 
 def test_inspect_lists_inputs_outputs_and_operators(small_cnn) -> None:
@@ -158,6 +164,8 @@ def test_inspect_lists_inputs_outputs_and_operators(small_cnn) -> None:
     assert "float32 [1, 3, 32, 32]" in result.stdout and "[1, 10]" in result.stdout
     assert re.search(r"operator\s*│\s*Conv\s*│\s*4\s", result.stdout)
     assert "--input-shape input=1,3,32,32" in result.stdout
+    wrong = runner.invoke(app, ["inspect", str(small_cnn), "-s", "input=1,3,32"], env={"COLUMNS": "200"})
+    assert wrong.exit_code == 2 and "rank 4" in wrong.stdout and "operator" in wrong.stdout, wrong.output
 
 
 def test_inspect_shows_opset_dynamic_axes_and_placement(tmp_path) -> None:

@@ -36,6 +36,8 @@ def snapshot(folder: Path) -> dict[str, str]:
         ({"calib_steps": 7}, SettingsError, "8 to 512"),
         ({"calib_steps": 513}, SettingsError, "8 to 512"),
         ({"bit_width": 9}, SettingsError, "2 to 8"),
+        ({"bit_width": 1}, SettingsError, "bit_width=1 is not supported"),
+        ({"bit_width": "8"}, SettingsError, "bit_width='8' is not supported.*or 'auto'"),
         ({"algorithm": "isotone"}, SettingsError, "percentile"),
         ({"mapname": ""}, MapnameError, "plain folder name"),
         ({"mapname": "../x"}, MapnameError, "plain folder name"),
@@ -46,7 +48,8 @@ def snapshot(folder: Path) -> dict[str, str]:
         ({"calibset": samples(8, _0={"image": torch.zeros(1, 3, 32, 32)})}, CalibrationError, "sample 0 has keys"),
         ({"calibset": samples(8, _0={"input": torch.zeros(1, 3, 16, 16)})}, CalibrationError, "sample 0.*shape"),
         ({"calibset": samples(8, _0={"input": torch.zeros(1, 3, 32, 32, dtype=torch.float64)})},
-         CalibrationError, "dtype torch.float64"),
+         CalibrationError, r"dtype torch.float64.*tensor.to\(torch.float32\)"),
+        ({"calibset": (samples(8), "to_tensor")}, CalibrationError, "transform_fn is a str, not a function"),
         ({"input_shapes": {"image": [1, 3, 32, 32]}}, InputShapeError, "missing"),
         ({"input_shapes": {"input": [3, 32, 32]}}, InputShapeError, "rank 4"),
         ({"input_shapes": {"input": [1, 3, 32, "32"]}}, InputShapeError, "positive integers"),
@@ -100,6 +103,23 @@ def test_unsupported_operator_is_named(tmp_path) -> None:
     soft = model(helper.make_node("Softsign", ["c"], ["output"], name="soft"))
     quantize({"input": [1, 3, 8, 8]}, "cpu", soft, mapname="m", calib_steps=8, output_root=tmp_path)
     assert set(read_quantinfo("m", tmp_path)) == {"conv"}
+
+
+def test_a_model_that_fails_at_its_own_shapes_is_the_models_fault(tmp_path, capfd) -> None:
+    """A model onnxruntime loads but cannot run at its declared shapes (a Conv whose weight wants 4 channels
+    of a 3-channel input) is a ModelError about the model, not advice to change shapes that are its own; and
+    onnxruntime's own log line is not printed before it."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 4, 3, 3], np.ones(288, np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(ModelError, match=r"own declared input shapes \{'x': \[1, 3, 16, 16\]\}.*Fix: .*check "
+                       "the model file") as info:
+        quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="m", output_root=tmp_path)
+    assert not isinstance(info.value, InputShapeError) and not (tmp_path / "mapsave" / "m").exists()
+    assert "[E:onnxruntime" not in capfd.readouterr().err
 
 
 def test_nan_late_in_the_data_keeps_previous_map(small_cnn, tmp_path) -> None:

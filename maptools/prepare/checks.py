@@ -106,7 +106,8 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     ``checks`` seeded random inputs (``ranges``, ``sample``: as :func:`_random_feed`).
 
     Raises:
-        ModelError: onnxruntime cannot load the model, or an output is not a tensor.
+        ModelError: onnxruntime cannot load the model, or run it at its own declared shapes, or an output is
+            not a tensor.
         InputShapeError: the model does not run with ``shapes``.
     """
     others = [f"{o.name!r} ({o.type.WhichOneof('value')})" for o in original.graph.output
@@ -149,11 +150,20 @@ def _computes_in_half(model: onnx.ModelProto) -> bool:
             or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute))
 
 
-def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception) -> InputShapeError:
+def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception
+            ) -> InputShapeError | ModelError:
+    """onnxruntime's failure at ``shapes``: the shapes' fault, or the model's where they are its declared ones."""
     declared = _declared(model, shapes)
+    detail = " ".join(str(error).split())[:300]
+    if not declared and all(None not in spec.dims for spec in model_inputs(model)):
+        return ModelError(f"onnxruntime fails running the model at its own declared input shapes "
+                          f"{ {k: list(v) for k, v in shapes.items()} } on seeded random inputs: {detail}",
+                          "if the model needs inputs like its real ones (ids within a table, say), pass calibration "
+                          "data: the check takes its integers from the first sample; otherwise check the model file, "
+                          "as maptools needs a model onnxruntime runs.")
     return InputShapeError(
         f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} }"
-        + (f" ({declared})" if declared else "") + f": {' '.join(str(error).split())[:300]}",
+        + (f" ({declared})" if declared else "") + f": {detail}",
         "give the shapes the model was exported for" + (
             f", e.g. {_suggested(model, shapes)}" if declared else
             " (a Reshape to a constant batch fixes the batch size, for example)") + ".")

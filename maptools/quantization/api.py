@@ -569,6 +569,9 @@ def quantize(
                                 "input_choices instead.")
         bit_width = max(budget.weight_choices)
         weight_bits, activation_bits = max(budget.weight_choices), max(budget.input_choices)
+    elif isinstance(bit_width, bool) or not isinstance(bit_width, int) or not 2 <= bit_width <= 8:
+        raise SettingsError(f"bit_width={bit_width!r} is not supported.",
+                            "use an integer from 2 to 8 (8 is the default), or 'auto'.")
     elif budget is not None:
         raise SettingsError("budget= applies to bit_width='auto' only.", "pass bit_width='auto' or drop budget.")
     keywords = QuantSettings(
