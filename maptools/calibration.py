@@ -219,7 +219,8 @@ class FolderCalibration(CalibrationSet):
         if len(shapes) != 1:
             raise CalibrationError(f"{self.root} gives one tensor per sample, but the model has inputs "
                                    f"{sorted(shapes)}.",
-                                   "save .npz files keyed by input name, or pass a (source, transform_fn) pair.")
+                                   "save .npz files keyed by input name (in Python, a (source, transform_fn) pair "
+                                   "that builds the dict works too).")
         bound = copy.copy(self)
         bound.input_name = self.input_name or next(iter(shapes))
         return bound
@@ -318,8 +319,8 @@ class ImageFolderCalibration(FolderCalibration):
                 x = transform(self._dataset.loader(path))
             except Exception as e:
                 raise CalibrationError(f"calibration sample {index}: cannot read or transform image {path} "
-                                       f"({type(e).__name__}: {e}).", "replace or remove that file, or fix the "
-                                       "transform.") from e
+                                       f"({type(e).__name__}: {e}).", "replace or remove that file" + (
+                                           ", or fix the transform." if self.transform is not None else ".")) from e
             yield {self.input_name or "": x.unsqueeze(0) if isinstance(x, torch.Tensor) else x}
 
     def describe(self) -> dict[str, Any]:
