@@ -714,6 +714,25 @@ def experimental_operators() -> Built:
     return b.model({"image": [1, 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 8, ir_version=4), {"image": [1, 3, 16, 16]}
 
 
+def old_converter_forms() -> Built:
+    """Forms onnx's version converter cannot take to opset 13, at opset 8, IR 3: CNTK's BatchNormalization with
+    ``spatial=0`` (statistics per element) on a feature map and after a dense layer, onnxmltools' experimental
+    ParametricSoftplus (CoreML's softplusParametric) and torch 1.1's experimental DynamicSlice."""
+    b = _Builder(47)
+    y = b.conv("x", 3, 8, stride=2)
+    stats = [b.const(v) for v in (b.rng.uniform(0.5, 1.5, (8, 8, 8)), b.rng.normal(0, 0.1, (8, 8, 8)),
+                                  b.rng.normal(0, 0.1, (8, 8, 8)), b.rng.uniform(0.5, 1.5, (8, 8, 8)))]
+    y = b.op("BatchNormalization", [y, *stats], epsilon=1e-5, spatial=0)
+    y = b.op("ParametricSoftplus", [y], alpha=1.5, beta=0.7)
+    y = b.op("DynamicSlice", [b.conv(y, 8, 8), b.const([1], np.int64), b.const([7], np.int64), b.const([2], np.int64)])
+    dense = b.gemm(b.op("Flatten", [b.conv(y, 8, 8, stride=2)], axis=1), 8 * 3 * 4, 16)
+    stats = [b.const(v) for v in (b.rng.uniform(0.5, 1.5, 16), b.rng.normal(0, 0.1, 16), b.rng.normal(0, 0.1, 16),
+                                  b.rng.uniform(0.5, 1.5, 16))]
+    y = b.op("Relu", [b.op("BatchNormalization", [dense, *stats], epsilon=1e-5, spatial=0)])
+    return b.model({"x": [1, 3, 16, 16]}, [b.gemm(y, 16, 5)], 8, ir_version=3, initializers_as_inputs=True), \
+        {"x": [1, 3, 16, 16]}
+
+
 def log_mel() -> Built:
     """An in-graph log-mel front end (openwakeword's melspectrogram, swift-f0): a DFT as two MatMuls, the power
     spectrum as ``re^2 + im^2``, a mel filterbank MatMul, ``+ eps`` and Log, then a small classifier."""
@@ -768,6 +787,6 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "transposed_output_shape": transposed_output_shape, "unsorted_nodes": unsorted_nodes,
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
     "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators, "log_mel": log_mel,
-    "conv1d_moved_bias": conv1d_moved_bias,
+    "conv1d_moved_bias": conv1d_moved_bias, "old_converter_forms": old_converter_forms,
 }
 

@@ -472,3 +472,32 @@ def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(
     with pytest.raises(QuantizationFailed, match="shared scales"):
         quantize({"x": [1, 1, 32, 32]}, "cpu", tmp_path / "unet.onnx", mapname="strict", calibset=calib,
                  calib_steps=16, output_root=tmp_path, error_steps=0, strict=True)
+
+
+def test_the_advice_for_a_layer_that_loses_its_signal_fits_the_profile(tmp_path) -> None:
+    """An input whose one channel is 10^4 times the others (which the convolution weighs zero) puts the others
+    within one step of the input's grid: the convolution loses its signal under either profile. The note's advice
+    fits the profile in use (it said "try profile='extended'" to a run already under it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32)
+    weight[:, 3] = 0.0
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "wide.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    samples = []
+    for _ in range(8):
+        x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        x[:, 3] = 1e4
+        samples.append({"x": torch.from_numpy(x)})
+    advice = {}
+    for profile in ("seed", "extended"):
+        notes = quantize({"x": [1, 4, 8, 8]}, "cpu", path, mapname=profile, calibset=samples, calib_steps=8,
+                         profile=profile, output_root=tmp_path).notes
+        advice[profile] = next(n for n in notes if "lose their signal" in n and ": conv." in n)
+    assert "try profile='extended'" in advice["seed"]
+    assert "profile='extended'" not in advice["extended"] and "layer_bits" in advice["extended"], advice["extended"]

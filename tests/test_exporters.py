@@ -1475,3 +1475,48 @@ def test_a_conv1d_bias_after_its_squeeze_is_folded_into_the_convolution(tmp_path
     prepared = onnx.load(str(result.map_dir / "model.onnx"))
     assert not [n for n in prepared.graph.node if n.op_type == "Add"], result.prepared["steps"]
     assert all(len(n.input) == 3 for n in prepared.graph.node if n.op_type == "Conv")
+
+
+def test_a_hardmax_of_an_old_opset_keeps_its_meaning_and_quant_model_imports_the_default_domain_once(
+        tmp_path: Path) -> None:
+    """Before opset 13 Hardmax took the maximum over every axis from ``axis`` on; onnx's version converter keeps the
+    node as it is, so at opset 13 it meant another thing, preparation's check refused it and the model stayed at
+    opset 11, where PPQ's per-channel QuantizeLinear does not exist (onnxruntime refused quant_model.onnx). It is
+    prepared as Flatten, Hardmax and Reshape. The model names the default domain 'ai.onnx', as PPQ's exporter does:
+    quant_model.onnx imports it once (two imports of it at two versions made onnxruntime read the older)."""
+    from maptools.prepare import opset_of, prepare_model
+
+    b = _Builder(48)
+    y = b.conv("x", 3, 8, stride=2)
+    mask = b.op("Hardmax", [b.conv(y, 8, 4)], axis=1)
+    model = b.model({"x": [1, 3, 16, 16]}, [b.head(b.op("Concat", [y, mask], axis=1), 12)], 11)
+    for node in model.graph.node:
+        node.domain = "ai.onnx"
+    model.opset_import[0].domain = "ai.onnx"
+    path = tmp_path / "hardmax.onnx"
+    onnx.save(model, str(path))
+    prepared = prepare_model(path, tmp_path / "prepared.onnx", {"x": [1, 3, 16, 16]})
+    assert opset_of(onnx.load(str(prepared.path))) == 13 and not prepared.fallbacks, prepared.steps
+    assert prepared.max_abs_diff == 0.0
+    result, error = _pipeline(model, {"x": [1, 3, 16, 16]}, tmp_path, "hardmax")
+    exported = onnx.load(str(result.quant_model_path))
+    assert [(o.domain, o.version) for o in exported.opset_import if o.domain in ("", "ai.onnx")] == [("", 13)]
+    assert error < 0.3
+
+
+def test_a_model_left_below_opset_13_is_refused_before_calibration(tmp_path: Path, monkeypatch) -> None:
+    """A form onnx's version converter cannot take to opset 13 and no rewrite covers (here the spatial=0
+    BatchNormalization with its rewrite taken away, standing for any such form) leaves the model at its opset,
+    and PPQ's quantized model needs opset 13: one ModelError naming the converter's reason and the fix, before
+    calibration and with nothing written (it was onnxruntime's InvalidGraph on quant_model.onnx)."""
+    from maptools.errors import ModelError
+    from maptools.prepare import opset
+
+    monkeypatch.setitem(opset._ORT_BEFORE, "BatchNormalization", (9, lambda node, ctx: None))
+    model, shapes = IDIOMS["old_converter_forms"]()
+    path = tmp_path / "old.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=r"stays at opset 8 \(converting to opset 13 skipped .*spatial.*Fix: "
+                                         r"re-export the model at opset 13"):
+        quantize(shapes, "cpu", path, mapname="old", calib_steps=CALIB, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "old").exists()

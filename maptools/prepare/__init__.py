@@ -271,6 +271,7 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     # IR 4 at least, where initializers need not be graph inputs: onnx's converter, onnxsim and shape inference
     # refuse an IR-3 model whose initializers are not (OnnxMLTools wrote such files)
     ctx.model.ir_version = max(ctx.model.ir_version, 4)
+    _default_domain_named(ctx.model)
     _drop_unused_opsets(ctx.model)
     if fix_input_dims(ctx.model, shapes, output_shapes):
         ctx.steps.append("input dims fixed to " + ", ".join(f"{k}={list(v)}" for k, v in shapes.items()))
@@ -280,7 +281,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
         _unfuse(c)))
     _optional(ctx, "onnxruntime's operators outside ONNX", lambda c: _counted(
         "{} operators onnxruntime runs but ONNX does not define at this opset (LayerNormalization before 17, "
-        "SimplifiedLayerNormalization, ImageScaler, ...) written as standard ones", ort_operators(c)))
+        "SimplifiedLayerNormalization, ImageScaler, ...) or in a form onnx's version converter cannot take (CNTK's "
+        "spatial=0 BatchNormalization, Hardmax before opset 13) written as standard ones", ort_operators(c)))
     device_forms = level in ("full", "no recurrent forms")
     if level != "minimal":
         _optional(ctx, "inlining local functions", _inline)
@@ -340,6 +342,20 @@ def _produce_constant_outputs(ctx: _Context) -> int:
             node.input[:] = [init.name if t == output else t for t in node.input]
         ctx.graph.node.insert(0, onnx.helper.make_node("Identity", [init.name], [output]))
     return len(constants)
+
+
+def _default_domain_named(model: onnx.ModelProto) -> None:
+    """The default domain written '' everywhere: 'ai.onnx' is its other name (PPQ's exporter, some converters),
+    which onnxruntime reads and onnxsim does not."""
+    for node in _all_nodes(model):
+        if node.domain == "ai.onnx":
+            node.domain = ""
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        versions = [o.version for o in imports if o.domain in _DEFAULT_DOMAINS]
+        if any(o.domain == "ai.onnx" for o in imports):
+            kept = [o for o in imports if o.domain not in _DEFAULT_DOMAINS]
+            del imports[:]
+            imports.extend([onnx.helper.make_opsetid("", max(versions)), *kept])
 
 
 def _drop_unused_opsets(model: onnx.ModelProto) -> None:

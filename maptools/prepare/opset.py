@@ -114,14 +114,18 @@ def ort_operators(ctx: _Context) -> int:
     SimplifiedLayerNormalization (an RMS normalization, in no opset) in their ReduceMean/Sqrt/Div form, and so
     MeanVarianceNormalization below opset 9 (its experimental form); the experimental ImageScaler, Scale, Affine
     and ScaledTanh of opsets 1-9 (older converters' preprocessing) as Mul, Add and Tanh, and their Crop as a Slice.
-    The count."""
+    Also the forms onnx's version converter cannot take to opset 13: a BatchNormalization with ``spatial=0``
+    (CNTK's, statistics per element) as its arithmetic, and Hardmax over an axis but the last (before opset 13,
+    over every axis from it on) on its input flattened there. The count."""
     opset = max((o.version for o in ctx.model.opset_import if o.domain in _DEFAULT_DOMAINS), default=0)
     done = 0
     for node in [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and (
             n.op_type in _ORT_ONLY or opset < _ORT_BEFORE.get(n.op_type, (0, None))[0])]:
         rewrite = _ORT_ONLY[node.op_type] if node.op_type in _ORT_ONLY else _ORT_BEFORE[node.op_type][1]
-        _replace_node(ctx, node, rewrite(node, ctx))
-        done += 1
+        nodes = rewrite(node, ctx)
+        if nodes is not None:
+            _replace_node(ctx, node, nodes)
+            done += 1
     if done:
         ctx.invalidate()
     return done
@@ -163,6 +167,52 @@ def _crop(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
         [-bottom if bottom else _END, -right if right else _END]
     return [onnx.helper.make_node("Slice", [node.input[0]], [node.output[0]], name=node.name or node.output[0],
                                   starts=[top, left], ends=ends, axes=[2, 3])]
+
+
+def _parametric_softplus(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """The experimental ParametricSoftplus (onnxmltools' CoreML ``softplusParametric``): ``alpha * softplus(beta *
+    x)``."""
+    out, name = node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("alpha", "beta", "inner", "softplus")}
+    ctx.add_initializer(t["alpha"], np.asarray(float(node_attr(node, "alpha", 1.0)), dtype=np.float32))
+    ctx.add_initializer(t["beta"], np.asarray(float(node_attr(node, "beta", 1.0)), dtype=np.float32))
+    return [onnx.helper.make_node("Mul", [node.input[0], t["beta"]], [t["inner"]], name=f"{name}_beta"),
+            onnx.helper.make_node("Softplus", [t["inner"]], [t["softplus"]], name=f"{name}_softplus"),
+            onnx.helper.make_node("Mul", [t["softplus"], t["alpha"]], [out], name=name)]
+
+
+def _spatial_batchnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto] | None:
+    """A BatchNormalization with ``spatial=0`` (opsets 7-8: one mean, variance, scale and bias per element of
+    an input's sample, shaped like it) as ``x * k + (bias - mean * k)``, ``k = scale / sqrt(var + epsilon)``,
+    which onnxsim folds to a Mul and an Add; None where ``spatial`` is 1 or its training outputs are read."""
+    if node_attr(node, "spatial", 1) or set(node.output[1:]) & _read(ctx.graph):
+        return None
+    x, scale, bias, mean, var = node.input[:5]
+    out, name = node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("epsilon", "shifted", "root", "k", "offset", "shift", "scaled")}
+    ctx.add_initializer(t["epsilon"], np.asarray(float(node_attr(node, "epsilon", 1e-5)), dtype=np.float32))
+    return [onnx.helper.make_node("Add", [var, t["epsilon"]], [t["shifted"]], name=f"{name}_epsilon"),
+            onnx.helper.make_node("Sqrt", [t["shifted"]], [t["root"]], name=f"{name}_sqrt"),
+            onnx.helper.make_node("Div", [scale, t["root"]], [t["k"]], name=f"{name}_k"),
+            onnx.helper.make_node("Mul", [mean, t["k"]], [t["offset"]], name=f"{name}_offset"),
+            onnx.helper.make_node("Sub", [bias, t["offset"]], [t["shift"]], name=f"{name}_shift"),
+            onnx.helper.make_node("Mul", [x, t["k"]], [t["scaled"]], name=f"{name}_scale"),
+            onnx.helper.make_node("Add", [t["scaled"], t["shift"]], [out], name=name)]
+
+
+def _flat_hardmax(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto] | None:
+    """Hardmax before opset 13 (over the axes from ``axis`` on, flattened) as Flatten, Hardmax over the last axis
+    and Reshape back, which means the same at opset 13; None where ``axis`` is the last."""
+    axis = int(node_attr(node, "axis", 1))
+    shape = ctx.shape(node.input[0])
+    if axis == -1 or shape is not None and axis == len(shape) - 1:
+        return None
+    out, name = node.output[0], node.name or node.output[0]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("shape", "flat", "hardmax")}
+    return [onnx.helper.make_node("Shape", [node.input[0]], [t["shape"]], name=f"{name}_shape"),
+            onnx.helper.make_node("Flatten", [node.input[0]], [t["flat"]], name=f"{name}_flatten", axis=axis),
+            onnx.helper.make_node("Hardmax", [t["flat"]], [t["hardmax"]], name=f"{name}_2d", axis=1),
+            onnx.helper.make_node("Reshape", [t["hardmax"], t["shape"]], [out], name=name)]
 
 
 def _mean_variance(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
@@ -463,14 +513,18 @@ def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> R
 _ORT_ONLY: dict[str, Rewrite] = {
     "SimplifiedLayerNormalization": lambda node, ctx: _layernorm(node, ctx, centre=False),
     "ImageScaler": _affine, "Scale": _affine, "Affine": _affine, "ScaledTanh": _scaled_tanh,
+    "ParametricSoftplus": _parametric_softplus,
 }
-#: Experimental operators of opsets below 10 that opset 10 made standard as they were: onnx's version converter has
-#: no adapter from their experimental version, so they cross it in a domain of their own (:func:`convert_opset`).
-_STANDARD_FROM_10 = frozenset({"ThresholdedRelu"})
+#: Experimental operators of opsets below 10 that opset 10 made standard as they were (DynamicSlice as Slice):
+#: onnx's version converter has no adapter from their experimental version, so they cross it in a domain of their
+#: own (:func:`convert_opset`), as the standard operator.
+_STANDARD_FROM_10 = {"ThresholdedRelu": "ThresholdedRelu", "DynamicSlice": "Slice"}
 _CROSSING = "maptools.crossing"
-#: Default-domain operators onnxruntime runs below the opset where ONNX defines them (or defines them anew).
-_ORT_BEFORE: dict[str, tuple[int, Rewrite]] = {
+#: Default-domain operators onnxruntime runs below the opset where ONNX defines them (or defines them anew), and
+#: forms onnx's version converter cannot take to opset 13 (a rewrite returns None where the node needs none).
+_ORT_BEFORE: dict[str, tuple[int, Callable[[onnx.NodeProto, _Context], list[onnx.NodeProto] | None]]] = {
     "LayerNormalization": (17, _layernorm), "MeanVarianceNormalization": (9, _mean_variance), "Crop": (10, _crop),
+    "BatchNormalization": (9, _spatial_batchnorm), "Hardmax": (13, _flat_hardmax),
 }
 _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
            "ReduceProd", "ReduceSum", "ReduceSumSquare")
@@ -586,7 +640,7 @@ def convert_opset(ctx: _Context) -> str | None:
         crossing = [n for n in ctx.graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type in _STANDARD_FROM_10
                     and opset < 10]
         for node in crossing:  # (on failure the caller restores the model)
-            node.domain = _CROSSING
+            node.domain, node.op_type = _CROSSING, _STANDARD_FROM_10[node.op_type]
         if crossing:
             ctx.model.opset_import.append(onnx.helper.make_opsetid(_CROSSING, 1))
         try:

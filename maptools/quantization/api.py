@@ -28,7 +28,7 @@ from maptools.device import resolve_device
 from maptools.metrics import rel_l2
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
-from maptools.errors import CalibrationError, QuantizationFailed, SettingsError
+from maptools.errors import CalibrationError, ModelError, QuantizationFailed, SettingsError
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
@@ -37,7 +37,7 @@ from maptools.onnx_model import (ModelInput, check_input_shapes, concat_parts, i
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
-from maptools.prepare import prepare_model
+from maptools.prepare import TARGET_OPSET, opset_of, prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy)
@@ -456,6 +456,19 @@ def _is_pow2(scale: float) -> bool:
     return scale > 0 and math.frexp(scale)[0] == 0.5
 
 
+def _check_opset(model: onnx.ModelProto, fallbacks: Sequence[str]) -> None:
+    """PPQ's quantized model takes per-channel QuantizeLinear nodes (opset 13): a prepared model left below it
+    cannot be written."""
+    opset = opset_of(model)
+    if opset < TARGET_OPSET and any(n.domain in ("", "ai.onnx") for n in model.graph.node):
+        why = next((f for f in fallbacks if f.startswith(f"converting to opset {TARGET_OPSET}")), "")
+        raise ModelError(f"the model stays at opset {opset}" + (f" ({why})" if why else "") + f", and its quantized "
+                         f"model is written at opset {TARGET_OPSET} (per-channel QuantizeLinear), where operators "
+                         "of old opsets may mean something else.",
+                         f"re-export the model at opset {TARGET_OPSET} or later (torch.onnx.export(..., "
+                         f"opset_version={TARGET_OPSET}); tf2onnx --opset {TARGET_OPSET}).")
+
+
 def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
@@ -658,6 +671,7 @@ def quantize(
         t = time.perf_counter()
         model_bytes = prepared.path.read_bytes()
         model = onnx.ModelProto.FromString(model_bytes)
+        _check_opset(model, prepared.fallbacks)
         if keep_on_host:
             _keep_on_host(model, keep_on_host)  # (node attributes only: the float session stays valid)
         feed = _as_prepared(calibration, inputs, model)
@@ -739,9 +753,12 @@ def quantize(
     lost = sorted((name for name, ratio in errors.per_layer.items() if ratio >= LOST_SIGNAL), key=list(quantinfo).index)
     if lost:
         notes.append(f"{len(lost)} device operator(s) lose their signal (noise power at least {LOST_SIGNAL:.0%} of "
-                     f"the signal's on the calibration samples): {_listing(lost)}. A tensor on one grid with a far "
-                     "larger one (the other input of an adder or a concatenation, under the seed profile's shared "
-                     "scales) falls within one step: try profile='extended', or keep_on_host for these.")
+                     f"the signal's on the calibration samples): {_listing(lost)}. " + (
+                         "A tensor on one grid with a far larger one (the other input of an adder or a concatenation, "
+                         "under the seed profile's shared scales) falls within one step: try profile='extended', or "
+                         "keep_on_host for these." if settings.profile is Profile.SEED else
+                         "Their inputs span ranges one grid of these widths cannot resolve: try more bits for them "
+                         "(layer_bits), or keep_on_host for these."))
         log.warning(notes[-1])
     mixed_json = None if done.mixed is None else done.mixed.to_json()
 
