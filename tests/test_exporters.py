@@ -1520,3 +1520,36 @@ def test_a_model_left_below_opset_13_is_refused_before_calibration(tmp_path: Pat
                                          r"re-export the model at opset 13"):
         quantize(shapes, "cpu", path, mapname="old", calib_steps=CALIB, output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "old").exists()
+
+
+def test_a_resize_scaled_by_a_float_input_takes_the_calibration_samples_scales(tmp_path: Path) -> None:
+    """MMDeploy's SRCNN tutorial export: the upscaling factor is a float graph input read as a Resize's scales.
+    Preparation's onnxruntime runs fed it random normal values (negative scales, which Resize refuses), so a
+    model onnxruntime runs on its real inputs was refused; they take it from the calibration sample, as they take
+    integer ids. On random calibration data the error says to pass real samples."""
+    from maptools.errors import ModelError
+
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    roi = numpy_helper.from_array(np.zeros(0, np.float32), "roi")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Resize", ["x", "roi", "factor"], ["up"], name="up", mode="cubic",
+                               coordinate_transformation_mode="pytorch_half_pixel"),
+         onnx.helper.make_node("Conv", ["up", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "srcnn",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+         onnx.helper.make_tensor_value_info("factor", onnx.TensorProto.FLOAT, [4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight, roi])
+    path = tmp_path / "srcnn.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)]), str(path))
+    shapes = {"x": [1, 3, 8, 8], "factor": [4]}
+    factor = np.array([1, 1, 3, 3], np.float32)
+    samples = [{"x": rng.random((1, 3, 8, 8), dtype=np.float32), "factor": factor} for _ in range(CALIB)]
+    with pytest.raises(ModelError, match="Resize.*pass calibration data"):
+        quantize(shapes, "cpu", path, mapname="random", calib_steps=CALIB, output_root=tmp_path)
+    result = quantize(shapes, "cpu", path, mapname="srcnn", calibset=samples, calib_steps=CALIB,
+                      output_root=tmp_path)
+    convert("srcnn", output_root=tmp_path)
+    simulated = simulate("srcnn", samples[0], output_root=tmp_path).outputs["y"]
+    float_out = ort.InferenceSession(str(path)).run(None, samples[0])[0]
+    assert simulated.shape == float_out.shape == (1, 4, 24, 24)
+    assert _rel(simulated, float_out) < 0.05 and result.placement.device_macs > 0

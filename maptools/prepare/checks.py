@@ -55,13 +55,15 @@ def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rn
                  sample: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Standard normal floats (uniform within ``ranges[name]`` where given), byte values for 8-bit integers (an
     image's or a sound's, as calibration draws them), 0/1 for wider integers (ids, counts, flags) and booleans;
-    integers and booleans as in ``sample`` (a calibration sample) where it has them at these shapes: a model
-    may index with them (a pitch into a table), where 0 and 1 are out of range."""
+    integers and booleans, and any input of rank 0 or 1, as in ``sample`` (a calibration sample) where it has
+    them at these shapes: a model may index with them (a pitch into a table), where 0 and 1 are out of range, or
+    take a parameter so (a Resize's scales, a noise level), which random values make meaningless."""
     feed = {}
     for spec in model_inputs(model):
         shape = list(shapes[spec.name])
         given = None if sample is None else sample.get(spec.name)
-        if given is not None and not np.issubdtype(spec.dtype, np.floating) and list(np.shape(given)) == shape:
+        if given is not None and (not np.issubdtype(spec.dtype, np.floating) or len(shape) <= 1) \
+                and list(np.shape(given)) == shape:
             feed[spec.name] = np.asarray(given).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.floating) and spec.name in (ranges or {}):
             feed[spec.name] = rng.uniform(*ranges[spec.name], shape).astype(spec.dtype)
@@ -158,9 +160,9 @@ def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: 
     if not declared and all(None not in spec.dims for spec in model_inputs(model)):
         return ModelError(f"onnxruntime fails running the model at its own declared input shapes "
                           f"{ {k: list(v) for k, v in shapes.items()} } on seeded random inputs: {detail}",
-                          "if the model needs inputs like its real ones (ids within a table, say), pass calibration "
-                          "data: the check takes its integers from the first sample; otherwise check the model file, "
-                          "as maptools needs a model onnxruntime runs.")
+                          "if the model needs inputs like its real ones (ids within a table, a Resize's scales), "
+                          "pass calibration data: the check takes its integers and its inputs of rank 0 or 1 from the "
+                          "first sample; otherwise check the model file, as maptools needs a model onnxruntime runs.")
     return InputShapeError(
         f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} }"
         + (f" ({declared})" if declared else "") + f": {detail}",
