@@ -168,7 +168,8 @@ def _one_bad(value: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("make", "words"), [
-    (lambda d: np.save(d / "3.npy", np.zeros((1, 3, 32, 32), np.float64)), r"sample 3.*float64.*astype\(numpy.float32\)"),
+    (lambda d: np.save(d / "3.npy", np.zeros((1, 3, 32, 32), np.float64)),
+     r"sample 3.*float64.*astype\(numpy.float32\)"),
     (lambda d: np.save(d / "3.npy", np.zeros((3, 32, 32), np.float32)), r"sample 3.*shape \[3, 32, 32\]"),
     (lambda d: np.save(d / "3.npy", np.full((1, 3, 32, 32), np.inf, np.float32)), "sample 3.*NaN or inf"),
     (lambda d: np.save(d / "3.npy", _one_bad(np.nan)), "sample 3.*NaN or inf"),
