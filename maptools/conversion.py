@@ -51,6 +51,9 @@ class ConversionResult:
 # --- the conversion step ------------------------------------------------------------------------------
 
 def _check_model(model_path: Path, manifest: Manifest, mapname: str) -> None:
+    if model_path.is_dir():
+        raise ModelError(f"model {model_path} (for map {mapname!r}) is a folder, not an ONNX model file.",
+                         "pass model_path= (--model) pointing at the .onnx file this map was quantized from.")
     if not model_path.is_file():
         raise ModelError(f"model {model_path} (for map {mapname!r}) does not exist.",
                          "pass model_path= (--model) pointing at the model this map was quantized from.")

@@ -51,7 +51,7 @@ class NodeRunner:
         return self.node.name or self.node.output[0]
 
     def _session(self, feed: dict[str, np.ndarray]) -> object:
-        key = tuple((name, value.dtype.str, value.ndim) for name, value in feed.items())
+        key = tuple((name, value.dtype.str, tuple(_dims(value))) for name, value in feed.items())
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
@@ -61,8 +61,8 @@ class NodeRunner:
     def _build(self, feed: dict[str, np.ndarray]) -> object:
         import onnxruntime as ort
 
-        inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
-                                                     [None] * v.ndim) for name, v in feed.items()]
+        inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), _dims(v))
+                  for name, v in feed.items()]
         outputs = [onnx.ValueInfoProto(name=o) for o in self.node.output if o]
         graph = onnx.helper.make_graph([self.node], "node", inputs, outputs,
                                        [onnx.numpy_helper.from_array(v, k) for k, v in self.constants.items()])
@@ -103,3 +103,9 @@ class NodeRunner:
             raise ModelError(f"onnxruntime failed on operator {self.name} ({self.node.op_type}) with inputs {shapes}: "
                              f"{str(e).strip()[:300]}", "check the model runs in onnxruntime with these input "
                              "shapes.") from e
+
+
+def _dims(value: np.ndarray) -> list[int | None]:
+    """The dims an input is declared with: open, but a 1-D integer tensor's length (a shape: onnxruntime refuses a
+    Resize whose computed ``sizes`` have no declared length)."""
+    return list(value.shape) if value.ndim == 1 and value.dtype.kind in "iu" else [None] * value.ndim

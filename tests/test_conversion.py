@@ -144,6 +144,8 @@ def test_convert_checks_model_and_artifacts(small_result, resnet_result, resnet1
         convert("small", resnet18, output_root=small_result.output_root)
     with pytest.raises(ModelError, match="does not exist"):
         convert("small", tmp_path / "gone.onnx", output_root=small_result.output_root)
+    with pytest.raises(ModelError, match="is a folder, not an ONNX model file"):
+        convert("small", tmp_path, output_root=small_result.output_root)
     with pytest.raises(ArtifactError, match="manifest.json does not exist"):
         convert("nothing-here", output_root=tmp_path)
     folder = _copy_map(small_result, tmp_path)

@@ -1553,3 +1553,27 @@ def test_a_resize_scaled_by_a_float_input_takes_the_calibration_samples_scales(t
     float_out = ort.InferenceSession(str(path)).run(None, samples[0])[0]
     assert simulated.shape == float_out.shape == (1, 4, 24, 24)
     assert _rel(simulated, float_out) < 0.05 and result.placement.device_macs > 0
+
+
+def test_a_resize_sized_by_computed_shapes_runs_where_onnxsim_leaves_them(tmp_path: Path) -> None:
+    """torch's ``F.interpolate(x, size=other.shape[2:])`` (OmniSR's ESA block) computes a Resize's ``sizes`` from
+    Shape, Gather and Concat. Where onnxsim leaves that chain (it stops at its iteration limit on a large model;
+    here simplify=False), PPQ's Resize kernel cannot read them and the operator runs in onnxruntime, which refused
+    it: the one-node model declared the fed ``sizes`` without a length. A 1-D integer input is declared with it."""
+    b = _Builder(49)
+    y = b.conv("x", 3, 8)
+    pooled = b.op("MaxPool", [b.conv(y, 8, 8, stride=2)], kernel_shape=[7, 7], strides=[3, 3])
+    shape = b.op("Shape", [y])
+    sizes = b.op("Concat", [b.op("Slice", [b.op("Shape", [pooled]), b.const([0], np.int64), b.const([2], np.int64)]),
+                            b.op("Slice", [shape, b.const([2], np.int64), b.const([4], np.int64)])], axis=0)
+    up = b.op("Resize", [pooled, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
+    model = b.model({"x": [1, 3, 32, 32]}, [b.head(b.op("Add", [up, y]), 8)], 13)
+    path = tmp_path / "esa.onnx"
+    onnx.save(model, str(path))
+    result = quantize({"x": [1, 3, 32, 32]}, "cpu", path, mapname="esa", calib_steps=CALIB, output_root=tmp_path,
+                      simplify=False)
+    assert any(n.op_type == "Shape" for n in onnx.load(str(result.quant_model_path)).graph.node)  # computed sizes
+    convert("esa", output_root=tmp_path)
+    x = {"x": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    simulated = next(iter(simulate("esa", x, output_root=tmp_path).outputs.values()))
+    assert _rel(simulated, _reference(model, {"x": [1, 3, 32, 32]}, x)[model.graph.output[0].name]) < 0.3
