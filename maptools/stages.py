@@ -48,7 +48,8 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
 
     ``onnx_path`` may name a built-in model, ``example:resnet18`` or ``example:small_cnn``
     (exported once to ``<root>/onnx_models/``). ``calib``: the calibration folder, whose first sample's
-    integer inputs the preparation's checks take (ids that index a table; ``None`` or ``'random'``: 0/1).
+    integer inputs and inputs of rank 0 or 1 the preparation's checks take (ids that index a table, a Resize's
+    scales; ``None`` or ``'random'``: 0/1 and random values).
 
     The output is content-addressed by everything that decides it: the source model's sha256,
     the input shapes, ``simplify``, those integer inputs, and the preparation code and converter versions; a
@@ -61,7 +62,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     model = with_inputs(load_model(source), input_shapes)
     shapes = {k: [int(d) for d in v] for k, v in check_input_shapes(model, input_shapes).items()}
     source_sha = sha256_file(source)
-    sample = _integer_inputs(calib, shapes)
+    sample = _sample_inputs(calib, shapes)
     identity = {"source": source_sha, "shapes": shapes, "simplify": simplify, "code": prepare.fingerprint(),
                 **({"integers": SampleCalibration([sample]).content_hash()} if sample else {})}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -88,14 +89,14 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     return prepared
 
 
-def _integer_inputs(calib: str | Path | None, shapes: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
-    """The integer and boolean inputs of the first sample in the calibration folder ``calib`` (none for random
-    data)."""
+def _sample_inputs(calib: str | Path | None, shapes: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
+    """The inputs of the first sample in the calibration folder ``calib`` that preparation's checks take from it
+    (none for random data): integers and booleans, and any of rank 0 or 1 (a Resize's scales)."""
     if calib is None or str(calib) == "random":
         return {}
     first = next(iter(resolve_calibration(str(calib), {k: tuple(v) for k, v in shapes.items()}, 1, 0)), {})
     arrays = {k: np.asarray(v) for k, v in first.items()}
-    return {k: a for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating)}
+    return {k: a for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating) or a.ndim <= 1}
 
 
 def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:

@@ -332,6 +332,24 @@ def test_the_prepare_stage_checks_with_the_calibration_folders_integer_inputs(tm
     assert prepare_onnx(source, {"pitch": [4], "x": [4, 8]}, root=tmp_path, calib=folder).path != done.path
 
 
+def test_the_prepare_stage_takes_a_resizes_scales_from_the_calibration_folder(tmp_path) -> None:
+    """A float input of rank 1 read as a Resize's scales (MMDeploy's SRCNN): the flows' prepare stage, given the
+    calibration folder, runs its checks on the first sample's scales (random ones are negative, which Resize
+    refuses), as quantize does with calibset."""
+    nodes = [helper.make_node("Resize", ["x", "roi", "factor"], ["y"], mode="nearest")]
+    model = _model(nodes, {"x": [1, 2, 4, 4], "factor": [4]}, {"y": None}, 11,
+                   {"roi": np.zeros(0, np.float32)})
+    source = _save(model, tmp_path / "up.onnx")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "0.npz", x=np.ones((1, 2, 4, 4), np.float32), factor=np.array([1, 1, 2, 2], np.float32))
+    shapes = {"x": [1, 2, 4, 4], "factor": [4]}
+    with pytest.raises(ModelError, match="Resize.*pass calibration data"):
+        prepare_onnx(source, shapes, root=tmp_path / "random")
+    done = prepare_onnx(source, shapes, root=tmp_path, calib=folder)
+    assert done.path.is_file() and done.max_abs_diff == 0.0
+
+
 def test_an_identity_a_branch_reads_is_removed_in_the_branch_too(tmp_path) -> None:
     """An If branch reads, from outside, the output of an Identity that preparation removes: the branch reads
     the Identity's input instead (it read a name no node wrote, which onnxruntime refuses), also without onnxsim."""
