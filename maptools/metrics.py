@@ -42,14 +42,33 @@ def _flat(runs: Sequence[Sequence[np.ndarray]], outputs: Sequence[int]) -> np.nd
 
 
 def rel_l2(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
-    """``||q - f|| / ||f||`` over the :func:`comparable` outputs of every sample (NaN where none is)."""
+    """``||q - f|| / ||f||`` over the :func:`comparable` outputs of every sample, where ``f`` is finite (NaN where
+    no output is comparable)."""
     outputs = comparable(quantized, reference)
     return _rel(_flat(quantized, outputs), _flat(reference, outputs)) if outputs else float("nan")
 
 
+def _finite(q: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The elements where the reference is finite (an overflow of the float model itself, such as Zero-DCE's
+    curve on inputs outside its range, has no error to measure); all of them where every one is."""
+    keep = np.isfinite(f)
+    return (q, f) if keep.all() else (q[keep], f[keep])
+
+
 def _rel(q: np.ndarray, f: np.ndarray) -> float:
+    q, f = _finite(q, f)
     norm = float(np.linalg.norm(f))
     return float(np.linalg.norm(q - f) / norm) if norm > 0 else float(np.linalg.norm(q - f))
+
+
+def _warn_non_finite(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[int], names: Sequence[str]) -> None:
+    for i in outputs:
+        f = _flat(reference, [i])
+        bad = int(f.size - np.count_nonzero(np.isfinite(f)))
+        if bad:
+            log.warning("output %s of the float model is not finite in %d of its %d elements (it overflows on these "
+                        "inputs): the error is taken over the finite ones", repr(names[i]) if i < len(names)
+                        else f"#{i}", bad, f.size)
 
 
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
@@ -57,13 +76,15 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     """rel. L2, cosine and top-1 agreement (first output of a fixed size) of per-sample outputs; accuracies with
     labels; ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output:
     a detector's pixel boxes beside its scores). Outputs whose size depends on the data are left out
-    (:func:`comparable`); NaN where none is left."""
+    (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the
+    output); NaN where none is left."""
     outputs = comparable(quantized, reference, names)
     result: dict[str, Any] = {"rel_l2": float("nan"), "cosine": float("nan"), "top1_agreement": float("nan"),
                               "accuracy": None, "float_accuracy": None, "per_output": {}}
     if not outputs:
         return result
-    q, f = _flat(quantized, outputs), _flat(reference, outputs)
+    _warn_non_finite(reference, outputs, names)
+    q, f = _finite(_flat(quantized, outputs), _flat(reference, outputs))
     norm_f, norm_q = float(np.linalg.norm(f)), float(np.linalg.norm(q))
     result["rel_l2"] = _rel(q, f)
     result["cosine"] = float(q @ f / (norm_q * norm_f)) if norm_q > 0 and norm_f > 0 else 0.0

@@ -51,3 +51,20 @@ def test_an_empty_output_is_left_out() -> None:
     assert list(result["per_output"]) == ["s"] and 0 < result["rel_l2"] < 0.1 and result["top1_agreement"] == 1.0
     alone = compare_outputs([[none], [none]], [[none], [none]], names=["boxes"])
     assert np.isnan(alone["rel_l2"]) and np.isnan(alone["top1_agreement"]) and alone["per_output"] == {}
+
+
+def test_where_the_float_model_overflows_the_error_is_taken_over_the_finite_elements(caplog) -> None:
+    """Zero-DCE's curve overflows to inf on inputs outside its range: every figure was NaN (the flow's headline
+    read 'nan%'). The elements where the reference is not finite are left out, with a warning naming the output and
+    the count; a quantized inf where the reference is finite still counts (as inf)."""
+    rng = np.random.default_rng(3)
+    ref = [rng.standard_normal(8).astype(np.float32) for _ in range(2)]
+    q = [r * np.float32(1.01) for r in ref]
+    ref[0][3], q[0][3] = np.inf, np.float32(3e38)
+    with caplog.at_level("WARNING"):
+        result = compare_outputs([[a] for a in q], [[r] for r in ref], names=["enhanced"])
+    assert abs(result["rel_l2"] - 0.01) < 1e-6 and abs(result["per_output"]["enhanced"] - 0.01) < 1e-6
+    assert result["cosine"] > 0.99
+    assert "output 'enhanced' of the float model is not finite in 1 of its 16 elements" in caplog.text
+    q[1][0] = np.inf
+    assert np.isinf(rel_l2([[a] for a in q], [[r] for r in ref]))
