@@ -147,15 +147,17 @@ def _affine(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _scaled_tanh(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
-    """The experimental ScaledTanh: ``alpha * tanh(beta * x)``."""
+def _scaled(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """The experimental ScaledTanh and ParametricSoftplus (onnxmltools' CoreML ``softplusParametric``):
+    ``alpha * f(beta * x)``, ``f`` tanh or softplus."""
     out, name = node.output[0], node.name or node.output[0]
-    t = {k: ctx.fresh(f"{out}_{k}") for k in ("alpha", "beta", "inner", "tanh")}
+    f = {"ScaledTanh": "Tanh", "ParametricSoftplus": "Softplus"}[node.op_type]
+    t = {k: ctx.fresh(f"{out}_{k}") for k in ("alpha", "beta", "inner", "f")}
     ctx.add_initializer(t["alpha"], np.asarray(float(node_attr(node, "alpha", 1.0)), dtype=np.float32))
     ctx.add_initializer(t["beta"], np.asarray(float(node_attr(node, "beta", 1.0)), dtype=np.float32))
     return [onnx.helper.make_node("Mul", [node.input[0], t["beta"]], [t["inner"]], name=f"{name}_beta"),
-            onnx.helper.make_node("Tanh", [t["inner"]], [t["tanh"]], name=f"{name}_tanh"),
-            onnx.helper.make_node("Mul", [t["tanh"], t["alpha"]], [out], name=name)]
+            onnx.helper.make_node(f, [t["inner"]], [t["f"]], name=f"{name}_{f.lower()}"),
+            onnx.helper.make_node("Mul", [t["f"], t["alpha"]], [out], name=name)]
 
 
 def _crop(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
@@ -167,18 +169,6 @@ def _crop(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
         [-bottom if bottom else _END, -right if right else _END]
     return [onnx.helper.make_node("Slice", [node.input[0]], [node.output[0]], name=node.name or node.output[0],
                                   starts=[top, left], ends=ends, axes=[2, 3])]
-
-
-def _parametric_softplus(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
-    """The experimental ParametricSoftplus (onnxmltools' CoreML ``softplusParametric``): ``alpha * softplus(beta *
-    x)``."""
-    out, name = node.output[0], node.name or node.output[0]
-    t = {k: ctx.fresh(f"{out}_{k}") for k in ("alpha", "beta", "inner", "softplus")}
-    ctx.add_initializer(t["alpha"], np.asarray(float(node_attr(node, "alpha", 1.0)), dtype=np.float32))
-    ctx.add_initializer(t["beta"], np.asarray(float(node_attr(node, "beta", 1.0)), dtype=np.float32))
-    return [onnx.helper.make_node("Mul", [node.input[0], t["beta"]], [t["inner"]], name=f"{name}_beta"),
-            onnx.helper.make_node("Softplus", [t["inner"]], [t["softplus"]], name=f"{name}_softplus"),
-            onnx.helper.make_node("Mul", [t["softplus"], t["alpha"]], [out], name=name)]
 
 
 def _spatial_batchnorm(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto] | None:
@@ -512,8 +502,8 @@ def _only_defaults(defaults: dict[str, Any], max_inputs: int | None = None) -> R
 #: Default-domain operators onnxruntime runs that ONNX defines at no opset (:func:`ort_operators`).
 _ORT_ONLY: dict[str, Rewrite] = {
     "SimplifiedLayerNormalization": lambda node, ctx: _layernorm(node, ctx, centre=False),
-    "ImageScaler": _affine, "Scale": _affine, "Affine": _affine, "ScaledTanh": _scaled_tanh,
-    "ParametricSoftplus": _parametric_softplus,
+    "ImageScaler": _affine, "Scale": _affine, "Affine": _affine, "ScaledTanh": _scaled,
+    "ParametricSoftplus": _scaled,
 }
 #: Experimental operators of opsets below 10 that opset 10 made standard as they were (DynamicSlice as Slice):
 #: onnx's version converter has no adapter from their experimental version, so they cross it in a domain of their
