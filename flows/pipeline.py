@@ -209,13 +209,15 @@ def quantize_map_simulate(
     eval_set: str | None = None,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> PipelineResult:
-    """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate."""
+    """ONNX model to crossbar statistics and simulated error: quantize-model, then map-and-simulate, both
+    measured on the same ``samples`` inputs (of ``eval_set`` where given)."""
     with credentials(aws_credentials):
         CrossbarSpec.from_xbar(xbar, cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
                                adc_range=adc_range, cols_per_adc=cols_per_adc)
         quantized: QuantizeModelResult = quantize_model(onnx_path, input_shapes, mapname, calib=calib,
                                                         calib_steps=calib_steps, device=device, bit_width=bit_width,
-                                                        output_root=output_root, aws_credentials=aws_credentials)
+                                                        output_root=output_root, eval_samples=samples,
+                                                        eval_set=eval_set, aws_credentials=aws_credentials)
         crossbars = map_and_simulate(quantized.mapname, str(quantized.quantization.output_root), xbar=xbar,
                                      cell_bits=cell_bits, adc_bits=adc_bits, dac_bits=dac_bits, encoding=encoding,
                                      adc_range=adc_range, cols_per_adc=cols_per_adc, samples=samples,

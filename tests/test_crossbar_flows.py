@@ -41,6 +41,7 @@ def test_pipeline_quantizes_maps_and_simulates(pipeline) -> None:
     # a 12-bit ADC reads every partial sum of 64-row arrays (worst 64 * 3 = 192 < 4096): nothing lost
     assert crossbars.error.integer_rel_l2 == 0.0 and crossbars.error.integer_agreement == 1.0
     assert crossbars.error.samples == 8 and crossbars.error.rel_l2 > 0
+    assert result.quantization.evaluation.samples == 8  # the report's two rows measure on the same inputs
     # the artifacts, read back through the Prefect API: results first, units said, the plot inline
     table = Artifact.get("xbar-pipe-layers")
     assert table is not None
