@@ -61,16 +61,6 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
     return float(np.linalg.norm(q - f) / norm) if norm > 0 else float(np.linalg.norm(q - f))
 
 
-def _warn_non_finite(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[int], names: Sequence[str]) -> None:
-    for i in outputs:
-        f = _flat(reference, [i])
-        bad = int(f.size - np.count_nonzero(np.isfinite(f)))
-        if bad:
-            log.warning("output %s of the float model is not finite in %d of its %d elements (it overflows on these "
-                        "inputs): the error is taken over the finite ones", repr(names[i]) if i < len(names)
-                        else f"#{i}", bad, f.size)
-
-
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                     labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """rel. L2, cosine and top-1 agreement (first output of a fixed size) of per-sample outputs; accuracies with
@@ -83,13 +73,17 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
                               "accuracy": None, "float_accuracy": None, "per_output": {}}
     if not outputs:
         return result
-    _warn_non_finite(reference, outputs, names)
-    q, f = _finite(_flat(quantized, outputs), _flat(reference, outputs))
+    flat = {names[i] if i < len(names) else f"#{i}": (_flat(quantized, [i]), _flat(reference, [i])) for i in outputs}
+    for name, (_, f) in flat.items():
+        bad = int(f.size - np.count_nonzero(np.isfinite(f)))
+        if bad:
+            log.warning("output %r of the float model is not finite in %d of its %d elements (it overflows on these "
+                        "inputs): the error is taken over the finite ones", name, bad, f.size)
+    q, f = _finite(*(np.concatenate(parts) for parts in zip(*flat.values())))
     norm_f, norm_q = float(np.linalg.norm(f)), float(np.linalg.norm(q))
     result["rel_l2"] = _rel(q, f)
     result["cosine"] = float(q @ f / (norm_q * norm_f)) if norm_q > 0 and norm_f > 0 else 0.0
-    result["per_output"] = {names[i] if i < len(names) else f"#{i}": _rel(_flat(quantized, [i]), _flat(reference, [i]))
-                            for i in outputs}
+    result["per_output"] = {name: _rel(q_i, f_i) for name, (q_i, f_i) in flat.items()}
     top_q = np.array([int(np.argmax(sample[outputs[0]])) for sample in quantized])
     top_f = np.array([int(np.argmax(sample[outputs[0]])) for sample in reference])
     result["top1_agreement"] = float(np.mean(top_q == top_f))

@@ -22,6 +22,7 @@ from maptools.calibration import SampleCalibration, resolve_calibration
 from maptools.errors import CalibrationError, MaptoolsError, ModelError
 from maptools.examples import EXAMPLE_PREFIX, example_model
 from maptools.onnx_model import check_input_shapes, load_model, with_inputs
+from maptools.prepare.checks import from_sample
 from maptools.quantization import QuantizationResult
 from maptools.maps.store import get_blob, put_blob
 
@@ -91,12 +92,12 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
 
 def _sample_inputs(calib: str | Path | None, shapes: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
     """The inputs of the first sample in the calibration folder ``calib`` that preparation's checks take from it
-    (none for random data): integers and booleans, and any of rank 0 or 1 (a Resize's scales)."""
+    (:func:`~maptools.prepare.checks.from_sample`; none for random data)."""
     if calib is None or str(calib) == "random":
         return {}
     first = next(iter(resolve_calibration(str(calib), {k: tuple(v) for k, v in shapes.items()}, 1, 0)), {})
     arrays = {k: np.asarray(v) for k, v in first.items()}
-    return {k: a for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating) or a.ndim <= 1}
+    return {k: a for k, a in arrays.items() if from_sample(a.dtype, a.ndim)}
 
 
 def model_file(model: PreparedOnnx, root: str | Path | None = None) -> Path:

@@ -264,7 +264,8 @@ def prepare(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, simp
     takes), ``'no onnxsim'`` (neither), or ``'minimal'``
     (dims, explicit pads, names and shapes only). ``output_shapes``: the graph outputs'
     shapes as onnxruntime computes them (:class:`Reference`), which replace the declared ones. ``sample``: a
-    calibration sample, whose integer inputs the onnxruntime runs take (:func:`~maptools.prepare.checks._random_feed`).
+    calibration sample, whose integer and rank-0/1 inputs the onnxruntime runs take
+    (:func:`~maptools.prepare.checks.from_sample`).
     """
     ctx = _Context(onnx.ModelProto.FromString(model.SerializeToString()),
                    observe=lambda m: _observed_dims(m, shapes, sample))
@@ -473,8 +474,8 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     prepares in its own task, then quantizes the prepared file). ``link``: ``dst`` may then be a hard link
     to ``src`` (for a scratch ``dst`` that is read, or replaced whole, never written in place).
     ``loaded``, ``source_sha256``: ``src`` as the caller already loaded (:func:`maptools.onnx_model.load_model`)
-    and hashed it, so that neither is done twice. ``sample``: a calibration sample, whose integer inputs the
-    checks in onnxruntime take (0 and 1 may index out of a table the model reads with them).
+    and hashed it, so that neither is done twice. ``sample``: a calibration sample, whose integer and rank-0/1
+    inputs the checks in onnxruntime take (:func:`~maptools.prepare.checks.from_sample`).
 
     A rewrite that fails is skipped (recorded in ``steps``); where the result does not match the
     original in onnxruntime, the model is prepared again with fewer rewrites (``no device forms``, ``no

@@ -50,20 +50,25 @@ def _static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
+def from_sample(dtype: np.dtype, rank: int) -> bool:
+    """Whether preparation's checks take an input of a calibration sample as it is, not at random: integers and
+    booleans (ids that index a table, where 0 and 1 may be out of range) and any input of rank 0 or 1 (a
+    parameter, such as a Resize's scales or a noise level, which random values make meaningless)."""
+    return not np.issubdtype(dtype, np.floating) or rank <= 1
+
+
 def _random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator,
                  ranges: Mapping[str, tuple[float, float]] | None = None,
                  sample: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Standard normal floats (uniform within ``ranges[name]`` where given), byte values for 8-bit integers (an
     image's or a sound's, as calibration draws them), 0/1 for wider integers (ids, counts, flags) and booleans;
-    integers and booleans, and any input of rank 0 or 1, as in ``sample`` (a calibration sample) where it has
-    them at these shapes: a model may index with them (a pitch into a table), where 0 and 1 are out of range, or
-    take a parameter so (a Resize's scales, a noise level), which random values make meaningless."""
+    the inputs :func:`from_sample` names as in ``sample`` (a calibration sample) where it has them at these
+    shapes."""
     feed = {}
     for spec in model_inputs(model):
         shape = list(shapes[spec.name])
         given = None if sample is None else sample.get(spec.name)
-        if given is not None and (not np.issubdtype(spec.dtype, np.floating) or len(shape) <= 1) \
-                and list(np.shape(given)) == shape:
+        if given is not None and list(np.shape(given)) == shape and from_sample(spec.dtype, len(shape)):
             feed[spec.name] = np.asarray(given).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.floating) and spec.name in (ranges or {}):
             feed[spec.name] = rng.uniform(*ranges[spec.name], shape).astype(spec.dtype)

@@ -32,15 +32,15 @@ from maptools.errors import CalibrationError, ModelError, QuantizationFailed, Se
 from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
-from maptools.onnx_model import (ModelInput, check_input_shapes, concat_parts, index_limits, load_model,
-                                 model_inputs, ort_session, run_on_sample, with_inputs)
+from maptools.onnx_model import (DEFAULT_DOMAINS, ModelInput, check_input_shapes, concat_parts, index_limits,
+                                 load_model, model_inputs, ort_session, run_on_sample, with_inputs)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
 from maptools.prepare import TARGET_OPSET, opset_of, prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
-                               QuantSettings, ScalePolicy)
+                               QuantSettings, ScalePolicy, field_bounds)
 from maptools.threads import IdleSample, choose_threads, torch_threads
 from maptools.versions import __version__, package_versions
 
@@ -460,7 +460,7 @@ def _check_opset(model: onnx.ModelProto, fallbacks: Sequence[str]) -> None:
     """PPQ's quantized model takes per-channel QuantizeLinear nodes (opset 13): a prepared model left below it
     cannot be written."""
     opset = opset_of(model)
-    if opset < TARGET_OPSET and any(n.domain in ("", "ai.onnx") for n in model.graph.node):
+    if opset < TARGET_OPSET and any(n.domain in DEFAULT_DOMAINS for n in model.graph.node):
         why = next((f for f in fallbacks if f.startswith(f"converting to opset {TARGET_OPSET}")), "")
         raise ModelError(f"the model stays at opset {opset}" + (f" ({why})" if why else "") + f", and its quantized "
                          f"model is written at opset {TARGET_OPSET} (per-channel QuantizeLinear), where operators "
@@ -574,6 +574,7 @@ def quantize(
     started = time.perf_counter()
     idle = IdleSample()  # the cores idle while the input is checked decide the thread count (choose_threads)
     auto = bit_width == "auto"
+    bits = field_bounds(QuantSettings, "weight_bits")
     if auto:
         budget = Budget.of(budget)
         if weight_bits is not None or activation_bits is not None or layer_bits or (settings and settings.layer_bits):
@@ -582,9 +583,9 @@ def quantize(
                                 "input_choices instead.")
         bit_width = max(budget.weight_choices)
         weight_bits, activation_bits = max(budget.weight_choices), max(budget.input_choices)
-    elif isinstance(bit_width, bool) or not isinstance(bit_width, int) or not 2 <= bit_width <= 8:
+    elif isinstance(bit_width, bool) or not isinstance(bit_width, int) or not bits["ge"] <= bit_width <= bits["le"]:
         raise SettingsError(f"bit_width={bit_width!r} is not supported.",
-                            "use an integer from 2 to 8 (8 is the default), or 'auto'.")
+                            f"use an integer from {bits['ge']} to {bits['le']} (8 is the default), or 'auto'.")
     elif budget is not None:
         raise SettingsError("budget= applies to bit_width='auto' only.", "pass bit_width='auto' or drop budget.")
     keywords = QuantSettings(

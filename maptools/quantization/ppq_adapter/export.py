@@ -12,6 +12,7 @@ import onnx.numpy_helper
 import torch
 
 from maptools.errors import QuantizationFailed
+from maptools.onnx_model import DEFAULT_DOMAINS
 from maptools.quantization.ppq_adapter.core import (QuantableOperation, QuantizationProperty, ONNXRUNTIMExporter,
                                                     _APPLIED)
 
@@ -51,15 +52,16 @@ def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     domain's ``Attention`` (opset 23) into ``com.microsoft``, whose Attention takes other attributes; a prepared
     model left at a later opset (preparation could not convert it) keeps that opset, which its operators'
     attributes need; and a call of a local function that preparation could not inline keeps its function."""
-    default = max((o.version for o in [*model.opset_import, *exported.opset_import] if o.domain in ("", "ai.onnx")),
-                  default=0)  # one import of the default domain ("ai.onnx" is its other name): two, and
-    kept = [o for o in exported.opset_import if o.domain not in ("", "ai.onnx")]  # onnxruntime reads either
+    # one import of the default domain ("ai.onnx", PPQ's name for it, and ""): of two, onnxruntime reads either
+    default = max((o.version for o in [*model.opset_import, *exported.opset_import] if o.domain in DEFAULT_DOMAINS),
+                  default=0)
+    kept = [o for o in exported.opset_import if o.domain not in DEFAULT_DOMAINS]
     del exported.opset_import[:]
     exported.opset_import.extend([onnx.helper.make_opsetid("", default), *kept])
     domains = {n.name: n.domain for n in model.graph.node}
     for node in exported.graph.node:
         node.domain = domains.get(node.name, node.domain)
-    have = {o.domain for o in exported.opset_import} | {"ai.onnx"}
+    have = {o.domain for o in exported.opset_import} | set(DEFAULT_DOMAINS)
     used = {n.domain for n in exported.graph.node}
     exported.opset_import.extend(o for o in model.opset_import if o.domain in used - have)
     calls = {(n.domain, n.op_type) for n in exported.graph.node}
