@@ -145,11 +145,12 @@ def run_quantization(model: stages.PreparedOnnx, calibration: stages.Calibration
                      strict: bool = False, keep_on_host: list[str] | None = None) -> QuantizationResult:
     """PPQ on the prepared model; artifacts are written atomically into mapsave/<mapname>/. With a ``budget``
     the widths are chosen per layer (``bit_width='auto'``)."""
-    # (simplify as the model was prepared: quantize then recognises the prepared file instead of preparing again)
+    # (simplify as the model was prepared: quantize then recognises the prepared file instead of preparing again;
+    # the manifest names the file it was prepared from: on a cache hit, the one first quantized with these bytes)
     return quantize(input_shapes, device, stages.model_file(model, output_root), mapname=mapname,
                     calibset=calibration.calibset(), settings=settings, **({"bit_width": "auto"} if budget else {}),
                     output_root=output_root, budget=budget, threads=threads, strict=strict,
-                    keep_on_host=keep_on_host or (), simplify=model.simplified)
+                    keep_on_host=keep_on_host or (), simplify=model.simplified, source=model.source)
 
 
 def _scale(value: float | None) -> str:

@@ -32,10 +32,12 @@ __all__ = ["PreparedOnnx", "CalibrationSpec", "prepare_onnx", "describe_calibrat
 
 @dataclass(frozen=True)
 class PreparedOnnx:
-    """A model ready to quantize: its path, the sha256 of its bytes, and how it was prepared."""
+    """A model ready to quantize: its path, the sha256 of its bytes, the file it was prepared from (absolute path,
+    sha256), and how it was prepared."""
 
     path: Path
     sha256: str
+    source: str
     source_sha256: str
     input_shapes: dict[str, list[int]]
     simplified: bool
@@ -75,7 +77,7 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     try:
         known = json.loads(record.read_text())
         if sha256_file(target) == known["sha256"]:
-            prepared = PreparedOnnx(target, known["sha256"], source_sha, shapes, simplify,
+            prepared = PreparedOnnx(target, known["sha256"], str(source.resolve()), source_sha, shapes, simplify,
                                     float(known["max_abs_diff"]), tuple(known["steps"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not prepared yet, or the cached copy is damaged: prepare again
@@ -83,7 +85,8 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
         done = prepare.prepare_model(source, target, shapes, simplify=simplify, sample=sample or None)
         write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
                             "steps": list(done.steps)})
-        prepared = PreparedOnnx(target, done.sha256, source_sha, shapes, simplify, done.max_abs_diff, done.steps)
+        prepared = PreparedOnnx(target, done.sha256, str(source.resolve()), source_sha, shapes, simplify,
+                                done.max_abs_diff, done.steps)
     where = output_location(root)
     if isinstance(where, str):  # maps on a store: workers elsewhere fetch the prepared model from there
         put_blob(where, target, prepared.sha256)

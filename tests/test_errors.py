@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from maptools import quantize, read_quantinfo
 from maptools.maps.artifacts import sha256_file
+from maptools.examples import small_cnn_onnx
 from maptools.errors import (CalibrationError, DeviceError, InputShapeError, MapnameError, MaptoolsError, ModelError,
                              QuantizationFailed, SettingsError)
 
@@ -61,6 +62,14 @@ def test_bad_input_raises_clear_error(small_cnn, tmp_path, kwargs, error, words)
     with pytest.raises(error, match=words) as info:
         quantize(**args)
     assert isinstance(info.value, MaptoolsError) and info.value.fix
+    assert not (tmp_path / "mapsave" / "m").exists()
+
+
+def test_source_is_refused_for_a_model_that_was_not_prepared(tmp_path) -> None:
+    """``source=`` names where a prepared model came from (the flows' call); on a model as exported it is refused."""
+    raw = small_cnn_onnx(tmp_path / "raw.onnx", simplify=False)
+    with pytest.raises(SettingsError, match="'original.onnx' names the file a prepared model came from.*raw.onnx"):
+        quantize(SHAPES, "cpu", raw, mapname="m", calib_steps=8, output_root=tmp_path, source="original.onnx")
     assert not (tmp_path / "mapsave" / "m").exists()
 
 

@@ -21,6 +21,7 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools import read_quantinfo
 from maptools.errors import CalibrationError, StorageError, StoreUnavailable
 from maptools.examples import small_cnn_onnx
+from maptools.maps.artifacts import sha256_file
 
 SHAPES = {"input": [1, 3, 32, 32]}
 
@@ -78,6 +79,11 @@ def test_the_flow_prepares_the_model_once(prefect_server, raw_model, tmp_path, s
     assert result.model.simplified is simplify
     assert result.quantization.sha256["model.onnx"] == result.model.sha256
     assert result.quantization.prepared["steps"] == list(result.model.steps)
+    # the manifest names the user's model, as quantize called on it does; the prepared copy is its "prepared" record
+    manifest = json.loads((result.quantization.map_dir / "manifest.json").read_text())
+    assert manifest["model"]["path"] == str(raw_model.resolve()) and result.model.source == manifest["model"]["path"]
+    assert manifest["model"]["sha256"] == sha256_file(raw_model) == result.quantization.model_sha256
+    assert manifest["model"]["prepared"]["sha256"] == result.model.sha256 != sha256_file(raw_model)
 
 
 def test_rerun_is_cached_and_does_not_call_ppq(prefect_server, raw_model, tmp_path, quantize_calls) -> None:

@@ -502,7 +502,7 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
-                             fallbacks=tuple(record.get("fallbacks", [])))
+                             fallbacks=tuple(record.get("fallbacks", [])), source_sha256=record.get("source_sha256"))
     original_nodes = len(model.graph.node)
     model, moved = in_topological_order(model)
     ordered = [f"{moved} nodes put in topological order (the file lists them after operators that read them)"
@@ -535,14 +535,16 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     _check_strict(strict, fallbacks, src)
     record = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "simplify": simplify, "code": fingerprint(),
               "source_opset": opset_of(model), "steps": list(steps), "max_abs_diff": worst_abs,
-              "max_rel_diff": worst_rel, "nodes_before": original_nodes, "fallbacks": fallbacks}
+              "max_rel_diff": worst_rel, "nodes_before": original_nodes, "fallbacks": fallbacks,
+              "source_sha256": source_sha256 or sha256_file(src)}
     onnx.helper.set_model_props(prepared, {**{p.key: p.value for p in prepared.metadata_props
                                               if p.key != PREPARED_KEY}, PREPARED_KEY: json.dumps(record)})
     atomic_write(dst, prepared.SerializeToString())
     return PreparedModel(path=dst, sha256=sha256_file(dst), input_shapes=record["input_shapes"],
                          source_opset=opset_of(model), opset=opset_of(prepared), steps=tuple(steps),
                          max_abs_diff=worst_abs, max_rel_diff=worst_rel, nodes_before=original_nodes,
-                         nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks))
+                         nodes_after=len(prepared.graph.node), fallbacks=tuple(fallbacks),
+                         source_sha256=record["source_sha256"])
 
 
 #: How far a dequantized model, its quantizers kept, may be from the quantized original (rel. L2 on the check

@@ -38,12 +38,15 @@ class PreparedModel:
     nodes_after: int
     #: what preparation left undone: steps that failed and were skipped, levels it fell back from
     fallbacks: tuple[str, ...] = ()
+    #: sha256 of the file it was prepared from (for an already prepared file, as its preparation recorded it)
+    source_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "input_shapes": self.input_shapes, "source_opset": self.source_opset,
                 "opset": self.opset, "steps": list(self.steps), "max_abs_diff": self.max_abs_diff,
                 "max_rel_diff": self.max_rel_diff, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "fallbacks": list(self.fallbacks)}
+                "nodes_after": self.nodes_after, "fallbacks": list(self.fallbacks),
+                "source_sha256": self.source_sha256}
 
 
 def opset_of(model: onnx.ModelProto) -> int:

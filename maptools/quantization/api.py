@@ -499,6 +499,7 @@ def quantize(
     keep_on_host: str | Sequence[str] = (),
     profile: str | Profile = Profile.SEED,
     settings: QuantSettings | None = None,
+    source: str | Path | None = None,
 ) -> QuantizationResult:
     """Quantize an ONNX model as shipped with PPQ and write its artifacts to ``mapsave/<mapname>/``.
 
@@ -563,6 +564,9 @@ def quantize(
             ``'extended'``: this package's semantics and pickle types, which the original refuses to load.
         settings: every option above at once (:class:`maptools.settings.QuantSettings`, the one definition of
             each); a keyword given beside it must agree with it.
+        source: the file ``onnx_path`` was prepared from, where ``onnx_path`` is a model maptools prepared
+            (:func:`maptools.stages.prepare_onnx`, as the flows do): the manifest and the result name it, with the
+            sha256 its preparation recorded, as the model quantized.
 
     Returns:
         A :class:`QuantizationResult` with the artifact paths, their sha256 and the error summary.
@@ -628,7 +632,7 @@ def quantize(
         raise CalibrationError(f"optimization={settings.optimization.value!r} fits the quantized model to the "
                                "calibration data, and calibset=None is random noise.",
                                "pass real samples as calibset (or optimization='none'/'equalization').")
-    source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed,
+    data_source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed,
                                  {i.name: i.dtype for i in inputs}, index_limits(model))
     notes: list[str] = []
     if calibset is None:
@@ -639,20 +643,20 @@ def quantize(
         if settings.algorithm is CalibrationAlgorithm.AUTO:  # nothing to choose on: the default
             settings = settings.replace(algorithm=CalibrationAlgorithm.PERCENTILE)
             notes.append("algorithm='auto' chooses on real samples: with random data, percentile.")
-    if len(source) < MIN_SAMPLES:
-        raise CalibrationError(f"calibset holds {len(source)} samples; PPQ needs at least {MIN_SAMPLES}.",
+    if len(data_source) < MIN_SAMPLES:
+        raise CalibrationError(f"calibset holds {len(data_source)} samples; PPQ needs at least {MIN_SAMPLES}.",
                                f"provide {MIN_SAMPLES} or more samples, or calibset=None for random data.")
-    steps = min(settings.calib_steps, len(source))
+    steps = min(settings.calib_steps, len(data_source))
     if steps < settings.calib_steps:
-        notes.append(f"calib_steps={settings.calib_steps} but calibset holds {len(source)} samples: "
+        notes.append(f"calib_steps={settings.calib_steps} but calibset holds {len(data_source)} samples: "
                      f"calibrated on all {steps} samples once.")
         log.warning(notes[-1])
-    calibration = ValidatedCalibration(source, inputs, shapes, limit=steps)
+    calibration = ValidatedCalibration(data_source, inputs, shapes, limit=steps)
     first = next(iter(calibration))  # fail fast on a malformed first sample, before PPQ starts
     model_sha = sha256_file(onnx_path)
     # auto chooses on samples beyond the calibrated ones where the set holds enough of them
-    held_count = CHOICE_SAMPLES if len(settings.candidates) > 1 and len(source) >= steps + CHOICE_SAMPLES else 0
-    read = ValidatedCalibration(source, inputs, shapes, limit=steps + held_count) if held_count else calibration
+    held_count = CHOICE_SAMPLES if len(settings.candidates) > 1 and len(data_source) >= steps + CHOICE_SAMPLES else 0
+    read = ValidatedCalibration(data_source, inputs, shapes, limit=steps + held_count) if held_count else calibration
     calib_desc = {**calibration.describe(), "sha256": read.content_hash(),
                   **({"held_out": held_count} if held_count else {})}
     seconds = {"validate": time.perf_counter() - started}
@@ -669,6 +673,12 @@ def quantize(
         seconds["prepare"] = time.perf_counter() - t
         log.info("prepared %s: %s (max |diff| from the original %.2e)", onnx_path, "; ".join(prepared.steps) or
                  "nothing to change", prepared.max_abs_diff)
+        if source is not None:
+            if prepared.source_sha256 in (None, model_sha):  # (a model prepared here records its own sha256)
+                raise SettingsError(f"source={str(source)!r} names the file a prepared model came from, and {onnx_path}"
+                                    " was not prepared by this maptools for these input shapes and options.",
+                                    "pass the model itself as onnx_path and leave source out.")
+            onnx_path, model_sha = Path(source), prepared.source_sha256
         t = time.perf_counter()
         model_bytes = prepared.path.read_bytes()
         model = onnx.ModelProto.FromString(model_bytes)
