@@ -226,7 +226,7 @@ class FolderCalibration(CalibrationSet):
         return bound
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "root": str(self.root)}
+        return {**super().describe(), "root": str(self.root.resolve())}  # (as the manifest records the model)
 
     def _hash_extra(self) -> str:
         return ""

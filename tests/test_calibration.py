@@ -160,6 +160,14 @@ def test_folder_hash_follows_file_content_not_location(tmp_path) -> None:
     assert after.content_hash(limit=1) != after.content_hash(limit=2)
 
 
+def test_a_folder_given_relative_is_described_by_its_absolute_path(tmp_path, monkeypatch) -> None:
+    """The manifest records the calibration folder as it records the model: absolute (the command line, given
+    ``--calib images/``, had recorded ``images`` where the API given the same folder recorded its full path)."""
+    write_pngs(tmp_path / "images", 4)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_calibration("images", SHAPES, 8, 0).describe()["root"] == str(tmp_path.resolve() / "images")
+
+
 def _one_bad(value: float) -> np.ndarray:
     """Normal data with one non-finite value in the middle."""
     a = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
