@@ -40,8 +40,9 @@ def _show(result: QuantizeModelResult) -> None:
     console.print(table)
     e = result.evaluation
     if e is not None:
-        console.print(f"output error against float {100 * e.rel_l2:.2f}% (rel. L2), top-1 agreement "
-                      f"{100 * e.top1_agreement:.1f}% on {e.samples} held-out inputs", highlight=False)
+        agreement = "" if e.top1_agreement is None else f", top-1 agreement {100 * e.top1_agreement:.1f}%"
+        console.print(f"output error against float {100 * e.rel_l2:.2f}% (rel. L2){agreement} on {e.samples} "
+                      "held-out inputs", highlight=False)
         if per_output_line(e.per_output):
             console.print(per_output_line(e.per_output), highlight=False)
     if q.errors.per_layer:

@@ -82,26 +82,38 @@ def simulate_device(content: MapContent, spec: CrossbarSpec, device: DeviceModel
                            seed=evaluation.seed)
 
 
+def _scored(points: list[Any]) -> tuple[str, str] | None:
+    """What the left plot shows for these device points: accuracy where every point has it, else top-1 agreement
+    where every point has it (its attribute and axis label); None where neither (an image or boxes come out)."""
+    for attribute, label in (("accuracy", "top-1 accuracy (%)"), ("top1_agreement", "top-1 agreement with float (%)")):
+        if all(getattr(p, attribute) is not None for p in points):
+            return attribute, label
+    return None
+
+
 def plot_device(runs: dict[str, DeviceEvaluation], title: str) -> bytes:
-    """Accuracy (top-1 agreement with float where there are no labels) and output error against time after
-    programming, mean +- one standard deviation over the trials, one line per run."""
-    labelled = all(p.accuracy is not None for run in runs.values() for p in run.points)
-    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
+    """Accuracy (top-1 agreement with float where there are no labels; left out for outputs that are not class
+    scores) and output error against time after programming, mean +- one standard deviation over the trials, one
+    line per run."""
+    scored = _scored([p for run in runs.values() for p in run.points])
+    fig, axes = pyplot().subplots(1, 2 if scored else 1, figsize=(12 if scored else 6, 4.2), squeeze=False)
+    error_ax = axes[0][-1]
     for label, run in runs.items():
         times = [max(p.time, 1e-1) for p in run.points]
-        for ax, values in ((axes[0], [p.accuracy if labelled else p.top1_agreement for p in run.points]),
-                           (axes[1], [p.rel_l2 for p in run.points])):
+        for ax, values in (((axes[0][0], [getattr(p, scored[0]) for p in run.points]),) if scored else ()) + (
+                (error_ax, [p.rel_l2 for p in run.points]),):
             mean = [100 * v[0] for v in values]
             std = [100 * v[1] for v in values]
             line, = ax.plot(times, mean, marker="o", label=label)
             ax.fill_between(times, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)
     first = next(iter(runs.values()))
-    axes[0].set(ylabel="top-1 accuracy (%)" if labelled else "top-1 agreement with float (%)", ylim=(0, 100))
-    if labelled and first.float_accuracy is not None:
-        axes[0].axhline(100 * first.float_accuracy, color="0.5", linestyle=":", label="float model")
-    axes[1].set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
-    for ax in axes:
+    if scored:
+        axes[0][0].set(ylabel=scored[1], ylim=(0, 100))
+        if scored[0] == "accuracy" and first.float_accuracy is not None:
+            axes[0][0].axhline(100 * first.float_accuracy, color="0.5", linestyle=":", label="float model")
+    error_ax.set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
+    for ax in axes[0]:
         ax.set(xscale="log", xlabel="time after programming (s)", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -109,22 +121,32 @@ def plot_device(runs: dict[str, DeviceEvaluation], title: str) -> bytes:
 
 
 def plot_device_noise(noise: dict[float, DeviceEvaluation], title: str) -> bytes:
-    """Accuracy (or top-1 agreement) and output error against the scale of the device's noise, at the first read
-    time, mean +- one standard deviation over the trials."""
+    """Accuracy (or top-1 agreement, as :func:`plot_device`) and output error against the scale of the device's
+    noise, at the first read time, mean +- one standard deviation over the trials."""
     scales = sorted(noise)
-    labelled = all(noise[s].points[0].accuracy is not None for s in scales)
-    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
-    for ax, values in ((axes[0], [noise[s].points[0].accuracy if labelled else noise[s].points[0].top1_agreement
-                                  for s in scales]), (axes[1], [noise[s].points[0].rel_l2 for s in scales])):
+    firsts = [noise[s].points[0] for s in scales]
+    scored = _scored(firsts)
+    fig, axes = pyplot().subplots(1, 2 if scored else 1, figsize=(12 if scored else 6, 4.2), squeeze=False)
+    panels = ((axes[0][0], [getattr(p, scored[0]) for p in firsts]),) if scored else ()
+    for ax, values in (*panels, (axes[0][-1], [p.rel_l2 for p in firsts])):
         mean, std = [100 * v[0] for v in values], [100 * v[1] for v in values]
         ax.errorbar(scales, mean, yerr=std, marker="o", capsize=3)
         ax.set(xscale="log", xticks=scales, xticklabels=[f"{s:g}x" for s in scales], title=title,
-               xlabel=f"noise scale (x the preset's programming and read noise) at "
-                      f"{noise[scales[0]].points[0].time:g} s")
+               xlabel=f"noise scale (x the preset's programming and read noise) at {firsts[0].time:g} s")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set(ylabel="top-1 accuracy (%)" if labelled else "top-1 agreement with float (%)", ylim=(0, 100))
-    axes[1].set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
+    if scored:
+        axes[0][0].set(ylabel=scored[1], ylim=(0, 100))
+    axes[0][-1].set(ylabel="output error vs float, rel. L2 (%)", yscale="log")
     return png_bytes(fig)
+
+
+def _mean_std(value: tuple[float, float, Any] | None) -> str:
+    """A share's mean +- std over the trials, in percent (``-`` where it is not measured)."""
+    return "-" if value is None else f"{100 * value[0]:.1f}% +- {100 * value[1]:.1f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 @task(name="publish-device-report")
@@ -145,9 +167,9 @@ def publish_device_report(mapname: str, runs: dict[str, DeviceEvaluation],
              "|---|---|---|---|---|"]
     for label, run in runs.items():
         for p in run.points:
-            accuracy = "-" if p.accuracy is None else f"{100 * p.accuracy[0]:.1f}% +- {100 * p.accuracy[1]:.1f}"
+            accuracy = _mean_std(p.accuracy)
             lines.append(f"| {label} | {p.time:g} | {100 * p.rel_l2[0]:.2f}% +- {100 * p.rel_l2[1]:.2f} | "
-                         f"{100 * p.top1_agreement[0]:.1f}% +- {100 * p.top1_agreement[1]:.1f} | {accuracy} |")
+                         f"{_mean_std(p.top1_agreement)} | {accuracy} |")
     lines += ["", f"{first.samples} samples ({first.source}); {first.seconds_per_trial:.3f} s per trial and time."]
     return str(create_markdown_artifact("\n".join(lines), key=key, description=f"{mapname} on non-ideal cells"))
 
@@ -227,8 +249,8 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
              "| output error vs float (rel. L2) | top-1 agreement | accuracy | added by the crossbars (rel. L2 vs the "
              "lossless integer simulation) | agreement with it | inputs |", "|---|---|---|---|---|---|",
-             f"| **{100 * error.rel_l2:.2f}%** | {100 * error.top1_agreement:.1f}% | {accuracy} | "
-             f"{100 * error.integer_rel_l2:.2f}% | {100 * error.integer_agreement:.1f}% | {error.samples} "
+             f"| **{100 * error.rel_l2:.2f}%** | {_share(error.top1_agreement)} | {accuracy} | "
+             f"{100 * error.integer_rel_l2:.2f}% | {_share(error.integer_agreement)} | {error.samples} "
              f"({error.source}) |", "", *_per_output_table(error.per_output),
              "| arrays | utilization | cycles / inference | ADC bits (spec) | ADC bits a lossless readout needs: "
              "observed / worst case |", "|---|---|---|---|---|",

@@ -76,8 +76,8 @@ def _alone(per_output: dict[str, float]) -> str:
 
 def _quantized_row(result: QuantizeModelResult) -> tuple[str, str]:
     q, e = result.quantization, getattr(result, "evaluation", None)  # a result of an earlier release has none
-    error = (f"output error vs float {_pct(e.rel_l2)} (rel. L2{_alone(e.per_output)}), top-1 agreement "
-             f"{_pct(e.top1_agreement)}; " if e else "")
+    agreement = "" if e is None or e.top1_agreement is None else f", top-1 agreement {_pct(e.top1_agreement)}"
+    error = f"output error vs float {_pct(e.rel_l2)} (rel. L2{_alone(e.per_output)}){agreement}; " if e else ""
     return ("quantize", f"{error}W{q.settings.weight_bits}A{q.settings.activation_bits}, map `{q.map_dir}`"
                         f"{' (cached)' if result.quantization_cached else ''}")
 

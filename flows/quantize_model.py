@@ -186,8 +186,10 @@ def quantize_model(
             evaluation = evaluate_quantized(result, EvaluationSpec(
                 eval_set, sha256_file(eval_set) if eval_set else None, eval_samples, EVAL_SEED))
             seconds["evaluate"] = time.perf_counter() - t
-            logger.info("%s: output error against float %.3f%% (rel. L2), top-1 agreement %.1f%% on %d held-out "
-                        "inputs", mapname, 100 * evaluation.rel_l2, 100 * evaluation.top1_agreement, evaluation.samples)
+            agreement = evaluation.top1_agreement
+            logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d held-out inputs", mapname,
+                        100 * evaluation.rel_l2, "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%",
+                        evaluation.samples)
         seconds["total"] = time.perf_counter() - started
         publish_report(result, seconds, onnx_path, evaluation)
         logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")

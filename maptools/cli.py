@@ -566,7 +566,8 @@ def device(
     for p in result.points:
         accuracy = "-" if p.accuracy is None else f"{p.accuracy[0]:.1%} +- {p.accuracy[1]:.1%}"
         table.add_row(f"{p.time:g}", f"{p.rel_l2[0]:.2%} +- {p.rel_l2[1]:.2%}",
-                      f"{p.top1_agreement[0]:.1%} +- {p.top1_agreement[1]:.1%}", accuracy)
+                      "-" if p.top1_agreement is None else f"{p.top1_agreement[0]:.1%} +- {p.top1_agreement[1]:.1%}",
+                      accuracy)
     table.caption = (f"{trials} trials of {result.samples} samples ({result.source}); {result.seconds_per_trial:.2f} s "
                      "per trial and time")
     console.print(table)

@@ -50,7 +50,8 @@ class OutputError:
         rel_l2: ``||q - f|| / ||f||`` over all outputs of all samples.
         per_output: the same for each output alone, by name (:func:`~maptools.metrics.per_output_line` lists it).
         cosine: cosine similarity of the same vectors.
-        top1_agreement: share of samples whose top-1 class (first output) equals the float model's.
+        top1_agreement: share of samples whose top-1 class (first output) equals the float model's; None where the
+            first output is not a vector of class scores (an image, boxes, a sequence).
         accuracy, float_accuracy: top-1 accuracy of the quantized and float models (labelled set only).
         verified: the evaluated files matched the map's manifest.
         source: what the evaluation inputs were.
@@ -60,7 +61,7 @@ class OutputError:
     samples: int
     rel_l2: float
     cosine: float
-    top1_agreement: float
+    top1_agreement: float | None
     accuracy: float | None
     float_accuracy: float | None
     verified: bool

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comparable", "compare_outputs", "rel_l2", "per_output_line"]
+__all__ = ["comparable", "compare_outputs", "is_score_vector", "rel_l2", "per_output_line"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ def comparable(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Se
     kept = [i for i in range(count) if i not in varying | empty]
     floats = [i for i in kept if np.issubdtype(np.asarray(reference[0][i]).dtype, np.floating)]
     return floats or kept
+
+
+def is_score_vector(output: np.ndarray) -> bool:
+    """Whether one sample's output is a vector of class scores (one axis longer than 1: ``[1, 1000]``,
+    ``[1, 10, 1, 1]``), whose largest entry is a class; an image, a map of boxes or a sequence is not."""
+    return sum(int(d) > 1 for d in np.shape(output)) == 1
 
 
 def _flat(runs: Sequence[Sequence[np.ndarray]], outputs: Sequence[int]) -> np.ndarray:
@@ -63,13 +69,13 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
 
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                     labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
-    """rel. L2, cosine and top-1 agreement (first output of a fixed size) of per-sample outputs; accuracies with
-    labels; ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output:
+    """rel. L2, cosine and top-1 agreement (where the first output of a fixed size is a score vector,
+    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels; ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output:
     a detector's pixel boxes beside its scores). Outputs whose size depends on the data are left out
     (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the
     output); NaN where none is left."""
     outputs = comparable(quantized, reference, names)
-    result: dict[str, Any] = {"rel_l2": float("nan"), "cosine": float("nan"), "top1_agreement": float("nan"),
+    result: dict[str, Any] = {"rel_l2": float("nan"), "cosine": float("nan"), "top1_agreement": None,
                               "accuracy": None, "float_accuracy": None, "per_output": {}}
     if not outputs:
         return result
@@ -86,7 +92,8 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     result["per_output"] = {name: _rel(q_i, f_i) for name, (q_i, f_i) in flat.items()}
     top_q = np.array([int(np.argmax(sample[outputs[0]])) for sample in quantized])
     top_f = np.array([int(np.argmax(sample[outputs[0]])) for sample in reference])
-    result["top1_agreement"] = float(np.mean(top_q == top_f))
+    if is_score_vector(reference[0][outputs[0]]):
+        result["top1_agreement"] = float(np.mean(top_q == top_f))
     if labels is not None:
         result["accuracy"] = float(np.mean(top_q == labels))
         result["float_accuracy"] = float(np.mean(top_f == labels))

@@ -123,3 +123,28 @@ def test_evaluate_crossbar_is_lossless_with_enough_adc_bits(pipeline) -> None:
     coarse = evaluate_crossbar("pipe", CrossbarSpec(rows=32, cols=32, cell_bits=4, adc_bits=3, encoding="offset"),
                                output_root=root, samples=4)
     assert coarse.integer_rel_l2 > 0.01 and coarse.rel_l2 > exact.rel_l2
+
+
+def test_a_model_whose_output_is_an_image_is_reported_without_a_top1_figure(tmp_path) -> None:
+    """A denoiser's output has no class: its crossbar and device evaluations carry no top-1 agreement (argmax over
+    the pixels had read as one), and the device plots show the output error alone."""
+    import torch
+
+    from maptools import DEVICE_PRESETS, convert, evaluate_device, quantize
+    from maptools.examples import export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(4, 3, 3, padding=1)), tmp_path / "denoise.onnx",
+                        {"x": [1, 3, 8, 8]})
+    quantize({"x": [1, 3, 8, 8]}, "cpu", model, mapname="denoise", calib_steps=8, output_root=tmp_path, error_steps=0)
+    convert("denoise", output_root=tmp_path)
+    spec = CrossbarSpec(rows=64, cols=64, adc_bits=12)
+    error = evaluate_crossbar("denoise", spec, output_root=tmp_path, samples=4)
+    assert error.top1_agreement is None and error.integer_agreement is None and 0 <= error.rel_l2 < 0.1
+    drift = evaluate_device("denoise", spec, DEVICE_PRESETS["pcm"], output_root=tmp_path, trials=2, times=[1.0],
+                            samples=2)
+    assert drift.points[0].top1_agreement is None and drift.points[0].rel_l2[0] > 0
+    for png in (maptools_flows.crossbar.plot_device({"pcm": drift}, "denoise"),
+                maptools_flows.crossbar.plot_device_noise({1.0: drift}, "denoise")):
+        assert png.startswith(b"\x89PNG")

@@ -50,7 +50,25 @@ def test_an_empty_output_is_left_out() -> None:
     result = compare_outputs([[none, s + 0.01] for s in scores], [[none, s] for s in scores], names=["boxes", "s"])
     assert list(result["per_output"]) == ["s"] and 0 < result["rel_l2"] < 0.1 and result["top1_agreement"] == 1.0
     alone = compare_outputs([[none], [none]], [[none], [none]], names=["boxes"])
-    assert np.isnan(alone["rel_l2"]) and np.isnan(alone["top1_agreement"]) and alone["per_output"] == {}
+    assert np.isnan(alone["rel_l2"]) and alone["top1_agreement"] is None and alone["per_output"] == {}
+
+
+def test_top1_agreement_is_measured_on_class_scores_only() -> None:
+    """A super-resolution model's image, a detector's box map or a recogniser's frame sequence has no top-1 class:
+    argmax over all its elements had printed an agreement (0% or 100%) that meant nothing in every report. It is
+    None there; on a score vector of any layout ([1, 10], [1, 10, 1, 1]) it is measured as before."""
+    rng = np.random.default_rng(4)
+    for shape in ([1, 10], [1, 10, 1, 1], [10]):
+        scores = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+        flipped = [-s for s in scores]
+        assert compare_outputs([[s] for s in scores], [[s] for s in scores])["top1_agreement"] == 1.0
+        assert compare_outputs([[f] for f in flipped], [[s] for s in scores])["top1_agreement"] == 0.0
+    for shape in ([1, 3, 8, 8], [1, 84, 20], [20, 1, 37], [1, 1]):
+        images = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+        result = compare_outputs([[i * np.float32(1.01)] for i in images], [[i] for i in images])
+        assert result["top1_agreement"] is None and abs(result["rel_l2"] - 0.01) < 1e-6
+    labels = np.array([3, 4])  # labels say the output is a class score, whatever its layout
+    assert compare_outputs([[i] for i in images], [[i] for i in images], labels)["float_accuracy"] is not None
 
 
 def test_where_the_float_model_overflows_the_error_is_taken_over_the_finite_elements(caplog) -> None:

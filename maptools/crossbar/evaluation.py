@@ -41,7 +41,8 @@ class CrossbarError:
     Attributes:
         spec: the crossbar (``CrossbarSpec`` as a dict).
         samples, source: the evaluation inputs.
-        rel_l2, cosine, top1_agreement: crossbar outputs against the float model (first output's top-1).
+        rel_l2, cosine, top1_agreement: crossbar outputs against the float model (first output's top-1; None where
+            it is not a vector of class scores).
         per_output: rel. L2 against the float model of each output alone, by name.
         accuracy, float_accuracy, integer_accuracy: top-1 accuracy on a labelled set (else None).
         integer_rel_l2, integer_agreement: crossbar against the lossless integer simulation
@@ -59,12 +60,12 @@ class CrossbarError:
     source: str
     rel_l2: float
     cosine: float
-    top1_agreement: float
+    top1_agreement: float | None
     accuracy: float | None
     float_accuracy: float | None
     integer_accuracy: float | None
     integer_rel_l2: float
-    integer_agreement: float
+    integer_agreement: float | None
     arrays: int
     utilization: float
     cycles: int
@@ -154,10 +155,10 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     cost = mapped.cost
     return CrossbarError(
         spec=spec.model_dump(), samples=n, source=data.description, rel_l2=float(against_float["rel_l2"]),
-        cosine=float(against_float["cosine"]), top1_agreement=float(against_float["top1_agreement"]),
+        cosine=float(against_float["cosine"]), top1_agreement=against_float["top1_agreement"],
         accuracy=against_float["accuracy"], float_accuracy=against_float["float_accuracy"],
         integer_accuracy=integer_accuracy, integer_rel_l2=float(against_integer["rel_l2"]),
-        integer_agreement=float(against_integer["top1_agreement"]), arrays=mapped.arrays,
+        integer_agreement=against_integer["top1_agreement"], arrays=mapped.arrays,
         utilization=mapped.utilization, cycles=mapped.cycles,
         adc_bits_needed=max((layer.adc_bits_needed for layer in mapped.layers), default=0),
         seconds_per_sample=seconds / n, integer_seconds_per_sample=integer_seconds / n, energy_pj=cost.total_pj,
@@ -174,7 +175,7 @@ class DevicePoint:
     time: float
     trials: int
     rel_l2: tuple[float, float, tuple[float, float]]
-    top1_agreement: tuple[float, float, tuple[float, float]]
+    top1_agreement: tuple[float, float, tuple[float, float]] | None
     accuracy: tuple[float, float, tuple[float, float]] | None
 
 
@@ -228,10 +229,10 @@ def evaluate_device(mapname: str | MapRef, spec: CrossbarSpec, device: DeviceMod
             outputs, _ = _run(simulator, data.samples)
             metrics.append(compare_outputs(outputs, reference, data.labels, list(graph.outputs)))
         float_accuracy = metrics[0]["float_accuracy"]
-        accuracy = [m["accuracy"] for m in metrics]
+        accuracy, agreement = [m["accuracy"] for m in metrics], [m["top1_agreement"] for m in metrics]
         points.append(DevicePoint(
             time=float(at), trials=trials, rel_l2=_summary([m["rel_l2"] for m in metrics]),
-            top1_agreement=_summary([m["top1_agreement"] for m in metrics]),
+            top1_agreement=None if agreement[0] is None else _summary(agreement),
             accuracy=None if accuracy[0] is None else _summary(accuracy)))
     return DeviceEvaluation(spec=spec.model_dump(), device=device.model_dump(), samples=len(data.samples),
                             source=data.description, points=points, float_accuracy=float_accuracy,
