@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
+from maptools_flows.server import local_api
 from maptools.maps.artifacts import output_location
 from maptools.cli import app, fail
 from maptools.errors import MaptoolsError
@@ -61,8 +62,9 @@ def example(
     from maptools.examples import RESNET18_SHAPES
 
     try:
-        result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
-                                device=device, output_root=str(workdir.resolve()))
+        with local_api():  # (a busy machine may take longer than Prefect's own 20 s to start the local server)
+            result = quantize_model("example:resnet18", RESNET18_SHAPES, "resnet18", calib_steps=calib_steps,
+                                    device=device, output_root=str(workdir.resolve()))
     except MaptoolsError as e:
         fail(e)
     _show(result)

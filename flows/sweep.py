@@ -26,6 +26,7 @@ from prefect_dask import DaskTaskRunner
 
 from maptools_flows.crossbar import MapContent, convert_map, simulate_crossbar, simulate_device
 from maptools_flows.results import ensure_result_storage
+from maptools_flows.server import local_api
 from maptools_flows.sweep_config import COLUMNS, DeviceRuns, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
 from maptools_flows.sweep_report import SweepResult, _point, display_table, plot_sweep, publish
 from maptools_flows.tasks import EvaluationSpec, build_calibset, evaluate_quantized, prepare_model, run_quantization
@@ -329,21 +330,6 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     needs a real server: set ``PREFECT_API_URL`` to one they can reach.
     """
     runner = design_sweep.with_options(task_runner=task_runner_for(config))
-    with _shared_api():
+    with local_api():
         return runner(config)
-
-
-@contextlib.contextmanager
-def _shared_api() -> Any:
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the process-wide temporary server Prefect would start itself
-    server.start(timeout=180)  # startup takes 15-20 s on a fresh PREFECT_HOME, longer on a busy machine
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield
 

@@ -295,3 +295,34 @@ def test_flow_chooses_widths_under_a_budget_on_a_pow2_grid(prefect_server, raw_m
     assert again.quantization_cached and again.quantization.mixed_precision == report
     with pytest.raises(Exception, match="bit_width='auto' only"):
         run(raw_model, tmp_path, mapname="auto", max_weight_bytes=6000)
+
+
+_ONE_FLOW = """
+from prefect import flow
+from maptools_flows.server import local_api
+
+@flow
+def one() -> int:
+    return 1
+
+with local_api():
+    print("result", one())
+"""
+
+
+def test_the_command_lines_flows_start_the_local_server_with_time_to_spare(tmp_path) -> None:
+    """Prefect's own start of its temporary server gives up after 20 s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_
+    SECONDS), which a loaded machine exceeded on a fresh PREFECT_HOME; ``maptools flow example`` and sweeps start it
+    in :func:`local_api`, which waits longer. With Prefect's limit at 1 s (a flow run outside then fails: "Timed out
+    while attempting to connect to ephemeral Prefect API server"), a flow run inside runs."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "one.py"
+    script.write_text(_ONE_FLOW)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=400)
+    assert "result 1" in done.stdout, (done.stdout[-500:], done.stderr[-1500:])
