@@ -18,7 +18,7 @@ from prefect.artifacts import Artifact
 
 import maptools_flows.tasks
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
-from maptools import read_quantinfo
+from maptools import convert, read_quantinfo
 from maptools.errors import CalibrationError, StorageError, StoreUnavailable
 from maptools.examples import small_cnn_onnx
 from maptools.maps.artifacts import sha256_file
@@ -84,6 +84,7 @@ def test_the_flow_prepares_the_model_once(prefect_server, raw_model, tmp_path, s
     assert manifest["model"]["path"] == str(raw_model.resolve()) and result.model.source == manifest["model"]["path"]
     assert manifest["model"]["sha256"] == sha256_file(raw_model) == result.quantization.model_sha256
     assert manifest["model"]["prepared"]["sha256"] == result.model.sha256 != sha256_file(raw_model)
+    convert(result.mapname, model_path=raw_model, output_root=tmp_path)  # (checks the model against the manifest)
 
 
 def test_rerun_is_cached_and_does_not_call_ppq(prefect_server, raw_model, tmp_path, quantize_calls) -> None:
