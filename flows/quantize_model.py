@@ -188,8 +188,8 @@ def quantize_model(
             seconds["evaluate"] = time.perf_counter() - t
             agreement = evaluation.top1_agreement
             logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d held-out inputs", mapname,
-                        100 * evaluation.rel_l2, "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%",
-                        evaluation.samples)
+                        100 * evaluation.rel_l2,
+                        "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%", evaluation.samples)
         seconds["total"] = time.perf_counter() - started
         publish_report(result, seconds, onnx_path, evaluation)
         logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")

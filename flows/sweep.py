@@ -185,7 +185,8 @@ def _device_rows(point: SweepPoint, content: MapContent, spec: CrossbarSpec, eva
         de: DeviceEvaluation = state.result()
         for p in de.points:
             rows.append(point.row(
-                status="completed", rel_l2=p.rel_l2[0], rel_l2_std=p.rel_l2[1], top1_agreement=None if p.top1_agreement is None else p.top1_agreement[0],
+                status="completed", rel_l2=p.rel_l2[0], rel_l2_std=p.rel_l2[1],
+                top1_agreement=None if p.top1_agreement is None else p.top1_agreement[0],
                 accuracy=None if p.accuracy is None else p.accuracy[0],
                 accuracy_std=None if p.accuracy is None else p.accuracy[1], float_accuracy=de.float_accuracy,
                 verified=True, device=label, time_s=p.time, trials=p.trials,

@@ -70,8 +70,9 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                     labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """rel. L2, cosine and top-1 agreement (where the first output of a fixed size is a score vector,
-    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels; ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output:
-    a detector's pixel boxes beside its scores). Outputs whose size depends on the data are left out
+    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels; ``per_output``: each output's
+    own rel. L2, by name (the pooled one is dominated by the largest output: a detector's pixel boxes beside its
+    scores). Outputs whose size depends on the data are left out
     (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the
     output); NaN where none is left."""
     outputs = comparable(quantized, reference, names)
