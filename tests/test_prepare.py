@@ -64,6 +64,22 @@ def test_operators_newer_than_13_are_rewritten_and_checked(tmp_path) -> None:
         prepared.graph.node)
 
 
+def test_an_rms_normalization_of_opset_23_is_written_in_opset_13(tmp_path) -> None:
+    """torch's nn.RMSNorm exported at opset 23 (dynamo) is RMSNormalization, which opset 13 lacks: the model stayed
+    at opset 23, its conversion left out. It is written as a mean of squares, Sqrt and Div, as onnxruntime's
+    SimplifiedLayerNormalization is, and checked against the original."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("RMSNormalization", ["r", "scale"], ["y"], axis=-2, epsilon=1e-3)]
+    model = _model(nodes, {"x": [1, 3, 4, 8]}, {"y": [1, 3, 4, 8]}, 23,
+                   {"scale": rng.standard_normal((4, 8)).astype(np.float32)})
+    done = prepare_model(_save(model, tmp_path / "rms.onnx"), tmp_path / "p.onnx", {"x": [1, 3, 4, 8]},
+                         simplify=False, strict=True)
+    assert (done.source_opset, done.opset) == (23, 13) and done.max_rel_diff < 1e-5
+    types = _types(done.path)
+    assert "RMSNormalization" not in types and types["Sqrt"] == 1 and types["Div"] == 1
+
+
 def test_old_opsets_are_upgraded_and_dims_fixed(tmp_path) -> None:
     nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[1]), helper.make_node("Relu", ["u"], ["y"])]
     model = _model(nodes, {"x": [-1, 4]}, {"y": [-1, 1, 4]}, 11)

@@ -521,7 +521,7 @@ _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax
 #: Rewrites of operators whose definition after opset 13 differs from (or is absent at) opset 13.
 _DOWN: dict[str, Rewrite] = {
     "HardSwish": _hardswish, "LayerNormalization": _layernorm, "Gelu": _gelu, "Mish": _mish,
-    "GroupNormalization": _groupnorm,
+    "GroupNormalization": _groupnorm, "RMSNormalization": lambda node, ctx: _layernorm(node, ctx, centre=False),
     "Shape": _shape_slice, "CastLike": _castlike, "Split": _split, **{op: _reduce_axes for op in _REDUCE},
     "Reshape": _reshape,
     "BatchNormalization": _batchnorm,
