@@ -477,7 +477,8 @@ def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(
 def test_the_advice_for_a_layer_that_loses_its_signal_fits_the_profile(tmp_path) -> None:
     """An input whose one channel is 10^4 times the others (which the convolution weighs zero) puts the others
     within one step of the input's grid: the convolution loses its signal under either profile. The note's advice
-    fits the profile in use (it said "try profile='extended'" to a run already under it)."""
+    fits the profile in use (it said "try profile='extended'" to a run already under it) and the model (it blamed
+    the shared scales of an adder or a concatenation on a model without either)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -499,5 +500,6 @@ def test_the_advice_for_a_layer_that_loses_its_signal_fits_the_profile(tmp_path)
         notes = quantize({"x": [1, 4, 8, 8]}, "cpu", path, mapname=profile, calibset=samples, calib_steps=8,
                          profile=profile, output_root=tmp_path).notes
         advice[profile] = next(n for n in notes if "lose their signal" in n and ": conv." in n)
-    assert "try profile='extended'" in advice["seed"]
+    # no adder or concatenation: shared scales are not the cause, and the seed profile takes no layer_bits
+    assert "adder" not in advice["seed"] and "bit_width; per layer, layer_bits under profile='extended'" in advice["seed"]
     assert "profile='extended'" not in advice["extended"] and "layer_bits" in advice["extended"], advice["extended"]

@@ -766,10 +766,13 @@ def quantize(
         notes.append(f"{len(lost)} device operator(s) lose their signal (noise power at least {LOST_SIGNAL:.0%} of "
                      f"the signal's on the calibration samples): {_listing(lost)}. " + (
                          "A tensor on one grid with a far larger one (the other input of an adder or a concatenation, "
-                         "under the seed profile's shared scales) falls within one step: try profile='extended', or "
-                         "keep_on_host for these." if settings.profile is Profile.SEED else
-                         "Their inputs span ranges one grid of these widths cannot resolve: try more bits for them "
-                         "(layer_bits), or keep_on_host for these."))
+                         "under shared scales) falls within one step: try profile='extended', or keep_on_host for "
+                         "these." if settings.shared_scales and any(c.op_type in ("Add", "Concat")
+                                                                     for c in quantinfo.values()) else
+                         "Their inputs span ranges one grid of these widths cannot resolve: try more bits for them ("
+                         + ("layer_bits" if settings.profile is Profile.EXTENDED else
+                            "bit_width; per layer, layer_bits under profile='extended'")
+                         + "), or keep_on_host for these."))
         log.warning(notes[-1])
     mixed_json = None if done.mixed is None else done.mixed.to_json()
 
