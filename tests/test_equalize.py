@@ -176,3 +176,16 @@ def test_a_lookup_table_read_by_depthwise_convolutions_gets_its_channels_one_ran
     assert _rel(_run(model, new), _run(original, new)) < 1e-5
     errors = _errors_with_and_without_gain(original, tmp_path, monkeypatch)
     assert errors["with"] < 0.7 * errors["without"], errors
+
+
+def test_a_channel_that_is_always_zero_keeps_its_gain_without_a_warning() -> None:
+    """A dead depthwise channel (silabs-mltk's TENet keyword spotters have several) keeps gain 1; numpy's 'overflow
+    encountered in divide' printed on every such model, from a quotient np.where then discarded."""
+    import warnings
+
+    from maptools.quantization.equalize import DEPTHWISE_GAIN, _gain_to_top
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gains = _gain_to_top(np.array([0.0, 0.5, 20.0, 4.0]))
+    assert gains.tolist() == [1.0, DEPTHWISE_GAIN, 1.0, 5.0]

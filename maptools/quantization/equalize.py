@@ -230,8 +230,8 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
 def _gain_to_top(peak: np.ndarray) -> np.ndarray:
     """Per channel, the factor that takes its range ``peak`` to the largest one's, at most :data:`DEPTHWISE_GAIN`
     (1 for a channel that is always zero)."""
-    return np.where(peak > 0, np.minimum(peak.max() / np.maximum(peak, np.finfo(np.float64).tiny), DEPTHWISE_GAIN),
-                    1.0)
+    # (zero channels divide by 1, not by the tiniest float: no overflow where np.where discards the quotient)
+    return np.where(peak > 0, np.minimum(peak.max() / np.where(peak > 0, peak, 1.0), DEPTHWISE_GAIN), 1.0)
 
 
 def _rows_scaled(weight: onnx.TensorProto, scale: np.ndarray) -> None:
