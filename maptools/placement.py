@@ -442,13 +442,38 @@ def _attention_macs(node: onnx.NodeProto, ins: list[list[int] | None]) -> int:
     return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])  # [B, heads, S, width]
 
 
-def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]]) -> int:
+def _function_macs(node: onnx.NodeProto, function: onnx.FunctionProto, dims: Mapping[str, list[int]],
+                   functions: Mapping[tuple[str, str], onnx.FunctionProto]) -> int:
+    """A call of a model-local function (one preparation could not inline): its body's multiply-accumulates, with
+    the shapes ONNX infers from the call's input shapes; 0 where those are unknown or inference fails."""
+    shapes = [dims.get(t) for t in node.input]
+    if len(shapes) > len(function.input) or any(s is None for s in shapes):
+        return 0
+    body = onnx.helper.make_graph(
+        list(function.node), function.name,
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+         for name, shape in zip(function.input, shapes)],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in function.output])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(onnx.helper.make_model(
+            body, opset_imports=list(function.opset_import), functions=list(functions.values())))
+    except Exception:  # noqa: BLE001  (attribute references, types other than float: its work is not known)
+        return 0
+    inner = _dims(inferred.graph)
+    return sum(_node_macs(n, inner, functions) for n in inferred.graph.node)
+
+
+def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]],
+               functions: Mapping[tuple[str, str], onnx.FunctionProto] | None = None) -> int:
     """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
-    a Loop's or Scan's body once: :func:`macs` multiplies a Loop's by a constant trip count)."""
+    a Loop's or Scan's body once: :func:`macs` multiplies a Loop's by a constant trip count), a call of one of the
+    model's ``functions`` its body's."""
     bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     if bodies:
-        return max(sum(_node_macs(n, inner) for n in body.node) for body in bodies
+        return max(sum(_node_macs(n, inner, functions) for n in body.node) for body in bodies
                    for inner in [_dims(body, dims)])
+    if functions and (node.domain, node.op_type) in functions:
+        return _function_macs(node, functions[node.domain, node.op_type], dims, functions)
     op, ins = node.op_type, [dims.get(t) for t in node.input]
     out = dims.get(node.output[0]) if node.output else None
     if (node.domain, op) in _INTEGER_FORMS:  # an already-quantized model's integer operators: the same work
@@ -507,8 +532,8 @@ def _einsum_macs(equation: str, shapes: list[list[int] | None]) -> int:
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, and control flow whose bodies do: a Loop's
-    body as many times as its constant trip count), from the shapes the prepared model records; operators without
+    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, control flow whose bodies do: a Loop's
+    body as many times as its constant trip count, and calls of local functions whose bodies do), from the shapes the prepared model records; operators without
     known shapes count 0 (a recurrent cell whose input shape is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
@@ -516,7 +541,9 @@ def macs(model: onnx.ModelProto) -> dict[str, int]:
         except Exception:  # noqa: BLE001  (the bodies' work then counts where their shapes are known)
             pass
     dims, consts = _dims(model.graph), constant_values(model)
-    return {node.name: count * _trips(node, consts) for node in model.graph.node if (count := _node_macs(node, dims))}
+    functions = {(f.domain, f.name): f for f in model.functions}
+    return {node.name: count * _trips(node, consts) for node in model.graph.node
+            if (count := _node_macs(node, dims, functions))}
 
 
 #: The largest constant trip count a Loop's work is multiplied by: tf2onnx writes a ``while`` loop's as the int64

@@ -505,13 +505,18 @@ def test_a_model_calling_local_functions_quantizes_converts_and_simulates(case: 
     """onnx's inliner leaves a function importing another opset than the model's where it is called, and drops an
     attribute the call leaves out instead of taking the function's default: quantize failed at the call (probe
     round 20, onnxscript's output). Both are inlined now; a function whose operators onnx defines otherwise at the
-    model's opset stays a call, on the host, and runs with its function in quant_model.onnx and the simulation."""
+    model's opset stays a call, on the host, and runs with its function in quant_model.onnx and the simulation; its
+    body's work counts, on the host."""
     result, error = _pipeline(_function_model(case), {"input": [1, 3, 16, 16]}, tmp_path, case)
     assert error < 0.05, error
     host = result.placement.host_ops
     assert list(host) == (["call"] if case == "different_definition" else []), host
     inlined = not any(n.domain == "local.fn" for n in onnx.load(str(result.map_dir / "model.onnx")).graph.node)
     assert inlined == (case != "different_definition")
+    # the call's convolution counts in the model's work, on the host where the call stays (it counted 0, and the
+    # crossbars' share read 100%)
+    assert result.placement.total_macs == 16 * 16 * (8 * 27 + 4 * 8)
+    assert result.placement.device_macs == 16 * 16 * (4 * 8 if case == "different_definition" else 8 * 27 + 4 * 8)
 
 
 def test_a_caffe_sum_is_added_on_the_device(tmp_path: Path) -> None:
