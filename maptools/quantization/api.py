@@ -213,7 +213,7 @@ def _read_out(graph: Any, settings: QuantSettings, mixed: MixedPrecisionReport |
                                  "Conv/Gemm input on a quantization grid.", operator=unquantized[0])
     quantparams = graph.quantparams(quantinfo)
     t = time.perf_counter()
-    qdq = graph.qdq_model()
+    qdq = graph.qdq_model(quantinfo, quantparams)
     return _Quantized(graph, settings, mixed, quantinfo, quantparams, qdq, time.perf_counter() - t)
 
 

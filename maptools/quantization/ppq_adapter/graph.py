@@ -57,6 +57,12 @@ def _setting(settings: QuantSettings, device: str) -> Any:
 LSQ_STEPS = 200
 
 
+def _bias_scale(cfg: QuantConfig, count: int) -> np.ndarray:
+    """The scale of an operator's int32 bias codes, per output channel: its input scale x its weight scale."""
+    scale = cfg.weight_scale.astype(np.float64)
+    return cfg.input_scale * (scale if scale.size > 1 else np.full(count, scale[0]))
+
+
 class QuantizedGraph:
     """A PPQ graph after quantization, seen through what maptools needs of it."""
 
@@ -142,9 +148,7 @@ class QuantizedGraph:
                 if op.type in CROSSBAR_OP_TYPES and not on_grid(op.inputs[0], op.input_quant_config[0])]
 
     def quantparams(self, quantinfo: Mapping[str, QuantConfig]) -> dict[str, np.ndarray | None]:
-        """Integer weights (int8 storage) and int32 biases at scale input_scale x weight_scale. Each bias in the graph
-        becomes its code times that scale, so that :meth:`qdq_model` adds what the device adds (a float bias there
-        had put ``quant_model.onnx`` 0.03% from the integer simulation at 8 bits, 1.9% at 4)."""
+        """Integer weights (int8 storage) and int32 biases at scale input_scale x weight_scale."""
         params: dict[str, np.ndarray | None] = {}
         for op in self._quantized_ops():
             cfg = quantinfo.get(op.name)
@@ -167,11 +171,7 @@ class QuantizedGraph:
                     raise QuantizationFailed(f"operator {op.name} has a float input, so its bias has no int32 scale.",
                                              "report this model to the maptools maintainers.")
                 b = op.inputs[2].value.detach().cpu().double().numpy().reshape(-1)
-                b_scale = cfg.input_scale * scale if scale.size > 1 else cfg.input_scale * np.full(b.shape, scale[0])
-                bias = np.clip(np.rint(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
-                value = op.inputs[2].value
-                op.inputs[2].value = torch.as_tensor(bias * b_scale, dtype=value.dtype,
-                                                     device=value.device).reshape(value.shape)
+                bias = np.clip(np.rint(b / _bias_scale(cfg, b.size)), -(2**31), 2**31 - 1).astype(np.int32)
             params[param_key(op.name, op.type, "bias")] = bias
         return params
 
@@ -188,8 +188,14 @@ class QuantizedGraph:
             outs = self._get_executor().forward(inputs=feed, output_names=names)
         return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
 
-    def qdq_model(self) -> bytes:
+    def qdq_model(self, quantinfo: Mapping[str, QuantConfig] | None = None,
+                  quantparams: Mapping[str, np.ndarray | None] | None = None) -> bytes:
         """The QDQ model onnxruntime runs, exact at every width (see :class:`_ExactExporter`), serialized.
+
+        With the map's ``quantinfo`` and ``quantparams`` (:meth:`quantparams`), each crossbar bias is written as
+        the device adds it, its int32 code times input scale x weight scale (a float bias had put
+        ``quant_model.onnx`` 0.03% from the integer simulation at 8 bits, 1.9% at 4); without, as PPQ's
+        simulation adds it, in float.
 
         PPQ's exporter lists graph inputs and outputs in its own variable order (leaving out inputs no node
         reads) and names the tensors it adds from a process-wide counter; inputs and outputs are put back in
@@ -197,9 +203,16 @@ class QuantizedGraph:
         bytes. A weight PPQ copied for each operator reading it is written once (:func:`one_copy_each`).
         """
         written = io.BytesIO()  # PPQ's exporter onnx.save()s to it: no file written and read back
+        graph = self._graph.copy()  # (new variables, the same tensors: a bias replaced here stays in the copy)
+        for op in self._quantized_ops() if quantinfo is not None and quantparams is not None else ():
+            cfg = quantinfo.get(op.name)
+            codes = quantparams.get(param_key(op.name, op.type, "bias")) if cfg is not None and cfg.has_weights else None
+            if codes is not None:
+                bias = graph.operations[op.name].inputs[2]
+                bias.value = torch.as_tensor(codes * _bias_scale(cfg, codes.size),
+                                             dtype=bias.value.dtype, device=bias.value.device).reshape(bias.value.shape)
         with _quiet(), ppq_step("exporting the QDQ model"):
-            _ExactExporter().export(file_path=written, config_path=None, graph=self._graph.copy(),
-                                    quantized_param=False)
+            _ExactExporter().export(file_path=written, config_path=None, graph=graph, quantized_param=False)
         exported = onnx.ModelProto.FromString(written.getbuffer())
         # an input no node reads (paddle2onnx's sequence lengths) is not a PPQ variable: it is put back, so
         # quant_model.onnx takes the same feeds as the model
