@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comparable", "compare_outputs", "is_score_vector", "rel_l2", "per_output_line"]
+__all__ = ["comparable", "compare_outputs", "is_score_vector", "rel_l2", "mean_output_error", "per_output_line"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ def rel_l2(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequen
     no output is comparable)."""
     outputs = comparable(quantized, reference)
     return _rel(_flat(quantized, outputs), _flat(reference, outputs)) if outputs else float("nan")
+
+
+def mean_output_error(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
+    """The mean over the :func:`comparable` outputs of each one's own relative L2 over every sample: each output
+    weighted alike (a detector's box offsets as much as its scores, which the pooled :func:`rel_l2` lets the larger
+    one outweigh); NaN where no output is comparable."""
+    errors = [rel_l2([[q[i]] for q in quantized], [[f[i]] for f in reference])
+              for i in comparable(quantized, reference)]
+    return float(np.mean(errors)) if errors else float("nan")
 
 
 def _finite(q: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MOD
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
-from maptools.metrics import rel_l2
+from maptools.metrics import mean_output_error, rel_l2
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, ModelError, QuantizationFailed, SettingsError
@@ -185,7 +185,7 @@ def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, ste
 
     def measure(graph: Any, reference: list[list[np.ndarray]]) -> float:
         outputs = [graph.run({k: torch.from_numpy(v) for k, v in s.items()}, output_names=names) for s in samples]
-        return rel_l2([[o[n] for n in names] for o in outputs], reference)
+        return mean_output_error([[o[n] for n in names] for o in outputs], reference)
 
     return search(model, samples, settings, budget, quantize_at, measure)
 

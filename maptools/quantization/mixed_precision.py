@@ -1,7 +1,8 @@
 """Per-layer mixed precision under a budget: what ``quantize(..., bit_width='auto', budget=...)`` runs.
 
 1. Sensitivity, on the float model in onnxruntime (one session for every variant): for each
-   crossbar layer and each candidate width, the relative L2 error of the model's outputs when only
+   crossbar layer and each candidate width, the output error (each output's relative L2, averaged over the
+   outputs: :func:`~maptools.metrics.mean_output_error`) when only
    that layer's weights (per channel, as PPQ quantizes them), or only the input it reads, are
    quantized at that width. Measured on the first calibration samples.
 2. Choice: noise powers add, so the predicted error of an assignment is
@@ -31,7 +32,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from maptools.errors import BudgetError, SettingsError
-from maptools.metrics import rel_l2
+from maptools.metrics import mean_output_error
 from maptools.onnx_model import ort_session
 from maptools.placement import CROSSBAR_OP_TYPES, Role, place
 from maptools.settings import QuantSettings, ScalePolicy
@@ -39,7 +40,7 @@ from maptools.settings import QuantSettings, ScalePolicy
 log = logging.getLogger(__name__)
 
 __all__ = ["Budget", "LayerChoice", "MixedPrecisionReport", "BudgetError", "measure_sensitivity", "choose",
-           "search", "rel_l2", "crossbar_layers", "WEIGHT_CHOICES", "INPUT_CHOICES", "SENSITIVITY_SAMPLES"]
+           "search", "crossbar_layers", "WEIGHT_CHOICES", "INPUT_CHOICES", "SENSITIVITY_SAMPLES"]
 
 WEIGHT_CHOICES = (2, 4, 6, 8)
 INPUT_CHOICES = (4, 6, 8)
@@ -54,8 +55,9 @@ class Budget:
     """What ``bit_width='auto'`` must meet: a maximum output error, or a maximum weight memory.
 
     Attributes:
-        output_error: largest relative L2 error of the quantized model's outputs against the float
-            model, on the calibration samples (e.g. 0.05).
+        output_error: largest error of the quantized model's outputs against the float model on the calibration
+            samples (e.g. 0.05): each output's relative L2, averaged over the outputs, as ``algorithm='auto'``
+            weighs them (:func:`~maptools.metrics.mean_output_error`).
         weight_bytes: largest weight memory: weights packed at their widths plus int32 biases (as
             :func:`maptools.evaluation.weight_memory_bytes` counts it).
         error_ratio: largest output error as a multiple of the error with every layer at the widest
@@ -304,7 +306,7 @@ def measure_sensitivity(model: onnx.ModelProto, samples: Sequence[Mapping[str, n
     reference = [[r[o] for o in model_outputs] for r in reference_runs]
 
     def error(extra: Mapping[str, np.ndarray]) -> float:
-        return rel_l2([[r[o] for o in model_outputs] for r in run(extra, model_outputs)], reference)
+        return mean_output_error([[r[o] for o in model_outputs] for r in run(extra, model_outputs)], reference)
 
     shapes = {}
     inferred = onnx.shape_inference.infer_shapes(model)
