@@ -79,7 +79,7 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                     labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """rel. L2, cosine and top-1 agreement (where the first output of a fixed size is a score vector,
-    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels; ``per_output``: each output's
+    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels (on a score vector too); ``per_output``: each output's
     own rel. L2, by name (the pooled one is dominated by the largest output: a detector's pixel boxes beside its
     scores). Outputs whose size depends on the data are left out
     (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the
@@ -100,10 +100,14 @@ def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequen
     result["rel_l2"] = _rel(q, f)
     result["cosine"] = float(q @ f / (norm_q * norm_f)) if norm_q > 0 and norm_f > 0 else 0.0
     result["per_output"] = {name: _rel(q_i, f_i) for name, (q_i, f_i) in flat.items()}
+    if not is_score_vector(reference[0][outputs[0]]):
+        if labels is not None:
+            log.warning("labels were given, and the first output (shape %s) is not a vector of class scores: no "
+                        "accuracy", list(np.shape(reference[0][outputs[0]])))
+        return result
     top_q = np.array([int(np.argmax(sample[outputs[0]])) for sample in quantized])
     top_f = np.array([int(np.argmax(sample[outputs[0]])) for sample in reference])
-    if is_score_vector(reference[0][outputs[0]]):
-        result["top1_agreement"] = float(np.mean(top_q == top_f))
+    result["top1_agreement"] = float(np.mean(top_q == top_f))
     if labels is not None:
         result["accuracy"] = float(np.mean(top_q == labels))
         result["float_accuracy"] = float(np.mean(top_f == labels))

@@ -67,8 +67,8 @@ def test_top1_agreement_is_measured_on_class_scores_only() -> None:
         images = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
         result = compare_outputs([[i * np.float32(1.01)] for i in images], [[i] for i in images])
         assert result["top1_agreement"] is None and abs(result["rel_l2"] - 0.01) < 1e-6
-    labels = np.array([3, 4])  # labels say the output is a class score, whatever its layout
-    assert compare_outputs([[i] for i in images], [[i] for i in images], labels)["float_accuracy"] is not None
+    labels = np.array([3, 4])  # an argmax over every element is no class, with labels too
+    assert compare_outputs([[i] for i in images], [[i] for i in images], labels)["accuracy"] is None
 
 
 def test_where_the_float_model_overflows_the_error_is_taken_over_the_finite_elements(caplog) -> None:
