@@ -725,6 +725,11 @@ def quantize(
         seconds["export"] = done.export_seconds
         prepared_bytes = prepared.path.read_bytes()  # with the operators kept on the host recorded in it
     graph, settings, quantinfo = done.graph, done.settings, done.quantinfo
+    if settings.optimization is Optimization.EQUALIZATION and graph.equalization_pairs == 0:
+        notes.append("optimization='equalization' found no pair of layers to rescale (PPQ's layer-wise "
+                     "equalization takes a Conv/Gemm whose output reaches another through Relu/Clip-like operators "
+                     "only; a Sigmoid/SiLU between them stops it): the map is the one optimization='none' gives.")
+        log.warning(notes[-1])
     prepared_model = onnx.ModelProto.FromString(prepared_bytes)
     report = placement_report(prepared_model)
     failed = [name for name in report.fallbacks if name not in keep_on_host]

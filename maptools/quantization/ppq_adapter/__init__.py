@@ -326,6 +326,7 @@ def quantize_graph(
     result = QuantizedGraph(quantizer._graph, device, settings, placement, model, model_bytes, batch=batch,
                             reference=reference)
     result._executor = executor
+    result.equalization_pairs = quantizer.equalization_pairs
     if settings.optimization is Optimization.FAST_BIAS_CORRECTION:
         with ppq_step("correcting biases"):
             correct_biases(result, calibration, calib_steps)

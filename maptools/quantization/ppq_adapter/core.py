@@ -35,7 +35,8 @@ __all__ = ["ppq_version", "PPQ_VERSIONS", "_APPLIED", "ppq",
            "_ppq_defs", "DataType", "NetworkFramework", "QuantizationPolicy", "QuantizationProperty",
            "QuantizationStates", "OPERATION_FORWARD_TABLE", "GraphCommand", "GraphCommandType", "GraphFormatter",
            "ONNXRUNTIMExporter", "graphwise_error_analyse", "OBSERVER_TABLE", "TorchHistObserver",
-           "TorchMinMaxObserver", "TorchPercentileObserver", "ParameterBakingPass", "ParameterQuantizePass",
+           "TorchMinMaxObserver", "TorchPercentileObserver", "LayerwiseEqualizationPass", "ParameterBakingPass",
+           "ParameterQuantizePass",
            "PassiveParameterQuantizePass",
            "QuantAlignmentPass", "QuantizationOptimizationPipeline", "QuantizeFusionPass", "RuntimeCalibrationPass",
            "QuantizationOptimizationPass", "TensorRTQuantizer"]
@@ -77,9 +78,9 @@ with contextlib.redirect_stdout(io.StringIO()):  # ppq prints a banner on import
     from ppq.quantization.analyse import graphwise_error_analyse
     from ppq.quantization.observer import OBSERVER_TABLE
     from ppq.quantization.observer.range import TorchHistObserver, TorchMinMaxObserver, TorchPercentileObserver
-    from ppq.quantization.optim import (ParameterBakingPass, ParameterQuantizePass, PassiveParameterQuantizePass,
-                                        QuantAlignmentPass, QuantizationOptimizationPipeline, QuantizeFusionPass,
-                                        RuntimeCalibrationPass)
+    from ppq.quantization.optim import (LayerwiseEqualizationPass, ParameterBakingPass, ParameterQuantizePass,
+                                        PassiveParameterQuantizePass, QuantAlignmentPass,
+                                        QuantizationOptimizationPipeline, QuantizeFusionPass, RuntimeCalibrationPass)
     from ppq.quantization.optim.base import QuantizationOptimizationPass
     from ppq.quantization.quantizer import TensorRTQuantizer
 

@@ -77,6 +77,7 @@ class QuantizedGraph:
         self._executor: Any = None
         self._batch = batch  # samples per forward the graph is known to accept (see _batch_size)
         self._reference = reference  # the prepared model's float session, where quantize_graph had one
+        self.equalization_pairs: int | None = None  # layer pairs optimization='equalization' rescaled
 
     @property
     def input_names(self) -> list[str]:

@@ -4,6 +4,7 @@ scales, biases and shared grids in the crossbar contract."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from maptools.errors import QuantizationFailed
 from maptools.placement import CROSSBAR_OP_TYPES, FUSABLE_ACTIVATIONS, Placement, Role
 from maptools.settings import QuantSettings, ScalePolicy
-from maptools.quantization.ppq_adapter.core import (ParameterBakingPass, ParameterQuantizePass,
+from maptools.quantization.ppq_adapter.core import (LayerwiseEqualizationPass, ParameterBakingPass,
+                                                    ParameterQuantizePass,
                                                     PassiveParameterQuantizePass, QuantAlignmentPass,
                                                     QuantableOperation, QuantizationOptimizationPass,
                                                     QuantizationOptimizationPipeline, QuantizationPolicy,
@@ -38,6 +40,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
         self._settings = settings
         self._placement = placement
         self._unsigned = unsigned  # tensors quantized on [0, 2^b - 1]
+        self.equalization_pairs: int | None = None  # layer pairs PPQ's equalization found (None: it did not run)
         bits = settings.activation_bits
         self._num_of_bits, self._quant_min, self._quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
@@ -127,6 +130,23 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
             if isinstance(step, ParameterQuantizePass) and not self._settings.optimization.in_ppq:
                 passes.append(ParameterBakingPass())  # the correction passes work on unbaked weights
         return QuantizationOptimizationPipeline(passes=passes)
+
+    def build_prequant_pipeline(self, setting: Any, executor: Any) -> Any:
+        """PPQ's pipeline before quantization, with the layer pairs its equalization finds counted
+        (:attr:`equalization_pairs`)."""
+        pipeline = super().build_prequant_pipeline(setting, executor)
+        for step in pipeline:
+            if isinstance(step, LayerwiseEqualizationPass):
+                step.find_equalization_pair = self._counted(step.find_equalization_pair)
+        return pipeline
+
+    def _counted(self, find: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+        """PPQ's search for layer pairs to equalize, its count kept in :attr:`equalization_pairs`."""
+        def counted(*args: Any, **kwargs: Any) -> list[Any]:
+            pairs = find(*args, **kwargs)
+            self.equalization_pairs = len(pairs)
+            return pairs
+        return counted
 
 
 #: Largest magnitude of an int32 bias code: the accumulator keeps 2^30 of headroom for the products.
