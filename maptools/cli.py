@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -46,9 +47,26 @@ def _error_line(message: str) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def fail(error: MaptoolsError) -> NoReturn:
-    """Print ``error`` as one line on stderr and exit with code 2 (bad input)."""
-    _error_line(str(error))
+#: Python spellings the command line writes otherwise: a keyword whose option has another name, the budgets
+_SPELLED = [(r"\bbit_width=", "bits="), (r"\b(?:budget=)?\{'output_error': ([\w.]+)\}", r"max_error=\1"),
+            (r"\{'error_ratio': ([\w.]+)\}", r"max_error_ratio=\1"),
+            (r"\{'weight_bytes': ([\w.]+)\}", r"max_weight_bytes=\1")]
+
+
+def _as_options(text: str, ctx: typer.Context) -> str:
+    """``text`` with each Python keyword argument of the command's options (``profile='extended'``,
+    ``budget={'output_error': 0.05}``) written as its option (``--profile extended``, ``--max-error 0.05``)."""
+    options = {p.name: p.opts[0] for p in ctx.command.params if p.opts and p.opts[0].startswith("--")}
+    for pattern, spelled in _SPELLED:
+        text = re.sub(pattern, spelled, text)
+    return re.sub(r"\b(\w+)=(?:'([^']*)'|([\w.-]+))",
+                  lambda m: f"{options[m[1]]} {m[2] if m[2] is not None else m[3]}" if m[1] in options else m[0], text)
+
+
+def fail(error: MaptoolsError, ctx: typer.Context | None = None) -> NoReturn:
+    """Print ``error`` as one line on stderr (with the command's ``ctx``, Python keywords written as its options)
+    and exit with code 2 (bad input)."""
+    _error_line(str(error) if ctx is None else _as_options(str(error), ctx))
     raise typer.Exit(2)
 
 
@@ -195,6 +213,7 @@ class _CalibrationBar(Progress):
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model to quantize, as exported (it is prepared first).",
                                           show_default=False, metavar="MODEL.onnx")],
     input_shape: Annotated[list[str] | None, typer.Option(
@@ -290,7 +309,7 @@ def quantize(
                 profile=profile, layer_bits=_parse_layer_bits(layer_bits or []),
             )
     except MaptoolsError as e:
-        fail(e)
+        fail(e, ctx)
     if json_output:
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -90,7 +90,11 @@ def dynamic_model(path: Path) -> Path:
 
 @pytest.mark.parametrize(("args", "words"), [
     (["--bits", "9"], "--bits"),
-    (["--bits", "auto"], "exactly one budget"),
+    (["--bits", "auto", "--profile", "extended"], "exactly one budget"),
+    # the fixes name the options, not quantize()'s keywords
+    (["--bits", "auto", "--profile", "extended"], "pass e.g. --max-error 0.05, --max-error-ratio 1.5"),
+    (["--bits", "auto", "--max-error", "0.1"], "pass --profile extended with --bits auto."),
+    (["--activation-sign", "auto"], "--activation-sign auto: the seed profile's downstream"),
     (["--bits", "auto", "--max-error-ratio", "0.5"], "--max-error-ratio"),
     (["--scale-policy", "log2"], "--scale-policy"),
     (["--calib-steps", "7"], "--calib-steps"),
