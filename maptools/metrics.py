@@ -79,11 +79,11 @@ def _rel(q: np.ndarray, f: np.ndarray) -> float:
 def compare_outputs(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
                     labels: np.ndarray | None = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """rel. L2, cosine and top-1 agreement (where the first output of a fixed size is a score vector,
-    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels (on a score vector too); ``per_output``: each output's
-    own rel. L2, by name (the pooled one is dominated by the largest output: a detector's pixel boxes beside its
-    scores). Outputs whose size depends on the data are left out
-    (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the
-    output); NaN where none is left."""
+    :func:`is_score_vector`; else None) of per-sample outputs; accuracies with labels (on a score vector too);
+    ``per_output``: each output's own rel. L2, by name (the pooled one is dominated by the largest output: a
+    detector's pixel boxes beside its scores). Outputs whose size depends on the data are left out
+    (:func:`comparable`), and so are the elements where the reference is not finite (a warning names the output);
+    NaN where none is left."""
     outputs = comparable(quantized, reference, names)
     result: dict[str, Any] = {"rel_l2": float("nan"), "cosine": float("nan"), "top1_agreement": None,
                               "accuracy": None, "float_accuracy": None, "per_output": {}}

@@ -207,7 +207,8 @@ class QuantizedGraph:
         graph = self._graph.copy()  # (new variables, the same tensors: a bias replaced here stays in the copy)
         for op in self._quantized_ops() if quantinfo is not None and quantparams is not None else ():
             cfg = quantinfo.get(op.name)
-            codes = quantparams.get(param_key(op.name, op.type, "bias")) if cfg is not None and cfg.has_weights else None
+            has_bias = cfg is not None and cfg.has_weights
+            codes = quantparams.get(param_key(op.name, op.type, "bias")) if has_bias else None
             if codes is not None:
                 bias = graph.operations[op.name].inputs[2]
                 bias.value = torch.as_tensor(codes * _bias_scale(cfg, codes.size),
