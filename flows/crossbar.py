@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from maptools_flows.plots import png_bytes, pyplot
 from maptools_flows.quantize_model import QuantizeModelResult
-from maptools_flows.tasks import _CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key, _per_output_table
+from maptools_flows.tasks import (_CACHE, _PERSIST, _RETRY, EvaluationSpec, _artifact_key, _pct,
+                                  _per_output_table)
 from maptools import conversion
 from maptools.maps.artifacts import MapFolder
 from maptools.crossbar.device import DeviceModel
@@ -145,10 +146,6 @@ def _mean_std(value: tuple[float, float, Any] | None) -> str:
     return "-" if value is None else f"{100 * value[0]:.1f}% +- {100 * value[1]:.1f}"
 
 
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 @task(name="publish-device-report")
 def publish_device_report(mapname: str, runs: dict[str, DeviceEvaluation],
                           noise: dict[float, DeviceEvaluation] | None = None) -> str:
@@ -249,8 +246,8 @@ def publish_crossbar_report(mapname: str, mapped: CrossbarMap, error: CrossbarEr
     lines = [f"# `{mapname}` on {s.rows}x{s.cols} crossbars", "",
              "| output error vs float (rel. L2) | top-1 agreement | accuracy | added by the crossbars (rel. L2 vs the "
              "lossless integer simulation) | agreement with it | inputs |", "|---|---|---|---|---|---|",
-             f"| **{100 * error.rel_l2:.2f}%** | {_share(error.top1_agreement)} | {accuracy} | "
-             f"{100 * error.integer_rel_l2:.2f}% | {_share(error.integer_agreement)} | {error.samples} "
+             f"| **{100 * error.rel_l2:.2f}%** | {_pct(error.top1_agreement, 1)} | {accuracy} | "
+             f"{100 * error.integer_rel_l2:.2f}% | {_pct(error.integer_agreement, 1)} | {error.samples} "
              f"({error.source}) |", "", *_per_output_table(error.per_output),
              "| arrays | utilization | cycles / inference | ADC bits (spec) | ADC bits a lossless readout needs: "
              "observed / worst case |", "|---|---|---|---|---|",
