@@ -93,6 +93,8 @@ def test_a_quantized_model_quantizes_onto_the_crossbars(fmt: str, shipped: dict[
     assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
     assert not any("quantized already" in n for n in result.notes), result.notes
     assert any(s.startswith("the model is quantized: rewritten as float") for s in result.prepared["steps"])
+    # the errors are against the float equivalent, and the notes say so, with how far that is from the model as given
+    assert any(n.startswith("the model as given is a quantized one") and "without them" in n for n in result.notes)
     xs = [np.random.default_rng(i).random(SHAPE, dtype=np.float32) for i in range(4)]
     assert _rel(_run(result.quant_model_path, xs), _run(shipped["float"], xs)) < 0.1
 

@@ -61,7 +61,7 @@ from maptools.prepare.rewrites import (_einsum_as_matmul, _explicit_pads, _fold_
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedModel", "prepare_model", "prepare", "opset_report", "fingerprint", "TARGET_OPSET", "opset_of",
-           "PREPARED_KEY", "Reference", "reference_outputs", "check_equivalent"]
+           "PREPARED_KEY", "DEQUANTIZED", "Reference", "reference_outputs", "check_equivalent"]
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -556,6 +556,10 @@ DEQUANTIZED_TOLERANCE = 0.5
 DEQUANTIZED_TOLERANCE_RECURRENT = 1.0
 
 
+#: How the step of a quantized model rewritten as float (:func:`_dequantized`) begins.
+DEQUANTIZED = "the model is quantized: rewritten as float"
+
+
 def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], checks: int, seed: int,
                  sample: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """A model an integer quantizer wrote (:data:`QUANTIZED_OP_TYPES`) as its float equivalent
@@ -590,7 +594,7 @@ def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], ch
                    f"differ by {error:.1%} rel. L2 on random inputs{where})")
         return model, [skipped], [skipped]
     what = ", ".join(f"{count} {op}" for op, count in done.items())
-    return floated, [f"the model is quantized: rewritten as float ({what}); with its quantizers kept, its outputs "
+    return floated, [f"{DEQUANTIZED} ({what}); with its quantizers kept, its outputs "
                      f"{error:.2%} (rel. L2) from the quantized model's on random inputs{where}, without them "
                      f"{unrounded:.2%}"], []
 

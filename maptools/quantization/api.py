@@ -37,7 +37,7 @@ from maptools.onnx_model import (DEFAULT_DOMAINS, ModelInput, check_input_shapes
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
-from maptools.prepare import TARGET_OPSET, opset_of, prepare_model
+from maptools.prepare import DEQUANTIZED, TARGET_OPSET, opset_of, prepare_model
 from maptools.quantinfo import QuantConfig, quantinfo_to_json
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy, field_bounds)
@@ -740,6 +740,10 @@ def quantize(
                      "error.")
         log.warning(notes[-1])
     notes.extend(f"preparation left out: {step}" for step in prepared.fallbacks)
+    for step in (s for s in prepared.steps if s.startswith(DEQUANTIZED)):
+        notes.append("the model as given is a quantized one: maptools quantized its float equivalent on its own grids, "
+                     f"and every error here is measured against that float model, not the model as given ({step}).")
+        log.warning(notes[-1])
     quantized = sorted({n.op_type for n in prepared_model.graph.node if n.op_type in QUANTIZED_OP_TYPES})
     if quantized:
         notes.append(f"the model is quantized already ({', '.join(quantized)}): those operators run on the host as "
