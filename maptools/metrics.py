@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comparable", "compare_outputs", "is_score_vector", "rel_l2", "mean_output_error", "per_output_line"]
+__all__ = ["comparable", "compare_outputs", "is_score_vector", "rel_l2", "mean_output_error", "split_parts", "Parts",
+           "per_output_line"]
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,31 @@ def rel_l2(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequen
     return _rel(_flat(quantized, outputs), _flat(reference, outputs)) if outputs else float("nan")
 
 
-def mean_output_error(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
+#: Where a Concat assembled an output: ``(axis, bounds)``, its parts ``[bounds[k], bounds[k + 1])`` on ``axis``.
+Parts = tuple[int, tuple[int, ...]]
+
+
+def split_parts(x: np.ndarray, parts: Parts) -> list[np.ndarray]:
+    """``x`` cut into its ``parts``."""
+    axis, bounds = parts
+    return [np.take(x, range(lo, hi), axis) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def mean_output_error(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
+                      parts: Mapping[int, Parts] | None = None) -> float:
     """The mean over the :func:`comparable` outputs of each one's own relative L2 over every sample: each output
     weighted alike (a detector's box offsets as much as its scores, which the pooled :func:`rel_l2` lets the larger
-    one outweigh); NaN where no output is comparable."""
-    errors = [rel_l2([[q[i]] for q in quantized], [[f[i]] for f in reference])
-              for i in comparable(quantized, reference)]
-    return float(np.mean(errors)) if errors else float("nan")
+    one outweigh), and an output in ``parts`` (by position) the mean of its parts' own; NaN where no output is
+    comparable."""
+    errors = []
+    for i in comparable(quantized, reference):
+        q, f = [s[i] for s in quantized], [s[i] for s in reference]
+        if parts and i in parts:  # each part's error, over the samples' pieces of it
+            pieces = zip(zip(*(split_parts(x, parts[i]) for x in q)), zip(*(split_parts(x, parts[i]) for x in f)))
+            errors.append(float(np.nanmean([rel_l2([[p] for p in qs], [[p] for p in fs]) for qs, fs in pieces])))
+        else:
+            errors.append(rel_l2([[x] for x in q], [[x] for x in f]))
+    return float(np.nanmean(errors)) if errors and not np.isnan(errors).all() else float("nan")
 
 
 def _finite(q: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -82,7 +82,8 @@ def prepare_onnx(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not prepared yet, or the cached copy is damaged: prepare again
     if prepared is None:
-        done = prepare.prepare_model(source, target, shapes, simplify=simplify, sample=sample or None)
+        done = prepare.prepare_model(source, target, shapes, simplify=simplify, sample=sample or None,
+                                     loaded=model, source_sha256=source_sha)  # (loaded and hashed once)
         write_json(record, {"source_sha256": source_sha, "sha256": done.sha256, "max_abs_diff": done.max_abs_diff,
                             "steps": list(done.steps)})
         prepared = PreparedOnnx(target, done.sha256, str(source.resolve()), source_sha, shapes, simplify,

@@ -25,7 +25,7 @@ from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MOD
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
-from maptools.metrics import mean_output_error, rel_l2
+from maptools.metrics import Parts, mean_output_error, split_parts
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, ModelError, QuantizationFailed, SettingsError
@@ -266,7 +266,7 @@ PART_RATIO = 10.0
 
 
 def _measured_parts(model: onnx.ModelProto, names: Sequence[str],
-                    reference: Sequence[Sequence[np.ndarray]]) -> dict[int, tuple[int, tuple[int, ...]]]:
+                    reference: Sequence[Sequence[np.ndarray]]) -> dict[int, Parts]:
     """The outputs (by position) whose error :func:`_output_error` takes part by part: those a Concat assembled
     (:func:`~maptools.onnx_model.concat_parts`) from parts whose RMS on the float model's outputs (``reference``)
     differ by over :data:`PART_RATIO`, where the largest would outweigh the rest (a detector's boxes in pixels
@@ -279,36 +279,20 @@ def _measured_parts(model: onnx.ModelProto, names: Sequence[str],
         axis, bounds = found
         if any(np.ndim(r[i]) <= axis or np.shape(r[i])[axis] != bounds[-1] for r in reference):
             continue
-        pieces = zip(*(_split(r[i], found) for r in reference))  # per part, its piece of each sample
+        pieces = zip(*(split_parts(r[i], found) for r in reference))  # per part, its piece of each sample
         rms = [math.sqrt(np.mean([np.mean(np.square(p, dtype=np.float64)) for p in part])) for part in pieces]
         if min(rms) > 0 and max(rms) > PART_RATIO * min(rms):
             measured[i] = found
     return measured
 
 
-def _split(x: np.ndarray, parts: tuple[int, tuple[int, ...]]) -> list[np.ndarray]:
-    """``x`` cut into the parts ``(axis, bounds)`` of :func:`~maptools.onnx_model.concat_parts`."""
-    axis, bounds = parts
-    return [np.take(x, range(lo, hi), axis) for lo, hi in zip(bounds, bounds[1:])]
-
-
 def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
-                  reference: Sequence[Sequence[np.ndarray]], names: Sequence[str],
-                  parts: Mapping[int, tuple[int, tuple[int, ...]]]) -> float:
-    """The relative L2 error of the QDQ model's outputs ``names`` against the float model's (``reference``, per
-    sample) on ``samples``, each output weighted alike, and each part of an output in ``parts``
-    (:func:`_measured_parts`) within it: a detector's box offsets as much as its scores."""
+                  reference: Sequence[Sequence[np.ndarray]], names: Sequence[str], parts: Mapping[int, Parts]) -> float:
+    """:func:`~maptools.metrics.mean_output_error` of the QDQ model's outputs ``names`` against the float model's
+    (``reference``, per sample) on ``samples``, each part of an output in ``parts`` (:func:`_measured_parts`)
+    weighted alike within it: a detector's box offsets as much as its scores."""
     session = ort_session(qdq)
-    outputs = [run_on_sample(session, names, s) for s in samples]
-    errors = []
-    for i in range(len(names)):
-        quantized, expected = [q[i] for q in outputs], [f[i] for f in reference]
-        if i in parts:  # each part's error, over the samples' pieces of it
-            pieces = zip(zip(*(_split(q, parts[i]) for q in quantized)), zip(*(_split(f, parts[i]) for f in expected)))
-            errors.append(float(np.nanmean([rel_l2([[p] for p in q], [[p] for p in f]) for q, f in pieces])))
-        else:
-            errors.append(rel_l2([[q] for q in quantized], [[f] for f in expected]))
-    return float(np.mean([e for e in errors if not np.isnan(e)] or [np.nan]))
+    return mean_output_error([run_on_sample(session, names, s) for s in samples], reference, parts)
 
 
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
