@@ -235,6 +235,11 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float], source
               f"| calibration | {result.calibration.get('used')} {result.calibration.get('kind')} samples "
               f"(seed {s.seed}) on `{result.device}` |",
               f"| weights on the crossbars | {weight_bytes:,} bytes |"]
+    calib = result.errors.outputs
+    if calib is not None:
+        lines += [f"| output error on calibration samples | {_pct(calib.rel_l2)} (rel. L2"
+                  + ("" if calib.top1_agreement is None else f", top-1 agreement {_pct(calib.top1_agreement, 1)}")
+                  + f") on {calib.source} |"]
     if worst is not None:
         lines += [f"| layer SNR | median {_db(snr_db(result.errors.median))} dB, worst "
                   f"{_db(result.errors.per_layer_db[worst])} dB (`{worst}`); higher is better |"]

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.errors import InputShapeError, MaptoolsError, SettingsError, StorageError
+from maptools.metrics import per_output_line
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy, field_bounds)
 
@@ -131,6 +132,11 @@ def _print_result(result: QuantizationResult) -> None:
     table.add_row("device", result.device)
     if result.placement is not None:
         table.add_row("placement", result.placement.summary())
+    if errors.outputs is not None:
+        out = errors.outputs
+        table.add_row("output error", f"{out.rel_l2:.2%} rel. L2 against float"
+                      + ("" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.1%}")
+                      + f", on {out.source}" + (f"; {line}" if (line := per_output_line(out.per_output)) else ""))
     if errors.per_layer:
         table.add_row("layer SNR", f"median {snr_db(errors.median):.1f} dB, worst {snr_db(errors.worst):.1f} dB "
                       f"({errors.worst_layer}); higher is better")

@@ -13,6 +13,7 @@ import torch
 
 from maptools import quantize, read_manifest, read_quantinfo, read_quantparams
 from maptools.maps.artifacts import safe_load_pickle, sha256_file, verify_map
+from maptools.evaluation import EvaluationSet, evaluate_map
 from maptools.errors import UnsafePickleError
 from maptools.quantinfo import QuantConfig, quantinfo_from_json
 from tests.conftest import initializers, lstm_head_onnx
@@ -106,6 +107,24 @@ def test_error_report_covers_every_conv_and_gemm(result) -> None:
     assert set(report) == {n for n, c in info.items() if c.op_type in {"Conv", "Gemm"}}
     assert all(0 <= v < 0.1 for v in report.values())
     assert result.errors.per_layer == report
+
+
+def test_output_error_is_quant_models_on_the_first_calibration_samples(small_cnn, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    samples = [{"input": rng.uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)} for _ in range(12)]
+    result = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="out", calibset=samples, calib_steps=12,
+                      algorithm="percentile", error_steps=5, output_root=tmp_path)
+    expected = evaluate_map(result.map, evaluation=EvaluationSet(samples[:5]))
+    measured = result.errors.outputs
+    assert measured is not None and measured.samples == 5 and measured.source == "the first 5 calibration samples"
+    assert measured.rel_l2 == pytest.approx(expected.rel_l2, rel=1e-5) and 0 < measured.rel_l2 < 0.2
+    assert measured.per_output == pytest.approx(expected.per_output, rel=1e-5)
+    assert measured.top1_agreement == expected.top1_agreement
+    report = json.loads((result.map_dir / "error_report.json").read_text())["outputs"]
+    assert report["rel_l2"] == measured.rel_l2 and result.to_json()["output_error"] == measured.to_dict()
+    skipped = quantize({"input": [1, 3, 32, 32]}, "cpu", small_cnn, mapname="out", calibset=samples, calib_steps=12,
+                       algorithm="percentile", error_steps=0, output_root=tmp_path)
+    assert skipped.errors.outputs is None and skipped.errors.per_layer == {}
 
 
 def test_onnxruntime_matches_ppq_simulation(small_cnn) -> None:

@@ -44,6 +44,8 @@ def test_quantize_json_output_for_scripts(small_cnn, tmp_path) -> None:
     table = runner.invoke(app, ["quantize", str(small_cnn), "--mapname", "js", "--calib-steps", "8", "--device", "cpu",
                                 "--output-root", str(tmp_path)], env={"COLUMNS": "200"})
     worst = max(data["error_report"], key=data["error_report"].__getitem__)
+    error = data["output_error"]  # quant_model.onnx against float on the report's calibration samples
+    assert error["samples"] == 8 and f"{error['rel_l2']:.2%} rel. L2 against float" in table.stdout
     assert f"worst {-10 * np.log10(data['error_report'][worst]):.1f} dB ({worst}); higher is better" in table.stdout
 
 

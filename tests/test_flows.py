@@ -64,6 +64,8 @@ def test_flow_runs_the_chain_and_publishes_a_report(prefect_server, raw_model, t
     assert "mapsave/small/quantinfo.pkl" in summary and str(raw_model) in summary
     assert summary.index(f"**{100 * evaluation.rel_l2:.2f}%**") < summary.index("| settings | W8A8")
     assert "weights on the crossbars |" in summary and " dB (`" in summary
+    calibrated = result.quantization.errors.outputs  # and gives the error on calibration samples beside it
+    assert f"| output error on calibration samples | {100 * calibrated.rel_l2:.2f}% (rel. L2" in summary
     table = Artifact.get("quant-small-layers")
     assert table is not None and "/stem/stem.0/Conv" in str(table.data)
     layers = json.loads(table.data)

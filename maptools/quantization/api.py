@@ -25,7 +25,8 @@ from maptools.maps.artifacts import (ARTIFACT_FILES, ERROR_REPORT, MANIFEST, MOD
 from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, ProgressCalibration,
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
-from maptools.metrics import Parts, mean_output_error, split_parts
+from maptools.evaluation import OutputError
+from maptools.metrics import Parts, compare_outputs, mean_output_error, split_parts
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, ModelError, QuantizationFailed, SettingsError
@@ -51,9 +52,12 @@ __all__ = ["quantize", "QuantizationResult", "ErrorSummary", "snr_db"]
 
 @dataclass(frozen=True)
 class ErrorSummary:
-    """PPQ's graphwise SNR (noise power / signal power; lower is better) per Conv/Gemm."""
+    """PPQ's graphwise SNR (noise power / signal power; lower is better) per Conv/Gemm, and ``outputs``: how far
+    ``quant_model.onnx``'s outputs are from the float model's on the same calibration samples (None where the
+    report is skipped, ``error_steps=0``)."""
 
     per_layer: dict[str, float]
+    outputs: OutputError | None = None
 
     @property
     def worst_layer(self) -> str | None:
@@ -135,6 +139,7 @@ class QuantizationResult:
             "artifacts": {k: str(v) for k, v in self.artifacts.items()}, "sha256": self.sha256,
             "model_sha256": self.model_sha256, "settings": self.settings.to_dict(), "device": self.device,
             "calibration": self.calibration, "error_report": self.errors.per_layer,
+            "output_error": None if self.errors.outputs is None else self.errors.outputs.to_dict(),
             "snr_db": {k: None if math.isinf(v) else round(v, 2) for k, v in self.errors.per_layer_db.items()},
             "seconds": self.seconds,
             "notes": list(self.notes), "mixed_precision": self.mixed_precision,
@@ -425,6 +430,36 @@ def _error_report(graph: Any, calibration: CalibrationSet, steps: int, qdq: byte
         notes.append(f"no per-layer error report: {e.problem}")
         log.warning(notes[-1])
         return {}
+
+
+def _output_check(qdq: bytes, model: onnx.ModelProto, calibration: CalibrationSet, count: int,
+                  reference: FloatReference | None, random: bool, notes: list[str]) -> OutputError | None:
+    """``quant_model.onnx`` (``qdq``) against the float ``model`` on the first ``count`` calibration samples, as
+    :func:`~maptools.evaluation.evaluate_map` compares a map on held-out samples (the float side from
+    ``reference`` where it was built); None where no output compares (each sized by the data, or an index) or
+    onnxruntime cannot run ``qdq`` (a note says so)."""
+    started = time.perf_counter()
+    samples = [{k: v.detach().cpu().numpy() for k, v in sample.items()}
+               for sample in itertools.islice(calibration, count)]
+    names = list(dict.fromkeys(o.name for o in model.graph.output))
+    if reference is None:
+        session = ort_session(model.SerializeToString())
+        expected = [run_on_sample(session, names, s) for s in samples]
+    else:
+        expected = [reference.run(names, s) for s in samples]
+    try:
+        session = ort_session(qdq)
+        quantized = [run_on_sample(session, names, s) for s in samples]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the map is written all the same
+        notes.append(f"no output error: onnxruntime cannot run quant_model.onnx ({str(e).strip()[:300]}); the "
+                     "integer simulation (convert, then simulate) runs the map without it.")
+        log.warning(notes[-1])
+        return None
+    metrics = compare_outputs(quantized, expected, names=names)
+    if not metrics["per_output"]:
+        return None  # (every output is sized by the data or an index: nothing to compare)
+    return OutputError(samples=len(samples), verified=True, source=f"the first {len(samples)} calibration samples"
+                       + (" (seeded random data)" if random else ""), seconds=time.perf_counter() - started, **metrics)
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -751,8 +786,10 @@ def quantize(
     written = _contract(settings, quantinfo, prepared_model, strict, notes)
     t = time.perf_counter()
     with torch_threads(count):
-        errors = ErrorSummary(_error_report(graph, feed, min(error_steps, steps), qdq, notes)
-                              if error_steps else {})
+        errors = ErrorSummary(_error_report(graph, feed, min(error_steps, steps), qdq, notes),
+                              _output_check(qdq, prepared_model, feed, min(error_steps, steps), reference,
+                                            random=calibset is None, notes=notes)
+                              ) if error_steps else ErrorSummary({})
     seconds["error_report"] = time.perf_counter() - t
     lost = sorted((name for name, ratio in errors.per_layer.items() if ratio >= LOST_SIGNAL), key=list(quantinfo).index)
     if lost:
@@ -783,6 +820,7 @@ def quantize(
         atomic_write(stage / MODEL, prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer,
+                                          "outputs": None if errors.outputs is None else errors.outputs.to_dict(),
                                           "skipped": error_steps == 0})
         if written is Profile.SEED:
             broken = contract.check_map(stage)
