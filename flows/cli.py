@@ -43,7 +43,7 @@ def _show(result: QuantizeModelResult) -> None:
     if e is not None:
         agreement = "" if e.top1_agreement is None else f", top-1 agreement {100 * e.top1_agreement:.1f}%"
         console.print(f"output error against float {100 * e.rel_l2:.2f}% (rel. L2){agreement} on {e.samples} "
-                      "held-out inputs", highlight=False)
+                      f"inputs: {e.source}", highlight=False)
         if per_output_line(e.per_output):
             console.print(per_output_line(e.per_output), highlight=False)
     if q.errors.per_layer:

@@ -32,7 +32,7 @@ from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import EvaluationSpec, _artifact_key, _pct
 from maptools.simulate import simulate as simulate_integers
-from maptools.maps.artifacts import map_dir, output_location, sha256_file
+from maptools.maps.artifacts import map_dir, output_location
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar.device import DEVICE_PRESETS
 from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation
@@ -127,7 +127,10 @@ def map_and_simulate(
                                                                          "cells are read.")] = DEVICE_TIMES,
     samples: Annotated[int, Field(ge=1, le=10000, description="Evaluation samples (random, or the first N of "
                                                               "eval_set).")] = 32,
-    eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input).")] = None,
+    eval_set: Annotated[str | None, Field(description="Labelled .npz (labels + one array per input) or a folder of "
+                                                      "samples; default: the map's calibration folder from the first "
+                                                      "sample quantization did not read (seeded random inputs where "
+                                                      "it was calibrated on random data).")] = None,
     eval_seed: Annotated[int, Field(ge=0, description="Seed of random evaluation inputs.")] = EVAL_SEED,
     psum_samples: Annotated[int, Field(ge=1, le=256, description="Seeded inputs for the observed partial "
                                                                  "sums.")] = 2,
@@ -158,7 +161,7 @@ def map_and_simulate(
         seconds["map"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        evaluation = EvaluationSpec(eval_set, sha256_file(eval_set) if eval_set else None, samples, eval_seed)
+        evaluation = EvaluationSpec.of(eval_set, samples, eval_seed)
         estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
         error: CrossbarError = estate.result()
         seconds["simulate"] = time.perf_counter() - t

@@ -14,7 +14,7 @@ from maptools_flows.params import choice, documented, setting
 from maptools_flows.results import SERIALIZER, ensure_result_storage
 from maptools_flows.tasks import (EvaluationSpec, build_calibset, convert, evaluate_quantized, is_transient,
                                   prepare_model, publish_report, run_quantization)
-from maptools.maps.artifacts import output_location, sha256_file, validate_mapname
+from maptools.maps.artifacts import output_location, validate_mapname
 from maptools.conversion import GRAPH_FILE, ConversionResult
 from maptools.device import resolve_device
 from maptools.errors import SettingsError
@@ -38,7 +38,8 @@ class QuantizeModelResult:
     conversion: ConversionResult | None
     quantization_cached: bool
     seconds: dict[str, float]
-    #: output error of quant_model.onnx against float on held-out inputs (None with eval_samples=0)
+    #: output error of quant_model.onnx against float on held-out inputs (None with eval_samples=0; its ``source``
+    #: says which)
     evaluation: OutputError | None = None
 
     @property
@@ -108,7 +109,9 @@ def quantize_model(
     eval_samples: Annotated[int, Field(ge=0, le=10000, description="Held-out inputs the summary's output error "
                                                                    "against float is measured on (0 skips it).")] = 16,
     eval_set: Annotated[str | None, Field(description="A labelled .npz (inputs and labels) to measure the output "
-                                                      "error and accuracy on; default seeded random inputs.")] = None,
+                                                      "error and accuracy on, or a folder of samples; default: the "
+                                                      "calibration folder, from the first sample quantization did not "
+                                                      "read (seeded random inputs where calib is random).")] = None,
     aws_credentials: AwsCredentialsBlock = None,
 ) -> QuantizeModelResult:
     """Quantize an ONNX model with PPQ and hand its quantinfo to the conversion stage.
@@ -183,13 +186,13 @@ def quantize_model(
         evaluation = None
         if eval_samples:
             t = time.perf_counter()
-            evaluation = evaluate_quantized(result, EvaluationSpec(
-                eval_set, sha256_file(eval_set) if eval_set else None, eval_samples, EVAL_SEED))
+            evaluation = evaluate_quantized(result, EvaluationSpec.of(eval_set, eval_samples, EVAL_SEED))
             seconds["evaluate"] = time.perf_counter() - t
             agreement = evaluation.top1_agreement
-            logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d held-out inputs", mapname,
+            logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d inputs (%s)", mapname,
                         100 * evaluation.rel_l2,
-                        "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%", evaluation.samples)
+                        "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%", evaluation.samples,
+                        evaluation.source)
         seconds["total"] = time.perf_counter() - started
         publish_report(result, seconds, onnx_path, evaluation)
         logger.info("%s: artifacts in %s (%s)", mapname, result.map_dir, "cached" if cached else "computed")

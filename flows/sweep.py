@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -30,7 +29,7 @@ from maptools_flows.server import local_api
 from maptools_flows.sweep_config import COLUMNS, DeviceRuns, Grid, ModelSpec, SweepConfig, SweepPoint, load_config
 from maptools_flows.sweep_report import SweepResult, _point, display_table, plot_sweep, publish
 from maptools_flows.tasks import EvaluationSpec, build_calibset, evaluate_quantized, prepare_model, run_quantization
-from maptools.maps.artifacts import output_location, sha256_file
+from maptools.maps.artifacts import output_location
 from maptools.errors import SettingsError, SweepConfigError
 from maptools.evaluation import OutputError, weight_memory_bytes
 from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation
@@ -242,8 +241,7 @@ def design_sweep(config: SweepConfig) -> SweepResult:
             for i, p in mine:
                 rows[i] = [p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")]
             continue
-        eval_sha = sha256_file(spec.eval_set) if spec.eval_set and Path(spec.eval_set).is_file() else None
-        evaluation = EvaluationSpec(spec.eval_set, eval_sha, config.eval_samples, config.eval_seed)
+        evaluation = EvaluationSpec.of(spec.eval_set, config.eval_samples, config.eval_seed)
         calibrations: dict[int, Any] = {}
         for i, p in mine:
             if p.calib_samples not in calibrations:

@@ -24,7 +24,7 @@ from maptools_flows.plots import layer_widths
 from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
-from maptools.maps.artifacts import read_quantinfo
+from maptools.maps.artifacts import read_quantinfo, sha256_file
 from maptools.evaluation import OutputError, evaluate_map, weight_memory_bytes
 from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize, snr_db
@@ -38,12 +38,27 @@ __all__ = ["EvaluationSpec", "prepare_model", "build_calibset", "run_quantizatio
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """What a map is evaluated on: a labelled .npz (by path and sha256) or seeded random inputs."""
+    """What a map is evaluated on: a labelled .npz or a folder of samples (by path and sha256), or the map's own
+    default (:func:`~maptools.evaluation.map_evaluation_set`: its calibration folder, or seeded random inputs)."""
 
     eval_set: str | None
     sha256: str | None
     samples: int
     seed: int
+
+    @classmethod
+    def of(cls, eval_set: str | None, samples: int, seed: int) -> EvaluationSpec:
+        """The spec of ``eval_set`` (a file, or a folder by each file's relative path and bytes: a changed set misses
+        the cache)."""
+        if not eval_set:
+            return cls(None, None, samples, seed)
+        path = Path(eval_set)
+        if not path.is_dir():
+            return cls(eval_set, sha256_file(path) if path.is_file() else None, samples, seed)
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}|{sha256_file(file)}|".encode())
+        return cls(str(path.resolve()), digest.hexdigest(), samples, seed)
 
 
 @cache
@@ -223,7 +238,7 @@ def publish_report(result: QuantizationResult, seconds: dict[str, float], source
                   f"| **{_pct(evaluation.rel_l2)}** | {evaluation.cosine:.5f} | {_pct(evaluation.top1_agreement, 1)} | "
                   + (f"{_pct(evaluation.accuracy, 1)} ({_pct(evaluation.float_accuracy, 1)})"
                      if evaluation.accuracy is not None else "-")
-                  + f" | {evaluation.samples} held out: {evaluation.source} |", "",
+                  + f" | {evaluation.samples}: {evaluation.source} |", "",
                   *_per_output_table(evaluation.per_output)]
     weight_bytes = weight_memory_bytes(result.mapname, result.output_root)
     worst = result.errors.worst_layer

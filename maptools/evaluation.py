@@ -8,6 +8,7 @@ after checking both against the map's manifest. Nothing is quantized again: data
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,14 +20,15 @@ import numpy as np
 from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPARAMS_NPZ, MapFolder, load_quantinfo,
                                      load_quantparams)
 from maptools.maps.roots import MapRef
-from maptools.calibration import random_array
+from maptools.calibration import ValidatedCalibration, random_array, resolve_calibration
 from maptools.errors import InputShapeError
 from maptools.metrics import comparable, compare_outputs, rel_l2
-from maptools.onnx_model import (check_input_shapes, index_limits, load_model, model_inputs, ort_session,
+from maptools.onnx_model import (ModelInput, check_input_shapes, index_limits, load_model, model_inputs, ort_session,
                                  run_on_sample)
 from maptools.quantinfo import param_key
 
-__all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "random_evaluation_set",
+__all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "map_evaluation_set",
+           "random_evaluation_set",
            "compare_outputs", "comparable", "float_outputs", "rel_l2", "weight_memory_bytes"]
 
 EVAL_SEED = 1234  # differs from the default calibration seed (0), so evaluation inputs are held out
@@ -89,16 +91,21 @@ def random_evaluation_set(input_shapes: Mapping[str, Sequence[int]], count: int,
 
 
 def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[int]],
-                        limit: int | None = None, dtypes: Mapping[str, np.dtype] | None = None) -> EvaluationSet:
-    """A labelled set from an ``.npz`` file: ``labels`` (N integers) and one ``[N, ...]`` array per input name.
+                        limit: int | None = None, dtypes: Mapping[str, np.dtype] | None = None,
+                        skip: int = 0) -> EvaluationSet:
+    """A labelled set from an ``.npz`` file: ``labels`` (N integers) and one ``[N, ...]`` array per input name; or
+    unlabelled samples from a folder, read as a calibration folder is (images in class subfolders, or ``.npy`` /
+    ``.npz`` files), after its first ``skip``.
 
     For a single-input model the inputs array may also be called ``inputs``. Sample ``i`` is
     ``array[i:i+1]``, so each array's shape after the first axis must match the input's.
     """
     path = Path(path)
+    if path.is_dir():
+        return _folder_set(path, input_shapes, limit, dtypes, skip)
     if not path.is_file():
         raise InputShapeError(f"evaluation set {path} does not exist.",
-                              "pass an .npz file with 'labels' and one array per model input.")
+                              "pass an .npz file with 'labels' and one array per model input, or a folder of samples.")
     with np.load(path, allow_pickle=False) as data:
         arrays = dict(data)
     if "labels" not in arrays:
@@ -123,6 +130,53 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
     return EvaluationSet(samples, labels[:count].astype(np.int64), f"{path.name} ({count} labelled samples)")
 
 
+def _folder_set(root: Path, input_shapes: Mapping[str, Sequence[int]], limit: int | None,
+                dtypes: Mapping[str, np.dtype] | None, skip: int, calibrated: str | None = None) -> EvaluationSet:
+    """Samples ``skip`` to ``skip + limit`` of a folder of samples, checked against the inputs as calibration is;
+    ``calibrated``: the content hash of the samples before ``skip`` a map recorded, which they must still have."""
+    shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+    inputs = [ModelInput(k, np.dtype((dtypes or {}).get(k, np.float32)), shape) for k, shape in shapes.items()]
+    checked = ValidatedCalibration(resolve_calibration(root, shapes, 0, 0), inputs, shapes)
+    stop = None if limit is None else skip + limit
+    samples = [{k: v.numpy() for k, v in sample.items()} for sample in itertools.islice(checked, skip, stop)]
+    if not samples:
+        raise InputShapeError(f"evaluation folder {root} holds {len(checked)} samples, none after the first {skip}.",
+                              "add samples to it, or evaluate on another set.")
+    changed = calibrated is not None and checked.content_hash(skip) != calibrated
+    return EvaluationSet(samples, None, f"{root.name}/ samples {skip + 1}-{skip + len(samples)} of {len(checked)}"
+                         + (f", after the {skip} the map's quantization read" if skip else "")
+                         + (" (the folder changed since: which samples the map saw is not known)" if changed else ""))
+
+
+def map_evaluation_set(evaluation: EvaluationSet | str | Path | None, input_shapes: Mapping[str, Sequence[int]],
+                       samples: int, seed: int, dtypes: Mapping[str, np.dtype], limits: Mapping[str, int],
+                       calibration: Mapping[str, Any]) -> EvaluationSet:
+    """What a map is evaluated on: ``evaluation`` (an :class:`EvaluationSet`, a labelled ``.npz`` or a folder of
+    samples, its first ``samples``); by default the folder the map was calibrated on (``calibration``: the
+    manifest's record), where it still exists, else ``samples`` seeded random inputs (``seed``).
+
+    The folder the map was calibrated on is read after the samples its quantization read (those calibrated on,
+    and those ``algorithm='auto'`` chose on) where it holds more, so the error is measured on held-out inputs;
+    where it holds no more, on the calibrated samples, and the set's description says so.
+    """
+    if isinstance(evaluation, EvaluationSet):
+        return evaluation
+    # (a folder read through the user's own transform in Python is not read the same way here)
+    root = calibration.get("root") if str(calibration.get("transform", "default")).startswith("default") else None
+    if evaluation is None and not (root and Path(root).is_dir()):
+        return random_evaluation_set(input_shapes, samples, seed, dtypes, limits)
+    path = Path(root if evaluation is None else evaluation)
+    if not (path.is_dir() and str(path.resolve()) == root):
+        return load_evaluation_set(path, input_shapes, limit=samples, dtypes=dtypes)
+    count, seen = int(calibration.get("count", 0)), int(calibration.get("used", 0))
+    seen += int(calibration.get("held_out", 0))
+    if count <= seen:
+        data = _folder_set(path, input_shapes, samples, dtypes, 0)
+        return EvaluationSet(data.samples, None, f"{data.description}: the samples the map was calibrated on (the "
+                             "folder holds no others)")
+    return _folder_set(path, input_shapes, samples, dtypes, seen, calibration.get("sha256"))
+
+
 def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndarray]],
                   names: Sequence[str] | None = None) -> list[list[np.ndarray]]:
     """The outputs ``names`` (default every output) of a model in onnxruntime (CPU), per sample."""
@@ -138,8 +192,9 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     Args:
         mapname: a map written by :func:`maptools.quantize`.
         output_root: where ``mapsave/`` is (default ``$MAPTOOLS_HOME`` or the current directory).
-        evaluation: the evaluation set, or a labelled ``.npz`` (its first ``samples``, see
-            :func:`load_evaluation_set`); default ``samples`` seeded random inputs (``seed``).
+        evaluation: the evaluation set, a labelled ``.npz`` or a folder of samples (its first ``samples``; the
+            folder the map was calibrated on from the first sample it did not see: :func:`map_evaluation_set`);
+            default that folder, or ``samples`` seeded random inputs (``seed``) for a map calibrated otherwise.
 
     Raises:
         ArtifactError: the map is missing, incomplete, or its files differ from its manifest.
@@ -150,9 +205,7 @@ def evaluate_map(mapname: str | MapRef, *, output_root: str | Path | None = None
     model = load_model(version.file(MODEL))
     shapes = check_input_shapes(model, manifest.model.input_shapes)
     types = {i.name: i.dtype for i in model_inputs(model)}
-    if isinstance(evaluation, (str, Path)):
-        evaluation = load_evaluation_set(evaluation, shapes, limit=samples, dtypes=types)
-    data = evaluation or random_evaluation_set(shapes, samples, seed, types, index_limits(model))
+    data = map_evaluation_set(evaluation, shapes, samples, seed, types, index_limits(model), manifest.calibration)
     names = list(dict.fromkeys(o.name for o in model.graph.output))  # (an output listed twice counts once)
     reference = float_outputs(version.file(MODEL), data.samples, names)
     quantized = float_outputs(version.file(QUANT_MODEL), data.samples, names)

@@ -119,11 +119,14 @@ def test_changed_calibration_file_misses(prefect_server, raw_model, tmp_path, qu
     folder = tmp_path / "calib"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(8):
-        np.save(folder / f"{i}.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
-    assert not run(raw_model, tmp_path, calib=str(folder)).quantization_cached
+    for i in range(12):
+        np.save(folder / f"{i:02}.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    first = run(raw_model, tmp_path, calib=str(folder))
+    assert not first.quantization_cached
+    # evaluated on the folder's samples after the 8 calibrated on, not on random inputs
+    assert first.evaluation.samples == 4 and first.evaluation.source.startswith("calib/ samples 9-12 of 12")
     assert run(raw_model, tmp_path, calib=str(folder)).quantization_cached
-    np.save(folder / "3.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    np.save(folder / "03.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
     result = run(raw_model, tmp_path, calib=str(folder))
     assert not result.quantization_cached and result.calibration.kind != "random"
     assert len(quantize_calls) == 2

@@ -17,9 +17,11 @@ from prefect.artifacts import Artifact
 from typer.testing import CliRunner
 
 from maptools_flows.cli import app
+from maptools_flows.tasks import EvaluationSpec
 from maptools_flows.sweep import (COLUMNS, Grid, ModelSpec, SweepConfig, SweepConfigError, SweepPoint, load_config,
                                   plot_sweep, run_sweep)
-from maptools.evaluation import evaluate_map, float_outputs, load_evaluation_set, random_evaluation_set
+from maptools import quantize
+from maptools.evaluation import EvaluationSet, evaluate_map, float_outputs, load_evaluation_set, random_evaluation_set
 
 SHAPES = {"input": [1, 3, 32, 32]}
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sweep.yaml"
@@ -166,6 +168,37 @@ def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
     result = evaluate_map(small_result.mapname, output_root=root, evaluation=labelled)
     assert result.verified and result.samples == 6 and result.float_accuracy == 1.0
     assert result.accuracy == result.top1_agreement and 0 < result.rel_l2 < 0.05 and result.cosine > 0.99
+
+
+def test_evaluation_defaults_to_the_calibration_folders_unread_samples(small_cnn, small_result, tmp_path) -> None:
+    """A map calibrated on a folder is evaluated on that folder's samples after the calibrated ones (the calibrated
+    ones where there are no others); a map calibrated on random data on random inputs."""
+    rng = np.random.default_rng(5)
+    arrays = [rng.uniform(-2, 2, SHAPES["input"]).astype(np.float32) for _ in range(14)]
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, array in enumerate(arrays):
+        np.save(folder / f"{i:02}.npy", array)
+    quantize(SHAPES, "cpu", small_cnn, mapname="f", calibset=str(folder), calib_steps=8, algorithm="percentile",
+             output_root=tmp_path)
+    default = evaluate_map("f", output_root=tmp_path, samples=32)
+    held = evaluate_map("f", output_root=tmp_path, evaluation=EvaluationSet([{"input": a} for a in arrays[8:]]))
+    assert default.samples == 6 and default.source == "calib/ samples 9-14 of 14, after the 8 the map's quantization read"
+    assert default.rel_l2 == held.rel_l2 and default.per_output == held.per_output
+    assert evaluate_map("f", output_root=tmp_path, samples=3).samples == 3
+    other = evaluate_map("f", output_root=tmp_path, evaluation=str(folder.rename(tmp_path / "other")), samples=4)
+    assert other.source == "other/ samples 1-4 of 14"  # not the calibration folder (now gone): from its first sample
+    assert evaluate_map("f", output_root=tmp_path, samples=5).source == "random (seed 1234, 5 samples)"
+    (tmp_path / "other").rename(folder)
+    quantize(SHAPES, "cpu", small_cnn, mapname="all", calibset=str(folder), calib_steps=14, algorithm="percentile",
+             output_root=tmp_path)
+    seen = evaluate_map("all", output_root=tmp_path, samples=32)
+    assert seen.samples == 14 and seen.source.endswith("the samples the map was calibrated on (the folder holds no "
+                                                       "others)")
+    assert evaluate_map(small_result.mapname, output_root=small_result.output_root, samples=4).source.startswith("random")
+    spec = EvaluationSpec.of(str(folder), 4, 0)  # a folder as the flows' eval_set: keyed on its files' bytes
+    np.save(folder / "13.npy", arrays[0])
+    assert spec.sha256 is not None and EvaluationSpec.of(str(folder), 4, 0).sha256 != spec.sha256
 
 
 def test_plot_lines_are_one_per_varying_point(tmp_path) -> None:

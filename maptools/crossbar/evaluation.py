@@ -23,8 +23,7 @@ from maptools.conversion import graph_of
 from maptools.maps.artifacts import MODEL, QUANTPARAMS_NPZ, MapFolder, load_quantparams
 from maptools.maps.roots import MapRef
 from maptools.errors import SettingsError
-from maptools.evaluation import (EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, load_evaluation_set,
-                                 random_evaluation_set)
+from maptools.evaluation import EVAL_SEED, EvaluationSet, compare_outputs, float_outputs, map_evaluation_set
 from maptools.crossbar.device import DeviceModel
 from maptools.crossbar.mapping import CrossbarSpec, map_graph
 from maptools.simulate import IntegerSimulator
@@ -120,9 +119,8 @@ def _opened(mapname: str | MapRef, output_root: str | Path | None, evaluation: E
     version = MapFolder(mapname, output_root).open()
     graph = graph_of(version)
     params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
-    if isinstance(evaluation, (str, Path)):
-        evaluation = load_evaluation_set(evaluation, graph.inputs, limit=samples, dtypes=graph.input_types)
-    data = evaluation or random_evaluation_set(graph.inputs, samples, seed, graph.input_types, graph.input_limits)
+    data = map_evaluation_set(evaluation, graph.inputs, samples, seed, graph.input_types, graph.input_limits,
+                              version.record().calibration)
     return graph, params, data, float_outputs(version.existing(MODEL), data.samples, list(graph.outputs))
 
 
@@ -134,8 +132,10 @@ def evaluate_crossbar(mapname: str | MapRef, spec: CrossbarSpec, *, output_root:
     Args:
         mapname: a converted map (``maptools convert``).
         spec: the crossbar and its ADC.
-        evaluation: labelled or random samples, or a labelled ``.npz`` (its first ``samples``, see
-            :func:`~maptools.evaluation.load_evaluation_set`); default ``samples`` seeded random inputs.
+        evaluation: labelled or random samples, a labelled ``.npz`` or a folder of samples (its first ``samples``;
+            the folder the map was calibrated on from the first sample it did not see, see
+            :func:`~maptools.evaluation.map_evaluation_set`); default that folder, or ``samples`` seeded random
+            inputs for a map calibrated otherwise.
         calibration: a batch of inputs (``{input name: [N, ...] array}``) that a ``max`` or ``calibrated``
             ADC range is calibrated on; default seeded random inputs other than the evaluation's.
 
