@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from maptools.crossbar.mapping import CrossbarSpec
 from maptools.errors import InputShapeError, MaptoolsError, SettingsError, StorageError
+from maptools.evaluation import EVAL_SEED
 from maptools.metrics import per_output_line
 from maptools.settings import (MULTIPLIER_BITS, ActivationSign, CalibrationAlgorithm, Optimization, Profile,
                                QuantSettings, ScalePolicy, field_bounds)
@@ -552,6 +553,49 @@ def map_command(
     console.print(f"written to {map_dir(mapname, output_root) / CROSSBAR_FILE}", highlight=False, soft_wrap=True)
 
 
+_EVAL = Annotated[str | None, typer.Option(
+    "--eval", help="Evaluation inputs: a labelled .npz (labels and one array per input) or a folder of samples "
+                   "(images in class subfolders, or .npy/.npz files).",
+    show_default="the folder the map was calibrated on, after the samples its quantization read; seeded random "
+                 "inputs for a map calibrated on random data")]
+
+
+@app.command()
+def evaluate(
+    mapname: Annotated[str, typer.Option(help="A quantized map mapsave/NAME/.", show_default=False)],
+    samples: Annotated[int, typer.Option(min=1, help="Evaluation inputs (see --eval).")] = 32,
+    eval: _EVAL = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of random evaluation inputs.")] = EVAL_SEED,
+    output_root: Annotated[str | None, typer.Option(
+        help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
+        show_default="$MAPTOOLS_HOME, else the current folder")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Output error of a map's quant_model.onnx against its float model on held-out inputs (and accuracy on a
+    labelled set)."""
+    from maptools.evaluation import evaluate_map
+
+    try:
+        result = evaluate_map(mapname, output_root=output_root, evaluation=eval, samples=samples, seed=seed)
+    except MaptoolsError as e:
+        fail(e)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{mapname}: quant_model.onnx against float", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("inputs", f"{result.samples}: {result.source}")
+    table.add_row("output error", f"{result.rel_l2:.2%} rel. L2, cosine {result.cosine:.5f}")
+    if len(result.per_output) > 1:
+        table.add_row("per output", per_output_line(result.per_output).removeprefix("per output: "))
+    if result.top1_agreement is not None:
+        table.add_row("top-1 agreement", f"{result.top1_agreement:.1%}")
+    if result.accuracy is not None:
+        table.add_row("accuracy", f"{result.accuracy:.1%} (float {result.float_accuracy:.1%})")
+    console.print(table)
+
+
 @app.command()
 def device(
     mapname: Annotated[str, typer.Option(help="A converted map (run 'maptools convert' first).", show_default=False)],
@@ -565,7 +609,8 @@ def device(
                                                     "block).")] = True,
     xbar: _XBAR = "256x256", cell_bits: _CELL = 2, adc_bits: _ADC = 8, dac_bits: _DAC = 1,
     encoding: _ENC = "differential", adc_range: _RANGE = "full", cols_per_adc: _SHARE = 1,
-    samples: Annotated[int, typer.Option(min=1, help="Seeded random evaluation inputs.")] = 8,
+    samples: Annotated[int, typer.Option(min=1, help="Evaluation inputs (see --eval).")] = 8,
+    eval: _EVAL = None,
     output_root: Annotated[str | None, typer.Option(
         help="Folder (or store URL, s3://BUCKET/PREFIX) that holds mapsave/.",
         show_default="$MAPTOOLS_HOME, else the current folder")] = None,
@@ -581,7 +626,8 @@ def device(
     try:
         spec = _spec(xbar, cell_bits, adc_bits, dac_bits, encoding, None, adc_range, cols_per_adc)
         result = evaluate_device(mapname, spec, DEVICE_PRESETS[preset].replace(compensation=compensation),
-                                 output_root=output_root, trials=trials, times=times, samples=samples)
+                                 output_root=output_root, trials=trials, times=times, samples=samples,
+                                 evaluation=eval)
     except MaptoolsError as e:
         fail(e)
     table = Table(title=f"{mapname} on {preset} cells, {xbar} arrays, {adc_bits}-bit ADC, compensation "

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from maptools.cli import app
+from maptools.evaluation import evaluate_map
 from tests.test_calibration import docs_block, on_small_cnn, write_pngs
 
 runner = CliRunner()
@@ -30,6 +31,22 @@ def test_quantize_from_an_image_folder(small_cnn, tmp_path) -> None:
     manifest = json.loads((tmp_path / "mapsave" / "cnn" / "manifest.json").read_text())
     assert manifest["calibration"]["kind"] == "image_folder" and manifest["calib_steps_used"] == 8
     assert manifest["settings"]["algorithm"] == "kl"
+
+
+def test_evaluate_reads_the_calibration_folder_after_the_calibrated_samples(small_cnn, tmp_path) -> None:
+    calib = write_pngs(tmp_path / "calib", 12)
+    assert runner.invoke(app, ["quantize", str(small_cnn), "--mapname", "ev", "--calib", str(calib), "--calib-steps",
+                               "8", "--algorithm", "percentile", "--output-root", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", "--mapname", "ev", "--output-root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["samples"] == 4 and data["source"].startswith("calib/ samples 9-12 of 12")
+    assert data["rel_l2"] == evaluate_map("ev", output_root=tmp_path).rel_l2 and data["verified"]
+    table = runner.invoke(app, ["evaluate", "--mapname", "ev", "--output-root", str(tmp_path), "--samples", "2",
+                                "--eval", str(write_pngs(tmp_path / "other", 3, seed=1))], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "2: other/ samples 1-2 of 3" in table.stdout and "top-1 agreement" in table.stdout
+    missing = runner.invoke(app, ["evaluate", "--mapname", "nope", "--output-root", str(tmp_path)])
+    assert missing.exit_code == 2 and "run quantize(..., mapname='nope') first" in missing.output
 
 
 def test_quantize_json_output_for_scripts(small_cnn, tmp_path) -> None:
