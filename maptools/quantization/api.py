@@ -805,6 +805,8 @@ def quantize(
                          + "), or keep_on_host for these."))
         log.warning(notes[-1])
     mixed_json = None if done.mixed is None else done.mixed.to_json()
+    outputs_report = None if errors.outputs is None else {  # (without its timing: the same inputs, the same bytes)
+        k: v for k, v in errors.outputs.to_dict().items() if k != "seconds"}
 
     with folder.write() as stage:
         if written is Profile.SEED:
@@ -820,7 +822,7 @@ def quantize(
         atomic_write(stage / MODEL, prepared_bytes)
         write_json(stage / ERROR_REPORT, {"metric": "graphwise snr (noise power / signal power)",
                                           "samples": min(error_steps, steps), "per_layer": errors.per_layer,
-                                          "outputs": None if errors.outputs is None else errors.outputs.to_dict(),
+                                          "outputs": outputs_report,
                                           "skipped": error_steps == 0})
         if written is Profile.SEED:
             broken = contract.check_map(stage)
