@@ -466,8 +466,8 @@ def _function_macs(node: onnx.NodeProto, function: onnx.FunctionProto, dims: Map
 def _node_macs(node: onnx.NodeProto, dims: Mapping[str, list[int]],
                functions: Mapping[tuple[str, str], onnx.FunctionProto] | None = None) -> int:
     """One operator's multiply-accumulates; a control-flow operator's are its bodies' (an If's larger branch,
-    a Loop's or Scan's body once: :func:`macs` multiplies a Loop's by a constant trip count), a call of one of the
-    model's ``functions`` its body's."""
+    a Loop's or Scan's body once: :func:`macs` multiplies them by their trip counts, :func:`_trips`), a call of one
+    of the model's ``functions`` its body's."""
     bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     if bodies:
         return max(sum(_node_macs(n, inner, functions) for n in body.node) for body in bodies
@@ -532,8 +532,8 @@ def _einsum_macs(equation: str, shapes: list[list[int] | None]) -> int:
 
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
-    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, control flow whose bodies do: a Loop's
-    body as many times as its constant trip count, and calls of local functions whose bodies do), from the shapes
+    LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, control flow whose bodies do: a Loop's or
+    Scan's body as many times as it runs (:func:`_trips`), and calls of local functions whose bodies do), from the shapes
     the prepared model records; operators without known shapes count 0 (a recurrent cell whose input shape is
     unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
@@ -543,7 +543,7 @@ def macs(model: onnx.ModelProto) -> dict[str, int]:
             pass
     dims, consts = _dims(model.graph), constant_values(model)
     functions = {(f.domain, f.name): f for f in model.functions}
-    return {node.name: count * _trips(node, consts) for node in model.graph.node
+    return {node.name: count * _trips(node, consts, dims) for node in model.graph.node
             if (count := _node_macs(node, dims, functions))}
 
 
@@ -552,12 +552,24 @@ def macs(model: onnx.ModelProto) -> dict[str, int]:
 MAX_TRIPS = 1 << 20
 
 
-def _trips(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> int:
-    """How many times a ``Loop`` runs its body where its trip count is a constant (at most :data:`MAX_TRIPS`; its
-    condition may end it sooner), else 1."""
-    count = consts.get(node.input[0]) if node.op_type == "Loop" and node.input and node.input[0] else None
-    return int(count.reshape(())) if count is not None and count.size == 1 and 0 < count.reshape(()) <= MAX_TRIPS \
-        else 1
+def _trips(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], dims: Mapping[str, list[int]]) -> int:
+    """How many times a ``Loop`` or ``Scan`` runs its body: a Loop's constant trip count (at most :data:`MAX_TRIPS`;
+    its condition may end it sooner), else the length of its first scan output where the model records it (a
+    ``while`` loop tf2onnx writes for a Keras RNN: no trip count, one row per step); a Scan's scan length; else 1."""
+    if node.op_type == "Scan":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        first = len(node.input) - int(attrs.get("num_scan_inputs", 0))
+        axis = list(attrs.get("scan_input_axes", [0]))[:1] or [0]
+        shape = dims.get(node.input[first]) if 0 <= first < len(node.input) else None
+        return shape[axis[0]] if shape and -len(shape) <= axis[0] < len(shape) and shape[axis[0]] > 0 else 1
+    if node.op_type != "Loop":
+        return 1
+    count = consts.get(node.input[0]) if node.input and node.input[0] else None
+    if count is not None and count.size == 1 and 0 < count.reshape(()) <= MAX_TRIPS:
+        return int(count.reshape(()))
+    scanned = node.output[len(node.input) - 2:]  # (after the loop-carried values' final ones)
+    shape = dims.get(scanned[0]) if scanned else None
+    return shape[0] if shape and 0 < shape[0] <= MAX_TRIPS else 1
 
 
 class PlacementReport(BaseModel):
