@@ -437,6 +437,26 @@ def test_a_bias_correction_that_moves_nothing_is_named_in_autos_note(tmp_path) -
         assert plain and same and plain.group(1) == same.group(1), note
 
 
+def test_auto_says_when_no_output_compares(tmp_path) -> None:
+    """An output whose length depends on the data (the values a Compress keeps: a decoder's sequence): auto cannot
+    measure its candidates, keeps the first and says so (its note had listed each error as nan%)."""
+    from tests.exporters import _Builder
+
+    b = _Builder(2)
+    y = b.op("Flatten", [b.op("Conv", ["x", b.const(b.rng.standard_normal((4, 3, 3, 3)) * 0.3)], pads=[1, 1, 1, 1])])
+    y = b.op("Compress", [y, b.op("Reshape", [b.op("Greater", [y, b.const(np.zeros((), np.float32))]),
+                                              b.const([-1], np.int64)])], axis=1)
+    onnx.save(b.model({"x": [1, 3, 8, 8]}, [y], 13), str(tmp_path / "compress.onnx"))
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    result = quantize({"x": [1, 3, 8, 8]}, "cpu", tmp_path / "compress.onnx", mapname="compress", calibset=calib,
+                      calib_steps=8, output_root=tmp_path)
+    assert result.settings.algorithm.value == "percentile" and not any("nan%" in n for n in result.notes)
+    assert any(n.startswith("algorithm='auto' kept percentile, the first candidate, without comparing") for n in
+               result.notes), result.notes
+    assert result.errors.outputs is None  # (nothing to compare: no output error either)
+
+
 def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(tmp_path) -> None:
     """A U-Net's skip tensor (range about 2) feeds its encoder and a Concat beside an upsampled decoder map (range
     about 270): the seed profile's one grid for the Concat's inputs left it 1 of 127 codes, and the encoder behind
