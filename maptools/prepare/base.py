@@ -75,6 +75,9 @@ class _Context:
     observe: Callable[[onnx.ModelProto], dict[str, list[int]]] | None = None
     _shapes: dict[str, onnx.TypeProto] | None = None
     _observed: dict[str, list[int]] | None = None
+    #: the graph's tensor names and every name :meth:`fresh` gave since (read once per :meth:`invalidate`: reading
+    #: them per call made a rewrite of an 11k-operator graph's 800 MatMuls take 72 s)
+    _names: set[str] | None = None
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -108,6 +111,7 @@ class _Context:
 
     def invalidate(self) -> None:
         self._shapes = None
+        self._names = None
 
     def shape(self, tensor: str) -> list[int] | None:
         """``tensor``'s dims (-1 where inference leaves one open), from :attr:`observe` where it has no shape."""
@@ -136,11 +140,15 @@ class _Context:
         return name
 
     def fresh(self, base: str) -> str:
-        used = {t for n in self.graph.node for t in [*n.input, *n.output]} | {i.name for i in self.graph.initializer}
+        """A tensor name no tensor of the graph has, nor any name this gave since the last :meth:`invalidate`."""
+        if self._names is None:
+            self._names = {t for n in self.graph.node for t in [*n.input, *n.output]} | \
+                {i.name for i in self.graph.initializer}
         name, i = base, 0
-        while name in used:
+        while name in self._names:
             i += 1
             name = f"{base}_{i}"
+        self._names.add(name)
         return name
 
 
