@@ -36,7 +36,7 @@ from maptools.maps.artifacts import map_dir, output_location
 from maptools.conversion import GRAPH_FILE, convert
 from maptools.crossbar.device import DEVICE_PRESETS
 from maptools.crossbar.evaluation import CrossbarError, DeviceEvaluation
-from maptools.evaluation import EVAL_SEED
+from maptools.evaluation import EVAL_SEED, calibration_folder
 from maptools.crossbar.mapping import CrossbarMap, CrossbarSpec
 from maptools.settings import QuantSettings
 from maptools.stages import has_artifact
@@ -161,7 +161,7 @@ def map_and_simulate(
         seconds["map"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        evaluation = EvaluationSpec.of(eval_set, samples, eval_seed)
+        evaluation = EvaluationSpec.of(eval_set or calibration_folder(mapname, root), samples, eval_seed)
         estate = simulate_crossbar.with_options(refresh_cache=refresh)(content, spec, evaluation, return_state=True)
         error: CrossbarError = estate.result()
         seconds["simulate"] = time.perf_counter() - t

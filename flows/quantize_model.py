@@ -186,7 +186,9 @@ def quantize_model(
         evaluation = None
         if eval_samples:
             t = time.perf_counter()
-            evaluation = evaluate_quantized(result, EvaluationSpec.of(eval_set, eval_samples, EVAL_SEED))
+            # (keyed on the folder's files where it is the calibration folder, read after the calibrated samples)
+            evaluation = evaluate_quantized(result, EvaluationSpec.of(eval_set or calibration.source, eval_samples,
+                                                                      EVAL_SEED))
             seconds["evaluate"] = time.perf_counter() - t
             agreement = evaluation.top1_agreement
             logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d inputs (%s)", mapname,

@@ -241,7 +241,8 @@ def design_sweep(config: SweepConfig) -> SweepResult:
             for i, p in mine:
                 rows[i] = [p.row(status="failed", cached=False, error=f"model: {' '.join(str(e).split())}")]
             continue
-        evaluation = EvaluationSpec.of(spec.eval_set, config.eval_samples, config.eval_seed)
+        calib = None if spec.calib in (None, "random") else spec.calib  # (by default its held-out samples: keyed)
+        evaluation = EvaluationSpec.of(spec.eval_set or calib, config.eval_samples, config.eval_seed)
         calibrations: dict[int, Any] = {}
         for i, p in mine:
             if p.calib_samples not in calibrations:

@@ -9,7 +9,9 @@ after checking both against the map's manifest. Nothing is quantized again: data
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,15 +23,17 @@ from maptools.maps.artifacts import (MODEL, QUANT_MODEL, QUANTINFO_JSON, QUANTPA
                                      load_quantparams)
 from maptools.maps.roots import MapRef
 from maptools.calibration import ValidatedCalibration, random_array, resolve_calibration
-from maptools.errors import InputShapeError
+from maptools.errors import CalibrationError, InputShapeError
 from maptools.metrics import comparable, compare_outputs, rel_l2
 from maptools.onnx_model import (ModelInput, check_input_shapes, index_limits, load_model, model_inputs, ort_session,
                                  run_on_sample)
 from maptools.quantinfo import param_key
 
 __all__ = ["OutputError", "EvaluationSet", "evaluate_map", "load_evaluation_set", "map_evaluation_set",
-           "random_evaluation_set",
+           "calibration_folder", "random_evaluation_set",
            "compare_outputs", "comparable", "float_outputs", "rel_l2", "weight_memory_bytes"]
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # differs from the default calibration seed (0), so evaluation inputs are held out
 
@@ -91,23 +95,27 @@ def random_evaluation_set(input_shapes: Mapping[str, Sequence[int]], count: int,
 
 
 def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[int]],
-                        limit: int | None = None, dtypes: Mapping[str, np.dtype] | None = None,
-                        skip: int = 0) -> EvaluationSet:
+                        limit: int | None = None, dtypes: Mapping[str, np.dtype] | None = None) -> EvaluationSet:
     """A labelled set from an ``.npz`` file: ``labels`` (N integers) and one ``[N, ...]`` array per input name; or
     unlabelled samples from a folder, read as a calibration folder is (images in class subfolders, or ``.npy`` /
-    ``.npz`` files), after its first ``skip``.
+    ``.npz`` files).
 
     For a single-input model the inputs array may also be called ``inputs``. Sample ``i`` is
     ``array[i:i+1]``, so each array's shape after the first axis must match the input's.
     """
     path = Path(path)
     if path.is_dir():
-        return _folder_set(path, input_shapes, limit, dtypes, skip)
+        return _folder_set(path, input_shapes, limit, dtypes)
     if not path.is_file():
         raise InputShapeError(f"evaluation set {path} does not exist.",
                               "pass an .npz file with 'labels' and one array per model input, or a folder of samples.")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = dict(data)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = dict(data)
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:  # (TypeError: an .npy holds one array)
+        raise InputShapeError(f"evaluation set {path} is not an .npz file of arrays ({type(e).__name__}: {e}).",
+                              "save it with numpy.savez(path, labels=..., <input name>=...), or pass a folder of "
+                              "samples.") from e
     if "labels" not in arrays:
         raise InputShapeError(f"evaluation set {path} has no 'labels' array (it has {sorted(arrays)}).",
                               "save it with numpy.savez(path, labels=..., <input name>=...).")
@@ -130,22 +138,57 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
     return EvaluationSet(samples, labels[:count].astype(np.int64), f"{path.name} ({count} labelled samples)")
 
 
+#: the calibration kinds a map's evaluation can read again from the folder the manifest records
+_FOLDER_KINDS = ("image_folder", "array_folder")
+
+
 def _folder_set(root: Path, input_shapes: Mapping[str, Sequence[int]], limit: int | None,
-                dtypes: Mapping[str, np.dtype] | None, skip: int, calibrated: str | None = None) -> EvaluationSet:
-    """Samples ``skip`` to ``skip + limit`` of a folder of samples, checked against the inputs as calibration is;
-    ``calibrated``: the content hash of the samples before ``skip`` a map recorded, which they must still have."""
+                dtypes: Mapping[str, np.dtype] | None, calibration: Mapping[str, Any] | None = None) -> EvaluationSet:
+    """Up to ``limit`` samples of a folder of samples, checked against the inputs as calibration is.
+
+    Where the folder holds the samples a map's quantization read (``calibration``: the manifest's record of a folder,
+    matched by its path or by the content of those samples, so a copy is recognised too), the samples after those;
+    where it holds no others, those, and the description says so, and so it does where they changed since.
+    """
     shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
     inputs = [ModelInput(k, np.dtype((dtypes or {}).get(k, np.float32)), shape) for k, shape in shapes.items()]
-    checked = ValidatedCalibration(resolve_calibration(root, shapes, 0, 0), inputs, shapes)
-    stop = None if limit is None else skip + limit
-    samples = [{k: v.numpy() for k, v in sample.items()} for sample in itertools.islice(checked, skip, stop)]
+    try:
+        checked = ValidatedCalibration(resolve_calibration(root, shapes, 0, 0), inputs, shapes)
+        skip, note = 0, ""
+        if calibration:
+            seen = min(int(calibration.get("used", 0)) + int(calibration.get("held_out", 0)),
+                       int(calibration.get("count", 0)))
+            same = checked.content_hash(seen) == calibration.get("sha256") if seen <= len(checked) else False
+            if same or str(root.resolve()) == calibration.get("root"):
+                skip = seen if len(checked) > seen else 0
+                note = (f", after the {seen} the map's quantization read" if skip else
+                        ": the samples the map was calibrated on (the folder holds no others)")
+                note += "" if same else (" (the folder changed since the map was calibrated: which samples it saw is "
+                                         "not known)")
+        stop = None if limit is None else skip + limit
+        samples = [{k: v.numpy() for k, v in sample.items()} for sample in itertools.islice(checked, skip, stop)]
+    except CalibrationError as e:
+        raise InputShapeError(f"evaluation folder {root}: {e.problem}", e.fix) from e
     if not samples:
-        raise InputShapeError(f"evaluation folder {root} holds {len(checked)} samples, none after the first {skip}.",
-                              "add samples to it, or evaluate on another set.")
-    changed = calibrated is not None and checked.content_hash(skip) != calibrated
+        raise InputShapeError(f"evaluation folder {root} holds no samples.", "add samples to it, or evaluate on "
+                              "another set.")
     return EvaluationSet(samples, None, f"{root.name}/ samples {skip + 1}-{skip + len(samples)} of {len(checked)}"
-                         + (f", after the {skip} the map's quantization read" if skip else "")
-                         + (" (the folder changed since: which samples the map saw is not known)" if changed else ""))
+                         + note)
+
+
+def _read_again(calibration: Mapping[str, Any]) -> bool:
+    """Whether a manifest's calibration record is a folder this module reads as quantization did (a folder read
+    through the user's own transform in Python is not)."""
+    return calibration.get("kind") in _FOLDER_KINDS and str(calibration.get("transform", "default")).startswith(
+        "default")
+
+
+def calibration_folder(mapname: str | MapRef, output_root: str | Path | None = None) -> str | None:
+    """The folder map ``mapname`` was calibrated on, where it still exists and is read as quantization read it:
+    what its evaluations read by default (:func:`map_evaluation_set`); None for random data or samples in Python."""
+    record = MapFolder(mapname, output_root).open().record().calibration
+    root = record.get("root") if _read_again(record) else None
+    return root if root and Path(root).is_dir() else None
 
 
 def map_evaluation_set(evaluation: EvaluationSet | str | Path | None, input_shapes: Mapping[str, Sequence[int]],
@@ -153,28 +196,29 @@ def map_evaluation_set(evaluation: EvaluationSet | str | Path | None, input_shap
                        calibration: Mapping[str, Any]) -> EvaluationSet:
     """What a map is evaluated on: ``evaluation`` (an :class:`EvaluationSet`, a labelled ``.npz`` or a folder of
     samples, its first ``samples``); by default the folder the map was calibrated on (``calibration``: the
-    manifest's record), where it still exists, else ``samples`` seeded random inputs (``seed``).
+    manifest's record), else ``samples`` seeded random inputs (``seed``; the description says where that folder
+    is gone).
 
-    The folder the map was calibrated on is read after the samples its quantization read (those calibrated on,
-    and those ``algorithm='auto'`` chose on) where it holds more, so the error is measured on held-out inputs;
-    where it holds no more, on the calibrated samples, and the set's description says so.
+    A folder that holds the samples the map's quantization read (those calibrated on, and those
+    ``algorithm='auto'`` chose on: the folder it was calibrated on, or a copy) is read after them where it holds
+    more, so the error is measured on held-out inputs; where it holds no more, on the calibrated samples, and the
+    set's description says so.
     """
     if isinstance(evaluation, EvaluationSet):
         return evaluation
-    # (a folder read through the user's own transform in Python is not read the same way here)
-    root = calibration.get("root") if str(calibration.get("transform", "default")).startswith("default") else None
+    folder = calibration if _read_again(calibration) else None
+    root = None if folder is None else folder.get("root")
     if evaluation is None and not (root and Path(root).is_dir()):
-        return random_evaluation_set(input_shapes, samples, seed, dtypes, limits)
+        data = random_evaluation_set(input_shapes, samples, seed, dtypes, limits)
+        if root is None:
+            return data
+        log.warning("the folder the map was calibrated on, %s, is gone: evaluating on random inputs", root)
+        return EvaluationSet(data.samples, None, f"{data.description}: the folder the map was calibrated on, {root}, "
+                             "is gone (pass evaluation= / --eval with its new place)")
     path = Path(root if evaluation is None else evaluation)
-    if not (path.is_dir() and str(path.resolve()) == root):
-        return load_evaluation_set(path, input_shapes, limit=samples, dtypes=dtypes)
-    count, seen = int(calibration.get("count", 0)), int(calibration.get("used", 0))
-    seen += int(calibration.get("held_out", 0))
-    if count <= seen:
-        data = _folder_set(path, input_shapes, samples, dtypes, 0)
-        return EvaluationSet(data.samples, None, f"{data.description}: the samples the map was calibrated on (the "
-                             "folder holds no others)")
-    return _folder_set(path, input_shapes, samples, dtypes, seen, calibration.get("sha256"))
+    if path.is_dir():
+        return _folder_set(path, input_shapes, samples, dtypes, folder)
+    return load_evaluation_set(path, input_shapes, limit=samples, dtypes=dtypes)
 
 
 def float_outputs(model_path: str | Path, samples: Sequence[Mapping[str, np.ndarray]],

@@ -20,6 +20,7 @@ import maptools_flows.tasks
 from maptools_flows.quantize_model import QuantizeModelResult, quantize_model
 from maptools import convert, read_quantinfo
 from maptools.errors import CalibrationError, StorageError, StoreUnavailable
+from maptools.evaluation import evaluate_map
 from maptools.examples import small_cnn_onnx
 from maptools.maps.artifacts import sha256_file
 
@@ -126,10 +127,13 @@ def test_changed_calibration_file_misses(prefect_server, raw_model, tmp_path, qu
     # evaluated on the folder's samples after the 8 calibrated on, not on random inputs
     assert first.evaluation.samples == 4 and first.evaluation.source.startswith("calib/ samples 9-12 of 12")
     assert run(raw_model, tmp_path, calib=str(folder)).quantization_cached
+    np.save(folder / "10.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))  # a held-out sample edited
+    held = run(raw_model, tmp_path, calib=str(folder))  # the same map (its samples did not change): evaluated again
+    assert held.evaluation.rel_l2 == evaluate_map("small", output_root=tmp_path).rel_l2 != first.evaluation.rel_l2
     np.save(folder / "03.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
     result = run(raw_model, tmp_path, calib=str(folder))
     assert not result.quantization_cached and result.calibration.kind != "random"
-    assert len(quantize_calls) == 2
+    assert len(quantize_calls) == 3
 
 
 def test_deleted_or_edited_artifact_is_recomputed(prefect_server, raw_model, tmp_path, quantize_calls) -> None:

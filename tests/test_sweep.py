@@ -21,6 +21,7 @@ from maptools_flows.tasks import EvaluationSpec
 from maptools_flows.sweep import (COLUMNS, Grid, ModelSpec, SweepConfig, SweepConfigError, SweepPoint, load_config,
                                   plot_sweep, run_sweep)
 from maptools import quantize
+from maptools.errors import InputShapeError
 from maptools.evaluation import EvaluationSet, evaluate_map, float_outputs, load_evaluation_set, random_evaluation_set
 
 SHAPES = {"input": [1, 3, 32, 32]}
@@ -186,16 +187,36 @@ def test_evaluation_defaults_to_the_calibration_folders_unread_samples(small_cnn
     assert default.samples == 6 and default.source == "calib/ samples 9-14 of 14, after the 8 the map's quantization read"
     assert default.rel_l2 == held.rel_l2 and default.per_output == held.per_output
     assert evaluate_map("f", output_root=tmp_path, samples=3).samples == 3
-    other = evaluate_map("f", output_root=tmp_path, evaluation=str(folder.rename(tmp_path / "other")), samples=4)
-    assert other.source == "other/ samples 1-4 of 14"  # not the calibration folder (now gone): from its first sample
-    assert evaluate_map("f", output_root=tmp_path, samples=5).source == "random (seed 1234, 5 samples)"
-    (tmp_path / "other").rename(folder)
+    moved = folder.rename(tmp_path / "moved")  # recognised by the content of the samples the map read
+    other = evaluate_map("f", output_root=tmp_path, evaluation=str(moved), samples=4)
+    assert other.source == "moved/ samples 9-12 of 14, after the 8 the map's quantization read"
+    gone = evaluate_map("f", output_root=tmp_path, samples=5).source  # the default: random, saying why
+    assert gone.startswith("random (seed 1234, 5 samples): the folder the map was calibrated on") and "gone" in gone
+    (tmp_path / "elsewhere").mkdir()
+    for i, array in enumerate(arrays[:4]):
+        np.save(tmp_path / "elsewhere" / f"{i:02}.npy", array)
+    assert evaluate_map("f", output_root=tmp_path, evaluation=str(tmp_path / "elsewhere")).source == \
+        "elsewhere/ samples 1-4 of 4"  # another folder: from its first sample
+    moved.rename(folder)
     quantize(SHAPES, "cpu", small_cnn, mapname="all", calibset=str(folder), calib_steps=14, algorithm="percentile",
              output_root=tmp_path)
     seen = evaluate_map("all", output_root=tmp_path, samples=32)
     assert seen.samples == 14 and seen.source.endswith("the samples the map was calibrated on (the folder holds no "
                                                        "others)")
     assert evaluate_map(small_result.mapname, output_root=small_result.output_root, samples=4).source.startswith("random")
+    np.save(folder / "14.npy", arrays[1])  # a folder that held no more than the calibrated samples, grown
+    grown = evaluate_map("all", output_root=tmp_path)
+    assert grown.samples == 1 and grown.source == "calib/ samples 15-15 of 15, after the 14 the map's quantization read"
+    np.save(folder / "00.npy", arrays[2])  # a calibrated sample edited
+    assert evaluate_map("all", output_root=tmp_path).source.endswith(
+        "(the folder changed since the map was calibrated: which samples it saw is not known)")
+    for bad in ("one.npy", "broken.npz", "notes.txt"):  # files that are not a labelled .npz: a clear error
+        (tmp_path / bad).write_bytes(b"not an array")
+        with pytest.raises(InputShapeError, match="is not an .npz file of arrays"):
+            evaluate_map("all", output_root=tmp_path, evaluation=tmp_path / bad)
+    np.save(tmp_path / "one.npy", arrays[0])
+    with pytest.raises(InputShapeError, match="is not an .npz file of arrays"):
+        evaluate_map("all", output_root=tmp_path, evaluation=tmp_path / "one.npy")
     spec = EvaluationSpec.of(str(folder), 4, 0)  # a folder as the flows' eval_set: keyed on its files' bytes
     np.save(folder / "13.npy", arrays[0])
     assert spec.sha256 is not None and EvaluationSpec.of(str(folder), 4, 0).sha256 != spec.sha256
