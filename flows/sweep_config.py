@@ -40,9 +40,9 @@ class ModelSpec(_Strict):
                                                       "{input: [1, 3, 224, 224]}; default for examples.")
     calib: str | None = Field(None, description="'random' (default) or a folder of images / .npy / .npz files.")
     eval_set: str | None = Field(None, description="Labelled evaluation set: .npz with 'labels' and one array per "
-                                                   "input, or a folder of samples; default: the calibration folder from the "
-                                                   "first sample a point's quantization did not read (seeded random "
-                                                   "inputs where calib is random).")
+                                                   "input, or a folder of samples; default: the calibration folder "
+                                                   "from the first sample a point's quantization did not read "
+                                                   "(seeded random inputs where calib is random).")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -234,7 +234,8 @@ def quantize(
     calib: Annotated[str, typer.Option(
         help="Calibration data: 'random' (seeded noise; fine for trying things, not for accuracy) or a folder "
              "of images in class subfolders (DIR/<class>/<image>, resized to the input size, ImageNet-normalized, channels first or last as the input is) "
-             "or of .npy/.npz files (one sample each, shaped like the input; an .npz keyed by input name).")] = "random",
+             "or of .npy/.npz files (one sample each, shaped like the input; an .npz keyed by input "
+             "name).")] = "random",
     calib_steps: Annotated[int, _setting(QuantSettings, "calib_steps", note=" A folder with fewer is used once in "
                                                                              "full.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto (CUDA when present).")] = "auto",

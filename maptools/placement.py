@@ -533,9 +533,9 @@ def _einsum_macs(equation: str, shapes: list[list[int] | None]) -> int:
 def macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates of every operator that does matrix work (Conv, ConvTranspose, Gemm, MatMul,
     LSTM, GRU, RNN, STFT, DFT, Einsum, attention, their integer forms, control flow whose bodies do: a Loop's or
-    Scan's body as many times as it runs (:func:`_trips`), and calls of local functions whose bodies do), from the shapes
-    the prepared model records; operators without known shapes count 0 (a recurrent cell whose input shape is
-    unknown: one step)."""
+    Scan's body as many times as it runs (:func:`_trips`), and calls of local functions whose bodies do), from the
+    shapes the prepared model records; operators without known shapes count 0 (a recurrent cell whose input shape
+    is unknown: one step)."""
     if any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
         try:  # the bodies' own tensors: the prepared model records the outer graph's shapes only
             model = onnx.shape_inference.infer_shapes(model)

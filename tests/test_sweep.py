@@ -184,7 +184,8 @@ def test_evaluation_defaults_to_the_calibration_folders_unread_samples(small_cnn
              output_root=tmp_path)
     default = evaluate_map("f", output_root=tmp_path, samples=32)
     held = evaluate_map("f", output_root=tmp_path, evaluation=EvaluationSet([{"input": a} for a in arrays[8:]]))
-    assert default.samples == 6 and default.source == "calib/ samples 9-14 of 14, after the 8 the map's quantization read"
+    assert default.samples == 6
+    assert default.source == "calib/ samples 9-14 of 14, after the 8 the map's quantization read"
     assert default.rel_l2 == held.rel_l2 and default.per_output == held.per_output
     assert evaluate_map("f", output_root=tmp_path, samples=3).samples == 3
     moved = folder.rename(tmp_path / "moved")  # recognised by the content of the samples the map read
@@ -203,7 +204,8 @@ def test_evaluation_defaults_to_the_calibration_folders_unread_samples(small_cnn
     seen = evaluate_map("all", output_root=tmp_path, samples=32)
     assert seen.samples == 14 and seen.source.endswith("the samples the map was calibrated on (the folder holds no "
                                                        "others)")
-    assert evaluate_map(small_result.mapname, output_root=small_result.output_root, samples=4).source.startswith("random")
+    random = evaluate_map(small_result.mapname, output_root=small_result.output_root, samples=4)
+    assert random.source.startswith("random")
     np.save(folder / "14.npy", arrays[1])  # a folder that held no more than the calibrated samples, grown
     grown = evaluate_map("all", output_root=tmp_path)
     assert grown.samples == 1 and grown.source == "calib/ samples 15-15 of 15, after the 14 the map's quantization read"

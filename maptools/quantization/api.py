@@ -357,9 +357,9 @@ def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps:
                                     done.mixed)):
                 _ppq.restore_biases(done.graph, previous)  # (the plain quantization's files were read out before)
     if all(math.isnan(e) for e in errors.values()):
-        notes.append(f"algorithm='auto' kept {_label(best.settings)}, the first candidate, without comparing: no output "
-                     f"compares with the float model's on the {where} (each one's size depends on the data, or "
-                     "differs from the float model's: a decoder's sequence length); pass algorithm= to choose.")
+        notes.append(f"algorithm='auto' kept {_label(best.settings)}, the first candidate, without comparing: no "
+                     f"output compares with the float model's on the {where} (each one's size depends on the data, "
+                     "or differs from the float model's: a decoder's sequence length); pass algorithm= to choose.")
         log.warning(notes[-1])
         return best
     by_part = (f" ({', '.join(names[i] for i in parts)} taken as the parts a Concat assembled, each weighted "
