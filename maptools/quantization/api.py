@@ -554,7 +554,8 @@ def quantize(
             kept and named in ``result.settings``; percentile on random data), ``percentile``, ``minmax``, ``kl``
             or ``mse``.
         output_root: where ``mapsave/`` goes; default ``$MAPTOOLS_HOME`` or the current directory.
-        error_steps: calibration samples used for the per-layer error report; 0 skips the report.
+        error_steps: calibration samples the per-layer error report and the output error (``errors.outputs``)
+            are measured on; 0 skips both.
         progress: called as ``progress(done, total)`` each time PPQ takes a calibration sample
             (``total``: :meth:`QuantSettings.samples_read`, every pass of every candidate), e.g. to drive a
             progress bar.
