@@ -119,7 +119,11 @@ def load_evaluation_set(path: str | Path, input_shapes: Mapping[str, Sequence[in
     if "labels" not in arrays:
         raise InputShapeError(f"evaluation set {path} has no 'labels' array (it has {sorted(arrays)}).",
                               "save it with numpy.savez(path, labels=..., <input name>=...).")
-    labels = np.asarray(arrays.pop("labels")).reshape(-1)
+    labels = np.asarray(arrays.pop("labels"))
+    if labels.ndim > 1 and labels.size != len(labels):  # (a column [N, 1] is one label per sample too)
+        raise InputShapeError(f"evaluation set {path} has 'labels' of shape {list(labels.shape)}; it holds one class "
+                              "index per sample.", "save labels as an [N] integer array (argmax of one-hot rows).")
+    labels = labels.reshape(-1)
     if len(input_shapes) == 1 and "inputs" in arrays and next(iter(input_shapes)) not in arrays:
         arrays = {next(iter(input_shapes)): arrays.pop("inputs")}
     if set(arrays) != set(input_shapes):

@@ -166,6 +166,10 @@ def test_evaluation_with_a_labelled_set(small_result, tmp_path) -> None:
                                                                      data.samples)])
     np.savez(tmp_path / "eval.npz", labels=labels, inputs=np.concatenate([s["input"] for s in data.samples]))
     labelled = load_evaluation_set(tmp_path / "eval.npz", SHAPES)
+    inputs = np.concatenate([s["input"] for s in data.samples])
+    np.savez(tmp_path / "onehot.npz", labels=np.eye(2)[labels % 2], inputs=inputs)  # one-hot rows: refused
+    with pytest.raises(InputShapeError, match=r"'labels' of shape \[6, 2\]; it holds one class index per sample"):
+        load_evaluation_set(tmp_path / "onehot.npz", SHAPES)
     result = evaluate_map(small_result.mapname, output_root=root, evaluation=labelled)
     assert result.verified and result.samples == 6 and result.float_accuracy == 1.0
     assert result.accuracy == result.top1_agreement and 0 < result.rel_l2 < 0.05 and result.cosine > 0.99
