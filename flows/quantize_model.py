@@ -186,9 +186,11 @@ def quantize_model(
         evaluation = None
         if eval_samples:
             t = time.perf_counter()
-            # (keyed on the folder's files where it is the calibration folder, read after the calibrated samples)
-            evaluation = evaluate_quantized(result, EvaluationSpec.of(eval_set or calibration.source, eval_samples,
-                                                                      EVAL_SEED))
+            # by default the calibration folder after the calibrated samples: keyed on the hash build-calibset took
+            spec = EvaluationSpec.of(eval_set, eval_samples, EVAL_SEED) if eval_set else \
+                EvaluationSpec(calibration.source, calibration.sha256 if calibration.source else None, eval_samples,
+                               EVAL_SEED)
+            evaluation = evaluate_quantized(result, spec)
             seconds["evaluate"] = time.perf_counter() - t
             agreement = evaluation.top1_agreement
             logger.info("%s: output error against float %.3f%% (rel. L2)%s on %d inputs (%s)", mapname,

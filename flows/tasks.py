@@ -25,6 +25,7 @@ from maptools_flows.results import RESULT_STORAGE, SERIALIZER
 import maptools
 from maptools import conversion, stages
 from maptools.maps.artifacts import read_quantinfo, sha256_file
+from maptools.maps.folder import sha256_folder
 from maptools.evaluation import OutputError, evaluate_map, weight_memory_bytes
 from maptools.errors import MaptoolsError
 from maptools.quantization import QuantizationResult, quantize, snr_db
@@ -48,17 +49,13 @@ class EvaluationSpec:
 
     @classmethod
     def of(cls, eval_set: str | None, samples: int, seed: int) -> EvaluationSpec:
-        """The spec of ``eval_set`` (a file, or a folder by each file's relative path and bytes: a changed set misses
-        the cache)."""
+        """The spec of ``eval_set`` (a file, or a folder by its files: a changed set misses the cache)."""
         if not eval_set:
             return cls(None, None, samples, seed)
         path = Path(eval_set)
-        if not path.is_dir():
-            return cls(eval_set, sha256_file(path) if path.is_file() else None, samples, seed)
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path).as_posix()}|{sha256_file(file)}|".encode())
-        return cls(str(path.resolve()), digest.hexdigest(), samples, seed)
+        if path.is_dir():
+            return cls(str(path.resolve()), sha256_folder(path), samples, seed)
+        return cls(eval_set, sha256_file(path) if path.is_file() else None, samples, seed)
 
 
 @cache

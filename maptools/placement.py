@@ -559,9 +559,9 @@ def _trips(node: onnx.NodeProto, consts: Mapping[str, np.ndarray], dims: Mapping
     if node.op_type == "Scan":
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         first = len(node.input) - int(attrs.get("num_scan_inputs", 0))
-        axis = list(attrs.get("scan_input_axes", [0]))[:1] or [0]
+        axis = (list(attrs.get("scan_input_axes", [])) or [0])[0]
         shape = dims.get(node.input[first]) if 0 <= first < len(node.input) else None
-        return shape[axis[0]] if shape and -len(shape) <= axis[0] < len(shape) and shape[axis[0]] > 0 else 1
+        return shape[axis] if shape and -len(shape) <= axis < len(shape) and shape[axis] > 0 else 1
     if node.op_type != "Loop":
         return 1
     count = consts.get(node.input[0]) if node.input and node.input[0] else None

@@ -47,7 +47,7 @@ from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityErro
 from maptools.maps.manifest import Manifest, parse_manifest
 from maptools.maps.roots import MapRef, home, is_url, output_root, pause_point
 
-__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "atomic_write", "atomic_link", "storage_errors"]
+__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "sha256_folder", "atomic_write", "atomic_link", "storage_errors"]
 
 MANIFEST = "manifest.json"
 _MAPNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -59,6 +59,14 @@ def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_folder(path: str | Path) -> str:
+    """sha256 over every file under ``path``: its path relative to ``path`` and its :func:`sha256_file`."""
+    root, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}|{sha256_file(file)}|".encode())
     return digest.hexdigest()
 
 
