@@ -47,7 +47,8 @@ from maptools.errors import (ArtifactError, ConcurrentUpdateError, IntegrityErro
 from maptools.maps.manifest import Manifest, parse_manifest
 from maptools.maps.roots import MapRef, home, is_url, output_root, pause_point
 
-__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "sha256_folder", "atomic_write", "atomic_link", "storage_errors"]
+__all__ = ["MapFolder", "MapVersion", "MANIFEST", "sha256_file", "sha256_folder", "atomic_write", "atomic_link",
+           "storage_errors"]
 
 MANIFEST = "manifest.json"
 _MAPNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
