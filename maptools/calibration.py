@@ -415,6 +415,8 @@ class ValidatedCalibration(CalibrationSet):
 
     def _check(self, index: int, sample: Any) -> dict[str, torch.Tensor]:
         where = f"calibration sample {index}"
+        if isinstance(sample, (np.ndarray, torch.Tensor)) and len(self.inputs) == 1:
+            sample = {next(iter(self.inputs)): sample}  # a single-input model's bare tensor
         if not isinstance(sample, Mapping):
             raise CalibrationError(f"{where} is a {type(sample).__name__}, not a dict of input name -> tensor.",
                                    f"yield dicts like {{{next(iter(self.inputs))!r}: tensor}}, or pass "

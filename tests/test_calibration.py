@@ -235,6 +235,22 @@ def test_map_style_dataset_and_unsized_reiterable(small_cnn) -> None:
     assert len(validated(Reiterable(tensors(11)), small_cnn)) == 11  # counted in one pass
 
 
+def test_a_single_input_model_takes_bare_tensors(small_cnn, tmp_path) -> None:
+    """A list of arrays or tensors reads as ``{input: array}`` per sample when the model has one input."""
+    data = tensors(8)
+    for bare in (data, [t.numpy() for t in data]):
+        samples = list(validated(bare, small_cnn))
+        assert len(samples) == 8 and set(samples[5]) == {"input"}
+        torch.testing.assert_close(samples[5]["input"], data[5])
+    model = tmp_path / "two.onnx"
+    shapes = {"image": (1, 3, 16, 16), "depth": (1, 1, 16, 16)}
+    torch.onnx.export(TwoInputs().eval(), tuple(torch.zeros(*s) for s in shapes.values()), str(model),
+                      input_names=list(shapes), opset_version=13, dynamo=False)
+    two = ValidatedCalibration(resolve_calibration(tensors(2), shapes, 2, 0), model_inputs(load_model(model)), shapes)
+    with pytest.raises(CalibrationError, match="sample 0 is a Tensor, not a dict of input name"):
+        list(two)  # two inputs: a bare tensor names neither
+
+
 def test_a_second_pass_must_yield_the_same_count(small_cnn) -> None:
     class OnceOnly:
         def __init__(self) -> None:
