@@ -36,7 +36,7 @@ def digits_setup(trained_cnn, tmp_path_factory: pytest.TempPathFactory):
     path = export_onnx(model, tmp_path_factory.mktemp("digits") / "digits.onnx", SMALL_CNN_SHAPES)
     train_x = digits(seed=0)[0]
     calib = [{"input": train_x[i:i + 1].contiguous()} for i in range(CALIB)]
-    return path, calib, test_x[:128].numpy(), test_y[:128].numpy()
+    return path, calib, test_x.numpy(), test_y.numpy()
 
 
 def _ppq(map_dir, calib, settings):
@@ -95,8 +95,9 @@ def test_mode_keeps_the_contract_and_agrees(bits, sign, optimization, digits_set
     exported = np.concatenate([session.run(None, {"input": x[None]})[0] for x in test_x])
     assert (exported.argmax(1) == ours.argmax(1)).mean() >= 0.99
     assert np.abs(exported - ours).max() <= 0.05 * np.abs(ours).max()
-    # the quantized model still classifies, as PPQ's own simulation does (plain W4A4 loses about 18 points on this
-    # CNN: 75.8% against 93.8% at 8 bits, PPQ 75.0%; equalization 85.9%, lsq 90.6%)
+    # the quantized model still classifies, as PPQ's own simulation does, on the 449 test images (one image is 0.22
+    # points; on the first 128 an image was 0.78, and W4A4 lsq's device read 3.9 points under PPQ's simulation there,
+    # 1.3 on all 449: the device adds int32 biases where PPQ adds float ones, which moves 4-bit codes by a step)
     accuracy, theirs_accuracy = (ours.argmax(1) == test_y).mean(), (theirs.argmax(1) == test_y).mean()
     assert accuracy > 0.7 and accuracy >= theirs_accuracy - 0.03
 

@@ -103,7 +103,7 @@ class _MaptoolsQuantizer(TensorRTQuantizer):
     def build_quant_pipeline(self, setting: Any) -> Any:
         """PPQ's pipeline with maptools' fusion and alignment, and two changes that only make it faster.
 
-        * Fusion: a crossbar operator's output goes straight to the grid of a Relu/Clip after it,
+        * Fusion: a crossbar operator's or an adder's output goes straight to the grid of a Relu/Clip after it,
           and operators that move codes keep their input's grid (PPQ's own list misses Slice,
           Resize, GlobalMaxPool, DepthToSpace, and fuses non-linear activations like Sigmoid).
         * Alignment skips operators with a float constant operand (a lookup table, not an adder).
@@ -200,7 +200,7 @@ def _fit_bias(op: Any) -> None:
 
 
 class _Fusion(QuantizationOptimizationPass):
-    """Crossbar -> Relu/Clip fusion and grid-keeping operators, by maptools' placement."""
+    """Crossbar/adder -> Relu/Clip fusion and grid-keeping operators, by maptools' placement."""
 
     def __init__(self, placement: Placement) -> None:
         super().__init__(name="maptools fusion")
@@ -211,12 +211,13 @@ class _Fusion(QuantizationOptimizationPass):
             if not isinstance(op, QuantableOperation):
                 continue
             role = self._placement.roles.get(op.name)
-            if role is Role.CROSSBAR:
+            if role in (Role.CROSSBAR, Role.ADD):
                 after = graph.get_downstream_operations(op)
                 out = op.config.output_quantization_config[0]
                 if (len(after) == 1 and after[0].type in FUSABLE_ACTIVATIONS and isinstance(after[0], QuantableOperation)
                         and len(graph.get_upstream_operations(after[0])) == 1
-                        and out.state != QuantizationStates.FP32):
+                        and out.state != QuantizationStates.FP32
+                        and after[0].config.output_quantization_config[0].state != QuantizationStates.FP32):
                     act = after[0].config.output_quantization_config[0]
                     out.dominated_by = act
                     after[0].config.input_quantization_config[0].dominated_by = act
