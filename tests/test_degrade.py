@@ -110,6 +110,27 @@ def test_a_ppq_failure_names_the_operator_it_arose_at(tmp_path) -> None:
     assert caught.value.operator == resize.name
 
 
+def test_the_kernel_check_a_group_of_operators_at_a_time_switches_the_same(tmp_path, monkeypatch) -> None:
+    """PPQ's kernels are checked against onnxruntime's tensors of one sample; a model whose tensors take more than
+    ``CHECK_BYTES`` (torchvision's mvit_v2_s: 10.9 GiB, killed beyond 15 GB) is checked a group of operators at a
+    time, one onnxruntime run each: the same kernels go to onnxruntime (here two uneven average pools)."""
+    from maptools.quantization import ppq_adapter
+
+    model, shapes = IDIOMS["uneven_average_pools"]()
+    path = _save(model, tmp_path / "pools.onnx")
+    check, grouped = ppq_adapter._float_check, ppq_adapter._grouped
+    switched: list[list[str]] = []
+    groups: list[int] = []
+    monkeypatch.setattr(ppq_adapter, "_float_check", lambda *a, **k: switched.append(check(*a, **k)) or switched[-1])
+    monkeypatch.setattr(ppq_adapter, "_grouped", lambda *a: groups.append(len(grouped(*a))) or grouped(*a))
+    for budget in (ppq_adapter.CHECK_BYTES, 1):
+        monkeypatch.setattr(ppq_adapter, "CHECK_BYTES", budget)
+        quantize(shapes, "cpu", path, mapname=f"b{budget}", calib_steps=8, output_root=tmp_path, error_steps=0,
+                 algorithm="minmax")
+    assert len(switched) == 2 and len(switched[0]) == 2 and switched[0] == switched[1]
+    assert groups[0] == 1 and groups[-1] > 4  # every operator its own group
+
+
 def test_a_model_kept_on_the_host_whole_has_an_empty_error_report(tmp_path) -> None:
     """Every operator on the host (here kept there on purpose, as onnxruntime's int8 exports are): nothing on the
     device to measure, so the per-layer report is empty, and no note claims PPQ failed."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +99,34 @@ def _agrees(out: np.ndarray, ref: np.ndarray, tolerance: float) -> bool:
     return bool(np.all(same | (close & finite)))
 
 
+#: Bytes of one sample's tensors the kernel check takes from onnxruntime at a time: a model whose tensors take more
+#: (torchvision's mvit_v2_s at 16x224x224: 10.9 GiB) is checked a group of operators at a time.
+CHECK_BYTES = 1 << 29
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of one float32 sample of each tensor with a static shape in ``model``'s value_info and outputs."""
+    return {vi.name: 4 * math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            for vi in [*model.graph.value_info, *model.graph.output]}
+
+
+def _grouped(ops: list[Any], tensors: Callable[[list[Any]], list[str]], size: Mapping[str, int],
+             budget: int) -> list[list[Any]]:
+    """``ops`` in order, in consecutive groups whose ``tensors`` take at most ``budget`` bytes (one op at least)."""
+    groups: list[list[Any]] = [[]]
+    for op in ops:
+        if groups[-1] and sum(size.get(t, 0) for t in tensors([*groups[-1], op])) > budget:
+            groups.append([])
+        groups[-1].append(op)
+    return groups
+
+
 def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes: bytes,
                  feed: Mapping[str, torch.Tensor], device: str) -> list[str]:
     """Switch to onnxruntime every operator whose PPQ kernel computes something else than ONNX.
 
-    onnxruntime runs the model on one sample with every tensor as an output; PPQ's float graph then
+    onnxruntime runs the model on one sample with every tensor as an output (a group of operators' tensors
+    at a time, one session each, where they take over :data:`CHECK_BYTES`); PPQ's float graph then
     runs with each operator fed those reference values (not its own upstream results, so an
     operator that amplifies tiny differences, a rounding or a dynamic quantization, is judged on
     its own) and its outputs are compared with the reference. Returns the names of the switched
@@ -111,45 +134,56 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
     """
     from ppq.executor.base import RuntimeHook
 
-    names = [n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None]
-    reference = FloatReference.build(model, model_bytes, tensors=names, fetch=False)
-    if reference is None:
+    names = {n for n, v in graph.variables.items() if n and not v.is_parameter and v.source_op is not None}
+    sample = {k: v.detach().cpu().numpy() for k, v in feed.items()}
+    order = graph.topological_sort()
+
+    def tensors(ops: list[Any]) -> list[str]:
+        return list(dict.fromkeys(v.name for op in ops for v in [*op.inputs, *op.outputs] if v.name in names))
+
+    groups = _grouped(order, tensors, _tensor_bytes(model), CHECK_BYTES)
+    # a session holds every tensor it may return (onnxruntime does not reuse an output's buffer): one per group
+    sessions = [FloatReference.build(model, model_bytes, tensors=tensors(groups[0]), fetch=False)]
+    if sessions[0] is None:
         log.warning("onnxruntime cannot load the prepared model with its intermediate tensors as outputs; PPQ's "
                     "kernels are not checked against it")
         return []
-    names = [n for n in names if n in reference.tensors]
-    values = dict(zip(names, reference.run(names, {k: v.detach().cpu().numpy() for k, v in feed.items()})))
     # CUDA convolutions and matrix products run in TF32 by default (10-bit mantissas): a kernel that
     # computes something else than ONNX differs by far more than that
     tolerance = 1e-2 if str(device).startswith("cuda") else 1e-4
-    got: dict[str, Any] = {}
 
     class _Substitute(RuntimeHook):
+        def __init__(self, op: Any, values: dict[str, np.ndarray], bad: set[str]) -> None:
+            super().__init__(op)
+            self._values, self._bad = values, bad
+
         def pre_forward_hook(self, inputs: list, **kwargs: Any) -> list:
-            return [torch.from_numpy(np.array(values[var.name])).to(device) if var.name in values else value
-                    for var, value in zip(self._hook_to.inputs, inputs)]
+            return [torch.from_numpy(np.array(self._values[var.name])).to(device) if var.name in self._values
+                    else value for var, value in zip(self._hook_to.inputs, inputs)]
 
         def post_forward_hook(self, outputs: list, **kwargs: Any) -> list:
-            for var, value in zip(self._hook_to.outputs, outputs):
-                got[var.name] = value
-            return outputs
-
-    def differing() -> list[Any]:
-        got.clear()
-        hooks = {op.name: _Substitute(op) for op in graph.operations.values()}
-        with torch.no_grad(), _quiet():
-            executor.forward(inputs=dict(feed), hooks=hooks)
-        bad = []
-        for op in graph.topological_sort():
-            for var in op.outputs:
-                ref, value = values.get(var.name), got.get(var.name)
+            for var, value in zip(self._hook_to.outputs, outputs):  # compared here: no output is held
+                ref = self._values.get(var.name)
                 if ref is None or not isinstance(value, torch.Tensor) or not np.issubdtype(ref.dtype, np.floating):
                     continue
                 out = value.detach().cpu().numpy()
                 if ref.shape != out.shape or not _agrees(out, ref, tolerance):
-                    bad.append(op)
-                    break
-        return bad
+                    self._bad.add(self._hook_to.name)
+            return outputs
+
+    def differing() -> list[Any]:
+        bad: set[str] = set()
+        for index, group in enumerate(groups):
+            reference = sessions[0] if index == 0 else FloatReference.build(
+                model, model_bytes, tensors=tensors(group), fetch=False)
+            if reference is None:
+                continue  # (onnxruntime loaded the first group's session: it would load this one)
+            wanted = [t for t in tensors(group) if t in reference.tensors]
+            values = dict(zip(wanted, reference.run(wanted, sample)))
+            with torch.no_grad(), _quiet():
+                executor.forward(inputs=dict(feed), hooks={op.name: _Substitute(op, values, bad) for op in group})
+            del values, reference
+        return [op for op in order if op.name in bad]
 
     switched = [op for op in differing() if not getattr(op, "_maptools_ort", False)]
     for op in switched:
@@ -199,17 +233,11 @@ def _fast_bias_correction(graph: Any, model: onnx.ModelProto, model_bytes: bytes
     if not layers:
         return {}
     inputs = {i.name for i in model.graph.input}
-    size = {vi.name: 4 * math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim)
-            for vi in [*model.graph.value_info, *model.graph.output]}
 
     def tensors(ops: list[Any]) -> list[str]:
         return list(dict.fromkeys(t for op in ops for t in (op.inputs[0].name, op.outputs[0].name) if t not in inputs))
 
-    groups: list[list[Any]] = [[]]
-    for op in layers:
-        if groups[-1] and sum(size.get(t, 0) for t in tensors([*groups[-1], op])) > FBC_BYTES:
-            groups.append([])
-        groups[-1].append(op)
+    groups = _grouped(layers, tensors, _tensor_bytes(model), FBC_BYTES)
     feeds: Iterable[dict[str, np.ndarray]] = ({k: v.detach().cpu().numpy() for k, v in sample.items()}
                                               for _, sample in zip(range(min(steps, FBC_SAMPLES)), calibration))
     if len(groups) > 1:  # (held for the groups after the first; one group streams them)
