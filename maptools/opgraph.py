@@ -26,7 +26,7 @@ import onnx.shape_inference
 from maptools.errors import ArtifactError, ConversionError, MissingArtifactError, ModelError
 from maptools.maps.artifacts import MODEL, atomic_write, sha256_file
 from maptools.onnx_model import auto_pads, constant_values, explicit_outer_inputs, index_limits, load_model
-from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place
+from maptools.placement import CROSSBAR_OP_TYPES, DEVICE, HOST, Role, place, recorded_sizes
 from maptools.quantinfo import QuantConfig
 
 __all__ = ["OperatorGraph", "build_graph", "dumps", "DEVICE", "HOST"]
@@ -302,8 +302,10 @@ def _check_supported(model: onnx.ModelProto) -> None:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
-    """Every tensor's shape: as the prepared model records them, else from ONNX shape inference."""
+    """Every tensor's shape: as the prepared model records them (one run's where the data sets it), else from ONNX
+    shape inference."""
     recorded = {vi.name: _shape(vi) for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    recorded.update({t: dims for t, dims in recorded_sizes(model).items() if recorded.get(t) is None})
     if all(recorded.get(t) is not None for n in model.graph.node for t in n.output if t):
         return recorded
     try:

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from maptools.onnx_model import constant_values, node_attr
 
 __all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "NONNEGATIVE_KEY",
-           "record_nonnegative_inputs", "TIED_KEY", "record_tied", "macs",
+           "record_nonnegative_inputs", "TIED_KEY", "record_tied", "SIZED_KEY", "record_sizes", "recorded_sizes", "macs",
            "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES",
            "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES", "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS",
            "QUANTIZED_OP_TYPES", "DEVICE", "HOST"]
@@ -62,6 +62,9 @@ NONNEGATIVE_KEY = "maptools.nonnegative_inputs"
 #: ``metadata_props`` key of a model: groups of tensors that take one grid, the copies of one tensor that a loop or a
 #: recurrent operator written out step by step computes once per step (JSON list of lists).
 TIED_KEY = "maptools.tied"
+#: ``metadata_props`` key of a model: the dims one onnxruntime run gave the tensors whose size follows the data
+#: (after NonZero, NonMaxSuppression, ...), which ``value_info`` leaves open, ``{tensor: dims}`` (JSON).
+SIZED_KEY = "maptools.data_sized"
 
 #: Operators the crossbar computes (with a constant weight): key = their quantparams tag.
 WEIGHTED_OP_TYPES = {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm"}
@@ -232,6 +235,16 @@ def _record(model: onnx.ModelProto, key: str, value: Any) -> None:
     if value:
         props[key] = json.dumps(value)
     onnx.helper.set_model_props(model, props)
+
+
+def recorded_sizes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The dims one run gave the tensors whose size follows the data (:data:`SIZED_KEY`), ``{tensor: dims}``."""
+    return dict(_recorded(model, SIZED_KEY) or {})
+
+
+def record_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> None:
+    """Record :data:`SIZED_KEY` in ``model``, in place (none: the key is removed)."""
+    _record(model, SIZED_KEY, sizes)
 
 
 def recorded_host(model: onnx.ModelProto) -> dict[str, str]:

@@ -381,3 +381,48 @@ def test_an_identity_a_branch_reads_is_removed_in_the_branch_too(tmp_path) -> No
                                     numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
     done = prepare_model(_save(model, tmp_path / "branch.onnx"), tmp_path / "p.onnx", {"x": [2, 4]}, simplify=False)
     assert "Identity" not in _types(done.path) and done.max_abs_diff == 0.0
+
+
+def _selected_by_data(path: Path) -> Path:
+    """Conv -> Relu -> the values over 0.5 picked by NonZero + Gather, plus a bias Expanded to their count: the output's
+    size follows the data (as a detector's boxes after its score threshold)."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"], axis=0), helper.make_node("Greater", ["f", "thr"], ["m"]),
+             helper.make_node("NonZero", ["m"], ["nz"]), helper.make_node("Gather", ["nz", "one"], ["idx"], axis=0),
+             helper.make_node("Gather", ["f", "idx"], ["sel"], axis=1), helper.make_node("Shape", ["sel"], ["shp"]),
+             helper.make_node("Expand", ["bias", "shp"], ["b2"]), helper.make_node("Add", ["sel", "b2"], ["y"])]
+    consts = [weight, numpy_helper.from_array(np.array(0.5, np.float32), "thr"),
+              numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.ones(1, np.float32), "bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_a_size_the_data_sets_is_left_open(tmp_path: Path) -> None:
+    """A tensor after NonZero has the size of one input's selection: preparation recorded the size one random run
+    gave it in ``value_info``, and the prepared model (and quant_model.onnx) then failed on any input selecting
+    another count (torchvision's Mask R-CNN was refused; its Faster R-CNN, 0 boxes on noise, failed on photos). Its
+    dims stay open; the operator graph takes that run's sizes for its costs."""
+    import onnxruntime as ort
+
+    from maptools import convert, quantize, simulate
+
+    path = _selected_by_data(tmp_path / "select.onnx")
+    rng = np.random.default_rng(42)
+    xs = [rng.standard_normal((1, 1, 4, 4)).astype(np.float32) * s for s in (0.3, 1.0, 3.0)]
+    original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = [original.run(None, {"x": x})[0] for x in xs]
+    assert len({e.shape for e in expected}) == 3
+    for calibset in (None, [{"x": x} for x in xs] * 3):  # random samples; real ones, each selecting another count
+        result = quantize({"x": [1, 1, 4, 4]}, "cpu", path, mapname="select", calibset=calibset, calib_steps=8,
+                          output_root=tmp_path)
+    prepared = ort.InferenceSession(str(result.map_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    for x, e in zip(xs, expected):
+        np.testing.assert_allclose(prepared.run(None, {"x": x})[0], e, rtol=1e-5, atol=1e-5)
+    quantized = ort.InferenceSession(str(result.quant_model_path), providers=["CPUExecutionProvider"])
+    convert("select", output_root=tmp_path)
+    for x in xs:
+        ours = quantized.run(None, {"x": x})[0]
+        np.testing.assert_allclose(simulate("select", {"x": x}, output_root=tmp_path).outputs["y"], ours, atol=0.05)

@@ -44,7 +44,7 @@ from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage
 from maptools.metrics import rel_l2
 from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, in_topological_order,
                                  load_model, ort_session, overridable_initializers, with_inputs)
-from maptools.placement import QUANTIZED_OP_TYPES
+from maptools.placement import QUANTIZED_OP_TYPES, record_sizes, recorded_sizes
 
 
 from maptools.prepare.base import TARGET_OPSET, _DEFAULT_DOMAINS, PreparedModel, _Context, _where, opset_of
@@ -386,14 +386,40 @@ def _record_shapes(ctx: _Context, shapes: Mapping[str, Sequence[int]],
     ctx.graph.value_info.extend(inferred.graph.value_info)
     for out, done in zip(ctx.graph.output, inferred.graph.output):
         out.type.CopyFrom(done.type)
+    record_sizes(ctx.model, recorded_sizes(inferred))
     ctx.invalidate()
 
 
 def _observed_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
                    sample: Mapping[str, np.ndarray] | None = None) -> dict[str, list[int]]:
-    """Every tensor's dims as onnxruntime computes them (:func:`_observed_shapes`)."""
+    """Every tensor's dims as onnxruntime computes them (:func:`_observed_shapes`; -1 where the data sets one)."""
     g = _observed_shapes(model, shapes, sample).graph
-    return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*g.value_info, *g.output]}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+            for vi in [*g.value_info, *g.output]}
+
+
+#: Operators whose output's size follows the values of their input (and TopK where k is computed).
+DATA_SIZED = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress"})
+
+
+def _sized_by_data(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose size may follow the values of the data: the outputs of :data:`DATA_SIZED` operators and
+    of TopK with a computed k, and every tensor computed from them."""
+    fixed = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    todo = [t for n in model.graph.node if n.op_type in DATA_SIZED
+            or (n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in fixed) for t in n.output if t]
+    found: set[str] = set()
+    while todo:
+        t = todo.pop()
+        if t not in found:
+            found.add(t)
+            todo.extend(o for node in readers.get(t, []) for o in node.output if o)
+    return found
 
 
 def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
@@ -415,14 +441,31 @@ def _observed_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     result = onnx.ModelProto()
     result.CopyFrom(model)
     del result.graph.value_info[:]
-    found = {}
+    sized = _sized_by_data(model)
+    if sized:  # one run's size of such a tensor is not the next input's: a dim inference leaves open stays open
+        for out in probe.graph.output:
+            if out.name in sized:
+                out.type.tensor_type.ClearField("shape")  # (the size one run gave it, written by fix_input_dims)
+        try:
+            g = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
+            inferred = {vi.name: vi.type.tensor_type.shape.dim for vi in [*g.value_info, *g.output]}
+        except Exception:  # noqa: BLE001 - no inference: every such dim stays open
+            inferred = {}
+    found, seen = {}, {}
     for name, value in zip(names, values):
         if not isinstance(value, np.ndarray):
             continue  # a sequence (a list) or an absent optional: ONNX shape inference types it, if anything
         value = np.asarray(value)
-        found[name] = onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+        dims: list[int | str | None] = list(value.shape)
+        if name in sized:
+            seen[name] = [int(d) for d in value.shape]
+            known = inferred.get(name)
+            same_rank = known is not None and len(known) == len(dims)
+            dims = [known[i].dim_value if same_rank and known[i].HasField("dim_value") else f"{name}_{i}"
+                    for i in range(len(dims))]
+        found[name] = onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), dims)
     outputs = {o.name for o in model.graph.output}
+    record_sizes(result, seen)
     result.graph.value_info.extend(vi for name, vi in found.items() if name not in outputs)
     for out in result.graph.output:
         if out.name in found:

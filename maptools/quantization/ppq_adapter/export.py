@@ -13,6 +13,7 @@ import torch
 
 from maptools.errors import QuantizationFailed
 from maptools.onnx_model import DEFAULT_DOMAINS
+from maptools.placement import recorded_sizes
 from maptools.quantization.ppq_adapter.core import (QuantableOperation, QuantizationProperty, ONNXRUNTIMExporter,
                                                     _APPLIED)
 
@@ -72,13 +73,18 @@ def _restore_domains(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
 def _model_types(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Declare each of the model's tensors in the type the model gives it: PPQ's exporter writes the type its
     kernel returned, which for an integer tensor can differ (a Range of int32 bounds, in torch int64), and
-    onnxruntime then refuses the model."""
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.output]
-             if vi.type.tensor_type.elem_type}
+    onnxruntime then refuses the model. A tensor whose size follows the data keeps the model's open dims (PPQ
+    writes the size of its last run)."""
+    declared = {vi.name: vi.type.tensor_type for vi in [*model.graph.value_info, *model.graph.output]}
+    sized = recorded_sizes(model)
     for vi in [*exported.graph.value_info, *exported.graph.output]:
-        wanted = types.get(vi.name)
-        if wanted and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type != wanted:
-            vi.type.tensor_type.elem_type = wanted
+        wanted = declared.get(vi.name)
+        if wanted is None or not vi.type.HasField("tensor_type"):
+            continue
+        if wanted.elem_type and vi.type.tensor_type.elem_type != wanted.elem_type:
+            vi.type.tensor_type.elem_type = wanted.elem_type
+        if vi.name in sized:
+            vi.type.tensor_type.shape.CopyFrom(wanted.shape)
 
 
 def _canonical_names(model: onnx.ModelProto) -> None:
