@@ -25,14 +25,13 @@ def comparable(quantized: Sequence[Sequence[np.ndarray]], reference: Sequence[Se
     shapes = {(np.shape(o), i) for run in (quantized, reference) for sample in run for i, o in enumerate(sample)}
     count = len(reference[0]) if len(reference) else 0
     varying = {i for i in range(count) if sum(1 for _, j in shapes if j == i) > 1}
-    if varying:
-        log.warning("outputs %s vary in size with the data: the error is taken over the others",
-                    ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(varying)))
-    empty = {i for i in range(count) if i not in varying and np.size(reference[0][i]) == 0}
-    if empty:  # (a detector that kept no box)
-        log.warning("outputs %s are empty: the error is taken over the others",
-                    ", ".join(repr(names[i]) if i < len(names) else f"#{i}" for i in sorted(empty)))
+    empty = {i for i in range(count) if i not in varying and np.size(reference[0][i]) == 0}  # (no box kept)
     kept = [i for i in range(count) if i not in varying | empty]
+    then = "the error is taken over the others" if kept else "no output error is measured"
+    for left, why in ((varying, "vary in size with the data"), (empty, "are empty")):
+        if left:
+            log.warning("outputs %s %s: %s", ", ".join(repr(names[i]) if i < len(names) else f"#{i}"
+                                                        for i in sorted(left)), why, then)
     floats = [i for i in kept if np.issubdtype(np.asarray(reference[0][i]).dtype, np.floating)]
     return floats or kept
 

@@ -41,16 +41,20 @@ def test_each_output_has_its_own_error() -> None:
     assert per_output_line({"logits": 0.1}) == ""
 
 
-def test_an_empty_output_is_left_out() -> None:
+def test_an_empty_output_is_left_out(caplog) -> None:
     """A detector that kept no box returns a (0, 4) output in every sample: it has no error (argmax of it had
-    failed every evaluation); beside it the other outputs are compared, and with none left every figure is NaN."""
+    failed every evaluation); beside it the other outputs are compared, and with none left every figure is NaN
+    and the warning says no error is measured (it said the error was taken over the others: there were none)."""
     rng = np.random.default_rng(2)
     scores = [rng.standard_normal(6).astype(np.float32) for _ in range(2)]
     none = np.zeros((0, 4), np.float32)
     result = compare_outputs([[none, s + 0.01] for s in scores], [[none, s] for s in scores], names=["boxes", "s"])
     assert list(result["per_output"]) == ["s"] and 0 < result["rel_l2"] < 0.1 and result["top1_agreement"] == 1.0
+    assert "outputs 'boxes' are empty: the error is taken over the others" in caplog.text
+    caplog.clear()
     alone = compare_outputs([[none], [none]], [[none], [none]], names=["boxes"])
     assert np.isnan(alone["rel_l2"]) and alone["top1_agreement"] is None and alone["per_output"] == {}
+    assert "outputs 'boxes' are empty: no output error is measured" in caplog.text
 
 
 def test_top1_agreement_is_measured_on_class_scores_only() -> None:
