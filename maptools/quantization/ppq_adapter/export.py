@@ -83,8 +83,10 @@ def _model_types(exported: onnx.ModelProto, model: onnx.ModelProto) -> None:
             continue
         if wanted.elem_type and vi.type.tensor_type.elem_type != wanted.elem_type:
             vi.type.tensor_type.elem_type = wanted.elem_type
-        if vi.name in sized:
+        if vi.name in sized and wanted.HasField("shape"):
             vi.type.tensor_type.shape.CopyFrom(wanted.shape)
+        elif vi.name in sized:  # (no shape declared: not even the rank PPQ's last run gave it)
+            vi.type.tensor_type.ClearField("shape")
 
 
 def _canonical_names(model: onnx.ModelProto) -> None:
