@@ -49,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from maptools.onnx_model import constant_values, node_attr
 
 __all__ = ["Role", "Placement", "place", "HOST_KEY", "record_host", "recorded_host", "NONNEGATIVE_KEY",
-           "record_nonnegative_inputs", "TIED_KEY", "record_tied", "SIZED_KEY", "record_sizes", "recorded_sizes", "macs",
+           "record_nonnegative_inputs", "TIED_KEY", "record_tied", "SIZED_KEY", "record_sizes", "recorded_sizes",
+           "macs",
            "PlacementReport", "placement_report", "nonnegative_tensors", "NONNEGATIVE_OP_TYPES", "CROSSBAR_OP_TYPES",
            "WEIGHTED_OP_TYPES", "LUT_UNARY_OP_TYPES", "LUT_BINARY_OP_TYPES", "MOVE_OP_TYPES", "FUSABLE_ACTIVATIONS",
            "QUANTIZED_OP_TYPES", "DEVICE", "HOST"]

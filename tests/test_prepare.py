@@ -393,7 +393,8 @@ def _selected_by_data(path: Path) -> Path:
              helper.make_node("Gather", ["f", "idx"], ["sel"], axis=1), helper.make_node("Shape", ["sel"], ["shp"]),
              helper.make_node("Expand", ["bias", "shp"], ["b2"]), helper.make_node("Add", ["sel", "b2"], ["y"])]
     consts = [weight, numpy_helper.from_array(np.array(0.5, np.float32), "thr"),
-              numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.ones(1, np.float32), "bias")]
+              numpy_helper.from_array(np.array(1, np.int64), "one"),
+              numpy_helper.from_array(np.ones(1, np.float32), "bias")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])], consts)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
