@@ -75,8 +75,10 @@ def digits_rows(root: Path, rows: list[dict]) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     float_top1 = float(np.mean(np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
                                .argmax(1) == labels.numpy()))
-    options = OPTIONS + [("auto, error <= 0.15", {"bit_width": "auto", "budget": {"output_error": 0.15}}),
-                         ("auto, weights <= 6000 B", {"bit_width": "auto", "budget": {"weight_bytes": 6000}})]
+    options = OPTIONS + [("auto, error <= 0.15", {"profile": "extended", "bit_width": "auto",
+                                                  "budget": {"output_error": 0.15}}),
+                         ("auto, weights <= 6000 B", {"profile": "extended", "bit_width": "auto",
+                                                      "budget": {"weight_bytes": 6000}})]
     for label, opts in options:
         row, out = _run(f"digits-{len(rows)}", path, SMALL_CNN_SHAPES, calib, root, opts, x)
         top1 = float(np.mean(out.argmax(1) == labels.numpy()))
