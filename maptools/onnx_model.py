@@ -302,6 +302,8 @@ def auto_pads(auto_pad: str, spatial: Sequence[int], kernel: Sequence[int], stri
 CONTROL_FLOW_OP_TYPES = frozenset({"If", "Loop", "Scan"})
 #: Attribute of a control-flow node in the explicit form: how many of its inputs are outer-scope reads.
 OUTER_INPUTS = "maptools_outer_inputs"
+#: Attribute of a control-flow node in the explicit form: the names its subgraphs read those inputs by.
+OUTER_NAMES = "maptools_outer_names"
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -361,9 +363,13 @@ def explicit_outer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto.FromString(model.SerializeToString())
     for node in out.graph.node:
         if node.op_type in CONTROL_FLOW_OP_TYPES and node.domain in ("", "ai.onnx"):
-            reads = outer_inputs(node)
+            # every read, also of one of the node's own inputs (a trip count the body reads): a tool that renames
+            # that input (PPQ's export copies a shared constant) must rename the read with it
+            reads = list(dict.fromkeys(t for g in _subgraphs(node) for t in _reads(g)))
             node.input.extend(reads)
             node.attribute.append(onnx.helper.make_attribute(OUTER_INPUTS, len(reads)))
+            if reads:
+                node.attribute.append(onnx.helper.make_attribute(OUTER_NAMES, reads))
     return out
 
 
@@ -375,7 +381,10 @@ def implicit_node(node: onnx.NodeProto) -> tuple[onnx.NodeProto, list[str]]:
         return onnx.NodeProto.FromString(node.SerializeToString()), []
     plain = _without_outer(node, int(count))
     given = list(node.input[len(node.input) - int(count):])
-    renamed = {old: new for old, new in zip(outer_inputs(plain), given) if old != new}
+    # (by the names recorded, not read again: once a tool renamed one of the node's own inputs, a read of it would
+    # no longer match, shifting every name after it)
+    names = [n.decode() if isinstance(n, bytes) else n for n in node_attr(node, OUTER_NAMES) or []]
+    renamed = {old: new for old, new in zip(names, given) if old != new}
     for g in _subgraphs(plain):
         _rename_reads(g, renamed)
     return plain, given
@@ -384,7 +393,7 @@ def implicit_node(node: onnx.NodeProto) -> tuple[onnx.NodeProto, list[str]]:
 def _without_outer(node: onnx.NodeProto, count: int) -> onnx.NodeProto:
     plain = onnx.NodeProto.FromString(node.SerializeToString())
     del plain.input[len(plain.input) - count:]
-    keep = [a for a in plain.attribute if a.name != OUTER_INPUTS]
+    keep = [a for a in plain.attribute if a.name not in (OUTER_INPUTS, OUTER_NAMES)]
     del plain.attribute[:]
     plain.attribute.extend(keep)
     return plain
