@@ -36,6 +36,17 @@ GRAPH_FORMAT = "maptools.operator_graph/2"
 MAX_INLINE_CONSTANT = 4096
 
 
+def _config_gap(node: Mapping[str, Any], config: QuantConfig | None) -> str:
+    """What a device operator's config lacks that its kernel reads ('' where nothing)."""
+    if config is None:
+        return "no config"
+    if node["op_type"] in CROSSBAR_OP_TYPES and not config.has_weights:
+        return "no weight scales"
+    if node["role"] in (Role.ADD.value, Role.CONCAT.value) and config.output_scale is None:
+        return "no output scale: its inputs meet on that grid"
+    return ""
+
+
 class OperatorGraph:
     """An operator graph on a ``networkx.MultiDiGraph``.
 
@@ -116,11 +127,11 @@ class OperatorGraph:
                  for n, c in quantinfo.items() if c.op_type != self.node(n)["op_type"]]
         if wrong:
             raise ConversionError(f"operator types disagree: {_listing(wrong)}.", "re-run quantize on this model.")
-        missing = [n for n, d in self.graph.nodes(data=True) if d["part"] == DEVICE and (
-            n not in quantinfo or (d["op_type"] in CROSSBAR_OP_TYPES and not quantinfo[n].has_weights))]
+        missing = [f"{n} ({gap})" for n, d in self.graph.nodes(data=True) if d["part"] == DEVICE
+                   for gap in [_config_gap(d, quantinfo.get(n))] if gap]
         if missing:
             raise ConversionError(
-                f"{len(missing)} device operator(s) have no quantization config: {_listing(missing)}.",
+                f"{len(missing)} device operator(s) lack their quantization config: {_listing(missing)}.",
                 "quantize the model with maptools.quantize (it quantizes every device operator), or convert "
                 "without quantization.")
         extra = sorted(n for n in quantinfo if self.node(n)["part"] != DEVICE)

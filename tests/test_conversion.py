@@ -101,8 +101,12 @@ def test_attach_reports_missing_and_foreign_configs(small_cnn, small_result) -> 
     with pytest.raises(ConversionError, match="3 device operator") as e:
         build_graph(small_cnn).attach_quantinfo(missing)
     assert all(name in str(e.value) for name in (conv, "/head/head.2/Gemm", "/Add"))
-    with pytest.raises(ConversionError, match="no quantization config: /block/block.0/Conv"):
+    with pytest.raises(ConversionError, match="quantization config: /block/block.0/Conv \\(no weight scales\\)"):
         build_graph(small_cnn).attach_quantinfo({**info, conv: dataclasses.replace(info[conv], weight_scale=None)})
+    # the adder's inputs meet on its output grid: an edited map without one is refused here, not by simulate
+    assert info["/Add"].output_scale is not None
+    with pytest.raises(ConversionError, match=r"/Add \(no output scale.*Fix: quantize the model"):
+        build_graph(small_cnn).attach_quantinfo({**info, "/Add": dataclasses.replace(info["/Add"], output_scale=None)})
     with pytest.raises(ConversionError, match="does not have: /other/Conv.*another model"):
         build_graph(small_cnn).attach_quantinfo({**info, "/other/Conv": info[conv]})
     with pytest.raises(ConversionError, match="disagree"):
