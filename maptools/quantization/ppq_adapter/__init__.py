@@ -143,8 +143,8 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
 
     groups = _grouped(order, tensors, _tensor_bytes(model), CHECK_BYTES)
     # a session holds every tensor it may return (onnxruntime does not reuse an output's buffer): one per group
-    sessions = [FloatReference.build(model, model_bytes, tensors=tensors(groups[0]), fetch=False)]
-    if sessions[0] is None:
+    first = FloatReference.build(model, model_bytes, tensors=tensors(groups[0]), fetch=False)
+    if first is None:
         log.warning("onnxruntime cannot load the prepared model with its intermediate tensors as outputs; PPQ's "
                     "kernels are not checked against it")
         return []
@@ -174,7 +174,7 @@ def _float_check(executor: Any, graph: Any, model: onnx.ModelProto, model_bytes:
     def differing() -> list[Any]:
         bad: set[str] = set()
         for index, group in enumerate(groups):
-            reference = sessions[0] if index == 0 else FloatReference.build(
+            reference = first if index == 0 else FloatReference.build(
                 model, model_bytes, tensors=tensors(group), fetch=False)
             if reference is None:
                 continue  # (onnxruntime loaded the first group's session: it would load this one)
