@@ -17,8 +17,8 @@ a spectral front end of Neg, Abs, Exp and squares, weights standardized in the g
 ``while`` loops on a counter, a graph whose nodes are not in topological order (AMD Quark), and normalizations
 whose shift outweighs their scaled signal (pyannote's SincNet front end), tf2onnx's int32 frame indices (Range),
 opset 18's Pad naming its axes, opset 19's circular Pad, opset 23's Attention, and onnxruntime's
-LayerNormalization below opset 17 and SimplifiedLayerNormalization, and the experimental ImageScaler, Scale,
-Affine and ScaledTanh.
+LayerNormalization below opset 17 and SimplifiedLayerNormalization, the experimental ImageScaler, Scale,
+Affine and ScaledTanh, and SegNet's MaxPool indices read by a MaxUnpool.
 """
 
 from __future__ import annotations
@@ -733,6 +733,16 @@ def old_converter_forms() -> Built:
         {"x": [1, 3, 16, 16]}
 
 
+def pool_indices_unpool() -> Built:
+    """SegNet's and ENet's decoder: a MaxPool that also returns its indices (PPQ's kernel computes the values only)
+    and the MaxUnpool that puts the decoder's values back at them."""
+    b = _Builder(48)
+    y = b.op("Relu", [b.conv("x", 3, 8)])
+    pooled, indices = b.op("MaxPool", [y], outputs=2, kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("MaxUnpool", [b.op("Relu", [b.conv(pooled, 8, 8)]), indices], kernel_shape=[2, 2], strides=[2, 2])
+    return b.model({"x": ["N", 3, 16, 16]}, [b.head(b.conv(y, 8, 8), 8)], 11), {"x": [1, 3, 16, 16]}
+
+
 def log_mel() -> Built:
     """An in-graph log-mel front end (openwakeword's melspectrogram, swift-f0): a DFT as two MatMuls, the power
     spectrum as ``re^2 + im^2``, a mel filterbank MatMul, ``+ eps`` and Log, then a small classifier."""
@@ -788,5 +798,6 @@ IDIOMS: dict[str, Callable[[], Built]] = {
     "shifted_norms": shifted_norms, "int32_range": int32_range, "pad_axes": pad_axes, "attention23": attention23,
     "ort_layernorms": ort_layernorms, "experimental_operators": experimental_operators, "log_mel": log_mel,
     "conv1d_moved_bias": conv1d_moved_bias, "old_converter_forms": old_converter_forms,
+    "pool_indices_unpool": pool_indices_unpool,
 }
 

@@ -87,13 +87,19 @@ def _dispatcher(kernels: dict[str, Any]) -> Any:
         if not (has_node and getattr(_probe, "active", False)):
             return kernel(op, values, ctx, **kwargs)
         try:
-            return kernel(op, values, ctx, **kwargs)
+            outputs = kernel(op, values, ctx, **kwargs)
         except Exception as e:  # noqa: BLE001  (PPQ's kernel cannot take this node: use onnxruntime's)
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             log.debug("PPQ's %s kernel failed on %s (%s); running it in onnxruntime", op.type, op.name, e)
             op._maptools_ort = True
             return _run_ort(op, values, ctx)
+        if (1 if isinstance(outputs, torch.Tensor) else len(outputs)) < len(op.outputs):
+            # a form whose extra outputs the kernel does not compute (a MaxPool's indices, for a MaxUnpool)
+            log.debug("PPQ's %s kernel leaves outputs of %s out; running it in onnxruntime", op.type, op.name)
+            op._maptools_ort = True
+            return _run_ort(op, values, ctx)
+        return outputs
 
     return forward
 
