@@ -597,3 +597,45 @@ def test_a_half_precision_quantized_export_is_float_again(tmp_path: Path) -> Non
     xs = [np.random.default_rng(i).uniform(-3, 3, SHAPE).astype(np.float32) for i in range(2)]
     assert _rel(_run(floated, xs), _run(model, xs)) < 0.02
     _quantized_onto_the_crossbars(model, tmp_path, "fp16")
+
+
+def _dynamic_range() -> onnx.ModelProto:
+    """tf2onnx's form of a TFLite dynamic-range model: int8 weights through ``DequantizeLinear``, and each layer's
+    activation quantized at its own min/max and back (``DynamicQuantizeLinear -> DequantizeLinear``), a
+    convolution and a dense layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.full(8, 0.004, np.float32), "ws"),
+             numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "fq"),
+             numpy_helper.from_array(np.float32(0.02), "fs"),
+             numpy_helper.from_array(np.array([1, 8], np.int64), "flat")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+             helper.make_node("DequantizeLinear", ["fq", "fs"], ["f"])]
+    x = "x"
+    for i, layer in enumerate(("conv", "dense")):
+        nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"q{i}", f"s{i}", f"z{i}"]),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"])]
+        if layer == "conv":
+            nodes += [helper.make_node("Conv", ["d0", "w"], ["c"], pads=[1, 1, 1, 1]),
+                      helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+                      helper.make_node("Reshape", ["g", "flat"], ["v"])]
+            x = "v"
+    nodes.append(helper.make_node("MatMul", ["d1", "f"], ["y"]))
+    graph = helper.make_graph(nodes, "tflite_dynamic_range",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_tflite_dynamic_range_model_is_float_again(tmp_path: Path) -> None:
+    """A TFLite dynamic-range (hybrid) model converted by tf2onnx quantizes each layer's input at its own min/max
+    and back: those pairs go like a static quantizer's, and both layers are on the crossbars (both had failed in
+    PPQ's export, reading a dequantizer's output, and stayed on the host: 0% of the work on the crossbars)."""
+    model = _dynamic_range()
+    floated, done = dequantize(model)
+    assert not {n.op_type for n in floated.graph.node} & {"DynamicQuantizeLinear", "DequantizeLinear"}, done
+    xs = [np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32) for i in range(4)]
+    assert _rel(_run(floated, xs), _run(model, xs)) < 0.02  # (the dynamic quantizers' rounding)
+    _quantized_onto_the_crossbars(model, tmp_path, "dynamic_range")

@@ -369,6 +369,17 @@ def _drop_pairs(graph: _Graph) -> int:
         producers, consumers = graph.producers(), graph.consumers()
         for node in list(graph.g.node):
             src = producers.get(node.input[0]) if node.input else None
+            if src is not None and src.op_type == "DynamicQuantizeLinear" and src.domain in _ONNX \
+                    and node.op_type == "DequantizeLinear" and node.domain in _QDQ \
+                    and list(node.input) == list(src.output) and graph.value(src.input[0]) is None:
+                # tf2onnx's TFLite dynamic-range layer: the activation at its own min/max, then back
+                index = list(graph.g.node).index(node)
+                graph.g.node.remove(node)
+                graph.g.node.insert(index, onnx.helper.make_node("Identity", [src.input[0]], [node.output[0]],
+                                                                 name=node.name))
+                dropped += 1
+                changed = True
+                break
             if src is None or src.op_type != "QuantizeLinear" or src.domain not in _QDQ:
                 continue
             readers = consumers.get(node.output[0], []) if node.output else []
