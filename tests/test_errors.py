@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -201,18 +202,46 @@ def _refused(graph: onnx.GraphProto, shapes: dict[str, list[int]], match: str, t
 
 
 def test_a_model_with_outputs_that_are_not_tensors_is_refused_with_the_fix(tmp_path) -> None:
-    """skl2onnx's default classifier ends in a ZipMap (a sequence of maps), which onnxruntime runs but no stage
-    can carry: one ModelError naming the output and the export option, and nothing written."""
-    coefficients = np.random.default_rng(0).standard_normal(12).tolist()
+    """An output that is a sequence (of a convolution's per-sample maps) is something onnxruntime runs but no stage
+    can carry: one ModelError naming the output and the fix, and nothing written."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("LinearClassifier", ["x"], ["label", "prob"], domain="ai.onnx.ml", coefficients=coefficients,
-                          intercepts=[0.0, 0.1, -0.1], classlabels_ints=[0, 1, 2], post_transform="SOFTMAX"),
+        [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("SequenceConstruct", ["y", "y"], ["maps"])],
+        "sequence", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_value_info("maps", helper.make_sequence_type_proto(
+            helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 4, 6, 6])))], [onnx.numpy_helper.from_array(w, "w")])
+    _refused(graph, {"x": [1, 3, 8, 8]}, r"outputs 'maps' \(sequence_type\) are not tensors.*concatenated", tmp_path)
+
+
+def test_a_classifiers_zipmap_output_is_its_tensor_of_probabilities(tmp_path) -> None:
+    """skl2onnx's classifiers end in a ZipMap by default (a sequence of {class: probability} maps, which no stage
+    carries; the model had been refused): the output is the tensor of probabilities under its own name, the steps
+    say so, the dense layers are on the crossbars, and strict=True refuses it."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"]), helper.make_node("Softmax", ["logits"], ["prob"]),
+         helper.make_node("ArgMax", ["prob"], ["label"], axis=1, keepdims=0),
          helper.make_node("ZipMap", ["prob"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])],
         "zipmap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
         [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
          helper.make_value_info("probabilities", helper.make_sequence_type_proto(
-             helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))])
-    _refused(graph, {"x": [1, 4]}, r"outputs 'probabilities' \(sequence_type\) are not tensors.*zipmap", tmp_path)
+             helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))],
+        inits)
+    path = tmp_path / "zipmap.onnx"
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 2)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    with pytest.raises(ModelError, match="ZipMap"):
+        quantize({"x": [1, 4]}, "cpu", path, mapname="strict", calib_steps=8, output_root=tmp_path, strict=True)
+    result = quantize({"x": [1, 4]}, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    assert any("'probabilities' is the tensor of class probabilities its ZipMap" in s for s in result.prepared["steps"])
+    assert result.placement.crossbar_coverage == 1.0, result.placement.summary()
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    shipped = ort.InferenceSession(str(path)).run(["probabilities"], {"x": x})[0]
+    ours = ort.InferenceSession(str(result.map_dir / "model.onnx")).run(["probabilities"], {"x": x})[0]
+    np.testing.assert_allclose(ours[0], [shipped[0][c] for c in range(3)], rtol=1e-5)
 
 
 def test_a_model_with_string_inputs_is_refused_with_the_fix(tmp_path) -> None:

@@ -551,7 +551,9 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     ordered = [f"{moved} nodes put in topological order (the file lists them after operators that read them)"
                ] if moved else []
     ordered += _kept_defaults(model)
+    model, unzipped = _unzipped(model)
     model, dequantized, fallbacks = _dequantized(model, shapes, checks, seed, sample)
+    dequantized, fallbacks = [*unzipped, *dequantized], [*unzipped, *fallbacks]
     reference = reference_outputs(model, shapes, checks=checks, seed=seed, sample=sample)
     notes: list[str] = []
     recurrent = any(n.op_type in RECURRENT_OP_TYPES for n in model.graph.node)
@@ -640,6 +642,29 @@ def _dequantized(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], ch
     return floated, [f"{DEQUANTIZED} ({what}); with its quantizers kept, its outputs "
                      f"{error:.2%} (rel. L2) from the quantized model's on random inputs{where}, without them "
                      f"{unrounded:.2%}"], []
+
+
+def _unzipped(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """skl2onnx's classifiers end in a ZipMap (``ai.onnx.ml``) by default: its output, a sequence of ``{class:
+    probability}`` maps that no stage carries, is given as the tensor of probabilities it maps, under its name
+    (a copy of ``model``, and the step saying so; ``strict`` refuses it)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    zipped = [o.name for o in model.graph.output if o.type.WhichOneof("value") == "sequence_type"
+              and (node := producers.get(o.name)) is not None and node.op_type == "ZipMap"]
+    if not zipped:
+        return model, []
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, node in enumerate(copy.graph.node):
+        if node.op_type == "ZipMap" and node.output[0] in zipped:
+            copy.graph.node[index].CopyFrom(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]],
+                                                                  name=node.name))
+    for output in copy.graph.output:
+        if output.name in zipped:
+            output.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+    names = ", ".join(repr(n) for n in zipped)
+    return copy, [f"output {names} is the tensor of class probabilities its ZipMap turned into a sequence of maps, "
+                  "which no stage carries (skl2onnx: options={id(model): {'zipmap': False}} exports it so)"]
 
 
 def _kept_defaults(model: onnx.ModelProto) -> list[str]:

@@ -120,10 +120,9 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     others = [f"{o.name!r} ({o.type.WhichOneof('value')})" for o in original.graph.output
               if o.type.WhichOneof("value") not in (None, "tensor_type")]
     if others:
-        raise ModelError(f"the model's outputs {', '.join(others)} are not tensors (a ZipMap's sequence of maps, a "
-                         "sequence): maptools carries tensors between its stages.",
-                         "export the model with tensor outputs (skl2onnx's classifiers: options={id(model): "
-                         "{'zipmap': False}}; a sequence: concatenated into one tensor).")
+        raise ModelError(f"the model's outputs {', '.join(others)} are not tensors (a sequence, a map): maptools "
+                         "carries tensors between its stages.",
+                         "export the model with tensor outputs (a sequence: concatenated into one tensor).")
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(original)
     fix_input_dims(relaxed, shapes)
