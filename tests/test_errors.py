@@ -287,6 +287,35 @@ def test_a_model_with_a_sequence_input_is_refused_with_the_fix(tmp_path) -> None
     _refused(graph, {"frames": [1, 3, 8, 8]}, r"input 'frames' is a sequence, not a tensor.*tensor inputs", tmp_path)
 
 
+def test_a_scalar_input_the_model_needs_real_asks_for_real_samples(tmp_path) -> None:
+    """A VAD's 0-d sample rate sizes a Reshape (16000 -> 8 frames): the made-up 0 or 1 of preparation's check fails
+    it, which had been blamed on the input shapes alone; the error names the input and asks for real samples, and
+    the same model quantizes on them."""
+    w = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["sr", "per"], ["frames"]),
+         helper.make_node("Unsqueeze", ["frames", "zero"], ["frames1"]),
+         helper.make_node("Concat", ["one", "frames1"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["x", "shape"], ["rows"], allowzero=1),
+         helper.make_node("Gemm", ["rows", "w"], ["y"], transB=1)],
+        "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"]),
+                helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array(2000, np.int64), "per"),
+         onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         onnx.numpy_helper.from_array(np.array([1], np.int64), "one")])
+    path = tmp_path / "vad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
+    shapes = {"x": [1, 8], "sr": []}
+    with pytest.raises(InputShapeError, match=r"made-up values for its inputs 'sr'.*Fix: pass calibration data"):
+        quantize(shapes, "cpu", path, mapname="m", calib_steps=8, output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "m").exists()
+    rng = np.random.default_rng(3)
+    real = [{"x": rng.standard_normal((1, 8)).astype(np.float32), "sr": np.array(16000)} for _ in range(8)]
+    result = quantize(shapes, "cpu", path, mapname="m", calibset=real, calib_steps=8, output_root=tmp_path)
+    assert result.placement.crossbar_coverage == 1.0
+
+
 def test_random_ids_into_another_inputs_rows_ask_for_real_samples(tmp_path) -> None:
     """A graph network's node ids index rows of another input (minimol): random ids run past them, which only
     real samples avoid; the failure says so, and the same model quantizes on real ids."""

@@ -139,11 +139,13 @@ def reference_outputs(original: onnx.ModelProto, shapes: Mapping[str, Sequence[i
     rng = np.random.default_rng(seed)
     feeds = tuple(_random_feed(original, shapes, rng, ranges, sample) for _ in range(checks))
     outputs = []
+    made_up = [spec.name for spec in model_inputs(original) if from_sample(spec.dtype, len(shapes[spec.name]))
+               and (sample is None or list(np.shape(sample.get(spec.name))) != list(shapes[spec.name]))]
     for feed in feeds:
         try:
             outputs.append(tuple(session.run(list(names), feed)))
         except Exception as e:
-            raise _misfit(original, shapes, e) from e
+            raise _misfit(original, shapes, e, made_up) from e
     return Reference(feeds, names, tuple(outputs), _computes_in_half(original))
 
 
@@ -156,9 +158,10 @@ def _computes_in_half(model: onnx.ModelProto) -> bool:
             or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute))
 
 
-def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception
-            ) -> InputShapeError | ModelError:
-    """onnxruntime's failure at ``shapes``: the shapes' fault, or the model's where they are its declared ones."""
+def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: Exception,
+            made_up: Sequence[str] = ()) -> InputShapeError | ModelError:
+    """onnxruntime's failure at ``shapes``: the shapes' fault, or the model's where they are its declared ones, or
+    the values made up for the inputs ``made_up`` (integers, scalars: :func:`from_sample`), which no sample gave."""
     declared = _declared(model, shapes)
     detail = " ".join(str(error).split())[:300]
     if not declared and all(None not in spec.dims for spec in model_inputs(model)):
@@ -167,6 +170,13 @@ def _misfit(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], error: 
                           "if the model needs inputs like its real ones (ids within a table, a Resize's scales), "
                           "pass calibration data: the check takes its integers and its inputs of rank 0 or 1 from the "
                           "first sample; otherwise check the model file, as maptools needs a model onnxruntime runs.")
+    if made_up and not declared:
+        return InputShapeError(
+            f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} } and made-up values "
+            f"for its inputs {', '.join(repr(n) for n in made_up)} (integers 0 or 1, random scalars): {detail}",
+            "pass calibration data (calibset=..., --calib): preparation takes those inputs from the first sample, as "
+            "a model may need real ones (a sample rate, ids within a table); if it fails on those too, give the "
+            "shapes the model was exported for.")
     return InputShapeError(
         f"the model does not run with input_shapes { {k: list(v) for k, v in shapes.items()} }"
         + (f" ({declared})" if declared else "") + f": {detail}",
