@@ -601,28 +601,28 @@ def test_a_half_precision_quantized_export_is_float_again(tmp_path: Path) -> Non
 
 def _dynamic_range() -> onnx.ModelProto:
     """tf2onnx's form of a TFLite dynamic-range model: int8 weights through ``DequantizeLinear``, and each layer's
-    activation quantized at its own min/max and back (``DynamicQuantizeLinear -> DequantizeLinear``), a
-    convolution and a dense layer."""
+    inputs quantized at their own min/max and back (``DynamicQuantizeLinear -> DequantizeLinear``): a convolution's
+    activation, a dense layer's flattened between the two (the codes reshaped) and its bias."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), "wq"),
              numpy_helper.from_array(np.full(8, 0.004, np.float32), "ws"),
              numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "fq"),
-             numpy_helper.from_array(np.float32(0.02), "fs"),
-             numpy_helper.from_array(np.array([1, 8], np.int64), "flat")]
+             numpy_helper.from_array(np.float32(0.02), "fs"), numpy_helper.from_array(rng.normal(0, 0.3, 4)
+                                                                                      .astype(np.float32), "bias")]
     nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
-             helper.make_node("DequantizeLinear", ["fq", "fs"], ["f"])]
-    x = "x"
-    for i, layer in enumerate(("conv", "dense")):
-        nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"q{i}", f"s{i}", f"z{i}"]),
-                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"])]
-        if layer == "conv":
-            nodes += [helper.make_node("Conv", ["d0", "w"], ["c"], pads=[1, 1, 1, 1]),
-                      helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-                      helper.make_node("Reshape", ["g", "flat"], ["v"])]
-            x = "v"
-    nodes.append(helper.make_node("MatMul", ["d1", "f"], ["y"]))
+             helper.make_node("DequantizeLinear", ["fq", "fs"], ["f"]),
+             helper.make_node("DynamicQuantizeLinear", ["x"], ["q0", "s0", "z0"]),
+             helper.make_node("DequantizeLinear", ["q0", "s0", "z0"], ["d0"]),
+             helper.make_node("Conv", ["d0", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("DynamicQuantizeLinear", ["g"], ["q1", "s1", "z1"]),
+             helper.make_node("Flatten", ["q1"], ["flat"], axis=1),
+             helper.make_node("DequantizeLinear", ["flat", "s1", "z1"], ["d1"]),
+             helper.make_node("DynamicQuantizeLinear", ["bias"], ["qb", "sb", "zb"]),
+             helper.make_node("DequantizeLinear", ["qb", "sb", "zb"], ["db"]),
+             helper.make_node("MatMul", ["d1", "f"], ["m"]), helper.make_node("Add", ["m", "db"], ["y"])]
     graph = helper.make_graph(nodes, "tflite_dynamic_range",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
@@ -631,11 +631,18 @@ def _dynamic_range() -> onnx.ModelProto:
 
 def test_a_tflite_dynamic_range_model_is_float_again(tmp_path: Path) -> None:
     """A TFLite dynamic-range (hybrid) model converted by tf2onnx quantizes each layer's input at its own min/max
-    and back: those pairs go like a static quantizer's, and both layers are on the crossbars (both had failed in
-    PPQ's export, reading a dequantizer's output, and stayed on the host: 0% of the work on the crossbars)."""
+    and back: those pairs go like a static quantizer's (past a Flatten of the codes), a bias's is folded to the
+    values the model adds, and both layers are on the crossbars (both had failed in PPQ's export, reading a
+    dequantizer's output, and stayed on the host: 0% of the work on the crossbars)."""
     model = _dynamic_range()
     floated, done = dequantize(model)
     assert not {n.op_type for n in floated.graph.node} & {"DynamicQuantizeLinear", "DequantizeLinear"}, done
+    assert done["DynamicQuantizeLinear -> DequantizeLinear"] == 3, done
+    bias = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bias"))
+    folded = [onnx.numpy_helper.to_array(i) for i in floated.graph.initializer if i.name.startswith("db")]
+    step = (bias.max() - min(bias.min(), 0)) / 255  # the bias as the model adds it: on its own 8-bit grid
+    assert len(folded) == 1 and not np.array_equal(folded[0], bias)
+    assert np.abs(folded[0] - bias).max() <= step / 2 + 1e-7
     xs = [np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32) for i in range(4)]
-    assert _rel(_run(floated, xs), _run(model, xs)) < 0.02  # (the dynamic quantizers' rounding)
+    assert _rel(_run(floated, xs), _run(model, xs)) < 0.02  # (the activations' dynamic quantizers' rounding)
     _quantized_onto_the_crossbars(model, tmp_path, "dynamic_range")

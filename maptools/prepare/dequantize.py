@@ -356,13 +356,14 @@ def _float_bias(graph: _Graph, codes: str, producers: dict[str, onnx.NodeProto])
     return None
 
 
-def _drop_pairs(graph: _Graph) -> int:
+def _drop_pairs(graph: _Graph) -> tuple[int, int]:
     """Each ``QuantizeLinear -> DequantizeLinear`` pair of one scale and zero point on an activation (past any
     :data:`_TRANSPARENT` operators, which then move the float tensor, or a Clip of the codes: Brevitas' narrow
     and sub-8-bit ranges) as the float tensor, or its ReLU where the codes start at 0.0
-    (:func:`_clips_below_zero`, or a Clip at the zero point); the count. A constant's pair is left to
-    :func:`_fold_weights`, which folds the values the model computes with."""
-    dropped = 0
+    (:func:`_clips_below_zero`, or a Clip at the zero point), and each dynamic pair (:func:`_dynamic_pair`); the
+    two counts. A constant's static pair is left to :func:`_fold_weights`, which folds the values the model
+    computes with."""
+    dropped = dynamic = 0
     changed = True
     while changed:
         changed = False
@@ -370,14 +371,8 @@ def _drop_pairs(graph: _Graph) -> int:
         for node in list(graph.g.node):
             src = producers.get(node.input[0]) if node.input else None
             if src is not None and src.op_type == "DynamicQuantizeLinear" and src.domain in _ONNX \
-                    and node.op_type == "DequantizeLinear" and node.domain in _QDQ \
-                    and list(node.input) == list(src.output) and graph.value(src.input[0]) is None:
-                # tf2onnx's TFLite dynamic-range layer: the activation at its own min/max, then back
-                index = list(graph.g.node).index(node)
-                graph.g.node.remove(node)
-                graph.g.node.insert(index, onnx.helper.make_node("Identity", [src.input[0]], [node.output[0]],
-                                                                 name=node.name))
-                dropped += 1
+                    and _dynamic_pair(graph, src, node, consumers):
+                dynamic += int(node.op_type == "DequantizeLinear")
                 changed = True
                 break
             if src is None or src.op_type != "QuantizeLinear" or src.domain not in _QDQ:
@@ -427,7 +422,58 @@ def _drop_pairs(graph: _Graph) -> int:
                 changed = True
             if changed:
                 break
-    return dropped
+    return dropped, dynamic
+
+
+#: Operators that only rearrange a tensor's elements: a dynamic quantizer's codes may pass them before their
+#: dequantizer (its min/max is that of the same elements either way).
+_REARRANGING = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "DepthToSpace",
+                          "SpaceToDepth"})
+
+
+def _dynamic_pair(graph: _Graph, dql: onnx.NodeProto, node: onnx.NodeProto,
+                  consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """tf2onnx's TFLite dynamic-range layer, each input (activation or bias) quantized at its own min/max and back
+    (``DynamicQuantizeLinear -> DequantizeLinear`` of its three outputs): an activation's pair as the float tensor,
+    a constant's as the values the model computes with; a rearrangement of the codes between the two
+    (:data:`_REARRANGING`) is moved before the quantizer. True where ``node`` (reading ``dql``'s codes) was
+    rewritten."""
+    readers = consumers.get(dql.output[0], [])
+    index = list(graph.g.node).index(node)
+    if node.op_type == "DequantizeLinear" and node.domain in _QDQ and list(node.input) == list(dql.output):
+        graph.g.node.remove(node)
+        constant = graph.value(dql.input[0])
+        if constant is None:
+            graph.g.node.insert(index, onnx.helper.make_node("Identity", [dql.input[0]], [node.output[0]],
+                                                             name=node.name))
+        else:
+            graph.g.node.insert(index, onnx.helper.make_node("Identity", [graph.constant(
+                _dynamic_rounded(constant), node.output[0])], [node.output[0]], name=node.name))
+        return True
+    if node.op_type in _REARRANGING and node.domain in _ONNX and readers == [node] and all(
+            c.op_type == "DequantizeLinear" and list(c.input[1:]) == list(dql.output[1:])
+            for c in consumers.get(node.output[0], [])):
+        moved = graph.fresh(node.output[0])
+        graph.g.node.remove(node)
+        graph.g.node.insert(index, onnx.helper.make_node(node.op_type, [dql.input[0], *node.input[1:]], [moved],
+                                                         name=node.name, **_attrs(node)))
+        at = list(graph.g.node).index(dql)
+        graph.g.node.remove(dql)
+        graph.g.node.insert(at, onnx.helper.make_node("DynamicQuantizeLinear", [moved],
+                                                      [node.output[0], *dql.output[1:]], name=dql.name))
+        return True
+    return False
+
+
+def _dynamic_rounded(x: np.ndarray) -> np.ndarray:
+    """``DequantizeLinear(DynamicQuantizeLinear(x))``: ``x`` on the uint8 grid of its own range (0 included)."""
+    x = np.asarray(x, np.float32)
+    low, high = min(0.0, float(x.min(initial=0.0))), max(0.0, float(x.max(initial=0.0)))
+    scale = np.float32((high - low) / 255.0)
+    if scale == 0:
+        return x
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
 
 
 def _code_type(graph: _Graph, q: onnx.NodeProto) -> int:
@@ -589,13 +635,15 @@ def dequantize(model: onnx.ModelProto, keep_quantizers: bool = False) -> tuple[o
     kept = [n for n in rewritten if id(n) not in dead]
     del graph.g.node[:]
     graph.g.node.extend(kept)
-    pairs = 0 if keep_quantizers else _drop_pairs(graph)
+    pairs, dynamic = (0, 0) if keep_quantizers else _drop_pairs(graph)
     folded = _fold_weights(graph)
     moved = _moved_weights(graph)
     if moved:
         done["DequantizeLinear of gathered weights"] += moved
     if pairs:
         done["QuantizeLinear -> DequantizeLinear"] += pairs
+    if dynamic:
+        done["DynamicQuantizeLinear -> DequantizeLinear"] += dynamic
     if folded:
         done["DequantizeLinear of weights"] += folded
     _prune(graph)
