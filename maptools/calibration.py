@@ -251,13 +251,15 @@ class ImageFolderCalibration(FolderCalibration):
     The input's layout is read from its shape: ``[1, C, H, W]`` (channels first) or ``[1, H, W, C]``
     (channels last, as TensorFlow/Keras exports take it), with C = 1 (grayscale) or 3 (RGB); channels
     first where both fit. ``transform`` turns a PIL image into one sample without its batch axis, in
-    the input's layout; the default is Resize to the input's height and width (224x224 for ResNet18),
-    ToTensor, ImageNet Normalize (for grayscale, their means), and channels last where the input has them.
+    the input's layout (a tensor or an array); the default is Resize to the input's height and width (224x224
+    for ResNet18), ToTensor, ImageNet Normalize (for grayscale, their means), and channels last where the input
+    has them.
     """
 
     kind = "image_folder"
 
-    def __init__(self, root: str | os.PathLike[str], transform: Callable[[Any], torch.Tensor] | None = None,
+    def __init__(self, root: str | os.PathLike[str],
+                 transform: Callable[[Any], torch.Tensor | np.ndarray] | None = None,
                  input_name: str | None = None) -> None:
         from torchvision.datasets import ImageFolder
 
@@ -321,7 +323,7 @@ class ImageFolderCalibration(FolderCalibration):
                 raise CalibrationError(f"calibration sample {index}: cannot read or transform image {path} "
                                        f"({type(e).__name__}: {e}).", "replace or remove that file" + (
                                            ", or fix the transform." if self.transform is not None else ".")) from e
-            yield {self.input_name or "": x.unsqueeze(0) if isinstance(x, torch.Tensor) else x}
+            yield {self.input_name or "": x.unsqueeze(0) if isinstance(x, torch.Tensor) else np.expand_dims(x, 0)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "classes": len(self._dataset.classes), "transform": self._transform_name()}

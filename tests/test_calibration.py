@@ -147,6 +147,13 @@ def test_image_folder_fills_channels_last_and_grayscale_inputs(tmp_path) -> None
         transforms.Normalize([0.449], [0.226])])(first))
     with pytest.raises(CalibrationError, match=r"neither axis 1 nor axis 3 holds 1 or 3 image channels"):
         resolve_calibration(images, {"input": (1, 2, 16, 16)}, 8, 0)
+    # a TensorFlow user's transform gives an [H, W, C] array: it gets its batch axis, as a tensor does
+    to_array = ImageFolderCalibration(images, transform=lambda im: np.asarray(
+        im.resize((shape[2], shape[1])), np.float32) / 255)
+    result = quantize(shapes, "cpu", path, mapname="nhwc_numpy", calibset=to_array, calib_steps=8,
+                      output_root=tmp_path, error_steps=0)
+    assert result.calibration["kind"] == "image_folder"
+    assert next(iter(resolve_calibration(to_array, {name: tuple(shape)}, 8, 0)))[name].shape == tuple(shape)
 
 
 def test_folder_hash_follows_file_content_not_location(tmp_path) -> None:
