@@ -12,6 +12,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import onnx
+import onnx.defs
 import onnx.helper
 import onnx.numpy_helper
 
@@ -106,6 +107,15 @@ def _check_loads(path: Path, model: onnx.ModelProto, checker_error: Exception) -
     try:
         ort_session(model)
     except Exception as e:
+        unknown = sorted({f"{n.op_type} (domain {n.domain or 'ai.onnx'!r})" for n in model.graph.node
+                          if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+                          or n.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")})
+        if unknown:
+            raise ModelError(f"{str(path)!r} uses operators that neither ONNX nor onnxruntime defines: "
+                             f"{', '.join(unknown[:5])} (onnxruntime: {str(e).strip()[:200]}).",
+                             "its converter left them unconverted (tf2onnx keeps a TFLite or TensorFlow operator "
+                             "it cannot translate): convert them to ONNX operators, or export the part of the model "
+                             "before them.") from e
         raise ModelError(f"{str(path)!r} is not a valid ONNX model (onnx: {str(checker_error).strip()[:200]}; "
                          f"onnxruntime: {str(e).strip()[:200]}).",
                          "re-export it, e.g. torch.onnx.export(..., dynamo=False), and check the file was "

@@ -108,6 +108,12 @@ def test_unsupported_operator_is_named(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"onnxruntime cannot load the model.*com\.example:Frobnicate.*Fix: "):
         quantize({"input": [1, 3, 8, 8]}, "cpu", odd, mapname="m", output_root=tmp_path)
     assert not (tmp_path / "mapsave" / "m").exists()
+    # one a converter left in the default domain (tf2onnx keeps a TFLite operator it cannot translate): named so
+    tfl = model(helper.make_node("TFL_Convolution2DTransposeBias", ["c"], ["output"], name="tfl"))
+    with pytest.raises(ModelError, match=r"neither ONNX nor onnxruntime defines: TFL_Convolution2DTransposeBias "
+                       r"\(domain 'ai.onnx'\).*Fix: its converter left them unconverted"):
+        quantize({"input": [1, 3, 8, 8]}, "cpu", tfl, mapname="m", output_root=tmp_path)
+    assert not (tmp_path / "mapsave" / "m").exists()
     # a standard operator PPQ has no kernel for (Softsign) runs (in onnxruntime): here on the host, since
     # only the graph output reads it
     soft = model(helper.make_node("Softsign", ["c"], ["output"], name="soft"))
