@@ -33,6 +33,18 @@ def test_top_level_exports_every_stage_and_error() -> None:
     assert not issubclass(maptools.SimulationError, maptools.ConversionError)
 
 
+def test_every_function_reading_or_writing_maps_names_their_root_alike() -> None:
+    """One name for one setting: every public function that takes the folder holding ``mapsave/`` calls it
+    ``output_root`` (the readers of quantinfo, quantparams and the manifest had called it ``root``)."""
+    takes_a_map = [f for f in (getattr(maptools, n) for n in maptools.__all__) if inspect.isfunction(f)
+                   and "mapname" in inspect.signature(f).parameters]
+    assert {f.__name__ for f in takes_a_map} >= {"quantize", "read_quantinfo", "read_quantparams", "read_manifest",
+                                                 "convert", "read_graph", "simulate", "evaluate_map"}
+    for function in takes_a_map:
+        roots = [p for p in inspect.signature(function).parameters if "root" in p]
+        assert roots == ["output_root"], (function.__name__, roots)
+
+
 #: modules that moved into the stage packages, by their old path (kept for one release, with a warning)
 MOVED = {
     "maptools.roots": "maptools.maps.roots", "maptools.mapfolder": "maptools.maps.folder",

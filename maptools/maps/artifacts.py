@@ -107,9 +107,9 @@ def load_quantinfo(path: str | Path) -> dict[str, QuantConfig]:
                             "re-run quantize for this map.") from e
 
 
-def read_quantinfo(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, QuantConfig]:
+def read_quantinfo(mapname: str | MapRef, output_root: str | Path | None = None) -> dict[str, QuantConfig]:
     """A map's quantinfo, ``{op name: QuantConfig}`` (from ``quantinfo.json``; no pickle is run)."""
-    return load_quantinfo(MapFolder(mapname, root).open().existing(QUANTINFO_JSON))
+    return load_quantinfo(MapFolder(mapname, output_root).open().existing(QUANTINFO_JSON))
 
 
 def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
@@ -125,14 +125,14 @@ def load_quantparams(path: str | Path) -> dict[str, np.ndarray | None]:
     return params
 
 
-def read_quantparams(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, np.ndarray | None]:
+def read_quantparams(mapname: str | MapRef, output_root: str | Path | None = None) -> dict[str, np.ndarray | None]:
     """A map's integer weights and int32 biases (from ``quantparams.npz``; no pickle is run)."""
-    return load_quantparams(MapFolder(mapname, root).open().existing(QUANTPARAMS_NPZ))
+    return load_quantparams(MapFolder(mapname, output_root).open().existing(QUANTPARAMS_NPZ))
 
 
-def read_manifest(mapname: str | MapRef, root: str | Path | None = None) -> dict[str, Any]:
+def read_manifest(mapname: str | MapRef, output_root: str | Path | None = None) -> dict[str, Any]:
     """A map's ``manifest.json`` (checked against the schema)."""
-    return MapFolder(mapname, root).open().manifest()
+    return MapFolder(mapname, output_root).open().manifest()
 
 
 def verify_map(folder: Path) -> dict[str, Any]:
