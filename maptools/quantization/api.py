@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import itertools
 import logging
@@ -26,7 +27,7 @@ from maptools.calibration import (MIN_SAMPLES, CalibrationSet, CastCalibration, 
                                   ValidatedCalibration, resolve_calibration)
 from maptools.device import resolve_device
 from maptools.evaluation import OutputError
-from maptools.metrics import Parts, compare_outputs, mean_output_error, split_parts
+from maptools.metrics import OutputComparison, Parts, split_parts
 from maptools.quantization.equalize import equalization_tensors, equalize_channels
 from maptools.quantization.reference import FloatReference
 from maptools.errors import CalibrationError, ModelError, QuantizationFailed, SettingsError
@@ -189,8 +190,11 @@ def _search_widths(model_path: Path, calibration: CalibrationSet, data: Any, ste
         return _ppq.quantize_graph(model_path, data, steps, first, candidate, device, reference)
 
     def measure(graph: Any, reference: list[list[np.ndarray]]) -> float:
-        outputs = [graph.run({k: torch.from_numpy(v) for k, v in s.items()}, output_names=names) for s in samples]
-        return mean_output_error([[o[n] for n in names] for o in outputs], reference)
+        comparison = OutputComparison()
+        for sample, expected in zip(samples, reference):
+            outputs = graph.run({k: torch.from_numpy(v) for k, v in sample.items()}, output_names=names)
+            comparison.add([outputs[n] for n in names], expected)
+        return comparison.mean_error()
 
     return search(model, samples, settings, budget, quantize_at, measure)
 
@@ -293,11 +297,14 @@ def _measured_parts(model: onnx.ModelProto, names: Sequence[str],
 
 def _output_error(qdq: bytes, samples: Sequence[Mapping[str, np.ndarray]],
                   reference: Sequence[Sequence[np.ndarray]], names: Sequence[str], parts: Mapping[int, Parts]) -> float:
-    """:func:`~maptools.metrics.mean_output_error` of the QDQ model's outputs ``names`` against the float model's
-    (``reference``, per sample) on ``samples``, each part of an output in ``parts`` (:func:`_measured_parts`)
+    """:meth:`~maptools.metrics.OutputComparison.mean_error` of the QDQ model's outputs ``names`` against the float
+    model's (``reference``, per sample) on ``samples``, each part of an output in ``parts`` (:func:`_measured_parts`)
     weighted alike within it: a detector's box offsets as much as its scores."""
     session = ort_session(qdq)
-    return mean_output_error([run_on_sample(session, names, s) for s in samples], reference, parts)
+    comparison = OutputComparison(names, parts)
+    for sample, expected in zip(samples, reference):  # (one sample's outputs held at a time)
+        comparison.add(run_on_sample(session, names, sample), expected)
+    return comparison.mean_error()
 
 
 def _calibrated(model_path: Path, calibration: CalibrationSet, data: Any, steps: int, first: Mapping[str, Any],
@@ -449,19 +456,24 @@ def _output_check(qdq: bytes, model: onnx.ModelProto, calibration: CalibrationSe
                for sample in itertools.islice(calibration, count)]
     names = list(dict.fromkeys(o.name for o in model.graph.output))
     if reference is None:
-        session = ort_session(model.SerializeToString())
-        expected = [run_on_sample(session, names, s) for s in samples]
+        float_session = ort_session(model.SerializeToString())
+        float_run = functools.partial(run_on_sample, float_session, names)
     else:
-        expected = [reference.run(names, s) for s in samples]
-    try:
-        session = ort_session(qdq)
-        quantized = [run_on_sample(session, names, s) for s in samples]
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the map is written all the same
-        notes.append(f"no output error: onnxruntime cannot run quant_model.onnx ({str(e).strip()[:300]}); the "
-                     "integer simulation (convert, then simulate) runs the map without it.")
-        log.warning(notes[-1])
-        return None
-    metrics = compare_outputs(quantized, expected, names=names)
+        float_run = functools.partial(reference.run, names)
+    comparison = OutputComparison(names)  # (one sample's outputs held at a time: a large model's are hundreds of MB)
+    session = None
+    for sample in samples:
+        expected = float_run(sample)
+        try:
+            session = session or ort_session(qdq)
+            quantized = run_on_sample(session, names, sample)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the map is written all the same
+            notes.append(f"no output error: onnxruntime cannot run quant_model.onnx ({str(e).strip()[:300]}); the "
+                         "integer simulation (convert, then simulate) runs the map without it.")
+            log.warning(notes[-1])
+            return None
+        comparison.add(quantized, expected)
+    metrics = comparison.result()
     if not metrics["per_output"]:
         return None  # (every output is sized by the data or an index: nothing to compare)
     return OutputError(samples=len(samples), verified=True, source=f"the first {len(samples)} calibration samples"
