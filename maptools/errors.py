@@ -7,6 +7,7 @@ the same step again may succeed (:attr:`MaptoolsError.transient`; the flows retr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 __all__ = [
@@ -101,14 +102,20 @@ class QuantizationFailed(MaptoolsError, RuntimeError):
 
     ``operator`` names the device operator the fault arose at, where one is known: ``quantize`` then
     keeps that operator on the host in float and quantizes again (unless ``strict``); ``also``, the others
-    the same fault arose at (kept there with it: a NaN reaches every operator after its source).
+    the same fault arose at (kept there with it: a NaN reaches every operator after its source); ``reasons``,
+    each one's own account where the problem, which names the first, does not fit it.
     """
 
     def __init__(self, problem: str, fix: str | None = None, *, operator: str | None = None,
-                 also: tuple[str, ...] = ()) -> None:
+                 also: tuple[str, ...] = (), reasons: Mapping[str, str] | None = None) -> None:
         super().__init__(problem, fix)
         self.operator = operator
         self.also = also
+        self.reasons = dict(reasons or {})
+
+    def reason(self, operator: str) -> str:
+        """Why ``operator`` (the one named, or one of ``also``) failed."""
+        return self.reasons.get(operator, self.problem)
 
 
 class ConversionError(MaptoolsError, ValueError):

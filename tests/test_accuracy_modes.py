@@ -497,6 +497,32 @@ def test_a_concatenation_whose_shared_grid_would_zero_an_input_runs_on_the_host(
                  calib_steps=16, output_root=tmp_path, error_steps=0, strict=True)
 
 
+def test_each_adder_kept_on_the_host_by_the_shared_grid_says_why_itself(tmp_path) -> None:
+    """Two adders whose inputs' ranges are 1e4x apart fail the shared-grid check together: each stays on the host
+    with its own inputs and ranges as the reason (both had carried the first one's, and paddle's MobileNetV3 listed
+    Add.14's tensors for Add.20 and Add.30)."""
+    from tests.exporters import _Builder
+
+    b = _Builder(0)
+    outputs = []
+    for gain in (1e-4, 3e-5):
+        big = b.op("Conv", ["x", b.const(b.rng.standard_normal((8, 8, 3, 3)) * 0.5)], pads=[1, 1, 1, 1])
+        small = b.op("Conv", ["x", b.const(b.rng.standard_normal((8, 8, 3, 3)) * gain)], pads=[1, 1, 1, 1])
+        total = b.op("Add", [big, small])
+        outputs.append(b.op("Conv", [b.op("Relu", [total]), b.const(b.rng.standard_normal((8, 8, 1, 1)))]))
+    onnx.save(b.model({"x": [1, 8, 16, 16]}, outputs, 13), str(tmp_path / "adds.onnx"))
+    result = quantize({"x": [1, 8, 16, 16]}, "cpu", tmp_path / "adds.onnx", mapname="adds", calib_steps=8,
+                      output_root=tmp_path, error_steps=0)
+    prepared = onnx.load(str(result.map_dir / "model.onnx"))
+    adders = [n for n in prepared.graph.node if n.op_type == "Add"]
+    assert len(adders) == 2 and all(a.name in result.placement.fallbacks for a in adders), result.placement
+    for adder in adders:
+        reason = result.placement.fallbacks[adder.name]
+        assert reason.startswith(f"under shared scales (the seed profile's), {adder.name} (Add) would put its input "
+                                 f"{adder.input[1]} "), (adder.name, reason)
+        assert "more such operator" not in reason
+
+
 def test_the_advice_for_a_layer_that_loses_its_signal_fits_the_profile(tmp_path) -> None:
     """An input whose one channel is 10^4 times the others (which the convolution weighs zero) puts the others
     within one step of the input's grid: the convolution loses its signal under either profile. The note's advice

@@ -255,7 +255,7 @@ def _quantize_prepared(model_path: Path, calibration: CalibrationSet, data: Any,
                 raise QuantizationFailed(e.problem, f"quantize without strict=True (--strict) to keep {e.operator} on "
                                          "the host in float, or report this model to the maptools maintainers.",
                                          operator=e.operator) from e
-            fallbacks.update(dict.fromkeys((e.operator, *e.also), e.problem))
+            fallbacks.update({name: e.reason(name) for name in (e.operator, *e.also)})
             log.warning("%s: %s stay on the host in float; quantizing again", e.problem,
                         _listing([e.operator, *e.also]))
             model = onnx.load(str(model_path))

@@ -307,10 +307,11 @@ def _check_shared_inputs(graph: Any, placement: Placement) -> None:
             lost.append((op.name, f"{op.name} ({op.type}) would put its input {small} (range {bounds[small]:.3g}) on "
                                   f"the grid of {large} (range {bounds[large]:.3g}): {codes:.1f} of {top} codes"))
     if lost:
-        raise QuantizationFailed(f"under shared scales (the seed profile's), {lost[0][1]}"
-                                 + (f", and {len(lost) - 1} more such operator(s)" if len(lost) > 1 else ""),
+        why = {name: f"under shared scales (the seed profile's), {text}" for name, text in lost}
+        raise QuantizationFailed(why[lost[0][0]] + (f", and {len(lost) - 1} more such operator(s)" if len(lost) > 1
+                                                    else ""),
                                  "profile='extended' gives each input its own grid.",
-                                 operator=lost[0][0], also=tuple(name for name, _ in lost[1:]))
+                                 operator=lost[0][0], also=tuple(name for name, _ in lost[1:]), reasons=why)
 
 
 def _unify(graph: Any, placement: Placement) -> None:
