@@ -63,17 +63,34 @@ DEPTHWISE_GAIN = 16.0
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 
 
+@dataclass(frozen=True)
+class _Wiring:
+    """A graph's producer and readers of each tensor, its initializers and its outputs."""
+
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    inits: dict[str, onnx.TensorProto]
+    outputs: frozenset[str]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _Wiring:
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for t in node.input:
+                consumers.setdefault(t, []).append(node)
+        return cls({t: n for n in model.graph.node for t in n.output}, consumers,
+                   {i.name: i for i in model.graph.initializer}, frozenset(o.name for o in model.graph.output))
+
+    def own(self, name: str) -> bool:
+        """An initializer only one node reads."""
+        return name in self.inits and len(self.consumers.get(name, [])) == 1
+
+
 def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """``{tensor: the convolutions reading it}`` for LUT outputs read only by Conv layers as their input."""
     placement = place(model)
-    producer = {t: n for n in model.graph.node for t in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    inits = {i.name for i in model.graph.initializer}
-    weight_use = {t: len(consumers.get(t, [])) for t in inits}
-    outputs = {o.name for o in model.graph.output}
+    wiring = _Wiring.of(model)
+    producer, consumers, outputs = wiring.producer, wiring.consumers, wiring.outputs
     found = {}
     for node in model.graph.node:
         if placement.roles.get(node.name) is not Role.LUT or len(node.output) != 1 or node.output[0] in outputs:
@@ -83,9 +100,8 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
                 placement.roles.get(source.name) is Role.CROSSBAR:
             continue  # fused into its crossbar operator's grid
         readers = consumers.get(node.output[0], [])
-        if readers and all(r.op_type == "Conv" and r.input[0] == node.output[0] and r.input[1] in inits
-                           and weight_use[r.input[1]] == 1 and placement.roles.get(r.name) is Role.CROSSBAR
-                           for r in readers):
+        if readers and all(r.op_type == "Conv" and r.input[0] == node.output[0] and wiring.own(r.input[1])
+                           and placement.roles.get(r.name) is Role.CROSSBAR for r in readers):
             found[node.output[0]] = readers
     return found
 
@@ -118,16 +134,9 @@ def _relu6(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
 def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
     """``{tensor: its producer and readers}`` for the tensors only depthwise convolutions read that a Conv
     computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else (see the module)."""
-    producer = {t: n for n in model.graph.node for t in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    inits = {i.name: i for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-
-    def own(name: str) -> bool:  # an initializer only this node reads
-        return name in inits and len(consumers.get(name, [])) == 1
+    wiring = _Wiring.of(model)
+    producer, consumers, inits, outputs, own = (wiring.producer, wiring.consumers, wiring.inits, wiring.outputs,
+                                                wiring.own)
 
     def depthwise(node: onnx.NodeProto, channels: int) -> bool:
         if node.op_type != "Conv" or len(node.input) < 2 or not own(node.input[1]) or _group(node) != channels:
@@ -321,18 +330,11 @@ def _streams(model: onnx.ModelProto, simple: Mapping[str, _DepthwiseInput]) -> l
     convolution the simple rule (:func:`_depthwise_inputs`) does not take: every member computed by a convolution
     (whose weights only it reads) or a linking operator of members, and read only by linking operators and
     convolutions (their weights their own); none a graph output."""
-    producer = {t: n for n in model.graph.node for t in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    inits = {i.name: i for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
+    wiring = _Wiring.of(model)
+    producer, consumers, inits, outputs, own = (wiring.producer, wiring.consumers, wiring.inits, wiring.outputs,
+                                                wiring.own)
     channels = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in model.graph.value_info
                 if vi.type.tensor_type.shape.dim and len(vi.type.tensor_type.shape.dim) > 1}
-
-    def own(name: str) -> bool:
-        return name in inits and len(consumers.get(name, [])) == 1
 
     def conv(node: onnx.NodeProto) -> bool:  # (a shared bias is copied for a producer: readers' stay as they are)
         return node.op_type == "Conv" and len(node.input) > 1 and own(node.input[1]) and \
