@@ -217,13 +217,15 @@ def test_a_channel_that_is_always_zero_keeps_its_gain_without_a_warning() -> Non
 
 def _blaze_model() -> onnx.ModelProto:
     """BlazeFace's blocks: a stream ``x`` (conv -> relu, output channels 0.05x-10x apart) through two residual blocks
-    (``relu(x + pointwise(depthwise(x)))``), a max pool whose channels a zero Pad widens beside a strided block, and a
-    1x1 head reading the stream: the depthwise convolutions' inputs are also read by the adders."""
+    (``relu(x + pointwise(depthwise(x)))``, the pointwise convolutions sharing one bias), a max pool whose channels a
+    zero Pad widens beside a strided block, and a 1x1 head reading the stream: the depthwise convolutions' inputs are
+    also read by the adders."""
     rng = np.random.default_rng(7)
     gain = np.ones((8, 1, 1, 1))
     gain[[1, 6]], gain[[2, 5]] = 10.0, 0.05
     inits = {"w0": rng.standard_normal((8, 3, 3, 3)) * 0.4 * gain, "b0": rng.standard_normal(8) * 0.1 * gain.ravel(),
-             "pads": np.array([0, 0, 0, 0, 0, 8, 0, 0], np.int64), "wh": rng.standard_normal((4, 16, 1, 1)) * 0.25}
+             "pads": np.array([0, 0, 0, 0, 0, 8, 0, 0], np.int64), "wh": rng.standard_normal((4, 16, 1, 1)) * 0.25,
+             "pb": np.random.default_rng(8).standard_normal(8) * 0.1}
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c0"], ["s0"])]
     x, channels = "s0", 8
@@ -231,9 +233,10 @@ def _blaze_model() -> onnx.ModelProto:
         inits[f"dw{i}"] = rng.standard_normal((channels, 1, 3, 3)) * 0.5
         width = 16 if stride == 2 else channels
         inits[f"pw{i}"] = rng.standard_normal((width, channels, 1, 1)) * 0.5 / np.sqrt(channels)
+        bias = ["pb"] if width == 8 else []  # (one bias the first two pointwise convolutions share, as tf2onnx writes)
         nodes += [helper.make_node("Conv", [x, f"dw{i}"], [f"d{i}"], group=channels, pads=[1, 1, 1, 1],
                                    strides=[stride, stride]),
-                  helper.make_node("Conv", [f"d{i}", f"pw{i}"], [f"p{i}"])]
+                  helper.make_node("Conv", [f"d{i}", f"pw{i}", *bias], [f"p{i}"])]
         skip = x
         if stride == 2:
             nodes += [helper.make_node("MaxPool", [x], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),

@@ -389,7 +389,7 @@ def _streams(model: onnx.ModelProto, simple: Mapping[str, _DepthwiseInput]) -> l
                             queue.append(end)
                 elif conv(node) and node is source:
                     producers[node.output[0]] = node  # (by output: a node's name may be empty)
-                elif conv(node) and node.input[0] == t:
+                elif conv(node) and node.input[0] == t and _group(node) in (1, channels[t]):
                     readers[node.output[0]] = node
                 else:
                     ok = False
@@ -449,7 +449,7 @@ def _equalize_streams(model: onnx.ModelProto, streams: list[_Stream], maxima: Ma
             if len(conv.input) > 2 and conv.input[2] and shared.get(conv.input[2], 0) > 1:  # a bias others read too
                 copy = onnx.TensorProto()
                 copy.CopyFrom(inits[conv.input[2]])
-                copy.name = f"{conv.name}_equalized_bias"
+                copy.name = f"{conv.output[0]}_equalized_bias"
                 shared[conv.input[2]] -= 1
                 conv.input[2] = copy.name
                 inits[copy.name] = copy
