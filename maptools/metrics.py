@@ -18,12 +18,12 @@ log = logging.getLogger(__name__)
 
 class _Sums:
     """One output's (or one part's) sums over the samples, in float64, where the reference is finite:
-    ``|f|^2``, ``|q - f|^2``, ``|q|^2``, ``q . f`` (and with no finite element the raw ``|q - f|^2``)."""
+    ``|f|^2``, ``|q - f|^2``, ``|q|^2``, ``q . f``; and the count of elements, and of those left out."""
 
-    __slots__ = ("ff", "dd", "qq", "qf", "raw", "bad", "size")
+    __slots__ = ("ff", "dd", "qq", "qf", "bad", "size")
 
     def __init__(self) -> None:
-        self.ff = self.dd = self.qq = self.qf = self.raw = 0.0
+        self.ff = self.dd = self.qq = self.qf = 0.0
         self.bad = self.size = 0
 
     def add(self, q: np.ndarray, f: np.ndarray) -> None:
@@ -40,7 +40,7 @@ class _Sums:
         self.qf += float(q @ f)
 
     def __iadd__(self, other: _Sums) -> _Sums:
-        for name in ("ff", "dd", "qq", "qf", "raw"):
+        for name in ("ff", "dd", "qq", "qf"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bad += other.bad
         self.size += other.size

@@ -166,8 +166,9 @@ def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
 
 def equalization_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
-    streams = [t for stream in _streams(model, _depthwise_inputs(model)) for t in stream.members]
-    return list(dict.fromkeys([*_candidates(model), *_depthwise_inputs(model), *streams]))
+    simple = _depthwise_inputs(model)
+    streams = [t for stream in _streams(model, simple) for t in stream.members]
+    return list(dict.fromkeys([*_candidates(model), *simple, *streams]))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
