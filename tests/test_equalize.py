@@ -77,7 +77,7 @@ def test_equalization_lowers_the_quantization_error(tmp_path: Path, monkeypatch)
                           output_root=tmp_path, error_steps=0)
         errors[name] = _rel(_run(result.quant_model_path, xs), reference)
         assert any("rescaled" in step for step in result.prepared["steps"]) is (name == "with")
-    assert errors["with"] < 0.9 * errors["without"], errors  # (measured: 4.66% -> 3.73%)
+    assert errors["with"] < 0.9 * errors["without"], errors  # (measured: 4.87% -> 3.84%)
 
 
 def _depthwise_model(activation: str = "Relu", extra_reader: bool = False) -> onnx.ModelProto:
@@ -266,4 +266,4 @@ def test_a_residual_stream_read_by_depthwise_convolutions_gets_its_channels_one_
     new = _samples(3, 1)
     assert _rel(_run(model, new), _run(original, new)) < 1e-5
     errors = _errors_with_and_without_gain(original, tmp_path, monkeypatch)
-    assert errors["with"] < 0.9 * errors["without"], errors  # (measured: 4.66% -> 3.73%)
+    assert errors["with"] < 0.9 * errors["without"], errors  # (measured: 4.87% -> 3.84%)
