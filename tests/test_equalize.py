@@ -77,7 +77,7 @@ def test_equalization_lowers_the_quantization_error(tmp_path: Path, monkeypatch)
                           output_root=tmp_path, error_steps=0)
         errors[name] = _rel(_run(result.quant_model_path, xs), reference)
         assert any("rescaled" in step for step in result.prepared["steps"]) is (name == "with")
-    assert errors["with"] < 0.9 * errors["without"], errors  # (measured: 4.87% -> 3.84%)
+    assert errors["with"] < 0.8 * errors["without"], errors
 
 
 def _depthwise_model(activation: str = "Relu", extra_reader: bool = False) -> onnx.ModelProto:
