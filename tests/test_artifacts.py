@@ -176,6 +176,32 @@ def test_error_report_in_onnxruntime_matches_ppqs_analysis(name, tmp_path) -> No
     assert np.median(np.abs(ratio - 1)) < 0.01 and np.all(np.abs(ratio - 1) < 0.25), dict(zip(theirs, ratio))
 
 
+def test_a_single_logit_near_zero_is_not_read_as_a_lost_signal(tmp_path) -> None:
+    """A head of one logit (a hand detector's presence score) whose float value is zero on a sample: that sample's
+    own noise/signal ratio explodes, so the report pools such an output's powers over the samples (what
+    ``quant_model.onnx`` loses on them) and no note calls the head's signal lost."""
+    from tests.exporters import _Builder
+
+    b = _Builder(3)
+    logit = b.head(b.op("Relu", [b.conv(b.op("Relu", [b.conv("input", 3, 8)]), 8, 16)]), 16, classes=1)
+    model = b.model({"input": [1, 3, 16, 16]}, [logit], 13)
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
+    bias = next(i for i in model.graph.initializer if i.name == model.graph.node[-1].input[2])
+    first = ort.InferenceSession(model.SerializeToString()).run(None, calib[0])[0]
+    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) - first[0], bias.name))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = quantize({"input": [1, 3, 16, 16]}, "cpu", tmp_path / "m.onnx", mapname="m", calibset=calib,
+                      calib_steps=8, error_steps=8, algorithm="percentile", output_root=tmp_path)
+    expected = np.array([ort.InferenceSession(model.SerializeToString()).run(None, c)[0] for c in calib], np.float64)
+    got = np.array([ort.InferenceSession(str(result.quant_model_path)).run(None, c)[0] for c in calib], np.float64)
+    assert abs(expected[0]).max() < 1e-5 and np.any(got != expected)  # the first sample's logit is zero in float
+    head = model.graph.node[-1].name
+    assert result.errors.per_layer[head] == pytest.approx(((got - expected) ** 2).sum() / (expected ** 2).sum(),
+                                                          rel=1e-3, abs=1e-7)
+    assert not any("lose their signal" in n for n in result.notes), result.notes
+
+
 def test_quant_model_runs_in_onnxruntime(resnet_result) -> None:
     session = ort.InferenceSession(str(resnet_result.quant_model_path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)})[0]

@@ -56,6 +56,10 @@ def _setting(settings: QuantSettings, device: str) -> Any:
 #: Training steps of PPQ's learned-step-size pass per block (PPQ's default is 500).
 LSQ_STEPS = 200
 
+#: An operator output of fewer values a sample has its SNR pooled over the samples (noise power summed over signal
+#: power summed): one sample's ratio of a single logit explodes wherever the float value nears zero.
+POOLED_ROW = 8
+
 
 def _bias_scale(cfg: QuantConfig, count: int) -> np.ndarray:
     """The scale of an operator's int32 bias codes, per output channel: its input scale x its weight scale."""
@@ -242,7 +246,9 @@ class QuantizedGraph:
         significant digits: at each operator's output, over 4096 seeded positions per sample, averaged over samples.
 
         On the CPU, with ``qdq`` (the exported QDQ model), onnxruntime runs that model against the float
-        model (:meth:`_ort_error_report`); otherwise PPQ runs its graph twice, dequantized and quantized.
+        model (:meth:`_ort_error_report`), where an output of fewer than :data:`POOLED_ROW` values a sample (a
+        classifier's single logit) has its noise and signal powers summed over the samples before the ratio;
+        otherwise PPQ runs its graph twice, dequantized and quantized.
         Empty where no computing operator is on the device (a model kept on the host whole).
         """
         if not any(isinstance(op, QuantableOperation) and op.is_computing_op for op in self._graph.operations.values()):
@@ -310,21 +316,27 @@ class QuantizedGraph:
                 names = [fetch_name(t) for t in tensors]
                 return None if session is None else [session.run(names, feed) for feed in feeds]
 
-            weights = [fetch_weights(numel) for numel in real.values()]
+            sizes = list(real.values())
+            weights = [fetch_weights(numel) for numel in sizes]
             real = (None if self._reference is None else self._reference.fetch(real, feeds)) or \
                 fetch(self._model, self._model_bytes, real, "the float model")
             pred = None if real is None else fetch(quantized, qdq, pred, "the QDQ model")
             if pred is None:
                 return None
             total, rows = np.zeros(len(ops)), np.zeros(len(ops))
+            noise, signal = np.zeros(len(ops)), np.zeros(len(ops))  # (pooled, for rows under POOLED_ROW values)
             for real_rows, pred_rows in zip(real, pred):
                 for i, (y, x) in enumerate(zip(real_rows, pred_rows)):
                     # a row is the first axis: a sample, or a token where PPQ flattened a MatMul into a Gemm;
                     # a row of fewer than 4096 elements comes whole, each position weighted by its fetches
                     y, x, w = y.astype(np.float64), x.astype(np.float64), 1.0 if weights[i] is None else weights[i]
-                    total[i] += ((((x - y) ** 2) * w).sum(axis=1) / (((y ** 2) * w).sum(axis=1) + 1e-7)).sum()
+                    row_noise, row_signal = (((x - y) ** 2) * w).sum(axis=1), ((y ** 2) * w).sum(axis=1)
+                    total[i] += (row_noise / (row_signal + 1e-7)).sum()
+                    noise[i] += row_noise.sum()
+                    signal[i] += row_signal.sum()
                     rows[i] += y.shape[0]
-        return {op.name: float(v / max(n, 1)) for op, v, n in zip(ops, total, rows)}
+        return {op.name: float(noise[i] / (signal[i] + 1e-7) if numel < POOLED_ROW else total[i] / max(rows[i], 1))
+                for i, (op, numel) in enumerate(zip(ops, sizes))}
 
     def tensor_values(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Every operator output as it leaves its operator, keyed by tensor name.
