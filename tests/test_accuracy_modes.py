@@ -545,14 +545,18 @@ def test_the_advice_for_a_layer_that_loses_its_signal_fits_the_profile(tmp_path)
         x[:, 3] = 1e4
         samples.append({"x": torch.from_numpy(x)})
     advice = {}
-    for profile in ("seed", "extended"):
-        notes = quantize({"x": [1, 4, 8, 8]}, "cpu", path, mapname=profile, calibset=samples, calib_steps=8,
-                         profile=profile, output_root=tmp_path).notes
-        advice[profile] = next(n for n in notes if "lose their signal" in n and ": conv." in n)
-    # no adder or concatenation: shared scales are not the cause, and the seed profile takes no layer_bits
-    assert "adder" not in advice["seed"]
-    assert "bit_width; per layer, layer_bits under profile='extended'" in advice["seed"], advice["seed"]
-    assert "profile='extended'" not in advice["extended"] and "layer_bits" in advice["extended"], advice["extended"]
+    for profile, bits in (("seed", 8), ("extended", 8), ("seed", 6), ("extended", 6)):
+        notes = quantize({"x": [1, 4, 8, 8]}, "cpu", path, mapname=f"{profile}{bits}", calibset=samples,
+                         calib_steps=8, profile=profile, bit_width=bits, output_root=tmp_path).notes
+        advice[profile, bits] = next(n for n in notes if "lose their signal" in n and ": conv." in n)
+    # no adder or concatenation: shared scales are not the cause; at 8 bits, the most, more bits are no remedy
+    # (it said "try more bits" to 8-bit layers: basic-pitch's filter bank); the seed profile takes no layer_bits
+    for (profile, bits), note in advice.items():
+        assert "adder" not in note and "profile='extended' gives" not in note, note
+        assert "keep_on_host for these" in note and ("more bits" in note) is (bits < 8), note
+    assert "6-bit inputs: more bits (bit_width; per layer, layer_bits under profile='extended')" in \
+        advice["seed", 6], advice["seed", 6]
+    assert "6-bit inputs: more bits (layer_bits)" in advice["extended", 6], advice["extended", 6]
 
 
 def test_an_equalization_that_finds_no_layer_pair_says_so(tmp_path) -> None:
@@ -575,3 +579,33 @@ def test_an_equalization_that_finds_no_layer_pair_says_so(tmp_path) -> None:
     result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname="eq", calibset=calib, calib_steps=8,
                       output_root=tmp_path, algorithm="percentile", optimization="equalization", error_steps=0)
     assert any("optimization='equalization' found no pair of layers" in n for n in result.notes), result.notes
+
+
+def test_the_advice_for_a_lost_signal_names_the_adder_grid_where_a_layer_shares_one(tmp_path) -> None:
+    """Under the seed profile's shared scales a convolution whose output joins an adder is quantized on the adder's
+    grid: the note offers profile='extended' for that one and not for a convolution that joins none."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maptools.quantization.api import _lost_signal
+
+    rng = np.random.default_rng(0)
+    inits = {k: numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), k)
+             for k in ("w1", "w2", "w3")}
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w1"], ["a"], name="branch", pads=[1] * 4),
+                               helper.make_node("Add", ["a", "x"], ["s"], name="add"),
+                               helper.make_node("Conv", ["s", "w2"], ["b"], name="after", pads=[1] * 4),
+                               helper.make_node("Conv", ["b", "w3"], ["y"], name="last", pads=[1] * 4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits.values()))
+    path = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = quantize({"x": [1, 4, 8, 8]}, "cpu", path, mapname="add", calib_steps=8, output_root=tmp_path)
+    model = onnx.load(str(result.map_dir / "model.onnx"))
+    info = read_quantinfo(result.map)
+    names = {n.name for n in model.graph.node}
+    assert {"branch", "after", "last"} <= names <= set(info) | {"add"}
+    note = _lost_signal(["branch", "after", "last"], result.settings, info, model)
+    assert "branch, after share the one grid of an adder or a concatenation" in note, note
+    extended = _lost_signal(["branch", "last"], result.settings.replace(profile="extended", shared_scales=False),
+                            info, model)
+    assert "profile='extended'" not in extended and "keep_on_host for these" in extended, extended

@@ -111,6 +111,9 @@ def test_unreachable_budgets_say_why_and_write_nothing(digits_model, tmp_path) -
     with pytest.raises(SettingsError, match=r"bit_width='auto'.*Fix: pass profile='extended'"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path,
                  bit_width="auto", budget={"output_error": 0.1})
+    # with neither given, one error names both (it had named the budget, then, once given, the profile)
+    with pytest.raises(SettingsError, match=r"needs a budget, and a profile.*Fix: pass profile='extended' and a budget"):
+        quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path, bit_width="auto")
     with pytest.raises(SettingsError, match=r"layer_bits .*Fix: pass profile='extended'"):
         quantize(SMALL_CNN_SHAPES, "cpu", path, mapname="bad", calibset=calib, output_root=tmp_path,
                  layer_bits={"/stem/stem.0/Conv": (4, 4)})

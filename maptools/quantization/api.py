@@ -502,6 +502,44 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _lost_signal(lost: list[str], settings: QuantSettings, quantinfo: Mapping[str, QuantConfig],
+                 model: onnx.ModelProto) -> str:
+    """The note on device operators whose error report reads a lost signal, with the remedies that apply to them:
+    a grid of their own for an input an adder or a concatenation shares (the seed profile's shared scales), more
+    bits for one read at fewer than the most, and keeping them on the host."""
+    producer = {t: n for n in model.graph.node for t in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    nodes = {n.name: n for n in model.graph.node}
+    joins = ("Add", "Sum", "Concat")
+
+    def shared(name: str) -> bool:  # its input from an adder or a concatenation, or its output into one
+        node = nodes.get(name)
+        if node is None or not node.input:
+            return False
+        source = producer.get(node.input[0])
+        if source is not None and source.op_type in ("Relu", "Clip") and source.input:
+            source = producer.get(source.input[0])
+        after = [r for t in node.output for r in readers.get(t, [])]
+        after += [r for a in after if a.op_type in ("Relu", "Clip") for t in a.output for r in readers.get(t, [])]
+        return source is not None and source.op_type in joins or any(a.op_type in joins for a in after)
+
+    most = field_bounds(QuantSettings, "activation_bits")["le"]
+    joined = [n for n in lost if settings.shared_scales and shared(n)]
+    narrow = [n for n in lost if quantinfo[n].io_bits < most]
+    remedies = ([f"{_listing(joined, 3)} share{'s' if len(joined) == 1 else ''} the one grid of an adder or a "
+                 "concatenation with the other tensors it joins: profile='extended' gives each its own"]
+                if joined else []) + (
+        [f"{_listing(narrow, 3)} read{'s' if len(narrow) == 1 else ''} {min(quantinfo[n].io_bits for n in narrow)}-bit "
+         "inputs: more bits (" + ("layer_bits" if settings.profile is Profile.EXTENDED else
+                                  "bit_width; per layer, layer_bits under profile='extended'") + ")"]
+        if narrow else []) + ["keep_on_host for these keeps them in float"]
+    return (f"{len(lost)} device operator(s) lose their signal (noise power at least {LOST_SIGNAL:.0%} of the "
+            f"signal's on the calibration samples): {_listing(lost)}. " + "; ".join(remedies) + ".")
+
+
 def _share(report: PlacementReport) -> str:
     share = report.crossbar_coverage
     return "none" if share is None else f"{share:.1%}"
@@ -636,6 +674,11 @@ def quantize(
     auto = bit_width == "auto"
     bits = field_bounds(QuantSettings, "weight_bits")
     if auto:
+        if budget is None and Profile(settings.profile if settings is not None and profile == Profile.SEED
+                                      else profile) is Profile.SEED:  # (both missing: one error names both)
+            raise SettingsError("bit_width='auto' needs a budget, and a profile whose downstream reads activations "
+                                "at several widths.", "pass profile='extended' and a budget, e.g. "
+                                "budget={'output_error': 0.05}, {'error_ratio': 1.5} or {'weight_bytes': 200_000}.")
         budget = Budget.of(budget)
         if weight_bits is not None or activation_bits is not None or layer_bits or (settings and settings.layer_bits):
             raise SettingsError("bit_width='auto' chooses the widths; weight_bits, activation_bits and layer_bits "
@@ -831,16 +874,7 @@ def quantize(
     seconds["error_report"] = time.perf_counter() - t
     lost = sorted((name for name, ratio in errors.per_layer.items() if ratio >= LOST_SIGNAL), key=list(quantinfo).index)
     if lost:
-        notes.append(f"{len(lost)} device operator(s) lose their signal (noise power at least {LOST_SIGNAL:.0%} of "
-                     f"the signal's on the calibration samples): {_listing(lost)}. " + (
-                         "A tensor on one grid with a far larger one (the other input of an adder or a concatenation, "
-                         "under shared scales) falls within one step: try profile='extended', or keep_on_host for "
-                         "these." if settings.shared_scales and any(c.op_type in ("Add", "Concat")
-                                                                     for c in quantinfo.values()) else
-                         "Their inputs span ranges one grid of these widths cannot resolve: try more bits for them ("
-                         + ("layer_bits" if settings.profile is Profile.EXTENDED else
-                            "bit_width; per layer, layer_bits under profile='extended'")
-                         + "), or keep_on_host for these."))
+        notes.append(_lost_signal(lost, settings, quantinfo, prepared_model))
         log.warning(notes[-1])
     mixed_json = None if done.mixed is None else done.mixed.to_json()
     outputs_report = None if errors.outputs is None else {  # (without its timing: the same inputs, the same bytes)
