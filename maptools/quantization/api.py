@@ -734,6 +734,13 @@ def quantize(
     data_source = resolve_calibration(calibset, shapes, settings.calib_steps, settings.seed,
                                  {i.name: i.dtype for i in inputs}, index_limits(model))
     notes: list[str] = []
+    replaced = {i.name: i.dims for i in inputs if any(d not in (None, s) for d, s in zip(i.dims, shapes[i.name]))}
+    if replaced:
+        notes.append("input_shapes replace dims the model fixes (" + ", ".join(
+            f"{name}: {['?' if d is None else d for d in dims]} -> {list(shapes[name])}" for name, dims in
+            replaced.items()) + "): onnxruntime runs the model at these (an exporter's placeholders), and the map "
+            "is for them.")
+        log.info(notes[-1])
     if calibset is None:
         notes.append("calibrated on seeded random data: fine for trying the pipeline, not for accuracy "
                      "(ranges of real inputs differ); pass real samples (calibset= in Python, --calib FOLDER "
