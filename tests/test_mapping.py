@@ -130,6 +130,16 @@ def test_map_crossbars_writes_a_registered_file_and_refuses_bad_specs(conv_maps,
     assert data["totals"]["arrays"] == result.arrays == 62
     assert all(layer["psum_observed"] is not None and layer["psum_observed"] <= layer["psum_worst"]
                for layer in data["layers"])
+    assert result.notes == data["notes"] == []  # an 8-bit ADC reads 32 rows of 2-bit cells whole
+    # a 4-bit one saturates, and the map says so (it had said nothing while a network's outputs went wrong)
+    narrow = map_crossbars("dense", CrossbarSpec(rows=32, cols=32, cell_bits=2, adc_bits=4), output_root=conv_maps)
+    over = [layer for layer in narrow.layers if layer.adc_bits_observed > 4]
+    assert over and len(narrow.notes) == 1 and narrow.notes[0].startswith(
+        f"{len(over)} of {len(narrow.layers)} layers saturate their ADCs"), narrow.notes
+    assert f"adc_bits={max(layer.adc_bits_observed for layer in over)}" in narrow.notes[0]
+    assert json.loads(MapFolder("dense", conv_maps).open().file(CROSSBAR_FILE).read_text())["notes"] == narrow.notes
+    assert map_crossbars("dense", CrossbarSpec(rows=32, cols=32, cell_bits=2, adc_bits=4, adc_range="calibrated"),
+                         output_root=conv_maps).notes == []
     for bad in (dict(rows=100), dict(cols=0), dict(adc_bits=0), dict(cell_bits=9), dict(encoding="twos")):
         with pytest.raises(SettingsError):
             CrossbarSpec(**bad)

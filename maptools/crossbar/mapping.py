@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,8 @@ from maptools.placement import Role
 from maptools.quantinfo import QuantConfig
 from maptools.requant import RequantMode
 from maptools.simulate import IntegerSimulator, Value, batched_inputs, load_inputs, pad_codes
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CrossbarSpec", "LayerMap", "CrossbarMap", "map_graph", "map_crossbars", "CrossbarSimulator",
            "observed_psums", "adc_shifts", "CROSSBAR_FILE"]
@@ -219,6 +222,20 @@ class CrossbarMap:
     def cycles(self) -> int:
         return sum(layer.cycles for layer in self.layers)
 
+    @property
+    def notes(self) -> list[str]:
+        """What the spec loses on this network as observed: under a ``full`` ADC range, the layers whose partial
+        sums exceed ``2^adc_bits - 1`` and saturate."""
+        over = [layer for layer in self.layers if self.spec.adc_range == "full"
+                and (layer.adc_bits_observed or 0) > self.spec.adc_bits]
+        if not over:
+            return []
+        most = max(layer.adc_bits_observed or 0 for layer in over)
+        return [f"{len(over)} of {len(self.layers)} layers saturate their ADCs: their observed partial sums need up "
+                f"to {most} bits, over adc_bits={self.spec.adc_bits} ({', '.join(lay.name for lay in over[:4])}"
+                f"{', ...' if len(over) > 4 else ''}). Use adc_bits={most}, or adc_range='calibrated' (steps "
+                "fitted to the partial sums; evaluate_crossbar measures what either loses)."]
+
     def to_bytes(self) -> bytes:
         """The content of ``crossbar_map.json``."""
         return (json.dumps(self.to_json(), indent=1) + "\n").encode()
@@ -228,7 +245,7 @@ class CrossbarMap:
                 "totals": {"arrays": self.arrays, "cells": self.cells, "cells_used": self.cells_used,
                            "utilization": self.utilization, "cycles": self.cycles,
                            "adc_bits_needed": max((lay.adc_bits_needed for lay in self.layers), default=0)},
-                "cost": self.cost.to_json(), "layers": [layer.to_json() for layer in self.layers]}
+                "cost": self.cost.to_json(), "notes": self.notes, "layers": [layer.to_json() for layer in self.layers]}
 
 
 class _Owners:
@@ -661,4 +678,6 @@ def map_crossbars(mapname: str | MapRef, spec: CrossbarSpec, *, output_root: str
     shifts = adc_shifts(graph, params, spec, calibration)
     result = map_graph(graph, params, spec, observed_psums(graph, params, spec, feed, shifts), shifts)
     folder.update({CROSSBAR_FILE: result.to_bytes()}, {}, based_on=read)
+    for note in result.notes:
+        log.warning("%s", note)
     return result
