@@ -101,8 +101,9 @@ class NodeRunner:
         except Exception as e:
             shapes = {k: list(v.shape) for k, v in feed.items()}
             raise ModelError(f"onnxruntime failed on operator {self.name} ({self.node.op_type}) with inputs {shapes}: "
-                             f"{str(e).strip()[:300]}", "check the model runs in onnxruntime with these input "
-                             "shapes.") from e
+                             f"{str(e).strip()[:300]}", "check the model runs in onnxruntime on these inputs: their "
+                             "shapes, and an integer input's values (random inputs make them up: a sample rate, "
+                             "a mode flag; pass real samples).") from e
 
 
 def _dims(value: np.ndarray) -> list[int | None]:

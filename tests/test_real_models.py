@@ -16,6 +16,7 @@ from maptools import quantize, read_quantinfo, read_quantparams
 from maptools.quantization import ppq_adapter as _ppq
 from maptools.calibration import RandomCalibration
 from maptools.conversion import convert, read_graph
+from maptools.errors import ModelError
 from maptools.settings import QuantSettings
 from maptools.simulate import IntegerSimulator, load_inputs, simulate
 from tests.agreement import layer_agreement
@@ -112,3 +113,8 @@ def test_a_map_onnxruntime_loads_only_unoptimized_says_so(corpus_cache: Path, tm
     session = ort.InferenceSession(str(result.quant_model_path), options, providers=["CPUExecutionProvider"])
     shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, calib[0])[0], shipped.run(None, calib[0])[0], atol=1e-5)
+    # random inputs make the sample rate up (0 or 1): the other branch fails, and the error says where to look
+    convert("vad", output_root=tmp_path)
+    assert simulate("vad", calib[0], output_root=tmp_path).outputs["output"].shape == (1, 1)
+    with pytest.raises(ModelError, match="an integer input's values .random inputs make them up"):
+        simulate("vad", "random", output_root=tmp_path)
