@@ -30,6 +30,18 @@ most channels reach 6, a few 0.25) the landmarks' from 11.7% to 3.9%.
 to, every tensor linked channel by channel through Relu, LeakyRelu, PRelu, MaxPool, the adders and a zero Pad of
 channels, takes one scale per channel (:func:`_streams`), as large as keeps every member within its largest
 channel's range; the convolutions computing the stream scale their rows, those reading it their input channels.
+
+**Quiet channels read by full convolutions.** A tensor a convolution computes (through at most a Relu, LeakyRelu
+or PRelu) and only convolutions of one group read may hold one loud channel and many quiet ones that the readers
+weigh heavily (mediapipe's back-camera face detector: before its classifier, channel ranges 14 at most, 0.015 the
+median, the classifier's weights on them up to 96): the quiet channels fall within a step of the tensor's grid and
+the large weights multiply that noise. Where the median live channel is :data:`QUIET_RATIO` below the largest
+(within two steps of its grid), each channel ``c`` is scaled by ``sqrt(w_c / r_c)`` (SmoothQuant's balance of its
+range ``r_c`` and the largest weight reading it ``w_c``), in the producer's rows and the readers' input channels,
+if an estimate of the readers' output noise (the tensor's grid against their weights, their weight grids against
+the channel ranges) falls :data:`DENSE_RATIO` times or more: that detector's box F1 against float rose from 0.12 to
+0.91. The weights' grids move, and on merely uneven tensors (2-7x, PP-OCR's, open_nsfw's) the balance cost
+accuracy, so those are left alone.
 """
 
 from __future__ import annotations
@@ -59,6 +71,12 @@ DEPTHWISE_RATIO = 2.0
 #: The most a channel read by depthwise convolutions is scaled up: one quiet on the calibration samples
 #: is not given the whole grid.
 DEPTHWISE_GAIN = 16.0
+#: A tensor only convolutions of one group read is rebalanced where that cuts the estimated quantization noise of
+#: their outputs by this factor (:func:`_dense_gains`) ...
+DENSE_RATIO = 2.0
+#: ... and its median live channel spans under two steps of an 8-bit signed grid fitted to its largest channel
+#: (quiet channels, not merely uneven ones: on PP-OCR's and open_nsfw's tensors of 2-7x the balance cost accuracy).
+QUIET_RATIO = 64.0
 #: Activations that commute with a positive per-channel scale, ``f(k x) = k f(x)``.
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 
@@ -131,9 +149,10 @@ def _relu6(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
     return bounds[0] == 0.0 and bounds[1] is not None and bounds[1] > 0
 
 
-def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
+def _depthwise_inputs(model: onnx.ModelProto, full: bool = False) -> dict[str, _DepthwiseInput]:
     """``{tensor: its producer and readers}`` for the tensors only depthwise convolutions read that a Conv
-    computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else (see the module)."""
+    computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else (see the module);
+    ``full``: those only convolutions of one group read instead (through no Relu6: a channel may scale down)."""
     wiring = _Wiring.of(model)
     producer, consumers, inits, outputs, own = (wiring.producer, wiring.consumers, wiring.inits, wiring.outputs,
                                                 wiring.own)
@@ -144,12 +163,17 @@ def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
         dims = inits[node.input[1]].dims
         return len(dims) > 2 and dims[1] == 1 and dims[0] % channels == 0
 
+    def dense(node: onnx.NodeProto, channels: int) -> bool:
+        return node.op_type == "Conv" and len(node.input) > 1 and own(node.input[1]) and _group(node) == 1 and \
+            len(inits[node.input[1]].dims) > 2 and inits[node.input[1]].dims[1] == channels
+
+    reads = dense if full else depthwise
     found = {}
     for tensor, readers in consumers.items():
         source = producer.get(tensor)
         if source is None or tensor in outputs:
             continue
-        if source.op_type in _HOMOGENEOUS or _relu6(source, inits):
+        if source.op_type in _HOMOGENEOUS or not full and _relu6(source, inits):
             inner = source.input[0]
             if inner in outputs or len(consumers.get(inner, [])) != 1 or source.op_type in _HOMOGENEOUS and \
                     any(not own(t) for t in source.input[1:] if t):
@@ -159,7 +183,7 @@ def _depthwise_inputs(model: onnx.ModelProto) -> dict[str, _DepthwiseInput]:
                 not all(own(t) for t in source.input[1:] if t):
             continue
         channels = inits[source.input[1]].dims[0]
-        if all(r.input[0] == tensor and depthwise(r, channels) for r in readers):
+        if all(r.input[0] == tensor and reads(r, channels) for r in readers):
             found[tensor] = _DepthwiseInput(source, readers)
     return found
 
@@ -168,7 +192,7 @@ def equalization_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
     simple = _depthwise_inputs(model)
     streams = [t for stream in _streams(model, simple) for t in stream.members]
-    return list(dict.fromkeys([*_candidates(model), *simple, *streams]))
+    return list(dict.fromkeys([*_candidates(model), *simple, *streams, *_depthwise_inputs(model, full=True)]))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
@@ -212,13 +236,16 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
     in_streams = {t for stream in streams for t in stream.members}
     outliers = {t: readers for t, readers in _candidates(model).items() if t not in in_streams}
     depthwise = {t: found for t, found in simple.items() if t not in outliers}
-    if not outliers and not depthwise and not streams:
+    dense = {t: found for t, found in _depthwise_inputs(model, full=True).items()
+             if t not in outliers and t not in in_streams}
+    if not outliers and not depthwise and not streams and not dense:
         return []
     members = [t for stream in streams for t in stream.members]
-    maxima = _channel_maxima(model, list(dict.fromkeys([*outliers, *depthwise, *members])), samples, reference)
+    maxima = _channel_maxima(model, list(dict.fromkeys([*outliers, *depthwise, *members, *dense])), samples,
+                             reference)
     inits = {i.name: i for i in model.graph.initializer}
     return [*_equalize_outliers(model, outliers, maxima, inits), *_equalize_depthwise(depthwise, maxima, inits),
-            *_equalize_streams(model, streams, maxima, inits)]
+            *_equalize_streams(model, streams, maxima, inits), *_equalize_dense(dense, maxima, inits)]
 
 
 def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.NodeProto]],
@@ -473,3 +500,59 @@ def _equalize_streams(model: onnx.ModelProto, streams: list[_Stream], maxima: Ma
     return [f"{len(done)} residual stream(s) read by depthwise convolutions ({members} tensors): channel ranges "
             f"equalized into the convolutions computing and reading them (each channel scaled up at most "
             f"{DEPTHWISE_GAIN:g}x)"]
+
+
+def _dense_gains(peak: np.ndarray, readers: list[onnx.NodeProto], inits: Mapping[str, onnx.TensorProto]
+                 ) -> tuple[np.ndarray, float]:
+    """Per channel of a tensor only convolutions of one group read, SmoothQuant's balance of its range ``peak``
+    against the largest weight its readers give it, ``sqrt(column / peak)`` (relative: neither the tensor's one
+    grid nor the readers' grids per output channel see a common factor), the largest channel range kept and each
+    gain within ``1 / DEPTHWISE_GAIN`` and :data:`DEPTHWISE_GAIN`; and the factor by which that cuts the readers'
+    estimated output noise: per output channel, the tensor's grid step squared times the row's squared weights
+    plus the row's grid step squared times the inputs' squared ranges."""
+    weights = [onnx.numpy_helper.to_array(inits[r.input[1]]).astype(np.float64) for r in readers]
+    weights = [w.reshape(w.shape[0], w.shape[1], -1) for w in weights]
+    column = np.max([np.abs(w).max(axis=(0, 2)) for w in weights], axis=0)
+    gain = np.where(peak > 0, np.sqrt(column / np.where(peak > 0, peak, 1.0)), 1.0)
+    gain = np.clip(gain * peak.max() / (peak * gain).max(), 1.0 / DEPTHWISE_GAIN, DEPTHWISE_GAIN)
+
+    def noise(g: np.ndarray) -> float:
+        ranges = (peak * g) ** 2
+        return sum(float(np.sum(ranges.max() * np.square(w / g[None, :, None]).sum(axis=(1, 2))
+                                + np.abs(w / g[None, :, None]).max(axis=(1, 2)) ** 2 * ranges.sum() * w.shape[2]))
+                   for w in weights)
+
+    return gain, noise(np.ones_like(peak)) / max(noise(gain), 1e-300)
+
+
+def _equalize_dense(candidates: dict[str, _DepthwiseInput], maxima: Mapping[str, np.ndarray],
+                    inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """Each input of convolutions of one group whose median live channel is :data:`QUIET_RATIO` below its largest
+    rebalanced (:func:`_dense_gains`) in its producer's rows and its readers' input channels, where that cuts their
+    estimated output noise by :data:`DENSE_RATIO`."""
+    done, cuts = [], []
+    for tensor, found in candidates.items():
+        peak = maxima.get(tensor)
+        if peak is None or peak.size < 2 or peak.size != inits[found.producer.input[1]].dims[0] or \
+                not np.all(np.isfinite(peak)) or peak.max() <= 0:
+            continue
+        live = peak[peak > 0]
+        if live.size < 2 or peak.max() < QUIET_RATIO * float(np.median(live)):
+            continue
+        gain, cut = _dense_gains(peak, found.readers, inits)
+        if cut < DENSE_RATIO:
+            continue
+        for name in found.producer.input[1:]:
+            if name:
+                _rows_scaled(inits[name], gain)
+        for reader in found.readers:
+            weight = inits[reader.input[1]]
+            weight.CopyFrom(onnx.numpy_helper.from_array(_scaled(reader, weight, 1.0 / gain), weight.name))
+        done.append(tensor)
+        cuts.append(cut)
+    if not done:
+        return []
+    listed = ", ".join(done[:4]) + (", ..." if len(done) > 4 else "")
+    return [f"{len(done)} input(s) of convolutions ({listed}) with quiet channels (the median {QUIET_RATIO:g}x or more "
+            f"below the largest): channel ranges balanced against the weights reading them, the square root of each "
+            f"ratio (SmoothQuant's), cutting the estimated noise of their outputs {min(cuts):.1f}-{max(cuts):.1f}x"]
