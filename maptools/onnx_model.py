@@ -47,6 +47,12 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p))
     except Exception as e:
+        missing = [name for name in external_data(p) if not (p.parent / name).is_file()]
+        if missing:
+            raise ModelError(f"{str(p)!r} keeps its weights in external data files that are not beside it: "
+                             f"{', '.join(missing[:3])}.", f"copy {missing[0]} into {str(p.parent)!r} with the "
+                             "model (an exporter wrote the weights there: torch's dynamo exporter writes "
+                             "MODEL.onnx.data).") from e
         raise ModelError(f"{str(p)!r} is not a valid ONNX model ({type(e).__name__}: {str(e)[:200]}).",
                          "re-export it, e.g. torch.onnx.export(..., dynamo=False), and check the file was "
                          "copied completely.") from e
@@ -57,6 +63,19 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.input:
         raise ModelError(f"{str(p)!r} has no graph inputs.", "export the model with its input tensors.")
     return model
+
+
+def external_data(path: Path) -> list[str]:
+    """The external data files ``path``'s tensors keep their values in (relative to its folder); empty where it has
+    none, or does not load even without them."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not ONNX at all: the caller says so)
+        return []
+    tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
+    named = [next((e.value for e in t.external_data if e.key == "location"), "")
+             for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    return list(dict.fromkeys(name for name in named if name))
 
 
 #: onnxruntime graph optimizations that change what a model computes, left out of every session here:

@@ -90,6 +90,27 @@ def test_missing_and_corrupt_models(tmp_path) -> None:
         quantize(SHAPES, "cpu", bad, mapname="m", output_root=tmp_path)
 
 
+def test_a_model_copied_without_its_external_data_names_the_file(small_cnn, tmp_path) -> None:
+    """torch's dynamo exporter writes the weights to MODEL.onnx.data beside the model; copied without it, the model
+    is not corrupt: the error names the data file to copy (it had said "not a valid ONNX model", re-export). With it
+    beside the model, a model maptools prepared before (this one) is written whole as the prepared model (its copy
+    had kept pointing at the data file, and the equalization failed reading it)."""
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    onnx.save_model(onnx.load(str(small_cnn)), str(exported / "cnn.onnx"), save_as_external_data=True,
+                    location="cnn.onnx.data", size_threshold=0)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "cnn.onnx").write_bytes((exported / "cnn.onnx").read_bytes())
+    with pytest.raises(ModelError, match=r"external data files that are not beside it: cnn\.onnx\.data\. Fix: "
+                                         r"copy cnn\.onnx\.data into"):
+        quantize(SHAPES, "cpu", copied / "cnn.onnx", mapname="m", output_root=tmp_path)
+    assert not (tmp_path / "mapsave").exists()
+    (copied / "cnn.onnx.data").write_bytes((exported / "cnn.onnx.data").read_bytes())
+    assert quantize(SHAPES, "cpu", copied / "cnn.onnx", mapname="m", calib_steps=8, output_root=tmp_path,
+                    error_steps=0).map_dir.is_dir()
+
+
 def test_unsupported_operator_is_named(tmp_path) -> None:
     weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32) * 0.1)
 

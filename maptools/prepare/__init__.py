@@ -42,8 +42,8 @@ import onnx.numpy_helper
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.metrics import rel_l2
-from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, in_topological_order,
-                                 load_model, ort_session, overridable_initializers, with_inputs)
+from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, external_data,
+                                 in_topological_order, load_model, ort_session, overridable_initializers, with_inputs)
 from maptools.placement import QUANTIZED_OP_TYPES, record_sizes, recorded_sizes
 
 
@@ -539,9 +539,13 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     record = _already_prepared(model, shapes, simplify)
     if record is not None:
         _check_strict(strict, record.get("fallbacks", []), src)
-        if not (link and atomic_link(src, dst)):
+        inline = external_data(src)  # (the prepared model is one file: its weights written into it)
+        if inline:
+            atomic_write(dst, model.SerializeToString())
+        elif not (link and atomic_link(src, dst)):
             atomic_write(dst, src.read_bytes())
-        return PreparedModel(path=dst, sha256=source_sha256 or sha256_file(dst), input_shapes=record["input_shapes"],
+        return PreparedModel(path=dst, sha256=sha256_file(dst) if inline else source_sha256 or sha256_file(dst),
+                             input_shapes=record["input_shapes"],
                              source_opset=record["source_opset"], opset=opset_of(model), steps=tuple(record["steps"]),
                              max_abs_diff=record["max_abs_diff"], max_rel_diff=record["max_rel_diff"],
                              nodes_before=record["nodes_before"], nodes_after=len(model.graph.node),
