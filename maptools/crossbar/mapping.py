@@ -414,17 +414,23 @@ class CrossbarSimulator(IntegerSimulator):
         self.adc_shifts = dict(adc_shifts or {})
         self.observed: dict[str, int] = {}  # largest partial sum per layer, over every run so far
         self.histograms: dict[str, torch.Tensor] = {}  # per layer: [slice, partial sum] summed squared significance
-        self.matrices = {}
-        # per (layer, row block), built on first use: the stored matrix, and its cells where an ADC may clip
-        self._weights: dict[tuple[str, int], torch.Tensor] = {}
-        self._cells: dict[tuple[str, int], _Cells] = {}
-        self._owner: dict[str, str] | None = None  # a layer sharing another's arrays reads that layer's cells
+        self.matrices: dict[str, torch.Tensor] = {}
+        # per (layer whose arrays are read, row block, ...), built on first use: the stored matrix, and its cells
+        # where an ADC may clip (held once for the layers sharing those arrays: an unrolled LSTM's 256 steps)
+        self._weights: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._cells: dict[tuple[str, int, int], _Cells] = {}
+        self._owner: dict[str, str] = {}  # a layer sharing another's arrays reads that layer's matrices and cells
+        owners = _Owners()
         for name, (weight, _) in self.weights.items():
             node = graph.node(name)
             stored = weight.numpy()
             if node["op_type"] == "Gemm" and not node["attrs"]["transB"]:
                 stored = stored.T
-            self.matrices[name] = torch.from_numpy(weight_matrix(node, stored.astype(np.int64)).copy())
+            matrix = weight_matrix(node, stored.astype(np.int64))
+            quant = node["quant"]
+            self._owner[name] = owners.owner(name, matrix, int(quant.weight_bits or 8) if quant is not None else 8)
+            first = self._owner[name]
+            self.matrices[name] = self.matrices[first] if first != name else torch.from_numpy(matrix.copy())
 
     def set_device(self, device: DeviceModel | None, trial: int = 0, time: float = 0.0) -> None:
         """Compute through ``device``'s cells of Monte Carlo ``trial``, read ``time`` seconds after programming
@@ -447,10 +453,6 @@ class CrossbarSimulator(IntegerSimulator):
     def _levels_read(self, name: str, r0: int, cells: _Cells) -> list[torch.Tensor]:
         """Per part, the levels this row block's cells read in the current trial and time (the cells of the layer
         whose arrays it shares)."""
-        if self._owner is None:  # (only non-ideal cells need it: found on first use)
-            owners, bits = _Owners(), {layer: int(self.graph.node(layer)["quant"].weight_bits or 8)
-                                       for layer in self.matrices}
-            self._owner = {layer: owners.owner(layer, m.numpy(), bits[layer]) for layer, m in self.matrices.items()}
         name = self._owner.get(name, name)
         if (name, r0) not in self._read:
             if (name, r0) not in self._states:
@@ -481,20 +483,21 @@ class CrossbarSimulator(IntegerSimulator):
         limit = (1 << spec.adc_bits) - 1
         groups, rows, cols = matrices.shape
         acc = torch.zeros(groups, x.shape[1], cols, dtype=torch.float64)
+        owner = self._owner.get(name, name)
         for r0 in range(0, rows, spec.rows):
             block = slice(r0, min(rows, r0 + spec.rows))
             worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
-            if (name, r0) not in self._weights:
-                weights = sum(sign * matrix[:, block] for sign, matrix in parts)  # as stored
-                # float32 products are exact while every sum stays below 2^24
-                peak = int(weights.abs().max()) if weights.numel() else 0
-                big = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak
-                self._weights[name, r0] = weights.to(torch.float32 if big < 2 ** 24 else torch.float64)
-            weights, cells = self._weights[name, r0], None
+            stored = matrices[:, block] + offset  # (the parts' sum: as the cells hold them)
+            peak = int(stored.abs().max()) if stored.numel() else 0
+            # float32 products are exact while every sum stays below 2^24
+            exact = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak < 2 ** 24
+            if (owner, r0, exact) not in self._weights:
+                self._weights[owner, r0, exact] = stored.to(torch.float32 if exact else torch.float64)
+            weights, cells = self._weights[owner, r0, exact], None
             if self.collect_psums or worst > limit or any(self.adc_shifts.get(name, ())) or self.device is not None:
-                if (name, r0) not in self._cells:
-                    self._cells[name, r0] = _Cells(parts, block, wbits, spec.cell_bits, worst)
-                cells = self._cells[name, r0]
+                if (owner, r0, worst) not in self._cells:
+                    self._cells[owner, r0, worst] = _Cells(parts, block, wbits, spec.cell_bits, worst)
+                cells = self._cells[owner, r0, worst]
             for n0 in range(0, x.shape[1], _POSITIONS):  # bounded memory: a slab of positions at a time
                 xs = x[:, n0:n0 + _POSITIONS, block]
                 out = torch.matmul(xs.to(weights.dtype), weights).to(torch.float64)
