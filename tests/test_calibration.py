@@ -218,6 +218,11 @@ def test_bad_sources_get_clear_errors(small_cnn, tmp_path) -> None:
         resolve_calibration(write_pngs(tmp_path / "img", 2), {"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, 8, 0)
     with pytest.raises(CalibrationError, match="batch 1"):
         resolve_calibration(tmp_path / "img", {"input": (4, 3, 8, 8)}, 8, 0)
+    # six batches of four: too few samples, and the message says a sample is a batch here
+    with pytest.raises(CalibrationError, match=r"holds 6 samples; PPQ needs at least 8 \(a sample is one item: here "
+                                               r"a batch of 4"):
+        quantize({"input": [4, 3, 32, 32]}, "cpu", small_cnn, mapname="b", output_root=tmp_path,
+                 calibset=[{"input": torch.zeros(4, 3, 32, 32)}] * 6)
     broken = write_pngs(tmp_path / "broken", 2)
     (broken / "x" / "001.png").write_bytes(b"not a png")
     with pytest.raises(CalibrationError, match=r"sample 1: cannot read or transform image.*that file\.$"):

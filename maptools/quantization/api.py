@@ -750,7 +750,10 @@ def quantize(
             settings = settings.replace(algorithm=CalibrationAlgorithm.PERCENTILE)
             notes.append("algorithm='auto' chooses on real samples: with random data, percentile.")
     if len(data_source) < MIN_SAMPLES:
-        raise CalibrationError(f"calibset holds {len(data_source)} samples; PPQ needs at least {MIN_SAMPLES}.",
+        batch = next((s[0] for s in shapes.values() if s), 1)
+        raise CalibrationError(f"calibset holds {len(data_source)} samples; PPQ needs at least {MIN_SAMPLES}"
+                               + (f" (a sample is one item: here a batch of {batch}, as input_shapes give)"
+                                  if batch > 1 else "") + ".",
                                f"provide {MIN_SAMPLES} or more samples, or calibset=None for random data.")
     steps = min(settings.calib_steps, len(data_source))
     if steps < settings.calib_steps:
