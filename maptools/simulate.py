@@ -53,7 +53,8 @@ class ArraySpec(Protocol):
     (:class:`maptools.crossbar.mapping.CrossbarSpec`)."""
 
     def simulator(self, graph: OperatorGraph, quantparams: Mapping[str, np.ndarray | None], *,
-                  requant: RequantMode | str = ...) -> IntegerSimulator: ...
+                  requant: RequantMode | str = ..., calibration: Mapping[str, np.ndarray] | None = ...
+                  ) -> IntegerSimulator: ...
 
 __all__ = ["ArraySpec", "QTensor", "IntegerSimulator", "SimulationRun", "SimulationResult", "simulate", "load_inputs"]
 
@@ -505,12 +506,15 @@ def load_inputs(graph: OperatorGraph, source: Inputs = "random", *, seed: int = 
 
 def simulate(mapname: str | MapRef, inputs: Inputs = "random", *,
              output_root: str | Path | None = None, requant: RequantMode | str = RequantMode.FLOAT,
-             seed: int = 0, batch: int | None = None, crossbar: ArraySpec | None = None) -> SimulationResult:
+             seed: int = 0, batch: int | None = None, crossbar: ArraySpec | None = None,
+             calibration: Inputs | None = None) -> SimulationResult:
     """Run a converted map's integer re-simulation on ``inputs`` (see :func:`load_inputs`).
 
     Reads ``operator_graph.json`` (written by ``convert``) and ``quantparams.pkl``, both checked
     against the map's manifest. With ``crossbar`` (a :class:`maptools.crossbar.mapping.CrossbarSpec`), every
-    crossbar operator computes through its arrays (:class:`maptools.crossbar.mapping.CrossbarSimulator`).
+    crossbar operator computes through its arrays (:class:`maptools.crossbar.mapping.CrossbarSimulator`); a
+    ``max`` or ``calibrated`` ADC range is fitted to ``calibration`` (inputs as ``inputs`` takes them; default
+    seeded random ones).
 
     Raises:
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.
@@ -520,8 +524,12 @@ def simulate(mapname: str | MapRef, inputs: Inputs = "random", *,
     mapname = version.mapname
     graph = graph_of(version)
     params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
+    if calibration is not None and crossbar is None:
+        raise SettingsError("calibration= fits a crossbar's ADC range: it applies with crossbar= only.",
+                            "pass crossbar=CrossbarSpec(..., adc_range='calibrated'), or drop calibration.")
     simulator = IntegerSimulator(graph, params, requant=requant) if crossbar is None else \
-        crossbar.simulator(graph, params, requant=requant)
+        crossbar.simulator(graph, params, requant=requant,
+                           calibration=None if calibration is None else load_inputs(graph, calibration))
     feed = load_inputs(graph, inputs, seed=seed, batch=batch)
     started = time.perf_counter()
     run = simulator.run(feed)

@@ -13,7 +13,7 @@ from maptools import quantize, read_quantparams
 from maptools.conversion import convert, read_graph
 from maptools.errors import ArtifactError, SettingsError
 from maptools.crossbar.mapping import CROSSBAR_FILE, CrossbarSimulator, CrossbarSpec, map_crossbars, map_graph
-from maptools.simulate import IntegerSimulator
+from maptools.simulate import IntegerSimulator, simulate
 
 
 def test_counts_match_a_hand_computation(conv_maps) -> None:
@@ -206,6 +206,11 @@ def test_a_calibrated_adc_range_reads_each_slice_in_power_of_two_steps(trained_c
     want = _reference_mvm(codes.astype(np.int64), matrix, int(cfg.weight_bits), ibits, lo < 0, spec,
                           tuple(2 ** k for k in shifts.get(head, ())))
     np.testing.assert_array_equal(got, want)
+    # simulate() fits the ADC range to the user's calibration inputs too (it had fitted it to random ones only)
+    fitted = simulate("d", {"input": x[:8]}, output_root=tmp_path, crossbar=spec, calibration=calibration)
+    np.testing.assert_array_equal(fitted.outputs["output"], sim.run({"input": x[:8]}).outputs["output"])
+    with pytest.raises(SettingsError, match="crossbar= only"):
+        simulate("d", {"input": x[:8]}, output_root=tmp_path, calibration=calibration)
 
     # a 4-bit ADC over 64 rows of 2-bit cells: the full range saturates, the calibrated one keeps the network
     reference = IntegerSimulator(graph, params).run({"input": x}).outputs["output"].argmax(1)
