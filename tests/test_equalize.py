@@ -164,16 +164,18 @@ def test_a_relu6_before_a_depthwise_convolution_gets_its_quiet_channels_scaled_u
     assert errors["with"] < 0.7 * errors["without"], errors
 
 
-def _errors_with_and_without_gain(model: onnx.ModelProto, tmp_path: Path, monkeypatch) -> dict[str, float]:
-    """``model`` quantized with DEPTHWISE_GAIN 1 (nothing scaled) and 16: the output error against float of each."""
+def _errors_with_and_without_gain(model: onnx.ModelProto, tmp_path: Path, monkeypatch, setting: str = "DEPTHWISE_GAIN",
+                                  values: tuple[float, float] = (1.0, 16.0)) -> dict[str, float]:
+    """``model`` quantized with ``setting`` at ``values`` (off: nothing scaled; on): the output error against float
+    of each."""
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     calib = [{"x": torch.from_numpy(x)} for x in _samples(16, 3)]
     xs = _samples(8, 4)
     reference = _run(path, xs)
     errors = {}
-    for name, gain in (("without", 1.0), ("with", 16.0)):
-        monkeypatch.setattr("maptools.quantization.equalize.DEPTHWISE_GAIN", gain)
+    for name, gain in zip(("without", "with"), values):
+        monkeypatch.setattr(f"maptools.quantization.equalize.{setting}", gain)
         result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname=name, calibset=calib, calib_steps=16,
                           output_root=tmp_path, error_steps=0, algorithm="percentile")
         errors[name] = _rel(_run(result.quant_model_path, xs), reference)
@@ -300,17 +302,7 @@ def test_quiet_channels_read_by_a_full_convolution_are_balanced_against_its_weig
     assert np.median(after) / after.max() > 10 * np.median(before) / before.max()  # the quiet channels take the grid
     xs = _samples(3, 1)
     assert _rel(_run(model, xs), _run(original, xs)) < 1e-5
-    path = tmp_path / "quiet.onnx"
-    onnx.save(original, str(path))
-    calib = [{"x": torch.from_numpy(x)} for x in _samples(16, 3)]
-    xs = _samples(8, 4)
-    reference = _run(path, xs)
-    errors = {}
-    for name, ratio in (("without", float("inf")), ("with", 2.0)):
-        monkeypatch.setattr("maptools.quantization.equalize.DENSE_RATIO", ratio)
-        result = quantize({"x": [1, 3, 16, 16]}, "cpu", path, mapname=name, calibset=calib, calib_steps=16,
-                          output_root=tmp_path, error_steps=0, algorithm="percentile")
-        errors[name] = _rel(_run(result.quant_model_path, xs), reference)
+    errors = _errors_with_and_without_gain(original, tmp_path, monkeypatch, "DENSE_RATIO", (float("inf"), 2.0))
     assert errors["with"] < 0.3 * errors["without"], errors
 
 

@@ -292,6 +292,10 @@ def _equalize_outliers(model: onnx.ModelProto, candidates: dict[str, list[onnx.N
     return steps
 
 
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
 def _gain_to_top(peak: np.ndarray) -> np.ndarray:
     """Per channel, the factor that takes its range ``peak`` to the largest one's, at most :data:`DEPTHWISE_GAIN`
     (1 for a channel that is always zero)."""
@@ -330,8 +334,7 @@ def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str
         ratios.append(top / median)
     if not done:
         return []
-    listed = ", ".join(done[:4]) + (", ..." if len(done) > 4 else "")
-    return [f"{len(done)} input(s) of depthwise convolutions ({listed}): channel ranges equalized into the "
+    return [f"{len(done)} input(s) of depthwise convolutions ({_listed(done)}): channel ranges equalized into the "
             f"convolutions producing them (largest over median channel "
             f"{min(ratios):.1f}-{max(ratios):.1f}x, each channel scaled up at most {DEPTHWISE_GAIN:g}x)"]
 
@@ -552,7 +555,7 @@ def _equalize_dense(candidates: dict[str, _DepthwiseInput], maxima: Mapping[str,
         cuts.append(cut)
     if not done:
         return []
-    listed = ", ".join(done[:4]) + (", ..." if len(done) > 4 else "")
-    return [f"{len(done)} input(s) of convolutions ({listed}) with quiet channels (the median {QUIET_RATIO:g}x or more "
-            f"below the largest): channel ranges balanced against the weights reading them, the square root of each "
-            f"ratio (SmoothQuant's), cutting the estimated noise of their outputs {min(cuts):.1f}-{max(cuts):.1f}x"]
+    return [f"{len(done)} input(s) of convolutions ({_listed(done)}) with quiet channels (the median "
+            f"{QUIET_RATIO:g}x or more below the largest): channel ranges balanced against the weights reading them, "
+            f"the square root of each ratio (SmoothQuant's), cutting the estimated noise of their outputs "
+            f"{min(cuts):.1f}-{max(cuts):.1f}x"]
