@@ -47,7 +47,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p))
     except Exception as e:
-        missing = [name for name in external_data(p) if not (p.parent / name).is_file()]
+        missing = [name for name in _external_data(p) if not (p.parent / name).is_file()]
         if missing:
             raise ModelError(f"{str(p)!r} keeps its weights in external data files that are not beside it: "
                              f"{', '.join(missing[:3])}.", f"copy {missing[0]} into {str(p.parent)!r} with the "
@@ -65,7 +65,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def external_data(path: Path) -> list[str]:
+def _external_data(path: Path) -> list[str]:
     """The external data files ``path``'s tensors keep their values in (relative to its folder); empty where it has
     none, or does not load even without them."""
     try:

@@ -520,13 +520,13 @@ def simulate(mapname: str | MapRef, inputs: Inputs = "random", *,
         ArtifactError: missing artifacts, artifacts changed since conversion, or from another model.
         InputShapeError: inputs that do not fit the model.
     """
+    if calibration is not None and crossbar is None:
+        raise SettingsError("calibration= fits a crossbar's ADC range: it applies with crossbar= only.",
+                            "pass crossbar=CrossbarSpec(..., adc_range='calibrated'), or drop calibration.")
     version = MapFolder(mapname, output_root).open()  # one version for every file read
     mapname = version.mapname
     graph = graph_of(version)
     params = load_quantparams(version.existing(QUANTPARAMS_NPZ))
-    if calibration is not None and crossbar is None:
-        raise SettingsError("calibration= fits a crossbar's ADC range: it applies with crossbar= only.",
-                            "pass crossbar=CrossbarSpec(..., adc_range='calibrated'), or drop calibration.")
     simulator = IntegerSimulator(graph, params, requant=requant) if crossbar is None else \
         crossbar.simulator(graph, params, requant=requant,
                            calibration=None if calibration is None else load_inputs(graph, calibration))

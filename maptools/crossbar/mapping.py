@@ -417,7 +417,8 @@ class CrossbarSimulator(IntegerSimulator):
         self.matrices: dict[str, torch.Tensor] = {}
         # per (layer whose arrays are read, row block, ...), built on first use: the stored matrix, and its cells
         # where an ADC may clip (held once for the layers sharing those arrays: an unrolled LSTM's 256 steps)
-        self._weights: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._weights: dict[tuple[str, int, bool], torch.Tensor] = {}  # (its products exact in float32 or not)
+        self._peaks: dict[tuple[str, int], int] = {}  # the largest stored weight
         self._cells: dict[tuple[str, int, int], _Cells] = {}
         self._owner: dict[str, str] = {}  # a layer sharing another's arrays reads that layer's matrices and cells
         owners = _Owners()
@@ -487,12 +488,13 @@ class CrossbarSimulator(IntegerSimulator):
         for r0 in range(0, rows, spec.rows):
             block = slice(r0, min(rows, r0 + spec.rows))
             worst = (block.stop - block.start) * spec.cell_max * (2 ** min(spec.dac_bits, ibits) - 1)
-            stored = matrices[:, block] + offset  # (the parts' sum: as the cells hold them)
-            peak = int(stored.abs().max()) if stored.numel() else 0
+            if (owner, r0) not in self._peaks:  # (the parts' sum: the matrix as the cells hold it)
+                self._peaks[owner, r0] = int((matrices[:, block] + offset).abs().max()) if matrices.numel() else 0
             # float32 products are exact while every sum stays below 2^24
-            exact = (block.stop - block.start) * max(abs(lo), abs(hi)) * peak < 2 ** 24
+            exact = (block.stop - block.start) * max(abs(lo), abs(hi)) * self._peaks[owner, r0] < 2 ** 24
             if (owner, r0, exact) not in self._weights:
-                self._weights[owner, r0, exact] = stored.to(torch.float32 if exact else torch.float64)
+                self._weights[owner, r0, exact] = (matrices[:, block] + offset).to(
+                    torch.float32 if exact else torch.float64)
             weights, cells = self._weights[owner, r0, exact], None
             if self.collect_psums or worst > limit or any(self.adc_shifts.get(name, ())) or self.device is not None:
                 if (owner, r0, worst) not in self._cells:

@@ -42,8 +42,8 @@ import onnx.numpy_helper
 from maptools.errors import InputShapeError, MaptoolsError, ModelError
 from maptools.maps.folder import atomic_link, atomic_write, sha256_file, storage_errors
 from maptools.metrics import rel_l2
-from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, external_data,
-                                 in_topological_order, load_model, ort_session, overridable_initializers, with_inputs)
+from maptools.onnx_model import (CONTROL_FLOW_OP_TYPES, _subgraphs, check_input_shapes, in_topological_order,
+                                 load_model, ort_session, overridable_initializers, with_inputs)
 from maptools.placement import QUANTIZED_OP_TYPES, record_sizes, recorded_sizes
 
 
@@ -539,7 +539,9 @@ def prepare_model(src: str | Path, dst: str | Path, input_shapes: Mapping[str, S
     record = _already_prepared(model, shapes, simplify)
     if record is not None:
         _check_strict(strict, record.get("fallbacks", []), src)
-        inline = external_data(src)  # (the prepared model is one file: its weights written into it)
+        # a file holding less than the loaded model kept its weights in external data: the prepared model is one
+        # file, with them written into it (no second parse of the file: ByteSize only sums field sizes)
+        inline = src.stat().st_size != model.ByteSize()
         if inline:
             atomic_write(dst, model.SerializeToString())
         elif not (link and atomic_link(src, dst)):

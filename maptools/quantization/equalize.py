@@ -125,8 +125,9 @@ def _candidates(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 @dataclass(frozen=True)
-class _DepthwiseInput:
-    """A tensor read only by depthwise convolutions, and the convolution whose output channels it carries."""
+class _ConvInput:
+    """A tensor read only by depthwise convolutions (or, :func:`_conv_inputs` ``full``, only by convolutions of one
+    group), and the convolution whose output channels it carries."""
 
     producer: onnx.NodeProto
     readers: list[onnx.NodeProto]
@@ -149,7 +150,7 @@ def _relu6(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
     return bounds[0] == 0.0 and bounds[1] is not None and bounds[1] > 0
 
 
-def _depthwise_inputs(model: onnx.ModelProto, full: bool = False) -> dict[str, _DepthwiseInput]:
+def _conv_inputs(model: onnx.ModelProto, full: bool = False) -> dict[str, _ConvInput]:
     """``{tensor: its producer and readers}`` for the tensors only depthwise convolutions read that a Conv
     computes, directly or through one :data:`_HOMOGENEOUS` activation read by nothing else (see the module);
     ``full``: those only convolutions of one group read instead (through no Relu6: a channel may scale down)."""
@@ -184,15 +185,15 @@ def _depthwise_inputs(model: onnx.ModelProto, full: bool = False) -> dict[str, _
             continue
         channels = inits[source.input[1]].dims[0]
         if all(r.input[0] == tensor and reads(r, channels) for r in readers):
-            found[tensor] = _DepthwiseInput(source, readers)
+            found[tensor] = _ConvInput(source, readers)
     return found
 
 
 def equalization_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors whose channel ranges :func:`equalize_channels` reads (a reference must return them whole)."""
-    simple = _depthwise_inputs(model)
+    simple = _conv_inputs(model)
     streams = [t for stream in _streams(model, simple) for t in stream.members]
-    return list(dict.fromkeys([*_candidates(model), *simple, *streams, *_depthwise_inputs(model, full=True)]))
+    return list(dict.fromkeys([*_candidates(model), *simple, *streams, *_conv_inputs(model, full=True)]))
 
 
 def _channel_maxima(model: onnx.ModelProto, tensors: list[str], samples: Iterable[Mapping[str, np.ndarray]],
@@ -231,12 +232,12 @@ def equalize_channels(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.
                       reference: FloatReference | None = None) -> list[str]:
     """Rescale channels by both rules (see the module), in place; returns the steps done. ``reference``:
     ``model``'s float session, where the caller has one."""
-    simple = _depthwise_inputs(model)
+    simple = _conv_inputs(model)
     streams = _streams(model, simple)
     in_streams = {t for stream in streams for t in stream.members}
     outliers = {t: readers for t, readers in _candidates(model).items() if t not in in_streams}
     depthwise = {t: found for t, found in simple.items() if t not in outliers}
-    dense = {t: found for t, found in _depthwise_inputs(model, full=True).items()
+    dense = {t: found for t, found in _conv_inputs(model, full=True).items()
              if t not in outliers and t not in in_streams}
     if not outliers and not depthwise and not streams and not dense:
         return []
@@ -311,7 +312,7 @@ def _rows_scaled(weight: onnx.TensorProto, scale: np.ndarray) -> None:
     weight.CopyFrom(onnx.numpy_helper.from_array((value.astype(np.float64) * factor).astype(value.dtype), weight.name))
 
 
-def _equalize_depthwise(candidates: dict[str, _DepthwiseInput], maxima: dict[str, np.ndarray],
+def _equalize_depthwise(candidates: dict[str, _ConvInput], maxima: dict[str, np.ndarray],
                         inits: dict[str, onnx.TensorProto]) -> list[str]:
     """Each depthwise input's channels scaled up to its largest channel's range (at most
     :data:`DEPTHWISE_GAIN`) in its producer, and back down in its readers' weights."""
@@ -356,9 +357,9 @@ class _Stream:
 _STREAM_LINKS = frozenset({*_HOMOGENEOUS, "MaxPool", "Add", "Pad"})
 
 
-def _streams(model: onnx.ModelProto, simple: Mapping[str, _DepthwiseInput]) -> list[_Stream]:
+def _streams(model: onnx.ModelProto, simple: Mapping[str, _ConvInput]) -> list[_Stream]:
     """The residual streams (:class:`_Stream`, an adder among their links) that hold an input of a depthwise
-    convolution the simple rule (:func:`_depthwise_inputs`) does not take: every member computed by a convolution
+    convolution the simple rule (:func:`_conv_inputs`) does not take: every member computed by a convolution
     (whose weights only it reads) or a linking operator of members, and read only by linking operators and
     convolutions (their weights their own); none a graph output."""
     wiring = _Wiring.of(model)
@@ -528,7 +529,7 @@ def _dense_gains(peak: np.ndarray, readers: list[onnx.NodeProto], inits: Mapping
     return gain, noise(np.ones_like(peak)) / max(noise(gain), 1e-300)
 
 
-def _equalize_dense(candidates: dict[str, _DepthwiseInput], maxima: Mapping[str, np.ndarray],
+def _equalize_dense(candidates: dict[str, _ConvInput], maxima: Mapping[str, np.ndarray],
                     inits: dict[str, onnx.TensorProto]) -> list[str]:
     """Each input of convolutions of one group whose median live channel is :data:`QUIET_RATIO` below its largest
     rebalanced (:func:`_dense_gains`) in its producer's rows and its readers' input channels, where that cuts their
